@@ -1,0 +1,1 @@
+"""Attention math with no Flax in it: dense baselines and Dynamic Group Attention."""

@@ -1,0 +1,34 @@
+"""Input validation shared by every attention entry point: errors name the argument and shapes."""
+
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+
+
+def check_qkv(q, k, v, scale: float | None) -> float:
+    """Validates q [B, L, Hq, D], k/v [B, L, Hkv, D]; returns the softmax scale (1/sqrt(D))."""
+    shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.ndim != 4:
+            raise ValueError(f"{name} must have rank 4 [B, L, H, D], got shape {tuple(x.shape)}")
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape [B, L, Hkv, D]; got {shapes}")
+    for axis, name in ((0, "batch B"), (1, "length L"), (3, "head_dim D")):
+        if q.shape[axis] != k.shape[axis]:
+            raise ValueError(f"q and k/v must agree on {name} (axis {axis}); got {shapes}")
+    if q.shape[1] < 1:
+        raise ValueError(f"sequence length L must be >= 1; got {shapes}")
+    if k.shape[2] < 1 or q.shape[2] % k.shape[2]:
+        raise ValueError(
+            f"query heads Hq={q.shape[2]} must be a multiple of KV heads Hkv={k.shape[2]}; "
+            f"got {shapes}"
+        )
+    if scale is None:
+        return 1.0 / math.sqrt(q.shape[3])
+    if not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+        raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
+    return float(scale)

@@ -1,0 +1,60 @@
+"""Dense causal attention: the baseline DGA is measured against.
+
+- "xla": `jax.nn.dot_product_attention`, what a user would pick instead (materialises L x L);
+- "blockwise": flash-style in XLA with causal block skipping, memory linear in L: the fair dense
+  reference for long L on CPU (the same code DGA's XLA path runs, over all L tokens);
+- "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, on NVIDIA GPUs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from dga_jax.ops.checks import check_qkv
+from dga_jax.ops.intervals import BlockSizes, Entries, interval_attention
+
+DENSE_IMPLEMENTATIONS = ("xla", "blockwise", "cudnn")
+
+
+def dense_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    scale: float | None = None,
+    implementation: str | None = None,
+    block_sizes: BlockSizes | None = None,
+) -> jax.Array:
+    """Causal softmax attention. q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D].
+
+    `implementation=None` picks "cudnn" on GPU and "xla" elsewhere.
+    """
+    scale = check_qkv(q, k, v, scale)
+    if implementation is None:
+        implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    if implementation not in DENSE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {DENSE_IMPLEMENTATIONS} or None, got {implementation!r}"
+        )
+    if implementation == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"implementation='cudnn' needs a GPU backend, not {jax.default_backend()!r}"
+        )
+    return _dense(
+        q, k, v, scale=scale, implementation=implementation, block_sizes=block_sizes or BlockSizes()
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "implementation", "block_sizes"))
+def _dense(q, k, v, *, scale, implementation, block_sizes):
+    if implementation != "blockwise":
+        return jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, implementation=implementation
+        )
+    b, seq_len, hkv, _ = k.shape
+    positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (b, hkv, seq_len))
+    tokens = Entries(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions)
+    return interval_attention(q, tokens, scale=scale, block_sizes=block_sizes)

@@ -1,0 +1,86 @@
+"""Static DGA hyper-parameters and the sizes they imply for a sequence length.
+
+Every count here is a Python int known at trace time, so layouts, caches and kernels have
+static shapes. The rules are those of `shared/DGA_SPEC.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+SELECTIONS = ("global", "streaming")
+
+
+def ceil_exact(x: float) -> int:
+    """`ceil` in exact arithmetic: float noise (0.1 * 30 = 3.0000000000000004) adds no token."""
+    return math.ceil(x - 1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class DGAConfig:
+    """DGA hyper-parameters: group size m, focal ratio gamma and the selection rule."""
+
+    group_size: int = 16
+    focal_ratio: float = 0.1
+    selection: str = "global"
+
+    def __post_init__(self):
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
+            raise ValueError(f"group_size must be an int >= 1, got {self.group_size!r}")
+        if self.group_size < 1:
+            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
+        if not isinstance(self.focal_ratio, int | float) or not 0.0 <= self.focal_ratio <= 1.0:
+            raise ValueError(f"focal_ratio must be a number in [0, 1], got {self.focal_ratio!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+
+    @property
+    def chunk_focal(self) -> int:
+        """r' = ceil(gamma m / (1 - gamma)): tail tokens promoted to focal at each flush."""
+        if self.focal_ratio >= 1.0:
+            raise ValueError("focal_ratio = 1 keeps every token focal: there are no chunks")
+        return ceil_exact(self.focal_ratio * self.group_size / (1.0 - self.focal_ratio))
+
+    @property
+    def chunk_size(self) -> int:
+        """m' = m + r': tail length at which streaming selection flushes."""
+        return self.group_size + self.chunk_focal
+
+    def sizes(self, seq_len: int) -> LayoutSizes:
+        """The static entry counts of a layout over `seq_len` positions."""
+        m = self.group_size
+        if self.focal_ratio >= 1.0:
+            return LayoutSizes(seq_len, m, num_focal=seq_len, num_groups=0, chunk=0)
+        if self.selection == "global":
+            r = min(seq_len, ceil_exact(self.focal_ratio * seq_len))
+            return LayoutSizes(seq_len, m, num_focal=r, num_groups=(seq_len - r) // m, chunk=0)
+        chunks = seq_len // self.chunk_size
+        return LayoutSizes(
+            seq_len,
+            m,
+            num_focal=chunks * self.chunk_focal,
+            num_groups=chunks,
+            chunk=self.chunk_size,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutSizes:
+    """Entry counts of one (batch, KV head) layout; `chunk` is m' for streaming, else 0."""
+
+    seq_len: int
+    group_size: int
+    num_focal: int
+    num_groups: int
+    chunk: int
+
+    @property
+    def num_raw(self) -> int:
+        """Non-focal tokens: group members first (in groups of m), then the leftovers."""
+        return self.seq_len - self.num_focal
+
+    @property
+    def num_prefix(self) -> int:
+        """Focal tokens and group entries: the list every query sees a prefix of."""
+        return self.num_focal + self.num_groups

@@ -1,0 +1,107 @@
+"""The definition of DGA attention: O(L^2) time and memory, for tests and small inputs.
+
+Written straight from `shared/DGA_SPEC.md` and independent of `layout.py`, so that the two can
+check each other: every raw token is an entry, every complete group is one more entry, and a
+dense [L, L + groups] visibility mask says who sees what. Everything is computed in float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dga_jax.ops.dga.config import DGAConfig, LayoutSizes
+
+
+def dga_attention_reference(
+    q: jax.Array, k: jax.Array, v: jax.Array, config: DGAConfig, scale: float
+) -> jax.Array:
+    """DGA attention by its definition. q: [B, L, Hq, D], k/v: [B, L, Hkv, D] -> [B, L, Hq, D]."""
+    b, seq_len, hq, d = q.shape
+    hkv = k.shape[2]
+    # [B, Hkv, L, G, D] queries, [B, Hkv, L, D] keys and values: one layout per KV head.
+    qh = q.astype(jnp.float32).reshape(b, seq_len, hkv, hq // hkv, d).transpose(0, 2, 1, 3, 4)
+    kh = k.astype(jnp.float32).transpose(0, 2, 1, 3)
+    vh = v.astype(jnp.float32).transpose(0, 2, 1, 3)
+    sizes = config.sizes(seq_len)
+
+    def one_head(qh, kh, vh):
+        return _attend_one_head(qh, kh, vh, config, sizes, scale)
+
+    out = jax.vmap(jax.vmap(one_head))(qh, kh, vh)  # [B, Hkv, L, G, D]
+    return out.transpose(0, 2, 1, 3, 4).reshape(b, seq_len, hq, d).astype(q.dtype)
+
+
+def _attend_one_head(q, k, v, config: DGAConfig, sizes: LayoutSizes, scale: float):
+    """q: [L, G, D], k/v: [L, D] -> [L, G, D]."""
+    seq_len, m = sizes.seq_len, sizes.group_size
+    logits = jnp.einsum("tgd,sd->gts", q, k) * scale  # [G, L, L]
+    focal, score = _select(jax.lax.stop_gradient(logits), config, sizes)
+
+    # Non-focal tokens, in position order, are cut into groups of m; the rest stay raw.
+    nonfocal = ~focal
+    group = jnp.where(nonfocal, (jnp.cumsum(nonfocal) - 1) // m, -1)  # [L]
+    in_group = nonfocal & (group < sizes.num_groups)
+    members = group[None, :] == jnp.arange(sizes.num_groups)[:, None]  # [NG, L]
+    if sizes.chunk:  # streaming: a group appears after its chunk's last query
+        group_from = (jnp.arange(sizes.num_groups) + 1) * sizes.chunk
+    else:  # global: a group appears at its last member
+        group_from = jnp.max(jnp.where(members, jnp.arange(seq_len), -1), axis=1)
+
+    w = jnp.where(members, score[None, :], 0.0)
+    total = w.sum(axis=1, keepdims=True)
+    w = jax.lax.stop_gradient(
+        jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), members / m)
+    )
+    group_k, group_v = w @ k, w @ v  # [NG, D]
+
+    t = jnp.arange(seq_len)[:, None]
+    # A grouped token stays visible until its group appears; focal and leftover tokens for ever.
+    until = jnp.append(group_from, seq_len)[jnp.where(in_group, group, sizes.num_groups)]  # [L]
+    token_visible = (jnp.arange(seq_len)[None, :] <= t) & (t < until[None, :])  # [L, L]
+    group_visible = group_from[None, :] <= t  # [L, NG]
+
+    group_logits = jnp.einsum("tgd,nd->gtn", q, group_k) * scale + math.log(m)
+    all_logits = jnp.concatenate([logits, group_logits], axis=-1)  # [G, L, L + NG]
+    visible = jnp.concatenate([token_visible, group_visible], axis=-1)
+    probs = jax.nn.softmax(jnp.where(visible[None], all_logits, -jnp.inf), axis=-1)
+    out = probs @ jnp.concatenate([v, group_v], axis=0)  # [G, L, D]
+    return out.transpose(1, 0, 2)
+
+
+def _select(logits, config: DGAConfig, sizes: LayoutSizes):
+    """Focal mask [L] and the per-token scores [L] that weight group members."""
+    seq_len = sizes.seq_len
+    if sizes.num_focal == seq_len:
+        return jnp.ones(seq_len, bool), jnp.ones(seq_len, jnp.float32)
+    if config.selection == "global":
+        return _select_global(logits, sizes)
+    return _select_streaming(logits, sizes)
+
+
+def _select_global(logits, sizes: LayoutSizes):
+    seq_len, m = sizes.seq_len, sizes.group_size
+    causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
+    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)  # [G, L, L]
+    sampled = np.unique(np.minimum(np.arange(m - 1, seq_len + m - 1, m), seq_len - 1))
+    importance = probs[:, sampled, :].sum(axis=(0, 1))  # [L]; causal mask gives j >= i
+    order = jnp.argsort(-importance, stable=True)  # ties: lower position first
+    focal = jnp.zeros(seq_len, bool).at[order[: sizes.num_focal]].set(True)
+    return focal, importance
+
+
+def _select_streaming(logits, sizes: LayoutSizes):
+    seq_len, chunk = sizes.seq_len, sizes.chunk
+    per_chunk = sizes.num_focal // max(sizes.num_groups, 1)
+    focal = jnp.zeros(seq_len, bool)
+    score = jnp.zeros(seq_len, jnp.float32)
+    for c in range(sizes.num_groups):
+        start, last = c * chunk, (c + 1) * chunk - 1
+        chunk_score = jax.nn.softmax(logits[:, last, start : last + 1], axis=-1).sum(axis=0)
+        order = jnp.argsort(-chunk_score, stable=True)
+        focal = focal.at[start + order[:per_chunk]].set(True)
+        score = score.at[start : last + 1].set(chunk_score)
+    return focal, score
