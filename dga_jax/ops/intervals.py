@@ -138,7 +138,7 @@ def _flatten(entries: Entries, size: int) -> Entries:
     def pad(x, value):
         if x is None:
             return None
-        x = x.reshape(-1, *x.shape[2:])
+        x = x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
         widths = [(0, 0), (0, size - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
         return jnp.pad(x, widths, constant_values=value)
 

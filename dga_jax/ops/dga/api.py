@@ -35,7 +35,8 @@ def dga_attention(
       focal_ratio: gamma in [0, 1], the share of tokens kept individually ("focal").
       selection: "global" (the paper's prefill rule) or "streaming" (strictly causal).
       scale: logit scale, 1/sqrt(D) by default.
-      implementation: "reference" (O(L^2), for tests), "xla" (any backend); None picks the best.
+      implementation: "reference" (O(L^2), for tests), "xla" (any backend); None picks the
+        fastest available on this backend (today "xla", the only production path).
       block_sizes: query/key block sizes of the blockwise implementations.
 
     Returns:

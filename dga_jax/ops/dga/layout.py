@@ -192,7 +192,8 @@ def streaming_selection(
     )  # ahead[..., i, j]: j outranks i
     focal = jnp.sum(ahead, axis=-1) < per_chunk
     pad = ((0, 0), (0, 0), (0, seq_len - n * chunk))
-    return jnp.pad(score.reshape(b, hkv, -1), pad), jnp.pad(focal.reshape(b, hkv, -1), pad)
+    flat = (b, hkv, n * chunk)
+    return jnp.pad(score.reshape(flat), pad), jnp.pad(focal.reshape(flat), pad)
 
 
 def _assemble(focal: jax.Array, score: jax.Array, sizes: LayoutSizes) -> DGALayout:
