@@ -1,0 +1,139 @@
+"""The layout: importance, selection and the compressed KV' with its visibility intervals."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dga_jax.ops.dga.config import DGAConfig
+from dga_jax.ops.dga.layout import (
+    dga_layout,
+    global_importance,
+    layout_block_ranges,
+    sampled_positions,
+    top_r_mask,
+)
+from dga_jax.ops.intervals import NEVER
+from tests.conftest import random_qkv
+
+CONFIGS = [
+    DGAConfig(4, 0.1, "global"),
+    DGAConfig(4, 0.5, "global"),
+    DGAConfig(3, 0.0, "global"),
+    DGAConfig(16, 0.1, "global"),
+    DGAConfig(4, 0.2, "streaming"),
+    DGAConfig(4, 0.0, "streaming"),
+    DGAConfig(16, 0.1, "streaming"),
+]
+
+
+@functools.cache
+def layout_for(config: DGAConfig, seq_len: int = 75):
+    q, k, _ = random_qkv(0, 2, seq_len, 4, 2, 8)
+    layout = jax.jit(dga_layout, static_argnums=(2, 3))(q, k, config, 8**-0.5)
+    return jax.tree.map(np.asarray, layout)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_every_past_position_is_counted_once(config):
+    layout = layout_for(config)
+    seq_len, m = layout.sizes.seq_len, layout.sizes.group_size
+    t = np.arange(seq_len)[:, None]
+    for b, h in np.ndindex(layout.focal.shape[:2]):
+        counts = np.zeros((seq_len, seq_len), int)  # [query t, position p]
+        is_group = layout.prefix_is_group[b, h]
+        src, start = layout.prefix_src[b, h], layout.prefix_from[b, h]
+        focal_pos = src[~is_group]
+        counts[:, focal_pos] += start[~is_group][None, :] <= t
+        raw_visible = (layout.raw_pos[b, h][None, :] <= t) & (t < layout.raw_until[b, h][None, :])
+        counts[:, layout.raw_pos[b, h]] += raw_visible
+        members = layout.raw_pos[b, h][: layout.sizes.num_groups * m].reshape(-1, m)
+        for g, group_start in zip(src[is_group], start[is_group], strict=True):
+            counts[:, members[g]] += group_start <= t
+        np.testing.assert_array_equal(counts, np.tril(np.ones_like(counts)))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_lists_are_sorted_and_weights_normalised(config):
+    layout = layout_for(config)
+    assert np.all(np.diff(layout.prefix_from, axis=-1) >= 0)
+    assert np.all(np.diff(layout.raw_pos, axis=-1) > 0)
+    assert np.all(np.diff(layout.raw_until, axis=-1) >= 0)
+    assert np.all(layout.raw_until >= layout.raw_pos)  # a last member: [p, p), its group shows
+    assert np.all(layout.group_weight >= 0)
+    np.testing.assert_allclose(layout.group_weight.sum(-1), 1.0, rtol=1e-6)
+    assert layout.focal.sum(-1).min() == layout.focal.sum(-1).max() == layout.sizes.num_focal
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+@pytest.mark.parametrize("block_q", [1, 8, 32])
+def test_raw_band_is_narrow(config, block_q):
+    layout = layout_for(config)
+    ranges = jax.tree.map(np.asarray, layout_block_ranges(layout, block_q))
+    lag = max(layout.sizes.chunk, layout.sizes.group_size) - 1
+    assert np.all(ranges.band_end - ranges.band_start <= block_q + lag)
+    # The prefix walk is monotone: later blocks see at least what earlier ones do.
+    assert np.all(np.diff(ranges.prefix_end, axis=-1) >= 0)
+
+
+def test_global_importance_matches_definition():
+    seq_len, m = 70, 4
+    q, k, _ = random_qkv(1, 2, seq_len, 4, 2, 8)
+    scale = 0.3
+    s = global_importance(q, k, m, scale, block=8)  # 8-key tiles: many tiles, a ragged last one
+    logits = jnp.einsum("bjhd,bihd->bhji", q, jnp.repeat(k, 2, axis=2)) * scale
+    causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
+    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)
+    sampled = sampled_positions(seq_len, m)
+    expected = probs[:, :, sampled].sum(axis=2).reshape(2, 2, 2, seq_len).sum(axis=2)
+    np.testing.assert_allclose(s, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_sampled_positions():
+    np.testing.assert_array_equal(sampled_positions(10, 4), [3, 7, 9])
+    np.testing.assert_array_equal(sampled_positions(8, 4), [3, 7])
+    np.testing.assert_array_equal(sampled_positions(3, 4), [2])
+
+
+@pytest.mark.parametrize("r", [0, 1, 7, 30, 64])
+def test_top_r_mask_breaks_ties_by_position(r):
+    rng = np.random.default_rng(r)
+    score = rng.integers(0, 5, size=(3, 64)).astype(np.float32)  # many exact ties
+    score[0] = 0.0  # all tied
+    score[1, 10] = np.inf
+    mask = np.asarray(top_r_mask(jnp.asarray(score), r))
+    for row, row_mask in zip(score, mask, strict=True):
+        expected = np.zeros(64, bool)
+        expected[np.argsort(-row, kind="stable")[:r]] = True
+        np.testing.assert_array_equal(row_mask, expected)
+
+
+def test_streaming_promotes_r_prime_per_complete_chunk():
+    config = DGAConfig(4, 0.2, "streaming")  # r' = 1, m' = 5
+    layout = layout_for(config)
+    chunks = layout.sizes.seq_len // config.chunk_size
+    per_chunk = layout.focal[..., : chunks * 5].reshape(2, 2, chunks, 5).sum(-1)
+    assert config.chunk_focal == 1
+    assert np.all(per_chunk == 1)
+    assert not layout.focal[..., chunks * 5 :].any()
+    assert np.all(layout.raw_until[..., layout.sizes.num_groups * 4 :] == NEVER)
+
+
+@pytest.mark.parametrize(
+    "selection, per_token",
+    # global: gamma + (1 - gamma)/m; streaming: (r' + 1)/m' with r' = 2, m' = 18.
+    [("global", 0.1 + 0.9 / 16), ("streaming", 3 / 18)],
+)
+def test_compressed_size_matches_spec_cost(selection, per_token):
+    # KV' = focal + groups + raw leftovers: about 16% of dense at m = 16, gamma = 0.1.
+    config = DGAConfig(16, 0.1, selection)
+    for seq_len in (4096, 32768):
+        sizes = config.sizes(seq_len)
+        leftover = sizes.num_raw - sizes.num_groups * sizes.group_size
+        entries = sizes.num_prefix + leftover
+        assert abs(entries - per_token * seq_len) <= config.chunk_size
+        assert entries / seq_len < 0.17
