@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import jax.numpy as jnp
+import numpy as np
+
+from dga_jax.ops.intervals import BlockSizes
 
 
 def check_qkv(q, k, v, scale: float | None) -> float:
@@ -15,6 +19,10 @@ def check_qkv(q, k, v, scale: float | None) -> float:
             raise ValueError(f"{name} must have rank 4 [B, L, H, D], got shape {tuple(x.shape)}")
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must be floating point, got dtype {x.dtype}")
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(
+            f"q, k and v must share one dtype; got q {q.dtype}, k {k.dtype}, v {v.dtype}"
+        )
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape [B, L, Hkv, D]; got {shapes}")
     for axis, name in ((0, "batch B"), (1, "length L"), (3, "head_dim D")):
@@ -29,6 +37,27 @@ def check_qkv(q, k, v, scale: float | None) -> float:
         )
     if scale is None:
         return 1.0 / math.sqrt(q.shape[3])
-    if not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+    if not is_real(scale) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return float(scale)
+
+
+def is_real(x) -> bool:
+    """A real number (Python or NumPy scalar), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool | np.bool_)
+
+
+def is_int(x) -> bool:
+    """An integer (Python or NumPy scalar), not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool | np.bool_)
+
+
+def check_block_sizes(block_sizes) -> BlockSizes:
+    """`None` -> the defaults; anything but a `BlockSizes` is an error."""
+    if block_sizes is None:
+        return BlockSizes()
+    if not isinstance(block_sizes, BlockSizes):
+        raise ValueError(
+            f"block_sizes must be a dga_jax.BlockSizes or None, got {type(block_sizes).__name__}"
+        )
+    return block_sizes

@@ -13,7 +13,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.checks import check_qkv
+from dga_jax.ops.checks import check_block_sizes, check_qkv
 from dga_jax.ops.intervals import BlockSizes, Entries, interval_attention
 
 DENSE_IMPLEMENTATIONS = ("xla", "blockwise", "cudnn")
@@ -44,7 +44,12 @@ def dense_attention(
             f"implementation='cudnn' needs a GPU backend, not {jax.default_backend()!r}"
         )
     return _dense(
-        q, k, v, scale=scale, implementation=implementation, block_sizes=block_sizes or BlockSizes()
+        q,
+        k,
+        v,
+        scale=scale,
+        implementation=implementation,
+        block_sizes=check_block_sizes(block_sizes),
     )
 
 

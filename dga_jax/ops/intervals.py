@@ -4,11 +4,11 @@ A query at position t sees entry e iff `start_e <= t < until_e`, with an additiv
 Entries come in two lists, the shape of both DGA's compressed KV' and of dense causal attention:
 
 - *prefix*: sorted by `start`, visible for ever. Query block i walks prefix blocks
-  `[0, ceil(prefix_end_i / block_k))` in a loop whose trip count is data-dependent, so nothing
-  past the last visible block is read.
+  `[0, ceil(prefix_end_i / block_k))` in loops whose trip counts are data-dependent, so nothing
+  past the last visible block is read; blocks visible to the whole query block skip masking.
 - *band* (optional): sorted by `start` with non-decreasing `until`, and at most `band_lag`
-  entries that start before any t are still visible at t. A query block then sees a contiguous
-  window of fewer than `block_q + band_lag` entries: one slice per query block.
+  entries that start before any t are still visible at t. A sub-block of `block_band` queries
+  then sees a contiguous window of fewer than `block_band + band_lag` entries: one slice each.
 
 Softmax statistics are float32; the backward pass (a `jax.custom_vjp`) recomputes the
 probabilities block by block from the saved log-sum-exp, so memory is linear in L.
@@ -18,6 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+import numbers
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,40 +44,49 @@ class Entries:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class BlockRanges:
-    """What the queries of block i (positions [i*bq, (i+1)*bq)) visit."""
+    """What the queries of block i (positions [i*bq, (i+1)*bq)) visit, per batch and head."""
 
-    prefix_end: jax.Array  # [B, H, nq] int32: prefix entries [0, prefix_end) are visible to some
+    prefix_full: jax.Array  # [B, H, nq] int32: prefix [0, prefix_full) is visible to all of them
+    prefix_end: jax.Array  # [B, H, nq] int32: prefix [prefix_end, N) is visible to none
     band_start: jax.Array  # [B, H, nq] int32: first band entry still visible to the block
     band_end: jax.Array  # [B, H, nq] int32: one past the last band entry visible to the block
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Query and key block sizes of the blockwise walk (clamped to the problem size)."""
+    """Block sizes of the blockwise walk, clamped to the problem size.
+
+    block_q queries walk the prefix block_k entries at a time; the band is visited by
+    sub-blocks of block_band queries (a divisor of block_q is used). block_importance is the
+    key tile of DGA's importance pass (block_importance / m sampled queries per tile).
+    """
 
     block_q: int = 512
     block_k: int = 512
+    block_band: int = 128
+    block_importance: int = 1024
 
     def __post_init__(self):
-        for name in ("block_q", "block_k"):
+        for name in ("block_q", "block_k", "block_band", "block_importance"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
+            object.__setattr__(self, name, int(value))
 
 
 def block_ranges(
     prefix: Entries, band: Entries | None, block_q: int, num_blocks: int
 ) -> BlockRanges:
-    """Per query block: visible prefix length and band window (searchsorted, no sort)."""
+    """Per query block: the prefix it sees whole, in part, and its band window (no sort)."""
     first = jnp.arange(num_blocks, dtype=jnp.int32) * block_q
     last = first + block_q - 1
     per_head = jax.vmap(jax.vmap(_count_at_most, (0, None)), (0, None))
-    prefix_end = per_head(prefix.start, last)
+    prefix_full, prefix_end = per_head(prefix.start, first), per_head(prefix.start, last)
     if band is None:
         empty = jnp.zeros_like(prefix_end)
-        return BlockRanges(prefix_end, empty, empty)
+        return BlockRanges(prefix_full, prefix_end, empty, empty)
     until = jnp.full(band.start.shape, NEVER, jnp.int32) if band.until is None else band.until
-    return BlockRanges(prefix_end, per_head(until, first), per_head(band.start, last))
+    return BlockRanges(prefix_full, prefix_end, per_head(until, first), per_head(band.start, last))
 
 
 def _count_at_most(sorted_values: jax.Array, queries: jax.Array) -> jax.Array:
@@ -95,30 +107,36 @@ def interval_attention(
     Query position t = row index. Query heads h use KV head h // (Hq // Hkv).
     """
     b, seq_len, hq, d = q.shape
-    hkv = prefix.k.shape[1]
-    g = hq // hkv
+    hkv, n_prefix = prefix.k.shape[1], max(prefix.k.shape[2], 1)
     bq = min(block_sizes.block_q, _round_up(seq_len, 8))
-    bk = min(block_sizes.block_k, _round_up(max(prefix.k.shape[2], 1), 8))
+    bk = min(block_sizes.block_k, _round_up(n_prefix, 8))
+    sub = math.gcd(bq, block_sizes.block_band)
     nq = -(-seq_len // bq)
-    width = _round_up(bq + band_lag, 8)
-    spec = _Spec(scale=scale, block_q=bq, block_k=bk, band_width=width, groups=g)
+    width = _round_up(sub + band_lag, 8)
+    spec = _Spec(scale, block_q=bq, block_k=bk, band_q=sub, band_width=width, groups=hq // hkv)
 
     ranges = block_ranges(prefix, band, bq, nq)
-    prefix_end = ranges.prefix_end.reshape(b * hkv, nq)
-    n_prefix_blocks = -(-jnp.max(prefix_end, axis=0) // bk)  # [nq]: the walk covers every head
-    prefix = _flatten(prefix, _round_up(max(prefix.k.shape[2], 1), bk))
+    # Trip counts are shared by all heads: whole blocks every head sees, blocks some head sees.
+    n_full = jnp.min(ranges.prefix_full.reshape(b * hkv, nq), axis=0) // bk
+    n_total = -(-jnp.max(ranges.prefix_end.reshape(b * hkv, nq), axis=0) // bk)
     band_start = None
     if band is not None:
-        band = _flatten(band, max(_round_up(band.k.shape[2], 8), width))
-        band_start = jnp.minimum(ranges.band_start.reshape(b * hkv, nq), band.k.shape[1] - width).T
+        n_band = band.k.shape[2]
+        band_start = block_ranges(prefix, band, sub, nq * bq // sub).band_start
+        band = _flatten(band, max(_round_up(n_band, 8), width))
+        band_start = jnp.minimum(band_start, band.k.shape[1] - width)
+        band_start = band_start.reshape(b * hkv, nq, bq // sub).transpose(1, 0, 2)  # [nq, BH, S]
+    prefix = _flatten(prefix, _round_up(n_prefix, bk))
 
     # [nq, B*Hkv, bq*G, D]: row r of block i is position i*bq + r // G, query head r % G.
-    qb = q.reshape(b, seq_len, hkv, g, d)
-    qb = jnp.pad(qb, ((0, 0), (0, nq * bq - seq_len), (0, 0), (0, 0), (0, 0)))
-    qb = (
-        qb.reshape(b, nq, bq, hkv, g, d).transpose(1, 0, 3, 2, 4, 5).reshape(nq, b * hkv, bq * g, d)
+    g = hq // hkv
+    qb = jnp.pad(
+        q.reshape(b, seq_len, hkv, g, d), ((0, 0), (0, nq * bq - seq_len), (0, 0), (0, 0), (0, 0))
     )
-    out = _attend(spec, qb, prefix, band, n_prefix_blocks, band_start)
+    qb = qb.reshape(b, nq, bq, hkv, g, d).transpose(1, 0, 3, 2, 4, 5)
+    out = _attend(
+        spec, qb.reshape(nq, b * hkv, bq * g, d), prefix, band, n_full, n_total, band_start
+    )
     out = out.reshape(nq, b, hkv, bq, g, d).transpose(1, 0, 3, 2, 4, 5)
     return out.reshape(b, nq * bq, hq, d)[:, :seq_len]
 
@@ -128,6 +146,7 @@ class _Spec:
     scale: float
     block_q: int
     block_k: int
+    band_q: int
     band_width: int
     groups: int
 
@@ -151,160 +170,232 @@ def _flatten(entries: Entries, size: int) -> Entries:
     )
 
 
+class _Block(NamedTuple):
+    """A slice of entries: k, v [..., N, D]; start, until, bias [..., N]; `masked` is static."""
+
+    k: jax.Array
+    v: jax.Array
+    start: jax.Array | None
+    until: jax.Array | None
+    bias: jax.Array | None
+    masked: bool
+
+
+def _prefix_block(spec: _Spec, prefix: Entries, j: jax.Array, masked: bool) -> _Block:
+    def take(x):
+        if x is None:
+            return None
+        return jax.lax.dynamic_slice_in_dim(x, j * spec.block_k, spec.block_k, axis=1)
+
+    return _Block(
+        take(prefix.k), take(prefix.v), take(prefix.start), None, take(prefix.bias), masked
+    )
+
+
+def _band_index(spec: _Spec, starts: jax.Array) -> jax.Array:
+    """[BH, S] window starts -> [BH, S * W] entry indices."""
+    idx = starts[..., None] + jnp.arange(spec.band_width, dtype=jnp.int32)
+    return idx.reshape(starts.shape[0], -1)
+
+
+def _band_block(spec: _Spec, band: Entries, starts: jax.Array) -> _Block:
+    """The band window of each query sub-block: [BH, S, W, ...]."""
+    idx = _band_index(spec, starts)
+    windows = (*starts.shape, spec.band_width)
+
+    def take(x):
+        if x is None:
+            return None
+        out = jnp.take_along_axis(x, idx.reshape(*idx.shape, *[1] * (x.ndim - 2)), axis=1)
+        return out.reshape(*windows, *x.shape[2:])
+
+    return _Block(
+        take(band.k), take(band.v), take(band.start), take(band.until), take(band.bias), True
+    )
+
+
+def _scatter_add_band(spec: _Spec, x: jax.Array, starts: jax.Array, delta: jax.Array):
+    """x [BH, N, D] += delta [BH, S, W, D] at the band windows (windows may overlap)."""
+    idx = _band_index(spec, starts)
+    return jax.vmap(_scatter_add_rows)(x, idx, delta.reshape(*idx.shape, delta.shape[-1]))
+
+
+def _scatter_add_rows(x, idx, delta):
+    return x.at[idx].add(delta)
+
+
+def _add_prefix_block(spec: _Spec, x: jax.Array, j: jax.Array, delta: jax.Array) -> jax.Array:
+    offset = j * spec.block_k
+    current = jax.lax.dynamic_slice_in_dim(x, offset, spec.block_k, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(x, current + delta, offset, axis=1)
+
+
 def _positions(spec: _Spec, i: jax.Array) -> jax.Array:
     rows = spec.block_q * spec.groups
     return i * spec.block_q + jnp.arange(rows, dtype=jnp.int32) // spec.groups  # [R]
 
 
-def _prefix_block(prefix: Entries, j: jax.Array, size: int):
-    def take(x):
-        return None if x is None else jax.lax.dynamic_slice_in_dim(x, j * size, size, axis=1)
-
-    return take(prefix.k), take(prefix.v), take(prefix.start), take(prefix.bias), None
+def _split_band(spec: _Spec, x: jax.Array) -> jax.Array:
+    """[BH, R, ...] rows of a query block -> [BH, S, R/S, ...] band sub-blocks."""
+    return x.reshape(x.shape[0], spec.block_q // spec.band_q, -1, *x.shape[2:])
 
 
-def _band_block(band: Entries, starts: jax.Array, size: int):
-    def take(x):
-        return None if x is None else jax.vmap(_rows, (0, 0, None))(x, starts, size)
-
-    return take(band.k), take(band.v), take(band.start), take(band.bias), take(band.until)
-
-
-def _rows(x: jax.Array, start: jax.Array, size: int) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(x, start, size, axis=0)
-
-
-def _add_rows(x: jax.Array, start: jax.Array, delta: jax.Array) -> jax.Array:
-    size = delta.shape[0]
-    return jax.lax.dynamic_update_slice_in_dim(x, _rows(x, start, size) + delta, start, axis=0)
-
-
-def _logits(spec, q, k, start, bias, until, t):
-    """Scaled, biased logits [BH, R, N] and the visibility mask of a KV block."""
-    s = jnp.einsum("brd,bnd->brn", q, k, preferred_element_type=jnp.float32) * spec.scale
-    if bias is not None:
-        s = s + bias[:, None, :]
-    visible = start[:, None, :] <= t[None, :, None]
-    if until is not None:
-        visible &= t[None, :, None] < until[:, None, :]
+def _logits(spec: _Spec, q: jax.Array, t: jax.Array, block: _Block):
+    """Scaled, biased logits [..., R, N] and, for a masked block, the visibility mask."""
+    s = jnp.einsum("...rd,...nd->...rn", q, block.k, preferred_element_type=jnp.float32)
+    s = s * spec.scale
+    if block.bias is not None:
+        s = s + block.bias[..., None, :]
+    if not block.masked:
+        return s, None
+    visible = block.start[..., None, :] <= t[..., :, None]
+    if block.until is not None:
+        visible &= t[..., :, None] < block.until[..., None, :]
     return s, visible
 
 
-def _online_step(spec, state, q, t, block):
-    k, v, start, bias, until = block
-    mx, total, acc = state  # [BH, R], [BH, R], [BH, R, D] float32
-    s, visible = _logits(spec, q, k, start, bias, until, t)
-    m_new = jnp.maximum(mx, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
-    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row that has seen nothing yet
-    p = jnp.where(visible, jnp.exp(s - m_safe[..., None]), 0.0)
-    alpha = jnp.exp(mx - m_safe)
-    pv = jnp.einsum("brn,bnd->brd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+def _online_step(spec: _Spec, state, q, t, block: _Block):
+    mx, total, acc = state  # [..., R], [..., R], [..., R, D] float32
+    s, visible = _logits(spec, q, t, block)
+    if visible is None:
+        m_new = jnp.maximum(mx, jnp.max(s, axis=-1))
+        p = jnp.exp(s - m_new[..., None])
+        alpha = jnp.exp(mx - m_new)
+    else:
+        m_new = jnp.maximum(mx, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
+        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row that has seen nothing yet
+        p = jnp.where(visible, jnp.exp(s - m_safe[..., None]), 0.0)
+        alpha = jnp.exp(mx - m_safe)
+    pv = jnp.einsum(
+        "...rn,...nd->...rd", p.astype(block.v.dtype), block.v, preferred_element_type=jnp.float32
+    )
     return m_new, alpha * total + p.sum(-1), alpha[..., None] * acc + pv
 
 
-def _forward_block(spec, prefix, band, xs):
-    i, q, n_blocks, band_start = xs
+def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
+    i, q, n_full, n_total, band_start = xs
     t = _positions(spec, i)
     rows = (q.shape[0], q.shape[1])
-    init = (jnp.full(rows, -jnp.inf), jnp.zeros(rows), jnp.zeros((*rows, q.shape[2])))
+    state = (jnp.full(rows, -jnp.inf), jnp.zeros(rows), jnp.zeros((*rows, q.shape[2])))
 
-    def prefix_step(j, state):
-        return _online_step(spec, state, q, t, _prefix_block(prefix, j, spec.block_k))
+    def step(masked):
+        def body(j, state):
+            return _online_step(spec, state, q, t, _prefix_block(spec, prefix, j, masked))
 
-    mx, total, acc = jax.lax.fori_loop(0, n_blocks, prefix_step, init)
+        return body
+
+    state = jax.lax.fori_loop(0, n_full, step(False), state)
+    state = jax.lax.fori_loop(n_full, n_total, step(True), state)
     if band is not None:
-        mx, total, acc = _online_step(
-            spec, (mx, total, acc), q, t, _band_block(band, band_start, spec.band_width)
+        split = tuple(_split_band(spec, x) for x in state)
+        split = _online_step(
+            spec,
+            split,
+            _split_band(spec, q),
+            _split_band(spec, t[None])[0],
+            _band_block(spec, band, band_start),
         )
+        state = tuple(x.reshape(y.shape) for x, y in zip(split, state, strict=True))
+    mx, total, acc = state
     seen = total > 0
     out = acc / jnp.where(seen, total, 1.0)[..., None]
     lse = jnp.where(seen, mx + jnp.log(jnp.where(seen, total, 1.0)), jnp.inf)
     return out.astype(q.dtype), lse
 
 
-def _attend_fwd(spec, q, prefix, band, n_prefix_blocks, band_start):
-    nq = q.shape[0]
-    xs = (jnp.arange(nq, dtype=jnp.int32), q, n_prefix_blocks, band_start)
+def _attend_fwd(spec, q, prefix, band, n_full, n_total, band_start):
+    xs = (jnp.arange(q.shape[0], dtype=jnp.int32), q, n_full, n_total, band_start)
     out, lse = jax.lax.map(functools.partial(_forward_block, spec, prefix, band), xs)
-    return out, (q, prefix, band, n_prefix_blocks, band_start, out, lse)
+    return out, (q, prefix, band, n_full, n_total, band_start, out, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(spec, q, prefix, band, n_prefix_blocks, band_start):
-    return _attend_fwd(spec, q, prefix, band, n_prefix_blocks, band_start)[0]
+def _attend(spec, q, prefix, band, n_full, n_total, band_start):
+    return _attend_fwd(spec, q, prefix, band, n_full, n_total, band_start)[0]
 
 
-def _grad_step(spec, q, do, lse, delta, t, block):
-    """Gradients of one KV block: (dq [BH, R, D], dk [BH, N, D], dv [BH, N, D]) in float32."""
-    k, v, start, bias, until = block
-    s, visible = _logits(spec, q, k, start, bias, until, t)
-    p = jnp.where(visible, jnp.exp(s - lse[..., None]), 0.0)
-    dp = jnp.einsum("brd,bnd->brn", do, v, preferred_element_type=jnp.float32)
+def _grad_step(spec: _Spec, q, do, lse, delta, t, block: _Block):
+    """Gradients of one KV block: dq [..., R, D], dk and dv [..., N, D], all float32."""
+    s, visible = _logits(spec, q, t, block)
+    p = jnp.exp(s - lse[..., None])
+    if visible is not None:
+        p = jnp.where(visible, p, 0.0)
+    dp = jnp.einsum("...rd,...nd->...rn", do, block.v, preferred_element_type=jnp.float32)
     ds = p * (dp - delta[..., None]) * spec.scale
-    dq = jnp.einsum("brn,bnd->brd", ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
-    dk = jnp.einsum("brn,brd->bnd", ds.astype(q.dtype), q, preferred_element_type=jnp.float32)
-    dv = jnp.einsum("brn,brd->bnd", p.astype(do.dtype), do, preferred_element_type=jnp.float32)
+    f32 = jnp.float32
+    dq = jnp.einsum(
+        "...rn,...nd->...rd", ds.astype(block.k.dtype), block.k, preferred_element_type=f32
+    )
+    dk = jnp.einsum("...rn,...rd->...nd", ds.astype(q.dtype), q, preferred_element_type=f32)
+    dv = jnp.einsum("...rn,...rd->...nd", p.astype(do.dtype), do, preferred_element_type=f32)
     return dq, dk, dv
 
 
-def _backward_block(spec, prefix, band, carry, xs):
-    i, q, do, lse, delta, n_blocks, band_start = xs
+def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, xs):
+    i, q, do, lse, delta, n_full, n_total, band_start = xs
     t = _positions(spec, i)
     dk_prefix, dv_prefix, dk_band, dv_band = carry
 
-    def prefix_step(j, state):
-        dq, dk_all, dv_all = state
-        dq_j, dk, dv = _grad_step(
-            spec, q, do, lse, delta, t, _prefix_block(prefix, j, spec.block_k)
-        )
-        offset = j * spec.block_k
-        dk_all = jax.lax.dynamic_update_slice_in_dim(
-            dk_all, jax.lax.dynamic_slice_in_dim(dk_all, offset, spec.block_k, 1) + dk, offset, 1
-        )
-        dv_all = jax.lax.dynamic_update_slice_in_dim(
-            dv_all, jax.lax.dynamic_slice_in_dim(dv_all, offset, spec.block_k, 1) + dv, offset, 1
-        )
-        return dq + dq_j, dk_all, dv_all
+    def step(masked):
+        def body(j, state):
+            dq, dk_all, dv_all = state
+            block = _prefix_block(spec, prefix, j, masked)
+            dq_j, dk, dv = _grad_step(spec, q, do, lse, delta, t, block)
+            return (
+                dq + dq_j,
+                _add_prefix_block(spec, dk_all, j, dk),
+                _add_prefix_block(spec, dv_all, j, dv),
+            )
 
-    init = (jnp.zeros(q.shape, jnp.float32), dk_prefix, dv_prefix)
-    dq, dk_prefix, dv_prefix = jax.lax.fori_loop(0, n_blocks, prefix_step, init)
+        return body
+
+    state = (jnp.zeros(q.shape, jnp.float32), dk_prefix, dv_prefix)
+    state = jax.lax.fori_loop(0, n_full, step(False), state)
+    dq, dk_prefix, dv_prefix = jax.lax.fori_loop(n_full, n_total, step(True), state)
     if band is not None:
-        block = _band_block(band, band_start, spec.band_width)
-        dq_b, dk, dv = _grad_step(spec, q, do, lse, delta, t, block)
-        dq = dq + dq_b
-        dk_band = jax.vmap(_add_rows)(dk_band, band_start, dk)
-        dv_band = jax.vmap(_add_rows)(dv_band, band_start, dv)
+        split = functools.partial(_split_band, spec)
+        dq_b, dk, dv = _grad_step(
+            spec,
+            split(q),
+            split(do),
+            split(lse),
+            split(delta),
+            split(t[None])[0],
+            _band_block(spec, band, band_start),
+        )
+        dq = dq + dq_b.reshape(dq.shape)
+        dk_band = _scatter_add_band(spec, dk_band, band_start, dk)
+        dv_band = _scatter_add_band(spec, dv_band, band_start, dv)
     return (dk_prefix, dv_prefix, dk_band, dv_band), dq
 
 
 def _attend_bwd(spec, residuals, d_out):
-    q, prefix, band, n_prefix_blocks, band_start, out, lse = residuals
+    q, prefix, band, n_full, n_total, band_start, out, lse = residuals
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [nq, BH, R]
 
-    def zeros(x):
-        return None if x is None else jnp.zeros(x.shape, jnp.float32)
+    def zeros(entries):
+        if entries is None:
+            return None, None
+        return jnp.zeros(entries.k.shape, jnp.float32), jnp.zeros(entries.v.shape, jnp.float32)
 
-    band_k, band_v = (None, None) if band is None else (band.k, band.v)
-    init = (zeros(prefix.k), zeros(prefix.v), zeros(band_k), zeros(band_v))
     xs = (
         jnp.arange(q.shape[0], dtype=jnp.int32),
         q,
         d_out,
         lse,
         delta,
-        n_prefix_blocks,
+        n_full,
+        n_total,
         band_start,
     )
     (dk_p, dv_p, dk_b, dv_b), dq = jax.lax.scan(
-        functools.partial(_backward_block, spec, prefix, band), init, xs
+        functools.partial(_backward_block, spec, prefix, band), (*zeros(prefix), *zeros(band)), xs
     )
     d_prefix = Entries(dk_p.astype(prefix.k.dtype), dv_p.astype(prefix.v.dtype), None)
-    d_band = (
-        None
-        if band is None
-        else Entries(dk_b.astype(band.k.dtype), dv_b.astype(band.v.dtype), None)
-    )
-    return dq.astype(q.dtype), d_prefix, d_band, None, None
+    d_band = None
+    if band is not None:
+        d_band = Entries(dk_b.astype(band.k.dtype), dv_b.astype(band.v.dtype), None)
+    return dq.astype(q.dtype), d_prefix, d_band, None, None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

@@ -20,8 +20,8 @@ from tests.conftest import FORWARD_TOL, GRAD_TOL, assert_close, random_qkv
 
 IMPLEMENTATIONS = {
     "xla": dict(implementation="xla"),
-    "xla-blocks8x8": dict(implementation="xla", block_sizes=BlockSizes(8, 8)),
-    "xla-blocks16x8": dict(implementation="xla", block_sizes=BlockSizes(16, 8)),
+    "xla-blocks8x8": dict(implementation="xla", block_sizes=BlockSizes(8, 8, 8, 8)),
+    "xla-blocks16x8band4": dict(implementation="xla", block_sizes=BlockSizes(16, 8, 4, 16)),
 }
 # The reference defines the function; it joins only the tests against independent truths.
 WITH_REFERENCE = {"reference": dict(implementation="reference"), **IMPLEMENTATIONS}

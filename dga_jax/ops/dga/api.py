@@ -6,7 +6,7 @@ import functools
 
 import jax
 
-from dga_jax.ops.checks import check_qkv
+from dga_jax.ops.checks import check_block_sizes, check_qkv
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.reference import dga_attention_reference
 from dga_jax.ops.dga.xla import dga_attention_xla
@@ -57,7 +57,7 @@ def dga_attention(
         config=config,
         scale=scale,
         implementation=implementation,
-        block_sizes=block_sizes or BlockSizes(),
+        block_sizes=check_block_sizes(block_sizes),
     )
 
 

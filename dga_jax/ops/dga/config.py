@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from dga_jax.ops.checks import is_int, is_real
+
 SELECTIONS = ("global", "streaming")
 
 
@@ -26,14 +28,16 @@ class DGAConfig:
     selection: str = "global"
 
     def __post_init__(self):
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int):
-            raise ValueError(f"group_size must be an int >= 1, got {self.group_size!r}")
-        if self.group_size < 1:
-            raise ValueError(f"group_size must be >= 1, got {self.group_size}")
-        if not isinstance(self.focal_ratio, int | float) or not 0.0 <= self.focal_ratio <= 1.0:
-            raise ValueError(f"focal_ratio must be a number in [0, 1], got {self.focal_ratio!r}")
+        m, gamma = self.group_size, self.focal_ratio
+        if not is_int(m) or m < 1:
+            raise ValueError(f"group_size must be an int >= 1, got {m!r}")
+        if not is_real(gamma) or not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"focal_ratio must be a number in [0, 1], got {gamma!r}")
         if self.selection not in SELECTIONS:
             raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        # Plain Python numbers: the config is a static (hashed) argument of jitted functions.
+        object.__setattr__(self, "group_size", int(m))
+        object.__setattr__(self, "focal_ratio", float(gamma))
 
     @property
     def chunk_focal(self) -> int:

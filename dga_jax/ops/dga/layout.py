@@ -50,7 +50,7 @@ class DGALayout:
 
 
 def dga_layout(
-    q: jax.Array, k: jax.Array, config: DGAConfig, scale: float, *, block: int = 512
+    q: jax.Array, k: jax.Array, config: DGAConfig, scale: float, *, block: int = 1024
 ) -> DGALayout:
     """Builds the layout from q [B, L, Hq, D] and k [B, L, Hkv, D]; carries no gradient.
 
@@ -77,7 +77,7 @@ def sampled_positions(seq_len: int, group_size: int) -> np.ndarray:
 
 
 def global_importance(
-    q: jax.Array, k: jax.Array, group_size: int, scale: float, *, block: int = 512
+    q: jax.Array, k: jax.Array, group_size: int, scale: float, *, block: int = 1024
 ) -> jax.Array:
     """s_i = Σ_heads Σ_{j in S, j >= i} softmax_j(q_j k_i * scale), as [B, Hkv, L] float32.
 

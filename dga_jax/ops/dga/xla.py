@@ -22,7 +22,7 @@ def dga_attention_xla(
     block_sizes: BlockSizes = BlockSizes(),
 ) -> jax.Array:
     """q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D] in q's dtype."""
-    layout = dga_layout(q, k, config, scale, block=block_sizes.block_k)
+    layout = dga_layout(q, k, config, scale, block=block_sizes.block_importance)
     prefix, raw = gather_entries(layout, k, v)
     sizes = layout.sizes
     band = raw if sizes.num_raw else None
