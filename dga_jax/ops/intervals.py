@@ -78,18 +78,36 @@ def block_ranges(
     prefix: Entries, band: Entries | None, block_q: int, num_blocks: int
 ) -> BlockRanges:
     """Per query block: the prefix it sees whole, in part, and its band window (no sort)."""
-    first = jnp.arange(num_blocks, dtype=jnp.int32) * block_q
-    last = first + block_q - 1
-    per_head = jax.vmap(jax.vmap(_count_at_most, (0, None)), (0, None))
-    prefix_full, prefix_end = per_head(prefix.start, first), per_head(prefix.start, last)
+    prefix_full, prefix_end = _prefix_ranges(prefix, block_q, num_blocks)
     if band is None:
         empty = jnp.zeros_like(prefix_end)
         return BlockRanges(prefix_full, prefix_end, empty, empty)
+    return BlockRanges(prefix_full, prefix_end, *_band_ranges(band, block_q, num_blocks))
+
+
+def _block_bounds(block_q: int, num_blocks: int) -> tuple[jax.Array, jax.Array]:
+    first = jnp.arange(num_blocks, dtype=jnp.int32) * block_q
+    return first, first + block_q - 1
+
+
+def _prefix_ranges(prefix: Entries, block_q: int, num_blocks: int):
+    first, last = _block_bounds(block_q, num_blocks)
+    return _count_at_most(prefix.start, first), _count_at_most(prefix.start, last)
+
+
+def _band_ranges(band: Entries, block_q: int, num_blocks: int):
+    first, last = _block_bounds(block_q, num_blocks)
     until = jnp.full(band.start.shape, NEVER, jnp.int32) if band.until is None else band.until
-    return BlockRanges(prefix_full, prefix_end, per_head(until, first), per_head(band.start, last))
+    return _count_at_most(until, first), _count_at_most(band.start, last)
 
 
 def _count_at_most(sorted_values: jax.Array, queries: jax.Array) -> jax.Array:
+    """#{sorted_values <= query} per [B, H] row of sorted_values [B, H, N] -> [B, H, nq]."""
+    per_head = jax.vmap(jax.vmap(_search_right, (0, None)), (0, None))
+    return per_head(sorted_values, queries)
+
+
+def _search_right(sorted_values: jax.Array, queries: jax.Array) -> jax.Array:
     return jnp.searchsorted(sorted_values, queries, side="right").astype(jnp.int32)
 
 
@@ -104,7 +122,8 @@ def interval_attention(
 ) -> jax.Array:
     """Attention of q [B, L, Hq, D] over prefix (and band) entries [B, Hkv, N, D] -> [B, L, Hq, D].
 
-    Query position t = row index. Query heads h use KV head h // (Hq // Hkv).
+    Query position t = row index. Query heads h use KV head h // (Hq // Hkv). Gradients reach
+    q and the entries' k, v; `start`, `until` and `bias` are structure and carry none.
     """
     b, seq_len, hq, d = q.shape
     hkv, n_prefix = prefix.k.shape[1], max(prefix.k.shape[2], 1)
@@ -115,15 +134,14 @@ def interval_attention(
     width = _round_up(sub + band_lag, 8)
     spec = _Spec(scale, block_q=bq, block_k=bk, band_q=sub, band_width=width, groups=hq // hkv)
 
-    ranges = block_ranges(prefix, band, bq, nq)
+    prefix_full, prefix_end = _prefix_ranges(prefix, bq, nq)
     # Trip counts are shared by all heads: whole blocks every head sees, blocks some head sees.
-    n_full = jnp.min(ranges.prefix_full.reshape(b * hkv, nq), axis=0) // bk
-    n_total = -(-jnp.max(ranges.prefix_end.reshape(b * hkv, nq), axis=0) // bk)
+    n_full = jnp.min(prefix_full.reshape(b * hkv, nq), axis=0) // bk
+    n_total = -(-jnp.max(prefix_end.reshape(b * hkv, nq), axis=0) // bk)
     band_start = None
     if band is not None:
-        n_band = band.k.shape[2]
-        band_start = block_ranges(prefix, band, sub, nq * bq // sub).band_start
-        band = _flatten(band, max(_round_up(n_band, 8), width))
+        band_start, _ = _band_ranges(band, sub, nq * bq // sub)
+        band = _flatten(band, max(_round_up(band.k.shape[2], 8), width))
         band_start = jnp.minimum(band_start, band.k.shape[1] - width)
         band_start = band_start.reshape(b * hkv, nq, bq // sub).transpose(1, 0, 2)  # [nq, BH, S]
     prefix = _flatten(prefix, _round_up(n_prefix, bk))
