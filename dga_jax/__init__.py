@@ -1,16 +1,25 @@
 """dga-jax: Dynamic Group Attention for long-context language models in JAX."""
 
+from dga_jax.model import DGAttention, Llama, ModelConfig, RopeScaling
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dga import DGAConfig, DGALayout, dga_attention, dga_layout, gather_entries
 from dga_jax.ops.intervals import BlockSizes
+from dga_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 
 __all__ = [
+    "DEFAULT_RULES",
     "BlockSizes",
     "DGAConfig",
     "DGALayout",
+    "DGAttention",
+    "Llama",
+    "LogicalRules",
+    "ModelConfig",
+    "RopeScaling",
     "dense_attention",
     "dga_attention",
     "dga_layout",
     "gather_entries",
+    "make_mesh",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,257 @@
+"""The model's one frozen config, its presets, and its construction from a Hugging Face config.
+
+Every field is a plain Python value, so a config hashes (it is a static argument of jitted
+functions) and round-trips through `to_dict` / `from_dict`, which rejects unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+from dga_jax.ops.dga.config import DGAConfig
+
+ATTENTION_KINDS = ("dense", "dga")
+ROPE_KINDS = ("none", "linear", "llama3")
+REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: none, linear (positions / factor) or llama3 (per-band)."""
+
+    kind: str = "none"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self):
+        if self.kind not in ROPE_KINDS:
+            raise ValueError(f"rope_scaling.kind must be one of {ROPE_KINDS}, got {self.kind!r}")
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A LLaMA-style decoder. Defaults are LLaMA2-7B's shapes (`shared/PAPER_NOTES.md`)."""
+
+    vocab_size: int = 32000
+    d_model: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int = 128
+    intermediate_size: int = 11008
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling = RopeScaling()
+    max_position: int = 4096
+    tie_embeddings: bool = False
+    dtype: str = "float32"  # compute
+    param_dtype: str = "float32"
+    attention: str = "dense"
+    dga: DGAConfig = DGAConfig()
+    attention_impl: str | None = None  # None: the library's default for the backend
+    remat: str = "none"
+
+    def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must be a multiple of "
+                f"model.num_kv_heads={self.num_kv_heads}"
+            )
+        for name, allowed in (
+            ("attention", ATTENTION_KINDS),
+            ("remat", REMAT_POLICIES),
+            ("dtype", DTYPES),
+            ("param_dtype", DTYPES),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        """Builds a config from plain values; an unknown key is an error naming it."""
+        values = dict(values)
+        nested = {"rope_scaling": RopeScaling, "dga": DGAConfig}
+        for key, kind in nested.items():
+            if isinstance(values.get(key), dict):
+                values[key] = _strict(kind, values[key], prefix=f"model.{key}.")
+        return _strict(cls, values, prefix="model.")
+
+    @classmethod
+    def preset(cls, name: str, **changes: Any) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {sorted(PRESETS)}")
+        return PRESETS[name].replace(**changes)
+
+    @classmethod
+    def from_hf(cls, config: dict[str, Any] | str | os.PathLike, **changes: Any) -> ModelConfig:
+        """From a Hugging Face LLaMA `config.json` (a dict, the file, or its directory)."""
+        if not isinstance(config, dict):
+            path = os.fspath(config)
+            if os.path.isdir(path):
+                path = os.path.join(path, "config.json")
+            with open(path) as f:
+                config = json.load(f)
+        return hf_to_config(config).replace(**changes)
+
+
+def _strict(kind, values: dict[str, Any], prefix: str):
+    known = {f.name for f in dataclasses.fields(kind)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown config key(s) {[prefix + k for k in unknown]}; known: {sorted(known)}"
+        )
+    return kind(**values)
+
+
+SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
+    """Maps the fields of a HF `LlamaConfig` dict; other architectures are rejected."""
+    archs = hf.get("architectures") or ["LlamaForCausalLM"]
+    if hf.get("model_type", "llama") != "llama" or archs[0] not in SUPPORTED_HF_ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {archs} (model_type "
+            f"{hf.get('model_type')!r}); supported: {SUPPORTED_HF_ARCHITECTURES}"
+        )
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError("unsupported LLaMA variant: attention_bias / mlp_bias are not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; LLaMA uses 'silu'")
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        intermediate_size=hf["intermediate_size"],
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
+        rope_scaling=_hf_rope_scaling(hf.get("rope_scaling")),
+        max_position=hf.get("max_position_embeddings", 4096),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def _hf_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling:
+    if not scaling:
+        return RopeScaling()
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return RopeScaling()
+    if kind == "linear":
+        return RopeScaling("linear", float(scaling["factor"]))
+    if kind == "llama3":
+        return RopeScaling(
+            "llama3",
+            float(scaling["factor"]),
+            float(scaling["low_freq_factor"]),
+            float(scaling["high_freq_factor"]),
+            int(scaling["original_max_position_embeddings"]),
+        )
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The HF `config.json` fields of a config (for export)."""
+    scaling = config.rope_scaling
+    rope = None
+    if scaling.kind == "linear":
+        rope = {"rope_type": "linear", "factor": scaling.factor}
+    elif scaling.kind == "llama3":
+        rope = {
+            "rope_type": "llama3",
+            "factor": scaling.factor,
+            "low_freq_factor": scaling.low_freq_factor,
+            "high_freq_factor": scaling.high_freq_factor,
+            "original_max_position_embeddings": scaling.original_max_position,
+        }
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "intermediate_size": config.intermediate_size,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": rope,
+        "max_position_embeddings": config.max_position,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": config.param_dtype,
+    }
+
+
+_LLAMA2_7B = ModelConfig()
+PRESETS: dict[str, ModelConfig] = {
+    "llama2_7b": _LLAMA2_7B,
+    "llama2_13b": _LLAMA2_7B.replace(
+        d_model=5120, num_layers=40, num_heads=40, num_kv_heads=40, intermediate_size=13824
+    ),
+    "llama3_8b": ModelConfig(
+        vocab_size=128256,
+        num_kv_heads=8,
+        intermediate_size=14336,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+        max_position=131072,
+    ),
+    "tiny": ModelConfig(
+        vocab_size=512,
+        d_model=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=32,
+        intermediate_size=344,
+        max_position=32768,
+    ),
+}

@@ -1,0 +1,82 @@
+"""Building blocks of the decoder: RMSNorm, rotary embeddings (HF rotate-half), SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dga_jax.model.config import ModelConfig, RopeScaling
+from dga_jax.sharding import LogicalRules
+
+
+def param(rngs: nnx.Rngs, shape, logical, rules: LogicalRules, dtype, init=None) -> nnx.Param:
+    """A parameter carrying its logical axis names; under `jax.set_mesh`, also the sharding
+    they map to, so NNX creates it directly on its devices."""
+    init = init or nnx.initializers.lecun_normal()
+    metadata = {"logical_axes": logical}
+    if not jax.sharding.get_abstract_mesh().empty:
+        metadata["out_sharding"] = rules.spec(logical)
+    return nnx.Param(init(rngs.params(), shape, dtype), **metadata)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * weight, computed in float32 as in `transformers`."""
+
+    def __init__(self, config: ModelConfig, rules: LogicalRules, *, rngs: nnx.Rngs):
+        self.eps = config.norm_eps
+        self.weight = param(
+            rngs, (config.d_model,), ("norm",), rules, config.weight_dtype, nnx.initializers.ones
+        )
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:
+    """Inverse frequencies [head_dim / 2], with HF's linear and llama3 scaling rules."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if scaling.kind == "linear":
+        return inv_freq / scaling.factor
+    if scaling.kind == "llama3":
+        low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+        high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+        smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+            scaling.high_freq_factor - scaling.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return jnp.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x: [B, T, H, D], positions: [B, T] -> [B, T, H, D] in x's dtype."""
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: ModelConfig, rules: LogicalRules, *, rngs: nnx.Rngs):
+        d, f, dtype = config.d_model, config.intermediate_size, config.weight_dtype
+        self.gate = param(rngs, (d, f), ("embed", "mlp"), rules, dtype)
+        self.up = param(rngs, (d, f), ("embed", "mlp"), rules, dtype)
+        self.down = param(rngs, (f, d), ("mlp", "embed"), rules, dtype)
+        self.dtype = config.compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+        gate = x @ self.gate[...].astype(self.dtype)  # [B, T, F]
+        up = x @ self.up[...].astype(self.dtype)
+        return (jax.nn.silu(gate) * up) @ self.down[...].astype(self.dtype)

@@ -1,0 +1,68 @@
+"""Mesh axes and the one rules object that maps logical axis names to them.
+
+Parameters and activations are annotated with logical names (`batch`, `seq`, `embed`, ...);
+`LogicalRules.spec` turns a tuple of them into a `PartitionSpec` of mesh axes and rejects a
+mesh axis used twice in one spec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+from jax.sharding import PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "seq", "tensor")
+
+MeshAxes = str | tuple[str, ...] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class LogicalRules:
+    """Logical axis name -> mesh axis, axes, or None (replicated)."""
+
+    rules: tuple[tuple[str, MeshAxes], ...]
+
+    def spec(self, logical: tuple[str | None, ...]) -> PartitionSpec:
+        """The `PartitionSpec` of an array whose dimensions carry these logical names."""
+        mapping, used, out = dict(self.rules), set(), []
+        for name in logical:
+            axes = mapping.get(name) if name is not None else None
+            flat = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            if used & set(flat):
+                raise ValueError(f"logical axes {logical} map mesh axis {used & set(flat)} twice")
+            used |= set(flat)
+            out.append(axes)
+        return PartitionSpec(*out)
+
+
+# Parameters: FSDP over `fsdp`, Megatron-style tensor parallelism over `tensor`.
+# Activations: batch over (data, fsdp), sequence over `seq`, features replicated.
+DEFAULT_RULES = LogicalRules(
+    (
+        ("batch", ("data", "fsdp")),
+        ("seq", "seq"),
+        ("act_embed", None),
+        ("act_heads", "tensor"),
+        ("act_kv_heads", "tensor"),
+        ("act_mlp", "tensor"),
+        ("act_vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("kv_heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("layers", None),
+        ("norm", None),
+    )
+)
+
+
+def make_mesh(shape: tuple[int, int, int, int], devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp, seq, tensor) mesh with explicit-free (auto) axes."""
+    if len(shape) != len(MESH_AXES):
+        raise ValueError(f"mesh shape must give {MESH_AXES}, got {shape}")
+    return jax.make_mesh(
+        shape, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+    )

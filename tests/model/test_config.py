@@ -1,0 +1,91 @@
+"""Model config: presets, strict construction, Hugging Face config mapping."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dga_jax.model.config import PRESETS, ModelConfig, RopeScaling, config_to_hf
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_round_trip_through_dicts(name):
+    config = ModelConfig.preset(name)
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    assert hash(config) == hash(ModelConfig.from_dict(config.to_dict()))
+
+
+def test_llama2_7b_has_the_paper_shapes():
+    c = ModelConfig.preset("llama2_7b")
+    assert (c.d_model, c.num_layers, c.num_heads, c.num_kv_heads, c.head_dim) == (
+        4096,
+        32,
+        32,
+        32,
+        128,
+    )
+    assert (c.intermediate_size, c.vocab_size, c.rope_theta, c.norm_eps) == (
+        11008,
+        32000,
+        10000.0,
+        1e-5,
+    )
+    params = (
+        c.vocab_size * c.d_model * 2
+        + c.num_layers
+        * (4 * c.d_model * c.d_model + 3 * c.d_model * c.intermediate_size + 2 * c.d_model)
+        + c.d_model
+    )
+    assert abs(params / 1e9 - 6.74) < 0.01
+
+
+def test_llama3_8b_is_gqa_with_llama3_rope():
+    c = ModelConfig.preset("llama3_8b")
+    assert c.num_heads // c.num_kv_heads == 4
+    assert c.rope_scaling.kind == "llama3"
+
+
+def test_unknown_keys_are_rejected_by_name():
+    with pytest.raises(ValueError, match=r"model\.d_modle"):
+        ModelConfig.from_dict({"d_modle": 8})
+    with pytest.raises(ValueError, match=r"model\.dga\.gamma"):
+        ModelConfig.from_dict({"dga": {"gamma": 0.1}})
+    with pytest.raises(ValueError, match=r"model\.rope_scaling\.scale"):
+        ModelConfig.from_dict({"rope_scaling": {"scale": 2.0}})
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (dict(num_heads=6, num_kv_heads=4), "num_heads"),
+        (dict(attention="sparse"), "attention"),
+        (dict(remat="some"), "remat"),
+        (dict(dtype="float8"), "dtype"),
+        (dict(d_model=0), "d_model"),
+    ],
+)
+def test_bad_values_are_rejected_by_name(changes, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.preset("tiny", **changes)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [RopeScaling(), RopeScaling("linear", 2.0), RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)],
+    ids=["none", "linear", "llama3"],
+)
+def test_hf_config_round_trip(tmp_path, rope):
+    config = ModelConfig.preset("tiny", rope_scaling=rope, tie_embeddings=True)
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(config)))
+    assert ModelConfig.from_hf(tmp_path) == config
+
+
+def test_unsupported_hf_architecture_is_rejected():
+    hf = config_to_hf(ModelConfig.preset("tiny"))
+    with pytest.raises(ValueError, match="unsupported architecture"):
+        ModelConfig.from_hf(
+            {**hf, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+        )
+    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+        ModelConfig.from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})

@@ -1,0 +1,179 @@
+"""The NNX decoder: forward, DGA plug-in, remat, RoPE, sharded construction."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dga_jax import DEFAULT_RULES, DGAConfig, DGAttention, Llama, LogicalRules, ModelConfig
+from dga_jax.model.config import RopeScaling
+from dga_jax.model.layers import apply_rope, rope_frequencies
+from dga_jax.sharding import make_mesh
+
+TINY = ModelConfig.preset("tiny")
+
+
+def tokens(b=2, t=40, seed=0):
+    return jax.random.randint(jax.random.PRNGKey(seed), (b, t), 0, TINY.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def dense_logits():
+    return Llama(TINY, rngs=nnx.Rngs(0))(tokens())
+
+
+def test_forward_shape_and_dtype(dense_logits):
+    assert dense_logits.shape == (2, 40, TINY.vocab_size)
+    assert dense_logits.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(dense_logits)))
+
+
+def test_model_is_causal():
+    model = Llama(TINY, rngs=nnx.Rngs(0))
+    x = tokens()
+    changed = x.at[:, 30:].set((x[:, 30:] + 1) % TINY.vocab_size)
+    np.testing.assert_allclose(model(x)[:, :30], model(changed)[:, :30], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("selection", ["global", "streaming"])
+def test_dga_with_all_tokens_focal_equals_dense(dense_logits, selection):
+    config = TINY.replace(attention="dga", dga=DGAConfig(4, 1.0, selection))
+    logits = Llama(config, rngs=nnx.Rngs(0))(tokens())
+    np.testing.assert_allclose(logits, dense_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_dga_changes_the_model(dense_logits):
+    config = TINY.replace(attention="dga", dga=DGAConfig(4, 0.1))
+    logits = Llama(config, rngs=nnx.Rngs(0))(tokens())
+    assert float(jnp.max(jnp.abs(logits - dense_logits))) > 1e-3
+
+
+REMAT_BASE = TINY.replace(attention="dga", dga=DGAConfig(4, 0.25))
+
+
+def loss_and_grads(config):
+    model = Llama(config, rngs=nnx.Rngs(0))
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+        return jnp.mean(nnx.merge(graphdef, state)(tokens(t=16)) ** 2)
+
+    return jax.value_and_grad(loss)(state)
+
+
+@pytest.fixture(scope="module")
+def no_remat():
+    return loss_and_grads(REMAT_BASE)
+
+
+@pytest.mark.parametrize("remat", ["full", "save_dots", "save_dots_no_batch"])
+def test_remat_keeps_values_and_gradients(no_remat, remat):
+    value, grads = no_remat
+    value_r, grads_r = loss_and_grads(REMAT_BASE.replace(remat=remat))
+    np.testing.assert_allclose(value_r, value, rtol=1e-6)
+    for g, g_r in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
+        np.testing.assert_allclose(g_r, g, atol=1e-6, rtol=1e-5)
+
+
+def test_rope_scores_depend_on_relative_position():
+    inv_freq = rope_frequencies(32, 10000.0, RopeScaling())
+    q, k = jax.random.normal(jax.random.PRNGKey(1), (2, 1, 1, 1, 32))
+
+    def score(i, j):
+        qi = apply_rope(q, jnp.array([[i]]), inv_freq)
+        kj = apply_rope(k, jnp.array([[j]]), inv_freq)
+        return float(jnp.sum(qi * kj))
+
+    assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
+    assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-3)
+
+
+def test_linear_rope_scaling_divides_positions():
+    scaled = rope_frequencies(32, 10000.0, RopeScaling("linear", 2.0))
+    np.testing.assert_allclose(scaled * 2, rope_frequencies(32, 10000.0, RopeScaling()))
+
+
+def test_dga_attention_module_plugs_into_other_models():
+    class Block(nnx.Module):  # somebody else's model, using DGA as a component
+        def __init__(self, rngs):
+            self.attn = DGAttention(TINY.replace(attention="dga"), rngs=rngs)
+            self.scale = nnx.Param(jnp.ones(TINY.d_model))
+
+        def __call__(self, x):
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+            return self.attn(x * self.scale[...], positions)
+
+    block = Block(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 50, TINY.d_model))
+    assert block(x).shape == x.shape
+    params = nnx.state(block, nnx.Param)
+    assert {"q", "k", "v", "o"} <= set(params["attn"].keys())
+
+
+def test_parameters_carry_logical_axes():
+    model = Llama(TINY, rngs=nnx.Rngs(0))
+    assert model.layers.attn.q.get_metadata()["logical_axes"] == (
+        "layers",
+        "embed",
+        "heads",
+        "head_dim",
+    )
+    assert model.embed.get_metadata()["logical_axes"] == ("vocab", "embed")
+
+
+def test_rules_reject_a_mesh_axis_used_twice():
+    rules = LogicalRules((("embed", "fsdp"), ("mlp", "fsdp")))
+    with pytest.raises(ValueError, match="twice"):
+        rules.spec(("embed", "mlp"))
+    assert DEFAULT_RULES.spec(("embed", "heads", "head_dim")) == jax.sharding.PartitionSpec(
+        "fsdp", "tensor", None
+    )
+
+
+def test_builds_under_a_one_device_mesh(dense_logits):
+    with jax.set_mesh(make_mesh((1, 1, 1, 1))):
+        model = Llama(TINY, rngs=nnx.Rngs(0))
+        assert isinstance(model.layers.attn.q[...].sharding, jax.sharding.NamedSharding)
+        logits = model(tokens())
+    np.testing.assert_allclose(logits, dense_logits, atol=1e-6)
+
+
+SHARDED = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from dga_jax import DEFAULT_RULES, DGAConfig, Llama, ModelConfig, make_mesh
+    config = ModelConfig.preset("tiny", attention="dga", dga=DGAConfig(4, 0.25))
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 48), 0, config.vocab_size)
+    expected = Llama(config, rngs=nnx.Rngs(0))(tokens)
+    for shape in [(2, 2, 1, 2), (1, 2, 2, 2), (8, 1, 1, 1)]:
+        mesh = make_mesh(shape)
+        with jax.set_mesh(mesh):
+            model = Llama(config, rngs=nnx.Rngs(0))
+            q = model.layers.attn.q
+            spec = DEFAULT_RULES.spec(q.get_metadata()["logical_axes"])
+            assert q[...].sharding.is_equivalent_to(jax.NamedSharding(mesh, spec), 4), spec
+            assert len(q[...].sharding.device_set) == 8
+            graphdef, state = nnx.split(model)
+            logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+        np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+    print("ok")
+    """
+)
+
+
+def test_builds_sharded_on_eight_fake_devices():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
