@@ -27,21 +27,25 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import gc
 import json
-import os
-import platform
-import re
 import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from common import (
+    GIB,
+    device_peak_bytes,
+    environment,
+    free_bytes,
+    length_label,
+    time_calls,
+    xla_peak_bytes,
+)
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -51,8 +55,6 @@ FULL_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (1024, 2048)
 MODES = ("fwd", "fwd+bwd")
 IMPLS = ("dga_xla", "dense_xla", "dense_blockwise", "dense_cudnn")
-GIB = 2**30
-HOST_HEADROOM = 2 * GIB
 DASH = "\N{EM DASH}"
 COLUMNS = f"{'L':>6}  {'mode':<8}{'impl':<16}{'median ms':>11}{'min ms':>11}"
 HEADER = f"{COLUMNS}{'speedup':>9}{'XLA peak GiB':>14}  status"
@@ -152,46 +154,6 @@ def make_inputs(specs: list[jax.ShapeDtypeStruct]) -> list[jax.Array]:
     return [jax.random.normal(key, s.shape, s.dtype) for key, s in zip(keys, specs, strict=True)]
 
 
-def xla_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
-    """XLA's buffer-assignment peak: arguments + outputs + temporaries - aliased."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    temp = m.temp_size_in_bytes
-    return m.argument_size_in_bytes + m.output_size_in_bytes + temp - m.alias_size_in_bytes
-
-
-def free_bytes() -> int | None:
-    """Memory a run may use: MemAvailable less headroom on CPU, the device's free memory else."""
-    if jax.default_backend() == "cpu":
-        meminfo = Path("/proc/meminfo")
-        text = meminfo.read_text() if meminfo.exists() else ""
-        found = re.search(r"^MemAvailable:\s+(\d+) kB", text, re.M)
-        return int(found[1]) * 1024 - HOST_HEADROOM if found else None
-    stats = jax.devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return None
-    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-
-
-def device_peak_bytes() -> int | None:
-    """The GPU's `peak_bytes_in_use` (process-wide), if it reports one."""
-    if jax.default_backend() != "gpu":
-        return None
-    return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-
-
-def time_calls(compiled: jax.stages.Compiled, inputs: list[jax.Array], repeats: int) -> list[float]:
-    """One warm-up call, then `repeats` timed calls in ms."""
-    jax.block_until_ready(compiled(*inputs))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*inputs))
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
 def skip_reason(record: Record, predicted_s: float | None, max_seconds: float) -> str | None:
     """Why `record` must not run (memory, then predicted time), or None."""
     available = free_bytes()
@@ -266,24 +228,6 @@ def run(args: argparse.Namespace) -> list[Record]:
                 records.append(record)
                 gc.collect()
     return records
-
-
-def environment() -> dict[str, Any]:
-    """Versions, device and machine the benchmark ran on."""
-    return {
-        "jax_version": jax.__version__,
-        "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "device_count": jax.device_count(),
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
-def length_label(length: int) -> str:
-    """2048 -> "2K"."""
-    return f"{length // 1024}K" if length % 1024 == 0 else str(length)
 
 
 def plot(records: list[Record], args: argparse.Namespace, env: dict[str, Any], path: Path) -> None:
