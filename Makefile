@@ -14,7 +14,7 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	touch $@
 
 # The main job on the embedded default (until training lands: the attention benchmark, quick mode).
-run: $(VENV)/.installed-bench
+run: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/attention.py --quick
 
 test: $(VENV)/.installed-test
@@ -30,7 +30,7 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(VENV)/.installed-bench
+bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/attention.py
 
 clean:

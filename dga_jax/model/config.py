@@ -159,6 +159,9 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
     if hf.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; LLaMA uses 'silu'")
     heads = hf["num_attention_heads"]
+    # transformers >= 5 nests rope_theta and the scaling in `rope_parameters`.
+    rope = hf.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
@@ -168,8 +171,8 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         intermediate_size=hf["intermediate_size"],
         norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(hf.get("rope_theta", 10000.0)),
-        rope_scaling=_hf_rope_scaling(hf.get("rope_scaling")),
+        rope_theta=float(theta),
+        rope_scaling=_hf_rope_scaling(hf.get("rope_scaling") or rope),
         max_position=hf.get("max_position_embeddings", 4096),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )

@@ -89,3 +89,20 @@ def test_unsupported_hf_architecture_is_rejected():
         )
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
         ModelConfig.from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+
+
+def test_transformers5_rope_parameters_are_read():
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.LlamaConfig(
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ).to_dict()
+    config = ModelConfig.from_hf(hf)
+    assert config.rope_theta == 500000.0
+    assert config.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 64)

@@ -1,0 +1,86 @@
+"""Convert LLaMA checkpoints between Hugging Face safetensors and our Orbax layout.
+
+    python -m dga_jax.checkpoint.convert hf-to-orbax --hf_dir HF --out CKPT [--dtype bfloat16]
+    python -m dga_jax.checkpoint.convert orbax-to-hf --ckpt CKPT --out HF [--dtype float16] \
+        [--max_shard_size 5GB]
+
+`hf-to-orbax` reads `HF/config.json` and `HF/model.safetensors.index.json` (or a single
+`HF/model.safetensors`) tensor by tensor; `orbax-to-hf` writes what
+`transformers.LlamaForCausalLM.from_pretrained(HF)` loads. `--dtype` casts the weights
+(default: keep the stored dtype). Neither command leaves a partial output behind on failure.
+Load the result with `dga_jax.checkpoint.load_model(CKPT, mesh=...)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+from collections.abc import Sequence
+
+from dga_jax.checkpoint.hf import NUMPY_DTYPES, parse_size, read_hf, write_hf
+from dga_jax.checkpoint.orbax_io import load_config, read_param, save_params
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+def hf_to_orbax(
+    hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None
+) -> None:
+    """Converts a HF LLaMA checkpoint directory into an Orbax checkpoint directory `out`."""
+    config, params = read_hf(hf_dir, dtype)
+    save_params(out, config, params)
+
+
+def orbax_to_hf(
+    ckpt: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str | None = None,
+    max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
+) -> None:
+    """Converts an Orbax checkpoint into a HF LLaMA checkpoint directory `out`."""
+    config = load_config(ckpt)
+    write_hf(
+        out,
+        config,
+        functools.partial(read_param, ckpt),
+        dtype=dtype or config.param_dtype,
+        max_shard_size=parse_size(max_shard_size),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The command line: `hf-to-orbax` or `orbax-to-hf` (see the module docstring)."""
+    args = _parser().parse_args(argv)
+    if args.command == "hf-to-orbax":
+        hf_to_orbax(args.hf_dir, args.out, args.dtype)
+    else:
+        orbax_to_hf(args.ckpt, args.out, args.dtype, args.max_shard_size)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m dga_jax.checkpoint.convert", description=__doc__.splitlines()[0]
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    to_orbax = commands.add_parser("hf-to-orbax", help="HF safetensors -> Orbax")
+    to_orbax.add_argument("--hf_dir", required=True, help="HF checkpoint directory")
+    to_hf = commands.add_parser("orbax-to-hf", help="Orbax -> HF safetensors")
+    to_hf.add_argument("--ckpt", required=True, help="Orbax checkpoint directory")
+    to_hf.add_argument(
+        "--max_shard_size",
+        default=DEFAULT_MAX_SHARD_SIZE,
+        help="largest safetensors file, e.g. 5GB, 500MB, 2GiB",
+    )
+    for command in (to_orbax, to_hf):
+        command.add_argument("--out", required=True, help="output directory (must not exist)")
+        command.add_argument(
+            "--dtype",
+            choices=sorted(NUMPY_DTYPES),
+            help="cast the weights (default: keep the stored dtype)",
+        )
+    return parser
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,376 @@
+"""Hugging Face LLaMA safetensors checkpoints <-> our parameter tree, one tensor at a time.
+
+Our parameters are a nested dict of numpy arrays keyed like `nnx.state(model, nnx.Param)`, the
+per-layer ones stacked on a leading `num_layers` axis. Reading preallocates each stacked array
+once and fills it layer by layer from `safe_open`; writing plans the shards from the shapes
+alone, then emits per-layer slices into them. Neither direction holds two copies of the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, traverse_util
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from dga_jax.model.config import ModelConfig, config_to_hf
+from dga_jax.model.llama import Llama
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# jnp.bfloat16 is ml_dtypes' numpy bfloat16, which `safe_open(framework="numpy")` needs registered.
+NUMPY_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# Buffers that older exports saved; RoPE is recomputed from the config.
+IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+Path = tuple[str, ...]
+ParamReader = Callable[[Path], np.ndarray]
+
+
+class CheckpointError(ValueError):
+    """Checkpoint contents that do not fit the model: missing, unexpected or misshapen tensors."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """One HF tensor (one per layer where `hf` holds `{i}`) and the parameter it maps to.
+
+    A Linear weight (`in_dims` > 0) is [out, in] in HF and [*in, *out] here, its first `in_dims`
+    axes being the input ones: q [d, H, hd] <- q_proj [H*hd, d] (in_dims=1) and
+    o [H, hd, d] <- o_proj [d, H*hd] (in_dims=2). Other weights are stored as they are.
+    """
+
+    hf: str
+    path: Path
+    in_dims: int = 0
+
+    @property
+    def stacked(self) -> bool:
+        """Whether this is a per-layer weight, stacked on a leading `num_layers` axis here."""
+        return "{i}" in self.hf
+
+    def names(self, num_layers: int) -> list[str]:
+        """The HF names, layer by layer for a stacked weight."""
+        if not self.stacked:
+            return [self.hf]
+        return [self.hf.format(i=i) for i in range(num_layers)]
+
+    def layer_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one layer's slice of our parameter of this `shape`."""
+        return tuple(shape[1:]) if self.stacked else tuple(shape)
+
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """HF's shape for one of our (per-layer) shapes."""
+        if not self.in_dims:
+            return tuple(shape)
+        return (math.prod(shape[self.in_dims :]), math.prod(shape[: self.in_dims]))
+
+    def to_ours(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """HF tensor [out, in] -> ours [*in, *out] (a view where no transpose is needed)."""
+        return tensor.T.reshape(shape) if self.in_dims else tensor.reshape(shape)
+
+    def to_hf(self, array: np.ndarray) -> np.ndarray:
+        """Ours [*in, *out] -> HF [out, in]."""
+        if not self.in_dims:
+            return array
+        return array.reshape(math.prod(array.shape[: self.in_dims]), -1).T
+
+
+_LAYER = "model.layers.{i}."
+_WEIGHTS = (
+    Weight("model.embed_tokens.weight", ("embed",)),
+    Weight(_LAYER + "input_layernorm.weight", ("layers", "attn_norm", "weight")),
+    Weight(_LAYER + "self_attn.q_proj.weight", ("layers", "attn", "q"), 1),
+    Weight(_LAYER + "self_attn.k_proj.weight", ("layers", "attn", "k"), 1),
+    Weight(_LAYER + "self_attn.v_proj.weight", ("layers", "attn", "v"), 1),
+    Weight(_LAYER + "self_attn.o_proj.weight", ("layers", "attn", "o"), 2),
+    Weight(_LAYER + "post_attention_layernorm.weight", ("layers", "mlp_norm", "weight")),
+    Weight(_LAYER + "mlp.gate_proj.weight", ("layers", "mlp", "gate"), 1),
+    Weight(_LAYER + "mlp.up_proj.weight", ("layers", "mlp", "up"), 1),
+    Weight(_LAYER + "mlp.down_proj.weight", ("layers", "mlp", "down"), 1),
+    Weight("model.norm.weight", ("norm", "weight")),
+)
+_LM_HEAD = Weight("lm_head.weight", ("lm_head",), 1)
+
+
+def weights(config: ModelConfig) -> tuple[Weight, ...]:
+    """Every weight of a model with this config; `lm_head` only when it is not tied."""
+    return _WEIGHTS if config.tie_embeddings else (*_WEIGHTS, _LM_HEAD)
+
+
+def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
+    """Path -> shape of each parameter of `Llama(config)` ([N, ...] for per-layer ones)."""
+
+    def build() -> Llama:
+        return Llama(config, rngs=nnx.Rngs(0))
+
+    params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(build), nnx.Param))
+    return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(params).items()}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in "5GB" (10^9), "2GiB" (2^30), "40KB" or a plain number."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
+    if not match:
+        raise ValueError(f"invalid size {size!r}; expected e.g. 5GB, 500MB, 2GiB or bytes")
+    return int(float(match[1]) * SIZE_UNITS[match[2] or ""])
+
+
+# Reading ------------------------------------------------------------------------------------
+
+
+def read_hf_config(hf_dir: str | os.PathLike) -> ModelConfig:
+    """Our config from `hf_dir/config.json`; an unsupported architecture raises ValueError."""
+    path = os.path.join(hf_dir, CONFIG_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {CONFIG_FILE} in the HF checkpoint directory: {path}")
+    with open(path) as f:
+        return ModelConfig.from_hf(json.load(f))
+
+
+def tensor_files(hf_dir: str | os.PathLike) -> tuple[dict[str, str], str]:
+    """HF tensor name -> the safetensors file holding it, and the file that listed them."""
+    index = os.path.join(hf_dir, INDEX_FILE)
+    single = os.path.join(hf_dir, SINGLE_FILE)
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        return {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}, index
+    if os.path.isfile(single):
+        with safe_open(single, framework="numpy") as f:
+            return dict.fromkeys(f.keys(), single), single
+    raise FileNotFoundError(f"no safetensors checkpoint in {hf_dir}: neither {index} nor {single}")
+
+
+def read_hf(
+    hf_dir: str | os.PathLike, dtype: str | None = None
+) -> tuple[ModelConfig, dict[str, Any]]:
+    """Reads a HF LLaMA checkpoint into our config and nested parameter dict (numpy arrays).
+
+    Every tensor's presence and shape is checked (from the file headers) before any data is
+    read. `dtype` (float32, bfloat16, float16) casts each tensor as it is read; by default the
+    embedding's stored dtype is kept. The config's `param_dtype` is set to the result's dtype.
+    """
+    config = read_hf_config(hf_dir)
+    files, listing = tensor_files(hf_dir)
+    plan = _read_plan(config, files, listing)
+    by_file = _group_by_file(plan, files)
+    stacked = param_shapes(config)
+    expected = {
+        name: weight.hf_shape(weight.layer_shape(stacked[weight.path]))
+        for name, (weight, _) in plan.items()
+    }
+    for file, names in by_file.items():
+        _check_tensors(file, names, expected)
+    dtype = check_dtype(dtype) if dtype else _stored_dtype(files[_WEIGHTS[0].hf])
+    params = {path: np.empty(shape, NUMPY_DTYPES[dtype]) for path, shape in stacked.items()}
+    for file, names in by_file.items():
+        with safe_open(file, framework="numpy") as f:
+            for name in names:
+                weight, layer = plan[name]
+                target = params[weight.path] if layer is None else params[weight.path][layer]
+                target[...] = weight.to_ours(f.get_tensor(name), target.shape)
+    return config.replace(param_dtype=dtype), traverse_util.unflatten_dict(params)
+
+
+def check_dtype(dtype: str) -> str:
+    """`dtype` if it names a supported parameter dtype, else a ValueError."""
+    if dtype not in NUMPY_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; supported: {sorted(NUMPY_DTYPES)}")
+    return dtype
+
+
+def _read_plan(
+    config: ModelConfig, files: dict[str, str], listing: str
+) -> dict[str, tuple[Weight, int | None]]:
+    """HF name -> (weight, layer or None), once every name is known to be listed and no
+    unknown tensor is."""
+    plan = {}
+    for weight in weights(config):
+        for i, name in enumerate(weight.names(config.num_layers)):
+            plan[name] = (weight, i if weight.stacked else None)
+    missing = [name for name in plan if name not in files]
+    if missing:
+        raise CheckpointError(
+            f"tensor {missing[0]!r} is missing from {listing}"
+            f" ({len(missing)} missing: {missing[:8]})"
+        )
+    tied_head = {_LM_HEAD.hf} if config.tie_embeddings else set()
+    unexpected = sorted(
+        n for n in files if n not in plan and n not in tied_head and not IGNORED.fullmatch(n)
+    )
+    if unexpected:
+        raise CheckpointError(
+            f"unexpected tensor(s) {unexpected[:8]} in {listing}: not part of "
+            f"a LlamaForCausalLM with {config.num_layers} layers"
+        )
+    return plan
+
+
+def _group_by_file(plan: dict[str, Any], files: dict[str, str]) -> dict[str, list[str]]:
+    """File -> the planned names it holds; every file must exist."""
+    grouped: dict[str, list[str]] = {}
+    for name in plan:
+        grouped.setdefault(files[name], []).append(name)
+    for file, names in grouped.items():
+        if not os.path.isfile(file):
+            raise FileNotFoundError(
+                f"safetensors file {file} (listed for {names[0]!r}) does not exist"
+            )
+    return grouped
+
+
+def _check_tensors(file: str, names: list[str], expected: dict[str, tuple[int, ...]]) -> None:
+    with safe_open(file, framework="numpy") as f:
+        stored = set(f.keys())
+        for name in names:
+            if name not in stored:
+                raise CheckpointError(f"tensor {name!r} is missing from {file}")
+            found = tuple(f.get_slice(name).get_shape())
+            if found != expected[name]:
+                raise CheckpointError(
+                    f"tensor {name!r} in {file} has shape {found}; "
+                    f"expected {expected[name]} from the config"
+                )
+
+
+def _stored_dtype(file: str) -> str:
+    """Our name of the dtype the embedding is stored in."""
+    with safe_open(file, framework="numpy") as f:
+        stored = f.get_slice(_WEIGHTS[0].hf).get_dtype()
+    if stored not in SAFETENSORS_DTYPES:
+        raise CheckpointError(
+            f"{_WEIGHTS[0].hf} in {file} is {stored}; pass a dtype "
+            f"(one of {sorted(NUMPY_DTYPES)}) to convert it"
+        )
+    return SAFETENSORS_DTYPES[stored]
+
+
+# Writing ------------------------------------------------------------------------------------
+
+
+def write_hf(
+    out_dir: str | os.PathLike,
+    config: ModelConfig,
+    read_param: ParamReader,
+    *,
+    dtype: str,
+    max_shard_size: int,
+) -> None:
+    """Writes a HF checkpoint: config.json, model-0000i-of-0000n.safetensors and the index.
+
+    `read_param(path)` returns one stacked parameter at a time (numpy, [N, ...] per layer);
+    each is sliced, cast to `dtype` and written into shards of at most `max_shard_size` bytes
+    (a single larger tensor gets a shard of its own). The files are written into a temporary
+    sibling directory renamed to `out_dir` at the end, so a failure leaves no `out_dir`.
+    """
+    config = config.replace(param_dtype=check_dtype(dtype))
+    sizes = _hf_sizes(config, np.dtype(NUMPY_DTYPES[dtype]).itemsize)
+    shards = _plan_shards(sizes, max_shard_size)
+    with _atomic_directory(out_dir) as tmp:
+        writer = _ShardWriter(tmp, shards)
+        for weight in weights(config):
+            array = read_param(weight.path)
+            slices = array if weight.stacked else [array]
+            for name, layer in zip(weight.names(config.num_layers), slices, strict=True):
+                tensor = np.ascontiguousarray(weight.to_hf(layer), NUMPY_DTYPES[dtype])
+                writer.add(name, tensor)
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": writer.files}
+        _write_json(os.path.join(tmp, INDEX_FILE), index)
+        _write_json(os.path.join(tmp, CONFIG_FILE), config_to_hf(config))
+
+
+def _hf_sizes(config: ModelConfig, itemsize: int) -> dict[str, int]:
+    """HF name -> bytes, in the order `write_hf` emits the tensors."""
+    shapes = param_shapes(config)
+    sizes = {}
+    for weight in weights(config):
+        shape = weight.layer_shape(shapes[weight.path])
+        for name in weight.names(config.num_layers):
+            sizes[name] = math.prod(shape) * itemsize
+    return sizes
+
+
+def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Consecutive names grouped greedily into shards of at most `max_bytes`."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+class _ShardWriter:
+    """Collects tensors, arriving in plan order, and writes each shard once it is complete."""
+
+    def __init__(self, out_dir: str, shards: list[list[str]]):
+        self.out_dir = out_dir
+        self.pending: dict[str, np.ndarray] = {}
+        self.files = {}
+        self.last = {}
+        for k, names in enumerate(shards):
+            file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            self.files.update(dict.fromkeys(names, file))
+            self.last[names[-1]] = file
+
+    def add(self, name: str, tensor: np.ndarray) -> None:
+        self.pending[name] = tensor
+        if name in self.last:
+            save_file(
+                self.pending, os.path.join(self.out_dir, self.last[name]), metadata={"format": "pt"}
+            )
+            self.pending = {}
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+@contextlib.contextmanager
+def _atomic_directory(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary sibling of `path`, renamed to `path` if the block succeeds, else removed."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"output directory already exists: {path}")
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would otherwise become the output's mode
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

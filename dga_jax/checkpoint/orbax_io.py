@@ -1,0 +1,139 @@
+"""Orbax checkpoints of a `Llama`: its parameters and its `ModelConfig`, in one directory.
+
+Layout: one Orbax composite checkpoint (`ocp.CompositeCheckpointHandler`) with two items,
+
+    ckpt_dir/params/        the `nnx.Param` state as a nested dict (`nnx.to_pure_dict`), OCDBT;
+                            the PyTree format `StandardSave` writes (`StandardRestore` reads it)
+    ckpt_dir/model_config/  `ModelConfig.to_dict()` as JSON
+
+which is the layout of one step directory of an `ocp.CheckpointManager` managing items named
+`params` and `model_config`, so `load_model(root / str(step))` loads a step of one. Loading needs
+only the directory. Orbax writes into a temporary sibling and renames it at the end: an
+interrupted save leaves no directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from dga_jax.model.config import ModelConfig
+from dga_jax.model.llama import Llama
+from dga_jax.sharding import DEFAULT_RULES, LogicalRules
+
+PARAMS = "params"
+CONFIG = "model_config"
+
+
+def save_params(ckpt_dir: str | os.PathLike, config: ModelConfig, params: dict[str, Any]) -> None:
+    """Writes `params` (nested dict of numpy or jax arrays, as `nnx.to_pure_dict` gives) and
+    `config` to a new directory `ckpt_dir`."""
+    path = os.path.abspath(ckpt_dir)
+    if os.path.exists(path):
+        raise FileExistsError(f"checkpoint directory already exists: {path}")
+    items = {PARAMS: ocp.args.PyTreeSave(params), CONFIG: ocp.args.JsonSave(config.to_dict())}
+    with contextlib.closing(_saver()) as checkpointer:
+        checkpointer.save(path, ocp.args.Composite(**items))
+
+
+def _saver() -> ocp.Checkpointer:
+    """Writes the params item as `StandardSave` would, but numpy arrays without copying them
+    first: Orbax's default numpy handler deep-copies every host array, which for a converted
+    7B model would be a second copy of the weights."""
+    types = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+    )
+    handlers = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    params = ocp.PyTreeCheckpointHandler(type_handler_registry=types)
+    handlers.add(PARAMS, ocp.args.PyTreeSave, params)
+    handlers.add(CONFIG, ocp.args.JsonSave, ocp.JsonCheckpointHandler())
+    return ocp.Checkpointer(ocp.CompositeCheckpointHandler(handler_registry=handlers))
+
+
+def save_model(model: Llama, ckpt_dir: str | os.PathLike) -> None:
+    """Writes a model's parameters (sharded arrays are written shard by shard) and config."""
+    save_params(ckpt_dir, model.config, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def load_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
+    """The `ModelConfig` stored in a checkpoint directory."""
+    restored = _restore(ckpt_dir, {CONFIG: ocp.args.JsonRestore()})
+    return ModelConfig.from_dict(restored[CONFIG])
+
+
+def load_model(
+    ckpt_dir: str | os.PathLike,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: LogicalRules = DEFAULT_RULES,
+    **config_changes: Any,
+) -> Llama:
+    """A `Llama` restored from `ckpt_dir`, each array read straight onto its devices.
+
+    With a `mesh`, every parameter is sharded as `rules` maps its logical axes; without one it
+    lands on the default device. `config_changes` replace fields of the stored config, e.g.
+    `attention="dga", dga=DGAConfig(16, 0.1)`; a changed `param_dtype` casts on restore.
+    """
+    config = load_config(ckpt_dir).replace(**config_changes)
+    graphdef, params, rest = abstract_model(config, rules, mesh)
+    target = nnx.to_pure_dict(params)
+    restored = _restore(ckpt_dir, {PARAMS: ocp.args.StandardRestore(target)})
+    nnx.replace_by_pure_dict(params, restored[PARAMS])
+    return nnx.merge(graphdef, params, rest)
+
+
+def abstract_model(
+    config: ModelConfig, rules: LogicalRules = DEFAULT_RULES, mesh: jax.sharding.Mesh | None = None
+) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    """`Llama(config, rules)` with no memory allocated: graphdef, its `nnx.Param` state as
+    `jax.ShapeDtypeStruct`s carrying their target shardings, and the other (abstract) state."""
+
+    def build() -> Llama:
+        return Llama(config, rules, rngs=nnx.Rngs(0))
+
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        graphdef, params, rest = nnx.split(nnx.eval_shape(build), nnx.Param, ...)
+        if mesh is None:
+            shardings = jax.tree.map(_default_device, params)
+        else:
+            shardings = nnx.get_named_sharding(params, mesh)
+        params = jax.tree.map(_with_sharding, params, shardings)
+    return graphdef, params, rest
+
+
+def _default_device(leaf: jax.ShapeDtypeStruct) -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _with_sharding(
+    leaf: jax.ShapeDtypeStruct, sharding: jax.sharding.Sharding
+) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+def read_param(ckpt_dir: str | os.PathLike, path: tuple[str, ...]) -> np.ndarray:
+    """One parameter (e.g. `("layers", "attn", "q")`) read into host memory, in its stored dtype;
+    no other parameter is read."""
+    item: Any = ocp.RestoreArgs(restore_type=np.ndarray)
+    for key in reversed(path):
+        item = {key: item}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=item, partial_restore=True)
+    restored = _restore(ckpt_dir, {PARAMS: args})[PARAMS]
+    for key in path:
+        restored = restored[key]
+    return restored
+
+
+def _restore(ckpt_dir: str | os.PathLike, items: dict[str, ocp.args.CheckpointArgs]) -> Any:
+    path = os.path.abspath(ckpt_dir)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path}")
+    with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as checkpointer:
+        return checkpointer.restore(path, ocp.args.Composite(**items))

@@ -1,0 +1,252 @@
+"""Row streams: one global document order, dealt to `num_rows` rows, packed into windows.
+
+The stream of a split is defined without reference to processes or workers, so any split of
+its rows among them yields the same global batches:
+
+- epoch `e` orders the shard files (sorted, or a seeded per-epoch permutation of them) and
+  numbers their records 0, 1, 2, ... in file order; a broken shard's `CorruptShard` takes one
+  number. Epochs follow each other forever.
+- record `i` belongs to row stream `i % num_rows`.
+- a row stream turns its good documents into `[BOS] + ids + [EOS]` (as configured), joins them
+  into one token stream and cuts that into consecutive windows of `seq_len + 1` tokens: no token
+  is lost or repeated between two windows, and documents run on across window boundaries.
+
+Global batch row `r` at step `s` is window `s` of row stream `r`. The state of a row stream is
+a small JSON dict: the `Cursor` of its current (or next) record, the tokens of that record it
+has already emitted (`offset`), and its `ReadStats`.
+
+`RowStreams` runs several rows on one sequential scan of the shards: every process (and every
+worker) decompresses and splits all shard files, but parses and tokenizes only the records of
+its own rows. Records of a row that is behind the others wait, unparsed, in its queue.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import grain
+import numpy as np
+
+from dga_jax.data.slimpajama import RawRecord, ReadStats, iter_raw_records, parse_record
+from dga_jax.data.tokenizers import Tokenizer, load_tokenizer
+
+RowState = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """Everything that defines the row streams of one split; workers rebuild them from it."""
+
+    files: tuple[str, ...]
+    tokenizer: str
+    seq_len: int
+    num_rows: int
+    add_bos: bool = True
+    add_eos: bool = True
+    set_names: tuple[str, ...] = ()
+    shuffle_files: bool = False
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Cursor:
+    """Record `record` of epoch `epoch`, ordered by (epoch, record). The record lies in (or
+    after) file `file` of that epoch's order, whose first record is number `file_start`: hints
+    that let a restart skip the earlier files."""
+
+    epoch: int = 0
+    record: int = 0
+    file: int = dataclasses.field(default=0, compare=False)
+    file_start: int = dataclasses.field(default=0, compare=False)
+
+    def following(self) -> Cursor:
+        """The next record number (which may lie in a later file or epoch)."""
+        return dataclasses.replace(self, record=self.record + 1)
+
+
+def initial_row_state() -> RowState:
+    """State of a row stream that has not started."""
+    return {"cursor": dataclasses.asdict(Cursor()), "offset": 0, "stats": ReadStats().as_dict()}
+
+
+def load_stream_tokenizer(spec: StreamSpec) -> Tokenizer:
+    """The tokenizer of `spec`, checked to have the BOS/EOS tokens that `spec` adds."""
+    tokenizer = load_tokenizer(spec.tokenizer)
+    for wanted, name in ((spec.add_bos, "bos_id"), (spec.add_eos, "eos_id")):
+        if wanted and getattr(tokenizer, name) is None:
+            raise ValueError(f"tokenizer {spec.tokenizer!r} has no {name[:3].upper()} token")
+    return tokenizer
+
+
+def file_order(spec: StreamSpec, epoch: int) -> tuple[str, ...]:
+    """The shard files of `epoch`: sorted, or permuted by a hash of (seed, epoch, position)."""
+    if not spec.shuffle_files:
+        return spec.files
+
+    def rank(position: int) -> bytes:
+        return hashlib.sha256(f"{spec.seed}:{epoch}:{position}".encode()).digest()
+
+    return tuple(spec.files[i] for i in sorted(range(len(spec.files)), key=rank))
+
+
+def scan(spec: StreamSpec, start: Cursor) -> Iterator[tuple[Cursor, RawRecord]]:
+    """Every raw record from `start` on, with its cursor, across epochs without end."""
+    epoch, first_file, index = start.epoch, start.file, start.file_start
+    while True:
+        files = file_order(spec, epoch)
+        for file in range(first_file, len(files)):
+            file_start = index
+            for raw in iter_raw_records(files[file]):
+                if (epoch, index) >= (start.epoch, start.record):
+                    yield Cursor(epoch, index, file, file_start), raw
+                index += 1
+        if index == 0:
+            raise ValueError(f"no records in any of the {len(files)} shards, e.g. {files[0]!r}")
+        epoch, first_file, index = epoch + 1, 0, 0
+
+
+class _Row:
+    """Mutable state of one row stream."""
+
+    def __init__(self, state: RowState):
+        self.cursor = Cursor(**state["cursor"])
+        self.offset = int(state["offset"])
+        self.stats = ReadStats.from_dict(state["stats"])
+        self.tokens: np.ndarray | None = None  # of the record at `cursor`, once loaded
+        self.queue: collections.deque[tuple[Cursor, RawRecord]] = collections.deque()
+
+    def state(self) -> RowState:
+        cursor = dataclasses.asdict(self.cursor)
+        return {"cursor": cursor, "offset": self.offset, "stats": self.stats.as_dict()}
+
+
+class RowStreams:
+    """Several row streams of one split, fed by one scan that starts at the earliest of them."""
+
+    def __init__(self, spec: StreamSpec, states: Mapping[int, RowState]):
+        self._spec = spec
+        self._rows = {row: _Row(state) for row, state in states.items()}
+        self._tokenizer = load_stream_tokenizer(spec)
+        start = min(row.cursor for row in self._rows.values())
+        self._records = scan(spec, start)
+
+    def state(self, row: int) -> RowState:
+        """JSON-serialisable state of `row`, from which `RowStreams` resumes it exactly."""
+        return self._rows[row].state()
+
+    def next_window(self, row: int) -> np.ndarray:
+        """The next `seq_len + 1` tokens of `row`: int32 [seq_len + 1]."""
+        state = self._rows[row]
+        pieces, needed = [], self._spec.seq_len + 1
+        while needed:
+            if state.tokens is None:
+                self._load_document(row)
+            piece = state.tokens[state.offset : state.offset + needed]
+            pieces.append(piece)
+            state.offset += len(piece)
+            needed -= len(piece)
+            if state.offset == len(state.tokens):
+                state.tokens, state.cursor, state.offset = None, state.cursor.following(), 0
+        return np.concatenate(pieces)
+
+    def _load_document(self, row: int) -> None:
+        """Moves `row` to its next good document and tokenizes it; keeps a restored offset."""
+        state = self._rows[row]
+        # A restored offset > 0 means its record was read and counted before the restart.
+        recounted = state.offset > 0
+        first_epoch = state.cursor.epoch
+        while True:
+            cursor, raw = self._next_record(row)
+            stats, recounted = (ReadStats() if recounted else state.stats), False
+            if cursor.epoch > first_epoch + 1:
+                raise ValueError(
+                    f"row stream {row} found no usable document in a whole epoch; are there "
+                    f"fewer documents than rows ({self._spec.num_rows}), or is set_names "
+                    f"{self._spec.set_names} too strict?"
+                )
+            record = parse_record(raw, stats=stats, set_names=self._spec.set_names)
+            tokens = None if record is None else self._tokenize(record["text"])
+            if tokens is not None and len(tokens) > state.offset:
+                state.cursor, state.tokens = cursor, tokens
+                return
+            state.cursor, state.offset = cursor.following(), 0
+
+    def _next_record(self, row: int) -> tuple[Cursor, RawRecord]:
+        """Pops the next record of `row`, scanning on (and queueing others' records) as needed."""
+        queue = self._rows[row].queue
+        while not queue:
+            cursor, raw = next(self._records)
+            owner = self._rows.get(cursor.record % self._spec.num_rows)
+            if owner is not None and cursor >= owner.cursor:
+                owner.queue.append((cursor, raw))
+        return queue.popleft()
+
+    def _tokenize(self, text: str) -> np.ndarray:
+        bos = [self._tokenizer.bos_id] if self._spec.add_bos else []
+        eos = [self._tokenizer.eos_id] if self._spec.add_eos else []
+        return np.asarray(bos + self._tokenizer.encode(text) + eos, np.int32)
+
+
+class PackedRowsDataset(grain.IterDataset):
+    """Windows of the row streams whose ids `parent` yields: one window per row, rows in turn.
+
+    Elements are `{"row": int, "tokens": int32 [seq_len + 1], "state": RowState}`, the state
+    being the row's state just after that window. Row ids come from a `MapDataset`, so Grain's
+    `mp_prefetch` deals them out to its workers.
+    """
+
+    def __init__(self, parent: grain.IterDataset, spec: StreamSpec, states: Mapping[int, RowState]):
+        super().__init__(parent)
+        self._spec = spec
+        self._states = dict(states)
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return _PackedRowsIterator(self._parent.__iter__(), self._spec, self._states)
+
+    def __str__(self) -> str:
+        return f"PackedRowsDataset(seq_len={self._spec.seq_len}, num_rows={self._spec.num_rows})"
+
+
+class _PackedRowsIterator(grain.DatasetIterator):
+    def __init__(
+        self, parent: grain.DatasetIterator, spec: StreamSpec, states: Mapping[int, RowState]
+    ):
+        super().__init__(parent)
+        self._spec = spec
+        self._initial_states = states
+        self._rows: list[int] = []
+        self._streams: RowStreams | None = None
+        self._next = 0
+
+    def _started(self) -> RowStreams:
+        if self._streams is None:
+            self._rows = [int(row) for row in self._parent]
+            if not self._rows:
+                raise ValueError("PackedRowsDataset got no rows")
+            states = {row: self._initial_states[row] for row in self._rows}
+            self._streams = RowStreams(self._spec, states)
+        return self._streams
+
+    def __next__(self) -> dict[str, Any]:
+        self._assert_not_closed()
+        streams = self._started()
+        row = self._rows[self._next]
+        tokens = streams.next_window(row)
+        self._next = (self._next + 1) % len(self._rows)
+        return {"row": row, "tokens": tokens, "state": streams.state(row)}
+
+    def get_state(self) -> dict[str, Any]:
+        streams = self._started()
+        return {"rows": {str(row): streams.state(row) for row in self._rows}, "next": self._next}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._started()
+        rows = {int(row): row_state for row, row_state in state["rows"].items()}
+        if sorted(rows) != sorted(self._rows):
+            raise ValueError(f"state is for rows {sorted(rows)}, this iterator has {self._rows}")
+        self._streams = RowStreams(self._spec, rows)
+        self._next = int(state["next"])

@@ -1,0 +1,260 @@
+"""Training and evaluation batches: the data config, and iterators over this process's rows.
+
+A global batch has `global_batch_size` rows; row `r` at step `s` is window `s` of row stream
+`r` (`dga_jax.data.packing`), which depends on neither the number of processes nor of workers.
+Process `p` of `n` yields rows `[p * b, (p + 1) * b)` with `b = global_batch_size // n`, so
+concatenating the processes' batches in process order gives the global batch.
+
+    it = make_train_iterator(config, process_index=jax.process_index(),
+                             process_count=jax.process_count())
+    batch = next(it)           # {"inputs": int32 [b, seq_len], "targets": int32 [b, seq_len]}
+    state = it.get_state()     # small JSON dict; it.set_state(state) resumes exactly
+    it.stats                   # ReadStats of this process's rows, e.g. for logging
+
+With no data path configured, both splits come from the sample corpus (`dga_jax.data.corpus`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from dga_jax.data.corpus import build_sample_corpus, default_corpus_dir
+from dga_jax.data.packing import (
+    PackedRowsDataset,
+    StreamSpec,
+    initial_row_state,
+    load_stream_tokenizer,
+)
+from dga_jax.data.slimpajama import ReadStats, list_shards
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What to read and how to batch it.
+
+    - `train` / `validation`: a directory (searched recursively), a glob, or one shard file of
+      `.jsonl.zst` / `.jsonl` / `.parquet`. Both unset (None or "") -> the sample corpus,
+      built once under `sample_corpus_dir` (default `default_corpus_dir()`).
+    - `tokenizer`: "byte" or a path (see `load_tokenizer`); `add_bos` / `add_eos` wrap each
+      document in its BOS / EOS ids.
+    - `set_names`: keep only these `meta.redpajama_set_name`s (empty: all).
+    - `shuffle_shards`: permute the training shard order per epoch with `seed` (validation is
+      always read in sorted order).
+    - `num_workers`: Grain worker processes for each JAX process (0: none); it must divide the
+      per-process batch.
+    - `eval_batches`: batches per evaluation.
+    """
+
+    seq_len: int
+    global_batch_size: int
+    tokenizer: str = "byte"
+    train: str | None = None
+    validation: str | None = None
+    set_names: tuple[str, ...] = ()
+    add_bos: bool = True
+    add_eos: bool = True
+    shuffle_shards: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    eval_batches: int = 8
+    sample_corpus_dir: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.set_names, str):
+            raise ValueError(f"data.set_names must be a sequence of names, got {self.set_names!r}")
+        object.__setattr__(self, "set_names", tuple(self.set_names))
+        for name in ("train", "validation", "sample_corpus_dir"):
+            object.__setattr__(self, name, getattr(self, name) or None)  # ConfigDicts use ""
+        for name in ("seq_len", "global_batch_size", "eval_batches"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"data.{name} must be a positive int, got {value!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> DataConfig:
+        """Builds a config from plain values; an unknown key is an error naming it."""
+        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown data config keys: {unknown}")
+        return cls(**values)
+
+
+class DataIterator(grain.DatasetIterator):
+    """Batches of this process's rows of the global batch; checkpointable.
+
+    `get_state()` is `{"step": int, "rows": {str(row): row state}}`: a few integers per row,
+    the same whatever `num_workers` is. `set_state` restarts the row streams from it (and
+    Grain's workers, if any). With `num_steps`, the iterator stops after that many batches.
+    """
+
+    def __init__(
+        self,
+        spec: StreamSpec,
+        rows: range,
+        *,
+        num_workers: int = 0,
+        num_steps: int | None = None,
+    ):
+        super().__init__()
+        self._windows: grain.DatasetIterator | None = None
+        load_stream_tokenizer(spec)  # fail here, not in a worker, on a bad tokenizer
+        if num_workers and len(rows) % num_workers:
+            raise ValueError(
+                f"num_workers={num_workers} must divide the {len(rows)} rows of this process"
+            )
+        self._spec = spec
+        self._rows = rows
+        self._num_workers = num_workers
+        self._num_steps = num_steps
+        self._step = 0
+        self._row_states = {row: initial_row_state() for row in rows}
+
+    def _build_windows(self) -> grain.DatasetIterator:
+        """One window per row in turn, from the current row states."""
+        rows = grain.MapDataset.range(self._rows.start, self._rows.stop)
+        dataset = PackedRowsDataset(
+            rows.to_iter_dataset(grain.ReadOptions(num_threads=0)), self._spec, self._row_states
+        )
+        if self._num_workers:
+            if not flags.FLAGS.is_parsed():
+                # Grain 0.2.18's mp_prefetch reads an absl flag (google/grain#1355); outside
+                # absl.app nothing has parsed the flags, so let them keep their defaults.
+                flags.FLAGS.mark_as_parsed()
+            options = grain.MultiprocessingOptions(
+                num_workers=self._num_workers,
+                per_worker_buffer_size=2 * len(self._rows) // self._num_workers,
+            )
+            dataset = dataset.mp_prefetch(options)
+        return iter(dataset)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        """{"inputs", "targets"}: int32 [b, seq_len], targets = inputs shifted left by one."""
+        self._assert_not_closed()
+        if self._num_steps is not None and self._step >= self._num_steps:
+            self._close_windows()
+            raise StopIteration
+        if self._windows is None:
+            self._windows = self._build_windows()
+        windows = []
+        for row in self._rows:
+            element = next(self._windows)
+            if element["row"] != row:
+                raise RuntimeError(f"expected a window of row {row}, got row {element['row']}")
+            self._row_states[row] = element["state"]
+            windows.append(element["tokens"])
+        tokens = np.stack(windows)  # [b, seq_len + 1]
+        self._step += 1
+        return {"inputs": tokens[:, :-1].copy(), "targets": tokens[:, 1:].copy()}
+
+    @property
+    def stats(self) -> ReadStats:
+        """What this process's rows have read and skipped so far."""
+        return sum(
+            (ReadStats.from_dict(s["stats"]) for s in self._row_states.values()), ReadStats()
+        )
+
+    def get_state(self) -> dict[str, Any]:
+        """`{"step", "rows"}`: JSON-serialisable, a few integers per row."""
+        rows = {str(row): state for row, state in self._row_states.items()}
+        return {"step": self._step, "rows": rows}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Resumes from a `get_state()` of an iterator over the same rows and data."""
+        rows = {int(row): row_state for row, row_state in state["rows"].items()}
+        if sorted(rows) != list(self._rows):
+            raise ValueError(
+                f"iterator state holds rows {sorted(rows)}, this process has {list(self._rows)}; "
+                "resume with the same global_batch_size and process_count"
+            )
+        self._close_windows()
+        self._row_states = rows
+        self._step = int(state["step"])
+
+    def close(self) -> None:
+        """Stops Grain's workers, if any."""
+        self._close_windows()
+        super().close()
+
+    def _close_windows(self) -> None:
+        if self._windows is not None:
+            self._windows.close()
+            self._windows = None
+
+
+def make_train_iterator(
+    config: DataConfig, *, process_index: int, process_count: int
+) -> DataIterator:
+    """The endless training stream (epochs follow each other) for one process.
+
+    Every process (and each of its Grain workers) scans all training shards, decompressing and
+    splitting lines, but parses and tokenizes only the records of its own rows.
+    """
+    spec = _stream_spec(config, _shards(config, "train"), shuffle=config.shuffle_shards)
+    rows = _process_rows(config, process_index, process_count)
+    return DataIterator(spec, rows, num_workers=config.num_workers)
+
+
+def make_eval_iterator(
+    config: DataConfig, *, process_index: int, process_count: int
+) -> DataIterator:
+    """`config.eval_batches` batches of the validation split, the same on every call.
+
+    The validation shards are read in sorted order from the start; if they hold fewer tokens
+    than the steps need, they are read again (as the training stream does).
+    """
+    spec = _stream_spec(config, _shards(config, "validation"), shuffle=False)
+    rows = _process_rows(config, process_index, process_count)
+    return DataIterator(spec, rows, num_workers=config.num_workers, num_steps=config.eval_batches)
+
+
+def _process_rows(config: DataConfig, process_index: int, process_count: int) -> range:
+    if config.global_batch_size % process_count:
+        raise ValueError(
+            f"data.global_batch_size={config.global_batch_size} must be a multiple of "
+            f"process_count={process_count}"
+        )
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count})")
+    per_process = config.global_batch_size // process_count
+    return range(process_index * per_process, (process_index + 1) * per_process)
+
+
+def _stream_spec(config: DataConfig, files: list[str], *, shuffle: bool) -> StreamSpec:
+    return StreamSpec(
+        files=tuple(files),
+        tokenizer=config.tokenizer,
+        seq_len=config.seq_len,
+        num_rows=config.global_batch_size,
+        add_bos=config.add_bos,
+        add_eos=config.add_eos,
+        set_names=config.set_names,
+        shuffle_files=shuffle,
+        seed=config.seed,
+    )
+
+
+def _shards(config: DataConfig, split: str) -> list[str]:
+    """The shard files of `split` ("train" or "validation"); the sample corpus's if unset."""
+    pattern = getattr(config, split)
+    if pattern is not None:
+        return list_shards(pattern)
+    if config.train is not None:
+        raise ValueError(f"data.{split} is not set (data.train is)")
+    corpus = build_sample_corpus(config.sample_corpus_dir or default_corpus_dir())
+    logger.info(
+        "No %s data path configured: using the sample corpus built from the Python standard "
+        "library at %s",
+        split,
+        corpus,
+    )
+    return list_shards(str(corpus / split))

@@ -1,0 +1,228 @@
+"""SlimPajama shards: find them, read their records, and count what had to be skipped.
+
+A shard is a `*.jsonl.zst` (SlimPajama-627B), `*.jsonl` or `*.parquet` (SlimPajama-6B) file of
+records `{"text": str, "meta": {"redpajama_set_name": str, ...}}`; in parquet `meta` is a struct
+or a JSON string, and extra columns such as `__index_level_0__` are ignored.
+
+Reading is two steps so that a caller can skip records cheaply: `iter_raw_records` yields each
+record unparsed (a JSON line as bytes, a parquet row as a dict) and `parse_record` validates
+one. Bad data is never fatal: a malformed line, a record without a string `text`, and a shard
+that breaks off (truncated or corrupt zstd/parquet) are skipped and counted in `ReadStats`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import os
+from collections.abc import Collection, Iterable, Iterator
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import zstandard
+
+logger = logging.getLogger(__name__)
+
+SHARD_SUFFIXES = (".jsonl.zst", ".jsonl", ".parquet")
+SET_NAME_KEY = "redpajama_set_name"
+READ_CHUNK_BYTES = 1 << 20
+PARQUET_BATCH_ROWS = 256
+READ_ERRORS = (OSError, zstandard.ZstdError, pa.ArrowException)
+
+
+@dataclasses.dataclass
+class ReadStats:
+    """Counters of one reader: documents passed on, and records skipped by reason.
+
+    `corrupt_shards` counts shards that broke off (truncated or undecodable); the records
+    before the break are still read.
+    """
+
+    documents: int = 0
+    malformed: int = 0
+    no_text: int = 0
+    filtered: int = 0
+    corrupt_shards: int = 0
+
+    @property
+    def skipped(self) -> int:
+        """Records and shards skipped, whatever the reason."""
+        return self.malformed + self.no_text + self.filtered + self.corrupt_shards
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a JSON-serialisable dict (for logs and iterator state)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, counts: dict[str, int]) -> ReadStats:
+        """Inverse of `as_dict`."""
+        return cls(**counts)
+
+    def __add__(self, other: ReadStats) -> ReadStats:
+        mine, theirs = self.as_dict(), other.as_dict()
+        return ReadStats(**{key: mine[key] + theirs[key] for key in mine})
+
+
+@dataclasses.dataclass(frozen=True)
+class CorruptShard:
+    """Stands for the unreadable rest of a shard in a stream of raw records."""
+
+    path: str
+    error: str
+
+
+RawRecord = bytes | dict[str, Any] | CorruptShard
+
+
+class TruncatedShardError(IOError):
+    """A zstd stream that ends inside a frame."""
+
+
+def list_shards(pattern: str) -> list[str]:
+    """Sorted shard paths under a directory (recursively), matching a glob, or one file.
+
+    Only files ending in `SHARD_SUFFIXES` are kept; hidden files and directories are skipped.
+    """
+    if os.path.isdir(pattern):
+        paths = list(_walk_visible_files(pattern))
+    else:
+        paths = [path for path in glob.glob(pattern, recursive=True) if os.path.isfile(path)]
+    shards = sorted(path for path in paths if path.endswith(SHARD_SUFFIXES))
+    if not shards:
+        raise FileNotFoundError(f"no {'/'.join(SHARD_SUFFIXES)} shards found at {pattern!r}")
+    return shards
+
+
+def _walk_visible_files(directory: str) -> Iterator[str]:
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = [name for name in dirs if not name.startswith(".")]
+        yield from (os.path.join(root, name) for name in names if not name.startswith("."))
+
+
+def iter_raw_records(path: str) -> Iterator[RawRecord]:
+    """Unparsed records of one shard in file order; a break ends it with one `CorruptShard`.
+
+    Blank lines are not records. A truncated zstd stream loses its last, partial line.
+    """
+    records = _records(path)
+    while True:
+        # Only the reading is guarded: a consumer closing this generator is not an error.
+        try:
+            raw = next(records)
+        except StopIteration:
+            return
+        except READ_ERRORS as error:
+            yield CorruptShard(path, f"{type(error).__name__}: {error}")
+            return
+        yield raw
+
+
+def _records(path: str) -> Iterator[RawRecord]:
+    if path.endswith(".parquet"):
+        yield from _parquet_rows(path)
+        return
+    with open(path, "rb") as f:
+        yield from _lines(_zstd_chunks(f) if path.endswith(".zst") else _file_chunks(f))
+
+
+def _file_chunks(f: BinaryIO) -> Iterator[bytes]:
+    while chunk := f.read(READ_CHUNK_BYTES):
+        yield chunk
+
+
+def _zstd_chunks(f: BinaryIO) -> Iterator[bytes]:
+    """Decompressed bytes of every zstd frame in `f`; raises if the last frame is cut off."""
+    context = zstandard.ZstdDecompressor()
+    frame = context.decompressobj()
+    in_frame = False
+    for chunk in _file_chunks(f):
+        while chunk:
+            yield frame.decompress(chunk)
+            in_frame, chunk = not frame.eof, (frame.unused_data if frame.eof else b"")
+            if not in_frame:
+                frame = context.decompressobj()
+    if in_frame:
+        raise TruncatedShardError("zstd stream ends inside a frame")
+
+
+def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    tail = b""
+    for chunk in chunks:
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        yield from (line for line in lines if line and not line.isspace())
+    if tail and not tail.isspace():
+        yield tail
+
+
+def _parquet_rows(path: str) -> Iterator[dict[str, Any]]:
+    with pq.ParquetFile(path) as shard:
+        columns = [name for name in ("text", "meta") if name in shard.schema_arrow.names]
+        for batch in shard.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=columns):
+            yield from batch.to_pylist()
+
+
+def parse_record(
+    raw: RawRecord, *, stats: ReadStats, set_names: Collection[str] = ()
+) -> dict[str, Any] | None:
+    """`{"text", "meta"}` of a good record, or None after counting why it was skipped.
+
+    `meta` comes back as a dict whether it was stored as an object or as a JSON string. With
+    `set_names`, records whose `meta.redpajama_set_name` is not among them are `filtered`.
+    """
+    if isinstance(raw, CorruptShard):
+        stats.corrupt_shards += 1
+        logger.warning("Skipping the rest of shard %s: %s", raw.path, raw.error)
+        return None
+    record = _as_object(raw)
+    meta = _as_object(record.get("meta") or {}) if record is not None else None
+    if record is None or meta is None:
+        stats.malformed += 1
+        return None
+    text = record.get("text")
+    if not isinstance(text, str) or not text:
+        stats.no_text += 1
+        return None
+    if set_names and meta.get(SET_NAME_KEY) not in set_names:
+        stats.filtered += 1
+        return None
+    stats.documents += 1
+    return {"text": _encodable(text), "meta": meta}
+
+
+def _as_object(value: Any) -> dict[str, Any] | None:
+    """A dict as is; JSON bytes or str decoded to a dict; anything else None."""
+    if isinstance(value, dict):
+        return value
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if not isinstance(value, str):
+        return None
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        return None
+    return decoded if isinstance(decoded, dict) else None
+
+
+def _encodable(text: str) -> str:
+    """Replaces lone surrogates (JSON can escape them) that tokenizers cannot encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
+
+
+def read_shard(
+    path: str, *, stats: ReadStats | None = None, set_names: Collection[str] = ()
+) -> Iterator[dict[str, Any]]:
+    """Good records `{"text", "meta"}` of one shard in file order; skips are counted in `stats`."""
+    stats = ReadStats() if stats is None else stats
+    for raw in iter_raw_records(path):
+        record = parse_record(raw, stats=stats, set_names=set_names)
+        if record is not None:
+            yield record

@@ -1,0 +1,208 @@
+"""Tokenizers behind one small protocol: built-in bytes, SentencePiece, Hugging Face `tokenizers`.
+
+`load_tokenizer("byte")` gives the built-in byte-level tokenizer (259 ids, fits the `tiny`
+preset's vocabulary of 512); any other spec is a path to a SentencePiece `*.model`, a Hugging
+Face `tokenizer.json`, or a directory holding one of them. Ids never include BOS/EOS: packing
+adds those (see `dga_jax.data.packing`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import sentencepiece
+import tokenizers
+
+BYTE_SPEC = "byte"
+# Tried in order when a tokenizer.json comes without a tokenizer_config.json naming its specials.
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]")
+EOS_CANDIDATES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<eos>", "[EOS]")
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Text <-> token ids. `bos_id` / `eos_id` are None when the vocabulary has no such token."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int | None: ...
+
+    @property
+    def eos_id(self) -> int | None: ...
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, without BOS/EOS."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; special tokens are dropped."""
+        ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: ids 0..2 are PAD, BOS, EOS and id 3 + b is byte b.
+
+    `decode(encode(s)) == s` for every string that UTF-8 can encode; lone surrogates (which
+    JSON can carry) are written as their surrogate-escaped bytes instead of failing.
+    """
+
+    pad_id = 0
+    num_special = 3
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_special + 256
+
+    @property
+    def bos_id(self) -> int:
+        return 1
+
+    @property
+    def eos_id(self) -> int:
+        return 2
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of the UTF-8 bytes of `text`."""
+        data = np.frombuffer(text.encode("utf-8", "surrogatepass"), np.uint8)
+        return (data.astype(np.int32) + self.num_special).tolist()
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of the byte ids in `ids` (other ids dropped, invalid UTF-8 replaced)."""
+        data = np.asarray(ids, np.int64) - self.num_special
+        data = data[(data >= 0) & (data < 256)]
+        return bytes(data.astype(np.uint8)).decode("utf-8", "replace")
+
+
+class SentencePieceTokenizer:
+    """A SentencePiece model file, e.g. LLaMA-2's `tokenizer.model` (BOS 1, EOS 2)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = os.fspath(path)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=self.path)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._sp.vocab_size()
+
+    @property
+    def bos_id(self) -> int | None:
+        return _optional_id(self._sp.bos_id())
+
+    @property
+    def eos_id(self) -> int | None:
+        return _optional_id(self._sp.eos_id())
+
+    def encode(self, text: str) -> list[int]:
+        """Piece ids of `text`, without BOS/EOS."""
+        return self._sp.encode(text)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`; control pieces (BOS/EOS/PAD) decode to nothing."""
+        return self._sp.decode([int(i) for i in ids])
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json`, read with the `tokenizers` library.
+
+    BOS/EOS come from `bos_token` / `eos_token` if given, else from a `tokenizer_config.json`
+    beside the file, else from the first of `BOS_CANDIDATES` / `EOS_CANDIDATES` in the vocabulary.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+    ):
+        self.path = os.fspath(path)
+        self._tok = tokenizers.Tokenizer.from_file(self.path)
+        specials = _special_tokens_from_config(os.path.dirname(self.path))
+        self._bos_id = self._find_id(bos_token or specials.get("bos_token"), BOS_CANDIDATES)
+        self._eos_id = self._find_id(eos_token or specials.get("eos_token"), EOS_CANDIDATES)
+
+    def _find_id(self, token: str | None, candidates: Sequence[str]) -> int | None:
+        for name in (token,) if token else candidates:
+            token_id = self._tok.token_to_id(name)
+            if token_id is not None:
+                return token_id
+        if token:
+            raise ValueError(f"{self.path}: special token {token!r} is not in the vocabulary")
+        return None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self._bos_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; the file's post-processor (which may add BOS) is not applied."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens skipped."""
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(spec: str) -> Tokenizer:
+    """`"byte"` -> ByteTokenizer; a `*.model` path -> SentencePiece; a `*.json` path -> HF.
+
+    A directory is searched for `tokenizer.model`, then `tokenizer.json`.
+    """
+    if spec == BYTE_SPEC:
+        return ByteTokenizer()
+    path = spec
+    if os.path.isdir(path):
+        found = [
+            os.path.join(path, name)
+            for name in ("tokenizer.model", "tokenizer.json")
+            if os.path.isfile(os.path.join(path, name))
+        ]
+        if not found:
+            raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in directory {path!r}")
+        path = found[0]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"tokenizer file {path!r} does not exist (spec {spec!r})")
+    if path.endswith(".model"):
+        return SentencePieceTokenizer(path)
+    if path.endswith(".json"):
+        return HFTokenizer(path)
+    raise ValueError(
+        f"unknown tokenizer file {path!r}: expected 'byte', a SentencePiece *.model "
+        "or a Hugging Face tokenizer.json"
+    )
+
+
+def _optional_id(token_id: int) -> int | None:
+    """SentencePiece marks a disabled special token with -1."""
+    return None if token_id < 0 else token_id
+
+
+def _special_tokens_from_config(directory: str) -> dict[str, str]:
+    """`bos_token` / `eos_token` of a `tokenizer_config.json` in `directory`, if there is one."""
+    path = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    specials = {}
+    for key in ("bos_token", "eos_token"):
+        value = config.get(key)
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            specials[key] = value
+    return specials

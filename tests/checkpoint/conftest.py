@@ -1,0 +1,119 @@
+"""Tiny random `transformers` LLaMA checkpoints, saved sharded, and their converted twins."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from dga_jax.checkpoint import load_config, read_param
+from dga_jax.checkpoint.convert import main
+from dga_jax.checkpoint.hf import weights
+
+SEQ_LEN = 80  # past the llama3 case's original_max_position_embeddings (64)
+LOGIT_ATOL = 1e-4  # float32 logits, ours vs transformers; fixed, never loosened
+SHARD_SIZE = "40KB"  # forces several shards (and an index) for these tiny models
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+CASES = {
+    "mha": dict(num_key_value_heads=4),
+    "gqa": dict(num_key_value_heads=2),
+    "linear_rope": dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    "llama3_rope": dict(num_key_value_heads=2, rope_scaling=LLAMA3_ROPE, rope_theta=50000.0),
+    "tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
+    "untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
+}
+_DEFAULTS = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=96,
+    vocab_size=128,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
+
+
+def build_hf_model(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A 2-layer float32 LLaMA (d=64, 4 heads, I=96, V=128) with random weights, norms included."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**{**_DEFAULTS, **overrides})).eval()
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith("norm.weight"):
+                weight.uniform_(0.5, 1.5)
+    return model
+
+
+def save_sharded(model: LlamaForCausalLM, path: pathlib.Path) -> pathlib.Path:
+    """`save_pretrained` into several safetensors shards plus `model.safetensors.index.json`."""
+    model.save_pretrained(path, safe_serialization=True, max_shard_size=SHARD_SIZE)
+    return path
+
+
+def to_orbax(hf_dir: pathlib.Path, out: pathlib.Path, *flags: str) -> None:
+    """`hf-to-orbax` through the command line's entry function."""
+    main(["hf-to-orbax", "--hf_dir", str(hf_dir), "--out", str(out), *flags])
+
+
+def to_hf(ckpt: pathlib.Path, out: pathlib.Path, *flags: str) -> None:
+    """`orbax-to-hf` through the command line's entry function."""
+    main(["orbax-to-hf", "--ckpt", str(ckpt), "--out", str(out), *flags])
+
+
+def assert_same_params(ckpt: pathlib.Path, expected_ckpt: pathlib.Path) -> None:
+    """Two Orbax checkpoints hold bit-identical parameters."""
+    for weight in weights(load_config(expected_ckpt)):
+        actual, expected = read_param(ckpt, weight.path), read_param(expected_ckpt, weight.path)
+        np.testing.assert_array_equal(actual, expected, str(weight.path))
+
+
+def random_tokens(seed: int = 0, batch: int = 2, seq_len: int = SEQ_LEN) -> np.ndarray:
+    """Token ids [batch, seq_len] below the tiny vocabulary (128)."""
+    return np.random.default_rng(seed).integers(0, 128, (batch, seq_len), dtype=np.int32)
+
+
+def hf_logits(model: LlamaForCausalLM, tokens: np.ndarray) -> np.ndarray:
+    """float32 logits [B, T, V] of a `transformers` model."""
+    with torch.no_grad():
+        return model(torch.from_numpy(tokens).long()).logits.float().numpy()
+
+
+@dataclasses.dataclass(frozen=True)
+class Converted:
+    """A HF checkpoint, its conversion by `hf-to-orbax`, and the reference logits."""
+
+    model: LlamaForCausalLM
+    hf_dir: pathlib.Path
+    ckpt_dir: pathlib.Path
+    tokens: np.ndarray  # [B, T]
+    logits: np.ndarray  # [B, T, V], from transformers
+
+
+@pytest.fixture(scope="session")
+def converted(tmp_path_factory):
+    """case name -> `Converted`, built once per session on first use."""
+    cache: dict[str, Converted] = {}
+
+    def get(case: str) -> Converted:
+        if case not in cache:
+            root = tmp_path_factory.mktemp(case)
+            model = build_hf_model(**CASES[case])
+            hf_dir = save_sharded(model, root / "hf")
+            to_orbax(hf_dir, root / "orbax")
+            tokens = random_tokens()
+            cache[case] = Converted(model, hf_dir, root / "orbax", tokens, hf_logits(model, tokens))
+        return cache[case]
+
+    return get

@@ -1,0 +1,230 @@
+"""The conversion commands: the CLI, dtypes, sharding of the output, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from transformers import LlamaForCausalLM
+
+from dga_jax.checkpoint import CheckpointError, load_config, load_model, read_param
+from dga_jax.checkpoint.hf import (
+    INDEX_FILE,
+    param_shapes,
+    parse_size,
+    tensor_files,
+    weights,
+    write_hf,
+)
+from dga_jax.model.config import ModelConfig
+from tests.checkpoint.conftest import (
+    assert_same_params,
+    build_hf_model,
+    save_sharded,
+    to_hf,
+    to_orbax,
+)
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+Q_PROJ = "model.layers.1.self_attn.q_proj.weight"
+
+
+def q_of(model: LlamaForCausalLM, layer: int) -> np.ndarray:
+    """HF's q_proj of a layer as ours: [d, H, hd], float32."""
+    weight = model.model.layers[layer].self_attn.q_proj.weight.detach().float().numpy()
+    return weight.T.reshape(64, 4, 16)
+
+
+def test_the_command_runs_as_a_module(converted, tmp_path):
+    c = converted("gqa")
+    out = tmp_path / "orbax"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dga_jax.checkpoint.convert",
+            "hf-to-orbax",
+            "--hf_dir",
+            str(c.hf_dir),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+    )
+    assert_same_params(out, c.ckpt_dir)
+
+
+def test_a_single_file_checkpoint_reads_like_a_sharded_one(converted, tmp_path):
+    c = converted("gqa")
+    c.model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    assert not (tmp_path / "hf" / INDEX_FILE).exists()
+    to_orbax(tmp_path / "hf", tmp_path / "orbax")
+    assert_same_params(tmp_path / "orbax", c.ckpt_dir)
+
+
+def test_bfloat16_is_kept_by_default_and_cast_on_request(tmp_path):
+    model = build_hf_model(num_key_value_heads=2).to(torch.bfloat16)
+    hf_dir = save_sharded(model, tmp_path / "hf")
+    to_orbax(hf_dir, tmp_path / "bf16")
+    to_orbax(hf_dir, tmp_path / "f32", "--dtype", "float32")
+    assert load_config(tmp_path / "bf16").param_dtype == "bfloat16"
+    assert load_config(tmp_path / "f32").param_dtype == "float32"
+    q_bf16 = read_param(tmp_path / "bf16", ("layers", "attn", "q"))
+    q_f32 = read_param(tmp_path / "f32", ("layers", "attn", "q"))
+    assert (q_bf16.dtype, q_f32.dtype) == (jnp.bfloat16, np.float32)
+    np.testing.assert_array_equal(q_f32[1], q_of(model, 1))
+    np.testing.assert_array_equal(q_bf16.astype(np.float32), q_f32)
+
+
+def test_export_casts_to_the_requested_dtype(converted, tmp_path):
+    c = converted("mha")
+    to_hf(c.ckpt_dir, tmp_path / "hf", "--dtype", "bfloat16")
+    exported = LlamaForCausalLM.from_pretrained(tmp_path / "hf")
+    assert exported.config.dtype == torch.bfloat16
+    rounded = c.model.model.layers[0].self_attn.q_proj.weight.detach().to(torch.bfloat16)
+    assert torch.equal(exported.model.layers[0].self_attn.q_proj.weight, rounded)
+
+
+def test_export_shards_respect_the_size_limit(converted, tmp_path):
+    c = converted("untied")
+    to_hf(c.ckpt_dir, tmp_path / "hf", "--max_shard_size", "20KB")
+    index = json.loads((tmp_path / "hf" / INDEX_FILE).read_text())
+    weight_map, total = index["weight_map"], 0
+    assert set(weight_map) == {n for w in weights(load_config(c.ckpt_dir)) for n in w.names(2)}
+    for file in sorted(set(weight_map.values())):
+        tensors = load_file(tmp_path / "hf" / file)
+        assert set(tensors) == {name for name, f in weight_map.items() if f == file}
+        size = sum(t.nbytes for t in tensors.values())
+        assert size <= 20_000 or len(tensors) == 1
+        total += size
+    assert index["metadata"]["total_size"] == total
+
+
+@pytest.mark.parametrize(
+    "size, expected",
+    [("5GB", 5 * 10**9), ("2GiB", 2 * 2**30), ("40KB", 40_000), ("1.5MB", 1_500_000), (123, 123)],
+)
+def test_parse_size(size, expected):
+    assert parse_size(size) == expected
+
+
+def test_parse_size_rejects_garbage():
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size("5 gigs")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_name_table_covers_every_model_parameter(tied):
+    config = ModelConfig.preset("tiny", tie_embeddings=tied)
+    assert {w.path for w in weights(config)} == set(param_shapes(config))
+
+
+# Errors ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def hf_copy(tmp_path):
+    """A fresh sharded HF checkpoint that a test may damage."""
+    return save_sharded(build_hf_model(num_key_value_heads=2), tmp_path / "hf")
+
+
+def rewrite_shard(hf_dir: pathlib.Path, name: str, replacement: np.ndarray | None) -> str:
+    """Rewrites the shard holding `name` without it (None) or with another array; its path."""
+    files, _ = tensor_files(hf_dir)
+    tensors = load_file(files[name])
+    if replacement is None:
+        del tensors[name]
+    else:
+        tensors[name] = replacement
+    save_file(tensors, files[name], metadata={"format": "pt"})
+    return files[name]
+
+
+def test_a_tensor_missing_from_its_shard_is_named_with_the_file(hf_copy, tmp_path):
+    shard = rewrite_shard(hf_copy, Q_PROJ, None)
+    out = tmp_path / "orbax"
+    with pytest.raises(CheckpointError, match=re.escape(f"'{Q_PROJ}' is missing from {shard}")):
+        to_orbax(hf_copy, out)
+    assert not out.exists()
+
+
+def test_a_tensor_missing_from_the_index_is_named_with_the_index(hf_copy, tmp_path):
+    index = hf_copy / INDEX_FILE
+    content = json.loads(index.read_text())
+    del content["weight_map"]["model.norm.weight"]
+    index.write_text(json.dumps(content))
+    expected = re.escape(f"'model.norm.weight' is missing from {index}")
+    with pytest.raises(CheckpointError, match=expected):
+        to_orbax(hf_copy, tmp_path / "orbax")
+
+
+def test_a_wrong_shape_names_the_tensor_and_both_shapes(hf_copy, tmp_path):
+    rewrite_shard(hf_copy, Q_PROJ, np.zeros((32, 64), np.float32))
+    expected = re.escape(f"'{Q_PROJ}'") + r".*\(32, 64\).*\(64, 64\)"
+    with pytest.raises(CheckpointError, match=expected):
+        to_orbax(hf_copy, tmp_path / "orbax")
+    assert not (tmp_path / "orbax").exists()
+
+
+def test_an_unexpected_tensor_is_rejected(hf_copy, tmp_path):
+    index = hf_copy / INDEX_FILE
+    content = json.loads(index.read_text())
+    bias = "model.layers.0.self_attn.q_proj.bias"
+    content["weight_map"][bias] = content["weight_map"][Q_PROJ]
+    index.write_text(json.dumps(content))
+    with pytest.raises(CheckpointError, match=r"unexpected tensor.*q_proj\.bias"):
+        to_orbax(hf_copy, tmp_path / "orbax")
+
+
+def test_an_unsupported_architecture_is_rejected(hf_copy, tmp_path):
+    config = json.loads((hf_copy / "config.json").read_text())
+    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    (hf_copy / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="unsupported architecture.*MistralForCausalLM"):
+        to_orbax(hf_copy, tmp_path / "orbax")
+
+
+def test_missing_files_are_named(hf_copy, tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing / "config.json"))):
+        to_orbax(missing, tmp_path / "orbax")
+    (hf_copy / INDEX_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match=re.escape(str(hf_copy / INDEX_FILE))):
+        to_orbax(hf_copy, tmp_path / "orbax")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        to_hf(missing, tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        load_model(missing)
+
+
+def test_an_existing_output_is_not_overwritten(converted, tmp_path):
+    c = converted("gqa")
+    with pytest.raises(FileExistsError, match=re.escape(str(c.ckpt_dir))):
+        to_orbax(c.hf_dir, c.ckpt_dir)
+    with pytest.raises(FileExistsError, match=re.escape(str(c.hf_dir))):
+        to_hf(c.ckpt_dir, c.hf_dir)
+
+
+def test_a_failed_export_leaves_nothing_behind(converted, tmp_path):
+    c = converted("gqa")
+    config = load_config(c.ckpt_dir)
+    calls = []
+
+    def read_then_fail(path: tuple[str, ...]) -> np.ndarray:
+        calls.append(path)
+        if len(calls) > 3:
+            raise OSError("disk on fire")
+        return read_param(c.ckpt_dir, path)
+
+    with pytest.raises(OSError, match="disk on fire"):
+        write_hf(tmp_path / "hf", config, read_then_fail, dtype="float32", max_shard_size=1000)
+    assert list(tmp_path.iterdir()) == []

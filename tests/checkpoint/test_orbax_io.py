@@ -1,0 +1,60 @@
+"""Orbax save / load of a `Llama`: round trips, config changes, abstract targets."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from dga_jax.checkpoint import abstract_model, load_config, load_model, save_model, save_params
+from dga_jax.model.config import ModelConfig
+
+
+def flat_params(model) -> dict[tuple[str, ...], jax.Array]:
+    """Parameter path -> array."""
+    return {path: v[...] for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_save_model_round_trips_params_and_config(converted, tmp_path):
+    c = converted("tied")
+    model = load_model(c.ckpt_dir, attention="dga")
+    save_model(model, tmp_path / "again")
+    assert load_config(tmp_path / "again") == model.config
+    again = load_model(tmp_path / "again")
+    assert again.config.attention == "dga"
+    expected, restored = flat_params(model), flat_params(again)
+    assert expected.keys() == restored.keys()
+    for path, value in expected.items():
+        np.testing.assert_array_equal(np.asarray(restored[path]), np.asarray(value), str(path))
+
+
+def test_a_changed_param_dtype_casts_on_restore(converted):
+    c = converted("gqa")
+    model = load_model(c.ckpt_dir, param_dtype="bfloat16")
+    q = model.layers.attn.q[...]
+    assert q.dtype == jnp.bfloat16
+    expected = load_model(c.ckpt_dir).layers.attn.q[...].astype(jnp.bfloat16)
+    np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(expected, np.float32))
+
+
+def test_loaded_arrays_sit_on_the_default_device(converted):
+    model = load_model(converted("gqa").ckpt_dir)
+    for path, value in flat_params(model).items():
+        assert value.devices() == {jax.devices()[0]}, path
+
+
+def test_the_abstract_model_of_7b_allocates_nothing():
+    _, params, _ = abstract_model(ModelConfig.preset("llama2_7b"))
+    leaves = jax.tree.leaves(params)
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves)
+    assert sum(leaf.size for leaf in leaves) > 6.7e9
+    assert all(leaf.sharding.device_set == {jax.devices()[0]} for leaf in leaves)
+
+
+def test_a_failed_save_leaves_no_checkpoint_directory(tmp_path):
+    params = {"embed": np.zeros(3, np.float32), "broken": object()}
+    with pytest.raises(ValueError, match="broken"):
+        save_params(tmp_path / "ckpt", ModelConfig.preset("tiny"), params)
+    assert not (tmp_path / "ckpt").exists()

@@ -1,0 +1,198 @@
+"""The batch iterators: packing, independence from the process count, resume, workers."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from dga_jax.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator
+from dga_jax.data.slimpajama import ReadStats, iter_raw_records, list_shards, parse_record
+from dga_jax.data.tokenizers import load_tokenizer
+from tests.data.conftest import train_hf_tokenizer
+
+# 4 rows of 33 tokens: every row stream runs past its first epoch within ~50 steps.
+STEPS_PAST_AN_EPOCH = 60
+
+
+@pytest.fixture
+def config(corpus) -> DataConfig:
+    return DataConfig(
+        seq_len=32,
+        global_batch_size=4,
+        train=str(corpus / "train"),
+        validation=str(corpus / "train" / "chunk1"),
+        eval_batches=3,
+    )
+
+
+def take(iterator, steps: int) -> list[dict[str, np.ndarray]]:
+    return [next(iterator) for _ in range(steps)]
+
+
+def train_iterators(config: DataConfig, process_count: int):
+    return [
+        make_train_iterator(config, process_index=p, process_count=process_count)
+        for p in range(process_count)
+    ]
+
+
+def global_batches(iterators, steps: int) -> list[np.ndarray]:
+    """Per step, the processes' inputs and last targets concatenated: [global_batch, seq+1]."""
+    per_process = [take(it, steps) for it in iterators]
+    return [
+        np.concatenate([windows(batches[step]) for batches in per_process]) for step in range(steps)
+    ]
+
+
+def windows(batch: dict[str, np.ndarray]) -> np.ndarray:
+    """The packed rows of seq_len + 1 tokens a batch was cut from."""
+    np.testing.assert_array_equal(batch["inputs"][:, 1:], batch["targets"][:, :-1])
+    return np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1)
+
+
+def reference_row_stream(config: DataConfig, row: int, length: int) -> list[int]:
+    """The first `length` tokens of row `row` written from its definition: records i with
+    i % rows == row, in sorted file order, each as [BOS] + ids + [EOS], epoch after epoch."""
+    tok = load_tokenizer(config.tokenizer)
+    bos, eos = [tok.bos_id] * config.add_bos, [tok.eos_id] * config.add_eos
+    stream = []
+    while len(stream) < length:
+        raws = (raw for path in list_shards(config.train) for raw in iter_raw_records(path))
+        for index, raw in enumerate(raws):
+            record = parse_record(raw, stats=ReadStats())
+            if index % config.global_batch_size == row and record is not None:
+                stream += bos + tok.encode(record["text"]) + eos
+    return stream[:length]
+
+
+@pytest.mark.parametrize(
+    "tokenizer, add_bos, add_eos",
+    [
+        ("byte", True, True),
+        ("byte", False, True),
+        ("byte", True, False),
+        ("spm", True, True),
+        ("hf", True, True),
+    ],
+)
+def test_rows_are_the_packed_document_streams(
+    config, tokenizer, add_bos, add_eos, spm_model, hf_tokenizer_json
+):
+    tokenizer = {"byte": "byte", "spm": str(spm_model), "hf": str(hf_tokenizer_json)}[tokenizer]
+    config = dataclasses.replace(
+        config, tokenizer=tokenizer, add_bos=add_bos, add_eos=add_eos, shuffle_shards=False
+    )
+    (it,) = train_iterators(config, 1)
+    steps = STEPS_PAST_AN_EPOCH
+    rows = np.stack(global_batches([it], steps), axis=1)  # [rows, steps, seq_len + 1]
+    assert all(state["cursor"]["epoch"] >= 1 for state in it.get_state()["rows"].values())
+    for row in range(config.global_batch_size):
+        expected = reference_row_stream(config, row, steps * (config.seq_len + 1))
+        np.testing.assert_array_equal(rows[row].reshape(-1), expected)
+
+
+def test_global_batches_do_not_depend_on_the_process_count(config):
+    steps = STEPS_PAST_AN_EPOCH
+    reference = global_batches(train_iterators(config, 1), steps)
+    for process_count in (2, 4):
+        assert_same(global_batches(train_iterators(config, process_count), steps), reference)
+
+
+def test_read_stats_split_over_processes(config):
+    (single,) = train_iterators(config, 1)
+    pair = train_iterators(config, 2)
+    global_batches([single], STEPS_PAST_AN_EPOCH)
+    global_batches(pair, STEPS_PAST_AN_EPOCH)
+    assert pair[0].stats + pair[1].stats == single.stats
+    # Past epoch 0, every bad record of the corpus has been met at least once.
+    stats = single.stats
+    assert stats.malformed >= 1 and stats.no_text >= 2 and stats.corrupt_shards >= 1
+    assert stats.documents >= 60 - 15
+
+
+@pytest.mark.parametrize("first", [0, 7, STEPS_PAST_AN_EPOCH])
+def test_resume_reproduces_the_uninterrupted_run(config, first):
+    it = make_train_iterator(config, process_index=0, process_count=2)
+    take(it, first)
+    state = json.loads(json.dumps(it.get_state()))
+    expected = take(it, 15)
+    if first == STEPS_PAST_AN_EPOCH:
+        assert min(s["cursor"]["epoch"] for s in state["rows"].values()) >= 1
+    resumed = make_train_iterator(config, process_index=0, process_count=2)
+    resumed.set_state(state)
+    assert_same(take(resumed, 15), expected)
+    assert resumed.get_state() == it.get_state()
+    assert resumed.stats == it.stats
+
+
+def test_workers_give_the_same_batches_and_states(config):
+    steps = STEPS_PAST_AN_EPOCH
+    (plain,) = train_iterators(config, 1)
+    (pooled,) = train_iterators(dataclasses.replace(config, num_workers=2), 1)
+    states = []
+    try:
+        for _ in range(steps):
+            assert_same([next(pooled)], [next(plain)])
+            assert pooled.get_state() == plain.get_state()
+            states.append(plain.get_state())
+        pooled.set_state(states[10])  # a state taken without workers restarts the workers
+        (replay,) = train_iterators(config, 1)
+        replay.set_state(states[10])
+        assert_same(take(pooled, 5), take(replay, 5))
+    finally:
+        pooled.close()
+
+
+def test_eval_iterator_is_finite_deterministic_and_split(config):
+    first = list(make_eval_iterator(config, process_index=0, process_count=1))
+    again = list(make_eval_iterator(config, process_index=0, process_count=1))
+    assert len(first) == config.eval_batches
+    assert_same(again, first)
+    halves = [list(make_eval_iterator(config, process_index=p, process_count=2)) for p in range(2)]
+    for step, batch in enumerate(first):
+        np.testing.assert_array_equal(
+            np.concatenate([halves[0][step]["inputs"], halves[1][step]["inputs"]]),
+            batch["inputs"],
+        )
+
+
+def test_configuration_errors(config, corpus, tmp_path):
+    with pytest.raises(ValueError, match="multiple of process_count"):
+        make_train_iterator(config, process_index=0, process_count=3)
+    with pytest.raises(ValueError, match="must divide"):
+        make_train_iterator(
+            dataclasses.replace(config, num_workers=3), process_index=0, process_count=1
+        )
+    with pytest.raises(ValueError, match="data.validation is not set"):
+        make_eval_iterator(
+            dataclasses.replace(config, validation=""), process_index=0, process_count=1
+        )
+    with pytest.raises(ValueError, match="seq_len"):
+        dataclasses.replace(config, seq_len=0)
+    with pytest.raises(ValueError, match="bogus"):
+        DataConfig.from_dict({"seq_len": 8, "global_batch_size": 2, "bogus": 1})
+    no_specials = train_hf_tokenizer(tmp_path / "tokenizer.json", [])
+    with pytest.raises(ValueError, match="no BOS"):
+        make_train_iterator(
+            dataclasses.replace(config, tokenizer=str(no_specials)),
+            process_index=0,
+            process_count=1,
+        )
+    it = make_train_iterator(config, process_index=1, process_count=2)
+    with pytest.raises(ValueError, match="same global_batch_size and process_count"):
+        it.set_state(make_train_iterator(config, process_index=0, process_count=2).get_state())
+
+
+def test_a_filter_that_keeps_nothing_is_an_error_not_a_hang(config):
+    strict = dataclasses.replace(config, set_names=("RedPajamaArXiv",))
+    it = make_train_iterator(strict, process_index=0, process_count=1)
+    with pytest.raises(ValueError, match="no usable document"):
+        next(it)
+
+
+def assert_same(actual, expected) -> None:
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected, strict=True):
+        a, e = (windows(x) if isinstance(x, dict) else x for x in (a, e))
+        np.testing.assert_array_equal(a, e)

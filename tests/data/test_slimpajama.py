@@ -1,0 +1,132 @@
+"""Shard readers on SlimPajama-format files with bad lines, bad records and broken shards."""
+
+import logging
+import random
+
+import pytest
+
+from dga_jax.data.slimpajama import (
+    CorruptShard,
+    ReadStats,
+    iter_raw_records,
+    list_shards,
+    read_shard,
+)
+from tests.data.conftest import random_text, record, write_jsonl_zst, write_parquet
+
+
+def read_all(path, **kwargs):
+    stats = ReadStats()
+    return list(read_shard(str(path), stats=stats, **kwargs)), stats
+
+
+def test_jsonl_zst_skips_and_counts_bad_records(tmp_path):
+    good = [record(f"document {i}", "RedPajamaGithub") for i in range(5)]
+    lines = [
+        good[0],
+        b'{"text": "unterminated',
+        good[1],
+        b"[1, 2, 3]",  # JSON, but not an object
+        {"meta": {"redpajama_set_name": "RedPajamaC4"}},
+        {"text": None},
+        {"text": 12},
+        {"text": ""},
+        b"   ",  # blank lines are not records
+        good[2],
+        {"text": "bad meta", "meta": "{not json"},
+        good[3],
+        b'{"text": "bytes \xff\xfe kept", "meta": {}}',
+        {"text": "lone \ud800 surrogate"},
+        good[4],
+    ]
+    records, stats = read_all(write_jsonl_zst(tmp_path / "a.jsonl.zst", lines))
+    expected = [g["text"] for g in good[:4]] + ["bytes \ufffd\ufffd kept", "lone ? surrogate"]
+    assert [r["text"] for r in records] == [*expected, good[4]["text"]]
+    assert records[0]["meta"] == {"redpajama_set_name": "RedPajamaGithub"}
+    assert stats == ReadStats(documents=7, malformed=3, no_text=4, filtered=0, corrupt_shards=0)
+    assert stats.skipped == 7
+
+
+def test_truncated_zst_keeps_the_good_prefix_and_warns(tmp_path, caplog):
+    rng = random.Random(1)
+    docs = [record(random_text(rng, 200)) for _ in range(1500)]  # several zstd blocks
+    path = write_jsonl_zst(tmp_path / "cut.jsonl.zst", docs)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 4])
+    with caplog.at_level(logging.WARNING):
+        records, stats = read_all(path)
+    assert 0 < len(records) < len(docs)
+    assert records == docs[: len(records)]
+    assert stats == ReadStats(documents=len(records), corrupt_shards=1)
+    assert "cut.jsonl.zst" in caplog.text
+
+
+def test_garbage_zst_and_multiple_frames(tmp_path):
+    garbage = tmp_path / "garbage.jsonl.zst"
+    garbage.write_bytes(b"this is not zstd at all" * 10)
+    raws = list(iter_raw_records(str(garbage)))
+    assert len(raws) == 1 and isinstance(raws[0], CorruptShard)
+    docs = [record(f"doc {i}") for i in range(10)]
+    records, stats = read_all(write_jsonl_zst(tmp_path / "frames.jsonl.zst", docs, frames=3))
+    assert records == docs and stats == ReadStats(documents=10)
+
+
+def test_plain_jsonl_without_final_newline(tmp_path):
+    path = tmp_path / "plain.jsonl"
+    path.write_bytes(b'{"text": "one"}\n\n{"text": "two"}')
+    records, stats = read_all(path)
+    assert [r["text"] for r in records] == ["one", "two"]
+    assert [r["meta"] for r in records] == [{}, {}]
+
+
+@pytest.mark.parametrize("meta_as_json", [False, True], ids=["struct", "json"])
+def test_parquet_meta_struct_or_json_and_set_filter(tmp_path, meta_as_json):
+    rows = [
+        record("c4 text", "RedPajamaC4"),
+        record("wiki text", "RedPajamaWikipedia"),
+        {"text": None, "meta": {"redpajama_set_name": "RedPajamaC4"}},
+        record("github text", "RedPajamaGithub"),
+    ]
+    path = write_parquet(tmp_path / "train-00000-of-00001.parquet", rows, meta_as_json=meta_as_json)
+    records, stats = read_all(path)
+    assert [r["text"] for r in records] == ["c4 text", "wiki text", "github text"]
+    assert records[1]["meta"] == {"redpajama_set_name": "RedPajamaWikipedia"}
+    assert stats == ReadStats(documents=3, no_text=1)
+    keep = ("RedPajamaC4", "RedPajamaGithub")
+    records, stats = read_all(path, set_names=keep)
+    assert [r["text"] for r in records] == ["c4 text", "github text"]
+    assert stats == ReadStats(documents=2, no_text=1, filtered=1)
+
+
+def test_truncated_parquet_is_one_corrupt_shard(tmp_path):
+    path = write_parquet(tmp_path / "t.parquet", [record("x")] * 10, meta_as_json=False)
+    path.write_bytes(path.read_bytes()[:-30])
+    records, stats = read_all(path)
+    assert records == [] and stats == ReadStats(corrupt_shards=1)
+
+
+def test_jsonl_set_filter(tmp_path):
+    docs = [record("a", "RedPajamaC4"), record("b", "RedPajamaArXiv"), {"text": "no meta"}]
+    records, stats = read_all(
+        write_jsonl_zst(tmp_path / "f.jsonl.zst", docs), set_names=["RedPajamaArXiv"]
+    )
+    assert [r["text"] for r in records] == ["b"]
+    assert stats == ReadStats(documents=1, filtered=2)
+
+
+def test_read_stats_add_and_dict_round_trip():
+    a, b = ReadStats(documents=2, malformed=1), ReadStats(documents=3, corrupt_shards=1)
+    assert a + b == ReadStats(documents=5, malformed=1, corrupt_shards=1)
+    assert ReadStats.from_dict((a + b).as_dict()) == a + b
+
+
+def test_list_shards_directory_glob_and_file(tmp_path):
+    for name in ["b/2.jsonl.zst", "a/1.parquet", "a/0.jsonl", "a/notes.txt", ".hidden/3.jsonl"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    expected = [str(tmp_path / n) for n in ["a/0.jsonl", "a/1.parquet", "b/2.jsonl.zst"]]
+    assert list_shards(str(tmp_path)) == expected
+    assert list_shards(str(tmp_path / "**" / "*.jsonl*")) == [expected[0], expected[2]]
+    assert list_shards(expected[1]) == [expected[1]]
+    with pytest.raises(FileNotFoundError, match="nothing"):
+        list_shards(str(tmp_path / "nothing" / "*.jsonl.zst"))

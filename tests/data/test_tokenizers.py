@@ -1,0 +1,95 @@
+"""Tokenizers on files the tests make: a trained SentencePiece model and tokenizer.json."""
+
+import json
+import re
+
+import pytest
+
+from dga_jax.data.tokenizers import (
+    ByteTokenizer,
+    HFTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    load_tokenizer,
+)
+from tests.data.conftest import train_hf_tokenizer
+
+UNICODE = [
+    "",
+    "plain ascii",
+    "héllo wörld, ça va ?",
+    "日本語のテキスト 中文 한국어",
+    "emoji 🎉 family 👩‍👩‍👧 flag 🇺🇳",
+    "combining e\u0301 and zero\u200bwidth",
+    "controls \x00\x01\t\r\n and \x7f",
+    "\U0010ffff edge of the code space",
+]
+
+
+@pytest.mark.parametrize("text", UNICODE)
+def test_byte_tokenizer_round_trips_unicode(text):
+    tok = ByteTokenizer()
+    ids = tok.encode(text)
+    assert len(ids) == len(text.encode("utf-8"))
+    assert all(tok.num_special <= i < tok.vocab_size for i in ids)
+    assert tok.decode(ids) == text
+
+
+def test_byte_tokenizer_specials_fit_the_tiny_vocab():
+    tok = ByteTokenizer()
+    assert isinstance(tok, Tokenizer)
+    assert tok.vocab_size <= 512
+    assert {tok.pad_id, tok.bos_id, tok.eos_id} == {0, 1, 2}
+    assert tok.decode([tok.bos_id, *tok.encode("hi"), tok.eos_id, 511]) == "hi"
+    assert load_tokenizer("byte").vocab_size == tok.vocab_size
+
+
+def test_sentencepiece_round_trip_and_specials(spm_model):
+    tok = load_tokenizer(str(spm_model))
+    assert isinstance(tok, SentencePieceTokenizer) and isinstance(tok, Tokenizer)
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    for text in ["the quick brown fox jumps", "unseen wörds → byte fallback 🎉"]:
+        ids = tok.encode(text)
+        assert tok.bos_id not in ids and tok.eos_id not in ids
+        assert all(0 <= i < tok.vocab_size for i in ids)
+        assert tok.decode(ids) == text
+        assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == text
+
+
+def test_hf_tokenizer_round_trip_and_specials(hf_tokenizer_json):
+    tok = load_tokenizer(str(hf_tokenizer_json))
+    assert isinstance(tok, HFTokenizer) and isinstance(tok, Tokenizer)
+    assert (tok.bos_id, tok.eos_id) == (1, 2)
+    for text in UNICODE:
+        ids = tok.encode(text)
+        assert tok.bos_id not in ids and tok.eos_id not in ids
+        assert tok.decode(ids) == text
+        assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == text
+
+
+def test_hf_tokenizer_specials_from_config_or_arguments(tmp_path):
+    path = train_hf_tokenizer(tmp_path / "tokenizer.json", ["<|pad|>", "<|begin|>", "<|end|>"])
+    assert (HFTokenizer(path).bos_id, HFTokenizer(path).eos_id) == (None, None)
+    config = {"bos_token": "<|begin|>", "eos_token": {"content": "<|end|>"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert (HFTokenizer(path).bos_id, HFTokenizer(path).eos_id) == (1, 2)
+    assert HFTokenizer(path, eos_token="<|pad|>").eos_id == 0
+    with pytest.raises(ValueError, match=re.escape("<|nope|>")):
+        HFTokenizer(path, bos_token="<|nope|>")
+
+
+def test_load_tokenizer_from_a_directory(tmp_path, hf_tokenizer_json):
+    (tmp_path / "tokenizer.json").write_bytes(hf_tokenizer_json.read_bytes())
+    assert isinstance(load_tokenizer(str(tmp_path)), HFTokenizer)
+
+
+def test_load_tokenizer_errors_name_the_path(tmp_path):
+    missing = tmp_path / "nowhere" / "tokenizer.model"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_tokenizer(str(missing))
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json"):
+        load_tokenizer(str(tmp_path))
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("a\nb\n")
+    with pytest.raises(ValueError, match="vocab.txt"):
+        load_tokenizer(str(vocab))
