@@ -13,9 +13,9 @@ $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q -e ".[$*]"
 	touch $@
 
-# The main job on the embedded default (until training lands: the attention benchmark, quick mode).
+# The main job on the embedded default: train the tiny DGA model on the sample corpus.
 run: $(VENV)/.installed-test
-	$(BIN)/python benchmarks/attention.py --quick
+	$(BIN)/python -m train --config=configs/tiny_dga.py --workdir=runs/tiny_dga
 
 test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
@@ -32,6 +32,7 @@ format: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/model_forward.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,1 @@
+"""Experiment configs: `get_config()` files for `python -m train --config=configs/<name>.py`."""

@@ -1,0 +1,111 @@
+"""Every experiment config loads; bad keys and types fail early, naming the key."""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+
+import pytest
+
+from train.config import ConfigError, MeshConfig, from_config_dict
+
+CONFIG_DIR = pathlib.Path(__file__).parents[2] / "configs"
+EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "base"))
+
+
+def load(name: str):
+    return importlib.import_module(f"configs.{name}").get_config()
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_config_converts(name):
+    config = from_config_dict(load(name))
+    assert config.train.steps > 0
+    assert (config.model.attention == "dga") == name.endswith("_dga")
+    assert load(name).to_dict() == load(name).to_dict()  # get_config is deterministic
+
+
+def test_every_config_documents_its_launch_command():
+    for name in EXPERIMENTS:
+        doc = importlib.import_module(f"configs.{name}").__doc__
+        assert f"--config=configs/{name}.py" in doc, name
+
+
+def test_llama7b_follows_the_paper_recipe():
+    config = from_config_dict(load("llama7b_dga"))
+    assert (config.data.seq_len, config.train.global_batch_size, config.train.steps) == (
+        8192,
+        64,
+        1000,
+    )
+    assert (config.optim.learning_rate, config.optim.warmup_steps, config.optim.schedule) == (
+        2e-5,
+        20,
+        "constant",
+    )
+    assert config.optim.weight_decay == 0.0
+    assert config.model.rope_scaling.kind == "linear" and config.model.rope_scaling.factor == 2.0
+    assert (config.model.dtype, config.model.param_dtype) == ("bfloat16", "float32")
+    assert (config.model.dga.group_size, config.model.dga.focal_ratio) == (16, 0.1)
+    assert config.model.d_model == 4096 and config.model.num_layers == 32
+
+
+@pytest.mark.parametrize(
+    "path, value, match",
+    [
+        (("optim", "lerning_rate"), 1.0, r"config\.optim\.lerning_rate"),
+        (("optimiser",), {}, r"config\.optimiser"),
+        (("model", "overrides", "d_modle"), 8, r"d_modle"),
+        (("model", "overrides", "attention"), "sparse", r"attention"),
+        (("model", "preset"), "llama9", r"llama9"),
+    ],
+    ids=["optim-key", "section", "model-key", "model-value", "preset"],
+)
+def test_bad_keys_are_named(path, value, match):
+    config = load("tiny_dga").to_dict()
+    section = config
+    for key in path[:-1]:
+        section = section[key]
+    section[path[-1]] = value
+    with pytest.raises(ConfigError, match=match):
+        from_config_dict(config)
+
+
+def test_wrong_types_are_named():
+    config = load("tiny_dga").to_dict()
+    config["train"]["steps"] = "100"
+    with pytest.raises(ConfigError, match=r"config\.train\.steps must be int"):
+        from_config_dict(config)
+    config = load("tiny_dga").to_dict()
+    config["optim"]["learning_rate"] = True
+    with pytest.raises(ConfigError, match=r"config\.optim\.learning_rate must be float"):
+        from_config_dict(config)
+    config = load("tiny_dga").to_dict()
+    config["optim"]["learning_rate"] = 1  # an int where a float goes is fine
+    assert from_config_dict(config).optim.learning_rate == 1.0
+
+
+def test_batch_must_split_into_micro_batches():
+    config = load("tiny_dga").to_dict()
+    config["train"]["grad_accum_steps"] = 3
+    with pytest.raises(ConfigError, match="grad_accum_steps"):
+        from_config_dict(config)
+
+
+@pytest.mark.parametrize(
+    "mesh, devices, shape",
+    [
+        (MeshConfig(), 8, (1, 8, 1, 1)),
+        (MeshConfig(data=2, fsdp=2, seq=2, tensor=1), 8, (2, 2, 2, 1)),
+        (MeshConfig(data=1, fsdp=2, seq=-1, tensor=2), 8, (1, 2, 2, 2)),
+    ],
+)
+def test_mesh_shapes(mesh, devices, shape):
+    assert mesh.shape(devices) == shape
+
+
+def test_bad_meshes_are_rejected():
+    with pytest.raises(ConfigError, match="does not divide"):
+        MeshConfig(data=3).shape(8)
+    with pytest.raises(ConfigError, match="needs 16 devices"):
+        MeshConfig(data=2, fsdp=8).shape(8)

@@ -1,0 +1,1 @@
+"""`python -m train --config=configs/<name>.py`: continued pretraining with DGA."""

@@ -1,0 +1,384 @@
+"""The training loop: mesh, sharded state, data, the jitted step, evaluation, checkpoints.
+
+`run(config, workdir)` is the whole job. It resumes from the newest checkpoint in the workdir
+when there is one (same command, same losses), saves on SIGTERM/SIGINT, and stops with a clear
+message after `optim.max_nonfinite_steps` non-finite steps in a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dga_jax import DEFAULT_RULES, Llama, make_mesh
+from dga_jax.data import pipeline
+from train import metrics
+from train.checkpointing import Checkpoints
+from train.config import TrainConfig
+from train.step import (
+    TrainState,
+    eval_step,
+    learning_rate_schedule,
+    make_optimizer,
+    train_step,
+    weight_decay_mask,
+)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite steps in a row."""
+
+
+@dataclasses.dataclass
+class Summary:
+    """The end of a run, as printed in its last line."""
+
+    step: int
+    train_loss: float
+    val_loss: float | None
+    tokens_per_s: float
+    seconds: float
+    stopped_early: bool = False
+
+
+@dataclasses.dataclass
+class _Setup:
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    abstract_state: TrainState
+    shardings: TrainState
+    batch_sharding: NamedSharding
+
+
+def run(config: TrainConfig, workdir: str | Path) -> Summary:
+    """Trains `config` in `workdir` (created; resumed if it holds a checkpoint)."""
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    setup = _setup(config)
+    checkpoints = Checkpoints(
+        workdir / "checkpoints",
+        every=config.train.checkpoint_every,
+        keep=config.train.keep_checkpoints,
+    )
+    data_config = _data_config(config)
+    train_iter = pipeline.make_train_iterator(
+        data_config, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    with jax.set_mesh(setup.mesh):
+        state = _initial_state(config, setup, checkpoints, train_iter)
+        return _train(config, setup, state, train_iter, checkpoints, data_config, workdir)
+
+
+def _setup(config: TrainConfig) -> _Setup:
+    mesh = make_mesh(config.mesh.shape(jax.device_count()))
+    with jax.set_mesh(mesh):
+        abstract_model = nnx.eval_shape(functools.partial(_new_model, config))
+        graphdef, abstract_params = nnx.split(abstract_model)
+        tx = make_optimizer(config.optim, config.train.steps, weight_decay_mask(abstract_params))
+        param_shardings = nnx.get_named_sharding(abstract_params, mesh)
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = optax.tree_map_params(
+        tx,
+        _same_sharding,
+        abstract_opt,
+        param_shardings,
+        transform_non_params=functools.partial(_constant, replicated),
+    )
+    shardings = TrainState(replicated, param_shardings, opt_shardings, replicated, replicated)
+    abstract_state = TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32),
+        abstract_params,
+        abstract_opt,
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
+    abstract_state = jax.tree.map(_with_sharding, abstract_state, shardings)
+    batch_axes = DEFAULT_RULES.spec(("batch", "seq"))
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, *batch_axes))
+    return _Setup(mesh, graphdef, tx, abstract_state, shardings, batch_sharding)
+
+
+def _new_model(config: TrainConfig) -> Llama:
+    return Llama(config.model, DEFAULT_RULES, rngs=nnx.Rngs(config.train.seed))
+
+
+def _same_sharding(_, sharding):
+    return sharding
+
+
+def _constant(value, _):
+    return value
+
+
+def _with_sharding(abstract: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=sharding)
+
+
+def _initial_state(config, setup: _Setup, checkpoints: Checkpoints, train_iter) -> TrainState:
+    """The newest checkpoint's state (and data position), else a fresh or HF-initialised one."""
+    latest = checkpoints.latest_step()
+    if latest is not None:
+        logging.info("resuming from step %d in %s", latest, checkpoints.manager.directory)
+        state, data_state = checkpoints.restore(latest, setup.abstract_state)
+        train_iter.set_state(data_state)
+        return state
+    params = _initial_params(config, setup)
+    opt_state = jax.jit(setup.tx.init, out_shardings=setup.shardings.opt_state)(params)
+    counters = [jnp.zeros((), jnp.int32) for _ in range(3)]  # distinct buffers: all donated
+    return TrainState(counters[0], params, opt_state, counters[1], counters[2])
+
+
+def _initial_params(config: TrainConfig, setup: _Setup) -> nnx.State:
+    if config.init_checkpoint:
+        from dga_jax.checkpoint import load_model
+
+        logging.info("initialising from %s", config.init_checkpoint)
+        model = load_model(config.init_checkpoint, mesh=setup.mesh, **_model_changes(config))
+        return nnx.state(model)
+
+    def init():
+        return nnx.state(_new_model(config))
+
+    return jax.jit(init, out_shardings=setup.shardings.params)()
+
+
+def _model_changes(config: TrainConfig) -> dict[str, Any]:
+    """What the experiment changes in a checkpoint's architecture: attention, dtypes, remat."""
+    keep = (
+        "attention",
+        "dga",
+        "attention_impl",
+        "dtype",
+        "param_dtype",
+        "remat",
+        "rope_scaling",
+        "max_position",
+    )
+    return {key: getattr(config.model, key) for key in keep}
+
+
+def _data_config(config: TrainConfig) -> pipeline.DataConfig:
+    """The pipeline's config; no `data.train` means the sample corpus (built on first use)."""
+    data = config.data
+    return pipeline.DataConfig(
+        seq_len=data.seq_len,
+        global_batch_size=config.train.global_batch_size,
+        tokenizer=data.tokenizer,
+        train=data.train or None,
+        validation=data.validation or None,
+        set_names=data.set_names,
+        seed=data.seed,
+        num_workers=data.num_workers,
+        eval_batches=config.train.eval_batches,
+    )
+
+
+def _train(
+    config,
+    setup: _Setup,
+    state: TrainState,
+    train_iter,
+    checkpoints: Checkpoints,
+    data_config,
+    workdir: Path,
+) -> Summary:
+    trainer = _Trainer(
+        config, setup, train_iter, checkpoints, data_config, workdir, start=int(state.step)
+    )
+    try:
+        for _ in range(trainer.start, config.train.steps):
+            state = trainer.step(state)
+            if trainer.stop.requested:
+                logging.warning(
+                    "stopping at step %d on %s (checkpoint saved)",
+                    int(state.step),
+                    trainer.stop.requested,
+                )
+                break
+        checkpoints.save(int(state.step), state, train_iter.get_state(), force=True)
+    finally:
+        trainer.close()
+    if jax.process_index() == 0:
+        metrics.plot_losses(trainer.log.path, workdir / "loss.png")
+    return trainer.summary(state)
+
+
+class _Trainer:
+    """The per-step work around the jitted step: logging, evaluation, checkpoints."""
+
+    def __init__(
+        self, config, setup: _Setup, train_iter, checkpoints, data_config, workdir, *, start: int
+    ):
+        self.config, self.setup, self.train_iter = config, setup, train_iter
+        self.checkpoints, self.data_config, self.start = checkpoints, data_config, start
+        self.step_fn = jax.jit(
+            functools.partial(train_step, setup.graphdef, setup.tx),
+            donate_argnums=0,
+            out_shardings=(setup.shardings, None),
+        )
+        main_host = jax.process_index() == 0
+        self.log = metrics.MetricsLog(workdir, resume_step=start, enabled=main_host)
+        self.progress = metrics.Progress(config.train.steps, start, enabled=main_host)
+        self.stop = _StopSignal()
+        self.schedule = learning_rate_schedule(config.optim, config.train.steps)
+        self.peak = metrics.peak_flops(
+            jax.devices()[0].device_kind, config.train.peak_flops_per_device
+        )
+        self.began = self.window_start = time.time()
+        self.window_losses: list[jax.Array] = []
+        self.last = {"loss": math.nan, "val_loss": None, "tokens_per_s": 0.0}
+
+    def step(self, state: TrainState) -> TrainState:
+        batch = _global_batch(next(self.train_iter), self.config, self.setup)
+        state, out = self.step_fn(state, batch)
+        self.window_losses.append(out["loss"])
+        done, run_cfg = int(state.step), self.config.train
+        _check_finite(state, self.config, done)
+        if done % run_cfg.log_every == 0 or done == run_cfg.steps:
+            self._log_train(done, state, out)
+        if done % run_cfg.eval_every == 0 or done == run_cfg.steps:
+            self._log_eval(done, state)
+        self.checkpoints.save(
+            done, state, self.train_iter.get_state(), force=bool(self.stop.requested)
+        )
+        return state
+
+    def _log_train(self, done: int, state: TrainState, out: dict[str, jax.Array]) -> None:
+        steps, seconds = len(self.window_losses), time.time() - self.window_start
+        loss = float(np.mean([float(x) for x in self.window_losses]))
+        tokens = steps * self.config.train.global_batch_size * self.config.data.seq_len
+        tokens_per_s = tokens / seconds
+        record = {
+            "loss": loss,
+            "perplexity": math.exp(min(loss, 50.0)),
+            "learning_rate": float(self.schedule(done - 1)),
+            "grad_norm": float(out["grad_norm"]),
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": seconds / steps,
+            "nonfinite_steps": int(state.nonfinite_total),
+            **_skipped_records(self.train_iter),
+        }
+        if self.peak:
+            record["mfu"] = (
+                tokens_per_s * _flops_per_token(self.config) / (self.peak * jax.device_count())
+            )
+        self.log.write(done, record)
+        self.progress.update(steps, loss, tokens_per_s)
+        self.last.update(loss=loss, tokens_per_s=tokens_per_s)
+        self.window_start, self.window_losses = time.time(), []
+
+    def _log_eval(self, done: int, state: TrainState) -> None:
+        val_loss = _evaluate(self.config, self.setup, state, self.data_config)
+        self.log.write(
+            done, {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
+        )
+        self.last["val_loss"] = val_loss
+
+    def summary(self, state: TrainState) -> Summary:
+        return Summary(
+            int(state.step),
+            self.last["loss"],
+            self.last["val_loss"],
+            self.last["tokens_per_s"],
+            time.time() - self.began,
+            stopped_early=bool(self.stop.requested),
+        )
+
+    def close(self) -> None:
+        self.progress.close()
+        self.checkpoints.close()
+        self.log.close()
+        self.stop.restore()
+
+
+def _global_batch(local: dict[str, np.ndarray], config: TrainConfig, setup: _Setup):
+    """This process's rows [b, T] -> global arrays [accum, B / accum, T] on the mesh."""
+    accum, global_b = config.train.grad_accum_steps, config.train.global_batch_size
+    out = {}
+    for key in ("inputs", "targets"):
+        rows = local[key]
+        rows = rows.reshape(accum, rows.shape[0] // accum, rows.shape[1])
+        shape = (accum, global_b // accum, rows.shape[2])
+        out[key] = jax.make_array_from_process_local_data(setup.batch_sharding, rows, shape)
+    return out
+
+
+def _check_finite(state: TrainState, config: TrainConfig, step: int) -> None:
+    streak = int(state.nonfinite_streak)
+    if streak:
+        logging.warning(
+            "step %d: non-finite loss or gradient, update skipped (%d in a row)", step, streak
+        )
+    if streak >= config.optim.max_nonfinite_steps:
+        raise NonFiniteError(
+            f"{streak} non-finite steps in a row (config.optim.max_nonfinite_steps="
+            f"{config.optim.max_nonfinite_steps}) at step {step}: lower the learning rate or "
+            "check the data; the last checkpoint holds the state before the divergence"
+        )
+
+
+def _evaluate(config: TrainConfig, setup: _Setup, state: TrainState, data_config) -> float:
+    """Mean loss over `eval_batches` validation batches."""
+    fn = jax.jit(functools.partial(eval_step, setup.graphdef))
+    eval_iter = pipeline.make_eval_iterator(
+        data_config, process_index=jax.process_index(), process_count=jax.process_count()
+    )
+    sharding = NamedSharding(setup.mesh, DEFAULT_RULES.spec(("batch", "seq")))
+    losses = []
+    for local in eval_iter:
+        shape = (config.train.global_batch_size, local["inputs"].shape[1])
+        batch = {
+            k: jax.make_array_from_process_local_data(sharding, local[k], shape)
+            for k in ("inputs", "targets")
+        }
+        losses.append(float(fn(state.params, batch)))
+    return float(np.mean(losses))
+
+
+def _skipped_records(train_iter) -> dict[str, int]:
+    stats = getattr(train_iter, "stats", None)
+    return {} if stats is None else {"skipped_records": int(stats.skipped)}
+
+
+def _flops_per_token(config: TrainConfig) -> float:
+    """6 N (weights) plus attention's 12 L d_attn T / 2 (causal), per trained token."""
+    m = config.model
+    weights = m.num_layers * (
+        m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+        + 3 * m.d_model * m.intermediate_size
+    )
+    weights += m.vocab_size * m.d_model
+    attention = 6 * m.num_layers * m.num_heads * m.head_dim * config.data.seq_len
+    return 6 * weights + attention
+
+
+class _StopSignal:
+    """Records SIGTERM / SIGINT so the loop can save a checkpoint and stop cleanly."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous = {
+            s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)
+        }
+
+    def _handle(self, signum, _frame):
+        self.requested = signal.Signals(signum).name
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)

@@ -1,0 +1,109 @@
+"""What the user sees: a progress bar, metrics in JSONL and TensorBoard, a loss plot, a summary."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import tqdm
+
+# bf16 dense peak per device, for the MFU estimate when the config does not give one.
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def peak_flops(device_kind: str, configured: float) -> float | None:
+    """Configured peak FLOP/s per device, else a guess from the device kind, else None."""
+    if configured > 0:
+        return configured
+    matches = [v for k, v in PEAK_FLOPS.items() if k.lower() in device_kind.lower()]
+    return max(matches) if matches else None
+
+
+class MetricsLog:
+    """Appends one JSON object per record to `metrics.jsonl`; mirrors scalars to TensorBoard.
+
+    On resume, records after the restored step are dropped, so the file reads as one run.
+    """
+
+    def __init__(self, workdir: Path, *, resume_step: int, enabled: bool = True):
+        self.path = Path(workdir) / "metrics.jsonl"
+        self.enabled = enabled
+        self.tensorboard = None
+        if not enabled:
+            return
+        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            logging.info("tensorboardX not installed: metrics go to %s only", self.path)
+        else:
+            self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **values}
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tensorboard is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self.tensorboard.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+class Progress:
+    """A tqdm bar with step, loss, tokens/s and ETA (to stderr; quiet on other hosts)."""
+
+    def __init__(self, total: int, start: int, *, enabled: bool):
+        self.bar = tqdm.tqdm(
+            total=total, initial=start, disable=not enabled, unit="step", dynamic_ncols=True
+        )
+
+    def update(self, steps: int, loss: float, tokens_per_s: float) -> None:
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        self.bar.update(steps)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def plot_losses(metrics_path: Path, out: Path) -> None:
+    """Train and validation loss against step, as a PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read_metrics(metrics_path)
+    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    for key, label in (("loss", "train"), ("val_loss", "validation")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, marker="o" if key == "val_loss" else None, label=label)
+    ax.set(xlabel="step", ylabel="loss (nats/token)", title=Path(out).parent.name)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.savefig(out, dpi=110)

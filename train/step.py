@@ -1,0 +1,116 @@
+"""The optimizer and the one jitted train step (gradient accumulation, non-finite guard)."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from train.config import OptimConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Everything a step changes; saved whole in checkpoints."""
+
+    step: jax.Array  # int32 []
+    params: nnx.State
+    opt_state: optax.OptState
+    nonfinite_streak: jax.Array  # int32 []: non-finite steps in a row (updates skipped)
+    nonfinite_total: jax.Array  # int32 []
+
+
+def learning_rate_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then constant or cosine decay to the end factor."""
+    warmup = optax.linear_schedule(0.0, optim.learning_rate, max(optim.warmup_steps, 1))
+    if optim.schedule == "constant":
+        after = optax.constant_schedule(optim.learning_rate)
+    else:
+        after = optax.cosine_decay_schedule(
+            optim.learning_rate,
+            max(total_steps - optim.warmup_steps, 1),
+            alpha=optim.end_learning_rate_factor,
+        )
+    return optax.join_schedules([warmup, after], [optim.warmup_steps])
+
+
+def make_optimizer(
+    optim: OptimConfig, total_steps: int, decay_mask
+) -> optax.GradientTransformation:
+    """Global-norm clipping then AdamW; `decay_mask` (a params-shaped bool tree) spares norms."""
+    return optax.chain(
+        optax.clip_by_global_norm(optim.grad_clip_norm),
+        optax.adamw(
+            learning_rate_schedule(optim, total_steps),
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+
+
+def weight_decay_mask(params: nnx.State) -> nnx.State:
+    """True for weight matrices, False for norm scales (by their logical axes)."""
+    return jax.tree.map(_decays, params, is_leaf=_is_variable)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _decays(variable: nnx.Variable) -> nnx.Variable:
+    return variable.replace("norm" not in variable.get_metadata().get("logical_axes", ()))
+
+
+def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, inputs: jax.Array, targets: jax.Array):
+    """Mean next-token cross-entropy of inputs/targets [B, T]."""
+    logits = nnx.merge(graphdef, params)(inputs)  # [B, T, V] float32
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    batch: dict[str, jax.Array],
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer step over batch["inputs"/"targets"] of shape [accum, B/accum, T].
+
+    Gradients are averaged over the micro-batches; a non-finite loss or gradient norm skips the
+    update (parameters and optimizer state unchanged) and is counted.
+    """
+
+    def micro_step(carry, micro):
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, *micro)
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+    micro_batches = (batch["inputs"], batch["targets"])
+    (loss, grads), _ = jax.lax.scan(micro_step, zeros, micro_batches)
+    accum = batch["inputs"].shape[0]
+    loss, grads = loss / accum, jax.tree.map(functools.partial(jnp.multiply, 1.0 / accum), grads)
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    keep = functools.partial(jnp.where, finite)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=jax.tree.map(keep, params, state.params),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+        nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+    )
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
+def eval_step(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array]):
+    """Mean validation loss of one batch [B, T]."""
+    return loss_fn(params, graphdef, batch["inputs"], batch["targets"])
