@@ -1,0 +1,111 @@
+"""Train-step throughput and memory: the `tiny` preset with dense vs DGA attention.
+
+    python benchmarks/train_step.py            # L in {4K, 16K}, B=1, float32 on CPU
+    python benchmarks/train_step.py --quick    # L in {1K, 2K}: about a minute
+
+Times the jitted step of `train/step.py` (forward, backward, AdamW update) on random tokens and
+prints tokens/s, DGA's speedup over each dense variant and XLA's buffer-assignment peak; writes
+`benchmarks/results/train_step_<backend>[_quick].json`. Goal on CPU: DGA at 16K at least 1.5x
+the dense tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from common import GIB, environment, length_label, time_calls, xla_peak_bytes
+from flax import nnx
+
+from dga_jax import DGAConfig, Llama, ModelConfig
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # `train/` is the repo's, not the wheel's
+from train.config import OptimConfig  # noqa: E402
+from train.step import TrainState, make_optimizer, train_step, weight_decay_mask  # noqa: E402
+
+VARIANTS = {  # name: (attention, attention_impl)
+    "dga_xla": ("dga", "xla"),
+    "dense_xla": ("dense", "xla"),
+    "dense_blockwise": ("dense", "blockwise"),
+}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--lengths", default=None, help="comma list; default 4096,16384")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    args.lengths = [
+        int(x) for x in (args.lengths or ("1024,2048" if args.quick else "4096,16384")).split(",")
+    ]
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    return args
+
+
+def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
+    """Compile and time one optimizer step at `length` tokens per row."""
+    attention, impl = VARIANTS[variant]
+    config = ModelConfig.preset(
+        args.preset, attention=attention, attention_impl=impl, dga=DGAConfig(16, 0.1)
+    )
+    graphdef, params = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
+    tx = make_optimizer(OptimConfig(), 1000, weight_decay_mask(params))
+    zero = functools.partial(jnp.zeros, (), jnp.int32)
+    state = TrainState(zero(), params, tx.init(params), zero(), zero())
+    tokens = jax.random.randint(jax.random.key(0), (1, args.batch, length), 0, config.vocab_size)
+    batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=-1)}
+    step = jax.jit(functools.partial(train_step, graphdef, tx))
+    compiled = step.lower(state, batch).compile()
+    times = time_calls(compiled, [state, batch], args.repeats)
+    median = statistics.median(times)
+    return {
+        "L": length,
+        "variant": variant,
+        "median_ms": median,
+        "times_ms": times,
+        "tokens_per_s": args.batch * length / (median / 1e3),
+        "xla_peak_bytes": xla_peak_bytes(compiled),
+    }
+
+
+def report(records: list[dict]) -> None:
+    print(
+        f"{'L':>6}  {'variant':<16}{'median ms':>11}{'tokens/s':>11}{'DGA speedup':>13}"
+        f"{'XLA peak GiB':>14}"
+    )
+    dga = {r["L"]: r["median_ms"] for r in records if r["variant"] == "dga_xla"}
+    for r in records:
+        speedup = "—" if r["variant"] == "dga_xla" else f"{r['median_ms'] / dga[r['L']]:.2f}x"
+        print(
+            f"{length_label(r['L']):>6}  {r['variant']:<16}{r['median_ms']:>11.1f}"
+            f"{r['tokens_per_s']:>11.0f}{speedup:>13}{r['xla_peak_bytes'] / GIB:>14.2f}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    env = environment()
+    print(f"{args.preset} train step on {env['device_kind']}, B={args.batch}")
+    records = [measure(args, v, n) for n in args.lengths for v in VARIANTS]
+    report(records)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"train_step_{env['backend']}{'_quick' if args.quick else ''}.json"
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    path.write_text(
+        json.dumps({"config": config, "environment": env, "records": records}, indent=2) + "\n"
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
