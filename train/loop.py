@@ -232,7 +232,13 @@ class _Trainer:
             out_shardings=(setup.shardings, None),
         )
         main_host = jax.process_index() == 0
-        self.log = metrics.MetricsLog(workdir, resume_step=start, enabled=main_host)
+        self.log = metrics.MetricsLog(
+            workdir,
+            resume_step=start,
+            enabled=main_host,
+            wandb_project=config.train.wandb_project,
+            run_config=dataclasses.asdict(config),
+        )
         self.progress = metrics.Progress(config.train.steps, start, enabled=main_host)
         self.stop = _StopSignal()
         self.schedule = learning_rate_schedule(config.optim, config.train.steps)

@@ -36,12 +36,22 @@ class MetricsLog:
     On resume, records after the restored step are dropped, so the file reads as one run.
     """
 
-    def __init__(self, workdir: Path, *, resume_step: int, enabled: bool = True):
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        resume_step: int,
+        enabled: bool = True,
+        wandb_project: str = "",
+        run_config: dict[str, Any] | None = None,
+    ):
         self.path = Path(workdir) / "metrics.jsonl"
         self.enabled = enabled
-        self.tensorboard = None
+        self.tensorboard = self.wandb = None
         if not enabled:
             return
+        if wandb_project:
+            self.wandb = _start_wandb(wandb_project, Path(workdir), run_config or {})
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         try:
@@ -57,14 +67,39 @@ class MetricsLog:
         record = {"step": step, **values}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        scalars = {
+            k: v for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)
+        }
         if self.tensorboard is not None:
-            for key, value in values.items():
-                if isinstance(value, int | float) and math.isfinite(value):
-                    self.tensorboard.add_scalar(key, value, step)
+            for key, value in scalars.items():
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self.tensorboard is not None:
             self.tensorboard.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _start_wandb(project: str, workdir: Path, run_config: dict[str, Any]):
+    """A W&B run resumed by workdir name, or None (with a warning) if wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        logging.warning(
+            "config.train.wandb_project is set but wandb is not installed: pip install wandb"
+        )
+        return None
+    return wandb.init(
+        project=project,
+        name=workdir.name,
+        id=workdir.name,
+        resume="allow",
+        config=run_config,
+        dir=str(workdir),
+    )
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,60 @@
+"""Metrics: JSONL that reads as one run across resumes, optional W&B, the MFU peak lookup."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import types
+
+from train import metrics
+
+
+def test_resume_drops_records_after_the_restored_step(tmp_path):
+    log = metrics.MetricsLog(tmp_path, resume_step=0)
+    for step in range(1, 6):
+        log.write(step, {"loss": float(step)})
+    log.close()
+    resumed = metrics.MetricsLog(tmp_path, resume_step=3)
+    resumed.write(4, {"loss": 40.0})
+    resumed.close()
+    records = metrics.read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_wandb_receives_finite_scalars(tmp_path, monkeypatch):
+    calls = []
+
+    class Run:
+        def log(self, values, step):
+            calls.append(("log", values, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    def init(**kwargs):
+        calls.append(("init", kwargs["project"], kwargs["config"]))
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    log = metrics.MetricsLog(tmp_path, resume_step=0, wandb_project="dga", run_config={"lr": 1e-3})
+    log.write(7, {"loss": 2.5, "val_loss": float("nan"), "note": "x"})
+    log.close()
+    assert calls == [("init", "dga", {"lr": 1e-3}), ("log", {"loss": 2.5}, 7), ("finish",)]
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["loss"] == 2.5
+
+
+def test_missing_wandb_warns_and_keeps_logging(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` fail
+    with caplog.at_level(logging.WARNING):
+        log = metrics.MetricsLog(tmp_path, resume_step=0, wandb_project="dga")
+    assert "wandb is not installed" in caplog.text
+    log.write(1, {"loss": 1.0})
+    log.close()
+    assert metrics.read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
+
+
+def test_peak_flops():
+    assert metrics.peak_flops("NVIDIA H100 80GB HBM3", 0.0) == 989e12
+    assert metrics.peak_flops("cpu", 0.0) is None
+    assert metrics.peak_flops("cpu", 1e11) == 1e11
