@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import re
@@ -72,3 +73,28 @@ def environment() -> dict[str, Any]:
 def length_label(length: int) -> str:
     """2048 -> "2K"."""
     return f"{length // 1024}K" if length % 1024 == 0 else str(length)
+
+
+def report_variants(records: list[dict]) -> None:
+    """Prints L, variant, median ms, tokens/s, DGA's speedup and XLA peak per record."""
+    print(
+        f"{'L':>6}  {'variant':<16}{'median ms':>11}{'tokens/s':>11}{'DGA speedup':>13}"
+        f"{'XLA peak GiB':>14}"
+    )
+    dga = {r["L"]: r["median_ms"] for r in records if r["variant"] == "dga_xla"}
+    for r in records:
+        speedup = "—" if r["variant"] == "dga_xla" else f"{r['median_ms'] / dga[r['L']]:.2f}x"
+        print(
+            f"{length_label(r['L']):>6}  {r['variant']:<16}{r['median_ms']:>11.1f}"
+            f"{r['tokens_per_s']:>11.0f}{speedup:>13}{r['xla_peak_bytes'] / GIB:>14.2f}"
+        )
+
+
+def write_results(name: str, args: Any, env: dict[str, Any], records: list[dict]) -> Path:
+    """`<args.out>/<name>_<backend>[_quick].json` with the arguments, environment and records."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{name}_{env['backend']}{'_quick' if args.quick else ''}.json"
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    result = {"config": config, "environment": env, "records": records}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

@@ -12,12 +12,11 @@ attention using several GiB more memory.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
 import jax
-from common import GIB, environment, length_label, time_calls, xla_peak_bytes
+from common import environment, report_variants, time_calls, write_results, xla_peak_bytes
 from flax import nnx
 
 from dga_jax import DGAConfig, Llama, ModelConfig
@@ -74,33 +73,13 @@ def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
     }
 
 
-def report(records: list[dict]) -> None:
-    print(
-        f"{'L':>6}  {'variant':<16}{'median ms':>11}{'tokens/s':>11}{'DGA speedup':>13}"
-        f"{'XLA peak GiB':>14}"
-    )
-    dga = {r["L"]: r["median_ms"] for r in records if r["variant"] == "dga_xla"}
-    for r in records:
-        speedup = "—" if r["variant"] == "dga_xla" else f"{r['median_ms'] / dga[r['L']]:.2f}x"
-        print(
-            f"{length_label(r['L']):>6}  {r['variant']:<16}{r['median_ms']:>11.1f}"
-            f"{r['tokens_per_s']:>11.0f}{speedup:>13}{r['xla_peak_bytes'] / GIB:>14.2f}"
-        )
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     env = environment()
     print(f"{args.preset} forward on {env['device_kind']}, B={args.batch}")
     records = [measure(args, v, n) for n in args.lengths for v in VARIANTS]
-    report(records)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"model_forward_{env['backend']}{'_quick' if args.quick else ''}.json"
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    path.write_text(
-        json.dumps({"config": config, "environment": env, "records": records}, indent=2) + "\n"
-    )
-    print(f"wrote {path}")
+    report_variants(records)
+    print(f"wrote {write_results('model_forward', args, env, records)}")
 
 
 if __name__ == "__main__":
