@@ -61,7 +61,9 @@ class _Setup:
     tx: optax.GradientTransformation
     abstract_state: TrainState
     shardings: TrainState
-    batch_sharding: NamedSharding
+    batch_sharding: NamedSharding  # of [accum, B / accum, T] batches
+    batch_shape: tuple[int, int, int]
+    rows: list[int]  # global batch rows this process's devices hold
 
 
 def run(config: TrainConfig, workdir: str | Path) -> Summary:
@@ -75,9 +77,7 @@ def run(config: TrainConfig, workdir: str | Path) -> Summary:
         keep=config.train.keep_checkpoints,
     )
     data_config = _data_config(config)
-    train_iter = pipeline.make_train_iterator(
-        data_config, process_index=jax.process_index(), process_count=jax.process_count()
-    )
+    train_iter = pipeline.make_train_iterator(data_config, rows=setup.rows)
     with jax.set_mesh(setup.mesh):
         state = _initial_state(config, setup, checkpoints, train_iter)
         return _train(config, setup, state, train_iter, checkpoints, data_config, workdir)
@@ -110,7 +110,30 @@ def _setup(config: TrainConfig) -> _Setup:
     abstract_state = jax.tree.map(_with_sharding, abstract_state, shardings)
     batch_axes = DEFAULT_RULES.spec(("batch", "seq"))
     batch_sharding = NamedSharding(mesh, PartitionSpec(None, *batch_axes))
-    return _Setup(mesh, graphdef, tx, abstract_state, shardings, batch_sharding)
+    accum, rows = config.train.grad_accum_steps, config.train.global_batch_size
+    batch_shape = (accum, rows // accum, config.data.seq_len)
+    return _Setup(
+        mesh,
+        graphdef,
+        tx,
+        abstract_state,
+        shardings,
+        batch_sharding,
+        batch_shape,
+        _addressed_rows(batch_sharding, batch_shape),
+    )
+
+
+def _addressed_rows(sharding: NamedSharding, shape: tuple[int, int, int]) -> list[int]:
+    """Global batch rows (row g is micro-batch g // (B/A), position g % (B/A)) that this
+    process's devices hold: a share of them, or all of them when sequences are sharded across
+    hosts."""
+    rows = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        micro = range(*index[0].indices(shape[0]))
+        position = range(*index[1].indices(shape[1]))
+        rows.update(a * shape[1] + r for a in micro for r in position)
+    return sorted(rows)
 
 
 def _new_model(config: TrainConfig) -> Llama:
@@ -250,7 +273,7 @@ class _Trainer:
         self.last = {"loss": math.nan, "val_loss": None, "tokens_per_s": 0.0}
 
     def step(self, state: TrainState) -> TrainState:
-        batch = _global_batch(next(self.train_iter), self.config, self.setup)
+        batch = _global_batch(next(self.train_iter), self.setup)
         state, out = self.step_fn(state, batch)
         self.window_losses.append(out["loss"])
         done, run_cfg = int(state.step), self.config.train
@@ -289,7 +312,7 @@ class _Trainer:
         self.window_start, self.window_losses = time.time(), []
 
     def _log_eval(self, done: int, state: TrainState) -> None:
-        val_loss = _evaluate(self.config, self.setup, state, self.data_config)
+        val_loss = _evaluate(self.setup, state, self.data_config)
         self.log.write(
             done, {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
         )
@@ -312,16 +335,23 @@ class _Trainer:
         self.stop.restore()
 
 
-def _global_batch(local: dict[str, np.ndarray], config: TrainConfig, setup: _Setup):
-    """This process's rows [b, T] -> global arrays [accum, B / accum, T] on the mesh."""
-    accum, global_b = config.train.grad_accum_steps, config.train.global_batch_size
-    out = {}
-    for key in ("inputs", "targets"):
-        rows = local[key]
-        rows = rows.reshape(accum, rows.shape[0] // accum, rows.shape[1])
-        shape = (accum, global_b // accum, rows.shape[2])
-        out[key] = jax.make_array_from_process_local_data(setup.batch_sharding, rows, shape)
-    return out
+def _global_batch(local: dict[str, np.ndarray], setup: _Setup) -> dict[str, jax.Array]:
+    """This process's rows (`setup.rows`, [rows, T]) -> global [A, B / A, T] arrays on the mesh."""
+    slot = {row: i for i, row in enumerate(setup.rows)}
+    per_micro = setup.batch_shape[1]
+
+    def shard(values: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
+        micro = range(*index[0].indices(setup.batch_shape[0]))
+        position = range(*index[1].indices(per_micro))
+        picked = np.array([[slot[a * per_micro + r] for r in position] for a in micro])
+        return values[picked][..., index[2]]
+
+    return {
+        key: jax.make_array_from_callback(
+            setup.batch_shape, setup.batch_sharding, functools.partial(shard, local[key])
+        )
+        for key in ("inputs", "targets")
+    }
 
 
 def _check_finite(state: TrainState, config: TrainConfig, step: int) -> None:
@@ -338,22 +368,13 @@ def _check_finite(state: TrainState, config: TrainConfig, step: int) -> None:
         )
 
 
-def _evaluate(config: TrainConfig, setup: _Setup, state: TrainState, data_config) -> float:
-    """Mean loss over `eval_batches` validation batches."""
+def _evaluate(setup: _Setup, state: TrainState, data_config) -> float:
+    """Mean loss over `eval_batches` validation batches (laid out like training batches)."""
     fn = jax.jit(functools.partial(eval_step, setup.graphdef))
-    eval_iter = pipeline.make_eval_iterator(
-        data_config, process_index=jax.process_index(), process_count=jax.process_count()
+    eval_iter = pipeline.make_eval_iterator(data_config, rows=setup.rows)
+    return float(
+        np.mean([float(fn(state.params, _global_batch(local, setup))) for local in eval_iter])
     )
-    sharding = NamedSharding(setup.mesh, DEFAULT_RULES.spec(("batch", "seq")))
-    losses = []
-    for local in eval_iter:
-        shape = (config.train.global_batch_size, local["inputs"].shape[1])
-        batch = {
-            k: jax.make_array_from_process_local_data(sharding, local[k], shape)
-            for k in ("inputs", "targets")
-        }
-        losses.append(float(fn(state.params, batch)))
-    return float(np.mean(losses))
 
 
 def _skipped_records(train_iter) -> dict[str, int]:

@@ -112,5 +112,7 @@ def train_step(
 
 
 def eval_step(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array]):
-    """Mean validation loss of one batch [B, T]."""
-    return loss_fn(params, graphdef, batch["inputs"], batch["targets"])
+    """Mean validation loss of one batch [A, B / A, T] (laid out like a training batch)."""
+    tokens = batch["inputs"].shape[-1]
+    inputs, targets = (batch[k].reshape(-1, tokens) for k in ("inputs", "targets"))
+    return loss_fn(params, graphdef, inputs, targets)

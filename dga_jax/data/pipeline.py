@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import grain
@@ -100,7 +101,7 @@ class DataIterator(grain.DatasetIterator):
     def __init__(
         self,
         spec: StreamSpec,
-        rows: range,
+        rows: Sequence[int],
         *,
         num_workers: int = 0,
         num_steps: int | None = None,
@@ -121,7 +122,7 @@ class DataIterator(grain.DatasetIterator):
 
     def _build_windows(self) -> grain.DatasetIterator:
         """One window per row in turn, from the current row states."""
-        rows = grain.MapDataset.range(self._rows.start, self._rows.stop)
+        rows = grain.MapDataset.source(list(self._rows))
         dataset = PackedRowsDataset(
             rows.to_iter_dataset(grain.ReadOptions(num_threads=0)), self._spec, self._row_states
         )
@@ -192,29 +193,62 @@ class DataIterator(grain.DatasetIterator):
 
 
 def make_train_iterator(
-    config: DataConfig, *, process_index: int, process_count: int
+    config: DataConfig,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    rows: Sequence[int] | None = None,
 ) -> DataIterator:
     """The endless training stream (epochs follow each other) for one process.
 
-    Every process (and each of its Grain workers) scans all training shards, decompressing and
-    splitting lines, but parses and tokenizes only the records of its own rows.
+    The process yields `rows` of the global batch (sorted global row indices; e.g. those its
+    devices address when sequences are sharded across hosts), by default its contiguous share
+    `[p * b, (p + 1) * b)`. Every process (and each of its Grain workers) scans all training
+    shards, decompressing and splitting lines, but parses and tokenizes only its rows' records.
     """
     spec = _stream_spec(config, _shards(config, "train"), shuffle=config.shuffle_shards)
-    rows = _process_rows(config, process_index, process_count)
+    rows = (
+        _check_rows(config, rows)
+        if rows is not None
+        else _process_rows(config, process_index, process_count)
+    )
     return DataIterator(spec, rows, num_workers=config.num_workers)
 
 
 def make_eval_iterator(
-    config: DataConfig, *, process_index: int, process_count: int
+    config: DataConfig,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    rows: Sequence[int] | None = None,
 ) -> DataIterator:
     """`config.eval_batches` batches of the validation split, the same on every call.
 
     The validation shards are read in sorted order from the start; if they hold fewer tokens
-    than the steps need, they are read again (as the training stream does).
+    than the steps need, they are read again (as the training stream does). `rows` as for
+    `make_train_iterator`.
     """
     spec = _stream_spec(config, _shards(config, "validation"), shuffle=False)
-    rows = _process_rows(config, process_index, process_count)
+    rows = (
+        _check_rows(config, rows)
+        if rows is not None
+        else _process_rows(config, process_index, process_count)
+    )
     return DataIterator(spec, rows, num_workers=config.num_workers, num_steps=config.eval_batches)
+
+
+def _check_rows(config: DataConfig, rows: Sequence[int]) -> tuple[int, ...]:
+    rows = tuple(int(r) for r in rows)
+    if (
+        not rows
+        or list(rows) != sorted(set(rows))
+        or not 0 <= rows[0] <= rows[-1] < (config.global_batch_size)
+    ):
+        raise ValueError(
+            f"rows must be sorted, distinct and in [0, data.global_batch_size="
+            f"{config.global_batch_size}), got {rows}"
+        )
+    return rows
 
 
 def _process_rows(config: DataConfig, process_index: int, process_count: int) -> range:

@@ -196,3 +196,17 @@ def assert_same(actual, expected) -> None:
     for a, e in zip(actual, expected, strict=True):
         a, e = (windows(x) if isinstance(x, dict) else x for x in (a, e))
         np.testing.assert_array_equal(a, e)
+
+
+def test_explicit_rows_are_those_rows_of_the_global_batch(config):
+    # A process whose devices hold rows 1 and 3 (e.g. sequences sharded across hosts) loads
+    # exactly those rows of the global batch, in order.
+    full = take(make_train_iterator(config), 5)
+    picked = take(make_train_iterator(config, rows=[1, 3]), 5)
+    for whole, part in zip(full, picked, strict=True):
+        np.testing.assert_array_equal(part["inputs"], whole["inputs"][[1, 3]])
+        np.testing.assert_array_equal(part["targets"], whole["targets"][[1, 3]])
+    with pytest.raises(ValueError, match="rows must be sorted"):
+        make_train_iterator(config, rows=[3, 1])
+    with pytest.raises(ValueError, match="rows must be sorted"):
+        make_train_iterator(config, rows=[0, config.global_batch_size])
