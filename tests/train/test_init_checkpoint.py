@@ -1,0 +1,37 @@
+"""`config.init_checkpoint`: training starts from a converted checkpoint's weights."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from flax import nnx
+
+from configs import tiny_dga
+from dga_jax import Llama
+from dga_jax.checkpoint import save_model
+from train import loop
+from train.config import from_config_dict
+
+
+def test_training_starts_from_the_checkpoint_weights(tmp_path):
+    config = tiny_dga.get_config()
+    config.data.seq_len = 64
+    dense = from_config_dict(config).model.replace(attention="dense")
+    pretrained = Llama(dense, rngs=nnx.Rngs(123))  # a "converted" dense checkpoint
+    save_model(pretrained, tmp_path / "ckpt")
+
+    config.init_checkpoint = str(tmp_path / "ckpt")
+    train_config = from_config_dict(config)
+    setup = loop._setup(train_config)
+    with jax.set_mesh(setup.mesh):
+        params = loop._initial_params(train_config, setup)
+        fresh = nnx.state(loop._new_model(train_config), nnx.Param)
+    expected = nnx.to_pure_dict(nnx.state(pretrained, nnx.Param))
+    loaded = nnx.to_pure_dict(params)
+    for want, got in zip(jax.tree.leaves(expected), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    # The experiment's architecture (DGA attention) is applied on top of the weights.
+    model = nnx.merge(setup.graphdef, params)
+    assert model.config.attention == "dga"
+    first = jax.tree.leaves(nnx.to_pure_dict(fresh))[0]
+    assert not np.array_equal(np.asarray(first), np.asarray(jax.tree.leaves(loaded)[0]))
