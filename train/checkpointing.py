@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import jax
 import orbax.checkpoint as ocp
 
 from train.step import TrainState
@@ -54,12 +53,3 @@ class Checkpoints:
         """Waits for pending saves to finish."""
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs with the shardings of `tree`'s arrays."""
-    return jax.tree.map(_abstract, tree)
-
-
-def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
-    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)

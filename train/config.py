@@ -61,6 +61,10 @@ class OptimConfig:
     max_nonfinite_steps: int = 5
 
     def __post_init__(self):
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(
+                f"config.optim.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}"
+            )
         if self.schedule not in ("constant", "cosine"):
             raise ConfigError(
                 f"config.optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}"
@@ -84,6 +88,18 @@ class RunConfig:
     wandb_project: str = ""
 
     def __post_init__(self):
+        for name in (
+            "steps",
+            "global_batch_size",
+            "grad_accum_steps",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config.train.{name} must be >= 1, got {getattr(self, name)}")
         if self.global_batch_size % self.grad_accum_steps:
             raise ConfigError(
                 f"config.train.global_batch_size={self.global_batch_size} must be a multiple of "

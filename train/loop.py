@@ -7,11 +7,11 @@ message after `optim.max_nonfinite_steps` non-finite steps in a row.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -26,8 +26,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dga_jax import DEFAULT_RULES, Llama, make_mesh
 from dga_jax.data import pipeline
 from train import metrics
+from train.batches import addressed_rows, global_batch
 from train.checkpointing import Checkpoints
 from train.config import TrainConfig
+from train.hosts import StopSignal, all_rows_state, rows_state
 from train.step import (
     TrainState,
     eval_step,
@@ -120,20 +122,8 @@ def _setup(config: TrainConfig) -> _Setup:
         shardings,
         batch_sharding,
         batch_shape,
-        _addressed_rows(batch_sharding, batch_shape),
+        addressed_rows(batch_sharding, batch_shape),
     )
-
-
-def _addressed_rows(sharding: NamedSharding, shape: tuple[int, int, int]) -> list[int]:
-    """Global batch rows (row g is micro-batch g // (B/A), position g % (B/A)) that this
-    process's devices hold: a share of them, or all of them when sequences are sharded across
-    hosts."""
-    rows = set()
-    for index in sharding.addressable_devices_indices_map(shape).values():
-        micro = range(*index[0].indices(shape[0]))
-        position = range(*index[1].indices(shape[1]))
-        rows.update(a * shape[1] + r for a in micro for r in position)
-    return sorted(rows)
 
 
 def _new_model(config: TrainConfig) -> Llama:
@@ -158,7 +148,7 @@ def _initial_state(config, setup: _Setup, checkpoints: Checkpoints, train_iter) 
     if latest is not None:
         logging.info("resuming from step %d in %s", latest, checkpoints.manager.directory)
         state, data_state = checkpoints.restore(latest, setup.abstract_state)
-        train_iter.set_state(data_state)
+        train_iter.set_state(rows_state(data_state, setup.rows))
         return state
     params = _initial_params(config, setup)
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.shardings.opt_state)(params)
@@ -224,16 +214,12 @@ def _train(
         config, setup, train_iter, checkpoints, data_config, workdir, start=int(state.step)
     )
     try:
-        for _ in range(trainer.start, config.train.steps):
-            state = trainer.step(state)
-            if trainer.stop.requested:
-                logging.warning(
-                    "stopping at step %d on %s (checkpoint saved)",
-                    int(state.step),
-                    trainer.stop.requested,
-                )
+        for done in range(trainer.start + 1, config.train.steps + 1):
+            state = trainer.step(state, done)
+            if trainer.stopping:
+                logging.warning("stopping at step %d on a signal (checkpoint saved)", done)
                 break
-        checkpoints.save(int(state.step), state, train_iter.get_state(), force=True)
+        trainer.save(state, force=True)
     finally:
         trainer.close()
     if jax.process_index() == 0:
@@ -263,7 +249,8 @@ class _Trainer:
             run_config=dataclasses.asdict(config),
         )
         self.progress = metrics.Progress(config.train.steps, start, enabled=main_host)
-        self.stop = _StopSignal()
+        self.stop, self.stopping = StopSignal(), False
+        self.eval_fn = jax.jit(functools.partial(eval_step, setup.graphdef))
         self.schedule = learning_rate_schedule(config.optim, config.train.steps)
         self.peak = metrics.peak_flops(
             jax.devices()[0].device_kind, config.train.peak_flops_per_device
@@ -272,20 +259,30 @@ class _Trainer:
         self.window_losses: list[jax.Array] = []
         self.last = {"loss": math.nan, "val_loss": None, "tokens_per_s": 0.0}
 
-    def step(self, state: TrainState) -> TrainState:
-        batch = _global_batch(next(self.train_iter), self.setup)
+    def step(self, state: TrainState, done: int) -> TrainState:
+        """Runs step `done` (1-based); logs, evaluates and checkpoints when due."""
+        batch = self._batch(next(self.train_iter))
         state, out = self.step_fn(state, batch)
         self.window_losses.append(out["loss"])
-        done, run_cfg = int(state.step), self.config.train
+        run_cfg = self.config.train
         _check_finite(state, self.config, done)
         if done % run_cfg.log_every == 0 or done == run_cfg.steps:
             self._log_train(done, state, out)
         if done % run_cfg.eval_every == 0 or done == run_cfg.steps:
             self._log_eval(done, state)
-        self.checkpoints.save(
-            done, state, self.train_iter.get_state(), force=bool(self.stop.requested)
-        )
+        self.stopping = self.stop.agreed()
+        self.save(state, force=self.stopping)
         return state
+
+    def save(self, state: TrainState, *, force: bool) -> None:
+        """A checkpoint when due (or forced); every process takes part."""
+        data_state = all_rows_state(self.train_iter.get_state())
+        self.checkpoints.save(int(state.step), state, data_state, force=force)
+
+    def _batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return global_batch(
+            local, self.setup.rows, self.setup.batch_sharding, self.setup.batch_shape
+        )
 
     def _log_train(self, done: int, state: TrainState, out: dict[str, jax.Array]) -> None:
         steps, seconds = len(self.window_losses), time.time() - self.window_start
@@ -312,11 +309,16 @@ class _Trainer:
         self.window_start, self.window_losses = time.time(), []
 
     def _log_eval(self, done: int, state: TrainState) -> None:
-        val_loss = _evaluate(self.setup, state, self.data_config)
+        began = time.time()
+        eval_iter = pipeline.make_eval_iterator(self.data_config, rows=self.setup.rows)
+        with contextlib.closing(eval_iter):
+            losses = [float(self.eval_fn(state.params, self._batch(b))) for b in eval_iter]
+        val_loss = float(np.mean(losses))
         self.log.write(
             done, {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
         )
         self.last["val_loss"] = val_loss
+        self.window_start += time.time() - began  # evaluation is not training throughput
 
     def summary(self, state: TrainState) -> Summary:
         return Summary(
@@ -325,33 +327,15 @@ class _Trainer:
             self.last["val_loss"],
             self.last["tokens_per_s"],
             time.time() - self.began,
-            stopped_early=bool(self.stop.requested),
+            stopped_early=self.stopping,
         )
 
     def close(self) -> None:
         self.progress.close()
+        self.train_iter.close()
         self.checkpoints.close()
         self.log.close()
         self.stop.restore()
-
-
-def _global_batch(local: dict[str, np.ndarray], setup: _Setup) -> dict[str, jax.Array]:
-    """This process's rows (`setup.rows`, [rows, T]) -> global [A, B / A, T] arrays on the mesh."""
-    slot = {row: i for i, row in enumerate(setup.rows)}
-    per_micro = setup.batch_shape[1]
-
-    def shard(values: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
-        micro = range(*index[0].indices(setup.batch_shape[0]))
-        position = range(*index[1].indices(per_micro))
-        picked = np.array([[slot[a * per_micro + r] for r in position] for a in micro])
-        return values[picked][..., index[2]]
-
-    return {
-        key: jax.make_array_from_callback(
-            setup.batch_shape, setup.batch_sharding, functools.partial(shard, local[key])
-        )
-        for key in ("inputs", "targets")
-    }
 
 
 def _check_finite(state: TrainState, config: TrainConfig, step: int) -> None:
@@ -366,15 +350,6 @@ def _check_finite(state: TrainState, config: TrainConfig, step: int) -> None:
             f"{config.optim.max_nonfinite_steps}) at step {step}: lower the learning rate or "
             "check the data; the last checkpoint holds the state before the divergence"
         )
-
-
-def _evaluate(setup: _Setup, state: TrainState, data_config) -> float:
-    """Mean loss over `eval_batches` validation batches (laid out like training batches)."""
-    fn = jax.jit(functools.partial(eval_step, setup.graphdef))
-    eval_iter = pipeline.make_eval_iterator(data_config, rows=setup.rows)
-    return float(
-        np.mean([float(fn(state.params, _global_batch(local, setup))) for local in eval_iter])
-    )
 
 
 def _skipped_records(train_iter) -> dict[str, int]:
@@ -392,20 +367,3 @@ def _flops_per_token(config: TrainConfig) -> float:
     weights += m.vocab_size * m.d_model
     attention = 6 * m.num_layers * m.num_heads * m.head_dim * config.data.seq_len
     return 6 * weights + attention
-
-
-class _StopSignal:
-    """Records SIGTERM / SIGINT so the loop can save a checkpoint and stop cleanly."""
-
-    def __init__(self):
-        self.requested: str | None = None
-        self._previous = {
-            s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)
-        }
-
-    def _handle(self, signum, _frame):
-        self.requested = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)

@@ -30,11 +30,13 @@ def dense_attention(
 ) -> jax.Array:
     """Causal softmax attention. q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D].
 
-    `implementation=None` picks "cudnn" on GPU and "xla" elsewhere.
+    `implementation=None` picks "cudnn" on GPU for float16/bfloat16 (all cuDNN supports) and
+    "xla" otherwise.
     """
     scale = check_qkv(q, k, v, scale)
     if implementation is None:
-        implementation = "cudnn" if jax.default_backend() == "gpu" else "xla"
+        half = q.dtype in (jnp.float16, jnp.bfloat16)
+        implementation = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
     if implementation not in DENSE_IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be one of {DENSE_IMPLEMENTATIONS} or None, got {implementation!r}"

@@ -48,11 +48,13 @@ class Run:
     attention: str
     mesh: tuple[int, int, int, int]
     num_processes: int = 1
+    extra: tuple[tuple[str, object], ...] = ()  # more `--config.key=value` settings
 
     @property
     def name(self) -> str:
         mesh = "x".join(map(str, self.mesh))
-        return f"{self.attention}_{mesh}_{self.num_processes}proc"
+        extra = "".join(f"_{key}={value}" for key, value in self.extra)
+        return f"{self.attention}_{mesh}_{self.num_processes}proc{extra}"
 
     def flags(self, workdir: Path) -> list[str]:
         """`python -m train` flags: 3 steps of 8 x 64 tokens, each logged; one eval batch."""
@@ -73,6 +75,7 @@ class Run:
             # No warmup: full-size AdamW updates from the first step, so steps 2 and 3 also
             # check that the update is the same on every mesh.
             "optim.warmup_steps": 0,
+            **dict(self.extra),
         }
         return [f"--config={CONFIGS[self.attention]}", f"--workdir={workdir}"] + [
             f"--config.{key}={value}" for key, value in settings.items()
@@ -128,14 +131,15 @@ def launch(run: Run, workdir: Path, log: Path, process_id: int, port: int) -> su
         return subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def train(run: Run, root: Path) -> Curve:
+def train(run: Run, root: Path, workdir: Path | None = None) -> Curve:
     """Runs `run` to the end (all its processes share one workdir, as on a shared filesystem).
 
     Only process 0 writes `metrics.jsonl`. A failure or a timeout fails with every process's
-    output tail.
+    output tail. An existing `workdir` is resumed from its newest checkpoint.
     """
-    workdir = root / run.name
-    workdir.mkdir()
+    if workdir is None:
+        workdir = root / run.name
+        workdir.mkdir()
     port = free_port()
     logs = [root / f"{run.name}.process{i}.log" for i in range(run.num_processes)]
     processes = [launch(run, workdir, log, i, port) for i, log in enumerate(logs)]
@@ -147,7 +151,7 @@ def train(run: Run, root: Path) -> Curve:
             process.wait()
     tails = "\n".join(f"--- {log.name}:\n{log.read_text()[-3000:]}" for log in logs)
     assert codes == [0] * run.num_processes, f"{run.name}: exit codes {codes}\n{tails}"
-    return read_curve(workdir / "metrics.jsonl")
+    return None if dict(run.extra).get("train.steps") else read_curve(workdir / "metrics.jsonl")
 
 
 def wait_all(processes: list[subprocess.Popen]) -> list[int | None]:
@@ -231,3 +235,25 @@ def test_sequence_sharded_across_processes(runs):
     expected, actual = runs.get([Run("dga", REFERENCE_MESH), Run("dga", (1, 1, 8, 1), 2)])
     print(f"dga (1, 1, 8, 1), 2 processes: losses {actual.losses.tolist()}")
     assert_same_curve(actual, expected, "dga, sequence over 2 processes")
+
+
+def test_two_processes_resume_exactly(runs, tmp_path):
+    """A 2-process run stopped after step 2 and restarted in its workdir trains step 3 exactly
+    as an uninterrupted run: parameters, optimizer state and every process's data rows resume.
+
+    The schedule is constant so that the shorter first part sees the same learning rates.
+    """
+    constant = (("optim.schedule", "constant"),)
+    (expected,) = runs.get([Run("dga", MULTI_HOST_MESH, 2, extra=constant)])
+    workdir = tmp_path / "resumed"
+    workdir.mkdir()
+    train(Run("dga", MULTI_HOST_MESH, 2, extra=(*constant, ("train.steps", 2))), tmp_path, workdir)
+    (workdir / "metrics.jsonl").write_text(
+        "".join(
+            line + "\n"
+            for line in (workdir / "metrics.jsonl").read_text().splitlines()
+            if "val_loss" not in line
+        )  # the first part's final evaluation, at step 2
+    )
+    resumed = train(Run("dga", MULTI_HOST_MESH, 2, extra=constant), tmp_path, workdir)
+    assert_same_curve(resumed, expected, "dga, 2 processes, resumed after step 2")
