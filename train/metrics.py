@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -92,10 +93,11 @@ def _start_wandb(project: str, workdir: Path, run_config: dict[str, Any]):
             "config.train.wandb_project is set but wandb is not installed: pip install wandb"
         )
         return None
+    run_id = hashlib.sha1(str(workdir.absolute()).encode()).hexdigest()[:16]  # one per workdir
     return wandb.init(
         project=project,
         name=workdir.name,
-        id=workdir.name,
+        id=run_id,
         resume="allow",
         config=run_config,
         dir=str(workdir),

@@ -35,7 +35,11 @@ class DGAttention(nnx.Module):
         self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), rules, dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [B, T, D], positions: [B, T] (RoPE positions) -> [B, T, D]."""
+        """x: [B, T, D], positions: [B, T] -> [B, T, D].
+
+        `positions` only rotate q and k (RoPE); the causal mask and DGA's groups take token t to
+        be row t of the sequence, as in packed pretraining.
+        """
         config, dtype = self.config, self.config.compute_dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dtype))  # [B, T, H, K]
         k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dtype))  # [B, T, Hkv, K]

@@ -125,6 +125,8 @@ def interval_attention(
     Query position t = row index. Query heads h use KV head h // (Hq // Hkv). Gradients reach
     q and the entries' k, v; `start`, `until` and `bias` are structure and carry none.
     """
+    if prefix.until is not None:
+        raise ValueError("prefix entries are visible for ever: pass until=None (use the band)")
     b, seq_len, hq, d = q.shape
     hkv, n_prefix = prefix.k.shape[1], max(prefix.k.shape[2], 1)
     bq = min(block_sizes.block_q, _round_up(seq_len, 8))

@@ -19,6 +19,7 @@ choice, the top-r focal set, is a 31-step radix select over the float32 bit patt
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -86,59 +87,100 @@ def global_importance(
     Two flash-style passes over the lower triangle of (sampled query block, key block) tiles:
     the first finds each sampled query's log-sum-exp, the second sums probabilities per key.
     """
-    b, seq_len, hq, d = q.shape
-    hkv = k.shape[2]
-    g = hq // hkv
-    pos = sampled_positions(seq_len, group_size)
-    rows = max(1, block // group_size)  # sampled queries per tile: a tile spans ~block positions
-    n_rows = _round_up(len(pos), rows)
-    n_keys = _round_up(seq_len, block)
-    row_pos = jnp.asarray(np.pad(pos, (0, n_rows - len(pos)), constant_values=-1), jnp.int32)
-    # [B*Hkv, nS, G, D] sampled queries; [B*Hkv, Lk, D] keys; padding is never visible.
-    qs = q[:, pos].reshape(b, len(pos), hkv, g, d).transpose(0, 2, 1, 3, 4)
-    qs = jnp.pad(
-        qs.reshape(b * hkv, len(pos), g, d), ((0, 0), (0, n_rows - len(pos)), (0, 0), (0, 0))
-    )
-    ks = jnp.pad(
-        k.transpose(0, 2, 1, 3).reshape(b * hkv, seq_len, d),
-        ((0, 0), (0, n_keys - seq_len), (0, 0)),
-    )
-    row_blocks = n_rows // rows
+    b, seq_len, hkv = q.shape[0], q.shape[1], k.shape[2]
+    tiles = _ImportanceTiles.build(q, k, group_size, scale, block)
+    lse = jax.lax.map(functools.partial(_sampled_lse, tiles), jnp.arange(tiles.row_blocks))
+    keys = jnp.arange(tiles.ks.shape[1] // block)
+    s = jax.lax.map(functools.partial(_key_importance, tiles, lse), keys)  # [nK, B*Hkv, block]
+    return s.transpose(1, 0, 2).reshape(b, hkv, -1)[..., :seq_len]
 
-    def tile_logits(i, kb):
-        q_tile = jax.lax.dynamic_slice_in_dim(qs, i * rows, rows, axis=1).reshape(-1, rows * g, d)
-        k_tile = jax.lax.dynamic_slice_in_dim(ks, kb * block, block, axis=1)
-        s = jnp.einsum("brd,bkd->brk", q_tile, k_tile, preferred_element_type=jnp.float32) * scale
-        j = jnp.repeat(jax.lax.dynamic_slice_in_dim(row_pos, i * rows, rows), g)  # [rows*G]
-        visible = kb * block + jnp.arange(block)[None, :] <= j[:, None]
+
+@dataclasses.dataclass(frozen=True)
+class _ImportanceTiles:
+    """Sampled queries and keys cut into tiles; padding is never visible."""
+
+    qs: jax.Array  # [B*Hkv, nS (padded), G, D] sampled queries
+    ks: jax.Array  # [B*Hkv, L (padded to block), D]
+    row_pos: jax.Array  # [nS (padded)] int32 positions of the sampled queries, -1 for padding
+    rows: int  # sampled queries per tile: a tile spans ~block positions
+    block: int  # keys per tile
+    group_size: int
+    scale: float
+
+    @classmethod
+    def build(cls, q, k, group_size: int, scale: float, block: int) -> _ImportanceTiles:
+        b, seq_len, hq, d = q.shape
+        hkv = k.shape[2]
+        pos = sampled_positions(seq_len, group_size)
+        rows = max(1, block // group_size)
+        n_rows, n_keys = _round_up(len(pos), rows), _round_up(seq_len, block)
+        qs = q[:, pos].reshape(b, len(pos), hkv, hq // hkv, d).transpose(0, 2, 1, 3, 4)
+        qs = jnp.pad(
+            qs.reshape(b * hkv, len(pos), hq // hkv, d),
+            ((0, 0), (0, n_rows - len(pos)), (0, 0), (0, 0)),
+        )
+        ks = jnp.pad(
+            k.transpose(0, 2, 1, 3).reshape(b * hkv, seq_len, d),
+            ((0, 0), (0, n_keys - seq_len), (0, 0)),
+        )
+        row_pos = jnp.asarray(np.pad(pos, (0, n_rows - len(pos)), constant_values=-1), jnp.int32)
+        return cls(qs, ks, row_pos, rows, block, group_size, scale)
+
+    @property
+    def row_blocks(self) -> int:
+        return self.qs.shape[1] // self.rows
+
+    def positions(self, i: jax.Array) -> jax.Array:
+        """[rows] positions of sampled-query tile i."""
+        return jax.lax.dynamic_slice_in_dim(self.row_pos, i * self.rows, self.rows)
+
+    def logits(self, i: jax.Array, kb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Logits [B*Hkv, rows*G, block] of tile (i, kb) and their causal visibility."""
+        g, d = self.qs.shape[2], self.qs.shape[3]
+        q_tile = jax.lax.dynamic_slice_in_dim(self.qs, i * self.rows, self.rows, axis=1)
+        k_tile = jax.lax.dynamic_slice_in_dim(self.ks, kb * self.block, self.block, axis=1)
+        s = (
+            jnp.einsum(
+                "brd,bkd->brk",
+                q_tile.reshape(-1, self.rows * g, d),
+                k_tile,
+                preferred_element_type=jnp.float32,
+            )
+            * self.scale
+        )
+        j = jnp.repeat(self.positions(i), g)  # [rows*G]
+        visible = kb * self.block + jnp.arange(self.block)[None, :] <= j[:, None]
         return s, visible
 
-    def row_lse(i):
-        def body(kb, carry):
-            mx, total = carry
-            s, visible = tile_logits(i, kb)
-            new = jnp.maximum(mx, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
-            safe = jnp.where(jnp.isfinite(new), new, 0.0)
-            p = jnp.where(visible, jnp.exp(s - safe[..., None]), 0.0)
-            return new, total * jnp.exp(mx - safe) + p.sum(-1)
 
-        last_row = jnp.max(jax.lax.dynamic_slice_in_dim(row_pos, i * rows, rows))
-        init = (jnp.full((b * hkv, rows * g), -jnp.inf), jnp.zeros((b * hkv, rows * g)))
-        mx, total = jax.lax.fori_loop(0, last_row // block + 1, body, init)
-        return jnp.where(total > 0, mx + jnp.log(total), jnp.inf)  # [B*Hkv, rows*G]
+def _sampled_lse(tiles: _ImportanceTiles, i: jax.Array) -> jax.Array:
+    """Log-sum-exp [B*Hkv, rows*G] of sampled-query tile i over its causal keys (inf: none)."""
 
-    lse = jax.lax.map(row_lse, jnp.arange(row_blocks))  # [nR, B*Hkv, rows*G]
+    def body(kb, carry):
+        mx, total = carry
+        s, visible = tiles.logits(i, kb)
+        new = jnp.maximum(mx, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
+        safe = jnp.where(jnp.isfinite(new), new, 0.0)
+        p = jnp.where(visible, jnp.exp(s - safe[..., None]), 0.0)
+        return new, total * jnp.exp(mx - safe) + p.sum(-1)
 
-    def key_importance(kb):
-        def body(i, acc):
-            s, visible = tile_logits(i, kb)
-            return acc + jnp.where(visible, jnp.exp(s - lse[i][..., None]), 0.0).sum(axis=1)
+    shape = (tiles.qs.shape[0], tiles.rows * tiles.qs.shape[2])
+    init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape))
+    last_key_block = jnp.max(tiles.positions(i)) // tiles.block
+    mx, total = jax.lax.fori_loop(0, last_key_block + 1, body, init)
+    return jnp.where(total > 0, mx + jnp.log(total), jnp.inf)
 
-        first = (kb * block) // (rows * group_size)  # earlier tiles end before this key block
-        return jax.lax.fori_loop(first, row_blocks, body, jnp.zeros((b * hkv, block)))
 
-    s = jax.lax.map(key_importance, jnp.arange(n_keys // block))  # [nK, B*Hkv, block]
-    return s.transpose(1, 0, 2).reshape(b, hkv, n_keys)[..., :seq_len]
+def _key_importance(tiles: _ImportanceTiles, lse: jax.Array, kb: jax.Array) -> jax.Array:
+    """Σ over sampled queries of softmax probabilities, for key block kb: [B*Hkv, block]."""
+
+    def body(i, acc):
+        s, visible = tiles.logits(i, kb)
+        return acc + jnp.where(visible, jnp.exp(s - lse[i][..., None]), 0.0).sum(axis=1)
+
+    first = (kb * tiles.block) // (tiles.rows * tiles.group_size)  # earlier tiles end before kb
+    init = jnp.zeros((tiles.qs.shape[0], tiles.block))
+    return jax.lax.fori_loop(first, tiles.row_blocks, body, init)
 
 
 def top_r_mask(score: jax.Array, r: int) -> jax.Array:
