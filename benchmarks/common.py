@@ -75,18 +75,40 @@ def length_label(length: int) -> str:
     return f"{length // 1024}K" if length % 1024 == 0 else str(length)
 
 
+def time_variant(
+    compiled: jax.stages.Compiled, inputs: list[Any], tokens: int, repeats: int
+) -> dict[str, Any]:
+    """Times `compiled` unless XLA's peak exceeds free memory; tokens/s from the median."""
+    peak, free = xla_peak_bytes(compiled), free_bytes()
+    record = {"xla_peak_bytes": peak, "median_ms": None, "tokens_per_s": None, "times_ms": []}
+    if peak is not None and free is not None and peak > free:
+        return {**record, "status": f"skipped: needs {peak / GIB:.1f} GiB, {free / GIB:.1f} free"}
+    times = time_calls(compiled, inputs, repeats)
+    median = sorted(times)[len(times) // 2]
+    return {
+        **record,
+        "median_ms": median,
+        "times_ms": times,
+        "tokens_per_s": tokens / (median / 1e3),
+        "status": "ok",
+    }
+
+
 def report_variants(records: list[dict]) -> None:
     """Prints L, variant, median ms, tokens/s, DGA's speedup and XLA peak per record."""
     print(
         f"{'L':>6}  {'variant':<16}{'median ms':>11}{'tokens/s':>11}{'DGA speedup':>13}"
-        f"{'XLA peak GiB':>14}"
+        f"{'XLA peak GiB':>14}  status"
     )
     dga = {r["L"]: r["median_ms"] for r in records if r["variant"] == "dga_xla"}
     for r in records:
-        speedup = "—" if r["variant"] == "dga_xla" else f"{r['median_ms'] / dga[r['L']]:.2f}x"
+        ms, dga_ms = r["median_ms"], dga.get(r["L"])
+        speedup = "—" if r["variant"] == "dga_xla" or not (ms and dga_ms) else f"{ms / dga_ms:.2f}x"
+        ms_text = "—" if ms is None else f"{ms:.1f}"
+        tok_text = "—" if ms is None else f"{r['tokens_per_s']:.0f}"
         print(
-            f"{length_label(r['L']):>6}  {r['variant']:<16}{r['median_ms']:>11.1f}"
-            f"{r['tokens_per_s']:>11.0f}{speedup:>13}{r['xla_peak_bytes'] / GIB:>14.2f}"
+            f"{length_label(r['L']):>6}  {r['variant']:<16}{ms_text:>11}{tok_text:>11}"
+            f"{speedup:>13}{r['xla_peak_bytes'] / GIB:>14.2f}  {r['status']}"
         )
 
 

@@ -12,11 +12,10 @@ attention using several GiB more memory.
 from __future__ import annotations
 
 import argparse
-import statistics
 from pathlib import Path
 
 import jax
-from common import environment, report_variants, time_calls, write_results, xla_peak_bytes
+from common import environment, report_variants, time_variant, write_results
 from flax import nnx
 
 from dga_jax import DGAConfig, Llama, ModelConfig
@@ -61,16 +60,8 @@ def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
 
     tokens = jax.random.randint(jax.random.key(0), (args.batch, length), 0, config.vocab_size)
     compiled = jax.jit(forward).lower(state, tokens).compile()
-    times = time_calls(compiled, [state, tokens], args.repeats)
-    median = statistics.median(times)
-    return {
-        "L": length,
-        "variant": variant,
-        "median_ms": median,
-        "times_ms": times,
-        "tokens_per_s": args.batch * length / (median / 1e3),
-        "xla_peak_bytes": xla_peak_bytes(compiled),
-    }
+    record = time_variant(compiled, [state, tokens], args.batch * length, args.repeats)
+    return {"L": length, "variant": variant, **record}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from common import environment, report_variants, time_calls, write_results, xla_peak_bytes
+from common import environment, report_variants, time_variant, write_results
 from flax import nnx
 
 from dga_jax import DGAConfig, Llama, ModelConfig
@@ -65,16 +64,8 @@ def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
     batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=-1)}
     step = jax.jit(functools.partial(train_step, graphdef, tx))
     compiled = step.lower(state, batch).compile()
-    times = time_calls(compiled, [state, batch], args.repeats)
-    median = statistics.median(times)
-    return {
-        "L": length,
-        "variant": variant,
-        "median_ms": median,
-        "times_ms": times,
-        "tokens_per_s": args.batch * length / (median / 1e3),
-        "xla_peak_bytes": xla_peak_bytes(compiled),
-    }
+    record = time_variant(compiled, [state, batch], args.batch * length, args.repeats)
+    return {"L": length, "variant": variant, **record}
 
 
 def main(argv: list[str] | None = None) -> None:
