@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,38 @@ def write_results(name: str, args: Any, env: dict[str, Any], records: list[dict]
     result = {"config": config, "environment": env, "records": records}
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path
+
+
+# Model-level benchmark variants: name -> (ModelConfig.attention, ModelConfig.attention_impl).
+VARIANTS = {
+    "dga_xla": ("dga", "xla"),
+    "dense_xla": ("dense", "xla"),
+    "dense_blockwise": ("dense", "blockwise"),
+}
+
+
+def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Namespace:
+    """Arguments of the model-level benchmarks (preset, lengths, batch, DGA settings)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--lengths", default=None, help="comma list; default 4096,16384")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--group-size", type=int, default=16)
+    parser.add_argument("--focal-ratio", type=float, default=0.1)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args(argv)
+    default = "1024,2048" if args.quick else "4096,16384"
+    args.lengths = [int(x) for x in (args.lengths or default).split(",")]
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    return args
+
+
+def run_variants(name: str, what: str, measure: Callable[..., dict], args) -> None:
+    """Measures every variant at every length, prints the table and writes the JSON."""
+    env = environment()
+    print(f"{args.preset} {what} on {env['device_kind']}, B={args.batch}")
+    records = [measure(args, v, n) for n in args.lengths for v in VARIANTS]
+    report_variants(records)
+    print(f"wrote {write_results(name, args, env, records)}")

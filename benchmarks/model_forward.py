@@ -12,36 +12,12 @@ attention using several GiB more memory.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import jax
-from common import environment, report_variants, time_variant, write_results
+from common import VARIANTS, parse_variant_args, run_variants, time_variant
 from flax import nnx
 
 from dga_jax import DGAConfig, Llama, ModelConfig
-
-VARIANTS = {  # name: (attention, attention_impl)
-    "dga_xla": ("dga", "xla"),
-    "dense_xla": ("dense", "xla"),
-    "dense_blockwise": ("dense", "blockwise"),
-}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--lengths", default=None, help="comma list; default 4096,16384")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--group-size", type=int, default=16)
-    parser.add_argument("--focal-ratio", type=float, default=0.1)
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
-    default = "1024,2048" if args.quick else "4096,16384"
-    args.lengths = [int(x) for x in (args.lengths or default).split(",")]
-    args.repeats = args.repeats or (2 if args.quick else 3)
-    return args
 
 
 def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
@@ -65,12 +41,8 @@ def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    env = environment()
-    print(f"{args.preset} forward on {env['device_kind']}, B={args.batch}")
-    records = [measure(args, v, n) for n in args.lengths for v in VARIANTS]
-    report_variants(records)
-    print(f"wrote {write_results('model_forward', args, env, records)}")
+    args = parse_variant_args(__doc__.splitlines()[0], argv)
+    run_variants("model_forward", "forward", measure, args)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from common import environment, report_variants, time_variant, write_results
+from common import VARIANTS, parse_variant_args, run_variants, time_variant
 from flax import nnx
 
 from dga_jax import DGAConfig, Llama, ModelConfig
@@ -27,34 +27,15 @@ sys.path.insert(0, str(Path(__file__).parents[1]))  # `train/` is the repo's, no
 from train.config import OptimConfig  # noqa: E402
 from train.step import TrainState, make_optimizer, train_step, weight_decay_mask  # noqa: E402
 
-VARIANTS = {  # name: (attention, attention_impl)
-    "dga_xla": ("dga", "xla"),
-    "dense_xla": ("dense", "xla"),
-    "dense_blockwise": ("dense", "blockwise"),
-}
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--lengths", default=None, help="comma list; default 4096,16384")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    args = parser.parse_args(argv)
-    args.lengths = [
-        int(x) for x in (args.lengths or ("1024,2048" if args.quick else "4096,16384")).split(",")
-    ]
-    args.repeats = args.repeats or (2 if args.quick else 3)
-    return args
-
 
 def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
     """Compile and time one optimizer step at `length` tokens per row."""
     attention, impl = VARIANTS[variant]
     config = ModelConfig.preset(
-        args.preset, attention=attention, attention_impl=impl, dga=DGAConfig(16, 0.1)
+        args.preset,
+        attention=attention,
+        attention_impl=impl,
+        dga=DGAConfig(args.group_size, args.focal_ratio),
     )
     graphdef, params = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
     tx = make_optimizer(OptimConfig(), 1000, weight_decay_mask(params))
@@ -69,12 +50,8 @@ def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    env = environment()
-    print(f"{args.preset} train step on {env['device_kind']}, B={args.batch}")
-    records = [measure(args, v, n) for n in args.lengths for v in VARIANTS]
-    report_variants(records)
-    print(f"wrote {write_results('train_step', args, env, records)}")
+    args = parse_variant_args(__doc__.splitlines()[0], argv)
+    run_variants("train_step", "train step", measure, args)
 
 
 if __name__ == "__main__":
