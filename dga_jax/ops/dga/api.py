@@ -7,12 +7,18 @@ import functools
 import jax
 
 from dga_jax.ops.checks import check_block_sizes, check_qkv
+from dga_jax.ops.dga import pallas_gpu, pallas_tpu
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.reference import dga_attention_reference
 from dga_jax.ops.dga.xla import dga_attention_xla
 from dga_jax.ops.intervals import BlockSizes
 
-IMPLEMENTATIONS = ("reference", "xla")
+IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
+# Each kernel backend: the platform it compiles for, its default tiles and its tile rules.
+KERNEL_BACKENDS = {
+    "pallas_gpu": ("gpu", BlockSizes(block_q=64, block_k=64), pallas_gpu.check_block_sizes),
+    "pallas_tpu": ("tpu", BlockSizes(block_q=512, block_k=512), pallas_tpu.check_block_sizes),
+}
 
 
 def dga_attention(
@@ -26,6 +32,7 @@ def dga_attention(
     scale: float | None = None,
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
+    interpret: object = False,
 ) -> jax.Array:
     """Dynamic Group Attention (`shared/DGA_SPEC.md`), causal.
 
@@ -35,9 +42,14 @@ def dga_attention(
       focal_ratio: gamma in [0, 1], the share of tokens kept individually ("focal").
       selection: "global" (the paper's prefill rule) or "streaming" (strictly causal).
       scale: logit scale, 1/sqrt(D) by default.
-      implementation: "reference" (O(L^2), for tests), "xla" (any backend); None picks the
-        fastest available on this backend (today "xla", the only production path).
-      block_sizes: query/key block sizes of the blockwise implementations.
+      implementation: "reference" (O(L^2), for tests), "xla" (any backend), "pallas_gpu"
+        (Triton kernels), "pallas_tpu" (Mosaic kernels). None picks "xla": the kernels are
+        opt-in until they have been measured on the hardware (benchmarks/RESULTS.md).
+      block_sizes: query/key block sizes of the blockwise implementations (the kernels have
+        their own defaults and tile rules: powers of two >= 16 on GPU; block_q a multiple of 8
+        and block_k of 128 on TPU).
+      interpret: run a Pallas implementation in interpret mode (any backend, for tests): True,
+        or for "pallas_tpu" a `pltpu.InterpretParams` (race and out-of-bounds detection).
 
     Returns:
       [B, L, Hq, D] in q's dtype.
@@ -50,6 +62,10 @@ def dga_attention(
         raise ValueError(
             f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
         )
+    if implementation in KERNEL_BACKENDS:
+        block_sizes = _check_kernel(implementation, block_sizes, interpret)
+    elif interpret is not False:
+        raise ValueError(f"interpret applies to the Pallas implementations, not {implementation!r}")
     return _dga(
         q,
         k,
@@ -58,11 +74,30 @@ def dga_attention(
         scale=scale,
         implementation=implementation,
         block_sizes=check_block_sizes(block_sizes),
+        interpret=interpret,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scale", "implementation", "block_sizes"))
-def _dga(q, k, v, *, config, scale, implementation, block_sizes):
+def _check_kernel(implementation: str, block_sizes: BlockSizes | None, interpret) -> BlockSizes:
+    platform, default, check = KERNEL_BACKENDS[implementation]
+    if interpret is False and jax.default_backend() != platform:
+        raise ValueError(
+            f"implementation={implementation!r} compiles for {platform.upper()} but the default "
+            f"backend is {jax.default_backend()!r}: pass interpret=True to run it in interpret mode"
+        )
+    block_sizes = default if block_sizes is None else check_block_sizes(block_sizes)
+    check(block_sizes)
+    return block_sizes
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "scale", "implementation", "block_sizes", "interpret")
+)
+def _dga(q, k, v, *, config, scale, implementation, block_sizes, interpret):
     if implementation == "reference":
         return dga_attention_reference(q, k, v, config, scale)
+    if implementation == "pallas_gpu":
+        return pallas_gpu.dga_attention_pallas_gpu(q, k, v, config, scale, block_sizes, interpret)
+    if implementation == "pallas_tpu":
+        return pallas_tpu.dga_attention_pallas_tpu(q, k, v, config, scale, block_sizes, interpret)
     return dga_attention_xla(q, k, v, config, scale, block_sizes)

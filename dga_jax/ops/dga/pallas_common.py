@@ -1,0 +1,296 @@
+"""What the Pallas kernels share: padded operands, on-device block ranges, the custom VJP.
+
+The kernels compute the same function as `dga_jax.ops.intervals.interval_attention`: a query
+at position t sees entry e iff `start_e <= t < until_e`, with an additive bias. Entries come in
+two lists per (batch, KV head), each padded to whole blocks of `block_k` with entries that are
+never visible (start = NEVER):
+
+- prefix (focal tokens and groups, sorted by `start`, visible for ever, bias log m for groups);
+- band (raw tokens, sorted by `start`, non-decreasing `until`).
+
+Query block i (positions `[i*bq, (i+1)*bq)`) visits prefix blocks `[0, full)` unmasked,
+`[full, prefix_blocks)` masked, then band blocks `[band_first, band_first + band_blocks)`
+masked (`QueryBlocks`). The key-stationary dK/dV kernels visit, for prefix block j, query blocks
+`[q_first, q_full)` masked and `[q_full, nq)` unmasked, and for band block j query blocks
+`[q_first, q_end)` masked (`KeyBlocks`). All ranges are computed on device from the entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dga_jax.ops.intervals import NEVER, Entries, block_ranges
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    """Static shape facts every kernel needs (hashable: a static argument)."""
+
+    scale: float
+    block_q: int
+    block_k: int
+    groups: int  # query heads per KV head
+    seq_len: int  # L before padding
+    interpret: object  # False, True (GPU interpreter) or pltpu.InterpretParams
+    band_lag: int = 0  # band entries that start before a query and are still visible to it
+
+    def num_q_blocks(self, padded_len: int) -> int:
+        return padded_len // self.block_q
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Operands:
+    """Kernel operands, heads-major and padded to whole blocks."""
+
+    q: jax.Array  # [B, Hq, Lp, D]
+    prefix_k: jax.Array  # [B, Hkv, NP, D]
+    prefix_v: jax.Array  # [B, Hkv, NP, D]
+    prefix_start: jax.Array  # [B, Hkv, NP] int32
+    prefix_bias: jax.Array  # [B, Hkv, NP] float32
+    band_k: jax.Array  # [B, Hkv, NR, D]
+    band_v: jax.Array  # [B, Hkv, NR, D]
+    band_start: jax.Array  # [B, Hkv, NR] int32
+    band_until: jax.Array  # [B, Hkv, NR] int32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QueryBlocks:
+    """Per query block: the entry blocks it visits. All [B, Hkv, nq] int32."""
+
+    full: jax.Array  # prefix blocks [0, full) are visible to every query of the block
+    prefix_blocks: jax.Array  # prefix blocks [full, prefix_blocks) are visible to some
+    band_first: jax.Array  # first band block visible to some query of the block
+    band_blocks: jax.Array  # number of band blocks from band_first on
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KeyBlocks:
+    """Per entry block: the query blocks that see it. [B, Hkv, NP/bk] and [B, Hkv, NR/bk]."""
+
+    prefix_first: jax.Array  # first query block seeing some entry of the prefix block
+    prefix_full: jax.Array  # query blocks [prefix_full, nq) see the whole prefix block
+    band_first: jax.Array  # first query block seeing some entry of the band block
+    band_end: jax.Array  # one past the last query block seeing some entry of the band block
+
+
+def prepare(
+    q: jax.Array, prefix: Entries, band: Entries | None, spec: KernelSpec, head_multiple: int = 1
+) -> Operands:
+    """q [B, L, Hq, D] and entry lists [B, Hkv, N, ...] -> padded `Operands`.
+
+    `head_multiple`: D is zero-padded to a multiple of it (zeros change no dot product).
+    """
+    b, seq_len, _, d = q.shape
+    hkv = prefix.k.shape[1]
+    d_pad = _round_up(d, head_multiple) - d
+    lp = _round_up(seq_len, spec.block_q)
+    qt = jnp.pad(q.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, lp - seq_len), (0, d_pad)))
+    if band is None:
+        empty = jnp.zeros((b, hkv, 0, d), prefix.k.dtype)
+        start = jnp.zeros((b, hkv, 0), jnp.int32)
+        band = Entries(empty, empty, start, start)
+    n_prefix = max(_round_up(prefix.k.shape[2], spec.block_k), spec.block_k)
+    n_band = max(_round_up(band.k.shape[2], spec.block_k), spec.block_k)
+    bias = prefix.bias if prefix.bias is not None else jnp.zeros(prefix.start.shape, jnp.float32)
+    until = band.until if band.until is not None else jnp.full(band.start.shape, NEVER, jnp.int32)
+    return Operands(
+        qt,
+        _pad_entries(prefix.k, n_prefix, 0, d_pad),
+        _pad_entries(prefix.v, n_prefix, 0, d_pad),
+        _pad_entries(prefix.start, n_prefix, NEVER),
+        _pad_entries(bias.astype(jnp.float32), n_prefix, 0),
+        _pad_entries(band.k, n_band, 0, d_pad),
+        _pad_entries(band.v, n_band, 0, d_pad),
+        _pad_entries(band.start, n_band, NEVER),
+        _pad_entries(until, n_band, NEVER),
+    )
+
+
+def _pad_entries(x: jax.Array, size: int, value, d_pad: int = 0) -> jax.Array:
+    widths = [(0, 0), (0, 0), (0, size - x.shape[2])] + [(0, d_pad)] * (x.ndim - 3)
+    return jnp.pad(x, widths, constant_values=value)
+
+
+def query_blocks(ops: Operands, spec: KernelSpec) -> QueryBlocks:
+    """The entry blocks each query block visits (searchsorted on device, no host round trip)."""
+    bk, nq = spec.block_k, spec.num_q_blocks(ops.q.shape[2])
+    prefix = Entries(None, None, ops.prefix_start)
+    band = Entries(None, None, ops.band_start, ops.band_until)
+    ranges = block_ranges(prefix, band, spec.block_q, nq)
+    band_first = ranges.band_start // bk
+    band_end = -(-ranges.band_end // bk)
+    return QueryBlocks(
+        full=ranges.prefix_full // bk,
+        prefix_blocks=-(-ranges.prefix_end // bk),
+        band_first=band_first,
+        band_blocks=jnp.where(ranges.band_end > ranges.band_start, band_end - band_first, 0),
+    )
+
+
+def key_blocks(ops: Operands, spec: KernelSpec) -> KeyBlocks:
+    """The query blocks that see each entry block (padding entries start at NEVER)."""
+    bq, bk, lp = spec.block_q, spec.block_k, ops.q.shape[2]
+
+    def blocks(x):  # [B, H, N] -> [B, H, N/bk, bk], positions clipped to the padded length
+        return jnp.minimum(x, lp).reshape(*x.shape[:2], -1, bk)
+
+    prefix_start = blocks(ops.prefix_start)
+    band_start = blocks(ops.band_start)
+    valid = ops.band_start < NEVER
+    band_until = blocks(jnp.where(valid, ops.band_until, 0))
+    band_first = band_start[..., 0] // bq
+    return KeyBlocks(
+        prefix_first=prefix_start[..., 0] // bq,
+        prefix_full=-(-prefix_start[..., -1] // bq),  # a block holding padding is never full
+        band_first=band_first,
+        band_end=jnp.maximum(-(-jnp.max(band_until, axis=-1) // bq), band_first),
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """One backend's three kernels, each a function of (spec, operands, blocks, ...)."""
+
+    forward: Callable  # (spec, ops, qblocks) -> out [B, Hq, Lp, D], lse [B, Hq, Lp] f32
+    dq: Callable  # (spec, ops, qblocks, do, lse, delta) -> dq [B, Hq, Lp, D]
+    dkv: Callable  # (spec, ops, kblocks, do, lse, delta) -> (dpk, dpv, dbk, dbv)
+
+
+def kernel_attention(
+    kernels: Kernels,
+    q: jax.Array,
+    prefix: Entries,
+    band: Entries | None,
+    spec: KernelSpec,
+    head_multiple: int = 1,
+) -> jax.Array:
+    """`interval_attention` computed by `kernels`: q [B, L, Hq, D] -> [B, L, Hq, D].
+
+    Gradients reach q and the entries' k and v (then, through `gather_entries`, the tokens).
+    """
+    d = q.shape[-1]
+    ops = prepare(q, prefix, band, spec, head_multiple)
+    out = _attend(kernels, spec, ops)  # [B, Hq, Lp, Dp]
+    return out[:, :, : spec.seq_len, :d].transpose(0, 2, 1, 3)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _attend(kernels: Kernels, spec: KernelSpec, ops: Operands) -> jax.Array:
+    return kernels.forward(spec, ops, query_blocks(ops, spec))[0]
+
+
+def _attend_fwd(kernels: Kernels, spec: KernelSpec, ops: Operands):
+    out, lse = kernels.forward(spec, ops, query_blocks(ops, spec))
+    return out, (ops, out, lse)
+
+
+def _attend_bwd(kernels: Kernels, spec: KernelSpec, residuals, d_out):
+    ops, out, lse = residuals
+    # Padded query rows carry no cotangent, so they add nothing to dK and dV.
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Hq, Lp]
+    dq = kernels.dq(spec, ops, query_blocks(ops, spec), d_out, lse, delta)
+    dpk, dpv, dbk, dbv = kernels.dkv(spec, ops, key_blocks(ops, spec), d_out, lse, delta)
+    zeros = jax.tree.map(_zero_cotangent, ops)
+    return (dataclasses.replace(zeros, q=dq, prefix_k=dpk, prefix_v=dpv, band_k=dbk, band_v=dbv),)
+
+
+def _zero_cotangent(x: jax.Array):
+    """Positions and biases are structure: integer leaves take float0 cotangents."""
+    if jnp.issubdtype(x.dtype, jnp.integer):
+        return np.zeros(x.shape, jax.dtypes.float0)
+    return jnp.zeros_like(x)
+
+
+_attend.defvjp(_attend_fwd, _attend_bwd)
+
+
+def _round_up(x: int, multiple: int) -> int:
+    return -(-x // multiple) * multiple
+
+
+# --- Tile math shared by the kernels: arrays in, arrays out, no refs. ---------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Dots:
+    """A backend's matmuls with float32 results: a @ b.T, a @ b and a.T @ b."""
+
+    nt: Callable
+    nn: Callable
+    tn: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One block of entries: k, v [bk, D]; start, until, bias [1, bk] (None: not needed)."""
+
+    k: jax.Array
+    v: jax.Array
+    start: jax.Array | None  # None: every entry is visible to every query of the tile
+    until: jax.Array | None = None
+    bias: jax.Array | None = None
+
+
+def tile_logits(dots: Dots, scale: float, q: jax.Array, t: jax.Array, tile: Tile):
+    """Scaled, biased logits [bq, bk] of q [bq, D] at positions t [bq, 1], and visibility."""
+    s = dots.nt(q, tile.k) * scale
+    if tile.bias is not None:
+        s = s + tile.bias
+    if tile.start is None:
+        return s, None
+    visible = tile.start <= t
+    if tile.until is not None:
+        visible = visible & (t < tile.until)
+    return s, visible
+
+
+def online_init(rows: int, d: int):
+    """Running max [bq, 1], normaliser [bq, 1] and accumulator [bq, D], all float32."""
+    return (
+        jnp.full((rows, 1), -jnp.inf, jnp.float32),
+        jnp.zeros((rows, 1), jnp.float32),
+        jnp.zeros((rows, d), jnp.float32),
+    )
+
+
+def online_step(dots: Dots, scale: float, state, q: jax.Array, t: jax.Array, tile: Tile):
+    """One flash-attention step over `tile`; rows that have seen nothing keep max -inf."""
+    m, total, acc = state
+    s, visible = tile_logits(dots, scale, q, t, tile)
+    if visible is not None:
+        s = jnp.where(visible, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe)
+    alpha = jnp.exp(m - m_safe)
+    total = alpha * total + jnp.sum(p, axis=-1, keepdims=True)
+    return m_new, total, alpha * acc + dots.nn(p.astype(tile.v.dtype), tile.v)
+
+
+def online_finish(state):
+    """(out [bq, D] float32, log-sum-exp [bq, 1]); a row that saw nothing gets 0 and +inf."""
+    m, total, acc = state
+    seen = total > 0
+    safe = jnp.where(seen, total, 1.0)
+    return acc / safe, jnp.where(seen, m + jnp.log(safe), jnp.inf)
+
+
+def tile_grads(
+    dots: Dots, scale: float, q, t, do, lse, delta, tile: Tile
+) -> tuple[jax.Array, jax.Array]:
+    """Float32 (ds [bq, bk] for dQ = ds @ k and dK = ds.T @ q, p [bq, bk] for dV = p.T @ do)."""
+    s, visible = tile_logits(dots, scale, q, t, tile)
+    p = jnp.exp(s - lse)
+    if visible is not None:
+        p = jnp.where(visible, p, 0.0)
+    dp = dots.nt(do, tile.v)
+    return p * (dp - delta) * scale, p
