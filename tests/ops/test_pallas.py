@@ -1,0 +1,206 @@
+"""The Pallas kernels beyond the shared conformance suite.
+
+On CPU the kernels run in interpret mode (the TPU interpreter checks races and out-of-bounds
+reads); this file adds inputs long enough to cross many entry blocks, more block sizes, the
+on-device block ranges against brute force, and the lowering of forward and backward to Triton
+and Mosaic, which checks what the kernels ask of each compiler without the hardware.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dga_jax
+from dga_jax import BlockSizes
+from dga_jax.ops.dga import pallas_common as common
+from dga_jax.ops.dga.config import DGAConfig
+from dga_jax.ops.dga.layout import dga_layout, gather_entries
+from dga_jax.ops.dga.pallas_tpu import step_list
+from dga_jax.ops.intervals import NEVER
+from tests.conftest import FORWARD_TOL, GRAD_TOL, TPU_INTERPRET, assert_close, random_qkv
+
+GPU = dict(implementation="pallas_gpu", interpret=True)
+TPU = dict(implementation="pallas_tpu", interpret=TPU_INTERPRET)
+
+
+def _loss(fn, weights):
+    def loss(q, k, v):
+        return jnp.sum(fn(q, k, v).astype(jnp.float32) * weights)
+
+    return loss
+
+
+def _check_against_xla(kernel_kwargs, qkv, dga_kwargs, dtype=jnp.float32):
+    """Forward and gradients of the kernel equal the XLA path on the same inputs."""
+    q, k, v = qkv
+    kernel = functools.partial(dga_jax.dga_attention, **kernel_kwargs, **dga_kwargs)
+    xla = functools.partial(dga_jax.dga_attention, implementation="xla", **dga_kwargs)
+    assert_close(kernel(q, k, v), xla(q, k, v), FORWARD_TOL[dtype])
+    weights = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape)
+    grads = jax.grad(_loss(kernel, weights), argnums=(0, 1, 2))(q, k, v)
+    expected = jax.grad(_loss(xla, weights), argnums=(0, 1, 2))(q, k, v)
+    for got, want in zip(grads, expected, strict=True):
+        assert_close(got, want, GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "selection, block_q, block_k",
+    # L = 120 is a multiple of none of the query blocks.
+    [("global", 16, 16), ("streaming", 32, 16), ("global", 16, 64)],
+)
+def test_gpu_kernels_many_blocks(selection, block_q, block_k):
+    # m = 2, gamma = 0.5: ~90 prefix entries and ~60 raw ones, so many blocks of each list.
+    qkv = random_qkv(3, 2, 120, 4, 2, 16)
+    kwargs = dict(GPU, block_sizes=BlockSizes(block_q, block_k, 16, 32))
+    _check_against_xla(kwargs, qkv, dict(group_size=2, focal_ratio=0.5, selection=selection))
+
+
+def test_gpu_kernels_pad_the_head_dim():
+    # D = 24 is padded to 32 for Triton; GQA with 3 query heads per KV head.
+    qkv = random_qkv(4, 1, 70, 3, 1, 24)
+    kwargs = dict(GPU, block_sizes=BlockSizes(16, 16, 16, 16))
+    _check_against_xla(kwargs, qkv, dict(group_size=4, focal_ratio=0.1))
+
+
+@pytest.mark.parametrize("selection", ["global", "streaming"])
+def test_tpu_kernels_many_blocks(selection):
+    # m = 2, gamma = 0.3, L = 200: ~130 prefix and ~140 raw entries, two 128-entry blocks each.
+    qkv = random_qkv(5, 1, 200, 2, 1, 8)
+    kwargs = dict(TPU, block_sizes=BlockSizes(16, 128, 16, 32))
+    _check_against_xla(kwargs, qkv, dict(group_size=2, focal_ratio=0.3, selection=selection))
+
+
+def _lowered(implementation: str, platform: str, block_sizes: BlockSizes) -> str:
+    """StableHLO of forward + backward lowered for `platform` (no device needed)."""
+    q = jax.ShapeDtypeStruct((1, 1000, 4, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 1000, 2, 128), jnp.bfloat16)
+    attention = functools.partial(
+        dga_jax.ops.dga.api._dga,
+        config=DGAConfig(16, 0.1, "global"),
+        scale=128**-0.5,
+        implementation=implementation,
+        block_sizes=block_sizes,
+        interpret=False,
+    )
+
+    def loss(q, k, v):
+        return jnp.sum(attention(q, k, v).astype(jnp.float32))
+
+    grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    return grads.trace(q, kv, kv).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_gpu_kernels_lower_to_triton():
+    text = _lowered("pallas_gpu", "cuda", BlockSizes(64, 64))
+    # forward, dQ, dK/dV of the prefix and of the band: four Triton calls.
+    assert text.count("custom_call @__gpu$xla.gpu.triton(") == 4
+
+
+def test_tpu_kernels_lower_to_mosaic():
+    text = _lowered("pallas_tpu", "tpu", BlockSizes(128, 128))
+    assert text.count("custom_call @tpu_custom_call(") == 4
+
+
+@pytest.mark.parametrize(
+    "implementation, block_sizes, field",
+    [
+        ("pallas_gpu", BlockSizes(48, 64), "block_q"),  # not a power of two
+        ("pallas_gpu", BlockSizes(64, 8), "block_k"),  # below Triton's 16
+        ("pallas_tpu", BlockSizes(12, 128), "block_q"),  # not whole sublanes
+        ("pallas_tpu", BlockSizes(512, 64), "block_k"),  # not whole lanes
+    ],
+)
+def test_bad_kernel_block_sizes(implementation, block_sizes, field):
+    q, k, v = random_qkv(0, 1, 16, 2, 1, 8)
+    with pytest.raises(ValueError, match=rf"{implementation}.*BlockSizes\.{field}"):
+        dga_jax.dga_attention(
+            q, k, v, implementation=implementation, block_sizes=block_sizes, interpret=True
+        )
+
+
+@pytest.mark.parametrize("implementation", ["pallas_gpu", "pallas_tpu"])
+def test_kernel_on_the_wrong_backend_says_how_to_interpret(implementation):
+    q, k, v = random_qkv(0, 1, 16, 2, 1, 8)
+    with pytest.raises(ValueError, match="interpret=True"):
+        dga_jax.dga_attention(q, k, v, implementation=implementation)
+
+
+def test_interpret_is_for_kernels_only():
+    q, k, v = random_qkv(0, 1, 16, 2, 1, 8)
+    with pytest.raises(ValueError, match="interpret"):
+        dga_jax.dga_attention(q, k, v, implementation="xla", interpret=True)
+
+
+def _operands(selection: str, spec: common.KernelSpec):
+    """Kernel operands of a random DGA layout with many blocks in both lists."""
+    q, k, v = random_qkv(6, 2, 150, 4, 2, 8)
+    layout = dga_layout(q, k, DGAConfig(3, 0.3, selection), 0.3)
+    prefix, raw = gather_entries(layout, k, v)
+    return common.prepare(q, prefix, raw, spec)
+
+
+def _visible(start, until, t):
+    """[N] entries x [T] positions -> visibility [T, N] (numpy)."""
+    return (start[None, :] <= t[:, None]) & (t[:, None] < until[None, :])
+
+
+@pytest.mark.parametrize("selection", ["global", "streaming"])
+def test_block_ranges_cover_exactly_what_is_visible(selection):
+    spec = common.KernelSpec(0.3, block_q=16, block_k=8, groups=2, seq_len=150, interpret=True)
+    ops = _operands(selection, spec)
+    qb, kb = common.query_blocks(ops, spec), common.key_blocks(ops, spec)
+    qb, kb = jax.tree.map(np.asarray, qb), jax.tree.map(np.asarray, kb)
+    bq, bk, lp = spec.block_q, spec.block_k, ops.q.shape[2]
+    t = np.arange(lp)
+    for b, h in np.ndindex(*ops.prefix_start.shape[:2]):
+        p_start = np.asarray(ops.prefix_start[b, h])
+        p_vis = _visible(p_start, np.full_like(p_start, NEVER), t)  # [Lp, NP]
+        r_vis = _visible(np.asarray(ops.band_start[b, h]), np.asarray(ops.band_until[b, h]), t)
+        # Query-stationary walk: visited blocks hold every visible entry; unmasked ones are whole.
+        for i in range(lp // bq):
+            rows = slice(i * bq, (i + 1) * bq)
+            p_seen = np.flatnonzero(p_vis[rows].any(axis=0))
+            full, n_prefix = qb.full[b, h, i], qb.prefix_blocks[b, h, i]
+            assert np.all(p_seen // bk < n_prefix)
+            assert p_vis[rows, : full * bk].all()
+            r_seen = np.flatnonzero(r_vis[rows].any(axis=0))
+            first, count = qb.band_first[b, h, i], qb.band_blocks[b, h, i]
+            assert np.all((r_seen // bk >= first) & (r_seen // bk < first + count))
+        # Key-stationary walk: the same pairs, seen from the entry blocks.
+        for j in range(p_start.size // bk):
+            cols = slice(j * bk, (j + 1) * bk)
+            q_seen = np.flatnonzero(p_vis[:, cols].any(axis=1)) // bq
+            assert np.all(q_seen >= kb.prefix_first[b, h, j])
+            whole = p_vis[kb.prefix_full[b, h, j] * bq :, cols]
+            assert whole.all()
+        for j in range(r_vis.shape[1] // bk):
+            q_seen = np.flatnonzero(r_vis[:, j * bk : (j + 1) * bk].any(axis=1)) // bq
+            assert np.all((q_seen >= kb.band_first[b, h, j]) & (q_seen < kb.band_end[b, h, j]))
+
+
+def test_step_list_enumerates_each_pair_once():
+    first = jnp.array([0, 2, 5, 5, 9], jnp.int32)
+    end = jnp.array([3, 2, 9, 7, 9], jnp.int32)  # block 1 and 4 are seen by nobody
+    full = jnp.array([1, 2, 6, 5, 9], jnp.int32)
+    block, query, flags, fits = jax.tree.map(np.asarray, step_list(first, end, full, 16))
+    assert fits
+    computed = [(j, i) for j, i, f in zip(block, query, flags, strict=True) if f & 1]
+    expected = [(j, i) for j in range(5) for i in range(first[j], end[j])]
+    assert computed == expected
+    # Every block is opened and closed exactly once, nobody-seen blocks included.
+    assert sorted(block[(flags & 2) != 0].tolist()) == list(range(5))
+    assert sorted(block[(flags & 4) != 0].tolist()) == list(range(5))
+    masked = {(j, i) for j, i, f in zip(block, query, flags, strict=True) if f & 1 and f & 8}
+    assert masked == {(j, i) for j, i in expected if i < full[j]}
+
+
+def test_step_list_reports_when_steps_run_out():
+    first = jnp.array([0, 0], jnp.int32)
+    end = jnp.array([4, 4], jnp.int32)
+    *_, fits = step_list(first, end, first, 7)
+    assert not bool(fits)
