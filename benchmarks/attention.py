@@ -1,9 +1,13 @@
 """Benchmark Dynamic Group Attention against dense causal attention, forward and forward+backward.
 
-Compares `dga_jax.dga_attention(implementation="xla")` ("dga_xla") with `dga_jax.dense_attention`
-"xla" (`jax.nn.dot_product_attention`, materialises L x L logits), "blockwise" (flash-style XLA,
-memory linear in L) and, on GPU only, "cudnn". Defaults follow the issue: L in {2K, ..., 32K},
-B=1, Hq=Hkv=8, D=128, gamma=0.1, m=16, float32 on CPU and bfloat16 on an accelerator.
+Compares `dga_jax.dga_attention` with implementation "pallas_gpu" / "pallas_tpu" (the kernels, on
+their own hardware only: interpret mode says nothing about speed) and "xla" ("dga_xla") with
+`dga_jax.dense_attention` "xla" (`jax.nn.dot_product_attention`, materialises L x L logits),
+"blockwise" (flash-style XLA, memory linear in L) and, on GPU only, "cudnn". The speedup column
+is each row's time over the first DGA implementation's (the kernel where there is one).
+Defaults: L in {2K, ..., 32K}, B=1, Hq=Hkv=8, D=128, gamma=0.1, m=16, float32 on CPU and
+bfloat16 on an accelerator. The issue's GPU table: `--heads 32 --kv-heads 32 --lengths
+4096,8192,16384,32768 --impls dga_pallas_gpu,dga_xla,dense_cudnn` (bfloat16 by default).
 
     python benchmarks/attention.py --quick   # L in {1K, 2K}, 2 repeats: under a minute on CPU
     python benchmarks/attention.py           # the full sweep (`make bench`): long on CPU
@@ -54,7 +58,15 @@ import dga_jax
 FULL_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (1024, 2048)
 MODES = ("fwd", "fwd+bwd")
-IMPLS = ("dga_xla", "dense_xla", "dense_blockwise", "dense_cudnn")
+IMPLS = (
+    "dga_pallas_gpu",
+    "dga_pallas_tpu",
+    "dga_xla",
+    "dense_xla",
+    "dense_blockwise",
+    "dense_cudnn",
+)
+ONLY_ON = {"dga_pallas_gpu": "gpu", "dga_pallas_tpu": "tpu", "dense_cudnn": "gpu"}
 DASH = "\N{EM DASH}"
 COLUMNS = f"{'L':>6}  {'mode':<8}{'impl':<16}{'median ms':>11}{'min ms':>11}"
 HEADER = f"{COLUMNS}{'speedup':>9}{'XLA peak GiB':>14}  status"
@@ -110,21 +122,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")
     args.repeats = args.repeats or (2 if args.quick else 5)
     if args.impls is None:
-        args.impls = [impl for impl in IMPLS if impl != "dense_cudnn" or backend == "gpu"]
+        args.impls = [impl for impl in IMPLS if ONLY_ON.get(impl, backend) == backend]
     for name, choices in (("modes", MODES), ("impls", IMPLS)):
         unknown = set(getattr(args, name)) - set(choices)
         if unknown:
             p.error(f"--{name}: unknown {sorted(unknown)}; choose from {','.join(choices)}")
         setattr(args, name, [item for item in choices if item in getattr(args, name)])
+    args.baseline = next((impl for impl in args.impls if impl.startswith("dga_")), None)
     return args
 
 
 def attention(impl: str, args: argparse.Namespace) -> Callable[..., jax.Array]:
     """The attention function that `impl` names, with the DGA settings from `args`."""
-    if impl == "dga_xla":
+    if impl.startswith("dga_"):
         dga = {"group_size": args.group_size, "focal_ratio": args.focal_ratio}
         return functools.partial(
-            dga_jax.dga_attention, **dga, selection=args.selection, implementation="xla"
+            dga_jax.dga_attention,
+            **dga,
+            selection=args.selection,
+            implementation=impl.removeprefix("dga_"),
         )
     return functools.partial(dga_jax.dense_attention, implementation=impl.removeprefix("dense_"))
 
@@ -194,10 +210,10 @@ def fmt_ms(value: float | None) -> str:
     return DASH if value is None else f"{value:.1f}"
 
 
-def format_row(record: Record, dga_ms: float | None) -> str:
-    """One fixed-width table line."""
+def format_row(record: Record, dga_ms: float | None, baseline: str | None) -> str:
+    """One fixed-width table line; speedup = this row's time / the baseline DGA's."""
     speedup = DASH
-    if record.impl != "dga_xla" and dga_ms and record.median_ms is not None:
+    if record.impl != baseline and dga_ms and record.median_ms is not None:
         speedup = f"{record.median_ms / dga_ms:.2f}x"
     peak = DASH if record.xla_peak_bytes is None else f"{record.xla_peak_bytes / GIB:.3f}"
     status = record.status if record.reason is None else f"{record.status}: {record.reason}"
@@ -222,9 +238,9 @@ def run(args: argparse.Namespace) -> list[Record]:
                     record.status, record.reason = "skipped", f"{type(err).__name__}: {lines[0]}"
                 if record.median_ms is not None:
                     last[(impl, mode)] = (length, record.median_ms)
-                if impl == "dga_xla":
+                if impl == args.baseline:
                     dga_ms = record.median_ms
-                print(format_row(record, dga_ms), flush=True)
+                print(format_row(record, dga_ms, args.baseline), flush=True)
                 records.append(record)
                 gc.collect()
     return records
@@ -262,9 +278,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{env['device_kind']} ({env['backend']}), {args.dtype}, jax {env['jax_version']}")
     records = run(args)
     print(f"\n{HEADER}")
-    dga = {(r.L, r.mode): r.median_ms for r in records if r.impl == "dga_xla"}
+    dga = {(r.L, r.mode): r.median_ms for r in records if r.impl == args.baseline}
     for record in records:
-        print(format_row(record, dga.get((record.L, record.mode))))
+        print(format_row(record, dga.get((record.L, record.mode)), args.baseline))
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"attention_{env['backend']}{'_quick' if args.quick else ''}"
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
