@@ -1,25 +1,33 @@
 """dga-jax: Dynamic Group Attention for long-context language models in JAX."""
 
+from dga_jax.generate import generate
 from dga_jax.model import DGAttention, Llama, ModelConfig, RopeScaling
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dga import DGAConfig, DGALayout, dga_attention, dga_layout, gather_entries
+from dga_jax.ops.dga.decode import DenseCache, DGACache, decode_step, prefill, prefix_capacity
 from dga_jax.ops.intervals import BlockSizes
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 
 __all__ = [
     "DEFAULT_RULES",
     "BlockSizes",
+    "DGACache",
     "DGAConfig",
     "DGALayout",
     "DGAttention",
+    "DenseCache",
     "Llama",
     "LogicalRules",
     "ModelConfig",
     "RopeScaling",
     "dense_attention",
     "dga_attention",
+    "decode_step",
     "dga_layout",
     "gather_entries",
+    "generate",
     "make_mesh",
+    "prefill",
+    "prefix_capacity",
 ]
 __version__ = "0.1.0"

@@ -14,6 +14,14 @@ from dga_jax.model.config import ModelConfig
 from dga_jax.model.layers import apply_rope, param, rope_frequencies
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dga.api import dga_attention
+from dga_jax.ops.dga.decode import (
+    DenseCache,
+    DenseUpdate,
+    DGACache,
+    DGAUpdate,
+    attend_step,
+    prefill,
+)
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
 
 
@@ -40,17 +48,54 @@ class DGAttention(nnx.Module):
         `positions` only rotate q and k (RoPE); the causal mask and DGA's groups take token t to
         be row t of the sequence, as in packed pretraining.
         """
+        q, k, v = self._qkv(x, positions)
+        return self._project(self._attend(q, k, v))
+
+    def prefill(
+        self, x: jax.Array, max_len: int, capacity: int | None = None
+    ) -> tuple[jax.Array, DGACache | DenseCache]:
+        """x: [B, P, D] at positions 0..P-1 -> (the same [B, P, D] as `__call__`, the cache).
+
+        The cache (DGA's for config.attention == "dga", else dense) holds up to `max_len`
+        tokens; `capacity` is the DGA prefix capacity (`dga_jax.ops.dga.decode.prefix_capacity`).
+        """
+        positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        q, k, v = self._qkv(x, positions)
+        config = self.config
+        dga = config.dga if config.attention == "dga" else None
+        cache = prefill(q, k, v, max_len=max_len, config=dga, capacity=capacity)
+        return self._project(self._attend(q, k, v)), cache
+
+    def decode(
+        self, x: jax.Array, cache: DGACache | DenseCache
+    ) -> tuple[jax.Array, DGAUpdate | DenseUpdate]:
+        """x: [B, 1, D], one token per row at position `cache.length` -> ([B, 1, D], update).
+
+        Reads `cache` only; `dga_jax.ops.dga.decode.apply_update` writes the returned update.
+        """
+        q, k, v = self._qkv(x, cache.length[:, None])
+        out, update = attend_step(q[:, 0], k[:, 0], v[:, 0], cache)
+        return self._project(out[:, None]), update
+
+    def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K], q and k rotated."""
         config, dtype = self.config, self.config.compute_dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dtype))  # [B, T, H, K]
         k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dtype))  # [B, T, Hkv, K]
         v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dtype))
         inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        with jax.named_scope(config.attention + "_attention"):
-            out = self._attend(q, k, v)
-        return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dtype))
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def _project(self, out: jax.Array) -> jax.Array:
+        """[B, T, H, K] -> [B, T, D]."""
+        return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(self.config.compute_dtype))
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        config = self.config
+        with jax.named_scope(config.attention + "_attention"):
+            return self._core(q, k, v)
+
+    def _core(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         config = self.config
         if config.attention == "dense":
             return dense_attention(q, k, v, implementation=config.attention_impl)

@@ -9,6 +9,7 @@ from flax import nnx
 from dga_jax.model.attention import DGAttention
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.layers import MLP, RMSNorm, param
+from dga_jax.ops.dga.decode import DenseCache, DenseUpdate, DGACache, DGAUpdate, apply_update
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
 
 REMAT = {
@@ -30,6 +31,25 @@ class DecoderLayer(nnx.Module):
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:  # [B, T, D]
         with jax.named_scope("attention_block"):
             x = x + self.attn(self.attn_norm(x), positions)
+        return self._mlp_block(x)
+
+    def prefill(
+        self, x: jax.Array, max_len: int, capacity: int | None
+    ) -> tuple[jax.Array, DGACache | DenseCache]:
+        """x: [B, P, D] at positions 0..P-1 -> (the `__call__` output, this layer's cache)."""
+        with jax.named_scope("attention_block"):
+            h, cache = self.attn.prefill(self.attn_norm(x), max_len, capacity)
+        return self._mlp_block(x + h), cache
+
+    def decode(
+        self, x: jax.Array, cache: DGACache | DenseCache
+    ) -> tuple[jax.Array, DGAUpdate | DenseUpdate]:
+        """x: [B, 1, D], the next token of each row -> ([B, 1, D], this layer's cache update)."""
+        with jax.named_scope("attention_block"):
+            h, update = self.attn.decode(self.attn_norm(x), cache)
+        return self._mlp_block(x + h), update
+
+    def _mlp_block(self, x: jax.Array) -> jax.Array:
         with jax.named_scope("mlp_block"):
             return x + self.mlp(self.mlp_norm(x))
 
@@ -64,8 +84,7 @@ class Llama(nnx.Module):
         config = self.config
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-        x = self.embed[...].astype(config.compute_dtype)[tokens]  # [B, T, D]
-        x = self._constrain(x)
+        x = self._embed(tokens)
         graphdef, state = nnx.split(self.layers)
 
         def layer_step(x, layer_state):
@@ -74,6 +93,51 @@ class Llama(nnx.Module):
         if config.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=REMAT[config.remat])
         x, _ = jax.lax.scan(layer_step, x, state)
+        return self._logits(x)
+
+    def prefill(
+        self, tokens: jax.Array, max_len: int, capacity: int | None = None
+    ) -> tuple[jax.Array, DGACache | DenseCache]:
+        """tokens: [B, P] -> (logits [B, P, V] equal to `self(tokens)`, caches).
+
+        Every row is a whole prompt of P tokens (prompts of other lengths: prefill them
+        separately and concatenate the caches, as `dga_jax.generate.prefill` does). The caches
+        hold up to `max_len` tokens; each leaf has a leading `num_layers` axis. `capacity` is
+        the DGA prefix capacity (`dga_jax.ops.dga.decode.prefix_capacity`; default: for P).
+        """
+        graphdef, state = nnx.split(self.layers)
+
+        def layer_step(x, layer_state):
+            x, cache = nnx.merge(graphdef, layer_state).prefill(x, max_len, capacity)
+            return self._constrain(x), cache
+
+        x, caches = jax.lax.scan(layer_step, self._embed(tokens), state)
+        return self._logits(x), caches
+
+    def decode_step(
+        self, tokens: jax.Array, caches: DGACache | DenseCache
+    ) -> tuple[jax.Array, DGACache | DenseCache]:
+        """tokens: [B] int, the next token of each row -> (logits [B, V] float32, caches)."""
+        graphdef, state = nnx.split(self.layers)
+
+        def layer_step(x, inputs):
+            layer_state, cache = inputs
+            x, update = nnx.merge(graphdef, layer_state).decode(x, cache)
+            return self._constrain(x), update
+
+        x, updates = jax.lax.scan(layer_step, self._embed(tokens[:, None]), (state, caches))
+        # Every layer's cache is read in the scan and written after it: XLA then updates the
+        # buffers in place instead of copying each layer's cache every step.
+        return self._logits(x)[:, 0], jax.vmap(apply_update)(caches, updates)
+
+    def _embed(self, tokens: jax.Array) -> jax.Array:
+        """[B, T] int -> [B, T, D] in the compute dtype."""
+        x = self.embed[...].astype(self.config.compute_dtype)[tokens]
+        return self._constrain(x)
+
+    def _logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and LM head: [B, T, D] -> float32 [B, T, V]."""
+        config = self.config
         x = self.norm(x)
         head = self.embed[...].T if config.tie_embeddings else self.lm_head[...]
         return jnp.einsum(

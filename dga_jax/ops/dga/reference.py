@@ -105,3 +105,101 @@ def _select_streaming(logits, sizes: LayoutSizes):
         focal = focal.at[start + order[:per_chunk]].set(True)
         score = score.at[start : last + 1].set(chunk_score)
     return focal, score
+
+
+def dga_decode_reference(
+    q: jax.Array, k: jax.Array, v: jax.Array, config: DGAConfig, scale: float, prompt_len: int
+) -> np.ndarray:
+    """Outputs [B, L - P, Hq, D] of tokens P..L-1 decoded one by one after a prefill of P.
+
+    q: [B, L, Hq, D], k/v: [B, L, Hkv, D]. Written from the spec's decoding rule in NumPy
+    float32, one token, one (batch, KV head) at a time. A `global` prefill starts from the
+    prompt's focal set, groups and leftovers; `streaming` decodes every token from position 0.
+    """
+    b, seq_len, hq, d = q.shape
+    hkv = k.shape[2]
+    qh = np.asarray(q, np.float32).reshape(b, seq_len, hkv, hq // hkv, d)
+    kh, vh = np.asarray(k, np.float32), np.asarray(v, np.float32)
+    out = np.zeros((b, seq_len - prompt_len, hkv, hq // hkv, d), np.float32)
+    start = prompt_len if config.selection == "global" else 0
+    for i in range(b):
+        for h in range(hkv):
+            q_bh, k_bh, v_bh = qh[i, :, h], kh[i, :, h], vh[i, :, h]
+            state = _prefill_entries(q_bh[:start], k_bh[:start], v_bh[:start], config, scale)
+            for t in range(start, seq_len):
+                o = _decode_token(state, q_bh[t], k_bh[t], v_bh[t], config, scale)
+                if t >= prompt_len:
+                    out[i, t - prompt_len, h] = o
+    return out.reshape(b, seq_len - prompt_len, hq, d)
+
+
+def _prefill_entries(q, k, v, config: DGAConfig, scale: float) -> dict:
+    """Entries (k, v, bias) and raw tail indices after a global prefill. q [P, G, D], k/v [P, D]."""
+    prompt_len, m = k.shape[0], config.group_size
+    state = {"k": [], "v": [], "bias": [], "tail": [], "keys": k, "values": v}
+    if prompt_len == 0:
+        return state
+    if config.focal_ratio >= 1.0:
+        state.update(k=list(k), v=list(v), bias=[0.0] * prompt_len)
+        return state
+    sampled = set(range(m - 1, prompt_len, m)) | {prompt_len - 1}
+    importance = np.zeros(prompt_len, np.float32)
+    for j in sampled:
+        logits = np.einsum("gd,sd->gs", q[j], k[: j + 1]) * scale
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        importance[: j + 1] += (p / p.sum(axis=-1, keepdims=True)).sum(axis=0)
+    r = min(prompt_len, math.ceil(config.focal_ratio * prompt_len - 1e-6))
+    focal = np.sort(np.argsort(-importance, kind="stable")[:r])  # ties: lower position
+    rest = [i for i in range(prompt_len) if i not in set(focal.tolist())]
+    cut = len(rest) // m * m
+    for i in focal:
+        _add_entry(state, k[i], v[i], 0.0)
+    for g in range(0, cut, m):
+        _add_group(state, rest[g : g + m], importance[rest[g : g + m]], m)
+    state["tail"] = rest[cut:]
+    return state
+
+
+def _decode_token(state: dict, q, k, v, config: DGAConfig, scale: float) -> np.ndarray:
+    """Appends token (q [G, D], k/v [D]) and returns its output [G, D]; flushes a full tail."""
+    t = len(state["keys"])
+    state["keys"] = np.concatenate([state["keys"], k[None]])
+    state["values"] = np.concatenate([state["values"], v[None]])
+    state["tail"].append(t)
+    tail = state["tail"]
+    keys = np.array(state["k"] + [state["keys"][i] for i in tail]).reshape(-1, k.shape[0])
+    values = np.array(state["v"] + [state["values"][i] for i in tail]).reshape(-1, k.shape[0])
+    bias = np.array(state["bias"] + [0.0] * len(tail), np.float32)
+    logits = np.einsum("gd,nd->gn", q, keys) * scale + bias
+    p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    out = (p / p.sum(axis=-1, keepdims=True)) @ values
+    if config.focal_ratio >= 1.0:
+        focal, m = 1, 0
+    else:
+        focal, m = config.chunk_focal, config.group_size
+    if len(tail) == focal + m:
+        tail_logits = np.einsum("gd,nd->gn", q, state["keys"][tail]) * scale
+        e = np.exp(tail_logits - tail_logits.max(axis=-1, keepdims=True))
+        score = (e / e.sum(axis=-1, keepdims=True)).sum(axis=0)
+        chosen = np.sort(np.argsort(-score, kind="stable")[:focal]).tolist()
+        for i in chosen:
+            _add_entry(state, state["keys"][tail[i]], state["values"][tail[i]], 0.0)
+        others = [i for i in range(len(tail)) if i not in chosen]
+        if others:
+            _add_group(state, [tail[i] for i in others], score[others], m)
+        state["tail"] = []
+    return out
+
+
+def _add_entry(state: dict, k, v, bias: float) -> None:
+    state["k"].append(k)
+    state["v"].append(v)
+    state["bias"].append(bias)
+
+
+def _add_group(state: dict, members: list[int], scores, m: int) -> None:
+    """One group entry: members weighted ∝ scores (uniform 1/m if they sum to 0), bias log m."""
+    total = float(np.sum(scores))
+    w = np.asarray(scores, np.float32) / total if total > 0 else np.full(m, 1.0 / m, np.float32)
+    keys, values = state["keys"][members], state["values"][members]
+    _add_entry(state, w @ keys, w @ values, math.log(m))

@@ -1,0 +1,122 @@
+"""Generate text from a checkpoint, streaming it to stdout as tokens arrive.
+
+    python -m dga_jax.generate --checkpoint ckpt/tiny --tokenizer byte --prompt "def main"
+
+The prompt is echoed, then the continuation is printed token by token; generation stops at the
+tokenizer's EOS or after --max_new_tokens. BOS is prepended when the tokenizer has one (training
+packs documents behind BOS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from dga_jax.checkpoint.orbax_io import load_config, load_model
+from dga_jax.data.tokenizers import Tokenizer, load_tokenizer
+from dga_jax.generate import stream
+from dga_jax.model.config import ATTENTION_KINDS
+from dga_jax.ops.dga.config import SELECTIONS
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m dga_jax.generate", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="directory written by save_model")
+    p.add_argument("--tokenizer", required=True, help="'byte', a *.model or tokenizer.json")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max_new_tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention", choices=ATTENTION_KINDS, help="default: the checkpoint's")
+    p.add_argument("--selection", choices=SELECTIONS, help="DGA selection; default: stored")
+    return p.parse_args(argv)
+
+
+class TextStream:
+    """Writes the text of a growing list of token ids, holding back an incomplete character."""
+
+    def __init__(self, tokenizer: Tokenizer, out=sys.stdout):
+        self.tokenizer, self.out = tokenizer, out
+        self.ids: list[int] = []
+        self.written = ""
+
+    def push(self, token: int) -> None:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.written):
+            return
+        self._write(text)
+
+    def finish(self) -> None:
+        """Writes whatever was held back, then a newline."""
+        text = self.tokenizer.decode(self.ids)
+        if text.startswith(self.written):
+            self._write(text)
+        self.out.write("\n")
+
+    def _write(self, text: str) -> None:
+        self.out.write(text[len(self.written) :])
+        self.out.flush()
+        self.written = text
+
+
+def fail(message: str) -> NoReturn:
+    """Exits with status 1 and a message naming the problem (no traceback)."""
+    sys.exit(f"python -m dga_jax.generate: error: {message}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Loads the checkpoint and tokenizer, then streams the continuation of --prompt."""
+    args = parse_args(argv)
+    if not os.path.isdir(args.checkpoint):
+        fail(f"--checkpoint {args.checkpoint!r} is not a directory")
+    if not args.prompt:
+        fail("--prompt is empty")
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+    except (OSError, ValueError, RuntimeError) as e:
+        fail(f"--tokenizer {args.tokenizer!r} could not be loaded: {e}")
+    changes = {}
+    if args.attention:
+        changes["attention"] = args.attention
+    if args.selection:
+        changes["dga"] = dataclasses.replace(
+            load_config(args.checkpoint).dga, selection=args.selection
+        )
+    model = load_model(args.checkpoint, **changes)
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    ids = bos + tokenizer.encode(args.prompt)
+    vocab = model.config.vocab_size
+    if max(ids) >= vocab:
+        fail(f"tokenizer id {max(ids)} is outside the model's vocabulary of {vocab}")
+    stops = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    try:
+        steps = stream(
+            model,
+            [ids],
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            stop_tokens=stops,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        fail(str(e))
+    sys.stdout.write(args.prompt)
+    text = TextStream(tokenizer)
+    for tokens in steps:
+        if tokens[0] < 0 or tokens[0] in stops:
+            break
+        text.push(int(tokens[0]))
+    text.finish()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,171 @@
+"""DGA decoding at the op level: the cache, prefill and one-token steps (`shared/DGA_SPEC.md`)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dga_jax
+from dga_jax.ops.dga.decode import (
+    DenseCache,
+    DGACache,
+    decode_step,
+    prefill,
+    prefill_counts,
+    prefix_capacity,
+)
+from dga_jax.ops.dga.reference import dga_decode_reference
+from tests.conftest import FORWARD_TOL, assert_close, random_qkv
+
+TOL = FORWARD_TOL[jnp.float32]
+SCALE = 16**-0.5
+step = jax.jit(decode_step)
+prefill_jit = jax.jit(prefill, static_argnames=("max_len", "config", "scale", "capacity"))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def decode(q, k, v, prompt_len, config, max_len=None, capacity=None):
+    """Prefill `prompt_len` tokens, decode the rest: (outputs [B, L - P, Hq, D], cache)."""
+    seq_len = q.shape[1]
+    cache = prefill(
+        q[:, :prompt_len],
+        k[:, :prompt_len],
+        v[:, :prompt_len],
+        max_len=max_len or seq_len,
+        config=config,
+        scale=SCALE,
+        capacity=capacity,
+    )
+
+    def one_token(cache, qkv):
+        out, cache = decode_step(*qkv, cache)
+        return cache, out
+
+    tokens = [x[:, prompt_len:].swapaxes(0, 1) for x in (q, k, v)]
+    cache, outs = jax.lax.scan(one_token, cache, tokens)
+    return outs.swapaxes(0, 1), cache
+
+
+def attention(q, k, v, config):
+    return dga_jax.dga_attention(
+        q,
+        k,
+        v,
+        group_size=config.group_size,
+        focal_ratio=config.focal_ratio,
+        selection=config.selection,
+        scale=SCALE,
+    )
+
+
+@pytest.mark.parametrize("prompt_len", [0, 23])
+@pytest.mark.parametrize("group_size, focal_ratio", [(4, 0.1), (3, 0.5), (4, 0.0)])
+def test_streaming_prefill_equals_step_by_step_decoding(prompt_len, group_size, focal_ratio):
+    # L = 41: chunks of m' = 5, 6 or 4 leave an incomplete last chunk; GQA, batch 2.
+    q, k, v = random_qkv(0, 2, 41, 4, 2, 16)
+    config = dga_jax.DGAConfig(group_size, focal_ratio, "streaming")
+    out, _ = decode(q, k, v, prompt_len, config)
+    assert_close(out, attention(q, k, v, config)[:, prompt_len:], TOL)
+
+
+@pytest.mark.parametrize("selection", ["global", "streaming"])
+@pytest.mark.parametrize("focal_ratio", [0.0, 0.1, 0.5, 1.0])
+def test_decoding_after_prefill_matches_the_spec_rule(selection, focal_ratio):
+    q, k, v = random_qkv(1, 2, 50, 4, 2, 16)
+    config = dga_jax.DGAConfig(4, focal_ratio, selection)
+    out, _ = decode(q, k, v, 29, config)
+    assert_close(out, dga_decode_reference(q, k, v, config, SCALE, 29), TOL)
+
+
+def test_decoding_after_global_prefill_differs_from_streaming():
+    # The two selections give different caches, so the reference comparison above can fail.
+    q, k, v = random_qkv(1, 1, 40, 2, 2, 16)
+    outs = [decode(q, k, v, 25, dga_jax.DGAConfig(4, 0.25, s))[0] for s in ("global", "streaming")]
+    assert float(jnp.max(jnp.abs(outs[0] - outs[1]))) > 1e-3
+
+
+@pytest.mark.parametrize("selection", ["global", "streaming"])
+@pytest.mark.parametrize("group_size, focal_ratio", [(4, 1.0), (1, 0.1)])
+def test_all_focal_or_groups_of_one_equal_dense_decoding(selection, group_size, focal_ratio):
+    q, k, v = random_qkv(2, 2, 33, 4, 2, 16)
+    dense, _ = decode(q, k, v, 11, None)
+    out, _ = decode(q, k, v, 11, dga_jax.DGAConfig(group_size, focal_ratio, selection))
+    assert_close(out, dense, TOL)
+
+
+def test_dense_decoding_equals_dense_attention():
+    q, k, v = random_qkv(3, 2, 30, 4, 2, 16)
+    out, cache = decode(q, k, v, 9, None, max_len=40)
+    assert isinstance(cache, DenseCache) and cache.k.shape == (2, 2, 40, 16)
+    np.testing.assert_array_equal(cache.length, [30, 30])
+    full = dga_jax.dense_attention(q, k, v, scale=SCALE)
+    assert_close(out, full[:, 9:], TOL)
+
+
+def test_rows_at_different_lengths_share_a_batch():
+    # Rows prefilled at their own lengths, concatenated, decoded together == decoded alone.
+    config = dga_jax.DGAConfig(4, 0.1)
+    q, k, v = random_qkv(4, 2, 40, 4, 2, 16)
+    lengths, steps, max_len = (13, 26), 10, 40
+    capacity = prefix_capacity(config, max_len, lengths)
+    rows = [
+        prefill_jit(q[i : i + 1, :p], k[i : i + 1, :p], v[i : i + 1, :p], max_len=max_len,
+                config=config, scale=SCALE, capacity=capacity)
+        for i, p in enumerate(lengths)
+    ]  # fmt: skip
+    cache = jax.tree.map(concat_rows, *rows)
+    alone = [decode(q[i : i + 1], k[i : i + 1], v[i : i + 1], p, config, max_len)[0] for i, p in
+             enumerate(lengths)]  # fmt: skip
+    for n in range(steps):
+        t = np.array(lengths) + n
+        out, cache = step(q[[0, 1], t], k[[0, 1], t], v[[0, 1], t], cache)
+        for i in range(len(lengths)):
+            assert_close(out[i], alone[i][0, n], TOL)
+
+
+def concat_rows(*rows):
+    return jnp.concatenate(rows, axis=0)
+
+
+@pytest.mark.parametrize(
+    "selection, prompt_len", [("global", 0), ("global", 37), ("streaming", 10)]
+)
+def test_prefix_capacity_is_what_decoding_fills(selection, prompt_len):
+    config = dga_jax.DGAConfig(4, 0.1, selection)
+    q, k, v = random_qkv(5, 1, 60, 2, 1, 16)
+    _, cache = decode(q, k, v, prompt_len, config)
+    assert isinstance(cache, DGACache)
+    capacity = prefix_capacity(config, 60, [prompt_len])
+    assert cache.prefix_k.shape[2] == capacity
+    assert int(cache.prefix_count[0]) == capacity
+    assert int(cache.length[0]) == 60
+    assert prefill_counts(config, prompt_len)[1] < config.chunk_size
+
+
+def test_cache_is_about_a_sixth_of_dense_at_the_paper_setting():
+    config = dga_jax.DGAConfig(16, 0.1)
+    assert prefix_capacity(config, 4096 + 64, [4096]) / (4096 + 64) < 0.16
+
+
+def test_overflow_raises_before_running():
+    q, k, v = random_qkv(6, 1, 20, 2, 1, 16)
+    config = dga_jax.DGAConfig(4, 0.1)
+    with pytest.raises(ValueError, match="max_len=16 tokens but 20 are needed"):
+        prefill(q, k, v, max_len=16, config=config)
+    with pytest.raises(ValueError, match="max_len=10 tokens but 12 are needed"):
+        prefix_capacity(config, 10, [5, 12])
+    needed = prefix_capacity(config, 30, [20])
+    with pytest.raises(ValueError, match=f"capacity={needed - 1} prefix slots are too few"):
+        prefill(q, k, v, max_len=30, config=config, capacity=needed - 1)
+
+
+@pytest.mark.parametrize("config", [None, dga_jax.DGAConfig(4, 0.1)])
+def test_a_step_past_max_len_gives_nan_not_a_dropped_token(config):
+    q, k, v = random_qkv(7, 1, 12, 2, 1, 16)
+    out, _ = decode(q, k, v, 4, config, max_len=11)
+    assert bool(jnp.all(jnp.isfinite(out[:, :-1])))
+    assert bool(jnp.all(jnp.isnan(out[:, -1])))

@@ -1,0 +1,175 @@
+"""Decoding with the model: prefill/decode_step against the forward, sampling, generate, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import dga_jax
+from dga_jax import DGAConfig, Llama, ModelConfig
+from dga_jax.checkpoint.orbax_io import save_model
+from dga_jax.data.tokenizers import ByteTokenizer
+from dga_jax.generate import Sampling, prefill, sample
+from dga_jax.generate.__main__ import main
+from tests.conftest import FORWARD_TOL, assert_close
+
+TOL = FORWARD_TOL[jnp.float32]
+TINY = ModelConfig.preset("tiny", num_layers=2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+DGA = DGAConfig(4, 0.1)
+
+
+def model(attention: str = "dga", dga: DGAConfig = DGA) -> Llama:
+    return Llama(TINY.replace(attention=attention, dga=dga), rngs=nnx.Rngs(0))
+
+
+def tokens(b=2, t=40, seed=0):
+    return jax.random.randint(jax.random.PRNGKey(seed), (b, t), 0, TINY.vocab_size)
+
+
+@jax.jit
+def _decode_all(state, graphdef, caches, rest):
+    """Feeds rest [B, N] one token per step: logits [B, N, V]."""
+    llama = nnx.merge(graphdef, state)
+
+    def one(caches, token):
+        step_logits, caches = llama.decode_step(token, caches)
+        return caches, step_logits
+
+    _, steps = jax.lax.scan(one, caches, rest.T)
+    return steps.swapaxes(0, 1)
+
+
+def prefill_then_decode(llama: Llama, x: jax.Array, prompt_len: int) -> jax.Array:
+    """Logits [B, T, V]: `Llama.prefill` of P tokens, then `decode_step` for the rest."""
+    graphdef, state = nnx.split(llama)
+    logits, caches = jax.jit(llama.prefill, static_argnums=1)(x[:, :prompt_len], x.shape[1])
+    assert caches.length.shape == (TINY.num_layers, x.shape[0])
+    return jnp.concatenate([logits, _decode_all(state, graphdef, caches, x[:, prompt_len:])], 1)
+
+
+def test_streaming_prefill_and_decode_logits_equal_the_forward_at_every_position():
+    llama, x = model(dga=DGAConfig(4, 0.1, "streaming")), tokens()
+    assert_close(prefill_then_decode(llama, x, 7), jax.jit(llama.__call__)(x), TOL)
+
+
+def test_dense_decoding_equals_the_dense_forward():
+    llama, x = model("dense"), tokens(t=30)
+    assert_close(prefill_then_decode(llama, x, 12), jax.jit(llama.__call__)(x), TOL)
+
+
+def test_rows_of_different_lengths_equal_their_runs_alone():
+    # Global selection depends on the prompt length: each row must see only its own tokens.
+    llama, x = model(), np.asarray(tokens(2, 36, seed=1))
+    graphdef, state = nnx.split(llama)
+    lengths, steps = [30, 9], 6
+    rest = np.stack([x[i, n : n + steps] for i, n in enumerate(lengths)])
+
+    capacity = dga_jax.prefix_capacity(DGA, 40, lengths)  # shared: one compile per length
+
+    def run(rows):
+        logits, caches = prefill(llama, x[rows], [lengths[i] for i in rows], 40, capacity)
+        decoded = _decode_all(state, graphdef, caches, jnp.asarray(rest[rows]))
+        return jnp.concatenate([logits[:, None], decoded], axis=1)
+
+    batched = run([0, 1])
+    for i in range(2):
+        assert_close(batched[i], run([i])[0], TOL)
+    forward = jax.jit(llama.__call__)(jnp.asarray(x[1:, : lengths[1]]))
+    assert_close(batched[1, 0], forward[0, -1], TOL)
+
+
+def test_greedy_is_argmax_and_top_k_1_is_greedy():
+    logits = jax.random.normal(jax.random.key(0), (8, 50))
+    greedy = sample(logits, jax.random.key(1), Sampling())
+    np.testing.assert_array_equal(greedy, jnp.argmax(logits, axis=-1))
+    top1 = sample(logits, jax.random.key(1), Sampling(temperature=1.0, top_k=1))
+    np.testing.assert_array_equal(top1, greedy)
+
+
+@pytest.mark.parametrize(
+    "sampling, allowed",
+    [
+        (Sampling(temperature=1.0, top_k=2), {1, 3}),
+        (Sampling(temperature=1.0, top_p=0.7), {1, 3}),  # 0.5 + 0.3 reach 0.7
+        (Sampling(temperature=2.0, top_k=3, top_p=0.99), {1, 3, 0}),
+    ],
+)
+def test_top_k_and_top_p_sample_only_the_allowed_tokens(sampling, allowed):
+    probs = jnp.array([0.15, 0.5, 0.05, 0.3])
+    logits = jnp.broadcast_to(jnp.log(probs), (2000, 4))
+    drawn = set(np.asarray(sample(logits, jax.random.key(2), sampling)).tolist())
+    assert drawn == allowed
+
+
+def test_sampling_rejects_bad_settings():
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(temperature=1.0, top_p=1.5)
+    with pytest.raises(ValueError, match="top_k"):
+        Sampling(top_k=0)
+
+
+def test_stop_tokens_end_their_row_only():
+    llama, prompts = model(), [[1, 40, 41, 42], [1, 50, 60]]
+    free = dga_jax.generate(llama, prompts, 8)
+    assert [len(row) for row in free] == [8, 8]
+    # A token of row 0 that neither row produced before: stopping on it ends row 0 there.
+    j = next(j for j, t in enumerate(free[0]) if j and t not in free[0][:j] + free[1])
+    stopped = dga_jax.generate(llama, prompts, 8, stop_tokens=[free[0][j]])
+    assert stopped == [free[0][:j], free[1]]
+
+
+def test_sampled_generation_depends_on_the_seed():
+    llama, prompts = model(), [[1, 40, 41, 42], [1, 50, 60]]
+    runs = [dga_jax.generate(llama, prompts, 8, temperature=1.0, seed=s) for s in (0, 0, 1)]
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+
+
+def test_overflow_raises_before_running():
+    with pytest.raises(ValueError, match="max_len=10 tokens but 12 are needed"):
+        dga_jax.generate(model(), [[1, 2, 3, 4], [5, 6]], 8, max_len=10)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        dga_jax.generate(model(), [[1, 2], []], 8)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("generate") / "tiny"
+    save_model(model(), path)
+    return path
+
+
+def test_cli_streams_the_greedy_continuation(checkpoint):
+    command = [sys.executable, "-m", "dga_jax.generate", "--checkpoint", str(checkpoint)]
+    command += ["--tokenizer", "byte", "--prompt", "def f", "--max_new_tokens", "6"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tokenizer = ByteTokenizer()
+    ids = [tokenizer.bos_id, *tokenizer.encode("def f")]
+    new = dga_jax.generate(model(), [ids], 6, stop_tokens=[tokenizer.eos_id])[0]
+    assert result.stdout == "def f" + tokenizer.decode(new) + "\n"
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--checkpoint", "missing-dir"], "--checkpoint 'missing-dir' is not a directory"),
+        (["--tokenizer", "no/such.model"], "--tokenizer 'no/such.model' could not be loaded"),
+        (["--prompt", ""], "--prompt is empty"),
+        (["--top_p", "2"], "top_p must be a number in"),
+    ],
+)
+def test_cli_names_the_problem(checkpoint, flags, message):
+    args = {"--checkpoint": str(checkpoint), "--tokenizer": "byte", "--prompt": "x"}
+    args.update(zip(flags[::2], flags[1::2], strict=True))
+    with pytest.raises(SystemExit, match=message):
+        main([item for pair in args.items() for item in pair])
