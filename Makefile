@@ -33,6 +33,8 @@ format: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/model_forward.py
+	$(BIN)/python benchmarks/train_step.py
+	$(BIN)/python benchmarks/decode.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dga_jax import DEFAULT_RULES, Llama, make_mesh
+from dga_jax.checkpoint.orbax_io import save_params
 from dga_jax.data import pipeline
 from train import metrics
 from train.batches import addressed_rows, global_batch
@@ -222,9 +223,21 @@ def _train(
         trainer.save(state, force=True)
     finally:
         trainer.close()
+    if not trainer.stopping:
+        export_model(config, state, workdir)
     if jax.process_index() == 0:
         metrics.plot_losses(trainer.log.path, workdir / "loss.png")
     return trainer.summary(state)
+
+
+def export_model(config: TrainConfig, state: TrainState, workdir: Path) -> Path:
+    """Writes the trained parameters and model config to `workdir/model/<step>`, the directory
+    `dga_jax.checkpoint.load_model` and `python -m dga_jax.generate --checkpoint` read."""
+    path = workdir / "model" / str(int(state.step))
+    if not path.exists():  # a finished run that is started again has nothing new to export
+        save_params(path, config.model, nnx.to_pure_dict(state.params))
+        logging.info("model exported to %s", path)
+    return path
 
 
 class _Trainer:

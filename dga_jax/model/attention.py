@@ -22,6 +22,7 @@ from dga_jax.ops.dga.decode import (
     attend_step,
     prefill,
 )
+from dga_jax.ops.dga.sharded import per_shard
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
 
 
@@ -37,6 +38,7 @@ class DGAttention(nnx.Module):
             config.weight_dtype,
         )
         self.config = config
+        self.rules = rules
         self.q = param(rngs, (d, h, hd), ("embed", "heads", "head_dim"), rules, dtype)
         self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), rules, dtype)
         self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), rules, dtype)
@@ -96,6 +98,11 @@ class DGAttention(nnx.Module):
             return self._core(q, k, v)
 
     def _core(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+        """Attention per device shard (batch and heads split, sequence whole) under a mesh."""
+        spec = self.rules.spec(("batch", None, "act_heads", None))
+        return per_shard(self._kernel, q, k, v, batch=spec[0], heads=spec[2])
+
+    def _kernel(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
         config = self.config
         if config.attention == "dense":
             return dense_attention(q, k, v, implementation=config.attention_impl)

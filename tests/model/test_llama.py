@@ -152,7 +152,7 @@ SHARDED = textwrap.dedent(
     from flax import nnx
     from dga_jax import DEFAULT_RULES, DGAConfig, Llama, ModelConfig, make_mesh
     config = ModelConfig.preset("tiny", attention="dga", dga=DGAConfig(4, 0.25))
-    tokens = jax.random.randint(jax.random.PRNGKey(0), (4, 48), 0, config.vocab_size)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (8, 48), 0, config.vocab_size)
     expected = Llama(config, rngs=nnx.Rngs(0))(tokens)
     for shape in [(2, 2, 1, 2), (1, 2, 2, 2), (8, 1, 1, 1)]:
         mesh = make_mesh(shape)

@@ -11,10 +11,16 @@ import sys
 import time
 from pathlib import Path
 
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from configs import tiny_dga
+from dga_jax import Llama
+from dga_jax.checkpoint import load_model
+from dga_jax.data.tokenizers import ByteTokenizer
 from train.config import from_config_dict
 from train.loop import NonFiniteError, run
 
@@ -50,6 +56,14 @@ def test_validation_loss_falls(tmp_path):
     assert val[40] < np.log(259) - 1.5, val  # far below a uniform guess over the byte vocab
     assert summary.step == 40 and summary.val_loss == val[40]
     assert (tmp_path / "loss.png").stat().st_size > 0
+    # The trained model is exported where load_model and `python -m dga_jax.generate` read it.
+    train_config = from_config_dict(config)
+    model = load_model(tmp_path / "model" / "40")
+    assert model.config == train_config.model
+    initial = Llama(train_config.model, rngs=nnx.Rngs(train_config.train.seed))
+    text = jnp.asarray([ByteTokenizer().encode("def main():\n    return 0\n" * 4)])
+    assert next_token_loss(model, text) < next_token_loss(initial, text) - 1.0
+
     record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     for key in (
         "loss",
@@ -62,6 +76,11 @@ def test_validation_loss_falls(tmp_path):
         "skipped_records",
     ):
         assert key in record, key
+
+
+def next_token_loss(model, tokens) -> float:
+    logits = model(tokens[:, :-1])
+    return float(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean())
 
 
 def command(workdir: Path, steps: int = 12) -> list[str]:

@@ -43,6 +43,7 @@ def per_shard(
                 f"{name} must be a multiple of {shards}"
             )
     spec = PartitionSpec(batch, None, heads, None)
+    q, k, v = (jax.lax.with_sharding_constraint(x, spec) for x in (q, k, v))
     sharded = jax.shard_map(attention, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
     return sharded(q, k, v)
 
