@@ -28,7 +28,9 @@ IMPLEMENTATIONS = {
         implementation="pallas_gpu", interpret=True, block_sizes=BlockSizes(16, 16, 16, 16)
     ),
     "pallas_tpu-interpret": dict(
-        implementation="pallas_tpu", interpret=TPU_INTERPRET, block_sizes=BlockSizes(8, 128, 8, 16)
+        implementation="pallas_tpu",
+        interpret=TPU_INTERPRET,
+        block_sizes=BlockSizes(16, 128, 16, 16),
     ),
 }
 # The reference defines the function; it joins only the tests against independent truths.

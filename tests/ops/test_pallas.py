@@ -111,7 +111,7 @@ def test_tpu_kernels_lower_to_mosaic():
     [
         ("pallas_gpu", BlockSizes(48, 64), "block_q"),  # not a power of two
         ("pallas_gpu", BlockSizes(64, 8), "block_k"),  # below Triton's 16
-        ("pallas_tpu", BlockSizes(12, 128), "block_q"),  # not whole sublanes
+        ("pallas_tpu", BlockSizes(24, 128), "block_q"),  # not whole bfloat16 sublane tiles
         ("pallas_tpu", BlockSizes(512, 64), "block_k"),  # not whole lanes
     ],
 )
@@ -151,7 +151,9 @@ def _visible(start, until, t):
 
 @pytest.mark.parametrize("selection", ["global", "streaming"])
 def test_block_ranges_cover_exactly_what_is_visible(selection):
-    spec = common.KernelSpec(0.3, block_q=16, block_k=8, groups=2, seq_len=150, interpret=True)
+    spec = common.KernelSpec(
+        0.3, block_q=16, block_k=8, groups=2, seq_len=150, interpret=True, band_lag=2
+    )
     ops = _operands(selection, spec)
     qb, kb = common.query_blocks(ops, spec), common.key_blocks(ops, spec)
     qb, kb = jax.tree.map(np.asarray, qb), jax.tree.map(np.asarray, kb)
@@ -185,22 +187,25 @@ def test_block_ranges_cover_exactly_what_is_visible(selection):
 
 def test_step_list_enumerates_each_pair_once():
     first = jnp.array([0, 2, 5, 5, 9], jnp.int32)
-    end = jnp.array([3, 2, 9, 7, 9], jnp.int32)  # block 1 and 4 are seen by nobody
-    full = jnp.array([1, 2, 6, 5, 9], jnp.int32)
-    block, query, flags, fits = jax.tree.map(np.asarray, step_list(first, end, full, 16))
+    end = jnp.array([3, 2, 9, 7, 9], jnp.int32)  # blocks 1 and 4 are seen by nobody
+    block, packed, fits = jax.tree.map(np.asarray, step_list(first, end, 16))
+    query, flags = packed >> 3, packed & 7
     assert fits
     computed = [(j, i) for j, i, f in zip(block, query, flags, strict=True) if f & 1]
-    expected = [(j, i) for j in range(5) for i in range(first[j], end[j])]
-    assert computed == expected
+    assert computed == [(j, i) for j in range(5) for i in range(first[j], end[j])]
     # Every block is opened and closed exactly once, nobody-seen blocks included.
     assert sorted(block[(flags & 2) != 0].tolist()) == list(range(5))
     assert sorted(block[(flags & 4) != 0].tolist()) == list(range(5))
-    masked = {(j, i) for j, i, f in zip(block, query, flags, strict=True) if f & 1 and f & 8}
-    assert masked == {(j, i) for j, i in expected if i < full[j]}
 
 
 def test_step_list_reports_when_steps_run_out():
     first = jnp.array([0, 0], jnp.int32)
     end = jnp.array([4, 4], jnp.int32)
-    *_, fits = step_list(first, end, first, 7)
+    *_, fits = step_list(first, end, 7)
     assert not bool(fits)
+
+
+def test_interpret_params_are_for_the_tpu_kernels():
+    q, k, v = random_qkv(0, 1, 16, 2, 1, 8)
+    with pytest.raises(ValueError, match="must be a bool"):
+        dga_jax.dga_attention(q, k, v, implementation="pallas_gpu", interpret=TPU_INTERPRET)

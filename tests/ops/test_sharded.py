@@ -88,3 +88,10 @@ def test_heads_that_do_not_divide_the_mesh_raise():
 
 def _identity(q, k, v):
     return q
+
+
+def test_unknown_mesh_axes_raise():
+    q, k, v = random_qkv(1, 2, 8, 2, 1, 4)
+    abstract = jax.sharding.AbstractMesh((2,), ("tensor",))
+    with jax.sharding.use_abstract_mesh(abstract), pytest.raises(ValueError, match="'data'"):
+        per_shard(_identity, q, k, v, batch="data", heads="tensor")

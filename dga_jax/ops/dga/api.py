@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import jax
+from jax.experimental.pallas import tpu as pltpu
 
 from dga_jax.ops.checks import check_block_sizes, check_qkv
 from dga_jax.ops.dga import pallas_gpu, pallas_tpu
@@ -46,7 +47,7 @@ def dga_attention(
         (Triton kernels), "pallas_tpu" (Mosaic kernels). None picks "xla": the kernels are
         opt-in until they have been measured on the hardware (benchmarks/RESULTS.md).
       block_sizes: query/key block sizes of the blockwise implementations (the kernels have
-        their own defaults and tile rules: powers of two >= 16 on GPU; block_q a multiple of 8
+        their own defaults and tile rules: powers of two >= 16 on GPU; block_q a multiple of 16
         and block_k of 128 on TPU).
       interpret: run a Pallas implementation in interpret mode (any backend, for tests): True,
         or for "pallas_tpu" a `pltpu.InterpretParams` (race and out-of-bounds detection).
@@ -84,6 +85,13 @@ def _check_kernel(implementation: str, block_sizes: BlockSizes | None, interpret
         raise ValueError(
             f"implementation={implementation!r} compiles for {platform.upper()} but the default "
             f"backend is {jax.default_backend()!r}: pass interpret=True to run it in interpret mode"
+        )
+    tpu_params = implementation == "pallas_tpu" and isinstance(interpret, pltpu.InterpretParams)
+    if not isinstance(interpret, bool) and not tpu_params:
+        raise ValueError(
+            f"interpret for implementation={implementation!r} must be a bool"
+            + (" or a pltpu.InterpretParams" if implementation == "pallas_tpu" else "")
+            + f", got {interpret!r}"
         )
     block_sizes = default if block_sizes is None else check_block_sizes(block_sizes)
     check(block_sizes)

@@ -38,7 +38,7 @@ class KernelSpec:
     groups: int  # query heads per KV head
     seq_len: int  # L before padding
     interpret: object  # False, True (GPU interpreter) or pltpu.InterpretParams
-    band_lag: int = 0  # band entries that start before a query and are still visible to it
+    band_lag: int  # at most this many band entries starting before a query are visible to it
 
     def num_q_blocks(self, padded_len: int) -> int:
         return padded_len // self.block_q
@@ -189,15 +189,16 @@ def _attend(kernels: Kernels, spec: KernelSpec, ops: Operands) -> jax.Array:
 
 
 def _attend_fwd(kernels: Kernels, spec: KernelSpec, ops: Operands):
-    out, lse = kernels.forward(spec, ops, query_blocks(ops, spec))
-    return out, (ops, out, lse)
+    blocks = query_blocks(ops, spec)
+    out, lse = kernels.forward(spec, ops, blocks)
+    return out, (ops, blocks, out, lse)
 
 
 def _attend_bwd(kernels: Kernels, spec: KernelSpec, residuals, d_out):
-    ops, out, lse = residuals
+    ops, blocks, out, lse = residuals
     # Padded query rows carry no cotangent, so they add nothing to dK and dV.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Hq, Lp]
-    dq = kernels.dq(spec, ops, query_blocks(ops, spec), d_out, lse, delta)
+    dq = kernels.dq(spec, ops, blocks, d_out, lse, delta)
     dpk, dpv, dbk, dbv = kernels.dkv(spec, ops, key_blocks(ops, spec), d_out, lse, delta)
     zeros = jax.tree.map(_zero_cotangent, ops)
     return (dataclasses.replace(zeros, q=dq, prefix_k=dpk, prefix_v=dpv, band_k=dbk, band_v=dbv),)
@@ -222,7 +223,8 @@ def _round_up(x: int, multiple: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Dots:
-    """A backend's matmuls with float32 results: a @ b.T, a @ b and a.T @ b."""
+    """A backend's matmuls with float32 results: a @ b.T, a @ b, and a.T @ b with a float32
+    (transposed, then cast to b's dtype)."""
 
     nt: Callable
     nn: Callable

@@ -40,7 +40,7 @@ def _dot_nn(a, b):
 
 
 def _dot_tn(a, b):
-    return pltriton.dot(a, b, trans_a=True)
+    return pltriton.dot(a.astype(b.dtype), b, trans_a=True)
 
 
 DOTS = common.Dots(nt=_dot_nt, nn=_dot_nn, tn=_dot_tn)
@@ -76,6 +76,7 @@ def dga_attention_pallas_gpu(
         groups=q.shape[2] // k.shape[2],
         seq_len=q.shape[1],
         interpret=interpret,
+        band_lag=max(layout.sizes.chunk, layout.sizes.group_size) - 1,
     )
     band = raw if layout.sizes.num_raw else None
     return common.kernel_attention(KERNELS, q, prefix, band, spec, _next_power_of_2(q.shape[-1]))
@@ -177,7 +178,7 @@ def _dkv_kernel(*refs, spec: common.KernelSpec, band: bool):
                 DOTS, spec.scale, q, _positions(spec, i), do, lse, delta, tile
             )
             dk, dv = carry
-            return dk + DOTS.tn(ds.astype(q.dtype), q), dv + DOTS.tn(p.astype(do.dtype), do)
+            return dk + DOTS.tn(ds, q), dv + DOTS.tn(p, do)
 
         return body
 
@@ -193,10 +194,8 @@ def _dkv_kernel(*refs, spec: common.KernelSpec, band: bool):
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     first, second = first_ref[j], second_ref[j]
-    if band:
-        carry = loop(first, second, True, carry)
-    else:
-        carry = loop(first, second, True, carry)
+    carry = loop(first, second, True, carry)  # band: [first, end); prefix: [first, full)
+    if not band:
         carry = loop(jnp.maximum(second, first), nq, False, carry)
     dk_ref[...] = carry[0].astype(dk_ref.dtype)
     dv_ref[...] = carry[1].astype(dv_ref.dtype)

@@ -8,13 +8,16 @@ block it already holds, so it copies nothing, and `pl.when` skips its compute:
   prefix (unmasked below `full`), then `band_steps` steps the band; accumulators live in VMEM
   scratch across steps;
 - dK'/dV', grid (batch, KV head, step, query head of the KV head), key-stationary: each step is
-  one (entry block, query block) pair from a compressed on-device list, so consecutive steps of
-  one entry block accumulate in scratch and the block is written once. The list is exact for the
-  prefix; for the band its static length rests on DGA's structure (a band block is seen by the
-  query blocks up to two band blocks later, plus the leftovers'); if an input ever needed more
-  steps, the gradients come back NaN rather than silently wrong.
+  for the prefix, grid (batch, KV head, entry block, query block, query head): only the first
+  query block that sees each entry block and the first that sees it whole are prefetched, and
+  earlier steps copy nothing; for the band, grid (batch, KV head, step, query head) over a
+  compressed on-device list of (entry block, query block) pairs, whose static length rests on
+  DGA's structure (a band block is seen only until a few band blocks later, plus the
+  leftovers'). If an input ever needed more steps, the result is NaN, never silently wrong.
 
-Mosaic tiles: block_q a multiple of 8, block_k a multiple of 128.
+Mosaic tiles: block_q a multiple of 16, block_k a multiple of 128. The log-sum-exp leaves the
+forward lane-replicated and is kept as one row per head; the backward kernels read [1, bq] rows
+and turn them into columns in VMEM, as splash attention does.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.layout import dga_layout, gather_entries
 from dga_jax.ops.intervals import BlockSizes
 
-SUBLANES, LANES = 8, 128
+SUBLANES, LANES = 16, 128  # bfloat16 packs two rows per 8-row sublane tile
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
 
@@ -45,7 +48,8 @@ def _dot_nn(a, b):
 
 
 def _dot_tn(a, b):
-    return jax.lax.dot_general(a.T, b, _NN, preferred_element_type=jnp.float32)
+    # Transpose in float32, then cast: packed (bf16) transposes are Mosaic's weakest spot.
+    return jax.lax.dot_general(a.T.astype(b.dtype), b, _NN, preferred_element_type=jnp.float32)
 
 
 DOTS = common.Dots(nt=_dot_nt, nn=_dot_nn, tn=_dot_tn)
@@ -132,6 +136,9 @@ class _QueryWalk:
         def query(b, h, i, s, *_):
             return b, h, i, 0
 
+        def query_row(b, h, i, s, *_):
+            return b, h, 0, i
+
         def prefix_kv(b, h, i, s, *refs):
             return b, _kv_head(h, g), self.prefix_block(b, h, i, s, *refs), 0
 
@@ -147,7 +154,8 @@ class _QueryWalk:
         entries_kv, entries_row = (bk, d), (1, bk)
         return dict(
             query=pl.BlockSpec((None, None, bq, d), query),
-            column=pl.BlockSpec((None, None, bq, 1), query),
+            lanes=pl.BlockSpec((None, None, bq, LANES), query),
+            row=pl.BlockSpec((None, None, 1, bq), query_row),
             prefix=[
                 pl.BlockSpec((None, None, *entries_kv), prefix_kv),
                 pl.BlockSpec((None, None, *entries_kv), prefix_kv),
@@ -220,7 +228,7 @@ def _forward_kernel(*refs, spec, walk):
     def _():
         out, lse = common.online_finish((m_ref[...], l_ref[...], acc_ref[...]))
         o_ref[...] = out.astype(o_ref.dtype)
-        lse_ref[...] = lse
+        lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)  # lane-replicated, as splash does
 
 
 def _dq_kernel(*refs, spec, walk):
@@ -235,9 +243,8 @@ def _dq_kernel(*refs, spec, walk):
         acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
 
     def update(tile, t):
-        ds, _ = common.tile_grads(
-            DOTS, spec.scale, q_ref[...], t, do_ref[...], lse_ref[...], delta_ref[...], tile
-        )
+        lse, delta = _column(lse_ref), _column(delta_ref)
+        ds, _ = common.tile_grads(DOTS, spec.scale, q_ref[...], t, do_ref[...], lse, delta, tile)
         acc_ref[...] += DOTS.nn(ds.astype(tile.k.dtype), tile.k)
 
     _query_step(walk, spec, range_refs, prefix_refs, band_refs, update)
@@ -263,8 +270,13 @@ def _flat_ranges(blocks: common.QueryBlocks):
 
 
 def _rows(x: jax.Array) -> jax.Array:
-    """[B, H, N] per-entry values -> [B, H, 1, N]: one lane-major row per head."""
+    """[B, H, N] per-entry or per-query values -> [B, H, 1, N]: one lane-major row per head."""
     return x[:, :, None, :]
+
+
+def _column(row_ref) -> jax.Array:
+    """A [1, bq] row block -> a [bq, 1] column (splash attention's relayout)."""
+    return jnp.expand_dims(row_ref[0], -1)
 
 
 def _entry_args(ops: common.Operands):
@@ -287,7 +299,7 @@ def _params():
 
 
 def forward(spec: common.KernelSpec, ops: common.Operands, blocks: common.QueryBlocks):
-    """-> out [B, Hq, Lp, D] in q's dtype, log-sum-exp [B, Hq, Lp, 1] float32."""
+    """-> out [B, Hq, Lp, D] in q's dtype, log-sum-exp [B, Hq, Lp] float32."""
     walk = _QueryWalk(spec, ops)
     specs = walk.specs(spec, ops)
     b, hq, lp, d = ops.q.shape
@@ -295,35 +307,39 @@ def forward(spec: common.KernelSpec, ops: common.Operands, blocks: common.QueryB
         num_scalar_prefetch=4,
         grid=(b, hq, walk.nq, walk.steps),
         in_specs=[specs["query"], *specs["prefix"], *specs["band"]],
-        out_specs=[specs["query"], specs["column"]],
+        out_specs=[specs["query"], specs["lanes"]],
         scratch_shapes=[
             pltpu.VMEM((spec.block_q, 1), jnp.float32),
             pltpu.VMEM((spec.block_q, 1), jnp.float32),
             pltpu.VMEM((spec.block_q, d), jnp.float32),
         ],
     )
-    return pl.pallas_call(
+    # The static step count covers every band window of a DGA layout (`_band_steps`); a caller
+    # whose band breaks the lag bound gets NaN rather than silently dropped entries.
+    fits = jnp.max(blocks.band_blocks) <= walk.steps - walk.n_prefix
+    out, lse = pl.pallas_call(
         functools.partial(_forward_kernel, spec=spec, walk=walk),
         grid_spec=grid_spec,
         out_shape=[
             jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype),
-            jax.ShapeDtypeStruct((b, hq, lp, 1), jnp.float32),
+            jax.ShapeDtypeStruct((b, hq, lp, LANES), jnp.float32),
         ],
         compiler_params=_params(),
         interpret=spec.interpret,
         name="dga_forward",
     )(*_flat_ranges(blocks), ops.q, *_entry_args(ops))
+    return jnp.where(fits, out, jnp.nan).astype(out.dtype), lse[..., 0]
 
 
 def dq(spec, ops, blocks: common.QueryBlocks, do, lse, delta):
     """-> dq [B, Hq, Lp, D] in q's dtype."""
     walk = _QueryWalk(spec, ops)
     specs = walk.specs(spec, ops)
-    query, column = specs["query"], specs["column"]
+    query, row = specs["query"], specs["row"]
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4,
         grid=(ops.q.shape[0], ops.q.shape[1], walk.nq, walk.steps),
-        in_specs=[query, query, column, column, *specs["prefix"], *specs["band"]],
+        in_specs=[query, query, row, row, *specs["prefix"], *specs["band"]],
         out_specs=query,
         scratch_shapes=[pltpu.VMEM((spec.block_q, ops.q.shape[-1]), jnp.float32)],
     )
@@ -334,21 +350,21 @@ def dq(spec, ops, blocks: common.QueryBlocks, do, lse, delta):
         compiler_params=_params(),
         interpret=spec.interpret,
         name="dga_dq",
-    )(*_flat_ranges(blocks), ops.q, do, lse, delta[..., None], *_entry_args(ops))
+    )(*_flat_ranges(blocks), ops.q, do, _rows(lse), _rows(delta), *_entry_args(ops))
 
 
-# --- dK'/dV': grid (b, kv head, step, query head of the kv head) --------------------------------
+# --- dK'/dV': key-stationary, one entry block accumulating over the queries that see it -------
 
-_COMPUTE, _FIRST, _LAST, _MASKED = 1, 2, 4, 8
+_COMPUTE, _FIRST, _LAST = 1, 2, 4
+_FLAG_BITS = 3
 
 
-def step_list(first: jax.Array, end: jax.Array, full: jax.Array, num_steps: int):
-    """The (entry block, query block, flags) of each step, for one head's entry blocks.
+def step_list(first: jax.Array, end: jax.Array, num_steps: int):
+    """The (entry block, query block << 3 | flags) of each step, for one head's band blocks.
 
-    first, end, full: [nkb] int32. Entry block j is seen by query blocks [first_j, end_j), whole
-    from full_j on. A block nobody sees still gets one step (to write its zero gradient). Steps
-    past the total repeat the last one with no flags. Returns three [num_steps] int32 arrays and
-    whether everything fit.
+    first, end: [nkb] int32. Entry block j is seen by query blocks [first_j, end_j). A block
+    nobody sees still gets one step (to write its zero gradient). Steps past the total repeat
+    the last one with no flags. Returns two [num_steps] int32 arrays and whether all fit.
     """
     count = jnp.maximum(end - first, 1)
     ends = jnp.cumsum(count)
@@ -356,152 +372,208 @@ def step_list(first: jax.Array, end: jax.Array, full: jax.Array, num_steps: int)
     s = jnp.minimum(jnp.arange(num_steps, dtype=jnp.int32), total - 1)
     block = jnp.searchsorted(ends, s, side="right").astype(jnp.int32)
     offset = s - (ends[block] - count[block])
-    query = first[block] + offset
-    live = jnp.arange(num_steps) < total
+    query = jnp.minimum(first[block] + offset, end[block] - 1).clip(0)
     flags = (
         jnp.where(end[block] > first[block], _COMPUTE, 0)
         | jnp.where(offset == 0, _FIRST, 0)
         | jnp.where(offset == count[block] - 1, _LAST, 0)
-        | jnp.where(query < full[block], _MASKED, 0)
     )
-    return (
-        block,
-        jnp.minimum(query, end[block] - 1).clip(0),
-        jnp.where(live, flags, 0),
-        total <= num_steps,
-    )
+    flags = jnp.where(jnp.arange(num_steps) < total, flags, 0)
+    return block, query << _FLAG_BITS | flags, total <= num_steps
 
 
-def _dkv_kernel(*refs, spec, band: bool):
-    (block_ref, query_ref, flags_ref), q_refs, entry_refs, outs, scratch = _split(
-        refs, 3, 4, 4, 2, 2
-    )
+def _accumulate(spec, i, q_refs, tile: common.Tile, acc_refs) -> None:
+    """dK, dV scratch [bk, D] += this query block's contribution to the entry block."""
     q_ref, do_ref, lse_ref, delta_ref = q_refs
-    k_ref, v_ref, start_ref, last_ref = entry_refs
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = _column(lse_ref), _column(delta_ref)
+    ds, p = common.tile_grads(DOTS, spec.scale, q, _positions(spec, i), do, lse, delta, tile)
+    acc_refs[0][...] += DOTS.tn(ds, q)
+    acc_refs[1][...] += DOTS.tn(p, do)
+
+
+def _init_acc(acc_refs) -> None:
+    for ref in acc_refs:
+        ref[...] = jnp.zeros(ref.shape, jnp.float32)
+
+
+def _write_acc(acc_refs, out_refs) -> None:
+    for acc, out in zip(acc_refs, out_refs, strict=True):
+        out[...] = acc[...].astype(out.dtype)
+
+
+def _dkv_prefix_kernel(*refs, spec):
+    """Grid (b, kv head, entry block j, query block i, query head g): every query block from
+    the first that sees block j on; skipped steps map to that first block (no copy)."""
+    (first_ref, full_ref), q_refs, entry_refs, outs, acc = _split(refs, 2, 4, 4, 2, 2)
+    b, h, j, i, g = (pl.program_id(axis) for axis in range(5))
+    r = (b * pl.num_programs(1) + h) * pl.num_programs(2) + j
+    first, full = first_ref[r], full_ref[r]
+    last_i, last_g = pl.num_programs(3) - 1, pl.num_programs(4) - 1
+    k_ref, v_ref, start_ref, bias_ref = entry_refs
+
+    @pl.when((i == 0) & (g == 0))
+    def _():
+        _init_acc(acc)
+
+    @pl.when((i >= first) & (i < full))
+    def _():
+        tile = common.Tile(k_ref[...], v_ref[...], start_ref[...], None, bias_ref[...])
+        _accumulate(spec, i, q_refs, tile, acc)
+
+    @pl.when((i >= first) & (i >= full))
+    def _():
+        _accumulate(
+            spec, i, q_refs, common.Tile(k_ref[...], v_ref[...], None, None, bias_ref[...]), acc
+        )
+
+    @pl.when((i == last_i) & (g == last_g))
+    def _():
+        _write_acc(acc, outs)
+
+
+def _dkv_band_kernel(*refs, spec):
+    """Grid (b, kv head, step, query head g) over the compressed (band block, query block) list."""
+    (block_ref, packed_ref), q_refs, entry_refs, outs, acc = _split(refs, 2, 4, 4, 2, 2)
     b, h, s, g = (pl.program_id(axis) for axis in range(4))
-    n_steps, n_heads = pl.num_programs(2), pl.num_programs(3)
-    flags = flags_ref[(b * pl.num_programs(1) + h) * n_steps + s]
-    dk_acc, dv_acc = scratch
+    packed = packed_ref[(b * pl.num_programs(1) + h) * pl.num_programs(2) + s]
+    flags = packed & ((1 << _FLAG_BITS) - 1)
+    k_ref, v_ref, start_ref, until_ref = entry_refs
 
     @pl.when(((flags & _FIRST) != 0) & (g == 0))
     def _():
-        dk_acc[...] = jnp.zeros(dk_acc.shape, jnp.float32)
-        dv_acc[...] = jnp.zeros(dv_acc.shape, jnp.float32)
+        _init_acc(acc)
 
-    def update(tile):
-        i = query_ref[(b * pl.num_programs(1) + h) * n_steps + s]
-        t = i * spec.block_q + jax.lax.broadcasted_iota(jnp.int32, (spec.block_q, spec.block_k), 0)
-        q, do = q_ref[...], do_ref[...]
-        ds, p = common.tile_grads(DOTS, spec.scale, q, t, do, lse_ref[...], delta_ref[...], tile)
-        dk_acc[...] += DOTS.tn(ds.astype(q.dtype), q)
-        dv_acc[...] += DOTS.tn(p.astype(do.dtype), do)
-
-    k, v = k_ref[...], v_ref[...]
-    compute = (flags & _COMPUTE) != 0
-    masked = (flags & _MASKED) != 0
-    if band:
-
-        @pl.when(compute)
-        def _():
-            update(common.Tile(k, v, start_ref[...], last_ref[...]))
-
-    else:
-
-        @pl.when(compute & masked)
-        def _():
-            update(common.Tile(k, v, start_ref[...], None, last_ref[...]))
-
-        @pl.when(compute & ~masked)
-        def _():
-            update(common.Tile(k, v, None, None, last_ref[...]))
-
-    @pl.when(((flags & _LAST) != 0) & (g == n_heads - 1))
+    @pl.when((flags & _COMPUTE) != 0)
     def _():
-        outs[0][...] = dk_acc[...].astype(outs[0].dtype)
-        outs[1][...] = dv_acc[...].astype(outs[1].dtype)
+        tile = common.Tile(k_ref[...], v_ref[...], start_ref[...], until_ref[...])
+        _accumulate(spec, packed >> _FLAG_BITS, q_refs, tile, acc)
+
+    @pl.when(((flags & _LAST) != 0) & (g == pl.num_programs(3) - 1))
+    def _():
+        _write_acc(acc, outs)
 
 
 def dkv(spec, ops, blocks: common.KeyBlocks, do, lse, delta):
     """-> (dk, dv) of the prefix entries and of the band entries, in their dtypes."""
-    nq = spec.num_q_blocks(ops.q.shape[2])
-    n_prefix = ops.prefix_k.shape[2] // spec.block_k
-    n_band = ops.band_k.shape[2] // spec.block_k
-    prefix_lists = _step_lists(
-        blocks.prefix_first,
-        jnp.full_like(blocks.prefix_first, nq),
-        blocks.prefix_full,
-        n_prefix * nq,
-    )
-    # The band entries still visible at a query started fewer than band_lag + 1 entries earlier
-    # (one group or chunk), so band block j is seen only by query blocks before the start of
-    # block j + ahead, or to the end for the last blocks (leftovers): the counts telescope.
-    ahead = 2 + spec.band_lag // spec.block_k
-    band_steps = min(n_band * nq, ahead * nq + (ahead + 1) * n_band)
-    band_lists = _step_lists(
-        blocks.band_first, blocks.band_end, jnp.zeros_like(blocks.band_first), band_steps
-    )
+    q_args = (ops.q, do, _rows(lse), _rows(delta))
     entries = _entry_args(ops)
-    q_args = (ops.q, do, lse, delta[..., None])
-    dpk, dpv = _dkv_call(spec, prefix_lists[:3], q_args, entries[:4], band=False)
-    dbk, dbv = _dkv_call(spec, band_lists[:3], q_args, entries[4:], band=True)
-    fits = band_lists[3]
+    dpk, dpv = _dkv_prefix_call(spec, blocks, q_args, entries[:4])
+    nq = spec.num_q_blocks(ops.q.shape[2])
+    n_band = ops.band_k.shape[2] // spec.block_k
+    # The band entries still visible at a query started at most band_lag entries earlier (one
+    # group or chunk), so band block j is seen only by query blocks before the start of block
+    # j + ahead, or to the end for the last blocks (leftovers): the counts telescope.
+    ahead = 2 + spec.band_lag // spec.block_k
+    num_steps = min(n_band * nq, ahead * nq + (ahead + 1) * n_band)
+    per_head = jax.vmap(jax.vmap(functools.partial(step_list, num_steps=num_steps)))
+    block, packed, fits = per_head(blocks.band_first, blocks.band_end)
+    lists = (block.reshape(-1), packed.reshape(-1))
+    dbk, dbv = _dkv_band_call(spec, lists, num_steps, q_args, entries[4:])
+    fits = jnp.all(fits)  # never false for DGA layouts; NaN rather than a silently wrong gradient
     return dpk, dpv, jnp.where(fits, dbk, jnp.nan), jnp.where(fits, dbv, jnp.nan)
 
 
-def _step_lists(first, end, full, num_steps: int):
-    per_head = jax.vmap(jax.vmap(functools.partial(step_list, num_steps=num_steps)))
-    block, query, flags, fits = per_head(first, end, full)
-    return block.reshape(-1), query.reshape(-1), flags.reshape(-1), jnp.all(fits)
-
-
-def _dkv_call(spec, lists, q_args, entries, band: bool):
+def _dkv_prefix_call(spec, blocks: common.KeyBlocks, q_args, entries):
     k = entries[0]
     b, hkv, n, d = k.shape
     g, bq, bk = spec.groups, spec.block_q, spec.block_k
-    num_steps = lists[0].shape[0] // (b * hkv)
+    nkb, nq = n // bk, spec.num_q_blocks(q_args[0].shape[2])
+
+    def query_block(b_, h, j, i, first_ref):
+        return jnp.minimum(jnp.maximum(i, first_ref[(b_ * hkv + h) * nkb + j]), nq - 1)
+
+    def query(b_, h, j, i, g_, first_ref, full_ref):
+        return b_, h * g + g_, query_block(b_, h, j, i, first_ref), 0
+
+    def row(b_, h, j, i, g_, first_ref, full_ref):
+        return b_, h * g + g_, 0, query_block(b_, h, j, i, first_ref)
+
+    def entry_kv(b_, h, j, i, g_, *_):
+        return b_, h, j, 0
+
+    def entry_row(b_, h, j, i, g_, *_):
+        return b_, h, 0, j
+
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2,
+        grid=(b, hkv, nkb, nq, g),
+        in_specs=_dkv_in_specs(bq, bk, d, query, row, entry_kv, entry_row),
+        out_specs=[pl.BlockSpec((None, None, bk, d), entry_kv)] * 2,
+        scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32)] * 2,
+    )
+    ranges = (blocks.prefix_first.reshape(-1), blocks.prefix_full.reshape(-1))
+    return pl.pallas_call(
+        functools.partial(_dkv_prefix_kernel, spec=spec),
+        grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
+        ),
+        interpret=spec.interpret,
+        name="dga_dkv_prefix",
+    )(*ranges, *q_args, *entries)
+
+
+def _dkv_band_call(spec, lists, num_steps: int, q_args, entries):
+    k = entries[0]
+    b, hkv, n, d = k.shape
+    g, bq, bk = spec.groups, spec.block_q, spec.block_k
 
     def at(b_, h, s):
         return (b_ * hkv + h) * num_steps + s
 
-    def query(b_, h, s, g_, block_ref, query_ref, flags_ref):
-        return b_, h * g + g_, query_ref[at(b_, h, s)], 0
+    def query(b_, h, s, g_, block_ref, packed_ref):
+        return b_, h * g + g_, packed_ref[at(b_, h, s)] >> _FLAG_BITS, 0
 
-    def entry_kv(b_, h, s, g_, block_ref, query_ref, flags_ref):
+    def row(b_, h, s, g_, block_ref, packed_ref):
+        return b_, h * g + g_, 0, packed_ref[at(b_, h, s)] >> _FLAG_BITS
+
+    def entry_kv(b_, h, s, g_, block_ref, packed_ref):
         return b_, h, block_ref[at(b_, h, s)], 0
 
-    def entry_row(b_, h, s, g_, block_ref, query_ref, flags_ref):
+    def entry_row(b_, h, s, g_, block_ref, packed_ref):
         return b_, h, 0, block_ref[at(b_, h, s)]
 
-    query_spec = pl.BlockSpec((None, None, bq, d), query)
-    column_spec = pl.BlockSpec((None, None, bq, 1), query)
-    kv_spec = pl.BlockSpec((None, None, bk, d), entry_kv)
-    row_spec = pl.BlockSpec((None, None, 1, bk), entry_row)
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=3,
+        num_scalar_prefetch=2,
         grid=(b, hkv, num_steps, g),
-        in_specs=[
-            query_spec,
-            query_spec,
-            column_spec,
-            column_spec,
-            kv_spec,
-            kv_spec,
-            row_spec,
-            row_spec,
-        ],
-        out_specs=[kv_spec, kv_spec],
-        scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32), pltpu.VMEM((bk, d), jnp.float32)],
+        in_specs=_dkv_in_specs(bq, bk, d, query, row, entry_kv, entry_row),
+        out_specs=[pl.BlockSpec((None, None, bk, d), entry_kv)] * 2,
+        scratch_shapes=[pltpu.VMEM((bk, d), jnp.float32)] * 2,
     )
     return pl.pallas_call(
-        functools.partial(_dkv_kernel, spec=spec, band=band),
+        functools.partial(_dkv_band_kernel, spec=spec),
         grid_spec=grid_spec,
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")
         ),
         interpret=spec.interpret,
-        name="dga_dkv_band" if band else "dga_dkv_prefix",
+        name="dga_dkv_band",
     )(*lists, *q_args, *entries)
+
+
+def _dkv_in_specs(bq, bk, d, query, row, entry_kv, entry_row):
+    """q, do [bq, D]; lse, delta rows [1, bq]; entries' k, v [bk, D] and two rows [1, bk]."""
+    query_spec, row_spec = (
+        pl.BlockSpec((None, None, bq, d), query),
+        pl.BlockSpec((None, None, 1, bq), row),
+    )
+    kv_spec, entry_row_spec = (
+        pl.BlockSpec((None, None, bk, d), entry_kv),
+        pl.BlockSpec((None, None, 1, bk), entry_row),
+    )
+    return [
+        query_spec,
+        query_spec,
+        row_spec,
+        row_spec,
+        kv_spec,
+        kv_spec,
+        entry_row_spec,
+        entry_row_spec,
+    ]
 
 
 KERNELS = common.Kernels(forward=forward, dq=dq, dkv=dkv)

@@ -30,7 +30,8 @@ def per_shard(
     """`attention(q, k, v)` on each device's slice: q [B, L, Hq, D], k/v [B, L, Hkv, D].
 
     `batch` and `heads` name the mesh axes that split B and the heads (query and KV heads
-    alike, so each device keeps whole GQA groups). Without a mesh it is a plain call.
+    alike, so each device keeps whole GQA groups). The mesh is the one `jax.set_mesh` sets;
+    without one it is a plain call.
     """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
@@ -50,4 +51,7 @@ def per_shard(
 
 def _shards(mesh, axes: MeshAxes) -> int:
     names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    unknown = [name for name in names if name not in mesh.shape]
+    if unknown:
+        raise ValueError(f"mesh axes {unknown} are not in the mesh {dict(mesh.shape)}")
     return math.prod(mesh.shape[name] for name in names)
