@@ -25,7 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dga_jax.ops.intervals import NEVER, Entries, block_ranges
+from dga_jax.ops.dga.config import DGAConfig
+from dga_jax.ops.dga.layout import dga_layout, gather_entries
+from dga_jax.ops.intervals import NEVER, BlockSizes, Entries, block_ranges
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +165,41 @@ class Kernels:
     forward: Callable  # (spec, ops, qblocks) -> out [B, Hq, Lp, D], lse [B, Hq, Lp] f32
     dq: Callable  # (spec, ops, qblocks, do, lse, delta) -> dq [B, Hq, Lp, D]
     dkv: Callable  # (spec, ops, kblocks, do, lse, delta) -> (dpk, dpv, dbk, dbv)
+
+
+def dga_kernel_attention(
+    kernels: Kernels,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    config: DGAConfig,
+    scale: float,
+    block_sizes: BlockSizes,
+    *,
+    block_q: int,
+    interpret: object,
+    head_multiple: int = 1,
+) -> jax.Array:
+    """DGA by `kernels`: the layout, its compressed KV', then the kernel walk.
+
+    q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D]; `block_q` is the backend's (clamped)
+    query block.
+    """
+    layout = dga_layout(q, k, config, scale, block=block_sizes.block_importance)
+    prefix, raw = gather_entries(layout, k, v)
+    sizes = layout.sizes
+    spec = KernelSpec(
+        scale=scale,
+        block_q=block_q,
+        block_k=block_sizes.block_k,
+        groups=q.shape[2] // k.shape[2],
+        seq_len=q.shape[1],
+        interpret=interpret,
+        # Raw entries that start before t and are still visible at t: one unfinished group/chunk.
+        band_lag=max(sizes.chunk, sizes.group_size) - 1,
+    )
+    band = raw if sizes.num_raw else None
+    return kernel_attention(kernels, q, prefix, band, spec, head_multiple)
 
 
 def kernel_attention(

@@ -25,7 +25,6 @@ from jax.experimental.pallas import triton as pltriton
 
 from dga_jax.ops.dga import pallas_common as common
 from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.layout import dga_layout, gather_entries
 from dga_jax.ops.intervals import BlockSizes
 
 MIN_BLOCK = 16  # tl.dot's smallest tile
@@ -67,19 +66,18 @@ def dga_attention_pallas_gpu(
     interpret: bool = False,
 ) -> jax.Array:
     """q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D]: the layout, then the kernels."""
-    layout = dga_layout(q, k, config, scale, block=block_sizes.block_importance)
-    prefix, raw = gather_entries(layout, k, v)
-    spec = common.KernelSpec(
-        scale=scale,
+    return common.dga_kernel_attention(
+        KERNELS,
+        q,
+        k,
+        v,
+        config,
+        scale,
+        block_sizes,
         block_q=min(block_sizes.block_q, _next_power_of_2(q.shape[1])),
-        block_k=block_sizes.block_k,
-        groups=q.shape[2] // k.shape[2],
-        seq_len=q.shape[1],
         interpret=interpret,
-        band_lag=max(layout.sizes.chunk, layout.sizes.group_size) - 1,
+        head_multiple=_next_power_of_2(q.shape[-1]),
     )
-    band = raw if layout.sizes.num_raw else None
-    return common.kernel_attention(KERNELS, q, prefix, band, spec, _next_power_of_2(q.shape[-1]))
 
 
 def _next_power_of_2(x: int) -> int:

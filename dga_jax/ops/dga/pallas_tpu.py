@@ -31,7 +31,6 @@ from jax.experimental.pallas import tpu as pltpu
 
 from dga_jax.ops.dga import pallas_common as common
 from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.layout import dga_layout, gather_entries
 from dga_jax.ops.intervals import BlockSizes
 
 SUBLANES, LANES = 16, 128  # bfloat16 packs two rows per 8-row sublane tile
@@ -83,20 +82,17 @@ def dga_attention_pallas_tpu(
     `interpret`: False on a TPU; `pltpu.InterpretParams(...)` (or True) runs the kernels in the
     TPU interpreter on any backend.
     """
-    layout = dga_layout(q, k, config, scale, block=block_sizes.block_importance)
-    prefix, raw = gather_entries(layout, k, v)
-    sizes = layout.sizes
-    spec = common.KernelSpec(
-        scale=scale,
+    return common.dga_kernel_attention(
+        KERNELS,
+        q,
+        k,
+        v,
+        config,
+        scale,
+        block_sizes,
         block_q=min(block_sizes.block_q, -(-q.shape[1] // SUBLANES) * SUBLANES),
-        block_k=block_sizes.block_k,
-        groups=q.shape[2] // k.shape[2],
-        seq_len=q.shape[1],
         interpret=pltpu.InterpretParams() if interpret is True else interpret,
-        band_lag=max(sizes.chunk, sizes.group_size) - 1,
     )
-    band = raw if sizes.num_raw else None
-    return common.kernel_attention(KERNELS, q, prefix, band, spec)
 
 
 # --- forward and dQ: grid (b, h, i, s) ----------------------------------------------------------
