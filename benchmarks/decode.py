@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py            # prompts of 4K, 8K, 16K, 32K tokens, B=1, float32
     python benchmarks/decode.py --quick    # prompts of 1K, 2K: about a minute on CPU
+    python benchmarks/decode.py --preset llama2_7b --dtype bfloat16   # on a GPU: random weights
 
 For each prompt length and cache (DGA: m=16, gamma=0.1, global prefill; dense: prefill with the
 blockwise dense attention so that 32K fits), the prompt is prefilled once, then one jitted
@@ -40,6 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lengths", help="comma list of prompt lengths; default 4096,...,32768")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="float32", help="compute and parameter dtype")
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--focal-ratio", type=float, default=0.1)
     p.add_argument("--selection", choices=("global", "streaming"), default="global")
@@ -56,7 +58,14 @@ def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
     """Prefill a random prompt of `length` tokens, then time single decode steps."""
     attention, impl = VARIANTS[variant]
     dga = DGAConfig(args.group_size, args.focal_ratio, args.selection)
-    config = ModelConfig.preset(args.preset, attention=attention, attention_impl=impl, dga=dga)
+    config = ModelConfig.preset(
+        args.preset,
+        attention=attention,
+        attention_impl=impl,
+        dga=dga,
+        dtype=args.dtype,
+        param_dtype=args.dtype,
+    )
     graphdef, state = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
     max_len = length + args.warmup + args.steps
     prompt = jax.random.randint(jax.random.key(0), (args.batch, length), 0, config.vocab_size)
@@ -127,7 +136,8 @@ def plot(records: list[dict], args: argparse.Namespace, env: dict, path: Path) -
         ax.grid(True, alpha=0.3)
         ax.legend()
     dga = f"m={args.group_size}, gamma={args.focal_ratio:g}, {args.selection}"
-    fig.suptitle(f"{args.preset} decoding on {env['device_kind']}, B={args.batch}; DGA {dga}")
+    title = f"{args.preset} ({args.dtype}) decoding on {env['device_kind']}, B={args.batch}"
+    fig.suptitle(f"{title}; DGA {dga}")
     fig.savefig(path, dpi=120)
 
 
@@ -135,7 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     """Measure every length and cache, print the table, write the JSON and the plot."""
     args = parse_args(argv)
     env = environment()
-    print(f"{args.preset} decoding on {env['device_kind']} ({env['backend']}), B={args.batch}")
+    print(
+        f"{args.preset} ({args.dtype}) decoding on {env['device_kind']} ({env['backend']}), "
+        f"B={args.batch}"
+    )
     records = [measure(args, v, n) for n in args.lengths for v in VARIANTS]
     report(records)
     path = write_results("decode", args, env, records)

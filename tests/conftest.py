@@ -2,17 +2,43 @@
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 # Fixed per dtype; never loosened to make a test pass.
 FORWARD_TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-5), jnp.bfloat16: dict(atol=1e-2, rtol=1e-2)}
 # Gradients see two more roundings (the p/ds casts and the output), hence 2x.
-# The TPU interpreter with its checks on: data races between grid steps, out-of-bounds reads.
-TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise")
 GRAD_TOL = {jnp.float32: dict(atol=2e-5, rtol=2e-5), jnp.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+# On a GPU the Triton kernels run compiled (the suite then checks Triton's code, not only the
+# logic), elsewhere interpreted. f32 matmuls there use IEEE precision, not TF32: the float32
+# tolerances above hold for float32 arithmetic.
+ON_GPU = jax.default_backend() == "gpu"
+GPU_INTERPRET = not ON_GPU
+if ON_GPU:
+    jax.config.update("jax_default_matmul_precision", "highest")
+# The TPU interpreter with its checks on: data races between DMAs and grid steps (reported by
+# printing RACE_REPORT, which `no_kernel_races` turns into a failure), out-of-bounds reads (raise).
+TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise")
+RACE_REPORT = "RACE DETECTED"
+
+
+@pytest.fixture(autouse=True)
+def no_kernel_races(capfd):
+    """Fails any test during which the TPU interpreter's race detector reported a race.
+
+    The detector prints its report and sets a flag that the next kernel call resets; it never
+    raises, so without this a racy kernel would pass every test.
+    """
+    yield
+    out, err = capfd.readouterr()
+    sys.stdout.write(out)  # back into pytest's capture, shown if the test fails
+    sys.stderr.write(err)
+    assert RACE_REPORT not in out + err, "the TPU interpreter detected a data race"
 
 
 def random_qkv(seed: int, b: int, seq_len: int, hq: int, hkv: int, d: int, dtype=jnp.float32):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -15,10 +16,11 @@ from flax import nnx
 import dga_jax
 from dga_jax import DGAConfig, Llama, ModelConfig
 from dga_jax.checkpoint.orbax_io import save_model
-from dga_jax.data.tokenizers import ByteTokenizer
+from dga_jax.data.tokenizers import ByteTokenizer, load_tokenizer
 from dga_jax.generate import Sampling, prefill, sample
-from dga_jax.generate.__main__ import main
+from dga_jax.generate.__main__ import TextStream, main
 from tests.conftest import FORWARD_TOL, assert_close
+from tests.data.conftest import train_sentencepiece
 
 TOL = FORWARD_TOL[jnp.float32]
 TINY = ModelConfig.preset("tiny", num_layers=2)
@@ -69,9 +71,10 @@ def test_dense_decoding_equals_the_dense_forward():
 
 def test_rows_of_different_lengths_equal_their_runs_alone():
     # Global selection depends on the prompt length: each row must see only its own tokens.
-    llama, x = model(), np.asarray(tokens(2, 36, seed=1))
+    # Rows 0 and 2 share a length (prefilled together), row 1 between them does not.
+    llama, x = model(), np.asarray(tokens(3, 36, seed=1))
     graphdef, state = nnx.split(llama)
-    lengths, steps = [30, 9], 6
+    lengths, steps = [30, 9, 30], 6
     rest = np.stack([x[i, n : n + steps] for i, n in enumerate(lengths)])
 
     capacity = dga_jax.prefix_capacity(DGA, 40, lengths)  # shared: one compile per length
@@ -81,9 +84,10 @@ def test_rows_of_different_lengths_equal_their_runs_alone():
         decoded = _decode_all(state, graphdef, caches, jnp.asarray(rest[rows]))
         return jnp.concatenate([logits[:, None], decoded], axis=1)
 
-    batched = run([0, 1])
-    for i in range(2):
+    batched = run([0, 1, 2])
+    for i in range(3):
         assert_close(batched[i], run([i])[0], TOL)
+    assert float(jnp.abs(batched[0] - batched[2]).max()) > 1e-3  # different prompts
     forward = jax.jit(llama.__call__)(jnp.asarray(x[1:, : lengths[1]]))
     assert_close(batched[1, 0], forward[0, -1], TOL)
 
@@ -173,3 +177,31 @@ def test_cli_names_the_problem(checkpoint, flags, message):
     args.update(zip(flags[::2], flags[1::2], strict=True))
     with pytest.raises(SystemExit, match=message):
         main([item for pair in args.items() for item in pair])
+
+
+def _streamed(tokenizer, context: list[int], new: list[int]) -> tuple[str, list[str]]:
+    """What a TextStream writes for `new` after `context`: (all of it, the text after each push)."""
+    out = io.StringIO()
+    stream, seen = TextStream(tokenizer, context, out), []
+    for token in new:
+        stream.push(token)
+        seen.append(out.getvalue())
+    stream.finish()
+    return out.getvalue(), seen
+
+
+def test_text_stream_keeps_the_space_a_sentencepiece_continuation_loses_alone(tmp_path):
+    tokenizer = load_tokenizer(train_sentencepiece(tmp_path))
+    ids, prompt = tokenizer.encode("the quick brown fox"), tokenizer.encode("the quick")
+    assert ids[: len(prompt)] == prompt
+    new = ids[len(prompt) :]
+    assert tokenizer.decode(new) == "brown fox"  # decoded alone, the space is gone
+    text, _ = _streamed(tokenizer, prompt, new)
+    assert text == " brown fox\n"
+
+
+def test_text_stream_holds_back_a_split_character():
+    tokenizer = ByteTokenizer()
+    new = tokenizer.encode("é!")  # two bytes, then one
+    _, seen = _streamed(tokenizer, tokenizer.encode("a"), new)
+    assert seen == ["", "é", "é!"]

@@ -157,14 +157,14 @@ class HFTokenizer:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
 
 
-def load_tokenizer(spec: str) -> Tokenizer:
+def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     """`"byte"` -> ByteTokenizer; a `*.model` path -> SentencePiece; a `*.json` path -> HF.
 
     A directory is searched for `tokenizer.model`, then `tokenizer.json`.
     """
     if spec == BYTE_SPEC:
         return ByteTokenizer()
-    path = spec
+    path = os.fspath(spec)
     if os.path.isdir(path):
         found = [
             os.path.join(path, name)

@@ -7,10 +7,11 @@ The model is an NNX `Llama`, which holds its parameters, so `generate(model, pro
 takes no separate `params` (`nnx.update(model, params)` loads other ones). DGA models decode
 with `dga_jax.ops.dga.decode.DGACache`, dense ones with `DenseCache`.
 
-Prompts of different lengths are prefilled one row at a time at their exact length (DGA's global
-selection depends on the whole prompt length; one compile per distinct length) and their caches
-concatenated into one batch; from then on every row carries its own counts and position, so
-nothing is padded or attended out of place, and each row's result equals its run alone.
+Prompts are prefilled at their exact length, the rows of one length together (DGA's global
+selection depends on the whole prompt length; one compile per distinct length), and their caches
+concatenated into one batch in the prompts' order; from then on every row carries its own counts
+and position, so nothing is padded or attended out of place, and each row's result equals its
+run alone.
 """
 
 from __future__ import annotations
@@ -76,8 +77,9 @@ def prefill(
     """Right-padded prompts tokens [B, T] with `lengths` [B] -> (logits [B, V] of each row's last
     prompt token, caches for up to `max_len` tokens per row, layers leading, batch second).
 
-    Each row is prefilled alone at its exact length, so padding is never seen. `capacity`: the
-    DGA prefix capacity, by default `prefix_capacity(config.dga, max_len, lengths)`.
+    The rows of each distinct length are prefilled together at that length, so padding is
+    never seen. `capacity`: the DGA prefix capacity, by default `prefix_capacity(config.dga,
+    max_len, lengths)`, shared by every row so that their caches concatenate.
     """
     lengths = [int(n) for n in lengths]
     if min(lengths) < 1:
@@ -86,23 +88,29 @@ def prefill(
     if config.attention == "dga" and capacity is None:
         capacity = prefix_capacity(config.dga, max_len, lengths)
     graphdef, state = nnx.split(model)
-    rows = [
-        _prefill_row(graphdef, state, jnp.asarray(tokens[i : i + 1, :n]), max_len, capacity)
-        for i, n in enumerate(lengths)
+    by_length: dict[int, list[int]] = {}
+    for row, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(row)
+    parts = [
+        _prefill_rows(graphdef, state, jnp.asarray(tokens[rows, :n]), max_len, capacity)
+        for n, rows in by_length.items()
     ]
-    logits = jnp.concatenate([logits for logits, _ in rows])
-    return logits, jax.tree.map(_concat_rows, *[caches for _, caches in rows])
+    # Rows come out grouped by length; `order` puts them back in the prompts' order.
+    order = jnp.asarray(np.argsort(np.concatenate(list(by_length.values())), kind="stable"))
+    logits = jnp.concatenate([logits for logits, _ in parts])[order]
+    caches = jax.tree.map(functools.partial(_concat_rows, order), *[c for _, c in parts])
+    return logits, caches
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "capacity"))
-def _prefill_row(graphdef, state, tokens, max_len, capacity):
+def _prefill_rows(graphdef, state, tokens, max_len, capacity):
     logits, caches = nnx.merge(graphdef, state).prefill(tokens, max_len, capacity)
     return logits[:, -1], caches
 
 
-def _concat_rows(*rows: jax.Array) -> jax.Array:
-    """Cache leaves [layers, 1, ...] of single rows -> [layers, B, ...]."""
-    return jnp.concatenate(rows, axis=1)
+def _concat_rows(order: jax.Array, *parts: jax.Array) -> jax.Array:
+    """Cache leaves [layers, rows, ...] of the length groups -> [layers, B, ...] in `order`."""
+    return jnp.concatenate(parts, axis=1)[:, order]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames="caches")

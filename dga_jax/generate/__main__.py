@@ -39,12 +39,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 class TextStream:
-    """Writes the text of a growing list of token ids, holding back an incomplete character."""
+    """Writes the text that token ids add after `context`, holding back an incomplete character.
 
-    def __init__(self, tokenizer: Tokenizer, out=sys.stdout):
-        self.tokenizer, self.out = tokenizer, out
-        self.ids: list[int] = []
-        self.written = ""
+    The ids are decoded behind the context (the prompt's ids): decoded alone, a SentencePiece
+    continuation loses its leading space ("▁brown" -> "brown").
+    """
+
+    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = (), out=None):
+        self.tokenizer, self.out = tokenizer, sys.stdout if out is None else out
+        self.ids = list(context)
+        self.written = tokenizer.decode(self.ids)
 
     def push(self, token: int) -> None:
         self.ids.append(token)
@@ -110,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ValueError as e:
         fail(str(e))
     sys.stdout.write(args.prompt)
-    text = TextStream(tokenizer)
+    text = TextStream(tokenizer, ids)
     for tokens in steps:
         if tokens[0] < 0 or tokens[0] in stops:
             break

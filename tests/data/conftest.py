@@ -65,8 +65,11 @@ def random_text(rng: random.Random, max_words: int) -> str:
 
 @pytest.fixture(scope="session")
 def spm_model(tmp_path_factory) -> Path:
-    """A tiny SentencePiece BPE model (BOS 1, EOS 2) trained on `TOKENIZER_TEXT`."""
-    root = tmp_path_factory.mktemp("spm")
+    return train_sentencepiece(tmp_path_factory.mktemp("spm"))
+
+
+def train_sentencepiece(root: Path) -> Path:
+    """A tiny SentencePiece BPE model (BOS 1, EOS 2) trained on `TOKENIZER_TEXT`, in `root`."""
     text = root / "text.txt"
     text.write_text("\n".join(TOKENIZER_TEXT))
     sentencepiece.SentencePieceTrainer.train(

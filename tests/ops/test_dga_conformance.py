@@ -16,18 +16,27 @@ import pytest
 
 import dga_jax
 from dga_jax import BlockSizes
-from tests.conftest import FORWARD_TOL, GRAD_TOL, TPU_INTERPRET, assert_close, random_qkv
+from tests.conftest import (
+    FORWARD_TOL,
+    GPU_INTERPRET,
+    GRAD_TOL,
+    TPU_INTERPRET,
+    assert_close,
+    random_qkv,
+)
 
 IMPLEMENTATIONS = {
     "xla": dict(implementation="xla"),
     "xla-blocks8x8": dict(implementation="xla", block_sizes=BlockSizes(8, 8, 8, 8)),
     "xla-blocks16x8band4": dict(implementation="xla", block_sizes=BlockSizes(16, 8, 4, 16)),
-    # The kernels in interpret mode, at their smallest legal tiles (tests/ops/test_pallas.py
-    # adds longer inputs, more block sizes and the lowering to Triton and Mosaic).
-    "pallas_gpu-interpret": dict(
-        implementation="pallas_gpu", interpret=True, block_sizes=BlockSizes(16, 16, 16, 16)
+    # The kernels at their smallest legal tiles, in interpret mode (the Triton ones compiled on
+    # a GPU); tests/ops/test_pallas.py adds longer inputs, more block sizes and the lowering.
+    "pallas_gpu": dict(
+        implementation="pallas_gpu",
+        interpret=GPU_INTERPRET,
+        block_sizes=BlockSizes(16, 16, 16, 16),
     ),
-    "pallas_tpu-interpret": dict(
+    "pallas_tpu": dict(
         implementation="pallas_tpu",
         interpret=TPU_INTERPRET,
         block_sizes=BlockSizes(16, 128, 16, 16),

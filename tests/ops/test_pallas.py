@@ -1,9 +1,10 @@
 """The Pallas kernels beyond the shared conformance suite.
 
 On CPU the kernels run in interpret mode (the TPU interpreter checks races and out-of-bounds
-reads); this file adds inputs long enough to cross many entry blocks, more block sizes, the
-on-device block ranges against brute force, and the lowering of forward and backward to Triton
-and Mosaic, which checks what the kernels ask of each compiler without the hardware.
+reads); on a GPU the Triton kernels run compiled. This file adds inputs long enough to cross
+many entry blocks, more block sizes, the on-device block ranges against brute force, and the
+lowering of forward and backward to Triton and Mosaic, which checks what the kernels ask of each
+compiler without the hardware.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
 import dga_jax
 from dga_jax import BlockSizes
@@ -22,9 +25,18 @@ from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.layout import dga_layout, gather_entries
 from dga_jax.ops.dga.pallas_tpu import step_list
 from dga_jax.ops.intervals import NEVER
-from tests.conftest import FORWARD_TOL, GRAD_TOL, TPU_INTERPRET, assert_close, random_qkv
+from tests.conftest import (
+    FORWARD_TOL,
+    GPU_INTERPRET,
+    GRAD_TOL,
+    ON_GPU,
+    RACE_REPORT,
+    TPU_INTERPRET,
+    assert_close,
+    random_qkv,
+)
 
-GPU = dict(implementation="pallas_gpu", interpret=True)
+GPU = dict(implementation="pallas_gpu", interpret=GPU_INTERPRET)
 TPU = dict(implementation="pallas_tpu", interpret=TPU_INTERPRET)
 
 
@@ -67,12 +79,38 @@ def test_gpu_kernels_pad_the_head_dim():
     _check_against_xla(kwargs, qkv, dict(group_size=4, focal_ratio=0.1))
 
 
-@pytest.mark.parametrize("selection", ["global", "streaming"])
-def test_tpu_kernels_many_blocks(selection):
+@pytest.mark.parametrize(
+    "selection, block_q, dtype",
+    # L = 200 is a multiple of neither query block.
+    [("global", 16, jnp.float32), ("streaming", 16, jnp.float32), ("global", 32, jnp.bfloat16)],
+)
+def test_tpu_kernels_many_blocks(selection, block_q, dtype):
     # m = 2, gamma = 0.3, L = 200: ~130 prefix and ~140 raw entries, two 128-entry blocks each.
-    qkv = random_qkv(5, 1, 200, 2, 1, 8)
-    kwargs = dict(TPU, block_sizes=BlockSizes(16, 128, 16, 32))
-    _check_against_xla(kwargs, qkv, dict(group_size=2, focal_ratio=0.3, selection=selection))
+    qkv = random_qkv(5, 1, 200, 2, 1, 8, dtype)
+    kwargs = dict(TPU, block_sizes=BlockSizes(block_q, 128, 16, 32))
+    dga_kwargs = dict(group_size=2, focal_ratio=0.3, selection=selection)
+    _check_against_xla(kwargs, qkv, dga_kwargs, dtype)
+
+
+def _read_before_the_copy_lands(x_hbm, o_ref, buffer, semaphore):
+    copy = pltpu.make_async_copy(x_hbm, buffer, semaphore)
+    copy.start()
+    o_ref[...] = buffer[...]  # races with the DMA still writing `buffer`
+    copy.wait()
+
+
+def test_the_race_detector_the_suite_relies_on_reports_races(capfd):
+    # `no_kernel_races` (tests/conftest.py) fails a test on this report; here it must appear.
+    x = jnp.ones((8, 128), jnp.float32)
+    racy = pl.pallas_call(
+        _read_before_the_copy_lands,
+        out_shape=jax.ShapeDtypeStruct(x.shape, x.dtype),
+        in_specs=[pl.BlockSpec(memory_space=pl.ANY)],
+        scratch_shapes=[pltpu.VMEM(x.shape, x.dtype), pltpu.SemaphoreType.DMA(())],
+        interpret=TPU_INTERPRET,
+    )
+    jax.block_until_ready(racy(x))
+    assert RACE_REPORT in "".join(capfd.readouterr())
 
 
 def _lowered(implementation: str, platform: str, block_sizes: BlockSizes) -> str:
@@ -123,7 +161,10 @@ def test_bad_kernel_block_sizes(implementation, block_sizes, field):
         )
 
 
-@pytest.mark.parametrize("implementation", ["pallas_gpu", "pallas_tpu"])
+WRONG_BACKEND = ["pallas_tpu"] if ON_GPU else ["pallas_gpu", "pallas_tpu"]
+
+
+@pytest.mark.parametrize("implementation", WRONG_BACKEND)
 def test_kernel_on_the_wrong_backend_says_how_to_interpret(implementation):
     q, k, v = random_qkv(0, 1, 16, 2, 1, 8)
     with pytest.raises(ValueError, match="interpret=True"):

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The GPU checks, as one call on a lent GPU machine (the `device` tool runs it from the
+# repository root with its image's python3, which has JAX with CUDA, Triton, Flax and Optax):
+#
+#   bash benchmarks/device_check.sh            # ~8 minutes on an H100
+#
+# 1. the DGA conformance suite and the kernel tests, the Triton kernels compiled (tests/conftest.py
+#    turns interpret mode off and float32 matmuls to IEEE precision on a GPU);
+# 2. benchmarks/attention.py at the Pallas issue's shapes (bfloat16, B=1, H=32, D=128, m=16,
+#    gamma=0.1): DGA pallas_gpu vs cuDNN dense vs DGA xla, forward and forward+backward;
+# 3. benchmarks/decode.py with LLaMA2-7B-shaped random weights in bfloat16.
+# Tables, JSON and plots go to $OUT (the device tool's output folder) or benchmarks/results; a
+# failing step is reported and the next one still runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+export PYTHONPATH=$PWD
+status=0
+
+run() {  # run NAME CMD...: tee the output to $out/NAME.log, remember a failure
+    echo "== $1"
+    local name=$1
+    shift
+    "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || { echo "== $name failed (exit $rc)"; status=1; }
+}
+
+run device python3 -c "import jax; print(jax.__version__, jax.devices())"
+run tests python3 -m pytest -q -p no:cacheprovider tests/ops/test_dga_conformance.py \
+    tests/ops/test_pallas.py -k "pallas_gpu or gpu_kernels or xla"
+run attention python3 benchmarks/attention.py --dtype bfloat16 --heads 32 --kv-heads 32 \
+    --lengths 4096,8192,16384,32768 --impls dga_pallas_gpu,dense_cudnn,dga_xla --out "$out"
+run decode python3 benchmarks/decode.py --preset llama2_7b --dtype bfloat16 --steps 32 \
+    --out "$out"
+exit $status
