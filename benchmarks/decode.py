@@ -6,9 +6,10 @@
 
 For each prompt length and cache (DGA: m=16, gamma=0.1, global prefill; dense: prefill with the
 blockwise dense attention so that 32K fits), the prompt is prefilled once, then one jitted
-`Llama.decode_step` (greedy, caches donated) runs `--warmup` steps and `--steps` timed steps;
-the table gives the median step time, DGA's speedup (dense / DGA), and the bytes of every cache
-array (all layers). Results go to `benchmarks/results/decode_<backend>[_quick].{json,png}`.
+`Llama.decode_step` (greedy, caches donated) runs `--warmup` steps and `--steps` timed steps,
+the variants taking turns in `--rounds` blocks (one set of weights serves both); the table
+gives the median step time, DGA's speedup (dense / DGA), and the bytes of every cache array (all
+layers). Results go to `benchmarks/results/decode_<backend>[_quick].{json,png}`.
 
 Expected (the decoding issue's goals): DGA's cache at most 17% of the dense cache's bytes at
 every length; its inter-token latency at 16K at least 2.4x lower than dense and nearly flat from
@@ -18,7 +19,10 @@ every length; its inter-token latency at 16K at least 2.4x lower than dense and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -47,6 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--selection", choices=("global", "streaming"), default="global")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps after compiling")
     p.add_argument("--steps", type=int, default=64, help="timed steps (median reported)")
+    p.add_argument("--rounds", type=int, default=8, help="turns the variants take at the steps")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     default = "1024,2048" if args.quick else "4096,8192,16384,32768"
@@ -54,21 +59,46 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
-    """Prefill a random prompt of `length` tokens, then time single decode steps."""
+@dataclasses.dataclass
+class Decoder:
+    """One variant's jitted decode step with its caches and next tokens, after the prefill."""
+
+    step: Callable
+    state: nnx.State
+    caches: object
+    tokens: jax.Array
+    prefill_s: float  # the prefill's wall time, compile included
+
+    def run(self, steps: int) -> list[float]:
+        """Runs `steps` decode steps; their wall times in ms."""
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.tokens, self.caches = jax.block_until_ready(
+                self.step(self.state, self.caches, self.tokens)
+            )
+            times.append((time.perf_counter() - start) * 1e3)
+        return times
+
+
+def model_config(args: argparse.Namespace, variant: str) -> ModelConfig:
     attention, impl = VARIANTS[variant]
-    dga = DGAConfig(args.group_size, args.focal_ratio, args.selection)
-    config = ModelConfig.preset(
+    return ModelConfig.preset(
         args.preset,
         attention=attention,
         attention_impl=impl,
-        dga=dga,
+        dga=DGAConfig(args.group_size, args.focal_ratio, args.selection),
         dtype=args.dtype,
         param_dtype=args.dtype,
     )
-    graphdef, state = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
-    max_len = length + args.warmup + args.steps
-    prompt = jax.random.randint(jax.random.key(0), (args.batch, length), 0, config.vocab_size)
+
+
+def new_model(config: ModelConfig) -> Llama:
+    return Llama(config, rngs=nnx.Rngs(0))
+
+
+def decoder(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, max_len: int) -> Decoder:
+    """Prefills `prompt` [B, L] once and jits the decode step (caches donated)."""
 
     def prefill(state, tokens):
         logits, caches = nnx.merge(graphdef, state).prefill(tokens, max_len)
@@ -81,24 +111,42 @@ def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
     start = time.perf_counter()
     tokens, caches = jax.block_until_ready(jax.jit(prefill)(state, prompt))
     prefill_s = time.perf_counter() - start
-    step = jax.jit(step, donate_argnums=1)
-    times = []
-    for i in range(args.warmup + args.steps):
-        start = time.perf_counter()
-        tokens, caches = jax.block_until_ready(step(state, caches, tokens))
-        if i >= args.warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return {
-        "L": length,
-        "variant": variant,
-        "median_ms": float(np.median(times)),
-        "p10_ms": float(np.percentile(times, 10)),
-        "p90_ms": float(np.percentile(times, 90)),
-        "times_ms": times,
-        "cache_bytes": cache_bytes(caches),
-        "max_len": max_len,
-        "prefill_s_with_compile": prefill_s,
-    }
+    return Decoder(jax.jit(step, donate_argnums=1), state, caches, tokens, prefill_s)
+
+
+def measure(
+    args: argparse.Namespace, graphdefs: dict[str, nnx.GraphDef], state: nnx.State, length: int
+) -> list[dict]:
+    """Prefill a random prompt of `length` tokens in every variant, then time decode steps.
+
+    The variants take turns, `--rounds` blocks of steps each, so that a slow spell of the
+    machine falls on all of them alike.
+    """
+    per_round = -(-args.steps // args.rounds)
+    max_len = length + args.warmup + args.rounds * per_round
+    vocab_size = model_config(args, "dga").vocab_size
+    prompt = jax.random.randint(jax.random.key(0), (args.batch, length), 0, vocab_size)
+    decoders = {v: decoder(g, state, prompt, max_len) for v, g in graphdefs.items()}
+    for d in decoders.values():
+        d.run(args.warmup)
+    times = {v: [] for v in decoders}
+    for _ in range(args.rounds):
+        for variant, d in decoders.items():
+            times[variant] += d.run(per_round)
+    return [
+        {
+            "L": length,
+            "variant": variant,
+            "median_ms": float(np.median(times[variant])),
+            "p10_ms": float(np.percentile(times[variant], 10)),
+            "p90_ms": float(np.percentile(times[variant], 90)),
+            "times_ms": times[variant],
+            "cache_bytes": cache_bytes(d.caches),
+            "max_len": max_len,
+            "prefill_s_with_compile": d.prefill_s,
+        }
+        for variant, d in decoders.items()
+    ]
 
 
 def report(records: list[dict]) -> None:
@@ -149,7 +197,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.preset} ({args.dtype}) decoding on {env['device_kind']} ({env['backend']}), "
         f"B={args.batch}"
     )
-    records = [measure(args, v, n) for n in args.lengths for v in VARIANTS]
+    # One set of weights serves every variant: attention changes the graph, not the parameters.
+    configs = {v: model_config(args, v) for v in VARIANTS}
+    state = nnx.state(new_model(configs["dga"]))
+    graphdefs = {
+        v: nnx.graphdef(nnx.eval_shape(functools.partial(new_model, c))) for v, c in configs.items()
+    }
+    records = [r for n in args.lengths for r in measure(args, graphdefs, state, n)]
     report(records)
     path = write_results("decode", args, env, records)
     plot(records, args, env, path.with_suffix(".png"))
