@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,23 +20,25 @@ GPU_INTERPRET = not ON_GPU
 if ON_GPU:
     jax.config.update("jax_default_matmul_precision", "highest")
 # The TPU interpreter with its checks on: data races between DMAs and grid steps (reported by
-# printing RACE_REPORT, which `no_kernel_races` turns into a failure), out-of-bounds reads (raise).
+# printing RACE_REPORT, which `pytest_runtest_makereport` turns into a failure), out-of-bounds
+# reads (raise).
 TPU_INTERPRET = pltpu.InterpretParams(detect_races=True, out_of_bounds_reads="raise")
 RACE_REPORT = "RACE DETECTED"
 
 
-@pytest.fixture(autouse=True)
-def no_kernel_races(capfd):
-    """Fails any test during which the TPU interpreter's race detector reported a race.
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Fails a test during which the TPU interpreter's race detector reported a race.
 
     The detector prints its report and sets a flag that the next kernel call resets; it never
     raises, so without this a racy kernel would pass every test.
     """
-    yield
-    out, err = capfd.readouterr()
-    sys.stdout.write(out)  # back into pytest's capture, shown if the test fails
-    sys.stderr.write(err)
-    assert RACE_REPORT not in out + err, "the TPU interpreter detected a data race"
+    report = yield
+    captured = report.capstdout + report.capstderr
+    if report.when == "call" and report.passed and RACE_REPORT in captured:
+        report.outcome = "failed"
+        report.longrepr = "the TPU interpreter detected a data race (see the captured output)"
+    return report
 
 
 def random_qkv(seed: int, b: int, seq_len: int, hq: int, hkv: int, d: int, dtype=jnp.float32):

@@ -71,10 +71,11 @@ def test_dense_decoding_equals_the_dense_forward():
 
 def test_rows_of_different_lengths_equal_their_runs_alone():
     # Global selection depends on the prompt length: each row must see only its own tokens.
-    # Rows 0 and 2 share a length (prefilled together), row 1 between them does not.
-    llama, x = model(), np.asarray(tokens(3, 36, seed=1))
+    # Rows of one length are prefilled together: grouped, the rows come out as 0, 3, 1, 2, an
+    # order that is not its own inverse, so putting them back is checked.
+    llama, x = model(), np.asarray(tokens(4, 36, seed=1))
     graphdef, state = nnx.split(llama)
-    lengths, steps = [30, 9, 30], 6
+    lengths, steps = [30, 9, 9, 30], 6
     rest = np.stack([x[i, n : n + steps] for i, n in enumerate(lengths)])
 
     capacity = dga_jax.prefix_capacity(DGA, 40, lengths)  # shared: one compile per length
@@ -84,10 +85,11 @@ def test_rows_of_different_lengths_equal_their_runs_alone():
         decoded = _decode_all(state, graphdef, caches, jnp.asarray(rest[rows]))
         return jnp.concatenate([logits[:, None], decoded], axis=1)
 
-    batched = run([0, 1, 2])
-    for i in range(3):
+    batched = run([0, 1, 2, 3])
+    for i in range(4):
         assert_close(batched[i], run([i])[0], TOL)
-    assert float(jnp.abs(batched[0] - batched[2]).max()) > 1e-3  # different prompts
+    for i, j in ((0, 3), (1, 2)):  # the same lengths, different prompts
+        assert float(jnp.abs(batched[i] - batched[j]).max()) > 1e-3
     forward = jax.jit(llama.__call__)(jnp.asarray(x[1:, : lengths[1]]))
     assert_close(batched[1, 0], forward[0, -1], TOL)
 
@@ -198,6 +200,22 @@ def test_text_stream_keeps_the_space_a_sentencepiece_continuation_loses_alone(tm
     assert tokenizer.decode(new) == "brown fox"  # decoded alone, the space is gone
     text, _ = _streamed(tokenizer, prompt, new)
     assert text == " brown fox\n"
+
+
+# Long enough for the stream to drop old context several times; ends in characters of two and
+# three bytes (byte fallback pieces for the SentencePiece model, which has not seen them).
+TEXT = "the quick brown fox jumps over the lazy dog; " * 4 + "café crème brûlée ✓"
+
+
+@pytest.mark.parametrize("kind", ["byte", "sentencepiece"])
+def test_text_stream_writes_exactly_what_the_new_ids_add(kind, tmp_path):
+    tokenizer = ByteTokenizer() if kind == "byte" else load_tokenizer(train_sentencepiece(tmp_path))
+    ids = tokenizer.encode(TEXT)
+    for cut in range(0, len(ids), 5):  # inside words and, for bytes, inside characters
+        context, new = ids[:cut], ids[cut:]
+        text, _ = _streamed(tokenizer, context, new)
+        # What the CLI echoes (a context cut inside a character ends in U+FFFD), then the stream.
+        assert tokenizer.decode(context).rstrip("\ufffd") + text == TEXT + "\n", cut
 
 
 def test_text_stream_holds_back_a_split_character():

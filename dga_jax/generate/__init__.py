@@ -8,10 +8,10 @@ takes no separate `params` (`nnx.update(model, params)` loads other ones). DGA m
 with `dga_jax.ops.dga.decode.DGACache`, dense ones with `DenseCache`.
 
 Prompts are prefilled at their exact length, the rows of one length together (DGA's global
-selection depends on the whole prompt length; one compile per distinct length), and their caches
-concatenated into one batch in the prompts' order; from then on every row carries its own counts
-and position, so nothing is padded or attended out of place, and each row's result equals its
-run alone.
+selection depends on the whole prompt length; one compile per distinct length and row count),
+and their caches concatenated into one batch in the prompts' order; from then on every row
+carries its own counts and position, so nothing is padded or attended out of place, and each
+row's result equals its run alone.
 """
 
 from __future__ import annotations
@@ -95,8 +95,10 @@ def prefill(
         _prefill_rows(graphdef, state, jnp.asarray(tokens[rows, :n]), max_len, capacity)
         for n, rows in by_length.items()
     ]
+    if len(parts) == 1:
+        return parts[0]
     # Rows come out grouped by length; `order` puts them back in the prompts' order.
-    order = jnp.asarray(np.argsort(np.concatenate(list(by_length.values())), kind="stable"))
+    order = jnp.asarray(np.argsort(np.concatenate(list(by_length.values()))))
     logits = jnp.concatenate([logits for logits, _ in parts])[order]
     caches = jax.tree.map(functools.partial(_concat_rows, order), *[c for _, c in parts])
     return logits, caches

@@ -2,9 +2,9 @@
 
     python -m dga_jax.generate --checkpoint ckpt/tiny --tokenizer byte --prompt "def main"
 
-The prompt is echoed, then the continuation is printed token by token; generation stops at the
-tokenizer's EOS or after --max_new_tokens. BOS is prepended when the tokenizer has one (training
-packs documents behind BOS).
+The prompt is echoed as the model reads it (its token ids decoded), then the continuation is
+printed token by token; generation stops at the tokenizer's EOS or after --max_new_tokens. BOS is
+prepended when the tokenizer has one (training packs documents behind BOS).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from typing import NoReturn, TextIO
 
 from dga_jax.checkpoint.orbax_io import load_config, load_model
 from dga_jax.data.tokenizers import Tokenizer, load_tokenizer
@@ -41,14 +41,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 class TextStream:
     """Writes the text that token ids add after `context`, holding back an incomplete character.
 
-    The ids are decoded behind the context (the prompt's ids): decoded alone, a SentencePiece
-    continuation loses its leading space ("▁brown" -> "brown").
+    Each id is decoded behind the ids before it: decoded alone, a SentencePiece continuation
+    loses its leading space ("▁brown" -> "brown"). Only the last `CONTEXT` ids are kept as
+    context, so a token costs the same after a 32K-token prompt as after a short one.
     """
 
-    def __init__(self, tokenizer: Tokenizer, context: Sequence[int] = (), out=None):
+    CONTEXT = 16
+
+    def __init__(
+        self, tokenizer: Tokenizer, context: Sequence[int] = (), out: TextIO | None = None
+    ):
         self.tokenizer, self.out = tokenizer, sys.stdout if out is None else out
-        self.ids = list(context)
-        self.written = tokenizer.decode(self.ids)
+        self._restart(list(context))
 
     def push(self, token: int) -> None:
         self.ids.append(token)
@@ -56,6 +60,8 @@ class TextStream:
         if text.endswith("\ufffd") or not text.startswith(self.written):
             return
         self._write(text)
+        if len(self.ids) > 2 * self.CONTEXT:
+            self._restart(self.ids)
 
     def finish(self) -> None:
         """Writes whatever was held back, then a newline."""
@@ -63,6 +69,13 @@ class TextStream:
         if text.startswith(self.written):
             self._write(text)
         self.out.write("\n")
+
+    def _restart(self, ids: list[int]) -> None:
+        """Keeps the last CONTEXT of `ids`, all written, as the context of what follows."""
+        self.ids = ids[-self.CONTEXT :]
+        # A context cut inside a character decodes to U+FFFD there: the character's last bytes,
+        # when they come, complete it, and it is written then.
+        self.written = self.tokenizer.decode(self.ids).rstrip("\ufffd")
 
     def _write(self, text: str) -> None:
         self.out.write(text[len(self.written) :])
@@ -113,7 +126,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     except ValueError as e:
         fail(str(e))
-    sys.stdout.write(args.prompt)
+    # The prompt as the model reads it: the continuation is written behind exactly this text
+    # (SentencePiece, for one, drops a trailing space the continuation's first piece carries).
+    sys.stdout.write(tokenizer.decode(ids))
     text = TextStream(tokenizer, ids)
     for tokens in steps:
         if tokens[0] < 0 or tokens[0] in stops:
