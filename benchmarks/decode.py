@@ -106,8 +106,8 @@ def decoder(graphdef: nnx.GraphDef, state: nnx.State, prompt: jax.Array, max_len
     """Prefills `prompt` [B, L] once and jits the decode step (caches donated)."""
 
     def prefill(state, tokens):
-        logits, caches = nnx.merge(graphdef, state).prefill(tokens, max_len)
-        return logits[:, -1].argmax(-1), caches
+        logits, caches = nnx.merge(graphdef, state).prefill(tokens, max_len, last_only=True)
+        return logits[:, 0].argmax(-1), caches
 
     def step(state, caches, tokens):
         logits, caches = nnx.merge(graphdef, state).decode_step(tokens, caches)

@@ -64,6 +64,17 @@ def test_streaming_prefill_and_decode_logits_equal_the_forward_at_every_position
     assert_close(prefill_then_decode(llama, x, 7), jax.jit(llama.__call__)(x), TOL)
 
 
+def test_prefill_last_only_gives_the_last_logits_and_the_same_caches():
+    llama, x = model(), tokens(t=21)
+    prefill = jax.jit(llama.prefill, static_argnums=1, static_argnames="last_only")
+    logits, caches = prefill(x, 30)
+    last, last_caches = prefill(x, 30, last_only=True)
+    assert last.shape == (2, 1, TINY.vocab_size)
+    assert_close(last, logits[:, -1:], TOL)
+    for a, b in zip(jax.tree.leaves(caches), jax.tree.leaves(last_caches), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_dense_decoding_equals_the_dense_forward():
     llama, x = model("dense"), tokens(t=30)
     assert_close(prefill_then_decode(llama, x, 12), jax.jit(llama.__call__)(x), TOL)

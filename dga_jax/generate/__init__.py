@@ -106,8 +106,8 @@ def prefill(
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "capacity"))
 def _prefill_rows(graphdef, state, tokens, max_len, capacity):
-    logits, caches = nnx.merge(graphdef, state).prefill(tokens, max_len, capacity)
-    return logits[:, -1], caches
+    logits, caches = nnx.merge(graphdef, state).prefill(tokens, max_len, capacity, last_only=True)
+    return logits[:, 0], caches
 
 
 def _concat_rows(order: jax.Array, *parts: jax.Array) -> jax.Array:

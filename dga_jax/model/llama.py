@@ -96,7 +96,12 @@ class Llama(nnx.Module):
         return self._logits(x)
 
     def prefill(
-        self, tokens: jax.Array, max_len: int, capacity: int | None = None
+        self,
+        tokens: jax.Array,
+        max_len: int,
+        capacity: int | None = None,
+        *,
+        last_only: bool = False,
     ) -> tuple[jax.Array, DGACache | DenseCache]:
         """tokens: [B, P] -> (logits [B, P, V] equal to `self(tokens)`, caches).
 
@@ -104,6 +109,8 @@ class Llama(nnx.Module):
         separately and concatenate the caches, as `dga_jax.generate.prefill` does). The caches
         hold up to `max_len` tokens; each leaf has a leading `num_layers` axis. `capacity` is
         the DGA prefix capacity (`dga_jax.ops.dga.decode.prefix_capacity`; default: for P).
+        `last_only`: logits [B, 1, V] of the last token only, all that generation needs (the LM
+        head over every position is P x V floats: 4 GiB for LLaMA2-7B at 32K).
         """
         graphdef, state = nnx.split(self.layers)
 
@@ -112,7 +119,7 @@ class Llama(nnx.Module):
             return self._constrain(x), cache
 
         x, caches = jax.lax.scan(layer_step, self._embed(tokens), state)
-        return self._logits(x), caches
+        return self._logits(x[:, -1:] if last_only else x), caches
 
     def decode_step(
         self, tokens: jax.Array, caches: DGACache | DenseCache
