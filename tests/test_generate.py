@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -234,3 +235,33 @@ def test_text_stream_holds_back_a_split_character():
     new = tokenizer.encode("é!")  # two bytes, then one
     _, seen = _streamed(tokenizer, tokenizer.encode("a"), new)
     assert seen == ["", "é", "é!"]
+
+
+SHARDED = textwrap.dedent(
+    """
+    import jax, numpy as np
+    from flax import nnx
+    import dga_jax
+    from dga_jax import DGAConfig, Llama, ModelConfig, make_mesh
+
+    rng = np.random.RandomState(0)
+    prompts = [rng.randint(3, 500, size=n).tolist() for n in (20, 11, 20)]
+    config = ModelConfig.preset("tiny", attention="dga", dga=DGAConfig(4, 0.25))
+    expected = dga_jax.generate(Llama(config, rngs=nnx.Rngs(0)), prompts, 6)
+    # batch over 8 or 4 devices: the length groups (2 rows, 1 row) are padded to fit
+    for shape in [(8, 1, 1, 1), (2, 2, 1, 2)]:
+        with jax.set_mesh(make_mesh(shape)):
+            got = dga_jax.generate(Llama(config, rngs=nnx.Rngs(0)), prompts, 6)
+        assert got == expected, (shape, got, expected)
+    print("ok")
+    """
+)
+
+
+def test_generation_under_a_mesh_equals_one_device():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    result = subprocess.run(
+        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")

@@ -28,6 +28,7 @@ from flax import nnx
 from dga_jax.model.llama import Llama
 from dga_jax.ops.checks import is_int, is_real
 from dga_jax.ops.dga.decode import DenseCache, DGACache, check_fits, prefix_capacity
+from dga_jax.ops.dga.sharded import shard_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +79,10 @@ def prefill(
     prompt token, caches for up to `max_len` tokens per row, layers leading, batch second).
 
     The rows of each distinct length are prefilled together at that length, so padding is
-    never seen. `capacity`: the DGA prefix capacity, by default `prefix_capacity(config.dga,
-    max_len, lengths)`, shared by every row so that their caches concatenate.
+    never seen. Under a mesh (`jax.set_mesh`) a group is filled up to a multiple of the devices
+    that split the batch. `capacity`: the DGA prefix capacity, by default
+    `prefix_capacity(config.dga, max_len, lengths)`, shared by every row so that their caches
+    concatenate.
     """
     lengths = [int(n) for n in lengths]
     if min(lengths) < 1:
@@ -91,10 +94,19 @@ def prefill(
     by_length: dict[int, list[int]] = {}
     for row, n in enumerate(lengths):
         by_length.setdefault(n, []).append(row)
-    parts = [
-        _prefill_rows(graphdef, state, jnp.asarray(tokens[rows, :n]), max_len, capacity)
-        for n, rows in by_length.items()
-    ]
+    # Under a mesh the prefill splits its rows over the batch axes: a group is padded to a
+    # multiple of them with copies of its first row, dropped afterwards.
+    multiple = shard_count(model.rules.spec(("batch",))[0])
+    parts = []
+    for n, rows in by_length.items():
+        padded = rows + rows[:1] * (-len(rows) % multiple)
+        logits, caches = _prefill_rows(
+            graphdef, state, jnp.asarray(tokens[padded, :n]), max_len, capacity
+        )
+        if len(padded) > len(rows):
+            keep = functools.partial(_first_rows, len(rows))
+            logits, caches = logits[: len(rows)], jax.tree.map(keep, caches)
+        parts.append((logits, caches))
     if len(parts) == 1:
         return parts[0]
     # Rows come out grouped by length; `order` puts them back in the prompts' order.
@@ -108,6 +120,11 @@ def prefill(
 def _prefill_rows(graphdef, state, tokens, max_len, capacity):
     logits, caches = nnx.merge(graphdef, state).prefill(tokens, max_len, capacity, last_only=True)
     return logits[:, 0], caches
+
+
+def _first_rows(n: int, x: jax.Array) -> jax.Array:
+    """Cache leaves [layers, rows, ...] -> their first n rows."""
+    return x[:, :n]
 
 
 def _concat_rows(order: jax.Array, *parts: jax.Array) -> jax.Array:

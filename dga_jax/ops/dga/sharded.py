@@ -37,7 +37,7 @@ def per_shard(
     if mesh.empty:
         return attention(q, k, v)
     for name, axes, size in (("batch", batch, q.shape[0]), ("KV heads", heads, k.shape[2])):
-        shards = _shards(mesh, axes)
+        shards = shard_count(axes)
         if size % shards:
             raise ValueError(
                 f"attention shards {name} ({size}) over mesh axes {axes!r} of {shards} devices: "
@@ -49,7 +49,11 @@ def per_shard(
     return sharded(q, k, v)
 
 
-def _shards(mesh, axes: MeshAxes) -> int:
+def shard_count(axes: MeshAxes) -> int:
+    """How many parts `axes` of the current mesh (`jax.set_mesh`) split a dimension into."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
     names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
     unknown = [name for name in names if name not in mesh.shape]
     if unknown:
