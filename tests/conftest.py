@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,6 +44,26 @@ def pytest_runtest_makereport(item, call):
         report.outcome = "failed"
         report.longrepr = "the TPU interpreter detected a data race (see the captured output)"
     return report
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run_on_fake_devices(script: str, devices: int = 8) -> None:
+    """Runs Python `script` in a new process on `devices` fake CPU devices (set before JAX
+    starts, hence the process); it must exit 0 and print "ok" last."""
+    flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok"), result.stdout[-3000:]
 
 
 def random_qkv(seed: int, b: int, seq_len: int, hq: int, hkv: int, d: int, dtype=jnp.float32):

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -17,6 +14,7 @@ from dga_jax import DEFAULT_RULES, DGAConfig, DGAttention, Llama, LogicalRules, 
 from dga_jax.model.config import RopeScaling
 from dga_jax.model.layers import apply_rope, rope_frequencies
 from dga_jax.sharding import make_mesh
+from tests.conftest import run_on_fake_devices
 
 TINY = ModelConfig.preset("tiny")
 
@@ -171,9 +169,4 @@ SHARDED = textwrap.dedent(
 
 
 def test_builds_sharded_on_eight_fake_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    result = subprocess.run(
-        [sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    run_on_fake_devices(SHARDED)

@@ -5,16 +5,13 @@ Runs in a subprocess with 8 fake CPU devices (the flag must be set before JAX st
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
 import pytest
 
 from dga_jax.ops.dga.sharded import per_shard
-from tests.conftest import random_qkv
+from tests.conftest import random_qkv, run_on_fake_devices
 
 SCRIPT = textwrap.dedent(
     """
@@ -55,16 +52,7 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sharded_equals_single_device():
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-    result = subprocess.run(
-        [sys.executable, "-c", SCRIPT],
-        env=dict(os.environ, XLA_FLAGS=flags),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    run_on_fake_devices(SCRIPT)
 
 
 def test_without_a_mesh_it_is_a_plain_call():
