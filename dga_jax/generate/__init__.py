@@ -97,22 +97,18 @@ def prefill(
     # Under a mesh the prefill splits its rows over the batch axes: a group is padded to a
     # multiple of them with copies of its first row, dropped afterwards.
     multiple = shard_count(model.rules.spec(("batch",))[0])
-    parts = []
+    parts, take = [], np.zeros(len(lengths), np.int32)  # take[row]: its place among all parts
     for n, rows in by_length.items():
         padded = rows + rows[:1] * (-len(rows) % multiple)
-        logits, caches = _prefill_rows(
-            graphdef, state, jnp.asarray(tokens[padded, :n]), max_len, capacity
+        take[rows] = sum(len(logits) for logits, _ in parts) + np.arange(len(rows))
+        parts.append(
+            _prefill_rows(graphdef, state, jnp.asarray(tokens[padded, :n]), max_len, capacity)
         )
-        if len(padded) > len(rows):
-            keep = functools.partial(_first_rows, len(rows))
-            logits, caches = logits[: len(rows)], jax.tree.map(keep, caches)
-        parts.append((logits, caches))
-    if len(parts) == 1:
+    if len(parts) == 1 and len(take) == len(parts[0][0]):
         return parts[0]
-    # Rows come out grouped by length; `order` puts them back in the prompts' order.
-    order = jnp.asarray(np.argsort(np.concatenate(list(by_length.values()))))
-    logits = jnp.concatenate([logits for logits, _ in parts])[order]
-    caches = jax.tree.map(functools.partial(_concat_rows, order), *[c for _, c in parts])
+    take = jnp.asarray(take)
+    logits = jnp.concatenate([logits for logits, _ in parts])[take]
+    caches = jax.tree.map(functools.partial(_concat_rows, take), *[c for _, c in parts])
     return logits, caches
 
 
@@ -122,14 +118,9 @@ def _prefill_rows(graphdef, state, tokens, max_len, capacity):
     return logits[:, 0], caches
 
 
-def _first_rows(n: int, x: jax.Array) -> jax.Array:
-    """Cache leaves [layers, rows, ...] -> their first n rows."""
-    return x[:, :n]
-
-
-def _concat_rows(order: jax.Array, *parts: jax.Array) -> jax.Array:
-    """Cache leaves [layers, rows, ...] of the length groups -> [layers, B, ...] in `order`."""
-    return jnp.concatenate(parts, axis=1)[:, order]
+def _concat_rows(take: jax.Array, *parts: jax.Array) -> jax.Array:
+    """Cache leaves [layers, rows, ...] of the length groups -> [layers, B, ...]: rows `take`."""
+    return jnp.concatenate(parts, axis=1)[:, take]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames="caches")
