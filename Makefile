@@ -9,12 +9,19 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e ".[$*]"
+# What training, the library and the benchmarks need.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# The test extra (pytest, ruff, torch and transformers for the HF parity tests) on top. A venv
+# that `make run` made gets it the first time a target below needs it.
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
 # The main job on the embedded default: train the tiny DGA model on the sample corpus.
-run: $(VENV)/.installed-test
+run: $(VENV)/.installed
 	$(BIN)/python -m train --config=configs/tiny_dga.py --workdir=runs/tiny_dga
 
 test: $(VENV)/.installed-test
@@ -30,7 +37,7 @@ format: $(VENV)/.installed-test
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/attention.py
 	$(BIN)/python benchmarks/model_forward.py
 	$(BIN)/python benchmarks/train_step.py

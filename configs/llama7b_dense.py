@@ -1,7 +1,9 @@
 """`llama7b_dga` with dense causal attention (cuDNN on GPU): the paper's baseline.
 
     python -m train --config=configs/llama7b_dense.py --workdir=runs/llama7b_dense \\
-        --config.init_checkpoint=ckpt/llama2-7b --config.data.train='SlimPajama-627B/train'
+        --config.init_checkpoint=ckpt/llama2-7b --config.data.train='SlimPajama-627B/train' \\
+        --config.data.validation='SlimPajama-627B/validation' \\
+        --config.data.tokenizer=Llama-2-7b-hf/tokenizer.model
 
 Expected (paper): LongBench-E average about 21.7.
 """

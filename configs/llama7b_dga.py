@@ -15,6 +15,8 @@ Expected (paper): LongBench-E average about 21 vs 21.7 for dense attention.
 
 from __future__ import annotations
 
+from ml_collections import config_dict
+
 from configs import base
 
 
@@ -30,7 +32,12 @@ def get_config():
         "param_dtype": "float32",
         "remat": "save_dots_no_batch",
     }
-    config.data.tokenizer = "tokenizer.model"
+    # Required on the command line (a 7B run never falls back to the sample corpus or to
+    # random weights): left unset, the launch stops at once, naming each of them.
+    config.init_checkpoint = config_dict.placeholder(str)
+    config.data.train = config_dict.placeholder(str)
+    config.data.validation = config_dict.placeholder(str)
+    config.data.tokenizer = config_dict.placeholder(str)
     config.data.seq_len = 8192
     config.mesh.fsdp = -1
     config.optim.learning_rate = 2e-5

@@ -1,6 +1,6 @@
 """dga-jax: Dynamic Group Attention for long-context language models in JAX."""
 
-from dga_jax.generate import generate
+from dga_jax.generate import generate, stream
 from dga_jax.model import DGAttention, Llama, ModelConfig, RopeScaling
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dga import DGAConfig, DGALayout, dga_attention, dga_layout, gather_entries
@@ -29,5 +29,6 @@ __all__ = [
     "make_mesh",
     "prefill",
     "prefix_capacity",
+    "stream",
 ]
 __version__ = "0.1.0"

@@ -11,7 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl import flags
 from jax.experimental.pallas import tpu as pltpu
+
+# The test process is the entry point: absl's flags keep their defaults (Grain's workers read one).
+flags.FLAGS.mark_as_parsed()
 
 # Fixed per dtype; never loosened to make a test pass.
 FORWARD_TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-5), jnp.bfloat16: dict(atol=1e-2, rtol=1e-2)}

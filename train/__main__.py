@@ -3,6 +3,11 @@
 Multi-host: `--distributed` calls `jax.distributed.initialize()` before anything touches the
 devices; on TPU pods and SLURM/Kubernetes GPU clusters it finds its peers by itself, elsewhere
 pass `--coordinator_address=host:port --num_processes=N --process_id=i` on every host.
+
+A problem with the user's input (a config key, a missing file, a checkpoint of another model)
+ends the run with one line `error: ...` and exit code 2; a run that cannot go on (a checkpoint
+that cannot be written, divergence) with one such line and exit code 1. Anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -12,6 +17,8 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from dga_jax.errors import InputError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
@@ -27,12 +34,21 @@ def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO chatter
-    from train.config import ConfigError, from_config_dict
+    from train.checkpointing import CheckpointSaveError, NoUsableCheckpointError
+    from train.loop import NonFiniteError
 
     try:
-        config = from_config_dict(_CONFIG.value)
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
+        _train()
+    except InputError as error:
+        _exit(error, 2)
+    except (CheckpointSaveError, NoUsableCheckpointError, NonFiniteError) as error:
+        _exit(error, 1)
+
+
+def _train() -> None:
+    from train.config import from_config_dict
+
+    config = from_config_dict(_CONFIG.value)
     import jax
 
     if _DISTRIBUTED.value:
@@ -56,6 +72,24 @@ def main(argv: list[str]) -> None:
         )
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's parser, with the user's mistakes in flags (an unknown `--config.` key, a value
+    that does not parse) reported as input errors rather than tracebacks."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as error:  # ml_collections: a key the config lacks
+        while isinstance(error, BaseException) and error.args:  # it wraps a KeyError's text
+            error = error.args[0]
+        _exit(f"unknown config key {error}", 2)
+    except Exception as error:  # flags.Error, ml_collections' ValueError / TypeError
+        _exit(error, 2)
+
+
+def _exit(error: Exception | str, code: int) -> None:
+    print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -1,45 +1,93 @@
-"""Orbax checkpoints of the train state and the data iterator, saved atomically and async.
+"""Orbax checkpoints of a run: train state, data position and run record, saved async.
 
-Each step directory holds `state` (parameters, optimizer state, step, counters) and `data` (the
-data iterator's JSON state). Orbax writes to a temporary directory and renames it when complete,
-so a crash mid-save never leaves a checkpoint that looks whole; restore reads the newest complete
-one into an abstract state that carries shardings, so each array goes straight to its devices.
+Each step directory holds `state` (parameters, optimizer state, step, counters), `data` (the
+data iterator's JSON state) and `run` (the config that wrote it, and whether the step's
+evaluation is still owed). What survives what:
+
+- a crash or SIGKILL mid-save: Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it
+  when complete, so a partial save never looks like a checkpoint (and is deleted on restart);
+- a damaged newest checkpoint (a file truncated or deleted): `restore_newest` warns, moves it to
+  `<workdir>/damaged_checkpoints/` and restores the one before it;
+- a failed save (disk full, file size limit): `CheckpointSaveError` names the step and the cause;
+  the checkpoints before it are untouched.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import shutil
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
+from train.hosts import any_process, is_main_process
 from train.step import TrainState
+
+ITEMS = ("state", "data", "run")
+
+
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the earlier ones are intact."""
+
+
+class NoUsableCheckpointError(RuntimeError):
+    """Every checkpoint of a run failed to restore; none was moved."""
 
 
 class Checkpoints:
     """Saves every `every` steps (and on demand), keeps the newest `keep`."""
 
     def __init__(self, directory: Path, *, every: int, keep: int):
+        self.directory = Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every, max_to_keep=keep, enable_async_checkpointing=True
+            save_interval_steps=every,
+            max_to_keep=keep,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=True,
         )
-        self.manager = ocp.CheckpointManager(
-            Path(directory).absolute(), options=options, item_names=("state", "data")
-        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        self._pending: int | None = None  # the step of a save that may still be running
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+    def steps(self) -> list[int]:
+        """The complete checkpoints' steps, oldest first."""
+        return sorted(self.manager.all_steps())
 
     def save(
-        self, step: int, state: TrainState, data_state: dict[str, Any], *, force: bool = False
+        self,
+        step: int,
+        state: TrainState,
+        data_state: dict[str, Any],
+        run_record: dict[str, Any],
+        *,
+        force: bool = False,
     ) -> bool:
-        """Starts an async save when `step` is due (or `force`); returns whether it did."""
+        """Starts an async save when `step` is due (or `force`); returns whether it did.
+        Raises `CheckpointSaveError` if this save, or the previous one, cannot be written."""
         if step in self.manager.all_steps():
             return False
         args = ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            run=ocp.args.JsonSave(run_record),
         )
-        return self.manager.save(step, args=args, force=force)
+        try:
+            started = self.manager.save(step, args=args, force=force)
+        except Exception as error:  # the previous async save's failure surfaces here
+            raise self._save_failed(self._pending or step, error) from error
+        if started:
+            self._pending = step
+        return started
+
+    def run_record(self, step: int) -> dict[str, Any] | None:
+        """The `run` item of `step` (None for a checkpoint written before it existed)."""
+        if not (self.directory / str(step) / "run").is_dir():
+            return None
+        restored = self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))
+        return restored.run
 
     def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
         """The state at `step`, placed by `abstract_state`'s shardings, and the data state."""
@@ -49,7 +97,75 @@ class Checkpoints:
         restored = self.manager.restore(step, args=args)
         return restored.state, restored.data
 
+    def restore_newest(
+        self, abstract_state: TrainState
+    ) -> tuple[int, TrainState, dict[str, Any]] | None:
+        """The newest checkpoint that restores, as (step, state, data state); None if there is
+        none. Newer ones that fail are moved to `damaged_checkpoints/` once an older one has
+        restored; if none restores, nothing is moved and `NoUsableCheckpointError` names them."""
+        failures = []
+        for step in reversed(self.steps()):
+            try:
+                state, data = self.restore(step, abstract_state)
+                failed = None
+            except Exception as error:  # damage shows as JSON, TensorStore or OS errors
+                failed = f"{type(error).__name__}: {_first_line(error)}"
+            if any_process(failed is not None):
+                failures.append((step, failed or "failed on another process"))
+                logging.warning("checkpoint %s is damaged (%s)", self.directory / str(step), failed)
+                continue
+            for damaged, _ in failures:
+                self._move_aside(damaged)
+            return step, state, data
+        if failures:
+            raise NoUsableCheckpointError(
+                f"no checkpoint in {self.directory} restores: "
+                + "; ".join(f"step {step}: {why}" for step, why in failures)
+            )
+        return None
+
     def close(self) -> None:
-        """Waits for pending saves to finish."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for a pending save; raises `CheckpointSaveError` if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_failed(self._pending, error) from error
+        finally:
+            self.manager.close()
+
+    def _save_failed(self, step: int | None, error: Exception) -> CheckpointSaveError:
+        for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+            shutil.rmtree(partial, ignore_errors=True)  # the space it took, back
+        self._pending = None
+        kept = self.steps()
+        newest = f"step {kept[-1]}" if kept else "none"
+        return CheckpointSaveError(
+            f"could not save the checkpoint of step {step} in {self.directory}: "
+            f"{_first_line(error)}; the newest complete checkpoint ({newest}) is intact: free "
+            "space (or raise the file size limit) and rerun the same command to resume from it"
+        )
+
+    def _move_aside(self, step: int) -> None:
+        """Moves a damaged step directory out of Orbax's view, keeping its files."""
+        if is_main_process():
+            target = self.directory.parent / "damaged_checkpoints" / str(step)
+            suffix = 0
+            while target.exists():
+                suffix += 1
+                target = target.with_name(f"{step}-{suffix}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(self.directory / str(step), target)
+            logging.warning("moved damaged checkpoint %d to %s", step, target)
+        multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+        self.manager.reload()
+
+
+def _first_line(error: Exception) -> str:
+    """The gist of an Orbax / TensorStore error, whose messages run over many lines: the
+    operating system's reason where it gives one (`No space left on device`)."""
+    text = str(error)
+    errno = re.search(r"os_error_code='?(\d+)", text) or re.search(r"\[Errno (\d+)\]", text)
+    if errno:
+        return f"{os.strerror(int(errno.group(1)))}, errno {errno.group(1)}"
+    lines = text.strip().splitlines()
+    return lines[0][:300] if lines else type(error).__name__

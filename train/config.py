@@ -1,23 +1,21 @@
 """The boundary between a `configs/*.py` ConfigDict and the library's frozen dataclasses.
 
-Everything is checked here, before any work: an unknown key, a missing section or a value of the
-wrong type raises `ConfigError` naming the key (`config.optim.lerning_rate`).
+Everything is checked here, before any work: an unknown key, a value of the wrong type or a
+required input left unset raises `ConfigError` naming the key (`config.optim.lerning_rate`).
+Experiments mark their required inputs (`INPUTS`) with `config_dict.placeholder(str)`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
-import types
-import typing
 from typing import Any
 
-from dga_jax import ModelConfig
+from dga_jax import ModelConfig, strict
+from dga_jax.errors import ConfigError
+from dga_jax.model.config import ARCHITECTURE_FIELDS
 from dga_jax.sharding import MESH_AXES
-
-
-class ConfigError(ValueError):
-    """A config key is unknown, missing, or has the wrong type."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +119,15 @@ class DataSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """The `model` section: a `ModelConfig` preset and field overrides (nested for `dga`,
+    `rope_scaling`)."""
+
+    preset: str = "tiny"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig
     data: DataSection
@@ -130,28 +137,92 @@ class TrainConfig:
     init_checkpoint: str = ""
 
 
+@dataclasses.dataclass(frozen=True)
+class _Sections:
+    """A config file's sections as written, before the model section becomes a ModelConfig."""
+
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    train: RunConfig = RunConfig()
+    init_checkpoint: str = ""
+
+
+# The inputs a config may leave for the command line (`config_dict.placeholder(str)`: None until
+# set), and where each comes from.
+INPUTS = {
+    "init_checkpoint": "DIR, a converted checkpoint: python -m dga_jax.checkpoint.convert "
+    "hf-to-orbax --hf_dir <HF model dir> --out DIR",
+    "data.train": "PATH, a directory or glob of SlimPajama train shards (.jsonl.zst/.parquet)",
+    "data.validation": "PATH, a directory or glob of SlimPajama validation shards",
+    "data.tokenizer": "FILE, the model's tokenizer.model or tokenizer.json",
+}
+
+
 def from_config_dict(config: Any) -> TrainConfig:
-    """Checks and converts a ConfigDict (or nested dict) into a `TrainConfig`."""
+    """Checks and converts a ConfigDict (or nested dict) into a `TrainConfig`; every required
+    input left unset is named in one `ConfigError`."""
     values = _to_dict(config)
-    _reject_unknown(
-        values, {"model", "data", "mesh", "optim", "train", "init_checkpoint"}, "config."
-    )
-    model = values.get("model", {})
-    _reject_unknown(model, {"preset", "overrides"}, "config.model.")
+    unset = [key for key in INPUTS if _lookup(values, key) is None]
+    if unset:
+        raise ConfigError(
+            "required input(s) not set: "
+            + "; ".join(f"--config.{key}={INPUTS[key]}" for key in unset)
+        )
+    sections = strict.build(_Sections, values, "config.")
     try:
-        model_config = _model_config(model.get("preset", "tiny"), model.get("overrides", {}))
-    except (ValueError, TypeError) as error:
+        model = _model_config(sections.model.preset, sections.model.overrides)
+    except ValueError as error:  # a preset name or a cross-field rule of ModelConfig
+        if isinstance(error, ConfigError):
+            raise
         raise ConfigError(f"config.model: {error}") from error
-    return TrainConfig(
-        model=model_config,
-        data=_strict(DataSection, values.get("data", {}), "config.data."),
-        mesh=_strict(MeshConfig, values.get("mesh", {}), "config.mesh."),
-        optim=_strict(OptimConfig, values.get("optim", {}), "config.optim."),
-        train=_strict(RunConfig, values.get("train", {}), "config.train."),
-        init_checkpoint=_check_type(
-            "config.init_checkpoint", values.get("init_checkpoint", ""), str
-        ),
-    )
+    fields = {f.name: getattr(sections, f.name) for f in dataclasses.fields(_Sections)}
+    return TrainConfig(**{**fields, "model": model})
+
+
+# What a resumed run must keep: the data order (which tokens each step sees) and the shapes of
+# the parameters. Anything else (steps, learning rate, cadence, mesh, attention) may change.
+RESUME_FIXED = (
+    "data.train",
+    "data.tokenizer",
+    "data.seq_len",
+    "data.set_names",
+    "data.seed",
+    "train.global_batch_size",
+    *(f"model.{name}" for name in ARCHITECTURE_FIELDS),
+)
+
+
+def flat_record(config: TrainConfig) -> dict[str, Any]:
+    """`config` as JSON values keyed by dotted names (`data.seq_len`), as checkpoints store it."""
+    flat: dict[str, Any] = {}
+
+    def walk(values: dict[str, Any], prefix: str) -> None:
+        for key, value in values.items():
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[prefix + key] = value
+
+    walk(json.loads(json.dumps(dataclasses.asdict(config))), "")
+    return flat
+
+
+def resume_changes(stored: dict[str, Any], config: TrainConfig, source: str) -> list[str]:
+    """`key: old -> new` for each key `config` changes from the `stored` `flat_record` of the
+    run it resumes. A change of a `RESUME_FIXED` key raises one `ConfigError` naming them all."""
+    current = flat_record(config)
+    changed = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+    described = {k: f"config.{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed}
+    fixed = [described[k] for k in changed if k in RESUME_FIXED]
+    if fixed:
+        raise ConfigError(
+            f"{source} was written with another data order or model: {'; '.join(fixed)}. A "
+            "resumed run must keep them; start a new run in another --workdir (with "
+            "--config.init_checkpoint for the weights) instead"
+        )
+    return [described[k] for k in changed]
 
 
 def _model_config(preset: str, overrides: dict[str, Any]) -> ModelConfig:
@@ -161,44 +232,19 @@ def _model_config(preset: str, overrides: dict[str, Any]) -> ModelConfig:
             merged[key] = {**merged[key], **value}
         else:
             merged[key] = value
-    return ModelConfig.from_dict(merged)
+    return strict.build(ModelConfig, merged, "config.model.overrides.")
+
+
+def _lookup(values: dict[str, Any], dotted: str) -> Any:
+    """`values["a"]["b"]` for "a.b"; "" when absent (only a placeholder left unset is None)."""
+    for key in dotted.split("."):
+        if not isinstance(values, dict) or key not in values:
+            return ""
+        values = values[key]
+    return values
 
 
 def _to_dict(config: Any) -> dict[str, Any]:
     if hasattr(config, "to_dict"):
         config = config.to_dict()
     return {k: _to_dict(v) if isinstance(v, dict) else v for k, v in dict(config).items()}
-
-
-def _reject_unknown(values: dict[str, Any], known: set[str], prefix: str) -> None:
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(
-            f"unknown config key(s) {[prefix + k for k in unknown]}; known: {sorted(known)}"
-        )
-
-
-def _strict(kind, values: dict[str, Any], prefix: str):
-    fields = {f.name: f for f in dataclasses.fields(kind)}
-    _reject_unknown(values, set(fields), prefix)
-    hints = typing.get_type_hints(kind)
-    checked = {k: _check_type(prefix + k, v, hints[k]) for k, v in values.items()}
-    return kind(**checked)
-
-
-def _check_type(key: str, value: Any, expected) -> Any:
-    """`value` as `expected` (int, float, str, bool, tuple[str, ...]) or a ConfigError."""
-    origin = typing.get_origin(expected)
-    if origin is tuple or expected is tuple:
-        if isinstance(value, str) or not isinstance(value, list | tuple):
-            raise ConfigError(f"{key} must be a tuple, got {value!r}")
-        return tuple(_check_type(key, v, str) for v in value)
-    if origin in (typing.Union, types.UnionType):
-        expected = tuple(typing.get_args(expected))
-    ok = isinstance(value, expected) and not (isinstance(value, bool) and expected in (int, float))
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if not ok:
-        name = getattr(expected, "__name__", str(expected))
-        raise ConfigError(f"{key} must be {name}, got {type(value).__name__} {value!r}")
-    return value

@@ -15,6 +15,18 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 
+def is_main_process() -> bool:
+    """Whether this process writes what one process writes for all (files, logs)."""
+    return jax.process_index() == 0
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is true on any."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
 class StopSignal:
     """Records SIGTERM / SIGINT so the loop can save and stop; a second signal kills as usual."""
 
@@ -30,10 +42,7 @@ class StopSignal:
 
     def agreed(self) -> bool:
         """True on every process once any process has received a signal."""
-        if jax.process_count() == 1:
-            return self.received is not None
-        flags = multihost_utils.process_allgather(np.int32(self.received is not None))
-        return bool(np.max(flags))
+        return any_process(self.received is not None)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():

@@ -1,8 +1,10 @@
 """The training loop: mesh, sharded state, data, the jitted step, evaluation, checkpoints.
 
-`run(config, workdir)` is the whole job. It resumes from the newest checkpoint in the workdir
-when there is one (same command, same losses), saves on SIGTERM/SIGINT, and stops with a clear
-message after `optim.max_nonfinite_steps` non-finite steps in a row.
+`run(config, workdir)` is the whole job. It checks every input first (`train.inputs`), resumes
+from the newest checkpoint in the workdir that restores (same command, same losses; on any mesh;
+a config that would change the data order or the model's shapes is refused), saves on
+SIGTERM/SIGINT (an evaluation under way is abandoned, and owed by the resumed run), and stops
+with a clear message after `optim.max_nonfinite_steps` non-finite steps in a row.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ from dga_jax.data import pipeline
 from train import metrics
 from train.batches import addressed_rows, global_batch
 from train.checkpointing import Checkpoints
-from train.config import TrainConfig
+from train.config import TrainConfig, flat_record, resume_changes
 from train.hosts import StopSignal, all_rows_state, rows_state
+from train.inputs import check_inputs
 from train.step import (
     TrainState,
     eval_step,
@@ -72,6 +75,7 @@ class _Setup:
 def run(config: TrainConfig, workdir: str | Path) -> Summary:
     """Trains `config` in `workdir` (created; resumed if it holds a checkpoint)."""
     workdir = Path(workdir)
+    check_inputs(config)
     workdir.mkdir(parents=True, exist_ok=True)
     setup = _setup(config)
     checkpoints = Checkpoints(
@@ -82,8 +86,10 @@ def run(config: TrainConfig, workdir: str | Path) -> Summary:
     data_config = _data_config(config)
     train_iter = pipeline.make_train_iterator(data_config, rows=setup.rows)
     with jax.set_mesh(setup.mesh):
-        state = _initial_state(config, setup, checkpoints, train_iter)
-        return _train(config, setup, state, train_iter, checkpoints, data_config, workdir)
+        state, eval_owed = _initial_state(config, setup, checkpoints, train_iter)
+        return _train(
+            config, setup, state, train_iter, checkpoints, data_config, workdir, eval_owed
+        )
 
 
 def _setup(config: TrainConfig) -> _Setup:
@@ -143,18 +149,41 @@ def _with_sharding(abstract: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeSt
     return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=sharding)
 
 
-def _initial_state(config, setup: _Setup, checkpoints: Checkpoints, train_iter) -> TrainState:
-    """The newest checkpoint's state (and data position), else a fresh or HF-initialised one."""
-    latest = checkpoints.latest_step()
-    if latest is not None:
-        logging.info("resuming from step %d in %s", latest, checkpoints.manager.directory)
-        state, data_state = checkpoints.restore(latest, setup.abstract_state)
-        train_iter.set_state(rows_state(data_state, setup.rows))
-        return state
+def _initial_state(
+    config, setup: _Setup, checkpoints: Checkpoints, train_iter
+) -> tuple[TrainState, bool]:
+    """The newest usable checkpoint's state (and data position), else a fresh or
+    HF-initialised one; and whether the evaluation of the starting step is still owed."""
+    if checkpoints.steps():
+        _check_resumed_config(config, checkpoints)
+        restored = checkpoints.restore_newest(setup.abstract_state)
+        if restored is not None:
+            step, state, data_state = restored
+            logging.info("resuming from step %d in %s", step, checkpoints.directory)
+            train_iter.set_state(rows_state(data_state, setup.rows))
+            record = checkpoints.run_record(step) or {}
+            return state, bool(record.get("eval_owed", False))
     params = _initial_params(config, setup)
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.shardings.opt_state)(params)
     counters = [jnp.zeros((), jnp.int32) for _ in range(3)]  # distinct buffers: all donated
-    return TrainState(counters[0], params, opt_state, counters[1], counters[2])
+    return TrainState(counters[0], params, opt_state, counters[1], counters[2]), False
+
+
+def _check_resumed_config(config: TrainConfig, checkpoints: Checkpoints) -> None:
+    """Refuses a config that changes the data order or the model (before restoring anything);
+    logs the changes it accepts. Reads the newest run record that reads."""
+    for step in reversed(checkpoints.steps()):
+        try:
+            record = checkpoints.run_record(step)
+        except Exception:  # a damaged record: restore_newest reports and skips its checkpoint
+            continue
+        if record is None:
+            logging.warning("checkpoint %d records no config: changes are not checked", step)
+            return
+        source = f"the checkpoint of step {step} in {checkpoints.directory}"
+        for change in resume_changes(record["config"], config, source):
+            logging.warning("resuming with a changed config: %s", change)
+        return
 
 
 def _initial_params(config: TrainConfig, setup: _Setup) -> nnx.State:
@@ -210,11 +239,14 @@ def _train(
     checkpoints: Checkpoints,
     data_config,
     workdir: Path,
+    eval_owed: bool,
 ) -> Summary:
     trainer = _Trainer(
         config, setup, train_iter, checkpoints, data_config, workdir, start=int(state.step)
     )
     try:
+        if eval_owed:  # a stop signal interrupted this step's evaluation: finish it first
+            trainer.eval_owed = not trainer.evaluate(trainer.start, state)
         for done in range(trainer.start + 1, config.train.steps + 1):
             state = trainer.step(state, done)
             if trainer.stopping:
@@ -262,7 +294,7 @@ class _Trainer:
             run_config=dataclasses.asdict(config),
         )
         self.progress = metrics.Progress(config.train.steps, start, enabled=main_host)
-        self.stop, self.stopping = StopSignal(), False
+        self.stop, self.stopping, self.eval_owed = StopSignal(), False, False
         self.eval_fn = jax.jit(functools.partial(eval_step, setup.graphdef))
         self.schedule = learning_rate_schedule(config.optim, config.train.steps)
         self.peak = metrics.peak_flops(
@@ -282,15 +314,17 @@ class _Trainer:
         if done % run_cfg.log_every == 0 or done == run_cfg.steps:
             self._log_train(done, state, out)
         if done % run_cfg.eval_every == 0 or done == run_cfg.steps:
-            self._log_eval(done, state)
+            self.eval_owed = not self.evaluate(done, state)
         self.stopping = self.stop.agreed()
         self.save(state, force=self.stopping)
+        self.eval_owed = False
         return state
 
     def save(self, state: TrainState, *, force: bool) -> None:
         """A checkpoint when due (or forced); every process takes part."""
         data_state = all_rows_state(self.train_iter.get_state())
-        self.checkpoints.save(int(state.step), state, data_state, force=force)
+        record = {"config": flat_record(self.config), "eval_owed": self.eval_owed}
+        self.checkpoints.save(int(state.step), state, data_state, record, force=force)
 
     def _batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return global_batch(
@@ -321,17 +355,25 @@ class _Trainer:
         self.last.update(loss=loss, tokens_per_s=tokens_per_s)
         self.window_start, self.window_losses = time.time(), []
 
-    def _log_eval(self, done: int, state: TrainState) -> None:
+    def evaluate(self, done: int, state: TrainState) -> bool:
+        """Logs the validation loss after step `done`; False if a stop signal cut it short."""
         began = time.time()
+        logging.info("evaluating step %d", done)
         eval_iter = pipeline.make_eval_iterator(self.data_config, rows=self.setup.rows)
+        losses = []
         with contextlib.closing(eval_iter):
-            losses = [float(self.eval_fn(state.params, self._batch(b))) for b in eval_iter]
+            for batch in eval_iter:
+                if self.stop.agreed():
+                    logging.warning("evaluation of step %d abandoned on a signal", done)
+                    return False
+                losses.append(float(self.eval_fn(state.params, self._batch(batch))))
         val_loss = float(np.mean(losses))
         self.log.write(
             done, {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
         )
         self.last["val_loss"] = val_loss
         self.window_start += time.time() - began  # evaluation is not training throughput
+        return True
 
     def summary(self, state: TrainState) -> Summary:
         return Summary(
@@ -344,11 +386,12 @@ class _Trainer:
         )
 
     def close(self) -> None:
+        """Releases everything; the pending checkpoint save last (its failure raises)."""
         self.progress.close()
         self.train_iter.close()
-        self.checkpoints.close()
         self.log.close()
         self.stop.restore()
+        self.checkpoints.close()
 
 
 def _check_finite(state: TrainState, config: TrainConfig, step: int) -> None:

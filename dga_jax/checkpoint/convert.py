@@ -16,10 +16,12 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import sys
 from collections.abc import Sequence
 
 from dga_jax.checkpoint.hf import NUMPY_DTYPES, parse_size, read_hf, write_hf
 from dga_jax.checkpoint.orbax_io import load_config, read_param, save_params
+from dga_jax.errors import InputError
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 
@@ -50,12 +52,17 @@ def orbax_to_hf(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The command line: `hf-to-orbax` or `orbax-to-hf` (see the module docstring)."""
+    """The command line: `hf-to-orbax` or `orbax-to-hf` (see the module docstring). A problem
+    with the input or output directory ends it with one `error:` line and exit code 2."""
     args = _parser().parse_args(argv)
-    if args.command == "hf-to-orbax":
-        hf_to_orbax(args.hf_dir, args.out, args.dtype)
-    else:
-        orbax_to_hf(args.ckpt, args.out, args.dtype, args.max_shard_size)
+    try:
+        if args.command == "hf-to-orbax":
+            hf_to_orbax(args.hf_dir, args.out, args.dtype)
+        else:
+            orbax_to_hf(args.ckpt, args.out, args.dtype, args.max_shard_size)
+    except (InputError, FileExistsError) as error:
+        print(f"python -m dga_jax.checkpoint.convert: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -25,6 +25,7 @@ from flax import nnx, traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dga_jax.errors import InputError, MissingInputError
 from dga_jax.model.config import ModelConfig, config_to_hf
 from dga_jax.model.llama import Llama
 
@@ -53,7 +54,7 @@ Path = tuple[str, ...]
 ParamReader = Callable[[Path], np.ndarray]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """Checkpoint contents that do not fit the model: missing, unexpected or misshapen tensors."""
 
 
@@ -149,7 +150,7 @@ def read_hf_config(hf_dir: str | os.PathLike) -> ModelConfig:
     """Our config from `hf_dir/config.json`; an unsupported architecture raises ValueError."""
     path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no {CONFIG_FILE} in the HF checkpoint directory: {path}")
+        raise MissingInputError(f"no {CONFIG_FILE} in the HF checkpoint directory: {path}")
     with open(path) as f:
         return ModelConfig.from_hf(json.load(f))
 
@@ -165,7 +166,7 @@ def tensor_files(hf_dir: str | os.PathLike) -> tuple[dict[str, str], str]:
     if os.path.isfile(single):
         with safe_open(single, framework="numpy") as f:
             return dict.fromkeys(f.keys(), single), single
-    raise FileNotFoundError(f"no safetensors checkpoint in {hf_dir}: neither {index} nor {single}")
+    raise MissingInputError(f"no safetensors checkpoint in {hf_dir}: neither {index} nor {single}")
 
 
 def read_hf(
@@ -240,7 +241,7 @@ def _group_by_file(plan: dict[str, Any], files: dict[str, str]) -> dict[str, lis
         grouped.setdefault(files[name], []).append(name)
     for file, names in grouped.items():
         if not os.path.isfile(file):
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"safetensors file {file} (listed for {names[0]!r}) does not exist"
             )
     return grouped

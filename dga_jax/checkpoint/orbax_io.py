@@ -23,6 +23,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dga_jax.errors import MissingInputError
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.llama import Llama
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
@@ -134,6 +135,9 @@ def read_param(ckpt_dir: str | os.PathLike, path: tuple[str, ...]) -> np.ndarray
 def _restore(ckpt_dir: str | os.PathLike, items: dict[str, ocp.args.CheckpointArgs]) -> Any:
     path = os.path.abspath(ckpt_dir)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint directory at {path}")
+        raise MissingInputError(f"no checkpoint directory at {path}")
+    missing = [item for item in items if not os.path.isdir(os.path.join(path, item))]
+    if missing:
+        raise MissingInputError(f"{path} is not a model checkpoint: it has no {missing} item")
     with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as checkpointer:
         return checkpointer.restore(path, ocp.args.Composite(**items))

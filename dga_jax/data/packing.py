@@ -3,10 +3,12 @@
 The stream of a split is defined without reference to processes or workers, so any split of
 its rows among them yields the same global batches:
 
-- epoch `e` orders the shard files (sorted, or a seeded per-epoch permutation of them) and
-  numbers their records 0, 1, 2, ... in file order; a broken shard's `CorruptShard` takes one
-  number. Epochs follow each other forever.
-- record `i` belongs to row stream `i % num_rows`.
+- epoch `e` orders the shard files (sorted, or a seeded per-epoch permutation of them); records
+  are numbered in file order, epoch after epoch without restarting: with `N` records an epoch,
+  epoch `e` holds records `e * N` to `(e + 1) * N - 1`. A broken shard's `CorruptShard` takes
+  one number. Epochs follow each other forever.
+- record `g` belongs to row stream `g % num_rows`. Rows thus take the records in turn across
+  epochs, and every row gets records even when a split has fewer than `num_rows` of them.
 - a row stream turns its good documents into `[BOS] + ids + [EOS]` (as configured), joins them
   into one token stream and cuts that into consecutive windows of `seq_len + 1` tokens: no token
   is lost or repeated between two windows, and documents run on across window boundaries.
@@ -17,7 +19,8 @@ has already emitted (`offset`), and its `ReadStats`.
 
 `RowStreams` runs several rows on one sequential scan of the shards: every process (and every
 worker) decompresses and splits all shard files, but parses and tokenizes only the records of
-its own rows. Records of a row that is behind the others wait, unparsed, in its queue.
+its own rows. Records of a row that is behind the others wait, unparsed, in its queue of at
+most `queue_bytes`; a row whose queue overflows reads on with a scan of its own.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -35,6 +39,10 @@ from dga_jax.data.slimpajama import RawRecord, ReadStats, iter_raw_records, pars
 from dga_jax.data.tokenizers import Tokenizer, load_tokenizer
 
 RowState = dict[str, Any]
+# Bytes of raw records a row stream may hold back (see `RowStreams` for the memory bound): about
+# 700 SlimPajama records, far more than rows drift apart in a run of thousands of steps, so rows
+# rarely pay for a private scan.
+QUEUE_BYTES = 4 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +53,7 @@ class StreamSpec:
     tokenizer: str
     seq_len: int
     num_rows: int
+    split: str  # "train", "validation", ...: names the split in errors
     add_bos: bool = True
     add_eos: bool = True
     set_names: tuple[str, ...] = ()
@@ -54,9 +63,9 @@ class StreamSpec:
 
 @dataclasses.dataclass(frozen=True, order=True)
 class Cursor:
-    """Record `record` of epoch `epoch`, ordered by (epoch, record). The record lies in (or
-    after) file `file` of that epoch's order, whose first record is number `file_start`: hints
-    that let a restart skip the earlier files."""
+    """Record number `record` (counted across epochs), which lies in epoch `epoch`; ordered by
+    (epoch, record). The record lies in (or after) file `file` of that epoch's order, whose
+    first record is number `file_start`: hints that let a restart skip the earlier files."""
 
     epoch: int = 0
     record: int = 0
@@ -97,16 +106,30 @@ def scan(spec: StreamSpec, start: Cursor) -> Iterator[tuple[Cursor, RawRecord]]:
     """Every raw record from `start` on, with its cursor, across epochs without end."""
     epoch, first_file, index = start.epoch, start.file, start.file_start
     while True:
-        files = file_order(spec, epoch)
+        files, epoch_start = file_order(spec, epoch), index
         for file in range(first_file, len(files)):
             file_start = index
             for raw in iter_raw_records(files[file]):
                 if (epoch, index) >= (start.epoch, start.record):
                     yield Cursor(epoch, index, file, file_start), raw
                 index += 1
-        if index == 0:
+        if first_file == 0 and index == epoch_start:
             raise ValueError(f"no records in any of the {len(files)} shards, e.g. {files[0]!r}")
-        epoch, first_file, index = epoch + 1, 0, 0
+        epoch, first_file = epoch + 1, 0
+
+
+def _records_per_epoch(cursor: Cursor) -> int | None:
+    """`N`, if `cursor` tells: file 0 of epoch `e` starts at record `e * N`."""
+    return cursor.file_start // cursor.epoch if cursor.file == 0 and cursor.epoch else None
+
+
+def _size(raw: RawRecord) -> int:
+    """Bytes a raw record holds (its text, for a parquet row)."""
+    if isinstance(raw, bytes):
+        return len(raw)
+    if isinstance(raw, dict):
+        return len(str(raw.get("text", "")))
+    return 0  # a CorruptShard marker
 
 
 class _Row:
@@ -117,7 +140,13 @@ class _Row:
         self.offset = int(state["offset"])
         self.stats = ReadStats.from_dict(state["stats"])
         self.tokens: np.ndarray | None = None  # of the record at `cursor`, once loaded
+        # Records of this row that the shared scan passed, in order.
         self.queue: collections.deque[tuple[Cursor, RawRecord]] = collections.deque()
+        self.queued_bytes = 0
+        # The first record the shared scan dropped because the queue was full; the shared scan
+        # then deals this row nothing more, and it reads on from here with `own_scan`.
+        self.dropped: Cursor | None = None
+        self.own_scan: Iterator[tuple[Cursor, RawRecord]] | None = None
 
     def state(self) -> RowState:
         cursor = dataclasses.asdict(self.cursor)
@@ -125,10 +154,26 @@ class _Row:
 
 
 class RowStreams:
-    """Several row streams of one split, fed by one scan that starts at the earliest of them."""
+    """Several row streams of one split, fed by one scan that starts at the earliest of them.
 
-    def __init__(self, spec: StreamSpec, states: Mapping[int, RowState]):
+    Memory is bounded whatever the document lengths. Only `_deal` queues, and only while a row's
+    queue holds less than `queue_bytes`: the first record that finds it full is dropped and
+    remembered, and the shared scan deals that row nothing more. The row drains its queue, then
+    reads on from the dropped record with a private scan that keeps none of the others' records.
+    So a row holds less than `queue_bytes` plus one record, plus the read buffers of one open
+    shard for the shared scan and one per private scan. Nothing changes in what a row reads: its
+    queue holds its records in order up to the dropped one, and its private scan yields the rest
+    in order, so its windows are those it would have alone. The price of a private scan is that
+    it decompresses every record again for one row.
+    """
+
+    def __init__(
+        self, spec: StreamSpec, states: Mapping[int, RowState], *, queue_bytes: int = QUEUE_BYTES
+    ):
+        if queue_bytes < 1:
+            raise ValueError(f"queue_bytes must be >= 1, got {queue_bytes}")
         self._spec = spec
+        self._queue_bytes = queue_bytes
         self._rows = {row: _Row(state) for row, state in states.items()}
         self._tokenizer = load_stream_tokenizer(spec)
         start = min(row.cursor for row in self._rows.values())
@@ -158,16 +203,13 @@ class RowStreams:
         state = self._rows[row]
         # A restored offset > 0 means its record was read and counted before the restart.
         recounted = state.offset > 0
-        first_epoch = state.cursor.epoch
+        first_epoch, epoch_records = state.cursor.epoch, _records_per_epoch(state.cursor)
         while True:
             cursor, raw = self._next_record(row)
+            epoch_records = epoch_records or _records_per_epoch(cursor)
+            if cursor.epoch > first_epoch + self._cycle_epochs(epoch_records):
+                raise self._unusable_error(row, epoch_records)
             stats, recounted = (ReadStats() if recounted else state.stats), False
-            if cursor.epoch > first_epoch + 1:
-                raise ValueError(
-                    f"row stream {row} found no usable document in a whole epoch; are there "
-                    f"fewer documents than rows ({self._spec.num_rows}), or is set_names "
-                    f"{self._spec.set_names} too strict?"
-                )
             record = parse_record(raw, stats=stats, set_names=self._spec.set_names)
             tokens = None if record is None else self._tokenize(record["text"])
             if tokens is not None and len(tokens) > state.offset:
@@ -175,15 +217,54 @@ class RowStreams:
                 return
             state.cursor, state.offset = cursor.following(), 0
 
+    def _cycle_epochs(self, epoch_records: int | None) -> int:
+        """Epochs after which a row is dealt the same records again, given `N` if known.
+
+        Row `r` gets the records `g = r (mod num_rows)`, which lie at the same places in epochs
+        `e` and `e + c` whenever `c * N` is a multiple of `num_rows`: so a row that finds nothing
+        usable in that many whole epochs never will.
+        """
+        rows = self._spec.num_rows
+        return rows if epoch_records is None else rows // math.gcd(rows, epoch_records)
+
+    def _unusable_error(self, row: int, epoch_records: int | None) -> ValueError:
+        spec = self._spec
+        count = "?" if epoch_records is None else epoch_records
+        return ValueError(
+            f"row {row} of the {spec.num_rows} rows of the {spec.split!r} split "
+            f"({count} records an epoch) found no usable document in the "
+            f"{self._cycle_epochs(epoch_records)} epochs after which its records repeat, so it "
+            f"never will; is set_names {spec.set_names} too strict, or are the records unreadable?"
+        )
+
     def _next_record(self, row: int) -> tuple[Cursor, RawRecord]:
-        """Pops the next record of `row`, scanning on (and queueing others' records) as needed."""
-        queue = self._rows[row].queue
-        while not queue:
-            cursor, raw = next(self._records)
-            owner = self._rows.get(cursor.record % self._spec.num_rows)
-            if owner is not None and cursor >= owner.cursor:
-                owner.queue.append((cursor, raw))
-        return queue.popleft()
+        """Pops the next record of `row`: from its queue, else its own scan or the shared one."""
+        state = self._rows[row]
+        if not state.queue and state.dropped is not None:
+            if state.own_scan is None:
+                state.own_scan = self._own_records(row, state.dropped)
+            return next(state.own_scan)
+        while not state.queue:
+            self._deal(*next(self._records))
+        cursor, raw = state.queue.popleft()
+        state.queued_bytes -= _size(raw)
+        return cursor, raw
+
+    def _deal(self, cursor: Cursor, raw: RawRecord) -> None:
+        """Queues a record of the shared scan for its row, or drops it if that queue is full."""
+        owner = self._rows.get(cursor.record % self._spec.num_rows)
+        if owner is None or owner.dropped is not None or cursor < owner.cursor:
+            return
+        if owner.queued_bytes < self._queue_bytes:
+            owner.queue.append((cursor, raw))
+            owner.queued_bytes += _size(raw)
+        else:
+            owner.dropped = cursor
+
+    def _own_records(self, row: int, start: Cursor) -> Iterator[tuple[Cursor, RawRecord]]:
+        """The records of `row` from `start` on, from a scan of its own."""
+        rows = self._spec.num_rows
+        return (item for item in scan(self._spec, start) if item[0].record % rows == row)
 
     def _tokenize(self, text: str) -> np.ndarray:
         bos = [self._tokenizer.bos_id] if self._spec.add_bos else []

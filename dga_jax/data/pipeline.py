@@ -25,6 +25,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from dga_jax import strict
 from dga_jax.data.corpus import build_sample_corpus, default_corpus_dir
 from dga_jax.data.packing import (
     PackedRowsDataset,
@@ -83,11 +84,8 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:
-        """Builds a config from plain values; an unknown key is an error naming it."""
-        unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown data config keys: {unknown}")
-        return cls(**values)
+        """Builds a config from plain values; an unknown key or a wrong type is a `ConfigError`."""
+        return strict.build(cls, values, "data.")
 
 
 class DataIterator(grain.DatasetIterator):
@@ -127,10 +125,7 @@ class DataIterator(grain.DatasetIterator):
             rows.to_iter_dataset(grain.ReadOptions(num_threads=0)), self._spec, self._row_states
         )
         if self._num_workers:
-            if not flags.FLAGS.is_parsed():
-                # Grain 0.2.18's mp_prefetch reads an absl flag (google/grain#1355); outside
-                # absl.app nothing has parsed the flags, so let them keep their defaults.
-                flags.FLAGS.mark_as_parsed()
+            _check_absl_flags_parsed()
             options = grain.MultiprocessingOptions(
                 num_workers=self._num_workers,
                 per_worker_buffer_size=2 * len(self._rows) // self._num_workers,
@@ -192,6 +187,16 @@ class DataIterator(grain.DatasetIterator):
             self._windows = None
 
 
+def _check_absl_flags_parsed() -> None:
+    """Grain 0.2.18's `mp_prefetch` reads an absl flag (google/grain#1355), which fails unless
+    absl has parsed the command line; the library leaves global flags to the entry points."""
+    if not flags.FLAGS.is_parsed():
+        raise RuntimeError(
+            "data.num_workers > 0 needs absl flags parsed (Grain reads one): run under "
+            "absl.app.run, or call absl.flags.FLAGS.mark_as_parsed() at your entry point"
+        )
+
+
 def make_train_iterator(
     config: DataConfig,
     *,
@@ -206,7 +211,7 @@ def make_train_iterator(
     `[p * b, (p + 1) * b)`. Every process (and each of its Grain workers) scans all training
     shards, decompressing and splitting lines, but parses and tokenizes only its rows' records.
     """
-    spec = _stream_spec(config, _shards(config, "train"), shuffle=config.shuffle_shards)
+    spec = _stream_spec(config, "train", shuffle=config.shuffle_shards)
     rows = (
         _check_rows(config, rows)
         if rows is not None
@@ -228,7 +233,7 @@ def make_eval_iterator(
     than the steps need, they are read again (as the training stream does). `rows` as for
     `make_train_iterator`.
     """
-    spec = _stream_spec(config, _shards(config, "validation"), shuffle=False)
+    spec = _stream_spec(config, "validation", shuffle=False)
     rows = (
         _check_rows(config, rows)
         if rows is not None
@@ -263,12 +268,13 @@ def _process_rows(config: DataConfig, process_index: int, process_count: int) ->
     return range(process_index * per_process, (process_index + 1) * per_process)
 
 
-def _stream_spec(config: DataConfig, files: list[str], *, shuffle: bool) -> StreamSpec:
+def _stream_spec(config: DataConfig, split: str, *, shuffle: bool) -> StreamSpec:
     return StreamSpec(
-        files=tuple(files),
+        files=tuple(_shards(config, split)),
         tokenizer=config.tokenizer,
         seq_len=config.seq_len,
         num_rows=config.global_batch_size,
+        split=split,
         add_bos=config.add_bos,
         add_eos=config.add_eos,
         set_names=config.set_names,

@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
+from dga_jax.errors import MissingInputError
+
 logger = logging.getLogger(__name__)
 
 SHARD_SUFFIXES = (".jsonl.zst", ".jsonl", ".parquet")
@@ -92,7 +94,7 @@ def list_shards(pattern: str) -> list[str]:
         paths = [path for path in glob.glob(pattern, recursive=True) if os.path.isfile(path)]
     shards = sorted(path for path in paths if path.endswith(SHARD_SUFFIXES))
     if not shards:
-        raise FileNotFoundError(f"no {'/'.join(SHARD_SUFFIXES)} shards found at {pattern!r}")
+        raise MissingInputError(f"no {'/'.join(SHARD_SUFFIXES)} shards found at {pattern!r}")
     return shards
 
 

@@ -17,6 +17,8 @@ import numpy as np
 import sentencepiece
 import tokenizers
 
+from dga_jax.errors import InputError, MissingInputError
+
 BYTE_SPEC = "byte"
 # Tried in order when a tokenizer.json comes without a tokenizer_config.json naming its specials.
 BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "[BOS]")
@@ -172,15 +174,18 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
             if os.path.isfile(os.path.join(path, name))
         ]
         if not found:
-            raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in directory {path!r}")
+            raise MissingInputError(f"no tokenizer.model or tokenizer.json in directory {path!r}")
         path = found[0]
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"tokenizer file {path!r} does not exist (spec {spec!r})")
-    if path.endswith(".model"):
-        return SentencePieceTokenizer(path)
-    if path.endswith(".json"):
-        return HFTokenizer(path)
-    raise ValueError(
+        raise MissingInputError(f"tokenizer file {path!r} does not exist (spec {spec!r})")
+    kinds = {".model": SentencePieceTokenizer, ".json": HFTokenizer}
+    for suffix, kind in kinds.items():
+        if path.endswith(suffix):
+            try:
+                return kind(path)
+            except Exception as error:  # SentencePiece and tokenizers raise bare errors
+                raise InputError(f"tokenizer file {path!r} cannot be read: {error}") from error
+    raise InputError(
         f"unknown tokenizer file {path!r}: expected 'byte', a SentencePiece *.model "
         "or a Hugging Face tokenizer.json"
     )

@@ -1,7 +1,11 @@
 """Text generation with a KV cache: prefill each prompt, then one jitted step per token.
 
     tokens = dga_jax.generate(model, [[1, 72, 101], [1, 87]], max_new_tokens=32)
+    for tokens in dga_jax.stream(model, [[1, 72, 101]], max_new_tokens=32): ...  # [B] each
     python -m dga_jax.generate --checkpoint DIR --tokenizer PATH --prompt TEXT
+
+The attribute `dga_jax.generate` is the function, not this package (the top level re-exports
+it): import the package's other names, `from dga_jax.generate import prefill`.
 
 The model is an NNX `Llama`, which holds its parameters, so `generate(model, prompts, ...)`
 takes no separate `params` (`nnx.update(model, params)` loads other ones). DGA models decode

@@ -13,12 +13,24 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from dga_jax import strict
 from dga_jax.ops.dga.config import DGAConfig
 
 ATTENTION_KINDS = ("dense", "dga")
 ROPE_KINDS = ("none", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+# The fields that fix the parameters' shapes: checkpoints of a model agree on all of them.
+ARCHITECTURE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "intermediate_size",
+    "tie_embeddings",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,12 +120,7 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         """Builds a config from plain values; an unknown key is an error naming it."""
-        values = dict(values)
-        nested = {"rope_scaling": RopeScaling, "dga": DGAConfig}
-        for key, kind in nested.items():
-            if isinstance(values.get(key), dict):
-                values[key] = _strict(kind, values[key], prefix=f"model.{key}.")
-        return _strict(cls, values, prefix="model.")
+        return strict.build(cls, values, "model.")
 
     @classmethod
     def preset(cls, name: str, **changes: Any) -> ModelConfig:
@@ -131,16 +138,6 @@ class ModelConfig:
             with open(path) as f:
                 config = json.load(f)
         return hf_to_config(config).replace(**changes)
-
-
-def _strict(kind, values: dict[str, Any], prefix: str):
-    known = {f.name for f in dataclasses.fields(kind)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(
-            f"unknown config key(s) {[prefix + k for k in unknown]}; known: {sorted(known)}"
-        )
-    return kind(**values)
 
 
 SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM",)

@@ -1,13 +1,72 @@
-"""The global record order: per-epoch shard order and restarting a scan from a cursor."""
+"""The global record order, and row streams: dealing, bounded queues, the guard and resume."""
 
+import dataclasses
 import itertools
+import json
+import random
 
-from dga_jax.data.packing import Cursor, StreamSpec, file_order, scan
-from dga_jax.data.slimpajama import list_shards
+import pytest
+
+from dga_jax.data import packing
+from dga_jax.data.packing import (
+    Cursor,
+    RowStreams,
+    StreamSpec,
+    file_order,
+    initial_row_state,
+    scan,
+)
+from dga_jax.data.pipeline import DataConfig, make_eval_iterator
+from dga_jax.data.slimpajama import iter_raw_records, list_shards
+from tests.data.conftest import WORDS, record, write_jsonl_zst
+
+BOS, EOS = 1, 2  # of the byte tokenizer, whose id of byte b is 3 + b
+# Records all scans of one test may read: far more than any test here needs, far fewer than a
+# scan that runs away (the failure this file guards against) would read before filling memory.
+RECORD_BUDGET = 20_000
 
 
 def spec_of(files, **changes) -> StreamSpec:
-    return StreamSpec(files=tuple(files), tokenizer="byte", seq_len=8, num_rows=2, **changes)
+    fields = {"tokenizer": "byte", "seq_len": 8, "num_rows": 2, "split": "train"} | changes
+    return StreamSpec(files=tuple(files), **fields)
+
+
+@pytest.fixture
+def record_budget(monkeypatch):
+    """Makes every scan of `packing` fail once they have read `RECORD_BUDGET` records in all."""
+    counter = itertools.count()
+
+    def budgeted_scan(spec, start):
+        for item in scan(spec, start):
+            if next(counter) >= RECORD_BUDGET:
+                raise RuntimeError(f"the scans read over {RECORD_BUDGET} records")
+            yield item
+
+    monkeypatch.setattr(packing, "scan", budgeted_scan)
+
+
+def packed(text: str) -> list[int]:
+    return [BOS, *(3 + b for b in text.encode()), EOS]
+
+
+def take_windows(streams: RowStreams, rows, steps: int) -> tuple[dict[int, list], int]:
+    """`steps` windows of each row, rows in turn; and the most bytes a queue held meanwhile."""
+    windows, fullest = {row: [] for row in rows}, 0
+    for _ in range(steps):
+        for row in rows:
+            windows[row].append(streams.next_window(row).tolist())
+            fullest = max([fullest, *(streams._rows[r].queued_bytes for r in rows)])
+    return windows, fullest
+
+
+def largest_record(spec: StreamSpec) -> int:
+    return max(packing._size(raw) for file in spec.files for raw in iter_raw_records(file))
+
+
+def alone(spec: StreamSpec, row: int, steps: int, state=None) -> list:
+    """The first `steps` windows of `row` (from `state`) read by a `RowStreams` of it alone."""
+    streams = RowStreams(spec, {row: state or initial_row_state()})
+    return take_windows(streams, [row], steps)[0][row]
 
 
 def test_file_order_is_a_seeded_permutation_per_epoch():
@@ -29,3 +88,112 @@ def test_scan_restarts_from_any_cursor(corpus):
         cursor = items[position][0]
         resumed = list(itertools.islice(scan(spec, cursor), 200 - position))
         assert resumed == items[position:]
+
+
+def test_record_numbers_run_on_across_epochs(corpus):
+    spec = spec_of(list_shards(str(corpus / "train")), shuffle_files=True)
+    cursors = [c for c, _ in itertools.islice(scan(spec, Cursor()), 200)]
+    assert [c.record for c in cursors] == list(range(200))
+    per_epoch = sum(c.epoch == 0 for c in cursors)
+    assert all(c.record // per_epoch == c.epoch for c in cursors)
+
+
+TEXTS = ("alpha", "bravo two", "charlie three 3")
+
+
+@pytest.fixture
+def three_documents(tmp_path) -> str:
+    return str(write_jsonl_zst(tmp_path / "three.jsonl.zst", [record(t) for t in TEXTS]))
+
+
+def test_rows_take_the_documents_in_turn_when_they_are_fewer_than_rows(
+    three_documents, record_budget
+):
+    spec = spec_of([three_documents], seq_len=5, num_rows=8)
+    streams = RowStreams(spec, {row: initial_row_state() for row in range(8)}, queue_bytes=2)
+    windows, fullest = take_windows(streams, range(8), 6)
+    assert fullest < 2 + largest_record(spec)  # below the limit, plus the record that filled it
+    for row in range(8):
+        # Row `row` gets records row, row + 8, row + 16, ...: record g is document g % 3.
+        stream = sum((packed(TEXTS[(row + 8 * k) % 3]) for k in range(12)), [])
+        assert sum(windows[row], []) == stream[: 6 * 6]
+
+
+def test_a_validation_split_smaller_than_a_batch_evaluates(tmp_path, record_budget):
+    rng = random.Random(1)
+    docs = [record(" ".join(rng.choices(WORDS, k=rng.randint(1, 6)))) for _ in range(6)]
+    write_jsonl_zst(tmp_path / "validation/val.jsonl.zst", docs)
+    config = DataConfig(
+        seq_len=16, global_batch_size=8, validation=str(tmp_path / "validation"), eval_batches=5
+    )
+    batches = list(make_eval_iterator(config, process_index=0, process_count=1))
+    assert len(batches) == 5
+    assert all(batch["inputs"].shape == (8, 16) for batch in batches)
+
+
+@pytest.fixture
+def skewed(tmp_path) -> list[str]:
+    """Three shards of 47 records: short documents, and two very long ones (records 0 and 9)."""
+    rng = random.Random(2)
+    texts = [" ".join(rng.choices(WORDS, k=rng.randint(1, 8))) for _ in range(47)]
+    texts[0], texts[9] = "x" * 3000, "y" * 1500
+    docs = [record(text) for text in texts]
+    parts = (docs[:20], docs[20:30], docs[30:])
+    return [
+        str(write_jsonl_zst(tmp_path / f"s{i}.jsonl.zst", part)) for i, part in enumerate(parts)
+    ]
+
+
+@pytest.mark.parametrize("queue_bytes", [1, 300])
+def test_queues_stay_bounded_and_rows_read_as_if_alone(skewed, queue_bytes, record_budget):
+    spec = spec_of(skewed, seq_len=15, num_rows=3, shuffle_files=True)
+    rows = range(spec.num_rows)
+    streams = RowStreams(spec, {row: initial_row_state() for row in rows}, queue_bytes=queue_bytes)
+    windows, fullest = take_windows(streams, rows, 400)
+    assert fullest < queue_bytes + largest_record(spec)
+    assert any(streams._rows[row].own_scan is not None for row in rows)  # some row overflowed
+    for row in rows:
+        assert windows[row] == alone(spec, row, 400)
+
+
+def test_states_resume_exactly_also_on_a_private_scan(skewed, record_budget):
+    spec = spec_of(skewed, seq_len=15, num_rows=3, shuffle_files=True)
+    rows = range(spec.num_rows)
+    streams = RowStreams(spec, {row: initial_row_state() for row in rows}, queue_bytes=1)
+    on_private_scan = 0
+    for _ in range(12):
+        take_windows(streams, rows, 25)
+        saved = json.loads(json.dumps({row: streams.state(row) for row in rows}))
+        states = {int(row): state for row, state in saved.items()}
+        on_private_scan += any(streams._rows[row].own_scan is not None for row in rows)
+        expected, _ = take_windows(streams, rows, 10)
+        resumed = RowStreams(spec, states, queue_bytes=1)
+        assert take_windows(resumed, rows, 10)[0] == expected
+        for row in rows:
+            assert alone(spec, row, 10, states[row]) == expected[row]
+            assert resumed.state(row) == streams.state(row)
+    assert on_private_scan
+
+
+def test_a_row_that_can_never_get_a_document_is_an_error_not_a_hang(three_documents, record_budget):
+    spec = spec_of([three_documents], num_rows=8, split="validation", set_names=("Nothing",))
+    streams = RowStreams(spec, {row: initial_row_state() for row in range(8)}, queue_bytes=2)
+    message = r"row 5 of the 8 rows of the 'validation' split \(3 records an epoch\)"
+    with pytest.raises(ValueError, match=message):
+        streams.next_window(5)
+
+
+def test_only_rows_that_are_dealt_nothing_usable_are_errors(tmp_path, record_budget):
+    # Records 1 and 3 are broken. With 4 records an epoch and 2 rows, row 1 is dealt only
+    # them, epoch after epoch; with 5 records an epoch, rows alternate between the places.
+    good, bad = record("fine"), b"{not json"
+    four = str(write_jsonl_zst(tmp_path / "four.jsonl.zst", [good, bad, good, bad]))
+    spec = spec_of([four], split="train")
+    streams = RowStreams(spec, {0: initial_row_state(), 1: initial_row_state()})
+    assert streams.next_window(0).tolist()[:3] == packed("fine")[:3]
+    with pytest.raises(ValueError, match="row 1 of the 2 rows of the 'train' split"):
+        streams.next_window(1)
+    five = str(write_jsonl_zst(tmp_path / "five.jsonl.zst", [good, bad, good, bad, good]))
+    spec = dataclasses.replace(spec, files=(five,))
+    streams = RowStreams(spec, {0: initial_row_state(), 1: initial_row_state()})
+    assert streams.next_window(1).tolist() == (packed("fine") * 2)[:9]

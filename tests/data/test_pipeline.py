@@ -52,17 +52,19 @@ def windows(batch: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def reference_row_stream(config: DataConfig, row: int, length: int) -> list[int]:
-    """The first `length` tokens of row `row` written from its definition: records i with
-    i % rows == row, in sorted file order, each as [BOS] + ids + [EOS], epoch after epoch."""
+    """The first `length` tokens of row `row` written from its definition: records g with
+    g % rows == row, numbered on across epochs in sorted file order, each as
+    [BOS] + ids + [EOS]."""
     tok = load_tokenizer(config.tokenizer)
     bos, eos = [tok.bos_id] * config.add_bos, [tok.eos_id] * config.add_eos
-    stream = []
+    stream, index = [], 0
     while len(stream) < length:
-        raws = (raw for path in list_shards(config.train) for raw in iter_raw_records(path))
-        for index, raw in enumerate(raws):
-            record = parse_record(raw, stats=ReadStats())
-            if index % config.global_batch_size == row and record is not None:
-                stream += bos + tok.encode(record["text"]) + eos
+        for path in list_shards(config.train):
+            for raw in iter_raw_records(path):
+                record = parse_record(raw, stats=ReadStats())
+                if index % config.global_batch_size == row and record is not None:
+                    stream += bos + tok.encode(record["text"]) + eos
+                index += 1
     return stream[:length]
 
 

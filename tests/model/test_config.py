@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from dga_jax.errors import ConfigError
 from dga_jax.model.config import PRESETS, ModelConfig, RopeScaling, config_to_hf
 
 
@@ -53,6 +54,29 @@ def test_unknown_keys_are_rejected_by_name():
         ModelConfig.from_dict({"dga": {"gamma": 0.1}})
     with pytest.raises(ValueError, match=r"model\.rope_scaling\.scale"):
         ModelConfig.from_dict({"rope_scaling": {"scale": 2.0}})
+
+
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"num_layers": "2"}, r"^model\.num_layers must be int, got str '2'$"),
+        ({"norm_eps": "1e-5"}, r"^model\.norm_eps must be float, got str '1e-5'$"),
+        ({"rope_theta": True}, r"^model\.rope_theta must be float, got bool True$"),
+        ({"tie_embeddings": 1}, r"^model\.tie_embeddings must be bool, got int 1$"),
+        ({"attention_impl": 3}, r"^model\.attention_impl must be str, got int 3$"),
+        ({"dga": {"group_size": "8"}}, r"^model\.dga\.group_size must be int, got str '8'$"),
+        ({"rope_scaling": {"factor": "2"}}, r"^model\.rope_scaling\.factor must be float"),
+    ],
+)
+def test_wrong_types_are_rejected_by_name(values, match):
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_dict(values)
+
+
+def test_ints_are_floats_and_none_is_the_default_impl():
+    config = ModelConfig.from_dict({"norm_eps": 1, "attention_impl": None})
+    assert config.norm_eps == 1.0 and type(config.norm_eps) is float
+    assert config.attention_impl is None
 
 
 @pytest.mark.parametrize(

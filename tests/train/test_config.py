@@ -1,13 +1,14 @@
-"""Every experiment config loads; bad keys and types fail early, naming the key."""
+"""Every experiment config loads; bad keys, types and unset inputs fail early, naming the key."""
 
 from __future__ import annotations
 
 import importlib
 import pathlib
+import re
 
 import pytest
 
-from train.config import ConfigError, MeshConfig, from_config_dict
+from train.config import INPUTS, ConfigError, MeshConfig, from_config_dict
 
 CONFIG_DIR = pathlib.Path(__file__).parents[2] / "configs"
 EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "base"))
@@ -17,9 +18,27 @@ def load(name: str):
     return importlib.import_module(f"configs.{name}").get_config()
 
 
+def unset_inputs(config) -> list[str]:
+    """The required inputs (`INPUTS`) `config` leaves for the command line."""
+    return [key for key in INPUTS if section(config, key)[key.split(".")[-1]] is None]
+
+
+def section(config, dotted: str):
+    for key in dotted.split(".")[:-1]:
+        config = config[key]
+    return config
+
+
+def with_inputs(config):
+    """`config` with every required input it leaves unset given a dummy path."""
+    for key in unset_inputs(config):
+        section(config, key)[key.split(".")[-1]] = f"/inputs/{key}"
+    return config
+
+
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_config_converts(name):
-    config = from_config_dict(load(name))
+    config = from_config_dict(with_inputs(load(name)))
     assert config.train.steps > 0
     assert (config.model.attention == "dga") == name.endswith("_dga")
     assert load(name).to_dict() == load(name).to_dict()  # get_config is deterministic
@@ -31,8 +50,45 @@ def test_every_config_documents_its_launch_command():
         assert f"--config=configs/{name}.py" in doc, name
 
 
+def test_every_config_documents_its_required_inputs():
+    for name in EXPERIMENTS:
+        doc = importlib.import_module(f"configs.{name}").__doc__
+        documented = set(re.findall(r"--config\.([\w.]+)=", doc))
+        missing = [key for key in unset_inputs(load(name)) if key not in documented]
+        assert not missing, f"configs/{name}.py's launch command leaves {missing} unset"
+
+
+@pytest.mark.parametrize("name", ["llama7b_dga", "llama7b_dense"])
+def test_a_7b_config_without_its_inputs_names_each_one(name):
+    assert unset_inputs(load(name)) == list(INPUTS)
+    with pytest.raises(ConfigError, match="^required input") as error:
+        from_config_dict(load(name))
+    for key in INPUTS:
+        assert f"--config.{key}=" in str(error.value), key
+    assert "python -m dga_jax.checkpoint.convert hf-to-orbax" in str(error.value)
+
+
+def test_only_the_inputs_left_unset_are_named():
+    config = with_inputs(load("llama7b_dga"))
+    config.data.tokenizer = None
+    with pytest.raises(ConfigError) as error:
+        from_config_dict(config)
+    assert str(error.value).startswith("required input(s) not set: --config.data.tokenizer=FILE")
+    assert "--config.data.train" not in str(error.value)
+
+
+def test_a_7b_config_with_its_inputs_converts():
+    config = from_config_dict(with_inputs(load("llama7b_dga")))
+    assert config.init_checkpoint == "/inputs/init_checkpoint"
+    assert (config.data.train, config.data.validation, config.data.tokenizer) == (
+        "/inputs/data.train",
+        "/inputs/data.validation",
+        "/inputs/data.tokenizer",
+    )
+
+
 def test_llama7b_follows_the_paper_recipe():
-    config = from_config_dict(load("llama7b_dga"))
+    config = from_config_dict(with_inputs(load("llama7b_dga")))
     assert (config.data.seq_len, config.train.global_batch_size, config.train.steps) == (
         8192,
         64,

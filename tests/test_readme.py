@@ -1,0 +1,203 @@
+"""The README works as written: its Python examples run, the names and commands it gives exist,
+and the Makefile installs for each target what the README says."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import pathlib
+import re
+import tomllib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+MAKEFILE = (ROOT / "Makefile").read_text()
+# A README block preceded by this line is not run, and says why (a checkpoint, a 7B model, ...).
+NOT_RUN = re.compile(r"<!-- not run by tests: (.+) -->")
+# The Use, model and generation examples: fewer run blocks means the extraction broke.
+MIN_RUN_BLOCKS = 3
+# `python -m MODULE ARGS`, ARGS up to a comment, a closing backtick or an unescaped line end.
+COMMAND = re.compile(r"python -m ([\w.]+)((?:\\\n|[^`#\n\\])*)")
+
+
+def python_blocks(text: str) -> list[tuple[int, str, str | None]]:
+    """Each ```python block of markdown `text` as (line of its first code line, code, the reason
+    it is not run or None): the reason is a `<!-- not run by tests: ... -->` line right before
+    the fence."""
+    blocks = []
+    for match in re.finditer(r"^```python\n(.*?)^```$", text, re.MULTILINE | re.DOTALL):
+        before = text[: match.start()].rstrip("\n").rpartition("\n")[2]
+        reason = NOT_RUN.fullmatch(before)
+        line = text.count("\n", 0, match.start(1)) + 1
+        blocks.append((line, match.group(1), reason and reason.group(1)))
+    return blocks
+
+
+def block_params() -> list:
+    """The README's Python blocks as test cases; a not-run one is a skip that gives its reason."""
+    params = []
+    for line, code, reason in python_blocks(README):
+        marks = [pytest.mark.skip(reason=reason)] if reason else []
+        params.append(pytest.param(line, code, id=f"line{line}", marks=marks))
+    return params
+
+
+@pytest.mark.parametrize("line,code", block_params())
+def test_readme_python_block_runs(line, code, tmp_path, monkeypatch):
+    """Runs in a fresh namespace and an empty working directory; tracebacks name README lines."""
+    monkeypatch.chdir(tmp_path)
+    exec(compile("\n" * (line - 1) + code, str(ROOT / "README.md"), "exec"), {"__name__": "readme"})
+
+
+def test_readme_runs_enough_blocks():
+    ran = [code for _, code, reason in python_blocks(README) if reason is None]
+    assert len(ran) >= MIN_RUN_BLOCKS, f"only {len(ran)} README Python blocks are run"
+
+
+def test_not_run_marker_is_seen():
+    text = "a\n<!-- not run by tests: needs ckpt/x -->\n```python\nx = 1\n```\n```python\ny\n```\n"
+    assert python_blocks(text) == [(4, "x = 1\n", "needs ckpt/x"), (7, "y\n", None)]
+
+
+def resolve(name: str) -> object:
+    """Dotted `name` as a user reaches it: `import` its longest module prefix, then getattr each
+    part from the top package (so a package attribute that hides a subpackage fails)."""
+    parts = name.split(".")
+    for end in range(1, len(parts) + 1):
+        try:
+            importlib.import_module(".".join(parts[:end]))
+        except ModuleNotFoundError:
+            break
+    obj = importlib.import_module(parts[0])
+    for part in parts[1:]:
+        obj = getattr(obj, part)
+    return obj
+
+
+def dotted_names(text: str) -> set[str]:
+    """The `dga_jax.x.y` names in `text` other than `python -m` module paths."""
+    return set(re.findall(r"(?<!-m )\bdga_jax(?:\.\w+)+", text))
+
+
+def test_readme_dotted_names_resolve():
+    names = dotted_names(README)
+    assert {"dga_jax.dga_attention", "dga_jax.checkpoint"} <= names
+    missing = []
+    for name in sorted(names):
+        try:
+            resolve(name)
+        except (AttributeError, ImportError):
+            missing.append(name)
+    assert not missing, f"README names that do not resolve: {missing}"
+
+
+def test_resolve_sees_the_function_hiding_the_subpackage():
+    """`dga_jax.generate` is the function: the module's names are not reachable through it."""
+    assert callable(resolve("dga_jax.generate"))
+    with pytest.raises(AttributeError):
+        resolve("dga_jax.generate.stream")
+
+
+def commands(text: str) -> list[tuple[str, list[str]]]:
+    """Each `python -m MODULE ...` in `text` as (MODULE, the names of its --flags)."""
+    return [
+        (module, [flag.split(".")[0] for flag in re.findall(r"(?<!\S)--(\w[\w.]*)", args)])
+        for module, args in COMMAND.findall(text)
+    ]
+
+
+def module_source(module: str) -> str:
+    """The source of a module, or of every file of a package."""
+    spec = importlib.util.find_spec(module)
+    assert spec is not None, f"README runs python -m {module}, which is not importable"
+    if spec.submodule_search_locations:
+        files = sorted(pathlib.Path(spec.submodule_search_locations[0]).glob("*.py"))
+    else:
+        files = [pathlib.Path(spec.origin)]
+    return "".join(path.read_text() for path in files)
+
+
+def test_readme_commands_exist(monkeypatch):
+    """Every `python -m X` module is importable from the repository root and defines the flags
+    it is given (as argparse "--flag" or absl "flag" strings)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    found = commands(README)
+    assert {"dga_jax.generate", "dga_jax.checkpoint.convert"} <= {m for m, _ in found}
+    for module, flags in found:
+        source = module_source(module)
+        for flag in flags:
+            assert f'"--{flag}"' in source or f'"{flag}"' in source, f"{module} has no --{flag}"
+
+
+def test_commands_parse_continuations_and_comments():
+    text = "python -m a.b --x 1 \\\n    --y=2  # not --z\n`python -m c --w`. then --v"
+    assert commands(text) == [("a.b", ["x", "y"]), ("c", ["w"])]
+
+
+def makefile_rules(text: str) -> dict[str, tuple[list[str], list[str]]]:
+    """target -> (its normal prerequisites, its recipe lines) for each rule of a Makefile."""
+    rules, recipe = {}, None
+    for line in text.splitlines():
+        rule = re.match(r"([^\s#:=][^:=]*):(?!=)(.*)", line)
+        if line.startswith("\t") and recipe is not None:
+            recipe.append(line.strip())
+        elif rule:
+            recipe = []
+            for target in rule.group(1).split():
+                rules[target] = (rule.group(2).partition("|")[0].split(), recipe)
+        else:
+            recipe = None
+    return rules
+
+
+def recipe(rules: dict[str, tuple[list[str], list[str]]], file: str) -> list[str]:
+    """The recipe that makes `file`: its own rule's, else a `%` pattern rule's with the stem in
+    place of `$*`."""
+    if file in rules:
+        return rules[file][1]
+    for target, (_, lines) in rules.items():
+        head, percent, tail = target.partition("%")
+        if percent and file.startswith(head) and file.endswith(tail):
+            stem = file[len(head) : len(file) - len(tail)]
+            return [line.replace("$*", stem) for line in lines]
+    return []
+
+
+def installs(target: str) -> list[str]:
+    """The `pip install` lines of the rules that `target` depends on directly."""
+    rules = makefile_rules(MAKEFILE)
+    lines = [
+        line
+        for prerequisite in rules[target][0]
+        for line in recipe(rules, prerequisite)
+        if "pip install" in line
+    ]
+    assert lines, f"no pip install in the rules {target} depends on"
+    return lines
+
+
+def test_make_run_installs_no_extra():
+    """The main job installs what training needs, not the test extra (torch, transformers)."""
+    lines = installs("run")
+    assert all("-e ." in line and "[" not in line for line in lines), lines
+
+
+@pytest.mark.parametrize("target", ["test", "lint", "format"])
+def test_make_test_installs_the_test_extra(target):
+    assert any("[test]" in line for line in installs(target)), installs(target)
+
+
+def test_readme_make_targets_exist():
+    targets = set(re.findall(r"(?:^|`)make (\w+)", README, re.MULTILINE))
+    assert {"run", "test"} <= targets
+    assert targets <= set(makefile_rules(MAKEFILE)), targets - set(makefile_rules(MAKEFILE))
+
+
+def test_license_is_an_spdx_expression():
+    # setuptools >= 77 warns on every install about the `{ text = ... }` table form.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    build = " ".join(project["build-system"]["requires"])
+    assert re.search(r"setuptools>=(\d+)", build) and int(re.search(r">=(\d+)", build)[1]) >= 77

@@ -1,0 +1,187 @@
+"""A run's inputs are checked before any work: every missing or unusable one is named in one
+error, and `python -m train` ends on it with one `error: ...` line and exit code 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import pytest
+from flax import nnx
+
+from configs import tiny_dga
+from dga_jax import Llama, ModelConfig
+from dga_jax.checkpoint import save_model
+from dga_jax.errors import InputError
+from dga_jax.sharding import make_mesh
+from tests.data.conftest import record, train_hf_tokenizer, write_jsonl_zst
+from train.config import TrainConfig, from_config_dict
+from train.inputs import check_inputs
+
+ROOT = Path(__file__).parents[2]
+CONVERT = "python -m dga_jax.checkpoint.convert hf-to-orbax"
+INPUTS = ("init_checkpoint", "data.train", "data.validation", "data.tokenizer")
+
+
+def launch(config: str, workdir: Path, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "train", f"--config={config}", f"--workdir={workdir}", *flags],
+        cwd=ROOT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def error_line(result: subprocess.CompletedProcess) -> str:
+    """The one line a user's mistake ends the run with: exit code 2 and no traceback."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: "), last
+    return last
+
+
+def test_the_7b_launch_without_its_inputs_names_each_flag(tmp_path):
+    line = error_line(launch("configs/llama7b_dga.py", tmp_path / "w"))
+    for key in INPUTS:
+        assert f"--config.{key}=" in line, key
+    assert CONVERT in line
+    assert not (tmp_path / "w").exists()
+
+
+def test_the_7b_launch_with_missing_files_names_each_path(tmp_path):
+    paths = {key: tmp_path / "absent" / key for key in INPUTS}
+    flags = [f"--config.{key}={path}" for key, path in paths.items()]
+    line = error_line(launch("configs/llama7b_dga.py", tmp_path / "w", *flags))
+    for key, path in paths.items():
+        assert f"config.{key}: " in line and str(path) in line, key
+    assert CONVERT in line
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "flag, key",
+    [
+        ("--config.data.set_names=(1,2)", "config.data.set_names must be str"),
+        ("--config.model.overrides.attention=sparse", "model.attention must be one of"),
+    ],
+    ids=["type", "value"],
+)
+def test_a_bad_config_value_ends_the_launch_naming_the_key(tmp_path, flag, key):
+    line = error_line(launch("configs/tiny_dga.py", tmp_path / "w", flag))
+    assert key in line
+    assert not (tmp_path / "w").exists()
+
+
+def tiny(changes: dict[str, Any] | None = None) -> TrainConfig:
+    """configs/tiny_dga.py with dotted keys changed: {"data.train": "...", ...}."""
+    values = tiny_dga.get_config().to_dict()
+    for dotted, value in (changes or {}).items():
+        *path, name = dotted.split(".")
+        section = values
+        for key in path:
+            section = section[key]
+        section[name] = value
+    return from_config_dict(values)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    """`train/` and `validation/`, one small shard each."""
+    root = tmp_path_factory.mktemp("shards")
+    for split in ("train", "validation"):
+        write_jsonl_zst(root / split / f"{split}_0.jsonl.zst", [record("a few words")] * 4)
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_layer_checkpoint(tmp_path_factory) -> Path:
+    """The tiny preset (2 layers in configs/tiny_dga.py) with 1 layer."""
+    path = tmp_path_factory.mktemp("ckpt") / "one_layer"
+    with jax.set_mesh(make_mesh((1, 1, 1, 1))):
+        model = Llama(ModelConfig.preset("tiny", num_layers=1), rngs=nnx.Rngs(0))
+    save_model(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_300(tmp_path_factory) -> Path:
+    """A tokenizer.json of 300 ids."""
+    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
+    return train_hf_tokenizer(path, ["<unk>", "<s>", "</s>"])
+
+
+def test_the_embedded_default_passes():
+    check_inputs(tiny())
+
+
+def test_a_run_with_every_input_set_passes(one_layer_checkpoint, shards, tokenizer_300):
+    config = {
+        "model.overrides.num_layers": 1,
+        "init_checkpoint": str(one_layer_checkpoint),
+        "data.train": str(shards / "train"),
+        "data.validation": str(shards / "validation"),
+        "data.tokenizer": str(tokenizer_300),
+    }
+    check_inputs(tiny(config))
+
+
+def test_a_checkpoint_of_another_architecture_is_named(one_layer_checkpoint):
+    with pytest.raises(InputError, match="another architecture") as error:
+        check_inputs(tiny({"init_checkpoint": str(one_layer_checkpoint)}))
+    assert str(one_layer_checkpoint) in str(error.value)
+    assert "num_layers=1 (config: 2)" in str(error.value)
+    assert "d_model" not in str(error.value)  # only the fields that differ
+
+
+def test_a_directory_that_is_not_a_checkpoint_is_named(tmp_path):
+    (tmp_path / "weights").mkdir()
+    with pytest.raises(InputError, match="not a model checkpoint") as error:
+        check_inputs(tiny({"init_checkpoint": str(tmp_path / "weights")}))
+    assert "config.init_checkpoint" in str(error.value) and CONVERT in str(error.value)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_named(tokenizer_300):
+    config = tiny({"data.tokenizer": str(tokenizer_300), "model.overrides.vocab_size": 260})
+    with pytest.raises(InputError, match=r"has 300 ids, more than the model's vocab_size=260"):
+        check_inputs(config)
+
+
+def test_training_shards_without_validation_shards_are_named(shards):
+    with pytest.raises(InputError, match=r"config\.data\.validation is not set"):
+        check_inputs(tiny({"data.train": str(shards / "train")}))
+
+
+def test_a_directory_without_shards_is_named(shards, tmp_path):
+    config = tiny({"data.train": str(shards / "train"), "data.validation": str(tmp_path)})
+    with pytest.raises(InputError, match=r"config\.data\.validation: no .* shards found"):
+        check_inputs(config)
+
+
+def test_every_problem_is_named_in_one_error(one_layer_checkpoint, tokenizer_300, tmp_path):
+    config = {
+        "init_checkpoint": str(one_layer_checkpoint),
+        "data.train": str(tmp_path / "train"),
+        "data.validation": str(tmp_path / "validation"),
+        "data.tokenizer": str(tokenizer_300),
+        "model.overrides.vocab_size": 260,
+    }
+    with pytest.raises(InputError) as error:
+        check_inputs(tiny(config))
+    message = str(error.value)
+    assert "vocab_size=512 (config: 260), num_layers=1 (config: 2)" in message
+    assert f"config.data.train: no .jsonl.zst/.jsonl/.parquet shards found at '{tmp_path}" in (
+        message
+    )
+    assert "config.data.validation: no" in message and "has 300 ids" in message
+
+
+def test_a_missing_tokenizer_is_named(tmp_path):
+    with pytest.raises(InputError, match=r"config\.data\.tokenizer: .*does not exist"):
+        check_inputs(tiny({"data.tokenizer": str(tmp_path / "tokenizer.model")}))
