@@ -70,8 +70,10 @@ def test_the_7b_launch_with_missing_files_names_each_path(tmp_path):
     [
         ("--config.data.set_names=(1,2)", "config.data.set_names must be str"),
         ("--config.model.overrides.attention=sparse", "model.attention must be one of"),
+        ("--config.optim.lerning_rate=1", "unknown config key 'lerning_rate'"),
+        ("--config.train.steps=abc", "--config.train.steps=abc"),
     ],
-    ids=["type", "value"],
+    ids=["type", "value", "unknown-key", "unparsable"],
 )
 def test_a_bad_config_value_ends_the_launch_naming_the_key(tmp_path, flag, key):
     line = error_line(launch("configs/tiny_dga.py", tmp_path / "w", flag))

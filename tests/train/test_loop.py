@@ -1,14 +1,10 @@
-"""The training loop end to end on the embedded default, shortened: learning, resume, stops."""
+"""The training loop end to end on the embedded default, shortened: learning, export,
+divergence. Kills, signals, damage and resumes are in test_faults.py."""
 
 from __future__ import annotations
 
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -81,68 +77,6 @@ def test_validation_loss_falls(tmp_path):
 def next_token_loss(model, tokens) -> float:
     logits = model(tokens[:, :-1])
     return float(optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean())
-
-
-def command(workdir: Path, steps: int = 12) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "train",
-        "--config=configs/tiny_dga.py",
-        f"--workdir={workdir}",
-        "--config.data.seq_len=128",
-        f"--config.train.steps={steps}",
-        "--config.train.log_every=1",
-        "--config.train.eval_every=1000",
-        "--config.train.checkpoint_every=2",
-    ]
-
-
-def wait_for_step(workdir: Path, step: int, process: subprocess.Popen, timeout=300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if (workdir / "metrics.jsonl").exists() and max(read(workdir, "loss"), default=0) >= step:
-            return
-        assert process.poll() is None, process.stderr.read()[-3000:]
-        time.sleep(0.2)
-    raise TimeoutError(f"step {step} not reached in {timeout} s")
-
-
-def test_resume_after_sigkill_reproduces_the_losses(tmp_path):
-    subprocess.run(command(tmp_path / "whole"), cwd=ROOT, check=True, capture_output=True)
-    expected = read(tmp_path / "whole", "loss")
-    assert sorted(expected) == list(range(1, 13))
-
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(command(killed), cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    wait_for_step(killed, random.randint(3, 9), process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    subprocess.run(command(killed), cwd=ROOT, check=True, capture_output=True)
-    resumed = read(killed, "loss")
-    assert sorted(resumed) == list(range(1, 13))
-    np.testing.assert_array_equal(
-        [resumed[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)]
-    )
-
-
-def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
-    process = subprocess.Popen(
-        command(tmp_path, steps=500),
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_for_step(tmp_path, 3, process)
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err[-3000:]
-    assert "stopped early" in out
-    last = max(read(tmp_path, "loss"))
-    assert last < 500
-    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved[-1] == last
 
 
 def test_divergence_stops_with_a_clear_message(tmp_path):
