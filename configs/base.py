@@ -6,16 +6,24 @@ keys and wrong types before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import ml_collections
+from ml_collections import config_dict
+
+from dga_jax import ModelConfig
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
 
-    # The model: a preset of `dga_jax.ModelConfig` plus field overrides.
+    # The model: a preset of `dga_jax.ModelConfig` plus field overrides. Every field is there,
+    # unset (None: the preset's value), so any can be set: --config.model.overrides.num_layers=4.
     config.model = ml_collections.ConfigDict(
-        {"preset": "tiny", "overrides": ml_collections.ConfigDict({"attention": "dga"})}
+        {"preset": "tiny", "overrides": unset_fields(ModelConfig)}
     )
+    config.model.overrides.attention = "dga"
     # Init from a converted HF checkpoint (`python -m dga_jax.checkpoint.convert hf-to-orbax`).
     config.init_checkpoint = ""
 
@@ -59,3 +67,18 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.peak_flops_per_device = 0.0  # for MFU; 0: guess from the device kind
     config.train.wandb_project = ""  # W&B logging if set and wandb is installed
     return config
+
+
+def unset_fields(kind: type) -> ml_collections.ConfigDict:
+    """A ConfigDict of every field of dataclass `kind` (nested ones too), each an unset typed
+    placeholder: the command line may set any of them, and no other key."""
+    hints = typing.get_type_hints(kind)
+    fields = {}
+    for field in dataclasses.fields(kind):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            fields[field.name] = unset_fields(hint)
+        else:
+            types = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
+            fields[field.name] = config_dict.placeholder(types[0])
+    return ml_collections.ConfigDict(fields)

@@ -23,15 +23,17 @@ from configs import base
 def get_config():
     config = base.get_config()
     config.model.preset = "llama2_7b"
-    config.model.overrides = {
-        "attention": "dga",
-        "dga": {"group_size": 16, "focal_ratio": 0.1, "selection": "global"},
-        "rope_scaling": {"kind": "linear", "factor": 2.0},
-        "max_position": 8192,
-        "dtype": "bfloat16",
-        "param_dtype": "float32",
-        "remat": "save_dots_no_batch",
-    }
+    config.model.overrides.update(
+        {
+            "attention": "dga",
+            "dga": {"group_size": 16, "focal_ratio": 0.1, "selection": "global"},
+            "rope_scaling": {"kind": "linear", "factor": 2.0},
+            "max_position": 8192,
+            "dtype": "bfloat16",
+            "param_dtype": "float32",
+            "remat": "save_dots_no_batch",
+        }
+    )
     # Required on the command line (a 7B run never falls back to the sample corpus or to
     # random weights): left unset, the launch stops at once, naming each of them.
     config.init_checkpoint = config_dict.placeholder(str)

@@ -226,11 +226,12 @@ def resume_changes(stored: dict[str, Any], config: TrainConfig, source: str) -> 
 
 
 def _model_config(preset: str, overrides: dict[str, Any]) -> ModelConfig:
+    """The preset with the overrides that are set (an unset one, None, keeps the preset's)."""
     merged = ModelConfig.preset(preset).to_dict()
     for key, value in overrides.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
+            merged[key] = {**merged[key], **{k: v for k, v in value.items() if v is not None}}
+        elif value is not None:
             merged[key] = value
     return strict.build(ModelConfig, merged, "config.model.overrides.")
 

@@ -245,13 +245,16 @@ def _train(
         config, setup, train_iter, checkpoints, data_config, workdir, start=int(state.step)
     )
     try:
-        if eval_owed:  # a stop signal interrupted this step's evaluation: finish it first
-            trainer.eval_owed = not trainer.evaluate(trainer.start, state)
-        for done in range(trainer.start + 1, config.train.steps + 1):
+        # A stop signal cut the restored step's evaluation short: it comes first. Cut short
+        # again, the checkpoint (already saved) still owes it.
+        if eval_owed and not trainer.evaluate(trainer.start, state):
+            trainer.stopping = True
+        done = trainer.start
+        while done < config.train.steps and not trainer.stopping:
+            done += 1
             state = trainer.step(state, done)
-            if trainer.stopping:
-                logging.warning("stopping at step %d on a signal (checkpoint saved)", done)
-                break
+        if trainer.stopping:
+            logging.warning("stopping at step %d on a signal (checkpoint saved)", done)
         trainer.save(state, force=True)
     finally:
         trainer.close()

@@ -52,14 +52,19 @@ def orbax_to_hf(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """The command line: `hf-to-orbax` or `orbax-to-hf` (see the module docstring). A problem
-    with the input or output directory ends it with one `error:` line and exit code 2."""
+    """The command line: `hf-to-orbax` or `orbax-to-hf` (see the module docstring)."""
     args = _parser().parse_args(argv)
+    if args.command == "hf-to-orbax":
+        hf_to_orbax(args.hf_dir, args.out, args.dtype)
+    else:
+        orbax_to_hf(args.ckpt, args.out, args.dtype, args.max_shard_size)
+
+
+def _run_command() -> None:
+    """`main` as `python -m` runs it: a problem with the input or output directory ends it with
+    one `error:` line and exit code 2 (a traceback means a bug)."""
     try:
-        if args.command == "hf-to-orbax":
-            hf_to_orbax(args.hf_dir, args.out, args.dtype)
-        else:
-            orbax_to_hf(args.ckpt, args.out, args.dtype, args.max_shard_size)
+        main()
     except (InputError, FileExistsError) as error:
         print(f"python -m dga_jax.checkpoint.convert: error: {error}", file=sys.stderr)
         sys.exit(2)
@@ -90,4 +95,4 @@ def _parser() -> argparse.ArgumentParser:
 
 
 if __name__ == "__main__":
-    main()
+    _run_command()

@@ -106,7 +106,7 @@ class Llama(nnx.Module):
         """tokens: [B, P] -> (logits [B, P, V] equal to `self(tokens)`, caches).
 
         Every row is a whole prompt of P tokens (prompts of other lengths: prefill them
-        separately and concatenate the caches, as `dga_jax.generate.prefill` does). The caches
+        separately and concatenate the caches, as `prefill` in `dga_jax.generate` does). The caches
         hold up to `max_len` tokens; each leaf has a leading `num_layers` axis. `capacity` is
         the DGA prefix capacity (`dga_jax.ops.dga.decode.prefix_capacity`; default: for P).
         `last_only`: logits [B, 1, V] of the last token only, all that generation needs (the LM

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -228,3 +229,19 @@ def test_a_failed_export_leaves_nothing_behind(converted, tmp_path):
     with pytest.raises(OSError, match="disk on fire"):
         write_hf(tmp_path / "hf", config, read_then_fail, dtype="float32", max_shard_size=1000)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_names_a_missing_directory_in_one_line(tmp_path):
+    missing = tmp_path / "nowhere"
+    command = ["hf-to-orbax", "--hf_dir", str(missing), "--out", str(tmp_path / "out")]
+    result = subprocess.run(
+        [sys.executable, "-m", "dga_jax.checkpoint.convert", *command],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m dga_jax.checkpoint.convert: error: ")
+    assert str(missing / "config.json") in last

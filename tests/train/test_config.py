@@ -165,3 +165,21 @@ def test_bad_meshes_are_rejected():
         MeshConfig(data=3).shape(8)
     with pytest.raises(ConfigError, match="needs 16 devices"):
         MeshConfig(data=2, fsdp=8).shape(8)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_model_field_can_be_set_on_the_command_line(name):
+    # `--config.model.overrides.X=...` sets an existing key of a locked config: every
+    # ModelConfig field must be there (unset: the preset's value), nested ones too.
+    config = load(name)
+    config.lock()
+    preset = from_config_dict(with_inputs(load(name))).model
+    config.model.overrides.num_layers = preset.num_layers + 1
+    config.model.overrides.rope_theta = 500000
+    config.model.overrides.dga.focal_ratio = 0.25
+    config.model.overrides.rope_scaling.original_max_position = 4096
+    model = from_config_dict(with_inputs(config)).model
+    assert model.num_layers == preset.num_layers + 1 and model.rope_theta == 500000.0
+    assert model.dga.focal_ratio == 0.25 and model.rope_scaling.original_max_position == 4096
+    assert model.d_model == preset.d_model and model.dga.group_size == preset.dga.group_size
+    assert model.rope_scaling.kind == preset.rope_scaling.kind
