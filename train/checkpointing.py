@@ -66,21 +66,23 @@ class Checkpoints:
         force: bool = False,
     ) -> bool:
         """Starts an async save when `step` is due (or `force`); returns whether it did.
-        Raises `CheckpointSaveError` if this save, or the previous one, cannot be written."""
-        if step in self.manager.all_steps():
+        Raises `CheckpointSaveError` naming the step if this save, or the previous one (which a
+        new save waits for, as Orbax does), cannot be written."""
+        due = force or self.manager.should_save(step)
+        if not due or step in self.manager.all_steps():
             return False
+        self._finish_pending()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=ocp.args.JsonSave(data_state),
             run=ocp.args.JsonSave(run_record),
         )
         try:
-            started = self.manager.save(step, args=args, force=force)
-        except Exception as error:  # the previous async save's failure surfaces here
-            raise self._save_failed(self._pending or step, error) from error
-        if started:
-            self._pending = step
-        return started
+            self.manager.save(step, args=args, force=True)
+        except Exception as error:
+            raise self._save_failed(step, error) from error
+        self._pending = step
+        return True
 
     def run_record(self, step: int) -> dict[str, Any] | None:
         """The `run` item of `step` (None for a checkpoint written before it existed)."""
@@ -127,13 +129,21 @@ class Checkpoints:
     def close(self) -> None:
         """Waits for a pending save; raises `CheckpointSaveError` if it failed."""
         try:
-            self.manager.wait_until_finished()
-        except Exception as error:
-            raise self._save_failed(self._pending, error) from error
+            self._finish_pending()
         finally:
             self.manager.close()
 
-    def _save_failed(self, step: int | None, error: Exception) -> CheckpointSaveError:
+    def _finish_pending(self) -> None:
+        """Waits for the async save in flight, if any; its failure raises, naming its step."""
+        if self._pending is None:
+            return
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:
+            raise self._save_failed(self._pending, error) from error
+        self._pending = None
+
+    def _save_failed(self, step: int, error: Exception) -> CheckpointSaveError:
         for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
             shutil.rmtree(partial, ignore_errors=True)  # the space it took, back
         self._pending = None
