@@ -21,10 +21,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from train.hosts import any_process, is_main_process
+from train.hosts import any_process
 from train.step import TrainState
 
 ITEMS = ("state", "data", "run")
@@ -111,7 +112,7 @@ class Checkpoints:
                 state, data = self.restore(step, abstract_state)
                 failed = None
             except Exception as error:  # damage shows as JSON, TensorStore or OS errors
-                failed = f"{type(error).__name__}: {_first_line(error)}"
+                failed = f"{type(error).__name__}: {_reason(error)}"
             if any_process(failed is not None):
                 failures.append((step, failed or "failed on another process"))
                 logging.warning("checkpoint %s is damaged (%s)", self.directory / str(step), failed)
@@ -151,13 +152,13 @@ class Checkpoints:
         newest = f"step {kept[-1]}" if kept else "none"
         return CheckpointSaveError(
             f"could not save the checkpoint of step {step} in {self.directory}: "
-            f"{_first_line(error)}; the newest complete checkpoint ({newest}) is intact: free "
+            f"{_reason(error)}; the newest complete checkpoint ({newest}) is intact: free "
             "space (or raise the file size limit) and rerun the same command to resume from it"
         )
 
     def _move_aside(self, step: int) -> None:
         """Moves a damaged step directory out of Orbax's view, keeping its files."""
-        if is_main_process():
+        if jax.process_index() == 0:
             target = self.directory.parent / "damaged_checkpoints" / str(step)
             suffix = 0
             while target.exists():
@@ -170,7 +171,7 @@ class Checkpoints:
         self.manager.reload()
 
 
-def _first_line(error: Exception) -> str:
+def _reason(error: Exception) -> str:
     """The gist of an Orbax / TensorStore error, whose messages run over many lines: the
     operating system's reason where it gives one (`No space left on device`)."""
     text = str(error)

@@ -15,11 +15,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 
-def is_main_process() -> bool:
-    """Whether this process writes what one process writes for all (files, logs)."""
-    return jax.process_index() == 0
-
-
 def any_process(flag: bool) -> bool:
     """True on every process if `flag` is true on any."""
     if jax.process_count() == 1:
