@@ -3,7 +3,9 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test lint format bench clean
+VENV_AOT := .venv-aot
+
+.PHONY: run test test-aot aot lint format bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -29,6 +31,21 @@ test: $(VENV)/.installed-test
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -n 2 -q
 
+# The real TPU and GPU compilers on this host (dga_jax.aot), in a venv of their own: the CUDA
+# plugin would make every JAX process on a GPU-less machine look for a GPU.
+$(VENV_AOT)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV_AOT)
+	$(VENV_AOT)/bin/pip install -q --upgrade pip
+	$(VENV_AOT)/bin/pip install -q -e ".[aot]"
+	touch $@
+
+test-aot: $(VENV_AOT)/.installed
+	JAX_PLATFORMS=cpu $(VENV_AOT)/bin/python -m pytest -n 2 -q -m aot tests/aot
+
+# What compiles where, memory per device, registers: benchmarks/results/aot_compile.{json,md}.
+aot: $(VENV_AOT)/.installed
+	JAX_PLATFORMS=cpu $(VENV_AOT)/bin/python benchmarks/aot_compile.py
+
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -44,4 +61,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/decode.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VENV_AOT) build *.egg-info

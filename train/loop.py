@@ -15,6 +15,7 @@ import functools
 import logging
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,8 +93,33 @@ def run(config: TrainConfig, workdir: str | Path) -> Summary:
         )
 
 
-def _setup(config: TrainConfig) -> _Setup:
-    mesh = make_mesh(config.mesh.shape(jax.device_count()))
+def lower_train_step(config: TrainConfig, devices: Sequence[jax.Device]) -> jax.stages.Lowered:
+    """`config`'s train step on a mesh of `devices`, lowered from abstract state and batch.
+
+    No weights or data are touched: compile the result for a topology's compile-only devices
+    (`dga_jax.aot`) to see whether a recipe fits a TPU or GPU slice, and its memory per device.
+    """
+    setup = _setup(config, devices)
+    batch = {
+        key: jax.ShapeDtypeStruct(setup.batch_shape, jnp.int32, sharding=setup.batch_sharding)
+        for key in ("inputs", "targets")
+    }
+    with jax.set_mesh(setup.mesh):
+        return _step_fn(setup).trace(setup.abstract_state, batch).lower()
+
+
+def _step_fn(setup: _Setup):
+    """The jitted train step: the state is donated and keeps its shardings."""
+    return jax.jit(
+        functools.partial(train_step, setup.graphdef, setup.tx),
+        donate_argnums=0,
+        out_shardings=(setup.shardings, None),
+    )
+
+
+def _setup(config: TrainConfig, devices: Sequence[jax.Device] | None = None) -> _Setup:
+    devices = jax.devices() if devices is None else devices
+    mesh = make_mesh(config.mesh.shape(len(devices)), devices=devices)
     with jax.set_mesh(mesh):
         abstract_model = nnx.eval_shape(functools.partial(_new_model, config))
         graphdef, abstract_params = nnx.split(abstract_model)
@@ -283,11 +309,7 @@ class _Trainer:
     ):
         self.config, self.setup, self.train_iter = config, setup, train_iter
         self.checkpoints, self.data_config, self.start = checkpoints, data_config, start
-        self.step_fn = jax.jit(
-            functools.partial(train_step, setup.graphdef, setup.tx),
-            donate_argnums=0,
-            out_shardings=(setup.shardings, None),
-        )
+        self.step_fn = _step_fn(setup)
         main_host = jax.process_index() == 0
         self.log = metrics.MetricsLog(
             workdir,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from dga_jax.ops.checks import check_block_sizes, check_qkv
 from dga_jax.ops.intervals import BlockSizes, Entries, interval_attention
+from dga_jax.ops.target import placed_target
 
 DENSE_IMPLEMENTATIONS = ("xla", "blockwise", "cudnn")
 
@@ -30,21 +31,20 @@ def dense_attention(
 ) -> jax.Array:
     """Causal softmax attention. q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D].
 
-    `implementation=None` picks "cudnn" on GPU for float16/bfloat16 (all cuDNN supports) and
-    "xla" otherwise.
+    `implementation=None` picks "cudnn" for float16/bfloat16 inputs placed on GPUs (all cuDNN
+    supports) and "xla" otherwise.
     """
     scale = check_qkv(q, k, v, scale)
+    platform = placed_target(q, k, v).platform
     if implementation is None:
         half = q.dtype in (jnp.float16, jnp.bfloat16)
-        implementation = "cudnn" if jax.default_backend() == "gpu" and half else "xla"
+        implementation = "cudnn" if platform == "gpu" and half else "xla"
     if implementation not in DENSE_IMPLEMENTATIONS:
         raise ValueError(
             f"implementation must be one of {DENSE_IMPLEMENTATIONS} or None, got {implementation!r}"
         )
-    if implementation == "cudnn" and jax.default_backend() != "gpu":
-        raise ValueError(
-            f"implementation='cudnn' needs a GPU backend, not {jax.default_backend()!r}"
-        )
+    if implementation == "cudnn" and platform != "gpu":
+        raise ValueError(f"implementation='cudnn' needs GPU devices; inputs are on {platform!r}")
     return _dense(
         q,
         k,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
+import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
 from dga_jax.ops.checks import check_block_sizes, check_qkv
@@ -13,12 +16,27 @@ from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.reference import dga_attention_reference
 from dga_jax.ops.dga.xla import dga_attention_xla
 from dga_jax.ops.intervals import BlockSizes
+from dga_jax.ops.target import Target, placed_target
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
-# Each kernel backend: the platform it compiles for, its default tiles and its tile rules.
+
+
+class KernelBackend(NamedTuple):
+    """A kernel backend: its platform, default tiles, tile rules and on-chip memory check."""
+
+    platform: str
+    default_blocks: BlockSizes
+    check_tiles: Callable[[BlockSizes], None]
+    check_fits: Callable[[BlockSizes, tuple, np.dtype, Target], None]
+
+
 KERNEL_BACKENDS = {
-    "pallas_gpu": ("gpu", BlockSizes(block_q=64, block_k=64), pallas_gpu.check_block_sizes),
-    "pallas_tpu": ("tpu", BlockSizes(block_q=512, block_k=512), pallas_tpu.check_block_sizes),
+    "pallas_gpu": KernelBackend(
+        "gpu", pallas_gpu.DEFAULT_BLOCKS, pallas_gpu.check_block_sizes, pallas_gpu.check_fits
+    ),
+    "pallas_tpu": KernelBackend(
+        "tpu", pallas_tpu.DEFAULT_BLOCKS, pallas_tpu.check_block_sizes, pallas_tpu.check_fits
+    ),
 }
 
 
@@ -64,7 +82,7 @@ def dga_attention(
             f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
         )
     if implementation in KERNEL_BACKENDS:
-        block_sizes = _check_kernel(implementation, block_sizes, interpret)
+        block_sizes = _check_kernel(implementation, block_sizes, interpret, q, k, v)
     elif interpret is not False:
         raise ValueError(f"interpret applies to the Pallas implementations, not {implementation!r}")
     return _dga(
@@ -79,12 +97,19 @@ def dga_attention(
     )
 
 
-def _check_kernel(implementation: str, block_sizes: BlockSizes | None, interpret) -> BlockSizes:
-    platform, default, check = KERNEL_BACKENDS[implementation]
-    if interpret is False and jax.default_backend() != platform:
+def _check_kernel(implementation: str, block_sizes: BlockSizes | None, interpret, q, k, v):
+    """-> the block sizes; errors for a platform mismatch, bad tiles, or tiles that cannot fit.
+
+    The platform is where q, k, v are placed (`placed_target`), not the host's: a kernel
+    compiles for compile-only TPU/GPU devices of a topology on a CPU host.
+    """
+    backend = KERNEL_BACKENDS[implementation]
+    target = placed_target(q, k, v)
+    if interpret is False and target.platform != backend.platform:
         raise ValueError(
-            f"implementation={implementation!r} compiles for {platform.upper()} but the default "
-            f"backend is {jax.default_backend()!r}: pass interpret=True to run it in interpret mode"
+            f"implementation={implementation!r} compiles for {backend.platform.upper()} but the "
+            f"inputs are placed on {target.platform!r} devices ({target.device_kind}): place "
+            "them on a matching mesh, or pass interpret=True to run it in interpret mode"
         )
     tpu_params = implementation == "pallas_tpu" and isinstance(interpret, pltpu.InterpretParams)
     if not isinstance(interpret, bool) and not tpu_params:
@@ -93,8 +118,10 @@ def _check_kernel(implementation: str, block_sizes: BlockSizes | None, interpret
             + (" or a pltpu.InterpretParams" if implementation == "pallas_tpu" else "")
             + f", got {interpret!r}"
         )
-    block_sizes = default if block_sizes is None else check_block_sizes(block_sizes)
-    check(block_sizes)
+    block_sizes = backend.default_blocks if block_sizes is None else check_block_sizes(block_sizes)
+    backend.check_tiles(block_sizes)
+    if interpret is False:
+        backend.check_fits(block_sizes, q.shape, q.dtype, target)
     return block_sizes
 
 

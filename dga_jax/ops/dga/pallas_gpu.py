@@ -26,8 +26,12 @@ from jax.experimental.pallas import triton as pltriton
 from dga_jax.ops.dga import pallas_common as common
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.intervals import BlockSizes
+from dga_jax.ops.target import Target
 
 MIN_BLOCK = 16  # tl.dot's smallest tile
+# Largest tiles with no register spill in any kernel on H100/H200 (benchmarks/aot_compile.py).
+DEFAULT_BLOCKS = BlockSizes(block_q=64, block_k=64)
+STAGES = 2  # Triton's software pipeline depth (`_compiler_params`)
 
 
 def _dot_nt(a, b):
@@ -54,6 +58,28 @@ def check_block_sizes(block_sizes: BlockSizes) -> None:
                 f"implementation='pallas_gpu' needs BlockSizes.{name} to be a power of two "
                 f">= {MIN_BLOCK}, got {value}"
             )
+
+
+def check_fits(block_sizes: BlockSizes, q_shape: tuple, dtype, target: Target) -> None:
+    """Rejects tiles whose pipelined buffers alone overflow the target's shared memory.
+
+    The walks stream `STAGES`-deep buffers of two [block, D'] tiles (k and v in the forward and
+    dQ kernels, q and dO in dK'/dV'), D' = D rounded up to a power of two: a floor on what
+    Triton allocates (it adds the resident tiles and masks; the compiler checks the rest).
+    """
+    limit = target.shared_memory_bytes
+    if limit is None:
+        return
+    block_q = min(block_sizes.block_q, _next_power_of_2(q_shape[1]))
+    tile = max(block_q, block_sizes.block_k) * _next_power_of_2(q_shape[-1]) * dtype.itemsize
+    need = STAGES * 2 * tile
+    if need > limit:
+        raise ValueError(
+            f"implementation='pallas_gpu' with {block_sizes} (D={q_shape[-1]}, {dtype.name}) "
+            f"needs at least {need:,} bytes of shared memory per block; {target.device_kind} "
+            f"has {limit:,}: use smaller blocks (the defaults are "
+            f"{DEFAULT_BLOCKS.block_q}/{DEFAULT_BLOCKS.block_k})"
+        )
 
 
 def dga_attention_pallas_gpu(
@@ -246,7 +272,7 @@ def _query_grid(spec: common.KernelSpec, ops: common.Operands):
 
 
 def _compiler_params(d: int):
-    return pltriton.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=2)
+    return pltriton.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=STAGES)
 
 
 def forward(spec: common.KernelSpec, ops: common.Operands, blocks: common.QueryBlocks):

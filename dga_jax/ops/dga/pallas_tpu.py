@@ -32,8 +32,10 @@ from jax.experimental.pallas import tpu as pltpu
 from dga_jax.ops.dga import pallas_common as common
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.intervals import BlockSizes
+from dga_jax.ops.target import Target
 
 SUBLANES, LANES = 16, 128  # bfloat16 packs two rows per 8-row sublane tile
+DEFAULT_BLOCKS = BlockSizes(block_q=512, block_k=512)
 _NT = (((1,), (1,)), ((), ()))
 _NN = (((1,), (0,)), ((), ()))
 
@@ -66,6 +68,43 @@ def check_block_sizes(block_sizes: BlockSizes) -> None:
             f"implementation='pallas_tpu' needs BlockSizes.block_k to be a multiple of {LANES}, "
             f"got {block_sizes.block_k}"
         )
+
+
+def check_fits(block_sizes: BlockSizes, q_shape: tuple, dtype, target: Target) -> None:
+    """Rejects tiles whose buffers alone overflow the target's scoped VMEM (`vmem_floor`)."""
+    limit = target.vmem_bytes
+    if limit is None:
+        return
+    block_q = min(block_sizes.block_q, -(-q_shape[1] // SUBLANES) * SUBLANES)
+    need = vmem_floor(block_q, block_sizes.block_k, q_shape[-1], dtype.itemsize)
+    if need > limit:
+        raise ValueError(
+            f"implementation='pallas_tpu' with {block_sizes} (D={q_shape[-1]}, {dtype.name}) "
+            f"needs at least {need / 2**20:.1f} MiB of VMEM; {target.device_kind} kernels get "
+            f"{limit / 2**20:.0f} MiB: use smaller blocks (the defaults are "
+            f"{DEFAULT_BLOCKS.block_q}/{DEFAULT_BLOCKS.block_k})"
+        )
+
+
+def vmem_floor(block_q: int, block_k: int, head_dim: int, itemsize: int) -> int:
+    """Bytes of VMEM the largest kernel needs at least, in Mosaic's (8k, 128) tiles.
+
+    Every block is double-buffered by the pipeline; scratch is single; one [bq, bk] float32
+    score tile is live in each kernel. Other temporaries come on top (the compiler checks).
+    """
+
+    def tile(rows, cols, size=4):
+        sublanes = 8 * (4 // size)
+        return -(-rows // sublanes) * sublanes * -(-cols // LANES) * LANES * size
+
+    q, kv = tile(block_q, head_dim, itemsize), tile(block_k, head_dim, itemsize)
+    q_rows, k_rows = tile(1, block_q), tile(1, block_k)
+    scores = tile(block_q, block_k)
+    forward = 2 * (2 * q + 4 * kv + 4 * k_rows + tile(block_q, LANES)) + 2 * tile(block_q, 1)
+    dq = 2 * (3 * q + 2 * q_rows + 4 * kv + 4 * k_rows)
+    query_accumulator = tile(block_q, head_dim)
+    dkv = 2 * (2 * q + 2 * q_rows + 4 * kv + 2 * k_rows) + 2 * tile(block_k, head_dim)
+    return scores + max(forward + query_accumulator, dq + query_accumulator, dkv)
 
 
 def dga_attention_pallas_tpu(

@@ -1,0 +1,199 @@
+"""Compile for TPUs and GPUs without them: what compiles where, memory per device, registers.
+
+    JAX_PLATFORMS=cpu .venv-aot/bin/python benchmarks/aot_compile.py   # ~25 min on 2 cores
+    JAX_PLATFORMS=cpu .venv-aot/bin/python benchmarks/aot_compile.py --targets h100 \\
+        --lengths 2048 --blocks 64x64,128x128 --tiny-lengths '' --recipes '' --expect-failures
+
+(`make aot` builds `.venv-aot` with the `aot` extra.) Real compilers run (`dga_jax.aot`):
+Mosaic and XLA:TPU from libtpu for v4, v5e, v5p, v6e topologies; XLA:GPU with Triton and ptxas
+for H100 and H200 target descriptions. For each target it compiles the DGA kernels (forward and
+gradient, both selections) at each length and block size, the tiny model's train step on 4
+devices (data 2 x tensor 2), and the LLaMA2-7B train step of `configs/llama7b_dga.py` (8K,
+FSDP over 8 chips) with the target's kernels. A block size that cannot fit is rejected before
+compiling (`rejected`). Prints a table; writes aot_compile.json and aot_compile.md to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; targets are topologies
+
+import jax
+from common import environment
+
+from dga_jax import aot
+from dga_jax.ops.intervals import BlockSizes
+
+sys.path.insert(0, str(Path(__file__).parents[1]))  # `train/` and `configs/` are the repo's
+from configs import llama7b_dga, tiny_dga  # noqa: E402
+from train.config import INPUTS, from_config_dict  # noqa: E402
+from train.loop import lower_train_step  # noqa: E402
+
+IMPLEMENTATION = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
+
+
+def main() -> int:
+    args = _parse_args()
+    reports = []
+    for target in args.targets:
+        reports += _kernels(target, args)
+        reports += [_tiny_step(target, seq_len) for seq_len in args.tiny_lengths]
+    reports += [_recipe_step(target, chips) for target, chips in args.recipes]
+    _write(reports, Path(args.out))
+    failed = [r for r in reports if not r.ok and not r.label.startswith("rejected")]
+    print(f"{len(reports) - len(failed)}/{len(reports)} ok or rejected before compiling")
+    return 1 if failed and not args.expect_failures else 0
+
+
+def _kernels(target: str, args) -> list[aot.CompileReport]:
+    """Each kernel forward and gradient, per selection, length and block size."""
+    devices = aot.target_devices(target, chips=1 if aot.TARGETS[target].platform == "gpu" else 4)
+    platform = aot.TARGETS[target].platform
+    reports = []
+    for blocks in args.blocks or [None]:
+        for seq_len in args.lengths:
+            for selection in args.selections:
+                for gradient in (False, True):
+                    name = "grad" if gradient else "fwd"
+                    tiles = "default" if blocks is None else f"{blocks.block_q}x{blocks.block_k}"
+                    label = f"kernels {name} {selection} L={seq_len} blocks={tiles}"
+                    try:
+                        lowered = aot.lower_attention(
+                            devices,
+                            seq_len=seq_len,
+                            implementation=IMPLEMENTATION[platform],
+                            selection=selection,
+                            gradient=gradient,
+                            block_sizes=blocks,
+                        )
+                    except ValueError as error:  # the tiles cannot fit: rejected up front
+                        reports.append(_rejected(label, target, error))
+                        continue
+                    reports.append(_report(label, lowered, target))
+    return reports
+
+
+def _tiny_step(target: str, seq_len: int) -> aot.CompileReport:
+    config = tiny_dga.get_config()
+    config.model.overrides.attention_impl = IMPLEMENTATION[aot.TARGETS[target].platform]
+    config.model.overrides.dtype = "bfloat16"
+    config.data.seq_len = seq_len
+    config.mesh.update(data=2, fsdp=1, seq=1, tensor=2)
+    lowered = lower_train_step(from_config_dict(config), aot.target_devices(target, chips=4))
+    return _report(f"tiny train step L={seq_len} B=8 on 4 (data 2 x tensor 2)", lowered, target)
+
+
+def _recipe_step(target: str, chips: int) -> aot.CompileReport:
+    config = llama7b_dga.get_config()
+    implementation = IMPLEMENTATION[aot.TARGETS[target].platform]
+    config.model.overrides.attention_impl = implementation
+    # Weights and data are never read: the step is lowered from shapes.
+    config.update_from_flattened_dict(dict.fromkeys(INPUTS, "compile only"))
+    devices = aot.target_devices(target, chips=chips)
+    lowered = lower_train_step(from_config_dict(config), devices)
+    label = f"llama7b_dga train step L=8192 B=64 (8 x 8 accum) FSDP on {chips}, {implementation}"
+    return _report(label, lowered, target)
+
+
+def _report(label: str, lowered, target: str) -> aot.CompileReport:
+    report = aot.compile_report(label, lowered, target)
+    print(report, flush=True)
+    return report
+
+
+def _rejected(label: str, target: str, error: Exception) -> aot.CompileReport:
+    report = aot.CompileReport(f"rejected {label}", target, False, 0.0, error=str(error))
+    print(report, flush=True)
+    return report
+
+
+def _write(reports: list[aot.CompileReport], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "environment": {**environment(), "backend": "cpu host, compile-only target devices"},
+        "reports": [dataclasses.asdict(r) for r in reports],
+    }
+    (out / "aot_compile.json").write_text(json.dumps(payload, indent=1) + "\n")
+    table = _markdown(reports)
+    (out / "aot_compile.md").write_text(table)
+    print(table)
+
+
+def _markdown(reports: list[aot.CompileReport]) -> str:
+    rows = [
+        "| target | what | status | compile s | peak MiB / device | of MiB "
+        "| kernels (smem B / registers / spill B) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in reports:
+        status = "ok" if r.ok else ("rejected" if r.label.startswith("rejected") else "FAIL")
+        mib = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:,.1f}"
+        capacity = "" if r.device_memory_bytes is None else f"{r.device_memory_bytes / 2**20:,.0f}"
+        kernels = "; ".join(
+            f"{k.name.removeprefix('dga_')} {k.shared_memory_bytes:,}/{k.registers}/{k.spill_bytes}"
+            for k in r.kernels
+        )
+        what = r.label.removeprefix("rejected ")
+        rows.append(
+            f"| {r.target} | {what} | {status} | {r.seconds:.1f} | {mib} | {capacity} | {kernels} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _recipes(text: str) -> list[tuple[str, int]]:
+    pairs = [item.split(":") for item in text.split(",") if item]
+    return [(target, int(chips)) for target, chips in pairs]
+
+
+def _blocks(text: str) -> list[BlockSizes]:
+    pairs = [item.split("x") for item in text.split(",") if item]
+    return [BlockSizes(block_q=int(q), block_k=int(k)) for q, k in pairs]
+
+
+def _parse_args():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", default=",".join(aot.TARGETS), type=lambda s: s.split(","))
+    p.add_argument("--lengths", default="2048,32768,131072", type=_ints)
+    p.add_argument("--selections", default="global,streaming", type=lambda s: s.split(","))
+    p.add_argument(
+        "--blocks", type=_blocks, help="QxK,QxK,... block sizes (default: each backend's defaults)"
+    )
+    p.add_argument(
+        "--tiny-lengths",
+        default="2048,32768",
+        type=_ints,
+        help="the tiny model's train step at these lengths ('' for none)",
+    )
+    p.add_argument(
+        "--recipes",
+        default="v5p:4,v5p:8,h100:8,h200:8",
+        type=_recipes,
+        help="TARGET:CHIPS,... for the LLaMA2-7B train step ('' for none): v5p:4 is a v5p-8",
+    )
+    p.add_argument(
+        "--expect-failures",
+        action="store_true",
+        help="exit 0 even if a compile fails (exploring block sizes)",
+    )
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args()
+    unknown = sorted((set(args.targets) | {t for t, _ in args.recipes}) - set(aot.TARGETS))
+    if unknown:
+        p.error(f"unknown targets {unknown}; choose from {sorted(aot.TARGETS)}")
+    if jax.default_backend() != "cpu":
+        p.error("run with JAX_PLATFORMS=cpu: the host compiles, the targets are topologies")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())

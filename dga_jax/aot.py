@@ -1,0 +1,297 @@
+"""Compiling for TPUs and GPUs on a host without them, with the targets' own compilers.
+
+`libtpu` (Mosaic and XLA:TPU) compiles for the compile-only devices of a TPU topology; XLA's GPU
+compiler, its bundled Triton and `ptxas` compile for a GPU target description. What a kernel
+change breaks on real hardware (Mosaic layout rules, VMEM or shared-memory overflow, register
+spills, HBM overflow) shows here, and `memory_analysis()` gives per-device memory. Nothing runs.
+
+    devices = target_devices("v5e", chips=4)
+    lowered = lower_attention(devices[:1], seq_len=2048, implementation="pallas_tpu")
+    print(compile_report("dga forward", lowered, "v5e"))
+
+Needs the `aot` extra (`pip install -e ".[aot]"`, pinned to the tested JAX) and a CPU host
+backend: set `JAX_PLATFORMS=cpu` before JAX starts. `benchmarks/aot_compile.py` runs the matrix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.topologies import get_topology_desc
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dga_jax.ops.dga.api import dga_attention
+from dga_jax.ops.intervals import BlockSizes
+
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetSpec:
+    """A compilation target: platform, memory per device, and how to describe its devices."""
+
+    platform: str  # "tpu" or "gpu"
+    device_memory_bytes: int
+    topologies: dict[int, str]  # TPU: chips -> topology name; GPU: unused
+    chip_config: str = "default"  # TPU: "megacore" where two TensorCores act as one device
+    device_kind: str = ""  # GPU: XLA's device kind
+    arch: str = ""  # GPU: ptxas's target
+
+
+TARGETS = {
+    "v4": TargetSpec("tpu", 32 * GIB, {4: "v4:2x2x1", 8: "v4:2x2x2"}, "megacore"),
+    "v5e": TargetSpec("tpu", 16 * GIB, {4: "v5e:2x2", 8: "v5e:2x4"}),
+    "v5p": TargetSpec("tpu", 95 * GIB, {4: "v5:2x2x1", 8: "v5:2x2x2"}, "megacore"),
+    "v6e": TargetSpec("tpu", 32 * GIB, {4: "v6e:2x2", 8: "v6e:2x4"}),
+    # Device memory as CUDA reports it (what XLA's allocator can have), not the marketing size.
+    "h100": TargetSpec("gpu", 84_942_979_072, {}, device_kind="NVIDIA H100 80GB HBM3", arch="90a"),
+    "h200": TargetSpec("gpu", 150_754_820_096, {}, device_kind="NVIDIA H200", arch="90a"),
+}
+
+# XLA's GpuTargetConfigProto (text) for an SXM Hopper: openxla/xla's
+# xla/backends/gpu/target_config/specs/h100_sxm.txtpb, less what jaxlib 0.10 does not parse.
+_HOPPER_SPEC = """gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 3352320000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: %d shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 }
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+device_description_str: "%s"
+"""
+
+
+def target_devices(target: str, chips: int = 4) -> list[jax.Device]:
+    """`chips` compile-only devices of `target` (a key of `TARGETS`), one per chip."""
+    spec = _spec(target)
+    if spec.platform == "gpu":
+        config = _HOPPER_SPEC % (spec.device_memory_bytes, spec.device_kind)
+        desc = get_topology_desc(platform="cuda", target_config=config, topology=f"1x1x{chips}")
+        return list(desc.devices)
+    if chips not in spec.topologies:
+        raise ValueError(f"{target}: chips must be one of {sorted(spec.topologies)}, got {chips}")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: a topology only
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to lock: processes share
+    desc = get_topology_desc(
+        platform="tpu",
+        topology_name=spec.topologies[chips],
+        chip_config_name=spec.chip_config,
+        chips_per_host_bounds=(2, 2, 1),
+        num_slices=1,
+    )
+    return list(desc.devices)
+
+
+def lower_attention(
+    devices: Sequence[jax.Device],
+    *,
+    seq_len: int,
+    implementation: str,
+    selection: str = "global",
+    gradient: bool = False,
+    block_sizes: BlockSizes | None = None,
+    batch: int = 1,
+    heads: int = 4,
+    kv_heads: int = 4,
+    head_dim: int = 128,
+    dtype=jnp.bfloat16,
+) -> jax.stages.Lowered:
+    """`dga_attention` (or its gradient in q, k, v) on `devices[0]`, lowered from shapes alone."""
+    mesh = jax.sharding.Mesh(list(devices[:1]), ("devices",))
+    sharding = NamedSharding(mesh, PartitionSpec())
+    q = jax.ShapeDtypeStruct((batch, seq_len, heads, head_dim), dtype, sharding=sharding)
+    kv = jax.ShapeDtypeStruct((batch, seq_len, kv_heads, head_dim), dtype, sharding=sharding)
+
+    def attention(q, k, v):
+        return dga_attention(
+            q, k, v, selection=selection, implementation=implementation, block_sizes=block_sizes
+        )
+
+    def loss(q, k, v):
+        return jnp.sum(attention(q, k, v).astype(jnp.float32))
+
+    fn = jax.grad(loss, argnums=(0, 1, 2)) if gradient else attention
+    with jax.set_mesh(mesh):
+        return jax.jit(fn).trace(q, kv, kv).lower()
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStats:
+    """One GPU kernel as compiled: launch shared memory, and what ptxas reports."""
+
+    name: str
+    shared_memory_bytes: int
+    registers: int | None
+    spill_bytes: int | None  # spill stores + loads
+    warnings: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+    """The outcome of one compile for one target; memory is per device, in bytes."""
+
+    label: str
+    target: str
+    ok: bool
+    seconds: float
+    error: str | None = None
+    argument_bytes: int | None = None
+    output_bytes: int | None = None
+    temp_bytes: int | None = None
+    alias_bytes: int | None = None
+    peak_bytes: int | None = None
+    device_memory_bytes: int | None = None
+    kernels: tuple[KernelStats, ...] = ()
+
+    @property
+    def spills(self) -> bool:
+        return any(k.spill_bytes for k in self.kernels)
+
+    def __str__(self) -> str:
+        status = "ok  " if self.ok else "FAIL"
+        line = f"{status} {self.target} {self.label}: {self.seconds:.1f}s"
+        if self.peak_bytes is not None:
+            line += (
+                f"  peak {self.peak_bytes / 2**20:,.1f} MiB of "
+                f"{self.device_memory_bytes / 2**20:,.0f} (args {self.argument_bytes / 2**20:,.1f},"
+                f" temp {self.temp_bytes / 2**20:,.1f})"
+            )
+        for k in self.kernels:
+            line += (
+                f"\n     {k.name}: smem {k.shared_memory_bytes:,} B, registers {k.registers}, "
+                f"spills {k.spill_bytes} B" + "".join(f"\n       {w}" for w in k.warnings)
+            )
+        return line + (f"\n  {self.error}" if self.error else "")
+
+
+def compile_report(label: str, lowered: jax.stages.Lowered, target: str) -> CompileReport:
+    """Compiles `lowered` for `target`; failures (compile errors, overflows) are reported.
+
+    GPU targets: also the Pallas kernels' shared memory, registers and spills (from XLA's dump
+    of the compile and `ptxas -v`), and device memory against the GPU's, which XLA does not
+    check in a deviceless compile.
+    """
+    spec = _spec(target)
+    with tempfile.TemporaryDirectory() as dump:
+        options = {"xla_dump_to": dump} if spec.platform == "gpu" else None
+        start = time.perf_counter()
+        try:
+            compiled = lowered.compile(compiler_options=options)
+        except Exception as error:  # the compiler's verdict is the report
+            seconds = time.perf_counter() - start
+            return CompileReport(label, target, False, seconds, error=_summary(error))
+        seconds = time.perf_counter() - start
+        kernels = _kernel_stats(Path(dump), spec.arch) if spec.platform == "gpu" else ()
+    memory = compiled.memory_analysis()
+    peak = (
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
+    error = None
+    if peak > spec.device_memory_bytes:
+        error = f"needs {peak:,} bytes per device; {target} has {spec.device_memory_bytes:,}"
+    spilled = [k.name for k in kernels if k.spill_bytes]
+    if spilled:
+        error = (error + "; " if error else "") + f"register spills in {', '.join(spilled)}"
+    return CompileReport(
+        label,
+        target,
+        error is None,
+        seconds,
+        error,
+        memory.argument_size_in_bytes,
+        memory.output_size_in_bytes,
+        memory.temp_size_in_bytes,
+        memory.alias_size_in_bytes,
+        peak,
+        spec.device_memory_bytes,
+        kernels,
+    )
+
+
+def _spec(target: str) -> TargetSpec:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
+    return TARGETS[target]
+
+
+def _summary(error: Exception) -> str:
+    """The compiler's message, without the HLO it quotes at length."""
+    text = f"{type(error).__name__}: {error}"
+    lines = [line[:300] for line in text.splitlines() if line.strip()]
+    return "\n  ".join(lines[:6])
+
+
+_LAUNCH = re.compile(r"\b(dga_\w+) grid: \[[^]]*\] threads: \[[^]]*\]\s+shared_memory: (\d+) bytes")
+_ENTRY = re.compile(r"\.entry (\w+)\(")
+
+
+def _kernel_stats(dump: Path, arch: str) -> tuple[KernelStats, ...]:
+    """The Pallas kernels of one compile: shared memory from XLA's thunk sequence, registers and
+    spills from `ptxas -v` on the PTX XLA dumped (as XLA compiled it: same PTX, same arch)."""
+    shared = {}
+    for path in dump.glob("*thunk_sequence.txt"):
+        shared.update((m[1], int(m[2])) for m in _LAUNCH.finditer(path.read_text()))
+    ptx = {}
+    for path in dump.glob("*.ptx"):
+        for name in _ENTRY.findall(path.read_text()):
+            if name in shared:
+                ptx[name] = path
+    return tuple(
+        KernelStats(name, size, *_ptxas(ptx[name], arch))
+        if name in ptx
+        else KernelStats(name, size, None, None)
+        for name, size in sorted(shared.items())
+    )
+
+
+def _ptxas(path: Path, arch: str) -> tuple[int | None, int | None, tuple[str, ...]]:
+    """(registers, spill bytes, warnings) of the one kernel in `path`, by `ptxas -v`."""
+    result = subprocess.run(
+        [ptxas_path(), "-v", f"-arch=sm_{arch}", str(path), "-o", os.devnull],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    text = result.stderr + result.stdout
+    registers = re.search(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", text)
+    warnings = tuple(sorted({line.strip() for line in text.splitlines() if "warning" in line}))
+    return (
+        int(registers[1]) if registers else None,
+        sum(map(int, spills)) if spills else None,
+        warnings,
+    )
+
+
+def ptxas_path() -> str:
+    """`ptxas` from the `nvidia-cuda-nvcc-cu12` wheel (the one XLA uses), else from PATH."""
+    try:
+        import nvidia.cuda_nvcc  # noqa: PLC0415 (optional, the `aot` extra)
+
+        bundled = Path(next(iter(nvidia.cuda_nvcc.__path__))) / "bin" / "ptxas"
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("ptxas")
+    if found is None:
+        raise FileNotFoundError(
+            "ptxas not found: install the aot extra (nvidia-cuda-nvcc-cu12) or a CUDA toolkit"
+        )
+    return found

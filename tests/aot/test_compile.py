@@ -1,0 +1,91 @@
+"""The kernels and the train step compiled by the real TPU and GPU compilers, on this CPU host.
+
+Runs with the `aot` extra (`make test-aot`, which `.ci/run` calls): Mosaic / XLA:TPU from
+libtpu for a v5e topology, XLA:GPU with Triton and ptxas for an H100. Any compile error,
+VMEM or shared-memory overflow, or register spill at the default blocks fails.
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from dga_jax import aot
+from dga_jax.ops import target as target_module
+from dga_jax.ops.intervals import BlockSizes
+from train.config import from_config_dict
+from train.loop import lower_train_step
+
+pytestmark = pytest.mark.aot
+
+IMPLEMENTATION = {"v5e": "pallas_tpu", "h100": "pallas_gpu"}
+GPU_KERNELS = {"dga_forward", "dga_dq", "dga_dkv_prefix", "dga_dkv_band"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cpu_host():
+    assert jax.default_backend() == "cpu", "run with JAX_PLATFORMS=cpu (make test-aot does)"
+
+
+@pytest.mark.parametrize("gradient", [False, True], ids=["fwd", "grad"])
+@pytest.mark.parametrize("selection", ["global", "streaming"])
+@pytest.mark.parametrize("target", ["v5e", "h100"])
+def test_kernels_compile_at_default_blocks(target, selection, gradient):
+    lowered = aot.lower_attention(
+        aot.target_devices(target, chips=4),
+        seq_len=2048,
+        implementation=IMPLEMENTATION[target],
+        selection=selection,
+        gradient=gradient,
+    )
+    report = aot.compile_report("kernels", lowered, target)
+    assert report.ok, str(report)
+    assert 0 < report.peak_bytes < report.device_memory_bytes
+    if target == "h100":
+        names = {k.name for k in report.kernels}
+        assert names == (GPU_KERNELS if gradient else {"dga_forward"}), str(report)
+        for kernel in report.kernels:
+            assert kernel.spill_bytes == 0 and 0 < kernel.registers <= 255, str(report)
+            assert 0 < kernel.shared_memory_bytes <= 232_448, str(report)
+
+
+@pytest.mark.parametrize(
+    "target, blocks, seq_len, table, compiler_says",
+    [
+        ("h100", BlockSizes(256, 256), 2048, "_SHARED_MEMORY", "shared memory"),
+        ("v5e", BlockSizes(2048, 2048), 8192, "_SCOPED_VMEM", "vmem"),
+    ],
+)
+def test_rejected_tiles_are_ones_the_compiler_refuses(
+    target, blocks, seq_len, table, compiler_says, monkeypatch
+):
+    """The up-front check rejects these tiles; without it, the target's compiler fails too."""
+    devices = aot.target_devices(target, chips=4)
+    lower = dict(seq_len=seq_len, implementation=IMPLEMENTATION[target], block_sizes=blocks)
+    with pytest.raises(ValueError, match="use smaller blocks"):
+        aot.lower_attention(devices, **lower)
+    monkeypatch.setattr(target_module, table, type(getattr(target_module, table))())
+    report = aot.compile_report("unchecked", aot.lower_attention(devices, **lower), target)
+    assert not report.ok
+    assert compiler_says in report.error.lower(), report.error
+
+
+def test_kernels_refuse_the_other_platform():
+    with pytest.raises(ValueError, match=r"compiles for GPU but the inputs are placed on 'tpu'"):
+        aot.lower_attention(aot.target_devices("v5e"), seq_len=256, implementation="pallas_gpu")
+
+
+@pytest.mark.parametrize("target", ["v5e", "h100"])
+def test_tiny_train_step_compiles_on_four_devices(target):
+    from configs import tiny_dga
+
+    config = tiny_dga.get_config()
+    config.model.overrides.attention_impl = IMPLEMENTATION[target]
+    config.model.overrides.dtype = "bfloat16"
+    config.mesh.update(data=2, fsdp=1, seq=1, tensor=2)
+    lowered = lower_train_step(from_config_dict(config), aot.target_devices(target, chips=4))
+    report = aot.compile_report("tiny train step", lowered, target)
+    assert report.ok, str(report)
+    assert 0 < report.peak_bytes < report.device_memory_bytes
+    if target == "h100":
+        assert {k.name for k in report.kernels} == GPU_KERNELS, str(report)

@@ -1,0 +1,86 @@
+"""Where a computation is placed decides which kernels it compiles, and what memory they get."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dga_jax
+from dga_jax.ops.dga import pallas_gpu, pallas_tpu
+from dga_jax.ops.intervals import BlockSizes
+from dga_jax.ops.target import Target, placed_target
+
+H100 = Target("gpu", "NVIDIA H100 80GB HBM3")
+V5E = Target("tpu", "TPU v5 lite")
+V6E = Target("tpu", "TPU v6 lite")
+
+
+def _qkv(seq_len=32):
+    x = jnp.zeros((1, seq_len, 2, 16), jnp.float32)
+    return x, x, x
+
+
+def test_placed_target_reads_arrays_context_mesh_and_tracers():
+    host = Target("cpu", jax.devices()[0].device_kind)
+    q, _, _ = _qkv()
+    assert placed_target(q) == host
+    assert placed_target() == host
+    seen = []
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+    with jax.set_mesh(mesh):
+        jax.jit(lambda x: seen.append(placed_target(x)) or x)(q)
+        assert placed_target() == host
+    assert seen == [host]
+
+
+def test_kernel_on_other_platform_names_the_placement():
+    with pytest.raises(ValueError, match=r"compiles for TPU but the inputs are placed on 'cpu'"):
+        dga_jax.dga_attention(*_qkv(), implementation="pallas_tpu")
+    with pytest.raises(ValueError, match=r"compiles for GPU but the inputs are placed on 'cpu'"):
+        dga_jax.dga_attention(*_qkv(), implementation="pallas_gpu")
+
+
+def test_on_chip_memory_by_device_kind():
+    assert H100.shared_memory_bytes == 232_448
+    assert Target("gpu", "NVIDIA H200").shared_memory_bytes == 232_448
+    assert Target("gpu", "NVIDIA A100-SXM4-80GB").shared_memory_bytes == 166_912
+    assert Target("gpu", "NVIDIA L4").shared_memory_bytes == 101_376
+    assert Target("gpu", "Some Future GPU").shared_memory_bytes is None
+    assert V5E.vmem_bytes == 16 * 2**20 and V6E.vmem_bytes == 32 * 2**20
+    assert V5E.shared_memory_bytes is None and H100.vmem_bytes is None
+    assert Target("cpu", "cpu").vmem_bytes is None
+
+
+def test_gpu_tiles_that_cannot_fit_shared_memory_are_rejected():
+    shape = (1, 4096, 4, 128)
+    pallas_gpu.check_fits(pallas_gpu.DEFAULT_BLOCKS, shape, jnp.dtype(jnp.bfloat16), H100)
+    pallas_gpu.check_fits(BlockSizes(128, 128), shape, jnp.dtype(jnp.bfloat16), H100)
+    with pytest.raises(ValueError, match=r"262,144 bytes of shared memory.*has 232,448"):
+        pallas_gpu.check_fits(BlockSizes(256, 256), shape, jnp.dtype(jnp.bfloat16), H100)
+    # float32 doubles the tiles: 128/128 fits an H100 in bfloat16, not in float32.
+    with pytest.raises(ValueError, match="shared memory"):
+        pallas_gpu.check_fits(BlockSizes(128, 128), shape, jnp.dtype(jnp.float32), H100)
+    # The query block is clamped to the sequence, as the kernels clamp it.
+    pallas_gpu.check_fits(BlockSizes(512, 64), (1, 64, 4, 128), jnp.dtype(jnp.bfloat16), H100)
+    unknown = Target("gpu", "Some Future GPU")
+    pallas_gpu.check_fits(BlockSizes(1024, 1024), shape, jnp.dtype(jnp.bfloat16), unknown)
+
+
+def test_tpu_tiles_that_cannot_fit_vmem_are_rejected():
+    shape, bf16 = (1, 8192, 4, 128), jnp.dtype(jnp.bfloat16)
+    pallas_tpu.check_fits(pallas_tpu.DEFAULT_BLOCKS, shape, bf16, V5E)
+    with pytest.raises(ValueError, match=r"27.5 MiB of VMEM; TPU v5 lite kernels get 16 MiB"):
+        pallas_tpu.check_fits(BlockSizes(2048, 2048), shape, bf16, V5E)
+    pallas_tpu.check_fits(BlockSizes(2048, 2048), shape, bf16, V6E)  # v6e's limit is 32 MiB
+    # Every buffer and the score tile grow with the blocks: the floor is monotone in them.
+    floors = [pallas_tpu.vmem_floor(b, b, 128, 2) for b in (128, 256, 512, 1024, 2048)]
+    assert floors == sorted(floors) and floors[0] > 0
+
+
+def test_interpret_mode_skips_the_hardware_checks():
+    out = dga_jax.dga_attention(
+        *_qkv(), implementation="pallas_gpu", interpret=True, block_sizes=BlockSizes(16, 16)
+    )
+    assert out.shape == (1, 32, 2, 16)
