@@ -155,6 +155,7 @@ class CompileReport:
     peak_bytes: int | None = None
     device_memory_bytes: int | None = None
     kernels: tuple[KernelStats, ...] = ()
+    largest: tuple[str, ...] = ()  # the biggest buffers of device memory: "size: shapes"
 
     @property
     def spills(self) -> bool:
@@ -169,6 +170,7 @@ class CompileReport:
                 f"{self.device_memory_bytes / 2**20:,.0f} (args {self.argument_bytes / 2**20:,.1f},"
                 f" temp {self.temp_bytes / 2**20:,.1f})"
             )
+        line += "".join(f"\n     buffer {buffer}" for buffer in self.largest)
         for k in self.kernels:
             line += (
                 f"\n     {k.name}: smem {k.shared_memory_bytes:,} B, registers {k.registers}, "
@@ -180,13 +182,13 @@ class CompileReport:
 def compile_report(label: str, lowered: jax.stages.Lowered, target: str) -> CompileReport:
     """Compiles `lowered` for `target`; failures (compile errors, overflows) are reported.
 
-    GPU targets: also the Pallas kernels' shared memory, registers and spills (from XLA's dump
-    of the compile and `ptxas -v`), and device memory against the GPU's, which XLA does not
-    check in a deviceless compile.
+    From XLA's dump of the compile: the largest buffers (what dominates the peak); on GPU
+    targets the Pallas kernels' shared memory, registers and spills (`ptxas -v` on the PTX XLA
+    compiled), and device memory against the GPU's, which XLA does not check without a device.
     """
     spec = _spec(target)
     with tempfile.TemporaryDirectory() as dump:
-        options = {"xla_dump_to": dump} if spec.platform == "gpu" else None
+        options = {"xla_dump_to": dump}
         start = time.perf_counter()
         try:
             compiled = lowered.compile(compiler_options=options)
@@ -195,6 +197,7 @@ def compile_report(label: str, lowered: jax.stages.Lowered, target: str) -> Comp
             return CompileReport(label, target, False, seconds, error=_summary(error))
         seconds = time.perf_counter() - start
         kernels = _kernel_stats(Path(dump), spec.arch) if spec.platform == "gpu" else ()
+        largest = _largest_buffers(Path(dump))
     memory = compiled.memory_analysis()
     peak = (
         memory.argument_size_in_bytes
@@ -221,6 +224,7 @@ def compile_report(label: str, lowered: jax.stages.Lowered, target: str) -> Comp
         peak,
         spec.device_memory_bytes,
         kernels,
+        largest,
     )
 
 
@@ -235,6 +239,18 @@ def _summary(error: Exception) -> str:
     text = f"{type(error).__name__}: {error}"
     lines = [line[:300] for line in text.splitlines() if line.strip()]
     return "\n  ".join(lines[:6])
+
+
+_BUFFER = re.compile(r"^\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+\w+);[^;]*;[^;]*;\s*(.+)$")
+
+
+def _largest_buffers(dump: Path, count: int = 4) -> tuple[str, ...]:
+    """The `count` largest device-memory buffers in XLA's memory-usage report: "size: shapes"."""
+    found = []
+    for path in dump.glob("*memory-usage-report.txt"):
+        default_space = path.read_text().split("Memory Space:")[1]  # color 0: device memory
+        found += [f"{m[1]}: {m[2]}" for m in map(_BUFFER.match, default_space.splitlines()) if m]
+    return tuple(found[:count])
 
 
 _LAUNCH = re.compile(r"\b(dga_\w+) grid: \[[^]]*\] threads: \[[^]]*\]\s+shared_memory: (\d+) bytes")
