@@ -9,8 +9,11 @@ spills, HBM overflow) shows here, and `memory_analysis()` gives per-device memor
     lowered = lower_attention(devices[:1], seq_len=2048, implementation="pallas_tpu")
     print(compile_report("dga forward", lowered, "v5e"))
 
-Needs the `aot` extra (`pip install -e ".[aot]"`, pinned to the tested JAX) and a CPU host
-backend: set `JAX_PLATFORMS=cpu` before JAX starts. `benchmarks/aot_compile.py` runs the matrix.
+Needs the `aot` extra (libtpu, the CUDA plugin and ptxas, pinned to the JAX they were built
+with), best in a venv of its own (`make aot` / `make test-aot` build `.venv-aot`), and a CPU
+host backend: set `JAX_PLATFORMS=cpu` before JAX starts. `benchmarks/aot_compile.py` runs the
+whole matrix. Device memory is compared with all of a GPU's; JAX's allocator takes 75% of it
+unless `XLA_PYTHON_CLIENT_MEM_FRACTION` says otherwise.
 """
 
 from __future__ import annotations
@@ -134,8 +137,8 @@ class KernelStats:
 
     name: str
     shared_memory_bytes: int
-    registers: int | None
-    spill_bytes: int | None  # spill stores + loads
+    registers: int
+    spill_bytes: int  # spill stores + loads
     warnings: tuple[str, ...] = ()
 
 
@@ -155,11 +158,7 @@ class CompileReport:
     peak_bytes: int | None = None
     device_memory_bytes: int | None = None
     kernels: tuple[KernelStats, ...] = ()
-    largest: tuple[str, ...] = ()  # the biggest buffers of device memory: "size: shapes"
-
-    @property
-    def spills(self) -> bool:
-        return any(k.spill_bytes for k in self.kernels)
+    largest: tuple[str, ...] = ()  # the biggest temporaries: "MiB: shapes"
 
     def __str__(self) -> str:
         status = "ok  " if self.ok else "FAIL"
@@ -194,7 +193,7 @@ def compile_report(label: str, lowered: jax.stages.Lowered, target: str) -> Comp
             compiled = lowered.compile(compiler_options=options)
         except Exception as error:  # the compiler's verdict is the report
             seconds = time.perf_counter() - start
-            return CompileReport(label, target, False, seconds, error=_summary(error))
+            return CompileReport(label, target, ok=False, seconds=seconds, error=_summary(error))
         seconds = time.perf_counter() - start
         kernels = _kernel_stats(Path(dump), spec.arch) if spec.platform == "gpu" else ()
         largest = _largest_buffers(Path(dump))
@@ -214,17 +213,17 @@ def compile_report(label: str, lowered: jax.stages.Lowered, target: str) -> Comp
     return CompileReport(
         label,
         target,
-        error is None,
-        seconds,
-        error,
-        memory.argument_size_in_bytes,
-        memory.output_size_in_bytes,
-        memory.temp_size_in_bytes,
-        memory.alias_size_in_bytes,
-        peak,
-        spec.device_memory_bytes,
-        kernels,
-        largest,
+        ok=error is None,
+        seconds=seconds,
+        error=error,
+        argument_bytes=memory.argument_size_in_bytes,
+        output_bytes=memory.output_size_in_bytes,
+        temp_bytes=memory.temp_size_in_bytes,
+        alias_bytes=memory.alias_size_in_bytes,
+        peak_bytes=peak,
+        device_memory_bytes=spec.device_memory_bytes,
+        kernels=kernels,
+        largest=largest,
     )
 
 
@@ -241,16 +240,21 @@ def _summary(error: Exception) -> str:
     return "\n  ".join(lines[:6])
 
 
-_BUFFER = re.compile(r"^\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+\w+);[^;]*;[^;]*;\s*(.+)$")
+_BUFFER = re.compile(r"^\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+)(B|KiB|MiB|GiB);[^;]*;[^;]*;\s*(.+)$")
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
 def _largest_buffers(dump: Path, count: int = 4) -> tuple[str, ...]:
-    """The `count` largest device-memory buffers in XLA's memory-usage report: "size: shapes"."""
+    """The `count` largest temporary buffers of device memory in XLA's memory-usage report
+    (parameters and outputs are in `memory_analysis()`), as "MiB: shapes", largest first."""
     found = []
     for path in dump.glob("*memory-usage-report.txt"):
-        default_space = path.read_text().split("Memory Space:")[1]  # color 0: device memory
-        found += [f"{m[1]}: {m[2]}" for m in map(_BUFFER.match, default_space.splitlines()) if m]
-    return tuple(found[:count])
+        spaces = path.read_text().split("Memory Space:")
+        lines = spaces[1].splitlines() if len(spaces) > 1 else []  # the first: device memory
+        for m in filter(None, map(_BUFFER.match, lines)):
+            found.append((float(m[1]) * _UNITS[m[2]], m[3]))
+    largest = sorted(found, reverse=True)[:count]
+    return tuple(f"{size / 2**20:,.1f} MiB: {shapes}" for size, shapes in largest)
 
 
 _LAUNCH = re.compile(r"\b(dga_\w+) grid: \[[^]]*\] threads: \[[^]]*\]\s+shared_memory: (\d+) bytes")
@@ -268,31 +272,34 @@ def _kernel_stats(dump: Path, arch: str) -> tuple[KernelStats, ...]:
         for name in _ENTRY.findall(path.read_text()):
             if name in shared:
                 ptx[name] = path
+    missing = sorted(set(shared) - set(ptx))
+    if missing:
+        raise RuntimeError(f"no PTX dumped for kernels {missing}")
     return tuple(
-        KernelStats(name, size, *_ptxas(ptx[name], arch))
-        if name in ptx
-        else KernelStats(name, size, None, None)
+        KernelStats(name, size, *_ptxas(ptx[name], arch, name))
         for name, size in sorted(shared.items())
     )
 
 
-def _ptxas(path: Path, arch: str) -> tuple[int | None, int | None, tuple[str, ...]]:
-    """(registers, spill bytes, warnings) of the one kernel in `path`, by `ptxas -v`."""
+def _ptxas(path: Path, arch: str, name: str) -> tuple[int, int, tuple[str, ...]]:
+    """(registers, spill bytes, warnings) of kernel `name` in `path`, by `ptxas -v`."""
     result = subprocess.run(
         [ptxas_path(), "-v", f"-arch=sm_{arch}", str(path), "-o", os.devnull],
         capture_output=True,
         text=True,
         check=False,
     )
-    text = result.stderr + result.stdout
+    if result.returncode:
+        raise RuntimeError(f"ptxas failed on {path.name}: {result.stderr.strip()[:500]}")
+    # ptxas reports function by function: "Compiling entry function 'NAME'", then its lines.
+    blocks = result.stderr.split("Compiling entry function '")
+    text = next((b for b in blocks[1:] if b.startswith(f"{name}'")), None)
+    if text is None:
+        raise RuntimeError(f"ptxas reported nothing for {name} in {path.name}")
     registers = re.search(r"Used (\d+) registers", text)
     spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", text)
     warnings = tuple(sorted({line.strip() for line in text.splitlines() if "warning" in line}))
-    return (
-        int(registers[1]) if registers else None,
-        sum(map(int, spills)) if spills else None,
-        warnings,
-    )
+    return int(registers[1]), sum(map(int, spills)), warnings
 
 
 def ptxas_path() -> str:

@@ -20,7 +20,7 @@ _PLATFORMS = {"cuda": "gpu", "rocm": "gpu"}
 _SHARED_MEMORY = (
     (("H100", "H200", "H800", "H20", "GH200", "B200", "B100", "GB200"), 232_448),
     (("A100", "A800", "A30"), 166_912),
-    (("L40", "L4", "A10", "A40", "A6000", "RTX"), 101_376),
+    (("L40", "L4", "A10", "A40", "A6000", "RTX 30", "RTX 40"), 101_376),
 )
 # Mosaic's default scoped-VMEM limit per TensorCore, by device kind, as libtpu 0.0.42 reports
 # it in its out-of-memory errors (benchmarks/RESULTS.md, "compiled without hardware").

@@ -82,16 +82,9 @@ def test_gpu_tiles_that_cannot_fit_shared_memory_are_rejected():
 def test_tpu_tiles_that_cannot_fit_vmem_are_rejected():
     shape, bf16 = (1, 8192, 4, 128), jnp.dtype(jnp.bfloat16)
     pallas_tpu.check_fits(pallas_tpu.DEFAULT_BLOCKS, shape, bf16, V5E)
-    with pytest.raises(ValueError, match=r"27.5 MiB of VMEM; TPU v5 lite kernels get 16 MiB"):
+    with pytest.raises(ValueError, match=r"27.1 MiB of VMEM; TPU v5 lite kernels get 16 MiB"):
         pallas_tpu.check_fits(BlockSizes(2048, 2048), shape, bf16, V5E)
     pallas_tpu.check_fits(BlockSizes(2048, 2048), shape, bf16, V6E)  # v6e's limit is 32 MiB
     # Every buffer and the score tile grow with the blocks: the floor is monotone in them.
     floors = [pallas_tpu.vmem_floor(b, b, 128, 2) for b in (128, 256, 512, 1024, 2048)]
     assert floors == sorted(floors) and floors[0] > 0
-
-
-def test_interpret_mode_skips_the_hardware_checks():
-    out = dga_jax.dga_attention(
-        *_qkv(), implementation="pallas_gpu", interpret=True, block_sizes=BlockSizes(16, 16)
-    )
-    assert out.shape == (1, 32, 2, 16)

@@ -97,7 +97,14 @@ def dga_attention(
     )
 
 
-def _check_kernel(implementation: str, block_sizes: BlockSizes | None, interpret, q, k, v):
+def _check_kernel(
+    implementation: str,
+    block_sizes: BlockSizes | None,
+    interpret: object,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+) -> BlockSizes:
     """-> the block sizes; errors for a platform mismatch, bad tiles, or tiles that cannot fit.
 
     The platform is where q, k, v are placed (`placed_target`), not the host's: a kernel

@@ -20,6 +20,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
@@ -60,12 +61,15 @@ def check_block_sizes(block_sizes: BlockSizes) -> None:
             )
 
 
-def check_fits(block_sizes: BlockSizes, q_shape: tuple, dtype, target: Target) -> None:
+def check_fits(
+    block_sizes: BlockSizes, q_shape: tuple[int, ...], dtype: np.dtype, target: Target
+) -> None:
     """Rejects tiles whose pipelined buffers alone overflow the target's shared memory.
 
-    The walks stream `STAGES`-deep buffers of two [block, D'] tiles (k and v in the forward and
-    dQ kernels, q and dO in dK'/dV'), D' = D rounded up to a power of two: a floor on what
-    Triton allocates (it adds the resident tiles and masks; the compiler checks the rest).
+    The walks stream `STAGES`-deep buffers of two [block, D'] tiles (k and v, [block_k, D'], in
+    the forward and dQ kernels; q and dO, [block_q, D'], in dK'/dV'), D' = D rounded up to a
+    power of two: a floor on what Triton allocates (it adds the resident tiles and masks; the
+    compiler checks the rest). The same tiles serve the backward, so the larger block counts.
     """
     limit = target.shared_memory_bytes
     if limit is None:

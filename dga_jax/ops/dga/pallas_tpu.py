@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -70,7 +71,9 @@ def check_block_sizes(block_sizes: BlockSizes) -> None:
         )
 
 
-def check_fits(block_sizes: BlockSizes, q_shape: tuple, dtype, target: Target) -> None:
+def check_fits(
+    block_sizes: BlockSizes, q_shape: tuple[int, ...], dtype: np.dtype, target: Target
+) -> None:
     """Rejects tiles whose buffers alone overflow the target's scoped VMEM (`vmem_floor`)."""
     limit = target.vmem_bytes
     if limit is None:
@@ -91,14 +94,18 @@ def vmem_floor(block_q: int, block_k: int, head_dim: int, itemsize: int) -> int:
 
     Every block is double-buffered by the pipeline; scratch is single; one [bq, bk] float32
     score tile is live in each kernel. Other temporaries come on top (the compiler checks).
+    The same tiles serve the forward and the backward kernels, so the largest of them counts.
     """
 
     def tile(rows, cols, size=4):
         sublanes = 8 * (4 // size)
         return -(-rows // sublanes) * sublanes * -(-cols // LANES) * LANES * size
 
+    def row(cols):  # a [1, n] 32-bit block: Mosaic tiles one-row operands (1, 128)
+        return -(-cols // LANES) * LANES * 4
+
     q, kv = tile(block_q, head_dim, itemsize), tile(block_k, head_dim, itemsize)
-    q_rows, k_rows = tile(1, block_q), tile(1, block_k)
+    q_rows, k_rows = row(block_q), row(block_k)
     scores = tile(block_q, block_k)
     forward = 2 * (2 * q + 4 * kv + 4 * k_rows + tile(block_q, LANES)) + 2 * tile(block_q, 1)
     dq = 2 * (3 * q + 2 * q_rows + 4 * kv + 4 * k_rows)
