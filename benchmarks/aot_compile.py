@@ -42,11 +42,16 @@ REJECTED = "use smaller blocks"  # the on-chip memory checks' advice: tiles that
 def main() -> int:
     args = _parse_args()
     reports = []
+
+    def keep(new: list[aot.CompileReport]) -> None:  # written as they come: nothing is lost
+        reports.extend(new)
+        _write(reports, Path(args.out))
+
     for target in args.targets:
-        reports += _kernels(target, args)
-        reports += [_tiny_step(target, seq_len) for seq_len in args.tiny_lengths]
-    reports += [_recipe_step(target, chips) for target, chips in args.recipes]
-    _write(reports, Path(args.out))
+        keep(_kernels(target, args))
+        keep([_tiny_step(target, seq_len) for seq_len in args.tiny_lengths])
+    keep([_recipe_step(target, chips) for target, chips in args.recipes])
+    print(_markdown(reports))
     failed = [r for r in reports if not r.ok and not r.label.startswith("rejected")]
     print(f"{len(reports) - len(failed)}/{len(reports)} ok or rejected before compiling")
     return 1 if failed and not args.expect_failures else 0
@@ -123,9 +128,7 @@ def _write(reports: list[aot.CompileReport], out: Path) -> None:
         "reports": [dataclasses.asdict(r) for r in reports],
     }
     (out / "aot_compile.json").write_text(json.dumps(payload, indent=1) + "\n")
-    table = _markdown(reports)
-    (out / "aot_compile.md").write_text(table)
-    print(table)
+    (out / "aot_compile.md").write_text(_markdown(reports))
 
 
 def _markdown(reports: list[aot.CompileReport]) -> str:

@@ -30,7 +30,8 @@ from dga_jax.ops.intervals import BlockSizes
 from dga_jax.ops.target import Target
 
 MIN_BLOCK = 16  # tl.dot's smallest tile
-# Largest tiles with no register spill in any kernel on H100/H200 (benchmarks/aot_compile.py).
+# No register spill in any kernel on H100/H200 (benchmarks/RESULTS.md, "Compiled without
+# hardware"): 128x64 is at the edge (252-254 of 255 registers), 64x128 and 128x128 spill.
 DEFAULT_BLOCKS = BlockSizes(block_q=64, block_k=64)
 STAGES = 2  # Triton's software pipeline depth (`_compiler_params`)
 
