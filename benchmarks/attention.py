@@ -48,12 +48,12 @@ from common import (
     free_bytes,
     length_label,
     time_calls,
-    xla_peak_bytes,
 )
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import dga_jax
+from dga_jax.aot import xla_peak_bytes
 
 FULL_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (1024, 2048)

@@ -15,17 +15,10 @@ from typing import Any
 
 import jax
 
+from dga_jax.aot import xla_peak_bytes
+
 GIB = 2**30
 HOST_HEADROOM = 2 * GIB
-
-
-def xla_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
-    """XLA's buffer-assignment peak: arguments + outputs + temporaries - aliased."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    temp = m.temp_size_in_bytes
-    return m.argument_size_in_bytes + m.output_size_in_bytes + temp - m.alias_size_in_bytes
 
 
 def free_bytes() -> int | None:

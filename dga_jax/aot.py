@@ -197,13 +197,7 @@ def compile_report(label: str, lowered: jax.stages.Lowered, target: str) -> Comp
         seconds = time.perf_counter() - start
         kernels = _kernel_stats(Path(dump), spec.arch) if spec.platform == "gpu" else ()
         largest = _largest_buffers(Path(dump))
-    memory = compiled.memory_analysis()
-    peak = (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes
-        - memory.alias_size_in_bytes
-    )
+    memory, peak = compiled.memory_analysis(), xla_peak_bytes(compiled)
     error = None
     if peak > spec.device_memory_bytes:
         error = f"needs {peak:,} bytes per device; {target} has {spec.device_memory_bytes:,}"
@@ -225,6 +219,15 @@ def compile_report(label: str, lowered: jax.stages.Lowered, target: str) -> Comp
         kernels=kernels,
         largest=largest,
     )
+
+
+def xla_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
+    """XLA's buffer-assignment peak per device: arguments + outputs + temporaries - aliased."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    temp = m.temp_size_in_bytes
+    return m.argument_size_in_bytes + m.output_size_in_bytes + temp - m.alias_size_in_bytes
 
 
 def _spec(target: str) -> TargetSpec:

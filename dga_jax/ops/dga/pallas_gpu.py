@@ -75,7 +75,7 @@ def check_fits(
     limit = target.shared_memory_bytes
     if limit is None:
         return
-    block_q = min(block_sizes.block_q, _next_power_of_2(q_shape[1]))
+    block_q = query_block(block_sizes, q_shape[1])
     tile = max(block_q, block_sizes.block_k) * _next_power_of_2(q_shape[-1]) * dtype.itemsize
     need = STAGES * 2 * tile
     if need > limit:
@@ -105,10 +105,15 @@ def dga_attention_pallas_gpu(
         config,
         scale,
         block_sizes,
-        block_q=min(block_sizes.block_q, _next_power_of_2(q.shape[1])),
+        block_q=query_block(block_sizes, q.shape[1]),
         interpret=interpret,
         head_multiple=_next_power_of_2(q.shape[-1]),
     )
+
+
+def query_block(block_sizes: BlockSizes, seq_len: int) -> int:
+    """The query block the kernels run: block_q, at most the length's power of two."""
+    return min(block_sizes.block_q, _next_power_of_2(seq_len))
 
 
 def _next_power_of_2(x: int) -> int:

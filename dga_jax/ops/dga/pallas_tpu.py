@@ -78,7 +78,7 @@ def check_fits(
     limit = target.vmem_bytes
     if limit is None:
         return
-    block_q = min(block_sizes.block_q, -(-q_shape[1] // SUBLANES) * SUBLANES)
+    block_q = query_block(block_sizes, q_shape[1])
     need = vmem_floor(block_q, block_sizes.block_k, q_shape[-1], dtype.itemsize)
     if need > limit:
         raise ValueError(
@@ -87,6 +87,11 @@ def check_fits(
             f"{limit / 2**20:.0f} MiB: use smaller blocks (the defaults are "
             f"{DEFAULT_BLOCKS.block_q}/{DEFAULT_BLOCKS.block_k})"
         )
+
+
+def query_block(block_sizes: BlockSizes, seq_len: int) -> int:
+    """The query block the kernels run: block_q, at most the length in whole sublane tiles."""
+    return min(block_sizes.block_q, -(-seq_len // SUBLANES) * SUBLANES)
 
 
 def vmem_floor(block_q: int, block_k: int, head_dim: int, itemsize: int) -> int:
@@ -136,7 +141,7 @@ def dga_attention_pallas_tpu(
         config,
         scale,
         block_sizes,
-        block_q=min(block_sizes.block_q, -(-q.shape[1] // SUBLANES) * SUBLANES),
+        block_q=query_block(block_sizes, q.shape[1]),
         interpret=pltpu.InterpretParams() if interpret is True else interpret,
     )
 
