@@ -11,6 +11,7 @@ import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
 from dga_jax.ops.checks import check_block_sizes, check_qkv
+from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga import pallas_gpu, pallas_tpu
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.reference import dga_attention_reference
@@ -52,6 +53,7 @@ def dga_attention(
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: object = False,
+    split: ContextSplit = WHOLE,
 ) -> jax.Array:
     """Dynamic Group Attention (`shared/DGA_SPEC.md`), causal.
 
@@ -70,8 +72,13 @@ def dga_attention(
       interpret: run a Pallas implementation in interpret mode (any backend, for tests): True,
         or for "pallas_tpu" a `pltpu.InterpretParams` (race and out-of-bounds detection).
 
+      split: inside a `jax.shard_map` whose inputs hold contiguous parts of the sequence, the
+        mesh axis and part count (`ContextSplit`): q, k, v are then [B, L / parts, H, D], and
+        only compressed KV', sampled queries and statistics cross devices ("dga" context
+        parallelism, `dga_jax.ops.dga.sharded`). Not for "reference".
+
     Returns:
-      [B, L, Hq, D] in q's dtype.
+      [B, L, Hq, D] in q's dtype ([B, L / parts, Hq, D] under a split).
     """
     config = DGAConfig(group_size, focal_ratio, selection)
     scale = check_qkv(q, k, v, scale)
@@ -85,6 +92,8 @@ def dga_attention(
         block_sizes = _check_kernel(implementation, block_sizes, interpret, q, k, v)
     elif interpret is not False:
         raise ValueError(f"interpret applies to the Pallas implementations, not {implementation!r}")
+    if implementation == "reference" and split.shards > 1:
+        raise ValueError("implementation='reference' needs whole sequences, not a ContextSplit")
     return _dga(
         q,
         k,
@@ -94,6 +103,7 @@ def dga_attention(
         implementation=implementation,
         block_sizes=check_block_sizes(block_sizes),
         interpret=interpret,
+        split=split,
     )
 
 
@@ -133,13 +143,18 @@ def _check_kernel(
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "scale", "implementation", "block_sizes", "interpret")
+    jax.jit,
+    static_argnames=("config", "scale", "implementation", "block_sizes", "interpret", "split"),
 )
-def _dga(q, k, v, *, config, scale, implementation, block_sizes, interpret):
+def _dga(q, k, v, *, config, scale, implementation, block_sizes, interpret, split):
     if implementation == "reference":
         return dga_attention_reference(q, k, v, config, scale)
     if implementation == "pallas_gpu":
-        return pallas_gpu.dga_attention_pallas_gpu(q, k, v, config, scale, block_sizes, interpret)
+        return pallas_gpu.dga_attention_pallas_gpu(
+            q, k, v, config, scale, block_sizes, interpret, split
+        )
     if implementation == "pallas_tpu":
-        return pallas_tpu.dga_attention_pallas_tpu(q, k, v, config, scale, block_sizes, interpret)
-    return dga_attention_xla(q, k, v, config, scale, block_sizes)
+        return pallas_tpu.dga_attention_pallas_tpu(
+            q, k, v, config, scale, block_sizes, interpret, split
+        )
+    return dga_attention_xla(q, k, v, config, scale, block_sizes, split)

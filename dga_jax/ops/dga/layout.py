@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig, LayoutSizes
 from dga_jax.ops.intervals import NEVER, BlockRanges, Entries, block_ranges
 
@@ -51,22 +52,32 @@ class DGALayout:
 
 
 def dga_layout(
-    q: jax.Array, k: jax.Array, config: DGAConfig, scale: float, *, block: int = 1024
+    q: jax.Array,
+    k: jax.Array,
+    config: DGAConfig,
+    scale: float,
+    *,
+    block: int = 1024,
+    split: ContextSplit = WHOLE,
 ) -> DGALayout:
-    """Builds the layout from q [B, L, Hq, D] and k [B, L, Hkv, D]; carries no gradient.
+    """Builds the layout from q [B, C, Hq, D] and k [B, C, Hkv, D]; carries no gradient.
 
-    `block` is the key-block size of the global importance pass (memory O(L * block)).
+    `block` is the key-block size of the global importance pass (memory O(C * block)). Under a
+    `split` (inside `shard_map`), q and k are this device's part of a sequence of
+    L = C * split.shards positions; the layout is the whole sequence's, the same on every device:
+    only sampled queries and per-position scores cross devices.
     """
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
-    sizes = config.sizes(q.shape[1])
+    sizes = config.sizes(q.shape[1] * split.shards)
     if sizes.num_focal == sizes.seq_len:
         shape = (q.shape[0], k.shape[2], sizes.seq_len)
         focal, score = jnp.ones(shape, bool), jnp.ones(shape, jnp.float32)
     elif config.selection == "global":
-        score = global_importance(q, k, sizes.group_size, scale, block=block)
+        score = global_importance(q, k, sizes.group_size, scale, block=block, split=split)
         focal = top_r_mask(score, sizes.num_focal)
     else:
-        score, focal = streaming_selection(q, k, sizes, scale)
+        score = streaming_score(q, k, sizes, scale, split)
+        focal = chunk_focal_mask(score, sizes)
     return jax.vmap(jax.vmap(_assemble, (0, 0, None)), (0, 0, None))(focal, score, sizes)
 
 
@@ -78,57 +89,82 @@ def sampled_positions(seq_len: int, group_size: int) -> np.ndarray:
 
 
 def global_importance(
-    q: jax.Array, k: jax.Array, group_size: int, scale: float, *, block: int = 1024
+    q: jax.Array,
+    k: jax.Array,
+    group_size: int,
+    scale: float,
+    *,
+    block: int = 1024,
+    split: ContextSplit = WHOLE,
 ) -> jax.Array:
     """s_i = Σ_heads Σ_{j in S, j >= i} softmax_j(q_j k_i * scale), as [B, Hkv, L] float32.
 
-    q: [B, L, Hq, D], k: [B, L, Hkv, D].
+    q: [B, C, Hq, D], k: [B, C, Hkv, D], this device's part of the sequence under `split`.
 
     Two flash-style passes over the lower triangle of (sampled query block, key block) tiles:
-    the first finds each sampled query's log-sum-exp, the second sums probabilities per key.
+    the first finds each sampled query's log-sum-exp (per device over its keys, then combined),
+    the second sums probabilities per local key; the per-key scores are then gathered.
     """
-    b, seq_len, hkv = q.shape[0], q.shape[1], k.shape[2]
-    tiles = _ImportanceTiles.build(q, k, group_size, scale, block)
-    lse = jax.lax.map(functools.partial(_sampled_lse, tiles), jnp.arange(tiles.row_blocks))
+    b, chunk, hkv = q.shape[0], q.shape[1], k.shape[2]
+    pos = sampled_positions(chunk * split.shards, group_size)
+    tiles = _ImportanceTiles.build(
+        split.rows(q, pos), pos, k, group_size, scale, block, split.index() * chunk
+    )
+    mx, total = jax.lax.map(
+        functools.partial(_sampled_stats, tiles), jnp.arange(tiles.row_blocks)
+    )  # [nS/rows, B*Hkv, rows*G] each
+    top = split.pmax(mx)
+    safe = jnp.where(jnp.isfinite(top), top, 0.0)
+    total = split.psum(total * jnp.exp(mx - safe))
+    lse = jnp.where(total > 0, safe + jnp.log(jnp.where(total > 0, total, 1.0)), jnp.inf)
     keys = jnp.arange(tiles.ks.shape[1] // block)
     s = jax.lax.map(functools.partial(_key_importance, tiles, lse), keys)  # [nK, B*Hkv, block]
-    return s.transpose(1, 0, 2).reshape(b, hkv, -1)[..., :seq_len]
+    s = s.transpose(1, 0, 2).reshape(b, hkv, -1)[..., :chunk]
+    return split.gather(s, axis=2)
 
 
 @dataclasses.dataclass(frozen=True)
 class _ImportanceTiles:
-    """Sampled queries and keys cut into tiles; padding is never visible."""
+    """Sampled queries and this device's keys cut into tiles; padding is never visible."""
 
     qs: jax.Array  # [B*Hkv, nS (padded), G, D] sampled queries
-    ks: jax.Array  # [B*Hkv, L (padded to block), D]
+    ks: jax.Array  # [B*Hkv, C (padded to block), D]
     row_pos: jax.Array  # [nS (padded)] int32 positions of the sampled queries, -1 for padding
+    key_offset: jax.Array  # int32 scalar: the position of key 0 of this device
+    chunk: int  # keys of this device (ks beyond them is padding)
     rows: int  # sampled queries per tile: a tile spans ~block positions
     block: int  # keys per tile
     group_size: int
     scale: float
 
     @classmethod
-    def build(cls, q, k, group_size: int, scale: float, block: int) -> _ImportanceTiles:
-        b, seq_len, hq, d = q.shape
-        hkv = k.shape[2]
-        pos = sampled_positions(seq_len, group_size)
+    def build(
+        cls, qs, pos: np.ndarray, k, group_size: int, scale: float, block: int, key_offset
+    ) -> _ImportanceTiles:
+        """qs [B, nS, Hq, D] at sampled positions `pos`, k [B, C, Hkv, D] from `key_offset`."""
+        b, n_sampled, hq, d = qs.shape
+        chunk, hkv = k.shape[1], k.shape[2]
         rows = max(1, block // group_size)
-        n_rows, n_keys = _round_up(len(pos), rows), _round_up(seq_len, block)
-        qs = q[:, pos].reshape(b, len(pos), hkv, hq // hkv, d).transpose(0, 2, 1, 3, 4)
+        n_rows, n_keys = _round_up(n_sampled, rows), _round_up(chunk, block)
+        qs = qs.reshape(b, n_sampled, hkv, hq // hkv, d).transpose(0, 2, 1, 3, 4)
         qs = jnp.pad(
-            qs.reshape(b * hkv, len(pos), hq // hkv, d),
-            ((0, 0), (0, n_rows - len(pos)), (0, 0), (0, 0)),
+            qs.reshape(b * hkv, n_sampled, hq // hkv, d),
+            ((0, 0), (0, n_rows - n_sampled), (0, 0), (0, 0)),
         )
         ks = jnp.pad(
-            k.transpose(0, 2, 1, 3).reshape(b * hkv, seq_len, d),
-            ((0, 0), (0, n_keys - seq_len), (0, 0)),
+            k.transpose(0, 2, 1, 3).reshape(b * hkv, chunk, d),
+            ((0, 0), (0, n_keys - chunk), (0, 0)),
         )
-        row_pos = jnp.asarray(np.pad(pos, (0, n_rows - len(pos)), constant_values=-1), jnp.int32)
-        return cls(qs, ks, row_pos, rows, block, group_size, scale)
+        row_pos = jnp.asarray(np.pad(pos, (0, n_rows - n_sampled), constant_values=-1), jnp.int32)
+        return cls(qs, ks, row_pos, key_offset, chunk, rows, block, group_size, scale)
 
     @property
     def row_blocks(self) -> int:
         return self.qs.shape[1] // self.rows
+
+    @property
+    def key_blocks(self) -> int:
+        return self.ks.shape[1] // self.block
 
     def positions(self, i: jax.Array) -> jax.Array:
         """[rows] positions of sampled-query tile i."""
@@ -149,12 +185,13 @@ class _ImportanceTiles:
             * self.scale
         )
         j = jnp.repeat(self.positions(i), g)  # [rows*G]
-        visible = kb * self.block + jnp.arange(self.block)[None, :] <= j[:, None]
+        key = self.key_offset + kb * self.block + jnp.arange(self.block)
+        visible = (key[None, :] <= j[:, None]) & (key[None, :] < self.key_offset + self.chunk)
         return s, visible
 
 
-def _sampled_lse(tiles: _ImportanceTiles, i: jax.Array) -> jax.Array:
-    """Log-sum-exp [B*Hkv, rows*G] of sampled-query tile i over its causal keys (inf: none)."""
+def _sampled_stats(tiles: _ImportanceTiles, i: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Max and sum of exp [B*Hkv, rows*G] of sampled-query tile i over this device's keys."""
 
     def body(kb, carry):
         mx, total = carry
@@ -166,9 +203,9 @@ def _sampled_lse(tiles: _ImportanceTiles, i: jax.Array) -> jax.Array:
 
     shape = (tiles.qs.shape[0], tiles.rows * tiles.qs.shape[2])
     init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape))
-    last_key_block = jnp.max(tiles.positions(i)) // tiles.block
-    mx, total = jax.lax.fori_loop(0, last_key_block + 1, body, init)
-    return jnp.where(total > 0, mx + jnp.log(total), jnp.inf)
+    last_key_block = (jnp.max(tiles.positions(i)) - tiles.key_offset) // tiles.block
+    end = jnp.clip(last_key_block + 1, 0, tiles.key_blocks)
+    return jax.lax.fori_loop(0, end, body, init)
 
 
 def _key_importance(tiles: _ImportanceTiles, lse: jax.Array, kb: jax.Array) -> jax.Array:
@@ -178,7 +215,8 @@ def _key_importance(tiles: _ImportanceTiles, lse: jax.Array, kb: jax.Array) -> j
         s, visible = tiles.logits(i, kb)
         return acc + jnp.where(visible, jnp.exp(s - lse[i][..., None]), 0.0).sum(axis=1)
 
-    first = (kb * tiles.block) // (tiles.rows * tiles.group_size)  # earlier tiles end before kb
+    # Sampled tile i spans positions < (i + 1) * rows * m: earlier tiles end before key block kb.
+    first = (tiles.key_offset + kb * tiles.block) // (tiles.rows * tiles.group_size)
     init = jnp.zeros((tiles.qs.shape[0], tiles.block))
     return jax.lax.fori_loop(first, tiles.row_blocks, body, init)
 
@@ -209,33 +247,47 @@ def top_r_mask(score: jax.Array, r: int) -> jax.Array:
     return above | (ties & (jnp.cumsum(ties, axis=-1) <= room))
 
 
-def streaming_selection(
-    q: jax.Array, k: jax.Array, sizes: LayoutSizes, scale: float
-) -> tuple[jax.Array, jax.Array]:
-    """Per chunk of m' positions, the last query scores the chunk and its top r' become focal.
+def streaming_score(
+    q: jax.Array, k: jax.Array, sizes: LayoutSizes, scale: float, split: ContextSplit = WHOLE
+) -> jax.Array:
+    """Per chunk of m' positions, the chunk's last query scores its keys: [B, Hkv, L] float32.
 
-    Returns (score [B, Hkv, L] f32, focal [B, Hkv, L] bool); the incomplete last chunk scores 0
-    and has no focal token.
+    q [B, C, Hq, D], k [B, C, Hkv, D]: this device's part under `split`. A key's score is the
+    softmax over its chunk, summed over the KV head's query heads; the incomplete last chunk
+    scores 0. Chunks may straddle devices: only the chunks' last queries and per-chunk softmax
+    statistics cross them.
     """
-    b, seq_len, hq, d = q.shape
-    hkv, chunk, n = k.shape[2], sizes.chunk, sizes.num_groups
+    b, chunk, hq, d = q.shape
+    hkv, n, width = k.shape[2], sizes.num_groups, sizes.chunk
+    if n == 0:
+        return jnp.zeros((b, hkv, sizes.seq_len), jnp.float32)
+    last = split.rows(q, np.arange(n) * width + width - 1)  # [B, n, Hq, D]
+    c = (split.index() * chunk + jnp.arange(chunk)) // width  # chunk of each local key
+    ids = jnp.where(c < n, c, n)  # n: no chunk (the segment ops drop it)
+    q_key = jnp.take(last, jnp.minimum(c, n - 1), axis=1)  # [B, C, Hq, D]
+    q_key = q_key.reshape(b, chunk, hkv, hq // hkv, d)
+    logits = jnp.einsum("bchgd,bchd->cbhg", q_key, k, preferred_element_type=jnp.float32)
+    logits = logits * scale  # [C, B, Hkv, G]
+    top = split.pmax(jax.ops.segment_max(logits, ids, n))  # [n, B, Hkv, G]
+    p = jnp.where((c < n)[:, None, None, None], jnp.exp(logits - top[jnp.minimum(c, n - 1)]), 0.0)
+    total = split.psum(jax.ops.segment_sum(p, ids, n))
+    score = (p / total[jnp.minimum(c, n - 1)]).sum(-1)  # [C, B, Hkv]
+    return split.gather(score.transpose(1, 2, 0), axis=2)
+
+
+def chunk_focal_mask(score: jax.Array, sizes: LayoutSizes) -> jax.Array:
+    """The top r' scores of each whole chunk of m' positions ([B, Hkv, L] -> bool), ties to the
+    earlier position; the incomplete last chunk has no focal token."""
+    b, hkv, seq_len = score.shape
+    n, width = sizes.num_groups, sizes.chunk
     per_chunk = sizes.num_focal // max(n, 1)
-    last = jnp.arange(n) * chunk + chunk - 1
-    q_last = q[:, last].reshape(b, n, hkv, hq // hkv, d)  # [B, C, Hkv, G, D]
-    k_chunk = k[:, : n * chunk].reshape(b, n, chunk, hkv, d)  # [B, C, m', Hkv, D]
-    logits = (
-        jnp.einsum("bchgd,bcihd->bhcgi", q_last, k_chunk, preferred_element_type=jnp.float32)
-        * scale
-    )
-    score = jax.nn.softmax(logits, axis=-1).sum(axis=3)  # [B, Hkv, C, m']
+    score = score[..., : n * width].reshape(b, hkv, n, width)
     ahead = (score[..., None, :] > score[..., :, None]) | (
         (score[..., None, :] == score[..., :, None])
-        & (jnp.arange(chunk)[None, :] < jnp.arange(chunk)[:, None])
+        & (jnp.arange(width)[None, :] < jnp.arange(width)[:, None])
     )  # ahead[..., i, j]: j outranks i
     focal = jnp.sum(ahead, axis=-1) < per_chunk
-    pad = ((0, 0), (0, 0), (0, seq_len - n * chunk))
-    flat = (b, hkv, n * chunk)
-    return jnp.pad(score.reshape(flat), pad), jnp.pad(focal.reshape(flat), pad)
+    return jnp.pad(focal.reshape(b, hkv, n * width), ((0, 0), (0, 0), (0, seq_len - n * width)))
 
 
 def _assemble(focal: jax.Array, score: jax.Array, sizes: LayoutSizes) -> DGALayout:
@@ -328,6 +380,130 @@ def gather_entries(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entri
     prefix = Entries(pick(kt, fold(raw_k)), pick(vt, fold(raw_v)), layout.prefix_from, None, bias)
     raw = Entries(raw_k, raw_v, layout.raw_pos, layout.raw_until)
     return prefix, raw
+
+
+def compressed_kv(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    config: DGAConfig,
+    scale: float,
+    *,
+    block: int = 1024,
+    split: ContextSplit = WHOLE,
+) -> tuple[Entries, Entries | None, int]:
+    """(prefix, band, band lag): the KV' the queries of q [B, C, Hq, D] attend to.
+
+    Entry intervals are relative to this device's first position, so query row r (position
+    `split.index() * C + r`) sees entry e iff `start_e <= r < until_e`, as `interval_attention`
+    and the kernels assume. The band lag is the number of raw entries that can start before a
+    query and still be visible to it: the members of one unfinished group or chunk.
+    """
+    layout = dga_layout(q, k, config, scale, block=block, split=split)
+    sizes = layout.sizes
+    lag = max(sizes.chunk, sizes.group_size) - 1
+    if split.shards == 1:
+        prefix, raw = gather_entries(layout, k, v)
+    else:
+        prefix, raw = split_entries(layout, k, v, split, lag)
+    return prefix, (raw if sizes.num_raw else None), lag
+
+
+def split_entries(
+    layout: DGALayout, k: jax.Array, v: jax.Array, split: ContextSplit, lag: int
+) -> tuple[Entries, Entries | None]:
+    """`gather_entries` for this device's part k, v [B, C, Hkv, D] of a split sequence.
+
+    The prefix (~(gamma + 1/m) L entries) is summed across devices: each adds its focal tokens
+    and its members' weighted shares of their groups (in float32: a group may straddle devices).
+    The band is the window of the raw list this device's queries can see: its own raw tokens
+    and fewer than `lag + 1` earlier ones, gathered from each device's last `lag` raw tokens.
+    Intervals are shifted to this device's first position.
+    """
+    chunk, first = k.shape[1], split.index() * k.shape[1]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, C, D]
+    slot, weight = jax.vmap(jax.vmap(_prefix_slots))(layout)  # [B, H, L]
+    slot = jax.lax.dynamic_slice_in_dim(slot, first, chunk, axis=2)
+    weight = jax.lax.dynamic_slice_in_dim(weight, first, chunk, axis=2)
+    n_prefix = layout.prefix_from.shape[-1]
+
+    def fold(x):  # [B, H, C, D] -> [B, H, NP, D]: this device's share of every prefix entry
+        shares = weight[..., None] * x.astype(jnp.float32)
+        add = jax.vmap(jax.vmap(_scatter_add, (0, 0, None)), (0, 0, None))
+        return split.psum(add(slot, shares, n_prefix)).astype(x.dtype)
+
+    bias = jnp.where(layout.prefix_is_group, math.log(layout.sizes.group_size), 0.0)
+    prefix = Entries(fold(kt), fold(vt), layout.prefix_from - first, None, bias)
+    if not layout.sizes.num_raw:
+        return prefix, None
+    pos, until, take = _band_window(layout, split, chunk, lag)
+    never = until == NEVER
+    band = Entries(take(kt), take(vt), pos - first, jnp.where(never, NEVER, until - first))
+    return prefix, band
+
+
+def _prefix_slots(layout: DGALayout) -> tuple[jax.Array, jax.Array]:
+    """One (batch, head): the prefix entry [L] each position adds to (NP: none) and its weight."""
+    sizes = layout.sizes
+    n_prefix, n_groups, m = layout.prefix_from.shape[0], sizes.num_groups, sizes.group_size
+    entry = jnp.arange(n_prefix, dtype=jnp.int32)
+    is_group, src = layout.prefix_is_group, layout.prefix_src
+    slot = jnp.full(sizes.seq_len, n_prefix, jnp.int32)
+    slot = slot.at[jnp.where(is_group, sizes.seq_len, src)].set(entry, mode="drop")
+    group_slot = jnp.zeros(n_groups, jnp.int32).at[jnp.where(is_group, src, n_groups)]
+    group_slot = group_slot.set(entry, mode="drop")
+    members = layout.raw_pos[: n_groups * m]
+    slot = slot.at[members].set(jnp.repeat(group_slot, m))
+    weight = jnp.ones(sizes.seq_len, jnp.float32).at[members].set(layout.group_weight.reshape(-1))
+    return slot, weight
+
+
+def _scatter_add(slot: jax.Array, x: jax.Array, size: int) -> jax.Array:
+    return jnp.zeros((size, x.shape[-1]), x.dtype).at[slot].add(x, mode="drop")
+
+
+def _band_window(layout: DGALayout, split: ContextSplit, chunk: int, lag: int):
+    """The raw entries this device's queries can see: positions, untils [B, H, W] and a
+    function taking their rows of a local [B, H, C, D] array (earlier devices' from the halo)."""
+    raw_pos, raw_until = layout.raw_pos, layout.raw_until
+    n_raw = raw_pos.shape[-1]
+    width = min(n_raw, chunk + lag)
+    first = split.index() * chunk
+    start = jnp.minimum(jnp.sum(raw_until <= first, axis=-1), n_raw - width)  # [B, H]
+    index = start[..., None] + jnp.arange(width, dtype=jnp.int32)  # [B, H, W]
+    pos = jnp.take_along_axis(raw_pos, index, axis=-1)
+    until = jnp.take_along_axis(raw_until, index, axis=-1)
+    local = (pos >= first) & (pos < first + chunk)
+    row = jnp.clip(pos - first, 0, chunk - 1)[..., None]
+
+    def count_before(x):  # #{raw_pos < x} per (batch, head); x [B, H, n] or a scalar
+        x = jnp.asarray(x)
+        x = jnp.broadcast_to(x, raw_pos.shape[:2] + (x.shape[2:] if x.ndim > 2 else (1,)))
+        return jax.vmap(jax.vmap(_search_left))(raw_pos, x)
+
+    # Each device's last `lag` raw tokens (as raw-list indices) hold every earlier raw entry a
+    # later device can see: the members of the group (or chunk) unfinished at its first query.
+    tail = count_before(first + chunk)[..., :1] - lag + jnp.arange(lag, dtype=jnp.int32)  # [B, H, lag]
+    tail_valid = tail >= count_before(first)[..., :1]
+    tail_row = jnp.take_along_axis(raw_pos, jnp.clip(tail, 0, n_raw - 1), axis=-1) - first
+    tail_row = jnp.clip(tail_row, 0, chunk - 1)[..., None]
+    owner = pos // chunk
+    owner_end = count_before((owner + 1) * chunk)  # [B, H, W]
+    halo_row = owner * lag + jnp.clip(index - (owner_end - lag), 0, max(lag - 1, 0))
+
+    def take(x):  # [B, H, C, D] -> [B, H, W, D]
+        out = jnp.where(local[..., None], jnp.take_along_axis(x, row, axis=2), 0)
+        if lag == 0:
+            return out
+        tails = jnp.where(tail_valid[..., None], jnp.take_along_axis(x, tail_row, axis=2), 0)
+        halo = jnp.take_along_axis(split.gather(tails, axis=2), halo_row[..., None], axis=2)
+        return jnp.where((pos < first)[..., None], halo, out)
+
+    return pos, until, take
+
+
+def _search_left(sorted_values: jax.Array, queries: jax.Array) -> jax.Array:
+    return jnp.searchsorted(sorted_values, queries, side="left").astype(jnp.int32)
 
 
 def _round_up(x: int, multiple: int) -> int:

@@ -25,8 +25,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.layout import dga_layout, gather_entries
+from dga_jax.ops.dga.layout import compressed_kv
 from dga_jax.ops.intervals import NEVER, BlockSizes, Entries, block_ranges
 
 
@@ -142,8 +143,9 @@ def key_blocks(ops: Operands, spec: KernelSpec) -> KeyBlocks:
     """The query blocks that see each entry block (padding entries start at NEVER)."""
     bq, bk, lp = spec.block_q, spec.block_k, ops.q.shape[2]
 
-    def blocks(x):  # [B, H, N] -> [B, H, N/bk, bk], positions clipped to the padded length
-        return jnp.minimum(x, lp).reshape(*x.shape[:2], -1, bk)
+    def blocks(x):  # [B, H, N] -> [B, H, N/bk, bk], positions clipped to the padded queries
+        # (entries of a split sequence may start before this device's first query: start < 0)
+        return jnp.clip(x, 0, lp).reshape(*x.shape[:2], -1, bk)
 
     prefix_start = blocks(ops.prefix_start)
     band_start = blocks(ops.band_start)
@@ -179,15 +181,17 @@ def dga_kernel_attention(
     block_q: int,
     interpret: object,
     head_multiple: int = 1,
+    split: ContextSplit = WHOLE,
 ) -> jax.Array:
     """DGA by `kernels`: the layout, its compressed KV', then the kernel walk.
 
-    q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D]; `block_q` is the backend's (clamped)
-    query block.
+    q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D]; `block_q` is the backend's (clamped)
+    query block. Under a `split`, this device's part of the sequence: the entries' intervals
+    are relative to its first position.
     """
-    layout = dga_layout(q, k, config, scale, block=block_sizes.block_importance)
-    prefix, raw = gather_entries(layout, k, v)
-    sizes = layout.sizes
+    prefix, band, lag = compressed_kv(
+        q, k, v, config, scale, block=block_sizes.block_importance, split=split
+    )
     spec = KernelSpec(
         scale=scale,
         block_q=block_q,
@@ -195,10 +199,8 @@ def dga_kernel_attention(
         groups=q.shape[2] // k.shape[2],
         seq_len=q.shape[1],
         interpret=interpret,
-        # Raw entries that start before t and are still visible at t: one unfinished group/chunk.
-        band_lag=max(sizes.chunk, sizes.group_size) - 1,
+        band_lag=lag,
     )
-    band = raw if sizes.num_raw else None
     return kernel_attention(kernels, q, prefix, band, spec, head_multiple)
 
 

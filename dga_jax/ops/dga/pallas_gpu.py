@@ -24,6 +24,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
+from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga import pallas_common as common
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.intervals import BlockSizes
@@ -95,8 +96,12 @@ def dga_attention_pallas_gpu(
     scale: float,
     block_sizes: BlockSizes,
     interpret: bool = False,
+    split: ContextSplit = WHOLE,
 ) -> jax.Array:
-    """q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D]: the layout, then the kernels."""
+    """q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D]: the layout, then the kernels.
+
+    C = L, or this device's part of the sequence under `split`.
+    """
     return common.dga_kernel_attention(
         KERNELS,
         q,
@@ -108,6 +113,7 @@ def dga_attention_pallas_gpu(
         block_q=query_block(block_sizes, q.shape[1]),
         interpret=interpret,
         head_multiple=_next_power_of_2(q.shape[-1]),
+        split=split,
     )
 
 

@@ -30,6 +30,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga import pallas_common as common
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.intervals import BlockSizes
@@ -127,8 +128,11 @@ def dga_attention_pallas_tpu(
     scale: float,
     block_sizes: BlockSizes,
     interpret: object = False,
+    split: ContextSplit = WHOLE,
 ) -> jax.Array:
-    """q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D]: the layout, then the kernels.
+    """q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D]: the layout, then the kernels.
+
+    C = L, or this device's part of the sequence under `split`.
 
     `interpret`: False on a TPU; `pltpu.InterpretParams(...)` (or True) runs the kernels in the
     TPU interpreter on any backend.
@@ -143,6 +147,7 @@ def dga_attention_pallas_tpu(
         block_sizes,
         block_q=query_block(block_sizes, q.shape[1]),
         interpret=pltpu.InterpretParams() if interpret is True else interpret,
+        split=split,
     )
 
 

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import jax
 
+from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.layout import dga_layout, gather_entries
+from dga_jax.ops.dga.layout import compressed_kv
 from dga_jax.ops.intervals import BlockSizes, interval_attention
 
 
@@ -20,12 +21,10 @@ def dga_attention_xla(
     config: DGAConfig,
     scale: float,
     block_sizes: BlockSizes = BlockSizes(),
+    split: ContextSplit = WHOLE,
 ) -> jax.Array:
-    """q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D] in q's dtype."""
-    layout = dga_layout(q, k, config, scale, block=block_sizes.block_importance)
-    prefix, raw = gather_entries(layout, k, v)
-    sizes = layout.sizes
-    band = raw if sizes.num_raw else None
-    # Raw entries that start before t and are still visible at t: one unfinished group or chunk.
-    lag = max(sizes.chunk, sizes.group_size) - 1
+    """q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D] in q's dtype (C = L unless split)."""
+    prefix, band, lag = compressed_kv(
+        q, k, v, config, scale, block=block_sizes.block_importance, split=split
+    )
     return interval_attention(q, prefix, band, scale=scale, block_sizes=block_sizes, band_lag=lag)
