@@ -19,6 +19,7 @@ unless `XLA_PYTHON_CLIENT_MEM_FRACTION` says otherwise.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 import shutil
@@ -33,8 +34,11 @@ import jax.numpy as jnp
 from jax.experimental.topologies import get_topology_desc
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dga.api import dga_attention
+from dga_jax.ops.dga.sharded import per_shard
 from dga_jax.ops.intervals import BlockSizes
+from dga_jax.sharding import make_mesh
 
 GIB = 2**30
 
@@ -129,6 +133,108 @@ def lower_attention(
     fn = jax.grad(loss, argnums=(0, 1, 2)) if gradient else attention
     with jax.set_mesh(mesh):
         return jax.jit(fn).trace(q, kv, kv).lower()
+
+
+def lower_context_attention(
+    devices: Sequence[jax.Device],
+    mesh_shape: tuple[int, int, int, int],
+    *,
+    strategy: str,
+    seq_len: int,
+    attention: str = "dga",
+    implementation: str | None = None,
+    selection: str = "global",
+    gradient: bool = True,
+    batch: int = 1,
+    heads: int = 32,
+    kv_heads: int = 32,
+    head_dim: int = 128,
+    group_size: int = 16,
+    focal_ratio: float = 0.1,
+    dtype=jnp.bfloat16,
+) -> jax.stages.Lowered:
+    """Attention (or its gradient) as `DGAttention` runs it on a (data, fsdp, seq, tensor) mesh
+    of `devices` with context-parallel `strategy`, lowered from shapes alone."""
+    mesh = make_mesh(mesh_shape, devices=devices[: math.prod(mesh_shape)])
+    spec = PartitionSpec(("data", "fsdp"), "seq", "tensor", None)
+    sharding = NamedSharding(mesh, spec)
+    q = jax.ShapeDtypeStruct((batch, seq_len, heads, head_dim), dtype, sharding=sharding)
+    kv = jax.ShapeDtypeStruct((batch, seq_len, kv_heads, head_dim), dtype, sharding=sharding)
+
+    def core(q, k, v, split):
+        if attention == "dense":
+            return dense_attention(q, k, v, implementation=implementation, split=split)
+        return dga_attention(
+            q,
+            k,
+            v,
+            group_size=group_size,
+            focal_ratio=focal_ratio,
+            selection=selection,
+            implementation=implementation,
+            split=split,
+        )
+
+    def forward(q, k, v):
+        axes = dict(batch=("data", "fsdp"), seq="seq", heads="tensor")
+        return per_shard(core, q, k, v, strategy=strategy, **axes)
+
+    def loss(q, k, v):
+        return jnp.sum(forward(q, k, v).astype(jnp.float32))
+
+    fn = jax.grad(loss, argnums=(0, 1, 2)) if gradient else forward
+    with jax.set_mesh(mesh):
+        return (
+            jax.jit(fn, out_shardings=sharding if not gradient else (sharding,) * 3)
+            .trace(q, kv, kv)
+            .lower()
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of a compiled program (per device, once per occurrence in the HLO text:
+    one inside a loop runs once per iteration)."""
+
+    op: str  # all-gather, all-reduce, all-to-all, reduce-scatter, collective-permute
+    elements: int  # of its largest result array
+    bytes: int  # of all its result arrays
+    shapes: str
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|all-to-all|reduce-scatter|"
+    r"collective-permute)(-start)?\("
+)
+_ARRAY = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
+
+
+def collectives(compiled: jax.stages.Compiled) -> list[Collective]:
+    """The collectives in `compiled`'s optimized HLO, with their result sizes."""
+    found = []
+    for line in compiled.as_text().splitlines():
+        match = _COLLECTIVE.search(line)
+        if not match:
+            continue
+        arrays = [
+            (math.prod(int(d) for d in dims.split(",") if d), _itemsize(dtype))
+            for dtype, dims in _ARRAY.findall(match.group(1))
+        ]
+        if match.group(3) and match.group(2) != "all-reduce":
+            arrays = arrays[-1:]  # an async start's result also holds its operand
+        found.append(
+            Collective(
+                match.group(2),
+                max(n for n, _ in arrays),
+                sum(n * size for n, size in arrays),
+                match.group(1),
+            )
+        )
+    return found
+
+
+def _itemsize(dtype: str) -> int:
+    return 1 if dtype == "pred" else max(1, int(re.sub(r"\D", "", dtype)) // 8)
 
 
 @dataclasses.dataclass(frozen=True)

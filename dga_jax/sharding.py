@@ -36,7 +36,9 @@ class LogicalRules:
         return PartitionSpec(*out)
 
 
-# Parameters: FSDP over `fsdp`, Megatron-style tensor parallelism over `tensor`.
+# Parameters: FSDP over `fsdp` and `seq` (ZeRO-3 over the whole context-parallel group, whose
+# devices would otherwise each hold what `fsdp` leaves them), Megatron-style tensor parallelism
+# over `tensor`.
 # Activations: batch over (data, fsdp), sequence over `seq`, features replicated.
 DEFAULT_RULES = LogicalRules(
     (
@@ -47,7 +49,7 @@ DEFAULT_RULES = LogicalRules(
         ("act_kv_heads", "tensor"),
         ("act_mlp", "tensor"),
         ("act_vocab", "tensor"),
-        ("embed", "fsdp"),
+        ("embed", ("fsdp", "seq")),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
         ("head_dim", None),

@@ -15,17 +15,30 @@ from typing import Any
 from dga_jax import ModelConfig, strict
 from dga_jax.errors import ConfigError
 from dga_jax.model.config import ARCHITECTURE_FIELDS
+from dga_jax.ops.dga.sharded import STRATEGIES
 from dga_jax.sharding import MESH_AXES
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh (data, fsdp, seq, tensor); one axis may be -1: all remaining devices."""
+    """Device mesh (data, fsdp, seq, tensor); one axis may be -1: all remaining devices.
+
+    `context_parallel`: how attention treats a sequence split over `seq` (the model's
+    `context_parallel`: "auto", "ulysses" or "dga"; README, "Long sequences across devices").
+    """
 
     data: int = 1
     fsdp: int = -1
     seq: int = 1
     tensor: int = 1
+    context_parallel: str = "auto"
+
+    def __post_init__(self):
+        if self.context_parallel not in STRATEGIES:
+            raise ConfigError(
+                f"config.mesh.context_parallel must be one of {STRATEGIES}, "
+                f"got {self.context_parallel!r}"
+            )
 
     def shape(self, device_count: int) -> tuple[int, int, int, int]:
         sizes = [getattr(self, axis) for axis in MESH_AXES]
@@ -171,8 +184,13 @@ def from_config_dict(config: Any) -> TrainConfig:
             + "; ".join(f"--config.{key}={INPUTS[key]}" for key in unset)
         )
     sections = strict.build(_Sections, values, "config.")
+    if "context_parallel" in sections.model.overrides:
+        raise ConfigError(
+            "config.model.overrides.context_parallel: set config.mesh.context_parallel instead"
+        )
     try:
         model = _model_config(sections.model.preset, sections.model.overrides)
+        model = model.replace(context_parallel=sections.mesh.context_parallel)
     except ValueError as error:  # a preset name or a cross-field rule of ModelConfig
         if isinstance(error, ConfigError):
             raise

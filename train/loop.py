@@ -227,11 +227,12 @@ def _initial_params(config: TrainConfig, setup: _Setup) -> nnx.State:
 
 
 def _model_changes(config: TrainConfig) -> dict[str, Any]:
-    """What the experiment changes in a checkpoint's architecture: attention, dtypes, remat."""
+    """What the experiment changes in a checkpoint's model: attention, dtypes, remat, ..."""
     keep = (
         "attention",
         "dga",
         "attention_impl",
+        "context_parallel",
         "dtype",
         "param_dtype",
         "remat",

@@ -12,6 +12,7 @@ from flax import nnx
 
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.layers import apply_rope, param, rope_frequencies
+from dga_jax.ops.context import ContextSplit
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dga.api import dga_attention
 from dga_jax.ops.dga.decode import (
@@ -98,14 +99,24 @@ class DGAttention(nnx.Module):
             return self._core(q, k, v)
 
     def _core(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """Attention per device shard (batch and heads split, sequence whole) under a mesh."""
-        spec = self.rules.spec(("batch", None, "act_heads", None))
-        return per_shard(self._kernel, q, k, v, batch=spec[0], heads=spec[2])
+        """Attention per device shard under a mesh: batch and heads split, and the sequence as
+        `config.context_parallel` says (`dga_jax.ops.dga.sharded`)."""
+        batch, seq, heads, _ = self.rules.spec(("batch", "seq", "act_heads", None))
+        return per_shard(
+            self._kernel,
+            q,
+            k,
+            v,
+            batch=batch,
+            seq=seq,
+            heads=heads,
+            strategy=self.config.context_parallel,
+        )
 
-    def _kernel(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    def _kernel(self, q: jax.Array, k: jax.Array, v: jax.Array, split: ContextSplit) -> jax.Array:
         config = self.config
         if config.attention == "dense":
-            return dense_attention(q, k, v, implementation=config.attention_impl)
+            return dense_attention(q, k, v, implementation=config.attention_impl, split=split)
         dga = config.dga
         return dga_attention(
             q,
@@ -115,4 +126,5 @@ class DGAttention(nnx.Module):
             focal_ratio=dga.focal_ratio,
             selection=dga.selection,
             implementation=config.attention_impl,
+            split=split,
         )

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from dga_jax import strict
 from dga_jax.ops.dga.config import DGAConfig
+from dga_jax.ops.dga.sharded import STRATEGIES
 
 ATTENTION_KINDS = ("dense", "dga")
 ROPE_KINDS = ("none", "linear", "llama3")
@@ -71,6 +72,7 @@ class ModelConfig:
     attention: str = "dense"
     dga: DGAConfig = DGAConfig()
     attention_impl: str | None = None  # None: the library's default for the backend
+    context_parallel: str = "auto"  # how a sequence split over the `seq` mesh axis is attended
     remat: str = "none"
 
     def __post_init__(self):
@@ -94,6 +96,7 @@ class ModelConfig:
             )
         for name, allowed in (
             ("attention", ATTENTION_KINDS),
+            ("context_parallel", STRATEGIES),
             ("remat", REMAT_POLICIES),
             ("dtype", DTYPES),
             ("param_dtype", DTYPES),

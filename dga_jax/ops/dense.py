@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from dga_jax.ops.checks import check_block_sizes, check_qkv
+from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.intervals import BlockSizes, Entries, interval_attention
 from dga_jax.ops.target import placed_target
 
@@ -28,14 +29,24 @@ def dense_attention(
     scale: float | None = None,
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
+    split: ContextSplit = WHOLE,
 ) -> jax.Array:
     """Causal softmax attention. q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D].
 
     `implementation=None` picks "cudnn" for float16/bfloat16 inputs placed on GPUs (all cuDNN
-    supports) and "xla" otherwise.
+    supports) and "xla" otherwise. Under a `split` (inside `shard_map`, each device holding
+    C = L / parts contiguous positions), K and V are all-gathered and the local queries attend
+    blockwise: "blockwise" only, [B, C, ...] in and out.
     """
     scale = check_qkv(q, k, v, scale)
     platform = placed_target(q, k, v).platform
+    if split.shards > 1:
+        if implementation not in (None, "blockwise"):
+            raise ValueError(
+                f"dense attention over a split sequence runs 'blockwise', not {implementation!r}"
+                " (or use context_parallel='ulysses', which keeps sequences whole)"
+            )
+        implementation = "blockwise"
     if implementation is None:
         half = q.dtype in (jnp.float16, jnp.bfloat16)
         implementation = "cudnn" if platform == "gpu" and half else "xla"
@@ -52,16 +63,20 @@ def dense_attention(
         scale=scale,
         implementation=implementation,
         block_sizes=check_block_sizes(block_sizes),
+        split=split,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "implementation", "block_sizes"))
-def _dense(q, k, v, *, scale, implementation, block_sizes):
+@functools.partial(jax.jit, static_argnames=("scale", "implementation", "block_sizes", "split"))
+def _dense(q, k, v, *, scale, implementation, block_sizes, split):
     if implementation != "blockwise":
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, implementation=implementation
         )
+    k, v = split.gather(k, axis=1), split.gather(v, axis=1)
     b, seq_len, hkv, _ = k.shape
-    positions = jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (b, hkv, seq_len))
+    first = split.index() * q.shape[1]  # query row r is position first + r
+    positions = jnp.arange(seq_len, dtype=jnp.int32) - first
+    positions = jnp.broadcast_to(positions, (b, hkv, seq_len))
     tokens = Entries(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions)
     return interval_attention(q, tokens, scale=scale, block_sizes=block_sizes)

@@ -483,7 +483,9 @@ def _band_window(layout: DGALayout, split: ContextSplit, chunk: int, lag: int):
 
     # Each device's last `lag` raw tokens (as raw-list indices) hold every earlier raw entry a
     # later device can see: the members of the group (or chunk) unfinished at its first query.
-    tail = count_before(first + chunk)[..., :1] - lag + jnp.arange(lag, dtype=jnp.int32)  # [B, H, lag]
+    tail = (
+        count_before(first + chunk)[..., :1] - lag + jnp.arange(lag, dtype=jnp.int32)
+    )  # [B, H, lag]
     tail_valid = tail >= count_before(first)[..., :1]
     tail_row = jnp.take_along_axis(raw_pos, jnp.clip(tail, 0, n_raw - 1), axis=-1) - first
     tail_row = jnp.clip(tail_row, 0, chunk - 1)[..., None]

@@ -2,40 +2,59 @@
 
 XLA cannot partition a Pallas call, and DGA's selection is per (batch, KV head): both are
 embarrassingly parallel over batch and heads. Under a mesh, `per_shard` hands each device its
-batch x heads slice with the whole sequence, so kernels and the XLA walk see local shapes (their
-trip counts no longer reduce across devices). A sequence sharded on the way in is gathered at
-the boundary (the attention is not context-parallel) and re-sharded by the caller's constraints.
+batch x heads slice, so kernels and the XLA walk see local shapes. When the sequence is split
+too (the `seq` mesh axis), a context-parallel strategy keeps it split:
+
+- "ulysses": all-to-alls turn the sequence split into a head split around the unchanged
+  attention (any implementation and selection), then back. Needs the KV heads of a tensor
+  shard to be a multiple of the sequence parts.
+- "dga": the sequence stays split through the attention (`ContextSplit`): DGA exchanges only
+  sampled queries, softmax statistics, per-position scores, the compressed prefix and a halo
+  of raw tokens; dense attention all-gathers K and V.
+- "auto": "ulysses" where the heads allow it, else "dga".
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
 import jax
 from jax.sharding import PartitionSpec
 
+from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.sharding import MeshAxes
+
+STRATEGIES = ("auto", "ulysses", "dga")
+
+# attention(q, k, v, split): q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D]; C = L/parts.
+SplitAttention = Callable[[jax.Array, jax.Array, jax.Array, ContextSplit], jax.Array]
 
 
 def per_shard(
-    attention: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+    attention: SplitAttention,
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
     *,
     batch: MeshAxes,
     heads: MeshAxes,
+    seq: MeshAxes = None,
+    strategy: str = "auto",
 ) -> jax.Array:
-    """`attention(q, k, v)` on each device's slice: q [B, L, Hq, D], k/v [B, L, Hkv, D].
+    """`attention` on each device's slice: q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D].
 
-    `batch` and `heads` name the mesh axes that split B and the heads (query and KV heads
-    alike, so each device keeps whole GQA groups). The mesh is the one `jax.set_mesh` sets;
-    without one it is a plain call.
+    `batch`, `seq` and `heads` name the mesh axes that split B, L and the heads (query and KV
+    heads alike, so each device keeps whole GQA groups); `strategy` (`STRATEGIES`) is how a
+    split sequence is attended. The mesh is the one `jax.set_mesh` sets; without one it is a
+    plain call.
     """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"context_parallel must be one of {STRATEGIES}, got {strategy!r}")
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return attention(q, k, v)
+        return attention(q, k, v, WHOLE)
     for name, axes, size in (("batch", batch, q.shape[0]), ("KV heads", heads, k.shape[2])):
         shards = shard_count(axes)
         if size % shards:
@@ -43,10 +62,51 @@ def per_shard(
                 f"attention shards {name} ({size}) over mesh axes {axes!r} of {shards} devices: "
                 f"{name} must be a multiple of {shards}"
             )
-    spec = PartitionSpec(batch, None, heads, None)
+    parts = shard_count(seq)
+    if parts == 1:
+        seq, body = None, functools.partial(attention, split=WHOLE)
+    else:
+        strategy = choose_strategy(strategy, k.shape[2] // shard_count(heads), q.shape[1], seq)
+        if strategy == "ulysses":
+            body = functools.partial(_ulysses, attention, seq)
+        else:
+            body = functools.partial(attention, split=ContextSplit(seq, parts))
+    spec = PartitionSpec(batch, seq, heads, None)
     q, k, v = (jax.lax.with_sharding_constraint(x, spec) for x in (q, k, v))
-    sharded = jax.shard_map(attention, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+    # check_vma=False: the layout's loop carries are not marked as varying over the mesh.
+    sharded = jax.shard_map(body, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
     return sharded(q, k, v)
+
+
+def choose_strategy(strategy: str, kv_heads: int, seq_len: int, seq: MeshAxes) -> str:
+    """The strategy that runs for `strategy` ("auto" resolved), or an error naming the sizes.
+
+    kv_heads: KV heads per tensor shard; seq_len: L; seq: the mesh axes splitting it.
+    """
+    parts = shard_count(seq)
+    if seq_len % parts:
+        raise ValueError(
+            f"context parallelism splits the sequence ({seq_len} positions) over mesh axes "
+            f"{seq!r} of {parts} devices: the length must be a multiple of {parts}"
+        )
+    if strategy == "auto":
+        return "ulysses" if kv_heads % parts == 0 else "dga"
+    if strategy == "ulysses" and kv_heads % parts:
+        raise ValueError(
+            f"context_parallel='ulysses' splits the {kv_heads} KV heads of each tensor shard "
+            f"over mesh axes {seq!r} of {parts} devices: they must be a multiple of {parts}. "
+            "Use context_parallel='dga' (or 'auto'), which splits the sequence instead"
+        )
+    return strategy
+
+
+def _ulysses(attention: SplitAttention, axis: MeshAxes, q, k, v) -> jax.Array:
+    """Sequence-split q, k, v [B, C, H, D] -> head-split [B, L, H/P, D], attention, and back."""
+    to_heads = functools.partial(
+        jax.lax.all_to_all, axis_name=axis, split_axis=2, concat_axis=1, tiled=True
+    )
+    out = attention(to_heads(q), to_heads(k), to_heads(v), WHOLE)
+    return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
 
 
 def shard_count(axes: MeshAxes) -> int:

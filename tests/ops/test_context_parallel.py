@@ -1,0 +1,284 @@
+"""Context parallelism: attention over a sequence split across devices equals one device.
+
+`per_shard` with the sequence split over the `seq` mesh axis, each strategy ("ulysses", "dga"),
+against single-device `dga_attention` / `dense_attention`: outputs, gradients and DGA's layout
+(focal set and groups, exactly), then what the compiled program holds (memory per device,
+collectives). The scripts run in subprocesses on 8 fake CPU devices (the flag must be set
+before JAX starts); each prints "ok" last.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+import jax
+import pytest
+
+from dga_jax.ops.dga.sharded import choose_strategy, per_shard
+from tests.conftest import random_qkv, run_on_fake_devices
+
+PRELUDE = """
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+import dga_jax
+from dga_jax import BlockSizes
+from dga_jax.ops.context import ContextSplit
+from dga_jax.ops.dga.config import DGAConfig
+from dga_jax.ops.dga.layout import dga_layout
+from dga_jax.ops.dga.sharded import per_shard
+from dga_jax.sharding import make_mesh
+from tests.conftest import FORWARD_TOL, GRAD_TOL, assert_close, random_qkv
+
+assert jax.device_count() == 8
+F32 = jnp.float32
+
+
+def split(attention, strategy):
+    def sharded(q, k, v):
+        return per_shard(
+            lambda q, k, v, split: attention(q, k, v, split=split),
+            q, k, v, batch=("data", "fsdp"), seq="seq", heads="tensor", strategy=strategy,
+        )
+    return sharded
+
+
+def value_and_grads(fn, q, k, v):
+    ct = jnp.cos(jnp.arange(q.size, dtype=F32)).reshape(q.shape)
+    def loss(q, k, v):
+        out = fn(q, k, v)
+        return jnp.sum(out * ct), out
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
+
+
+def check(attention, q, k, v, mesh, strategy, what):
+    expected = value_and_grads(attention, q, k, v)
+    with jax.set_mesh(make_mesh(mesh)):
+        got = value_and_grads(split(attention, strategy), q, k, v)
+    assert_close(got[0], expected[0], FORWARD_TOL[F32])
+    for a, b in zip(got[1], expected[1], strict=True):
+        assert_close(a, b, GRAD_TOL[F32])
+    print("equal:", what, mesh, strategy, flush=True)
+"""
+
+EQUALITY = PRELUDE + textwrap.dedent(
+    """
+    # "dga": both selections, gamma in {0, 0.1, 0.5, 1}, m in {1, 4, 16}, GQA, B = 2; L / P = 8
+    # is not a multiple of m' (5 for m = 4, 18 for m = 16), groups of 16 span 3+ devices.
+    q, k, v = random_qkv(0, 2, 64, 4, 2, 8)
+    for selection in ("global", "streaming"):
+        for gamma in (0.0, 0.1, 0.5, 1.0):
+            for m in (1, 4, 16):
+                attention = functools.partial(
+                    dga_jax.dga_attention, group_size=m, focal_ratio=gamma, selection=selection
+                )
+                check(attention, q, k, v, (1, 1, 8, 1), "dga", (selection, gamma, m))
+    # Other meshes: batch, sequence and heads split at once.
+    for mesh in ((1, 1, 4, 2), (2, 1, 2, 2)):
+        for selection in ("global", "streaming"):
+            attention = functools.partial(
+                dga_jax.dga_attention, group_size=4, focal_ratio=0.2, selection=selection
+            )
+            check(attention, q, k, v, mesh, "dga", selection)
+    # "ulysses": 8 KV heads, so every mesh's tensor shard holds a multiple of the seq parts.
+    q8, k8, v8 = random_qkv(1, 2, 32, 16, 8, 8)
+    for mesh in ((1, 1, 8, 1), (1, 1, 4, 2), (2, 1, 2, 2)):
+        for selection in ("global", "streaming"):
+            attention = functools.partial(
+                dga_jax.dga_attention, group_size=4, focal_ratio=0.1, selection=selection
+            )
+            check(attention, q8, k8, v8, mesh, "ulysses", selection)
+    dense = dga_jax.dense_attention
+    check(dense, q8, k8, v8, (2, 1, 2, 2), "ulysses", "dense")
+    blockwise = functools.partial(dense, implementation="blockwise")
+    check(blockwise, q, k, v, (1, 1, 8, 1), "dga", "dense")
+    check(blockwise, q, k, v, (1, 1, 4, 2), "dga", "dense")
+    print("ok")
+    """
+)
+
+
+KERNELS = PRELUDE + textwrap.dedent(
+    """
+    # The Pallas kernels (interpreted) through the same boundary: entries relative to the
+    # device's first position, query blocks of 16 so each device walks several.
+    q, k, v = random_qkv(2, 1, 128, 4, 2, 16)
+    blocks = {"pallas_gpu": BlockSizes(16, 16), "pallas_tpu": BlockSizes(16, 128)}
+    for implementation, selection in (("pallas_gpu", "global"), ("pallas_tpu", "streaming")):
+        attention = functools.partial(
+            dga_jax.dga_attention, group_size=4, focal_ratio=0.2, selection=selection,
+            implementation=implementation, interpret=True, block_sizes=blocks[implementation],
+        )
+        check(attention, q, k, v, (1, 1, 4, 2), "dga", implementation)
+    print("ok")
+    """
+)
+
+
+LAYOUT = PRELUDE + textwrap.dedent(
+    """
+    mesh = jax.make_mesh((8,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+    FIELDS = ("focal", "prefix_src", "prefix_is_group", "prefix_from", "raw_pos", "raw_until")
+
+
+    def layouts(q, k, config):
+        whole = jax.jit(dga_layout, static_argnums=(2, 3))(q, k, config, 0.3)
+        part = ContextSplit("seq", 8)
+        fn = jax.shard_map(
+            lambda q, k: dga_layout(q, k, config, 0.3, split=part),
+            mesh=mesh, in_specs=(P(None, "seq"),) * 2, out_specs=P(), check_vma=False,
+        )
+        return whole, jax.jit(fn)(q, k)
+
+
+    def same_layout(q, k, config, what):
+        whole, part = layouts(q, k, config)
+        for name in FIELDS:
+            np.testing.assert_array_equal(getattr(part, name), getattr(whole, name), err_msg=name)
+        assert_close(part.score, whole.score, FORWARD_TOL[F32])
+        assert_close(part.group_weight, whole.group_weight, FORWARD_TOL[F32])
+        print("same layout:", what, flush=True)
+        return whole
+
+
+    def spans(layout, chunk):  # devices each group's members lie on, per (batch, head)
+        m, n = layout.sizes.group_size, layout.sizes.num_groups
+        members = np.asarray(layout.raw_pos)[..., : n * m].reshape(*layout.raw_pos.shape[:2], n, m)
+        return np.asarray([[[len(set(g // chunk)) for g in h] for h in b] for b in members])
+
+
+    # Random inputs: a distributed log-sum-exp reassociates floats, so the rank-r score margin
+    # must be clear of rounding for an exact focal set to be meaningful.
+    q, k, v = random_qkv(3, 2, 128, 4, 2, 8)
+    config = DGAConfig(16, 0.1, "global")
+    whole = same_layout(q, k, config, "random")
+    r = config.sizes(128).num_focal
+    top = -np.sort(-np.asarray(whole.score), axis=-1)
+    assert np.all(top[..., r - 1] - top[..., r] > 1e-4 * top[..., r - 1]), "margin at rank r"
+    assert spans(whole, 16).max() >= 2
+
+    # Focal tokens crowded onto the first devices (keys of device 1 align with every query):
+    # device 1 wholly focal, devices 3 to 7 none; groups jump over device 1.
+    u = jnp.ones((8,), F32)
+    whole = same_layout(q + u, k.at[:, 16:32].add(2.0 * u), DGAConfig(4, 0.25), "crowded")
+    focal = np.asarray(whole.focal)
+    assert focal[..., 16:32].all() and not focal[..., 48:].any(), focal.sum(-1)
+
+    # Groups spanning 3+ devices: m = 16 over devices of 8 positions with focal tokens between.
+    q64, k64, _ = random_qkv(4, 1, 64, 4, 2, 8)
+    whole = same_layout(q64, k64.at[:, 20:28].add(4.0 * u), DGAConfig(16, 0.3, "global"), "span")
+    assert spans(whole, 8).max() >= 3, spans(whole, 8)
+
+    # Exact ties across devices: zero keys tie every stretch of m positions (global), a zero
+    # last query ties its whole chunk (streaming); ties go to the earlier position either way.
+    zeros = jnp.zeros_like(k)
+    same_layout(q, zeros, DGAConfig(12, 0.25, "global"), "global ties")
+    same_layout(jnp.zeros_like(q), k, DGAConfig(4, 0.3, "streaming"), "streaming ties")
+    same_layout(q, k, DGAConfig(4, 0.3, "streaming"), "streaming")
+
+    # Streaming selection is causal across devices: changing the last device's tokens changes
+    # no earlier output (up to summation order: a chunk re-decided by a later query may move a
+    # visible token between the focal list and the raw band, as on one device).
+    attention = functools.partial(dga_jax.dga_attention, group_size=4, focal_ratio=0.3,
+                                  selection="streaming")
+    with jax.set_mesh(make_mesh((1, 1, 8, 1))):
+        fn = jax.jit(split(attention, "dga"))
+        before = fn(q, k, v)
+        after = fn(q, k.at[:, 112:].set(7.0), v.at[:, 112:].set(-7.0))
+    assert_close(after[:, :112], before[:, :112], FORWARD_TOL[F32])
+    assert not np.allclose(before[:, 112:], after[:, 112:])
+    print("ok")
+    """
+)
+
+
+COMPILED = textwrap.dedent(
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from dga_jax.aot import collectives, lower_context_attention
+
+    # Attention fwd + bwd at L = 16K, long enough for the O(L) arrays to outweigh the tiles.
+    L, HQ, HKV, D = 16384, 8, 4, 64
+    shape = dict(seq_len=L, heads=HQ, kv_heads=HKV, head_dim=D, dtype=jnp.float32)
+    for strategy, parts in (("dga", (1, 2, 4, 8)), ("ulysses", (1, 2, 4))):
+        temps = []
+        for p in parts:
+            compiled = lower_context_attention(
+                jax.devices(), (1, 1, p, 1), strategy=strategy, **shape
+            ).compile()
+            temps.append(compiled.memory_analysis().temp_size_in_bytes)
+            found = collectives(compiled)
+            print(strategy, p, temps[-1] / 2**20, [(c.op, c.elements) for c in found], flush=True)
+            if p == 1:
+                continue
+            if strategy == "dga":  # the full K or V never arrives anywhere
+                assert max(c.elements for c in found) < L * HKV * D, found
+            else:  # only all-to-alls of L / P-long blocks
+                assert {c.op for c in found} == {"all-to-all"}, found
+                assert max(c.elements for c in found) <= L // p * HQ * D, found
+        assert all(a > b for a, b in zip(temps, temps[1:])), (strategy, temps)
+        assert temps[-1] < temps[0] / 2, (strategy, temps)
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "script",
+    [EQUALITY, KERNELS, LAYOUT, COMPILED],
+    ids=["equality", "kernels", "layout", "compiled"],
+)
+def test_context_parallel_on_eight_devices(script):
+    run_on_fake_devices(script)
+
+
+def test_without_a_mesh_it_is_a_plain_call():
+    q, k, v = random_qkv(1, 1, 8, 2, 1, 4)
+    calls = []
+
+    def attention(q, k, v, split):
+        calls.append((q.shape, split.shards))
+        return q
+
+    assert per_shard(attention, q, k, v, batch="data", seq="seq", heads="tensor") is q
+    assert calls == [(q.shape, 1)]
+
+
+def _identity(q, k, v, split):
+    return q
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "match"),
+    [
+        ((2, 8, 2, 1, 4), dict(heads="tensor"), "KV heads"),  # one KV head over 2 devices
+        ((2, 8, 2, 2, 4), dict(batch="data"), "'data'"),  # not a mesh axis
+    ],
+)
+def test_shapes_the_mesh_cannot_split_raise(shape, axes, match):
+    q, k, v = random_qkv(1, *shape)
+    abstract = jax.sharding.AbstractMesh((2,), ("tensor",))
+    with jax.sharding.use_abstract_mesh(abstract), pytest.raises(ValueError, match=match):
+        per_shard(_identity, q, k, v, **{"batch": None, "heads": None, **axes})
+
+
+def test_strategy_choice_and_its_errors():
+    abstract = jax.sharding.AbstractMesh((4, 2), ("seq", "tensor"))
+    with jax.sharding.use_abstract_mesh(abstract):
+        assert choose_strategy("auto", 8, 64, "seq") == "ulysses"
+        assert choose_strategy("auto", 2, 64, "seq") == "dga"
+        assert choose_strategy("dga", 8, 64, "seq") == "dga"
+        with pytest.raises(ValueError, match=r"2 KV heads .* 'seq' of 4 devices.*'dga'"):
+            choose_strategy("ulysses", 2, 64, "seq")
+        with pytest.raises(ValueError, match=r"\(66 positions\) over mesh axes 'seq' of 4"):
+            choose_strategy("dga", 8, 66, "seq")
+    q, k, v = random_qkv(1, 1, 8, 2, 1, 4)
+    with pytest.raises(ValueError, match="context_parallel must be one of"):
+        per_shard(_identity, q, k, v, batch=None, heads=None, strategy="ring")
