@@ -8,9 +8,11 @@
 Mosaic and XLA:TPU from libtpu for v4, v5e, v5p, v6e topologies; XLA:GPU with Triton and ptxas
 for H100 and H200 target descriptions. For each target it compiles the DGA kernels (forward and
 gradient, both selections) at each length and block size, the tiny model's train step on 4
-devices (data 2 x tensor 2), and the LLaMA2-7B train step of `configs/llama7b_dga.py` (8K,
-FSDP over 8 chips) with the target's kernels. A block size that cannot fit is rejected before
-compiling (`rejected`). Prints a table; writes aot_compile.json and aot_compile.md to --out.
+devices (data 2 x tensor 2), the LLaMA2-7B train step of `configs/llama7b_dga.py` (8K,
+FSDP over 8 chips) with the target's kernels, and the same step at 128K with the sequence
+split over the chips under each context-parallel strategy. A block size that cannot fit is
+rejected before compiling (`rejected`). Prints a table; writes aot_compile.json and
+aot_compile.md to --out.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def main() -> int:
         keep(_kernels(target, args))
         keep([_tiny_step(target, seq_len) for seq_len in args.tiny_lengths])
     keep([_recipe_step(target, chips) for target, chips in args.recipes])
+    for target, chips, strategy in args.long_recipes:
+        keep([_long_step(target, chips, strategy, args.long_length)])
     print(_markdown(reports))
     failed = [r for r in reports if not r.ok and not r.label.startswith("rejected")]
     print(f"{len(reports) - len(failed)}/{len(reports)} ok or rejected before compiling")
@@ -106,6 +110,24 @@ def _recipe_step(target: str, chips: int) -> aot.CompileReport:
     devices = aot.target_devices(target, chips=chips)
     lowered = lower_train_step(from_config_dict(config), devices)
     label = f"llama7b_dga train step L=8192 B=64 (8 x 8 accum) FSDP on {chips}, {implementation}"
+    return _report(label, lowered, target)
+
+
+def _long_step(target: str, chips: int, strategy: str, seq_len: int) -> aot.CompileReport:
+    """The LLaMA2-7B step at `seq_len` with the sequence split over all chips (mesh seq =
+    chips): one sequence per micro-batch, 8 micro-batches, weights over (fsdp, seq)."""
+    config = llama7b_dga.get_config()
+    implementation = IMPLEMENTATION[aot.TARGETS[target].platform]
+    config.model.overrides.update(attention_impl=implementation, max_position=seq_len)
+    config.update_from_flattened_dict(dict.fromkeys(INPUTS, "compile only"))
+    config.data.seq_len = seq_len
+    config.train.global_batch_size = 8
+    config.mesh.update(data=1, fsdp=1, seq=chips, tensor=1, context_parallel=strategy)
+    lowered = lower_train_step(from_config_dict(config), aot.target_devices(target, chips=chips))
+    label = (
+        f"llama7b_dga train step L={seq_len} B=8 (8 x 1 accum), sequence over {chips} "
+        f"({strategy}), {implementation}"
+    )
     return _report(label, lowered, target)
 
 
@@ -165,6 +187,11 @@ def _recipes(text: str) -> list[tuple[str, int]]:
     return [(target, int(chips)) for target, chips in pairs]
 
 
+def _long_recipes(text: str) -> list[tuple[str, int, str]]:
+    triples = [item.split(":") for item in text.split(",") if item]
+    return [(target, int(chips), strategy) for target, chips, strategy in triples]
+
+
 def _blocks(text: str) -> list[BlockSizes]:
     pairs = [item.split("x") for item in text.split(",") if item]
     return [BlockSizes(block_q=int(q), block_k=int(k)) for q, k in pairs]
@@ -191,13 +218,21 @@ def _parse_args():
         help="TARGET:CHIPS,... for the LLaMA2-7B train step ('' for none): v5p:4 is a v5p-8",
     )
     p.add_argument(
+        "--long-recipes",
+        default="v5p:4:dga,v5p:8:ulysses,v5p:8:dga,h100:8:ulysses,h100:8:dga",
+        type=_long_recipes,
+        help="TARGET:CHIPS:STRATEGY,... for the 7B step at --long-length, sequence over CHIPS",
+    )
+    p.add_argument("--long-length", default=131072, type=int)
+    p.add_argument(
         "--expect-failures",
         action="store_true",
         help="exit 0 even if a compile fails (exploring block sizes)",
     )
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args()
-    unknown = sorted((set(args.targets) | {t for t, _ in args.recipes}) - set(aot.TARGETS))
+    named = set(args.targets) | {t for t, _ in args.recipes} | {t for t, *_ in args.long_recipes}
+    unknown = sorted(named - set(aot.TARGETS))
     if unknown:
         p.error(f"unknown targets {unknown}; choose from {sorted(aot.TARGETS)}")
     if jax.default_backend() != "cpu":

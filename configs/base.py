@@ -41,6 +41,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.fsdp = -1  # -1: all devices not used by the other axes
     config.mesh.seq = 1
     config.mesh.tensor = 1
+    # How attention treats a sequence split over `seq`: "auto" (Ulysses where the KV heads allow
+    # it, else "dga"), "ulysses" or "dga" (README, "Long sequences across devices").
+    config.mesh.context_parallel = "auto"
+    config.mesh.context_order = "contiguous"  # or "zigzag": balances causal work across `seq`
 
     config.optim = ml_collections.ConfigDict()
     config.optim.learning_rate = 1e-3

@@ -30,15 +30,20 @@ def global_batch(
     rows: list[int],
     sharding: NamedSharding,
     shape: tuple[int, int, int],
+    order: np.ndarray,
 ) -> dict[str, jax.Array]:
-    """This process's `rows` ([len(rows), T] arrays) -> global [A, B / A, T] arrays."""
+    """This process's `rows` ([len(rows), T] arrays) -> global [A, B / A, T] arrays.
+
+    Every row is permuted by `order` first (column t holds token `order[t]`): the model's
+    `row_positions`, e.g. zig-zag order for context parallelism.
+    """
     slot = {row: i for i, row in enumerate(rows)}
 
     def shard(values: np.ndarray, index: tuple[slice, ...]) -> np.ndarray:
         micro = range(*index[0].indices(shape[0]))
         position = range(*index[1].indices(shape[1]))
         picked = np.array([[slot[a * shape[1] + r] for r in position] for a in micro])
-        return values[picked][..., index[2]]
+        return values[picked][..., order[index[2]]]
 
     return {
         key: jax.make_array_from_callback(shape, sharding, functools.partial(shard, local[key]))

@@ -15,7 +15,7 @@ from typing import Any
 from dga_jax import ModelConfig, strict
 from dga_jax.errors import ConfigError
 from dga_jax.model.config import ARCHITECTURE_FIELDS
-from dga_jax.ops.dga.sharded import STRATEGIES
+from dga_jax.ops.dga.sharded import CONTEXT_ORDERS, STRATEGIES
 from dga_jax.sharding import MESH_AXES
 
 
@@ -24,7 +24,9 @@ class MeshConfig:
     """Device mesh (data, fsdp, seq, tensor); one axis may be -1: all remaining devices.
 
     `context_parallel`: how attention treats a sequence split over `seq` (the model's
-    `context_parallel`: "auto", "ulysses" or "dga"; README, "Long sequences across devices").
+    `context_parallel`: "auto", "ulysses" or "dga"); `context_order`: "contiguous", or "zigzag"
+    to balance causal work (the batches' rows are permuted once, the model follows). README,
+    "Long sequences across devices".
     """
 
     data: int = 1
@@ -32,13 +34,14 @@ class MeshConfig:
     seq: int = 1
     tensor: int = 1
     context_parallel: str = "auto"
+    context_order: str = "contiguous"
 
     def __post_init__(self):
-        if self.context_parallel not in STRATEGIES:
-            raise ConfigError(
-                f"config.mesh.context_parallel must be one of {STRATEGIES}, "
-                f"got {self.context_parallel!r}"
-            )
+        for key, allowed in (("context_parallel", STRATEGIES), ("context_order", CONTEXT_ORDERS)):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"config.mesh.{key} must be one of {allowed}, got {getattr(self, key)!r}"
+                )
 
     def shape(self, device_count: int) -> tuple[int, int, int, int]:
         sizes = [getattr(self, axis) for axis in MESH_AXES]
@@ -184,13 +187,13 @@ def from_config_dict(config: Any) -> TrainConfig:
             + "; ".join(f"--config.{key}={INPUTS[key]}" for key in unset)
         )
     sections = strict.build(_Sections, values, "config.")
-    if "context_parallel" in sections.model.overrides:
-        raise ConfigError(
-            "config.model.overrides.context_parallel: set config.mesh.context_parallel instead"
-        )
+    mesh_keys = ("context_parallel", "context_order")  # the mesh section sets them for the model
+    for key in mesh_keys:
+        if sections.model.overrides.get(key) is not None:
+            raise ConfigError(f"config.model.overrides.{key}: set config.mesh.{key} instead")
     try:
         model = _model_config(sections.model.preset, sections.model.overrides)
-        model = model.replace(context_parallel=sections.mesh.context_parallel)
+        model = model.replace(**{key: getattr(sections.mesh, key) for key in mesh_keys})
     except ValueError as error:  # a preset name or a cross-field rule of ModelConfig
         if isinstance(error, ConfigError):
             raise

@@ -71,6 +71,7 @@ class _Setup:
     batch_sharding: NamedSharding  # of [accum, B / accum, T] batches
     batch_shape: tuple[int, int, int]
     rows: list[int]  # global batch rows this process's devices hold
+    row_order: np.ndarray  # [T] position of each column of a batch (`Llama.row_positions`)
 
 
 def run(config: TrainConfig, workdir: str | Path) -> Summary:
@@ -126,6 +127,7 @@ def _setup(config: TrainConfig, devices: Sequence[jax.Device] | None = None) -> 
         tx = make_optimizer(config.optim, config.train.steps, weight_decay_mask(abstract_params))
         param_shardings = nnx.get_named_sharding(abstract_params, mesh)
         abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        row_order = abstract_model.row_positions(config.data.seq_len)
     replicated = NamedSharding(mesh, PartitionSpec())
     opt_shardings = optax.tree_map_params(
         tx,
@@ -156,6 +158,7 @@ def _setup(config: TrainConfig, devices: Sequence[jax.Device] | None = None) -> 
         batch_sharding,
         batch_shape,
         addressed_rows(batch_sharding, batch_shape),
+        row_order,
     )
 
 
@@ -233,6 +236,7 @@ def _model_changes(config: TrainConfig) -> dict[str, Any]:
         "dga",
         "attention_impl",
         "context_parallel",
+        "context_order",
         "dtype",
         "param_dtype",
         "remat",
@@ -353,8 +357,9 @@ class _Trainer:
         self.checkpoints.save(int(state.step), state, data_state, record, force=force)
 
     def _batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        setup = self.setup
         return global_batch(
-            local, self.setup.rows, self.setup.batch_sharding, self.setup.batch_shape
+            local, setup.rows, setup.batch_sharding, setup.batch_shape, setup.row_order
         )
 
     def _log_train(self, done: int, state: TrainState, out: dict[str, jax.Array]) -> None:

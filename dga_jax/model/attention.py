@@ -49,7 +49,9 @@ class DGAttention(nnx.Module):
         """x: [B, T, D], positions: [B, T] -> [B, T, D].
 
         `positions` only rotate q and k (RoPE); the causal mask and DGA's groups take token t to
-        be row t of the sequence, as in packed pretraining.
+        be row t of the sequence, as in packed pretraining, or, with config.context_order
+        "zigzag" and the sequence split over the mesh, row i to hold position
+        `zigzag_order(T, P)[i]` (`Llama` passes those positions).
         """
         q, k, v = self._qkv(x, positions)
         return self._project(self._attend(q, k, v))
@@ -111,6 +113,7 @@ class DGAttention(nnx.Module):
             seq=seq,
             heads=heads,
             strategy=self.config.context_parallel,
+            zigzag=self.config.context_order == "zigzag",
         )
 
     def _kernel(self, q: jax.Array, k: jax.Array, v: jax.Array, split: ContextSplit) -> jax.Array:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from dga_jax import strict
 from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.sharded import STRATEGIES
+from dga_jax.ops.dga.sharded import CONTEXT_ORDERS, STRATEGIES
 
 ATTENTION_KINDS = ("dense", "dga")
 ROPE_KINDS = ("none", "linear", "llama3")
@@ -73,6 +73,7 @@ class ModelConfig:
     dga: DGAConfig = DGAConfig()
     attention_impl: str | None = None  # None: the library's default for the backend
     context_parallel: str = "auto"  # how a sequence split over the `seq` mesh axis is attended
+    context_order: str = "contiguous"  # or "zigzag": rows of a split sequence in zig-zag order
     remat: str = "none"
 
     def __post_init__(self):
@@ -97,6 +98,7 @@ class ModelConfig:
         for name, allowed in (
             ("attention", ATTENTION_KINDS),
             ("context_parallel", STRATEGIES),
+            ("context_order", CONTEXT_ORDERS),
             ("remat", REMAT_POLICIES),
             ("dtype", DTYPES),
             ("param_dtype", DTYPES),

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from dga_jax.model.attention import DGAttention
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.layers import MLP, RMSNorm, param
+from dga_jax.ops.context import zigzag_order
 from dga_jax.ops.dga.decode import DenseCache, DenseUpdate, DGACache, DGAUpdate, apply_update
+from dga_jax.ops.dga.sharded import shard_count
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
 
 REMAT = {
@@ -32,6 +35,13 @@ class DecoderLayer(nnx.Module):
         with jax.named_scope("attention_block"):
             x = x + self.attn(self.attn_norm(x), positions)
         return self._mlp_block(x)
+
+    def row_positions(self, seq_len: int) -> np.ndarray:
+        """[T] position of each row of a training sequence under the current mesh."""
+        parts = shard_count(self.rules.spec(("seq",))[0])
+        if self.config.context_order == "zigzag" and parts > 1:
+            return zigzag_order(seq_len, parts)
+        return np.arange(seq_len)
 
     def prefill(
         self, x: jax.Array, max_len: int, capacity: int | None
@@ -80,10 +90,15 @@ class Llama(nnx.Module):
             )
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """tokens: [B, T] int -> float32 logits [B, T, V]; positions default to 0..T-1."""
+        """tokens: [B, T] int -> float32 logits [B, T, V].
+
+        `positions` default to each row's order: 0..T-1, or with config.context_order "zigzag"
+        and the sequence split over the mesh's `seq` axes, `row_positions` (the data path
+        permutes every row so).
+        """
         config = self.config
         if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+            positions = jnp.broadcast_to(self.row_positions(tokens.shape[1]), tokens.shape)
         x = self._embed(tokens)
         graphdef, state = nnx.split(self.layers)
 

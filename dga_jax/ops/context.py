@@ -1,10 +1,14 @@
-"""A sequence split into contiguous parts over a mesh axis: the collectives attention needs.
+"""A sequence split over a mesh axis: where each position lives, and the collectives attention
+needs.
 
-Inside a `jax.shard_map` whose inputs are split along the sequence, each device holds positions
-`[index * C, (index + 1) * C)` of a sequence of `L = shards * C`. `ContextSplit` names the mesh
-axis (or axes) and the number of parts, and wraps the few collectives that context-parallel
-attention uses. `WHOLE` is the unsplit sequence: every collective is the identity, so the same
-code computes the single-device function.
+Inside a `jax.shard_map` whose inputs are split along the sequence, each of P devices holds
+C = L / P rows. Contiguous order: device p holds positions `[p * C, (p + 1) * C)`. Zig-zag
+order (load balancing for causal attention): the sequence is cut into 2P pieces and device p
+holds pieces p and 2P - 1 - p, so every device has as many early as late positions; the data
+path permutes each row once (`zigzag_order`) and positions are no longer row indices.
+`ContextSplit` names the mesh axis (or axes), the number of parts and the order. `WHOLE` is the
+unsplit sequence: every collective is the identity, so the same code computes the
+single-device function.
 """
 
 from __future__ import annotations
@@ -24,10 +28,37 @@ class ContextSplit:
 
     axis: MeshAxes = None
     shards: int = 1
+    zigzag: bool = False
 
     def __post_init__(self):
         if self.shards < 1 or (self.shards > 1) != (self.axis is not None):
             raise ValueError(f"ContextSplit needs a mesh axis iff shards > 1, got {self}")
+
+    @property
+    def pieces(self) -> int:
+        """Contiguous runs of positions per device: 2 in zig-zag order, else 1."""
+        return 2 if self.zigzag and self.shards > 1 else 1
+
+    def order(self, seq_len: int) -> np.ndarray:
+        """Position of each row of the device-order sequence (all parts concatenated)."""
+        return zigzag_order(seq_len, self.shards) if self.pieces == 2 else np.arange(seq_len)
+
+    def firsts(self, chunk: int) -> list[jax.Array]:
+        """First position of each of this device's pieces (int32 scalars); C = chunk rows."""
+        span, index = chunk // self.pieces, self.index()
+        if self.pieces == 1:
+            return [index * chunk]
+        return [index * span, (2 * self.shards - 1 - index) * span]
+
+    def positions(self, chunk: int) -> jax.Array:
+        """[C] position of each local row."""
+        span = chunk // self.pieces
+        return jnp.concatenate([f + jnp.arange(span, dtype=jnp.int32) for f in self.firsts(chunk)])
+
+    def piece_rows(self, x: jax.Array) -> list[jax.Array]:
+        """x [B, C, ...] cut into this device's pieces along axis 1."""
+        span = x.shape[1] // self.pieces
+        return [x[:, i * span : (i + 1) * span] for i in range(self.pieces)]
 
     def index(self) -> jax.Array:
         """This device's part, as an int32 scalar (0 for `WHOLE`)."""
@@ -40,6 +71,13 @@ class ContextSplit:
         if self.shards == 1:
             return x
         return jax.lax.all_gather(x, self.axis, axis=axis, tiled=True)
+
+    def gather_sequence(self, x: jax.Array, axis: int) -> jax.Array:
+        """The whole sequence of `x` along `axis`, in position order, on every device."""
+        x = self.gather(x, axis)
+        if self.pieces == 1:
+            return x
+        return jnp.take(x, jnp.asarray(np.argsort(self.order(x.shape[axis]))), axis=axis)
 
     def psum(self, x: jax.Array) -> jax.Array:
         return x if self.shards == 1 else jax.lax.psum(x, self.axis)
@@ -54,17 +92,33 @@ class ContextSplit:
         number of slots per device), so only those rows cross devices.
         """
         chunk = x.shape[1]
-        owner = positions // chunk
+        row = np.argsort(self.order(chunk * self.shards))[positions]  # in device order
+        owner = row // chunk
         counts = np.bincount(owner, minlength=self.shards)
         slots = max(int(counts.max()), 1)
         table = np.zeros((self.shards, slots), np.int32)  # local row of each device's slot
         order = np.empty(len(positions), np.int64)  # gathered slot of each position
         for p in range(self.shards):
             mine = np.flatnonzero(owner == p)
-            table[p, : len(mine)] = positions[mine] - p * chunk
+            table[p, : len(mine)] = row[mine] - p * chunk
             order[mine] = p * slots + np.arange(len(mine))
         local = jnp.take(x, jnp.asarray(table)[self.index()], axis=1)
         return jnp.take(self.gather(local, axis=1), jnp.asarray(order), axis=1)
 
 
 WHOLE = ContextSplit()
+
+
+def zigzag_order(seq_len: int, parts: int) -> np.ndarray:
+    """[L] positions in zig-zag device order: pieces 0, 2P-1, 1, 2P-2, ... of L / 2P each.
+
+    Row i of a zig-zag batch holds position `zigzag_order(L, P)[i]`; device p's C = L / P rows
+    are pieces p and 2P - 1 - p.
+    """
+    if seq_len % (2 * parts):
+        raise ValueError(
+            f"zig-zag order cuts the sequence ({seq_len} positions) into 2 x {parts} pieces: "
+            f"the length must be a multiple of {2 * parts} (or use contiguous order)"
+        )
+    pieces = np.arange(seq_len).reshape(2 * parts, -1)
+    return np.concatenate([pieces[i] for p in range(parts) for i in (p, 2 * parts - 1 - p)])

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -73,10 +74,12 @@ def _dense(q, k, v, *, scale, implementation, block_sizes, split):
         return jax.nn.dot_product_attention(
             q, k, v, scale=scale, is_causal=True, implementation=implementation
         )
-    k, v = split.gather(k, axis=1), split.gather(v, axis=1)
+    k, v = split.gather_sequence(k, axis=1), split.gather_sequence(v, axis=1)
     b, seq_len, hkv, _ = k.shape
-    first = split.index() * q.shape[1]  # query row r is position first + r
-    positions = jnp.arange(seq_len, dtype=jnp.int32) - first
-    positions = jnp.broadcast_to(positions, (b, hkv, seq_len))
-    tokens = Entries(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), positions)
-    return interval_attention(q, tokens, scale=scale, block_sizes=block_sizes)
+    keys = Entries(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), None)
+    out = []
+    for rows, first in zip(split.piece_rows(q), split.firsts(q.shape[1]), strict=True):
+        positions = jnp.arange(seq_len, dtype=jnp.int32) - first  # query row r: position first + r
+        tokens = dataclasses.replace(keys, start=jnp.broadcast_to(positions, (b, hkv, seq_len)))
+        out.append(interval_attention(rows, tokens, scale=scale, block_sizes=block_sizes))
+    return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]

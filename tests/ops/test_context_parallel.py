@@ -14,6 +14,7 @@ import textwrap
 import jax
 import pytest
 
+from dga_jax.ops.context import zigzag_order
 from dga_jax.ops.dga.sharded import choose_strategy, per_shard
 from tests.conftest import random_qkv, run_on_fake_devices
 
@@ -27,7 +28,7 @@ from jax.sharding import PartitionSpec as P
 
 import dga_jax
 from dga_jax import BlockSizes
-from dga_jax.ops.context import ContextSplit
+from dga_jax.ops.context import ContextSplit, zigzag_order
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.layout import dga_layout
 from dga_jax.ops.dga.sharded import per_shard
@@ -38,17 +39,19 @@ assert jax.device_count() == 8
 F32 = jnp.float32
 
 
-def split(attention, strategy):
+def split(attention, strategy, zigzag=False):
     def sharded(q, k, v):
         return per_shard(
             lambda q, k, v, split: attention(q, k, v, split=split),
             q, k, v, batch=("data", "fsdp"), seq="seq", heads="tensor", strategy=strategy,
+            zigzag=zigzag,
         )
     return sharded
 
 
-def value_and_grads(fn, q, k, v):
+def value_and_grads(fn, q, k, v, order=None):
     ct = jnp.cos(jnp.arange(q.size, dtype=F32)).reshape(q.shape)
+    ct = ct if order is None else ct[:, order]
     def loss(q, k, v):
         out = fn(q, k, v)
         return jnp.sum(out * ct), out
@@ -56,14 +59,20 @@ def value_and_grads(fn, q, k, v):
     return out, grads
 
 
-def check(attention, q, k, v, mesh, strategy, what):
+# Values and gradients under the mesh equal one device's; in zig-zag order the rows are
+# permuted on the way in and back on the way out, as the data path does.
+def check(attention, q, k, v, mesh, strategy, what, zigzag=False):
     expected = value_and_grads(attention, q, k, v)
+    order = zigzag_order(q.shape[1], mesh[2]) if zigzag else np.arange(q.shape[1])
     with jax.set_mesh(make_mesh(mesh)):
-        got = value_and_grads(split(attention, strategy), q, k, v)
-    assert_close(got[0], expected[0], FORWARD_TOL[F32])
+        got = value_and_grads(
+            split(attention, strategy, zigzag), *(x[:, order] for x in (q, k, v)), order
+        )
+    back = np.argsort(order)
+    assert_close(got[0][:, back], expected[0], FORWARD_TOL[F32])
     for a, b in zip(got[1], expected[1], strict=True):
-        assert_close(a, b, GRAD_TOL[F32])
-    print("equal:", what, mesh, strategy, flush=True)
+        assert_close(a[:, back], b, GRAD_TOL[F32])
+    print("equal:", what, mesh, strategy, "zigzag" if zigzag else "", flush=True)
 """
 
 EQUALITY = PRELUDE + textwrap.dedent(
@@ -98,6 +107,18 @@ EQUALITY = PRELUDE + textwrap.dedent(
     blockwise = functools.partial(dense, implementation="blockwise")
     check(blockwise, q, k, v, (1, 1, 8, 1), "dga", "dense")
     check(blockwise, q, k, v, (1, 1, 4, 2), "dga", "dense")
+    # Zig-zag order: each device holds an early and a late piece (of 4 positions at P = 8).
+    for selection in ("global", "streaming"):
+        for m, gamma in ((4, 0.2), (16, 0.5)):
+            attention = functools.partial(
+                dga_jax.dga_attention, group_size=m, focal_ratio=gamma, selection=selection
+            )
+            for mesh in ((1, 1, 8, 1), (1, 1, 4, 2)):
+                check(attention, q, k, v, mesh, "dga", (selection, m, gamma), zigzag=True)
+    attention = functools.partial(dga_jax.dga_attention, group_size=4, selection="streaming")
+    check(attention, q8, k8, v8, (2, 1, 2, 2), "ulysses", "streaming", zigzag=True)
+    check(blockwise, q, k, v, (1, 1, 8, 1), "dga", "dense", zigzag=True)
+    check(dense, q8, k8, v8, (1, 1, 8, 1), "ulysses", "dense", zigzag=True)
     print("ok")
     """
 )
@@ -115,6 +136,7 @@ KERNELS = PRELUDE + textwrap.dedent(
             implementation=implementation, interpret=True, block_sizes=blocks[implementation],
         )
         check(attention, q, k, v, (1, 1, 4, 2), "dga", implementation)
+        check(attention, q, k, v, (1, 1, 2, 2), "dga", implementation, zigzag=True)
     print("ok")
     """
 )
@@ -282,3 +304,14 @@ def test_strategy_choice_and_its_errors():
     q, k, v = random_qkv(1, 1, 8, 2, 1, 4)
     with pytest.raises(ValueError, match="context_parallel must be one of"):
         per_shard(_identity, q, k, v, batch=None, heads=None, strategy="ring")
+
+
+def test_zigzag_order():
+    order = zigzag_order(16, 4)  # pieces of 2: device p holds pieces p and 7 - p
+    assert order.tolist() == [0, 1, 14, 15, 2, 3, 12, 13, 4, 5, 10, 11, 6, 7, 8, 9]
+    with pytest.raises(ValueError, match=r"\(20 positions\) into 2 x 4 pieces.*multiple of 8"):
+        zigzag_order(20, 4)
+    q, k, v = random_qkv(1, 1, 20, 2, 2, 4)
+    abstract = jax.sharding.AbstractMesh((4,), ("seq",))
+    with jax.sharding.use_abstract_mesh(abstract), pytest.raises(ValueError, match="zig-zag"):
+        per_shard(_identity, q, k, v, batch=None, heads=None, seq="seq", zigzag=True)

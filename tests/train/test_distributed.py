@@ -216,6 +216,21 @@ def test_every_mesh_gives_the_same_losses(runs, attention):
 
 
 @pytest.mark.parametrize("attention", sorted(CONFIGS))
+def test_each_context_parallel_strategy_gives_the_same_losses(runs, attention):
+    """On (2, 2, 2, 1) "auto" runs Ulysses (the tiny model's 2 KV heads split 2 ways); the
+    native "dga" strategy keeps the sequence split through the attention. (The mesh test's
+    seq = 4 and 8 runs are "dga" under "auto": 2 KV heads cannot split 4 ways.)"""
+    native = Run(attention, MULTI_HOST_MESH, extra=(("mesh.context_parallel", "dga"),))
+    reference, ulysses, split = runs.get(
+        [Run(attention, REFERENCE_MESH), Run(attention, MULTI_HOST_MESH), native]
+    )
+    assert_same_curve(ulysses, reference, f"{attention}, ulysses on {MULTI_HOST_MESH}")
+    assert_same_curve(
+        split, reference, f"{attention}, dga context parallelism on {MULTI_HOST_MESH}"
+    )
+
+
+@pytest.mark.parametrize("attention", sorted(CONFIGS))
 def test_two_processes_give_the_same_losses_as_one(runs, attention):
     """`--distributed` with 2 processes of 4 devices trains as 1 process of 8 on that mesh."""
     single = Run(attention, MULTI_HOST_MESH)

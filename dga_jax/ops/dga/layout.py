@@ -108,7 +108,7 @@ def global_importance(
     b, chunk, hkv = q.shape[0], q.shape[1], k.shape[2]
     pos = sampled_positions(chunk * split.shards, group_size)
     tiles = _ImportanceTiles.build(
-        split.rows(q, pos), pos, k, group_size, scale, block, split.index() * chunk
+        split.rows(q, pos), pos, k, group_size, scale, block, split.positions(chunk)
     )
     mx, total = jax.lax.map(
         functools.partial(_sampled_stats, tiles), jnp.arange(tiles.row_blocks)
@@ -120,7 +120,7 @@ def global_importance(
     keys = jnp.arange(tiles.ks.shape[1] // block)
     s = jax.lax.map(functools.partial(_key_importance, tiles, lse), keys)  # [nK, B*Hkv, block]
     s = s.transpose(1, 0, 2).reshape(b, hkv, -1)[..., :chunk]
-    return split.gather(s, axis=2)
+    return split.gather_sequence(s, axis=2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,8 +130,7 @@ class _ImportanceTiles:
     qs: jax.Array  # [B*Hkv, nS (padded), G, D] sampled queries
     ks: jax.Array  # [B*Hkv, C (padded to block), D]
     row_pos: jax.Array  # [nS (padded)] int32 positions of the sampled queries, -1 for padding
-    key_offset: jax.Array  # int32 scalar: the position of key 0 of this device
-    chunk: int  # keys of this device (ks beyond them is padding)
+    key_pos: jax.Array  # [C (padded)] int32 increasing positions of the keys, NEVER for padding
     rows: int  # sampled queries per tile: a tile spans ~block positions
     block: int  # keys per tile
     group_size: int
@@ -139,9 +138,9 @@ class _ImportanceTiles:
 
     @classmethod
     def build(
-        cls, qs, pos: np.ndarray, k, group_size: int, scale: float, block: int, key_offset
+        cls, qs, pos: np.ndarray, k, group_size: int, scale: float, block: int, key_pos
     ) -> _ImportanceTiles:
-        """qs [B, nS, Hq, D] at sampled positions `pos`, k [B, C, Hkv, D] from `key_offset`."""
+        """qs [B, nS, Hq, D] at sampled positions `pos`, k [B, C, Hkv, D] at `key_pos` [C]."""
         b, n_sampled, hq, d = qs.shape
         chunk, hkv = k.shape[1], k.shape[2]
         rows = max(1, block // group_size)
@@ -156,15 +155,12 @@ class _ImportanceTiles:
             ((0, 0), (0, n_keys - chunk), (0, 0)),
         )
         row_pos = jnp.asarray(np.pad(pos, (0, n_rows - n_sampled), constant_values=-1), jnp.int32)
-        return cls(qs, ks, row_pos, key_offset, chunk, rows, block, group_size, scale)
+        key_pos = jnp.pad(key_pos, (0, n_keys - chunk), constant_values=NEVER)
+        return cls(qs, ks, row_pos, key_pos, rows, block, group_size, scale)
 
     @property
     def row_blocks(self) -> int:
         return self.qs.shape[1] // self.rows
-
-    @property
-    def key_blocks(self) -> int:
-        return self.ks.shape[1] // self.block
 
     def positions(self, i: jax.Array) -> jax.Array:
         """[rows] positions of sampled-query tile i."""
@@ -185,9 +181,8 @@ class _ImportanceTiles:
             * self.scale
         )
         j = jnp.repeat(self.positions(i), g)  # [rows*G]
-        key = self.key_offset + kb * self.block + jnp.arange(self.block)
-        visible = (key[None, :] <= j[:, None]) & (key[None, :] < self.key_offset + self.chunk)
-        return s, visible
+        key = jax.lax.dynamic_slice_in_dim(self.key_pos, kb * self.block, self.block)
+        return s, key[None, :] <= j[:, None]
 
 
 def _sampled_stats(tiles: _ImportanceTiles, i: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -203,9 +198,8 @@ def _sampled_stats(tiles: _ImportanceTiles, i: jax.Array) -> tuple[jax.Array, ja
 
     shape = (tiles.qs.shape[0], tiles.rows * tiles.qs.shape[2])
     init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape))
-    last_key_block = (jnp.max(tiles.positions(i)) - tiles.key_offset) // tiles.block
-    end = jnp.clip(last_key_block + 1, 0, tiles.key_blocks)
-    return jax.lax.fori_loop(0, end, body, init)
+    keys = jnp.searchsorted(tiles.key_pos, jnp.max(tiles.positions(i)), side="right")
+    return jax.lax.fori_loop(0, -(-keys // tiles.block), body, init)
 
 
 def _key_importance(tiles: _ImportanceTiles, lse: jax.Array, kb: jax.Array) -> jax.Array:
@@ -216,7 +210,7 @@ def _key_importance(tiles: _ImportanceTiles, lse: jax.Array, kb: jax.Array) -> j
         return acc + jnp.where(visible, jnp.exp(s - lse[i][..., None]), 0.0).sum(axis=1)
 
     # Sampled tile i spans positions < (i + 1) * rows * m: earlier tiles end before key block kb.
-    first = (tiles.key_offset + kb * tiles.block) // (tiles.rows * tiles.group_size)
+    first = tiles.key_pos[kb * tiles.block] // (tiles.rows * tiles.group_size)
     init = jnp.zeros((tiles.qs.shape[0], tiles.block))
     return jax.lax.fori_loop(first, tiles.row_blocks, body, init)
 
@@ -262,7 +256,7 @@ def streaming_score(
     if n == 0:
         return jnp.zeros((b, hkv, sizes.seq_len), jnp.float32)
     last = split.rows(q, np.arange(n) * width + width - 1)  # [B, n, Hq, D]
-    c = (split.index() * chunk + jnp.arange(chunk)) // width  # chunk of each local key
+    c = split.positions(chunk) // width  # chunk of each local key
     ids = jnp.where(c < n, c, n)  # n: no chunk (the segment ops drop it)
     q_key = jnp.take(last, jnp.minimum(c, n - 1), axis=1)  # [B, C, Hq, D]
     q_key = q_key.reshape(b, chunk, hkv, hq // hkv, d)
@@ -272,7 +266,7 @@ def streaming_score(
     p = jnp.where((c < n)[:, None, None, None], jnp.exp(logits - top[jnp.minimum(c, n - 1)]), 0.0)
     total = split.psum(jax.ops.segment_sum(p, ids, n))
     score = (p / total[jnp.minimum(c, n - 1)]).sum(-1)  # [C, B, Hkv]
-    return split.gather(score.transpose(1, 2, 0), axis=2)
+    return split.gather_sequence(score.transpose(1, 2, 0), axis=2)
 
 
 def chunk_focal_mask(score: jax.Array, sizes: LayoutSizes) -> jax.Array:
@@ -391,40 +385,39 @@ def compressed_kv(
     *,
     block: int = 1024,
     split: ContextSplit = WHOLE,
-) -> tuple[Entries, Entries | None, int]:
-    """(prefix, band, band lag): the KV' the queries of q [B, C, Hq, D] attend to.
+) -> tuple[list[tuple[Entries, Entries | None]], int]:
+    """([(prefix, band) per piece], band lag): the KV' the queries of q [B, C, Hq, D] attend to.
 
-    Entry intervals are relative to this device's first position, so query row r (position
-    `split.index() * C + r`) sees entry e iff `start_e <= r < until_e`, as `interval_attention`
-    and the kernels assume. The band lag is the number of raw entries that can start before a
-    query and still be visible to it: the members of one unfinished group or chunk.
+    One piece (the device's rows) unless `split` is in zig-zag order (two). A piece's entry
+    intervals are relative to its first position, so its query row r sees entry e iff
+    `start_e <= r < until_e`, as `interval_attention` and the kernels assume. The band lag is the
+    number of raw entries that can start before a query and still be visible to it: the members
+    of one unfinished group or chunk.
     """
     layout = dga_layout(q, k, config, scale, block=block, split=split)
     sizes = layout.sizes
     lag = max(sizes.chunk, sizes.group_size) - 1
     if split.shards == 1:
         prefix, raw = gather_entries(layout, k, v)
-    else:
-        prefix, raw = split_entries(layout, k, v, split, lag)
-    return prefix, (raw if sizes.num_raw else None), lag
+        return [(prefix, raw if sizes.num_raw else None)], lag
+    return split_entries(layout, k, v, split, lag), lag
 
 
 def split_entries(
     layout: DGALayout, k: jax.Array, v: jax.Array, split: ContextSplit, lag: int
-) -> tuple[Entries, Entries | None]:
-    """`gather_entries` for this device's part k, v [B, C, Hkv, D] of a split sequence.
+) -> list[tuple[Entries, Entries | None]]:
+    """`gather_entries` for this device's rows k, v [B, C, Hkv, D] of a split sequence: the
+    (prefix, band) of each of its pieces, intervals relative to the piece's first position.
 
     The prefix (~(gamma + 1/m) L entries) is summed across devices: each adds its focal tokens
     and its members' weighted shares of their groups (in float32: a group may straddle devices).
-    The band is the window of the raw list this device's queries can see: its own raw tokens
-    and fewer than `lag + 1` earlier ones, gathered from each device's last `lag` raw tokens.
-    Intervals are shifted to this device's first position.
+    A piece's band is the window of the raw list its queries can see: its own raw tokens and
+    fewer than `lag + 1` earlier ones, taken from every piece's last `lag` raw tokens (gathered).
     """
-    chunk, first = k.shape[1], split.index() * k.shape[1]
+    chunk, positions = k.shape[1], split.positions(k.shape[1])
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, C, D]
     slot, weight = jax.vmap(jax.vmap(_prefix_slots))(layout)  # [B, H, L]
-    slot = jax.lax.dynamic_slice_in_dim(slot, first, chunk, axis=2)
-    weight = jax.lax.dynamic_slice_in_dim(weight, first, chunk, axis=2)
+    slot, weight = (jnp.take(x, positions, axis=2) for x in (slot, weight))
     n_prefix = layout.prefix_from.shape[-1]
 
     def fold(x):  # [B, H, C, D] -> [B, H, NP, D]: this device's share of every prefix entry
@@ -433,13 +426,16 @@ def split_entries(
         return split.psum(add(slot, shares, n_prefix)).astype(x.dtype)
 
     bias = jnp.where(layout.prefix_is_group, math.log(layout.sizes.group_size), 0.0)
-    prefix = Entries(fold(kt), fold(vt), layout.prefix_from - first, None, bias)
-    if not layout.sizes.num_raw:
-        return prefix, None
-    pos, until, take = _band_window(layout, split, chunk, lag)
-    never = until == NEVER
-    band = Entries(take(kt), take(vt), pos - first, jnp.where(never, NEVER, until - first))
-    return prefix, band
+    prefix_k, prefix_v = fold(kt), fold(vt)
+    span = chunk // split.pieces
+    band = _Band(layout, split, span, lag)
+    halos = (band.halo(kt), band.halo(vt)) if lag and layout.sizes.num_raw else (None, None)
+    out = []
+    for piece, first in enumerate(split.firsts(chunk)):
+        prefix = Entries(prefix_k, prefix_v, layout.prefix_from - first, None, bias)
+        window = band.window((kt, vt), halos, piece, first) if layout.sizes.num_raw else None
+        out.append((prefix, window))
+    return out
 
 
 def _prefix_slots(layout: DGALayout) -> tuple[jax.Array, jax.Array]:
@@ -462,46 +458,79 @@ def _scatter_add(slot: jax.Array, x: jax.Array, size: int) -> jax.Array:
     return jnp.zeros((size, x.shape[-1]), x.dtype).at[slot].add(x, mode="drop")
 
 
-def _band_window(layout: DGALayout, split: ContextSplit, chunk: int, lag: int):
-    """The raw entries this device's queries can see: positions, untils [B, H, W] and a
-    function taking their rows of a local [B, H, C, D] array (earlier devices' from the halo)."""
-    raw_pos, raw_until = layout.raw_pos, layout.raw_until
-    n_raw = raw_pos.shape[-1]
-    width = min(n_raw, chunk + lag)
-    first = split.index() * chunk
-    start = jnp.minimum(jnp.sum(raw_until <= first, axis=-1), n_raw - width)  # [B, H]
-    index = start[..., None] + jnp.arange(width, dtype=jnp.int32)  # [B, H, W]
-    pos = jnp.take_along_axis(raw_pos, index, axis=-1)
-    until = jnp.take_along_axis(raw_until, index, axis=-1)
-    local = (pos >= first) & (pos < first + chunk)
-    row = jnp.clip(pos - first, 0, chunk - 1)[..., None]
+@dataclasses.dataclass(frozen=True)
+class _Band:
+    """The raw entries each piece's queries can see, with the halo they need from before it.
 
-    def count_before(x):  # #{raw_pos < x} per (batch, head); x [B, H, n] or a scalar
-        x = jnp.asarray(x)
-        x = jnp.broadcast_to(x, raw_pos.shape[:2] + (x.shape[2:] if x.ndim > 2 else (1,)))
-        return jax.vmap(jax.vmap(_search_left))(raw_pos, x)
+    Pieces are `span` positions long; global piece g covers [g * span, (g + 1) * span). Each
+    piece's last `lag` raw tokens hold every earlier raw entry a later piece can see (the
+    members of the group or chunk unfinished at its first query), so gathering them from every
+    piece is enough: P * pieces * lag rows.
+    """
 
-    # Each device's last `lag` raw tokens (as raw-list indices) hold every earlier raw entry a
-    # later device can see: the members of the group (or chunk) unfinished at its first query.
-    tail = (
-        count_before(first + chunk)[..., :1] - lag + jnp.arange(lag, dtype=jnp.int32)
-    )  # [B, H, lag]
-    tail_valid = tail >= count_before(first)[..., :1]
-    tail_row = jnp.take_along_axis(raw_pos, jnp.clip(tail, 0, n_raw - 1), axis=-1) - first
-    tail_row = jnp.clip(tail_row, 0, chunk - 1)[..., None]
-    owner = pos // chunk
-    owner_end = count_before((owner + 1) * chunk)  # [B, H, W]
-    halo_row = owner * lag + jnp.clip(index - (owner_end - lag), 0, max(lag - 1, 0))
+    layout: DGALayout
+    split: ContextSplit
+    span: int
+    lag: int
 
-    def take(x):  # [B, H, C, D] -> [B, H, W, D]
-        out = jnp.where(local[..., None], jnp.take_along_axis(x, row, axis=2), 0)
-        if lag == 0:
-            return out
-        tails = jnp.where(tail_valid[..., None], jnp.take_along_axis(x, tail_row, axis=2), 0)
-        halo = jnp.take_along_axis(split.gather(tails, axis=2), halo_row[..., None], axis=2)
-        return jnp.where((pos < first)[..., None], halo, out)
+    def count_before(self, x: jax.Array) -> jax.Array:
+        """#{raw_pos < x} per (batch, head): x [B, H, n] -> [B, H, n]."""
+        return jax.vmap(jax.vmap(_search_left))(self.layout.raw_pos, x)
 
-    return pos, until, take
+    def broadcast(self, x) -> jax.Array:
+        return jnp.broadcast_to(x, self.layout.raw_pos.shape[:2] + (1,))
+
+    def halo(self, x: jax.Array) -> jax.Array:
+        """Every piece's last `lag` raw rows of x [B, H, C, D], gathered: [B, H, P*pieces*lag, D]."""
+        raw_pos, n_raw = self.layout.raw_pos, self.layout.raw_pos.shape[-1]
+        tails = []
+        for piece, first in enumerate(self.split.firsts(self.span * self.split.pieces)):
+            end = self.count_before(self.broadcast(first + self.span))
+            index = end - self.lag + jnp.arange(self.lag, dtype=jnp.int32)  # [B, H, lag]
+            valid = index >= self.count_before(self.broadcast(first))
+            pos = jnp.take_along_axis(raw_pos, jnp.clip(index, 0, n_raw - 1), axis=-1)
+            row = jnp.clip(pos - first, 0, self.span - 1) + piece * self.span
+            rows = jnp.take_along_axis(x, row[..., None], axis=2)
+            tails.append(jnp.where(valid[..., None], rows, 0))
+        return self.split.gather(jnp.concatenate(tails, axis=2), axis=2)
+
+    def halo_slot(self, piece: jax.Array) -> jax.Array:
+        """Where global piece g's tail starts in the gathered halo."""
+        parts = self.split.shards
+        if self.split.pieces == 1:
+            return piece * self.lag
+        late = piece >= parts
+        device = jnp.where(late, 2 * parts - 1 - piece, piece)
+        return (device * 2 + late) * self.lag
+
+    def window(self, tokens, halos, piece: int, first: jax.Array) -> Entries:
+        """The band of local piece `piece` (positions from `first`), intervals from `first`.
+
+        tokens: this device's k and v [B, H, C, D]; halos: their `halo`s (None if lag = 0).
+        """
+        raw_pos, raw_until = self.layout.raw_pos, self.layout.raw_until
+        n_raw = raw_pos.shape[-1]
+        width = min(n_raw, self.span + self.lag)
+        start = jnp.minimum(jnp.sum(raw_until <= first, axis=-1), n_raw - width)  # [B, H]
+        index = start[..., None] + jnp.arange(width, dtype=jnp.int32)  # [B, H, W]
+        pos = jnp.take_along_axis(raw_pos, index, axis=-1)
+        until = jnp.take_along_axis(raw_until, index, axis=-1)
+        local = (pos >= first) & (pos < first + self.span)
+        row = (jnp.clip(pos - first, 0, self.span - 1) + piece * self.span)[..., None]
+        owner = pos // self.span  # global piece of each entry
+        behind = index - (self.count_before((owner + 1) * self.span) - self.lag)
+        halo_row = self.halo_slot(owner) + jnp.clip(behind, 0, max(self.lag - 1, 0))
+
+        def take(x, halo):  # [B, H, C, D] -> [B, H, W, D]
+            out = jnp.where(local[..., None], jnp.take_along_axis(x, row, axis=2), 0)
+            if halo is None:
+                return out
+            halo = jnp.take_along_axis(halo, halo_row[..., None], axis=2)
+            return jnp.where((pos < first)[..., None], halo, out)
+
+        k, v = (take(x, halo) for x, halo in zip(tokens, halos, strict=True))
+        never = until == NEVER
+        return Entries(k, v, pos - first, jnp.where(never, NEVER, until - first))
 
 
 def _search_left(sorted_values: jax.Array, queries: jax.Array) -> jax.Array:

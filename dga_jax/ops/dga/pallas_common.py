@@ -186,22 +186,25 @@ def dga_kernel_attention(
     """DGA by `kernels`: the layout, its compressed KV', then the kernel walk.
 
     q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D]; `block_q` is the backend's (clamped)
-    query block. Under a `split`, this device's part of the sequence: the entries' intervals
-    are relative to its first position.
+    query block. Under a `split`, this device's rows of the sequence, walked piece by piece
+    with entry intervals relative to the piece's first position.
     """
-    prefix, band, lag = compressed_kv(
+    pieces, lag = compressed_kv(
         q, k, v, config, scale, block=block_sizes.block_importance, split=split
     )
-    spec = KernelSpec(
-        scale=scale,
-        block_q=block_q,
-        block_k=block_sizes.block_k,
-        groups=q.shape[2] // k.shape[2],
-        seq_len=q.shape[1],
-        interpret=interpret,
-        band_lag=lag,
-    )
-    return kernel_attention(kernels, q, prefix, band, spec, head_multiple)
+    out = []
+    for rows, (prefix, band) in zip(split.piece_rows(q), pieces, strict=True):
+        spec = KernelSpec(
+            scale=scale,
+            block_q=block_q,
+            block_k=block_sizes.block_k,
+            groups=q.shape[2] // k.shape[2],
+            seq_len=rows.shape[1],
+            interpret=interpret,
+            band_lag=lag,
+        )
+        out.append(kernel_attention(kernels, rows, prefix, band, spec, head_multiple))
+    return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
 
 
 def kernel_attention(

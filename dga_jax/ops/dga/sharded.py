@@ -12,6 +12,9 @@ too (the `seq` mesh axis), a context-parallel strategy keeps it split:
   sampled queries, softmax statistics, per-position scores, the compressed prefix and a halo
   of raw tokens; dense attention all-gathers K and V.
 - "auto": "ulysses" where the heads allow it, else "dga".
+
+Causal attention gives late positions more work: in zig-zag order (`zigzag=True`, the rows
+permuted once by the data path) every device holds an early and a late piece of the sequence.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ import math
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.sharding import MeshAxes
 
 STRATEGIES = ("auto", "ulysses", "dga")
+CONTEXT_ORDERS = ("contiguous", "zigzag")
 
 # attention(q, k, v, split): q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D]; C = L/parts.
 SplitAttention = Callable[[jax.Array, jax.Array, jax.Array, ContextSplit], jax.Array]
@@ -42,13 +48,15 @@ def per_shard(
     heads: MeshAxes,
     seq: MeshAxes = None,
     strategy: str = "auto",
+    zigzag: bool = False,
 ) -> jax.Array:
     """`attention` on each device's slice: q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D].
 
     `batch`, `seq` and `heads` name the mesh axes that split B, L and the heads (query and KV
     heads alike, so each device keeps whole GQA groups); `strategy` (`STRATEGIES`) is how a
-    split sequence is attended. The mesh is the one `jax.set_mesh` sets; without one it is a
-    plain call.
+    split sequence is attended, and `zigzag` says its rows are in zig-zag order
+    (`dga_jax.ops.context.zigzag_order`: row i holds position order[i]). The mesh is the one
+    `jax.set_mesh` sets; without one it is a plain call.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"context_parallel must be one of {STRATEGIES}, got {strategy!r}")
@@ -67,10 +75,12 @@ def per_shard(
         seq, body = None, functools.partial(attention, split=WHOLE)
     else:
         strategy = choose_strategy(strategy, k.shape[2] // shard_count(heads), q.shape[1], seq)
+        split = ContextSplit(seq, parts, zigzag)
+        split.order(q.shape[1])  # a length zig-zag order cannot cut fails here, naming it
         if strategy == "ulysses":
-            body = functools.partial(_ulysses, attention, seq)
+            body = functools.partial(_ulysses, attention, split)
         else:
-            body = functools.partial(attention, split=ContextSplit(seq, parts))
+            body = functools.partial(attention, split=split)
     spec = PartitionSpec(batch, seq, heads, None)
     q, k, v = (jax.lax.with_sharding_constraint(x, spec) for x in (q, k, v))
     # check_vma=False: the layout's loop carries are not marked as varying over the mesh.
@@ -100,13 +110,19 @@ def choose_strategy(strategy: str, kv_heads: int, seq_len: int, seq: MeshAxes) -
     return strategy
 
 
-def _ulysses(attention: SplitAttention, axis: MeshAxes, q, k, v) -> jax.Array:
-    """Sequence-split q, k, v [B, C, H, D] -> head-split [B, L, H/P, D], attention, and back."""
-    to_heads = functools.partial(
-        jax.lax.all_to_all, axis_name=axis, split_axis=2, concat_axis=1, tiled=True
-    )
+def _ulysses(attention: SplitAttention, split: ContextSplit, q, k, v) -> jax.Array:
+    """Sequence-split q, k, v [B, C, H, D] -> head-split [B, L, H/P, D] in position order,
+    attention, and back."""
+    order = split.order(q.shape[1] * split.shards)
+    natural = np.argsort(order)
+
+    def to_heads(x):
+        x = jax.lax.all_to_all(x, split.axis, split_axis=2, concat_axis=1, tiled=True)
+        return x if split.pieces == 1 else jnp.take(x, natural, axis=1)
+
     out = attention(to_heads(q), to_heads(k), to_heads(v), WHOLE)
-    return jax.lax.all_to_all(out, axis, split_axis=1, concat_axis=2, tiled=True)
+    out = out if split.pieces == 1 else jnp.take(out, order, axis=1)
+    return jax.lax.all_to_all(out, split.axis, split_axis=1, concat_axis=2, tiled=True)
 
 
 def shard_count(axes: MeshAxes) -> int:

@@ -7,6 +7,7 @@ visible to its last query and one band of raw entries (`dga_jax.ops.intervals`).
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig
@@ -24,7 +25,11 @@ def dga_attention_xla(
     split: ContextSplit = WHOLE,
 ) -> jax.Array:
     """q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D] in q's dtype (C = L unless split)."""
-    prefix, band, lag = compressed_kv(
+    pieces, lag = compressed_kv(
         q, k, v, config, scale, block=block_sizes.block_importance, split=split
     )
-    return interval_attention(q, prefix, band, scale=scale, block_sizes=block_sizes, band_lag=lag)
+    out = [
+        interval_attention(rows, prefix, band, scale=scale, block_sizes=block_sizes, band_lag=lag)
+        for rows, (prefix, band) in zip(split.piece_rows(q), pieces, strict=True)
+    ]
+    return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
