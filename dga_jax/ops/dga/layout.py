@@ -481,7 +481,8 @@ class _Band:
         return jnp.broadcast_to(x, self.layout.raw_pos.shape[:2] + (1,))
 
     def halo(self, x: jax.Array) -> jax.Array:
-        """Every piece's last `lag` raw rows of x [B, H, C, D], gathered: [B, H, P*pieces*lag, D]."""
+        """Every piece's last `lag` raw rows of x [B, H, C, D], gathered from all devices:
+        [B, H, P * pieces * lag, D]."""
         raw_pos, n_raw = self.layout.raw_pos, self.layout.raw_pos.shape[-1]
         tails = []
         for piece, first in enumerate(self.split.firsts(self.span * self.split.pieces)):
