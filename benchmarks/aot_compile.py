@@ -53,8 +53,8 @@ def main() -> int:
         keep(_kernels(target, args))
         keep([_tiny_step(target, seq_len) for seq_len in args.tiny_lengths])
     keep([_recipe_step(target, chips) for target, chips in args.recipes])
-    for target, chips, strategy in args.long_recipes:
-        keep([_long_step(target, chips, strategy, args.long_length)])
+    for target, chips, strategy, remat in args.long_recipes:
+        keep([_long_step(target, chips, strategy, remat, args.long_length)])
     print(_markdown(reports))
     failed = [r for r in reports if not r.ok and not r.label.startswith("rejected")]
     print(f"{len(reports) - len(failed)}/{len(reports)} ok or rejected before compiling")
@@ -113,12 +113,17 @@ def _recipe_step(target: str, chips: int) -> aot.CompileReport:
     return _report(label, lowered, target)
 
 
-def _long_step(target: str, chips: int, strategy: str, seq_len: int) -> aot.CompileReport:
+def _long_step(
+    target: str, chips: int, strategy: str, remat: str | None, seq_len: int
+) -> aot.CompileReport:
     """The LLaMA2-7B step at `seq_len` with the sequence split over all chips (mesh seq =
-    chips): one sequence per micro-batch, 8 micro-batches, weights over (fsdp, seq)."""
+    chips): one sequence per micro-batch, 8 micro-batches, weights over (fsdp, seq); `remat`
+    replaces the recipe's policy."""
     config = llama7b_dga.get_config()
     implementation = IMPLEMENTATION[aot.TARGETS[target].platform]
     config.model.overrides.update(attention_impl=implementation, max_position=seq_len)
+    if remat:
+        config.model.overrides.remat = remat
     config.update_from_flattened_dict(dict.fromkeys(INPUTS, "compile only"))
     config.data.seq_len = seq_len
     config.train.global_batch_size = 8
@@ -126,7 +131,7 @@ def _long_step(target: str, chips: int, strategy: str, seq_len: int) -> aot.Comp
     lowered = lower_train_step(from_config_dict(config), aot.target_devices(target, chips=chips))
     label = (
         f"llama7b_dga train step L={seq_len} B=8 (8 x 1 accum), sequence over {chips} "
-        f"({strategy}), {implementation}"
+        f"({strategy}), {implementation}" + (f", remat {remat}" if remat else "")
     )
     return _report(label, lowered, target)
 
@@ -187,9 +192,9 @@ def _recipes(text: str) -> list[tuple[str, int]]:
     return [(target, int(chips)) for target, chips in pairs]
 
 
-def _long_recipes(text: str) -> list[tuple[str, int, str]]:
-    triples = [item.split(":") for item in text.split(",") if item]
-    return [(target, int(chips), strategy) for target, chips, strategy in triples]
+def _long_recipes(text: str) -> list[tuple[str, int, str, str | None]]:
+    fields = [item.split(":") + [""] for item in text.split(",") if item]
+    return [(f[0], int(f[1]), f[2], f[3] or None) for f in fields]
 
 
 def _blocks(text: str) -> list[BlockSizes]:
@@ -219,9 +224,10 @@ def _parse_args():
     )
     p.add_argument(
         "--long-recipes",
-        default="v5p:4:dga,v5p:8:ulysses,v5p:8:dga,h100:8:ulysses,h100:8:dga",
+        default="v5p:4:dga,v5p:4:dga:full,v5p:8:ulysses,v5p:8:dga,h100:8:ulysses,h100:8:dga",
         type=_long_recipes,
-        help="TARGET:CHIPS:STRATEGY,... for the 7B step at --long-length, sequence over CHIPS",
+        help="TARGET:CHIPS:STRATEGY[:REMAT],... for the 7B step at --long-length, sequence over"
+        " CHIPS",
     )
     p.add_argument("--long-length", default=131072, type=int)
     p.add_argument(

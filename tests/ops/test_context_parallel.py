@@ -221,10 +221,22 @@ LAYOUT = PRELUDE + textwrap.dedent(
 
 COMPILED = textwrap.dedent(
     """
+    import math
+
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
+    from dga_jax import Llama, ModelConfig
     from dga_jax.aot import collectives, lower_context_attention
+    from dga_jax.sharding import make_mesh
+
+    # Weights over the context group too: a (1, 1, 8, 1) mesh divides them by 8 (all but the
+    # norms' few replicated scales).
+    with jax.set_mesh(make_mesh((1, 1, 8, 1))):
+        params = jax.tree.leaves(nnx.state(Llama(ModelConfig.preset("tiny"), rngs=nnx.Rngs(0))))
+    local = sum(math.prod(x.sharding.shard_shape(x.shape)) for x in params)
+    assert local < 1.01 * sum(x.size for x in params) / 8, local
 
     # Attention fwd + bwd at L = 16K, long enough for the O(L) arrays to outweigh the tiles.
     L, HQ, HKV, D = 16384, 8, 4, 64

@@ -114,8 +114,11 @@ def test_llama7b_follows_the_paper_recipe():
         (("model", "overrides", "d_modle"), 8, r"d_modle"),
         (("model", "overrides", "attention"), "sparse", r"attention"),
         (("model", "preset"), "llama9", r"llama9"),
+        (("mesh", "context_parallel"), "ring", r"config\.mesh\.context_parallel must be one of"),
+        (("mesh", "context_order"), "random", r"config\.mesh\.context_order must be one of"),
+        (("model", "overrides", "context_parallel"), "dga", r"set config\.mesh\.context_paral"),
     ],
-    ids=["optim-key", "section", "model-key", "model-value", "preset"],
+    ids=["optim-key", "section", "model-key", "model-value", "preset", "cp", "order", "cp-model"],
 )
 def test_bad_keys_are_named(path, value, match):
     config = load("tiny_dga").to_dict()
@@ -158,6 +161,14 @@ def test_batch_must_split_into_micro_batches():
 )
 def test_mesh_shapes(mesh, devices, shape):
     assert mesh.shape(devices) == shape
+
+
+def test_context_parallelism_reaches_the_model():
+    config = load("tiny_dga")
+    config.mesh.update(seq=4, context_parallel="dga", context_order="zigzag")
+    model = from_config_dict(config).model
+    assert (model.context_parallel, model.context_order) == ("dga", "zigzag")
+    assert from_config_dict(load("tiny_dga")).model.context_parallel == "auto"
 
 
 def test_bad_meshes_are_rejected():

@@ -217,17 +217,19 @@ def test_every_mesh_gives_the_same_losses(runs, attention):
 
 @pytest.mark.parametrize("attention", sorted(CONFIGS))
 def test_each_context_parallel_strategy_gives_the_same_losses(runs, attention):
-    """On (2, 2, 2, 1) "auto" runs Ulysses (the tiny model's 2 KV heads split 2 ways); the
-    native "dga" strategy keeps the sequence split through the attention. (The mesh test's
-    seq = 4 and 8 runs are "dga" under "auto": 2 KV heads cannot split 4 ways.)"""
-    native = Run(attention, MULTI_HOST_MESH, extra=(("mesh.context_parallel", "dga"),))
-    reference, ulysses, split = runs.get(
-        [Run(attention, REFERENCE_MESH), Run(attention, MULTI_HOST_MESH), native]
-    )
-    assert_same_curve(ulysses, reference, f"{attention}, ulysses on {MULTI_HOST_MESH}")
-    assert_same_curve(
-        split, reference, f"{attention}, dga context parallelism on {MULTI_HOST_MESH}"
-    )
+    """On (2, 2, 2, 1) "auto" runs Ulysses (the tiny model's 2 KV heads split 2 ways) and the
+    native "dga" strategy keeps the sequence split through the attention; on (1, 2, 4, 1) the
+    rows are in zig-zag order (the batch permuted once, positions following). The mesh test's
+    seq = 4 and 8 runs are "dga" under "auto": 2 KV heads cannot split 4 ways."""
+    runs_ = {
+        "ulysses": Run(attention, MULTI_HOST_MESH),
+        "dga": Run(attention, MULTI_HOST_MESH, extra=(("mesh.context_parallel", "dga"),)),
+        "zigzag": Run(attention, (1, 2, 4, 1), extra=(("mesh.context_order", "zigzag"),)),
+    }
+    reference, *curves = runs.get([Run(attention, REFERENCE_MESH), *runs_.values()])
+    for name, curve in zip(runs_, curves, strict=True):
+        print(f"{attention} {name}: losses {curve.losses.tolist()}, val {curve.val_loss}")
+        assert_same_curve(curve, reference, f"{attention}, {name}")
 
 
 @pytest.mark.parametrize("attention", sorted(CONFIGS))

@@ -410,7 +410,7 @@ def split_entries(
     (prefix, band) of each of its pieces, intervals relative to the piece's first position.
 
     The prefix (~(gamma + 1/m) L entries) is summed across devices: each adds its focal tokens
-    and its members' weighted shares of their groups (in float32: a group may straddle devices).
+    and its members' weighted shares of their groups (a group may straddle devices).
     A piece's band is the window of the raw list its queries can see: its own raw tokens and
     fewer than `lag + 1` earlier ones, taken from every piece's last `lag` raw tokens (gathered).
     """
@@ -423,7 +423,9 @@ def split_entries(
     def fold(x):  # [B, H, C, D] -> [B, H, NP, D]: this device's share of every prefix entry
         shares = weight[..., None] * x.astype(jnp.float32)
         add = jax.vmap(jax.vmap(_scatter_add, (0, 0, None)), (0, 0, None))
-        return split.psum(add(slot, shares, n_prefix)).astype(x.dtype)
+        # Summed across devices in x's dtype (half the bytes under bfloat16): only an entry
+        # whose group straddles devices has more than one non-zero share, one rounding more.
+        return split.psum(add(slot, shares, n_prefix).astype(x.dtype))
 
     bias = jnp.where(layout.prefix_is_group, math.log(layout.sizes.group_size), 0.0)
     prefix_k, prefix_v = fold(kt), fold(vt)
