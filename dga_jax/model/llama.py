@@ -36,13 +36,6 @@ class DecoderLayer(nnx.Module):
             x = x + self.attn(self.attn_norm(x), positions)
         return self._mlp_block(x)
 
-    def row_positions(self, seq_len: int) -> np.ndarray:
-        """[T] position of each row of a training sequence under the current mesh."""
-        parts = shard_count(self.rules.spec(("seq",))[0])
-        if self.config.context_order == "zigzag" and parts > 1:
-            return zigzag_order(seq_len, parts)
-        return np.arange(seq_len)
-
     def prefill(
         self, x: jax.Array, max_len: int, capacity: int | None
     ) -> tuple[jax.Array, DGACache | DenseCache]:
@@ -109,6 +102,13 @@ class Llama(nnx.Module):
             layer_step = jax.checkpoint(layer_step, policy=REMAT[config.remat])
         x, _ = jax.lax.scan(layer_step, x, state)
         return self._logits(x)
+
+    def row_positions(self, seq_len: int) -> np.ndarray:
+        """[T] position of each row of a training sequence under the current mesh."""
+        parts = shard_count(self.rules.spec(("seq",))[0])
+        if self.config.context_order == "zigzag" and parts > 1:
+            return zigzag_order(seq_len, parts)
+        return np.arange(seq_len)
 
     def prefill(
         self,

@@ -131,8 +131,9 @@ def test_rules_reject_a_mesh_axis_used_twice():
     rules = LogicalRules((("embed", "fsdp"), ("mlp", "fsdp")))
     with pytest.raises(ValueError, match="twice"):
         rules.spec(("embed", "mlp"))
+    # Weights over fsdp and seq (ZeRO-3 over the context-parallel group), heads over tensor.
     assert DEFAULT_RULES.spec(("embed", "heads", "head_dim")) == jax.sharding.PartitionSpec(
-        "fsdp", "tensor", None
+        ("fsdp", "seq"), "tensor", None
     )
 
 
