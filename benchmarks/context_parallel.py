@@ -1,11 +1,15 @@
 """Context parallelism: per-device memory and collective bytes as the sequence splits P ways.
 
-    .venv/bin/python benchmarks/context_parallel.py                 # ~15 min on 2 cores
+    .venv/bin/python benchmarks/context_parallel.py                 # ~10 min on 2 cores
     .venv/bin/python benchmarks/context_parallel.py --lengths 8192 --parts 1,8 --steps ''
+    .venv-aot/bin/python benchmarks/context_parallel.py --target h100 --steps ''
 
-Everything is compiled, nothing runs: on P fake CPU devices (8, set before JAX starts) each
-strategy ("ulysses", "dga") is lowered from abstract inputs and XLA reports per-device memory
-(`memory_analysis()`) and the collectives of its optimized HLO (`dga_jax.aot.collectives`).
+Everything is compiled, nothing runs: on P fake CPU devices (8, set before JAX starts), or on
+the compile-only devices of a TPU or GPU target (`--target`, `dga_jax.aot`; needs the aot
+extra), each strategy ("ulysses", "dga") is lowered from abstract inputs and the compiler reports
+per-device memory (`memory_analysis()`) and the collectives of its optimized HLO
+(`dga_jax.aot.collectives`). XLA:CPU runs bfloat16 collectives in float32, so on CPU their
+bytes are twice what a TPU or GPU moves: take collective bytes from a --target run.
 
 - attention: LLaMA2-7B's per-layer shape (32 query and KV heads of 128, bfloat16, one sequence)
   forward + backward at each length, dense (all-gather K/V under "dga") and DGA (m=16,
@@ -68,27 +72,29 @@ class Row:
 
 def main() -> int:
     args = _parse_args()
+    devices = jax.devices() if args.target == "cpu" else aot.target_devices(args.target, chips=8)
+    name = "context_parallel" + ("" if args.target == "cpu" else f"_{args.target}")
     rows: list[Row] = []
     for seq_len in args.lengths:
         for attention in ("dense", "dga"):
             for strategy in STRATEGIES:
                 for parts in args.parts:
-                    rows.append(_attention(attention, strategy, seq_len, parts))
-                    _write(rows, args.out)
+                    rows.append(_attention(devices, attention, strategy, seq_len, parts))
+                    _write(rows, args.out / name)
     for seq_len in args.steps:
         for strategy in STRATEGIES:
             for parts in args.parts:
                 if strategy == "ulysses" and parts > 2:
                     continue  # the tiny model's 2 KV heads split at most 2 ways
                 rows.append(_train_step(strategy, seq_len, parts))
-                _write(rows, args.out)
+                _write(rows, args.out / name)
     print(_markdown(rows))
     return 0
 
 
-def _attention(attention: str, strategy: str, seq_len: int, parts: int) -> Row:
+def _attention(devices, attention: str, strategy: str, seq_len: int, parts: int) -> Row:
     lowered = aot.lower_context_attention(
-        jax.devices(),
+        devices,
         (1, 1, parts, 1),
         strategy=strategy,
         attention=attention,
@@ -147,13 +153,13 @@ def _markdown(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _write(rows: list[Row], out: Path) -> None:
-    """Results so far (a killed run keeps what it measured): JSON, Markdown and a plot."""
-    out.mkdir(parents=True, exist_ok=True)
+def _write(rows: list[Row], stem: Path) -> None:
+    """Results so far (a killed run keeps what it measured): `stem`.json, .md and .png."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
     record = {"environment": environment(), "rows": [dataclasses.asdict(r) for r in rows]}
-    (out / "context_parallel.json").write_text(json.dumps(record, indent=1))
-    (out / "context_parallel.md").write_text(_markdown(rows) + "\n")
-    _plot(rows, out / "context_parallel.png")
+    stem.with_suffix(".json").write_text(json.dumps(record, indent=1))
+    stem.with_suffix(".md").write_text(_markdown(rows) + "\n")
+    _plot(rows, stem.with_suffix(".png"))
 
 
 def _plot(rows: list[Row], path: Path) -> None:
@@ -194,6 +200,9 @@ def _parse_args():
     parser.add_argument("--lengths", type=_ints, default=[8192, 32768, 131072])
     parser.add_argument("--parts", type=_ints, default=[1, 2, 4, 8])
     parser.add_argument("--steps", type=_ints, default=[8192], help="train-step lengths")
+    parser.add_argument(
+        "--target", default="cpu", help="cpu (fake devices) or a dga_jax.aot target: h100, v5p, ..."
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     return parser.parse_args()
 
