@@ -242,12 +242,13 @@ COMPILED = textwrap.dedent(
     L, HQ, HKV, D = 16384, 8, 4, 64
     shape = dict(seq_len=L, heads=HQ, kv_heads=HKV, head_dim=D, dtype=jnp.float32)
     for strategy, parts in (("dga", (1, 2, 4, 8)), ("ulysses", (1, 2, 4))):
-        temps = []
+        temps, flops = [], []
         for p in parts:
             compiled = lower_context_attention(
                 jax.devices(), (1, 1, p, 1), strategy=strategy, **shape
             ).compile()
             temps.append(compiled.memory_analysis().temp_size_in_bytes)
+            flops.append(compiled.cost_analysis()["flops"])
             found = collectives(compiled)
             print(strategy, p, temps[-1] / 2**20, [(c.op, c.elements) for c in found], flush=True)
             if p == 1:
@@ -259,6 +260,8 @@ COMPILED = textwrap.dedent(
                 assert max(c.elements for c in found) <= L // p * HQ * D, found
         assert all(a > b for a, b in zip(temps, temps[1:])), (strategy, temps)
         assert temps[-1] < temps[0] / 2, (strategy, temps)
+        if strategy == "ulysses":  # each device does 1/P of the work
+            assert all(0.9 < a / b / 2 < 1.1 for a, b in zip(flops, flops[1:])), flops
     print("ok")
     """
 )
