@@ -37,8 +37,9 @@ def test_sharded_load_matches_the_rules_and_transformers(converted, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     params = json.loads((tmp_path / "params.json").read_text())
-    assert params["layers.attn.q"]["spec"] == repr(P(None, "fsdp", "tensor", None))
-    assert params["embed"]["spec"] == repr(P("tensor", "fsdp"))
+    # Weights over fsdp and seq (ZeRO-3 over the context-parallel group), heads over tensor.
+    assert params["layers.attn.q"]["spec"] == repr(P(None, ("fsdp", "seq"), "tensor", None))
+    assert params["embed"]["spec"] == repr(P("tensor", ("fsdp", "seq")))
     for name, where in params.items():
         assert where["spec"] == where["expected"], name
         assert where["devices"] == 8 and where["committed"], name
