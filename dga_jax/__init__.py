@@ -2,6 +2,7 @@
 
 from dga_jax.generate import generate, stream
 from dga_jax.model import DGAttention, Llama, ModelConfig, RopeScaling
+from dga_jax.ops.context import ContextSplit, zigzag_order
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dga import DGAConfig, DGALayout, dga_attention, dga_layout, gather_entries
 from dga_jax.ops.dga.decode import DenseCache, DGACache, decode_step, prefill, prefix_capacity
@@ -11,6 +12,7 @@ from dga_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 __all__ = [
     "DEFAULT_RULES",
     "BlockSizes",
+    "ContextSplit",
     "DGACache",
     "DGAConfig",
     "DGALayout",
@@ -30,5 +32,6 @@ __all__ = [
     "prefill",
     "prefix_capacity",
     "stream",
+    "zigzag_order",
 ]
 __version__ = "0.1.0"
