@@ -20,6 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 import dga_jax
 from dga_jax import BlockSizes
+from dga_jax.ops.context import WHOLE
 from dga_jax.ops.dga import pallas_common as common
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.layout import dga_layout, gather_entries
@@ -124,6 +125,7 @@ def _lowered(implementation: str, platform: str, block_sizes: BlockSizes) -> str
         implementation=implementation,
         block_sizes=block_sizes,
         interpret=False,
+        split=WHOLE,
     )
 
     def loss(q, k, v):
