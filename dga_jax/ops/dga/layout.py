@@ -14,6 +14,11 @@ position-sorted lists (see `shared/DGA_SPEC.md`, "What a query sees"):
 
 Both lists are built with cumulative sums and scatters (no sort); the only data-dependent
 choice, the top-r focal set, is a 31-step radix select over the float32 bit patterns.
+
+Under a `ContextSplit` (inside `shard_map`, the sequence split across devices) the same
+functions take a device's rows: scores are computed for its keys and gathered, the layout is
+the whole sequence's on every device, and `split_entries` builds the device's KV' with only
+the compressed prefix and a halo of raw tokens crossing devices.
 """
 
 from __future__ import annotations
