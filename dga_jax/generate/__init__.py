@@ -1,6 +1,7 @@
 """Text generation with a KV cache: prefill each prompt, then one jitted step per token.
 
     tokens = dga_jax.generate(model, [[1, 72, 101], [1, 87]], max_new_tokens=32)
+    tokens = dga_jax.generate(model, thousands_of_prompts, 32, batch_size=16, progress=True)
     for tokens in dga_jax.stream(model, [[1, 72, 101]], max_new_tokens=32): ...  # [B] each
     python -m dga_jax.generate --checkpoint DIR --tokenizer PATH --prompt TEXT
 
@@ -11,11 +12,15 @@ The model is an NNX `Llama`, which holds its parameters, so `generate(model, pro
 takes no separate `params` (`nnx.update(model, params)` loads other ones). DGA models decode
 with `dga_jax.ops.dga.decode.DGACache`, dense ones with `DenseCache`.
 
-Prompts are prefilled at their exact length, the rows of one length together (DGA's global
-selection depends on the whole prompt length; one compile per distinct length and row count),
-and their caches concatenated into one batch in the prompts' order; from then on every row
-carries its own counts and position, so nothing is padded or attended out of place, and each
-row's result equals its run alone.
+A batch of prompts is right-padded to a bucket length (`Buckets`: powers of two or multiples
+of a step) and prefilled in one call that knows each row's length: DGA selects per row at its
+own length (its r, sampled queries and groups), padding is never attended, so each row's logits
+and cache equal its prefill alone. The cache sizes (`max_len`, the DGA prefix capacity) are
+rounded to buckets too, so any mix of lengths compiles once per bucket for prefill and once per
+cache size for decoding. From then on every row carries its own counts and position, and rows
+of different lengths decode in one batch. `generate` takes any number of prompts and runs them
+in batches of `batch_size`, longest first, returning them in the caller's order
+(`completions` yields each as soon as it and those before it are done).
 """
 
 from __future__ import annotations
@@ -27,12 +32,57 @@ from collections.abc import Iterator, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 
 from dga_jax.model.llama import Llama
 from dga_jax.ops.checks import is_int, is_real
 from dga_jax.ops.dga.decode import DenseCache, DGACache, check_fits, prefix_capacity
 from dga_jax.ops.dga.sharded import shard_count
+
+GROWTHS = ("pow2", "linear", "exact")
+_COMPILES = [0]
+
+
+def _count_compile(event: str, _seconds: float, **_kwargs) -> None:
+    if event == "/jax/core/compile/backend_compile_duration":
+        _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_count() -> int:
+    """XLA compiles this process has run since `dga_jax.generate` was imported (any function):
+    the difference across a run is what it compiled."""
+    return _COMPILES[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """The lengths prompts and caches are padded up to: `minimum` and its doublings ("pow2"),
+    the multiples of `minimum` ("linear"), or every length as it is ("exact": one compile per
+    length, as without buckets)."""
+
+    minimum: int = 128
+    growth: str = "pow2"
+
+    def __post_init__(self):
+        if not is_int(self.minimum) or self.minimum < 1:
+            raise ValueError(f"Buckets.minimum must be an int >= 1, got {self.minimum!r}")
+        if self.growth not in GROWTHS:
+            raise ValueError(f"Buckets.growth must be one of {GROWTHS}, got {self.growth!r}")
+
+    def round_up(self, n: int) -> int:
+        """The smallest bucket >= n."""
+        if self.growth == "exact":
+            return int(n)
+        if self.growth == "linear":
+            return max(1, -(-int(n) // self.minimum)) * self.minimum
+        size = self.minimum
+        while size < n:
+            size *= 2
+        return size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,49 +132,49 @@ def prefill(
     """Right-padded prompts tokens [B, T] with `lengths` [B] -> (logits [B, V] of each row's last
     prompt token, caches for up to `max_len` tokens per row, layers leading, batch second).
 
-    The rows of each distinct length are prefilled together at that length, so padding is
-    never seen. Under a mesh (`jax.set_mesh`) a group is filled up to a multiple of the devices
-    that split the batch. `capacity`: the DGA prefix capacity, by default
-    `prefix_capacity(config.dga, max_len, lengths)`, shared by every row so that their caches
-    concatenate.
+    One call for every row (`Llama.prefill` with `lengths`): one compile per (B, T, max_len,
+    capacity), whatever the lengths. Under a mesh (`jax.set_mesh`) the rows are filled up to a
+    multiple of the devices that split the batch (copies of the first, dropped afterwards).
+    `capacity`: the DGA prefix capacity, by default `prefix_capacity(config.dga, max_len,
+    lengths)`; a larger one (a bucket) lets batches of other lengths share the compile.
     """
-    lengths = [int(n) for n in lengths]
-    if min(lengths) < 1:
-        raise ValueError(f"every prompt needs at least one token; lengths {lengths}")
-    config = model.config
-    if config.attention == "dga" and capacity is None:
-        capacity = prefix_capacity(config.dga, max_len, lengths)
-    graphdef, state = nnx.split(model)
-    by_length: dict[int, list[int]] = {}
-    for row, n in enumerate(lengths):
-        by_length.setdefault(n, []).append(row)
-    # Under a mesh the prefill splits its rows over the batch axes: a group is padded to a
-    # multiple of them with copies of its first row, dropped afterwards.
-    multiple = shard_count(model.rules.spec(("batch",))[0])
-    parts, take = [], np.zeros(len(lengths), np.int32)  # take[row]: its place among all parts
-    for n, rows in by_length.items():
-        padded = rows + rows[:1] * (-len(rows) % multiple)
-        take[rows] = sum(len(logits) for logits, _ in parts) + np.arange(len(rows))
-        parts.append(
-            _prefill_rows(graphdef, state, jnp.asarray(tokens[padded, :n]), max_len, capacity)
+    lengths = np.asarray(lengths, np.int32)
+    if lengths.shape != (len(tokens),) or lengths.min() < 1 or lengths.max() > tokens.shape[1]:
+        raise ValueError(
+            f"lengths must give each of the {len(tokens)} rows of tokens {tokens.shape} a length "
+            f"in [1, {tokens.shape[1]}]; got {lengths.tolist()}"
         )
-    if len(parts) == 1 and len(take) == len(parts[0][0]):
-        return parts[0]
-    take = jnp.asarray(take)
-    logits = jnp.concatenate([logits for logits, _ in parts])[take]
-    caches = jax.tree.map(functools.partial(_concat_rows, take), *[c for _, c in parts])
-    return logits, caches
+    config = model.config
+    if config.attention == "dga":
+        needed = prefix_capacity(config.dga, max_len, lengths)
+        if capacity is not None and capacity < needed:
+            raise ValueError(
+                f"capacity={capacity} prefix slots are too few: prompts of lengths up to "
+                f"{lengths.max()} decoded up to max_len={max_len} need {needed}"
+            )
+        capacity = needed if capacity is None else capacity
+    check_fits(tokens.shape[1], max_len)
+    rows = len(lengths)
+    extra = -rows % shard_count(model.rules.spec(("batch",))[0])
+    padded = np.concatenate([np.arange(rows), np.zeros(extra, int)])
+    graphdef, state = nnx.split(model)
+    tokens, lengths = jnp.asarray(tokens[padded]), jnp.asarray(lengths[padded])
+    logits, caches = _prefill_rows(graphdef, state, tokens, lengths, max_len, capacity)
+    if not extra:
+        return logits, caches
+    return logits[:rows], jax.tree.map(functools.partial(_first_rows, rows), caches)
+
+
+def _first_rows(rows: int, leaf: jax.Array) -> jax.Array:
+    """A cache leaf [layers, B, ...] -> its first `rows` rows."""
+    return leaf[:, :rows]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "capacity"))
-def _prefill_rows(graphdef, state, tokens, max_len, capacity):
-    logits, caches = nnx.merge(graphdef, state).prefill(tokens, max_len, capacity, last_only=True)
+def _prefill_rows(graphdef, state, tokens, lengths, max_len, capacity):
+    model = nnx.merge(graphdef, state)
+    logits, caches = model.prefill(tokens, max_len, capacity, lengths=lengths, last_only=True)
     return logits[:, 0], caches
-
-
-def _concat_rows(take: jax.Array, *parts: jax.Array) -> jax.Array:
-    """Cache leaves [layers, rows, ...] of the length groups -> [layers, B, ...]: rows `take`."""
-    return jnp.concatenate(parts, axis=1)[:, take]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames="caches")
@@ -147,29 +197,48 @@ def stream(
     stop_tokens: Sequence[int] = (),
     seed: int = 0,
     max_len: int | None = None,
+    buckets: Buckets = Buckets(),
 ) -> Iterator[np.ndarray]:
-    """Yields the next token of every row, [B] int32, as soon as it is sampled.
+    """Yields the next token of every row, [B] int32, as soon as it is sampled (one batch).
 
     A row ends at one of `stop_tokens` (which is yielded) and yields -1 from then on; the
-    iteration ends when every row has ended or after `max_new_tokens` steps. The caches hold
-    `max_len` tokens per row (default: longest prompt + max_new_tokens); a prompt that does not
-    leave room for `max_new_tokens` is an error, raised before any work.
+    iteration ends when every row has ended or after `max_new_tokens` steps. Prompts are padded
+    to `buckets.round_up(longest)`; the caches hold `max_len` tokens per row (default: that
+    bucket + max_new_tokens, rounded up to a bucket); a prompt that does not leave room for
+    `max_new_tokens` is an error, raised before any work.
     """
     tokens, lengths = pad_prompts(prompts)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
-    max_len = max_len or int(lengths.max()) + max_new_tokens
-    check_fits(int(lengths.max()) + max_new_tokens, max_len)
     sampling = Sampling(temperature, top_k, top_p)
-    logits, caches = prefill(model, tokens, lengths, max_len)
-    return _steps(model, logits, caches, max_new_tokens, sampling, stop_tokens, seed)
+    key = jax.random.key(seed)
+    return _stream_batch(
+        model, tokens, lengths, max_new_tokens, sampling, stop_tokens, key, max_len, buckets
+    )
 
 
-def _steps(model, logits, caches, max_new_tokens, sampling, stop_tokens, seed):
+def _stream_batch(
+    model, tokens, lengths, max_new_tokens, sampling, stop_tokens, key, max_len, buckets
+) -> Iterator[np.ndarray]:
+    """`stream` for right-padded tokens [B, T'] with lengths [B]: checks, prefill, steps."""
+    width = buckets.round_up(int(lengths.max()))
+    max_len = max_len or buckets.round_up(width + max_new_tokens)
+    check_fits(int(lengths.max()) + max_new_tokens, max_len)
+    width = min(width, max_len)
+    tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+    capacity = None
+    if model.config.attention == "dga":
+        # Enough for a prompt of any length up to the bucket: one capacity per cache size.
+        needed = prefix_capacity(model.config.dga, max_len, np.arange(1, width + 1))
+        capacity = buckets.round_up(needed)
+    logits, caches = prefill(model, tokens, lengths, max_len, capacity)
+    return _steps(model, logits, caches, max_new_tokens, sampling, stop_tokens, key)
+
+
+def _steps(model, logits, caches, max_new_tokens, sampling, stop_tokens, key):
     """The decode loop of `stream`, from the prefill's last logits [B, V] and caches."""
     graphdef, state = nnx.split(model)
     stops = np.asarray(stop_tokens, np.int32)
-    key = jax.random.key(seed)
     active = np.ones(logits.shape[0], bool)
     for step in range(max_new_tokens):
         key, sub = jax.random.split(key)
@@ -184,6 +253,76 @@ def _steps(model, logits, caches, max_new_tokens, sampling, stop_tokens, seed):
             return
 
 
+def completions(
+    model: Llama,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
+    max_len: int | None = None,
+    batch_size: int | None = None,
+    buckets: Buckets = Buckets(),
+    progress: bool = False,
+) -> Iterator[list[int]]:
+    """The new tokens of each prompt, stop tokens excluded, yielded in the prompts' order as
+    soon as a prompt and all before it are done.
+
+    Prompts run `batch_size` at a time (default: all at once), longest first so that a batch
+    wastes little padding; every batch has `batch_size` rows (the last one filled with copies),
+    so batches of one bucket share their compiles. `progress`: a progress bar on stderr. Batch
+    i samples with key `fold_in(key(seed), i)`; see `stream` for the rest.
+    """
+    tokens, lengths = pad_prompts(prompts)
+    if not is_int(max_new_tokens) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
+        raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
+    sampling = Sampling(temperature, top_k, top_p)
+    size = len(prompts) if batch_size is None else batch_size
+    order = np.argsort(-lengths, kind="stable")
+    done: dict[int, list[int]] = {}
+    emitted = 0
+    with tqdm.tqdm(total=len(prompts), unit="prompt", disable=not progress) as bar:
+        for number, first in enumerate(range(0, len(order), size)):
+            rows = order[first : first + size]
+            batch = np.resize(rows, size)  # filled with copies, dropped below
+            width = int(lengths[rows].max())
+            steps = _stream_batch(
+                model,
+                tokens[batch, :width],
+                lengths[batch],
+                max_new_tokens,
+                sampling,
+                stop_tokens,
+                jax.random.fold_in(jax.random.key(seed), number),
+                max_len,
+                buckets,
+            )
+            for row, new in zip(rows, _collect(steps, size, stop_tokens)[: len(rows)], strict=True):
+                done[int(row)] = new
+            bar.update(len(rows))
+            while emitted in done:
+                yield done.pop(emitted)
+                emitted += 1
+
+
+def _collect(steps: Iterator[np.ndarray], rows: int, stop_tokens: Sequence[int]) -> list[list[int]]:
+    """Each row's tokens from `stream`'s steps, up to (without) its stop token."""
+    out: list[list[int]] = [[] for _ in range(rows)]
+    ended = [False] * rows
+    stops = set(int(t) for t in stop_tokens)
+    for tokens in steps:
+        for i, token in enumerate(tokens.tolist()):
+            ended[i] = ended[i] or token < 0 or token in stops
+            if not ended[i]:
+                out[i].append(token)
+    return out
+
+
 def generate(
     model: Llama,
     prompts: Sequence[Sequence[int]],
@@ -195,32 +334,18 @@ def generate(
     stop_tokens: Sequence[int] = (),
     seed: int = 0,
     max_len: int | None = None,
+    batch_size: int | None = None,
+    buckets: Buckets = Buckets(),
+    progress: bool = False,
 ) -> list[list[int]]:
     """The new tokens of each prompt (token-id lists of any lengths), stop tokens excluded.
 
-    temperature 0 is greedy; top_k / top_p restrict sampling (see `Sampling`); see `stream`
-    for the stopping rule, `max_len` and token-by-token output.
+    temperature 0 is greedy; top_k / top_p restrict sampling (see `Sampling`); `batch_size`,
+    `buckets`, `progress`: see `completions`; see `stream` for the stopping rule and `max_len`.
     """
-    rows: list[list[int]] = [[] for _ in prompts]
-    done = [False] * len(prompts)
-    stops = set(int(t) for t in stop_tokens)
-    steps = stream(
-        model,
-        prompts,
-        max_new_tokens,
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        stop_tokens=stop_tokens,
-        seed=seed,
-        max_len=max_len,
-    )
-    for tokens in steps:
-        for i, token in enumerate(tokens.tolist()):
-            done[i] = done[i] or token < 0 or token in stops
-            if not done[i]:
-                rows[i].append(token)
-    return rows
+    options = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens)
+    options.update(seed=seed, max_len=max_len, batch_size=batch_size, buckets=buckets)
+    return list(completions(model, prompts, max_new_tokens, progress=progress, **options))
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -57,19 +57,24 @@ class DGAttention(nnx.Module):
         return self._project(self._attend(q, k, v))
 
     def prefill(
-        self, x: jax.Array, max_len: int, capacity: int | None = None
+        self,
+        x: jax.Array,
+        max_len: int,
+        capacity: int | None = None,
+        lengths: jax.Array | None = None,
     ) -> tuple[jax.Array, DGACache | DenseCache]:
         """x: [B, P, D] at positions 0..P-1 -> (the same [B, P, D] as `__call__`, the cache).
 
         The cache (DGA's for config.attention == "dga", else dense) holds up to `max_len`
         tokens; `capacity` is the DGA prefix capacity (`dga_jax.ops.dga.decode.prefix_capacity`).
+        `lengths` [B]: rows right-padded, row b valid up to lengths[b] (`dga_attention`).
         """
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         q, k, v = self._qkv(x, positions)
         config = self.config
         dga = config.dga if config.attention == "dga" else None
-        cache = prefill(q, k, v, max_len=max_len, config=dga, capacity=capacity)
-        return self._project(self._attend(q, k, v)), cache
+        cache = prefill(q, k, v, max_len=max_len, config=dga, capacity=capacity, lengths=lengths)
+        return self._project(self._attend(q, k, v, lengths)), cache
 
     def decode(
         self, x: jax.Array, cache: DGACache | DenseCache
@@ -95,12 +100,12 @@ class DGAttention(nnx.Module):
         """[B, T, H, K] -> [B, T, D]."""
         return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(self.config.compute_dtype))
 
-    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, lengths=None) -> jax.Array:
         config = self.config
         with jax.named_scope(config.attention + "_attention"):
-            return self._core(q, k, v)
+            return self._core(q, k, v, lengths)
 
-    def _core(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    def _core(self, q: jax.Array, k: jax.Array, v: jax.Array, lengths=None) -> jax.Array:
         """Attention per device shard under a mesh: batch and heads split, and the sequence as
         `config.context_parallel` says (`dga_jax.ops.dga.sharded`)."""
         batch, seq, heads, _ = self.rules.spec(("batch", "seq", "act_heads", None))
@@ -114,9 +119,12 @@ class DGAttention(nnx.Module):
             heads=heads,
             strategy=self.config.context_parallel,
             zigzag=self.config.context_order == "zigzag",
+            lengths=lengths,
         )
 
-    def _kernel(self, q: jax.Array, k: jax.Array, v: jax.Array, split: ContextSplit) -> jax.Array:
+    def _kernel(self, q, k, v, lengths=None, *, split: ContextSplit) -> jax.Array:
+        """Causal dense attention never lets a valid query see right padding: it needs no
+        `lengths`; DGA's selection does."""
         config = self.config
         if config.attention == "dense":
             return dense_attention(q, k, v, implementation=config.attention_impl, split=split)
@@ -130,4 +138,5 @@ class DGAttention(nnx.Module):
             selection=dga.selection,
             implementation=config.attention_impl,
             split=split,
+            lengths=lengths,
         )

@@ -37,11 +37,11 @@ class DecoderLayer(nnx.Module):
         return self._mlp_block(x)
 
     def prefill(
-        self, x: jax.Array, max_len: int, capacity: int | None
+        self, x: jax.Array, max_len: int, capacity: int | None, lengths: jax.Array | None = None
     ) -> tuple[jax.Array, DGACache | DenseCache]:
         """x: [B, P, D] at positions 0..P-1 -> (the `__call__` output, this layer's cache)."""
         with jax.named_scope("attention_block"):
-            h, cache = self.attn.prefill(self.attn_norm(x), max_len, capacity)
+            h, cache = self.attn.prefill(self.attn_norm(x), max_len, capacity, lengths)
         return self._mlp_block(x + h), cache
 
     def decode(
@@ -116,25 +116,31 @@ class Llama(nnx.Module):
         max_len: int,
         capacity: int | None = None,
         *,
+        lengths: jax.Array | None = None,
         last_only: bool = False,
     ) -> tuple[jax.Array, DGACache | DenseCache]:
         """tokens: [B, P] -> (logits [B, P, V] equal to `self(tokens)`, caches).
 
-        Every row is a whole prompt of P tokens (prompts of other lengths: prefill them
-        separately and concatenate the caches, as `prefill` in `dga_jax.generate` does). The caches
+        Every row is a whole prompt of P tokens, or with `lengths` [B] a right-padded one of
+        lengths[b] tokens: its logits there and its cache are those of that prompt alone (DGA
+        selects per row at its own length), one compile for every mix of lengths. The caches
         hold up to `max_len` tokens; each leaf has a leading `num_layers` axis. `capacity` is
-        the DGA prefix capacity (`dga_jax.ops.dga.decode.prefix_capacity`; default: for P).
-        `last_only`: logits [B, 1, V] of the last token only, all that generation needs (the LM
-        head over every position is P x V floats: 4 GiB for LLaMA2-7B at 32K).
+        the DGA prefix capacity (`dga_jax.ops.dga.decode.prefix_capacity`; default: for P, or
+        for any length up to P). `last_only`: logits [B, 1, V] of each row's last token only,
+        all that generation needs (the LM head over every position is P x V floats: 4 GiB for
+        LLaMA2-7B at 32K).
         """
         graphdef, state = nnx.split(self.layers)
 
         def layer_step(x, layer_state):
-            x, cache = nnx.merge(graphdef, layer_state).prefill(x, max_len, capacity)
+            x, cache = nnx.merge(graphdef, layer_state).prefill(x, max_len, capacity, lengths)
             return self._constrain(x), cache
 
         x, caches = jax.lax.scan(layer_step, self._embed(tokens), state)
-        return self._logits(x[:, -1:] if last_only else x), caches
+        if last_only:
+            last = tokens.shape[1] - 1 if lengths is None else jnp.asarray(lengths) - 1
+            x = jnp.take_along_axis(x, jnp.broadcast_to(last, x.shape[:1])[:, None, None], axis=1)
+        return self._logits(x), caches
 
     def decode_step(
         self, tokens: jax.Array, caches: DGACache | DenseCache

@@ -206,3 +206,27 @@ def test_jit_does_not_recompile(impl):
     second = step(*random_qkv(13, 1, 40, 2, 1, 8))
     assert len(traces) == 1
     assert first.shape == second.shape and not np.allclose(first, second)
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_padded_rows_equal_their_prefixes_alone(impl, selection):
+    # m = 4, gamma = 0.2 (r' = 1, m' = 5): lengths below m, multiples of neither m nor m'.
+    lengths = [45, 2, 7, 34]
+    q, k, v = random_qkv(14, len(lengths), 45, 4, 2, 16)
+    kwargs = dict(group_size=4, focal_ratio=0.2, selection=selection)
+    out = attention(impl, **kwargs)(q, k, v, lengths=jnp.asarray(lengths))
+    assert bool(jnp.all(jnp.isfinite(out)))  # padding outputs too: they feed the next layer
+    for b, n in enumerate(lengths):
+        alone = reference(**kwargs)(q[b : b + 1, :n], k[b : b + 1, :n], v[b : b + 1, :n])
+        assert_close(out[b, :n], alone[0], FORWARD_TOL[jnp.float32])
+
+
+def test_lengths_are_checked():
+    q, k, v = random_qkv(15, 2, 16, 2, 1, 8)
+    with pytest.raises(ValueError, match=r"lengths must be integers of shape \(2,\)"):
+        dga_jax.dga_attention(q, k, v, lengths=jnp.array([3, 4, 5]))
+    with pytest.raises(ValueError, match="lengths must be integers"):
+        dga_jax.dga_attention(q, k, v, lengths=jnp.array([3.0, 4.0]))
+    with pytest.raises(ValueError, match="not supported with implementation='reference'"):
+        dga_jax.dga_attention(q, k, v, lengths=jnp.array([3, 4]), implementation="reference")

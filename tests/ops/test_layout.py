@@ -137,3 +137,35 @@ def test_compressed_size_matches_spec_cost(selection, per_token):
         entries = sizes.num_prefix + leftover
         assert abs(entries - per_token * seq_len) <= config.chunk_size
         assert entries / seq_len < 0.17
+
+
+PADDED_LENGTHS = [75, 1, 18, 57]  # below m = 4, not multiples of m, a multiple of m' = 18
+
+
+@pytest.mark.parametrize("config", CONFIGS + [DGAConfig(4, 1.0, "global")], ids=str)
+def test_a_padded_row_has_the_layout_of_its_own_length(config):
+    q, k, _ = random_qkv(0, len(PADDED_LENGTHS), 75, 4, 2, 8)
+    build = jax.jit(dga_layout, static_argnums=(2, 3))
+    layout = build(q, k, config, 8**-0.5, lengths=jnp.asarray(PADDED_LENGTHS))
+    for b, n in enumerate(PADDED_LENGTHS):
+        alone = build(q[b : b + 1, :n], k[b : b + 1, :n], config, 8**-0.5)
+        n_prefix, n_raw, n_groups = (
+            alone.sizes.num_prefix,
+            alone.sizes.num_raw,
+            alone.sizes.num_groups,
+        )
+        np.testing.assert_array_equal(layout.focal[b, :, :n], alone.focal[0])
+        assert not layout.focal[b, :, n:].any()  # padding is never focal
+        for name in ("prefix_src", "prefix_is_group", "prefix_from", "raw_pos", "raw_until"):
+            size = n_prefix if name.startswith("prefix") else n_raw
+            np.testing.assert_array_equal(
+                getattr(layout, name)[b, :, :size], getattr(alone, name)[0]
+            )
+        np.testing.assert_allclose(
+            layout.group_weight[b, :, :n_groups], alone.group_weight[0], rtol=1e-6
+        )
+        # The rest of the row: prefix slots never visible, padding as raw tokens from their own
+        # position on, never seen by a position < n.
+        assert (layout.prefix_from[b, :, n_prefix:] == NEVER).all()
+        assert (layout.raw_pos[b, :, n_raw:] >= n).all()
+        assert (layout.raw_until[b, :, n_raw:] == NEVER).all()

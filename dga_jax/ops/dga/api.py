@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.experimental.pallas import tpu as pltpu
 
@@ -54,6 +55,7 @@ def dga_attention(
     block_sizes: BlockSizes | None = None,
     interpret: object = False,
     split: ContextSplit = WHOLE,
+    lengths: jax.Array | None = None,
 ) -> jax.Array:
     """Dynamic Group Attention (`shared/DGA_SPEC.md`), causal.
 
@@ -76,6 +78,11 @@ def dga_attention(
         mesh axis and part count (`ContextSplit`): q, k, v are then [B, L / parts, H, D], and
         only compressed KV', sampled queries and statistics cross devices ("dga" context
         parallelism, `dga_jax.ops.dga.sharded`). Not for "reference".
+      lengths: [B] ints in [1, L], the valid positions of each row of a right-padded batch:
+        outputs at row b's first lengths[b] positions are those of that prefix alone (its own
+        r, sampled queries and groups; padding is never attended), later positions are finite
+        and meaningless. One compile serves every mix of lengths. Not for "reference", nor
+        under a split.
 
     Returns:
       [B, L, Hq, D] in q's dtype ([B, L / parts, Hq, D] under a split).
@@ -94,10 +101,12 @@ def dga_attention(
         raise ValueError(f"interpret applies to the Pallas implementations, not {implementation!r}")
     if implementation == "reference" and split.shards > 1:
         raise ValueError("implementation='reference' needs whole sequences, not a ContextSplit")
+    lengths = _check_lengths(lengths, q.shape[0], implementation, split)
     return _dga(
         q,
         k,
         v,
+        lengths=lengths,
         config=config,
         scale=scale,
         implementation=implementation,
@@ -105,6 +114,21 @@ def dga_attention(
         interpret=interpret,
         split=split,
     )
+
+
+def _check_lengths(lengths, batch: int, implementation: str, split: ContextSplit):
+    """-> lengths as an int32 array [batch] (or None); errors name the problem."""
+    if lengths is None:
+        return None
+    if implementation == "reference" or split.shards > 1:
+        where = "a ContextSplit" if split.shards > 1 else "implementation='reference'"
+        raise ValueError(f"per-row lengths are not supported with {where}")
+    if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer) or jnp.shape(lengths) != (batch,):
+        raise ValueError(
+            f"lengths must be integers of shape ({batch},), one per row; got "
+            f"{jnp.result_type(lengths)} {jnp.shape(lengths)}"
+        )
+    return jnp.asarray(lengths, jnp.int32)
 
 
 def _check_kernel(
@@ -146,15 +170,15 @@ def _check_kernel(
     jax.jit,
     static_argnames=("config", "scale", "implementation", "block_sizes", "interpret", "split"),
 )
-def _dga(q, k, v, *, config, scale, implementation, block_sizes, interpret, split):
+def _dga(q, k, v, lengths=None, *, config, scale, implementation, block_sizes, interpret, split):
     if implementation == "reference":
         return dga_attention_reference(q, k, v, config, scale)
     if implementation == "pallas_gpu":
         return pallas_gpu.dga_attention_pallas_gpu(
-            q, k, v, config, scale, block_sizes, interpret, split
+            q, k, v, config, scale, block_sizes, interpret, split, lengths
         )
     if implementation == "pallas_tpu":
         return pallas_tpu.dga_attention_pallas_tpu(
-            q, k, v, config, scale, block_sizes, interpret, split
+            q, k, v, config, scale, block_sizes, interpret, split, lengths
         )
-    return dga_attention_xla(q, k, v, config, scale, block_sizes, split)
+    return dga_attention_xla(q, k, v, config, scale, block_sizes, split, lengths)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import numpy as np
+
 from dga_jax.ops.checks import is_int, is_real
 
 SELECTIONS = ("global", "streaming")
@@ -53,20 +55,25 @@ class DGAConfig:
 
     def sizes(self, seq_len: int) -> LayoutSizes:
         """The static entry counts of a layout over `seq_len` positions."""
-        m = self.group_size
+        num_focal, num_groups = (int(x) for x in self.counts(np.asarray(seq_len)))
+        chunk = self.chunk_size if self.selection == "streaming" and self.focal_ratio < 1 else 0
+        return LayoutSizes(seq_len, self.group_size, num_focal, num_groups, chunk)
+
+    def counts(self, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(focal tokens, groups) of sequences of `lengths` positions, elementwise (any shape).
+
+        Global: r = ceil(gamma n) focal, (n - r) // m groups; streaming: r' focal and one group
+        per complete chunk of m'; gamma = 1: every token focal. float64 on the host, so that
+        `ceil_exact` is the same everywhere (a device's float32 would round gamma * n).
+        """
+        n = np.asarray(lengths, np.int64)
         if self.focal_ratio >= 1.0:
-            return LayoutSizes(seq_len, m, num_focal=seq_len, num_groups=0, chunk=0)
+            return n, np.zeros_like(n)
         if self.selection == "global":
-            r = min(seq_len, ceil_exact(self.focal_ratio * seq_len))
-            return LayoutSizes(seq_len, m, num_focal=r, num_groups=(seq_len - r) // m, chunk=0)
-        chunks = seq_len // self.chunk_size
-        return LayoutSizes(
-            seq_len,
-            m,
-            num_focal=chunks * self.chunk_focal,
-            num_groups=chunks,
-            chunk=self.chunk_size,
-        )
+            r = np.minimum(n, np.ceil(self.focal_ratio * n - 1e-6).astype(np.int64))
+            return r, (n - r) // self.group_size
+        chunks = n // self.chunk_size
+        return chunks * self.chunk_focal, chunks
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.layout import dga_layout, gather_entries
+from dga_jax.ops.dga.layout import RowCounts, dga_layout, gather_entries
 
 
 @jax.tree_util.register_dataclass
@@ -99,14 +100,15 @@ def entries_per_flush(config: DGAConfig) -> int:
     return focal + (fold > 0)
 
 
-def prefill_counts(config: DGAConfig, prompt_len: int) -> tuple[int, int]:
-    """(prefix entries, tail tokens) after a prefill of `prompt_len` tokens.
+def prefill_counts(config: DGAConfig, prompt_lengths) -> tuple[np.ndarray, np.ndarray]:
+    """(prefix entries, tail tokens) after a prefill of `prompt_lengths` tokens (elementwise).
 
     Global: r = ceil(gamma P) focal and (P - r) // m groups, the (P - r) mod m leftovers in the
     tail; streaming: r' focal and one group per complete chunk of m', the rest in the tail.
     """
-    sizes = config.sizes(prompt_len)
-    return sizes.num_prefix, sizes.num_raw - sizes.num_groups * sizes.group_size
+    lengths = np.asarray(prompt_lengths, np.int64)
+    focal, groups = config.counts(lengths)
+    return focal + groups, lengths - focal - groups * config.group_size
 
 
 def prefix_capacity(config: DGAConfig, max_len: int, prompt_lengths: Sequence[int]) -> int:
@@ -115,14 +117,12 @@ def prefix_capacity(config: DGAConfig, max_len: int, prompt_lengths: Sequence[in
     A row prefilled at P holds `prefill_counts` entries and tokens; each of the next max_len - P
     tokens joins the tail, and every m'-th flushes `entries_per_flush` entries into the prefix.
     """
+    lengths = np.asarray(prompt_lengths, np.int64)
+    check_fits(int(lengths.max()), max_len)
     focal, fold = flush_shape(config)
-    worst = 0
-    for prompt_len in prompt_lengths:
-        check_fits(prompt_len, max_len)
-        prefix, tail = prefill_counts(config, prompt_len)
-        flushes = (tail + max_len - prompt_len) // (focal + fold)
-        worst = max(worst, prefix + flushes * entries_per_flush(config))
-    return worst
+    prefix, tail = prefill_counts(config, lengths)
+    flushes = (tail + max_len - lengths) // (focal + fold)
+    return int(np.max(prefix + flushes * entries_per_flush(config)))
 
 
 def check_fits(num_tokens: int, max_len: int) -> None:
@@ -143,24 +143,37 @@ def prefill(
     config: DGAConfig | None = None,
     scale: float | None = None,
     capacity: int | None = None,
+    lengths: jax.Array | None = None,
 ) -> DGACache | DenseCache:
     """The cache after the P prompt tokens: DGA's (`config`) or, with `config=None`, dense.
 
     q: [B, P, Hq, D], k/v: [B, P, Hkv, D] (RoPE applied), P may be 0. `max_len` is the most
     tokens the cache will ever hold; `capacity` overrides the DGA prefix capacity (the batch's
     `prefix_capacity` when rows prefilled at different lengths are concatenated).
+
+    `lengths` [B]: right-padded prompts, row b holding lengths[b] tokens; its cache then equals
+    that prompt's prefilled alone. Without `capacity`, room for any length up to P; a given
+    `capacity` must be at least `prefix_capacity(config, max_len, lengths)` (checked on the
+    host by `dga_jax.generate`; traced lengths cannot be).
     """
-    check_fits(q.shape[1], max_len)
+    prompt_len = q.shape[1]
+    check_fits(prompt_len, max_len)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if config is None:
-        return _dense_prefill(k, v, scale, max_len)
-    needed = prefix_capacity(config, max_len, [q.shape[1]])
-    if capacity is not None and capacity < needed:
-        raise ValueError(
-            f"capacity={capacity} prefix slots are too few: a prompt of {q.shape[1]} tokens "
-            f"decoded up to max_len={max_len} needs {needed}"
-        )
-    return _dga_prefill(q, k, v, config, scale, max_len, needed if capacity is None else capacity)
+        length = prompt_len if lengths is None else jnp.asarray(lengths, jnp.int32)
+        return _dense_prefill(k, v, scale, max_len, length)
+    if lengths is None:
+        needed = prefix_capacity(config, max_len, [prompt_len])
+        if capacity is not None and capacity < needed:
+            raise ValueError(
+                f"capacity={capacity} prefix slots are too few: a prompt of {prompt_len} tokens "
+                f"decoded up to max_len={max_len} needs {needed}"
+            )
+        capacity = needed if capacity is None else capacity
+    elif capacity is None:
+        capacity = prefix_capacity(config, max_len, np.arange(1, max(prompt_len, 1) + 1))
+    rows = RowCounts.of(config, prompt_len, q.shape[0], lengths)
+    return _dga_prefill(q, k, v, config, scale, max_len, capacity, rows, lengths)
 
 
 def decode_step(
@@ -204,11 +217,12 @@ def apply_update(
     return _dga_apply(cache, update)
 
 
-def _dense_prefill(k: jax.Array, v: jax.Array, scale: float, max_len: int) -> DenseCache:
+def _dense_prefill(k, v, scale: float, max_len: int, length) -> DenseCache:
+    """Slots past a row's `length` (int or [B]) hold padding; decoding overwrites them."""
     b, prompt_len = k.shape[:2]
     pad = ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0))
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, P, D]
-    length = jnp.full((b,), prompt_len, jnp.int32)
+    length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (b,))
     return DenseCache(jnp.pad(kt, pad), jnp.pad(vt, pad), length, scale)
 
 
@@ -219,42 +233,52 @@ def _dense_attend(q, k, v, cache: DenseCache) -> tuple[jax.Array, DenseUpdate]:
     return out, DenseUpdate(k, v)
 
 
-def _dga_prefill(q, k, v, config: DGAConfig, scale: float, max_len: int, capacity: int):
+def _dga_prefill(q, k, v, config, scale, max_len, capacity, rows: RowCounts, lengths):
+    """Each row's prefix (its focal tokens and groups, position-sorted) and its leftovers as the
+    tail; `rows` holds its counts (`lengths` [B] or None: all P)."""
     b, prompt_len, hkv, d = k.shape
     focal, fold = flush_shape(config)
-    tail_slots = focal + fold
-    num_prefix, num_tail = prefill_counts(config, prompt_len)
+    members = rows.num_groups * config.group_size
     if prompt_len:
-        layout = dga_layout(q, k, config, scale)
+        layout = dga_layout(q, k, config, scale, lengths=lengths)
         prefix, raw = gather_entries(layout, k, v)
-        members = layout.sizes.num_groups * layout.sizes.group_size
         pk, pv, bias = prefix.k, prefix.v, prefix.bias
-        tk, tv = raw.k[:, :, members:], raw.v[:, :, members:]
+        tk, tv = (_slots_from(x, members, focal + fold) for x in (raw.k, raw.v))
     else:
-        pk = pv = tk = tv = jnp.zeros((b, hkv, 0, d), k.dtype)
+        pk = pv = jnp.zeros((b, hkv, 0, d), k.dtype)
         bias = jnp.zeros((b, hkv, 0), jnp.float32)
-
-    def pad(x, size):
-        widths = [(0, 0)] * x.ndim
-        widths[2] = (0, size - x.shape[2])
-        return jnp.pad(x, widths)
-
-    def count(n):
-        return jnp.full((b,), n, jnp.int32)
-
+        tk = tv = jnp.zeros((b, hkv, focal + fold, d), k.dtype)
     return DGACache(
-        pad(pk, capacity),
-        pad(pv, capacity),
-        pad(bias, capacity),
-        count(num_prefix),
-        pad(tk, tail_slots),
-        pad(tv, tail_slots),
-        count(num_tail),
-        count(prompt_len),
+        _fit(pk, capacity),
+        _fit(pv, capacity),
+        _fit(bias, capacity),
+        rows.num_focal + rows.num_groups,
+        tk,
+        tv,
+        rows.length - rows.num_focal - members,
+        rows.length,
         config,
         scale,
         max_len,
     )
+
+
+def _slots_from(x: jax.Array, first: jax.Array, size: int) -> jax.Array:
+    """x [B, H, N, D] -> [B, H, size, D]: slots first[b], first[b] + 1, ... of each row (zeros
+    past N)."""
+    if x.shape[2] == 0:
+        return jnp.zeros(x.shape[:2] + (size,) + x.shape[3:], x.dtype)
+    index = first[:, None, None, None] + jnp.arange(size)[None, None, :, None]
+    out = jnp.take_along_axis(x, jnp.minimum(index, x.shape[2] - 1), axis=2)
+    return jnp.where(index < x.shape[2], out, 0)
+
+
+def _fit(x: jax.Array, size: int) -> jax.Array:
+    """x [B, H, N, ...] padded with zeros or cut to `size` slots along axis 2 (a padded row's
+    prefix list ends with unused slots: cutting drops only those)."""
+    widths = [(0, 0)] * x.ndim
+    widths[2] = (0, max(size - x.shape[2], 0))
+    return jnp.pad(x, widths)[:, :, :size]
 
 
 def _dga_attend(q, k, v, cache: DGACache) -> tuple[jax.Array, DGAUpdate]:

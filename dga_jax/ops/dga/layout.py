@@ -19,6 +19,12 @@ Under a `ContextSplit` (inside `shard_map`, the sequence split across devices) t
 functions take a device's rows: scores are computed for its keys and gathered, the layout is
 the whole sequence's on every device, and `split_entries` builds the device's KV' with only
 the compressed prefix and a halo of raw tokens crossing devices.
+
+A right-padded batch (`lengths`: the valid positions of each row) gets, per row, the layout of
+its own length: its r, its sampled queries, its groups, with counts dynamic and shapes static
+in the padded length L. Padding positions become raw tokens visible from their own position on
+(so no valid query sees one, and every padding query sees something finite); prefix slots the
+row does not fill come last, visible from NEVER.
 """
 
 from __future__ import annotations
@@ -56,6 +62,32 @@ class DGALayout:
     sizes: LayoutSizes = dataclasses.field(metadata=dict(static=True))
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RowCounts:
+    """Per row of a (right-padded) batch, [B] int32: valid positions, focal tokens, groups."""
+
+    length: jax.Array
+    num_focal: jax.Array
+    num_groups: jax.Array
+
+    @classmethod
+    def of(
+        cls, config: DGAConfig, seq_len: int, batch: int, lengths: jax.Array | None
+    ) -> RowCounts:
+        """The counts of rows of `lengths` [B] (clipped to [0, seq_len]; None: all seq_len).
+
+        The per-length counts are `config.counts` (exact, on the host), looked up in a table.
+        """
+        if lengths is None:
+            sizes = config.sizes(seq_len)
+            counts = (seq_len, sizes.num_focal, sizes.num_groups)
+            return cls(*(jnp.full((batch,), n, jnp.int32) for n in counts))
+        length = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, seq_len)
+        focal, groups = config.counts(np.arange(seq_len + 1))
+        return cls(length, *(jnp.asarray(x, jnp.int32)[length] for x in (focal, groups)))
+
+
 def dga_layout(
     q: jax.Array,
     k: jax.Array,
@@ -64,26 +96,35 @@ def dga_layout(
     *,
     block: int = 1024,
     split: ContextSplit = WHOLE,
+    lengths: jax.Array | None = None,
 ) -> DGALayout:
     """Builds the layout from q [B, C, Hq, D] and k [B, C, Hkv, D]; carries no gradient.
 
     `block` is the key-block size of the global importance pass (memory O(C * block)). Under a
     `split` (inside `shard_map`), q and k are this device's part of a sequence of
     L = C * split.shards positions; the layout is the whole sequence's, the same on every device:
-    only sampled queries and per-position scores cross devices.
+    only sampled queries and per-position scores cross devices. `lengths` [B] int: the valid
+    positions of each row of a right-padded batch (module docstring); not under a split.
     """
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     sizes = config.sizes(q.shape[1] * split.shards)
+    if lengths is not None and split.shards > 1:
+        raise ValueError("per-row lengths need whole sequences, not a ContextSplit")
+    rows = RowCounts.of(config, sizes.seq_len, q.shape[0], lengths)
     if sizes.num_focal == sizes.seq_len:
         shape = (q.shape[0], k.shape[2], sizes.seq_len)
-        focal, score = jnp.ones(shape, bool), jnp.ones(shape, jnp.float32)
+        focal = jnp.broadcast_to(jnp.arange(sizes.seq_len) < rows.length[:, None, None], shape)
+        score = jnp.ones(shape, jnp.float32)
     elif config.selection == "global":
-        score = global_importance(q, k, sizes.group_size, scale, block=block, split=split)
-        focal = top_r_mask(score, sizes.num_focal)
+        score = global_importance(
+            q, k, sizes.group_size, scale, block=block, split=split, lengths=lengths
+        )
+        focal = top_r_mask(score, rows.num_focal[:, None])
     else:
         score = streaming_score(q, k, sizes, scale, split)
-        focal = chunk_focal_mask(score, sizes)
-    return jax.vmap(jax.vmap(_assemble, (0, 0, None)), (0, 0, None))(focal, score, sizes)
+        focal = chunk_focal_mask(score, sizes, rows.num_groups)
+    assemble = jax.vmap(jax.vmap(_assemble, (0, 0, None, None)), (0, 0, None, 0))
+    return assemble(focal, score, sizes, rows)
 
 
 def sampled_positions(seq_len: int, group_size: int) -> np.ndarray:
@@ -101,10 +142,12 @@ def global_importance(
     *,
     block: int = 1024,
     split: ContextSplit = WHOLE,
+    lengths: jax.Array | None = None,
 ) -> jax.Array:
     """s_i = Σ_heads Σ_{j in S, j >= i} softmax_j(q_j k_i * scale), as [B, Hkv, L] float32.
 
     q: [B, C, Hq, D], k: [B, C, Hkv, D], this device's part of the sequence under `split`.
+    `lengths` [B]: row b samples S of its own length and scores 0 at its padding positions.
 
     Two flash-style passes over the lower triangle of (sampled query block, key block) tiles:
     the first finds each sampled query's log-sum-exp (per device over its keys, then combined),
@@ -112,9 +155,12 @@ def global_importance(
     """
     b, chunk, hkv = q.shape[0], q.shape[1], k.shape[2]
     pos = sampled_positions(chunk * split.shards, group_size)
-    tiles = _ImportanceTiles.build(
-        split.rows(q, pos), pos, k, group_size, scale, block, split.positions(chunk)
-    )
+    if lengths is None:
+        row_pos, qs = jnp.asarray(pos, jnp.int32), split.rows(q, pos)
+    else:
+        row_pos = _row_sampled(pos, jnp.asarray(lengths, jnp.int32))  # [B, nS]
+        qs = jnp.take_along_axis(q, jnp.maximum(row_pos, 0)[:, :, None, None], axis=1)
+    tiles = _ImportanceTiles.build(qs, row_pos, k, group_size, scale, block, split.positions(chunk))
     mx, total = jax.lax.map(
         functools.partial(_sampled_stats, tiles), jnp.arange(tiles.row_blocks)
     )  # [nS/rows, B*Hkv, rows*G] each
@@ -128,13 +174,23 @@ def global_importance(
     return split.gather_sequence(s, axis=2)
 
 
+def _row_sampled(pos: np.ndarray, lengths: jax.Array) -> jax.Array:
+    """Each row's S for its length n, on the padded grid `pos` of S: [B, nS] int32.
+
+    Entry i is min(pos[i], n - 1) while pos[i - 1] < n - 1, else -1 (no query: sees nothing).
+    """
+    last = lengths[:, None] - 1
+    before = np.concatenate([[-1], pos[:-1]])
+    return jnp.where(before < last, jnp.minimum(pos, last), -1).astype(jnp.int32)
+
+
 @dataclasses.dataclass(frozen=True)
 class _ImportanceTiles:
     """Sampled queries and this device's keys cut into tiles; padding is never visible."""
 
     qs: jax.Array  # [B*Hkv, nS (padded), G, D] sampled queries
     ks: jax.Array  # [B*Hkv, C (padded to block), D]
-    row_pos: jax.Array  # [nS (padded)] int32 positions of the sampled queries, -1 for padding
+    row_pos: jax.Array  # [(B*Hkv,) nS (padded)] int32 sampled query positions, -1: none
     key_pos: jax.Array  # [C (padded)] int32 increasing positions of the keys, NEVER for padding
     rows: int  # sampled queries per tile: a tile spans ~block positions
     block: int  # keys per tile
@@ -143,9 +199,10 @@ class _ImportanceTiles:
 
     @classmethod
     def build(
-        cls, qs, pos: np.ndarray, k, group_size: int, scale: float, block: int, key_pos
+        cls, qs, pos: jax.Array, k, group_size: int, scale: float, block: int, key_pos
     ) -> _ImportanceTiles:
-        """qs [B, nS, Hq, D] at sampled positions `pos`, k [B, C, Hkv, D] at `key_pos` [C]."""
+        """qs [B, nS, Hq, D] at sampled positions `pos` ([nS], or [B, nS] per row), k
+        [B, C, Hkv, D] at `key_pos` [C]."""
         b, n_sampled, hq, d = qs.shape
         chunk, hkv = k.shape[1], k.shape[2]
         rows = max(1, block // group_size)
@@ -159,7 +216,10 @@ class _ImportanceTiles:
             k.transpose(0, 2, 1, 3).reshape(b * hkv, chunk, d),
             ((0, 0), (0, n_keys - chunk), (0, 0)),
         )
-        row_pos = jnp.asarray(np.pad(pos, (0, n_rows - n_sampled), constant_values=-1), jnp.int32)
+        widths = [(0, 0)] * (pos.ndim - 1) + [(0, n_rows - n_sampled)]
+        row_pos = jnp.pad(pos, widths, constant_values=-1)
+        if row_pos.ndim == 2:
+            row_pos = jnp.repeat(row_pos, hkv, axis=0)  # [B*Hkv, nS], as qs
         key_pos = jnp.pad(key_pos, (0, n_keys - chunk), constant_values=NEVER)
         return cls(qs, ks, row_pos, key_pos, rows, block, group_size, scale)
 
@@ -168,8 +228,8 @@ class _ImportanceTiles:
         return self.qs.shape[1] // self.rows
 
     def positions(self, i: jax.Array) -> jax.Array:
-        """[rows] positions of sampled-query tile i."""
-        return jax.lax.dynamic_slice_in_dim(self.row_pos, i * self.rows, self.rows)
+        """[(B*Hkv,) rows] positions of sampled-query tile i."""
+        return jax.lax.dynamic_slice_in_dim(self.row_pos, i * self.rows, self.rows, axis=-1)
 
     def logits(self, i: jax.Array, kb: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Logits [B*Hkv, rows*G, block] of tile (i, kb) and their causal visibility."""
@@ -185,9 +245,9 @@ class _ImportanceTiles:
             )
             * self.scale
         )
-        j = jnp.repeat(self.positions(i), g)  # [rows*G]
+        j = jnp.repeat(self.positions(i), g, axis=-1)  # [(B*Hkv,) rows*G]
         key = jax.lax.dynamic_slice_in_dim(self.key_pos, kb * self.block, self.block)
-        return s, key[None, :] <= j[:, None]
+        return s, key <= j[..., None]
 
 
 def _sampled_stats(tiles: _ImportanceTiles, i: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -220,14 +280,14 @@ def _key_importance(tiles: _ImportanceTiles, lse: jax.Array, kb: jax.Array) -> j
     return jax.lax.fori_loop(first, tiles.row_blocks, body, init)
 
 
-def top_r_mask(score: jax.Array, r: int) -> jax.Array:
+def top_r_mask(score: jax.Array, r: int | jax.Array) -> jax.Array:
     """Mask of the r largest non-negative scores along the last axis; ties: lower index wins.
 
-    A radix select on the float32 bit patterns (monotone for non-negative floats): 31 counting
-    passes find the r-th largest value, then ties at that value are taken in position order.
+    `r`: an int, or ints broadcasting against score.shape[:-1] (a count per row). A radix
+    select on the float32 bit patterns (monotone for non-negative floats): 31 counting passes
+    find the r-th largest value, then ties at that value are taken in position order.
     """
-    if r == 0:
-        return jnp.zeros(score.shape, bool)
+    r = jnp.asarray(r, jnp.int32)
     bits = jax.lax.bitcast_convert_type(score.astype(jnp.float32), jnp.int32)
 
     def narrow(_, bounds):  # invariant: count(bits >= lo) >= r > count(bits >= hi)
@@ -242,7 +302,7 @@ def top_r_mask(score: jax.Array, r: int) -> jax.Array:
     threshold = threshold[..., None]
     above = bits > threshold
     ties = bits == threshold
-    room = r - jnp.sum(above, axis=-1, keepdims=True)
+    room = r[..., None] - jnp.sum(above, axis=-1, keepdims=True)
     return above | (ties & (jnp.cumsum(ties, axis=-1) <= room))
 
 
@@ -274,9 +334,10 @@ def streaming_score(
     return split.gather_sequence(score.transpose(1, 2, 0), axis=2)
 
 
-def chunk_focal_mask(score: jax.Array, sizes: LayoutSizes) -> jax.Array:
+def chunk_focal_mask(score: jax.Array, sizes: LayoutSizes, chunks: jax.Array) -> jax.Array:
     """The top r' scores of each whole chunk of m' positions ([B, Hkv, L] -> bool), ties to the
-    earlier position; the incomplete last chunk has no focal token."""
+    earlier position; only each row's first `chunks` [B] chunks (its complete ones) have focal
+    tokens."""
     b, hkv, seq_len = score.shape
     n, width = sizes.num_groups, sizes.chunk
     per_chunk = sizes.num_focal // max(n, 1)
@@ -285,16 +346,20 @@ def chunk_focal_mask(score: jax.Array, sizes: LayoutSizes) -> jax.Array:
         (score[..., None, :] == score[..., :, None])
         & (jnp.arange(width)[None, :] < jnp.arange(width)[:, None])
     )  # ahead[..., i, j]: j outranks i
-    focal = jnp.sum(ahead, axis=-1) < per_chunk
+    complete = jnp.arange(n) < chunks[:, None, None]  # [B, 1, n]
+    focal = (jnp.sum(ahead, axis=-1) < per_chunk) & complete[..., None]
     return jnp.pad(focal.reshape(b, hkv, n * width), ((0, 0), (0, 0), (0, seq_len - n * width)))
 
 
-def _assemble(focal: jax.Array, score: jax.Array, sizes: LayoutSizes) -> DGALayout:
-    """One (batch, head): focal [L] bool, score [L] -> the two sorted entry lists."""
+def _assemble(focal: jax.Array, score: jax.Array, sizes: LayoutSizes, row: RowCounts) -> DGALayout:
+    """One (batch, head): focal [L] bool, score [L] -> the two sorted entry lists.
+
+    The row's first `row.num_groups` groups are real; the others (a padded row's) are visible
+    from NEVER, and their members are leftovers.
+    """
     seq_len, m, n_groups = sizes.seq_len, sizes.group_size, sizes.num_groups
     pos = jnp.arange(seq_len, dtype=jnp.int32)
-    nonfocal = ~focal
-    raw_pos = _compact(nonfocal, pos, sizes.num_raw)
+    raw_pos = _compact(~focal, pos, sizes.num_raw)
 
     members = raw_pos[: n_groups * m].reshape(n_groups, m)
     w = score[members]
@@ -305,18 +370,20 @@ def _assemble(focal: jax.Array, score: jax.Array, sizes: LayoutSizes) -> DGALayo
         group_from = key + 1
     else:  # global: visible from its last member on
         key = group_from = members[:, -1]
+    real = jnp.arange(n_groups) < row.num_groups
+    group_from = jnp.where(real, group_from, NEVER)
     leftover = jnp.full((sizes.num_raw - n_groups * m,), NEVER, jnp.int32)
     raw_until = jnp.concatenate([jnp.repeat(group_from, m), leftover])
 
     # Merge focal tokens (key p) and groups (key = decision position) by key, focal first on ties.
     focal_upto = jnp.cumsum(focal)  # focal tokens at positions <= p
-    is_key = jnp.zeros(seq_len, jnp.int32).at[key].set(1)
+    is_key = jnp.zeros(seq_len, jnp.int32).at[jnp.where(real, key, seq_len)].set(1, mode="drop")
     groups_before = jnp.cumsum(is_key) - is_key  # groups with key < p
     focal_slot = jnp.where(focal, focal_upto - 1 + groups_before, sizes.num_prefix)
-    group_slot = focal_upto[key] + jnp.arange(n_groups)
-    n = sizes.num_prefix
-    prefix_src = _scatter(n, focal_slot, pos, group_slot, jnp.arange(n_groups, dtype=jnp.int32))
-    prefix_from = _scatter(n, focal_slot, pos, group_slot, group_from)
+    group_slot = jnp.where(real, focal_upto[key], focal_upto[-1]) + jnp.arange(n_groups)
+    n, group_ids = sizes.num_prefix, jnp.arange(n_groups, dtype=jnp.int32)
+    prefix_src = _scatter(n, 0, focal_slot, pos, group_slot, group_ids)
+    prefix_from = _scatter(n, NEVER, focal_slot, pos, group_slot, group_from)
     prefix_is_group = jnp.zeros(n, bool).at[group_slot].set(True)
     return DGALayout(
         focal, score, prefix_src, prefix_is_group, prefix_from, raw_pos, raw_until, w, sizes
@@ -329,8 +396,8 @@ def _compact(mask: jax.Array, values: jax.Array, size: int) -> jax.Array:
     return jnp.zeros(size, values.dtype).at[slot].set(values, mode="drop")
 
 
-def _scatter(size, slot_a, values_a, slot_b, values_b):
-    out = jnp.zeros(size, jnp.int32).at[slot_a].set(values_a, mode="drop")
+def _scatter(size, fill, slot_a, values_a, slot_b, values_b):
+    out = jnp.full(size, fill, jnp.int32).at[slot_a].set(values_a, mode="drop")
     return out.at[slot_b].set(values_b, mode="drop")
 
 
@@ -390,6 +457,7 @@ def compressed_kv(
     *,
     block: int = 1024,
     split: ContextSplit = WHOLE,
+    lengths: jax.Array | None = None,
 ) -> tuple[list[tuple[Entries, Entries | None]], int]:
     """([(prefix, band) per piece], band lag): the KV' the queries of q [B, C, Hq, D] attend to.
 
@@ -397,9 +465,9 @@ def compressed_kv(
     intervals are relative to its first position, so its query row r sees entry e iff
     `start_e <= r < until_e`, as `interval_attention` and the kernels assume. The band lag is the
     number of raw entries that can start before a query and still be visible to it: the members
-    of one unfinished group or chunk.
+    of one unfinished group or chunk. `lengths`: see `dga_layout`.
     """
-    layout = dga_layout(q, k, config, scale, block=block, split=split)
+    layout = dga_layout(q, k, config, scale, block=block, split=split, lengths=lengths)
     sizes = layout.sizes
     lag = max(sizes.chunk, sizes.group_size) - 1
     if split.shards == 1:

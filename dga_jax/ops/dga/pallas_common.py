@@ -182,15 +182,16 @@ def dga_kernel_attention(
     interpret: object,
     head_multiple: int = 1,
     split: ContextSplit = WHOLE,
+    lengths: jax.Array | None = None,
 ) -> jax.Array:
     """DGA by `kernels`: the layout, its compressed KV', then the kernel walk.
 
     q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D]; `block_q` is the backend's (clamped)
     query block. Under a `split`, this device's rows of the sequence, walked piece by piece
-    with entry intervals relative to the piece's first position.
+    with entry intervals relative to the piece's first position. `lengths`: see `dga_layout`.
     """
     pieces, lag = compressed_kv(
-        q, k, v, config, scale, block=block_sizes.block_importance, split=split
+        q, k, v, config, scale, block=block_sizes.block_importance, split=split, lengths=lengths
     )
     out = []
     for rows, (prefix, band) in zip(split.piece_rows(q), pieces, strict=True):

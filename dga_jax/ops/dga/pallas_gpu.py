@@ -97,10 +97,12 @@ def dga_attention_pallas_gpu(
     block_sizes: BlockSizes,
     interpret: bool = False,
     split: ContextSplit = WHOLE,
+    lengths: jax.Array | None = None,
 ) -> jax.Array:
     """q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D]: the layout, then the kernels.
 
-    C = L, or this device's part of the sequence under `split`.
+    C = L, or this device's part of the sequence under `split`; `lengths` [B]: the valid
+    positions of each row of a right-padded batch (`dga_layout`).
     """
     return common.dga_kernel_attention(
         KERNELS,
@@ -114,6 +116,7 @@ def dga_attention_pallas_gpu(
         interpret=interpret,
         head_multiple=_next_power_of_2(q.shape[-1]),
         split=split,
+        lengths=lengths,
     )
 
 

@@ -129,10 +129,12 @@ def dga_attention_pallas_tpu(
     block_sizes: BlockSizes,
     interpret: object = False,
     split: ContextSplit = WHOLE,
+    lengths: jax.Array | None = None,
 ) -> jax.Array:
     """q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D]: the layout, then the kernels.
 
-    C = L, or this device's part of the sequence under `split`.
+    C = L, or this device's part of the sequence under `split`; `lengths` [B]: the valid
+    positions of each row of a right-padded batch (`dga_layout`).
 
     `interpret`: False on a TPU; `pltpu.InterpretParams(...)` (or True) runs the kernels in the
     TPU interpreter on any backend.
@@ -148,6 +150,7 @@ def dga_attention_pallas_tpu(
         block_q=query_block(block_sizes, q.shape[1]),
         interpret=pltpu.InterpretParams() if interpret is True else interpret,
         split=split,
+        lengths=lengths,
     )
 
 

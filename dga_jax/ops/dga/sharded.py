@@ -34,8 +34,9 @@ from dga_jax.sharding import MeshAxes
 STRATEGIES = ("auto", "ulysses", "dga")
 CONTEXT_ORDERS = ("contiguous", "zigzag")
 
-# attention(q, k, v, split): q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D]; C = L/parts.
-SplitAttention = Callable[[jax.Array, jax.Array, jax.Array, ContextSplit], jax.Array]
+# attention(q, k, v, [lengths,] split=split): q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D];
+# C = L/parts; lengths [B] (the valid positions of right-padded rows) only when per_shard has them.
+SplitAttention = Callable[..., jax.Array]
 
 
 def per_shard(
@@ -49,6 +50,7 @@ def per_shard(
     seq: MeshAxes = None,
     strategy: str = "auto",
     zigzag: bool = False,
+    lengths: jax.Array | None = None,
 ) -> jax.Array:
     """`attention` on each device's slice: q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D].
 
@@ -56,13 +58,15 @@ def per_shard(
     heads alike, so each device keeps whole GQA groups); `strategy` (`STRATEGIES`) is how a
     split sequence is attended, and `zigzag` says its rows are in zig-zag order
     (`dga_jax.ops.context.zigzag_order`: row i holds position order[i]). The mesh is the one
-    `jax.set_mesh` sets; without one it is a plain call.
+    `jax.set_mesh` sets; without one it is a plain call. `lengths` [B], split like the batch, is
+    passed on to `attention` (not under the "dga" strategy: it splits the sequence).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"context_parallel must be one of {STRATEGIES}, got {strategy!r}")
+    extra = () if lengths is None else (lengths,)
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return attention(q, k, v, WHOLE)
+        return attention(q, k, v, *extra, split=WHOLE)
     for name, axes, size in (("batch", batch, q.shape[0]), ("KV heads", heads, k.shape[2])):
         shards = shard_count(axes)
         if size % shards:
@@ -79,13 +83,19 @@ def per_shard(
         split.order(q.shape[1])  # a length zig-zag order cannot cut fails here, naming it
         if strategy == "ulysses":
             body = functools.partial(_ulysses, attention, split)
-        else:
+        elif lengths is None:
             body = functools.partial(attention, split=split)
+        else:
+            raise ValueError(
+                "per-row lengths need whole sequences: context_parallel='dga' splits them over "
+                f"mesh axes {seq!r}; use 'ulysses' (or 'auto') or a mesh without a sequence split"
+            )
     spec = PartitionSpec(batch, seq, heads, None)
     q, k, v = (jax.lax.with_sharding_constraint(x, spec) for x in (q, k, v))
+    specs = (spec,) * 3 + (PartitionSpec(batch),) * len(extra)
     # check_vma=False: the layout's loop carries are not marked as varying over the mesh.
-    sharded = jax.shard_map(body, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
-    return sharded(q, k, v)
+    sharded = jax.shard_map(body, in_specs=specs, out_specs=spec, check_vma=False)
+    return sharded(q, k, v, *extra)
 
 
 def choose_strategy(strategy: str, kv_heads: int, seq_len: int, seq: MeshAxes) -> str:
@@ -110,9 +120,9 @@ def choose_strategy(strategy: str, kv_heads: int, seq_len: int, seq: MeshAxes) -
     return strategy
 
 
-def _ulysses(attention: SplitAttention, split: ContextSplit, q, k, v) -> jax.Array:
+def _ulysses(attention: SplitAttention, split: ContextSplit, q, k, v, *lengths) -> jax.Array:
     """Sequence-split q, k, v [B, C, H, D] -> head-split [B, L, H/P, D] in position order,
-    attention, and back."""
+    attention (with `lengths`, if any), and back."""
     order = split.order(q.shape[1] * split.shards)
     natural = np.argsort(order)
 
@@ -120,7 +130,7 @@ def _ulysses(attention: SplitAttention, split: ContextSplit, q, k, v) -> jax.Arr
         x = jax.lax.all_to_all(x, split.axis, split_axis=2, concat_axis=1, tiled=True)
         return x if split.pieces == 1 else jnp.take(x, natural, axis=1)
 
-    out = attention(to_heads(q), to_heads(k), to_heads(v), WHOLE)
+    out = attention(to_heads(q), to_heads(k), to_heads(v), *lengths, split=WHOLE)
     out = out if split.pieces == 1 else jnp.take(out, order, axis=1)
     return jax.lax.all_to_all(out, split.axis, split_axis=1, concat_axis=2, tiled=True)
 

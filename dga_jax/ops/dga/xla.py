@@ -23,10 +23,14 @@ def dga_attention_xla(
     scale: float,
     block_sizes: BlockSizes = BlockSizes(),
     split: ContextSplit = WHOLE,
+    lengths: jax.Array | None = None,
 ) -> jax.Array:
-    """q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D] in q's dtype (C = L unless split)."""
+    """q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D] in q's dtype (C = L unless split).
+
+    `lengths` [B]: the valid positions of each row of a right-padded batch (`dga_layout`).
+    """
     pieces, lag = compressed_kv(
-        q, k, v, config, scale, block=block_sizes.block_importance, split=split
+        q, k, v, config, scale, block=block_sizes.block_importance, split=split, lengths=lengths
     )
     out = [
         interval_attention(rows, prefix, band, scale=scale, block_sizes=block_sizes, band_lag=lag)
