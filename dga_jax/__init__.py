@@ -1,6 +1,6 @@
 """dga-jax: Dynamic Group Attention for long-context language models in JAX."""
 
-from dga_jax.generate import generate, stream
+from dga_jax.generate import Buckets, completions, generate, stream
 from dga_jax.model import DGAttention, Llama, ModelConfig, RopeScaling
 from dga_jax.ops.context import ContextSplit, zigzag_order
 from dga_jax.ops.dense import dense_attention
@@ -12,6 +12,7 @@ from dga_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 __all__ = [
     "DEFAULT_RULES",
     "BlockSizes",
+    "Buckets",
     "ContextSplit",
     "DGACache",
     "DGAConfig",
@@ -22,6 +23,7 @@ __all__ = [
     "LogicalRules",
     "ModelConfig",
     "RopeScaling",
+    "completions",
     "dense_attention",
     "dga_attention",
     "decode_step",

@@ -14,6 +14,8 @@ import pytest
 from absl import flags
 from jax.experimental.pallas import tpu as pltpu
 
+from dga_jax.ops.dga.decode import DenseCache
+
 # The test process is the entry point: absl's flags keep their defaults (Grain's workers read one).
 flags.FLAGS.mark_as_parsed()
 
@@ -50,6 +52,13 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_compile_caches():
+    """Each test module starts with JAX's caches empty: a pytest worker runs hundreds of
+    modules' programs, and keeping every executable alive only grows its memory."""
+    jax.clear_caches()
+
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -83,4 +92,20 @@ def random_qkv(seed: int, b: int, seq_len: int, hq: int, hkv: int, d: int, dtype
 def assert_close(actual, expected, tol):
     np.testing.assert_allclose(
         np.asarray(actual, np.float32), np.asarray(expected, np.float32), **tol
+    )
+
+
+def cache_row(cache, row: int) -> dict[str, np.ndarray]:
+    """The parts of row `row` of one layer's DGACache or DenseCache that decoding reads."""
+    if isinstance(cache, DenseCache):
+        n = int(cache.length[row])
+        return dict(k=cache.k[row, :, :n], v=cache.v[row, :, :n], length=cache.length[row])
+    prefix, tail = int(cache.prefix_count[row]), int(cache.tail_count[row])
+    return dict(
+        prefix_k=cache.prefix_k[row, :, :prefix],
+        prefix_v=cache.prefix_v[row, :, :prefix],
+        prefix_bias=cache.prefix_bias[row, :, :prefix],
+        tail_k=cache.tail_k[row, :, :tail],
+        tail_v=cache.tail_v[row, :, :tail],
+        counts=np.array([prefix, tail, int(cache.length[row])]),
     )

@@ -18,9 +18,9 @@ import dga_jax
 from dga_jax import DGAConfig, Llama, ModelConfig
 from dga_jax.checkpoint.orbax_io import save_model
 from dga_jax.data.tokenizers import ByteTokenizer, load_tokenizer
-from dga_jax.generate import Sampling, prefill, sample
+from dga_jax.generate import Buckets, Sampling, _decode, _prefill_rows, prefill, sample
 from dga_jax.generate.__main__ import TextStream, main
-from tests.conftest import FORWARD_TOL, assert_close, run_on_fake_devices
+from tests.conftest import FORWARD_TOL, assert_close, cache_row, run_on_fake_devices
 from tests.data.conftest import train_sentencepiece
 
 TOL = FORWARD_TOL[jnp.float32]
@@ -104,6 +104,62 @@ def test_rows_of_different_lengths_equal_their_runs_alone():
         assert float(jnp.abs(batched[i] - batched[j]).max()) > 1e-3
     forward = jax.jit(llama.__call__)(jnp.asarray(x[1:, : lengths[1]]))
     assert_close(batched[1, 0], forward[0, -1], TOL)
+
+
+@pytest.mark.parametrize(
+    "attention, selection", [("dga", "global"), ("dga", "streaming"), ("dense", "global")]
+)
+def test_a_bucketed_prefill_gives_each_row_its_prefill_alone(attention, selection):
+    # One call over rows right-padded to a bucket of 32: lengths below m = 4, multiples of
+    # neither m nor m' = 5; logits and every layer's cache equal each prompt's exact prefill.
+    llama = model(attention, DGAConfig(4, 0.1, selection))
+    lengths, width, max_len = [31, 3, 9, 14, 22], 32, 48
+    x = np.asarray(tokens(len(lengths), width, seed=3))
+    capacity = dga_jax.prefix_capacity(DGA, max_len, range(1, width + 1))
+    capacity = capacity if attention == "dga" else None
+    logits, caches = prefill(llama, x, lengths, max_len, capacity)
+    for i, n in enumerate(lengths):
+        alone_logits, alone = prefill(llama, x[i : i + 1, :n], [n], max_len, capacity)
+        assert_close(logits[i], alone_logits[0], TOL)
+        for layer in range(TINY.num_layers):
+            got = cache_row(jax.tree.map(lambda leaf, j=layer: leaf[j], caches), i)
+            want = cache_row(jax.tree.map(lambda leaf, j=layer: leaf[j], alone), 0)
+            for name in want:
+                assert_close(got[name], want[name], TOL)
+
+
+PROMPT_LENGTHS = (3, 14, 31, 17)
+
+
+def test_batched_bucketed_generation_equals_each_prompt_alone():
+    # Batches of 3, longest first: the results come back in the prompts' order.
+    llama, rng = model(), np.random.RandomState(0)
+    prompts = [rng.randint(3, 500, size=n).tolist() for n in PROMPT_LENGTHS]
+    got = dga_jax.generate(llama, prompts, 5, batch_size=3, buckets=Buckets(16))
+    exact = Buckets(growth="exact")
+    assert got == [dga_jax.generate(llama, [p], 5, buckets=exact)[0] for p in prompts]
+
+
+def test_many_lengths_compile_once_per_bucket(capsys):
+    llama, rng = model(), np.random.RandomState(1)
+    lengths = [5, 7, 11, 13, 16, 17, 19, 23, 29, 31, 33, 40, 47, 52, 58, 61]
+    prompts = [rng.randint(3, 500, size=n).tolist() for n in lengths]
+    buckets = Buckets(16)  # 16, 32, 64
+    _prefill_rows.clear_cache()
+    _decode.clear_cache()
+    dga_jax.generate(llama, prompts, 3, batch_size=3, buckets=buckets, progress=True)
+    widths = {buckets.round_up(n) for n in lengths}
+    assert _prefill_rows._cache_size() <= len(widths) == 3  # 16 lengths, 6 batches
+    assert _decode._cache_size() <= len({buckets.round_up(w + 3) for w in widths})
+    assert "16/16" in capsys.readouterr().err  # the progress bar, finished
+
+
+def test_buckets_round_up():
+    assert [Buckets(16).round_up(n) for n in (1, 16, 17, 33)] == [16, 16, 32, 64]
+    assert [Buckets(10, "linear").round_up(n) for n in (1, 10, 11)] == [10, 10, 20]
+    assert Buckets(growth="exact").round_up(37) == 37
+    with pytest.raises(ValueError, match="growth must be one of"):
+        Buckets(growth="fibonacci")
 
 
 def test_greedy_is_argmax_and_top_k_1_is_greedy():

@@ -103,26 +103,29 @@ EQUALITY = PRELUDE + textwrap.dedent(
             )
             check(attention, q, k, v, mesh, "dga", selection)
     # "ulysses": 8 KV heads, so every mesh's tensor shard holds a multiple of the seq parts.
+    # The attention inside is unchanged: one selection per mesh.
     q8, k8, v8 = random_qkv(1, 2, 32, 16, 8, 8)
-    for mesh in ((1, 1, 8, 1), (1, 1, 4, 2), (2, 1, 2, 2)):
-        for selection in ("global", "streaming"):
-            attention = functools.partial(
-                dga_jax.dga_attention, group_size=4, focal_ratio=0.1, selection=selection
-            )
-            check(attention, q8, k8, v8, mesh, "ulysses", selection)
+    for mesh, selection in (((1, 1, 8, 1), "global"), ((1, 1, 4, 2), "streaming"),
+                            ((2, 1, 2, 2), "global")):
+        attention = functools.partial(
+            dga_jax.dga_attention, group_size=4, focal_ratio=0.1, selection=selection
+        )
+        check(attention, q8, k8, v8, mesh, "ulysses", selection)
     dense = dga_jax.dense_attention
     check(dense, q8, k8, v8, (2, 1, 2, 2), "ulysses", "dense")
     blockwise = functools.partial(dense, implementation="blockwise")
     check(blockwise, q, k, v, (1, 1, 8, 1), "dga", "dense")
     check(blockwise, q, k, v, (1, 1, 4, 2), "dga", "dense")
-    # Zig-zag order: each device holds an early and a late piece (of 4 positions at P = 8).
-    for selection in ("global", "streaming"):
-        for m, gamma in ((4, 0.2), (16, 0.5)):
-            attention = functools.partial(
-                dga_jax.dga_attention, group_size=m, focal_ratio=gamma, selection=selection
-            )
-            for mesh in ((1, 1, 8, 1), (1, 1, 4, 2)):
-                check(attention, q, k, v, mesh, "dga", (selection, m, gamma), zigzag=True)
+    # Zig-zag order: each device holds an early and a late piece (of 4 positions at P = 8);
+    # each selection with groups inside a piece (m = 4) and across pieces (m = 16).
+    for selection, m, gamma, mesh in (
+        ("global", 4, 0.2, (1, 1, 8, 1)), ("global", 16, 0.5, (1, 1, 4, 2)),
+        ("streaming", 4, 0.2, (1, 1, 4, 2)), ("streaming", 16, 0.5, (1, 1, 8, 1)),
+    ):
+        attention = functools.partial(
+            dga_jax.dga_attention, group_size=m, focal_ratio=gamma, selection=selection
+        )
+        check(attention, q, k, v, mesh, "dga", (selection, m, gamma), zigzag=True)
     attention = functools.partial(dga_jax.dga_attention, group_size=4, selection="streaming")
     check(attention, q8, k8, v8, (2, 1, 2, 2), "ulysses", "streaming", zigzag=True)
     check(blockwise, q, k, v, (1, 1, 8, 1), "dga", "dense", zigzag=True)

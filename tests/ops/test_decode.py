@@ -19,7 +19,7 @@ from dga_jax.ops.dga.decode import (
     prefix_capacity,
 )
 from dga_jax.ops.dga.reference import dga_decode_reference
-from tests.conftest import FORWARD_TOL, assert_close, random_qkv
+from tests.conftest import FORWARD_TOL, assert_close, cache_row, random_qkv
 
 TOL = FORWARD_TOL[jnp.float32]
 SCALE = 16**-0.5
@@ -106,7 +106,33 @@ def test_dense_decoding_equals_dense_attention():
     assert_close(out, full[:, 9:], TOL)
 
 
-def test_rows_at_different_lengths_share_a_batch():
+@pytest.mark.parametrize(
+    "config",
+    [None, dga_jax.DGAConfig(4, 0.1), dga_jax.DGAConfig(4, 0.2, "streaming")],
+    ids=["dense", "global", "streaming"],
+)
+def test_a_padded_prefill_gives_each_row_its_cache_alone(config):
+    # Right-padded rows prefilled in one call (lengths below m, not multiples of m or m' = 5),
+    # then decoded together == each prompt prefilled at its own length and decoded alone.
+    q, k, v = random_qkv(4, 4, 40, 4, 2, 16)
+    lengths, steps, max_len = [30, 3, 13, 26], 6, 40
+    prefill_rows = functools.partial(prefill_jit, max_len=max_len, config=config, scale=SCALE)
+    cache = prefill_rows(q[:, :30], k[:, :30], v[:, :30], lengths=jnp.asarray(lengths))
+    for i, n in enumerate(lengths):
+        alone = prefill_rows(q[i : i + 1, :n], k[i : i + 1, :n], v[i : i + 1, :n])
+        for name, want in cache_row(alone, 0).items():
+            np.testing.assert_allclose(cache_row(cache, i)[name], want, rtol=1e-6, err_msg=name)
+    outs = [decode(q[i : i + 1], k[i : i + 1], v[i : i + 1], n, config)[0] for i, n in
+            enumerate(lengths)]  # fmt: skip
+    rows = np.arange(len(lengths))
+    for n in range(steps):
+        t = np.array(lengths) + n
+        out, cache = step(q[rows, t], k[rows, t], v[rows, t], cache)
+        for i in rows:
+            assert_close(out[i], outs[i][0, n], TOL)
+
+
+def test_rows_prefilled_apart_concatenate_into_one_batch():
     # Rows prefilled at their own lengths, concatenated, decoded together == decoded alone.
     config = dga_jax.DGAConfig(4, 0.1)
     q, k, v = random_qkv(4, 2, 40, 4, 2, 16)

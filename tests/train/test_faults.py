@@ -362,4 +362,5 @@ def test_resume_on_fewer_devices_and_another_mesh_shape(whole, whole_on, tmp_pat
     copy_run(whole_on(8), tmp_path, last_step=6)
     rerun = train(tmp_path, devices=4, **MESHES[4])
     assert "resuming from step 6" in rerun.stderr
-    assert_close_run(tmp_path, whole_on(4), MESH_RTOL)
+    # Runs on every mesh agree to MESH_RTOL: one device's uninterrupted run is the reference.
+    assert_close_run(tmp_path, whole, MESH_RTOL)
