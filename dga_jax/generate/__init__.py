@@ -15,9 +15,9 @@ with `dga_jax.ops.dga.decode.DGACache`, dense ones with `DenseCache`.
 A batch of prompts is right-padded to a bucket length (`Buckets`: powers of two or multiples
 of a step) and prefilled in one call that knows each row's length: DGA selects per row at its
 own length (its r, sampled queries and groups), padding is never attended, so each row's logits
-and cache equal its prefill alone. The cache sizes (`max_len`, the DGA prefix capacity) are
-rounded to buckets too, so any mix of lengths compiles once per bucket for prefill and once per
-cache size for decoding. From then on every row carries its own counts and position, and rows
+and cache equal its prefill alone. The cache sizes (`max_len`, the DGA prefix capacity) follow
+from the bucket, so any mix of lengths compiles once per bucket for prefill and once per cache
+size for decoding. From then on every row carries its own counts and position, and rows
 of different lengths decode in one batch. `generate` takes any number of prompts and runs them
 in batches of `batch_size`, longest first, returning them in the caller's order
 (`completions` yields each as soon as it and those before it are done).
@@ -204,7 +204,8 @@ def stream(
     A row ends at one of `stop_tokens` (which is yielded) and yields -1 from then on; the
     iteration ends when every row has ended or after `max_new_tokens` steps. Prompts are padded
     to `buckets.round_up(longest)`; the caches hold `max_len` tokens per row (default: that
-    bucket + max_new_tokens, rounded up to a bucket); a prompt that does not leave room for
+    bucket + `buckets.round_up(max_new_tokens)`) and the DGA prefix room for any prompt up to
+    the bucket, so both follow from the bucket; a prompt that does not leave room for
     `max_new_tokens` is an error, raised before any work.
     """
     tokens, lengths = pad_prompts(prompts)
@@ -222,15 +223,13 @@ def _stream_batch(
 ) -> Iterator[np.ndarray]:
     """`stream` for right-padded tokens [B, T'] with lengths [B]: checks, prefill, steps."""
     width = buckets.round_up(int(lengths.max()))
-    max_len = max_len or buckets.round_up(width + max_new_tokens)
+    max_len = max_len or width + buckets.round_up(max_new_tokens)
     check_fits(int(lengths.max()) + max_new_tokens, max_len)
     width = min(width, max_len)
     tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
     capacity = None
-    if model.config.attention == "dga":
-        # Enough for a prompt of any length up to the bucket: one capacity per cache size.
-        needed = prefix_capacity(model.config.dga, max_len, np.arange(1, width + 1))
-        capacity = buckets.round_up(needed)
+    if model.config.attention == "dga":  # room for any prompt length up to the bucket
+        capacity = prefix_capacity(model.config.dga, max_len, np.arange(1, width + 1))
     logits, caches = prefill(model, tokens, lengths, max_len, capacity)
     return _steps(model, logits, caches, max_new_tokens, sampling, stop_tokens, key)
 
