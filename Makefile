@@ -59,6 +59,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python benchmarks/model_forward.py
 	$(BIN)/python benchmarks/train_step.py
 	$(BIN)/python benchmarks/decode.py
+	$(BIN)/python benchmarks/generate.py
 
 clean:
 	rm -rf $(VENV) $(VENV_AOT) build *.egg-info
