@@ -1,0 +1,204 @@
+"""Evaluate a checkpoint: `python -m dga_jax.eval --checkpoint DIR --tokenizer PATH --tasks ...`.
+
+    python -m dga_jax.eval --checkpoint ckpt/7b --tokenizer tokenizer.model --out eval/7b_dga \
+        --tasks passkey,lines,longbench_e,ppl --longbench_dir LongBench/data --ppl_data pg19/test
+    python -m dga_jax.eval ... --attention dense   # the same weights under dense attention
+
+Writes `<task>.jsonl` (one record per example; a rerun skips those already there),
+`summary.json`, `results.md` and plots to --out, and prints one summary line. Input errors
+(a missing file, a bad flag value) exit with status 2 and a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+import jax
+
+from dga_jax.checkpoint.orbax_io import load_config, load_model
+from dga_jax.data.tokenizers import load_tokenizer
+from dga_jax.errors import InputError
+from dga_jax.eval.engine import ModelEngine
+from dga_jax.eval.lines import STANDARD_SIZES, Lines
+from dga_jax.eval.passkey import Passkey, longlora_lengths
+from dga_jax.eval.ppl import CONVENTIONS, Perplexity
+from dga_jax.eval.runner import evaluate, one_line
+from dga_jax.eval.task import Task
+from dga_jax.generate import Buckets
+from dga_jax.model.config import ATTENTION_KINDS
+from dga_jax.ops.dga.config import SELECTIONS
+from dga_jax.sharding import make_mesh
+
+TASKS = ("passkey", "lines", "longbench_e", "ppl")
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m dga_jax.eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", required=True, help="directory written by save_model")
+    p.add_argument("--tokenizer", required=True, help="'byte', a *.model or tokenizer.json")
+    p.add_argument("--tasks", type=_names, default=["passkey", "lines"], help=f"of {TASKS}")
+    p.add_argument("--out", required=True, help="output directory (reused: resumes)")
+    m = p.add_argument_group("model")
+    m.add_argument("--attention", choices=ATTENTION_KINDS, help="default: the checkpoint's")
+    m.add_argument("--selection", choices=SELECTIONS, help="DGA selection; default: stored")
+    m.add_argument("--group_size", type=int, help="DGA m; default: stored")
+    m.add_argument("--focal_ratio", type=float, help="DGA gamma; default: stored")
+    m.add_argument("--max_length", type=int, help="tokens per sequence; default max_position")
+    m.add_argument("--batch_size", type=int, default=8)
+    m.add_argument("--bucket", type=int, default=128, help="smallest padded length (pow2 up)")
+    m.add_argument(
+        "--mesh",
+        type=_ints,
+        default=[1, -1, 1, 1],
+        help="data,fsdp,seq,tensor device counts; -1: the rest",
+    )
+    m.add_argument("--chunk", type=int, default=32, help="examples per written chunk")
+    t = p.add_argument_group("tasks")
+    t.add_argument(
+        "--passkey_lengths",
+        type=_ints,
+        help="filler characters per point; default LongLoRA's up to --max_length",
+    )
+    t.add_argument("--passkey_trials", type=int, default=10)
+    t.add_argument("--passkey_depths", type=_floats, help="e.g. 0,0.25,0.5,0.75,1: a grid")
+    t.add_argument("--lines_sizes", type=_ints, default=list(STANDARD_SIZES))
+    t.add_argument("--lines_cases", type=int, default=50)
+    t.add_argument("--lines_seed", type=int, default=0)
+    t.add_argument("--lines_dir", help="LongChat's lines/testcases directory (else generated)")
+    t.add_argument("--longbench_dir", help="directory of LongBench-E {dataset}_e.jsonl files")
+    t.add_argument("--longbench_datasets", type=_names, help="default: the 13 of LongBench-E")
+    t.add_argument("--longbench_max_input", type=int, help="prompt tokens kept (middle cut)")
+    t.add_argument("--model_name", help="pred_e/<model_name>/; default: checkpoint + attention")
+    t.add_argument("--ppl_data", help="directory of .txt documents, or SlimPajama shards")
+    t.add_argument("--ppl_window", type=int, help="default: --max_length")
+    t.add_argument("--ppl_stride", type=int)
+    t.add_argument("--ppl_convention", choices=CONVENTIONS, default="stride")
+    t.add_argument("--ppl_max_docs", type=int)
+    return p.parse_args(argv)
+
+
+def fail(message: str) -> NoReturn:
+    """Exits with status 2 and a message naming the problem (no traceback)."""
+    sys.stderr.write(f"python -m dga_jax.eval: error: {message}\n")
+    sys.exit(2)
+
+
+def build_tasks(args: argparse.Namespace, max_length: int) -> list[Task]:
+    """The tasks named by --tasks, configured from their flags."""
+    unknown = [t for t in args.tasks if t not in TASKS]
+    if unknown or not args.tasks:
+        raise InputError(f"--tasks {','.join(args.tasks)!r}: each must be one of {TASKS}")
+    tasks: list[Task] = []
+    for name in args.tasks:
+        if name == "passkey":
+            lengths = args.passkey_lengths or longlora_lengths(max_length)
+            tasks.append(Passkey(lengths, args.passkey_trials, args.passkey_depths))
+        elif name == "lines":
+            tasks.append(Lines(args.lines_sizes, args.lines_cases, args.lines_seed, args.lines_dir))
+        elif name == "longbench_e":
+            tasks.append(_longbench(args))
+        else:
+            if not args.ppl_data:
+                raise InputError("--tasks ppl needs --ppl_data (a directory of .txt or shards)")
+            tasks.append(
+                Perplexity(
+                    args.ppl_data,
+                    args.ppl_window,
+                    args.ppl_stride,
+                    args.ppl_convention,
+                    args.ppl_max_docs,
+                )
+            )
+    return tasks
+
+
+def _longbench(args: argparse.Namespace) -> Task:
+    from dga_jax.eval.longbench import LongBenchE
+
+    if not args.longbench_dir:
+        raise InputError("--tasks longbench_e needs --longbench_dir (LongBench's data folder)")
+    name = args.model_name or f"{os.path.basename(os.path.normpath(args.checkpoint))}"
+    if args.attention:
+        name += f"-{args.attention}"
+    return LongBenchE(
+        args.longbench_dir,
+        datasets=args.longbench_datasets,
+        max_input=args.longbench_max_input,
+        model_name=name,
+    )
+
+
+def model_changes(args: argparse.Namespace) -> dict:
+    """The config fields --attention and the DGA flags replace in the stored config."""
+    changes: dict = {}
+    if args.attention:
+        changes["attention"] = args.attention
+    dga = {k: getattr(args, k) for k in ("selection", "group_size", "focal_ratio")}
+    dga = {k: v for k, v in dga.items() if v is not None}
+    if dga:
+        changes["dga"] = dataclasses.replace(load_config(args.checkpoint).dga, **dga)
+    return changes
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Loads the checkpoint on a mesh, runs the tasks, prints the summary line."""
+    args = parse_args(argv)
+    if not os.path.isdir(args.checkpoint):
+        fail(f"--checkpoint {args.checkpoint!r} is not a directory")
+    try:
+        tokenizer = load_tokenizer(args.tokenizer)
+        mesh = make_mesh(_mesh_shape(args.mesh, len(jax.devices())))
+        model = load_model(args.checkpoint, mesh=mesh, **model_changes(args))
+        max_length = args.max_length or model.config.max_position
+        tasks = build_tasks(args, max_length)
+        engine = ModelEngine(
+            model,
+            tokenizer,
+            batch_size=args.batch_size,
+            buckets=Buckets(args.bucket),
+            max_length=max_length,
+        )
+        info = {
+            "checkpoint": args.checkpoint,
+            "attention": model.config.attention,
+            "dga": dataclasses.asdict(model.config.dga),
+            "max_length": max_length,
+            "tokenizer": args.tokenizer,
+        }
+        with jax.set_mesh(mesh):
+            summary = evaluate(tasks, engine, args.out, chunk=args.chunk, progress=True, info=info)
+    except (InputError, ValueError, OSError) as e:
+        fail(str(e))
+    print(one_line(summary))
+
+
+def _mesh_shape(sizes: list[int], devices: int) -> tuple[int, ...]:
+    """--mesh with its -1 filled in so that the product is the device count."""
+    if len(sizes) != 4 or sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise InputError(f"--mesh {sizes}: give data,fsdp,seq,tensor sizes, at most one -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if devices % known or (-1 not in sizes and known != devices):
+        raise InputError(f"--mesh {sizes} does not fit the {devices} devices")
+    return tuple(devices // known if s == -1 else s for s in sizes)

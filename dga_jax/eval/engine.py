@@ -1,0 +1,143 @@
+"""What every evaluation runs on: a tokenizer, greedy generation and per-token log-probs.
+
+Tasks see a model only through an `Engine`, so the scoring is tested with oracle engines and a
+Hugging Face model can be wrapped to compare with. `ModelEngine` is the one for our `Llama`:
+batched, bucketed generation (`dga_jax.completions`) and batched scoring, both under the mesh
+the model was loaded on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dga_jax.data.tokenizers import Tokenizer
+from dga_jax.generate import Buckets, completions, pad_prompts
+from dga_jax.model.llama import Llama
+from dga_jax.ops.dga.sharded import shard_count
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenScores:
+    """How a model scores a sequence ids[0..n-1], one entry per predicted token t = 1..n-1."""
+
+    logprobs: np.ndarray  # [n - 1] float64: log p(ids[t] | ids[:t])
+    greedy: np.ndarray  # [n - 1] bool: ids[t] is the most likely token there
+
+
+class Engine(Protocol):
+    """A model as the tasks use it."""
+
+    @property
+    def tokenizer(self) -> Tokenizer: ...
+
+    @property
+    def max_length(self) -> int:
+        """The most tokens (prompt and generated together) one sequence may hold."""
+        ...
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        """Greedy continuations of token-id prompts, each ending before EOS or after
+        `max_new_tokens` tokens (EOS excluded), in the prompts' order."""
+        ...
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[TokenScores]:
+        """The log-probability of every token of each sequence (>= 2 tokens) given those
+        before it."""
+        ...
+
+
+def with_bos(tokenizer: Tokenizer, text: str) -> list[int]:
+    """Token ids of `text` behind BOS when the tokenizer has one, as Hugging Face LLaMA
+    tokenizers encode a prompt (and as training packs documents)."""
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return bos + tokenizer.encode(text)
+
+
+class ModelEngine:
+    """An `Engine` over a `Llama` (any attention; the mesh it was loaded on, if any, must be
+    set with `jax.set_mesh` around the calls).
+
+    Sequences run `batch_size` at a time, right-padded to `buckets` lengths, so a run over many
+    lengths compiles once per bucket. `max_length` defaults to the model's `max_position`.
+    """
+
+    def __init__(
+        self,
+        model: Llama,
+        tokenizer: Tokenizer,
+        *,
+        batch_size: int = 8,
+        buckets: Buckets = Buckets(),
+        max_length: int | None = None,
+        progress: bool = False,
+    ):
+        if tokenizer.vocab_size > model.config.vocab_size:
+            raise ValueError(
+                f"the tokenizer's {tokenizer.vocab_size} ids do not fit the model's vocabulary "
+                f"of {model.config.vocab_size}"
+            )
+        self.model, self._tokenizer = model, tokenizer
+        self.batch_size, self.buckets, self.progress = batch_size, buckets, progress
+        self._max_length = max_length or model.config.max_position
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
+        stops = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+        out = completions(
+            self.model,
+            prompts,
+            max_new_tokens,
+            stop_tokens=stops,
+            batch_size=self.batch_size,
+            buckets=self.buckets,
+            progress=self.progress,
+        )
+        return list(out)
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[TokenScores]:
+        if any(len(s) < 2 for s in sequences):
+            raise ValueError("every scored sequence needs at least 2 tokens")
+        graphdef, state = nnx.split(self.model)
+        out: list[TokenScores] = [None] * len(sequences)  # type: ignore[list-item]
+        order = np.argsort([-len(s) for s in sequences], kind="stable")
+        shards = shard_count(self.model.rules.spec(("batch",))[0])  # under the current mesh
+        size = -(-self.batch_size // shards) * shards
+        for first in range(0, len(order), size):
+            rows = order[first : first + size]
+            tokens, lengths = pad_prompts([sequences[i] for i in np.resize(rows, size)])
+            width = self.buckets.round_up(tokens.shape[1])
+            tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+            logprobs, greedy = _score_rows(graphdef, state, tokens, lengths)
+            logprobs, greedy = np.asarray(logprobs, np.float64), np.asarray(greedy)
+            for j, i in enumerate(rows):
+                n = len(sequences[i])
+                out[i] = TokenScores(logprobs[j, : n - 1], greedy[j, : n - 1])
+        return out
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _score_rows(graphdef, state, tokens, lengths):
+    """Right-padded tokens [B, T] with lengths [B] -> (log p of tokens[:, 1:] [B, T-1],
+    whether each is the argmax [B, T-1]); each row is attended at its own length."""
+    model = nnx.merge(graphdef, state)
+    logits, _ = model.prefill(tokens, tokens.shape[1], lengths=lengths)
+    logits = logits[:, :-1]
+    targets = tokens[:, 1:]
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return picked, jnp.argmax(logits, axis=-1) == targets

@@ -1,0 +1,417 @@
+"""LongBench-E (THUDM/LongBench, `LongBench/pred.py --e` and `eval.py --e`) as a task.
+
+The 13 English datasets of LongBench-E, read from LongBench's `data.zip` layout (one
+`{name}_e.jsonl` per dataset, records `{input, context, answers, length, all_classes, ...}`),
+prompted with LongBench's templates (`config/dataset2prompt.json`), generated greedily up to
+LongBench's answer lengths (`config/dataset2maxlen.json`), scored with its metrics
+(`dga_jax.eval.metrics`) and bucketed by the records' `length` (words) as `eval.py --e` does.
+The predictions are also written as `pred_e/<model_name>/<dataset>.jsonl`, so LongBench's own
+`eval.py --e --model <model_name>` rescores them.
+
+We run base models: pred.py's chat templates (`build_chat`, for models named llama2 / chatglm
+/ vicuna / ... on all but trec, triviaqa, samsum, lsht, lcc, repobench-p) and its per-model
+`post_process` (xgen, internlm) are left out, which is what pred.py does for a model name that
+matches none of them. Two more departures, neither of which changes a LongBench-E score in
+practice: pred.py stops samsum at its first newline and forbids that newline or EOS as the first
+new token; the engine has no stop strings, so samsum runs its 128 tokens and the first-line rule
+of the scoring picks the same answer unless the model's first greedy token is a newline or EOS.
+And eval.py scores a whole file with the `all_classes` of its last line, where we use each
+record's own: every trec record carries the same list.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import string
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dga_jax.data.tokenizers import Tokenizer
+from dga_jax.errors import InputError, MissingInputError
+from dga_jax.eval import metrics
+from dga_jax.eval.engine import Engine, with_bos
+from dga_jax.eval.task import Example, GenerationTask, Problems, Summary, fits
+
+DATASETS = (
+    "qasper",
+    "multifieldqa_en",
+    "hotpotqa",
+    "2wikimqa",
+    "gov_report",
+    "multi_news",
+    "trec",
+    "triviaqa",
+    "samsum",
+    "passage_count",
+    "passage_retrieval_en",
+    "lcc",
+    "repobench-p",
+)
+
+_QA_PASSAGES = (
+    "Answer the question based on the given passages. Only give me the answer and do not output "
+    "any other words.\n\nThe following are given passages.\n{context}\n\nAnswer the question "
+    "based on the given passages. Only give me the answer and do not output any other words.\n\n"
+    "Question: {input}\nAnswer:"
+)
+_QASPER_RULES = (
+    "as concisely as you can, using a single phrase or sentence if possible. If the question "
+    'cannot be answered based on the information in the article, write "unanswerable". If the '
+    'question is a yes/no question, answer "yes", "no", or "unanswerable". Do not provide any '
+    "explanation."
+)
+# LongBench's config/dataset2prompt.json, character for character.
+PROMPTS = {
+    "qasper": (
+        f"You are given a scientific article and a question. Answer the question {_QASPER_RULES}"
+        f"\n\nArticle: {{context}}\n\n Answer the question based on the above article "
+        f"{_QASPER_RULES}\n\nQuestion: {{input}}\n\nAnswer:"
+    ),
+    "multifieldqa_en": (
+        "Read the following text and answer briefly.\n\n{context}\n\nNow, answer the following "
+        "question based on the above text, only give me the answer and do not output any other "
+        "words.\n\nQuestion: {input}\nAnswer:"
+    ),
+    "hotpotqa": _QA_PASSAGES,
+    "2wikimqa": _QA_PASSAGES,
+    "gov_report": (
+        "You are given a report by a government agency. Write a one-page summary of the report."
+        "\n\nReport:\n{context}\n\nNow, write a one-page summary of the report.\n\nSummary:"
+    ),
+    "multi_news": (
+        "You are given several news passages. Write a one-page summary of all news. \n\nNews:\n"
+        "{context}\n\nNow, write a one-page summary of all the news.\n\nSummary:"
+    ),
+    "trec": (
+        "Please determine the type of the question below. Here are some examples of questions."
+        "\n\n{context}\n{input}"
+    ),
+    "triviaqa": (
+        "Answer the question based on the given passage. Only give me the answer and do not "
+        "output any other words. The following are some examples.\n\n{context}\n\n{input}"
+    ),
+    "samsum": (
+        "Summarize the dialogue into a few short sentences. The following are some examples.\n\n"
+        "{context}\n\n{input}"
+    ),
+    "passage_count": (
+        "There are some paragraphs below sourced from Wikipedia. Some of them may be duplicates. "
+        "Please carefully read these paragraphs and determine how many unique paragraphs there "
+        "are after removing duplicates. In other words, how many non-repeating paragraphs are "
+        "there in total?\n\n{context}\n\nPlease enter the final count of unique paragraphs after "
+        "removing duplicates. The output format should only contain the number, such as 1, 2, 3, "
+        "and so on.\n\nThe final answer is: "
+    ),
+    "passage_retrieval_en": (
+        "Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which "
+        "paragraph the abstract is from.\n\n{context}\n\nThe following is an abstract.\n\n"
+        "{input}\n\nPlease enter the number of the paragraph that the abstract is from. The "
+        'answer format must be like "Paragraph 1", "Paragraph 2", etc.\n\nThe answer is: '
+    ),
+    "lcc": "Please complete the code given below. \n{context}Next line of code:\n",
+    "repobench-p": "Please complete the code given below. \n{context}{input}Next line of code:\n",
+}
+# LongBench's config/dataset2maxlen.json: the most new tokens per answer.
+MAX_NEW_TOKENS = {
+    "qasper": 128,
+    "multifieldqa_en": 64,
+    "hotpotqa": 32,
+    "2wikimqa": 32,
+    "gov_report": 512,
+    "multi_news": 512,
+    "trec": 64,
+    "triviaqa": 32,
+    "samsum": 128,
+    "passage_count": 32,
+    "passage_retrieval_en": 32,
+    "lcc": 64,
+    "repobench-p": 64,
+}
+# eval.py's dataset2metric.
+METRICS: dict[str, Callable[..., float]] = {
+    "qasper": metrics.qa_f1_score,
+    "multifieldqa_en": metrics.qa_f1_score,
+    "hotpotqa": metrics.qa_f1_score,
+    "2wikimqa": metrics.qa_f1_score,
+    "gov_report": metrics.rouge_score,
+    "multi_news": metrics.rouge_score,
+    "trec": metrics.classification_score,
+    "triviaqa": metrics.qa_f1_score,
+    "samsum": metrics.rouge_score,
+    "passage_count": metrics.count_score,
+    "passage_retrieval_en": metrics.retrieval_score,
+    "lcc": metrics.code_sim_score,
+    "repobench-p": metrics.code_sim_score,
+}
+# Few-shot datasets whose answer is the first line of the prediction (eval.py; lsht is Chinese).
+FIRST_LINE = frozenset({"trec", "triviaqa", "samsum"})
+BUCKETS = ("0-4k", "4-8k", "8k+")
+COLUMNS = (*BUCKETS, "all")
+PARAGRAPH = re.compile(r"Paragraph \d+")  # what retrieval_score reads from an answer
+DATA_HINT = "the {name}_e.jsonl files of LongBench's data.zip (THUDM/LongBench on the HF hub)"
+
+
+class LongBenchE(GenerationTask):
+    """LongBench-E over `{dataset}_e.jsonl` files in `data_dir` (`datasets`: default all 13).
+
+    Prompts longer than `max_input` tokens (BOS included) are cut in the middle as pred.py
+    does (`middle_truncate`). `max_input=None` takes LongBench's rule for the engine's window
+    (`longbench_max_input`: 3500 for 4096, 7500 for 8192, ...); a given `max_input` is used as
+    is and must leave room for each dataset's answer. Predictions go to
+    `out_dir/pred_e/<model_name>/`.
+    """
+
+    name = "longbench_e"
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike,
+        datasets: Sequence[str] | None = None,
+        *,
+        max_input: int | None = None,
+        model_name: str = "dga-jax",
+    ):
+        datasets = tuple(datasets or DATASETS)
+        unknown = sorted(set(datasets) - set(DATASETS))
+        if unknown:
+            raise InputError(f"unknown LongBench-E datasets {unknown}: expected some of {DATASETS}")
+        if max_input is not None and max_input < 2:
+            raise InputError(f"max_input must be at least 2 tokens, got {max_input}")
+        if not model_name or Path(model_name).name != model_name:
+            raise InputError(f"model_name {model_name!r} must be one path component")
+        self.data_dir = Path(data_dir)
+        self.datasets = datasets
+        self.max_input = max_input
+        self.model_name = model_name
+
+    def examples(self, engine: Engine, problems: Problems) -> Iterator[Example]:
+        """Every usable record of every dataset, in file order; ids are `{dataset}/{line index}`.
+
+        Raises MissingInputError before the first example when a file is missing."""
+        paths = self._paths()
+        for dataset in self.datasets:
+            yield from self._dataset_examples(engine, dataset, paths[dataset], problems)
+
+    def _paths(self) -> dict[str, Path]:
+        """The data file of each dataset, checked to exist."""
+        if not self.data_dir.is_dir():
+            raise MissingInputError(
+                f"LongBench-E data directory {str(self.data_dir)!r} does not exist: "
+                f"it should hold {DATA_HINT}"
+            )
+        paths = {dataset: self.data_dir / f"{dataset}_e.jsonl" for dataset in self.datasets}
+        missing = [str(path) for path in paths.values() if not path.is_file()]
+        if missing:
+            raise MissingInputError(
+                f"LongBench-E data files missing: {', '.join(missing)}; expected {DATA_HINT}"
+            )
+        return paths
+
+    def _dataset_examples(
+        self, engine: Engine, dataset: str, path: Path, problems: Problems
+    ) -> Iterator[Example]:
+        """The examples of one file; what cannot be used is counted in `problems`."""
+        max_input = self._max_input(engine, dataset)
+        budget = MAX_NEW_TOKENS[dataset]
+        with path.open("rb") as f:
+            for index, line in enumerate(f):
+                if not line.strip():
+                    continue
+                where = f"{path.name}:{index + 1}"
+                record = parse_record(line, dataset)
+                if isinstance(record, str):
+                    problems.skip(record, where)
+                    continue
+                prompt_text = PROMPTS[dataset].format(**record)
+                prompt = middle_truncate(engine.tokenizer, prompt_text, max_input)
+                if not fits(engine, prompt, budget):
+                    problems.skip("prompt does not fit after middle truncation", where)
+                    continue
+                fields = {key: record[key] for key in ("answers", "all_classes", "length")}
+                yield Example(f"{dataset}/{index}", prompt, budget, {"dataset": dataset, **fields})
+
+    def _max_input(self, engine: Engine, dataset: str) -> int:
+        """The prompt limit for `dataset`: the given `max_input` or LongBench's rule."""
+        budget = MAX_NEW_TOKENS[dataset]
+        max_input = self.max_input
+        if max_input is None:
+            max_input = longbench_max_input(engine.max_length, budget)
+        if max_input < 2 or max_input + budget > engine.max_length:
+            raise InputError(
+                f"max_input {max_input} and {dataset}'s {budget} new tokens do not fit the "
+                f"engine's max_length {engine.max_length}"
+            )
+        return max_input
+
+    def score(self, example: Example, ids: list[int], text: str) -> dict[str, Any]:
+        """{"pred": the completion as generated, "score": LongBench's score of it in [0, 1]}."""
+        fields = example.fields
+        value = longbench_score(fields["dataset"], text, fields["answers"], fields["all_classes"])
+        return {"pred": text, "score": value}
+
+    def summarize(self, records: Sequence[dict[str, Any]], out_dir: Path) -> Summary:
+        """Per dataset, `eval.py --e`'s buckets plus "all", an average row, and the pred_e files.
+
+        metrics: {"datasets": {dataset: {column: percent or None}}, "average": {column: ...},
+        "records": {dataset: count}}; a bucket without records is None (eval.py: NaN).
+        """
+        grouped = self._group(records)
+        scores = {dataset: dataset_scores(rows) for dataset, rows in grouped.items()}
+        average = average_scores(scores.values())
+        files = [
+            str(write_predictions(Path(out_dir) / "pred_e" / self.model_name, dataset, rows))
+            for dataset, rows in grouped.items()
+            if rows
+        ]
+        counts = {dataset: len(rows) for dataset, rows in grouped.items()}
+        table = markdown_table(scores, average)
+        return Summary({"datasets": scores, "average": average, "records": counts}, table, files)
+
+    def _group(self, records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        """The records of each of the task's datasets, in file order."""
+        grouped: dict[str, list[dict[str, Any]]] = {dataset: [] for dataset in self.datasets}
+        for record in records:
+            if record["dataset"] in grouped:
+                grouped[record["dataset"]].append(record)
+        for rows in grouped.values():
+            rows.sort(key=_line_index)
+        return grouped
+
+
+def longbench_max_input(max_length: int, max_new_tokens: int) -> int:
+    """LongBench's prompt limit (model2maxlen.json) for a window of `max_length` tokens.
+
+    LongBench gives 3500 tokens to 4K models, 7500 to 8K, 15500 to 16K and 31500 to 32K: the
+    window in units of 1024 tokens, times 1000, minus 500. It is capped at max_length -
+    max_new_tokens so the answer fits (never binding from 1K windows up), and is that cap alone
+    for windows under 1024 tokens.
+    """
+    rule = 1000 * (max_length // 1024) - 500
+    room = max_length - max_new_tokens
+    return min(rule, room) if rule > 0 else room
+
+
+def middle_truncate(tokenizer: Tokenizer, prompt: str, max_input: int) -> list[int]:
+    """Token ids (BOS included) of `prompt`, cut in the middle as pred.py does when they are
+    more than `max_input`.
+
+    pred.py tokenizes with BOS, keeps the first and last max_input // 2 ids, decodes each half
+    with special tokens skipped (dropping the BOS), joins the two texts and tokenizes again, so
+    the result can differ from max_input by the tokens that change at the seam.
+    """
+    ids = with_bos(tokenizer, prompt)
+    if len(ids) <= max_input:
+        return ids
+    half = max_input // 2
+    return with_bos(tokenizer, tokenizer.decode(ids[:half]) + tokenizer.decode(ids[-half:]))
+
+
+def longbench_score(
+    dataset: str, prediction: str, answers: Sequence[str], all_classes: Sequence[str] | None
+) -> float:
+    """A record's score as eval.py's scorer_e computes it: the few-shot datasets' prediction
+    cut to its first line, then the best of the dataset's metric over the answers (0 without
+    answers)."""
+    if dataset in FIRST_LINE:
+        prediction = prediction.lstrip("\n").split("\n")[0]
+    metric = METRICS[dataset]
+    return max([0.0, *(metric(prediction, answer, all_classes=all_classes) for answer in answers)])
+
+
+def length_bucket(length: float) -> str:
+    """eval.py --e's bucket of a record's `length` (words of its context)."""
+    if length < 4000:
+        return "0-4k"
+    return "4-8k" if length < 8000 else "8k+"
+
+
+def dataset_scores(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
+    """{bucket: percent} as eval.py --e (round(100 * np.mean, 2), None where eval.py has NaN),
+    plus "all": the mean over every record as eval.py without --e rounds it."""
+    buckets: dict[str, list[float]] = {name: [] for name in BUCKETS}
+    for record in records:
+        buckets[length_bucket(record["length"])].append(record["score"])
+    # np.float64's round (scale, rint, unscale) is what eval.py applies, not Python's.
+    out = {name: float(round(100 * np.mean(v), 2)) if v else None for name, v in buckets.items()}
+    total = sum(record["score"] for record in records)
+    out["all"] = round(100 * total / len(records), 2) if records else None
+    return out
+
+
+def average_scores(scores: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
+    """Each column's mean over the datasets that have it, rounded to 2 decimals."""
+    average: dict[str, float | None] = {}
+    for column in COLUMNS:
+        values = [row[column] for row in scores if row[column] is not None]
+        average[column] = round(sum(values) / len(values), 2) if values else None
+    return average
+
+
+def markdown_table(
+    scores: dict[str, dict[str, float | None]], average: dict[str, float | None]
+) -> str:
+    """One row per dataset and an average row; columns 0-4k, 4-8k, 8k+, all (percent)."""
+    lines = ["| dataset | " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * len(COLUMNS) + "|"]
+    for name, row in [*scores.items(), ("average", average)]:
+        cells = ["-" if row[column] is None else f"{row[column]:.2f}" for column in COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_predictions(directory: Path, dataset: str, records: Sequence[dict[str, Any]]) -> Path:
+    """`directory/<dataset>.jsonl` in pred.py's format, one json.dump(..., ensure_ascii=False)
+    line `{"pred", "answers", "all_classes", "length"}` per record."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{dataset}.jsonl"
+    keys = ("pred", "answers", "all_classes", "length")
+    with path.open("w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps({key: record[key] for key in keys}, ensure_ascii=False) + "\n")
+    return path
+
+
+def parse_record(line: bytes, dataset: str) -> dict[str, Any] | str:
+    """The record of one line of `{dataset}_e.jsonl`, or why it cannot be used."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "malformed JSON"
+    if not isinstance(record, dict):
+        return "not a JSON object"
+    text_fields = [name for _, name, _, _ in string.Formatter().parse(PROMPTS[dataset]) if name]
+    for name in [*text_fields, "answers", "all_classes", "length"]:
+        if name not in record:
+            return f"missing field {name!r}"
+    for name in text_fields:
+        if not isinstance(record[name], str):
+            return f"field {name!r} is not a string"
+    return _scoring_problem(record, dataset) or record
+
+
+def _scoring_problem(record: dict[str, Any], dataset: str) -> str | None:
+    """Why the scoring fields of a record would make its metric fail, if they would."""
+    answers, classes, length = record["answers"], record["all_classes"], record["length"]
+    if not _strings(answers):
+        return "field 'answers' is not a list of strings"
+    needs_classes = METRICS[dataset] is metrics.classification_score
+    if not (_strings(classes) or (classes is None and not needs_classes)):
+        return "field 'all_classes' is not a list of strings"
+    if isinstance(length, bool) or not isinstance(length, int | float) or not math.isfinite(length):
+        return "field 'length' is not a number"
+    if dataset == "passage_retrieval_en" and not all(PARAGRAPH.search(a) for a in answers):
+        return "answer without 'Paragraph N'"
+    return None
+
+
+def _strings(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _line_index(record: dict[str, Any]) -> int:
+    return int(record["id"].rsplit("/", 1)[1])

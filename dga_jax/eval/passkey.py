@@ -1,0 +1,163 @@
+"""Passkey retrieval, LongLoRA's prompt exactly (`passkey_retrivial.py`), and a length x depth grid.
+
+A five-digit key hides at a random character offset of repeated filler text; the model must
+repeat it. Trial t of a filler length n draws, from numpy's legacy RNG seeded with t, the prefix
+length randint(0, n) and then the key randint(1, 50000), as the original does; with `depths`
+the prefix is depth * n instead (the key stays that of the trial), giving a needle-in-a-haystack
+grid. Greedy, max_new_tokens = the answer's token count, a pass only on an exact token match.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dga_jax.eval.engine import Engine, with_bos
+from dga_jax.eval.plots import heatmap, line_plot
+from dga_jax.eval.task import Example, GenerationTask, Problems, Summary, fits
+
+TASK_LINE = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+    "them. I will quiz you about the important information there."
+)
+GARBAGE = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+)
+QUESTION = "What is the pass key? The pass key is"
+
+
+def longlora_lengths(max_tokens: int, interval: int = 1000) -> list[int]:
+    """The filler lengths (characters) of LongLoRA's test points: point i of
+    max_tokens // interval has int(3.75 * (i + 1) * interval // 1024 * 1024)."""
+    return [int(3.75 * (i + 1) * interval // 1024 * 1024) for i in range(max_tokens // interval)]
+
+
+def passkey_prompt(garbage_chars: int, trial: int, depth: float | None = None) -> tuple[str, int]:
+    """(prompt, pass key) of one trial: the key line after `garbage_chars` * depth characters of
+    filler (random depth when None, as LongLoRA) and before the rest of the filler."""
+    rng = np.random.RandomState(trial)
+    prefix = int(rng.randint(0, garbage_chars)) if garbage_chars > 0 else 0
+    key = int(rng.randint(1, 50000))
+    if depth is not None:
+        prefix = round(depth * garbage_chars)
+    filler = " ".join([GARBAGE] * (garbage_chars // len(GARBAGE) + 1))
+    info = f"The pass key is {key}. Remember it. {key} is the pass key."
+    parts = [TASK_LINE, filler[:prefix], info, filler[: garbage_chars - prefix], QUESTION]
+    return "\n".join(parts), key
+
+
+class Passkey(GenerationTask):
+    """Passkey retrieval at each filler length in `lengths` (characters; LongLoRA's points are
+    `longlora_lengths(max_tokens)`), `trials` seeds each, at random depths or at each of
+    `depths` (fractions in [0, 1])."""
+
+    name = "passkey"
+
+    def __init__(
+        self,
+        lengths: Sequence[int],
+        trials: int = 10,
+        depths: Sequence[float] | None = None,
+    ):
+        if not lengths or min(lengths) < 0:
+            raise ValueError(f"passkey lengths must be filler sizes >= 0, got {list(lengths)}")
+        if depths is not None and not all(0 <= d <= 1 for d in depths):
+            raise ValueError(f"passkey depths must lie in [0, 1], got {list(depths)}")
+        self.lengths, self.trials, self.depths = list(lengths), trials, depths
+
+    def examples(self, engine: Engine, problems: Problems) -> Iterator[Example]:
+        depths: Sequence[float | None] = self.depths if self.depths is not None else [None]
+        for chars in self.lengths:
+            for depth in depths:
+                for trial in range(self.trials):
+                    example = self._example(engine, chars, depth, trial)
+                    if fits(engine, example.prompt, example.max_new_tokens):
+                        yield example
+                    else:
+                        problems.skip("prompt longer than the model's window", example.id)
+
+    def _example(self, engine: Engine, chars: int, depth: float | None, trial: int) -> Example:
+        text, key = passkey_prompt(chars, trial, depth)
+        prompt = with_bos(engine.tokenizer, text)
+        answer = engine.tokenizer.encode(str(key))
+        where = "random" if depth is None else f"{depth:g}"
+        fields = {"garbage_chars": chars, "depth": depth, "trial": trial, "pass_key": key}
+        fields.update(answer_ids=answer, prompt_tokens=len(prompt))
+        return Example(f"{chars}/{where}/{trial}", prompt, len(answer), fields)
+
+    def score(self, example: Example, ids: list[int], text: str) -> dict[str, Any]:
+        return {"pred": text, "score": float(ids == example.fields["answer_ids"])}
+
+    def summarize(self, records: Sequence[dict[str, Any]], out_dir: Path) -> Summary:
+        """Accuracy per filler length (labelled by the mean prompt tokens, as LongLoRA reports
+        it), and per (length, depth) cell when depths are set: a heatmap."""
+        by_length = _accuracy(records, ("garbage_chars",))
+        tokens = _mean_tokens(records)
+        rows = [
+            f"| {chars} | {tokens[chars]:.0f} | {100 * acc:.1f} | {n} |"
+            for (chars,), (acc, n) in sorted(by_length.items())
+        ]
+        table = "| filler chars | prompt tokens | accuracy % | trials |\n|---:|---:|---:|---:|\n"
+        metrics: dict[str, Any] = {
+            "accuracy": float(np.mean([r["score"] for r in records])) if records else None,
+            "by_length": {str(c): acc for (c,), (acc, _) in sorted(by_length.items())},
+        }
+        files = (
+            [
+                line_plot(
+                    out_dir / "passkey.png",
+                    {
+                        "passkey": (
+                            [tokens[c] for (c,) in sorted(by_length)],
+                            [100 * a for _, (a, _) in sorted(by_length.items())],
+                        )
+                    },
+                    "prompt tokens",
+                    "accuracy %",
+                )
+            ]
+            if by_length
+            else []
+        )
+        if self.depths is not None and records:
+            files.append(self._heatmap(records, out_dir, metrics))
+        return Summary(metrics, table + "\n".join(rows), files)
+
+    def _heatmap(self, records, out_dir: Path, metrics: dict[str, Any]) -> str:
+        """Accuracy per (depth, length) cell as metrics["grid"] and passkey_grid.png."""
+        cells = _accuracy(records, ("depth", "garbage_chars"))
+        depths = sorted({d for d, _ in cells})
+        lengths = sorted({c for _, c in cells})
+        grid = np.full((len(depths), len(lengths)), np.nan)
+        for (d, c), (acc, _) in cells.items():
+            grid[depths.index(d), lengths.index(c)] = 100 * acc
+        metrics["grid"] = {"depths": depths, "lengths": lengths, "accuracy": grid.tolist()}
+        tokens = _mean_tokens(records)
+        return heatmap(
+            out_dir / "passkey_grid.png",
+            grid,
+            [f"{tokens[c]:.0f}" for c in lengths],
+            [f"{d:g}" for d in depths],
+            "prompt tokens",
+            "depth",
+        )
+
+
+def _accuracy(records, keys: tuple[str, ...]) -> dict[tuple, tuple[float, int]]:
+    """(mean score, count) of the records grouped by the values of `keys`."""
+    groups: dict[tuple, list[float]] = collections.defaultdict(list)
+    for r in records:
+        groups[tuple(r[k] for k in keys)].append(r["score"])
+    return {k: (float(np.mean(v)), len(v)) for k, v in groups.items()}
+
+
+def _mean_tokens(records) -> dict[int, float]:
+    """The mean prompt token count of each filler length."""
+    groups: dict[int, list[int]] = collections.defaultdict(list)
+    for r in records:
+        groups[r["garbage_chars"]].append(r["prompt_tokens"])
+    return {k: float(np.mean(v)) for k, v in groups.items()}

@@ -1,0 +1,209 @@
+"""Sliding-window perplexity of long documents, and how the loss falls with context.
+
+Documents are the `.txt` files under a directory (PG19's layout: one book per file) or the
+records of SlimPajama shards (`.jsonl`, `.jsonl.zst`, `.parquet`), each encoded behind BOS.
+Two conventions, named in every summary:
+
+- "stride" (default; Hugging Face's perplexity guide): windows of `window` tokens start every
+  `stride` tokens; each scores only the tokens new to it (the overlap is context), so every
+  token but the first is scored once; ppl = exp(total NLL / scored tokens).
+- "longlora" (LongLoRA's `eval.py`): windows start at 0, stride, ... below n - window (the last
+  start dropped); every token of each window is scored, overlap included; ppl = exp(mean of
+  the per-window mean NLLs). A document shorter than window + 1 tokens has no window.
+
+Each scored token is also counted by its position in its window (its context length), in
+power-of-two buckets [1, 2), [2, 4), ...: PPL per bucket shows how loss falls with context.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dga_jax.data.slimpajama import SHARD_SUFFIXES, ReadStats, iter_raw_records, parse_record
+from dga_jax.errors import MissingInputError
+from dga_jax.eval.engine import Engine, with_bos
+from dga_jax.eval.plots import line_plot
+from dga_jax.eval.task import Example, Problems, Summary
+
+CONVENTIONS = ("stride", "longlora")
+
+
+def windows(n: int, window: int, stride: int, convention: str) -> list[tuple[int, int, int]]:
+    """(start, end, first scored position in the window) of each window over n tokens."""
+    if convention == "longlora":
+        return [(s, s + window, 1) for s in range(0, n - window, stride)]
+    out, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + window, n)
+        out.append((begin, end, max(1, prev_end - begin)))
+        prev_end = end
+        if end == n:
+            break
+    return out
+
+
+def position_buckets(window: int) -> list[int]:
+    """Bucket edges 1, 2, 4, ... up to and including `window`."""
+    edges = [1]
+    while edges[-1] < window:
+        edges.append(min(2 * edges[-1], window))
+    return edges
+
+
+class Perplexity:
+    """PPL of the documents at `data` (a directory of .txt files, or SlimPajama shards: a
+    directory, glob or file), at most `max_documents` of them. `window` defaults to the engine's
+    `max_length`; `stride` to window // 2 ("stride") or 256 ("longlora", LongLoRA's value)."""
+
+    name = "ppl"
+
+    def __init__(
+        self,
+        data: str,
+        window: int | None = None,
+        stride: int | None = None,
+        convention: str = "stride",
+        max_documents: int | None = None,
+    ):
+        if convention not in CONVENTIONS:
+            raise ValueError(f"ppl convention must be one of {CONVENTIONS}, got {convention!r}")
+        self.files = _document_files(data)
+        self.window, self.stride, self.convention = window, stride, convention
+        self.max_documents = max_documents
+
+    def _sizes(self, engine: Engine) -> tuple[int, int]:
+        window = self.window or engine.max_length
+        if window > engine.max_length or window < 2:
+            raise ValueError(
+                f"ppl window {window} must lie in [2, the model's {engine.max_length} tokens]"
+            )
+        stride = self.stride or (window // 2 if self.convention == "stride" else 256)
+        return window, stride
+
+    def examples(self, engine: Engine, problems: Problems) -> Iterator[Example]:
+        window, _ = self._sizes(engine)
+        count = 0
+        for doc_id, text in _documents(self.files, problems):
+            if self.max_documents is not None and count >= self.max_documents:
+                return
+            ids = with_bos(engine.tokenizer, text)
+            if len(ids) < 2 or (self.convention == "longlora" and len(ids) <= window):
+                problems.skip(f"document too short for a {window}-token window", doc_id)
+                continue
+            count += 1
+            yield Example(doc_id, ids, 0, {"tokens": len(ids)})
+
+    def evaluate(self, engine: Engine, examples: Sequence[Example]) -> list[dict[str, Any]]:
+        """Scores every window of every document in one batched call."""
+        window, stride = self._sizes(engine)
+        spans = [windows(len(e.prompt), window, stride, self.convention) for e in examples]
+        sequences = [e.prompt[s:t] for e, ws in zip(examples, spans, strict=True) for s, t, _ in ws]
+        scores = iter(engine.score(sequences))
+        edges = position_buckets(window)
+        return [self._record(e, ws, scores, edges) for e, ws in zip(examples, spans, strict=True)]
+
+    def _record(self, example: Example, spans, scores: Iterator, edges: list[int]) -> dict:
+        """One document's NLL totals, per-window means and per-position-bucket sums."""
+        bucket_nll, bucket_count = np.zeros(len(edges) - 1), np.zeros(len(edges) - 1, int)
+        window_means, nll, scored = [], 0.0, 0
+        for _, _, first in spans:
+            losses = -next(scores).logprobs[first - 1 :]  # positions first .. end-1
+            positions = np.arange(first, first + len(losses))
+            which = np.searchsorted(edges, positions, side="right") - 1
+            np.add.at(bucket_nll, which, losses)
+            np.add.at(bucket_count, which, 1)
+            window_means.append(float(losses.mean()))
+            nll, scored = nll + float(losses.sum()), scored + len(losses)
+        return {
+            "id": example.id,
+            "tokens": example.fields["tokens"],
+            "nll": nll,
+            "scored": scored,
+            "window_nll": window_means,
+            "bucket_edges": edges,
+            "bucket_nll": bucket_nll.tolist(),
+            "bucket_count": bucket_count.tolist(),
+        }
+
+    def summarize(self, records: Sequence[dict[str, Any]], out_dir: Path) -> Summary:
+        """Overall PPL by the convention, and PPL per position bucket (plotted)."""
+        if not records:
+            return Summary({"ppl": None, "convention": self.convention}, "(no documents)")
+        if self.convention == "longlora":
+            means = [m for r in records for m in r["window_nll"]]
+            ppl = math.exp(float(np.mean(means)))
+        else:
+            ppl = math.exp(sum(r["nll"] for r in records) / sum(r["scored"] for r in records))
+        edges = records[0]["bucket_edges"]
+        nll = np.sum([r["bucket_nll"] for r in records], axis=0)
+        count = np.sum([r["bucket_count"] for r in records], axis=0)
+        spans = [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
+        by_position = {k: math.exp(x / c) for k, x, c in zip(spans, nll, count, strict=True) if c}
+        metrics = {
+            "ppl": ppl,
+            "convention": self.convention,
+            "documents": len(records),
+            "scored_tokens": int(sum(r["scored"] for r in records)),
+            "by_position": by_position,
+        }
+        rows = [f"| {k} | {v:.3f} |" for k, v in by_position.items()]
+        table = (
+            f"PPL {ppl:.3f} ({self.convention} convention, {len(records)} documents)\n\n"
+            "| position in window | PPL |\n|---|---:|\n" + "\n".join(rows)
+        )
+        starts = [a for a, c in zip(edges[:-1], count, strict=True) if c]
+        plot = line_plot(
+            out_dir / "ppl_by_position.png",
+            {"ppl": (starts, list(by_position.values()))},
+            "position in window (tokens of context)",
+            "perplexity",
+            log_x=True,
+        )
+        return Summary(metrics, table, [plot])
+
+
+def _document_files(data: str) -> list[str]:
+    """The .txt files under a directory, or the shards at a path / glob; an error names what
+    was expected when there are none."""
+    if os.path.isdir(data):
+        found = sorted(
+            str(p)
+            for p in Path(data).rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.parts)
+        )
+        found = [p for p in found if p.endswith((".txt", *SHARD_SUFFIXES))]
+    else:
+        found = sorted(p for p in glob.glob(data, recursive=True) if os.path.isfile(p))
+    if not found:
+        raise MissingInputError(
+            f"ppl data {data!r} holds no documents: expected .txt files (one document each, as "
+            f"PG19) or SlimPajama shards ({', '.join(SHARD_SUFFIXES)})"
+        )
+    return found
+
+
+def _documents(files: list[str], problems: Problems) -> Iterator[tuple[str, str]]:
+    """(id, text) of every document: a .txt file whole, or each good shard record."""
+    for path in files:
+        if path.endswith(".txt"):
+            text = Path(path).read_text(encoding="utf-8", errors="replace")
+            if text:
+                yield path, text
+            else:
+                problems.skip("empty document", path)
+            continue
+        for number, raw in enumerate(iter_raw_records(path), 1):
+            stats = ReadStats()
+            record = parse_record(raw, stats=stats)
+            if record is None:
+                reason = next(k for k, v in stats.as_dict().items() if v)
+                problems.skip(f"shard record skipped ({reason})", f"{path}:{number}")
+            else:
+                yield f"{path}:{number}", record["text"]

@@ -1,0 +1,109 @@
+"""The shape of an evaluation task, and the bookkeeping every task shares.
+
+A task turns its inputs into `Example`s (a token-id prompt within the engine's limit, plus the
+fields its scoring needs), evaluates a list of them into one JSON record each (keyed by the
+example's `id`, so a rerun skips what is done), and summarises all its records into metrics, a
+Markdown table and plots. Bad input never stops a run: a malformed record is counted in
+`Problems` with where it was and why, and reported in the summary.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from dga_jax.eval.engine import Engine
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    """One prompt of a task. `fields` are JSON values the task scores with and writes out."""
+
+    id: str  # unique within the task: the resume key
+    prompt: list[int]  # token ids, BOS included, prompt + max_new_tokens <= engine.max_length
+    max_new_tokens: int
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a task reports: metrics (JSON), a Markdown table, the files it wrote (plots...)."""
+
+    metrics: dict[str, Any]
+    table: str
+    files: list[str] = dataclasses.field(default_factory=list)
+
+
+class Problems:
+    """Counts what was skipped and why, keeping the first few places of each reason."""
+
+    KEEP = 5
+
+    def __init__(self):
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.where: dict[str, list[str]] = collections.defaultdict(list)
+
+    def skip(self, reason: str, where: str) -> None:
+        """Records one skipped item: `reason` ("malformed JSON"), `where` ("qasper_e.jsonl:7")."""
+        self.counts[reason] += 1
+        if len(self.where[reason]) < self.KEEP:
+            self.where[reason].append(where)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def report(self) -> dict[str, Any]:
+        """{reason: {"count": n, "first": [where, ...]}} for the summary JSON."""
+        return {r: {"count": n, "first": self.where[r]} for r, n in sorted(self.counts.items())}
+
+
+class Task(Protocol):
+    """An evaluation: `examples`, then `evaluate` in chunks, then `summarize`."""
+
+    name: str
+
+    def examples(self, engine: Engine, problems: Problems) -> Iterator[Example]:
+        """Every example of the task, prompts fitted to `engine.max_length` by the task's rule;
+        what cannot be used is counted in `problems` instead."""
+        ...
+
+    def evaluate(self, engine: Engine, examples: Sequence[Example]) -> list[dict[str, Any]]:
+        """One JSON record per example, in order, each with the example's "id"."""
+        ...
+
+    def summarize(self, records: Sequence[dict[str, Any]], out_dir: Path) -> Summary:
+        """Metrics and table over all records; plots and other files are written to out_dir."""
+        ...
+
+
+class GenerationTask:
+    """A task scored on greedy completions: subclasses define `examples` and `score`."""
+
+    name = "generation"
+
+    def evaluate(self, engine: Engine, examples: Sequence[Example]) -> list[dict[str, Any]]:
+        """Generates every example's completion (batched by max_new_tokens), then scores it."""
+        records: list[dict[str, Any]] = [{} for _ in examples]
+        by_budget: dict[int, list[int]] = collections.defaultdict(list)
+        for i, example in enumerate(examples):
+            by_budget[example.max_new_tokens].append(i)
+        for budget, rows in by_budget.items():
+            outputs = engine.generate([examples[i].prompt for i in rows], budget)
+            for i, ids in zip(rows, outputs, strict=True):
+                text = engine.tokenizer.decode(ids)
+                record = {"id": examples[i].id, **examples[i].fields}
+                record.update(self.score(examples[i], ids, text))
+                records[i] = record
+        return records
+
+    def score(self, example: Example, ids: list[int], text: str) -> dict[str, Any]:
+        """The record fields of one completion (`ids`, decoded as `text`): at least "score"."""
+        raise NotImplementedError
+
+
+def fits(engine: Engine, prompt: Sequence[int], max_new_tokens: int) -> bool:
+    """Whether a prompt leaves room for `max_new_tokens` within the engine's limit."""
+    return len(prompt) + max_new_tokens <= engine.max_length

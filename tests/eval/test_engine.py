@@ -1,0 +1,87 @@
+"""ModelEngine on a tiny model, every task end to end, and the command line."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+import dga_jax
+from dga_jax.checkpoint.orbax_io import save_model
+from dga_jax.eval import Lines, Passkey, Perplexity, evaluate
+from dga_jax.eval.__main__ import main
+
+
+def test_scores_equal_each_sequence_alone_and_generation_is_generate(tiny_engine):
+    rng = np.random.default_rng(0)
+    sequences = [rng.integers(3, 259, n).tolist() for n in (40, 300)]
+    scores = tiny_engine.score(sequences)  # one padded batch, each row at its own length
+    for ids, got in zip(sequences, scores, strict=True):
+        logits = tiny_engine.model(np.asarray([ids]))[0, :-1]  # the sequence alone
+        expected = jax.nn.log_softmax(logits)[np.arange(len(ids) - 1), np.array(ids[1:])]
+        np.testing.assert_allclose(got.logprobs, expected, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(got.greedy, np.argmax(logits, -1) == np.array(ids[1:]))
+    options = dict(stop_tokens=[2], batch_size=4, buckets=tiny_engine.buckets)
+    expected = dga_jax.generate(tiny_engine.model, sequences, 4, **options)
+    assert tiny_engine.generate(sequences, 4) == expected
+
+
+def test_every_task_runs_end_to_end_on_a_tiny_model(tiny_engine, tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "book.txt").write_text("A long book. " * 60)
+    tasks = [Passkey([64, 5000], trials=2), Lines([4], cases=2), Perplexity(str(docs), 256)]
+    summary = evaluate(tasks, tiny_engine, tmp_path / "out")
+    passkey, lines, ppl = (summary["tasks"][t] for t in ("passkey", "lines", "ppl"))
+    assert passkey["metrics"]["accuracy"] in (0.0, 0.5, 1.0) and passkey["evaluated_now"] == 2
+    assert passkey["skipped"]["prompt longer than the model's window"]["count"] == 2
+    assert lines["evaluated_now"] == 2 and 0 <= lines["metrics"]["accuracy"] <= 1
+    assert 1 < ppl["metrics"]["ppl"] < 2 * 512  # a random model: about uniform over 512 ids
+    records = [
+        json.loads(line) for line in (tmp_path / "out/passkey.jsonl").read_text().splitlines()
+    ]
+    assert all(r["prompt_tokens"] + len(r["answer_ids"]) <= 1024 for r in records)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_engine):
+    path = tmp_path_factory.mktemp("eval") / "tiny"
+    save_model(tiny_engine.model, path)
+    return path
+
+
+def test_cli_writes_records_summary_table_and_plots(checkpoint, tmp_path, capsys):
+    out = tmp_path / "out"
+    flags = ["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--out", str(out)]
+    flags += ["--tasks", "passkey,lines", "--passkey_lengths", "40", "--passkey_trials", "2"]
+    flags += ["--lines_sizes", "3", "--lines_cases", "2", "--attention", "dense"]
+    flags += ["--max_length", "1024", "--batch_size", "2"]
+    main(flags)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith("eval: passkey ") and ", lines " in line
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["info"]["attention"] == "dense" and summary["info"]["max_length"] == 1024
+    assert {"passkey.jsonl", "lines.jsonl", "results.md", "passkey.png", "lines.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    assert "| lines | prompt tokens | accuracy % | cases |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tasks", "passkey,nope"], "--tasks 'passkey,nope': each must be one of"),
+        (["--tasks", "ppl", "--ppl_data", "/no/such/dir"], "'/no/such/dir' holds no documents"),
+        (["--tasks", "ppl"], "--tasks ppl needs --ppl_data"),
+        (["--tasks", "lines", "--lines_dir", "/nowhere"], "'/nowhere/200_lines.jsonl' not found"),
+        (["--mesh", "3,-1,1,1"], "--mesh [3, -1, 1, 1] does not fit the 1 devices"),
+    ],
+)
+def test_cli_input_errors_name_the_problem(checkpoint, tmp_path, capsys, flags, message):
+    base = ["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(base + flags)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

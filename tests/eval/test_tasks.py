@@ -1,0 +1,153 @@
+"""Passkey, lines and perplexity: prompts against the reference formats, scoring, resuming."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from dga_jax.errors import MissingInputError
+from dga_jax.eval import Lines, Passkey, Perplexity, evaluate, longlora_lengths, run_task
+from dga_jax.eval.lines import HEADER, last_integer, lines_case
+from dga_jax.eval.passkey import passkey_prompt
+from dga_jax.eval.ppl import position_buckets, windows
+from tests.eval.conftest import OracleEngine, lines_answer, passkey_answer
+
+
+def longlora_prompt(n_garbage: int, seed: int) -> tuple[str, str]:
+    """LongLoRA's generate_prompt_landmark, transcribed (numpy's global RNG)."""
+    state = np.random.get_state()  # noqa: NPY002 (the original's global RNG)
+    np.random.seed(seed)  # noqa: NPY002 (the original's global RNG)
+    n_prefix = np.random.randint(0, n_garbage)  # noqa: NPY002 (the original's global RNG)
+    garbage = (
+        "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+    )
+    inf = " ".join([garbage] * 5000)
+    key = np.random.randint(1, 50000)  # noqa: NPY002 (the original's global RNG)
+    lines = [
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize them. I will quiz you about the important information there.",  # noqa: E501
+        inf[:n_prefix],
+        f"The pass key is {key}. Remember it. {key} is the pass key.",
+        inf[: n_garbage - n_prefix],
+        "What is the pass key? The pass key is",
+    ]
+    np.random.set_state(state)  # noqa: NPY002 (the original's global RNG)
+    return "\n".join(lines), str(key)
+
+
+def test_passkey_prompt_is_longloras():
+    text, key = passkey_prompt(60, 0)
+    assert text == (
+        "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
+        "them. I will quiz you about the important information there.\n"
+        "The grass is green. The sky is blue. The sun\n"
+        "The pass key is 43568. Remember it. 43568 is the pass key.\n"
+        "The grass is gre\n"
+        "What is the pass key? The pass key is"
+    )
+    assert key == 43568
+    for chars, seed in [(3072, 0), (7168, 4), (1000, 9)]:
+        text, key = passkey_prompt(chars, seed)
+        assert (text, str(key)) == longlora_prompt(chars, seed)
+    assert longlora_lengths(4096) == [3072, 7168, 10240, 14336]
+
+
+def test_passkey_depth_places_the_key_and_keeps_the_trials_key():
+    for depth in (0.0, 0.5, 1.0):
+        text, key = passkey_prompt(400, 3, depth)
+        prefix = text.split("\n")[1]
+        assert len(prefix) == round(400 * depth)
+        assert key == passkey_prompt(400, 3)[1]
+
+
+def test_passkey_scores_exact_token_matches_and_skips_what_does_not_fit(tmp_path):
+    engine = OracleEngine(passkey_answer, max_length=700)
+    task = Passkey([100, 2000], trials=3, depths=[0.0, 1.0])
+    summary, problems, now = run_task(task, engine, tmp_path)
+    assert now == 6 and problems.counts == {"prompt longer than the model's window": 6}
+    assert summary.metrics["accuracy"] == 1.0
+    assert set(engine.generated) == {len(str(passkey_prompt(100, t)[1])) for t in range(3)}
+    assert (tmp_path / "passkey_grid.png").stat().st_size > 0
+    wrong = OracleEngine(lambda p: passkey_answer(p)[:-1] + "0", max_length=700)
+    summary, _, _ = run_task(task, wrong, tmp_path / "wrong")
+    keys = [
+        json.loads(line)["pass_key"]
+        for line in (tmp_path / "wrong/passkey.jsonl").read_text().splitlines()
+    ]
+    assert summary.metrics["accuracy"] == np.mean([k % 10 == 0 for k in keys])
+
+
+def test_lines_format_and_last_integer_parse():
+    case = lines_case(3, np.random.default_rng([0, 3]))
+    lines = case["prompt"][len(HEADER) :].split("\n")
+    assert case["prompt"].startswith(HEADER) and HEADER.endswith("record start:\n\n")
+    assert all(line.startswith("line ") and ": REGISTER_CONTENT is <" in line for line in lines[:3])
+    name, position = case["random_idx"]
+    assert lines[position] == f"line {name}: REGISTER_CONTENT is <{case['expected_number']}>"
+    assert case["prompt"].endswith(
+        f"\n\nNow the record is over. Tell me what is the <REGISTER_CONTENT> in line {name}? "
+        "I need the number. "
+    )
+    assert last_integer("line 3 is <2416>.") == 2416
+    assert last_integer("12 then 7.5") == 5
+    assert last_integer("no number") == -1
+
+
+def test_lines_reads_shipped_cases_and_counts_bad_ones(tmp_path):
+    good = lines_case(4, np.random.default_rng(1))
+    records = [json.dumps(good), "{not json", json.dumps({"prompt": "x"}), json.dumps(good)]
+    (tmp_path / "4_lines.jsonl").write_text("\n".join(records) + "\n")
+    task = Lines([4], testcases_dir=str(tmp_path))
+    summary, problems, _ = run_task(task, OracleEngine(lines_answer), tmp_path / "out")
+    assert summary.metrics["accuracy"] == 1.0 and problems.counts == {
+        "malformed lines test case": 2
+    }
+    assert problems.where["malformed lines test case"] == [
+        f"{tmp_path}/4_lines.jsonl:2",
+        f"{tmp_path}/4_lines.jsonl:3",
+    ]
+    with pytest.raises(MissingInputError, match="5_lines.jsonl.*LongChat"):
+        Lines([4, 5], testcases_dir=str(tmp_path))
+
+
+def test_ppl_windows_follow_each_convention():
+    assert windows(10, 4, 2, "stride") == [(0, 4, 1), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
+    assert windows(10, 4, 2, "longlora") == [(0, 4, 1), (2, 6, 1), (4, 8, 1)]
+    scored = sum(end - start - first for start, end, first in windows(1000, 64, 48, "stride"))
+    assert scored == 999  # every token but the first, once
+    assert position_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+
+
+def test_ppl_matches_a_hand_computation(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("abcdefghij")
+    (docs / "empty.txt").write_text("")
+    engine = OracleEngine(None, max_length=4)  # token t costs t / 100 nats
+    ids = np.array([1] + [3 + ord(c) for c in "abcdefghij"])  # BOS + bytes
+    stride = run_task(Perplexity(str(docs), stride=2), engine, tmp_path / "s")
+    assert stride[0].metrics["ppl"] == pytest.approx(math.exp(ids[1:].mean() / 100))
+    assert stride[1].counts == {"empty document": 1}
+    longlora = run_task(
+        Perplexity(str(docs), convention="longlora", stride=3), engine, tmp_path / "l"
+    )
+    means = [ids[s + 1 : s + 4].mean() / 100 for s in range(0, len(ids) - 4, 3)]
+    assert longlora[0].metrics["ppl"] == pytest.approx(math.exp(np.mean(means)))
+    with pytest.raises(MissingInputError, match="no-such-dir.*expected .txt files"):
+        Perplexity(str(tmp_path / "no-such-dir"))
+
+
+def test_a_rerun_resumes_and_redoes_a_line_cut_by_a_crash(tmp_path):
+    task = Passkey([50], trials=4)
+    evaluate([task], OracleEngine(passkey_answer), tmp_path)
+    path = tmp_path / "passkey.jsonl"
+    full = path.read_text()
+    assert run_task(task, OracleEngine(passkey_answer), tmp_path)[2] == 0
+    path.write_text(full[: full.rindex("\n", 0, -1) + 10])  # the last line cut short
+    summary, _, now = run_task(task, OracleEngine(passkey_answer), tmp_path)
+    assert now == 1 and summary.metrics["accuracy"] == 1.0
+    assert len({json.loads(line)["id"] for line in path.read_text().splitlines()[:3]}) == 3
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["tasks"]["passkey"]["metrics"]["accuracy"] == 1.0
