@@ -190,7 +190,7 @@ class Lines(GenerationTask):
             files.append(
                 line_plot(out_dir / "lines.png", {"lines": (xs, ys)}, "prompt tokens", "accuracy %")
             )
-        return Summary(metrics, table + "\n".join(rows), files)
+        return Summary(metrics, table + "\n".join(rows), files, headline=metrics["accuracy"])
 
 
 def _parse_case(line: str) -> dict | None:

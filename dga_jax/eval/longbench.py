@@ -271,7 +271,8 @@ class LongBenchE(GenerationTask):
         ]
         counts = {dataset: len(rows) for dataset, rows in grouped.items()}
         table = markdown_table(scores, average)
-        return Summary({"datasets": scores, "average": average, "records": counts}, table, files)
+        metrics = {"datasets": scores, "average": average, "records": counts}
+        return Summary(metrics, table, files, headline=average["all"])
 
     def _group(self, records: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
         """The records of each of the task's datasets, in file order."""

@@ -125,7 +125,7 @@ class Passkey(GenerationTask):
         )
         if self.depths is not None and records:
             files.append(self._heatmap(records, out_dir, metrics))
-        return Summary(metrics, table + "\n".join(rows), files)
+        return Summary(metrics, table + "\n".join(rows), files, headline=metrics["accuracy"])
 
     def _heatmap(self, records, out_dir: Path, metrics: dict[str, Any]) -> str:
         """Accuracy per (depth, length) cell as metrics["grid"] and passkey_grid.png."""

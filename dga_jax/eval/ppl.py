@@ -166,7 +166,7 @@ class Perplexity:
             "perplexity",
             log_x=True,
         )
-        return Summary(metrics, table, [plot])
+        return Summary(metrics, table, [plot], headline=ppl)
 
 
 def _document_files(data: str) -> list[str]:

@@ -98,6 +98,7 @@ def evaluate(
             "metrics": result.metrics,
             "skipped": problems.report(),
             "files": result.files,
+            "headline": result.headline,
             "evaluated_now": now,
         }
         sections.append(_section(task.name, result, problems))
@@ -121,8 +122,7 @@ def one_line(summary: dict[str, Any]) -> str:
     """The headline number of each task, and the skipped count, on one line."""
     parts = []
     for name, task in summary["tasks"].items():
-        metrics = task["metrics"]
-        value = next((metrics[k] for k in ("average", "accuracy", "ppl") if k in metrics), None)
+        value = task["headline"]
         shown = "n/a" if value is None else f"{value:.4g}"
         skipped = sum(s["count"] for s in task["skipped"].values())
         parts.append(f"{name} {shown}" + (f" ({skipped} skipped)" if skipped else ""))

@@ -30,11 +30,13 @@ class Example:
 
 @dataclasses.dataclass
 class Summary:
-    """What a task reports: metrics (JSON), a Markdown table, the files it wrote (plots...)."""
+    """What a task reports: metrics (JSON), a Markdown table, the files it wrote (plots...),
+    and its headline number (accuracy, PPL, average score) for the one-line summary."""
 
     metrics: dict[str, Any]
     table: str
     files: list[str] = dataclasses.field(default_factory=list)
+    headline: float | None = None
 
 
 class Problems:
