@@ -15,6 +15,7 @@ interrupted save leaves no directory that looks complete.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Any
 
@@ -88,6 +89,29 @@ def load_model(
     restored = _restore(ckpt_dir, {PARAMS: ocp.args.StandardRestore(target)})
     nnx.replace_by_pure_dict(params, restored[PARAMS])
     return nnx.merge(graphdef, params, rest)
+
+
+def attention_changes(
+    ckpt_dir: str | os.PathLike,
+    attention: str | None = None,
+    *,
+    selection: str | None = None,
+    group_size: int | None = None,
+    focal_ratio: float | None = None,
+) -> dict[str, Any]:
+    """`load_model`'s config changes that evaluate a checkpoint under another attention: the
+    kind, and the DGA fields given (None keeps the stored value). A changed kind also resets
+    `attention_impl` to its default, since an implementation names one kind's backend (a
+    dense checkpoint trained with "blockwise" is evaluated with DGA's default one)."""
+    stored = load_config(ckpt_dir)
+    changes: dict[str, Any] = {}
+    if attention is not None and attention != stored.attention:
+        changes.update(attention=attention, attention_impl=None)
+    given = dict(selection=selection, group_size=group_size, focal_ratio=focal_ratio)
+    dga = {name: value for name, value in given.items() if value is not None}
+    if dga:
+        changes["dga"] = dataclasses.replace(stored.dga, **dga)
+    return changes
 
 
 def abstract_model(

@@ -21,7 +21,7 @@ from typing import NoReturn
 
 import jax
 
-from dga_jax.checkpoint.orbax_io import load_config, load_model
+from dga_jax.checkpoint.orbax_io import attention_changes, load_model
 from dga_jax.data.tokenizers import load_tokenizer
 from dga_jax.errors import InputError
 from dga_jax.eval.engine import ModelEngine
@@ -150,18 +150,6 @@ def _longbench(args: argparse.Namespace) -> Task:
     )
 
 
-def model_changes(args: argparse.Namespace) -> dict:
-    """The config fields --attention and the DGA flags replace in the stored config."""
-    changes: dict = {}
-    if args.attention:
-        changes["attention"] = args.attention
-    dga = {k: getattr(args, k) for k in ("selection", "group_size", "focal_ratio")}
-    dga = {k: v for k, v in dga.items() if v is not None}
-    if dga:
-        changes["dga"] = dataclasses.replace(load_config(args.checkpoint).dga, **dga)
-    return changes
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     """Loads the checkpoint on a mesh, runs the tasks, prints the summary line."""
     args = parse_args(argv)
@@ -170,7 +158,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         tokenizer = load_tokenizer(args.tokenizer)
         mesh = make_mesh(_mesh_shape(args.mesh, len(jax.devices())))
-        model = load_model(args.checkpoint, mesh=mesh, **model_changes(args))
+        changes = attention_changes(
+            args.checkpoint,
+            args.attention,
+            selection=args.selection,
+            group_size=args.group_size,
+            focal_ratio=args.focal_ratio,
+        )
+        model = load_model(args.checkpoint, mesh=mesh, **changes)
         max_length = args.max_length or model.config.max_position
         tasks = build_tasks(args, max_length)
         engine = ModelEngine(

@@ -36,7 +36,6 @@ Conventions, those of lm_eval's `hf` backend on a LLaMA tokenizer except where n
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -50,7 +49,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
 
-from dga_jax.checkpoint.orbax_io import load_config, load_model
+from dga_jax.checkpoint.orbax_io import attention_changes, load_model
 from dga_jax.data.tokenizers import load_tokenizer
 from dga_jax.eval.engine import Engine, ModelEngine, TokenScores, with_bos
 
@@ -89,7 +88,13 @@ class DGAJaxLM(TemplateLM):
     ) -> DGAJaxLM:
         """Loads a `save_model` checkpoint, its attention and DGA settings replaced where given."""
         batch_size = parse_batch_size(batch_size)
-        changes = config_changes(checkpoint, attention, selection, group_size, focal_ratio)
+        changes = attention_changes(
+            checkpoint,
+            attention,
+            selection=selection,
+            group_size=group_size,
+            focal_ratio=focal_ratio,
+        )
         model = load_model(checkpoint, **changes)
         engine = ModelEngine(
             model, load_tokenizer(tokenizer), batch_size=batch_size, max_length=max_length
@@ -256,23 +261,6 @@ class DGAJaxLM(TemplateLM):
 def continuation_score(scores: TokenScores, n: int) -> tuple[float, bool]:
     """(sum of the last `n` log-probs, whether each of those tokens is the argmax)."""
     return float(scores.logprobs[-n:].sum()), bool(scores.greedy[-n:].all())
-
-
-def config_changes(
-    checkpoint: str,
-    attention: str | None,
-    selection: str | None,
-    group_size: int | None,
-    focal_ratio: float | None,
-) -> dict[str, Any]:
-    """`load_model`'s config changes: the attention kind and the DGA fields given (None keeps
-    the checkpoint's)."""
-    changes: dict[str, Any] = {} if attention is None else {"attention": attention}
-    given = dict(selection=selection, group_size=group_size, focal_ratio=focal_ratio)
-    dga = {name: value for name, value in given.items() if value is not None}
-    if dga:
-        changes["dga"] = dataclasses.replace(load_config(checkpoint).dga, **dga)
-    return changes
 
 
 def parse_batch_size(batch_size: int | str) -> int:

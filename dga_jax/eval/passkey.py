@@ -44,10 +44,15 @@ def passkey_prompt(garbage_chars: int, trial: int, depth: float | None = None) -
     key = int(rng.randint(1, 50000))
     if depth is not None:
         prefix = round(depth * garbage_chars)
-    filler = " ".join([GARBAGE] * (garbage_chars // len(GARBAGE) + 1))
+    return passkey_text(prefix, garbage_chars - prefix, key), key
+
+
+def passkey_text(prefix_chars: int, suffix_chars: int, key: int, garbage: str = GARBAGE) -> str:
+    """The five lines of the prompt: the filler before and after the key line are both cut
+    from the start of `garbage` repeated (joined by spaces), as LongLoRA cuts them."""
+    filler = " ".join([garbage] * (max(prefix_chars, suffix_chars) // len(garbage) + 1))
     info = f"The pass key is {key}. Remember it. {key} is the pass key."
-    parts = [TASK_LINE, filler[:prefix], info, filler[: garbage_chars - prefix], QUESTION]
-    return "\n".join(parts), key
+    return "\n".join([TASK_LINE, filler[:prefix_chars], info, filler[:suffix_chars], QUESTION])
 
 
 class Passkey(GenerationTask):

@@ -10,13 +10,12 @@ prepended when the tokenizer has one (training packs documents behind BOS).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
-from dga_jax.checkpoint.orbax_io import load_config, load_model
+from dga_jax.checkpoint.orbax_io import attention_changes, load_model
 from dga_jax.data.tokenizers import Tokenizer, load_tokenizer
 from dga_jax.generate import stream
 from dga_jax.model.config import ATTENTION_KINDS
@@ -99,13 +98,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tokenizer = load_tokenizer(args.tokenizer)
     except (OSError, ValueError, RuntimeError) as e:
         fail(f"--tokenizer {args.tokenizer!r} could not be loaded: {e}")
-    changes = {}
-    if args.attention:
-        changes["attention"] = args.attention
-    if args.selection:
-        changes["dga"] = dataclasses.replace(
-            load_config(args.checkpoint).dga, selection=args.selection
-        )
+    changes = attention_changes(args.checkpoint, args.attention, selection=args.selection)
     model = load_model(args.checkpoint, **changes)
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     ids = bos + tokenizer.encode(args.prompt)

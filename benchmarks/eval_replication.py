@@ -1,0 +1,269 @@
+"""The paper's quality comparison at toy scale on CPU: dense vs DGA, trained and evaluated alike.
+
+    python benchmarks/eval_replication.py             # ~30 min on 2 cores
+    python benchmarks/eval_replication.py --quick     # minutes: CI's shortened version
+
+1. writes the retrieval corpus (`dga_jax.eval.synthetic`: the sample corpus's Python sources
+   mixed with passkey- and lines-style documents in the evaluation's formats, other fillers and
+   ids) unless it is there;
+2. trains `configs/tiny_retrieval_dense.py` and `configs/tiny_retrieval_dga.py` (2K context)
+   unless their final model exists;
+3. evaluates each checkpoint under each attention (dense-trained evaluated with DGA and the
+   reverse too) on passkey (a length x depth grid), lines and held-out perplexity, through
+   `dga_jax.eval.evaluate`, resumably;
+4. writes `<out>/replication.md` (one table per task, rows = trained with / evaluated with)
+   and `<out>/replication.json`; each run's records, plots and summary lie in `<out>/<run>/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+from common import environment
+
+from dga_jax.checkpoint.orbax_io import attention_changes, load_model
+from dga_jax.data.slimpajama import list_shards, read_shard
+from dga_jax.data.tokenizers import ByteTokenizer
+from dga_jax.eval import (
+    Lines,
+    ModelEngine,
+    Passkey,
+    Perplexity,
+    analysis,
+    evaluate,
+    one_line,
+    with_bos,
+)
+from dga_jax.eval.synthetic import SET_NAME, write_retrieval_corpus
+from dga_jax.generate import Buckets
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("dense", "dga")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "replication")
+    p.add_argument("--quick", action="store_true", help="few steps, short contexts (CI)")
+    return p.parse_args(argv)
+
+
+def sizes(quick: bool) -> dict:
+    """Context, steps and evaluation sizes of the full and the quick run."""
+    if quick:
+        return dict(
+            seq_len=768,
+            steps=4,
+            documents=(40, 8),
+            max_chars=668,
+            passkey=[40, 200],
+            trials=2,
+            depths=[0.0, 1.0],
+            lines=[1, 2],
+            cases=2,
+            ppl_docs=2,
+            analysis_lengths=[128, 256],
+            analysis_rows=2,
+            sigmas=[0.1],
+        )
+    return dict(
+        seq_len=2048,
+        steps=240,
+        documents=(4000, 200),
+        max_chars=1900,  # the corpus of `python -m dga_jax.eval.synthetic`'s defaults
+        passkey=[256, 768, 1280, 1664],
+        trials=10,
+        depths=[0.0, 0.25, 0.5, 0.75, 1.0],
+        lines=[5, 12, 20, 28],
+        cases=20,
+        ppl_docs=40,
+        analysis_lengths=[256, 512, 1024, 2048],
+        analysis_rows=8,
+        sigmas=[0.05, 0.1, 0.2],
+    )
+
+
+def train(kind: str, corpus: Path, out: Path, size: dict) -> Path:
+    """Trains the `kind` model unless its final export exists; returns that export."""
+    workdir = out / f"train_{kind}"
+    final = workdir / "model" / str(size["steps"])
+    if not final.is_dir():
+        command = [
+            sys.executable,
+            "-m",
+            "train",
+            f"--config=configs/tiny_retrieval_{kind}.py",
+            f"--workdir={workdir}",
+            f"--config.data.train={corpus}/train",
+            f"--config.data.validation={corpus}/validation",
+            f"--config.data.seq_len={size['seq_len']}",
+            f"--config.model.overrides.max_position={size['seq_len']}",
+            f"--config.train.steps={size['steps']}",
+        ]
+        if size["steps"] < 80:
+            command += [
+                f"--config.train.eval_every={size['steps']}",
+                f"--config.train.checkpoint_every={size['steps']}",
+            ]
+        subprocess.run(command, cwd=ROOT, check=True)
+    return final
+
+
+def tasks(corpus: Path, size: dict) -> list:
+    return [
+        Passkey(size["passkey"], size["trials"], size["depths"]),
+        Lines(size["lines"], size["cases"], seed=1),
+        Perplexity(str(corpus / "validation"), max_documents=size["ppl_docs"]),
+    ]
+
+
+def run(checkpoint: Path, attention: str, corpus: Path, out: Path, size: dict) -> dict:
+    """Evaluates one checkpoint under one attention; the summary dict."""
+    model = load_model(checkpoint, **attention_changes(checkpoint, attention))
+    engine = ModelEngine(model, ByteTokenizer(), batch_size=8, buckets=Buckets(256))
+    info = {"checkpoint": str(checkpoint), "attention": attention}
+    summary = evaluate(tasks(corpus, size), engine, out, info=info)
+    print(f"{checkpoint.parent.parent.name} evaluated with {attention}: {one_line(summary)}")
+    return summary
+
+
+def validation_tokens(corpus: Path, length: int, count: int) -> np.ndarray:
+    """`count` rows of `length` byte tokens from the held-out Python sources, end to end."""
+    tokenizer, ids = ByteTokenizer(), []
+    for path in list_shards(str(corpus / "validation")):
+        for record in read_shard(path):
+            if record["meta"]["redpajama_set_name"] != SET_NAME:
+                ids += with_bos(tokenizer, record["text"])
+            if len(ids) >= length * count:
+                return np.asarray(ids[: length * count], np.int32).reshape(count, length)
+    raise ValueError(f"the held-out text has fewer than {length * count} tokens")
+
+
+def analyses(checkpoints: dict[str, Path], corpus: Path, out: Path, size: dict) -> dict:
+    """P_sparse against L for both trained models, noise KL dense vs DGA on each, DGA's mass
+    shares per layer on the DGA-trained one; plots in out/."""
+    rows = {
+        L: validation_tokens(corpus, L, size["analysis_rows"]) for L in size["analysis_lengths"]
+    }
+    longest = rows[max(rows)]
+    result: dict = {"p_sparse": {}, "noise_kl": {}}
+    for kind, checkpoint in checkpoints.items():
+        model = load_model(checkpoint)
+        estimates = analysis.p_sparse(model, rows, rho=0.01)
+        result["p_sparse"][kind] = {L: e.mean for L, e in estimates.items()}
+        key = jax.random.key(0)
+        result["noise_kl"][kind] = analysis.compare_noise_kl(model, longest, size["sigmas"], key)
+        if kind == "dga":
+            result["mass"] = analysis.dga_mass_shares(model, longest)
+            analysis.plot_mass_shares(result["mass"], out / "dga_mass_shares.png")
+        result.setdefault("_estimates", {})[f"trained {kind}"] = estimates
+    analysis.plot_p_sparse(result.pop("_estimates"), out / "p_sparse.png")
+    return result
+
+
+def analysis_report(result: dict, size: dict) -> str:
+    """P_sparse, noise KL and mass-share tables."""
+    lengths = size["analysis_lengths"]
+    p = [
+        "| trained | " + " | ".join(f"L={L}" for L in lengths) + " |",
+        "|---|" + "---:|" * len(lengths),
+    ]
+    p += [
+        f"| {k} | " + " | ".join(f"{v[L]:.3f}" for L in lengths) + " |"
+        for k, v in result["p_sparse"].items()
+    ]
+    sigmas = size["sigmas"]
+    kl = [
+        "| trained | evaluated | " + " | ".join(f"sigma={s}" for s in sigmas) + " |",
+        "|---|---|" + "---:|" * len(sigmas),
+    ]
+    for trained, by_kind in result["noise_kl"].items():
+        kl += [
+            f"| {trained} | {kind} | " + " | ".join(f"{v[s]:.4f}" for s in sigmas) + " |"
+            for kind, v in by_kind.items()
+        ]
+    mass = ["| layer | focal | group | raw |", "|---:|---:|---:|---:|"]
+    mass += [
+        f"| {i} | {m['focal']:.3f} | {m['group']:.3f} | {m['raw']:.3f} |"
+        for i, m in enumerate(result["mass"])
+    ]
+    return "\n\n".join(
+        [
+            "### P_sparse(L, rho = 0.01), held-out text\n\n" + "\n".join(p),
+            "### Noise robustness: KL(clean || noisy embeddings)\n\n" + "\n".join(kl),
+            "### DGA attention mass (DGA-trained model)\n\n" + "\n".join(mass),
+        ]
+    )
+
+
+def table(results: dict, task: str, columns: list[tuple[str, str]]) -> str:
+    """Rows: trained with x evaluated with; columns: (label, metric path "a/b")."""
+    head = "| trained | evaluated | " + " | ".join(c for c, _ in columns) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(columns)]
+    for (trained, evaluated), summary in results.items():
+        metrics = summary["tasks"][task]["metrics"]
+        cells = [_lookup(metrics, path) for _, path in columns]
+        lines.append(f"| {trained} | {evaluated} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _lookup(metrics: dict, path: str) -> str:
+    value = metrics
+    for part in path.split("/"):
+        value = value.get(part) if isinstance(value, dict) else None
+    if value is None:
+        return "n/a"
+    return (
+        f"{value:.3f}" if path.startswith("ppl") or "by_position" in path else f"{100 * value:.1f}"
+    )
+
+
+def report(results: dict, size: dict) -> str:
+    """The Markdown tables of every task, passkey and lines in % correct."""
+    passkey = [(f"{c} chars", f"by_length/{c}") for c in size["passkey"]] + [("all", "accuracy")]
+    lines = [(f"{n} lines", f"by_lines/{n}") for n in size["lines"]] + [("all", "accuracy")]
+    any_summary = next(iter(results.values()))
+    positions = list(any_summary["tasks"]["ppl"]["metrics"]["by_position"])[-3:]
+    ppl = [("PPL", "ppl")] + [(f"pos {p}", f"by_position/{p}") for p in positions]
+    return "\n\n".join(
+        [
+            "### Passkey retrieval (% exact)\n\n" + table(results, "passkey", passkey),
+            "### LongEval lines (% EM)\n\n" + table(results, "lines", lines),
+            "### Held-out perplexity (stride convention)\n\n" + table(results, "ppl", ppl),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    size = sizes(args.quick)
+    corpus = args.out / "corpus"
+    if not (corpus / "validation").is_dir():
+        write_retrieval_corpus(
+            corpus, documents_per_split=size["documents"], max_chars=size["max_chars"]
+        )
+    checkpoints = {kind: train(kind, corpus, args.out, size) for kind in KINDS}
+    results = {
+        (trained, evaluated): run(
+            checkpoints[trained], evaluated, corpus, args.out / f"{trained}_as_{evaluated}", size
+        )
+        for trained in KINDS
+        for evaluated in KINDS
+    }
+    result = analyses(checkpoints, corpus, args.out, size)
+    text = report(results, size) + "\n\n" + analysis_report(result, size)
+    (args.out / "replication.md").write_text(text + "\n")
+    flat = {f"{t}_as_{e}": s for (t, e), s in results.items()}
+    payload = {"environment": environment(), "sizes": size, "runs": flat, "analyses": result}
+    (args.out / "replication.json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""The synthetic training documents, and the CPU replication end to end (its quick version)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from dga_jax.data.slimpajama import list_shards, read_shard
+from dga_jax.eval import lines, passkey, synthetic
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_training_documents_use_the_formats_with_other_fillers_and_ids():
+    rng = np.random.default_rng(0)
+    doc = synthetic.passkey_document(rng, 800)
+    key = re.search(r"The pass key is (\d+)\. Remember it\. \1 is the pass key\.", doc).group(1)
+    assert doc.startswith(passkey.TASK_LINE + "\n") and doc.endswith(f"{passkey.QUESTION} {key}.")
+    assert passkey.GARBAGE not in doc and len(doc) <= 800
+    doc = synthetic.lines_document(rng, 1200)
+    asked = re.search(r"in line (\S+)\? I need the number\. (\d+)$", doc)
+    assert doc.startswith(lines.HEADER)
+    assert f"line {asked[1]}: REGISTER_CONTENT is <{asked[2]}>\n" in doc
+    adjective, noun = asked[1].split("-")
+    assert adjective not in lines.ADJECTIVES and noun not in lines.NOUNS
+
+
+def test_the_corpus_mixes_code_and_retrieval_documents(tmp_path):
+    out = synthetic.write_retrieval_corpus(tmp_path / "corpus", documents_per_split=(30, 6))
+    kinds = [
+        r["meta"]["redpajama_set_name"]
+        for p in list_shards(str(out / "train"))
+        for r in read_shard(p)
+    ]
+    assert kinds.count(synthetic.SET_NAME) == 30 and kinds.count("RedPajamaGithub") > 100
+    validation = [r for p in list_shards(str(out / "validation")) for r in read_shard(p)]
+    assert sum(r["meta"]["redpajama_set_name"] == synthetic.SET_NAME for r in validation) == 6
+
+
+def test_the_quick_replication_trains_evaluates_and_reports(tmp_path):
+    command = [sys.executable, "benchmarks/eval_replication.py", "--quick", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / "replication.md").read_text()
+    for title in ("Passkey", "LongEval lines", "perplexity", "P_sparse", "Noise", "mass"):
+        assert f"### {title}" in report or title in report, title
+    rows = re.findall(r"^\| (dense|dga) \| (dense|dga) \|", report, re.MULTILINE)
+    assert rows.count(("dense", "dga")) == 4 and rows.count(("dga", "dense")) == 4  # 3 + KL
+    runs = json.loads((tmp_path / "replication.json").read_text())["runs"]
+    assert sorted(runs) == ["dense_as_dense", "dense_as_dga", "dga_as_dense", "dga_as_dga"]
+    for summary in runs.values():
+        assert summary["tasks"]["passkey"]["evaluated_now"] == 8
+        assert summary["tasks"]["lines"]["evaluated_now"] == 4
+        assert summary["tasks"]["ppl"]["metrics"]["ppl"] > 1
