@@ -299,20 +299,29 @@ SHARDED = textwrap.dedent(
     from flax import nnx
     import dga_jax
     from dga_jax import DGAConfig, Llama, ModelConfig, make_mesh
+    from dga_jax.data.tokenizers import ByteTokenizer
+    from dga_jax.eval import ModelEngine
 
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, 500, size=n).tolist() for n in (20, 11, 20)]
     config = ModelConfig.preset("tiny", attention="dga", dga=DGAConfig(4, 0.25))
     expected = dga_jax.generate(Llama(config, rngs=nnx.Rngs(0)), prompts, 6)
     # batch over 8 or 4 devices: the length groups (2 rows, 1 row) are padded to fit
+    # the evaluation's scoring too: 3 rows are filled up to the devices that split the batch
+    byte = ByteTokenizer()
+    scores = ModelEngine(Llama(config, rngs=nnx.Rngs(0)), byte, batch_size=3).score(prompts)
     for shape in [(8, 1, 1, 1), (2, 2, 1, 2)]:
         with jax.set_mesh(make_mesh(shape)):
             got = dga_jax.generate(Llama(config, rngs=nnx.Rngs(0)), prompts, 6)
+            engine = ModelEngine(Llama(config, rngs=nnx.Rngs(0)), byte, batch_size=3)
+            sharded = engine.score(prompts)
         assert got == expected, (shape, got, expected)
+        for a, b in zip(sharded, scores):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
     print("ok")
     """
 )
 
 
-def test_generation_under_a_mesh_equals_one_device():
+def test_generation_and_scoring_under_a_mesh_equal_one_device():
     run_on_fake_devices(SHARDED)

@@ -81,17 +81,22 @@ def line_ids(num_lines: int, rng: np.random.Generator, words=(ADJECTIVES, NOUNS)
 def lines_case(num_lines: int, rng: np.random.Generator, words=(ADJECTIVES, NOUNS)) -> dict:
     """One test case in the shipped files' fields: prompt, expected_number, random_idx."""
     ids = line_ids(num_lines, rng, words)
-    values = rng.integers(1, 50001, size=num_lines)
+    values = [int(v) for v in rng.integers(1, 50001, size=num_lines)]
     target = int(rng.integers(num_lines))
-    body = "".join(
-        f"line {i}: REGISTER_CONTENT is <{v}>\n" for i, v in zip(ids, values, strict=True)
-    )
     return {
-        "prompt": HEADER + body + FOOTER.format(ids[target]),
-        "expected_number": int(values[target]),
+        "prompt": lines_prompt(ids, values, target),
+        "expected_number": values[target],
         "random_idx": [ids[target], target],
         "num_lines": num_lines,
     }
+
+
+def lines_prompt(ids: Sequence[str], values: Sequence[int], target: int) -> str:
+    """The record of lines `ids` holding `values`, asking for line number `target`."""
+    body = "".join(
+        f"line {i}: REGISTER_CONTENT is <{v}>\n" for i, v in zip(ids, values, strict=True)
+    )
+    return HEADER + body + FOOTER.format(ids[target])
 
 
 def last_integer(text: str) -> int:

@@ -10,7 +10,7 @@ import pytest
 
 from dga_jax.errors import MissingInputError
 from dga_jax.eval import Lines, Passkey, Perplexity, evaluate, longlora_lengths, run_task
-from dga_jax.eval.lines import HEADER, last_integer, lines_case
+from dga_jax.eval.lines import HEADER, last_integer, lines_case, lines_prompt
 from dga_jax.eval.passkey import passkey_prompt
 from dga_jax.eval.ppl import position_buckets, windows
 from tests.eval.conftest import OracleEngine, lines_answer, passkey_answer
@@ -93,6 +93,28 @@ def test_lines_format_and_last_integer_parse():
     assert last_integer("line 3 is <2416>.") == 2416
     assert last_integer("12 then 7.5") == 5
     assert last_integer("no number") == -1
+
+
+# The start and end of LongChat's longeval/evaluation/lines/testcases/200_lines.jsonl, case 0.
+SHIPPED_START = (
+    "Below is a record of lines I want you to remember. Each line begins with 'line <line "
+    "index>' and contains a '<REGISTER_CONTENT>' at the end of the line as a numerical value. "
+    "For each line index, memorize its corresponding <REGISTER_CONTENT>. At the end of the "
+    "record, I will ask you to retrieve the corresponding <REGISTER_CONTENT> of a certain line "
+    "index. Now the record start:\n\nline grotesque-classmate: REGISTER_CONTENT is <42527>\n"
+    "line imperfect-bull: REGISTER_CONTENT is <3119>\n"
+)
+SHIPPED_END = (
+    "line oval-underpants: REGISTER_CONTENT is <33851>\n\nNow the record is over. Tell me what "
+    "is the <REGISTER_CONTENT> in line torpid-kid? I need the number. "
+)
+
+
+def test_lines_prompt_is_the_shipped_cases_format():
+    ids = ["grotesque-classmate", "imperfect-bull", "torpid-kid", "oval-underpants"]
+    prompt = lines_prompt(ids, [42527, 3119, 2416, 33851], target=2)
+    assert prompt.startswith(SHIPPED_START) and prompt.endswith(SHIPPED_END)
+    assert "line torpid-kid: REGISTER_CONTENT is <2416>\n" in prompt
 
 
 def test_lines_reads_shipped_cases_and_counts_bad_ones(tmp_path):
