@@ -74,8 +74,8 @@ def sizes(quick: bool) -> dict:
         )
     return dict(
         seq_len=2048,
-        steps=240,
-        documents=(4000, 200),
+        steps=600,
+        documents=(8000, 400),
         max_chars=1900,  # the corpus of `python -m dga_jax.eval.synthetic`'s defaults
         passkey=[256, 768, 1280, 1664],
         trials=10,
@@ -106,7 +106,7 @@ def train(kind: str, corpus: Path, out: Path, size: dict) -> Path:
             f"--config.model.overrides.max_position={size['seq_len']}",
             f"--config.train.steps={size['steps']}",
         ]
-        if size["steps"] < 80:
+        if size["steps"] < 200:
             command += [
                 f"--config.train.eval_every={size['steps']}",
                 f"--config.train.checkpoint_every={size['steps']}",

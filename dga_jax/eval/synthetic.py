@@ -1,7 +1,7 @@
 """Retrieval documents to train on: passkey- and lines-style, in the evaluation's formats, with
 their own filler text and line ids (none of the evaluation's), each ending with its answer.
 
-    python -m dga_jax.eval.synthetic --out runs/retrieval_corpus --documents 4000
+    python -m dga_jax.eval.synthetic --out runs/retrieval_corpus --documents 8000
 
 writes a SlimPajama-format corpus, `train/` and `validation/` shards of `.jsonl.zst` records
 `{"text", "meta": {"redpajama_set_name"}}`, interleaving the sample corpus's records (Python
@@ -61,7 +61,7 @@ def documents(count: int, max_chars: int, seed: int) -> Iterator[str]:
 def write_retrieval_corpus(
     out_dir: str | Path,
     *,
-    documents_per_split: Sequence[int] = (4000, 200),
+    documents_per_split: Sequence[int] = (8000, 400),
     max_chars: int = 1900,
     seed: int = 0,
     sample_dir: str | Path | None = None,
@@ -101,7 +101,7 @@ def _write_shards(directory: Path, records: list[dict], shards: int) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m dga_jax.eval.synthetic", description=__doc__)
     p.add_argument("--out", required=True)
-    p.add_argument("--documents", type=int, default=4000, help="synthetic training documents")
+    p.add_argument("--documents", type=int, default=8000, help="synthetic training documents")
     p.add_argument("--max_chars", type=int, default=1900)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
