@@ -8,9 +8,13 @@ mesh axis used twice in one spec.
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 
 import jax
 from jax.sharding import PartitionSpec
+
+from dga_jax.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
 
@@ -68,3 +72,23 @@ def make_mesh(shape: tuple[int, int, int, int], devices=None) -> jax.sharding.Me
     return jax.make_mesh(
         shape, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     )
+
+
+def mesh_shape(
+    sizes: Sequence[int], device_count: int, name: str = "mesh"
+) -> tuple[int, int, int, int]:
+    """(data, fsdp, seq, tensor) `sizes` with their one -1 (if any) filled so that they use all
+    `device_count` devices; a `ConfigError` naming `name` (the flag or config key) otherwise."""
+    sizes = list(sizes)
+    if len(sizes) != len(MESH_AXES) or sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(
+            f"{name}: give {len(MESH_AXES)} sizes {MESH_AXES} >= 1, at most one -1; got {sizes}"
+        )
+    if -1 in sizes:
+        rest = -math.prod(sizes)
+        if device_count % rest:
+            raise ConfigError(f"{name} {sizes} does not divide {device_count} devices")
+        sizes[sizes.index(-1)] = device_count // rest
+    if math.prod(sizes) != device_count:
+        raise ConfigError(f"{name} {sizes} needs {math.prod(sizes)} devices, have {device_count}")
+    return tuple(sizes)  # type: ignore[return-value]

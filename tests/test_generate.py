@@ -311,10 +311,11 @@ SHARDED = textwrap.dedent(
     byte = ByteTokenizer()
     scores = ModelEngine(Llama(config, rngs=nnx.Rngs(0)), byte, batch_size=3).score(prompts)
     for shape in [(8, 1, 1, 1), (2, 2, 1, 2)]:
-        with jax.set_mesh(make_mesh(shape)):
+        mesh = make_mesh(shape)
+        with jax.set_mesh(mesh):
             got = dga_jax.generate(Llama(config, rngs=nnx.Rngs(0)), prompts, 6)
-            engine = ModelEngine(Llama(config, rngs=nnx.Rngs(0)), byte, batch_size=3)
-            sharded = engine.score(prompts)
+            sharded_model = Llama(config, rngs=nnx.Rngs(0))
+        sharded = ModelEngine(sharded_model, byte, batch_size=3, mesh=mesh).score(prompts)
         assert got == expected, (shape, got, expected)
         for a, b in zip(sharded, scores):
             np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)

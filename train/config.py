@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from typing import Any
 
 from dga_jax import ModelConfig, strict
 from dga_jax.errors import ConfigError
 from dga_jax.model.config import ARCHITECTURE_FIELDS
 from dga_jax.ops.dga.sharded import CONTEXT_ORDERS, STRATEGIES
-from dga_jax.sharding import MESH_AXES
+from dga_jax.sharding import MESH_AXES, mesh_shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,18 +44,7 @@ class MeshConfig:
 
     def shape(self, device_count: int) -> tuple[int, int, int, int]:
         sizes = [getattr(self, axis) for axis in MESH_AXES]
-        if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-            raise ConfigError(f"config.mesh: sizes must be >= 1, at most one -1; got {sizes}")
-        if -1 in sizes:
-            rest = -math.prod(sizes)
-            if device_count % rest:
-                raise ConfigError(f"config.mesh {sizes} does not divide {device_count} devices")
-            sizes[sizes.index(-1)] = device_count // rest
-        if math.prod(sizes) != device_count:
-            raise ConfigError(
-                f"config.mesh {sizes} needs {math.prod(sizes)} devices, have {device_count}"
-            )
-        return tuple(sizes)
+        return mesh_shape(sizes, device_count, "config.mesh")
 
 
 @dataclasses.dataclass(frozen=True)

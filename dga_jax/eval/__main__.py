@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from dga_jax.eval.task import Task
 from dga_jax.generate import Buckets
 from dga_jax.model.config import ATTENTION_KINDS
 from dga_jax.ops.dga.config import SELECTIONS
-from dga_jax.sharding import make_mesh
+from dga_jax.sharding import make_mesh, mesh_shape
 
 TASKS = ("passkey", "lines", "longbench_e", "ppl")
 
@@ -157,7 +156,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(f"--checkpoint {args.checkpoint!r} is not a directory")
     try:
         tokenizer = load_tokenizer(args.tokenizer)
-        mesh = make_mesh(_mesh_shape(args.mesh, len(jax.devices())))
+        mesh = make_mesh(mesh_shape(args.mesh, len(jax.devices()), "--mesh"))
         changes = attention_changes(
             args.checkpoint,
             args.attention,
@@ -174,6 +173,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_size=args.batch_size,
             buckets=Buckets(args.bucket),
             max_length=max_length,
+            mesh=mesh,
         )
         info = {
             "checkpoint": args.checkpoint,
@@ -182,18 +182,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             "max_length": max_length,
             "tokenizer": args.tokenizer,
         }
-        with jax.set_mesh(mesh):
-            summary = evaluate(tasks, engine, args.out, chunk=args.chunk, progress=True, info=info)
+        summary = evaluate(tasks, engine, args.out, chunk=args.chunk, progress=True, info=info)
     except (InputError, ValueError, OSError) as e:
         fail(str(e))
     print(one_line(summary))
-
-
-def _mesh_shape(sizes: list[int], devices: int) -> tuple[int, ...]:
-    """--mesh with its -1 filled in so that the product is the device count."""
-    if len(sizes) != 4 or sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise InputError(f"--mesh {sizes}: give data,fsdp,seq,tensor sizes, at most one -1")
-    known = math.prod(s for s in sizes if s != -1)
-    if devices % known or (-1 not in sizes and known != devices):
-        raise InputError(f"--mesh {sizes} does not fit the {devices} devices")
-    return tuple(devices // known if s == -1 else s for s in sizes)

@@ -8,6 +8,7 @@ the model was loaded on.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Sequence
@@ -62,8 +63,8 @@ def with_bos(tokenizer: Tokenizer, text: str) -> list[int]:
 
 
 class ModelEngine:
-    """An `Engine` over a `Llama` (any attention; the mesh it was loaded on, if any, must be
-    set with `jax.set_mesh` around the calls).
+    """An `Engine` over a `Llama` (any attention). A model built or loaded on a `mesh` runs
+    sharded on it (the calls set it); without one, on the mesh set around the calls, if any.
 
     Sequences run `batch_size` at a time, right-padded to `buckets` lengths, so a run over many
     lengths compiles once per bucket. `max_length` defaults to the model's `max_position`.
@@ -78,6 +79,7 @@ class ModelEngine:
         buckets: Buckets = Buckets(),
         max_length: int | None = None,
         progress: bool = False,
+        mesh: jax.sharding.Mesh | None = None,
     ):
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
@@ -87,6 +89,11 @@ class ModelEngine:
         self.model, self._tokenizer = model, tokenizer
         self.batch_size, self.buckets, self.progress = batch_size, buckets, progress
         self._max_length = max_length or model.config.max_position
+        self.mesh = mesh
+
+    def _on_mesh(self):
+        """The context the calls run in: the engine's mesh, if it has one."""
+        return jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext()
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -98,6 +105,10 @@ class ModelEngine:
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
         stops = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+        with self._on_mesh():
+            return self._generate(prompts, max_new_tokens, stops)
+
+    def _generate(self, prompts, max_new_tokens: int, stops: list[int]) -> list[list[int]]:
         out = completions(
             self.model,
             prompts,
@@ -112,6 +123,10 @@ class ModelEngine:
     def score(self, sequences: Sequence[Sequence[int]]) -> list[TokenScores]:
         if any(len(s) < 2 for s in sequences):
             raise ValueError("every scored sequence needs at least 2 tokens")
+        with self._on_mesh():
+            return self._score(sequences)
+
+    def _score(self, sequences: Sequence[Sequence[int]]) -> list[TokenScores]:
         graphdef, state = nnx.split(self.model)
         out: list[TokenScores] = [None] * len(sequences)  # type: ignore[list-item]
         order = np.argsort([-len(s) for s in sequences], kind="stable")

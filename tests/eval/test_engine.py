@@ -76,7 +76,7 @@ def test_cli_writes_records_summary_table_and_plots(checkpoint, tmp_path, capsys
         (["--tasks", "ppl", "--ppl_data", "/no/such/dir"], "'/no/such/dir' holds no documents"),
         (["--tasks", "ppl"], "--tasks ppl needs --ppl_data"),
         (["--tasks", "lines", "--lines_dir", "/nowhere"], "'/nowhere/200_lines.jsonl' not found"),
-        (["--mesh", "3,-1,1,1"], "--mesh [3, -1, 1, 1] does not fit the 1 devices"),
+        (["--mesh", "3,-1,1,1"], "--mesh [3, -1, 1, 1] does not divide 1 devices"),
     ],
 )
 def test_cli_input_errors_name_the_problem(checkpoint, tmp_path, capsys, flags, message):
