@@ -23,7 +23,7 @@ import numpy as np
 from dga_jax.errors import MissingInputError
 from dga_jax.eval.engine import Engine, with_bos
 from dga_jax.eval.plots import line_plot
-from dga_jax.eval.task import Example, GenerationTask, Problems, Summary, fits
+from dga_jax.eval.task import Example, GenerationTask, Problems, Summary, fits, mean_by
 
 HEADER = (
     "Below is a record of lines I want you to remember. Each line begins with 'line <line "
@@ -169,6 +169,9 @@ class Lines(GenerationTask):
             "score": float(parsed == example.fields["expected_number"]),
         }
 
+    def answer(self, example: Example, engine: Engine) -> list[int]:
+        return engine.tokenizer.encode(str(example.fields["expected_number"]))
+
     def summarize(self, records: Sequence[dict[str, Any]], out_dir: Path) -> Summary:
         """Accuracy (LongEval's EM) per size, with the mean prompt tokens."""
         groups: dict[int, list[dict]] = collections.defaultdict(list)
@@ -182,11 +185,19 @@ class Lines(GenerationTask):
             )
             for n, rs in sorted(groups.items())
         }
-        rows = [f"| {n} | {t:.0f} | {100 * a:.1f} | {c} |" for n, (a, t, c) in stats.items()]
-        table = "| lines | prompt tokens | accuracy % | cases |\n|---:|---:|---:|---:|\n"
+        forced = mean_by(records, "num_lines", "answer_token_accuracy")
+        rows = [
+            f"| {n} | {t:.0f} | {100 * a:.1f} | {100 * forced.get(n, 0):.1f} | {c} |"
+            for n, (a, t, c) in stats.items()
+        ]
+        table = (
+            "| lines | prompt tokens | accuracy % | answer tokens argmax % | cases |\n"
+            "|---:|---:|---:|---:|---:|\n"
+        )
         metrics = {
             "accuracy": float(np.mean([r["score"] for r in records])) if records else None,
             "by_lines": {str(n): a for n, (a, _, _) in stats.items()},
+            "answer_token_accuracy_by_lines": {str(n): a for n, a in forced.items()},
         }
         files = []
         if stats:

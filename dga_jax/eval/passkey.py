@@ -18,7 +18,7 @@ import numpy as np
 
 from dga_jax.eval.engine import Engine, with_bos
 from dga_jax.eval.plots import heatmap, line_plot
-from dga_jax.eval.task import Example, GenerationTask, Problems, Summary, fits
+from dga_jax.eval.task import Example, GenerationTask, Problems, Summary, fits, mean_by
 
 TASK_LINE = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -97,19 +97,28 @@ class Passkey(GenerationTask):
     def score(self, example: Example, ids: list[int], text: str) -> dict[str, Any]:
         return {"pred": text, "score": float(ids == example.fields["answer_ids"])}
 
+    def answer(self, example: Example, engine: Engine) -> list[int]:
+        return example.fields["answer_ids"]
+
     def summarize(self, records: Sequence[dict[str, Any]], out_dir: Path) -> Summary:
         """Accuracy per filler length (labelled by the mean prompt tokens, as LongLoRA reports
         it), and per (length, depth) cell when depths are set: a heatmap."""
         by_length = _accuracy(records, ("garbage_chars",))
         tokens = _mean_tokens(records)
+        forced = mean_by(records, "garbage_chars", "answer_token_accuracy")
         rows = [
-            f"| {chars} | {tokens[chars]:.0f} | {100 * acc:.1f} | {n} |"
+            f"| {chars} | {tokens[chars]:.0f} | {100 * acc:.1f} | {100 * forced.get(chars, 0):.1f} "
+            f"| {n} |"
             for (chars,), (acc, n) in sorted(by_length.items())
         ]
-        table = "| filler chars | prompt tokens | accuracy % | trials |\n|---:|---:|---:|---:|\n"
+        table = (
+            "| filler chars | prompt tokens | accuracy % | answer tokens argmax % | trials |\n"
+            "|---:|---:|---:|---:|---:|\n"
+        )
         metrics: dict[str, Any] = {
             "accuracy": float(np.mean([r["score"] for r in records])) if records else None,
             "by_length": {str(c): acc for (c,), (acc, _) in sorted(by_length.items())},
+            "answer_token_accuracy_by_length": {str(c): a for c, a in forced.items()},
         }
         files = (
             [

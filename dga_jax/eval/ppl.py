@@ -176,7 +176,7 @@ def _document_files(data: str) -> list[str]:
         found = sorted(
             str(p)
             for p in Path(data).rglob("*")
-            if p.is_file() and not any(part.startswith(".") for part in p.parts)
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(data).parts)
         )
         found = [p for p in found if p.endswith((".txt", *SHARD_SUFFIXES))]
     else:

@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
+
 from dga_jax.eval.engine import Engine
 
 
@@ -82,7 +84,13 @@ class Task(Protocol):
 
 
 class GenerationTask:
-    """A task scored on greedy completions: subclasses define `examples` and `score`."""
+    """A task scored on greedy completions: subclasses define `examples` and `score`.
+
+    A task whose examples have one right answer (`answer`) also scores it teacher-forced: the
+    answer's summed log-probability after the prompt ("answer_logprob") and the share of its
+    tokens that are the model's argmax ("answer_token_accuracy"), a graded view of retrieval
+    that moves before exact matches do.
+    """
 
     name = "generation"
 
@@ -99,11 +107,35 @@ class GenerationTask:
                 record = {"id": examples[i].id, **examples[i].fields}
                 record.update(self.score(examples[i], ids, text))
                 records[i] = record
+        self._teacher_forced(engine, examples, records)
         return records
+
+    def answer(self, example: Example, engine: Engine) -> list[int] | None:
+        """The tokens of the example's one right answer, if it has one (None: no such score)."""
+        return None
+
+    def _teacher_forced(self, engine: Engine, examples: Sequence[Example], records) -> None:
+        """Adds answer_logprob and answer_token_accuracy to the records of answered examples."""
+        answers = [self.answer(example, engine) for example in examples]
+        rows = [i for i, answer in enumerate(answers) if answer]
+        sequences = [examples[i].prompt + answers[i] for i in rows]
+        for i, scores in zip(rows, engine.score(sequences) if rows else [], strict=True):
+            n = len(answers[i])
+            records[i]["answer_logprob"] = float(scores.logprobs[-n:].sum())
+            records[i]["answer_token_accuracy"] = float(scores.greedy[-n:].mean())
 
     def score(self, example: Example, ids: list[int], text: str) -> dict[str, Any]:
         """The record fields of one completion (`ids`, decoded as `text`): at least "score"."""
         raise NotImplementedError
+
+
+def mean_by(records: Sequence[dict[str, Any]], key: str, field: str) -> dict[Any, float]:
+    """The mean of `field` over the records grouped by `key` (records without it left out)."""
+    groups: dict[Any, list[float]] = collections.defaultdict(list)
+    for r in records:
+        if field in r:
+            groups[r[key]].append(r[field])
+    return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
 
 
 def fits(engine: Engine, prompt: Sequence[int], max_new_tokens: int) -> bool:

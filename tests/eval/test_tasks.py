@@ -69,6 +69,10 @@ def test_passkey_scores_exact_token_matches_and_skips_what_does_not_fit(tmp_path
     assert now == 6 and problems.counts == {"prompt longer than the model's window": 6}
     assert summary.metrics["accuracy"] == 1.0
     assert set(engine.generated) == {len(str(passkey_prompt(100, t)[1])) for t in range(3)}
+    for record in map(json.loads, (tmp_path / "passkey.jsonl").read_text().splitlines()):
+        answer = np.array(record["answer_ids"])  # teacher-forced: the oracle's scores of it
+        assert record["answer_logprob"] == pytest.approx(-answer.sum() / 100)
+        assert record["answer_token_accuracy"] == pytest.approx(np.mean(answer % 2 == 0))
     assert (tmp_path / "passkey_grid.png").stat().st_size > 0
     wrong = OracleEngine(lambda p: passkey_answer(p)[:-1] + "0", max_length=700)
     summary, _, _ = run_task(task, wrong, tmp_path / "wrong")
@@ -143,8 +147,9 @@ def test_ppl_windows_follow_each_convention():
 
 
 def test_ppl_matches_a_hand_computation(tmp_path):
-    docs = tmp_path / "docs"
-    docs.mkdir()
+    docs = tmp_path / ".cache" / "docs"  # hidden files are skipped below the directory only
+    docs.mkdir(parents=True)
+    (docs / ".hidden.txt").write_text("not a document")
     (docs / "a.txt").write_text("abcdefghij")
     (docs / "empty.txt").write_text("")
     engine = OracleEngine(None, max_length=4)  # token t costs t / 100 nats
