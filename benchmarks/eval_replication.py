@@ -60,16 +60,16 @@ def sizes(quick: bool) -> dict:
     if quick:
         return dict(
             seq_len=768,
-            steps=4,
+            steps=2,
             documents=(40, 8),
             max_chars=668,
             passkey=[40, 200],
-            trials=2,
+            trials=1,
             depths=[0.0, 1.0],
             lines=[1, 2],
-            cases=2,
-            ppl_docs=2,
-            analysis_lengths=[128, 256],
+            cases=1,
+            ppl_docs=1,
+            analysis_lengths=[256],
             analysis_rows=2,
             sigmas=[0.1],
         )

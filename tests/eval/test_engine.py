@@ -10,7 +10,6 @@ import pytest
 
 import dga_jax
 from dga_jax.checkpoint.orbax_io import save_model
-from dga_jax.eval import Lines, Passkey, Perplexity, evaluate
 from dga_jax.eval.__main__ import main
 
 
@@ -26,23 +25,6 @@ def test_scores_equal_each_sequence_alone_and_generation_is_generate(tiny_engine
     options = dict(stop_tokens=[2], batch_size=4, buckets=tiny_engine.buckets)
     expected = dga_jax.generate(tiny_engine.model, sequences, 4, **options)
     assert tiny_engine.generate(sequences, 4) == expected
-
-
-def test_every_task_runs_end_to_end_on_a_tiny_model(tiny_engine, tmp_path):
-    docs = tmp_path / "docs"
-    docs.mkdir()
-    (docs / "book.txt").write_text("A long book. " * 60)
-    tasks = [Passkey([64, 5000], trials=2), Lines([4], cases=2), Perplexity(str(docs), 256)]
-    summary = evaluate(tasks, tiny_engine, tmp_path / "out")
-    passkey, lines, ppl = (summary["tasks"][t] for t in ("passkey", "lines", "ppl"))
-    assert passkey["metrics"]["accuracy"] in (0.0, 0.5, 1.0) and passkey["evaluated_now"] == 2
-    assert passkey["skipped"]["prompt longer than the model's window"]["count"] == 2
-    assert lines["evaluated_now"] == 2 and 0 <= lines["metrics"]["accuracy"] <= 1
-    assert 1 < ppl["metrics"]["ppl"] < 2 * 512  # a random model: about uniform over 512 ids
-    records = [
-        json.loads(line) for line in (tmp_path / "out/passkey.jsonl").read_text().splitlines()
-    ]
-    assert all(r["prompt_tokens"] + len(r["answer_ids"]) <= 1024 for r in records)
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +48,10 @@ def test_cli_writes_records_summary_table_and_plots(checkpoint, tmp_path, capsys
     assert {"passkey.jsonl", "lines.jsonl", "results.md", "passkey.png", "lines.png"} <= {
         p.name for p in out.iterdir()
     }
-    assert "| lines | prompt tokens | accuracy % | cases |" in (out / "results.md").read_text()
+    assert (
+        "| lines | prompt tokens | accuracy % | answer tokens argmax % | cases |"
+        in (out / "results.md").read_text()
+    )
 
 
 @pytest.mark.parametrize(
