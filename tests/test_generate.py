@@ -295,12 +295,15 @@ def test_text_stream_holds_back_a_split_character():
 
 SHARDED = textwrap.dedent(
     """
+    import tempfile
     import jax, numpy as np
     from flax import nnx
     import dga_jax
     from dga_jax import DGAConfig, Llama, ModelConfig, make_mesh
     from dga_jax.data.tokenizers import ByteTokenizer
+    from dga_jax.checkpoint import save_model
     from dga_jax.eval import ModelEngine
+    from dga_jax.eval.harness import DGAJaxLM
 
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, 500, size=n).tolist() for n in (20, 11, 20)]
@@ -319,6 +322,15 @@ SHARDED = textwrap.dedent(
         assert got == expected, (shape, got, expected)
         for a, b in zip(sharded, scores):
             np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+    # the lm-eval backend from its CLI arguments: loaded sharded on the mesh it names
+    ckpt = tempfile.mkdtemp() + "/ckpt"
+    save_model(Llama(config, rngs=nnx.Rngs(0)), ckpt)
+    lm = DGAJaxLM.create_from_arg_string(f"checkpoint={ckpt},tokenizer=byte,mesh=2x-1x1x2")
+    assert dict(lm.engine.mesh.shape) == {"data": 2, "fsdp": 2, "seq": 1, "tensor": 2}
+    wq = lm.engine.model.layers.attn.q.value
+    assert len(wq.sharding.device_set) == 8 and not wq.sharding.is_fully_replicated, wq.sharding
+    for a, b in zip(lm.engine.score(prompts), scores):
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
     print("ok")
     """
 )

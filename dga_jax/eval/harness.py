@@ -10,7 +10,9 @@ lm_eval finds models only in its own registry (0.4.13 scans no plugin entry poin
 
 `--model_args` keys: checkpoint, tokenizer (as `load_tokenizer` takes them), attention,
 selection, group_size, focal_ratio (None: the checkpoint's), batch_size, max_length (default:
-the model's max_position), max_gen_toks (default 256). lm_eval's `--device` and
+the model's max_position), max_gen_toks (default 256), mesh ("data x fsdp x seq x tensor"
+device counts, one of them -1 for the rest; default 1x-1x1x1, parameters split over all
+devices; `x`, as lm_eval splits the arguments at commas). lm_eval's `--device` and
 `--max_batch_size` are ignored (JAX places the arrays; batches have a fixed size); a batch_size
 in `--model_args` wins over lm_eval's `--batch_size` default of 1. From Python:
 `lm_eval.simple_evaluate(model=DGAJaxLM(engine), tasks=[...])`.
@@ -40,6 +42,7 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import jax
 import numpy as np
 import tqdm
 from lm_eval import utils
@@ -52,6 +55,7 @@ from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_tex
 from dga_jax.checkpoint.orbax_io import attention_changes, load_model
 from dga_jax.data.tokenizers import load_tokenizer
 from dga_jax.eval.engine import Engine, ModelEngine, TokenScores, with_bos
+from dga_jax.sharding import make_mesh, mesh_shape
 
 Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 R = TypeVar("R")
@@ -85,9 +89,12 @@ class DGAJaxLM(TemplateLM):
         batch_size: int | str = 8,
         max_length: int | None = None,
         max_gen_toks: int = 256,
+        mesh: str = "1x-1x1x1",
     ) -> DGAJaxLM:
-        """Loads a `save_model` checkpoint, its attention and DGA settings replaced where given."""
+        """Loads a `save_model` checkpoint, its attention and DGA settings replaced where given,
+        sharded on a `mesh` of "data x fsdp x seq x tensor" device counts (-1: the rest)."""
         batch_size = parse_batch_size(batch_size)
+        mesh_ = make_mesh(mesh_shape(parse_mesh(mesh), len(jax.devices()), "mesh"))
         changes = attention_changes(
             checkpoint,
             attention,
@@ -95,9 +102,13 @@ class DGAJaxLM(TemplateLM):
             group_size=group_size,
             focal_ratio=focal_ratio,
         )
-        model = load_model(checkpoint, **changes)
+        model = load_model(checkpoint, mesh=mesh_, **changes)
         engine = ModelEngine(
-            model, load_tokenizer(tokenizer), batch_size=batch_size, max_length=max_length
+            model,
+            load_tokenizer(tokenizer),
+            batch_size=batch_size,
+            max_length=max_length,
+            mesh=mesh_,
         )
         return cls(engine, max_gen_toks=max_gen_toks)
 
@@ -270,6 +281,16 @@ def parse_batch_size(batch_size: int | str) -> int:
     except ValueError:
         raise ValueError(
             f"batch_size must be an integer for the dga_jax backend, got {batch_size!r}"
+        ) from None
+
+
+def parse_mesh(mesh: str) -> list[int]:
+    """The `mesh` model_arg, "1x-1x1x1", as its four device counts."""
+    try:
+        return [int(n) for n in str(mesh).split("x")]
+    except ValueError:
+        raise ValueError(
+            f"mesh must be data x fsdp x seq x tensor device counts like 1x-1x1x1, got {mesh!r}"
         ) from None
 
 

@@ -20,6 +20,7 @@ from lm_eval.tasks import TaskManager
 from dga_jax import DGAConfig, Llama, ModelConfig
 from dga_jax.checkpoint.orbax_io import save_model
 from dga_jax.data.tokenizers import ByteTokenizer
+from dga_jax.errors import ConfigError
 from dga_jax.eval.engine import ModelEngine
 from dga_jax.eval.harness import DGAJaxLM
 
@@ -213,6 +214,10 @@ def test_model_args_load_a_checkpoint_with_dga_switched_on(model, tmp_path):
     assert (lm.engine.model.config.attention, lm.engine.batch_size) == ("dense", 5)
     with pytest.raises(ValueError, match="batch_size must be an integer"):
         DGAJaxLM.create_from_arg_obj({"checkpoint": "-", "tokenizer": "-"}, {"batch_size": "auto"})
+    with pytest.raises(ValueError, match="mesh must be data x fsdp x seq x tensor"):
+        DGAJaxLM.create_from_arg_obj({"checkpoint": "-", "tokenizer": "-", "mesh": "1,2"})
+    with pytest.raises(ConfigError, match="mesh: give 4 sizes"):
+        DGAJaxLM.create_from_arg_obj({"checkpoint": "-", "tokenizer": "-", "mesh": "1x1"})
 
 
 MC_DOCS = [
