@@ -8,7 +8,6 @@ import json
 import os
 import platform
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import jax
 
 from dga_jax.aot import xla_peak_bytes
+from dga_jax.timing import time_calls
 
 GIB = 2**30
 HOST_HEADROOM = 2 * GIB
@@ -39,17 +39,6 @@ def device_peak_bytes() -> int | None:
     if jax.default_backend() != "gpu":
         return None
     return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-
-
-def time_calls(compiled: jax.stages.Compiled, inputs: list[jax.Array], repeats: int) -> list[float]:
-    """One warm-up call, then `repeats` timed calls in ms."""
-    jax.block_until_ready(compiled(*inputs))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*inputs))
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 def environment() -> dict[str, Any]:

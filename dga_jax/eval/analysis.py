@@ -28,9 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
+from dga_jax.eval.plots import figure, save
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.llama import DecoderLayer, Llama
 from dga_jax.ops.dga.config import DGAConfig
@@ -319,7 +318,7 @@ def plot_p_sparse(
     result or {label: result} for several models or corpora. Writes a PNG; returns its path."""
     single = all(isinstance(key, numbers.Integral) for key in results)
     series = {"P_sparse": results} if single else results
-    fig, ax = _figure()
+    fig, ax = figure()
     for label, estimates in series.items():
         points = [estimates[length] for length in sorted(estimates)]
         ax.errorbar(
@@ -338,7 +337,7 @@ def plot_p_sparse(
     ax.set_ylim(-0.02, 1.02)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return Path(save(fig, path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,7 +498,7 @@ def dga_mass(
 
 def plot_mass_shares(shares: list[dict[str, float]], path: str | Path) -> Path:
     """Stacked bars per layer of the focal, group and raw shares (`dga_mass_shares`)."""
-    fig, ax = _figure()
+    fig, ax = figure()
     layers = np.arange(len(shares))
     bottom = np.zeros(len(shares))
     for kind in MASS_KINDS:
@@ -509,21 +508,56 @@ def plot_mass_shares(shares: list[dict[str, float]], path: str | Path) -> Path:
     ax.set(xlabel="layer", ylabel="share of attention mass", xticks=layers)
     ax.set_ylim(0, 1)
     ax.legend()
-    return _save(fig, path)
+    return Path(save(fig, path))
 
 
 # ---------------------------------------------------------------------------------------------
-# Plots
+# Which tokens DGA keeps
 
 
-def _figure():
-    fig = Figure(figsize=(6.5, 4.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots()
+def token_roles(
+    q: jax.Array,
+    k: jax.Array,
+    dga: DGAConfig,
+    *,
+    query: int = -1,
+    batch: int = 0,
+    head: int = 0,
+) -> np.ndarray:
+    """What query position `query` (-1: the last) of row `batch` sees of each key position under
+    DGA, in KV head `head`: int8 [L], an index into `MASS_KINDS` ("focal": the token itself,
+    kept for every later query; "group": folded into its group's weighted entry; "raw": the
+    token itself, as a member of the query's own unfinished group or chunk, or a leftover), or
+    -1 for a position the query does not see (after it). q [B, L, Hq, D], k [B, L, Hkv, D].
+    """
+    layout = dga_layout(q, k, dga, _scale(q))
+    seq_len, m = q.shape[1], layout.sizes.group_size
+    t = range(seq_len)[query]
+    src, is_group, start = (
+        np.asarray(x[batch, head])
+        for x in (layout.prefix_src, layout.prefix_is_group, layout.prefix_from)
+    )
+    raw_pos, raw_until = (np.asarray(x[batch, head]) for x in (layout.raw_pos, layout.raw_until))
+    roles = np.full(seq_len, -1, np.int8)
+    seen = start <= t
+    roles[src[seen & ~is_group]] = MASS_KINDS.index("focal")
+    for group in src[seen & is_group]:
+        roles[raw_pos[group * m : (group + 1) * m]] = MASS_KINDS.index("group")
+    raw_seen = (raw_pos <= t) & (t < raw_until)
+    roles[raw_pos[raw_seen]] = MASS_KINDS.index("raw")
+    return roles
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+def plot_token_roles(roles: np.ndarray, path: str | Path) -> Path:
+    """`token_roles` as one colored strip per kind over key positions. Writes a PNG."""
+    fig, ax = figure((8, 2.6))
+    positions = np.arange(len(roles))
+    for index, kind in enumerate(MASS_KINDS):
+        where = positions[roles == index]
+        ax.scatter(where, np.full(len(where), index), s=40, marker="|", label=kind)
+    ax.set(xlabel="key position", yticks=range(len(MASS_KINDS)), yticklabels=MASS_KINDS)
+    ax.set_ylim(-0.5, len(MASS_KINDS) - 0.5)
+    seen = positions[roles >= 0]
+    counts = ", ".join(f"{(roles == i).sum()} {kind}" for i, kind in enumerate(MASS_KINDS))
+    ax.set_title(f"what the query at position {seen.max()} sees: {counts}")
+    return Path(save(fig, path))

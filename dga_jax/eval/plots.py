@@ -1,15 +1,18 @@
-"""The evaluation's PNG plots (matplotlib, no display needed). Each returns the path written."""
+"""The evaluation's PNG plots. Each returns the path written.
+
+Figures are matplotlib `Figure`s drawn on their own Agg canvas, not pyplot's: no display is
+needed, and importing this never changes the backend of a notebook that imports it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 
 def line_plot(
@@ -21,7 +24,7 @@ def line_plot(
     log_x: bool = False,
 ) -> str:
     """One line per series {label: (xs, ys)}."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = figure((6, 4))
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", label=label)
     if log_x:
@@ -30,7 +33,7 @@ def line_plot(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def heatmap(
@@ -42,7 +45,7 @@ def heatmap(
     ylabel: str,
 ) -> str:
     """A [rows, cols] grid of percentages, green for 100, red for 0, values written in."""
-    fig, ax = plt.subplots(figsize=(1 + 0.7 * len(xticks), 1 + 0.5 * len(yticks)))
+    fig, ax = figure((1 + 0.7 * len(xticks), 1 + 0.5 * len(yticks)))
     ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(xticks)), xticks)
     ax.set_yticks(range(len(yticks)), yticks)
@@ -51,12 +54,19 @@ def heatmap(
             ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    return _save(fig, path)
+    return save(fig, path)
 
 
-def _save(fig, path: Path) -> str:
+def figure(size: tuple[float, float] = (6.5, 4.2)) -> tuple[Figure, Axes]:
+    """A figure of `size` inches with one Axes, laid out to fit its labels."""
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def save(fig: Figure, path: str | Path) -> str:
+    """Writes `fig` as a PNG at `path` (its directory created); the path as a string."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig.savefig(path, dpi=110)
     return str(path)

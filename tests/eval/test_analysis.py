@@ -157,6 +157,28 @@ def test_dga_entry_weights_reproduce_dga_attention(selection):
     assert float(mass.sum()) == pytest.approx(2 * 4 * 45) and np.all(mass > 0)
 
 
+@pytest.mark.parametrize("selection", ["global", "streaming"])
+def test_token_roles_partition_what_each_query_sees(selection):
+    """Every position up to the query has one role, none after it, and the roles count the
+    entries the query's DGA weights are spread over: a focal token, m per group, a raw token."""
+    config = DGAConfig(4, 0.1, selection)
+    q, k, v = random_qkv(2, 2, 45, 4, 2, 16)
+    layout = dga_layout(q, k, config, 16**-0.5)
+    prefix, raw = gather_entries(layout, k, v)
+    prefix_w, raw_w = analysis.dga_entry_weights(q, prefix, raw)  # [B, Hq, T, N]
+    for t in (0, 6, 21, 44):
+        roles = analysis.token_roles(q, k, config, query=t, batch=1, head=1)
+        assert (roles[: t + 1] >= 0).all() and (roles[t + 1 :] == -1).all()
+        seen_prefix = np.asarray(prefix_w[1, 2, t] > 0)  # query head 2 reads KV head 1
+        is_group = np.asarray(layout.prefix_is_group[1, 1])
+        expected = [(seen_prefix & ~is_group).sum(), 4 * (seen_prefix & is_group).sum()]
+        expected.append(int((raw_w[1, 2, t] > 0).sum()))
+        assert np.bincount(roles[roles >= 0], minlength=3).tolist() == expected, t
+    focal = np.asarray(layout.focal[1, 1])
+    if selection == "global":  # at the last query every focal token is one
+        assert ((roles == 0) == focal).all()
+
+
 def test_max_causal_weights_by_blocks():
     q, k, _ = random_qkv(1, 2, 45, 4, 2, 16)
     blocked = jax.jit(analysis.max_causal_weights, static_argnames="block")(q, k, block=8)
@@ -195,5 +217,6 @@ def test_plots_write_pngs(tmp_path):
         analysis.plot_mass_shares(
             [{"focal": 0.5, "group": 0.3, "raw": 0.2}] * 2, tmp_path / "plots" / "mass.png"
         ),
+        analysis.plot_token_roles(np.array([0, 1, 1, 2, -1], np.int8), tmp_path / "roles.png"),
     ):
         assert path.read_bytes().startswith(b"\x89PNG")
