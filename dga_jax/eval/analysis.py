@@ -57,7 +57,7 @@ def walk_layers(
 ) -> tuple[jax.Array, list[Any]]:
     """Runs the decoder layers in order on embeddings x [B, T, D] at positions 0..T-1.
 
-    Returns (the last layer's output [B, T, D], which `model._logits` turns into the model's
+    Returns (the last layer's output [B, T, D], which `model.logits` turns into the model's
     logits, and per layer `probe(layer, layer input, positions)` or None). `layers`: the layer
     indices to probe (default all). Probes are static jit arguments: module-level functions,
     so that every layer and every call of the same shapes reuses one compile.
@@ -138,7 +138,7 @@ def _layer_step(graphdef, probe, state, x, positions):
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _logits(graphdef, state, x):
-    return nnx.merge(graphdef, state)._logits(x)
+    return nnx.merge(graphdef, state).logits(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -173,14 +173,14 @@ def attention_weights(
     for long sequences pick `layers` or use a reducing probe (`max_attention_weights`).
     """
     tokens = jnp.asarray(tokens)
-    _, outs = walk_layers(model, model._embed(tokens), _weights_probe, layers)
+    _, outs = walk_layers(model, model.embed_tokens(tokens), _weights_probe, layers)
     return [None if out is None else np.asarray(out) for out in outs]
 
 
 def max_attention_weights(model: Llama, tokens: jax.Array) -> np.ndarray:
     """The largest causal weight of each query: tokens [B, T] -> float32 [layers, B, H, T]."""
     tokens = jnp.asarray(tokens)
-    _, outs = walk_layers(model, model._embed(tokens), _max_weight_probe)
+    _, outs = walk_layers(model, model.embed_tokens(tokens), _max_weight_probe)
     return np.stack([np.asarray(out) for out in outs])
 
 
@@ -374,7 +374,7 @@ def noise_kl(
     graphdef, state = nnx.split(model)
     total = 0.0
     for start in range(0, len(tokens), batch_size):
-        x = model._embed(jnp.asarray(tokens[start : start + batch_size]))
+        x = model.embed_tokens(jnp.asarray(tokens[start : start + batch_size]))
         noise = jax.random.normal(jax.random.fold_in(key, start), x.shape, jnp.float32)
         noisy = (x.astype(jnp.float32) + std * noise).astype(x.dtype)
         clean_h, noisy_h = walk_layers(model, x)[0], walk_layers(model, noisy)[0]
@@ -408,8 +408,8 @@ def compare_noise_kl(
 def _kl_sum(graphdef, state, clean_h, noisy_h):
     """Sum over positions of KL(p || q) from the last hidden states [B, T, D] of both runs."""
     model = nnx.merge(graphdef, state)
-    log_p = jax.nn.log_softmax(model._logits(clean_h), axis=-1)
-    log_q = jax.nn.log_softmax(model._logits(noisy_h), axis=-1)
+    log_p = jax.nn.log_softmax(model.logits(clean_h), axis=-1)
+    log_q = jax.nn.log_softmax(model.logits(noisy_h), axis=-1)
     return jnp.sum(jnp.exp(log_p) * (log_p - log_q))
 
 
@@ -466,7 +466,7 @@ def dga_mass_shares(
     totals = np.zeros((model.config.num_layers, len(MASS_KINDS)))
     for start in range(0, len(tokens), batch_size):
         batch = jnp.asarray(tokens[start : start + batch_size])
-        _, outs = walk_layers(model, model._embed(batch), _mass_probe)
+        _, outs = walk_layers(model, model.embed_tokens(batch), _mass_probe)
         totals += np.stack([np.asarray(out, np.float64) for out in outs])
     totals /= totals.sum(axis=1, keepdims=True)
     return [dict(zip(MASS_KINDS, map(float, row), strict=True)) for row in totals]

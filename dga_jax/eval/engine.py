@@ -153,6 +153,7 @@ def _score_rows(graphdef, state, tokens, lengths):
     logits, _ = model.prefill(tokens, tokens.shape[1], lengths=lengths)
     logits = logits[:, :-1]
     targets = tokens[:, 1:]
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    picked = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    # The target's logit less the normaliser: no second [B, T, V] array for the log-softmax.
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    picked = picked - jax.nn.logsumexp(logits, axis=-1)
     return picked, jnp.argmax(logits, axis=-1) == targets

@@ -103,13 +103,14 @@ class Passkey(GenerationTask):
     def summarize(self, records: Sequence[dict[str, Any]], out_dir: Path) -> Summary:
         """Accuracy per filler length (labelled by the mean prompt tokens, as LongLoRA reports
         it), and per (length, depth) cell when depths are set: a heatmap."""
-        by_length = _accuracy(records, ("garbage_chars",))
-        tokens = _mean_tokens(records)
+        by_length = mean_by(records, "garbage_chars", "score")
+        tokens = mean_by(records, "garbage_chars", "prompt_tokens")
         forced = mean_by(records, "garbage_chars", "answer_token_accuracy")
+        trials = collections.Counter(r["garbage_chars"] for r in records)
         rows = [
             f"| {chars} | {tokens[chars]:.0f} | {100 * acc:.1f} | {100 * forced.get(chars, 0):.1f} "
-            f"| {n} |"
-            for (chars,), (acc, n) in sorted(by_length.items())
+            f"| {trials[chars]} |"
+            for chars, acc in by_length.items()
         ]
         table = (
             "| filler chars | prompt tokens | accuracy % | answer tokens argmax % | trials |\n"
@@ -117,23 +118,14 @@ class Passkey(GenerationTask):
         )
         metrics: dict[str, Any] = {
             "accuracy": float(np.mean([r["score"] for r in records])) if records else None,
-            "by_length": {str(c): acc for (c,), (acc, _) in sorted(by_length.items())},
+            "by_length": {str(c): acc for c, acc in by_length.items()},
             "answer_token_accuracy_by_length": {str(c): a for c, a in forced.items()},
         }
+        series = {
+            "passkey": ([tokens[c] for c in by_length], [100 * a for a in by_length.values()])
+        }
         files = (
-            [
-                line_plot(
-                    out_dir / "passkey.png",
-                    {
-                        "passkey": (
-                            [tokens[c] for (c,) in sorted(by_length)],
-                            [100 * a for _, (a, _) in sorted(by_length.items())],
-                        )
-                    },
-                    "prompt tokens",
-                    "accuracy %",
-                )
-            ]
+            [line_plot(out_dir / "passkey.png", series, "prompt tokens", "accuracy %")]
             if by_length
             else []
         )
@@ -143,14 +135,14 @@ class Passkey(GenerationTask):
 
     def _heatmap(self, records, out_dir: Path, metrics: dict[str, Any]) -> str:
         """Accuracy per (depth, length) cell as metrics["grid"] and passkey_grid.png."""
-        cells = _accuracy(records, ("depth", "garbage_chars"))
+        cells = mean_by(records, ("depth", "garbage_chars"), "score")
         depths = sorted({d for d, _ in cells})
         lengths = sorted({c for _, c in cells})
         grid = np.full((len(depths), len(lengths)), np.nan)
-        for (d, c), (acc, _) in cells.items():
+        for (d, c), acc in cells.items():
             grid[depths.index(d), lengths.index(c)] = 100 * acc
         metrics["grid"] = {"depths": depths, "lengths": lengths, "accuracy": grid.tolist()}
-        tokens = _mean_tokens(records)
+        tokens = mean_by(records, "garbage_chars", "prompt_tokens")
         return heatmap(
             out_dir / "passkey_grid.png",
             grid,
@@ -159,19 +151,3 @@ class Passkey(GenerationTask):
             "prompt tokens",
             "depth",
         )
-
-
-def _accuracy(records, keys: tuple[str, ...]) -> dict[tuple, tuple[float, int]]:
-    """(mean score, count) of the records grouped by the values of `keys`."""
-    groups: dict[tuple, list[float]] = collections.defaultdict(list)
-    for r in records:
-        groups[tuple(r[k] for k in keys)].append(r["score"])
-    return {k: (float(np.mean(v)), len(v)) for k, v in groups.items()}
-
-
-def _mean_tokens(records) -> dict[int, float]:
-    """The mean prompt token count of each filler length."""
-    groups: dict[int, list[int]] = collections.defaultdict(list)
-    for r in records:
-        groups[r["garbage_chars"]].append(r["prompt_tokens"])
-    return {k: float(np.mean(v)) for k, v in groups.items()}

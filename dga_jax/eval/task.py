@@ -129,12 +129,16 @@ class GenerationTask:
         raise NotImplementedError
 
 
-def mean_by(records: Sequence[dict[str, Any]], key: str, field: str) -> dict[Any, float]:
-    """The mean of `field` over the records grouped by `key` (records without it left out)."""
+def mean_by(
+    records: Sequence[dict[str, Any]], key: str | tuple[str, ...], field: str
+) -> dict[Any, float]:
+    """The mean of `field` over the records grouped by `key` (a tuple of keys: grouped by their
+    values' tuple), in key order; records without `field` are left out."""
     groups: dict[Any, list[float]] = collections.defaultdict(list)
     for r in records:
         if field in r:
-            groups[r[key]].append(r[field])
+            group = tuple(r[k] for k in key) if isinstance(key, tuple) else r[key]
+            groups[group].append(r[field])
     return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
 
 

@@ -92,7 +92,7 @@ class Llama(nnx.Module):
         config = self.config
         if positions is None:
             positions = jnp.broadcast_to(self.row_positions(tokens.shape[1]), tokens.shape)
-        x = self._embed(tokens)
+        x = self.embed_tokens(tokens)
         graphdef, state = nnx.split(self.layers)
 
         def layer_step(x, layer_state):
@@ -101,7 +101,7 @@ class Llama(nnx.Module):
         if config.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=REMAT[config.remat])
         x, _ = jax.lax.scan(layer_step, x, state)
-        return self._logits(x)
+        return self.logits(x)
 
     def row_positions(self, seq_len: int) -> np.ndarray:
         """[T] position of each row of a training sequence under the current mesh."""
@@ -136,11 +136,11 @@ class Llama(nnx.Module):
             x, cache = nnx.merge(graphdef, layer_state).prefill(x, max_len, capacity, lengths)
             return self._constrain(x), cache
 
-        x, caches = jax.lax.scan(layer_step, self._embed(tokens), state)
+        x, caches = jax.lax.scan(layer_step, self.embed_tokens(tokens), state)
         if last_only:
             last = tokens.shape[1] - 1 if lengths is None else jnp.asarray(lengths) - 1
             x = jnp.take_along_axis(x, jnp.broadcast_to(last, x.shape[:1])[:, None, None], axis=1)
-        return self._logits(x), caches
+        return self.logits(x), caches
 
     def decode_step(
         self, tokens: jax.Array, caches: DGACache | DenseCache
@@ -153,17 +153,17 @@ class Llama(nnx.Module):
             x, update = nnx.merge(graphdef, layer_state).decode(x, cache)
             return self._constrain(x), update
 
-        x, updates = jax.lax.scan(layer_step, self._embed(tokens[:, None]), (state, caches))
+        x, updates = jax.lax.scan(layer_step, self.embed_tokens(tokens[:, None]), (state, caches))
         # Every layer's cache is read in the scan and written after it: XLA then updates the
         # buffers in place instead of copying each layer's cache every step.
-        return self._logits(x)[:, 0], jax.vmap(apply_update)(caches, updates)
+        return self.logits(x)[:, 0], jax.vmap(apply_update)(caches, updates)
 
-    def _embed(self, tokens: jax.Array) -> jax.Array:
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int -> [B, T, D] in the compute dtype."""
         x = self.embed[...].astype(self.config.compute_dtype)[tokens]
         return self._constrain(x)
 
-    def _logits(self, x: jax.Array) -> jax.Array:
+    def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and LM head: [B, T, D] -> float32 [B, T, V]."""
         config = self.config
         x = self.norm(x)

@@ -43,7 +43,7 @@ def test_attention_weights_are_causal_rows_that_reproduce_the_model(dense):
         assert_close(w.sum(-1), np.ones(w.shape[:-1]), TOL)
         assert np.all(np.triu(w, k=1) == 0) and np.all(w >= 0)
 
-    embedded = dense._embed(jnp.asarray(x))
+    embedded = dense.embed_tokens(jnp.asarray(x))
     _, inputs = analysis.walk_layers(dense, embedded, _input_probe)
     positions = jnp.broadcast_to(jnp.arange(32), (2, 32))
     group = TINY.num_heads // TINY.num_kv_heads
@@ -54,7 +54,7 @@ def test_attention_weights_are_causal_rows_that_reproduce_the_model(dense):
         assert_close(out, dense_attention(q, k, v, implementation="xla"), TOL)
     # The last layer's weights with V, through the rest of the layer and the head: the logits.
     attended = h + layer.attn._project(out)
-    assert_close(dense._logits(layer._mlp_block(attended)), dense(jnp.asarray(x)), TOL)
+    assert_close(dense.logits(layer._mlp_block(attended)), dense(jnp.asarray(x)), TOL)
     assert_close(analysis.logits_from_embeddings(dense, embedded), dense(jnp.asarray(x)), TOL)
     chosen = analysis.attention_weights(dense, x, layers=[1])
     assert chosen[0] is None
