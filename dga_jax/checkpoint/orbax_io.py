@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -24,8 +25,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from dga_jax.errors import MissingInputError
-from dga_jax.model.config import ModelConfig
+from dga_jax import strict
+from dga_jax.errors import ConfigError, MissingInputError
+from dga_jax.model.config import SINK_KINDS, ModelConfig
 from dga_jax.model.llama import Llama
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
 
@@ -98,11 +100,13 @@ def attention_changes(
     selection: str | None = None,
     group_size: int | None = None,
     focal_ratio: float | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """`load_model`'s config changes that evaluate a checkpoint under another attention: the
-    kind, and the DGA fields given (None keeps the stored value). A changed kind also resets
-    `attention_impl` to its default, since an implementation names one kind's backend (a
-    dense checkpoint trained with "blockwise" is evaluated with DGA's default one)."""
+    kind, the DGA fields given (None keeps the stored value), and `settings`, fields of the
+    kind's own config for the baselines (`{"recent_size": 1000}` for "streaming_llm"). A
+    changed kind also resets `attention_impl` to its default, since an implementation names one
+    kind's backend (a dense checkpoint trained with "blockwise" is evaluated with DGA's)."""
     stored = load_config(ckpt_dir)
     changes: dict[str, Any] = {}
     if attention is not None and attention != stored.attention:
@@ -111,7 +115,31 @@ def attention_changes(
     dga = {name: value for name, value in given.items() if value is not None}
     if dga:
         changes["dga"] = dataclasses.replace(stored.dga, **dga)
+    if settings:
+        kind = attention or stored.attention
+        if kind not in SINK_KINDS:
+            raise ConfigError(
+                f"attention settings {sorted(settings)} are fields of {SINK_KINDS}, not of "
+                f"attention {kind!r}"
+            )
+        current = dataclasses.asdict(getattr(stored, kind))
+        changes[kind] = strict.build(
+            type(getattr(stored, kind)), {**current, **settings}, kind + "."
+        )
     return changes
+
+
+def parse_settings(text: str, flag: str) -> dict[str, int]:
+    """ "start_size=4,recent_size=2000" -> {"start_size": 4, "recent_size": 2000}; a
+    `ConfigError` naming `flag` for anything else."""
+    settings = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        try:
+            settings[name.strip()] = int(value)
+        except ValueError:
+            raise ConfigError(f"{flag}: give name=integer pairs, got {item!r}") from None
+    return settings
 
 
 def abstract_model(

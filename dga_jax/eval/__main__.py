@@ -20,7 +20,7 @@ from typing import NoReturn
 
 import jax
 
-from dga_jax.checkpoint.orbax_io import attention_changes, load_model
+from dga_jax.checkpoint.orbax_io import attention_changes, load_model, parse_settings
 from dga_jax.data.tokenizers import load_tokenizer
 from dga_jax.errors import InputError
 from dga_jax.eval.engine import ModelEngine
@@ -64,6 +64,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     m.add_argument("--selection", choices=SELECTIONS, help="DGA selection; default: stored")
     m.add_argument("--group_size", type=int, help="DGA m; default: stored")
     m.add_argument("--focal_ratio", type=float, help="DGA gamma; default: stored")
+    m.add_argument(
+        "--attention_settings",
+        default="",
+        help="the baselines' fields, e.g. start_size=4,recent_size=2000 (streaming_llm) or "
+        "global_size=10,local_size=4096,limit_distance=4096 (lm_infinite); default: stored",
+    )
     m.add_argument("--max_length", type=int, help="tokens per sequence; default max_position")
     m.add_argument("--batch_size", type=int, default=8)
     m.add_argument("--bucket", type=int, default=128, help="smallest padded length (pow2 up)")
@@ -163,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             selection=args.selection,
             group_size=args.group_size,
             focal_ratio=args.focal_ratio,
+            settings=parse_settings(args.attention_settings, "--attention_settings"),
         )
         model = load_model(args.checkpoint, mesh=mesh, **changes)
         max_length = args.max_length or model.config.max_position

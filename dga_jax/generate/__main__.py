@@ -15,8 +15,9 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn, TextIO
 
-from dga_jax.checkpoint.orbax_io import attention_changes, load_model
+from dga_jax.checkpoint.orbax_io import attention_changes, load_model, parse_settings
 from dga_jax.data.tokenizers import Tokenizer, load_tokenizer
+from dga_jax.errors import ConfigError
 from dga_jax.generate import stream
 from dga_jax.model.config import ATTENTION_KINDS
 from dga_jax.ops.dga.config import SELECTIONS
@@ -34,6 +35,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", choices=ATTENTION_KINDS, help="default: the checkpoint's")
     p.add_argument("--selection", choices=SELECTIONS, help="DGA selection; default: stored")
+    p.add_argument(
+        "--attention_settings",
+        default="",
+        help="the baselines' fields, e.g. start_size=4,recent_size=2000; default: stored",
+    )
     return p.parse_args(argv)
 
 
@@ -98,7 +104,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         tokenizer = load_tokenizer(args.tokenizer)
     except (OSError, ValueError, RuntimeError) as e:
         fail(f"--tokenizer {args.tokenizer!r} could not be loaded: {e}")
-    changes = attention_changes(args.checkpoint, args.attention, selection=args.selection)
+    try:
+        settings = parse_settings(args.attention_settings, "--attention_settings")
+        changes = attention_changes(
+            args.checkpoint, args.attention, selection=args.selection, settings=settings
+        )
+    except (ConfigError, ValueError) as e:
+        fail(str(e))
     model = load_model(args.checkpoint, **changes)
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     ids = bos + tokenizer.encode(args.prompt)

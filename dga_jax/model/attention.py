@@ -1,4 +1,5 @@
-"""`DGAttention`: multi-head attention (GQA, RoPE) whose core is DGA or dense causal attention.
+"""`DGAttention`: multi-head attention (GQA, RoPE) whose core is DGA, dense causal attention or
+one of the paper's baselines (StreamingLLM, LM-Infinite: `dga_jax.ops.sinks`).
 
 An NNX module with no kernel code in it: the math lives in `dga_jax.ops`. Importable on its own
 (`from dga_jax import DGAttention`) to put DGA into other Flax models.
@@ -23,12 +24,15 @@ from dga_jax.ops.dga.decode import (
     attend_step,
     prefill,
 )
-from dga_jax.ops.dga.sharded import per_shard
+from dga_jax.ops.dga.sharded import per_shard, shard_count
+from dga_jax.ops.sinks import sink_attention
+from dga_jax.ops.sinks_decode import SinkCache, SinkUpdate, sink_attend, sink_prefill
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
 
 
 class DGAttention(nnx.Module):
-    """q/k/v/o projections around `dga_attention` (config.attention == "dga") or dense."""
+    """q/k/v/o projections around `dga_attention` (config.attention == "dga"), dense attention,
+    or `sink_attention` (config.attention "streaming_llm" / "lm_infinite")."""
 
     def __init__(self, config: ModelConfig, rules: LogicalRules = DEFAULT_RULES, *, rngs: nnx.Rngs):
         d, h, kv, hd, dtype = (
@@ -53,6 +57,8 @@ class DGAttention(nnx.Module):
         "zigzag" and the sequence split over the mesh, row i to hold position
         `zigzag_order(T, P)[i]` (`Llama` passes those positions).
         """
+        if self.config.sinks is not None:
+            return self._project(self._sink_attend(*self._sink_qkv(x, positions)))
         q, k, v = self._qkv(x, positions)
         return self._project(self._attend(q, k, v))
 
@@ -62,14 +68,20 @@ class DGAttention(nnx.Module):
         max_len: int,
         capacity: int | None = None,
         lengths: jax.Array | None = None,
-    ) -> tuple[jax.Array, DGACache | DenseCache]:
+    ) -> tuple[jax.Array, DGACache | DenseCache | SinkCache]:
         """x: [B, P, D] at positions 0..P-1 -> (the same [B, P, D] as `__call__`, the cache).
 
-        The cache (DGA's for config.attention == "dga", else dense) holds up to `max_len`
-        tokens; `capacity` is the DGA prefix capacity (`dga_jax.ops.dga.decode.prefix_capacity`).
-        `lengths` [B]: rows right-padded, row b valid up to lengths[b] (`dga_attention`).
+        The cache (DGA's for config.attention == "dga", the bounded `SinkCache` of the baselines
+        that keep first tokens and a window, else dense) holds up to `max_len` tokens; `capacity`
+        is the DGA prefix capacity (`dga_jax.ops.dga.decode.prefix_capacity`). `lengths` [B]:
+        rows right-padded, row b valid up to lengths[b] (`dga_attention`).
         """
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+        if self.config.sinks is not None:
+            q, k, v, q_far, k_far = self._sink_qkv(x, positions)
+            scale = self.config.head_dim**-0.5
+            cache = sink_prefill(k, k_far, v, self.config.sinks, scale, lengths)
+            return self._project(self._sink_attend(q, k, v, q_far, k_far)), cache
         q, k, v = self._qkv(x, positions)
         config = self.config
         dga = config.dga if config.attention == "dga" else None
@@ -77,28 +89,63 @@ class DGAttention(nnx.Module):
         return self._project(self._attend(q, k, v, lengths)), cache
 
     def decode(
-        self, x: jax.Array, cache: DGACache | DenseCache
-    ) -> tuple[jax.Array, DGAUpdate | DenseUpdate]:
+        self, x: jax.Array, cache: DGACache | DenseCache | SinkCache
+    ) -> tuple[jax.Array, DGAUpdate | DenseUpdate | SinkUpdate]:
         """x: [B, 1, D], one token per row at position `cache.length` -> ([B, 1, D], update).
 
         Reads `cache` only; `dga_jax.ops.dga.decode.apply_update` writes the returned update.
         """
+        if isinstance(cache, SinkCache):
+            q, k, v, q_far, k_far = (y[:, 0] for y in self._sink_qkv(x, cache.length[:, None]))
+            out, update = sink_attend(q, q_far, k, k_far, v, cache)
+            return self._project(out[:, None]), update
         q, k, v = self._qkv(x, cache.length[:, None])
         out, update = attend_step(q[:, 0], k[:, 0], v[:, 0], cache)
         return self._project(out[:, None]), update
 
     def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K], q and k rotated."""
-        config, dtype = self.config, self.config.compute_dtype
+        q, k, v = self._projections(x)
+        return self._rope(q, positions), self._rope(k, positions), v
+
+    def _sink_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]:
+        """x: [B, T, D] -> q, k, v as `_qkv`, and the first tokens' q_far (rotated at the
+        kind's far positions) and k_far (k, or un-rotated): `dga_jax.ops.sinks`."""
+        sinks = self.config.sinks
+        q, k, v = self._projections(x)
+        k_rotated = self._rope(k, positions)
+        q_far = self._rope(q, sinks.far_positions(positions))
+        k_far = k_rotated if sinks.far_rope_keys else k
+        return self._rope(q, positions), k_rotated, v, q_far, k_far
+
+    def _projections(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K], not rotated."""
+        dtype = self.config.compute_dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dtype))  # [B, T, H, K]
         k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dtype))  # [B, T, Hkv, K]
         v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dtype))
+        return q, k, v
+
+    def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+        config = self.config
         inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+        return apply_rope(x, positions, inv_freq)
 
     def _project(self, out: jax.Array) -> jax.Array:
         """[B, T, H, K] -> [B, T, D]."""
         return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(self.config.compute_dtype))
+
+    def _sink_attend(self, q, k, v, q_far, k_far) -> jax.Array:
+        """The first-tokens-and-window kinds, on whole sequences: batch and heads split by the
+        compiler under a mesh; a sequence split over `seq` is refused (no context parallelism)."""
+        config = self.config
+        if shard_count(self.rules.spec(("seq",))[0]) > 1:
+            raise ValueError(
+                f"attention={config.attention!r} has no context parallelism: use a mesh with "
+                "seq = 1 (or attention 'dense' / 'dga')"
+            )
+        with jax.named_scope(config.attention + "_attention"):
+            return sink_attention(q, k, v, q_far, k_far, config.sinks)
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, lengths=None) -> jax.Array:
         config = self.config

@@ -16,8 +16,11 @@ import jax.numpy as jnp
 from dga_jax import strict
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.sharded import CONTEXT_ORDERS, STRATEGIES
+from dga_jax.ops.sinks import LMInfiniteConfig, SinkConfig, StreamingLLMConfig
 
-ATTENTION_KINDS = ("dense", "dga")
+# The paper's baselines next to dense and DGA: each kind's settings are the field of its name.
+ATTENTION_KINDS = ("dense", "dga", "streaming_llm", "lm_infinite")
+SINK_KINDS = ("streaming_llm", "lm_infinite")
 ROPE_KINDS = ("none", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -71,6 +74,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention: str = "dense"
     dga: DGAConfig = DGAConfig()
+    streaming_llm: StreamingLLMConfig = StreamingLLMConfig()
+    lm_infinite: LMInfiniteConfig = LMInfiniteConfig()
     attention_impl: str | None = None  # None: the library's default for the backend
     context_parallel: str = "auto"  # how a sequence split over the `seq` mesh axis is attended
     context_order: str = "contiguous"  # or "zigzag": rows of a split sequence in zig-zag order
@@ -107,6 +112,11 @@ class ModelConfig:
                 raise ValueError(
                     f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
+
+    @property
+    def sinks(self) -> SinkConfig | None:
+        """The settings of a first-tokens-and-window kind (StreamingLLM, LM-Infinite), else None."""
+        return getattr(self, self.attention) if self.attention in SINK_KINDS else None
 
     @property
     def compute_dtype(self) -> jnp.dtype:

@@ -119,11 +119,15 @@ def interval_attention(
     scale: float,
     block_sizes: BlockSizes = BlockSizes(),
     band_lag: int = 0,
+    q_prefix: jax.Array | None = None,
 ) -> jax.Array:
     """Attention of q [B, L, Hq, D] over prefix (and band) entries [B, Hkv, N, D] -> [B, L, Hq, D].
 
-    Query position t = row index. Query heads h use KV head h // (Hq // Hkv). Gradients reach
-    q and the entries' k, v; `start`, `until` and `bias` are structure and carry none.
+    Query position t = row index. Query heads h use KV head h // (Hq // Hkv). `q_prefix`
+    [B, L, Hq, D]: the queries the prefix entries are scored with (None: q), for attention
+    whose prefix sees the queries at other RoPE positions than the band does (StreamingLLM's
+    sinks, LM-Infinite's global branch); one softmax over both. Gradients reach q, q_prefix
+    and the entries' k, v; `start`, `until` and `bias` are structure and carry none.
     """
     if prefix.until is not None:
         raise ValueError("prefix entries are visible for ever: pass until=None (use the band)")
@@ -148,17 +152,23 @@ def interval_attention(
         band_start = band_start.reshape(b * hkv, nq, bq // sub).transpose(1, 0, 2)  # [nq, BH, S]
     prefix = _flatten(prefix, _round_up(n_prefix, bk))
 
-    # [nq, B*Hkv, bq*G, D]: row r of block i is position i*bq + r // G, query head r % G.
-    g = hq // hkv
+    qb = _query_blocks(q, hkv, bq)
+    qpb = None if q_prefix is None else _query_blocks(q_prefix, hkv, bq)
+    out = _attend(spec, qb, qpb, prefix, band, n_full, n_total, band_start)
+    out = out.reshape(nq, b, hkv, bq, hq // hkv, d).transpose(1, 0, 3, 2, 4, 5)
+    return out.reshape(b, nq * bq, hq, d)[:, :seq_len]
+
+
+def _query_blocks(q: jax.Array, hkv: int, bq: int) -> jax.Array:
+    """q [B, L, Hq, D] -> [nq, B*Hkv, bq*G, D]: row r of block i is position i*bq + r // G,
+    query head r % G (zero rows past L)."""
+    b, seq_len, hq, d = q.shape
+    g, nq = hq // hkv, -(-seq_len // bq)
     qb = jnp.pad(
         q.reshape(b, seq_len, hkv, g, d), ((0, 0), (0, nq * bq - seq_len), (0, 0), (0, 0), (0, 0))
     )
     qb = qb.reshape(b, nq, bq, hkv, g, d).transpose(1, 0, 3, 2, 4, 5)
-    out = _attend(
-        spec, qb.reshape(nq, b * hkv, bq * g, d), prefix, band, n_full, n_total, band_start
-    )
-    out = out.reshape(nq, b, hkv, bq, g, d).transpose(1, 0, 3, 2, 4, 5)
-    return out.reshape(b, nq * bq, hq, d)[:, :seq_len]
+    return qb.reshape(nq, b * hkv, bq * g, d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,14 +303,15 @@ def _online_step(spec: _Spec, state, q, t, block: _Block):
 
 
 def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
-    i, q, n_full, n_total, band_start = xs
+    i, q, qp, n_full, n_total, band_start = xs
     t = _positions(spec, i)
     rows = (q.shape[0], q.shape[1])
     state = (jnp.full(rows, -jnp.inf), jnp.zeros(rows), jnp.zeros((*rows, q.shape[2])))
+    q_prefix = q if qp is None else qp
 
     def step(masked):
         def body(j, state):
-            return _online_step(spec, state, q, t, _prefix_block(spec, prefix, j, masked))
+            return _online_step(spec, state, q_prefix, t, _prefix_block(spec, prefix, j, masked))
 
         return body
 
@@ -323,15 +334,16 @@ def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
     return out.astype(q.dtype), lse
 
 
-def _attend_fwd(spec, q, prefix, band, n_full, n_total, band_start):
-    xs = (jnp.arange(q.shape[0], dtype=jnp.int32), q, n_full, n_total, band_start)
+def _attend_fwd(spec, q, qp, prefix, band, n_full, n_total, band_start):
+    xs = (jnp.arange(q.shape[0], dtype=jnp.int32), q, qp, n_full, n_total, band_start)
     out, lse = jax.lax.map(functools.partial(_forward_block, spec, prefix, band), xs)
-    return out, (q, prefix, band, n_full, n_total, band_start, out, lse)
+    return out, (q, qp, prefix, band, n_full, n_total, band_start, out, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(spec, q, prefix, band, n_full, n_total, band_start):
-    return _attend_fwd(spec, q, prefix, band, n_full, n_total, band_start)[0]
+def _attend(spec, q, qp, prefix, band, n_full, n_total, band_start):
+    """Blocked queries q (and qp, the prefix's, or None) [nq, BH, R, D] -> out [nq, BH, R, D]."""
+    return _attend_fwd(spec, q, qp, prefix, band, n_full, n_total, band_start)[0]
 
 
 def _grad_step(spec: _Spec, q, do, lse, delta, t, block: _Block):
@@ -352,15 +364,17 @@ def _grad_step(spec: _Spec, q, do, lse, delta, t, block: _Block):
 
 
 def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, xs):
-    i, q, do, lse, delta, n_full, n_total, band_start = xs
+    """One query block's dq (and dqp: the prefix queries', or None) and its dk, dv added in."""
+    i, q, qp, do, lse, delta, n_full, n_total, band_start = xs
     t = _positions(spec, i)
     dk_prefix, dv_prefix, dk_band, dv_band = carry
+    q_prefix = q if qp is None else qp
 
     def step(masked):
         def body(j, state):
             dq, dk_all, dv_all = state
             block = _prefix_block(spec, prefix, j, masked)
-            dq_j, dk, dv = _grad_step(spec, q, do, lse, delta, t, block)
+            dq_j, dk, dv = _grad_step(spec, q_prefix, do, lse, delta, t, block)
             return (
                 dq + dq_j,
                 _add_prefix_block(spec, dk_all, j, dk),
@@ -372,6 +386,9 @@ def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, x
     state = (jnp.zeros(q.shape, jnp.float32), dk_prefix, dv_prefix)
     state = jax.lax.fori_loop(0, n_full, step(False), state)
     dq, dk_prefix, dv_prefix = jax.lax.fori_loop(n_full, n_total, step(True), state)
+    dqp = None
+    if qp is not None:
+        dq, dqp = jnp.zeros(q.shape, jnp.float32), dq
     if band is not None:
         split = functools.partial(_split_band, spec)
         dq_b, dk, dv = _grad_step(
@@ -386,11 +403,11 @@ def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, x
         dq = dq + dq_b.reshape(dq.shape)
         dk_band = _scatter_add_band(spec, dk_band, band_start, dk)
         dv_band = _scatter_add_band(spec, dv_band, band_start, dv)
-    return (dk_prefix, dv_prefix, dk_band, dv_band), dq
+    return (dk_prefix, dv_prefix, dk_band, dv_band), (dq, dqp)
 
 
 def _attend_bwd(spec, residuals, d_out):
-    q, prefix, band, n_full, n_total, band_start, out, lse = residuals
+    q, qp, prefix, band, n_full, n_total, band_start, out, lse = residuals
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [nq, BH, R]
 
     def zeros(entries):
@@ -401,6 +418,7 @@ def _attend_bwd(spec, residuals, d_out):
     xs = (
         jnp.arange(q.shape[0], dtype=jnp.int32),
         q,
+        qp,
         d_out,
         lse,
         delta,
@@ -408,14 +426,15 @@ def _attend_bwd(spec, residuals, d_out):
         n_total,
         band_start,
     )
-    (dk_p, dv_p, dk_b, dv_b), dq = jax.lax.scan(
+    (dk_p, dv_p, dk_b, dv_b), (dq, dqp) = jax.lax.scan(
         functools.partial(_backward_block, spec, prefix, band), (*zeros(prefix), *zeros(band)), xs
     )
     d_prefix = Entries(dk_p.astype(prefix.k.dtype), dv_p.astype(prefix.v.dtype), None)
     d_band = None
     if band is not None:
         d_band = Entries(dk_b.astype(band.k.dtype), dv_b.astype(band.v.dtype), None)
-    return dq.astype(q.dtype), d_prefix, d_band, None, None, None
+    dqp = None if qp is None else dqp.astype(qp.dtype)
+    return dq.astype(q.dtype), dqp, d_prefix, d_band, None, None, None
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

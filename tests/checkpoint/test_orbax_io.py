@@ -8,8 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from dga_jax import Llama
 from dga_jax.checkpoint import abstract_model, load_config, load_model, save_model, save_params
+from dga_jax.checkpoint.orbax_io import attention_changes, parse_settings
+from dga_jax.errors import ConfigError
 from dga_jax.model.config import ModelConfig
+from dga_jax.ops.sinks import StreamingLLMConfig
 
 
 def flat_params(model) -> dict[tuple[str, ...], jax.Array]:
@@ -58,3 +62,26 @@ def test_a_failed_save_leaves_no_checkpoint_directory(tmp_path):
     with pytest.raises(ValueError, match="broken"):
         save_params(tmp_path / "ckpt", ModelConfig.preset("tiny"), params)
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_attention_changes_switch_kind_and_settings_at_load_time(tmp_path):
+    tiny = ModelConfig.preset("tiny", attention="dense", attention_impl="blockwise")
+    save_model(Llama(tiny, rngs=nnx.Rngs(0)), tmp_path / "ckpt")
+    changes = attention_changes(
+        tmp_path / "ckpt", "streaming_llm", settings=parse_settings("recent_size=64", "--flag")
+    )
+    assert changes == {
+        "attention": "streaming_llm",
+        "attention_impl": None,
+        "streaming_llm": StreamingLLMConfig(start_size=4, recent_size=64),
+    }
+    model = load_model(tmp_path / "ckpt", **changes)
+    assert model.config.sinks == StreamingLLMConfig(4, 64)
+    with pytest.raises(ConfigError, match="not of attention 'dense'"):
+        attention_changes(tmp_path / "ckpt", settings={"recent_size": 64})
+    with pytest.raises(ConfigError, match="unknown config key"):
+        attention_changes(tmp_path / "ckpt", "lm_infinite", settings={"recent_size": 64})
+    with pytest.raises(ValueError, match="lm_infinite.local_size must be an int >= 1"):
+        attention_changes(tmp_path / "ckpt", "lm_infinite", settings={"local_size": 0})
+    with pytest.raises(ConfigError, match="--flag: give name=integer pairs"):
+        parse_settings("recent_size=lots", "--flag")

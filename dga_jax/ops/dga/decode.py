@@ -27,6 +27,7 @@ import numpy as np
 
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.layout import RowCounts, dga_layout, gather_entries
+from dga_jax.ops.sinks_decode import SinkCache, sink_apply
 
 
 @jax.tree_util.register_dataclass
@@ -210,6 +211,8 @@ def apply_update(
     cache: DGACache | DenseCache, update: DGAUpdate | DenseUpdate
 ) -> DGACache | DenseCache:
     """Writes one step's `update` into `cache` (vmap it over a leading layers axis)."""
+    if isinstance(cache, SinkCache):
+        return sink_apply(cache, update)
     if isinstance(cache, DenseCache):
         k = _write_slot(cache.k, cache.length, update.k)
         v = _write_slot(cache.v, cache.length, update.v)
