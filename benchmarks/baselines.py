@@ -77,9 +77,14 @@ def attention(kind: str):
 
 
 def attention_record(kind: str, mode: str, length: int, args: argparse.Namespace) -> dict:
-    attn = attention(kind)
+    forward = attention(kind)
+    attn = forward
     if mode == "fwd+bwd":
-        attn = jax.grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32)), (0, 1, 2))
+
+        def loss(q, k, v):
+            return jnp.sum(forward(q, k, v).astype(jnp.float32))
+
+        attn = jax.grad(loss, (0, 1, 2))
     shape = (1, length, 8, 128)
     keys = jax.random.split(jax.random.key(0), 3)
     inputs = [jax.random.normal(key, shape, args.dtype) for key in keys]

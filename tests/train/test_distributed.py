@@ -202,7 +202,10 @@ def assert_same_curve(actual: Curve, expected: Curve, what: str) -> None:
         )
 
 
-@pytest.mark.parametrize("attention", sorted(CONFIGS))
+# The mesh and the process count change how the train step is split, not the attention: one
+# kind (DGA, whose selection crosses devices) covers them; dense attention's sharded paths run
+# in the context-parallel test below and in tests/ops/test_context_parallel.py.
+@pytest.mark.parametrize("attention", ["dga"])
 def test_every_mesh_gives_the_same_losses(runs, attention):
     """Data, FSDP and sequence parallelism on 8 devices train exactly as one device does."""
     meshes = [Run(attention, mesh) for mesh in MESHES]
@@ -232,7 +235,7 @@ def test_each_context_parallel_strategy_gives_the_same_losses(runs, attention):
         assert_same_curve(curve, reference, f"{attention}, {name}")
 
 
-@pytest.mark.parametrize("attention", sorted(CONFIGS))
+@pytest.mark.parametrize("attention", ["dga"])
 def test_two_processes_give_the_same_losses_as_one(runs, attention):
     """`--distributed` with 2 processes of 4 devices trains as 1 process of 8 on that mesh."""
     single = Run(attention, MULTI_HOST_MESH)
