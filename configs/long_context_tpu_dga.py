@@ -1,7 +1,7 @@
 """A 75M-parameter DGA model trained at 32K tokens, each sequence split over every device:
 the preset of `colab/long_context_tpu.ipynb`, sized for a Colab TPU v2-8 (8 cores, 8 GiB each).
 
-    python -m train --config=configs/long_context_tpu.py --workdir=runs/long_context_tpu
+    python -m train --config=configs/long_context_tpu_dga.py --workdir=runs/long_context_tpu_dga
 
 `mesh.seq = -1` splits each 32K-token sequence over all devices (4K tokens per core on a v2-8),
 zig-zag ordered to balance causal work; with 4 KV heads, Ulysses needs at most 4 parts, so on
