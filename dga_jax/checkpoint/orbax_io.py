@@ -130,10 +130,10 @@ def attention_changes(
 
 
 def parse_settings(text: str, flag: str) -> dict[str, int]:
-    """ "start_size=4,recent_size=2000" -> {"start_size": 4, "recent_size": 2000}; a
-    `ConfigError` naming `flag` for anything else."""
+    """`name=value` pairs, comma- or semicolon-separated (lm_eval's model_args split at commas)
+    -> {name: int value}; a `ConfigError` naming `flag` for anything else."""
     settings = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
+    for item in filter(None, (part.strip() for part in text.replace(";", ",").split(","))):
         name, _, value = item.partition("=")
         try:
             settings[name.strip()] = int(value)

@@ -12,9 +12,11 @@ lm_eval finds models only in its own registry (0.4.13 scans no plugin entry poin
 selection, group_size, focal_ratio (None: the checkpoint's), batch_size, max_length (default:
 the model's max_position), max_gen_toks (default 256), mesh ("data x fsdp x seq x tensor"
 device counts, one of them -1 for the rest; default 1x-1x1x1, parameters split over all
-devices; `x`, as lm_eval splits the arguments at commas). lm_eval's `--device` and
-`--max_batch_size` are ignored (JAX places the arrays; batches have a fixed size); a batch_size
-in `--model_args` wins over lm_eval's `--batch_size` default of 1. From Python:
+devices; `x`, as lm_eval splits the arguments at commas), attention_settings (the baselines'
+fields, ";"-separated: `attention_settings=start_size=4;recent_size=2000`). lm_eval's
+`--device` and `--max_batch_size` are ignored (JAX places the arrays; batches have a fixed
+size); a batch_size in `--model_args` wins over lm_eval's `--batch_size` default of 1. From
+Python:
 `lm_eval.simple_evaluate(model=DGAJaxLM(engine), tasks=[...])`.
 
 Conventions, those of lm_eval's `hf` backend on a LLaMA tokenizer except where noted:
@@ -52,7 +54,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_text
 
-from dga_jax.checkpoint.orbax_io import attention_changes, load_model
+from dga_jax.checkpoint.orbax_io import attention_changes, load_model, parse_settings
 from dga_jax.data.tokenizers import load_tokenizer
 from dga_jax.eval.engine import Engine, ModelEngine, TokenScores, with_bos
 from dga_jax.sharding import make_mesh, mesh_shape
@@ -90,6 +92,7 @@ class DGAJaxLM(TemplateLM):
         max_length: int | None = None,
         max_gen_toks: int = 256,
         mesh: str = "1x-1x1x1",
+        attention_settings: str = "",
     ) -> DGAJaxLM:
         """Loads a `save_model` checkpoint, its attention and DGA settings replaced where given,
         sharded on a `mesh` of "data x fsdp x seq x tensor" device counts (-1: the rest)."""
@@ -101,6 +104,7 @@ class DGAJaxLM(TemplateLM):
             selection=selection,
             group_size=group_size,
             focal_ratio=focal_ratio,
+            settings=parse_settings(attention_settings, "attention_settings"),
         )
         model = load_model(checkpoint, mesh=mesh_, **changes)
         engine = ModelEngine(

@@ -23,6 +23,7 @@ from dga_jax.data.tokenizers import ByteTokenizer
 from dga_jax.errors import ConfigError
 from dga_jax.eval.engine import ModelEngine
 from dga_jax.eval.harness import DGAJaxLM
+from dga_jax.ops.sinks import StreamingLLMConfig
 
 # Dense: the backend is the same for every attention, and a dense forward compiles in a third
 # of the time. `from_checkpoint` switching to DGA is tested on its own.
@@ -212,6 +213,11 @@ def test_model_args_load_a_checkpoint_with_dga_switched_on(model, tmp_path):
         {"batch_size": 1, "max_batch_size": None},
     )
     assert (lm.engine.model.config.attention, lm.engine.batch_size) == ("dense", 5)
+    lm = DGAJaxLM.create_from_arg_string(
+        f"checkpoint={tmp_path / 'ckpt'},tokenizer=byte,attention=streaming_llm,"
+        "attention_settings=start_size=2;recent_size=30"
+    )
+    assert lm.engine.model.config.sinks == StreamingLLMConfig(start_size=2, recent_size=30)
     with pytest.raises(ValueError, match="batch_size must be an integer"):
         DGAJaxLM.create_from_arg_obj({"checkpoint": "-", "tokenizer": "-"}, {"batch_size": "auto"})
     with pytest.raises(ValueError, match="mesh must be data x fsdp x seq x tensor"):
