@@ -134,17 +134,18 @@ def report(records: list[dict]) -> None:
             fwd = by.get(("attention", "fwd", kind, length), {})
             bwd = by.get(("attention", "fwd+bwd", kind, length), {})
             dec = by.get(("decode", None, kind, length), {})
-
-            def number(record, key, scale=1.0, digits=1):
-                value = record.get(key)
-                return "—" if value is None else f"{value / scale:,.{digits}f}"
-
             print(
                 f"{length_label(length):>6}  {kind:<15}{number(fwd, 'median_ms'):>9}"
                 f"{number(bwd, 'median_ms'):>12}{number(bwd, 'xla_peak_bytes', MIB):>10}"
                 f"{number(dec, 'median_ms', digits=2):>11}"
                 f"{number(dec, 'cache_bytes_per_token', digits=0):>15}"
             )
+
+
+def number(record: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:
+    """`record[key] / scale` with thousands separators, or a dash where it was not measured."""
+    value = record.get(key)
+    return "—" if value is None else f"{value / scale:,.{digits}f}"
 
 
 def plot(records: list[dict], args: argparse.Namespace, env: dict, path: Path) -> None:
