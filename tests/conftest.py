@@ -52,30 +52,6 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
-# The modules of multi-minute subprocess runs (`--durations` in CI), started first: with two
-# workers, what is left at the end is short tests, not one worker alone on a 5-minute script.
-SLOW_FIRST = (
-    "ops/test_context_parallel.py",
-    "train/test_distributed.py",
-    "train/test_faults.py",
-    "eval/test_replication.py",
-    "test_notebooks.py",
-    "test_generate.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    """Slow modules first (SLOW_FIRST's order), the rest as collected."""
-
-    def rank(item) -> int:
-        path = item.path.as_posix()
-        return next(
-            (i for i, name in enumerate(SLOW_FIRST) if path.endswith(name)), len(SLOW_FIRST)
-        )
-
-    items.sort(key=rank)  # stable: tests keep their order within a rank
-
-
 @pytest.fixture(autouse=True, scope="module")
 def _fresh_compile_caches():
     """Each test module starts with JAX's caches empty: a pytest worker runs hundreds of
