@@ -121,6 +121,12 @@ class LMInfiniteConfig:
 SinkConfig = StreamingLLMConfig | LMInfiniteConfig
 
 
+def band_first_token(config: SinkConfig) -> int:
+    """The first position in the window band: the sinks are there too only when they are seen
+    through the prefix after the window (LM-Infinite), never twice."""
+    return 0 if config.sink_delay else config.sinks
+
+
 def sink_attention(
     q: jax.Array,
     k: jax.Array,
@@ -153,8 +159,7 @@ def sink_attention(
 @functools.partial(jax.jit, static_argnames=("config", "scale", "block_sizes"))
 def _sink_attention(q, k, v, q_far, k_far, config, *, scale, block_sizes):
     b, seq_len, hkv, _ = k.shape
-    first, band_first = min(config.sinks, seq_len), 0 if config.sink_delay else config.sinks
-    band_first = min(band_first, seq_len)
+    first, band_first = min(config.sinks, seq_len), min(band_first_token(config), seq_len)
     heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # [B, N, H, D] -> [B, H, N, D]
 
     def positions(lo: int, hi: int) -> jax.Array:

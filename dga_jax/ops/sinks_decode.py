@@ -14,7 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.sinks import SinkConfig
+from dga_jax.ops.sinks import SinkConfig, band_first_token
 
 
 @jax.tree_util.register_dataclass
@@ -101,7 +101,7 @@ def sink_attend(
     config, t = cache.config, cache.length  # [B]
     b, hq, d = q.shape
     hkv = k.shape[1]
-    band_first = 0 if config.sink_delay else config.sinks
+    band_first = band_first_token(config)
     sink_pos = jnp.arange(config.sinks)[None, :]
     sink_ok = (sink_pos < t[:, None]) & (sink_pos + config.sink_delay <= t[:, None])
     ring_pos = _ring_positions(t - 1, config.window)
