@@ -27,7 +27,7 @@ from flax import nnx
 
 from dga_jax import strict
 from dga_jax.errors import ConfigError, MissingInputError
-from dga_jax.model.config import SINK_KINDS, ModelConfig
+from dga_jax.model.config import BASELINE_KINDS, ModelConfig
 from dga_jax.model.llama import Llama
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
 
@@ -117,9 +117,9 @@ def attention_changes(
         changes["dga"] = dataclasses.replace(stored.dga, **dga)
     if settings:
         kind = attention or stored.attention
-        if kind not in SINK_KINDS:
+        if kind not in BASELINE_KINDS:
             raise ConfigError(
-                f"attention settings {sorted(settings)} are fields of {SINK_KINDS}, not of "
+                f"attention settings {sorted(settings)} are fields of {BASELINE_KINDS}, not of "
                 f"attention {kind!r}"
             )
         current = dataclasses.asdict(getattr(stored, kind))

@@ -68,7 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--attention_settings",
         default="",
         help="the baselines' fields, e.g. start_size=4,recent_size=2000 (streaming_llm) or "
-        "global_size=10,local_size=4096,limit_distance=4096 (lm_infinite); default: stored",
+        "global_size=10,local_size=4096,limit_distance=4096 (lm_infinite) or "
+        "vertical_size=1000,slash_size=6096 (minference); default: stored",
     )
     m.add_argument("--max_length", type=int, help="tokens per sequence; default max_position")
     m.add_argument("--batch_size", type=int, default=8)

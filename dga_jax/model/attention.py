@@ -1,5 +1,6 @@
 """`DGAttention`: multi-head attention (GQA, RoPE) whose core is DGA, dense causal attention or
-one of the paper's baselines (StreamingLLM, LM-Infinite: `dga_jax.ops.sinks`).
+one of the paper's baselines (StreamingLLM, LM-Infinite: `dga_jax.ops.sinks`; MInference:
+`dga_jax.ops.minference`, prefill only, decoding dense).
 
 An NNX module with no kernel code in it: the math lives in `dga_jax.ops`. Importable on its own
 (`from dga_jax import DGAttention`) to put DGA into other Flax models.
@@ -25,6 +26,7 @@ from dga_jax.ops.dga.decode import (
     prefill,
 )
 from dga_jax.ops.dga.sharded import per_shard, shard_count
+from dga_jax.ops.minference import minference_attention
 from dga_jax.ops.sinks import sink_attention
 from dga_jax.ops.sinks_decode import SinkCache, SinkUpdate, sink_attend, sink_prefill
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
@@ -32,7 +34,8 @@ from dga_jax.sharding import DEFAULT_RULES, LogicalRules
 
 class DGAttention(nnx.Module):
     """q/k/v/o projections around `dga_attention` (config.attention == "dga"), dense attention,
-    or `sink_attention` (config.attention "streaming_llm" / "lm_infinite")."""
+    `sink_attention` (config.attention "streaming_llm" / "lm_infinite") or
+    `minference_attention` ("minference")."""
 
     def __init__(self, config: ModelConfig, rules: LogicalRules = DEFAULT_RULES, *, rngs: nnx.Rngs):
         d, h, kv, hd, dtype = (
@@ -72,8 +75,9 @@ class DGAttention(nnx.Module):
         """x: [B, P, D] at positions 0..P-1 -> (the same [B, P, D] as `__call__`, the cache).
 
         The cache (DGA's for config.attention == "dga", the bounded `SinkCache` of the baselines
-        that keep first tokens and a window, else dense) holds up to `max_len` tokens; `capacity`
-        is the DGA prefix capacity (`dga_jax.ops.dga.decode.prefix_capacity`). `lengths` [B]:
+        that keep first tokens and a window, else dense: MInference decodes densely) holds up
+        to `max_len` tokens; `capacity` is the DGA prefix capacity
+        (`dga_jax.ops.dga.decode.prefix_capacity`). `lengths` [B]:
         rows right-padded, row b valid up to lengths[b] (`dga_attention`).
         """
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
@@ -136,20 +140,26 @@ class DGAttention(nnx.Module):
         return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(self.config.compute_dtype))
 
     def _sink_attend(self, q, k, v, q_far, k_far) -> jax.Array:
-        """The first-tokens-and-window kinds, on whole sequences: batch and heads split by the
-        compiler under a mesh; a sequence split over `seq` is refused (no context parallelism)."""
-        config = self.config
+        self._check_whole_sequences()
+        with jax.named_scope(self.config.attention + "_attention"):
+            return sink_attention(q, k, v, q_far, k_far, self.config.sinks)
+
+    def _check_whole_sequences(self) -> None:
+        """The baselines run on whole sequences: batch and heads split by the compiler under a
+        mesh; a sequence split over `seq` is refused (no context parallelism)."""
         if shard_count(self.rules.spec(("seq",))[0]) > 1:
             raise ValueError(
-                f"attention={config.attention!r} has no context parallelism: use a mesh with "
-                "seq = 1 (or attention 'dense' / 'dga')"
+                f"attention={self.config.attention!r} has no context parallelism: use a mesh "
+                "with seq = 1 (or attention 'dense' / 'dga')"
             )
-        with jax.named_scope(config.attention + "_attention"):
-            return sink_attention(q, k, v, q_far, k_far, config.sinks)
 
     def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, lengths=None) -> jax.Array:
         config = self.config
+        if config.attention == "minference":
+            self._check_whole_sequences()
         with jax.named_scope(config.attention + "_attention"):
+            if config.attention == "minference":
+                return minference_attention(q, k, v, config.minference, lengths)
             return self._core(q, k, v, lengths)
 
     def _core(self, q: jax.Array, k: jax.Array, v: jax.Array, lengths=None) -> jax.Array:

@@ -16,11 +16,13 @@ import jax.numpy as jnp
 from dga_jax import strict
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.sharded import CONTEXT_ORDERS, STRATEGIES
+from dga_jax.ops.minference import MInferenceConfig
 from dga_jax.ops.sinks import LMInfiniteConfig, SinkConfig, StreamingLLMConfig
 
 # The paper's baselines next to dense and DGA: each kind's settings are the field of its name.
-ATTENTION_KINDS = ("dense", "dga", "streaming_llm", "lm_infinite")
+ATTENTION_KINDS = ("dense", "dga", "streaming_llm", "lm_infinite", "minference")
 SINK_KINDS = ("streaming_llm", "lm_infinite")
+BASELINE_KINDS = (*SINK_KINDS, "minference")
 ROPE_KINDS = ("none", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -76,6 +78,7 @@ class ModelConfig:
     dga: DGAConfig = DGAConfig()
     streaming_llm: StreamingLLMConfig = StreamingLLMConfig()
     lm_infinite: LMInfiniteConfig = LMInfiniteConfig()
+    minference: MInferenceConfig = MInferenceConfig()
     attention_impl: str | None = None  # None: the library's default for the backend
     context_parallel: str = "auto"  # how a sequence split over the `seq` mesh axis is attended
     context_order: str = "contiguous"  # or "zigzag": rows of a split sequence in zig-zag order
@@ -112,6 +115,8 @@ class ModelConfig:
                 raise ValueError(
                     f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
+        if self.attention == "minference":
+            self.minference.check_fits(self.max_position)
 
     @property
     def sinks(self) -> SinkConfig | None:

@@ -200,8 +200,8 @@ def _flatten(entries: Entries, size: int) -> Entries:
     )
 
 
-class _Block(NamedTuple):
-    """A slice of entries: k, v [..., N, D]; start, until, bias [..., N]; `masked` is static."""
+class Block(NamedTuple):
+    """A tile of entries: k, v [..., N, D]; start, until, bias [..., N]; `masked` is static."""
 
     k: jax.Array
     v: jax.Array
@@ -211,13 +211,13 @@ class _Block(NamedTuple):
     masked: bool
 
 
-def _prefix_block(spec: _Spec, prefix: Entries, j: jax.Array, masked: bool) -> _Block:
+def _prefix_block(spec: _Spec, prefix: Entries, j: jax.Array, masked: bool) -> Block:
     def take(x):
         if x is None:
             return None
         return jax.lax.dynamic_slice_in_dim(x, j * spec.block_k, spec.block_k, axis=1)
 
-    return _Block(
+    return Block(
         take(prefix.k), take(prefix.v), take(prefix.start), None, take(prefix.bias), masked
     )
 
@@ -228,7 +228,7 @@ def _band_index(spec: _Spec, starts: jax.Array) -> jax.Array:
     return idx.reshape(starts.shape[0], -1)
 
 
-def _band_block(spec: _Spec, band: Entries, starts: jax.Array) -> _Block:
+def _band_block(spec: _Spec, band: Entries, starts: jax.Array) -> Block:
     """The band window of each query sub-block: [BH, S, W, ...]."""
     idx = _band_index(spec, starts)
     windows = (*starts.shape, spec.band_width)
@@ -239,7 +239,7 @@ def _band_block(spec: _Spec, band: Entries, starts: jax.Array) -> _Block:
         out = jnp.take_along_axis(x, idx.reshape(*idx.shape, *[1] * (x.ndim - 2)), axis=1)
         return out.reshape(*windows, *x.shape[2:])
 
-    return _Block(
+    return Block(
         take(band.k), take(band.v), take(band.start), take(band.until), take(band.bias), True
     )
 
@@ -270,10 +270,10 @@ def _split_band(spec: _Spec, x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], spec.block_q // spec.band_q, -1, *x.shape[2:])
 
 
-def _logits(spec: _Spec, q: jax.Array, t: jax.Array, block: _Block):
+def _logits(scale: float, q: jax.Array, t: jax.Array, block: Block):
     """Scaled, biased logits [..., R, N] and, for a masked block, the visibility mask."""
     s = jnp.einsum("...rd,...nd->...rn", q, block.k, preferred_element_type=jnp.float32)
-    s = s * spec.scale
+    s = s * scale
     if block.bias is not None:
         s = s + block.bias[..., None, :]
     if not block.masked:
@@ -284,9 +284,11 @@ def _logits(spec: _Spec, q: jax.Array, t: jax.Array, block: _Block):
     return s, visible
 
 
-def _online_step(spec: _Spec, state, q, t, block: _Block):
-    mx, total, acc = state  # [..., R], [..., R], [..., R, D] float32
-    s, visible = _logits(spec, q, t, block)
+def online_step(scale: float, state, q: jax.Array, t: jax.Array, block: Block):
+    """One online-softmax update of state (max, total, acc) [..., R], [..., R], [..., R, D]
+    (float32) by the block's entries, for queries q [..., R, D] at positions t [..., R]."""
+    mx, total, acc = state
+    s, visible = _logits(scale, q, t, block)
     if visible is None:
         m_new = jnp.maximum(mx, jnp.max(s, axis=-1))
         p = jnp.exp(s - m_new[..., None])
@@ -302,16 +304,33 @@ def _online_step(spec: _Spec, state, q, t, block: _Block):
     return m_new, alpha * total + p.sum(-1), alpha[..., None] * acc + pv
 
 
+def empty_state(q_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The online-softmax state of queries [..., R, D] that have seen nothing."""
+    rows = q_shape[:-1]
+    return jnp.full(rows, -jnp.inf), jnp.zeros(rows), jnp.zeros(q_shape)
+
+
+def finish(state) -> tuple[jax.Array, jax.Array]:
+    """state -> (out [..., R, D] float32, log-sum-exp [..., R]; +inf and 0 out where nothing
+    was seen)."""
+    mx, total, acc = state
+    seen = total > 0
+    out = acc / jnp.where(seen, total, 1.0)[..., None]
+    lse = jnp.where(seen, mx + jnp.log(jnp.where(seen, total, 1.0)), jnp.inf)
+    return out, lse
+
+
 def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
     i, q, qp, n_full, n_total, band_start = xs
     t = _positions(spec, i)
-    rows = (q.shape[0], q.shape[1])
-    state = (jnp.full(rows, -jnp.inf), jnp.zeros(rows), jnp.zeros((*rows, q.shape[2])))
+    state = empty_state(q.shape)
     q_prefix = q if qp is None else qp
 
     def step(masked):
         def body(j, state):
-            return _online_step(spec, state, q_prefix, t, _prefix_block(spec, prefix, j, masked))
+            return online_step(
+                spec.scale, state, q_prefix, t, _prefix_block(spec, prefix, j, masked)
+            )
 
         return body
 
@@ -319,18 +338,15 @@ def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
     state = jax.lax.fori_loop(n_full, n_total, step(True), state)
     if band is not None:
         split = tuple(_split_band(spec, x) for x in state)
-        split = _online_step(
-            spec,
+        split = online_step(
+            spec.scale,
             split,
             _split_band(spec, q),
             _split_band(spec, t[None])[0],
             _band_block(spec, band, band_start),
         )
         state = tuple(x.reshape(y.shape) for x, y in zip(split, state, strict=True))
-    mx, total, acc = state
-    seen = total > 0
-    out = acc / jnp.where(seen, total, 1.0)[..., None]
-    lse = jnp.where(seen, mx + jnp.log(jnp.where(seen, total, 1.0)), jnp.inf)
+    out, lse = finish(state)
     return out.astype(q.dtype), lse
 
 
@@ -346,9 +362,9 @@ def _attend(spec, q, qp, prefix, band, n_full, n_total, band_start):
     return _attend_fwd(spec, q, qp, prefix, band, n_full, n_total, band_start)[0]
 
 
-def _grad_step(spec: _Spec, q, do, lse, delta, t, block: _Block):
+def _grad_step(spec: _Spec, q, do, lse, delta, t, block: Block):
     """Gradients of one KV block: dq [..., R, D], dk and dv [..., N, D], all float32."""
-    s, visible = _logits(spec, q, t, block)
+    s, visible = _logits(spec.scale, q, t, block)
     p = jnp.exp(s - lse[..., None])
     if visible is not None:
         p = jnp.where(visible, p, 0.0)

@@ -13,6 +13,7 @@ from dga_jax.checkpoint import abstract_model, load_config, load_model, save_mod
 from dga_jax.checkpoint.orbax_io import attention_changes, parse_settings
 from dga_jax.errors import ConfigError
 from dga_jax.model.config import ModelConfig
+from dga_jax.ops.minference import MInferenceConfig
 from dga_jax.ops.sinks import StreamingLLMConfig
 
 
@@ -83,5 +84,8 @@ def test_attention_changes_switch_kind_and_settings_at_load_time(tmp_path):
         attention_changes(tmp_path / "ckpt", "lm_infinite", settings={"recent_size": 64})
     with pytest.raises(ValueError, match="lm_infinite.local_size must be an int >= 1"):
         attention_changes(tmp_path / "ckpt", "lm_infinite", settings={"local_size": 0})
+    minference = attention_changes(tmp_path / "ckpt", "minference", settings={"slash_size": 500})
+    model = load_model(tmp_path / "ckpt", **minference)
+    assert model.config.minference == MInferenceConfig(vertical_size=1000, slash_size=500)
     with pytest.raises(ConfigError, match="--flag: give name=integer pairs"):
         parse_settings("recent_size=lots", "--flag")
