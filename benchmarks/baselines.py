@@ -1,4 +1,4 @@
-"""The paper's attention kinds side by side: dense, DGA, StreamingLLM and LM-Infinite.
+"""The paper's attention kinds side by side: dense, DGA, StreamingLLM, LM-Infinite, MInference.
 
     python benchmarks/baselines.py            # L in {4K, 8K, 16K, 32K}: long on CPU
     python benchmarks/baselines.py --quick    # L in {1K, 2K}, short decodes: minutes on CPU
@@ -10,14 +10,17 @@ Two parts, on the same shapes for every kind:
   compiling one, and XLA's peak bytes; dense is the blockwise (flash-style, memory linear in L)
   XLA walk, DGA its XLA path (m=16, gamma=0.1), StreamingLLM and LM-Infinite their
   interval-attention op (`dga_jax.ops.sinks`) at their defaults (4 sinks + 2000 recent tokens;
-  10 global + 4096 local tokens, distance cap 4096);
+  10 global + 4096 local tokens, distance cap 4096), MInference its vertical-slash prefill
+  (`dga_jax.ops.minference`, 1000 columns + 6096 diagonals per head, pattern estimation
+  included; forward only: it has no backward);
 - decoding: the `tiny` Llama with each kind, a random prompt of L tokens prefilled, then the
   median inter-token latency of `--steps` jitted decode steps (the kinds taking turns), and the
   cache bytes per prompt token (all layers).
 
 Results: a table on stdout and `benchmarks/results/baselines_<backend>[_quick].{json,png}`.
 StreamingLLM's and LM-Infinite's costs stop growing with L once L passes their window; DGA's
-grows like (gamma + 1/m) L; dense like L (decoding) or L^2 (attention).
+grows like (gamma + 1/m) L; dense like L (decoding) or L^2 (attention). MInference decodes
+densely and its prefill keeps at most 1000 + 6096 lines per head: dense up to about 6K tokens.
 """
 
 from __future__ import annotations
@@ -38,9 +41,11 @@ from matplotlib.figure import Figure
 import dga_jax
 from dga_jax import Llama, ModelConfig
 from dga_jax.ops.dga.decode import cache_bytes
+from dga_jax.ops.minference import MInferenceConfig, minference_attention
 from dga_jax.ops.sinks import LMInfiniteConfig, StreamingLLMConfig, sink_attention
 
-KINDS = ("dense", "dga", "streaming_llm", "lm_infinite")
+KINDS = ("dense", "dga", "streaming_llm", "lm_infinite", "minference")
+TRAINABLE = KINDS[:-1]
 SINKS = {"streaming_llm": StreamingLLMConfig(), "lm_infinite": LMInfiniteConfig()}
 MODES = ("fwd", "fwd+bwd")
 MIB = 2**20
@@ -69,6 +74,8 @@ def attention(kind: str):
         return functools.partial(dga_jax.dense_attention, implementation="blockwise")
     if kind == "dga":
         return functools.partial(dga_jax.dga_attention, implementation="xla")
+    if kind == "minference":
+        return functools.partial(minference_attention, config=MInferenceConfig())
 
     def sinks(q, k, v):
         return sink_attention(q, k, v, q, k, SINKS[kind])
@@ -186,7 +193,8 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     for length in args.lengths:
         for mode in MODES:
-            records += [attention_record(kind, mode, length, args) for kind in KINDS]
+            kinds = KINDS if mode == "fwd" else TRAINABLE
+            records += [attention_record(kind, mode, length, args) for kind in kinds]
         records += decode_records(length, args)
     report(records)
     path = write_results("baselines", args, env, records)

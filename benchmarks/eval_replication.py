@@ -1,4 +1,5 @@
-"""The paper's quality comparison at toy scale on CPU: dense vs DGA, trained and evaluated alike.
+"""The paper's quality comparison at toy scale on CPU: dense vs DGA, trained and evaluated alike,
+and the baselines (StreamingLLM, LM-Infinite, MInference) on the dense-trained model.
 
     python benchmarks/eval_replication.py             # ~30 min on 2 cores
     python benchmarks/eval_replication.py --quick     # minutes: CI's shortened version
@@ -9,8 +10,10 @@
 2. trains `configs/tiny_retrieval_dense.py` and `configs/tiny_retrieval_dga.py` (2K context),
    side by side, unless their final model exists;
 3. evaluates each checkpoint under each attention (dense-trained evaluated with DGA and the
-   reverse too) on passkey (a length x depth grid), lines and held-out perplexity, through
-   `dga_jax.eval.evaluate`, resumably (perplexity on the sample corpus's held-out sources);
+   reverse too; the dense-trained one under the baselines, training-free as in the paper, with
+   windows and budgets scaled to the context: `baseline_settings`) on passkey (a length x depth
+   grid), lines and held-out perplexity, through `dga_jax.eval.evaluate`, resumably
+   (perplexity on the sample corpus's held-out sources);
 4. writes `<out>/replication.md` (one table per task, rows = trained with / evaluated with)
    and `<out>/replication.json`; each run's records, plots and summary lie in `<out>/<run>/`.
 """
@@ -46,6 +49,8 @@ from dga_jax.generate import Buckets
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("dense", "dga")
+BASELINES = ("streaming_llm", "lm_infinite", "minference")
+EVALUATED = {"dense": (*KINDS, *BASELINES), "dga": KINDS}  # trained -> evaluated with
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -133,11 +138,28 @@ def tasks(corpus: Path, size: dict) -> list:
     ]
 
 
+def baseline_settings(seq_len: int) -> dict[str, dict[str, int]]:
+    """The baselines' settings at a context of seq_len tokens: their windows and budgets are
+    made for 4K-128K contexts, so they are scaled to see a similar share of a short one
+    (at 2K: 4 sinks + 256 recent tokens; 10 global + 512 local, distance cap 512; 128 columns
+    + 256 diagonals per head)."""
+    return {
+        "streaming_llm": {"start_size": 4, "recent_size": seq_len // 8},
+        "lm_infinite": {
+            "global_size": 10,
+            "local_size": seq_len // 4,
+            "limit_distance": seq_len // 4,
+        },
+        "minference": {"vertical_size": seq_len // 16, "slash_size": seq_len // 8},
+    }
+
+
 def run(checkpoint: Path, attention: str, corpus: Path, out: Path, size: dict) -> dict:
     """Evaluates one checkpoint under one attention; the summary dict."""
-    model = load_model(checkpoint, **attention_changes(checkpoint, attention))
+    settings = baseline_settings(size["seq_len"]).get(attention)
+    model = load_model(checkpoint, **attention_changes(checkpoint, attention, settings=settings))
     engine = ModelEngine(model, ByteTokenizer(), batch_size=8, buckets=Buckets(256))
-    info = {"checkpoint": str(checkpoint), "attention": attention}
+    info = {"checkpoint": str(checkpoint), "attention": attention, "settings": settings}
     summary = evaluate(tasks(corpus, size), engine, out, info=info)
     print(f"{checkpoint.parent.parent.name} evaluated with {attention}: {one_line(summary)}")
     return summary
@@ -245,8 +267,13 @@ def report(results: dict, size: dict) -> str:
     any_summary = next(iter(results.values()))
     positions = list(any_summary["tasks"]["ppl"]["metrics"]["by_position"])[-3:]
     ppl = [("PPL", "ppl")] + [(f"pos {p}", f"by_position/{p}") for p in positions]
+    settings = "; ".join(
+        f"{kind} " + ", ".join(f"{k}={v}" for k, v in values.items())
+        for kind, values in baseline_settings(size["seq_len"]).items()
+    )
     return "\n\n".join(
         [
+            f"Baselines evaluated on the dense-trained model, at {settings}.",
             "### Passkey retrieval (% exact)\n\n" + table(results, "passkey", passkey),
             "### LongEval lines (% EM)\n\n" + table(results, "lines", lines),
             "### Teacher-forced answers: % of answer tokens that are the argmax\n\n"
@@ -271,8 +298,8 @@ def main(argv: list[str] | None = None) -> None:
         (trained, evaluated): run(
             checkpoints[trained], evaluated, corpus, args.out / f"{trained}_as_{evaluated}", size
         )
-        for trained in KINDS
-        for evaluated in KINDS
+        for trained, kinds in EVALUATED.items()
+        for evaluated in kinds
     }
     result = analyses(checkpoints, corpus, args.out, size)
     text = report(results, size) + "\n\n" + analysis_report(result, size)

@@ -138,6 +138,8 @@ def interval_attention(
     sub = math.gcd(bq, block_sizes.block_band)
     nq = -(-seq_len // bq)
     width = _round_up(sub + band_lag, 8)
+    if band is not None:  # a window wider than the band would only read padding
+        width = min(width, _round_up(max(band.k.shape[2], 1), 8))
     spec = _Spec(scale, block_q=bq, block_k=bk, band_q=sub, band_width=width, groups=hq // hkv)
 
     prefix_full, prefix_end = _prefix_ranges(prefix, bq, nq)

@@ -33,6 +33,7 @@ FORCED_COLUMNS = 30
 FORCED_DIAGONALS = 100
 MIN_VERTICAL, MIN_SLASH = 30, 50
 ROW_BLOCKS_PER_STEP = 8  # pattern blocks walked together (512 queries)
+BLOCKS_PER_TILE = 4  # 64-key blocks attended together (256 keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +142,8 @@ def slash_blocks(offsets: jax.Array, num_blocks: int) -> tuple[jax.Array, jax.Ar
     zeros = jnp.zeros((offsets.shape[0], num_blocks), jnp.int32)
     _, firsts = jax.lax.scan(step, (zeros.astype(bool), zeros), offsets.T)  # [ns, N, nb]
     firsts = jnp.sort(jnp.moveaxis(firsts, 0, -1), axis=-1)[..., : num_blocks + 1]
+    width = -(-firsts.shape[-1] // BLOCKS_PER_TILE) * BLOCKS_PER_TILE
+    firsts = jnp.pad(firsts, ((0, 0), (0, 0), (0, width - firsts.shape[-1])), constant_values=NEVER)
     return firsts, jnp.sum(firsts < NEVER, axis=-1, dtype=jnp.int32)
 
 
@@ -212,19 +215,32 @@ def _walk_step(scale, keys, values, lanes, cols: Block, xs):
     offs = jnp.arange(BLOCK, dtype=jnp.int32)
 
     def block_step(n, state):
-        first = firsts[..., n]  # [N, P]
-        index = jnp.where(first < NEVER, first, 0)[..., None] + offs  # [N, P, BLOCK]
-        k, v = (x[lanes[:, None, None], index] for x in (keys, values))
-        start = jnp.where((first < NEVER)[..., None], index, NEVER)
+        first = jax.lax.dynamic_slice_in_dim(firsts, n * BLOCKS_PER_TILE, BLOCKS_PER_TILE, 2)
+        first = jnp.where(first < NEVER, first, -BLOCK)  # padding: a block never seen
+        k, v = (_take_blocks(x, lanes, jnp.maximum(first, 0)) for x in (keys, values))
+        start = (first[..., None] + offs).reshape(*first.shape[:2], -1)
+        start = jnp.where(start < 0, NEVER, start)
         return online_step(scale, state, q, t, Block(k, v, start, None, None, True))
 
-    state = jax.lax.fori_loop(0, jnp.max(counts), block_step, empty_state(q.shape))
+    n_tiles = -(-jnp.max(counts) // BLOCKS_PER_TILE)
+    state = jax.lax.fori_loop(0, n_tiles, block_step, empty_state(q.shape))
     covered = _covered(firsts, cols.start)  # [N, P, nv']
     seen = jnp.max(jnp.sum(cols.start <= t[-1, -1], axis=-1))
     state = jax.lax.fori_loop(
         0, -(-seen // BLOCK), functools.partial(_column_step, scale, q, t, cols, covered), state
     )
     return finish(state)[0]
+
+
+def _take_blocks(x: jax.Array, lanes: jax.Array, first: jax.Array) -> jax.Array:
+    """The BLOCK rows from each of first [N, P, T] of x [M, L', D], row lanes[n] of x
+    -> [N, P, T * BLOCK, D] (slices, not a gather per row)."""
+
+    def one(lane, at):
+        return jax.lax.dynamic_slice(x, (lane, at, 0), (1, BLOCK, x.shape[-1]))[0]
+
+    blocks = jax.vmap(jax.vmap(jax.vmap(one, (None, 0)), (None, 0)))(lanes, first)
+    return blocks.reshape(*first.shape[:2], -1, x.shape[-1])
 
 
 def _column_step(scale, q, t, cols: Block, covered, c, state):

@@ -49,11 +49,22 @@ def test_the_quick_replication_trains_evaluates_and_reports(tmp_path):
     report = (tmp_path / "replication.md").read_text()
     for title in ("Passkey", "LongEval lines", "perplexity", "P_sparse", "Noise", "mass"):
         assert f"### {title}" in report or title in report, title
-    rows = re.findall(r"^\| (dense|dga) \| (dense|dga) \|", report, re.MULTILINE)
-    # passkey, lines, their two teacher-forced tables, perplexity, noise KL
+    rows = re.findall(r"^\| (dense|dga) \| (\w+) \|", report, re.MULTILINE)
+    # passkey, lines, their two teacher-forced tables, perplexity, noise KL (dense vs DGA only)
     assert rows.count(("dense", "dga")) == 6 and rows.count(("dga", "dense")) == 6
+    for baseline in ("streaming_llm", "lm_infinite", "minference"):
+        assert rows.count(("dense", baseline)) == 5 and ("dga", baseline) not in rows
+    assert "streaming_llm start_size=4, recent_size=96" in report  # scaled to 768 tokens
     runs = json.loads((tmp_path / "replication.json").read_text())["runs"]
-    assert sorted(runs) == ["dense_as_dense", "dense_as_dga", "dga_as_dense", "dga_as_dga"]
+    assert sorted(runs) == [
+        "dense_as_dense",
+        "dense_as_dga",
+        "dense_as_lm_infinite",
+        "dense_as_minference",
+        "dense_as_streaming_llm",
+        "dga_as_dense",
+        "dga_as_dga",
+    ]
     for summary in runs.values():
         assert summary["tasks"]["passkey"]["evaluated_now"] == 4
         assert summary["tasks"]["lines"]["evaluated_now"] == 2

@@ -73,8 +73,11 @@ class Run:
             "train.checkpoint_every": 1000,
             "train.keep_checkpoints": 1,
             # No warmup: full-size AdamW updates from the first step, so steps 2 and 3 also
-            # check that the update is the same on every mesh.
+            # check that the update is the same on every mesh. A constant schedule, so that a
+            # run stopped after step 2 sees the same learning rates (the resume test reuses
+            # the two-process run).
             "optim.warmup_steps": 0,
+            "optim.schedule": "constant",
             **dict(self.extra),
         }
         return [f"--config={CONFIGS[self.attention]}", f"--workdir={workdir}"] + [
@@ -261,13 +264,12 @@ def test_two_processes_resume_exactly(runs, tmp_path):
     """A 2-process run stopped after step 2 and restarted in its workdir trains step 3 exactly
     as an uninterrupted run: parameters, optimizer state and every process's data rows resume.
 
-    The schedule is constant so that the shorter first part sees the same learning rates.
+    The reference is the uninterrupted two-process run of the test above.
     """
-    constant = (("optim.schedule", "constant"),)
-    (expected,) = runs.get([Run("dga", MULTI_HOST_MESH, 2, extra=constant)])
+    (expected,) = runs.get([Run("dga", MULTI_HOST_MESH, 2)])
     workdir = tmp_path / "resumed"
     workdir.mkdir()
-    train(Run("dga", MULTI_HOST_MESH, 2, extra=(*constant, ("train.steps", 2))), tmp_path, workdir)
+    train(Run("dga", MULTI_HOST_MESH, 2, extra=(("train.steps", 2),)), tmp_path, workdir)
     (workdir / "metrics.jsonl").write_text(
         "".join(
             line + "\n"
@@ -275,5 +277,5 @@ def test_two_processes_resume_exactly(runs, tmp_path):
             if "val_loss" not in line
         )  # the first part's final evaluation, at step 2
     )
-    resumed = train(Run("dga", MULTI_HOST_MESH, 2, extra=constant), tmp_path, workdir)
+    resumed = train(Run("dga", MULTI_HOST_MESH, 2), tmp_path, workdir)
     assert_same_curve(resumed, expected, "dga, 2 processes, resumed after step 2")
