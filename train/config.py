@@ -88,6 +88,7 @@ class RunConfig:
     keep_checkpoints: int = 2
     peak_flops_per_device: float = 0.0
     wandb_project: str = ""
+    profile_steps: str = ""  # "first,last": a jax.profiler trace of those steps (train.profiler)
 
     def __post_init__(self):
         for name in (
@@ -107,6 +108,29 @@ class RunConfig:
                 f"config.train.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"config.train.grad_accum_steps={self.grad_accum_steps}"
             )
+        parse_profile_steps(self.profile_steps, self.steps)
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """`profile_steps` as (first, last), 1-based and inclusive; None when empty."""
+        return parse_profile_steps(self.profile_steps, self.steps)
+
+
+def parse_profile_steps(text: str, steps: int) -> tuple[int, int] | None:
+    """`first,last` -> (first, last) within 1..steps; empty -> None; else a `ConfigError`."""
+    if not text.strip():
+        return None
+    parts = text.split(",")
+    try:
+        first, last = (int(part) for part in parts)
+    except ValueError:
+        first = last = 0
+    if not 1 <= first <= last <= steps:
+        raise ConfigError(
+            f"config.train.profile_steps must be 'first,last' with 1 <= first <= last <= "
+            f"config.train.steps={steps}, got {text!r}"
+        )
+    return first, last
 
 
 @dataclasses.dataclass(frozen=True)

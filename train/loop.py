@@ -35,6 +35,7 @@ from train.checkpointing import Checkpoints
 from train.config import TrainConfig, flat_record, resume_changes
 from train.hosts import StopSignal, all_rows_state, rows_state
 from train.inputs import check_inputs
+from train.profiler import StepProfiler
 from train.step import (
     TrainState,
     eval_step,
@@ -325,6 +326,7 @@ class _Trainer:
         )
         self.progress = metrics.Progress(config.train.steps, start, enabled=main_host)
         self.stop, self.stopping, self.eval_owed = StopSignal(), False, False
+        self.profiler = StepProfiler(config.train.profile_range, Path(workdir))
         self.eval_fn = jax.jit(functools.partial(eval_step, setup.graphdef))
         self.schedule = learning_rate_schedule(config.optim, config.train.steps)
         self.peak = metrics.peak_flops(
@@ -336,8 +338,10 @@ class _Trainer:
 
     def step(self, state: TrainState, done: int) -> TrainState:
         """Runs step `done` (1-based); logs, evaluates and checkpoints when due."""
-        batch = self._batch(next(self.train_iter))
-        state, out = self.step_fn(state, batch)
+        with self.profiler.annotate(done):
+            batch = self._batch(next(self.train_iter))
+            state, out = self.step_fn(state, batch)
+        self.profiler.finished(done, out)
         self.window_losses.append(out["loss"])
         run_cfg = self.config.train
         _check_finite(state, self.config, done)
@@ -418,6 +422,7 @@ class _Trainer:
 
     def close(self) -> None:
         """Releases everything; the pending checkpoint save last (its failure raises)."""
+        self.profiler.close()
         self.progress.close()
         self.train_iter.close()
         self.log.close()

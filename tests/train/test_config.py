@@ -144,6 +144,16 @@ def test_wrong_types_are_named():
     assert from_config_dict(config).optim.learning_rate == 1.0
 
 
+@pytest.mark.parametrize("value", ["10", "3,2", "0,1", "5,a", "1,2,3", "190,201"])
+def test_profile_steps_outside_the_run_are_named(value):
+    config = load("tiny_dga").to_dict()
+    config["train"]["profile_steps"] = value
+    with pytest.raises(ConfigError, match=r"config\.train\.profile_steps must be 'first,last'"):
+        from_config_dict(config)
+    config["train"]["profile_steps"] = "199,200"
+    assert from_config_dict(config).train.profile_range == (199, 200)
+
+
 def test_batch_must_split_into_micro_batches():
     config = load("tiny_dga").to_dict()
     config["train"]["grad_accum_steps"] = 3

@@ -44,8 +44,12 @@ def read(workdir: Path, key: str) -> dict[int, float]:
 
 
 def test_validation_loss_falls(tmp_path):
-    config = tiny(steps=40, eval_every=20, log_every=10)
+    config = tiny(steps=40, eval_every=20, log_every=10, profile_steps="2,3")
     summary = run(from_config_dict(config), tmp_path)
+    # A trace of steps 2-3 for TensorBoard (xplane) and Perfetto.
+    traces = [p.name for p in (tmp_path / "profile").rglob("*") if p.is_file()]
+    assert any(name.endswith(".xplane.pb") for name in traces), traces
+    assert "perfetto_trace.json.gz" in traces, traces
     val = read(tmp_path, "val_loss")
     assert sorted(val) == [20, 40]
     assert val[40] < val[20] - 0.3, val
