@@ -32,8 +32,8 @@ BLOCK = 64  # rows per pattern block, keys per attended block (the reference's B
 FORCED_COLUMNS = 30
 FORCED_DIAGONALS = 100
 MIN_VERTICAL, MIN_SLASH = 30, 50
-ROW_BLOCKS_PER_STEP = 8  # pattern blocks walked together (512 queries)
-BLOCKS_PER_TILE = 4  # 64-key blocks attended together (256 keys)
+ROW_BLOCKS_PER_STEP = 4  # pattern blocks walked together (256 queries)
+BLOCKS_PER_TILE = 8  # 64-key blocks attended together (512 keys)
 
 
 @dataclasses.dataclass(frozen=True)
