@@ -30,7 +30,7 @@ import jax
 from common import environment
 
 from dga_jax import aot
-from dga_jax.ops.intervals import BlockSizes
+from dga_jax.ops.tiles import BlockSizes
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # `train/` and `configs/` are the repo's
 from configs import llama7b_dga, tiny_dga  # noqa: E402

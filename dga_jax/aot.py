@@ -37,7 +37,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dga.api import dga_attention
 from dga_jax.ops.dga.sharded import per_shard
-from dga_jax.ops.intervals import BlockSizes
+from dga_jax.ops.sinks import SinkConfig, sink_attention
+from dga_jax.ops.tiles import BlockSizes
 from dga_jax.sharding import make_mesh
 
 GIB = 2**30
@@ -115,17 +116,21 @@ def lower_attention(
     kv_heads: int = 4,
     head_dim: int = 128,
     dtype=jnp.bfloat16,
+    sinks: SinkConfig | None = None,
 ) -> jax.stages.Lowered:
-    """`dga_attention` (or its gradient in q, k, v) on `devices[0]`, lowered from shapes alone."""
+    """`dga_attention` (or its gradient in q, k, v) on `devices[0]`, lowered from shapes alone;
+    with `sinks`, that baseline's `sink_attention` instead (q, k also scoring the first tokens:
+    the kernels' two-query path)."""
     mesh = jax.sharding.Mesh(list(devices[:1]), ("devices",))
     sharding = NamedSharding(mesh, PartitionSpec())
     q = jax.ShapeDtypeStruct((batch, seq_len, heads, head_dim), dtype, sharding=sharding)
     kv = jax.ShapeDtypeStruct((batch, seq_len, kv_heads, head_dim), dtype, sharding=sharding)
+    options = dict(implementation=implementation, block_sizes=block_sizes)
 
     def attention(q, k, v):
-        return dga_attention(
-            q, k, v, selection=selection, implementation=implementation, block_sizes=block_sizes
-        )
+        if sinks is not None:
+            return sink_attention(q, k, v, q, k, sinks, **options)
+        return dga_attention(q, k, v, selection=selection, **options)
 
     def loss(q, k, v):
         return jnp.sum(attention(q, k, v).astype(jnp.float32))

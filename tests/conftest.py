@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 from jax.experimental.pallas import tpu as pltpu
 
-from dga_jax.ops.dga.decode import DenseCache
+from dga_jax.ops.dense_decode import DenseCache
 
 # The test process is the entry point: absl's flags keep their defaults (Grain's workers read one).
 flags.FLAGS.mark_as_parsed()

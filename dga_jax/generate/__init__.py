@@ -10,7 +10,7 @@ it): import the package's other names, `from dga_jax.generate import prefill`.
 
 The model is an NNX `Llama`, which holds its parameters, so `generate(model, prompts, ...)`
 takes no separate `params` (`nnx.update(model, params)` loads other ones). DGA models decode
-with `dga_jax.ops.dga.decode.DGACache`, dense ones with `DenseCache`.
+with `dga_jax.ops.dga.decode.DGACache`, dense ones with `dga_jax.ops.dense_decode.DenseCache`.
 
 A batch of prompts is right-padded to a bucket length (`Buckets`: powers of two or multiples
 of a step) and prefilled in one call that knows each row's length: DGA selects per row at its
@@ -37,7 +37,8 @@ from flax import nnx
 
 from dga_jax.model.llama import Llama
 from dga_jax.ops.checks import is_int, is_real
-from dga_jax.ops.dga.decode import DenseCache, DGACache, check_fits, prefix_capacity
+from dga_jax.ops.dense_decode import DenseCache
+from dga_jax.ops.dga.decode import DGACache, check_fits, prefix_capacity
 from dga_jax.ops.dga.sharded import shard_count
 
 GROWTHS = ("pow2", "linear", "exact")

@@ -16,19 +16,13 @@ from dga_jax.model.config import ModelConfig
 from dga_jax.model.layers import apply_rope, param, rope_frequencies
 from dga_jax.ops.context import ContextSplit
 from dga_jax.ops.dense import dense_attention
+from dga_jax.ops.dense_decode import DenseCache, DenseUpdate
 from dga_jax.ops.dga.api import dga_attention
-from dga_jax.ops.dga.decode import (
-    DenseCache,
-    DenseUpdate,
-    DGACache,
-    DGAUpdate,
-    attend_step,
-    prefill,
-)
+from dga_jax.ops.dga.decode import DGACache, DGAUpdate, prefill
 from dga_jax.ops.dga.sharded import per_shard, shard_count
 from dga_jax.ops.minference import minference_attention
 from dga_jax.ops.sinks import sink_attention
-from dga_jax.ops.sinks_decode import SinkCache, SinkUpdate, sink_attend, sink_prefill
+from dga_jax.ops.sinks_decode import SinkCache, SinkUpdate, sink_prefill
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
 
 
@@ -97,14 +91,15 @@ class DGAttention(nnx.Module):
     ) -> tuple[jax.Array, DGAUpdate | DenseUpdate | SinkUpdate]:
         """x: [B, 1, D], one token per row at position `cache.length` -> ([B, 1, D], update).
 
-        Reads `cache` only; `dga_jax.ops.dga.decode.apply_update` writes the returned update.
+        Reads `cache` only (`cache.attend`); `dga_jax.ops.dga.decode.apply_update` writes the
+        returned update.
         """
-        if isinstance(cache, SinkCache):
-            q, k, v, q_far, k_far = (y[:, 0] for y in self._sink_qkv(x, cache.length[:, None]))
-            out, update = sink_attend(q, q_far, k, k_far, v, cache)
-            return self._project(out[:, None]), update
-        q, k, v = self._qkv(x, cache.length[:, None])
-        out, update = attend_step(q[:, 0], k[:, 0], v[:, 0], cache)
+        positions = cache.length[:, None]
+        if self.config.sinks is not None:
+            qkv = self._sink_qkv(x, positions)  # the SinkCache also reads q_far and k_far
+        else:
+            qkv = self._qkv(x, positions)
+        out, update = cache.attend(*(y[:, 0] for y in qkv))
         return self._project(out[:, None]), update
 
     def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -142,7 +137,9 @@ class DGAttention(nnx.Module):
     def _sink_attend(self, q, k, v, q_far, k_far) -> jax.Array:
         self._check_whole_sequences()
         with jax.named_scope(self.config.attention + "_attention"):
-            return sink_attention(q, k, v, q_far, k_far, self.config.sinks)
+            return sink_attention(
+                q, k, v, q_far, k_far, self.config.sinks, implementation=self.config.attention_impl
+            )
 
     def _check_whole_sequences(self) -> None:
         """The baselines run on whole sequences: batch and heads split by the compiler under a
@@ -185,14 +182,11 @@ class DGAttention(nnx.Module):
         config = self.config
         if config.attention == "dense":
             return dense_attention(q, k, v, implementation=config.attention_impl, split=split)
-        dga = config.dga
         return dga_attention(
             q,
             k,
             v,
-            group_size=dga.group_size,
-            focal_ratio=dga.focal_ratio,
-            selection=dga.selection,
+            config.dga,
             implementation=config.attention_impl,
             split=split,
             lengths=lengths,

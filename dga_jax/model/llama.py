@@ -11,7 +11,8 @@ from dga_jax.model.attention import DGAttention
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.layers import MLP, RMSNorm, param
 from dga_jax.ops.context import zigzag_order
-from dga_jax.ops.dga.decode import DenseCache, DenseUpdate, DGACache, DGAUpdate, apply_update
+from dga_jax.ops.dense_decode import DenseCache, DenseUpdate
+from dga_jax.ops.dga.decode import DGACache, DGAUpdate, apply_update
 from dga_jax.ops.dga.sharded import shard_count
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
 

@@ -8,7 +8,7 @@ import numbers
 import jax.numpy as jnp
 import numpy as np
 
-from dga_jax.ops.intervals import BlockSizes
+from dga_jax.ops.tiles import BlockSizes
 
 
 def check_qkv(q, k, v, scale: float | None) -> float:

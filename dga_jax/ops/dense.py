@@ -16,8 +16,9 @@ import jax.numpy as jnp
 
 from dga_jax.ops.checks import check_block_sizes, check_qkv
 from dga_jax.ops.context import WHOLE, ContextSplit
-from dga_jax.ops.intervals import BlockSizes, Entries, interval_attention
+from dga_jax.ops.intervals import Entries, interval_attention
 from dga_jax.ops.target import placed_target
+from dga_jax.ops.tiles import BlockSizes
 
 DENSE_IMPLEMENTATIONS = ("xla", "blockwise", "cudnn")
 

@@ -19,12 +19,21 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import numbers
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dga_jax.ops.tiles import (
+    XLA_DOTS,
+    BlockSizes,
+    Tile,
+    online_finish,
+    online_init,
+    online_step,
+    round_up,
+    tile_grads,
+)
 
 NEVER = np.iinfo(np.int32).max  # `until` of entries visible for ever; `start` of padding
 
@@ -50,28 +59,6 @@ class BlockRanges:
     prefix_end: jax.Array  # [B, H, nq] int32: prefix [prefix_end, N) is visible to none
     band_start: jax.Array  # [B, H, nq] int32: first band entry still visible to the block
     band_end: jax.Array  # [B, H, nq] int32: one past the last band entry visible to the block
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-    """Block sizes of the blockwise walk, clamped to the problem size.
-
-    block_q queries walk the prefix block_k entries at a time; the band is visited by
-    sub-blocks of block_band queries (a divisor of block_q is used). block_importance is the
-    key tile of DGA's importance pass (block_importance / m sampled queries per tile).
-    """
-
-    block_q: int = 512
-    block_k: int = 512
-    block_band: int = 128
-    block_importance: int = 1024
-
-    def __post_init__(self):
-        for name in ("block_q", "block_k", "block_band", "block_importance"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
-            object.__setattr__(self, name, int(value))
 
 
 def block_ranges(
@@ -133,13 +120,13 @@ def interval_attention(
         raise ValueError("prefix entries are visible for ever: pass until=None (use the band)")
     b, seq_len, hq, d = q.shape
     hkv, n_prefix = prefix.k.shape[1], max(prefix.k.shape[2], 1)
-    bq = min(block_sizes.block_q, _round_up(seq_len, 8))
-    bk = min(block_sizes.block_k, _round_up(n_prefix, 8))
+    bq = min(block_sizes.block_q, round_up(seq_len, 8))
+    bk = min(block_sizes.block_k, round_up(n_prefix, 8))
     sub = math.gcd(bq, block_sizes.block_band)
     nq = -(-seq_len // bq)
-    width = _round_up(sub + band_lag, 8)
+    width = round_up(sub + band_lag, 8)
     if band is not None:  # a window wider than the band would only read padding
-        width = min(width, _round_up(max(band.k.shape[2], 1), 8))
+        width = min(width, round_up(max(band.k.shape[2], 1), 8))
     spec = _Spec(scale, block_q=bq, block_k=bk, band_q=sub, band_width=width, groups=hq // hkv)
 
     prefix_full, prefix_end = _prefix_ranges(prefix, bq, nq)
@@ -149,10 +136,10 @@ def interval_attention(
     band_start = None
     if band is not None:
         band_start, _ = _band_ranges(band, sub, nq * bq // sub)
-        band = _flatten(band, max(_round_up(band.k.shape[2], 8), width))
+        band = _flatten(band, max(round_up(band.k.shape[2], 8), width))
         band_start = jnp.minimum(band_start, band.k.shape[1] - width)
         band_start = band_start.reshape(b * hkv, nq, bq // sub).transpose(1, 0, 2)  # [nq, BH, S]
-    prefix = _flatten(prefix, _round_up(n_prefix, bk))
+    prefix = _flatten(prefix, round_up(n_prefix, bk))
 
     qb = _query_blocks(q, hkv, bq)
     qpb = None if q_prefix is None else _query_blocks(q_prefix, hkv, bq)
@@ -202,26 +189,17 @@ def _flatten(entries: Entries, size: int) -> Entries:
     )
 
 
-class Block(NamedTuple):
-    """A tile of entries: k, v [..., N, D]; start, until, bias [..., N]; `masked` is static."""
+def _prefix_block(spec: _Spec, prefix: Entries, j: jax.Array, masked: bool) -> Tile:
+    """Prefix block j: k, v [BH, bk, D]; start (if masked) and bias [BH, 1, bk]."""
 
-    k: jax.Array
-    v: jax.Array
-    start: jax.Array | None
-    until: jax.Array | None
-    bias: jax.Array | None
-    masked: bool
-
-
-def _prefix_block(spec: _Spec, prefix: Entries, j: jax.Array, masked: bool) -> Block:
     def take(x):
-        if x is None:
-            return None
         return jax.lax.dynamic_slice_in_dim(x, j * spec.block_k, spec.block_k, axis=1)
 
-    return Block(
-        take(prefix.k), take(prefix.v), take(prefix.start), None, take(prefix.bias), masked
-    )
+    def row(x):
+        return None if x is None else take(x)[:, None, :]
+
+    start = row(prefix.start) if masked else None
+    return Tile(take(prefix.k), take(prefix.v), start, None, row(prefix.bias))
 
 
 def _band_index(spec: _Spec, starts: jax.Array) -> jax.Array:
@@ -230,20 +208,19 @@ def _band_index(spec: _Spec, starts: jax.Array) -> jax.Array:
     return idx.reshape(starts.shape[0], -1)
 
 
-def _band_block(spec: _Spec, band: Entries, starts: jax.Array) -> Block:
-    """The band window of each query sub-block: [BH, S, W, ...]."""
+def _band_block(spec: _Spec, band: Entries, starts: jax.Array) -> Tile:
+    """The band window of each query sub-block: k, v [BH, S, W, D]; rows [BH, S, 1, W]."""
     idx = _band_index(spec, starts)
     windows = (*starts.shape, spec.band_width)
 
     def take(x):
-        if x is None:
-            return None
         out = jnp.take_along_axis(x, idx.reshape(*idx.shape, *[1] * (x.ndim - 2)), axis=1)
         return out.reshape(*windows, *x.shape[2:])
 
-    return Block(
-        take(band.k), take(band.v), take(band.start), take(band.until), take(band.bias), True
-    )
+    def row(x):
+        return None if x is None else take(x)[..., None, :]
+
+    return Tile(take(band.k), take(band.v), row(band.start), row(band.until), row(band.bias))
 
 
 def _scatter_add_band(spec: _Spec, x: jax.Array, starts: jax.Array, delta: jax.Array):
@@ -264,7 +241,7 @@ def _add_prefix_block(spec: _Spec, x: jax.Array, j: jax.Array, delta: jax.Array)
 
 def _positions(spec: _Spec, i: jax.Array) -> jax.Array:
     rows = spec.block_q * spec.groups
-    return i * spec.block_q + jnp.arange(rows, dtype=jnp.int32) // spec.groups  # [R]
+    return i * spec.block_q + (jnp.arange(rows, dtype=jnp.int32) // spec.groups)[:, None]  # [R, 1]
 
 
 def _split_band(spec: _Spec, x: jax.Array) -> jax.Array:
@@ -272,83 +249,37 @@ def _split_band(spec: _Spec, x: jax.Array) -> jax.Array:
     return x.reshape(x.shape[0], spec.block_q // spec.band_q, -1, *x.shape[2:])
 
 
-def _logits(scale: float, q: jax.Array, t: jax.Array, block: Block):
-    """Scaled, biased logits [..., R, N] and, for a masked block, the visibility mask."""
-    s = jnp.einsum("...rd,...nd->...rn", q, block.k, preferred_element_type=jnp.float32)
-    s = s * scale
-    if block.bias is not None:
-        s = s + block.bias[..., None, :]
-    if not block.masked:
-        return s, None
-    visible = block.start[..., None, :] <= t[..., :, None]
-    if block.until is not None:
-        visible &= t[..., :, None] < block.until[..., None, :]
-    return s, visible
-
-
-def online_step(scale: float, state, q: jax.Array, t: jax.Array, block: Block):
-    """One online-softmax update of state (max, total, acc) [..., R], [..., R], [..., R, D]
-    (float32) by the block's entries, for queries q [..., R, D] at positions t [..., R]."""
-    mx, total, acc = state
-    s, visible = _logits(scale, q, t, block)
-    if visible is None:
-        m_new = jnp.maximum(mx, jnp.max(s, axis=-1))
-        p = jnp.exp(s - m_new[..., None])
-        alpha = jnp.exp(mx - m_new)
-    else:
-        m_new = jnp.maximum(mx, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
-        m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)  # a row that has seen nothing yet
-        p = jnp.where(visible, jnp.exp(s - m_safe[..., None]), 0.0)
-        alpha = jnp.exp(mx - m_safe)
-    pv = jnp.einsum(
-        "...rn,...nd->...rd", p.astype(block.v.dtype), block.v, preferred_element_type=jnp.float32
-    )
-    return m_new, alpha * total + p.sum(-1), alpha[..., None] * acc + pv
-
-
-def empty_state(q_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The online-softmax state of queries [..., R, D] that have seen nothing."""
-    rows = q_shape[:-1]
-    return jnp.full(rows, -jnp.inf), jnp.zeros(rows), jnp.zeros(q_shape)
-
-
-def finish(state) -> tuple[jax.Array, jax.Array]:
-    """state -> (out [..., R, D] float32, log-sum-exp [..., R]; +inf and 0 out where nothing
-    was seen)."""
-    mx, total, acc = state
-    seen = total > 0
-    out = acc / jnp.where(seen, total, 1.0)[..., None]
-    lse = jnp.where(seen, mx + jnp.log(jnp.where(seen, total, 1.0)), jnp.inf)
-    return out, lse
+def _band_positions(spec: _Spec, t: jax.Array) -> jax.Array:
+    """[R, 1] positions -> [S, R/S, 1], the band sub-blocks'."""
+    return _split_band(spec, t[None])[0]
 
 
 def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
     i, q, qp, n_full, n_total, band_start = xs
     t = _positions(spec, i)
-    state = empty_state(q.shape)
+    state = online_init(q.shape)
     q_prefix = q if qp is None else qp
 
     def step(masked):
         def body(j, state):
-            return online_step(
-                spec.scale, state, q_prefix, t, _prefix_block(spec, prefix, j, masked)
-            )
+            tile = _prefix_block(spec, prefix, j, masked)
+            return online_step(XLA_DOTS, spec.scale, state, q_prefix, t, tile)
 
         return body
 
     state = jax.lax.fori_loop(0, n_full, step(False), state)
     state = jax.lax.fori_loop(n_full, n_total, step(True), state)
     if band is not None:
-        split = tuple(_split_band(spec, x) for x in state)
         split = online_step(
+            XLA_DOTS,
             spec.scale,
-            split,
+            tuple(_split_band(spec, x) for x in state),
             _split_band(spec, q),
-            _split_band(spec, t[None])[0],
+            _band_positions(spec, t),
             _band_block(spec, band, band_start),
         )
         state = tuple(x.reshape(y.shape) for x, y in zip(split, state, strict=True))
-    out, lse = finish(state)
+    out, lse = online_finish(state)
     return out.astype(q.dtype), lse
 
 
@@ -364,21 +295,10 @@ def _attend(spec, q, qp, prefix, band, n_full, n_total, band_start):
     return _attend_fwd(spec, q, qp, prefix, band, n_full, n_total, band_start)[0]
 
 
-def _grad_step(spec: _Spec, q, do, lse, delta, t, block: Block):
-    """Gradients of one KV block: dq [..., R, D], dk and dv [..., N, D], all float32."""
-    s, visible = _logits(spec.scale, q, t, block)
-    p = jnp.exp(s - lse[..., None])
-    if visible is not None:
-        p = jnp.where(visible, p, 0.0)
-    dp = jnp.einsum("...rd,...nd->...rn", do, block.v, preferred_element_type=jnp.float32)
-    ds = p * (dp - delta[..., None]) * spec.scale
-    f32 = jnp.float32
-    dq = jnp.einsum(
-        "...rn,...nd->...rd", ds.astype(block.k.dtype), block.k, preferred_element_type=f32
-    )
-    dk = jnp.einsum("...rn,...rd->...nd", ds.astype(q.dtype), q, preferred_element_type=f32)
-    dv = jnp.einsum("...rn,...rd->...nd", p.astype(do.dtype), do, preferred_element_type=f32)
-    return dq, dk, dv
+def _grad_step(spec: _Spec, q, do, lse, delta, t, tile: Tile):
+    """Gradients of one tile: dq [..., R, D], dk and dv [..., N, D], all float32."""
+    ds, p = tile_grads(XLA_DOTS, spec.scale, q, t, do, lse, delta, tile)
+    return XLA_DOTS.nn(ds.astype(tile.k.dtype), tile.k), XLA_DOTS.tn(ds, q), XLA_DOTS.tn(p, do)
 
 
 def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, xs):
@@ -415,7 +335,7 @@ def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, x
             split(do),
             split(lse),
             split(delta),
-            split(t[None])[0],
+            _band_positions(spec, t),
             _band_block(spec, band, band_start),
         )
         dq = dq + dq_b.reshape(dq.shape)
@@ -426,7 +346,8 @@ def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, x
 
 def _attend_bwd(spec, residuals, d_out):
     q, qp, prefix, band, n_full, n_total, band_start, out, lse = residuals
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [nq, BH, R]
+    # [nq, BH, R, 1]
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
 
     def zeros(entries):
         if entries is None:
@@ -456,7 +377,3 @@ def _attend_bwd(spec, residuals, d_out):
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple

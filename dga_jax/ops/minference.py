@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from dga_jax.ops.checks import check_qkv, is_int
-from dga_jax.ops.intervals import NEVER, Block, empty_state, finish, online_step
+from dga_jax.ops.intervals import NEVER
+from dga_jax.ops.tiles import XLA_DOTS, Tile, online_finish, online_init, online_step
 
 LAST_Q = 64  # queries that estimate the pattern
 BLOCK = 64  # rows per pattern block, keys per attended block (the reference's BLOCK_M, _N)
@@ -166,7 +167,7 @@ def _vertical_slash(q, k, v, columns, offsets, *, scale):
     firsts, counts = slash_blocks(offsets.reshape(b * hq, -1), n_steps * per_step)
     lanes = _kv_lanes(b, hq, hkv)
     keys, values = (_flat_keys(x, padded + BLOCK) for x in (k, v))  # [B*Hkv, L', D]
-    cols = Block(*_columns(keys, values, columns.reshape(b * hq, -1), lanes), None, None, True)
+    cols = _columns(keys, values, columns.reshape(b * hq, -1), lanes)
     qt = jnp.pad(q, ((0, 0), (0, padded - seq_len), (0, 0), (0, 0)))
     qt = qt.reshape(b, n_steps, per_step, BLOCK, hq, d).transpose(1, 0, 4, 2, 3, 5)
     qt = qt.reshape(n_steps, b * hq, per_step, BLOCK, d)
@@ -207,11 +208,12 @@ def _by_step(n_steps: int, per_step: int, x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 1, 0)
 
 
-def _walk_step(scale, keys, values, lanes, cols: Block, xs):
+def _walk_step(scale, keys, values, lanes, cols, xs):
     """One step's row blocks: their slash blocks, then the kept columns outside them."""
     i, q, firsts, counts = xs  # q [N, P, BLOCK, D]; firsts [N, P, n]; counts [N, P]
     per_step = q.shape[1]
     t = (i * per_step + jnp.arange(per_step)[:, None]) * BLOCK + jnp.arange(BLOCK)  # [P, BLOCK]
+    t = t[..., None]  # [P, BLOCK, 1]
     offs = jnp.arange(BLOCK, dtype=jnp.int32)
 
     def block_step(n, state):
@@ -219,17 +221,17 @@ def _walk_step(scale, keys, values, lanes, cols: Block, xs):
         first = jnp.where(first < NEVER, first, -BLOCK)  # padding: a block never seen
         k, v = (_take_blocks(x, lanes, jnp.maximum(first, 0)) for x in (keys, values))
         start = (first[..., None] + offs).reshape(*first.shape[:2], -1)
-        start = jnp.where(start < 0, NEVER, start)
-        return online_step(scale, state, q, t, Block(k, v, start, None, None, True))
+        start = jnp.where(start < 0, NEVER, start)[..., None, :]
+        return online_step(XLA_DOTS, scale, state, q, t, Tile(k, v, start))
 
     n_tiles = -(-jnp.max(counts) // BLOCKS_PER_TILE)
-    state = jax.lax.fori_loop(0, n_tiles, block_step, empty_state(q.shape))
-    covered = _covered(firsts, cols.start)  # [N, P, nv']
-    seen = jnp.max(jnp.sum(cols.start <= t[-1, -1], axis=-1))
+    state = jax.lax.fori_loop(0, n_tiles, block_step, online_init(q.shape))
+    covered = _covered(firsts, cols[2])  # [N, P, nv']
+    seen = jnp.max(jnp.sum(cols[2] <= t[-1, -1, 0], axis=-1))
     state = jax.lax.fori_loop(
         0, -(-seen // BLOCK), functools.partial(_column_step, scale, q, t, cols, covered), state
     )
-    return finish(state)[0]
+    return online_finish(state)[0]
 
 
 def _take_blocks(x: jax.Array, lanes: jax.Array, first: jax.Array) -> jax.Array:
@@ -243,17 +245,17 @@ def _take_blocks(x: jax.Array, lanes: jax.Array, first: jax.Array) -> jax.Array:
     return blocks.reshape(*first.shape[:2], -1, x.shape[-1])
 
 
-def _column_step(scale, q, t, cols: Block, covered, c, state):
-    """The c-th BLOCK of kept columns, each seen alone by the row blocks whose slash blocks do
-    not cover it."""
+def _column_step(scale, q, t, cols, covered, c, state):
+    """The c-th BLOCK of kept columns (k, v [N, nv', D], start [N, nv']), each seen alone by
+    the row blocks whose slash blocks do not cover it."""
     n, per_step = q.shape[:2]
     at = c * BLOCK
-    k, v = (jax.lax.dynamic_slice_in_dim(x, at, BLOCK, axis=1) for x in (cols.k, cols.v))
+    k, v = (jax.lax.dynamic_slice_in_dim(x, at, BLOCK, axis=1) for x in cols[:2])
     k, v = (jnp.broadcast_to(x[:, None], (n, per_step, *x.shape[1:])) for x in (k, v))
-    start = jax.lax.dynamic_slice_in_dim(cols.start, at, BLOCK, axis=1)[:, None]  # [N, 1, BLOCK]
+    start = jax.lax.dynamic_slice_in_dim(cols[2], at, BLOCK, axis=1)[:, None]  # [N, 1, BLOCK]
     hidden = jax.lax.dynamic_slice_in_dim(covered, at, BLOCK, axis=2)  # [N, P, BLOCK]
-    start = jnp.where(hidden, NEVER, start)
-    return online_step(scale, state, q, t, Block(k, v, start, None, None, True))
+    start = jnp.where(hidden, NEVER, start)[..., None, :]
+    return online_step(XLA_DOTS, scale, state, q, t, Tile(k, v, start))
 
 
 def _covered(firsts: jax.Array, columns: jax.Array) -> jax.Array:

@@ -34,8 +34,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.checks import check_block_sizes, check_qkv, is_int
-from dga_jax.ops.intervals import BlockSizes, Entries, interval_attention
+from dga_jax.ops.checks import check_qkv, is_int
+from dga_jax.ops.dga.backends import check_implementation, interval_implementation
+from dga_jax.ops.intervals import Entries
+from dga_jax.ops.tiles import BlockSizes
 
 
 def _check_sizes(kind: str, **sizes: int) -> None:
@@ -135,7 +137,9 @@ def sink_attention(
     k_far: jax.Array,
     config: SinkConfig,
     *,
+    implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
+    interpret: object = False,
 ) -> jax.Array:
     """StreamingLLM or LM-Infinite attention (`config`'s kind; module docstring).
 
@@ -144,6 +148,9 @@ def sink_attention(
     first tokens are scored with (k itself, or un-rotated: `config.far_rope_keys`).
     -> [B, L, Hq, D]. Memory linear in L; each query block visits the first tokens and the
     window only.
+
+    `implementation`: "xla" (the default), "pallas_gpu" or "pallas_tpu", the interval attention
+    DGA runs on (`dga_jax.ops.dga.backends`), with their `block_sizes` and `interpret`.
     """
     scale = check_qkv(q, k, v, None)
     if q_far.shape != q.shape or k_far.shape != k.shape:
@@ -151,13 +158,29 @@ def sink_attention(
             f"q_far {q_far.shape} and k_far {k_far.shape} must have the shapes of q {q.shape} "
             f"and k {k.shape}"
         )
+    implementation, block_sizes = check_implementation(
+        implementation, block_sizes, interpret, q, k, v
+    )
     return _sink_attention(
-        q, k, v, q_far, k_far, config, scale=scale, block_sizes=check_block_sizes(block_sizes)
+        q,
+        k,
+        v,
+        q_far,
+        k_far,
+        config,
+        scale=scale,
+        block_sizes=block_sizes,
+        implementation=implementation,
+        interpret=interpret,
     )
 
 
-@functools.partial(jax.jit, static_argnames=("config", "scale", "block_sizes"))
-def _sink_attention(q, k, v, q_far, k_far, config, *, scale, block_sizes):
+@functools.partial(
+    jax.jit, static_argnames=("config", "scale", "block_sizes", "implementation", "interpret")
+)
+def _sink_attention(
+    q, k, v, q_far, k_far, config, *, scale, block_sizes, implementation, interpret
+):
     b, seq_len, hkv, _ = k.shape
     first, band_first = min(config.sinks, seq_len), min(band_first_token(config), seq_len)
     heads_first = functools.partial(jnp.swapaxes, axis1=1, axis2=2)  # [B, N, H, D] -> [B, H, N, D]
@@ -177,7 +200,8 @@ def _sink_attention(q, k, v, q_far, k_far, config, *, scale, block_sizes):
         start,
         start + config.window,
     )
-    return interval_attention(
+    attend = interval_implementation(implementation, interpret)
+    return attend(
         q,
         prefix,
         band,

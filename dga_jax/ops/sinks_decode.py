@@ -30,6 +30,57 @@ class SinkCache:
     config: SinkConfig = dataclasses.field(metadata=dict(static=True))
     scale: float = dataclasses.field(metadata=dict(static=True))
 
+    def attend(
+        self, q: jax.Array, k: jax.Array, v: jax.Array, q_far: jax.Array, k_far: jax.Array
+    ) -> tuple[jax.Array, SinkUpdate]:
+        """The new token's output over the cache and itself, and what it writes; reads only.
+
+        q, q_far [B, Hq, D] (rotated at t = length and at `config.far_positions(t)`); k, k_far,
+        v [B, Hkv, D] of the new token -> (output [B, Hq, D] in q's dtype, the update).
+        """
+        config, t = self.config, self.length  # [B]
+        b, hq, d = q.shape
+        hkv = k.shape[1]
+        band_first = band_first_token(config)
+        sink_pos = jnp.arange(config.sinks)[None, :]
+        sink_ok = (sink_pos < t[:, None]) & (sink_pos + config.sink_delay <= t[:, None])
+        ring_pos = _ring_positions(t - 1, config.window)
+        ring_ok = (ring_pos >= band_first) & (t[:, None] - ring_pos < config.window)
+        self_far = t < band_first  # the token is itself a sink, seen through q_far
+        group = _grouped(q, hkv)
+        group_far = _grouped(q_far, hkv)
+        scores = jnp.concatenate(
+            [
+                _scores(group_far, self.sink_k, sink_ok),
+                _scores(group, self.ring_k, ring_ok),
+                jnp.where(
+                    self_far[:, None, None, None],
+                    _scores(group_far, k_far[:, :, None], None),
+                    _scores(group, k[:, :, None], None),
+                ),
+            ],
+            axis=-1,
+        )  # [B, Hkv, G, S + W + 1]
+        p = jax.nn.softmax(scores * self.scale, axis=-1)
+        values = jnp.concatenate([self.sink_v, self.ring_v, v[:, :, None]], axis=2)
+        out = jnp.einsum("bkgn,bknd->bkgd", p, values.astype(jnp.float32))
+        return out.reshape(b, hq, d).astype(q.dtype), SinkUpdate(k, k_far, v)
+
+    def apply(self, update: SinkUpdate) -> SinkCache:
+        """Writes one step's `update`: the ring slot of its position, and its sink slot while it
+        is one of the first tokens."""
+        t = self.length
+        slot = jnp.mod(t, self.config.window)
+        ring_k = _write(self.ring_k, slot, update.k, jnp.ones_like(t, bool))
+        ring_v = _write(self.ring_v, slot, update.v, jnp.ones_like(t, bool))
+        is_sink = t < self.config.sinks
+        sink_slot = jnp.minimum(t, self.config.sinks - 1)
+        sink_k = _write(self.sink_k, sink_slot, update.k_far, is_sink)
+        sink_v = _write(self.sink_v, sink_slot, update.v, is_sink)
+        return dataclasses.replace(
+            self, sink_k=sink_k, sink_v=sink_v, ring_k=ring_k, ring_v=ring_v, length=t + 1
+        )
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -85,48 +136,6 @@ def _gather(x: jax.Array, idx: jax.Array, ok: jax.Array) -> jax.Array:
     return jnp.where(ok[:, None, :, None], out, 0).astype(x.dtype)
 
 
-def sink_attend(
-    q: jax.Array,
-    q_far: jax.Array,
-    k: jax.Array,
-    k_far: jax.Array,
-    v: jax.Array,
-    cache: SinkCache,
-) -> tuple[jax.Array, SinkUpdate]:
-    """The new token's output over the cache and itself, and what it writes; reads only.
-
-    q, q_far [B, Hq, D] (rotated at t = cache.length and at `config.far_positions(t)`); k, k_far,
-    v [B, Hkv, D] of the new token -> (output [B, Hq, D] in q's dtype, the update).
-    """
-    config, t = cache.config, cache.length  # [B]
-    b, hq, d = q.shape
-    hkv = k.shape[1]
-    band_first = band_first_token(config)
-    sink_pos = jnp.arange(config.sinks)[None, :]
-    sink_ok = (sink_pos < t[:, None]) & (sink_pos + config.sink_delay <= t[:, None])
-    ring_pos = _ring_positions(t - 1, config.window)
-    ring_ok = (ring_pos >= band_first) & (t[:, None] - ring_pos < config.window)
-    self_far = t < band_first  # the token is itself a sink, seen through q_far
-    group = _grouped(q, hkv)
-    group_far = _grouped(q_far, hkv)
-    scores = jnp.concatenate(
-        [
-            _scores(group_far, cache.sink_k, sink_ok),
-            _scores(group, cache.ring_k, ring_ok),
-            jnp.where(
-                self_far[:, None, None, None],
-                _scores(group_far, k_far[:, :, None], None),
-                _scores(group, k[:, :, None], None),
-            ),
-        ],
-        axis=-1,
-    )  # [B, Hkv, G, S + W + 1]
-    p = jax.nn.softmax(scores * cache.scale, axis=-1)
-    values = jnp.concatenate([cache.sink_v, cache.ring_v, v[:, :, None]], axis=2)
-    out = jnp.einsum("bkgn,bknd->bkgd", p, values.astype(jnp.float32))
-    return out.reshape(b, hq, d).astype(q.dtype), SinkUpdate(k, k_far, v)
-
-
 def _grouped(q: jax.Array, hkv: int) -> jax.Array:
     """[B, Hq, D] -> [B, Hkv, G, D] float32: query head h reads KV head h // G."""
     b, hq, d = q.shape
@@ -139,22 +148,6 @@ def _scores(q: jax.Array, keys: jax.Array, visible: jax.Array | None) -> jax.Arr
     if visible is None:
         return s
     return jnp.where(visible[:, None, None, :], s, -jnp.inf)
-
-
-def sink_apply(cache: SinkCache, update: SinkUpdate) -> SinkCache:
-    """Writes one step's `update` into `cache`: the ring slot of its position, and its sink
-    slot while it is one of the first tokens."""
-    t = cache.length
-    slot = jnp.mod(t, cache.config.window)
-    ring_k = _write(cache.ring_k, slot, update.k, jnp.ones_like(t, bool))
-    ring_v = _write(cache.ring_v, slot, update.v, jnp.ones_like(t, bool))
-    is_sink = t < cache.config.sinks
-    sink_slot = jnp.minimum(t, cache.config.sinks - 1)
-    sink_k = _write(cache.sink_k, sink_slot, update.k_far, is_sink)
-    sink_v = _write(cache.sink_v, sink_slot, update.v, is_sink)
-    return dataclasses.replace(
-        cache, sink_k=sink_k, sink_v=sink_v, ring_k=ring_k, ring_v=ring_v, length=t + 1
-    )
 
 
 def _write(buffer: jax.Array, slot: jax.Array, x: jax.Array, where: jax.Array) -> jax.Array:

@@ -13,7 +13,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dga_jax import aot
 from dga_jax.ops import target as target_module
-from dga_jax.ops.intervals import BlockSizes
+from dga_jax.ops.sinks import StreamingLLMConfig
+from dga_jax.ops.tiles import BlockSizes
 from train.config import from_config_dict
 from train.loop import lower_train_step
 
@@ -49,6 +50,26 @@ def test_kernels_compile_at_default_blocks(target, selection, gradient):
         for kernel in report.kernels:
             assert kernel.spill_bytes == 0 and 0 < kernel.registers <= 255, str(report)
             assert 0 < kernel.shared_memory_bytes <= H100.shared_memory_bytes, str(report)
+
+
+@pytest.mark.parametrize("gradient", [False, True], ids=["fwd", "grad"])
+@pytest.mark.parametrize("target", ["v5e", "h100"])
+def test_sink_kernels_compile_at_default_blocks(target, gradient):
+    """The two-query path (the first tokens scored by their own queries): StreamingLLM's."""
+    lowered = aot.lower_attention(
+        aot.target_devices(target, chips=4),
+        seq_len=2048,
+        implementation=IMPLEMENTATION[target],
+        gradient=gradient,
+        sinks=StreamingLLMConfig(start_size=4, recent_size=1000),
+    )
+    report = aot.compile_report("sink kernels", lowered, target)
+    assert report.ok, str(report)
+    if target == "h100":
+        names = {k.name for k in report.kernels}
+        assert names == (GPU_KERNELS if gradient else {"dga_forward"}), str(report)
+        for kernel in report.kernels:
+            assert kernel.spill_bytes == 0 and 0 < kernel.registers <= 255, str(report)
 
 
 @pytest.mark.parametrize(

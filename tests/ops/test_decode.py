@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import dga_jax
+from dga_jax.ops.dense_decode import DenseCache
 from dga_jax.ops.dga.decode import (
-    DenseCache,
     DGACache,
     decode_step,
     prefill,

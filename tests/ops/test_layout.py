@@ -10,13 +10,8 @@ import numpy as np
 import pytest
 
 from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.layout import (
-    dga_layout,
-    global_importance,
-    layout_block_ranges,
-    sampled_positions,
-    top_r_mask,
-)
+from dga_jax.ops.dga.layout import dga_layout, layout_block_ranges
+from dga_jax.ops.dga.selection import global_importance, sampled_positions, top_r_mask
 from dga_jax.ops.intervals import NEVER
 from tests.conftest import random_qkv
 

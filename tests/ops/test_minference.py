@@ -12,7 +12,7 @@ from flax import nnx
 
 from dga_jax import Llama, ModelConfig
 from dga_jax.errors import ConfigError
-from dga_jax.ops.dga.decode import DenseCache
+from dga_jax.ops.dense_decode import DenseCache
 from dga_jax.ops.minference import (
     BLOCK,
     MInferenceConfig,

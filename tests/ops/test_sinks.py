@@ -4,6 +4,8 @@ literal rules, and decoding with the bounded cache against the prefill."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,10 +16,17 @@ from dga_jax import Llama, ModelConfig
 from dga_jax.errors import ConfigError
 from dga_jax.model.config import RopeScaling
 from dga_jax.model.layers import apply_rope, rope_frequencies
-from dga_jax.ops.intervals import BlockSizes
 from dga_jax.ops.sinks import LMInfiniteConfig, StreamingLLMConfig, sink_attention, sink_reference
-from dga_jax.ops.sinks_decode import sink_apply, sink_attend, sink_prefill
-from tests.conftest import FORWARD_TOL, GRAD_TOL, assert_close, random_qkv
+from dga_jax.ops.sinks_decode import sink_prefill
+from dga_jax.ops.tiles import BlockSizes
+from tests.conftest import (
+    FORWARD_TOL,
+    GPU_INTERPRET,
+    GRAD_TOL,
+    TPU_INTERPRET,
+    assert_close,
+    random_qkv,
+)
 
 TOL, GTOL = FORWARD_TOL[jnp.float32], GRAD_TOL[jnp.float32]
 CONFIGS = [
@@ -45,16 +54,39 @@ def test_forward_and_gradients_equal_the_masked_definition(config):
     for blocks in (SMALL_BLOCKS, BlockSizes()):
         assert_close(sink_attention(*args, config, block_sizes=blocks), expected, TOL)
 
-    def loss(fn, *x):
-        return jnp.sum(fn(*x, config) ** 2)
-
-    def blocked_attention(*x):
-        return sink_attention(*x, block_sizes=SMALL_BLOCKS)
-
-    grads = jax.grad(lambda *x: loss(sink_reference, *x), argnums=range(5))(*args)
-    blocked = jax.grad(lambda *x: loss(blocked_attention, *x), argnums=range(5))(*args)
+    grads = _grads(sink_reference, args, config)
+    blocked = _grads(functools.partial(sink_attention, block_sizes=SMALL_BLOCKS), args, config)
     for got, expected in zip(blocked, grads, strict=True):
         assert_close(got, expected, GTOL)
+
+
+def _grads(attention, args, config):
+    """Gradients of sum(out**2) with respect to q, k, v, q_far, k_far (waited for)."""
+
+    def loss(*x):
+        return jnp.sum(attention(*x, config) ** 2)
+
+    return jax.block_until_ready(jax.grad(loss, argnums=range(5))(*args))
+
+
+KERNELS = {
+    "pallas_gpu": dict(interpret=GPU_INTERPRET, block_sizes=BlockSizes(block_q=16, block_k=16)),
+    "pallas_tpu": dict(interpret=TPU_INTERPRET, block_sizes=BlockSizes(block_q=16, block_k=128)),
+}
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=repr)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_the_kernels_equal_the_masked_definition(kernel, config):
+    """The Pallas kernels (interpreted), q_far scoring the prefix: forward and all gradients.
+    The reference runs first (an interpreted kernel beside an XLA compile crashed XLA:CPU)."""
+    args = inputs(1)
+    expected = jax.block_until_ready(sink_reference(*args, config))
+    grads = _grads(sink_reference, args, config)
+    kernel_attention = functools.partial(sink_attention, implementation=kernel, **KERNELS[kernel])
+    assert_close(jax.block_until_ready(kernel_attention(*args, config)), expected, TOL)
+    for got, want in zip(_grads(kernel_attention, args, config), grads, strict=True):
+        assert_close(got, want, GTOL)
 
 
 def literal_reference(q, k, v, config, inv_freq):
@@ -120,8 +152,8 @@ def test_decoding_with_the_bounded_cache_equals_the_prefill(config):
 
     @jax.jit
     def decode(cache, t):
-        out, update = sink_attend(*(x[rows, t] for x in (q, q_far, k, k_far, v)), cache)
-        return out, sink_apply(cache, update)
+        out, update = cache.attend(*(x[rows, t] for x in (q, k, v, q_far, k_far)))
+        return out, cache.apply(update)
 
     for _ in range(40 - prompt):
         t = cache.length

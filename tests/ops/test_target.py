@@ -9,8 +9,8 @@ import pytest
 
 import dga_jax
 from dga_jax.ops.dga import pallas_gpu, pallas_tpu
-from dga_jax.ops.intervals import BlockSizes
 from dga_jax.ops.target import Target, placed_target
+from dga_jax.ops.tiles import BlockSizes
 
 H100 = Target("gpu", "NVIDIA H100 80GB HBM3")
 V5E = Target("tpu", "TPU v5 lite")

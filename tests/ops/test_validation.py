@@ -114,6 +114,21 @@ def test_bad_dga_arguments(case):
         dga_jax.dga_attention(*zeros(), **kwargs)
 
 
+def test_a_dga_config_equals_its_fields_and_excludes_them():
+    q, k, v = random_qkv(0, 1, 48, 4, 2, 8)
+    config = DGAConfig(group_size=4, focal_ratio=0.25, selection="streaming")
+    by_config = dga_jax.dga_attention(q, k, v, config)
+    by_fields = dga_jax.dga_attention(
+        q, k, v, group_size=4, focal_ratio=0.25, selection="streaming"
+    )
+    np.testing.assert_array_equal(np.asarray(by_config), np.asarray(by_fields))
+    assert not np.array_equal(np.asarray(by_config), np.asarray(dga_jax.dga_attention(q, k, v)))
+    with pytest.raises(ValueError, match="either config= or focal_ratio, group_size, not both"):
+        dga_jax.dga_attention(q, k, v, config, group_size=4, focal_ratio=0.25)
+    with pytest.raises(TypeError, match="config must be a DGAConfig, got dict"):
+        dga_jax.dga_attention(q, k, v, {"group_size": 4})
+
+
 @pytest.mark.parametrize("implementation", ["foo", "pallas_tpu", ""])
 def test_bad_dense_implementation(implementation):
     with pytest.raises(ValueError, match=rf"\bimplementation\b.*{re.escape(repr(implementation))}"):

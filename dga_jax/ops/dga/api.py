@@ -3,53 +3,30 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from jax.experimental.pallas import tpu as pltpu
 
-from dga_jax.ops.checks import check_block_sizes, check_qkv
+from dga_jax.ops.checks import check_qkv
 from dga_jax.ops.context import WHOLE, ContextSplit
-from dga_jax.ops.dga import pallas_gpu, pallas_tpu
+from dga_jax.ops.dga.backends import check_implementation, interval_implementation
+from dga_jax.ops.dga.compressed import compressed_attention
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.reference import dga_attention_reference
-from dga_jax.ops.dga.xla import dga_attention_xla
-from dga_jax.ops.intervals import BlockSizes
-from dga_jax.ops.target import Target, placed_target
+from dga_jax.ops.tiles import BlockSizes
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
-
-
-class KernelBackend(NamedTuple):
-    """A kernel backend: its platform, default tiles, tile rules and on-chip memory check."""
-
-    platform: str
-    default_blocks: BlockSizes
-    check_tiles: Callable[[BlockSizes], None]
-    check_fits: Callable[[BlockSizes, tuple, np.dtype, Target], None]
-
-
-KERNEL_BACKENDS = {
-    "pallas_gpu": KernelBackend(
-        "gpu", pallas_gpu.DEFAULT_BLOCKS, pallas_gpu.check_block_sizes, pallas_gpu.check_fits
-    ),
-    "pallas_tpu": KernelBackend(
-        "tpu", pallas_tpu.DEFAULT_BLOCKS, pallas_tpu.check_block_sizes, pallas_tpu.check_fits
-    ),
-}
 
 
 def dga_attention(
     q: jax.Array,
     k: jax.Array,
     v: jax.Array,
+    config: DGAConfig | None = None,
     *,
-    group_size: int = 16,
-    focal_ratio: float = 0.1,
-    selection: str = "global",
+    group_size: int | None = None,
+    focal_ratio: float | None = None,
+    selection: str | None = None,
     scale: float | None = None,
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
@@ -61,9 +38,11 @@ def dga_attention(
 
     Args:
       q: [B, L, Hq, D] queries; k, v: [B, L, Hkv, D], Hq a multiple of Hkv (GQA).
-      group_size: m, tokens folded into one group entry.
-      focal_ratio: gamma in [0, 1], the share of tokens kept individually ("focal").
-      selection: "global" (the paper's prefill rule) or "streaming" (strictly causal).
+      config: the DGA hyper-parameters as one `DGAConfig`; or give them one by one:
+      group_size: m, tokens folded into one group entry (default 16).
+      focal_ratio: gamma in [0, 1], the share of tokens kept individually ("focal"; 0.1).
+      selection: "global" (the paper's prefill rule, the default) or "streaming" (strictly
+        causal).
       scale: logit scale, 1/sqrt(D) by default.
       implementation: "reference" (O(L^2), for tests), "xla" (any backend), "pallas_gpu"
         (Triton kernels), "pallas_tpu" (Mosaic kernels). None picks "xla": the kernels are
@@ -87,18 +66,13 @@ def dga_attention(
     Returns:
       [B, L, Hq, D] in q's dtype ([B, L / parts, Hq, D] under a split).
     """
-    config = DGAConfig(group_size, focal_ratio, selection)
+    config = _check_config(
+        config, group_size=group_size, focal_ratio=focal_ratio, selection=selection
+    )
     scale = check_qkv(q, k, v, scale)
-    if implementation is None:
-        implementation = "xla"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}"
-        )
-    if implementation in KERNEL_BACKENDS:
-        block_sizes = _check_kernel(implementation, block_sizes, interpret, q, k, v)
-    elif interpret is not False:
-        raise ValueError(f"interpret applies to the Pallas implementations, not {implementation!r}")
+    implementation, block_sizes = check_implementation(
+        implementation, block_sizes, interpret, q, k, v, allowed=IMPLEMENTATIONS
+    )
     if implementation == "reference" and split.shards > 1:
         raise ValueError("implementation='reference' needs whole sequences, not a ContextSplit")
     lengths = _check_lengths(lengths, q.shape[0], implementation, split)
@@ -110,10 +84,22 @@ def dga_attention(
         config=config,
         scale=scale,
         implementation=implementation,
-        block_sizes=check_block_sizes(block_sizes),
+        block_sizes=block_sizes,
         interpret=interpret,
         split=split,
     )
+
+
+def _check_config(config: DGAConfig | None, **fields) -> DGAConfig:
+    """A `DGAConfig`, or one from the fields given (never both)."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    if config is None:
+        return DGAConfig(**given)
+    if not isinstance(config, DGAConfig):
+        raise TypeError(f"config must be a DGAConfig, got {type(config).__name__}")
+    if given:
+        raise ValueError(f"pass either config= or {', '.join(sorted(given))}, not both")
+    return config
 
 
 def _check_lengths(lengths, batch: int, implementation: str, split: ContextSplit):
@@ -131,41 +117,6 @@ def _check_lengths(lengths, batch: int, implementation: str, split: ContextSplit
     return jnp.asarray(lengths, jnp.int32)
 
 
-def _check_kernel(
-    implementation: str,
-    block_sizes: BlockSizes | None,
-    interpret: object,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-) -> BlockSizes:
-    """-> the block sizes; errors for a platform mismatch, bad tiles, or tiles that cannot fit.
-
-    The platform is where q, k, v are placed (`placed_target`), not the host's: a kernel
-    compiles for compile-only TPU/GPU devices of a topology on a CPU host.
-    """
-    backend = KERNEL_BACKENDS[implementation]
-    target = placed_target(q, k, v)
-    if interpret is False and target.platform != backend.platform:
-        raise ValueError(
-            f"implementation={implementation!r} compiles for {backend.platform.upper()} but the "
-            f"inputs are placed on {target.platform!r} devices ({target.device_kind}): place "
-            "them on a matching mesh, or pass interpret=True to run it in interpret mode"
-        )
-    tpu_params = implementation == "pallas_tpu" and isinstance(interpret, pltpu.InterpretParams)
-    if not isinstance(interpret, bool) and not tpu_params:
-        raise ValueError(
-            f"interpret for implementation={implementation!r} must be a bool"
-            + (" or a pltpu.InterpretParams" if implementation == "pallas_tpu" else "")
-            + f", got {interpret!r}"
-        )
-    block_sizes = backend.default_blocks if block_sizes is None else check_block_sizes(block_sizes)
-    backend.check_tiles(block_sizes)
-    if interpret is False:
-        backend.check_fits(block_sizes, q.shape, q.dtype, target)
-    return block_sizes
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("config", "scale", "implementation", "block_sizes", "interpret", "split"),
@@ -173,12 +124,5 @@ def _check_kernel(
 def _dga(q, k, v, lengths=None, *, config, scale, implementation, block_sizes, interpret, split):
     if implementation == "reference":
         return dga_attention_reference(q, k, v, config, scale)
-    if implementation == "pallas_gpu":
-        return pallas_gpu.dga_attention_pallas_gpu(
-            q, k, v, config, scale, block_sizes, interpret, split, lengths
-        )
-    if implementation == "pallas_tpu":
-        return pallas_tpu.dga_attention_pallas_tpu(
-            q, k, v, config, scale, block_sizes, interpret, split, lengths
-        )
-    return dga_attention_xla(q, k, v, config, scale, block_sizes, split, lengths)
+    attend = interval_implementation(implementation, interpret)
+    return compressed_attention(attend, q, k, v, config, scale, block_sizes, split, lengths)

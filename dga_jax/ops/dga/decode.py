@@ -12,7 +12,10 @@ focal, the other m fold into one group. Shapes are static: buffers have capaciti
 longest sequence the cache is built for (`prefix_capacity`), and per-row counts say which slots
 are valid, so rows at different lengths share one batch.
 
-`DenseCache` is the dense KV cache with the same `prefill` / `decode_step` interface.
+`prefill` without a DGA config builds the dense cache (`dga_jax.ops.dense_decode.DenseCache`).
+Every cache kind reads with its `attend` method and writes with `apply`: `decode_step` runs both
+on a DGA or dense cache, `apply_update` writes into any cache, the bounded `SinkCache` of the
+StreamingLLM / LM-Infinite baselines included.
 """
 
 from __future__ import annotations
@@ -25,9 +28,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dga_jax.ops.dense_decode import (
+    DenseCache,
+    DenseUpdate,
+    attend_entries,
+    dense_prefill,
+    write_slot,
+)
 from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.layout import RowCounts, dga_layout, gather_entries
-from dga_jax.ops.sinks_decode import SinkCache, sink_apply
+from dga_jax.ops.dga.layout import (
+    RowCounts,
+    dga_layout,
+    fold_members,
+    gather_entries,
+    group_weights,
+)
+from dga_jax.ops.dga.selection import pairwise_top_mask
+from dga_jax.ops.sinks_decode import SinkCache, SinkUpdate
 
 
 @jax.tree_util.register_dataclass
@@ -47,29 +64,52 @@ class DGACache:
     scale: float = dataclasses.field(metadata=dict(static=True))
     max_len: int = dataclasses.field(metadata=dict(static=True))
 
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, DGAUpdate]:
+        """The new token's output over prefix, tail and itself, and what it writes; reads only.
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DenseCache:
-    """One layer's dense KV cache: every token, in position order."""
+        q: [B, Hq, D], k/v: [B, Hkv, D] of the token at position `length` (RoPE applied) ->
+        (output [B, Hq, D] in q's dtype, the update: the token, and the entries of the flush
+        its tail would make).
+        """
+        tail_k = write_slot(self.tail_k, self.tail_count, k)  # [B, H, m', D]: small copies
+        tail_v = write_slot(self.tail_v, self.tail_count, v)
+        tail_count = self.tail_count + 1
+        prefix_valid = jnp.arange(self.prefix_k.shape[2]) < self.prefix_count[:, None]
+        tail_valid = jnp.arange(tail_k.shape[2]) < tail_count[:, None]
+        parts = [
+            (self.prefix_k, self.prefix_v, prefix_valid, self.prefix_bias),
+            (tail_k, tail_v, tail_valid, None),
+        ]
+        out = attend_entries(q, parts, self.scale, self.length >= self.max_len)
+        entries = _flush_entries(q, tail_k, tail_v, self.config, self.scale)
+        flush = tail_count == tail_k.shape[2]
+        return out, DGAUpdate(k, v, flush, *entries)
 
-    k: jax.Array  # [B, H, max_len, D]
-    v: jax.Array  # [B, H, max_len, D]
-    length: jax.Array  # [B] int32: tokens seen, i.e. the position (and slot) of the next token
-    scale: float = dataclasses.field(metadata=dict(static=True))
+    def apply(self, update: DGAUpdate) -> DGACache:
+        """Appends the token to the tail; where the tail is full, moves it into the prefix.
 
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[2]
+        Flush entries are written for every row, at an out-of-range slot (dropped) where the
+        tail is not full, so shapes stay static.
+        """
+        capacity, num_entries = self.prefix_k.shape[2], update.entries_k.shape[2]
+        slots = self.prefix_count[:, None] + jnp.arange(num_entries)  # [B, E]
+        slots = jnp.where(update.flush[:, None], slots, capacity)
+        rows = jnp.arange(slots.shape[0])[:, None]
 
+        def write(buffer, entries):  # buffer [B, H, C, ...], entries [B, H, E, ...]
+            return buffer.at[rows, :, slots].set(jnp.moveaxis(entries, 2, 1), mode="drop")
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DenseUpdate:
-    """What one step writes into a `DenseCache`: the new token."""
-
-    k: jax.Array  # [B, H, D]
-    v: jax.Array  # [B, H, D]
+        return dataclasses.replace(
+            self,
+            prefix_k=write(self.prefix_k, update.entries_k),
+            prefix_v=write(self.prefix_v, update.entries_v),
+            prefix_bias=write(self.prefix_bias, update.entries_bias),
+            prefix_count=self.prefix_count + jnp.where(update.flush, num_entries, 0),
+            tail_k=write_slot(self.tail_k, self.tail_count, update.k),
+            tail_v=write_slot(self.tail_v, self.tail_count, update.v),
+            tail_count=jnp.where(update.flush, 0, self.tail_count + 1),
+            length=self.length + 1,
+        )
 
 
 @jax.tree_util.register_dataclass
@@ -162,7 +202,7 @@ def prefill(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if config is None:
         length = prompt_len if lengths is None else jnp.asarray(lengths, jnp.int32)
-        return _dense_prefill(k, v, scale, max_len, length)
+        return dense_prefill(k, v, scale, max_len, length)
     if lengths is None:
         needed = prefix_capacity(config, max_len, [prompt_len])
         if capacity is not None and capacity < needed:
@@ -180,60 +220,23 @@ def prefill(
 def decode_step(
     q: jax.Array, k: jax.Array, v: jax.Array, cache: DGACache | DenseCache
 ) -> tuple[jax.Array, DGACache | DenseCache]:
-    """Appends one token per row and attends over the cache: `attend_step`, then `apply_update`.
+    """Appends one token per row and attends over the cache: `cache.attend`, then `apply_update`.
 
     q: [B, Hq, D], k/v: [B, Hkv, D] of the token at position `cache.length` (RoPE applied) ->
-    (output [B, Hq, D] in q's dtype, the updated cache).
+    (output [B, Hq, D] in q's dtype, the updated cache). A model calls the two halves apart, to
+    read every layer's cache first and write all of them after (in place; XLA copies a buffer
+    that one step both reads and updates). A row already holding `max_len` tokens has no room:
+    its output is NaN (`prefix_capacity` and `check_fits` catch this on the host before running).
     """
-    out, update = attend_step(q, k, v, cache)
+    out, update = cache.attend(q, k, v)
     return out, apply_update(cache, update)
 
 
-def attend_step(
-    q: jax.Array, k: jax.Array, v: jax.Array, cache: DGACache | DenseCache
-) -> tuple[jax.Array, DGAUpdate | DenseUpdate]:
-    """The new token's output over the cache and itself, and what it writes; reads only.
-
-    Kept apart from the writes so that a model can read every layer's cache first and write
-    all of them after (in place; XLA copies a buffer that one step both reads and updates).
-    A row already holding `max_len` tokens has no room: its output is NaN (`prefix_capacity`
-    and `check_fits` catch this on the host before running).
-    """
-    if isinstance(cache, DenseCache):
-        out, update = _dense_attend(q, k, v, cache)
-    else:
-        out, update = _dga_attend(q, k, v, cache)
-    overflow = cache.length >= cache.max_len
-    return jnp.where(overflow[:, None, None], jnp.nan, out).astype(q.dtype), update
-
-
 def apply_update(
-    cache: DGACache | DenseCache, update: DGAUpdate | DenseUpdate
-) -> DGACache | DenseCache:
+    cache: DGACache | DenseCache | SinkCache, update: DGAUpdate | DenseUpdate | SinkUpdate
+) -> DGACache | DenseCache | SinkCache:
     """Writes one step's `update` into `cache` (vmap it over a leading layers axis)."""
-    if isinstance(cache, SinkCache):
-        return sink_apply(cache, update)
-    if isinstance(cache, DenseCache):
-        k = _write_slot(cache.k, cache.length, update.k)
-        v = _write_slot(cache.v, cache.length, update.v)
-        return DenseCache(k, v, cache.length + 1, cache.scale)
-    return _dga_apply(cache, update)
-
-
-def _dense_prefill(k, v, scale: float, max_len: int, length) -> DenseCache:
-    """Slots past a row's `length` (int or [B]) hold padding; decoding overwrites them."""
-    b, prompt_len = k.shape[:2]
-    pad = ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0))
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, P, D]
-    length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (b,))
-    return DenseCache(jnp.pad(kt, pad), jnp.pad(vt, pad), length, scale)
-
-
-def _dense_attend(q, k, v, cache: DenseCache) -> tuple[jax.Array, DenseUpdate]:
-    new = (k[:, :, None], v[:, :, None], jnp.ones((k.shape[0], 1), bool), None)
-    valid = jnp.arange(cache.max_len) < cache.length[:, None]  # [B, max_len]
-    out = _attend(q, [(cache.k, cache.v, valid, None), new], cache.scale)
-    return out, DenseUpdate(k, v)
+    return cache.apply(update)
 
 
 def _dga_prefill(q, k, v, config, scale, max_len, capacity, rows: RowCounts, lengths):
@@ -284,82 +287,6 @@ def _fit(x: jax.Array, size: int) -> jax.Array:
     return jnp.pad(x, widths)[:, :, :size]
 
 
-def _dga_attend(q, k, v, cache: DGACache) -> tuple[jax.Array, DGAUpdate]:
-    tail_k = _write_slot(cache.tail_k, cache.tail_count, k)  # [B, H, m', D]: small copies
-    tail_v = _write_slot(cache.tail_v, cache.tail_count, v)
-    tail_count = cache.tail_count + 1
-    prefix_valid = jnp.arange(cache.prefix_k.shape[2]) < cache.prefix_count[:, None]
-    tail_valid = jnp.arange(tail_k.shape[2]) < tail_count[:, None]
-    out = _attend(
-        q,
-        [
-            (cache.prefix_k, cache.prefix_v, prefix_valid, cache.prefix_bias),
-            (tail_k, tail_v, tail_valid, None),
-        ],
-        cache.scale,
-    )
-    entries = _flush_entries(q, tail_k, tail_v, cache.config, cache.scale)
-    flush = tail_count == tail_k.shape[2]
-    return out, DGAUpdate(k, v, flush, *entries)
-
-
-def _dga_apply(cache: DGACache, update: DGAUpdate) -> DGACache:
-    """Appends the token to the tail; where the tail is full, moves it into the prefix.
-
-    Flush entries are written for every row, at an out-of-range slot (dropped) where the tail
-    is not full, so shapes stay static.
-    """
-    capacity, num_entries = cache.prefix_k.shape[2], update.entries_k.shape[2]
-    slots = cache.prefix_count[:, None] + jnp.arange(num_entries)  # [B, E]
-    slots = jnp.where(update.flush[:, None], slots, capacity)
-    rows = jnp.arange(slots.shape[0])[:, None]
-
-    def write(buffer, entries):  # buffer [B, H, C, ...], entries [B, H, E, ...]
-        return buffer.at[rows, :, slots].set(jnp.moveaxis(entries, 2, 1), mode="drop")
-
-    return dataclasses.replace(
-        cache,
-        prefix_k=write(cache.prefix_k, update.entries_k),
-        prefix_v=write(cache.prefix_v, update.entries_v),
-        prefix_bias=write(cache.prefix_bias, update.entries_bias),
-        prefix_count=cache.prefix_count + jnp.where(update.flush, num_entries, 0),
-        tail_k=_write_slot(cache.tail_k, cache.tail_count, update.k),
-        tail_v=_write_slot(cache.tail_v, cache.tail_count, update.v),
-        tail_count=jnp.where(update.flush, 0, cache.tail_count + 1),
-        length=cache.length + 1,
-    )
-
-
-def _write_slot(buffer: jax.Array, slot: jax.Array, x: jax.Array) -> jax.Array:
-    """buffer [B, H, N, D] with x [B, H, D] written at slot[b] of each row (dropped if >= N)."""
-    rows = jnp.arange(buffer.shape[0])
-    return buffer.at[rows, :, slot].set(x.astype(buffer.dtype), mode="drop")
-
-
-def _attend(q: jax.Array, parts, scale: float) -> jax.Array:
-    """One softmax over several entry lists. q [B, Hq, D] -> [B, Hq, D] float32.
-
-    parts: (k [B, H, N, D], v [B, H, N, D], valid [B, N], bias [B, H, N] f32 or None) each.
-    """
-    b, hq, d = q.shape
-    hkv = parts[0][0].shape[1]
-    qg = q.reshape(b, hkv, hq // hkv, d)
-    logits = []
-    for k, _, valid, bias in parts:
-        s = jnp.einsum("bhgd,bhnd->bhgn", qg, k, preferred_element_type=jnp.float32) * scale
-        if bias is not None:
-            s = s + bias[:, :, None, :]
-        logits.append(jnp.where(valid[:, None, None, :], s, -jnp.inf))
-    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
-    out = jnp.zeros((b, hkv, hq // hkv, d), jnp.float32)
-    start = 0
-    for k, v, _, _ in parts:
-        p = probs[..., start : start + k.shape[2]].astype(v.dtype)
-        out = out + jnp.einsum("bhgn,bhnd->bhgd", p, v, preferred_element_type=jnp.float32)
-        start += k.shape[2]
-    return out.reshape(b, hq, d)
-
-
 def _flush_entries(q, tail_k, tail_v, config: DGAConfig, scale: float):
     """The entries a full tail becomes: ([B, H, E, D] keys, values, [B, H, E] f32 bias).
 
@@ -373,7 +300,7 @@ def _flush_entries(q, tail_k, tail_v, config: DGAConfig, scale: float):
     qg = jax.lax.stop_gradient(q).reshape(b, hkv, hq // hkv, d)
     logits = jnp.einsum("bhgd,bhnd->bhgn", qg, tail_k, preferred_element_type=jnp.float32)
     score = jax.nn.softmax(logits * scale, axis=-1).sum(axis=2)  # [B, H, m']
-    is_focal = _top_mask(score, focal)
+    is_focal = pairwise_top_mask(score, focal)
     # Stable sorts put focal (resp. non-focal) positions first, each in position order.
     focal_idx = jnp.argsort(~is_focal, axis=-1, stable=True)[..., :focal]
     keys = jnp.take_along_axis(tail_k, focal_idx[..., None], axis=2)
@@ -381,9 +308,7 @@ def _flush_entries(q, tail_k, tail_v, config: DGAConfig, scale: float):
     bias = jnp.zeros((b, hkv, focal), jnp.float32)
     if fold:
         member_idx = jnp.argsort(is_focal, axis=-1, stable=True)[..., :fold]
-        w = jnp.take_along_axis(score, member_idx, axis=-1)
-        total = w.sum(axis=-1, keepdims=True)
-        w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 1.0 / fold)
+        w = group_weights(jnp.take_along_axis(score, member_idx, axis=-1))
         keys = jnp.concatenate([keys, _fold(tail_k, member_idx, w)], axis=2)
         values = jnp.concatenate([values, _fold(tail_v, member_idx, w)], axis=2)
         group_bias = jnp.full((b, hkv, 1), math.log(config.group_size), jnp.float32)
@@ -391,21 +316,10 @@ def _flush_entries(q, tail_k, tail_v, config: DGAConfig, scale: float):
     return keys, values, bias
 
 
-def _top_mask(score: jax.Array, r: int) -> jax.Array:
-    """Mask [..., N] of the r largest scores along the last axis; ties: lower position wins."""
-    n = score.shape[-1]
-    earlier = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]  # [i, j]: j before i
-    ahead = (score[..., None, :] > score[..., :, None]) | (
-        (score[..., None, :] == score[..., :, None]) & earlier
-    )
-    return jnp.sum(ahead, axis=-1) < r
-
-
 def _fold(x: jax.Array, idx: jax.Array, w: jax.Array) -> jax.Array:
     """Σ_i w_i x[idx_i]: x [B, H, N, D], idx/w [B, H, m] -> [B, H, 1, D] in x's dtype."""
     members = jnp.take_along_axis(x, idx[..., None], axis=2)
-    out = jnp.einsum("bhm,bhmd->bhd", w, members, preferred_element_type=jnp.float32)
-    return out[:, :, None, :].astype(x.dtype)
+    return fold_members(w, members)[:, :, None, :]
 
 
 def cache_bytes(cache) -> int:

@@ -1,4 +1,5 @@
-"""The DGA layout: importance, focal selection, grouping, and the compressed KV'.
+"""The DGA layout: grouping and the compressed KV' (importance and focal selection:
+`dga_jax.ops.dga.selection`).
 
 One implementation shared by the XLA path, the kernels, decoding, tests and plots.
 
@@ -12,13 +13,12 @@ position-sorted lists (see `shared/DGA_SPEC.md`, "What a query sees"):
   `until` is non-decreasing, so a block of queries sees a contiguous band of fewer than
   `block + m'` raw entries.
 
-Both lists are built with cumulative sums and scatters (no sort); the only data-dependent
-choice, the top-r focal set, is a 31-step radix select over the float32 bit patterns.
+Both lists are built with cumulative sums and scatters (no sort).
 
 Under a `ContextSplit` (inside `shard_map`, the sequence split across devices) the same
-functions take a device's rows: scores are computed for its keys and gathered, the layout is
-the whole sequence's on every device, and `split_entries` builds the device's KV' with only
-the compressed prefix and a halo of raw tokens crossing devices.
+functions take a device's rows: the layout is the whole sequence's on every device, and
+`split_entries` builds the device's KV' with only the compressed prefix and a halo of raw
+tokens crossing devices.
 
 A right-padded batch (`lengths`: the valid positions of each row) gets, per row, the layout of
 its own length: its r, its sampled queries, its groups, with counts dynamic and shapes static
@@ -30,7 +30,6 @@ row does not fill come last, visible from NEVER.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 import jax
@@ -39,6 +38,12 @@ import numpy as np
 
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig, LayoutSizes
+from dga_jax.ops.dga.selection import (
+    chunk_focal_mask,
+    global_importance,
+    streaming_score,
+    top_r_mask,
+)
 from dga_jax.ops.intervals import NEVER, BlockRanges, Entries, block_ranges
 
 
@@ -127,230 +132,6 @@ def dga_layout(
     return assemble(focal, score, sizes, rows)
 
 
-def sampled_positions(seq_len: int, group_size: int) -> np.ndarray:
-    """S = {m-1, 2m-1, ...} ∪ {L-1}: the queries that vote on importance."""
-    return np.unique(
-        np.minimum(np.arange(group_size - 1, seq_len + group_size - 1, group_size), seq_len - 1)
-    )
-
-
-def global_importance(
-    q: jax.Array,
-    k: jax.Array,
-    group_size: int,
-    scale: float,
-    *,
-    block: int = 1024,
-    split: ContextSplit = WHOLE,
-    lengths: jax.Array | None = None,
-) -> jax.Array:
-    """s_i = Σ_heads Σ_{j in S, j >= i} softmax_j(q_j k_i * scale), as [B, Hkv, L] float32.
-
-    q: [B, C, Hq, D], k: [B, C, Hkv, D], this device's part of the sequence under `split`.
-    `lengths` [B]: row b samples S of its own length and scores 0 at its padding positions.
-
-    Two flash-style passes over the lower triangle of (sampled query block, key block) tiles:
-    the first finds each sampled query's log-sum-exp (per device over its keys, then combined),
-    the second sums probabilities per local key; the per-key scores are then gathered.
-    """
-    b, chunk, hkv = q.shape[0], q.shape[1], k.shape[2]
-    pos = sampled_positions(chunk * split.shards, group_size)
-    if lengths is None:
-        row_pos, qs = jnp.asarray(pos, jnp.int32), split.rows(q, pos)
-    else:
-        row_pos = _row_sampled(pos, jnp.asarray(lengths, jnp.int32))  # [B, nS]
-        qs = jnp.take_along_axis(q, jnp.maximum(row_pos, 0)[:, :, None, None], axis=1)
-    tiles = _ImportanceTiles.build(qs, row_pos, k, group_size, scale, block, split.positions(chunk))
-    mx, total = jax.lax.map(
-        functools.partial(_sampled_stats, tiles), jnp.arange(tiles.row_blocks)
-    )  # [nS/rows, B*Hkv, rows*G] each
-    top = split.pmax(mx)
-    safe = jnp.where(jnp.isfinite(top), top, 0.0)
-    total = split.psum(total * jnp.exp(mx - safe))
-    lse = jnp.where(total > 0, safe + jnp.log(jnp.where(total > 0, total, 1.0)), jnp.inf)
-    keys = jnp.arange(tiles.ks.shape[1] // block)
-    s = jax.lax.map(functools.partial(_key_importance, tiles, lse), keys)  # [nK, B*Hkv, block]
-    s = s.transpose(1, 0, 2).reshape(b, hkv, -1)[..., :chunk]
-    return split.gather_sequence(s, axis=2)
-
-
-def _row_sampled(pos: np.ndarray, lengths: jax.Array) -> jax.Array:
-    """Each row's S for its length n, on the padded grid `pos` of S: [B, nS] int32.
-
-    Entry i is min(pos[i], n - 1) while pos[i - 1] < n - 1, else -1 (no query: sees nothing).
-    """
-    last = lengths[:, None] - 1
-    before = np.concatenate([[-1], pos[:-1]])
-    return jnp.where(before < last, jnp.minimum(pos, last), -1).astype(jnp.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class _ImportanceTiles:
-    """Sampled queries and this device's keys cut into tiles; padding is never visible."""
-
-    qs: jax.Array  # [B*Hkv, nS (padded), G, D] sampled queries
-    ks: jax.Array  # [B*Hkv, C (padded to block), D]
-    row_pos: jax.Array  # [(B*Hkv,) nS (padded)] int32 sampled query positions, -1: none
-    key_pos: jax.Array  # [C (padded)] int32 increasing positions of the keys, NEVER for padding
-    rows: int  # sampled queries per tile: a tile spans ~block positions
-    block: int  # keys per tile
-    group_size: int
-    scale: float
-
-    @classmethod
-    def build(
-        cls, qs, pos: jax.Array, k, group_size: int, scale: float, block: int, key_pos
-    ) -> _ImportanceTiles:
-        """qs [B, nS, Hq, D] at sampled positions `pos` ([nS], or [B, nS] per row), k
-        [B, C, Hkv, D] at `key_pos` [C]."""
-        b, n_sampled, hq, d = qs.shape
-        chunk, hkv = k.shape[1], k.shape[2]
-        rows = max(1, block // group_size)
-        n_rows, n_keys = _round_up(n_sampled, rows), _round_up(chunk, block)
-        qs = qs.reshape(b, n_sampled, hkv, hq // hkv, d).transpose(0, 2, 1, 3, 4)
-        qs = jnp.pad(
-            qs.reshape(b * hkv, n_sampled, hq // hkv, d),
-            ((0, 0), (0, n_rows - n_sampled), (0, 0), (0, 0)),
-        )
-        ks = jnp.pad(
-            k.transpose(0, 2, 1, 3).reshape(b * hkv, chunk, d),
-            ((0, 0), (0, n_keys - chunk), (0, 0)),
-        )
-        widths = [(0, 0)] * (pos.ndim - 1) + [(0, n_rows - n_sampled)]
-        row_pos = jnp.pad(pos, widths, constant_values=-1)
-        if row_pos.ndim == 2:
-            row_pos = jnp.repeat(row_pos, hkv, axis=0)  # [B*Hkv, nS], as qs
-        key_pos = jnp.pad(key_pos, (0, n_keys - chunk), constant_values=NEVER)
-        return cls(qs, ks, row_pos, key_pos, rows, block, group_size, scale)
-
-    @property
-    def row_blocks(self) -> int:
-        return self.qs.shape[1] // self.rows
-
-    def positions(self, i: jax.Array) -> jax.Array:
-        """[(B*Hkv,) rows] positions of sampled-query tile i."""
-        return jax.lax.dynamic_slice_in_dim(self.row_pos, i * self.rows, self.rows, axis=-1)
-
-    def logits(self, i: jax.Array, kb: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Logits [B*Hkv, rows*G, block] of tile (i, kb) and their causal visibility."""
-        g, d = self.qs.shape[2], self.qs.shape[3]
-        q_tile = jax.lax.dynamic_slice_in_dim(self.qs, i * self.rows, self.rows, axis=1)
-        k_tile = jax.lax.dynamic_slice_in_dim(self.ks, kb * self.block, self.block, axis=1)
-        s = (
-            jnp.einsum(
-                "brd,bkd->brk",
-                q_tile.reshape(-1, self.rows * g, d),
-                k_tile,
-                preferred_element_type=jnp.float32,
-            )
-            * self.scale
-        )
-        j = jnp.repeat(self.positions(i), g, axis=-1)  # [(B*Hkv,) rows*G]
-        key = jax.lax.dynamic_slice_in_dim(self.key_pos, kb * self.block, self.block)
-        return s, key <= j[..., None]
-
-
-def _sampled_stats(tiles: _ImportanceTiles, i: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Max and sum of exp [B*Hkv, rows*G] of sampled-query tile i over this device's keys."""
-
-    def body(kb, carry):
-        mx, total = carry
-        s, visible = tiles.logits(i, kb)
-        new = jnp.maximum(mx, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
-        safe = jnp.where(jnp.isfinite(new), new, 0.0)
-        p = jnp.where(visible, jnp.exp(s - safe[..., None]), 0.0)
-        return new, total * jnp.exp(mx - safe) + p.sum(-1)
-
-    shape = (tiles.qs.shape[0], tiles.rows * tiles.qs.shape[2])
-    init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape))
-    keys = jnp.searchsorted(tiles.key_pos, jnp.max(tiles.positions(i)), side="right")
-    return jax.lax.fori_loop(0, -(-keys // tiles.block), body, init)
-
-
-def _key_importance(tiles: _ImportanceTiles, lse: jax.Array, kb: jax.Array) -> jax.Array:
-    """Σ over sampled queries of softmax probabilities, for key block kb: [B*Hkv, block]."""
-
-    def body(i, acc):
-        s, visible = tiles.logits(i, kb)
-        return acc + jnp.where(visible, jnp.exp(s - lse[i][..., None]), 0.0).sum(axis=1)
-
-    # Sampled tile i spans positions < (i + 1) * rows * m: earlier tiles end before key block kb.
-    first = tiles.key_pos[kb * tiles.block] // (tiles.rows * tiles.group_size)
-    init = jnp.zeros((tiles.qs.shape[0], tiles.block))
-    return jax.lax.fori_loop(first, tiles.row_blocks, body, init)
-
-
-def top_r_mask(score: jax.Array, r: int | jax.Array) -> jax.Array:
-    """Mask of the r largest non-negative scores along the last axis; ties: lower index wins.
-
-    `r`: an int, or ints broadcasting against score.shape[:-1] (a count per row). A radix
-    select on the float32 bit patterns (monotone for non-negative floats): 31 counting passes
-    find the r-th largest value, then ties at that value are taken in position order.
-    """
-    r = jnp.asarray(r, jnp.int32)
-    bits = jax.lax.bitcast_convert_type(score.astype(jnp.float32), jnp.int32)
-
-    def narrow(_, bounds):  # invariant: count(bits >= lo) >= r > count(bits >= hi)
-        lo, hi = bounds
-        mid = lo + (hi - lo) // 2
-        enough = jnp.sum(bits >= mid[..., None], axis=-1) >= r
-        return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
-
-    lo = jnp.zeros(score.shape[:-1], jnp.int32)
-    hi = jnp.full(score.shape[:-1], np.int32(0x7F800001))  # above +inf
-    threshold, _ = jax.lax.fori_loop(0, 31, narrow, (lo, hi))
-    threshold = threshold[..., None]
-    above = bits > threshold
-    ties = bits == threshold
-    room = r[..., None] - jnp.sum(above, axis=-1, keepdims=True)
-    return above | (ties & (jnp.cumsum(ties, axis=-1) <= room))
-
-
-def streaming_score(
-    q: jax.Array, k: jax.Array, sizes: LayoutSizes, scale: float, split: ContextSplit = WHOLE
-) -> jax.Array:
-    """Per chunk of m' positions, the chunk's last query scores its keys: [B, Hkv, L] float32.
-
-    q [B, C, Hq, D], k [B, C, Hkv, D]: this device's part under `split`. A key's score is the
-    softmax over its chunk, summed over the KV head's query heads; the incomplete last chunk
-    scores 0. Chunks may straddle devices: only the chunks' last queries and per-chunk softmax
-    statistics cross them.
-    """
-    b, chunk, hq, d = q.shape
-    hkv, n, width = k.shape[2], sizes.num_groups, sizes.chunk
-    if n == 0:
-        return jnp.zeros((b, hkv, sizes.seq_len), jnp.float32)
-    last = split.rows(q, np.arange(n) * width + width - 1)  # [B, n, Hq, D]
-    c = split.positions(chunk) // width  # chunk of each local key
-    ids = jnp.where(c < n, c, n)  # n: no chunk (the segment ops drop it)
-    q_key = jnp.take(last, jnp.minimum(c, n - 1), axis=1)  # [B, C, Hq, D]
-    q_key = q_key.reshape(b, chunk, hkv, hq // hkv, d)
-    logits = jnp.einsum("bchgd,bchd->cbhg", q_key, k, preferred_element_type=jnp.float32)
-    logits = logits * scale  # [C, B, Hkv, G]
-    top = split.pmax(jax.ops.segment_max(logits, ids, n))  # [n, B, Hkv, G]
-    p = jnp.where((c < n)[:, None, None, None], jnp.exp(logits - top[jnp.minimum(c, n - 1)]), 0.0)
-    total = split.psum(jax.ops.segment_sum(p, ids, n))
-    score = (p / total[jnp.minimum(c, n - 1)]).sum(-1)  # [C, B, Hkv]
-    return split.gather_sequence(score.transpose(1, 2, 0), axis=2)
-
-
-def chunk_focal_mask(score: jax.Array, sizes: LayoutSizes, chunks: jax.Array) -> jax.Array:
-    """The top r' scores of each whole chunk of m' positions ([B, Hkv, L] -> bool), ties to the
-    earlier position; only each row's first `chunks` [B] chunks (its complete ones) have focal
-    tokens."""
-    b, hkv, seq_len = score.shape
-    n, width = sizes.num_groups, sizes.chunk
-    per_chunk = sizes.num_focal // max(n, 1)
-    score = score[..., : n * width].reshape(b, hkv, n, width)
-    ahead = (score[..., None, :] > score[..., :, None]) | (
-        (score[..., None, :] == score[..., :, None])
-        & (jnp.arange(width)[None, :] < jnp.arange(width)[:, None])
-    )  # ahead[..., i, j]: j outranks i
-    complete = jnp.arange(n) < chunks[:, None, None]  # [B, 1, n]
-    focal = (jnp.sum(ahead, axis=-1) < per_chunk) & complete[..., None]
-    return jnp.pad(focal.reshape(b, hkv, n * width), ((0, 0), (0, 0), (0, seq_len - n * width)))
-
-
 def _assemble(focal: jax.Array, score: jax.Array, sizes: LayoutSizes, row: RowCounts) -> DGALayout:
     """One (batch, head): focal [L] bool, score [L] -> the two sorted entry lists.
 
@@ -362,9 +143,7 @@ def _assemble(focal: jax.Array, score: jax.Array, sizes: LayoutSizes, row: RowCo
     raw_pos = _compact(~focal, pos, sizes.num_raw)
 
     members = raw_pos[: n_groups * m].reshape(n_groups, m)
-    w = score[members]
-    total = w.sum(axis=-1, keepdims=True)
-    w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 1.0 / m)
+    w = group_weights(score[members])
     if sizes.chunk:  # streaming: the group is decided by, and visible after, its chunk's last query
         key = jnp.arange(n_groups, dtype=jnp.int32) * sizes.chunk + sizes.chunk - 1
         group_from = key + 1
@@ -388,6 +167,20 @@ def _assemble(focal: jax.Array, score: jax.Array, sizes: LayoutSizes, row: RowCo
     return DGALayout(
         focal, score, prefix_src, prefix_is_group, prefix_from, raw_pos, raw_until, w, sizes
     )
+
+
+def group_weights(score: jax.Array) -> jax.Array:
+    """Members' scores [..., m] -> their weights in the group: ∝ score, summing to 1 (uniform
+    1/m where the scores sum to 0)."""
+    total = score.sum(axis=-1, keepdims=True)
+    return jnp.where(total > 0, score / jnp.where(total > 0, total, 1.0), 1.0 / score.shape[-1])
+
+
+def fold_members(weight: jax.Array, members: jax.Array) -> jax.Array:
+    """A group entry, Σ_i weight_i members_i: weight [..., m] f32, members [..., m, D] ->
+    [..., D], summed in float32 and stored in members' dtype."""
+    out = jnp.einsum("...m,...md->...d", weight, members, preferred_element_type=jnp.float32)
+    return out.astype(members.dtype)
 
 
 def _compact(mask: jax.Array, values: jax.Array, size: int) -> jax.Array:
@@ -424,10 +217,7 @@ def gather_entries(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entri
 
     def fold(raw):  # [B, H, NR, D] -> [B, H, NG, D]
         members = raw[:, :, : n_groups * m].reshape(*raw.shape[:2], n_groups, m, raw.shape[-1])
-        out = jnp.einsum(
-            "bhgm,bhgmd->bhgd", layout.group_weight, members, preferred_element_type=jnp.float32
-        )
-        return out.astype(raw.dtype)
+        return fold_members(layout.group_weight, members)
 
     is_group = layout.prefix_is_group[..., None]
     token_idx = jnp.where(is_group, 0, layout.prefix_src[..., None])
@@ -611,7 +401,3 @@ class _Band:
 
 def _search_left(sorted_values: jax.Array, queries: jax.Array) -> jax.Array:
     return jnp.searchsorted(sorted_values, queries, side="left").astype(jnp.int32)
-
-
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple

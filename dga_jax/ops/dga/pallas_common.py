@@ -25,10 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dga_jax.ops.context import WHOLE, ContextSplit
-from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.layout import compressed_kv
-from dga_jax.ops.intervals import NEVER, BlockSizes, Entries, block_ranges
+from dga_jax.ops.intervals import NEVER, Entries, block_ranges
+from dga_jax.ops.tiles import round_up
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +59,12 @@ class Operands:
     band_v: jax.Array  # [B, Hkv, NR, D]
     band_start: jax.Array  # [B, Hkv, NR] int32
     band_until: jax.Array  # [B, Hkv, NR] int32
+    q_prefix: jax.Array | None = None  # [B, Hq, Lp, D]: the prefix's queries (None: q)
+
+    @property
+    def prefix_queries(self) -> jax.Array:
+        """The queries that score the prefix entries."""
+        return self.q if self.q_prefix is None else self.q_prefix
 
 
 @jax.tree_util.register_dataclass
@@ -86,27 +90,36 @@ class KeyBlocks:
 
 
 def prepare(
-    q: jax.Array, prefix: Entries, band: Entries | None, spec: KernelSpec, head_multiple: int = 1
+    q: jax.Array,
+    prefix: Entries,
+    band: Entries | None,
+    spec: KernelSpec,
+    head_multiple: int = 1,
+    q_prefix: jax.Array | None = None,
 ) -> Operands:
-    """q [B, L, Hq, D] and entry lists [B, Hkv, N, ...] -> padded `Operands`.
+    """q (and q_prefix, or None) [B, L, Hq, D] and entry lists [B, Hkv, N, ...] -> padded
+    `Operands`.
 
     `head_multiple`: D is zero-padded to a multiple of it (zeros change no dot product).
     """
     b, seq_len, _, d = q.shape
     hkv = prefix.k.shape[1]
-    d_pad = _round_up(d, head_multiple) - d
-    lp = _round_up(seq_len, spec.block_q)
-    qt = jnp.pad(q.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, lp - seq_len), (0, d_pad)))
+    d_pad = round_up(d, head_multiple) - d
+    lp = round_up(seq_len, spec.block_q)
+
+    def heads_major(x):
+        return jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, lp - seq_len), (0, d_pad)))
+
     if band is None:
         empty = jnp.zeros((b, hkv, 0, d), prefix.k.dtype)
         start = jnp.zeros((b, hkv, 0), jnp.int32)
         band = Entries(empty, empty, start, start)
-    n_prefix = max(_round_up(prefix.k.shape[2], spec.block_k), spec.block_k)
-    n_band = max(_round_up(band.k.shape[2], spec.block_k), spec.block_k)
+    n_prefix = max(round_up(prefix.k.shape[2], spec.block_k), spec.block_k)
+    n_band = max(round_up(band.k.shape[2], spec.block_k), spec.block_k)
     bias = prefix.bias if prefix.bias is not None else jnp.zeros(prefix.start.shape, jnp.float32)
     until = band.until if band.until is not None else jnp.full(band.start.shape, NEVER, jnp.int32)
     return Operands(
-        qt,
+        heads_major(q),
         _pad_entries(prefix.k, n_prefix, 0, d_pad),
         _pad_entries(prefix.v, n_prefix, 0, d_pad),
         _pad_entries(prefix.start, n_prefix, NEVER),
@@ -115,7 +128,13 @@ def prepare(
         _pad_entries(band.v, n_band, 0, d_pad),
         _pad_entries(band.start, n_band, NEVER),
         _pad_entries(until, n_band, NEVER),
+        None if q_prefix is None else heads_major(q_prefix),
     )
+
+
+def query_args(ops: Operands) -> tuple[jax.Array, ...]:
+    """The queries a forward or dQ kernel reads: (q,), or (q, q_prefix)."""
+    return (ops.q,) if ops.q_prefix is None else (ops.q, ops.q_prefix)
 
 
 def _pad_entries(x: jax.Array, size: int, value, d_pad: int = 0) -> jax.Array:
@@ -165,47 +184,8 @@ class Kernels:
     """One backend's three kernels, each a function of (spec, operands, blocks, ...)."""
 
     forward: Callable  # (spec, ops, qblocks) -> out [B, Hq, Lp, D], lse [B, Hq, Lp] f32
-    dq: Callable  # (spec, ops, qblocks, do, lse, delta) -> dq [B, Hq, Lp, D]
+    dq: Callable  # (spec, ops, qblocks, do, lse, delta) -> dq, dq_prefix (or None) [B, Hq, Lp, D]
     dkv: Callable  # (spec, ops, kblocks, do, lse, delta) -> (dpk, dpv, dbk, dbv)
-
-
-def dga_kernel_attention(
-    kernels: Kernels,
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    config: DGAConfig,
-    scale: float,
-    block_sizes: BlockSizes,
-    *,
-    block_q: int,
-    interpret: object,
-    head_multiple: int = 1,
-    split: ContextSplit = WHOLE,
-    lengths: jax.Array | None = None,
-) -> jax.Array:
-    """DGA by `kernels`: the layout, its compressed KV', then the kernel walk.
-
-    q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D]; `block_q` is the backend's (clamped)
-    query block. Under a `split`, this device's rows of the sequence, walked piece by piece
-    with entry intervals relative to the piece's first position. `lengths`: see `dga_layout`.
-    """
-    pieces, lag = compressed_kv(
-        q, k, v, config, scale, block=block_sizes.block_importance, split=split, lengths=lengths
-    )
-    out = []
-    for rows, (prefix, band) in zip(split.piece_rows(q), pieces, strict=True):
-        spec = KernelSpec(
-            scale=scale,
-            block_q=block_q,
-            block_k=block_sizes.block_k,
-            groups=q.shape[2] // k.shape[2],
-            seq_len=rows.shape[1],
-            interpret=interpret,
-            band_lag=lag,
-        )
-        out.append(kernel_attention(kernels, rows, prefix, band, spec, head_multiple))
-    return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
 
 
 def kernel_attention(
@@ -213,17 +193,34 @@ def kernel_attention(
     q: jax.Array,
     prefix: Entries,
     band: Entries | None,
-    spec: KernelSpec,
+    *,
+    scale: float,
+    block_q: int,
+    block_k: int,
+    band_lag: int,
+    interpret: object,
     head_multiple: int = 1,
+    q_prefix: jax.Array | None = None,
 ) -> jax.Array:
     """`interval_attention` computed by `kernels`: q [B, L, Hq, D] -> [B, L, Hq, D].
 
-    Gradients reach q and the entries' k and v (then, through `gather_entries`, the tokens).
+    `block_q`: the backend's (clamped) query block; `q_prefix` [B, L, Hq, D]: the queries the
+    prefix entries are scored with (None: q), as in `interval_attention`. Gradients reach q,
+    q_prefix and the entries' k and v (then, through `gather_entries`, the tokens).
     """
-    d = q.shape[-1]
-    ops = prepare(q, prefix, band, spec, head_multiple)
+    b, seq_len, hq, d = q.shape
+    spec = KernelSpec(
+        scale=scale,
+        block_q=block_q,
+        block_k=block_k,
+        groups=hq // prefix.k.shape[1],
+        seq_len=seq_len,
+        interpret=interpret,
+        band_lag=band_lag,
+    )
+    ops = prepare(q, prefix, band, spec, head_multiple, q_prefix)
     out = _attend(kernels, spec, ops)  # [B, Hq, Lp, Dp]
-    return out[:, :, : spec.seq_len, :d].transpose(0, 2, 1, 3)
+    return out[:, :, :seq_len, :d].transpose(0, 2, 1, 3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
@@ -241,10 +238,11 @@ def _attend_bwd(kernels: Kernels, spec: KernelSpec, residuals, d_out):
     ops, blocks, out, lse = residuals
     # Padded query rows carry no cotangent, so they add nothing to dK and dV.
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Hq, Lp]
-    dq = kernels.dq(spec, ops, blocks, d_out, lse, delta)
+    dq, dqp = kernels.dq(spec, ops, blocks, d_out, lse, delta)
     dpk, dpv, dbk, dbv = kernels.dkv(spec, ops, key_blocks(ops, spec), d_out, lse, delta)
     zeros = jax.tree.map(_zero_cotangent, ops)
-    return (dataclasses.replace(zeros, q=dq, prefix_k=dpk, prefix_v=dpv, band_k=dbk, band_v=dbv),)
+    grads = dict(q=dq, q_prefix=dqp, prefix_k=dpk, prefix_v=dpv, band_k=dbk, band_v=dbv)
+    return (dataclasses.replace(zeros, **grads),)
 
 
 def _zero_cotangent(x: jax.Array):
@@ -257,85 +255,10 @@ def _zero_cotangent(x: jax.Array):
 _attend.defvjp(_attend_fwd, _attend_bwd)
 
 
-def _round_up(x: int, multiple: int) -> int:
-    return -(-x // multiple) * multiple
-
-
-# --- Tile math shared by the kernels: arrays in, arrays out, no refs. ---------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Dots:
-    """A backend's matmuls with float32 results: a @ b.T, a @ b, and a.T @ b with a float32
-    (transposed, then cast to b's dtype)."""
-
-    nt: Callable
-    nn: Callable
-    tn: Callable
-
-
-@dataclasses.dataclass(frozen=True)
-class Tile:
-    """One block of entries: k, v [bk, D]; start, until, bias [1, bk] (None: not needed)."""
-
-    k: jax.Array
-    v: jax.Array
-    start: jax.Array | None  # None: every entry is visible to every query of the tile
-    until: jax.Array | None = None
-    bias: jax.Array | None = None
-
-
-def tile_logits(dots: Dots, scale: float, q: jax.Array, t: jax.Array, tile: Tile):
-    """Scaled, biased logits [bq, bk] of q [bq, D] at positions t [bq, 1], and visibility."""
-    s = dots.nt(q, tile.k) * scale
-    if tile.bias is not None:
-        s = s + tile.bias
-    if tile.start is None:
-        return s, None
-    visible = tile.start <= t
-    if tile.until is not None:
-        visible = visible & (t < tile.until)
-    return s, visible
-
-
-def online_init(rows: int, d: int):
-    """Running max [bq, 1], normaliser [bq, 1] and accumulator [bq, D], all float32."""
-    return (
-        jnp.full((rows, 1), -jnp.inf, jnp.float32),
-        jnp.zeros((rows, 1), jnp.float32),
-        jnp.zeros((rows, d), jnp.float32),
-    )
-
-
-def online_step(dots: Dots, scale: float, state, q: jax.Array, t: jax.Array, tile: Tile):
-    """One flash-attention step over `tile`; rows that have seen nothing keep max -inf."""
-    m, total, acc = state
-    s, visible = tile_logits(dots, scale, q, t, tile)
-    if visible is not None:
-        s = jnp.where(visible, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    p = jnp.exp(s - m_safe)
-    alpha = jnp.exp(m - m_safe)
-    total = alpha * total + jnp.sum(p, axis=-1, keepdims=True)
-    return m_new, total, alpha * acc + dots.nn(p.astype(tile.v.dtype), tile.v)
-
-
-def online_finish(state):
-    """(out [bq, D] float32, log-sum-exp [bq, 1]); a row that saw nothing gets 0 and +inf."""
-    m, total, acc = state
-    seen = total > 0
-    safe = jnp.where(seen, total, 1.0)
-    return acc / safe, jnp.where(seen, m + jnp.log(safe), jnp.inf)
-
-
-def tile_grads(
-    dots: Dots, scale: float, q, t, do, lse, delta, tile: Tile
-) -> tuple[jax.Array, jax.Array]:
-    """Float32 (ds [bq, bk] for dQ = ds @ k and dK = ds.T @ q, p [bq, bk] for dV = p.T @ do)."""
-    s, visible = tile_logits(dots, scale, q, t, tile)
-    p = jnp.exp(s - lse)
-    if visible is not None:
-        p = jnp.where(visible, p, 0.0)
-    dp = dots.nt(do, tile.v)
-    return p * (dp - delta) * scale, p
+def split_refs(refs, *sizes):
+    """A kernel's flat refs -> consecutive groups of the given sizes."""
+    out, offset = [], 0
+    for size in sizes:
+        out.append(refs[offset : offset + size])
+        offset += size
+    return out

@@ -1,0 +1,456 @@
+"""Where one DGA attention call ("xla") spends its time: each stage timed on its own, side by side.
+
+    python benchmarks/profile_attention.py                              # L=16K: minutes on CPU
+    python benchmarks/profile_attention.py --quick                      # L=2K, 2 repeats
+    python benchmarks/profile_attention.py --lengths 4096,8192 --repeats 3
+
+`dga_jax.dga_attention(..., implementation="xla")` is cut at its stage boundaries; each stage is
+jitted on its own and timed on the previous stage's outputs (computed once, so every stage sees
+the same inputs as inside the whole call):
+
+- importance: `global_importance`, two flash-style passes over the sampled queries' triangle;
+- selection: `top_r_mask`, the radix select of the r focal tokens;
+- layout: the two sorted entry lists (`layout._assemble` per batch and head, as `dga_layout`);
+- gather: the compressed KV' (`gather_entries`: raw tokens, folded groups, focal tokens);
+- prefix walk / band walk: `interval_attention` over the prefix only, and over the band only
+  (an empty prefix);
+- backward, prefix walk / band walk: `jax.grad` of each walk (in q and the entries' k, v) less
+  its forward;
+- backward, rest: the whole call's forward+backward less its forward and the walks' backwards
+  (the gather's transpose: scatter-adds into dK and dV).
+
+"other" is the whole forward less the forward stages: glue the stages do not cover, negative
+when the stages timed apart cost more than the fused call. "% fwd" is a share of the whole
+forward call, "% fwd+bwd" of the whole forward+backward call; the dense blockwise reference
+(`dga_jax.dense_attention(implementation="blockwise")`, the same walk over all L tokens) gives
+the ratio dense / DGA. Each function is compiled and warmed up once, then all are timed in
+`--repeats` rounds of one call each (the median), so changes in load hit every stage alike.
+
+Roofline: this machine's float32 matmul peak, measured on the walk's tile ([B*Hkv, block_q*G, D]
+times [B*Hkv, block_k, D]^T, best of `max(repeats, 10)` calls); the FLOPs the walks do
+(4 * rows * entries * D per tile: each query block's prefix rounded up to whole block_k blocks,
+trip counts shared by all heads, and the band windows' padding); their achieved FLOP/s; and the
+FLOPs of the spec's arithmetic bound (each query times the entries it exactly sees).
+Defaults: B=1, Hq=Hkv=8, D=128, m=16, gamma=0.1, float32, `BlockSizes()`. Results: the tables on
+stdout and `benchmarks/results/profile_attention_<backend>[_quick].json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import math
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import environment, length_label, time_calls, write_results
+
+import dga_jax
+from dga_jax import BlockSizes, DGAConfig, DGALayout
+from dga_jax.ops.dga import layout as dga_layout_ops
+from dga_jax.ops.dga import selection as dga_selection
+from dga_jax.ops.dga.config import LayoutSizes
+from dga_jax.ops.intervals import Entries, interval_attention
+from dga_jax.ops.tiles import round_up
+
+FORWARD_STAGES = ("importance", "selection", "layout", "gather", "prefix walk", "band walk")
+BACKWARD_STAGES = ("backward: prefix walk", "backward: band walk", "backward: rest")
+GFLOP = 1e9
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The static settings every stage closes over."""
+
+    config: DGAConfig
+    scale: float
+    blocks: BlockSizes
+    seq_len: int
+    batch: int
+
+    @property
+    def sizes(self) -> LayoutSizes:
+        """The layout's static entry counts."""
+        return self.config.sizes(self.seq_len)
+
+    @property
+    def lag(self) -> int:
+        """Raw entries visible before a query: one unfinished group (as `compressed_kv`)."""
+        return max(self.sizes.chunk, self.sizes.group_size) - 1
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line; --quick means L=2K and 2 repeats."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="L=2K, 2 repeats")
+    p.add_argument("--lengths", help="comma list of sequence lengths (default 16384)")
+    p.add_argument("--repeats", type=int, help="timed calls per stage (default 3; --quick: 2)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8, help="query heads Hq")
+    p.add_argument("--kv-heads", type=int, default=8, help="key/value heads Hkv")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--group-size", type=int, default=16, help="DGA group size m")
+    p.add_argument("--focal-ratio", type=float, default=0.1, help="DGA focal ratio gamma")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    args = p.parse_args(argv)
+    default = "2048" if args.quick else "16384"
+    args.lengths = [int(x) for x in (args.lengths or default).split(",")]
+    args.repeats = args.repeats or (2 if args.quick else 3)
+    return args
+
+
+def make_inputs(args: argparse.Namespace, length: int) -> dict[str, jax.Array]:
+    """q, ct [B, L, Hq, D] and k, v [B, L, Hkv, D], standard normal from a fixed seed."""
+    q_shape = (args.batch, length, args.heads, args.head_dim)
+    kv_shape = (args.batch, length, args.kv_heads, args.head_dim)
+    keys = jax.random.split(jax.random.key(0), 4)
+    shapes = {"q": q_shape, "k": kv_shape, "v": kv_shape, "ct": q_shape}
+    return {
+        name: jax.random.normal(key, shape, args.dtype)
+        for key, (name, shape) in zip(keys, shapes.items(), strict=True)
+    }
+
+
+# The stages, each a function of the previous stages' outputs.
+
+
+def importance(s: Setup, q: jax.Array, k: jax.Array) -> jax.Array:
+    """Importance scores [B, Hkv, L] float32."""
+    return dga_selection.global_importance(
+        q, k, s.config.group_size, s.scale, block=s.blocks.block_importance
+    )
+
+
+def selection(s: Setup, score: jax.Array) -> jax.Array:
+    """Focal mask [B, Hkv, L] bool: the r largest scores."""
+    return dga_selection.top_r_mask(score, s.sizes.num_focal)
+
+
+def build_layout(s: Setup, focal: jax.Array, score: jax.Array) -> DGALayout:
+    """The layout from the focal mask and scores, as `dga_layout` assembles it."""
+    rows = dga_layout_ops.RowCounts.of(s.config, s.seq_len, s.batch, None)
+    per_head = jax.vmap(dga_layout_ops._assemble, (0, 0, None, None))
+    return jax.vmap(per_head, (0, 0, None, 0))(focal, score, s.sizes, rows)
+
+
+def gather(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entries, Entries]:
+    """The compressed KV': (prefix, band) entries."""
+    return dga_jax.gather_entries(layout, k, v)
+
+
+def walk(s: Setup, q: jax.Array, prefix: Entries, band: Entries | None) -> jax.Array:
+    """`interval_attention` of q [B, L, Hq, D] over the prefix and the band (None: none)."""
+    return interval_attention(q, prefix, band, scale=s.scale, block_sizes=s.blocks, band_lag=s.lag)
+
+
+def band_walk(s: Setup, q: jax.Array, band: Entries) -> jax.Array:
+    """The band walk alone: an empty prefix, whose loops then make no trips."""
+    empty = band.k[:, :, :0]
+    return walk(s, q, Entries(empty, empty, band.start[:, :, :0]), band)
+
+
+def walk_grad(s: Setup, q: jax.Array, prefix: Entries | None, band: Entries | None, ct):
+    """Gradients of <walk, ct> in q and the entries' k, v: the prefix walk (band None) or the
+    band walk (prefix None)."""
+
+    def loss(q, prefix_kv, band_kv):
+        p, b = with_kv(prefix, prefix_kv), with_kv(band, band_kv)
+        out = band_walk(s, q, b) if p is None else walk(s, q, p, b)
+        return jnp.sum(out.astype(jnp.float32) * ct)
+
+    return jax.grad(loss, argnums=(0, 1, 2))(q, kv_of(prefix), kv_of(band))
+
+
+def kv_of(entries: Entries | None) -> tuple[jax.Array, jax.Array] | None:
+    """The differentiable part of entries: (k, v)."""
+    return None if entries is None else (entries.k, entries.v)
+
+
+def with_kv(entries: Entries | None, kv: tuple[jax.Array, jax.Array] | None) -> Entries | None:
+    """entries with k, v replaced."""
+    return None if entries is None else dataclasses.replace(entries, k=kv[0], v=kv[1])
+
+
+def dga_forward(s: Setup, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The whole call."""
+    return dga_jax.dga_attention(
+        q,
+        k,
+        v,
+        group_size=s.config.group_size,
+        focal_ratio=s.config.focal_ratio,
+        scale=s.scale,
+        implementation="xla",
+        block_sizes=s.blocks,
+    )
+
+
+def dense_forward(s: Setup, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The blockwise dense reference."""
+    return dga_jax.dense_attention(
+        q, k, v, scale=s.scale, implementation="blockwise", block_sizes=s.blocks
+    )
+
+
+def with_grad(forward: Callable[..., jax.Array]) -> Callable[..., Any]:
+    """(s, q, k, v, ct) -> gradients of <forward(s, q, k, v), ct> in q, k, v."""
+
+    def loss(s, q, k, v, ct):
+        return jnp.sum(forward(s, q, k, v).astype(jnp.float32) * ct)
+
+    return jax.grad(loss, argnums=(1, 2, 3))
+
+
+@dataclasses.dataclass
+class Calls:
+    """Jitted functions with their inputs, compiled and warmed up as they are added."""
+
+    calls: dict[str, tuple[Callable[..., Any], list[Any]]] = dataclasses.field(default_factory=dict)
+
+    def add(self, name: str, fn: Callable[..., Any], *inputs: Any) -> Any:
+        """Compile and run `fn(*inputs)` once; its output (the next stage's input)."""
+        jitted = jax.jit(fn)
+        self.calls[name] = (jitted, list(inputs))
+        return jax.block_until_ready(jitted(*inputs))
+
+    def time_ms(self, repeats: int) -> dict[str, list[float]]:
+        """`repeats` rounds, each timing every call once (load changes hit all alike)."""
+        times = {name: [] for name in self.calls}
+        for _ in range(repeats):
+            for name, (fn, inputs) in self.calls.items():
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*inputs))
+                times[name].append((time.perf_counter() - start) * 1e3)
+        return times
+
+
+def stage_calls(s: Setup, x: dict[str, jax.Array]) -> tuple[Calls, DGALayout]:
+    """Every stage and whole call on the previous stages' outputs, and the layout built."""
+    c, p = Calls(), functools.partial
+    score = c.add("importance", p(importance, s), x["q"], x["k"])
+    focal = c.add("selection", p(selection, s), score)
+    layout = c.add("layout", p(build_layout, s), focal, score)
+    prefix, band = c.add("gather", gather, layout, x["k"], x["v"])
+    c.add("prefix walk", p(walk, s), x["q"], prefix, None)
+    c.add("band walk", p(band_walk, s), x["q"], band)
+    c.add("walk", p(walk, s), x["q"], prefix, band)
+    c.add("prefix walk fwd+bwd", p(walk_grad, s), x["q"], prefix, None, x["ct"])
+    c.add("band walk fwd+bwd", p(walk_grad, s), x["q"], None, band, x["ct"])
+    qkv = [x["q"], x["k"], x["v"]]
+    c.add("forward", p(dga_forward, s), *qkv)
+    c.add("fwd+bwd", p(with_grad(dga_forward), s), *qkv, x["ct"])
+    c.add("dense forward", p(dense_forward, s), *qkv)
+    c.add("dense fwd+bwd", p(with_grad(dense_forward), s), *qkv, x["ct"])
+    return c, layout
+
+
+def stage_ms(t: dict[str, float]) -> dict[str, float]:
+    """Each stage's ms from the calls' ms `t`; "other" and the backwards are differences."""
+    ms = {name: t[name] for name in FORWARD_STAGES}
+    ms["other"] = t["forward"] - sum(ms.values())
+    for walked in ("prefix walk", "band walk"):
+        ms[f"backward: {walked}"] = t[f"{walked} fwd+bwd"] - t[walked]
+    walks = ms["backward: prefix walk"] + ms["backward: band walk"]
+    ms["backward: rest"] = t["fwd+bwd"] - t["forward"] - walks
+    return ms
+
+
+def stage_rows(median: dict[str, float], best: dict[str, float]) -> list[dict]:
+    """Table rows: each stage's median and min ms, and its median's shares of the forward and
+    forward+backward calls' medians."""
+    low = stage_ms(best)
+    rows = []
+    for name, value in stage_ms(median).items():
+        forward = name not in BACKWARD_STAGES
+        rows.append(
+            {
+                "stage": name,
+                "median_ms": value,
+                "min_ms": low[name],
+                "share_fwd": value / median["forward"] if forward else None,
+                "share_fwd_bwd": value / median["fwd+bwd"],
+                "measured": name in FORWARD_STAGES,
+            }
+        )
+    return rows
+
+
+# Roofline: the machine's matmul peak, the walks' FLOPs and the spec's bound.
+
+
+def matmul_peak(args: argparse.Namespace, tile: dict[str, int], repeats: int) -> float:
+    """FLOP/s of a jitted [BH, R, D] x [BH, N, D]^T matmul, the walk's tile (best call)."""
+    bh, rows, cols, d = args.batch * args.kv_heads, tile["rows"], tile["block_k"], args.head_dim
+    keys = jax.random.split(jax.random.key(1), 2)
+    a = jax.random.normal(keys[0], (bh, rows, d), args.dtype)
+    b = jax.random.normal(keys[1], (bh, cols, d), args.dtype)
+
+    def matmul(a, b):
+        return jnp.einsum("brd,bnd->brn", a, b, preferred_element_type=jnp.float32)
+
+    best = min(time_calls(jax.jit(matmul), [a, b], max(repeats, 10)))
+    return 2 * bh * rows * cols * d / (best / 1e3)
+
+
+def walk_tile(s: Setup, args: argparse.Namespace) -> dict[str, int]:
+    """The walk's tiling, as `interval_attention` clamps it to the problem size."""
+    sizes, groups = s.sizes, args.heads // args.kv_heads
+    block_q = min(s.blocks.block_q, round_up(s.seq_len, 8))
+    block_k = min(s.blocks.block_k, round_up(max(sizes.num_prefix, 1), 8))
+    band_q = math.gcd(block_q, s.blocks.block_band)
+    width = min(round_up(band_q + s.lag, 8), round_up(max(sizes.num_raw, 1), 8))
+    return {
+        "block_q": block_q,
+        "block_k": block_k,
+        "band_q": band_q,
+        "band_width": width,
+        "rows": block_q * groups,
+        "query_blocks": -(-s.seq_len // block_q),
+    }
+
+
+def walk_flops(layout: DGALayout, tile: dict[str, int], args: argparse.Namespace) -> dict:
+    """FLOPs the walks do: every visited tile, 2 matmuls of 2 * rows * entries * D."""
+    ranges = dga_layout_ops.layout_block_ranges(layout, tile["block_q"])
+    prefix_end = np.asarray(ranges.prefix_end).reshape(-1, tile["query_blocks"])
+    blocks = -(-prefix_end.max(axis=0) // tile["block_k"])  # trip counts shared by all heads
+    per_entry = 4 * args.head_dim * args.batch * args.heads * tile["block_q"]
+    prefix = per_entry * tile["block_k"] * int(blocks.sum())
+    band = per_entry * tile["query_blocks"] * tile["band_width"] if layout.sizes.num_raw else 0
+    return {"prefix": prefix, "band": band}
+
+
+def exact_flops(layout: DGALayout, args: argparse.Namespace) -> dict:
+    """The spec's arithmetic bound: 4 * D FLOPs per (query head, position, visible entry)."""
+    t = np.arange(layout.sizes.seq_len)
+    heads = zip(
+        np.asarray(layout.prefix_from).reshape(-1, layout.prefix_from.shape[-1]),
+        np.asarray(layout.raw_pos).reshape(-1, layout.raw_pos.shape[-1]),
+        np.asarray(layout.raw_until).reshape(-1, layout.raw_until.shape[-1]),
+        strict=True,
+    )
+    prefix = band = 0
+    for prefix_from, raw_pos, raw_until in heads:
+        prefix += int(np.searchsorted(prefix_from, t, side="right").sum())
+        seen = np.searchsorted(raw_pos, t, side="right") - np.searchsorted(raw_until, t, "right")
+        band += int(seen.sum())
+    per_entry = 4 * args.head_dim * (args.heads // args.kv_heads)
+    return {"prefix": per_entry * prefix, "band": per_entry * band}
+
+
+def roofline(s: Setup, layout: DGALayout, t: dict, args: argparse.Namespace) -> dict:
+    """Peak, walk and exact FLOPs, and the walks' achieved FLOP/s."""
+    tile = walk_tile(s, args)
+    done, exact = walk_flops(layout, tile, args), exact_flops(layout, args)
+    done["walk"], exact["walk"] = done["prefix"] + done["band"], exact["prefix"] + exact["band"]
+    ms = {"prefix": t["prefix walk"], "band": t["band walk"], "walk": t["walk"]}
+    causal = args.batch * args.heads * s.seq_len * (s.seq_len + 1) // 2
+    return {
+        "tile": tile,
+        "matmul_peak_flops": matmul_peak(args, tile, args.repeats),
+        "walk_flops": done,
+        "exact_flops": exact,
+        "achieved_flops": {name: done[name] / (ms[name] / 1e3) for name in ms},
+        "dense_causal_flops": 4 * args.head_dim * causal,
+    }
+
+
+# Output.
+
+
+def print_stages(record: dict) -> None:
+    """The stage table, the whole calls and the dense reference."""
+    t, best = record["median_ms"], record["min_ms"]
+    print(f"\n{'stage':<24}{'median ms':>11}{'min ms':>9}{'% fwd':>8}{'% fwd+bwd':>11}")
+    for row in record["stages"]:
+        fwd = "" if row["share_fwd"] is None else f"{100 * row['share_fwd']:.1f}"
+        note = "" if row["measured"] else "  (a difference)"
+        cells = f"{row['stage']:<24}{row['median_ms']:>11.1f}{row['min_ms']:>9.1f}{fwd:>8}"
+        print(f"{cells}{100 * row['share_fwd_bwd']:>11.1f}{note}")
+    print(f"{'DGA forward':<24}{t['forward']:>11.1f}{best['forward']:>9.1f}{100:>8.1f}")
+    name = "DGA forward+backward"
+    print(f"{name:<24}{t['fwd+bwd']:>11.1f}{best['fwd+bwd']:>9.1f}{'':>8}{100:>11.1f}")
+    walks = t["prefix walk"] + t["band walk"]
+    print(f"(prefix and band walk in one call: {t['walk']:.1f} ms; apart: {walks:.1f} ms)")
+    for mode in ("forward", "fwd+bwd"):
+        dense = t[f"dense {mode}"]
+        print(f"dense blockwise {mode}: {dense:.1f} ms = {dense / t[mode]:.2f}x DGA's")
+
+
+def print_roofline(roof: dict, args: argparse.Namespace) -> None:
+    """Peak, FLOPs done vs needed, achieved FLOP/s per walk."""
+    tile, peak = roof["tile"], roof["matmul_peak_flops"]
+    bh = args.batch * args.kv_heads
+    shape = (
+        f"[{bh}, {tile['rows']}, {args.head_dim}] x [{bh}, {tile['block_k']}, {args.head_dim}]^T"
+    )
+    print(f"\nmatmul peak ({shape}, {args.dtype}): {peak / GFLOP:.1f} GFLOP/s")
+    print(f"{'walk':<8}{'GFLOP done':>12}{'GFLOP exact':>13}{'done/exact':>12}", end="")
+    print(f"{'GFLOP/s':>10}{'% peak':>8}")
+    for name in ("prefix", "band", "walk"):
+        done, exact = roof["walk_flops"][name], roof["exact_flops"][name]
+        achieved = roof["achieved_flops"][name]
+        ratio = f"{done / exact:.2f}" if exact else "—"
+        print(
+            f"{name:<8}{done / GFLOP:>12.2f}{exact / GFLOP:>13.2f}{ratio:>12}"
+            f"{achieved / GFLOP:>10.1f}{100 * achieved / peak:>8.1f}"
+        )
+    dense = roof["dense_causal_flops"]
+    print(
+        f"dense causal (exact): {dense / GFLOP:.2f} GFLOP = "
+        f"{dense / roof['exact_flops']['walk']:.2f}x the DGA bound"
+    )
+
+
+def profile(args: argparse.Namespace, length: int) -> dict:
+    """Times every stage at `length`, with the roofline numbers."""
+    s = Setup(
+        DGAConfig(args.group_size, args.focal_ratio),
+        1.0 / math.sqrt(args.head_dim),
+        BlockSizes(),
+        length,
+        args.batch,
+    )
+    calls, layout = stage_calls(s, make_inputs(args, length))
+    times = calls.time_ms(args.repeats)
+    median = {name: statistics.median(ms) for name, ms in times.items()}
+    best = {name: min(ms) for name, ms in times.items()}
+    return {
+        "L": length,
+        "times_ms": times,
+        "median_ms": median,
+        "min_ms": best,
+        "stages": stage_rows(median, best),
+        "roofline": roofline(s, layout, median, args),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Profile every length, print the tables and write the JSON."""
+    args = parse_args(argv)
+    env = environment()
+    shape = f"B={args.batch}, Hq={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}"
+    dga = f"m={args.group_size}, gamma={args.focal_ratio:g}"
+    print(
+        f"DGA xla stages on {env['device_kind']} ({env['backend']}), {args.dtype}, {shape}, {dga}"
+    )
+    records = []
+    for length in args.lengths:
+        record = profile(args, length)
+        print(f"\nL={length_label(length)}, median of {args.repeats}")
+        print_stages(record)
+        print_roofline(record["roofline"], args)
+        records.append(record)
+    print(f"\nwrote {write_results('profile_attention', args, env, records)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Dense decoding: a per-layer KV cache of every token, in position order.
+
+`dga_jax.ops.dga.decode.prefill` builds it when given no DGA config (dense models, and
+MInference, which decodes densely); `decode_step` and `apply_update` there drive it as they do
+the DGA cache. The one-query softmax over several entry lists (`attend_entries`) and the slot
+writes are shared with the DGA cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseCache:
+    """One layer's dense KV cache: every token, in position order."""
+
+    k: jax.Array  # [B, H, max_len, D]
+    v: jax.Array  # [B, H, max_len, D]
+    length: jax.Array  # [B] int32: tokens seen, i.e. the position (and slot) of the next token
+    scale: float = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, DenseUpdate]:
+        """The new token's output over the cache and itself, and what it writes; reads only.
+
+        q: [B, Hq, D], k/v: [B, Hkv, D] of the token at position `length` (RoPE applied) ->
+        (output [B, Hq, D] in q's dtype, the update).
+        """
+        new = (k[:, :, None], v[:, :, None], jnp.ones((k.shape[0], 1), bool), None)
+        valid = jnp.arange(self.max_len) < self.length[:, None]  # [B, max_len]
+        parts = [(self.k, self.v, valid, None), new]
+        out = attend_entries(q, parts, self.scale, self.length >= self.max_len)
+        return out, DenseUpdate(k, v)
+
+    def apply(self, update: DenseUpdate) -> DenseCache:
+        """Writes the new token at slot `length`."""
+        k = write_slot(self.k, self.length, update.k)
+        v = write_slot(self.v, self.length, update.v)
+        return DenseCache(k, v, self.length + 1, self.scale)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseUpdate:
+    """What one step writes into a `DenseCache`: the new token."""
+
+    k: jax.Array  # [B, H, D]
+    v: jax.Array  # [B, H, D]
+
+
+def dense_prefill(k: jax.Array, v: jax.Array, scale: float, max_len: int, length) -> DenseCache:
+    """The cache after a prompt k, v [B, P, Hkv, D], rows valid up to `length` (int or [B]).
+
+    Slots past a row's length hold padding; decoding overwrites them.
+    """
+    b, prompt_len = k.shape[:2]
+    pad = ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0))
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, P, D]
+    length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (b,))
+    return DenseCache(jnp.pad(kt, pad), jnp.pad(vt, pad), length, scale)
+
+
+def attend_entries(q: jax.Array, parts, scale: float, full: jax.Array) -> jax.Array:
+    """One softmax over several entry lists: q [B, Hq, D] -> [B, Hq, D] in q's dtype.
+
+    parts: (k [B, H, N, D], v [B, H, N, D], valid [B, N], bias [B, H, N] f32 or None) each.
+    Rows where `full` [B] (their cache already holds max_len tokens: no room) get NaN; the host
+    checks catch this before running (`dga_jax.ops.dga.decode.check_fits`).
+    """
+    b, hq, d = q.shape
+    hkv = parts[0][0].shape[1]
+    qg = q.reshape(b, hkv, hq // hkv, d)
+    logits = []
+    for k, _, valid, bias in parts:
+        s = jnp.einsum("bhgd,bhnd->bhgn", qg, k, preferred_element_type=jnp.float32) * scale
+        if bias is not None:
+            s = s + bias[:, :, None, :]
+        logits.append(jnp.where(valid[:, None, None, :], s, -jnp.inf))
+    probs = jax.nn.softmax(jnp.concatenate(logits, axis=-1), axis=-1)
+    out = jnp.zeros((b, hkv, hq // hkv, d), jnp.float32)
+    start = 0
+    for k, v, _, _ in parts:
+        p = probs[..., start : start + k.shape[2]].astype(v.dtype)
+        out = out + jnp.einsum("bhgn,bhnd->bhgd", p, v, preferred_element_type=jnp.float32)
+        start += k.shape[2]
+    out = out.reshape(b, hq, d)
+    return jnp.where(full[:, None, None], jnp.nan, out).astype(q.dtype)
+
+
+def write_slot(buffer: jax.Array, slot: jax.Array, x: jax.Array) -> jax.Array:
+    """buffer [B, H, N, D] with x [B, H, D] written at slot[b] of each row (dropped if >= N)."""
+    rows = jnp.arange(buffer.shape[0])
+    return buffer.at[rows, :, slot].set(x.astype(buffer.dtype), mode="drop")

@@ -1,0 +1,110 @@
+"""The implementations of interval attention, and the checks a kernel backend makes.
+
+Every implementation is a function with `interval_attention`'s signature,
+`(q, prefix, band, *, scale, block_sizes, band_lag, q_prefix) -> out`: "xla" is
+`dga_jax.ops.intervals.interval_attention`, "pallas_gpu" and "pallas_tpu" the Pallas kernels.
+DGA (`compressed_attention`) and the sink baselines (`dga_jax.ops.sinks`) run on any of them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from dga_jax.ops.checks import check_block_sizes
+from dga_jax.ops.dga import pallas_gpu, pallas_tpu
+from dga_jax.ops.intervals import interval_attention
+from dga_jax.ops.target import Target, placed_target
+from dga_jax.ops.tiles import BlockSizes
+
+INTERVAL_IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
+
+
+class KernelBackend(NamedTuple):
+    """A kernel backend: its platform, default tiles, tile rules, on-chip memory check, the
+    interpreter settings it accepts, and its interval attention."""
+
+    platform: str
+    default_blocks: BlockSizes
+    check_tiles: Callable[[BlockSizes], None]
+    check_fits: Callable[[BlockSizes, tuple, np.dtype, Target], None]
+    check_interpret: Callable[[object], None]
+    attention: Callable
+
+
+KERNEL_BACKENDS = {
+    name: KernelBackend(
+        platform,
+        module.DEFAULT_BLOCKS,
+        module.check_block_sizes,
+        module.check_fits,
+        module.check_interpret,
+        module.interval_attention,
+    )
+    for name, platform, module in (
+        ("pallas_gpu", "gpu", pallas_gpu),
+        ("pallas_tpu", "tpu", pallas_tpu),
+    )
+}
+
+
+def interval_implementation(implementation: str, interpret: object = False) -> Callable:
+    """The interval attention of one of `INTERVAL_IMPLEMENTATIONS` (checked by the caller)."""
+    if implementation == "xla":
+        return interval_attention
+    return functools.partial(KERNEL_BACKENDS[implementation].attention, interpret=interpret)
+
+
+def check_kernel(
+    implementation: str,
+    block_sizes: BlockSizes | None,
+    interpret: object,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+) -> BlockSizes:
+    """-> the block sizes; errors for a platform mismatch, bad tiles, or tiles that cannot fit.
+
+    The platform is where q, k, v are placed (`placed_target`), not the host's: a kernel
+    compiles for compile-only TPU/GPU devices of a topology on a CPU host.
+    """
+    backend = KERNEL_BACKENDS[implementation]
+    target = placed_target(q, k, v)
+    if interpret is False and target.platform != backend.platform:
+        raise ValueError(
+            f"implementation={implementation!r} compiles for {backend.platform.upper()} but the "
+            f"inputs are placed on {target.platform!r} devices ({target.device_kind}): place "
+            "them on a matching mesh, or pass interpret=True to run it in interpret mode"
+        )
+    backend.check_interpret(interpret)
+    block_sizes = backend.default_blocks if block_sizes is None else check_block_sizes(block_sizes)
+    backend.check_tiles(block_sizes)
+    if interpret is False:
+        backend.check_fits(block_sizes, q.shape, q.dtype, target)
+    return block_sizes
+
+
+def check_implementation(
+    implementation: str | None,
+    block_sizes: BlockSizes | None,
+    interpret: object,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    allowed: tuple[str, ...] = INTERVAL_IMPLEMENTATIONS,
+) -> tuple[str, BlockSizes]:
+    """-> (implementation, block sizes): None picks "xla" (the kernels are opt-in until they
+    have been measured on the hardware, benchmarks/RESULTS.md); errors name the argument."""
+    if implementation is None:
+        implementation = "xla"
+    if implementation not in allowed:
+        raise ValueError(f"implementation must be one of {allowed} or None, got {implementation!r}")
+    if implementation in KERNEL_BACKENDS:
+        return implementation, check_kernel(implementation, block_sizes, interpret, q, k, v)
+    if interpret is not False:
+        raise ValueError(f"interpret applies to the Pallas implementations, not {implementation!r}")
+    return implementation, check_block_sizes(block_sizes)

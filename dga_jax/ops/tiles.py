@@ -1,0 +1,145 @@
+"""The tile engine: the per-tile attention math every walk shares, and the tile sizes.
+
+A tile is a block of KV entries with visibility intervals: a query at position t sees entry e
+iff `start_e <= t < until_e`, with an additive logit bias. The same functions serve the XLA
+walk (`dga_jax.ops.intervals`, tiles with leading batch axes) and both Pallas backends (one
+[bq, D] tile per program); a backend only says how it multiplies (`Dots`).
+
+Shapes: queries q [..., R, D] at positions t [..., R, 1] (or [..., R, N]); a tile's k, v
+[..., N, D], its start, until, bias [..., 1, N]. Softmax statistics are float32 columns
+[..., R, 1]; a row that has seen nothing keeps max -inf, and finishes with output 0 and
+log-sum-exp +inf.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes of the blockwise walks (XLA and kernels), clamped to the problem size.
+
+    block_q queries walk the prefix block_k entries at a time; the XLA walk visits the band by
+    sub-blocks of block_band queries (a divisor of block_q is used). block_importance is the
+    key tile of DGA's importance pass (block_importance / m sampled queries per tile).
+    """
+
+    block_q: int = 512
+    block_k: int = 512
+    block_band: int = 128
+    block_importance: int = 1024
+
+    def __post_init__(self):
+        for name in ("block_q", "block_k", "block_band", "block_importance"):
+            value = getattr(self, name)
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
+            object.__setattr__(self, name, int(value))
+
+
+def round_up(x: int, multiple: int) -> int:
+    """The smallest multiple of `multiple` that is >= x."""
+    return -(-x // multiple) * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class Dots:
+    """A backend's matmuls with float32 results over the last two axes: a @ b.T, a @ b, and
+    a.T @ b with a float32 (cast to b's dtype)."""
+
+    nt: Callable
+    nn: Callable
+    tn: Callable
+
+
+def _einsum(spec: str):
+    def dot(a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+    return dot
+
+
+def _einsum_tn(a, b):
+    return jnp.einsum(
+        "...rn,...rd->...nd", a.astype(b.dtype), b, preferred_element_type=jnp.float32
+    )
+
+
+XLA_DOTS = Dots(nt=_einsum("...rd,...nd->...rn"), nn=_einsum("...rn,...nd->...rd"), tn=_einsum_tn)
+
+
+class Tile(NamedTuple):
+    """One block of entries: k, v [..., N, D]; start, until, bias [..., 1, N] (None: absent)."""
+
+    k: jax.Array
+    v: jax.Array
+    start: jax.Array | None  # None: every entry is visible to every query of the tile
+    until: jax.Array | None = None  # None: visible for ever
+    bias: jax.Array | None = None  # None: zero
+
+
+State = tuple[jax.Array, jax.Array, jax.Array]  # running max, normaliser [..., R, 1]; acc
+
+
+def tile_logits(dots: Dots, scale: float, q: jax.Array, t: jax.Array, tile: Tile):
+    """Scaled, biased logits [..., R, N] of q [..., R, D] at positions t, and the visibility
+    mask (None for a tile every query sees whole)."""
+    s = dots.nt(q, tile.k) * scale
+    if tile.bias is not None:
+        s = s + tile.bias
+    if tile.start is None:
+        return s, None
+    visible = tile.start <= t
+    if tile.until is not None:
+        visible = visible & (t < tile.until)
+    return s, visible
+
+
+def online_init(q_shape: tuple[int, ...]) -> State:
+    """The state of queries [..., R, D] that have seen nothing, all float32."""
+    column = (*q_shape[:-1], 1)
+    return (
+        jnp.full(column, -jnp.inf, jnp.float32),
+        jnp.zeros(column, jnp.float32),
+        jnp.zeros(q_shape, jnp.float32),
+    )
+
+
+def online_step(dots: Dots, scale: float, state: State, q, t, tile: Tile) -> State:
+    """One online-softmax update of `state` by the tile's entries."""
+    m, total, acc = state
+    s, visible = tile_logits(dots, scale, q, t, tile)
+    if visible is not None:
+        s = jnp.where(visible, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    p = jnp.exp(s - m_safe)
+    alpha = jnp.exp(m - m_safe)
+    total = alpha * total + jnp.sum(p, axis=-1, keepdims=True)
+    return m_new, total, alpha * acc + dots.nn(p.astype(tile.v.dtype), tile.v)
+
+
+def online_finish(state: State) -> tuple[jax.Array, jax.Array]:
+    """-> (out [..., R, D] float32, log-sum-exp [..., R, 1])."""
+    m, total, acc = state
+    seen = total > 0
+    safe = jnp.where(seen, total, 1.0)
+    return acc / safe, jnp.where(seen, m + jnp.log(safe), jnp.inf)
+
+
+def tile_grads(dots: Dots, scale: float, q, t, do, lse, delta, tile: Tile):
+    """Float32 (ds [..., R, N] for dQ = ds @ k and dK = ds.T @ q, p [..., R, N] for
+    dV = p.T @ do), from the saved log-sum-exp and delta = rowsum(dO * O) [..., R, 1]."""
+    s, visible = tile_logits(dots, scale, q, t, tile)
+    p = jnp.exp(s - lse)
+    if visible is not None:
+        p = jnp.where(visible, p, 0.0)
+    dp = dots.nt(do, tile.v)
+    return p * (dp - delta) * scale, p
