@@ -33,7 +33,8 @@ from dga_jax.eval.plots import figure, save
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.llama import DecoderLayer, Llama
 from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.layout import dga_layout, gather_entries
+from dga_jax.ops.dga.entries import gather_entries
+from dga_jax.ops.dga.layout import dga_layout
 from dga_jax.ops.intervals import Entries
 from dga_jax.sharding import LogicalRules
 

@@ -22,8 +22,8 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from dga_jax.ops.ranges import NEVER, band_ranges, prefix_ranges
 from dga_jax.ops.tiles import (
     XLA_DOTS,
     BlockSizes,
@@ -34,8 +34,6 @@ from dga_jax.ops.tiles import (
     round_up,
     tile_grads,
 )
-
-NEVER = np.iinfo(np.int32).max  # `until` of entries visible for ever; `start` of padding
 
 
 @jax.tree_util.register_dataclass
@@ -48,54 +46,6 @@ class Entries:
     start: jax.Array  # [B, H, N] int32
     until: jax.Array | None = None  # [B, H, N] int32; None: visible for ever
     bias: jax.Array | None = None  # [B, H, N] float32; None: zero
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class BlockRanges:
-    """What the queries of block i (positions [i*bq, (i+1)*bq)) visit, per batch and head."""
-
-    prefix_full: jax.Array  # [B, H, nq] int32: prefix [0, prefix_full) is visible to all of them
-    prefix_end: jax.Array  # [B, H, nq] int32: prefix [prefix_end, N) is visible to none
-    band_start: jax.Array  # [B, H, nq] int32: first band entry still visible to the block
-    band_end: jax.Array  # [B, H, nq] int32: one past the last band entry visible to the block
-
-
-def block_ranges(
-    prefix: Entries, band: Entries | None, block_q: int, num_blocks: int
-) -> BlockRanges:
-    """Per query block: the prefix it sees whole, in part, and its band window (no sort)."""
-    prefix_full, prefix_end = _prefix_ranges(prefix, block_q, num_blocks)
-    if band is None:
-        empty = jnp.zeros_like(prefix_end)
-        return BlockRanges(prefix_full, prefix_end, empty, empty)
-    return BlockRanges(prefix_full, prefix_end, *_band_ranges(band, block_q, num_blocks))
-
-
-def _block_bounds(block_q: int, num_blocks: int) -> tuple[jax.Array, jax.Array]:
-    first = jnp.arange(num_blocks, dtype=jnp.int32) * block_q
-    return first, first + block_q - 1
-
-
-def _prefix_ranges(prefix: Entries, block_q: int, num_blocks: int):
-    first, last = _block_bounds(block_q, num_blocks)
-    return _count_at_most(prefix.start, first), _count_at_most(prefix.start, last)
-
-
-def _band_ranges(band: Entries, block_q: int, num_blocks: int):
-    first, last = _block_bounds(block_q, num_blocks)
-    until = jnp.full(band.start.shape, NEVER, jnp.int32) if band.until is None else band.until
-    return _count_at_most(until, first), _count_at_most(band.start, last)
-
-
-def _count_at_most(sorted_values: jax.Array, queries: jax.Array) -> jax.Array:
-    """#{sorted_values <= query} per [B, H] row of sorted_values [B, H, N] -> [B, H, nq]."""
-    per_head = jax.vmap(jax.vmap(_search_right, (0, None)), (0, None))
-    return per_head(sorted_values, queries)
-
-
-def _search_right(sorted_values: jax.Array, queries: jax.Array) -> jax.Array:
-    return jnp.searchsorted(sorted_values, queries, side="right").astype(jnp.int32)
 
 
 def interval_attention(
@@ -129,13 +79,13 @@ def interval_attention(
         width = min(width, round_up(max(band.k.shape[2], 1), 8))
     spec = _Spec(scale, block_q=bq, block_k=bk, band_q=sub, band_width=width, groups=hq // hkv)
 
-    prefix_full, prefix_end = _prefix_ranges(prefix, bq, nq)
+    prefix_full, prefix_end = prefix_ranges(prefix.start, bq, nq)
     # Trip counts are shared by all heads: whole blocks every head sees, blocks some head sees.
     n_full = jnp.min(prefix_full.reshape(b * hkv, nq), axis=0) // bk
     n_total = -(-jnp.max(prefix_end.reshape(b * hkv, nq), axis=0) // bk)
     band_start = None
     if band is not None:
-        band_start, _ = _band_ranges(band, sub, nq * bq // sub)
+        band_start, _ = band_ranges(band.start, band.until, sub, nq * bq // sub)
         band = _flatten(band, max(round_up(band.k.shape[2], 8), width))
         band_start = jnp.minimum(band_start, band.k.shape[1] - width)
         band_start = band_start.reshape(b * hkv, nq, bq // sub).transpose(1, 0, 2)  # [nq, BH, S]

@@ -13,7 +13,8 @@ from flax import nnx
 
 from dga_jax import DGAConfig, Llama, ModelConfig, dense_attention, dga_attention
 from dga_jax.eval import analysis
-from dga_jax.ops.dga.layout import dga_layout, gather_entries
+from dga_jax.ops.dga.entries import gather_entries
+from dga_jax.ops.dga.layout import dga_layout
 from tests.conftest import FORWARD_TOL, assert_close, random_qkv
 
 TOL = FORWARD_TOL[jnp.float32]

@@ -23,7 +23,8 @@ from dga_jax import BlockSizes
 from dga_jax.ops.context import WHOLE
 from dga_jax.ops.dga import pallas_common as common
 from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.layout import dga_layout, gather_entries
+from dga_jax.ops.dga.entries import gather_entries
+from dga_jax.ops.dga.layout import dga_layout
 from dga_jax.ops.dga.pallas_tpu_backward import step_list
 from dga_jax.ops.intervals import NEVER
 from tests.conftest import (

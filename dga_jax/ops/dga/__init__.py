@@ -2,7 +2,8 @@
 
 from dga_jax.ops.dga.api import IMPLEMENTATIONS, dga_attention
 from dga_jax.ops.dga.config import DGAConfig, LayoutSizes
-from dga_jax.ops.dga.layout import DGALayout, dga_layout, gather_entries, layout_block_ranges
+from dga_jax.ops.dga.entries import gather_entries
+from dga_jax.ops.dga.layout import DGALayout, dga_layout, layout_block_ranges
 
 __all__ = [
     "IMPLEMENTATIONS",

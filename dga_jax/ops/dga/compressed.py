@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.layout import compressed_kv
+from dga_jax.ops.dga.entries import compressed_kv
 from dga_jax.ops.tiles import BlockSizes
 
 

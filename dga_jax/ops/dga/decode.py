@@ -36,13 +36,8 @@ from dga_jax.ops.dense_decode import (
     write_slot,
 )
 from dga_jax.ops.dga.config import DGAConfig
-from dga_jax.ops.dga.layout import (
-    RowCounts,
-    dga_layout,
-    fold_members,
-    gather_entries,
-    group_weights,
-)
+from dga_jax.ops.dga.entries import gather_entries
+from dga_jax.ops.dga.layout import RowCounts, dga_layout, fold_members, group_weights
 from dga_jax.ops.dga.selection import pairwise_top_mask
 from dga_jax.ops.sinks_decode import SinkCache, SinkUpdate
 

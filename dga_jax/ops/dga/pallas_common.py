@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dga_jax.ops.intervals import NEVER, Entries, block_ranges
+from dga_jax.ops.intervals import NEVER, Entries
+from dga_jax.ops.ranges import block_ranges
 from dga_jax.ops.tiles import round_up
 
 
@@ -145,9 +146,7 @@ def _pad_entries(x: jax.Array, size: int, value, d_pad: int = 0) -> jax.Array:
 def query_blocks(ops: Operands, spec: KernelSpec) -> QueryBlocks:
     """The entry blocks each query block visits (searchsorted on device, no host round trip)."""
     bk, nq = spec.block_k, spec.num_q_blocks(ops.q.shape[2])
-    prefix = Entries(None, None, ops.prefix_start)
-    band = Entries(None, None, ops.band_start, ops.band_until)
-    ranges = block_ranges(prefix, band, spec.block_q, nq)
+    ranges = block_ranges(ops.prefix_start, ops.band_start, ops.band_until, spec.block_q, nq)
     band_first = ranges.band_start // bk
     band_end = -(-ranges.band_end // bk)
     return QueryBlocks(

@@ -1,0 +1,222 @@
+"""The compressed KV' a layout describes: the entries every DGA implementation attends to.
+
+`gather_entries` reads the prefix (focal tokens, group entries folded from their members) and
+the raw band out of k, v; `compressed_kv` builds the layout and its entries for the queries of
+this device; under a `ContextSplit` (inside `shard_map`, the sequence split across devices)
+`split_entries` builds the device's KV' with only the compressed prefix and a halo of raw tokens
+crossing devices. Differentiable in k, v; the layout itself carries no gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dga_jax.ops.context import WHOLE, ContextSplit
+from dga_jax.ops.dga.config import DGAConfig
+from dga_jax.ops.dga.layout import DGALayout, dga_layout, fold_members
+from dga_jax.ops.intervals import NEVER, Entries
+
+
+def gather_entries(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entries, Entries]:
+    """The compressed KV' for k, v [B, L, Hkv, D]: (prefix, raw) entries, differentiable in k, v.
+
+    A group entry is the weighted sum of its members (in float32, stored in k's dtype), with bias
+    log m because it stands for m tokens.
+    """
+    sizes = layout.sizes
+    m, n_groups = sizes.group_size, sizes.num_groups
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, L, D]
+    idx = layout.raw_pos[..., None]
+    raw_k = jnp.take_along_axis(kt, idx, axis=2)  # [B, H, NR, D]
+    raw_v = jnp.take_along_axis(vt, idx, axis=2)
+
+    def fold(raw):  # [B, H, NR, D] -> [B, H, NG, D]
+        members = raw[:, :, : n_groups * m].reshape(*raw.shape[:2], n_groups, m, raw.shape[-1])
+        return fold_members(layout.group_weight, members)
+
+    is_group = layout.prefix_is_group[..., None]
+    token_idx = jnp.where(is_group, 0, layout.prefix_src[..., None])
+    group_idx = jnp.where(is_group, layout.prefix_src[..., None], 0)
+
+    def pick(tokens, groups):
+        if n_groups == 0:
+            return jnp.take_along_axis(tokens, token_idx, axis=2)
+        return jnp.where(
+            is_group,
+            jnp.take_along_axis(groups, group_idx, axis=2),
+            jnp.take_along_axis(tokens, token_idx, axis=2),
+        )
+
+    bias = jnp.where(layout.prefix_is_group, math.log(m), 0.0).astype(jnp.float32)
+    prefix = Entries(pick(kt, fold(raw_k)), pick(vt, fold(raw_v)), layout.prefix_from, None, bias)
+    raw = Entries(raw_k, raw_v, layout.raw_pos, layout.raw_until)
+    return prefix, raw
+
+
+def compressed_kv(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    config: DGAConfig,
+    scale: float,
+    *,
+    block: int = 1024,
+    split: ContextSplit = WHOLE,
+    lengths: jax.Array | None = None,
+) -> tuple[list[tuple[Entries, Entries | None]], int]:
+    """([(prefix, band) per piece], band lag): the KV' the queries of q [B, C, Hq, D] attend to.
+
+    One piece (the device's rows) unless `split` is in zig-zag order (two). A piece's entry
+    intervals are relative to its first position, so its query row r sees entry e iff
+    `start_e <= r < until_e`, as `interval_attention` and the kernels assume. The band lag is the
+    number of raw entries that can start before a query and still be visible to it: the members
+    of one unfinished group or chunk. `lengths`: see `dga_layout`.
+    """
+    layout = dga_layout(q, k, config, scale, block=block, split=split, lengths=lengths)
+    sizes = layout.sizes
+    lag = max(sizes.chunk, sizes.group_size) - 1
+    if split.shards == 1:
+        prefix, raw = gather_entries(layout, k, v)
+        return [(prefix, raw if sizes.num_raw else None)], lag
+    return split_entries(layout, k, v, split, lag), lag
+
+
+def split_entries(
+    layout: DGALayout, k: jax.Array, v: jax.Array, split: ContextSplit, lag: int
+) -> list[tuple[Entries, Entries | None]]:
+    """`gather_entries` for this device's rows k, v [B, C, Hkv, D] of a split sequence: the
+    (prefix, band) of each of its pieces, intervals relative to the piece's first position.
+
+    The prefix (~(gamma + 1/m) L entries) is summed across devices: each adds its focal tokens
+    and its members' weighted shares of their groups (a group may straddle devices).
+    A piece's band is the window of the raw list its queries can see: its own raw tokens and
+    fewer than `lag + 1` earlier ones, taken from every piece's last `lag` raw tokens (gathered).
+    """
+    chunk, positions = k.shape[1], split.positions(k.shape[1])
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, C, D]
+    slot, weight = jax.vmap(jax.vmap(_prefix_slots))(layout)  # [B, H, L]
+    slot, weight = (jnp.take(x, positions, axis=2) for x in (slot, weight))
+    n_prefix = layout.prefix_from.shape[-1]
+
+    def fold(x):  # [B, H, C, D] -> [B, H, NP, D]: this device's share of every prefix entry
+        shares = weight[..., None] * x.astype(jnp.float32)
+        add = jax.vmap(jax.vmap(_scatter_add, (0, 0, None)), (0, 0, None))
+        # Summed across devices in x's dtype (half the bytes under bfloat16): only an entry
+        # whose group straddles devices has more than one non-zero share, one rounding more.
+        return split.psum(add(slot, shares, n_prefix).astype(x.dtype))
+
+    bias = jnp.where(layout.prefix_is_group, math.log(layout.sizes.group_size), 0.0)
+    prefix_k, prefix_v = fold(kt), fold(vt)
+    span = chunk // split.pieces
+    band = _Band(layout, split, span, lag)
+    halos = (band.halo(kt), band.halo(vt)) if lag and layout.sizes.num_raw else (None, None)
+    out = []
+    for piece, first in enumerate(split.firsts(chunk)):
+        prefix = Entries(prefix_k, prefix_v, layout.prefix_from - first, None, bias)
+        window = band.window((kt, vt), halos, piece, first) if layout.sizes.num_raw else None
+        out.append((prefix, window))
+    return out
+
+
+def _prefix_slots(layout: DGALayout) -> tuple[jax.Array, jax.Array]:
+    """One (batch, head): the prefix entry [L] each position adds to (NP: none) and its weight."""
+    sizes = layout.sizes
+    n_prefix, n_groups, m = layout.prefix_from.shape[0], sizes.num_groups, sizes.group_size
+    entry = jnp.arange(n_prefix, dtype=jnp.int32)
+    is_group, src = layout.prefix_is_group, layout.prefix_src
+    slot = jnp.full(sizes.seq_len, n_prefix, jnp.int32)
+    slot = slot.at[jnp.where(is_group, sizes.seq_len, src)].set(entry, mode="drop")
+    group_slot = jnp.zeros(n_groups, jnp.int32).at[jnp.where(is_group, src, n_groups)]
+    group_slot = group_slot.set(entry, mode="drop")
+    members = layout.raw_pos[: n_groups * m]
+    slot = slot.at[members].set(jnp.repeat(group_slot, m))
+    weight = jnp.ones(sizes.seq_len, jnp.float32).at[members].set(layout.group_weight.reshape(-1))
+    return slot, weight
+
+
+def _scatter_add(slot: jax.Array, x: jax.Array, size: int) -> jax.Array:
+    return jnp.zeros((size, x.shape[-1]), x.dtype).at[slot].add(x, mode="drop")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Band:
+    """The raw entries each piece's queries can see, with the halo they need from before it.
+
+    Pieces are `span` positions long; global piece g covers [g * span, (g + 1) * span). Each
+    piece's last `lag` raw tokens hold every earlier raw entry a later piece can see (the
+    members of the group or chunk unfinished at its first query), so gathering them from every
+    piece is enough: P * pieces * lag rows.
+    """
+
+    layout: DGALayout
+    split: ContextSplit
+    span: int
+    lag: int
+
+    def count_before(self, x: jax.Array) -> jax.Array:
+        """#{raw_pos < x} per (batch, head): x [B, H, n] -> [B, H, n]."""
+        return jax.vmap(jax.vmap(_search_left))(self.layout.raw_pos, x)
+
+    def broadcast(self, x) -> jax.Array:
+        return jnp.broadcast_to(x, self.layout.raw_pos.shape[:2] + (1,))
+
+    def halo(self, x: jax.Array) -> jax.Array:
+        """Every piece's last `lag` raw rows of x [B, H, C, D], gathered from all devices:
+        [B, H, P * pieces * lag, D]."""
+        raw_pos, n_raw = self.layout.raw_pos, self.layout.raw_pos.shape[-1]
+        tails = []
+        for piece, first in enumerate(self.split.firsts(self.span * self.split.pieces)):
+            end = self.count_before(self.broadcast(first + self.span))
+            index = end - self.lag + jnp.arange(self.lag, dtype=jnp.int32)  # [B, H, lag]
+            valid = index >= self.count_before(self.broadcast(first))
+            pos = jnp.take_along_axis(raw_pos, jnp.clip(index, 0, n_raw - 1), axis=-1)
+            row = jnp.clip(pos - first, 0, self.span - 1) + piece * self.span
+            rows = jnp.take_along_axis(x, row[..., None], axis=2)
+            tails.append(jnp.where(valid[..., None], rows, 0))
+        return self.split.gather(jnp.concatenate(tails, axis=2), axis=2)
+
+    def halo_slot(self, piece: jax.Array) -> jax.Array:
+        """Where global piece g's tail starts in the gathered halo."""
+        parts = self.split.shards
+        if self.split.pieces == 1:
+            return piece * self.lag
+        late = piece >= parts
+        device = jnp.where(late, 2 * parts - 1 - piece, piece)
+        return (device * 2 + late) * self.lag
+
+    def window(self, tokens, halos, piece: int, first: jax.Array) -> Entries:
+        """The band of local piece `piece` (positions from `first`), intervals from `first`.
+
+        tokens: this device's k and v [B, H, C, D]; halos: their `halo`s (None if lag = 0).
+        """
+        raw_pos, raw_until = self.layout.raw_pos, self.layout.raw_until
+        n_raw = raw_pos.shape[-1]
+        width = min(n_raw, self.span + self.lag)
+        start = jnp.minimum(jnp.sum(raw_until <= first, axis=-1), n_raw - width)  # [B, H]
+        index = start[..., None] + jnp.arange(width, dtype=jnp.int32)  # [B, H, W]
+        pos = jnp.take_along_axis(raw_pos, index, axis=-1)
+        until = jnp.take_along_axis(raw_until, index, axis=-1)
+        local = (pos >= first) & (pos < first + self.span)
+        row = (jnp.clip(pos - first, 0, self.span - 1) + piece * self.span)[..., None]
+        owner = pos // self.span  # global piece of each entry
+        behind = index - (self.count_before((owner + 1) * self.span) - self.lag)
+        halo_row = self.halo_slot(owner) + jnp.clip(behind, 0, max(self.lag - 1, 0))
+
+        def take(x, halo):  # [B, H, C, D] -> [B, H, W, D]
+            out = jnp.where(local[..., None], jnp.take_along_axis(x, row, axis=2), 0)
+            if halo is None:
+                return out
+            halo = jnp.take_along_axis(halo, halo_row[..., None], axis=2)
+            return jnp.where((pos < first)[..., None], halo, out)
+
+        k, v = (take(x, halo) for x, halo in zip(tokens, halos, strict=True))
+        never = until == NEVER
+        return Entries(k, v, pos - first, jnp.where(never, NEVER, until - first))
+
+
+def _search_left(sorted_values: jax.Array, queries: jax.Array) -> jax.Array:
+    return jnp.searchsorted(sorted_values, queries, side="left").astype(jnp.int32)
