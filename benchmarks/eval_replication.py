@@ -40,6 +40,7 @@ from dga_jax.eval import (
     Passkey,
     Perplexity,
     analysis,
+    dga_analysis,
     evaluate,
     one_line,
     with_bos,
@@ -192,8 +193,8 @@ def analyses(checkpoints: dict[str, Path], corpus: Path, out: Path, size: dict) 
         key = jax.random.key(0)
         result["noise_kl"][kind] = analysis.compare_noise_kl(model, longest, size["sigmas"], key)
         if kind == "dga":
-            result["mass"] = analysis.dga_mass_shares(model, longest)
-            analysis.plot_mass_shares(result["mass"], out / "dga_mass_shares.png")
+            result["mass"] = dga_analysis.dga_mass_shares(model, longest)
+            dga_analysis.plot_mass_shares(result["mass"], out / "dga_mass_shares.png")
         result.setdefault("_estimates", {})[f"trained {kind}"] = estimates
     analysis.plot_p_sparse(result.pop("_estimates"), out / "p_sparse.png")
     return result

@@ -4,7 +4,8 @@ The 13 English datasets of LongBench-E, read from LongBench's `data.zip` layout 
 `{name}_e.jsonl` per dataset, records `{input, context, answers, length, all_classes, ...}`),
 prompted with LongBench's templates (`config/dataset2prompt.json`), generated greedily up to
 LongBench's answer lengths (`config/dataset2maxlen.json`), scored with its metrics
-(`dga_jax.eval.metrics`) and bucketed by the records' `length` (words) as `eval.py --e` does.
+(`dga_jax.eval.metrics`) and bucketed by the records' `length` (words) as `eval.py --e` does
+(`longbench_scoring.py`).
 The predictions are also written as `pred_e/<model_name>/<dataset>.jsonl`, so LongBench's own
 `eval.py --e --model <model_name>` rescores them.
 
@@ -26,16 +27,22 @@ import math
 import os
 import re
 import string
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from dga_jax.data.tokenizers import Tokenizer
 from dga_jax.errors import InputError, MissingInputError
 from dga_jax.eval import metrics
 from dga_jax.eval.engine import Engine, with_bos
+from dga_jax.eval.longbench_scoring import (
+    METRICS,
+    average_scores,
+    dataset_scores,
+    longbench_score,
+    markdown_table,
+    write_predictions,
+)
 from dga_jax.eval.task import Example, GenerationTask, Problems, Summary, fits
 
 DATASETS = (
@@ -133,26 +140,6 @@ MAX_NEW_TOKENS = {
     "lcc": 64,
     "repobench-p": 64,
 }
-# eval.py's dataset2metric.
-METRICS: dict[str, Callable[..., float]] = {
-    "qasper": metrics.qa_f1_score,
-    "multifieldqa_en": metrics.qa_f1_score,
-    "hotpotqa": metrics.qa_f1_score,
-    "2wikimqa": metrics.qa_f1_score,
-    "gov_report": metrics.rouge_score,
-    "multi_news": metrics.rouge_score,
-    "trec": metrics.classification_score,
-    "triviaqa": metrics.qa_f1_score,
-    "samsum": metrics.rouge_score,
-    "passage_count": metrics.count_score,
-    "passage_retrieval_en": metrics.retrieval_score,
-    "lcc": metrics.code_sim_score,
-    "repobench-p": metrics.code_sim_score,
-}
-# Few-shot datasets whose answer is the first line of the prediction (eval.py; lsht is Chinese).
-FIRST_LINE = frozenset({"trec", "triviaqa", "samsum"})
-BUCKETS = ("0-4k", "4-8k", "8k+")
-COLUMNS = (*BUCKETS, "all")
 PARAGRAPH = re.compile(r"Paragraph \d+")  # what retrieval_score reads from an answer
 DATA_HINT = "the {name}_e.jsonl files of LongBench's data.zip (THUDM/LongBench on the HF hub)"
 
@@ -311,70 +298,6 @@ def middle_truncate(tokenizer: Tokenizer, prompt: str, max_input: int) -> list[i
         return ids
     half = max_input // 2
     return with_bos(tokenizer, tokenizer.decode(ids[:half]) + tokenizer.decode(ids[-half:]))
-
-
-def longbench_score(
-    dataset: str, prediction: str, answers: Sequence[str], all_classes: Sequence[str] | None
-) -> float:
-    """A record's score as eval.py's scorer_e computes it: the few-shot datasets' prediction
-    cut to its first line, then the best of the dataset's metric over the answers (0 without
-    answers)."""
-    if dataset in FIRST_LINE:
-        prediction = prediction.lstrip("\n").split("\n")[0]
-    metric = METRICS[dataset]
-    return max([0.0, *(metric(prediction, answer, all_classes=all_classes) for answer in answers)])
-
-
-def length_bucket(length: float) -> str:
-    """eval.py --e's bucket of a record's `length` (words of its context)."""
-    if length < 4000:
-        return "0-4k"
-    return "4-8k" if length < 8000 else "8k+"
-
-
-def dataset_scores(records: Sequence[dict[str, Any]]) -> dict[str, float | None]:
-    """{bucket: percent} as eval.py --e (round(100 * np.mean, 2), None where eval.py has NaN),
-    plus "all": the mean over every record as eval.py without --e rounds it."""
-    buckets: dict[str, list[float]] = {name: [] for name in BUCKETS}
-    for record in records:
-        buckets[length_bucket(record["length"])].append(record["score"])
-    # np.float64's round (scale, rint, unscale) is what eval.py applies, not Python's.
-    out = {name: float(round(100 * np.mean(v), 2)) if v else None for name, v in buckets.items()}
-    total = sum(record["score"] for record in records)
-    out["all"] = round(100 * total / len(records), 2) if records else None
-    return out
-
-
-def average_scores(scores: Sequence[dict[str, float | None]]) -> dict[str, float | None]:
-    """Each column's mean over the datasets that have it, rounded to 2 decimals."""
-    average: dict[str, float | None] = {}
-    for column in COLUMNS:
-        values = [row[column] for row in scores if row[column] is not None]
-        average[column] = round(sum(values) / len(values), 2) if values else None
-    return average
-
-
-def markdown_table(
-    scores: dict[str, dict[str, float | None]], average: dict[str, float | None]
-) -> str:
-    """One row per dataset and an average row; columns 0-4k, 4-8k, 8k+, all (percent)."""
-    lines = ["| dataset | " + " | ".join(COLUMNS) + " |", "|---" + "|---:" * len(COLUMNS) + "|"]
-    for name, row in [*scores.items(), ("average", average)]:
-        cells = ["-" if row[column] is None else f"{row[column]:.2f}" for column in COLUMNS]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def write_predictions(directory: Path, dataset: str, records: Sequence[dict[str, Any]]) -> Path:
-    """`directory/<dataset>.jsonl` in pred.py's format, one json.dump(..., ensure_ascii=False)
-    line `{"pred", "answers", "all_classes", "length"}` per record."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{dataset}.jsonl"
-    keys = ("pred", "answers", "all_classes", "length")
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps({key: record[key] for key in keys}, ensure_ascii=False) + "\n")
-    return path
 
 
 def parse_record(line: bytes, dataset: str) -> dict[str, Any] | str:

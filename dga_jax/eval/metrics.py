@@ -2,8 +2,8 @@
 
 Every metric scores one prediction against one ground truth, `metric(prediction, ground_truth,
 all_classes=...) -> float` in [0, 1]; a record's score is the best over its ground truths
-(`dga_jax.eval.longbench.longbench_score`). The reference's quirks are kept on purpose, since
-published numbers were computed with them:
+(`dga_jax.eval.longbench_scoring.longbench_score`). The reference's quirks are kept on purpose,
+since published numbers were computed with them:
 
 - `qa_f1_score` normalises (lowercase, drop ASCII punctuation, drop the words a/an/the, collapse
   whitespace) and takes the token-bag F1; no common token gives 0.

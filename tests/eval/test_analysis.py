@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from dga_jax import DGAConfig, Llama, ModelConfig, dense_attention, dga_attention
-from dga_jax.eval import analysis
+from dga_jax.eval import analysis, dga_analysis, layerwise
 from dga_jax.ops.dga.entries import gather_entries
 from dga_jax.ops.dga.layout import dga_layout
 from tests.conftest import FORWARD_TOL, assert_close, random_qkv
@@ -45,18 +45,18 @@ def test_attention_weights_are_causal_rows_that_reproduce_the_model(dense):
         assert np.all(np.triu(w, k=1) == 0) and np.all(w >= 0)
 
     embedded = dense.embed_tokens(jnp.asarray(x))
-    _, inputs = analysis.walk_layers(dense, embedded, _input_probe)
+    _, inputs = layerwise.walk_layers(dense, embedded, _input_probe)
     positions = jnp.broadcast_to(jnp.arange(32), (2, 32))
     group = TINY.num_heads // TINY.num_kv_heads
     for i, (w, h) in enumerate(zip(weights, inputs, strict=True)):
-        layer = analysis.decoder_layer(dense, i)
-        q, k, v = analysis.layer_qkv(layer, h, positions)
+        layer = layerwise.decoder_layer(dense, i)
+        q, k, v = layerwise.layer_qkv(layer, h, positions)
         out = jnp.einsum("bhqs,bshd->bqhd", w, jnp.repeat(v, group, axis=2))
         assert_close(out, dense_attention(q, k, v, implementation="xla"), TOL)
     # The last layer's weights with V, through the rest of the layer and the head: the logits.
     attended = h + layer.attn._project(out)
     assert_close(dense.logits(layer._mlp_block(attended)), dense(jnp.asarray(x)), TOL)
-    assert_close(analysis.logits_from_embeddings(dense, embedded), dense(jnp.asarray(x)), TOL)
+    assert_close(layerwise.logits_from_embeddings(dense, embedded), dense(jnp.asarray(x)), TOL)
     chosen = analysis.attention_weights(dense, x, layers=[1])
     assert chosen[0] is None
     assert_close(chosen[1], weights[1], TOL)
@@ -120,7 +120,7 @@ def test_noise_kl_is_zero_without_noise_and_grows_with_it(dense):
 
 
 def test_dense_and_dga_views_share_weights(dense):
-    view = analysis.with_attention(dense, "dga", DGAConfig(8, 0.5))
+    view = layerwise.with_attention(dense, "dga", DGAConfig(8, 0.5))
     assert view.config == dense.config.replace(attention="dga", dga=DGAConfig(8, 0.5))
     assert view.layers.attn.config.attention == "dga" and dense.config.attention == "dense"
     leaves = zip(jax.tree.leaves(nnx.state(view)), jax.tree.leaves(nnx.state(dense)), strict=True)
@@ -136,13 +136,13 @@ def _from_entry_weights(q, k, v, config):
     focal/group/raw mass [3]; and `dga_mass` of the same, by blocks of 8 queries."""
     layout = dga_layout(q, k, config, q.shape[-1] ** -0.5)
     prefix, raw = gather_entries(layout, k, v)
-    prefix_w, raw_w = analysis.dga_entry_weights(q, prefix, raw)
+    prefix_w, raw_w = dga_analysis.dga_entry_weights(q, prefix, raw)
     group = q.shape[2] // k.shape[2]
     out = jnp.einsum("bhqn,bhnd->bqhd", prefix_w, jnp.repeat(prefix.v, group, axis=1))
     out += jnp.einsum("bhqn,bhnd->bqhd", raw_w, jnp.repeat(raw.v, group, axis=1))
     is_group = jnp.repeat(layout.prefix_is_group, group, axis=1)[:, :, None, :]
     mass = jnp.stack([jnp.sum(prefix_w * ~is_group), jnp.sum(prefix_w * is_group), raw_w.sum()])
-    return out, mass, analysis.dga_mass(q, k, v, config, block=8)
+    return out, mass, dga_analysis.dga_mass(q, k, v, config, block=8)
 
 
 @pytest.mark.parametrize("selection", ["global", "streaming"])
@@ -166,9 +166,9 @@ def test_token_roles_partition_what_each_query_sees(selection):
     q, k, v = random_qkv(2, 2, 45, 4, 2, 16)
     layout = dga_layout(q, k, config, 16**-0.5)
     prefix, raw = gather_entries(layout, k, v)
-    prefix_w, raw_w = analysis.dga_entry_weights(q, prefix, raw)  # [B, Hq, T, N]
+    prefix_w, raw_w = dga_analysis.dga_entry_weights(q, prefix, raw)  # [B, Hq, T, N]
     for t in (0, 6, 21, 44):
-        roles = analysis.token_roles(q, k, config, query=t, batch=1, head=1)
+        roles = dga_analysis.token_roles(q, k, config, query=t, batch=1, head=1)
         assert (roles[: t + 1] >= 0).all() and (roles[t + 1 :] == -1).all()
         seen_prefix = np.asarray(prefix_w[1, 2, t] > 0)  # query head 2 reads KV head 1
         is_group = np.asarray(layout.prefix_is_group[1, 1])
@@ -187,17 +187,19 @@ def test_max_causal_weights_by_blocks():
 
 
 def test_dga_mass_shares_sum_to_one_per_layer(dense):
-    shares = analysis.dga_mass_shares(analysis.with_attention(dense, "dga"), tokens(b=4))
+    shares = dga_analysis.dga_mass_shares(layerwise.with_attention(dense, "dga"), tokens(b=4))
     assert len(shares) == TINY.num_layers
     for layer in shares:
         assert sum(layer.values()) == pytest.approx(1.0)
-        assert all(0 < layer[kind] < 1 for kind in analysis.MASS_KINDS)
+        assert all(0 < layer[kind] < 1 for kind in dga_analysis.MASS_KINDS)
 
 
 @pytest.mark.parametrize(("dga", "length"), [(DGAConfig(4, 1.0), 32), (DGAConfig(4, 0.1), 3)])
 def test_dga_mass_shares_without_groups(dense, dga, length):
     """Everything focal, or a sequence shorter than one group: no group mass."""
-    shares = analysis.dga_mass_shares(analysis.with_attention(dense, "dga", dga), tokens(t=length))
+    shares = dga_analysis.dga_mass_shares(
+        layerwise.with_attention(dense, "dga", dga), tokens(t=length)
+    )
     for layer in shares:
         assert layer["group"] == 0.0 and layer["focal"] > 0
         if dga.focal_ratio == 1.0:
@@ -206,7 +208,7 @@ def test_dga_mass_shares_without_groups(dense, dga, length):
 
 def test_dga_mass_shares_need_a_dga_model(dense):
     with pytest.raises(ValueError, match="DGA model"):
-        analysis.dga_mass_shares(dense, tokens())
+        dga_analysis.dga_mass_shares(dense, tokens())
 
 
 def test_plots_write_pngs(tmp_path):
@@ -215,9 +217,9 @@ def test_plots_write_pngs(tmp_path):
     for path in (
         analysis.plot_p_sparse(results, tmp_path / "one.png"),
         analysis.plot_p_sparse({"dense": results, "dga": results}, tmp_path / "two.png"),
-        analysis.plot_mass_shares(
+        dga_analysis.plot_mass_shares(
             [{"focal": 0.5, "group": 0.3, "raw": 0.2}] * 2, tmp_path / "plots" / "mass.png"
         ),
-        analysis.plot_token_roles(np.array([0, 1, 1, 2, -1], np.int8), tmp_path / "roles.png"),
+        dga_analysis.plot_token_roles(np.array([0, 1, 1, 2, -1], np.int8), tmp_path / "roles.png"),
     ):
         assert path.read_bytes().startswith(b"\x89PNG")

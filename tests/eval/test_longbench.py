@@ -14,12 +14,8 @@ import pytest
 from dga_jax.data.tokenizers import ByteTokenizer
 from dga_jax.errors import InputError, MissingInputError
 from dga_jax.eval import metrics
-from dga_jax.eval.longbench import (
-    LongBenchE,
-    length_bucket,
-    longbench_max_input,
-    middle_truncate,
-)
+from dga_jax.eval.longbench import LongBenchE, longbench_max_input, middle_truncate
+from dga_jax.eval.longbench_scoring import length_bucket
 from dga_jax.eval.task import Example, Problems
 
 BOS = ByteTokenizer().bos_id
