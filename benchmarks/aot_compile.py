@@ -35,7 +35,7 @@ from dga_jax.ops.tiles import BlockSizes
 sys.path.insert(0, str(Path(__file__).parents[1]))  # `train/` and `configs/` are the repo's
 from configs import llama7b_dga, tiny_dga  # noqa: E402
 from train.config import INPUTS, from_config_dict  # noqa: E402
-from train.loop import lower_train_step  # noqa: E402
+from train.setup import lower_train_step  # noqa: E402
 
 IMPLEMENTATION = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
 REJECTED = "use smaller blocks"  # the on-chip memory checks' advice: tiles that cannot fit
@@ -169,7 +169,8 @@ def _markdown(reports: list[aot.CompileReport]) -> str:
         mib = "" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:,.1f}"
         capacity = "" if r.device_memory_bytes is None else f"{r.device_memory_bytes / 2**20:,.0f}"
         kernels = "; ".join(
-            f"{k.name.removeprefix('dga_')} {k.shared_memory_bytes:,}/{k.registers}/{k.spill_bytes}"
+            f"{k.name.removeprefix('interval_')} "
+            f"{k.shared_memory_bytes:,}/{k.registers}/{k.spill_bytes}"
             for k in r.kernels
         )
         what = r.label.removeprefix("rejected ")

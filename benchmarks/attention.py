@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 from common import (
     GIB,
+    add_attention_args,
     device_peak_bytes,
     environment,
     free_bytes,
@@ -53,7 +54,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import dga_jax
-from dga_jax.aot import xla_peak_bytes
+from dga_jax.compile_stats import xla_peak_bytes
 
 FULL_LENGTHS = (2048, 4096, 8192, 16384, 32768)
 QUICK_LENGTHS = (1024, 2048)
@@ -103,19 +104,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="L in {1K, 2K}, 2 repeats")
     p.add_argument("--lengths", type=int_list, help="sequence lengths, e.g. 2048,4096")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8, help="query heads Hq")
-    p.add_argument("--kv-heads", type=int, default=8, help="key/value heads Hkv")
-    p.add_argument("--head-dim", type=int, default=128)
+    add_attention_args(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32 on CPU")
-    p.add_argument("--group-size", type=int, default=16, help="DGA group size m")
-    p.add_argument("--focal-ratio", type=float, default=0.1, help="DGA focal ratio gamma")
     p.add_argument("--selection", choices=("global", "streaming"), default="global")
     p.add_argument("--modes", type=comma_list, default=list(MODES), help="fwd,fwd+bwd")
     p.add_argument("--impls", type=comma_list, help=f"from {','.join(IMPLS)}")
     p.add_argument("--repeats", type=int, help="timed calls (default 5; --quick: 2)")
     p.add_argument("--max-seconds", type=float, default=180.0, help="skip longer predicted calls")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     backend = jax.default_backend()
     args.lengths = sorted(set(args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)))

@@ -1,4 +1,4 @@
-"""Measurement helpers shared by the benchmark scripts: timing, memory, environment."""
+"""Measurement helpers shared by the benchmark scripts: timing, memory, environment, options."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from dga_jax.aot import xla_peak_bytes
+from dga_jax.compile_stats import xla_peak_bytes
 from dga_jax.timing import time_calls
 
 GIB = 2**30
@@ -94,6 +94,17 @@ def report_variants(records: list[dict]) -> None:
             f"{length_label(r['L']):>6}  {r['variant']:<16}{ms_text:>11}{tok_text:>11}"
             f"{speedup:>13}{r['xla_peak_bytes'] / GIB:>14.2f}  {r['status']}"
         )
+
+
+def add_attention_args(parser: argparse.ArgumentParser) -> None:
+    """The options of the attention-level benchmarks: shapes, DGA settings, output folder."""
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=8, help="query heads Hq")
+    parser.add_argument("--kv-heads", type=int, default=8, help="key/value heads Hkv")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--group-size", type=int, default=16, help="DGA group size m")
+    parser.add_argument("--focal-ratio", type=float, default=0.1, help="DGA focal ratio gamma")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
 
 
 def write_results(name: str, args: Any, env: dict[str, Any], records: list[dict]) -> Path:

@@ -8,7 +8,7 @@ Everything is compiled, nothing runs: on P fake CPU devices (8, set before JAX s
 the compile-only devices of a TPU or GPU target (`--target`, `dga_jax.aot`; needs the aot
 extra), each strategy ("ulysses", "dga") is lowered from abstract inputs and the compiler reports
 per-device memory (`memory_analysis()`) and the collectives of its optimized HLO
-(`dga_jax.aot.collectives`). XLA:CPU runs bfloat16 collectives in float32, so on CPU their
+(`dga_jax.compile_stats.collectives`). XLA:CPU runs bfloat16 collectives in float32, so on CPU their
 bytes are twice what a TPU or GPU moves: take collective bytes from a --target run.
 
 - attention: LLaMA2-7B's per-layer shape (32 query and KV heads of 128, bfloat16, one sequence)
@@ -44,11 +44,12 @@ import jax.numpy as jnp  # noqa: E402
 from common import environment  # noqa: E402
 
 from dga_jax import aot  # noqa: E402
+from dga_jax.compile_stats import collectives, xla_peak_bytes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # `train/` and `configs/` are the repo's
 from configs import tiny_dga  # noqa: E402
 from train.config import from_config_dict  # noqa: E402
-from train.loop import lower_train_step  # noqa: E402
+from train.setup import lower_train_step  # noqa: E402
 
 MIB = 2**20
 LLAMA = dict(heads=32, kv_heads=32, head_dim=128, dtype=jnp.bfloat16)
@@ -116,7 +117,7 @@ def _train_step(strategy: str, seq_len: int, parts: int) -> Row:
 
 
 def _row(what, strategy, seq_len, parts, compiled, kv_bytes) -> Row:
-    found = aot.collectives(compiled) if parts > 1 else []
+    found = collectives(compiled) if parts > 1 else []
     moved = sum(c.bytes for c in found)
     ops = sorted({c.op for c in found})
     counts = ", ".join(f"{sum(c.op == op for c in found)} {op}" for op in ops)
@@ -126,7 +127,7 @@ def _row(what, strategy, seq_len, parts, compiled, kv_bytes) -> Row:
         seq_len,
         parts,
         compiled.memory_analysis().temp_size_in_bytes / MIB,
-        aot.xla_peak_bytes(compiled) / MIB,
+        xla_peak_bytes(compiled) / MIB,
         moved / MIB,
         moved / kv_bytes if kv_bytes else float("nan"),
         counts,

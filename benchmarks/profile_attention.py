@@ -44,13 +44,12 @@ import math
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import environment, length_label, time_calls, write_results
+from common import add_attention_args, environment, length_label, time_calls, write_results
 
 import dga_jax
 from dga_jax import BlockSizes, DGAConfig, DGALayout
@@ -92,14 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="L=2K, 2 repeats")
     p.add_argument("--lengths", help="comma list of sequence lengths (default 16384)")
     p.add_argument("--repeats", type=int, help="timed calls per stage (default 3; --quick: 2)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=8, help="query heads Hq")
-    p.add_argument("--kv-heads", type=int, default=8, help="key/value heads Hkv")
-    p.add_argument("--head-dim", type=int, default=128)
+    add_attention_args(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    p.add_argument("--group-size", type=int, default=16, help="DGA group size m")
-    p.add_argument("--focal-ratio", type=float, default=0.1, help="DGA focal ratio gamma")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     default = "2048" if args.quick else "16384"
     args.lengths = [int(x) for x in (args.lengths or default).split(",")]

@@ -13,7 +13,8 @@ Needs the `aot` extra (libtpu, the CUDA plugin and ptxas, pinned to the JAX they
 with), best in a venv of its own (`make aot` / `make test-aot` build `.venv-aot`), and a CPU
 host backend: set `JAX_PLATFORMS=cpu` before JAX starts. `benchmarks/aot_compile.py` runs the
 whole matrix. Device memory is compared with all of a GPU's; JAX's allocator takes 75% of it
-unless `XLA_PYTHON_CLIENT_MEM_FRACTION` says otherwise.
+unless `XLA_PYTHON_CLIENT_MEM_FRACTION` says otherwise. What a compile produced (collectives,
+buffers, the GPU kernels' registers and spills) is read back by `dga_jax.compile_stats`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import re
-import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -34,6 +32,7 @@ import jax.numpy as jnp
 from jax.experimental.topologies import get_topology_desc
 from jax.sharding import NamedSharding, PartitionSpec
 
+from dga_jax.compile_stats import KernelStats, kernel_stats, largest_buffers, xla_peak_bytes
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dga.api import dga_attention
 from dga_jax.ops.dga.sharded import per_shard
@@ -197,63 +196,6 @@ def lower_context_attention(
 
 
 @dataclasses.dataclass(frozen=True)
-class Collective:
-    """One collective of a compiled program (per device, once per occurrence in the HLO text:
-    one inside a loop runs once per iteration)."""
-
-    op: str  # all-gather, all-reduce, all-to-all, reduce-scatter, collective-permute
-    elements: int  # of its largest result array
-    bytes: int  # of all its result arrays
-    shapes: str
-
-
-_COLLECTIVE = re.compile(
-    r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|all-to-all|reduce-scatter|"
-    r"collective-permute)(-start)?\("
-)
-_ARRAY = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
-
-
-def collectives(compiled: jax.stages.Compiled) -> list[Collective]:
-    """The collectives in `compiled`'s optimized HLO, with their result sizes."""
-    found = []
-    for line in compiled.as_text().splitlines():
-        match = _COLLECTIVE.search(line)
-        if not match:
-            continue
-        arrays = [
-            (math.prod(int(d) for d in dims.split(",") if d), _itemsize(dtype))
-            for dtype, dims in _ARRAY.findall(match.group(1))
-        ]
-        if match.group(3) and match.group(2) != "all-reduce":
-            arrays = arrays[-1:]  # an async start's result also holds its operand
-        found.append(
-            Collective(
-                match.group(2),
-                max(n for n, _ in arrays),
-                sum(n * size for n, size in arrays),
-                match.group(1),
-            )
-        )
-    return found
-
-
-def _itemsize(dtype: str) -> int:
-    return 1 if dtype == "pred" else max(1, int(re.sub(r"\D", "", dtype)) // 8)
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelStats:
-    """One GPU kernel as compiled: launch shared memory, and what ptxas reports."""
-
-    name: str
-    shared_memory_bytes: int
-    registers: int
-    spill_bytes: int  # spill stores + loads
-    warnings: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
 class CompileReport:
     """The outcome of one compile for one target; memory is per device, in bytes."""
 
@@ -306,8 +248,8 @@ def compile_report(label: str, lowered: jax.stages.Lowered, target: str) -> Comp
             seconds = time.perf_counter() - start
             return CompileReport(label, target, ok=False, seconds=seconds, error=_summary(error))
         seconds = time.perf_counter() - start
-        kernels = _kernel_stats(Path(dump), spec.arch) if spec.platform == "gpu" else ()
-        largest = _largest_buffers(Path(dump))
+        kernels = kernel_stats(Path(dump), spec.arch) if spec.platform == "gpu" else ()
+        largest = largest_buffers(Path(dump))
     memory, peak = compiled.memory_analysis(), xla_peak_bytes(compiled)
     error = None
     if peak > spec.device_memory_bytes:
@@ -332,15 +274,6 @@ def compile_report(label: str, lowered: jax.stages.Lowered, target: str) -> Comp
     )
 
 
-def xla_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
-    """XLA's buffer-assignment peak per device: arguments + outputs + temporaries - aliased."""
-    m = compiled.memory_analysis()
-    if m is None:
-        return None
-    temp = m.temp_size_in_bytes
-    return m.argument_size_in_bytes + m.output_size_in_bytes + temp - m.alias_size_in_bytes
-
-
 def _spec(target: str) -> TargetSpec:
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
@@ -352,83 +285,3 @@ def _summary(error: Exception) -> str:
     text = f"{type(error).__name__}: {error}"
     lines = [line[:300] for line in text.splitlines() if line.strip()]
     return "\n  ".join(lines[:6])
-
-
-_BUFFER = re.compile(r"^\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+)(B|KiB|MiB|GiB);[^;]*;[^;]*;\s*(.+)$")
-_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
-
-
-def _largest_buffers(dump: Path, count: int = 4) -> tuple[str, ...]:
-    """The `count` largest temporary buffers of device memory in XLA's memory-usage report
-    (parameters and outputs are in `memory_analysis()`), as "MiB: shapes", largest first."""
-    found = []
-    for path in dump.glob("*memory-usage-report.txt"):
-        spaces = path.read_text().split("Memory Space:")
-        lines = spaces[1].splitlines() if len(spaces) > 1 else []  # the first: device memory
-        for m in filter(None, map(_BUFFER.match, lines)):
-            found.append((float(m[1]) * _UNITS[m[2]], m[3]))
-    largest = sorted(found, reverse=True)[:count]
-    return tuple(f"{size / 2**20:,.1f} MiB: {shapes}" for size, shapes in largest)
-
-
-_LAUNCH = re.compile(r"\b(dga_\w+) grid: \[[^]]*\] threads: \[[^]]*\]\s+shared_memory: (\d+) bytes")
-_ENTRY = re.compile(r"\.entry (\w+)\(")
-
-
-def _kernel_stats(dump: Path, arch: str) -> tuple[KernelStats, ...]:
-    """The Pallas kernels of one compile: shared memory from XLA's thunk sequence, registers and
-    spills from `ptxas -v` on the PTX XLA dumped (as XLA compiled it: same PTX, same arch)."""
-    shared = {}
-    for path in dump.glob("*thunk_sequence.txt"):
-        shared.update((m[1], int(m[2])) for m in _LAUNCH.finditer(path.read_text()))
-    ptx = {}
-    for path in dump.glob("*.ptx"):
-        for name in _ENTRY.findall(path.read_text()):
-            if name in shared:
-                ptx[name] = path
-    missing = sorted(set(shared) - set(ptx))
-    if missing:
-        raise RuntimeError(f"no PTX dumped for kernels {missing}")
-    return tuple(
-        KernelStats(name, size, *_ptxas(ptx[name], arch, name))
-        for name, size in sorted(shared.items())
-    )
-
-
-def _ptxas(path: Path, arch: str, name: str) -> tuple[int, int, tuple[str, ...]]:
-    """(registers, spill bytes, warnings) of kernel `name` in `path`, by `ptxas -v`."""
-    result = subprocess.run(
-        [ptxas_path(), "-v", f"-arch=sm_{arch}", str(path), "-o", os.devnull],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if result.returncode:
-        raise RuntimeError(f"ptxas failed on {path.name}: {result.stderr.strip()[:500]}")
-    # ptxas reports function by function: "Compiling entry function 'NAME'", then its lines.
-    blocks = result.stderr.split("Compiling entry function '")
-    text = next((b for b in blocks[1:] if b.startswith(f"{name}'")), None)
-    if text is None:
-        raise RuntimeError(f"ptxas reported nothing for {name} in {path.name}")
-    registers = re.search(r"Used (\d+) registers", text)
-    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", text)
-    warnings = tuple(sorted({line.strip() for line in text.splitlines() if "warning" in line}))
-    return int(registers[1]), sum(map(int, spills)), warnings
-
-
-def ptxas_path() -> str:
-    """`ptxas` from the `nvidia-cuda-nvcc-cu12` wheel (the one XLA uses), else from PATH."""
-    try:
-        import nvidia.cuda_nvcc  # noqa: PLC0415 (optional, the `aot` extra)
-
-        bundled = Path(next(iter(nvidia.cuda_nvcc.__path__))) / "bin" / "ptxas"
-        if bundled.exists():
-            return str(bundled)
-    except ImportError:
-        pass
-    found = shutil.which("ptxas")
-    if found is None:
-        raise FileNotFoundError(
-            "ptxas not found: install the aot extra (nvidia-cuda-nvcc-cu12) or a CUDA toolkit"
-        )
-    return found

@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO chatter
     from train.checkpointing import CheckpointSaveError, NoUsableCheckpointError
-    from train.loop import NonFiniteError
+    from train.trainer import NonFiniteError
 
     try:
         _train()

@@ -16,12 +16,12 @@ from dga_jax.ops import target as target_module
 from dga_jax.ops.sinks import StreamingLLMConfig
 from dga_jax.ops.tiles import BlockSizes
 from train.config import from_config_dict
-from train.loop import lower_train_step
+from train.setup import lower_train_step
 
 pytestmark = pytest.mark.aot
 
 IMPLEMENTATION = {"v5e": "pallas_tpu", "h100": "pallas_gpu"}
-GPU_KERNELS = {"dga_forward", "dga_dq", "dga_dkv_prefix", "dga_dkv_band"}
+GPU_KERNELS = {"interval_forward", "interval_dq", "interval_dkv_prefix", "interval_dkv_band"}
 H100 = target_module.Target("gpu", aot.TARGETS["h100"].device_kind)
 
 
@@ -46,7 +46,7 @@ def test_kernels_compile_at_default_blocks(target, selection, gradient):
     assert 0 < report.peak_bytes < report.device_memory_bytes
     if target == "h100":
         names = {k.name for k in report.kernels}
-        assert names == (GPU_KERNELS if gradient else {"dga_forward"}), str(report)
+        assert names == (GPU_KERNELS if gradient else {"interval_forward"}), str(report)
         for kernel in report.kernels:
             assert kernel.spill_bytes == 0 and 0 < kernel.registers <= 255, str(report)
             assert 0 < kernel.shared_memory_bytes <= H100.shared_memory_bytes, str(report)
@@ -67,7 +67,7 @@ def test_sink_kernels_compile_at_default_blocks(target, gradient):
     assert report.ok, str(report)
     if target == "h100":
         names = {k.name for k in report.kernels}
-        assert names == (GPU_KERNELS if gradient else {"dga_forward"}), str(report)
+        assert names == (GPU_KERNELS if gradient else {"interval_forward"}), str(report)
         for kernel in report.kernels:
             assert kernel.spill_bytes == 0 and 0 < kernel.registers <= 255, str(report)
 

@@ -241,7 +241,8 @@ COMPILED = textwrap.dedent(
     from flax import nnx
 
     from dga_jax import Llama, ModelConfig
-    from dga_jax.aot import collectives, lower_context_attention
+    from dga_jax.aot import lower_context_attention
+    from dga_jax.compile_stats import collectives
     from dga_jax.sharding import make_mesh
 
     # Weights over the context group too: a (1, 1, 8, 1) mesh divides them by 8 (all but the

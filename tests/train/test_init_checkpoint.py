@@ -11,6 +11,7 @@ from dga_jax import Llama
 from dga_jax.checkpoint import save_model
 from train import loop
 from train.config import from_config_dict
+from train.setup import make_setup, new_model
 
 
 def test_training_starts_from_the_checkpoint_weights(tmp_path):
@@ -22,10 +23,10 @@ def test_training_starts_from_the_checkpoint_weights(tmp_path):
 
     config.init_checkpoint = str(tmp_path / "ckpt")
     train_config = from_config_dict(config)
-    setup = loop._setup(train_config)
+    setup = make_setup(train_config)
     with jax.set_mesh(setup.mesh):
         params = loop._initial_params(train_config, setup)
-        fresh = nnx.state(loop._new_model(train_config), nnx.Param)
+        fresh = nnx.state(new_model(train_config), nnx.Param)
     expected = nnx.to_pure_dict(nnx.state(pretrained, nnx.Param))
     loaded = nnx.to_pure_dict(params)
     for want, got in zip(jax.tree.leaves(expected), jax.tree.leaves(loaded), strict=True):

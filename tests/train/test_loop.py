@@ -18,7 +18,8 @@ from dga_jax import Llama
 from dga_jax.checkpoint import load_model
 from dga_jax.data.tokenizers import ByteTokenizer
 from train.config import from_config_dict
-from train.loop import NonFiniteError, run
+from train.loop import run
+from train.trainer import NonFiniteError
 
 ROOT = Path(__file__).parents[2]
 

@@ -118,7 +118,7 @@ def dq(spec, ops, blocks: common.QueryBlocks, do, lse, delta):
         out_shape=[jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype)] * queries,
         compiler_params=compiler_params(ops.q.shape[-1]),
         interpret=spec.interpret,
-        name="dga_dq",
+        name="interval_dq",
     )(*block_args(blocks), ops.q, do, lse, delta, *extra, *entry_args(ops))
     return grads[0], (grads[1] if queries == 2 else None)
 
@@ -167,5 +167,5 @@ def _dkv_call(spec, heads, ranges, entries, band: bool):
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
         compiler_params=compiler_params(d),
         interpret=spec.interpret,
-        name="dga_dkv_band" if band else "dga_dkv_prefix",
+        name="interval_dkv_band" if band else "interval_dkv_prefix",
     )(*ranges, *heads, *entries)

@@ -158,7 +158,7 @@ def forward(spec: common.KernelSpec, ops: common.Operands, blocks: common.QueryB
         ],
         compiler_params=compiler_params(d),
         interpret=spec.interpret,
-        name="dga_forward",
+        name="interval_forward",
     )(*block_args(blocks), *queries, *entry_args(ops))
 
 

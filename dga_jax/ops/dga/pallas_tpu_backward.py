@@ -84,7 +84,7 @@ def dq(spec, ops, blocks: common.QueryBlocks, do, lse, delta):
         out_shape=[jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype)] * queries,
         compiler_params=compiler_params(),
         interpret=spec.interpret,
-        name="dga_dq",
+        name="interval_dq",
     )(*flat_ranges(blocks), ops.q, do, rows(lse), rows(delta), *extra, *entry_args(ops))
     return grads[0], (grads[1] if queries == 2 else None)
 
@@ -245,7 +245,7 @@ def _dkv_prefix_call(spec, blocks: common.KeyBlocks, q_args, entries):
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
         ),
         interpret=spec.interpret,
-        name="dga_dkv_prefix",
+        name="interval_dkv_prefix",
     )(*ranges, *q_args, *entries)
 
 
@@ -284,7 +284,7 @@ def _dkv_band_call(spec, lists, num_steps: int, q_args, entries):
             dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")
         ),
         interpret=spec.interpret,
-        name="dga_dkv_band",
+        name="interval_dkv_band",
     )(*lists, *q_args, *entries)
 
 

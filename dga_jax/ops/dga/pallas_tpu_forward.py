@@ -242,6 +242,6 @@ def forward(spec: common.KernelSpec, ops: common.Operands, blocks: common.QueryB
         ],
         compiler_params=compiler_params(),
         interpret=spec.interpret,
-        name="dga_forward",
+        name="interval_forward",
     )(*flat_ranges(blocks), *queries, *entry_args(ops))
     return jnp.where(fits, out, jnp.nan).astype(out.dtype), lse[..., 0]

@@ -1,0 +1,164 @@
+"""What a compile produced, read back: the collectives in its optimized HLO, XLA's peak memory
+per device and largest temporaries, and each GPU kernel's shared memory, registers and spills
+(`ptxas -v` on the PTX XLA dumped). `dga_jax.aot.compile_report` gathers them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective of a compiled program (per device, once per occurrence in the HLO text:
+    one inside a loop runs once per iteration)."""
+
+    op: str  # all-gather, all-reduce, all-to-all, reduce-scatter, collective-permute
+    elements: int  # of its largest result array
+    bytes: int  # of all its result arrays
+    shapes: str
+
+
+_COLLECTIVE = re.compile(
+    r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|all-to-all|reduce-scatter|"
+    r"collective-permute)(-start)?\("
+)
+_ARRAY = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
+
+
+def collectives(compiled: jax.stages.Compiled) -> list[Collective]:
+    """The collectives in `compiled`'s optimized HLO, with their result sizes."""
+    found = []
+    for line in compiled.as_text().splitlines():
+        match = _COLLECTIVE.search(line)
+        if not match:
+            continue
+        arrays = [
+            (math.prod(int(d) for d in dims.split(",") if d), _itemsize(dtype))
+            for dtype, dims in _ARRAY.findall(match.group(1))
+        ]
+        if match.group(3) and match.group(2) != "all-reduce":
+            arrays = arrays[-1:]  # an async start's result also holds its operand
+        found.append(
+            Collective(
+                match.group(2),
+                max(n for n, _ in arrays),
+                sum(n * size for n, size in arrays),
+                match.group(1),
+            )
+        )
+    return found
+
+
+def _itemsize(dtype: str) -> int:
+    return 1 if dtype == "pred" else max(1, int(re.sub(r"\D", "", dtype)) // 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStats:
+    """One GPU kernel as compiled: launch shared memory, and what ptxas reports."""
+
+    name: str
+    shared_memory_bytes: int
+    registers: int
+    spill_bytes: int  # spill stores + loads
+    warnings: tuple[str, ...] = ()
+
+
+def xla_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
+    """XLA's buffer-assignment peak per device: arguments + outputs + temporaries - aliased."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return None
+    temp = m.temp_size_in_bytes
+    return m.argument_size_in_bytes + m.output_size_in_bytes + temp - m.alias_size_in_bytes
+
+
+_BUFFER = re.compile(r"^\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+)(B|KiB|MiB|GiB);[^;]*;[^;]*;\s*(.+)$")
+_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+
+
+def largest_buffers(dump: Path, count: int = 4) -> tuple[str, ...]:
+    """The `count` largest temporary buffers of device memory in XLA's memory-usage report
+    (parameters and outputs are in `memory_analysis()`), as "MiB: shapes", largest first."""
+    found = []
+    for path in dump.glob("*memory-usage-report.txt"):
+        spaces = path.read_text().split("Memory Space:")
+        lines = spaces[1].splitlines() if len(spaces) > 1 else []  # the first: device memory
+        for m in filter(None, map(_BUFFER.match, lines)):
+            found.append((float(m[1]) * _UNITS[m[2]], m[3]))
+    largest = sorted(found, reverse=True)[:count]
+    return tuple(f"{size / 2**20:,.1f} MiB: {shapes}" for size, shapes in largest)
+
+
+_LAUNCH = re.compile(
+    r"\b(interval_\w+) grid: \[[^]]*\] threads: \[[^]]*\]\s+shared_memory: (\d+) bytes"
+)
+_ENTRY = re.compile(r"\.entry (\w+)\(")
+
+
+def kernel_stats(dump: Path, arch: str) -> tuple[KernelStats, ...]:
+    """The Pallas kernels of one compile: shared memory from XLA's thunk sequence, registers and
+    spills from `ptxas -v` on the PTX XLA dumped (as XLA compiled it: same PTX, same arch)."""
+    shared = {}
+    for path in dump.glob("*thunk_sequence.txt"):
+        shared.update((m[1], int(m[2])) for m in _LAUNCH.finditer(path.read_text()))
+    ptx = {}
+    for path in dump.glob("*.ptx"):
+        for name in _ENTRY.findall(path.read_text()):
+            if name in shared:
+                ptx[name] = path
+    missing = sorted(set(shared) - set(ptx))
+    if missing:
+        raise RuntimeError(f"no PTX dumped for kernels {missing}")
+    return tuple(
+        KernelStats(name, size, *_ptxas(ptx[name], arch, name))
+        for name, size in sorted(shared.items())
+    )
+
+
+def _ptxas(path: Path, arch: str, name: str) -> tuple[int, int, tuple[str, ...]]:
+    """(registers, spill bytes, warnings) of kernel `name` in `path`, by `ptxas -v`."""
+    result = subprocess.run(
+        [ptxas_path(), "-v", f"-arch=sm_{arch}", str(path), "-o", os.devnull],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode:
+        raise RuntimeError(f"ptxas failed on {path.name}: {result.stderr.strip()[:500]}")
+    # ptxas reports function by function: "Compiling entry function 'NAME'", then its lines.
+    blocks = result.stderr.split("Compiling entry function '")
+    text = next((b for b in blocks[1:] if b.startswith(f"{name}'")), None)
+    if text is None:
+        raise RuntimeError(f"ptxas reported nothing for {name} in {path.name}")
+    registers = re.search(r"Used (\d+) registers", text)
+    spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", text)
+    warnings = tuple(sorted({line.strip() for line in text.splitlines() if "warning" in line}))
+    return int(registers[1]), sum(map(int, spills)), warnings
+
+
+def ptxas_path() -> str:
+    """`ptxas` from the `nvidia-cuda-nvcc-cu12` wheel (the one XLA uses), else from PATH."""
+    try:
+        import nvidia.cuda_nvcc  # noqa: PLC0415 (optional, the `aot` extra)
+
+        bundled = Path(next(iter(nvidia.cuda_nvcc.__path__))) / "bin" / "ptxas"
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    found = shutil.which("ptxas")
+    if found is None:
+        raise FileNotFoundError(
+            "ptxas not found: install the aot extra (nvidia-cuda-nvcc-cu12) or a CUDA toolkit"
+        )
+    return found

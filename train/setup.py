@@ -1,0 +1,122 @@
+"""A run's shapes and shardings, from its config alone: mesh, abstract sharded state, optimizer,
+batch layout, the jitted step, and that step lowered without weights or data (`lower_train_step`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from dga_jax import DEFAULT_RULES, Llama, make_mesh
+from train.batches import addressed_rows
+from train.config import TrainConfig
+from train.step import TrainState, make_optimizer, train_step, weight_decay_mask
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every step of a run shares; built from the config and the devices alone."""
+
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    abstract_state: TrainState
+    shardings: TrainState
+    batch_sharding: NamedSharding  # of [accum, B / accum, T] batches
+    batch_shape: tuple[int, int, int]
+    rows: list[int]  # global batch rows this process's devices hold
+    row_order: np.ndarray  # [T] position of each column of a batch (`Llama.row_positions`)
+
+
+def lower_train_step(config: TrainConfig, devices: Sequence[jax.Device]) -> jax.stages.Lowered:
+    """`config`'s train step on a mesh of `devices`, lowered from abstract state and batch.
+
+    No weights or data are touched: compile the result for a topology's compile-only devices
+    (`dga_jax.aot`) to see whether a recipe fits a TPU or GPU slice, and its memory per device.
+    """
+    setup = make_setup(config, devices)
+    batch = {
+        key: jax.ShapeDtypeStruct(setup.batch_shape, jnp.int32, sharding=setup.batch_sharding)
+        for key in ("inputs", "targets")
+    }
+    with jax.set_mesh(setup.mesh):
+        return step_fn(setup).trace(setup.abstract_state, batch).lower()
+
+
+def step_fn(setup: Setup):
+    """The jitted train step: the state is donated and keeps its shardings."""
+    return jax.jit(
+        functools.partial(train_step, setup.graphdef, setup.tx),
+        donate_argnums=0,
+        out_shardings=(setup.shardings, None),
+    )
+
+
+def make_setup(config: TrainConfig, devices: Sequence[jax.Device] | None = None) -> Setup:
+    """`config`'s setup on a mesh of `devices` (default: all of them); nothing is allocated."""
+    devices = jax.devices() if devices is None else devices
+    mesh = make_mesh(config.mesh.shape(len(devices)), devices=devices)
+    with jax.set_mesh(mesh):
+        abstract_model = nnx.eval_shape(functools.partial(new_model, config))
+        graphdef, abstract_params = nnx.split(abstract_model)
+        tx = make_optimizer(config.optim, config.train.steps, weight_decay_mask(abstract_params))
+        param_shardings = nnx.get_named_sharding(abstract_params, mesh)
+        abstract_opt = jax.eval_shape(tx.init, abstract_params)
+        row_order = abstract_model.row_positions(config.data.seq_len)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_shardings = optax.tree_map_params(
+        tx,
+        _same_sharding,
+        abstract_opt,
+        param_shardings,
+        transform_non_params=functools.partial(_constant, replicated),
+    )
+    shardings = TrainState(replicated, param_shardings, opt_shardings, replicated, replicated)
+    abstract_state = TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32),
+        abstract_params,
+        abstract_opt,
+        jax.ShapeDtypeStruct((), jnp.int32),
+        jax.ShapeDtypeStruct((), jnp.int32),
+    )
+    abstract_state = jax.tree.map(_with_sharding, abstract_state, shardings)
+    batch_axes = DEFAULT_RULES.spec(("batch", "seq"))
+    batch_sharding = NamedSharding(mesh, PartitionSpec(None, *batch_axes))
+    accum, rows = config.train.grad_accum_steps, config.train.global_batch_size
+    batch_shape = (accum, rows // accum, config.data.seq_len)
+    return Setup(
+        mesh,
+        graphdef,
+        tx,
+        abstract_state,
+        shardings,
+        batch_sharding,
+        batch_shape,
+        addressed_rows(batch_sharding, batch_shape),
+        row_order,
+    )
+
+
+def new_model(config: TrainConfig) -> Llama:
+    """A freshly initialised model of `config` (under the current mesh)."""
+    return Llama(config.model, DEFAULT_RULES, rngs=nnx.Rngs(config.train.seed))
+
+
+def _same_sharding(_, sharding):
+    return sharding
+
+
+def _constant(value, _):
+    return value
+
+
+def _with_sharding(abstract: jax.ShapeDtypeStruct, sharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(abstract.shape, abstract.dtype, sharding=sharding)
