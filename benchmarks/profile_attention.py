@@ -56,7 +56,7 @@ from dga_jax import BlockSizes, DGAConfig, DGALayout
 from dga_jax.ops.dga import layout as dga_layout_ops
 from dga_jax.ops.dga import selection as dga_selection
 from dga_jax.ops.dga.config import LayoutSizes
-from dga_jax.ops.intervals import Entries, interval_attention
+from dga_jax.ops.intervals import Entries, band_rows, interval_attention
 from dga_jax.ops.tiles import round_up
 
 FORWARD_STAGES = ("importance", "selection", "layout", "gather", "prefix walk", "band walk")
@@ -298,11 +298,12 @@ def walk_tile(s: Setup, args: argparse.Namespace) -> dict[str, int]:
     sizes, groups = s.sizes, args.heads // args.kv_heads
     block_q = min(s.blocks.block_q, round_up(s.seq_len, 8))
     block_k = min(s.blocks.block_k, round_up(max(sizes.num_prefix, 1), 8))
-    band_q = math.gcd(block_q, s.blocks.block_band)
+    band_q = band_rows(block_q, s.blocks.block_band, s.lag)
     width = min(round_up(band_q + s.lag, 8), round_up(max(sizes.num_raw, 1), 8))
     return {
         "block_q": block_q,
         "block_k": block_k,
+        "block_edge": math.gcd(block_k, s.blocks.block_edge),
         "band_q": band_q,
         "band_width": width,
         "rows": block_q * groups,
@@ -313,10 +314,13 @@ def walk_tile(s: Setup, args: argparse.Namespace) -> dict[str, int]:
 def walk_flops(layout: DGALayout, tile: dict[str, int], args: argparse.Namespace) -> dict:
     """FLOPs the walks do: every visited tile, 2 matmuls of 2 * rows * entries * D."""
     ranges = dga_layout_ops.layout_block_ranges(layout, tile["block_q"])
+    prefix_full = np.asarray(ranges.prefix_full).reshape(-1, tile["query_blocks"])
     prefix_end = np.asarray(ranges.prefix_end).reshape(-1, tile["query_blocks"])
-    blocks = -(-prefix_end.max(axis=0) // tile["block_k"])  # trip counts shared by all heads
+    # Trip counts shared by all heads: whole blocks, then edge blocks (as interval_attention).
+    whole = prefix_full.min(axis=0) // tile["block_k"] * tile["block_k"]
+    edge = -(-(prefix_end.max(axis=0) - whole) // tile["block_edge"]) * tile["block_edge"]
     per_entry = 4 * args.head_dim * args.batch * args.heads * tile["block_q"]
-    prefix = per_entry * tile["block_k"] * int(blocks.sum())
+    prefix = per_entry * int((whole + edge).sum())
     band = per_entry * tile["query_blocks"] * tile["band_width"] if layout.sizes.num_raw else 0
     return {"prefix": prefix, "band": band}
 

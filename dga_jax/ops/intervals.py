@@ -3,12 +3,16 @@
 A query at position t sees entry e iff `start_e <= t < until_e`, with an additive logit bias.
 Entries come in two lists, the shape of both DGA's compressed KV' and of dense causal attention:
 
-- *prefix*: sorted by `start`, visible for ever. Query block i walks prefix blocks
-  `[0, ceil(prefix_end_i / block_k))` in loops whose trip counts are data-dependent, so nothing
-  past the last visible block is read; blocks visible to the whole query block skip masking.
+- *prefix*: sorted by `start`, visible for ever. Query block i walks the whole `block_k`
+  blocks that all its queries see without masking, then the edge (entries only some of its
+  queries see) masked, `block_edge` entries at a time, up to the last visible one: trip counts
+  are data-dependent, so nothing past it is read, and the edge is rounded up finely.
 - *band* (optional): sorted by `start` with non-decreasing `until`, and at most `band_lag`
-  entries that start before any t are still visible at t. A sub-block of `block_band` queries
-  then sees a contiguous window of fewer than `block_band + band_lag` entries: one slice each.
+  entries that start before any t are still visible at t. A sub-block of S queries then sees a
+  contiguous window of fewer than `S + band_lag` entries: one slice each. S (`band_rows`) is
+  the power of two just above band_lag, at most `block_band`: a narrow band (DGA's one group)
+  is not read in windows much wider than what a query sees, a wide one (a sliding window) in
+  few large matmuls.
 
 Softmax statistics are float32; the backward pass (a `jax.custom_vjp`) recomputes the
 probabilities block by block from the saved log-sum-exp, so memory is linear in L.
@@ -72,17 +76,18 @@ def interval_attention(
     hkv, n_prefix = prefix.k.shape[1], max(prefix.k.shape[2], 1)
     bq = min(block_sizes.block_q, round_up(seq_len, 8))
     bk = min(block_sizes.block_k, round_up(n_prefix, 8))
-    sub = math.gcd(bq, block_sizes.block_band)
+    sub = band_rows(bq, block_sizes.block_band, band_lag)
     nq = -(-seq_len // bq)
     width = round_up(sub + band_lag, 8)
     if band is not None:  # a window wider than the band would only read padding
         width = min(width, round_up(max(band.k.shape[2], 1), 8))
-    spec = _Spec(scale, block_q=bq, block_k=bk, band_q=sub, band_width=width, groups=hq // hkv)
+    edge = math.gcd(bk, block_sizes.block_edge)
+    spec = _Spec(scale, bq, bk, edge, band_q=sub, band_width=width, groups=hq // hkv)
 
     prefix_full, prefix_end = prefix_ranges(prefix.start, bq, nq)
-    # Trip counts are shared by all heads: whole blocks every head sees, blocks some head sees.
+    # Trip counts are shared by all heads: whole blocks every head sees, edge blocks after them.
     n_full = jnp.min(prefix_full.reshape(b * hkv, nq), axis=0) // bk
-    n_total = -(-jnp.max(prefix_end.reshape(b * hkv, nq), axis=0) // bk)
+    n_edge = -(-(jnp.max(prefix_end.reshape(b * hkv, nq), axis=0) - n_full * bk) // edge)
     band_start = None
     if band is not None:
         band_start, _ = band_ranges(band.start, band.until, sub, nq * bq // sub)
@@ -93,9 +98,16 @@ def interval_attention(
 
     qb = _query_blocks(q, hkv, bq)
     qpb = None if q_prefix is None else _query_blocks(q_prefix, hkv, bq)
-    out = _attend(spec, qb, qpb, prefix, band, n_full, n_total, band_start)
+    out = _attend(spec, qb, qpb, prefix, band, n_full, n_edge, band_start)
     out = out.reshape(nq, b, hkv, bq, hq // hkv, d).transpose(1, 0, 3, 2, 4, 5)
     return out.reshape(b, nq * bq, hq, d)[:, :seq_len]
+
+
+def band_rows(block_q: int, block_band: int, band_lag: int) -> int:
+    """Queries per band sub-block: a divisor of block_q, at most block_band, else the power of
+    two at or above band_lag + 1 (at least 8)."""
+    wanted = max(8, 1 << max(band_lag, 0).bit_length())
+    return math.gcd(block_q, min(block_band, wanted))
 
 
 def _query_blocks(q: jax.Array, hkv: int, bq: int) -> jax.Array:
@@ -115,6 +127,7 @@ class _Spec:
     scale: float
     block_q: int
     block_k: int
+    block_edge: int
     band_q: int
     band_width: int
     groups: int
@@ -139,11 +152,27 @@ def _flatten(entries: Entries, size: int) -> Entries:
     )
 
 
-def _prefix_block(spec: _Spec, prefix: Entries, j: jax.Array, masked: bool) -> Tile:
-    """Prefix block j: k, v [BH, bk, D]; start (if masked) and bias [BH, 1, bk]."""
+def _walk_prefix(spec: _Spec, n_full: jax.Array, n_edge: jax.Array, visit, state):
+    """state = visit(offset, masked, state) for each prefix block a query block walks: n_full
+    whole blocks unmasked, then n_edge edge blocks masked."""
+
+    def whole(j, state):
+        return visit(j * spec.block_k, False, state)
+
+    def edge(j, state):
+        return visit(n_full * spec.block_k + j * spec.block_edge, True, state)
+
+    state = jax.lax.fori_loop(0, n_full, whole, state)
+    return jax.lax.fori_loop(0, n_edge, edge, state)
+
+
+def _prefix_block(spec: _Spec, prefix: Entries, offset: jax.Array, masked: bool) -> Tile:
+    """The prefix block at `offset`: k, v [BH, W, D]; start (if masked) and bias [BH, 1, W]
+    (W: block_edge if masked, else block_k)."""
+    width = spec.block_edge if masked else spec.block_k
 
     def take(x):
-        return jax.lax.dynamic_slice_in_dim(x, j * spec.block_k, spec.block_k, axis=1)
+        return jax.lax.dynamic_slice_in_dim(x, offset, width, axis=1)
 
     def row(x):
         return None if x is None else take(x)[:, None, :]
@@ -183,9 +212,8 @@ def _scatter_add_rows(x, idx, delta):
     return x.at[idx].add(delta)
 
 
-def _add_prefix_block(spec: _Spec, x: jax.Array, j: jax.Array, delta: jax.Array) -> jax.Array:
-    offset = j * spec.block_k
-    current = jax.lax.dynamic_slice_in_dim(x, offset, spec.block_k, axis=1)
+def _add_prefix_block(x: jax.Array, offset: jax.Array, delta: jax.Array) -> jax.Array:
+    current = jax.lax.dynamic_slice_in_dim(x, offset, delta.shape[1], axis=1)
     return jax.lax.dynamic_update_slice_in_dim(x, current + delta, offset, axis=1)
 
 
@@ -205,20 +233,15 @@ def _band_positions(spec: _Spec, t: jax.Array) -> jax.Array:
 
 
 def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
-    i, q, qp, n_full, n_total, band_start = xs
+    i, q, qp, n_full, n_edge, band_start = xs
     t = _positions(spec, i)
-    state = online_init(q.shape)
     q_prefix = q if qp is None else qp
 
-    def step(masked):
-        def body(j, state):
-            tile = _prefix_block(spec, prefix, j, masked)
-            return online_step(XLA_DOTS, spec.scale, state, q_prefix, t, tile)
+    def visit(offset, masked, state):
+        tile = _prefix_block(spec, prefix, offset, masked)
+        return online_step(XLA_DOTS, spec.scale, state, q_prefix, t, tile)
 
-        return body
-
-    state = jax.lax.fori_loop(0, n_full, step(False), state)
-    state = jax.lax.fori_loop(n_full, n_total, step(True), state)
+    state = _walk_prefix(spec, n_full, n_edge, visit, online_init(q.shape))
     if band is not None:
         split = online_step(
             XLA_DOTS,
@@ -233,16 +256,16 @@ def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
     return out.astype(q.dtype), lse
 
 
-def _attend_fwd(spec, q, qp, prefix, band, n_full, n_total, band_start):
-    xs = (jnp.arange(q.shape[0], dtype=jnp.int32), q, qp, n_full, n_total, band_start)
+def _attend_fwd(spec, q, qp, prefix, band, n_full, n_edge, band_start):
+    xs = (jnp.arange(q.shape[0], dtype=jnp.int32), q, qp, n_full, n_edge, band_start)
     out, lse = jax.lax.map(functools.partial(_forward_block, spec, prefix, band), xs)
-    return out, (q, qp, prefix, band, n_full, n_total, band_start, out, lse)
+    return out, (q, qp, prefix, band, n_full, n_edge, band_start, out, lse)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attend(spec, q, qp, prefix, band, n_full, n_total, band_start):
+def _attend(spec, q, qp, prefix, band, n_full, n_edge, band_start):
     """Blocked queries q (and qp, the prefix's, or None) [nq, BH, R, D] -> out [nq, BH, R, D]."""
-    return _attend_fwd(spec, q, qp, prefix, band, n_full, n_total, band_start)[0]
+    return _attend_fwd(spec, q, qp, prefix, band, n_full, n_edge, band_start)[0]
 
 
 def _grad_step(spec: _Spec, q, do, lse, delta, t, tile: Tile):
@@ -253,27 +276,23 @@ def _grad_step(spec: _Spec, q, do, lse, delta, t, tile: Tile):
 
 def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, xs):
     """One query block's dq (and dqp: the prefix queries', or None) and its dk, dv added in."""
-    i, q, qp, do, lse, delta, n_full, n_total, band_start = xs
+    i, q, qp, do, lse, delta, n_full, n_edge, band_start = xs
     t = _positions(spec, i)
     dk_prefix, dv_prefix, dk_band, dv_band = carry
     q_prefix = q if qp is None else qp
 
-    def step(masked):
-        def body(j, state):
-            dq, dk_all, dv_all = state
-            block = _prefix_block(spec, prefix, j, masked)
-            dq_j, dk, dv = _grad_step(spec, q_prefix, do, lse, delta, t, block)
-            return (
-                dq + dq_j,
-                _add_prefix_block(spec, dk_all, j, dk),
-                _add_prefix_block(spec, dv_all, j, dv),
-            )
-
-        return body
+    def visit(offset, masked, state):
+        dq, dk_all, dv_all = state
+        block = _prefix_block(spec, prefix, offset, masked)
+        dq_j, dk, dv = _grad_step(spec, q_prefix, do, lse, delta, t, block)
+        return (
+            dq + dq_j,
+            _add_prefix_block(dk_all, offset, dk),
+            _add_prefix_block(dv_all, offset, dv),
+        )
 
     state = (jnp.zeros(q.shape, jnp.float32), dk_prefix, dv_prefix)
-    state = jax.lax.fori_loop(0, n_full, step(False), state)
-    dq, dk_prefix, dv_prefix = jax.lax.fori_loop(n_full, n_total, step(True), state)
+    dq, dk_prefix, dv_prefix = _walk_prefix(spec, n_full, n_edge, visit, state)
     dqp = None
     if qp is not None:
         dq, dqp = jnp.zeros(q.shape, jnp.float32), dq
@@ -295,7 +314,7 @@ def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, x
 
 
 def _attend_bwd(spec, residuals, d_out):
-    q, qp, prefix, band, n_full, n_total, band_start, out, lse = residuals
+    q, qp, prefix, band, n_full, n_edge, band_start, out, lse = residuals
     # [nq, BH, R, 1]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
 
@@ -312,7 +331,7 @@ def _attend_bwd(spec, residuals, d_out):
         lse,
         delta,
         n_full,
-        n_total,
+        n_edge,
         band_start,
     )
     (dk_p, dv_p, dk_b, dv_b), (dq, dqp) = jax.lax.scan(

@@ -27,17 +27,21 @@ class BlockSizes:
     """Tile sizes of the blockwise walks (XLA and kernels), clamped to the problem size.
 
     block_q queries walk the prefix block_k entries at a time; the XLA walk visits the band by
-    sub-blocks of block_band queries (a divisor of block_q is used). block_importance is the
-    key tile of DGA's importance pass (block_importance / m sampled queries per tile).
+    sub-blocks of at most block_band queries (`intervals.band_rows`), and the prefix entries only
+    some queries of a block see block_edge at a time (a divisor of block_k is used), so the walk
+    stops closer to the last entry they see. block_importance is the key tile of DGA's
+    importance pass (block_importance / m sampled queries per tile).
     """
 
     block_q: int = 512
     block_k: int = 512
     block_band: int = 128
     block_importance: int = 1024
+    block_edge: int = 256
 
     def __post_init__(self):
-        for name in ("block_q", "block_k", "block_band", "block_importance"):
+        names = ("block_q", "block_k", "block_band", "block_importance", "block_edge")
+        for name in names:
             value = getattr(self, name)
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")

@@ -21,7 +21,7 @@ BLOCK_SIZES = {
     "default": None,
     "blocks8x8": BlockSizes(8, 8),
     "blocks16x8": BlockSizes(16, 8),
-    "blocks8x16": BlockSizes(8, 16),
+    "blocks8x16": BlockSizes(8, 16, block_edge=4),
 }
 GQA = (2, 45, 4, 2, 16)  # 2 query heads per KV head; L not a multiple of 8 or 16
 MHA = (3, 37, 2, 2, 8)  # batch 3

@@ -27,7 +27,7 @@ from tests.conftest import (
 
 IMPLEMENTATIONS = {
     "xla": dict(implementation="xla"),
-    "xla-blocks8x8": dict(implementation="xla", block_sizes=BlockSizes(8, 8, 8, 8)),
+    "xla-blocks8x16edge4": dict(implementation="xla", block_sizes=BlockSizes(8, 16, 8, 8, 4)),
     "xla-blocks16x8band4": dict(implementation="xla", block_sizes=BlockSizes(16, 8, 4, 16)),
     # The kernels at their smallest legal tiles, in interpret mode (the Triton ones compiled on
     # a GPU); tests/ops/test_pallas.py adds longer inputs, more block sizes and the lowering.

@@ -88,6 +88,21 @@ def test_global_importance_matches_definition():
     np.testing.assert_allclose(s, expected, rtol=1e-5, atol=1e-6)
 
 
+PADDED_LENGTHS = [75, 1, 18, 57]  # below m = 4, not multiples of m, a multiple of m' = 18
+
+
+@pytest.mark.parametrize("lengths", [PADDED_LENGTHS, [20, 9, 1, 33]], ids=["long", "all-short"])
+def test_global_importance_of_a_padded_row_is_its_own(lengths):
+    # 8-key tiles of 2 sampled queries: tiles seen whole, edge tiles, and (all-short) tiles of
+    # padding rows only.
+    q, k, _ = random_qkv(3, len(lengths), 75, 4, 2, 8)
+    s = global_importance(q, k, 4, 0.3, block=8, lengths=jnp.asarray(lengths))
+    for b, n in enumerate(lengths):
+        alone = global_importance(q[b : b + 1, :n], k[b : b + 1, :n], 4, 0.3, block=8)
+        np.testing.assert_allclose(s[b, :, :n], alone[0], rtol=1e-5, atol=1e-6)
+        assert (s[b, :, n:] == 0).all()
+
+
 def test_sampled_positions():
     np.testing.assert_array_equal(sampled_positions(10, 4), [3, 7, 9])
     np.testing.assert_array_equal(sampled_positions(8, 4), [3, 7])
@@ -132,9 +147,6 @@ def test_compressed_size_matches_spec_cost(selection, per_token):
         entries = sizes.num_prefix + leftover
         assert abs(entries - per_token * seq_len) <= config.chunk_size
         assert entries / seq_len < 0.17
-
-
-PADDED_LENGTHS = [75, 1, 18, 57]  # below m = 4, not multiples of m, a multiple of m' = 18
 
 
 @pytest.mark.parametrize("config", CONFIGS + [DGAConfig(4, 1.0, "global")], ids=str)
