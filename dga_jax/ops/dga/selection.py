@@ -63,8 +63,7 @@ def global_importance(
     top = split.pmax(mx)
     safe = jnp.where(jnp.isfinite(top), top, 0.0)
     total = split.psum(total * jnp.exp(mx - safe))
-    seen = (total > 0) & tiles.valid_rows()
-    lse = jnp.where(seen, safe + jnp.log(jnp.where(seen, total, 1.0)), jnp.inf)
+    lse = jnp.where(total > 0, safe + jnp.log(jnp.where(total > 0, total, 1.0)), jnp.inf)
     keys = jnp.arange(tiles.ks.shape[1] // block)
     s = jax.lax.map(functools.partial(_key_importance, tiles, lse), keys)  # [nK, B*Hkv, block]
     s = s.transpose(1, 0, 2).reshape(b, hkv, -1)[..., :chunk]
@@ -89,7 +88,6 @@ class _ImportanceTiles:
     ks: jax.Array  # [B*Hkv, C (padded to block), D]
     row_pos: jax.Array  # [(B*Hkv,) nS (padded)] int32 sampled query positions, -1: none
     key_pos: jax.Array  # [C (padded)] int32 increasing positions of the keys, NEVER for padding
-    first_row: jax.Array  # [row blocks] int32: the lowest valid position of each tile
     rows: int  # sampled queries per tile: a tile spans ~block positions
     block: int  # keys per tile
     group_size: int
@@ -119,9 +117,7 @@ class _ImportanceTiles:
         if row_pos.ndim == 2:
             row_pos = jnp.repeat(row_pos, hkv, axis=0)  # [B*Hkv, nS], as qs
         key_pos = jnp.pad(key_pos, (0, n_keys - chunk), constant_values=NEVER)
-        valid = jnp.where(row_pos >= 0, row_pos, NEVER).reshape(-1, n_rows // rows, rows)
-        first_row = jnp.min(valid.transpose(1, 0, 2).reshape(n_rows // rows, -1), axis=1)
-        return cls(qs, ks, row_pos, key_pos, first_row, rows, block, group_size, scale)
+        return cls(qs, ks, row_pos, key_pos, rows, block, group_size, scale)
 
     @property
     def row_blocks(self) -> int:
@@ -131,21 +127,8 @@ class _ImportanceTiles:
         """[(B*Hkv,) rows] positions of sampled-query tile i."""
         return jax.lax.dynamic_slice_in_dim(self.row_pos, i * self.rows, self.rows, axis=-1)
 
-    def valid_rows(self) -> jax.Array:
-        """[row blocks, B*Hkv or 1, rows*G] bool: the rows that are sampled queries."""
-        valid = jnp.repeat(self.row_pos >= 0, self.qs.shape[2], axis=-1)
-        return valid.reshape(-1, self.row_blocks, self.rows * self.qs.shape[2]).swapaxes(0, 1)
-
-    def last_key(self, kb: jax.Array) -> jax.Array:
-        """The position of key block kb's last key (NEVER if padding)."""
-        return self.key_pos[(kb + 1) * self.block - 1]
-
-    def logits(
-        self, i: jax.Array, kb: jax.Array, masked: bool = True
-    ) -> tuple[jax.Array, jax.Array | None]:
-        """Logits [B*Hkv, rows*G, block] of tile (i, kb) and their causal visibility (None
-        unmasked: a tile whose keys every valid row sees; rows without a query are the
-        callers' to discard)."""
+    def logits(self, i: jax.Array, kb: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Logits [B*Hkv, rows*G, block] of tile (i, kb) and their causal visibility."""
         g, d = self.qs.shape[2], self.qs.shape[3]
         q_tile = jax.lax.dynamic_slice_in_dim(self.qs, i * self.rows, self.rows, axis=1)
         k_tile = jax.lax.dynamic_slice_in_dim(self.ks, kb * self.block, self.block, axis=1)
@@ -158,61 +141,39 @@ class _ImportanceTiles:
             )
             * self.scale
         )
-        if not masked:
-            return s, None
         j = jnp.repeat(self.positions(i), g, axis=-1)  # [(B*Hkv,) rows*G]
         key = jax.lax.dynamic_slice_in_dim(self.key_pos, kb * self.block, self.block)
         return s, key <= j[..., None]
 
 
 def _sampled_stats(tiles: _ImportanceTiles, i: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Max and sum of exp [B*Hkv, rows*G] of sampled-query tile i over this device's keys (any
-    values in rows without a query: `global_importance` discards them)."""
+    """Max and sum of exp [B*Hkv, rows*G] of sampled-query tile i over this device's keys."""
 
-    def step(masked):
-        def body(kb, carry):
-            mx, total = carry
-            s, visible = tiles.logits(i, kb, masked)
-            if visible is not None:
-                s = jnp.where(visible, s, -jnp.inf)
-            new = jnp.maximum(mx, jnp.max(s, axis=-1))
-            safe = jnp.where(jnp.isfinite(new), new, 0.0)
-            return new, total * jnp.exp(mx - safe) + jnp.exp(s - safe[..., None]).sum(-1)
-
-        return body
+    def body(kb, carry):
+        mx, total = carry
+        s, visible = tiles.logits(i, kb)
+        new = jnp.maximum(mx, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
+        safe = jnp.where(jnp.isfinite(new), new, 0.0)
+        p = jnp.where(visible, jnp.exp(s - safe[..., None]), 0.0)
+        return new, total * jnp.exp(mx - safe) + p.sum(-1)
 
     shape = (tiles.qs.shape[0], tiles.rows * tiles.qs.shape[2])
     init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape))
-    # Key blocks before the tile's first query are seen whole; then up to its last query.
-    end = -(
-        -jnp.searchsorted(tiles.key_pos, jnp.max(tiles.positions(i)), side="right") // tiles.block
-    )
-    inner = jnp.searchsorted(tiles.key_pos, tiles.first_row[i], side="right") // tiles.block
-    inner = jnp.minimum(inner, end)
-    carry = jax.lax.fori_loop(0, inner, step(False), init)
-    return jax.lax.fori_loop(inner, end, step(True), carry)
+    keys = jnp.searchsorted(tiles.key_pos, jnp.max(tiles.positions(i)), side="right")
+    return jax.lax.fori_loop(0, -(-keys // tiles.block), body, init)
 
 
 def _key_importance(tiles: _ImportanceTiles, lse: jax.Array, kb: jax.Array) -> jax.Array:
-    """Σ over sampled queries of softmax probabilities, for key block kb: [B*Hkv, block]. Rows
-    without a query have lse +inf and add 0."""
+    """Σ over sampled queries of softmax probabilities, for key block kb: [B*Hkv, block]."""
 
-    def step(masked):
-        def body(i, acc):
-            s, visible = tiles.logits(i, kb, masked)
-            p = jnp.exp(s - lse[i][..., None])
-            return acc + (p if visible is None else jnp.where(visible, p, 0.0)).sum(axis=1)
+    def body(i, acc):
+        s, visible = tiles.logits(i, kb)
+        return acc + jnp.where(visible, jnp.exp(s - lse[i][..., None]), 0.0).sum(axis=1)
 
-        return body
-
-    # Sampled tile i spans positions < (i + 1) * rows * m: earlier tiles end before key block kb;
-    # tiles whose first query is at or after the block's last key see it whole.
+    # Sampled tile i spans positions < (i + 1) * rows * m: earlier tiles end before key block kb.
     first = tiles.key_pos[kb * tiles.block] // (tiles.rows * tiles.group_size)
-    whole = jnp.searchsorted(tiles.first_row, tiles.last_key(kb), side="left")
-    whole = jnp.clip(whole, first, tiles.row_blocks)
     init = jnp.zeros((tiles.qs.shape[0], tiles.block))
-    acc = jax.lax.fori_loop(first, whole, step(True), init)
-    return jax.lax.fori_loop(whole, tiles.row_blocks, step(False), acc)
+    return jax.lax.fori_loop(first, tiles.row_blocks, body, init)
 
 
 def top_r_mask(score: jax.Array, r: int | jax.Array) -> jax.Array:
