@@ -117,6 +117,11 @@ class ModelConfig:
                 )
         if self.attention == "minference":
             self.minference.check_fits(self.max_position)
+            if self.attention_impl not in (None, "xla"):
+                raise ValueError(
+                    f"model.attention_impl={self.attention_impl!r}: attention='minference' runs "
+                    "on its own XLA walk only; use None or 'xla'"
+                )
 
     @property
     def sinks(self) -> SinkConfig | None:

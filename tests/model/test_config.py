@@ -87,6 +87,7 @@ def test_ints_are_floats_and_none_is_the_default_impl():
         (dict(remat="some"), "remat"),
         (dict(dtype="float8"), "dtype"),
         (dict(d_model=0), "d_model"),
+        (dict(attention="minference", attention_impl="pallas_gpu"), "attention_impl"),
     ],
 )
 def test_bad_values_are_rejected_by_name(changes, match):

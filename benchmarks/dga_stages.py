@@ -1,0 +1,134 @@
+"""One DGA attention call ("xla") cut at its stage boundaries, for `profile_attention.py`.
+
+Each stage is a function of the static `Setup` and the previous stages' outputs, so each can be
+jitted and timed on its own: importance, selection, layout, gather, the prefix walk and the band
+walk (`interval_attention` over each list alone), and their gradients; `dga_forward` and
+`dense_forward` are the whole calls they are compared with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+import dga_jax
+from dga_jax import BlockSizes, DGAConfig, DGALayout
+from dga_jax.ops.dga import layout as dga_layout_ops
+from dga_jax.ops.dga import selection as dga_selection
+from dga_jax.ops.dga.config import LayoutSizes
+from dga_jax.ops.intervals import Entries, interval_attention
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The static settings every stage closes over."""
+
+    config: DGAConfig
+    scale: float
+    blocks: BlockSizes
+    seq_len: int
+    batch: int
+
+    @property
+    def sizes(self) -> LayoutSizes:
+        """The layout's static entry counts."""
+        return self.config.sizes(self.seq_len)
+
+    @property
+    def lag(self) -> int:
+        """Raw entries visible before a query: one unfinished group (as `compressed_kv`)."""
+        return max(self.sizes.chunk, self.sizes.group_size) - 1
+
+
+# The stages, each a function of the previous stages' outputs.
+
+
+def importance(s: Setup, q: jax.Array, k: jax.Array) -> jax.Array:
+    """Importance scores [B, Hkv, L] float32."""
+    return dga_selection.global_importance(
+        q, k, s.config.group_size, s.scale, block=s.blocks.block_importance
+    )
+
+
+def selection(s: Setup, score: jax.Array) -> jax.Array:
+    """Focal mask [B, Hkv, L] bool: the r largest scores."""
+    return dga_selection.top_r_mask(score, s.sizes.num_focal)
+
+
+def build_layout(s: Setup, focal: jax.Array, score: jax.Array) -> DGALayout:
+    """The layout from the focal mask and scores, as `dga_layout` assembles it."""
+    rows = dga_layout_ops.RowCounts.of(s.config, s.seq_len, s.batch, None)
+    per_head = jax.vmap(dga_layout_ops._assemble, (0, 0, None, None))
+    return jax.vmap(per_head, (0, 0, None, 0))(focal, score, s.sizes, rows)
+
+
+def gather(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entries, Entries]:
+    """The compressed KV': (prefix, band) entries."""
+    return dga_jax.gather_entries(layout, k, v)
+
+
+def walk(s: Setup, q: jax.Array, prefix: Entries, band: Entries | None) -> jax.Array:
+    """`interval_attention` of q [B, L, Hq, D] over the prefix and the band (None: none)."""
+    return interval_attention(q, prefix, band, scale=s.scale, block_sizes=s.blocks, band_lag=s.lag)
+
+
+def band_walk(s: Setup, q: jax.Array, band: Entries) -> jax.Array:
+    """The band walk alone: an empty prefix, whose loops then make no trips."""
+    empty = band.k[:, :, :0]
+    return walk(s, q, Entries(empty, empty, band.start[:, :, :0]), band)
+
+
+def walk_grad(s: Setup, q: jax.Array, prefix: Entries | None, band: Entries | None, ct):
+    """Gradients of <walk, ct> in q and the entries' k, v: the prefix walk (band None) or the
+    band walk (prefix None)."""
+
+    def loss(q, prefix_kv, band_kv):
+        p, b = with_kv(prefix, prefix_kv), with_kv(band, band_kv)
+        out = band_walk(s, q, b) if p is None else walk(s, q, p, b)
+        return jnp.sum(out.astype(jnp.float32) * ct)
+
+    return jax.grad(loss, argnums=(0, 1, 2))(q, kv_of(prefix), kv_of(band))
+
+
+def kv_of(entries: Entries | None) -> tuple[jax.Array, jax.Array] | None:
+    """The differentiable part of entries: (k, v)."""
+    return None if entries is None else (entries.k, entries.v)
+
+
+def with_kv(entries: Entries | None, kv: tuple[jax.Array, jax.Array] | None) -> Entries | None:
+    """entries with k, v replaced."""
+    return None if entries is None else dataclasses.replace(entries, k=kv[0], v=kv[1])
+
+
+def dga_forward(s: Setup, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The whole call."""
+    return dga_jax.dga_attention(
+        q,
+        k,
+        v,
+        group_size=s.config.group_size,
+        focal_ratio=s.config.focal_ratio,
+        scale=s.scale,
+        implementation="xla",
+        block_sizes=s.blocks,
+    )
+
+
+def dense_forward(s: Setup, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """The blockwise dense reference."""
+    return dga_jax.dense_attention(
+        q, k, v, scale=s.scale, implementation="blockwise", block_sizes=s.blocks
+    )
+
+
+def with_grad(forward: Callable[..., jax.Array]) -> Callable[..., Any]:
+    """(s, q, k, v, ct) -> gradients of <forward(s, q, k, v), ct> in q, k, v."""
+
+    def loss(s, q, k, v, ct):
+        return jnp.sum(forward(s, q, k, v).astype(jnp.float32) * ct)
+
+    return jax.grad(loss, argnums=(1, 2, 3))
