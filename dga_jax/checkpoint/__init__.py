@@ -3,7 +3,8 @@
 The conversion commands live in `dga_jax.checkpoint.convert` (`python -m` it).
 """
 
-from dga_jax.checkpoint.hf import CheckpointError, read_hf, write_hf
+from dga_jax.checkpoint.hf import CheckpointError, read_hf
+from dga_jax.checkpoint.hf_write import write_hf
 from dga_jax.checkpoint.orbax_io import (
     abstract_model,
     load_config,

@@ -19,7 +19,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dga_jax.checkpoint.hf import NUMPY_DTYPES, parse_size, read_hf, write_hf
+from dga_jax.checkpoint.hf import NUMPY_DTYPES, parse_size, read_hf
+from dga_jax.checkpoint.hf_write import write_hf
 from dga_jax.checkpoint.orbax_io import load_config, read_param, save_params
 from dga_jax.errors import InputError
 

@@ -35,8 +35,9 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+from dga_jax.generate.sampling import Sampling, sample
 from dga_jax.model.llama import Llama
-from dga_jax.ops.checks import is_int, is_real
+from dga_jax.ops.checks import is_int
 from dga_jax.ops.dense_decode import DenseCache
 from dga_jax.ops.dga.decode import DGACache, check_fits, prefix_capacity
 from dga_jax.ops.dga.sharded import shard_count
@@ -84,43 +85,6 @@ class Buckets:
         while size < n:
             size *= 2
         return size
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """Greedy when temperature == 0; otherwise softmax(logits / temperature) restricted to the
-    top_k most likely tokens, then to the smallest set whose probability reaches top_p."""
-
-    temperature: float = 0.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def __post_init__(self):
-        if not is_real(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
-            raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
-        if self.top_p is not None and (not is_real(self.top_p) or not 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be a number in (0, 1] or None, got {self.top_p!r}")
-
-
-def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
-    """One token per row from float logits [B, V] -> [B] int32."""
-    if sampling.temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
-    rows = jnp.arange(logits.shape[0])[:, None]
-    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        _, top = jax.lax.top_k(logits, sampling.top_k)
-        keep = jnp.zeros(logits.shape, bool).at[rows, top].set(True)
-        logits = jnp.where(keep, logits, -jnp.inf)
-    if sampling.top_p is not None:
-        order = jnp.argsort(-logits, axis=-1)
-        probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens
-        keep = jnp.zeros(logits.shape, bool).at[rows, order].set(before < sampling.top_p)
-        logits = jnp.where(keep, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
 def prefill(

@@ -23,8 +23,8 @@ from dga_jax.checkpoint.hf import (
     parse_size,
     tensor_files,
     weights,
-    write_hf,
 )
+from dga_jax.checkpoint.hf_write import write_hf
 from dga_jax.model.config import ModelConfig
 from tests.checkpoint.conftest import (
     assert_same_params,

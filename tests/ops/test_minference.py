@@ -18,6 +18,8 @@ from dga_jax.ops.minference import (
     MInferenceConfig,
     estimate_pattern,
     minference_attention,
+)
+from dga_jax.ops.minference_reference import (
     minference_reference,
     reference_mask,
     reference_pattern,

@@ -1,0 +1,132 @@
+"""Writing a Hugging Face LLaMA safetensors checkpoint from our parameter tree.
+
+The shards are planned from the shapes alone (`dga_jax.checkpoint.hf.weights`), then each
+stacked parameter is read once and its per-layer slices are emitted into them; a shard is
+written as soon as it is complete, so at most one parameter and one shard are in memory. The
+files go to a temporary sibling directory renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from dga_jax.checkpoint.hf import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    NUMPY_DTYPES,
+    ParamReader,
+    check_dtype,
+    param_shapes,
+    weights,
+)
+from dga_jax.model.config import ModelConfig, config_to_hf
+
+
+def write_hf(
+    out_dir: str | os.PathLike,
+    config: ModelConfig,
+    read_param: ParamReader,
+    *,
+    dtype: str,
+    max_shard_size: int,
+) -> None:
+    """Writes a HF checkpoint: config.json, model-0000i-of-0000n.safetensors and the index.
+
+    `read_param(path)` returns one stacked parameter at a time (numpy, [N, ...] per layer);
+    each is sliced, cast to `dtype` and written into shards of at most `max_shard_size` bytes
+    (a single larger tensor gets a shard of its own). The files are written into a temporary
+    sibling directory renamed to `out_dir` at the end, so a failure leaves no `out_dir`.
+    """
+    config = config.replace(param_dtype=check_dtype(dtype))
+    sizes = _hf_sizes(config, np.dtype(NUMPY_DTYPES[dtype]).itemsize)
+    shards = _plan_shards(sizes, max_shard_size)
+    with _atomic_directory(out_dir) as tmp:
+        writer = _ShardWriter(tmp, shards)
+        for weight in weights(config):
+            array = read_param(weight.path)
+            slices = array if weight.stacked else [array]
+            for name, layer in zip(weight.names(config.num_layers), slices, strict=True):
+                tensor = np.ascontiguousarray(weight.to_hf(layer), NUMPY_DTYPES[dtype])
+                writer.add(name, tensor)
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": writer.files}
+        _write_json(os.path.join(tmp, INDEX_FILE), index)
+        _write_json(os.path.join(tmp, CONFIG_FILE), config_to_hf(config))
+
+
+def _hf_sizes(config: ModelConfig, itemsize: int) -> dict[str, int]:
+    """HF name -> bytes, in the order `write_hf` emits the tensors."""
+    shapes = param_shapes(config)
+    sizes = {}
+    for weight in weights(config):
+        shape = weight.layer_shape(shapes[weight.path])
+        for name in weight.names(config.num_layers):
+            sizes[name] = math.prod(shape) * itemsize
+    return sizes
+
+
+def _plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
+    """Consecutive names grouped greedily into shards of at most `max_bytes`."""
+    shards: list[list[str]] = [[]]
+    used = 0
+    for name, size in sizes.items():
+        if shards[-1] and used + size > max_bytes:
+            shards.append([])
+            used = 0
+        shards[-1].append(name)
+        used += size
+    return shards
+
+
+class _ShardWriter:
+    """Collects tensors, arriving in plan order, and writes each shard once it is complete."""
+
+    def __init__(self, out_dir: str, shards: list[list[str]]):
+        self.out_dir = out_dir
+        self.pending: dict[str, np.ndarray] = {}
+        self.files = {}
+        self.last = {}
+        for k, names in enumerate(shards):
+            file = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+            self.files.update(dict.fromkeys(names, file))
+            self.last[names[-1]] = file
+
+    def add(self, name: str, tensor: np.ndarray) -> None:
+        self.pending[name] = tensor
+        if name in self.last:
+            save_file(
+                self.pending, os.path.join(self.out_dir, self.last[name]), metadata={"format": "pt"}
+            )
+            self.pending = {}
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+@contextlib.contextmanager
+def _atomic_directory(path: str | os.PathLike) -> Iterator[str]:
+    """A temporary sibling of `path`, renamed to `path` if the block succeeds, else removed."""
+    path = os.path.abspath(path)
+    if os.path.exists(path):
+        raise FileExistsError(f"output directory already exists: {path}")
+    parent, name = os.path.split(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would otherwise become the output's mode
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
