@@ -76,6 +76,20 @@ def test_prefill_last_only_gives_the_last_logits_and_the_same_caches():
         np.testing.assert_array_equal(a, b)
 
 
+def test_prefill_selects_once_for_its_attention_and_its_cache():
+    # DGA's selection (importance passes, radix select) is loops: prefill compiles to as many
+    # as the forward does, not a second set for the cache.
+    llama, x = model(), tokens(t=40)
+    graphdef, state = nnx.split(llama)
+
+    def loops(fn):
+        return jax.jit(fn).lower(state, x).compile().as_text().count(" while(")
+
+    forward = loops(lambda state, x: nnx.merge(graphdef, state)(x))
+    prefill = loops(lambda state, x: nnx.merge(graphdef, state).prefill(x, 48))
+    assert prefill == forward > 1, (prefill, forward)
+
+
 def test_dense_decoding_equals_the_dense_forward():
     llama, x = model("dense"), tokens(t=30)
     assert_close(prefill_then_decode(llama, x, 12), jax.jit(llama.__call__)(x), TOL)
@@ -322,6 +336,15 @@ SHARDED = textwrap.dedent(
         assert got == expected, (shape, got, expected)
         for a, b in zip(sharded, scores):
             np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+    # the sequence split too: DGA's own split (padded rows: the prefill's layout holds their
+    # lengths) and Ulysses for a model trained in zig-zag order (prompts are in position order)
+    long = [rng.randint(3, 500, size=n).tolist() for n in (100, 70, 100)]
+    for order, shape in [("contiguous", (2, 1, 4, 1)), ("zigzag", (4, 1, 2, 1))]:
+        ordered = config.replace(context_order=order)
+        expected = dga_jax.generate(Llama(ordered, rngs=nnx.Rngs(0)), long, 6)
+        with jax.set_mesh(make_mesh(shape)):
+            got = dga_jax.generate(Llama(ordered, rngs=nnx.Rngs(0)), long, 6)
+        assert got == expected, (order, shape, got, expected)
     # the lm-eval backend from its CLI arguments: loaded sharded on the mesh it names
     ckpt = tempfile.mkdtemp() + "/ckpt"
     save_model(Llama(config, rngs=nnx.Rngs(0)), ckpt)

@@ -19,6 +19,7 @@ from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dense_decode import DenseCache, DenseUpdate
 from dga_jax.ops.dga.api import dga_attention
 from dga_jax.ops.dga.decode import DGACache, DGAUpdate, prefill
+from dga_jax.ops.dga.layout import dga_layout
 from dga_jax.ops.dga.sharded import per_shard, shard_count
 from dga_jax.ops.minference import minference_attention
 from dga_jax.ops.sinks import sink_attention
@@ -83,8 +84,17 @@ class DGAttention(nnx.Module):
         q, k, v = self._qkv(x, positions)
         config = self.config
         dga = config.dga if config.attention == "dga" else None
-        cache = prefill(q, k, v, max_len=max_len, config=dga, capacity=capacity, lengths=lengths)
-        return self._project(self._attend(q, k, v, lengths)), cache
+        layout = None
+        if dga is not None:  # selected once, for the prompt's attention and its cache
+            with jax.named_scope("dga_selection"):
+                layout = dga_layout(q, k, dga, config.head_dim**-0.5, lengths=lengths)
+        cache = prefill(
+            q, k, v, max_len=max_len, config=dga, capacity=capacity, lengths=lengths, layout=layout
+        )
+        # The layout holds each row's length: DGA's attention then needs no `lengths`, which
+        # lets a sequence split over the mesh ("dga" context parallelism) take padded rows.
+        lengths = lengths if layout is None else None
+        return self._project(self._attend(q, k, v, lengths, layout, zigzag=False)), cache
 
     def decode(
         self, x: jax.Array, cache: DGACache | DenseCache | SinkCache
@@ -150,16 +160,20 @@ class DGAttention(nnx.Module):
                 "with seq = 1 (or attention 'dense' / 'dga')"
             )
 
-    def _attend(self, q: jax.Array, k: jax.Array, v: jax.Array, lengths=None) -> jax.Array:
+    def _attend(self, q, k, v, lengths=None, layout=None, zigzag: bool | None = None) -> jax.Array:
+        """`layout`: DGA's, built already (prefill); `zigzag`: whether rows are in zig-zag order
+        (None: as `config.context_order` says; prefill's rows are in position order)."""
         config = self.config
         if config.attention == "minference":
             self._check_whole_sequences()
         with jax.named_scope(config.attention + "_attention"):
             if config.attention == "minference":
                 return minference_attention(q, k, v, config.minference, lengths)
-            return self._core(q, k, v, lengths)
+            if zigzag is None:
+                zigzag = config.context_order == "zigzag"
+            return self._core(q, k, v, lengths, layout, zigzag)
 
-    def _core(self, q: jax.Array, k: jax.Array, v: jax.Array, lengths=None) -> jax.Array:
+    def _core(self, q, k, v, lengths, layout, zigzag: bool) -> jax.Array:
         """Attention per device shard under a mesh: batch and heads split, and the sequence as
         `config.context_parallel` says (`dga_jax.ops.dga.sharded`)."""
         batch, seq, heads, _ = self.rules.spec(("batch", "seq", "act_heads", None))
@@ -172,13 +186,14 @@ class DGAttention(nnx.Module):
             seq=seq,
             heads=heads,
             strategy=self.config.context_parallel,
-            zigzag=self.config.context_order == "zigzag",
+            zigzag=zigzag,
             lengths=lengths,
+            layout=layout,
         )
 
-    def _kernel(self, q, k, v, lengths=None, *, split: ContextSplit) -> jax.Array:
+    def _kernel(self, q, k, v, lengths=None, layout=None, *, split: ContextSplit) -> jax.Array:
         """Causal dense attention never lets a valid query see right padding: it needs no
-        `lengths`; DGA's selection does."""
+        `lengths`; DGA's selection does (or its `layout`, built already)."""
         config = self.config
         if config.attention == "dense":
             return dense_attention(q, k, v, implementation=config.attention_impl, split=split)
@@ -190,4 +205,5 @@ class DGAttention(nnx.Module):
             implementation=config.attention_impl,
             split=split,
             lengths=lengths,
+            layout=layout,
         )

@@ -105,6 +105,25 @@ EQUALITY = PRELUDE + textwrap.dedent(
                 dga_jax.dga_attention, group_size=4, focal_ratio=0.2, selection=selection
             )
             check(attention, q, k, v, mesh, "dga", selection)
+    # A layout given, as prefill passes it: right-padded rows under the "dga" split (the
+    # layout holds their lengths), equal to one device at every valid position.
+    lengths, config = [64, 41], DGAConfig(4, 0.25)
+    layout = dga_layout(q, k, config, 8**-0.5, lengths=jnp.asarray(lengths))
+    want = dga_jax.dga_attention(q, k, v, config, lengths=jnp.asarray(lengths))
+
+    def given(q, k, v, layout, *, split):
+        return dga_jax.dga_attention(q, k, v, config, split=split, layout=layout)
+
+    def sharded(q, k, v, layout):
+        axes = dict(batch=("data", "fsdp"), seq="seq", heads="tensor")
+        return per_shard(given, q, k, v, strategy="dga", layout=layout, **axes)
+
+    for mesh in ((1, 1, 8, 1), (2, 1, 2, 2)):
+        with jax.set_mesh(make_mesh(mesh)):
+            got = jax.jit(sharded)(q, k, v, layout)
+        for b, n in enumerate(lengths):
+            assert_close(got[b, :n], want[b, :n], FORWARD_TOL[F32])
+        print("equal: a given padded layout", mesh, flush=True)
     # "ulysses": 8 KV heads, so every mesh's tensor shard holds a multiple of the seq parts.
     # The attention inside is unchanged: one selection per mesh.
     q8, k8, v8 = random_qkv(1, 2, 32, 16, 8, 8)

@@ -17,7 +17,8 @@ import pytest
 import dga_jax
 from dga_jax import BlockSizes
 from dga_jax.ops.dga.config import DGAConfig
-from tests.conftest import random_qkv
+from dga_jax.ops.dga.layout import dga_layout
+from tests.conftest import FORWARD_TOL, assert_close, random_qkv
 
 ENTRY_POINTS = {"dga": dga_jax.dga_attention, "dense": dga_jax.dense_attention}
 Q, KV = (2, 16, 4, 8), (2, 16, 2, 8)
@@ -127,6 +128,35 @@ def test_a_dga_config_equals_its_fields_and_excludes_them():
         dga_jax.dga_attention(q, k, v, config, group_size=4, focal_ratio=0.25)
     with pytest.raises(TypeError, match="config must be a DGAConfig, got dict"):
         dga_jax.dga_attention(q, k, v, {"group_size": 4})
+
+
+@pytest.mark.parametrize("lengths", [None, [48, 30]])
+def test_a_given_layout_replaces_selection_and_is_checked(lengths):
+    q, k, v = random_qkv(0, 2, 48, 4, 2, 8)
+    config, scale = DGAConfig(group_size=4, focal_ratio=0.25), 8**-0.5
+    layout = dga_layout(q, k, config, scale, lengths=lengths)
+    own = dga_jax.dga_attention(q, k, v, config, lengths=lengths)
+    given = dga_jax.dga_attention(q, k, v, config, lengths=lengths, layout=layout)
+    assert_close(given, own, FORWARD_TOL[jnp.float32])
+    # the layout decides: another sequence's changes the outputs; the reference selects itself
+    q2, k2, _ = random_qkv(1, 2, 48, 4, 2, 8)
+    other = dga_jax.dga_attention(
+        q, k, v, config, lengths=lengths, layout=dga_layout(q2, k2, config, scale, lengths=lengths)
+    )
+    assert float(jnp.abs(other - own).max()) > 1e-3
+    if lengths is None:
+        reference = dga_jax.dga_attention(q, k, v, config, implementation="reference")
+        by_reference = dga_jax.dga_attention(
+            q, k, v, config, implementation="reference", layout=layout
+        )
+        np.testing.assert_array_equal(np.asarray(by_reference), np.asarray(reference))
+    shape = r"layout is for \[B, Hkv, L\] = \[2, 2, 48\].*need \[2, 2, 40\]"
+    with pytest.raises(ValueError, match=shape):
+        dga_jax.dga_attention(q[:, :40], k[:, :40], v[:, :40], config, layout=layout)
+    with pytest.raises(ValueError, match=r"layout is for .*group_size=4.*group_size=8"):
+        dga_jax.dga_attention(q, k, v, DGAConfig(8, 0.25), layout=layout)
+    with pytest.raises(TypeError, match="layout must be a DGALayout"):
+        dga_jax.dga_attention(q, k, v, config, layout={"focal": layout.focal})
 
 
 @pytest.mark.parametrize("implementation", ["foo", "pallas_tpu", ""])

@@ -6,12 +6,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dga_jax.ops.checks import check_qkv
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.backends import check_implementation, interval_implementation
 from dga_jax.ops.dga.compressed import compressed_attention
 from dga_jax.ops.dga.config import DGAConfig
+from dga_jax.ops.dga.layout import DGALayout
 from dga_jax.ops.dga.reference import dga_attention_reference
 from dga_jax.ops.tiles import BlockSizes
 
@@ -33,6 +35,7 @@ def dga_attention(
     interpret: object = False,
     split: ContextSplit = WHOLE,
     lengths: jax.Array | None = None,
+    layout: DGALayout | None = None,
 ) -> jax.Array:
     """Dynamic Group Attention (`shared/DGA_SPEC.md`), causal.
 
@@ -62,6 +65,11 @@ def dga_attention(
         r, sampled queries and groups; padding is never attended), later positions are finite
         and meaningless. One compile serves every mix of lengths. Not for "reference", nor
         under a split.
+      layout: the `DGALayout` of this sequence, already built by `dga_layout` from the same q,
+        k, config, scale and lengths (whole-sequence shapes [B, Hkv, L] even under a split):
+        selection is skipped and the entries are gathered from it. What prefill does, which
+        also builds the decoding cache from it. The layout holds each row's length: `lengths`
+        may then be left out, also under a split. "reference" checks it and selects by itself.
 
     Returns:
       [B, L, Hq, D] in q's dtype ([B, L / parts, Hq, D] under a split).
@@ -76,11 +84,13 @@ def dga_attention(
     if implementation == "reference" and split.shards > 1:
         raise ValueError("implementation='reference' needs whole sequences, not a ContextSplit")
     lengths = _check_lengths(lengths, q.shape[0], implementation, split)
+    _check_layout(layout, config, q, k, split)
     return _dga(
         q,
         k,
         v,
         lengths=lengths,
+        layout=layout,
         config=config,
         scale=scale,
         implementation=implementation,
@@ -102,10 +112,27 @@ def _check_config(config: DGAConfig | None, **fields) -> DGAConfig:
     return config
 
 
+def _check_layout(layout, config: DGAConfig, q, k, split: ContextSplit):
+    """A given layout must be a `DGALayout` of these rows, heads and settings."""
+    if layout is None:
+        return
+    if not isinstance(layout, DGALayout):
+        raise TypeError(f"layout must be a DGALayout (dga_layout), got {type(layout).__name__}")
+    seq_len = q.shape[1] * split.shards
+    want = (q.shape[0], k.shape[2], seq_len)
+    if layout.focal.shape != want or layout.sizes != config.sizes(seq_len):
+        raise ValueError(
+            f"layout is for [B, Hkv, L] = {list(layout.focal.shape)} with {layout.sizes}; these "
+            f"q, k and config need {list(want)} with {config.sizes(seq_len)}"
+        )
+
+
 def _check_lengths(lengths, batch: int, implementation: str, split: ContextSplit):
     """-> lengths as an int32 array [batch] (or None); errors name the problem."""
     if lengths is None:
         return None
+    if isinstance(lengths, (list, tuple)):
+        lengths = np.asarray(lengths)
     if implementation == "reference" or split.shards > 1:
         where = "a ContextSplit" if split.shards > 1 else "implementation='reference'"
         raise ValueError(f"per-row lengths are not supported with {where}")
@@ -121,8 +148,21 @@ def _check_lengths(lengths, batch: int, implementation: str, split: ContextSplit
     jax.jit,
     static_argnames=("config", "scale", "implementation", "block_sizes", "interpret", "split"),
 )
-def _dga(q, k, v, lengths=None, *, config, scale, implementation, block_sizes, interpret, split):
+def _dga(
+    q,
+    k,
+    v,
+    lengths=None,
+    layout=None,
+    *,
+    config,
+    scale,
+    implementation,
+    block_sizes,
+    interpret,
+    split,
+):
     if implementation == "reference":
         return dga_attention_reference(q, k, v, config, scale)
     attend = interval_implementation(implementation, interpret)
-    return compressed_attention(attend, q, k, v, config, scale, block_sizes, split, lengths)
+    return compressed_attention(attend, q, k, v, config, scale, block_sizes, split, lengths, layout)

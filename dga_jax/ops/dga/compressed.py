@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.entries import compressed_kv
+from dga_jax.ops.dga.layout import DGALayout
 from dga_jax.ops.tiles import BlockSizes
 
 
@@ -28,16 +29,25 @@ def compressed_attention(
     block_sizes: BlockSizes = BlockSizes(),
     split: ContextSplit = WHOLE,
     lengths: jax.Array | None = None,
+    layout: DGALayout | None = None,
 ) -> jax.Array:
     """q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D] in q's dtype (C = L unless split).
 
     `attend`: an interval attention (`interval_attention`'s signature). Under a `split`, this
     device's rows of the sequence, walked piece by piece with entry intervals relative to the
     piece's first position. `lengths` [B]: the valid positions of each row of a right-padded
-    batch (`dga_layout`).
+    batch (`dga_layout`). `layout`: the sequence's layout if already built (`compressed_kv`).
     """
     pieces, lag = compressed_kv(
-        q, k, v, config, scale, block=block_sizes.block_importance, split=split, lengths=lengths
+        q,
+        k,
+        v,
+        config,
+        scale,
+        block=block_sizes.block_importance,
+        split=split,
+        lengths=lengths,
+        layout=layout,
     )
     out = [
         attend(rows, prefix, band, scale=scale, block_sizes=block_sizes, band_lag=lag)

@@ -37,7 +37,13 @@ from dga_jax.ops.dense_decode import (
 )
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.entries import gather_entries
-from dga_jax.ops.dga.layout import RowCounts, dga_layout, fold_members, group_weights
+from dga_jax.ops.dga.layout import (
+    DGALayout,
+    RowCounts,
+    dga_layout,
+    fold_members,
+    group_weights,
+)
 from dga_jax.ops.dga.selection import pairwise_top_mask
 from dga_jax.ops.sinks_decode import SinkCache, SinkUpdate
 
@@ -180,6 +186,7 @@ def prefill(
     scale: float | None = None,
     capacity: int | None = None,
     lengths: jax.Array | None = None,
+    layout: DGALayout | None = None,
 ) -> DGACache | DenseCache:
     """The cache after the P prompt tokens: DGA's (`config`) or, with `config=None`, dense.
 
@@ -191,6 +198,9 @@ def prefill(
     that prompt's prefilled alone. Without `capacity`, room for any length up to P; a given
     `capacity` must be at least `prefix_capacity(config, max_len, lengths)` (checked on the
     host by `dga_jax.generate`; traced lengths cannot be).
+
+    `layout`: the prompt's `dga_layout` (same config, scale and lengths) if the caller already
+    built it for the prompt's attention (`dga_attention(layout=)`): selection runs once.
     """
     prompt_len = q.shape[1]
     check_fits(prompt_len, max_len)
@@ -209,7 +219,7 @@ def prefill(
     elif capacity is None:
         capacity = prefix_capacity(config, max_len, np.arange(1, max(prompt_len, 1) + 1))
     rows = RowCounts.of(config, prompt_len, q.shape[0], lengths)
-    return _dga_prefill(q, k, v, config, scale, max_len, capacity, rows, lengths)
+    return _dga_prefill(q, k, v, config, scale, max_len, capacity, rows, lengths, layout)
 
 
 def decode_step(
@@ -234,14 +244,15 @@ def apply_update(
     return cache.apply(update)
 
 
-def _dga_prefill(q, k, v, config, scale, max_len, capacity, rows: RowCounts, lengths):
+def _dga_prefill(q, k, v, config, scale, max_len, capacity, rows: RowCounts, lengths, layout):
     """Each row's prefix (its focal tokens and groups, position-sorted) and its leftovers as the
-    tail; `rows` holds its counts (`lengths` [B] or None: all P)."""
+    tail; `rows` holds its counts (`lengths` [B] or None: all P); `layout` None: built here."""
     b, prompt_len, hkv, d = k.shape
     focal, fold = flush_shape(config)
     members = rows.num_groups * config.group_size
     if prompt_len:
-        layout = dga_layout(q, k, config, scale, lengths=lengths)
+        if layout is None:
+            layout = dga_layout(q, k, config, scale, lengths=lengths)
         prefix, raw = gather_entries(layout, k, v)
         pk, pv, bias = prefix.k, prefix.v, prefix.bias
         tk, tv = (_slots_from(x, members, focal + fold) for x in (raw.k, raw.v))

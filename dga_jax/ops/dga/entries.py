@@ -1,10 +1,10 @@
 """The compressed KV' a layout describes: the entries every DGA implementation attends to.
 
 `gather_entries` reads the prefix (focal tokens, group entries folded from their members) and
-the raw band out of k, v; `compressed_kv` builds the layout and its entries for the queries of
-this device; under a `ContextSplit` (inside `shard_map`, the sequence split across devices)
-`split_entries` builds the device's KV' with only the compressed prefix and a halo of raw tokens
-crossing devices. Differentiable in k, v; the layout itself carries no gradient.
+the raw band out of k, v; `compressed_kv` builds the layout (unless given) and its entries for
+the queries of this device; under a `ContextSplit` (inside `shard_map`, the sequence split
+across devices) `split_entries` builds the device's KV' with only the compressed prefix and a
+halo of raw tokens crossing devices. Differentiable in k, v; the layout itself carries no gradient.
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def compressed_kv(
     block: int = 1024,
     split: ContextSplit = WHOLE,
     lengths: jax.Array | None = None,
+    layout: DGALayout | None = None,
 ) -> tuple[list[tuple[Entries, Entries | None]], int]:
     """([(prefix, band) per piece], band lag): the KV' the queries of q [B, C, Hq, D] attend to.
 
@@ -74,9 +75,11 @@ def compressed_kv(
     intervals are relative to its first position, so its query row r sees entry e iff
     `start_e <= r < until_e`, as `interval_attention` and the kernels assume. The band lag is the
     number of raw entries that can start before a query and still be visible to it: the members
-    of one unfinished group or chunk. `lengths`: see `dga_layout`.
+    of one unfinished group or chunk. `lengths`: see `dga_layout`. `layout`: this sequence's,
+    already built (`dga_layout` with the same config, scale and lengths): selection is skipped.
     """
-    layout = dga_layout(q, k, config, scale, block=block, split=split, lengths=lengths)
+    if layout is None:
+        layout = dga_layout(q, k, config, scale, block=block, split=split, lengths=lengths)
     sizes = layout.sizes
     lag = max(sizes.chunk, sizes.group_size) - 1
     if split.shards == 1:
@@ -123,13 +126,17 @@ def split_entries(
 
 
 def _prefix_slots(layout: DGALayout) -> tuple[jax.Array, jax.Array]:
-    """One (batch, head): the prefix entry [L] each position adds to (NP: none) and its weight."""
+    """One (batch, head): the prefix entry [L] each position adds to (NP: none) and its weight.
+
+    Slots a padded row does not fill (from NEVER) take no token: their source 0 would otherwise
+    compete with position 0's own slot."""
     sizes = layout.sizes
     n_prefix, n_groups, m = layout.prefix_from.shape[0], sizes.num_groups, sizes.group_size
     entry = jnp.arange(n_prefix, dtype=jnp.int32)
     is_group, src = layout.prefix_is_group, layout.prefix_src
+    is_token = ~is_group & (layout.prefix_from != NEVER)
     slot = jnp.full(sizes.seq_len, n_prefix, jnp.int32)
-    slot = slot.at[jnp.where(is_group, sizes.seq_len, src)].set(entry, mode="drop")
+    slot = slot.at[jnp.where(is_token, src, sizes.seq_len)].set(entry, mode="drop")
     group_slot = jnp.zeros(n_groups, jnp.int32).at[jnp.where(is_group, src, n_groups)]
     group_slot = group_slot.set(entry, mode="drop")
     members = layout.raw_pos[: n_groups * m]

@@ -29,13 +29,15 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from dga_jax.ops.context import WHOLE, ContextSplit
+from dga_jax.ops.dga.layout import DGALayout
 from dga_jax.sharding import MeshAxes
 
 STRATEGIES = ("auto", "ulysses", "dga")
 CONTEXT_ORDERS = ("contiguous", "zigzag")
 
-# attention(q, k, v, [lengths,] split=split): q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D];
-# C = L/parts; lengths [B] (the valid positions of right-padded rows) only when per_shard has them.
+# attention(q, k, v, split=split, [lengths=, layout=]): q [B, C, Hq, D], k/v [B, C, Hkv, D] ->
+# [B, C, Hq, D]; C = L/parts; lengths [B] (the valid positions of right-padded rows) and layout
+# (DGA's, [B, Hkv, ...] leaves) only when per_shard has them.
 SplitAttention = Callable[..., jax.Array]
 
 
@@ -51,6 +53,7 @@ def per_shard(
     strategy: str = "auto",
     zigzag: bool = False,
     lengths: jax.Array | None = None,
+    layout: DGALayout | None = None,
 ) -> jax.Array:
     """`attention` on each device's slice: q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D].
 
@@ -59,14 +62,15 @@ def per_shard(
     split sequence is attended, and `zigzag` says its rows are in zig-zag order
     (`dga_jax.ops.context.zigzag_order`: row i holds position order[i]). The mesh is the one
     `jax.set_mesh` sets; without one it is a plain call. `lengths` [B], split like the batch, is
-    passed on to `attention` (not under the "dga" strategy: it splits the sequence).
+    passed on to `attention` (not under the "dga" strategy: it splits the sequence), and so is
+    a whole-sequence DGA `layout`, split like the KV heads each device attends.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"context_parallel must be one of {STRATEGIES}, got {strategy!r}")
-    extra = () if lengths is None else (lengths,)
+    extra = {name: x for name, x in (("lengths", lengths), ("layout", layout)) if x is not None}
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return attention(q, k, v, *extra, split=WHOLE)
+        return attention(q, k, v, split=WHOLE, **extra)
     for name, axes, size in (("batch", batch, q.shape[0]), ("KV heads", heads, k.shape[2])):
         shards = shard_count(axes)
         if size % shards:
@@ -75,6 +79,7 @@ def per_shard(
                 f"{name} must be a multiple of {shards}"
             )
     parts = shard_count(seq)
+    attended_heads = heads  # the KV heads a device attends to
     if parts == 1:
         seq, body = None, functools.partial(attention, split=WHOLE)
     else:
@@ -83,6 +88,7 @@ def per_shard(
         split.order(q.shape[1])  # a length zig-zag order cannot cut fails here, naming it
         if strategy == "ulysses":
             body = functools.partial(_ulysses, attention, split)
+            attended_heads = axis_names(heads) + axis_names(seq)  # the all-to-all's head split
         elif lengths is None:
             body = functools.partial(attention, split=split)
         else:
@@ -92,10 +98,16 @@ def per_shard(
             )
     spec = PartitionSpec(batch, seq, heads, None)
     q, k, v = (jax.lax.with_sharding_constraint(x, spec) for x in (q, k, v))
-    specs = (spec,) * 3 + (PartitionSpec(batch),) * len(extra)
+    split_as = {"lengths": PartitionSpec(batch), "layout": PartitionSpec(batch, attended_heads)}
+    names = tuple(extra)
+
+    def call(q, k, v, *operands):
+        return body(q, k, v, **dict(zip(names, operands, strict=True)))
+
+    specs = (spec,) * 3 + tuple(split_as[name] for name in names)
     # check_vma=False: the layout's loop carries are not marked as varying over the mesh.
-    sharded = jax.shard_map(body, in_specs=specs, out_specs=spec, check_vma=False)
-    return sharded(q, k, v, *extra)
+    sharded = jax.shard_map(call, in_specs=specs, out_specs=spec, check_vma=False)
+    return sharded(q, k, v, *extra.values())
 
 
 def choose_strategy(strategy: str, kv_heads: int, seq_len: int, seq: MeshAxes) -> str:
@@ -120,9 +132,9 @@ def choose_strategy(strategy: str, kv_heads: int, seq_len: int, seq: MeshAxes) -
     return strategy
 
 
-def _ulysses(attention: SplitAttention, split: ContextSplit, q, k, v, *lengths) -> jax.Array:
+def _ulysses(attention: SplitAttention, split: ContextSplit, q, k, v, **operands) -> jax.Array:
     """Sequence-split q, k, v [B, C, H, D] -> head-split [B, L, H/P, D] in position order,
-    attention (with `lengths`, if any), and back."""
+    attention (with `lengths` and `layout`, if any: already split so), and back."""
     order = split.order(q.shape[1] * split.shards)
     natural = np.argsort(order)
 
@@ -130,7 +142,7 @@ def _ulysses(attention: SplitAttention, split: ContextSplit, q, k, v, *lengths) 
         x = jax.lax.all_to_all(x, split.axis, split_axis=2, concat_axis=1, tiled=True)
         return x if split.pieces == 1 else jnp.take(x, natural, axis=1)
 
-    out = attention(to_heads(q), to_heads(k), to_heads(v), *lengths, split=WHOLE)
+    out = attention(to_heads(q), to_heads(k), to_heads(v), split=WHOLE, **operands)
     out = out if split.pieces == 1 else jnp.take(out, order, axis=1)
     return jax.lax.all_to_all(out, split.axis, split_axis=1, concat_axis=2, tiled=True)
 
@@ -140,8 +152,13 @@ def shard_count(axes: MeshAxes) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    names = axis_names(axes)
     unknown = [name for name in names if name not in mesh.shape]
     if unknown:
         raise ValueError(f"mesh axes {unknown} are not in the mesh {dict(mesh.shape)}")
     return math.prod(mesh.shape[name] for name in names)
+
+
+def axis_names(axes: MeshAxes) -> tuple[str, ...]:
+    """Mesh axes (None, a name or names) as a tuple of names."""
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
