@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
 import platform
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,29 @@ def environment() -> dict[str, Any]:
 def length_label(length: int) -> str:
     """2048 -> "2K"."""
     return f"{length // 1024}K" if length % 1024 == 0 else str(length)
+
+
+@dataclasses.dataclass
+class Calls:
+    """Jitted functions with their inputs, compiled and warmed up as they are added."""
+
+    calls: dict[str, tuple[Callable[..., Any], list[Any]]] = dataclasses.field(default_factory=dict)
+
+    def add(self, name: str, fn: Callable[..., Any], *inputs: Any) -> Any:
+        """Compile and run `fn(*inputs)` once; its output (the next stage's input)."""
+        jitted = jax.jit(fn)
+        self.calls[name] = (jitted, list(inputs))
+        return jax.block_until_ready(jitted(*inputs))
+
+    def time_ms(self, repeats: int) -> dict[str, list[float]]:
+        """`repeats` rounds, each timing every call once (load changes hit all alike)."""
+        times = {name: [] for name in self.calls}
+        for _ in range(repeats):
+            for name, (fn, inputs) in self.calls.items():
+                start = time.perf_counter()
+                jax.block_until_ready(fn(*inputs))
+                times[name].append((time.perf_counter() - start) * 1e3)
+        return times
 
 
 def time_variant(

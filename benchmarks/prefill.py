@@ -5,7 +5,8 @@
 
 `Llama.prefill(tokens, max_len, last_only=True)` (the logits of the last token and every
 layer's cache) against the forward over the same tokens (`Llama(tokens)[:, -1]`), each jitted
-once, then timed in `--repeats` rounds of one call each, taking turns (the median is reported).
+once, then timed in `--repeats` rounds of one call each, taking turns (`common.Calls`; the
+median is reported).
 Prefill's extra work is the cache: with DGA, selection runs once for the prompt's attention and
 its cache (`dga_attention(layout=)`), so prefill should cost little more than the forward; the
 compiled programs' loop counts (`while` ops: importance passes, radix select, walks) show it.
@@ -15,10 +16,9 @@ Results: the table and `benchmarks/results/prefill_<backend>[_quick].json`.
 from __future__ import annotations
 
 import statistics
-import time
 
 import jax
-from common import environment, length_label, parse_variant_args, write_results
+from common import Calls, environment, length_label, parse_variant_args, write_results
 from flax import nnx
 
 from dga_jax import DGAConfig, Llama, ModelConfig
@@ -41,23 +41,15 @@ def measure(args, length: int) -> dict:
         model = nnx.merge(graphdef, state)
         return model.prefill(tokens, length + DECODE_ROOM, last_only=True)
 
-    compiled = {
-        name: jax.jit(fn).lower(state, tokens).compile()
-        for name, fn in (("forward", forward), ("prefill", prefill))
-    }
-    times = {name: [] for name in compiled}
-    for fn in compiled.values():
-        jax.block_until_ready(fn(state, tokens))  # warm-up
-    for _ in range(args.repeats):
-        for name, fn in compiled.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn(state, tokens))
-            times[name].append((time.perf_counter() - start) * 1e3)
+    calls = Calls()
+    for name, fn in (("forward", forward), ("prefill", prefill)):
+        calls.add(name, fn, state, tokens)
+    times = calls.time_ms(args.repeats)
     record = {"L": length}
-    for name, fn in compiled.items():
+    for name, (fn, inputs) in calls.calls.items():
         record[f"{name}_ms"] = statistics.median(times[name])
         record[f"{name}_times_ms"] = times[name]
-        record[f"{name}_loops"] = fn.as_text().count(" while(")
+        record[f"{name}_loops"] = fn.lower(*inputs).compile().as_text().count(" while(")
     return record
 
 

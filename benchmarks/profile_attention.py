@@ -38,18 +38,21 @@ stdout and `benchmarks/results/profile_attention_<backend>[_quick].json`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import math
 import statistics
-import time
-from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import add_attention_args, environment, length_label, time_calls, write_results
+from common import (
+    Calls,
+    add_attention_args,
+    environment,
+    length_label,
+    time_calls,
+    write_results,
+)
 from dga_stages import (
     Setup,
     band_walk,
@@ -99,29 +102,6 @@ def make_inputs(args: argparse.Namespace, length: int) -> dict[str, jax.Array]:
         name: jax.random.normal(key, shape, args.dtype)
         for key, (name, shape) in zip(keys, shapes.items(), strict=True)
     }
-
-
-@dataclasses.dataclass
-class Calls:
-    """Jitted functions with their inputs, compiled and warmed up as they are added."""
-
-    calls: dict[str, tuple[Callable[..., Any], list[Any]]] = dataclasses.field(default_factory=dict)
-
-    def add(self, name: str, fn: Callable[..., Any], *inputs: Any) -> Any:
-        """Compile and run `fn(*inputs)` once; its output (the next stage's input)."""
-        jitted = jax.jit(fn)
-        self.calls[name] = (jitted, list(inputs))
-        return jax.block_until_ready(jitted(*inputs))
-
-    def time_ms(self, repeats: int) -> dict[str, list[float]]:
-        """`repeats` rounds, each timing every call once (load changes hit all alike)."""
-        times = {name: [] for name in self.calls}
-        for _ in range(repeats):
-            for name, (fn, inputs) in self.calls.items():
-                start = time.perf_counter()
-                jax.block_until_ready(fn(*inputs))
-                times[name].append((time.perf_counter() - start) * 1e3)
-        return times
 
 
 def stage_calls(s: Setup, x: dict[str, jax.Array]) -> tuple[Calls, DGALayout]:
