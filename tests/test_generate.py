@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -214,6 +215,40 @@ def test_stop_tokens_end_their_row_only():
     j = next(j for j, t in enumerate(free[0]) if j and t not in free[0][:j] + free[1])
     stopped = dga_jax.generate(llama, prompts, 8, stop_tokens=[free[0][j]])
     assert stopped == [free[0][:j], free[1]]
+
+
+def test_min_new_tokens_rules_the_stop_tokens_out_of_the_first_token_only():
+    llama, prompts = model(), [[1, 40, 41, 42], [1, 50, 60]]
+    free = dga_jax.generate(llama, prompts, 8)
+    stop = free[0][0]  # row 0's greedy first token
+    cut = [row[: row.index(stop)] if stop in row else row for row in free]
+    assert dga_jax.generate(llama, prompts, 8, stop_tokens=[stop], min_new_tokens=0) == cut
+    assert cut[0] == []
+    steps = dga_jax.stream(llama, prompts, 8, stop_tokens=[stop], min_new_tokens=1)
+    row = [int(tokens[0]) for tokens in steps]
+    logits = np.asarray(jax.jit(llama.__call__)(np.asarray(prompts[:1]))[0, -1])
+    assert row[0] == np.argsort(-logits)[1]  # the best token but the stop
+    assert stop in row[1:]  # allowed again from the second token on
+    held = dga_jax.generate(llama, prompts, 8, stop_tokens=[stop], min_new_tokens=1)
+    assert held[0] == row[: row.index(stop, 1)]  # where it ends the row
+
+
+def test_min_new_tokens_holds_when_sampling():
+    llama, prompts = model(), [[1, 40, 41, 42], [1, 50, 60]]
+    options = dict(temperature=1.0, stop_tokens=range(256))  # half the vocabulary
+    free = dga_jax.generate(llama, prompts, 8, **options)
+    held = dga_jax.generate(llama, prompts, 8, min_new_tokens=4, **options)
+    assert min(len(row) for row in free) < 4
+    assert min(len(row) for row in held) >= 4 and min(len(row) for row in held) < 8
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "1", True, None])
+def test_min_new_tokens_must_be_a_count(value):
+    message = re.escape(f"min_new_tokens must be an int >= 0, got {value!r}")
+    with pytest.raises(ValueError, match=message):
+        dga_jax.stream(model(), [[1, 2]], 4, stop_tokens=[2], min_new_tokens=value)
+    with pytest.raises(ValueError, match=message):
+        dga_jax.generate(model(), [[1, 2]], 4, stop_tokens=[2], min_new_tokens=value)
 
 
 def test_sampled_generation_depends_on_the_seed():

@@ -44,15 +44,29 @@ class Engine(Protocol):
         """The most tokens (prompt and generated together) one sequence may hold."""
         ...
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        """Greedy continuations of token-id prompts, each ending before EOS or after
-        `max_new_tokens` tokens (EOS excluded), in the prompts' order."""
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop_tokens: Sequence[int] = (),
+        min_new_tokens: int = 0,
+    ) -> list[list[int]]:
+        """Greedy continuations of token-id prompts, each ending before EOS or one of
+        `stop_tokens` or after `max_new_tokens` tokens (the stop excluded), in the prompts'
+        order. Neither EOS nor a stop token is chosen among the first `min_new_tokens`."""
         ...
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[TokenScores]:
         """The log-probability of every token of each sequence (>= 2 tokens) given those
         before it."""
         ...
+
+
+def stop_token(tokenizer: Tokenizer, text: str) -> int:
+    """The id that ends a completion at `text`: the last of its encoding, as LongBench's pred.py
+    takes `tokenizer.encode("\\n")[-1]` (LLaMA's SentencePiece encodes "\\n" as a space piece
+    then the newline byte)."""
+    return tokenizer.encode(text)[-1]
 
 
 def with_bos(tokenizer: Tokenizer, text: str) -> list[int]:
@@ -103,17 +117,26 @@ class ModelEngine:
     def max_length(self) -> int:
         return self._max_length
 
-    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> list[list[int]]:
-        stops = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_new_tokens: int,
+        stop_tokens: Sequence[int] = (),
+        min_new_tokens: int = 0,
+    ) -> list[list[int]]:
+        eos = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
         with self._on_mesh():
-            return self._generate(prompts, max_new_tokens, stops)
+            return self._generate(prompts, max_new_tokens, [*eos, *stop_tokens], min_new_tokens)
 
-    def _generate(self, prompts, max_new_tokens: int, stops: list[int]) -> list[list[int]]:
+    def _generate(
+        self, prompts, max_new_tokens: int, stops: list[int], min_new_tokens: int
+    ) -> list[list[int]]:
         out = completions(
             self.model,
             prompts,
             max_new_tokens,
             stop_tokens=stops,
+            min_new_tokens=min_new_tokens,
             batch_size=self.batch_size,
             buckets=self.buckets,
             progress=self.progress,

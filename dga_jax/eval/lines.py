@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import json
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -134,13 +134,18 @@ class Lines(GenerationTask):
                     f"longeval/evaluation/lines/testcases/{n}_lines.jsonl there"
                 )
 
-    def examples(self, engine: Engine, problems: Problems) -> Iterator[Example]:
+    def examples(
+        self, engine: Engine, problems: Problems, done: Container[str] = frozenset()
+    ) -> Iterator[Example]:
         for n in self.num_lines:
             for case_id, case in self._cases(n, problems):
+                example_id = f"{n}/{case_id}"
+                if example_id in done:
+                    continue
                 prompt = with_bos(engine.tokenizer, case["prompt"])
                 fields = {"num_lines": n, "expected_number": case["expected_number"]}
                 fields["prompt_tokens"] = len(prompt)
-                example = Example(f"{n}/{case_id}", prompt, MAX_NEW_TOKENS, fields)
+                example = Example(example_id, prompt, MAX_NEW_TOKENS, fields)
                 if fits(engine, prompt, MAX_NEW_TOKENS):
                     yield example
                 else:

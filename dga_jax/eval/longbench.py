@@ -3,7 +3,8 @@
 The 13 English datasets of LongBench-E, read from LongBench's `data.zip` layout (one
 `{name}_e.jsonl` per dataset, records `{input, context, answers, length, all_classes, ...}`),
 prompted with LongBench's templates (`config/dataset2prompt.json`), generated greedily up to
-LongBench's answer lengths (`config/dataset2maxlen.json`), scored with its metrics
+LongBench's answer lengths (`config/dataset2maxlen.json`) and stopping rule (samsum ends at its
+first newline, which like EOS may not be the first new token), scored with its metrics
 (`dga_jax.eval.metrics`) and bucketed by the records' `length` (words) as `eval.py --e` does
 (`longbench_scoring.py`).
 The predictions are also written as `pred_e/<model_name>/<dataset>.jsonl`, so LongBench's own
@@ -12,12 +13,11 @@ The predictions are also written as `pred_e/<model_name>/<dataset>.jsonl`, so Lo
 We run base models: pred.py's chat templates (`build_chat`, for models named llama2 / chatglm
 / vicuna / ... on all but trec, triviaqa, samsum, lsht, lcc, repobench-p) and its per-model
 `post_process` (xgen, internlm) are left out, which is what pred.py does for a model name that
-matches none of them. Two more departures, neither of which changes a LongBench-E score in
-practice: pred.py stops samsum at its first newline and forbids that newline or EOS as the first
-new token; the engine has no stop strings, so samsum runs its 128 tokens and the first-line rule
-of the scoring picks the same answer unless the model's first greedy token is a newline or EOS.
-And eval.py scores a whole file with the `all_classes` of its last line, where we use each
-record's own: every trec record carries the same list.
+matches none of them. Two more departures, neither of which changes a LongBench-E score: a
+samsum prediction leaves out the newline it stopped at (pred.py's decode keeps it; the
+first-line rule of the scoring drops it either way), and eval.py scores a whole file with the
+`all_classes` of its last line, where we use each record's own: every trec record carries the
+same list.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import math
 import os
 import re
 import string
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,6 +140,9 @@ MAX_NEW_TOKENS = {
     "lcc": 64,
     "repobench-p": 64,
 }
+# pred.py's samsum rule: generation also ends at the newline token (`encode("\n")[-1]`), and its
+# min_length of prompt + 1 rules that newline and EOS out as the first new token.
+STOPS = {"samsum": (("\n",), 1)}
 PARAGRAPH = re.compile(r"Paragraph \d+")  # what retrieval_score reads from an answer
 DATA_HINT = "the {name}_e.jsonl files of LongBench's data.zip (THUDM/LongBench on the HF hub)"
 
@@ -177,13 +180,16 @@ class LongBenchE(GenerationTask):
         self.max_input = max_input
         self.model_name = model_name
 
-    def examples(self, engine: Engine, problems: Problems) -> Iterator[Example]:
-        """Every usable record of every dataset, in file order; ids are `{dataset}/{line index}`.
+    def examples(
+        self, engine: Engine, problems: Problems, done: Container[str] = frozenset()
+    ) -> Iterator[Example]:
+        """Every usable record of every dataset but the `done` ones, in file order; ids are
+        `{dataset}/{line index}`, so a done line is left out before it is parsed or tokenized.
 
         Raises MissingInputError before the first example when a file is missing."""
         paths = self._paths()
         for dataset in self.datasets:
-            yield from self._dataset_examples(engine, dataset, paths[dataset], problems)
+            yield from self._dataset_examples(engine, dataset, paths[dataset], problems, done)
 
     def _paths(self) -> dict[str, Path]:
         """The data file of each dataset, checked to exist."""
@@ -201,27 +207,21 @@ class LongBenchE(GenerationTask):
         return paths
 
     def _dataset_examples(
-        self, engine: Engine, dataset: str, path: Path, problems: Problems
+        self, engine: Engine, dataset: str, path: Path, problems: Problems, done: Container[str]
     ) -> Iterator[Example]:
-        """The examples of one file; what cannot be used is counted in `problems`."""
+        """The examples of one file but the `done` ones; what cannot be used is counted in
+        `problems`."""
         max_input = self._max_input(engine, dataset)
-        budget = MAX_NEW_TOKENS[dataset]
         with path.open("rb") as f:
             for index, line in enumerate(f):
-                if not line.strip():
+                example_id = f"{dataset}/{index}"
+                if example_id in done or not line.strip():
                     continue
-                where = f"{path.name}:{index + 1}"
-                record = parse_record(line, dataset)
-                if isinstance(record, str):
-                    problems.skip(record, where)
-                    continue
-                prompt_text = PROMPTS[dataset].format(**record)
-                prompt = middle_truncate(engine.tokenizer, prompt_text, max_input)
-                if not fits(engine, prompt, budget):
-                    problems.skip("prompt does not fit after middle truncation", where)
-                    continue
-                fields = {key: record[key] for key in ("answers", "all_classes", "length")}
-                yield Example(f"{dataset}/{index}", prompt, budget, {"dataset": dataset, **fields})
+                example = line_example(engine, dataset, example_id, line, max_input)
+                if isinstance(example, str):
+                    problems.skip(example, f"{path.name}:{index + 1}")
+                else:
+                    yield example
 
     def _max_input(self, engine: Engine, dataset: str) -> int:
         """The prompt limit for `dataset`: the given `max_input` or LongBench's rule."""
@@ -270,6 +270,23 @@ class LongBenchE(GenerationTask):
         for rows in grouped.values():
             rows.sort(key=_line_index)
         return grouped
+
+
+def line_example(
+    engine: Engine, dataset: str, example_id: str, line: bytes, max_input: int
+) -> Example | str:
+    """The example of one line of `{dataset}_e.jsonl`, its prompt cut to `max_input` tokens, or
+    why it cannot be used."""
+    record = parse_record(line, dataset)
+    if isinstance(record, str):
+        return record
+    budget = MAX_NEW_TOKENS[dataset]
+    prompt = middle_truncate(engine.tokenizer, PROMPTS[dataset].format(**record), max_input)
+    if not fits(engine, prompt, budget):
+        return "prompt does not fit after middle truncation"
+    fields = {key: record[key] for key in ("answers", "all_classes", "length")}
+    stop, min_new_tokens = STOPS.get(dataset, ((), 0))
+    return Example(example_id, prompt, budget, {"dataset": dataset, **fields}, stop, min_new_tokens)
 
 
 def longbench_max_input(max_length: int, max_new_tokens: int) -> int:

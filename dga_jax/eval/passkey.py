@@ -10,7 +10,8 @@ grid. Greedy, max_new_tokens = the answer's token count, a pass only on an exact
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterator, Sequence
+import itertools
+from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,12 @@ def passkey_text(prefix_chars: int, suffix_chars: int, key: int, garbage: str = 
     return "\n".join([TASK_LINE, filler[:prefix_chars], info, filler[:suffix_chars], QUESTION])
 
 
+def passkey_id(chars: int, depth: float | None, trial: int) -> str:
+    """The id of a trial: "{filler chars}/{depth, or random}/{trial}"."""
+    where = "random" if depth is None else f"{depth:g}"
+    return f"{chars}/{where}/{trial}"
+
+
 class Passkey(GenerationTask):
     """Passkey retrieval at each filler length in `lengths` (characters; LongLoRA's points are
     `longlora_lengths(max_tokens)`), `trials` seeds each, at random depths or at each of
@@ -74,25 +81,29 @@ class Passkey(GenerationTask):
             raise ValueError(f"passkey depths must lie in [0, 1], got {list(depths)}")
         self.lengths, self.trials, self.depths = list(lengths), trials, depths
 
-    def examples(self, engine: Engine, problems: Problems) -> Iterator[Example]:
+    def examples(
+        self, engine: Engine, problems: Problems, done: Container[str] = frozenset()
+    ) -> Iterator[Example]:
         depths: Sequence[float | None] = self.depths if self.depths is not None else [None]
-        for chars in self.lengths:
-            for depth in depths:
-                for trial in range(self.trials):
-                    example = self._example(engine, chars, depth, trial)
-                    if fits(engine, example.prompt, example.max_new_tokens):
-                        yield example
-                    else:
-                        problems.skip("prompt longer than the model's window", example.id)
+        for chars, depth, trial in itertools.product(self.lengths, depths, range(self.trials)):
+            example_id = passkey_id(chars, depth, trial)
+            if example_id in done:
+                continue
+            example = self._example(engine, example_id, chars, depth, trial)
+            if fits(engine, example.prompt, example.max_new_tokens):
+                yield example
+            else:
+                problems.skip("prompt longer than the model's window", example.id)
 
-    def _example(self, engine: Engine, chars: int, depth: float | None, trial: int) -> Example:
+    def _example(
+        self, engine: Engine, example_id: str, chars: int, depth: float | None, trial: int
+    ) -> Example:
         text, key = passkey_prompt(chars, trial, depth)
         prompt = with_bos(engine.tokenizer, text)
         answer = engine.tokenizer.encode(str(key))
-        where = "random" if depth is None else f"{depth:g}"
         fields = {"garbage_chars": chars, "depth": depth, "trial": trial, "pass_key": key}
         fields.update(answer_ids=answer, prompt_tokens=len(prompt))
-        return Example(f"{chars}/{where}/{trial}", prompt, len(answer), fields)
+        return Example(example_id, prompt, len(answer), fields)
 
     def score(self, example: Example, ids: list[int], text: str) -> dict[str, Any]:
         return {"pred": text, "score": float(ids == example.fields["answer_ids"])}

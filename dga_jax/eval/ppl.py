@@ -20,7 +20,7 @@ from __future__ import annotations
 import glob
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,18 +87,23 @@ class Perplexity:
         stride = self.stride or (window // 2 if self.convention == "stride" else 256)
         return window, stride
 
-    def examples(self, engine: Engine, problems: Problems) -> Iterator[Example]:
+    def examples(
+        self, engine: Engine, problems: Problems, done: Container[str] = frozenset()
+    ) -> Iterator[Example]:
+        """The first `max_documents` usable documents; a done one (usable when it was scored)
+        counts among them untokenized, so a resumed run ends at the same document."""
         window, _ = self._sizes(engine)
         count = 0
         for doc_id, text in _documents(self.files, problems):
             if self.max_documents is not None and count >= self.max_documents:
                 return
-            ids = with_bos(engine.tokenizer, text)
-            if len(ids) < 2 or (self.convention == "longlora" and len(ids) <= window):
-                problems.skip(f"document too short for a {window}-token window", doc_id)
-                continue
+            if doc_id not in done:
+                ids = with_bos(engine.tokenizer, text)
+                if len(ids) < 2 or (self.convention == "longlora" and len(ids) <= window):
+                    problems.skip(f"document too short for a {window}-token window", doc_id)
+                    continue
+                yield Example(doc_id, ids, 0, {"tokens": len(ids)})
             count += 1
-            yield Example(doc_id, ids, 0, {"tokens": len(ids)})
 
     def evaluate(self, engine: Engine, examples: Sequence[Example]) -> list[dict[str, Any]]:
         """Scores every window of every document in one batched call."""

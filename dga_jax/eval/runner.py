@@ -5,9 +5,10 @@
     out/results.md      every task's table
     out/*.png           the tasks' plots
 
-A rerun reads `<task>.jsonl` first and evaluates only the examples whose id is not there yet, so
-an interrupted LongBench-E run resumes where it stopped; a line cut off by a crash is dropped
-(and its example evaluated again). Examples run longest first in chunks of `chunk` examples.
+A rerun reads `<task>.jsonl` first and evaluates only the examples whose id is not there yet (the
+task leaves those out before tokenizing their prompts), so an interrupted LongBench-E run
+resumes where it stopped; a line cut off by a crash is dropped (and its example evaluated
+again). Examples run longest first in chunks of `chunk` examples.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def run_task(
     path = out_dir / f"{task.name}.jsonl"
     done = read_records(path)
     problems = Problems()
-    pending = [e for e in task.examples(engine, problems) if e.id not in done]
+    pending = list(task.examples(engine, problems, done))
     pending.sort(key=_length, reverse=True)
     _drop_partial_line(path)
     with (

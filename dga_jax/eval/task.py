@@ -2,32 +2,39 @@
 
 A task turns its inputs into `Example`s (a token-id prompt within the engine's limit, plus the
 fields its scoring needs), evaluates a list of them into one JSON record each (keyed by the
-example's `id`, so a rerun skips what is done), and summarises all its records into metrics, a
-Markdown table and plots. Bad input never stops a run: a malformed record is counted in
-`Problems` with where it was and why, and reported in the summary.
+example's `id`: a rerun passes the finished ids in, and the task leaves those out before it
+tokenizes them), and summarises all its records into metrics, a Markdown table and plots. Bad
+input never stops a run: a malformed record is counted in `Problems` with where it was and
+why, and reported in the summary.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from dga_jax.eval.engine import Engine
+from dga_jax.eval.engine import Engine, stop_token
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One prompt of a task. `fields` are JSON values the task scores with and writes out."""
+    """One prompt of a task. `fields` are JSON values the task scores with and writes out.
+
+    A completion ends at EOS, at the token of one of `stop` (`stop_token`: the last of each
+    text's encoding) or after `max_new_tokens`; neither EOS nor a stop token is chosen among
+    its first `min_new_tokens` tokens."""
 
     id: str  # unique within the task: the resume key
     prompt: list[int]  # token ids, BOS included, prompt + max_new_tokens <= engine.max_length
     max_new_tokens: int
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stop: tuple[str, ...] = ()
+    min_new_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -69,9 +76,13 @@ class Task(Protocol):
 
     name: str
 
-    def examples(self, engine: Engine, problems: Problems) -> Iterator[Example]:
-        """Every example of the task, prompts fitted to `engine.max_length` by the task's rule;
-        what cannot be used is counted in `problems` instead."""
+    def examples(
+        self, engine: Engine, problems: Problems, done: Container[str] = frozenset()
+    ) -> Iterator[Example]:
+        """Every example of the task but those whose id is in `done`, prompts fitted to
+        `engine.max_length` by the task's rule; what cannot be used is counted in `problems`
+        instead. A done id is left out before its prompt is tokenized (it was usable when its
+        record was written), so resuming a long run does not tokenize it again."""
         ...
 
     def evaluate(self, engine: Engine, examples: Sequence[Example]) -> list[dict[str, Any]]:
@@ -95,13 +106,16 @@ class GenerationTask:
     name = "generation"
 
     def evaluate(self, engine: Engine, examples: Sequence[Example]) -> list[dict[str, Any]]:
-        """Generates every example's completion (batched by max_new_tokens), then scores it."""
+        """Generates every example's completion (batched by max_new_tokens and stopping rule),
+        then scores it."""
         records: list[dict[str, Any]] = [{} for _ in examples]
-        by_budget: dict[int, list[int]] = collections.defaultdict(list)
+        groups: dict[tuple[int, tuple[str, ...], int], list[int]] = collections.defaultdict(list)
         for i, example in enumerate(examples):
-            by_budget[example.max_new_tokens].append(i)
-        for budget, rows in by_budget.items():
-            outputs = engine.generate([examples[i].prompt for i in rows], budget)
+            groups[example.max_new_tokens, example.stop, example.min_new_tokens].append(i)
+        for (budget, stop, least), rows in groups.items():
+            stops = [stop_token(engine.tokenizer, text) for text in stop]
+            prompts = [examples[i].prompt for i in rows]
+            outputs = engine.generate(prompts, budget, stop_tokens=stops, min_new_tokens=least)
             for i, ids in zip(rows, outputs, strict=True):
                 text = engine.tokenizer.decode(ids)
                 record = {"id": examples[i].id, **examples[i].fields}

@@ -35,7 +35,8 @@ import numpy as np
 import tqdm
 from flax import nnx
 
-from dga_jax.generate.sampling import Sampling, sample
+from dga_jax.generate.sampling import Sampling, Stopping, sample_allowed
+from dga_jax.generate.sampling import sample as sample  # re-exported: dga_jax.generate.sample
 from dga_jax.model.llama import Llama
 from dga_jax.ops.checks import is_int
 from dga_jax.ops.dense_decode import DenseCache
@@ -142,13 +143,13 @@ def _prefill_rows(graphdef, state, tokens, lengths, max_len, capacity):
     return logits[:, 0], caches
 
 
+_sample = jax.jit(sample_allowed, static_argnames="sampling")
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "sampling"), donate_argnames="caches")
-def _decode(graphdef, state, caches, tokens, key, sampling):
+def _decode(graphdef, state, caches, tokens, key, sampling, banned):
     logits, caches = nnx.merge(graphdef, state).decode_step(tokens, caches)
-    return sample(logits, key, sampling), caches
-
-
-_sample = jax.jit(sample, static_argnames="sampling")
+    return sample_allowed(logits, key, sampling, banned), caches
 
 
 def stream(
@@ -160,6 +161,7 @@ def stream(
     top_k: int | None = None,
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
+    min_new_tokens: int = 0,
     seed: int = 0,
     max_len: int | None = None,
     buckets: Buckets = Buckets(),
@@ -167,7 +169,8 @@ def stream(
     """Yields the next token of every row, [B] int32, as soon as it is sampled (one batch).
 
     A row ends at one of `stop_tokens` (which is yielded) and yields -1 from then on; the
-    iteration ends when every row has ended or after `max_new_tokens` steps. Prompts are padded
+    iteration ends when every row has ended or after `max_new_tokens` steps. No stop token is
+    sampled among a row's first `min_new_tokens` tokens (`Stopping`). Prompts are padded
     to `buckets.round_up(longest)`; the caches hold `max_len` tokens per row (default: that
     bucket + `buckets.round_up(max_new_tokens)`) and the DGA prefix room for any prompt up to
     the bucket, so both follow from the bucket; a prompt that does not leave room for
@@ -177,14 +180,15 @@ def stream(
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     sampling = Sampling(temperature, top_k, top_p)
+    stopping = Stopping(tuple(stop_tokens), min_new_tokens)
     key = jax.random.key(seed)
     return _stream_batch(
-        model, tokens, lengths, max_new_tokens, sampling, stop_tokens, key, max_len, buckets
+        model, tokens, lengths, max_new_tokens, sampling, stopping, key, max_len, buckets
     )
 
 
 def _stream_batch(
-    model, tokens, lengths, max_new_tokens, sampling, stop_tokens, key, max_len, buckets
+    model, tokens, lengths, max_new_tokens, sampling, stopping, key, max_len, buckets
 ) -> Iterator[np.ndarray]:
     """`stream` for right-padded tokens [B, T'] with lengths [B]: checks, prefill, steps."""
     width = buckets.round_up(int(lengths.max()))
@@ -196,23 +200,30 @@ def _stream_batch(
     if model.config.attention == "dga":  # room for any prompt length up to the bucket
         capacity = prefix_capacity(model.config.dga, max_len, np.arange(1, width + 1))
     logits, caches = prefill(model, tokens, lengths, max_len, capacity)
-    return _steps(model, logits, caches, max_new_tokens, sampling, stop_tokens, key)
+    return _steps(model, logits, caches, max_new_tokens, sampling, stopping, key)
 
 
-def _steps(model, logits, caches, max_new_tokens, sampling, stop_tokens, key):
-    """The decode loop of `stream`, from the prefill's last logits [B, V] and caches."""
+def _steps(model, logits, caches, max_new_tokens, sampling, stopping, key):
+    """The decode loop of `stream`, from the prefill's last logits [B, V] and caches.
+
+    Every row is at the same step, so the ids banned at a step are one [V] mask for all rows:
+    data to the compiled step, the stop tokens' mask before `min_new_tokens`, none after."""
     graphdef, state = nnx.split(model)
-    stops = np.asarray(stop_tokens, np.int32)
+    stops = stopping.mask(logits.shape[-1])
+    early, late = jnp.asarray(stops), jnp.zeros(stops.shape, bool)
     active = np.ones(logits.shape[0], bool)
     for step in range(max_new_tokens):
         key, sub = jax.random.split(key)
+        banned = early if step < stopping.min_new_tokens else late
         if step == 0:
-            next_tokens = _sample(logits, sub, sampling)
+            next_tokens = _sample(logits, sub, sampling, banned)
         else:
-            next_tokens, caches = _decode(graphdef, state, caches, next_tokens, sub, sampling)
+            next_tokens, caches = _decode(
+                graphdef, state, caches, next_tokens, sub, sampling, banned
+            )
         out = np.asarray(next_tokens)
         yield np.where(active, out, -1)
-        active &= ~np.isin(out, stops)
+        active &= ~stops[out]
         if not active.any():
             return
 
@@ -226,6 +237,7 @@ def completions(
     top_k: int | None = None,
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
+    min_new_tokens: int = 0,
     seed: int = 0,
     max_len: int | None = None,
     batch_size: int | None = None,
@@ -246,6 +258,7 @@ def completions(
     if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
     sampling = Sampling(temperature, top_k, top_p)
+    stopping = Stopping(tuple(stop_tokens), min_new_tokens)
     size = len(prompts) if batch_size is None else batch_size
     order = np.argsort(-lengths, kind="stable")
     done: dict[int, list[int]] = {}
@@ -261,12 +274,12 @@ def completions(
                 lengths[batch],
                 max_new_tokens,
                 sampling,
-                stop_tokens,
+                stopping,
                 jax.random.fold_in(jax.random.key(seed), number),
                 max_len,
                 buckets,
             )
-            for row, new in zip(rows, _collect(steps, size, stop_tokens)[: len(rows)], strict=True):
+            for row, new in zip(rows, _collect(steps, size, stopping)[: len(rows)], strict=True):
                 done[int(row)] = new
             bar.update(len(rows))
             while emitted in done:
@@ -274,11 +287,11 @@ def completions(
                 emitted += 1
 
 
-def _collect(steps: Iterator[np.ndarray], rows: int, stop_tokens: Sequence[int]) -> list[list[int]]:
+def _collect(steps: Iterator[np.ndarray], rows: int, stopping: Stopping) -> list[list[int]]:
     """Each row's tokens from `stream`'s steps, up to (without) its stop token."""
     out: list[list[int]] = [[] for _ in range(rows)]
     ended = [False] * rows
-    stops = set(int(t) for t in stop_tokens)
+    stops = set(int(t) for t in stopping.tokens)
     for tokens in steps:
         for i, token in enumerate(tokens.tolist()):
             ended[i] = ended[i] or token < 0 or token in stops
@@ -296,6 +309,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | None = None,
     stop_tokens: Sequence[int] = (),
+    min_new_tokens: int = 0,
     seed: int = 0,
     max_len: int | None = None,
     batch_size: int | None = None,
@@ -305,10 +319,12 @@ def generate(
     """The new tokens of each prompt (token-id lists of any lengths), stop tokens excluded.
 
     temperature 0 is greedy; top_k / top_p restrict sampling (see `Sampling`); `batch_size`,
-    `buckets`, `progress`: see `completions`; see `stream` for the stopping rule and `max_len`.
+    `buckets`, `progress`: see `completions`; see `stream` for the stopping rule
+    (`stop_tokens`, `min_new_tokens`) and `max_len`.
     """
     options = dict(temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stop_tokens)
-    options.update(seed=seed, max_len=max_len, batch_size=batch_size, buckets=buckets)
+    options.update(min_new_tokens=min_new_tokens, seed=seed, max_len=max_len)
+    options.update(batch_size=batch_size, buckets=buckets)
     return list(completions(model, prompts, max_new_tokens, progress=progress, **options))
 
 

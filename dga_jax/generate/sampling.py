@@ -1,4 +1,5 @@
-"""Sampling the next token from logits: greedy, temperature, top-k and top-p (`Sampling`)."""
+"""Sampling the next token from logits: greedy, temperature, top-k and top-p (`Sampling`), with
+the stop tokens ruled out while a row is shorter than its `Stopping.min_new_tokens`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dga_jax.ops.checks import is_int, is_real
 
@@ -45,3 +47,25 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
         keep = jnp.zeros(logits.shape, bool).at[rows, order].set(before < sampling.top_p)
         logits = jnp.where(keep, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def sample_allowed(logits, key, sampling: Sampling, banned) -> jax.Array:
+    """`sample` from logits [B, V] with the ids `banned` [V] bool ruled out (logits -inf)."""
+    return sample(jnp.where(banned, -jnp.inf, logits), key, sampling)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stopping:
+    """When a row ends: at the first of `tokens` it samples, which cannot be one of its first
+    `min_new_tokens` tokens (their logits are -inf until then, as Hugging Face's min_length)."""
+
+    tokens: tuple[int, ...] = ()
+    min_new_tokens: int = 0
+
+    def __post_init__(self):
+        if not is_int(self.min_new_tokens) or self.min_new_tokens < 0:
+            raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}")
+
+    def mask(self, vocab_size: int) -> np.ndarray:
+        """[vocab_size] bool: which ids are stop tokens."""
+        return np.isin(np.arange(vocab_size), self.tokens)

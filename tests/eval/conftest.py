@@ -21,7 +21,7 @@ class OracleEngine:
         self.tokenizer, self.max_length, self.answer = ByteTokenizer(), max_length, answer
         self.generated: list[int] = []  # the max_new_tokens of each call
 
-    def generate(self, prompts, max_new_tokens):
+    def generate(self, prompts, max_new_tokens, stop_tokens=(), min_new_tokens=0):
         self.generated.append(max_new_tokens)
         texts = [self.answer(self.tokenizer.decode(p)) for p in prompts]
         return [self.tokenizer.encode(t)[:max_new_tokens] for t in texts]
@@ -32,6 +32,17 @@ class OracleEngine:
             s = np.asarray(s[1:])
             out.append(TokenScores(-s / 100.0, s % 2 == 0))
         return out
+
+
+class PromptCounter(ByteTokenizer):
+    """Byte tokens, counting the texts encoded that contain `marker` (a task's prompts)."""
+
+    def __init__(self, marker: str):
+        self.marker, self.prompts = marker, 0
+
+    def encode(self, text: str) -> list[int]:
+        self.prompts += self.marker in text
+        return super().encode(text)
 
 
 def passkey_answer(prompt: str) -> str:

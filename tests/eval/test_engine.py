@@ -27,6 +27,16 @@ def test_scores_equal_each_sequence_alone_and_generation_is_generate(tiny_engine
     assert tiny_engine.generate(sequences, 4) == expected
 
 
+def test_generation_takes_more_stop_tokens_and_min_new_tokens(tiny_engine):
+    prompts = [[1, *range(40, 90)], [1, *range(90, 100)]]
+    stop = tiny_engine.generate(prompts, 4)[0][0]  # row 0's greedy first token
+    assert tiny_engine.generate(prompts, 4, stop_tokens=[stop])[0] == []
+    held = tiny_engine.generate(prompts, 4, stop_tokens=[stop], min_new_tokens=1)
+    assert held[0] and held[0][0] != stop
+    options = dict(batch_size=4, buckets=tiny_engine.buckets, min_new_tokens=1)
+    assert held == dga_jax.generate(tiny_engine.model, prompts, 4, stop_tokens=[2, stop], **options)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_engine):
     path = tmp_path_factory.mktemp("eval") / "tiny"

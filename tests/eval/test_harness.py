@@ -150,7 +150,7 @@ class CannedEngine:
         self.ids = TOK.encode(text)
         self.calls: list[tuple[list[list[int]], int]] = []
 
-    def generate(self, prompts, max_new_tokens):
+    def generate(self, prompts, max_new_tokens, stop_tokens=(), min_new_tokens=0):
         self.calls.append(([list(p) for p in prompts], max_new_tokens))
         return [self.ids[:max_new_tokens] for _ in prompts]
 

@@ -16,20 +16,25 @@ from dga_jax.errors import InputError, MissingInputError
 from dga_jax.eval import metrics
 from dga_jax.eval.longbench import LongBenchE, longbench_max_input, middle_truncate
 from dga_jax.eval.longbench_scoring import length_bucket
+from dga_jax.eval.runner import read_records, run_task
 from dga_jax.eval.task import Example, Problems
+from tests.eval.conftest import PromptCounter
 
 BOS = ByteTokenizer().bos_id
 
 
 class FakeEngine:
-    """Byte tokens; each prompt is answered by the reply whose key it contains ("" if none)."""
+    """Byte tokens; each prompt is answered by the reply whose key it contains ("" if none).
+    `calls` records each generate call: (prompts, max_new_tokens, stop_tokens, min_new_tokens)."""
 
     def __init__(self, max_length: int = 4096, replies: dict[str, str] | None = None):
         self.tokenizer = ByteTokenizer()
         self.max_length = max_length
         self.replies = replies or {}
+        self.calls: list[tuple[int, int, list[int], int]] = []
 
-    def generate(self, prompts, max_new_tokens):
+    def generate(self, prompts, max_new_tokens, stop_tokens=(), min_new_tokens=0):
+        self.calls.append((len(prompts), max_new_tokens, list(stop_tokens), min_new_tokens))
         texts = [self.tokenizer.decode(prompt) for prompt in prompts]
         return [self.tokenizer.encode(self._reply(text))[:max_new_tokens] for text in texts]
 
@@ -197,6 +202,50 @@ def test_malformed_lines_are_counted_not_fatal(tmp_path):
         "missing field 'answers'": {"count": 1, "first": ["qasper_e.jsonl:3"]},
         "not a JSON object": {"count": 1, "first": ["qasper_e.jsonl:6"]},
     }
+
+
+def test_samsum_alone_stops_at_its_first_newline_never_at_its_first_token(tmp_path):
+    data = write_data(
+        tmp_path,
+        {
+            "qasper": [record(input="q", answers=["a"])],
+            "samsum": [record(input="Dialogue: A: hi", answers=["A greets."])] * 2,
+            "trec": [record(input="Where?", answers=["City"], all_classes=["City"])],
+        },
+    )
+    task = LongBenchE(data, ["qasper", "samsum", "trec"])
+    engine = FakeEngine()
+    examples, _ = examples_of(task, engine)
+    assert [(e.stop, e.min_new_tokens) for e in examples] == [
+        ((), 0),
+        (("\n",), 1),
+        (("\n",), 1),
+        ((), 0),
+    ]
+    task.evaluate(engine, examples)
+    newline = ByteTokenizer().encode("\n")[-1]
+    # qasper and samsum share their 128 new tokens, not their stopping rule: two calls.
+    assert engine.calls == [(1, 128, [], 0), (2, 128, [newline], 1), (1, 64, [], 0)]
+
+
+def test_a_rerun_tokenizes_only_the_pending_prompts(tmp_path):
+    qasper = [record(context=f"CTX {i}", input="q", answers=["a"]) for i in range(3)]
+    samsum = [record(context=f"CTX {i}", input="d", answers=["s"]) for i in range(2)]
+    data = write_data(tmp_path / "data", {"qasper": [*qasper, "{not json"], "samsum": samsum})
+    task = LongBenchE(data, ["qasper", "samsum"])
+    engine = FakeEngine()
+    engine.tokenizer = PromptCounter("CTX")
+    out = tmp_path / "out"
+    _, problems, now = run_task(task, engine, out)
+    ids = set(read_records(out / "longbench_e.jsonl"))
+    assert (now, engine.tokenizer.prompts, len(ids), problems.total()) == (5, 5, 5, 1)
+    _, problems, now = run_task(task, engine, out)  # all done: nothing tokenized
+    assert (now, engine.tokenizer.prompts, problems.total()) == (0, 5, 1)
+    path = out / "longbench_e.jsonl"
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:2]))
+    _, problems, now = run_task(task, engine, out)  # 2 done: the other 3 tokenized
+    assert (now, engine.tokenizer.prompts, problems.total()) == (3, 8, 1)
+    assert set(read_records(path)) == ids
 
 
 @pytest.mark.parametrize(

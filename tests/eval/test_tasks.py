@@ -11,9 +11,12 @@ import pytest
 from dga_jax.errors import MissingInputError
 from dga_jax.eval import Lines, Passkey, Perplexity, evaluate, longlora_lengths, run_task
 from dga_jax.eval.lines import HEADER, last_integer, lines_case, lines_prompt
-from dga_jax.eval.passkey import passkey_prompt
+from dga_jax.eval.passkey import TASK_LINE, passkey_prompt
 from dga_jax.eval.ppl import position_buckets, windows
-from tests.eval.conftest import OracleEngine, lines_answer, passkey_answer
+from dga_jax.eval.runner import read_records
+from tests.eval.conftest import OracleEngine, PromptCounter, lines_answer, passkey_answer
+
+UNFIT = "prompt longer than the model's window"
 
 
 def longlora_prompt(n_garbage: int, seed: int) -> tuple[str, str]:
@@ -164,6 +167,58 @@ def test_ppl_matches_a_hand_computation(tmp_path):
     assert longlora[0].metrics["ppl"] == pytest.approx(math.exp(np.mean(means)))
     with pytest.raises(MissingInputError, match="no-such-dir.*expected .txt files"):
         Perplexity(str(tmp_path / "no-such-dir"))
+
+
+def passkey_task(tmp_path):
+    """4 trials that fit OracleEngine(max_length=1500), 2 that do not."""
+    return Passkey([40, 80, 2000], trials=2)
+
+
+def lines_task(tmp_path):
+    """3 shipped cases and a malformed one."""
+    rng = np.random.default_rng(2)
+    cases = [json.dumps(lines_case(4, rng)) for _ in range(3)]
+    (tmp_path / "4_lines.jsonl").write_text("\n".join([*cases, "{not json"]) + "\n")
+    return Lines([4], testcases_dir=str(tmp_path))
+
+
+def ppl_task(tmp_path):
+    """An empty document, then 4 of which max_documents takes the first 3."""
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("")
+    for i in range(4):
+        (docs / f"doc{i}.txt").write_text(f"doc {i} " * 4)
+    return Perplexity(str(docs), window=8, max_documents=3)
+
+
+def run_counting(task, engine: OracleEngine, out) -> tuple[int, dict, int]:
+    """run_task's (examples evaluated, skipped report), and the prompts it tokenized."""
+    before = engine.tokenizer.prompts
+    _, problems, now = run_task(task, engine, out)
+    return now, problems.report(), engine.tokenizer.prompts - before
+
+
+@pytest.mark.parametrize(
+    "make, answer, marker",
+    [
+        (passkey_task, passkey_answer, TASK_LINE),
+        (lines_task, lines_answer, HEADER),
+        (ppl_task, None, "doc "),
+    ],
+)
+def test_a_rerun_tokenizes_only_the_pending_prompts(tmp_path, make, answer, marker):
+    task, engine = make(tmp_path), OracleEngine(answer, max_length=1500)
+    engine.tokenizer = PromptCounter(marker)
+    out, path = tmp_path / "out", tmp_path / "out" / f"{task.name}.jsonl"
+    now, skipped, tokenized = run_counting(task, engine, out)
+    unfit = skipped.get(UNFIT, {"count": 0})["count"]  # tokenized, then found too long
+    assert now >= 3 and tokenized == now + unfit and skipped
+    ids = set(read_records(path))
+    assert run_counting(task, engine, out) == (0, skipped, unfit)  # all done
+    path.write_text(path.read_text().splitlines(keepends=True)[0])  # one record kept
+    assert run_counting(task, engine, out) == (len(ids) - 1, skipped, len(ids) - 1 + unfit)
+    assert set(read_records(path)) == ids  # the same examples (ppl: the same max_documents)
 
 
 def test_a_rerun_resumes_and_redoes_a_line_cut_by_a_crash(tmp_path):
