@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,30 @@ from dga_jax.ops.dense_decode import DenseCache
 
 # The test process is the entry point: absl's flags keep their defaults (Grain's workers read one).
 flags.FLAGS.mark_as_parsed()
+
+# One persistent compilation cache per test run, shared by the pytest workers and every process
+# they start: the trainers, converters and fake-device scripts of many tests compile the same
+# programs, each in a new process. A cached executable is the compiled program itself (keyed by
+# its HLO, the XLA flags and the devices), so results are the same; the run that made the
+# directory deletes it at the end. A JAX_COMPILATION_CACHE_DIR of the caller's is used and kept.
+_OWN_CACHE = "DGA_JAX_TEST_COMPILE_CACHE"
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dga-jax-tests-jit-")
+    os.environ[_OWN_CACHE] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
+
+
+def pytest_sessionfinish(session):
+    """The process that made this run's compilation cache (not a pytest-xdist worker) removes it."""
+    made = os.environ.get(_OWN_CACHE)
+    if made and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(made, ignore_errors=True)
+
 
 # Fixed per dtype; never loosened to make a test pass.
 FORWARD_TOL = {jnp.float32: dict(atol=1e-5, rtol=1e-5), jnp.bfloat16: dict(atol=1e-2, rtol=1e-2)}
