@@ -106,7 +106,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", type=int_list, help="sequence lengths, e.g. 2048,4096")
     add_attention_args(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32 on CPU")
-    p.add_argument("--selection", choices=("global", "streaming"), default="global")
     p.add_argument("--modes", type=comma_list, default=list(MODES), help="fwd,fwd+bwd")
     p.add_argument("--impls", type=comma_list, help=f"from {','.join(IMPLS)}")
     p.add_argument("--repeats", type=int, help="timed calls (default 5; --quick: 2)")

@@ -129,6 +129,7 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--group-size", type=int, default=16, help="DGA group size m")
     parser.add_argument("--focal-ratio", type=float, default=0.1, help="DGA focal ratio gamma")
+    parser.add_argument("--selection", choices=("global", "streaming"), default="global")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
 
 

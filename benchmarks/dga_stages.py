@@ -48,14 +48,20 @@ class Setup:
 
 
 def importance(s: Setup, q: jax.Array, k: jax.Array) -> jax.Array:
-    """Importance scores [B, Hkv, L] float32."""
+    """Importance scores [B, Hkv, L] float32: global's two passes over the sampled queries, or
+    streaming's per-chunk softmax of each chunk's last query."""
+    if s.config.selection == "streaming":
+        return dga_selection.streaming_score(q, k, s.sizes, s.scale)
     return dga_selection.global_importance(
         q, k, s.config.group_size, s.scale, block=s.blocks.block_importance
     )
 
 
 def selection(s: Setup, score: jax.Array) -> jax.Array:
-    """Focal mask [B, Hkv, L] bool: the r largest scores."""
+    """Focal mask [B, Hkv, L] bool: the r largest scores (global) or each chunk's r' (streaming)."""
+    if s.config.selection == "streaming":
+        rows = dga_layout_ops.RowCounts.of(s.config, s.seq_len, s.batch, None)
+        return dga_selection.chunk_focal_mask(score, s.sizes, rows.num_groups)
     return dga_selection.top_r_mask(score, s.sizes.num_focal)
 
 
@@ -112,6 +118,7 @@ def dga_forward(s: Setup, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
         v,
         group_size=s.config.group_size,
         focal_ratio=s.config.focal_ratio,
+        selection=s.config.selection,
         scale=s.scale,
         implementation="xla",
         block_sizes=s.blocks,

@@ -30,9 +30,13 @@ Roofline: this machine's float32 matmul peak, measured on the walk's tile ([B*Hk
 times [B*Hkv, block_k, D]^T, best of `max(repeats, 10)` calls); the FLOPs the walks do
 (4 * rows * entries * D per tile: each query block's prefix rounded up to whole block_k blocks,
 trip counts shared by all heads, and the band windows' padding); their achieved FLOP/s; and the
-FLOPs of the spec's arithmetic bound (each query times the entries it exactly sees).
-Defaults: B=1, Hq=Hkv=8, D=128, m=16, gamma=0.1, float32, `BlockSizes()`. Results: the tables on
-stdout and `benchmarks/results/profile_attention_<backend>[_quick].json`.
+FLOPs of the spec's arithmetic bound (each query times the entries it exactly sees), and the
+bounds on dense / DGA that follow, forward and forward+backward, with the selection's FLOPs
+(global: two QK passes over the sampled queries; streaming: one score per key) and how much of
+each bound this run's ratio reached. `--selection streaming` profiles the causal rule, whose
+importance stage is the per-chunk scoring and whose focal tokens are spread evenly.
+Defaults: B=1, Hq=Hkv=8, D=128, m=16, gamma=0.1, global selection, float32, `BlockSizes()`.
+Results: the tables on stdout and `benchmarks/results/profile_attention_<backend>[_quick].json`.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from dga_stages import (
 
 from dga_jax import BlockSizes, DGAConfig, DGALayout
 from dga_jax.ops.dga import layout as dga_layout_ops
+from dga_jax.ops.dga.selection import sampled_positions
 from dga_jax.ops.intervals import band_rows
 from dga_jax.ops.tiles import round_up
 
@@ -222,20 +227,49 @@ def exact_flops(layout: DGALayout, args: argparse.Namespace) -> dict:
     return {"prefix": per_entry * prefix, "band": per_entry * band}
 
 
+def importance_flops(s: Setup, args: argparse.Namespace) -> int:
+    """The selection's matmul FLOPs: global scores each sampled query against every key up to
+    it twice (its softmax normaliser, then the probabilities); streaming scores each key with
+    its chunk's last query once."""
+    per_pair = 2 * args.head_dim * args.batch * args.heads
+    if s.config.selection == "streaming":
+        return per_pair * s.seq_len
+    sampled = sampled_positions(s.seq_len, s.config.group_size)
+    return 2 * per_pair * int((sampled + 1).sum())
+
+
+def bounds(dense: float, walk: float, importance: float) -> dict[str, float]:
+    """dense / DGA FLOPs, forward and forward+backward: the backward recomputes the logits and
+    adds dV, dP, dQ and dK (3.5x the forward's two matmuls per visible pair); selection has no
+    backward."""
+    return {
+        "forward": dense / (walk + importance),
+        "fwd+bwd": 3.5 * dense / (3.5 * walk + importance),
+    }
+
+
 def roofline(s: Setup, layout: DGALayout, t: dict, args: argparse.Namespace) -> dict:
-    """Peak, walk and exact FLOPs, and the walks' achieved FLOP/s."""
+    """Peak, walk and exact FLOPs, the walks' achieved FLOP/s, and the arithmetic bounds."""
     tile = walk_tile(s, args)
     done, exact = walk_flops(layout, tile, args), exact_flops(layout, args)
     done["walk"], exact["walk"] = done["prefix"] + done["band"], exact["prefix"] + exact["band"]
     ms = {"prefix": t["prefix walk"], "band": t["band walk"], "walk": t["walk"]}
     causal = args.batch * args.heads * s.seq_len * (s.seq_len + 1) // 2
+    dense, importance = 4 * args.head_dim * causal, importance_flops(s, args)
+    bound = bounds(dense, exact["walk"], importance)
     return {
         "tile": tile,
         "matmul_peak_flops": matmul_peak(args, tile, args.repeats),
         "walk_flops": done,
         "exact_flops": exact,
+        "importance_flops": importance,
         "achieved_flops": {name: done[name] / (ms[name] / 1e3) for name in ms},
-        "dense_causal_flops": 4 * args.head_dim * causal,
+        "dense_causal_flops": dense,
+        "bound": bound,
+        "share_of_bound": {
+            "forward": t["dense forward"] / t["forward"] / bound["forward"],
+            "fwd+bwd": t["dense fwd+bwd"] / t["fwd+bwd"] / bound["fwd+bwd"],
+        },
     }
 
 
@@ -279,17 +313,21 @@ def print_roofline(roof: dict, args: argparse.Namespace) -> None:
             f"{name:<8}{done / GFLOP:>12.2f}{exact / GFLOP:>13.2f}{ratio:>12}"
             f"{achieved / GFLOP:>10.1f}{100 * achieved / peak:>8.1f}"
         )
-    dense = roof["dense_causal_flops"]
+    dense, importance = roof["dense_causal_flops"], roof["importance_flops"]
     print(
         f"dense causal (exact): {dense / GFLOP:.2f} GFLOP = "
-        f"{dense / roof['exact_flops']['walk']:.2f}x the DGA bound"
+        f"{dense / roof['exact_flops']['walk']:.2f}x the walks' exact FLOPs; "
+        f"selection: {importance / GFLOP:.2f} GFLOP"
     )
+    for mode in ("forward", "fwd+bwd"):
+        bound, share = roof["bound"][mode], roof["share_of_bound"][mode]
+        print(f"arithmetic bound, {mode}: {bound:.2f}x; measured {100 * share:.0f}% of it")
 
 
 def profile(args: argparse.Namespace, length: int) -> dict:
     """Times every stage at `length`, with the roofline numbers."""
     s = Setup(
-        DGAConfig(args.group_size, args.focal_ratio),
+        DGAConfig(args.group_size, args.focal_ratio, args.selection),
         1.0 / math.sqrt(args.head_dim),
         BlockSizes(),
         length,
@@ -314,7 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     env = environment()
     shape = f"B={args.batch}, Hq={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}"
-    dga = f"m={args.group_size}, gamma={args.focal_ratio:g}"
+    dga = f"m={args.group_size}, gamma={args.focal_ratio:g}, {args.selection} selection"
     print(
         f"DGA xla stages on {env['device_kind']} ({env['backend']}), {args.dtype}, {shape}, {dga}"
     )

@@ -8,12 +8,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 FORWARD = ("importance", "selection", "layout", "gather", "prefix walk", "band walk")
 BACKWARD = ("backward: prefix walk", "backward: band walk", "backward: rest")
 
 
-def test_the_profile_times_every_stage_and_they_add_up_to_the_call(tmp_path):
+@pytest.mark.parametrize("selection", ["global", "streaming"])
+def test_the_profile_times_every_stage_and_they_add_up_to_the_call(tmp_path, selection):
     command = [
         sys.executable,
         "benchmarks/profile_attention.py",
@@ -21,6 +24,8 @@ def test_the_profile_times_every_stage_and_they_add_up_to_the_call(tmp_path):
         "1024",
         "--repeats",
         "3",
+        "--selection",
+        selection,
         "--out",
         str(tmp_path),
     ]
@@ -40,3 +45,19 @@ def test_the_profile_times_every_stage_and_they_add_up_to_the_call(tmp_path):
     assert roof["matmul_peak_flops"] > 0
     for part in ("prefix", "band"):
         assert roof["walk_flops"][part] >= roof["exact_flops"][part] > 0
+    # The bounds: the walks' exact FLOPs plus the selection's, which global pays twice per
+    # sampled query and key up to it (here 64 sampled queries, j = 15, 31, ..., 1023) and
+    # streaming once per key; the backward has no selection, so its bound is higher.
+    per_pair = 2 * 128 * 8
+    sampled = 2 * per_pair * sum(j + 1 for j in range(15, 1024, 16))
+    assert roof["importance_flops"] == (per_pair * 1024 if selection == "streaming" else sampled)
+    dense, walk = roof["dense_causal_flops"], roof["exact_flops"]["walk"]
+    forward = dense / (walk + roof["importance_flops"])
+    assert abs(roof["bound"]["forward"] - forward) < 1e-9 * forward
+    assert forward < roof["bound"]["fwd+bwd"] < dense / walk
+    t = record["median_ms"]
+    ratio = {mode: t[f"dense {mode}"] / t[mode] for mode in ("forward", "fwd+bwd")}
+    for mode, share in roof["share_of_bound"].items():
+        assert abs(share - ratio[mode] / roof["bound"][mode]) < 1e-9 * share
+    assert f"{selection} selection" in result.stdout
+    assert "arithmetic bound, forward" in result.stdout
