@@ -160,6 +160,7 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--group-size", type=int, default=16)
     parser.add_argument("--focal-ratio", type=float, default=0.1)
+    parser.add_argument("--selection", choices=("global", "streaming"), default="global")
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
@@ -172,7 +173,8 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
 def run_variants(name: str, what: str, measure: Callable[..., dict], args) -> None:
     """Measures every variant at every length, prints the table and writes the JSON."""
     env = environment()
-    print(f"{args.preset} {what} on {env['device_kind']}, B={args.batch}")
+    dga = f"m={args.group_size}, gamma={args.focal_ratio:g}, {args.selection} selection"
+    print(f"{args.preset} {what} on {env['device_kind']}, B={args.batch}, DGA {dga}")
     records = [measure(args, v, n) for n in args.lengths for v in VARIANTS]
     report_variants(records)
     print(f"wrote {write_results(name, args, env, records)}")

@@ -27,7 +27,7 @@ def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
         args.preset,
         attention=attention,
         attention_impl=impl,
-        dga=DGAConfig(args.group_size, args.focal_ratio),
+        dga=DGAConfig(args.group_size, args.focal_ratio, args.selection),
     )
     graphdef, state = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
 

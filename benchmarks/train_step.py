@@ -35,7 +35,7 @@ def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
         args.preset,
         attention=attention,
         attention_impl=impl,
-        dga=DGAConfig(args.group_size, args.focal_ratio),
+        dga=DGAConfig(args.group_size, args.focal_ratio, args.selection),
     )
     graphdef, params = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
     tx = make_optimizer(OptimConfig(), 1000, weight_decay_mask(params))
