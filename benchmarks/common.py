@@ -127,10 +127,15 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heads", type=int, default=8, help="query heads Hq")
     parser.add_argument("--kv-heads", type=int, default=8, help="key/value heads Hkv")
     parser.add_argument("--head-dim", type=int, default=128)
+    add_dga_args(parser)
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+
+
+def add_dga_args(parser: argparse.ArgumentParser) -> None:
+    """DGA's settings: group size, focal ratio, selection rule."""
     parser.add_argument("--group-size", type=int, default=16, help="DGA group size m")
     parser.add_argument("--focal-ratio", type=float, default=0.1, help="DGA focal ratio gamma")
     parser.add_argument("--selection", choices=("global", "streaming"), default="global")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
 
 
 def write_results(name: str, args: Any, env: dict[str, Any], records: list[dict]) -> Path:
@@ -158,9 +163,7 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--lengths", default=None, help="comma list; default 4096,16384")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--group-size", type=int, default=16)
-    parser.add_argument("--focal-ratio", type=float, default=0.1)
-    parser.add_argument("--selection", choices=("global", "streaming"), default="global")
+    add_dga_args(parser)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
