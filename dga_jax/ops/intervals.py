@@ -49,7 +49,7 @@ class Entries:
     v: jax.Array  # [B, H, N, D]
     start: jax.Array  # [B, H, N] int32
     until: jax.Array | None = None  # [B, H, N] int32; None: visible for ever
-    bias: jax.Array | None = None  # [B, H, N] float32; None: zero
+    bias: jax.Array | None = None  # [B, H, N] float32, >= 0 (tiles.online_step); None: zero
 
 
 def interval_attention(

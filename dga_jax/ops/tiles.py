@@ -86,10 +86,20 @@ class Tile(NamedTuple):
     v: jax.Array
     start: jax.Array | None  # None: every entry is visible to every query of the tile
     until: jax.Array | None = None  # None: visible for ever
-    bias: jax.Array | None = None  # None: zero
+    bias: jax.Array | None = None  # >= 0 (`online_step`); None: zero
 
 
 State = tuple[jax.Array, jax.Array, jax.Array]  # running max, normaliser [..., R, 1]; acc
+
+
+def tile_visible(t: jax.Array, tile: Tile) -> jax.Array | None:
+    """Which entries each query at positions t sees [..., R, N] (None: the whole tile)."""
+    if tile.start is None:
+        return None
+    visible = tile.start <= t
+    if tile.until is not None:
+        visible = visible & (t < tile.until)
+    return visible
 
 
 def tile_logits(dots: Dots, scale: float, q: jax.Array, t: jax.Array, tile: Tile):
@@ -98,12 +108,7 @@ def tile_logits(dots: Dots, scale: float, q: jax.Array, t: jax.Array, tile: Tile
     s = dots.nt(q, tile.k) * scale
     if tile.bias is not None:
         s = s + tile.bias
-    if tile.start is None:
-        return s, None
-    visible = tile.start <= t
-    if tile.until is not None:
-        visible = visible & (t < tile.until)
-    return s, visible
+    return s, tile_visible(t, tile)
 
 
 def online_init(q_shape: tuple[int, ...]) -> State:
@@ -117,12 +122,24 @@ def online_init(q_shape: tuple[int, ...]) -> State:
 
 
 def online_step(dots: Dots, scale: float, state: State, q, t, tile: Tile) -> State:
-    """One online-softmax update of `state` by the tile's entries."""
+    """One online-softmax update of `state` by the tile's entries.
+
+    On a tile every query sees whole, the running max is taken over the unscaled, unbiased
+    products: the bias (DGA's log m) is >= 0, so the largest product's weight is >= 1 and none
+    exceeds e^bias. The max then reads the matmul's output as it is, and the scale and bias join
+    the exponential: one pass over the tile fewer under XLA. A masked tile's max is over its
+    visible logits, bias included (the mask costs that pass anyway).
+    """
     m, total, acc = state
-    s, visible = tile_logits(dots, scale, q, t, tile)
-    if visible is not None:
+    raw = dots.nt(q, tile.k)
+    s = raw * scale if tile.bias is None else raw * scale + tile.bias
+    visible = tile_visible(t, tile)
+    if visible is None:
+        tile_max = jnp.max(raw, axis=-1, keepdims=True) * scale
+    else:
         s = jnp.where(visible, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1, keepdims=True))
+        tile_max = jnp.max(s, axis=-1, keepdims=True)
+    m_new = jnp.maximum(m, tile_max)
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     p = jnp.exp(s - m_safe)
     alpha = jnp.exp(m - m_safe)
