@@ -102,13 +102,15 @@ def tile_visible(t: jax.Array, tile: Tile) -> jax.Array | None:
     return visible
 
 
+def _biased(raw: jax.Array, scale: float, tile: Tile) -> jax.Array:
+    """Products q @ k.T [..., R, N] -> logits: scaled, plus the tile's bias."""
+    return raw * scale if tile.bias is None else raw * scale + tile.bias
+
+
 def tile_logits(dots: Dots, scale: float, q: jax.Array, t: jax.Array, tile: Tile):
     """Scaled, biased logits [..., R, N] of q [..., R, D] at positions t, and the visibility
     mask (None for a tile every query sees whole)."""
-    s = dots.nt(q, tile.k) * scale
-    if tile.bias is not None:
-        s = s + tile.bias
-    return s, tile_visible(t, tile)
+    return _biased(dots.nt(q, tile.k), scale, tile), tile_visible(t, tile)
 
 
 def online_init(q_shape: tuple[int, ...]) -> State:
@@ -132,7 +134,7 @@ def online_step(dots: Dots, scale: float, state: State, q, t, tile: Tile) -> Sta
     """
     m, total, acc = state
     raw = dots.nt(q, tile.k)
-    s = raw * scale if tile.bias is None else raw * scale + tile.bias
+    s = _biased(raw, scale, tile)
     visible = tile_visible(t, tile)
     if visible is None:
         tile_max = jnp.max(raw, axis=-1, keepdims=True) * scale
