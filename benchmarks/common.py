@@ -69,9 +69,12 @@ class Calls:
 
     def add(self, name: str, fn: Callable[..., Any], *inputs: Any) -> Any:
         """Compile and run `fn(*inputs)` once; its output (the next stage's input)."""
-        jitted = jax.jit(fn)
-        self.calls[name] = (jitted, list(inputs))
-        return jax.block_until_ready(jitted(*inputs))
+        return self.add_compiled(name, jax.jit(fn), *inputs)
+
+    def add_compiled(self, name: str, compiled: Callable[..., Any], *inputs: Any) -> Any:
+        """`add` for a function already jitted or compiled (`jax.stages.Compiled`)."""
+        self.calls[name] = (compiled, list(inputs))
+        return jax.block_until_ready(compiled(*inputs))
 
     def time_ms(self, repeats: int) -> dict[str, list[float]]:
         """`repeats` rounds, each timing every call once (load changes hit all alike)."""
@@ -87,19 +90,30 @@ class Calls:
 def time_variant(
     compiled: jax.stages.Compiled, inputs: list[Any], tokens: int, repeats: int
 ) -> dict[str, Any]:
-    """Times `compiled` unless XLA's peak exceeds free memory; tokens/s from the median."""
+    """Times `compiled` alone (`repeats` calls after a warm-up) unless it does not fit."""
+    record = fit_record(compiled)
+    if record["status"] != "ok":
+        return record
+    return timed_record(record, time_calls(compiled, inputs, repeats), tokens)
+
+
+def fit_record(compiled: jax.stages.Compiled) -> dict[str, Any]:
+    """A record with XLA's peak, status "ok" or "skipped: ..." where it exceeds free memory."""
     peak, free = xla_peak_bytes(compiled), free_bytes()
     record = {"xla_peak_bytes": peak, "median_ms": None, "tokens_per_s": None, "times_ms": []}
     if peak is not None and free is not None and peak > free:
         return {**record, "status": f"skipped: needs {peak / GIB:.1f} GiB, {free / GIB:.1f} free"}
-    times = time_calls(compiled, inputs, repeats)
+    return {**record, "status": "ok"}
+
+
+def timed_record(record: dict[str, Any], times: list[float], tokens: int) -> dict[str, Any]:
+    """`record` with the times (ms), their median and tokens/s from the median."""
     median = sorted(times)[len(times) // 2]
     return {
         **record,
         "median_ms": median,
         "times_ms": times,
         "tokens_per_s": tokens / (median / 1e3),
-        "status": "ok",
     }
 
 
@@ -173,11 +187,30 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
     return args
 
 
-def run_variants(name: str, what: str, measure: Callable[..., dict], args) -> None:
-    """Measures every variant at every length, prints the table and writes the JSON."""
+def run_variants(name: str, what: str, prepare: Callable[..., tuple], args) -> None:
+    """Times every variant at every length in turns, prints the table and writes the JSON.
+
+    `prepare(args, variant, length)` -> (compiled, inputs): one call of the variant. At each
+    length every variant that fits is compiled and warmed up, then timed in `args.repeats`
+    rounds of one call each (`Calls`), so a change in the machine's load hits all alike.
+    """
     env = environment()
     dga = f"m={args.group_size}, gamma={args.focal_ratio:g}, {args.selection} selection"
     print(f"{args.preset} {what} on {env['device_kind']}, B={args.batch}, DGA {dga}")
-    records = [measure(args, v, n) for n in args.lengths for v in VARIANTS]
+    records = [r for n in args.lengths for r in variant_records(prepare, args, n)]
     report_variants(records)
     print(f"wrote {write_results(name, args, env, records)}")
+
+
+def variant_records(prepare: Callable[..., tuple], args, length: int) -> list[dict]:
+    """Each variant's record at `length`, timed in turns with the others (`run_variants`)."""
+    calls, records = Calls(), {}
+    for variant in VARIANTS:
+        compiled, inputs = prepare(args, variant, length)
+        records[variant] = {"L": length, "variant": variant, **fit_record(compiled)}
+        if records[variant]["status"] == "ok":
+            calls.add_compiled(variant, compiled, *inputs)
+    tokens = args.batch * length
+    for variant, times in calls.time_ms(args.repeats).items():
+        records[variant] = timed_record(records[variant], times, tokens)
+    return list(records.values())

@@ -3,8 +3,9 @@
     python benchmarks/model_forward.py            # L in {4K, 16K}, B=1, float32 on CPU
     python benchmarks/model_forward.py --quick    # L in {1K, 2K}: under a minute
 
-Prints tokens/s (B * L / median forward time), DGA's speedup over each dense variant and XLA's
-buffer-assignment peak, and writes `benchmarks/results/model_forward_<backend>[_quick].json`.
+Times the variants in turns (`common.run_variants`). Prints tokens/s (B * L / median forward
+time), DGA's speedup over each dense variant and XLA's buffer-assignment peak, and writes
+`benchmarks/results/model_forward_<backend>[_quick].json`.
 Expected on CPU: DGA ahead of both dense variants at 16K, with the materialising "xla" dense
 attention using several GiB more memory.
 """
@@ -14,14 +15,14 @@ from __future__ import annotations
 import argparse
 
 import jax
-from common import VARIANTS, parse_variant_args, run_variants, time_variant
+from common import VARIANTS, parse_variant_args, run_variants
 from flax import nnx
 
 from dga_jax import DGAConfig, Llama, ModelConfig
 
 
-def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
-    """Compile and time one forward of the preset with `variant` attention at `length`."""
+def prepare(args: argparse.Namespace, variant: str, length: int) -> tuple:
+    """One forward of the preset with `variant` attention at `length`: (compiled, inputs)."""
     attention, impl = VARIANTS[variant]
     config = ModelConfig.preset(
         args.preset,
@@ -36,13 +37,12 @@ def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
 
     tokens = jax.random.randint(jax.random.key(0), (args.batch, length), 0, config.vocab_size)
     compiled = jax.jit(forward).lower(state, tokens).compile()
-    record = time_variant(compiled, [state, tokens], args.batch * length, args.repeats)
-    return {"L": length, "variant": variant, **record}
+    return compiled, [state, tokens]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_variant_args(__doc__.splitlines()[0], argv)
-    run_variants("model_forward", "forward", measure, args)
+    run_variants("model_forward", "forward", prepare, args)
 
 
 if __name__ == "__main__":

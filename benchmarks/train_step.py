@@ -3,8 +3,9 @@
     python benchmarks/train_step.py            # L in {4K, 16K}, B=1, float32 on CPU
     python benchmarks/train_step.py --quick    # L in {1K, 2K}: about a minute
 
-Times the jitted step of `train/step.py` (forward, backward, AdamW update) on random tokens and
-prints tokens/s, DGA's speedup over each dense variant and XLA's buffer-assignment peak; writes
+Times the jitted step of `train/step.py` (forward, backward, AdamW update) on random tokens, the
+variants in turns (`common.run_variants`), and prints tokens/s, DGA's speedup over each dense
+variant and XLA's buffer-assignment peak; writes
 `benchmarks/results/train_step_<backend>[_quick].json`. Goal on CPU: DGA at 16K at least 1.5x
 the dense tokens/s.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from common import VARIANTS, parse_variant_args, run_variants, time_variant
+from common import VARIANTS, parse_variant_args, run_variants
 from flax import nnx
 
 from dga_jax import DGAConfig, Llama, ModelConfig
@@ -28,8 +29,8 @@ from train.config import OptimConfig  # noqa: E402
 from train.step import TrainState, make_optimizer, train_step, weight_decay_mask  # noqa: E402
 
 
-def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
-    """Compile and time one optimizer step at `length` tokens per row."""
+def prepare(args: argparse.Namespace, variant: str, length: int) -> tuple:
+    """One optimizer step at `length` tokens per row: (compiled, inputs)."""
     attention, impl = VARIANTS[variant]
     config = ModelConfig.preset(
         args.preset,
@@ -45,13 +46,12 @@ def measure(args: argparse.Namespace, variant: str, length: int) -> dict:
     batch = {"inputs": tokens, "targets": jnp.roll(tokens, -1, axis=-1)}
     step = jax.jit(functools.partial(train_step, graphdef, tx))
     compiled = step.lower(state, batch).compile()
-    record = time_variant(compiled, [state, batch], args.batch * length, args.repeats)
-    return {"L": length, "variant": variant, **record}
+    return compiled, [state, batch]
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_variant_args(__doc__.splitlines()[0], argv)
-    run_variants("train_step", "train step", measure, args)
+    run_variants("train_step", "train step", prepare, args)
 
 
 if __name__ == "__main__":
