@@ -20,6 +20,7 @@ from dga_jax import BlockSizes, DGAConfig, DGALayout
 from dga_jax.ops.dga import layout as dga_layout_ops
 from dga_jax.ops.dga import selection as dga_selection
 from dga_jax.ops.dga.config import LayoutSizes
+from dga_jax.ops.dga.entries import compressed_kv
 from dga_jax.ops.intervals import Entries, interval_attention
 
 
@@ -72,9 +73,12 @@ def build_layout(s: Setup, focal: jax.Array, score: jax.Array) -> DGALayout:
     return jax.vmap(per_head, (0, 0, None, 0))(focal, score, s.sizes, rows)
 
 
-def gather(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entries, Entries]:
-    """The compressed KV': (prefix, band) entries."""
-    return dga_jax.gather_entries(layout, k, v)
+def gather(
+    s: Setup, layout: DGALayout, q: jax.Array, k: jax.Array, v: jax.Array
+) -> tuple[Entries, Entries | None]:
+    """The compressed KV' of this layout: (prefix, band) entries, as the call reads them."""
+    [(prefix, band)], _ = compressed_kv(q, k, v, s.config, s.scale, layout=layout)
+    return prefix, band
 
 
 def walk(s: Setup, q: jax.Array, prefix: Entries, band: Entries | None) -> jax.Array:

@@ -11,7 +11,7 @@
 - importance: `global_importance`, two flash-style passes over the sampled queries' triangle;
 - selection: `top_r_mask`, the radix select of the r focal tokens;
 - layout: the two sorted entry lists (`layout._assemble` per batch and head, as `dga_layout`);
-- gather: the compressed KV' (`gather_entries`: raw tokens, folded groups, focal tokens);
+- gather: the compressed KV' (`compressed_kv`: raw tokens, folded groups, focal tokens);
 - prefix walk / band walk: `interval_attention` over the prefix only, and over the band only
   (an empty prefix);
 - backward, prefix walk / band walk: `jax.grad` of each walk (in q and the entries' k, v) less
@@ -42,6 +42,7 @@ Results: the tables on stdout and `benchmarks/results/profile_attention_<backend
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import statistics
@@ -71,10 +72,10 @@ from dga_stages import (
     with_grad,
 )
 
-from dga_jax import BlockSizes, DGAConfig, DGALayout
-from dga_jax.ops.dga import layout as dga_layout_ops
+from dga_jax import BlockSizes, DGAConfig
 from dga_jax.ops.dga.selection import sampled_positions
-from dga_jax.ops.intervals import band_rows
+from dga_jax.ops.intervals import Entries, band_rows
+from dga_jax.ops.ranges import block_ranges
 from dga_jax.ops.tiles import round_up
 
 FORWARD_STAGES = ("importance", "selection", "layout", "gather", "prefix walk", "band walk")
@@ -109,13 +110,13 @@ def make_inputs(args: argparse.Namespace, length: int) -> dict[str, jax.Array]:
     }
 
 
-def stage_calls(s: Setup, x: dict[str, jax.Array]) -> tuple[Calls, DGALayout]:
-    """Every stage and whole call on the previous stages' outputs, and the layout built."""
+def stage_calls(s: Setup, x: dict[str, jax.Array]) -> tuple[Calls, tuple[Entries, Entries | None]]:
+    """Every stage and whole call on the previous stages' outputs, and the entries read."""
     c, p = Calls(), functools.partial
     score = c.add("importance", p(importance, s), x["q"], x["k"])
     focal = c.add("selection", p(selection, s), score)
     layout = c.add("layout", p(build_layout, s), focal, score)
-    prefix, band = c.add("gather", gather, layout, x["k"], x["v"])
+    prefix, band = c.add("gather", p(gather, s), layout, x["q"], x["k"], x["v"])
     c.add("prefix walk", p(walk, s), x["q"], prefix, None)
     c.add("band walk", p(band_walk, s), x["q"], band)
     c.add("walk", p(walk, s), x["q"], prefix, band)
@@ -126,7 +127,7 @@ def stage_calls(s: Setup, x: dict[str, jax.Array]) -> tuple[Calls, DGALayout]:
     c.add("fwd+bwd", p(with_grad(dga_forward), s), *qkv, x["ct"])
     c.add("dense forward", p(dense_forward, s), *qkv)
     c.add("dense fwd+bwd", p(with_grad(dense_forward), s), *qkv, x["ct"])
-    return c, layout
+    return c, (prefix, band)
 
 
 def stage_ms(t: dict[str, float]) -> dict[str, float]:
@@ -177,13 +178,35 @@ def matmul_peak(args: argparse.Namespace, tile: dict[str, int], repeats: int) ->
     return 2 * bh * rows * cols * d / (best / 1e3)
 
 
-def walk_tile(s: Setup, args: argparse.Namespace) -> dict[str, int]:
+@dataclasses.dataclass(frozen=True)
+class Intervals:
+    """The visibility of the entries the call reads, on the host: prefix starts, band starts and
+    band untils, each [B, H, N] (an empty band: N = 0)."""
+
+    prefix_start: np.ndarray
+    band_start: np.ndarray
+    band_until: np.ndarray
+
+    @classmethod
+    def of(cls, prefix: Entries, band: Entries | None) -> Intervals:
+        """From the (prefix, band) of `compressed_kv`."""
+        empty = np.zeros((*prefix.start.shape[:2], 0), np.int32)
+        if band is None:
+            return cls(np.asarray(prefix.start), empty, empty)
+        return cls(*(np.asarray(x) for x in (prefix.start, band.start, band.until)))
+
+    def __iter__(self):
+        return iter((self.prefix_start, self.band_start, self.band_until))
+
+
+def walk_tile(s: Setup, entries: Intervals, args: argparse.Namespace) -> dict[str, int]:
     """The walk's tiling, as `interval_attention` clamps it to the problem size."""
-    sizes, groups = s.sizes, args.heads // args.kv_heads
+    groups = args.heads // args.kv_heads
+    n_prefix, n_band = entries.prefix_start.shape[-1], entries.band_start.shape[-1]
     block_q = min(s.blocks.block_q, round_up(s.seq_len, 8))
-    block_k = min(s.blocks.block_k, round_up(max(sizes.num_prefix, 1), 8))
+    block_k = min(s.blocks.block_k, round_up(max(n_prefix, 1), 8))
     band_q = band_rows(block_q, s.blocks.block_band, s.lag)
-    width = min(round_up(band_q + s.lag, 8), round_up(max(sizes.num_raw, 1), 8))
+    width = min(round_up(band_q + s.lag, 8), round_up(max(n_band, 1), 8))
     return {
         "block_q": block_q,
         "block_k": block_k,
@@ -195,9 +218,9 @@ def walk_tile(s: Setup, args: argparse.Namespace) -> dict[str, int]:
     }
 
 
-def walk_flops(layout: DGALayout, tile: dict[str, int], args: argparse.Namespace) -> dict:
+def walk_flops(entries: Intervals, tile: dict[str, int], args: argparse.Namespace) -> dict:
     """FLOPs the walks do: every visited tile, 2 matmuls of 2 * rows * entries * D."""
-    ranges = dga_layout_ops.layout_block_ranges(layout, tile["block_q"])
+    ranges = block_ranges(*entries, tile["block_q"], tile["query_blocks"])
     prefix_full = np.asarray(ranges.prefix_full).reshape(-1, tile["query_blocks"])
     prefix_end = np.asarray(ranges.prefix_end).reshape(-1, tile["query_blocks"])
     # Trip counts shared by all heads: whole blocks, then edge blocks (as interval_attention).
@@ -205,19 +228,14 @@ def walk_flops(layout: DGALayout, tile: dict[str, int], args: argparse.Namespace
     edge = -(-(prefix_end.max(axis=0) - whole) // tile["block_edge"]) * tile["block_edge"]
     per_entry = 4 * args.head_dim * args.batch * args.heads * tile["block_q"]
     prefix = per_entry * int((whole + edge).sum())
-    band = per_entry * tile["query_blocks"] * tile["band_width"] if layout.sizes.num_raw else 0
+    band = per_entry * tile["query_blocks"] * tile["band_width"] if entries.band_start.size else 0
     return {"prefix": prefix, "band": band}
 
 
-def exact_flops(layout: DGALayout, args: argparse.Namespace) -> dict:
+def exact_flops(entries: Intervals, seq_len: int, args: argparse.Namespace) -> dict:
     """The spec's arithmetic bound: 4 * D FLOPs per (query head, position, visible entry)."""
-    t = np.arange(layout.sizes.seq_len)
-    heads = zip(
-        np.asarray(layout.prefix_from).reshape(-1, layout.prefix_from.shape[-1]),
-        np.asarray(layout.raw_pos).reshape(-1, layout.raw_pos.shape[-1]),
-        np.asarray(layout.raw_until).reshape(-1, layout.raw_until.shape[-1]),
-        strict=True,
-    )
+    t = np.arange(seq_len)
+    heads = zip(*(x.reshape(-1, x.shape[-1]) for x in entries), strict=True)
     prefix = band = 0
     for prefix_from, raw_pos, raw_until in heads:
         prefix += int(np.searchsorted(prefix_from, t, side="right").sum())
@@ -248,10 +266,10 @@ def bounds(dense: float, walk: float, importance: float) -> dict[str, float]:
     }
 
 
-def roofline(s: Setup, layout: DGALayout, t: dict, args: argparse.Namespace) -> dict:
+def roofline(s: Setup, entries: Intervals, t: dict, args: argparse.Namespace) -> dict:
     """Peak, walk and exact FLOPs, the walks' achieved FLOP/s, and the arithmetic bounds."""
-    tile = walk_tile(s, args)
-    done, exact = walk_flops(layout, tile, args), exact_flops(layout, args)
+    tile = walk_tile(s, entries, args)
+    done, exact = walk_flops(entries, tile, args), exact_flops(entries, s.seq_len, args)
     done["walk"], exact["walk"] = done["prefix"] + done["band"], exact["prefix"] + exact["band"]
     ms = {"prefix": t["prefix walk"], "band": t["band walk"], "walk": t["walk"]}
     causal = args.batch * args.heads * s.seq_len * (s.seq_len + 1) // 2
@@ -333,7 +351,8 @@ def profile(args: argparse.Namespace, length: int) -> dict:
         length,
         args.batch,
     )
-    calls, layout = stage_calls(s, make_inputs(args, length))
+    calls, (prefix, band) = stage_calls(s, make_inputs(args, length))
+    entries = Intervals.of(prefix, band)
     times = calls.time_ms(args.repeats)
     median = {name: statistics.median(ms) for name, ms in times.items()}
     best = {name: min(ms) for name, ms in times.items()}
@@ -343,7 +362,7 @@ def profile(args: argparse.Namespace, length: int) -> dict:
         "median_ms": median,
         "min_ms": best,
         "stages": stage_rows(median, best),
-        "roofline": roofline(s, layout, median, args),
+        "roofline": roofline(s, entries, median, args),
     }
 
 

@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 
 from dga_jax.ops.dga.config import DGAConfig
+from dga_jax.ops.dga.entries import chunk_entries, gather_entries
 from dga_jax.ops.dga.layout import dga_layout, layout_block_ranges
 from dga_jax.ops.dga.selection import global_importance, sampled_positions, top_r_mask
-from dga_jax.ops.intervals import NEVER
-from tests.conftest import random_qkv
+from dga_jax.ops.intervals import NEVER, interval_attention
+from dga_jax.ops.tiles import BlockSizes
+from tests.conftest import FORWARD_TOL, GRAD_TOL, assert_close, random_qkv
 
 CONFIGS = [
     DGAConfig(4, 0.1, "global"),
@@ -176,3 +178,31 @@ def test_a_padded_row_has_the_layout_of_its_own_length(config):
         assert (layout.prefix_from[b, :, n_prefix:] == NEVER).all()
         assert (layout.raw_pos[b, :, n_raw:] >= n).all()
         assert (layout.raw_until[b, :, n_raw:] == NEVER).all()
+
+
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c.selection == "streaming"], ids=str)
+@pytest.mark.parametrize("lengths", [None, PADDED_LENGTHS], ids=["whole", "padded"])
+def test_chunk_entries_attend_as_the_gathered_lists(config, lengths):
+    # The same visible set in another arrangement: equal outputs and gradients at every valid
+    # position, through walks of several blocks (whole, edge and band tiles).
+    q, k, v = random_qkv(5, len(PADDED_LENGTHS), 75, 4, 2, 8)
+    rows = jnp.asarray(lengths or [75] * len(PADDED_LENGTHS))
+    valid = (jnp.arange(75)[None, :] < rows[:, None])[..., None, None]
+    layout = dga_layout(q, k, config, 0.3, lengths=None if lengths is None else rows)
+    blocks = BlockSizes(block_q=16, block_k=16, block_band=8, block_edge=8)
+    lag = max(config.chunk_size, config.group_size) - 1
+    cotangent = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape) * valid
+
+    def run(entries):
+        def loss(q, k, v):
+            prefix, band = entries(layout, k, v)
+            out = interval_attention(q, prefix, band, scale=0.3, block_sizes=blocks, band_lag=lag)
+            return jnp.sum(out * cotangent), out
+
+        return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+    (_, got), got_grads = run(chunk_entries)
+    (_, want), want_grads = run(gather_entries)
+    assert_close(got * valid, want * valid, FORWARD_TOL[jnp.float32])
+    for a, b in zip(got_grads, want_grads, strict=True):
+        assert_close(a * valid, b * valid, GRAD_TOL[jnp.float32])

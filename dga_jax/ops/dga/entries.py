@@ -1,7 +1,8 @@
 """The compressed KV' a layout describes: the entries every DGA implementation attends to.
 
 `gather_entries` reads the prefix (focal tokens, group entries folded from their members) and
-the raw band out of k, v; `compressed_kv` builds the layout (unless given) and its entries for
+the raw band out of k, v; `chunk_entries` is the same for streaming selection, in position order
+and without a gather; `compressed_kv` builds the layout (unless given) and its entries for
 the queries of this device; under a `ContextSplit` (inside `shard_map`, the sequence split
 across devices) `split_entries` builds the device's KV' with only the compressed prefix and a
 halo of raw tokens crossing devices. Differentiable in k, v; the layout itself carries no gradient.
@@ -10,6 +11,7 @@ halo of raw tokens crossing devices. Differentiable in k, v; the layout itself c
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -82,10 +84,96 @@ def compressed_kv(
         layout = dga_layout(q, k, config, scale, block=block, split=split, lengths=lengths)
     sizes = layout.sizes
     lag = max(sizes.chunk, sizes.group_size) - 1
-    if split.shards == 1:
-        prefix, raw = gather_entries(layout, k, v)
-        return [(prefix, raw if sizes.num_raw else None)], lag
-    return split_entries(layout, k, v, split, lag), lag
+    if split.shards > 1:
+        return split_entries(layout, k, v, split, lag), lag
+    if sizes.chunk and sizes.num_groups:
+        return [chunk_entries(layout, k, v)], lag
+    prefix, raw = gather_entries(layout, k, v)
+    return [(prefix, raw if sizes.num_raw else None)], lag
+
+
+def chunk_entries(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entries, Entries]:
+    """Streaming selection's KV' for k, v [B, L, Hkv, D], read without a gather: (prefix, band).
+
+    The same visible set as `gather_entries`' lists, arranged by chunk of m' positions: every
+    token is a band entry, in position order, visible from its position until its chunk's group
+    appears (never in a chunk without one), focal tokens included; the prefix holds, per chunk,
+    its r' focal tokens, then its group, all visible from that moment on. A focal token seen
+    raw until its chunk ends and in the prefix after it is seen exactly when the layout's prefix
+    entry is. Each prefix entry is a weighted sum of its chunk's m' tokens (one-hot for a focal
+    token, the group weights for the group; `_fold_chunks`): k and v are read in place, and
+    their gradients need no scatter.
+    """
+    sizes = layout.sizes
+    n, width, m = sizes.num_groups, sizes.chunk, sizes.group_size
+    r = width - m
+    weight = _chunk_weights(layout).transpose(0, 2, 3, 4, 1)  # [B, n, r + 1, m', H]
+    group_from = layout.raw_until[..., : n * m : m]  # [B, H, n]; NEVER for a padded row's
+
+    def fold(x):  # [B, L, H, D] -> [B, H, n * (r + 1), D], read in place
+        out = _fold_chunks(width, weight, x)  # [B, n, r + 1, H, D]
+        return out.transpose(0, 3, 1, 2, 4).reshape(x.shape[0], x.shape[2], -1, x.shape[3])
+
+    entry_from = jnp.repeat(group_from, r + 1, axis=-1)
+    bias = jnp.tile(jnp.asarray([0.0] * r + [math.log(m)], jnp.float32), n)
+    bias = jnp.broadcast_to(bias, entry_from.shape)
+    prefix = Entries(fold(k), fold(v), entry_from, None, bias)
+    rest = jnp.full((*group_from.shape[:2], sizes.seq_len - n * width), NEVER, jnp.int32)
+    until = jnp.concatenate([jnp.repeat(group_from, width, axis=-1), rest], axis=-1)
+    start = jnp.broadcast_to(jnp.arange(sizes.seq_len, dtype=jnp.int32), until.shape)
+    return prefix, Entries(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), start, until)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fold_chunks(width: int, weight: jax.Array, x: jax.Array) -> jax.Array:
+    """out[b, c, e, h] = sum_i weight[b, c, e, i, h] x[b, c * width + i, h]: weight
+    [B, n, E, width, H] float32, x [B, L, H, D] -> [B, n, E, H, D] in x's dtype, summed in
+    float32 (positions from n * width on take no part).
+
+    A few weighted sums per chunk, written as elementwise products of strided slices of x: one
+    fused pass over k or v in their own layout, both ways. XLA:CPU runs that several times
+    faster than the batched [E, width] x [width, D] matmuls of an einsum, or than reshaping x
+    into chunks (a copy). The weights (the layout's) get no gradient.
+    """
+    return _fold_forward(width, weight, x)[0]
+
+
+def _fold_forward(width, weight, x):
+    stop = weight.shape[1] * width
+    out = sum(
+        weight[:, :, :, i, :, None] * x[:, i:stop:width, None].astype(jnp.float32)
+        for i in range(width)
+    )
+    return out.astype(x.dtype), (weight, jnp.zeros((0, x.shape[1]), x.dtype))
+
+
+def _fold_backward(width, residuals, d_out):
+    weight, empty = residuals  # empty [0, L]: x's length and dtype
+    (b, n, e, h, d), seq_len = d_out.shape, empty.shape[1]
+    d_x = sum(
+        weight[:, :, j, :, :, None] * d_out[:, :, j, None].astype(jnp.float32) for j in range(e)
+    )
+    d_x = jnp.pad(
+        d_x.reshape(b, n * width, h, d), ((0, 0), (0, seq_len - n * width), (0, 0), (0, 0))
+    )
+    return jnp.zeros_like(weight), d_x.astype(empty.dtype)
+
+
+_fold_chunks.defvjp(_fold_forward, _fold_backward)
+
+
+def _chunk_weights(layout: DGALayout) -> jax.Array:
+    """Per chunk, the weights of its m' tokens in each of its r' + 1 prefix entries:
+    [B, H, n, r' + 1, m'] float32, a one-hot row per focal token (in position order), then the
+    group's row (its members' `group_weight`, 0 at the focal tokens)."""
+    sizes = layout.sizes
+    n, width, m = sizes.num_groups, sizes.chunk, sizes.group_size
+    focal = layout.focal[..., : n * width].reshape(*layout.focal.shape[:2], n, width)
+    rank = jnp.cumsum(focal, axis=-1) - 1  # a focal token's rank in its chunk
+    one_hot = focal[..., None, :] & (rank[..., None, :] == jnp.arange(width - m)[:, None])
+    member = jnp.clip(jnp.cumsum(~focal, axis=-1) - 1, 0, m - 1)  # a member's rank in its group
+    group = jnp.where(focal, 0.0, jnp.take_along_axis(layout.group_weight, member, axis=-1))
+    return jnp.concatenate([one_hot.astype(jnp.float32), group[..., None, :]], axis=-2)
 
 
 def split_entries(
