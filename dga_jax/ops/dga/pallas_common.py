@@ -205,7 +205,7 @@ def kernel_attention(
 
     `block_q`: the backend's (clamped) query block; `q_prefix` [B, L, Hq, D]: the queries the
     prefix entries are scored with (None: q), as in `interval_attention`. Gradients reach q,
-    q_prefix and the entries' k and v (then, through `gather_entries`, the tokens).
+    q_prefix and the entries' k and v (then, through `compressed_kv`, the tokens).
     """
     b, seq_len, hq, d = q.shape
     spec = KernelSpec(
