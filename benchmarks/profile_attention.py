@@ -237,9 +237,9 @@ def exact_flops(entries: Intervals, seq_len: int, args: argparse.Namespace) -> d
     t = np.arange(seq_len)
     heads = zip(*(x.reshape(-1, x.shape[-1]) for x in entries), strict=True)
     prefix = band = 0
-    for prefix_from, raw_pos, raw_until in heads:
-        prefix += int(np.searchsorted(prefix_from, t, side="right").sum())
-        seen = np.searchsorted(raw_pos, t, side="right") - np.searchsorted(raw_until, t, "right")
+    for prefix_start, band_start, band_until in heads:
+        prefix += int(np.searchsorted(prefix_start, t, side="right").sum())
+        seen = np.searchsorted(band_start, t, "right") - np.searchsorted(band_until, t, "right")
         band += int(seen.sum())
     per_entry = 4 * args.head_dim * (args.heads // args.kv_heads)
     return {"prefix": per_entry * prefix, "band": per_entry * band}

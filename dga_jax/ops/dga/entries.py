@@ -111,7 +111,7 @@ def chunk_entries(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entrie
     group_from = layout.raw_until[..., : n * m : m]  # [B, H, n]; NEVER for a padded row's
 
     def fold(x):  # [B, L, H, D] -> [B, H, n * (r + 1), D], read in place
-        out = _fold_chunks(width, weight, x)  # [B, n, r + 1, H, D]
+        out = _fold_chunks(width, x.shape[1], weight, x)  # [B, n, r + 1, H, D]
         return out.transpose(0, 3, 1, 2, 4).reshape(x.shape[0], x.shape[2], -1, x.shape[3])
 
     entry_from = jnp.repeat(group_from, r + 1, axis=-1)
@@ -124,39 +124,38 @@ def chunk_entries(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entrie
     return prefix, Entries(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), start, until)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fold_chunks(width: int, weight: jax.Array, x: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _fold_chunks(width: int, seq_len: int, weight: jax.Array, x: jax.Array) -> jax.Array:
     """out[b, c, e, h] = sum_i weight[b, c, e, i, h] x[b, c * width + i, h]: weight
     [B, n, E, width, H] float32, x [B, L, H, D] -> [B, n, E, H, D] in x's dtype, summed in
-    float32 (positions from n * width on take no part).
+    float32 (positions from n * width on take no part; seq_len = L).
 
     A few weighted sums per chunk, written as elementwise products of strided slices of x: one
     fused pass over k or v in their own layout, both ways. XLA:CPU runs that several times
     faster than the batched [E, width] x [width, D] matmuls of an einsum, or than reshaping x
     into chunks (a copy). The weights (the layout's) get no gradient.
     """
-    return _fold_forward(width, weight, x)[0]
+    return _fold_forward(width, seq_len, weight, x)[0]
 
 
-def _fold_forward(width, weight, x):
+def _fold_forward(width, seq_len, weight, x):
     stop = weight.shape[1] * width
     out = sum(
         weight[:, :, :, i, :, None] * x[:, i:stop:width, None].astype(jnp.float32)
         for i in range(width)
     )
-    return out.astype(x.dtype), (weight, jnp.zeros((0, x.shape[1]), x.dtype))
+    return out.astype(x.dtype), weight
 
 
-def _fold_backward(width, residuals, d_out):
-    weight, empty = residuals  # empty [0, L]: x's length and dtype
-    (b, n, e, h, d), seq_len = d_out.shape, empty.shape[1]
+def _fold_backward(width, seq_len, weight, d_out):  # d_out: in x's dtype, as the output
+    b, n, e, h, d = d_out.shape
     d_x = sum(
         weight[:, :, j, :, :, None] * d_out[:, :, j, None].astype(jnp.float32) for j in range(e)
     )
     d_x = jnp.pad(
         d_x.reshape(b, n * width, h, d), ((0, 0), (0, seq_len - n * width), (0, 0), (0, 0))
     )
-    return jnp.zeros_like(weight), d_x.astype(empty.dtype)
+    return jnp.zeros_like(weight), d_x.astype(d_out.dtype)
 
 
 _fold_chunks.defvjp(_fold_forward, _fold_backward)
