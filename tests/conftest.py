@@ -36,6 +36,15 @@ jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",
     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
+# Tests check behaviour, not speed: their programs are small and mostly compiled for one or two
+# calls, so the compiler backend's (LLVM's) expensive optimizations cost more than they save (a
+# fifth or more of a fake-device test's time). XLA's HLO passes (fusion, sharding, collectives,
+# buffer assignment) still run, so the memory and collective checks see the programs users get.
+# Set for the processes tests start too; `tests/aot` compiles for hardware targets at full
+# optimization. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the suite fully optimized.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+FEW_OPTIMIZATIONS = os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true")
+jax.config.update("jax_disable_most_optimizations", FEW_OPTIMIZATIONS)
 
 
 def pytest_sessionfinish(session):
