@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from trace_scopes import print_scopes, scope_ms
 
 from dga_jax.compile_stats import xla_peak_bytes
 from dga_jax.timing import time_calls
@@ -179,6 +180,9 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
     parser.add_argument("--batch", type=int, default=1)
     add_dga_args(parser)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also trace one call each: time by model scope"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     default = "1024,2048" if args.quick else "4096,16384"
@@ -199,18 +203,25 @@ def run_variants(name: str, what: str, prepare: Callable[..., tuple], args) -> N
     print(f"{args.preset} {what} on {env['device_kind']}, B={args.batch}, DGA {dga}")
     records = [r for n in args.lengths for r in variant_records(prepare, args, n)]
     report_variants(records)
+    for r in records:
+        if "scopes_ms" in r:
+            print_scopes(r["variant"], r["L"], r["scopes_ms"])
     print(f"wrote {write_results(name, args, env, records)}")
 
 
 def variant_records(prepare: Callable[..., tuple], args, length: int) -> list[dict]:
-    """Each variant's record at `length`, timed in turns with the others (`run_variants`)."""
-    calls, records = Calls(), {}
+    """Each variant's record at `length`, timed in turns with the others (`run_variants`);
+    with `args.breakdown`, then one traced call each (`trace_scopes.scope_ms`)."""
+    calls, records, fitting = Calls(), {}, {}
     for variant in VARIANTS:
         compiled, inputs = prepare(args, variant, length)
         records[variant] = {"L": length, "variant": variant, **fit_record(compiled)}
         if records[variant]["status"] == "ok":
             calls.add_compiled(variant, compiled, *inputs)
+            fitting[variant] = (compiled, inputs)
     tokens = args.batch * length
     for variant, times in calls.time_ms(args.repeats).items():
         records[variant] = timed_record(records[variant], times, tokens)
+    for variant, (compiled, inputs) in fitting.items() if args.breakdown else ():
+        records[variant]["scopes_ms"] = scope_ms(compiled, inputs)
     return list(records.values())

@@ -2,6 +2,7 @@
 
     python benchmarks/model_forward.py            # L in {4K, 16K}, B=1, float32 on CPU
     python benchmarks/model_forward.py --quick    # L in {1K, 2K}: under a minute
+    python benchmarks/model_forward.py --lengths 16384 --breakdown   # and time by model scope
 
 Times the variants in turns (`common.run_variants`). Prints tokens/s (B * L / median forward
 time), DGA's speedup over each dense variant and XLA's buffer-assignment peak, and writes

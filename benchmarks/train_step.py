@@ -2,6 +2,7 @@
 
     python benchmarks/train_step.py            # L in {4K, 16K}, B=1, float32 on CPU
     python benchmarks/train_step.py --quick    # L in {1K, 2K}: about a minute
+    python benchmarks/train_step.py --lengths 16384 --breakdown   # and time by model scope
 
 Times the jitted step of `train/step.py` (forward, backward, AdamW update) on random tokens, the
 variants in turns (`common.run_variants`), and prints tokens/s, DGA's speedup over each dense

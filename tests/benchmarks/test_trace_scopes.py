@@ -1,0 +1,70 @@
+"""`benchmarks/trace_scopes.py`: a traced call's instructions summed by model scope, forward and
+backward; and `train_step.py --breakdown` end to end at a small length."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from trace_scopes import REST, SCOPES, op_names, scope_ms, scope_of  # noqa: E402
+
+HLO = """
+ENTRY %main (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  %while.3 = (s32[], f32[4]{0}) while(%tuple.1), condition=%cond, body=%body
+  %fusion.1 = f32[4]{0} fusion(%p), kind=kLoop, calls=%f, metadata={op_name="jit(f)/mlp_block/mul"}
+  ROOT %copy.2 = f32[4]{0} copy(%fusion.1)
+}
+"""
+
+
+def test_instructions_map_to_their_op_names_and_loops_are_left_out():
+    assert op_names(HLO) == {"p": "", "fusion.1": "jit(f)/mlp_block/mul", "copy.2": ""}
+
+
+def test_the_innermost_named_scope_wins_and_transposes_are_backward():
+    forward = "jit(step)/while/body/attention_block/dga_attention/jit(_dga)/dot_general"
+    backward = "jit(step)/transpose(jvp())/while/body/attention_block/btd,dhk->bthk/dot_general"
+    assert scope_of(forward) == ("attention op", "forward")
+    assert scope_of(backward) == ("attention block", "backward")
+    assert scope_of("jit(step)/transpose(jvp())/mlp_block/mul") == ("MLP block", "backward")
+    assert scope_of("jit(step)/jvp(btd,dv->btv)/dot_general") == (REST, "forward")
+
+
+def test_a_traced_gradient_is_split_by_scope_and_direction():
+    def loss(x, w):
+        with jax.named_scope("attention_block"), jax.named_scope("dense_attention"):
+            h = jnp.tanh(x @ w)
+        with jax.named_scope("mlp_block"):
+            h = jnp.sin(h @ w.T)
+        return jnp.sum(h)
+
+    x, w = jax.random.normal(jax.random.key(0), (2, 512, 512))
+    compiled = jax.jit(jax.grad(loss, argnums=1)).lower(x, w).compile()
+    jax.block_until_ready(compiled(x, w))
+    scopes = scope_ms(compiled, [x, w])
+    assert list(scopes) == [*(scope for scope, _ in SCOPES), REST]
+    for scope in ("attention op", "MLP block"):
+        assert scopes[scope]["forward"] > 0 and scopes[scope]["backward"] > 0, scopes
+
+
+def test_the_train_step_benchmark_breaks_each_variant_down(tmp_path):
+    command = [sys.executable, "benchmarks/train_step.py", "--lengths", "256", "--repeats", "1"]
+    command += ["--breakdown", "--out", str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = json.loads((tmp_path / "train_step_cpu.json").read_text())["records"]
+    assert [r["variant"] for r in records] == ["dga_xla", "dense_xla", "dense_blockwise"]
+    for record in records:
+        scopes = record["scopes_ms"]
+        assert list(scopes) == ["attention op", "attention block", "MLP block", REST]
+        for scope in ("attention op", "MLP block"):
+            assert scopes[scope]["forward"] > 0 and scopes[scope]["backward"] > 0, record
+        assert f"{record['variant']} at L=256: traced instructions" in result.stdout
