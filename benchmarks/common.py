@@ -212,16 +212,16 @@ def run_variants(name: str, what: str, prepare: Callable[..., tuple], args) -> N
 def variant_records(prepare: Callable[..., tuple], args, length: int) -> list[dict]:
     """Each variant's record at `length`, timed in turns with the others (`run_variants`);
     with `args.breakdown`, then one traced call each (`trace_scopes.scope_ms`)."""
-    calls, records, fitting = Calls(), {}, {}
+    calls, records = Calls(), {}
     for variant in VARIANTS:
         compiled, inputs = prepare(args, variant, length)
         records[variant] = {"L": length, "variant": variant, **fit_record(compiled)}
         if records[variant]["status"] == "ok":
             calls.add_compiled(variant, compiled, *inputs)
-            fitting[variant] = (compiled, inputs)
     tokens = args.batch * length
     for variant, times in calls.time_ms(args.repeats).items():
         records[variant] = timed_record(records[variant], times, tokens)
-    for variant, (compiled, inputs) in fitting.items() if args.breakdown else ():
-        records[variant]["scopes_ms"] = scope_ms(compiled, inputs)
+    if args.breakdown:
+        for variant, (compiled, inputs) in calls.calls.items():
+            records[variant]["scopes_ms"] = scope_ms(compiled, inputs)
     return list(records.values())

@@ -1,31 +1,34 @@
-"""Where one compiled call's time goes, by model scope: a `jax.profiler` trace of the call, its
-events matched to the compiled program's HLO instructions and summed by the `op_name` scope
-those carry (the model's `jax.named_scope`s and the attention ops' names).
+"""Where one compiled call's time goes, by model scope, on XLA:CPU: a `jax.profiler` trace of the
+call, its events matched to the compiled program's HLO instructions and summed by the `op_name`
+scope those carry (the model's `jax.named_scope`s and the attention ops' names).
 
-Scopes, first match wins: "attention op" (inside `dga_attention` or `dense_attention`),
-"attention block" (the rest of the layer's attention half: norm, projections, RoPE), "MLP block"
-(norm and SwiGLU), and "rest" (embedding, final norm, logits, loss, the layer scan's stacked
-residuals, the optimizer); each split into forward and backward (`transpose(jvp(...))` in the
-op name). Loops and calls are not counted themselves, only the instructions they run, so the
-events do not overlap. On XLA:CPU every executed instruction is an event; a backend whose events
-are not HLO instruction names (GPU kernels) leaves them out.
+Scopes, first match wins: "attention op" (inside the attention op: `dga_attention`,
+`dense_attention`, any `<kind>_attention` the model names), "attention block" (the rest of the
+layer's attention half: norm, projections, RoPE), "MLP block" (norm and SwiGLU), and "rest"
+(embedding, final norm, logits, loss, the layer scan's stacked residuals, the optimizer, and
+instructions with no op_name, such as copies the compiler adds); each split into forward and
+backward (`transpose(jvp(...))` in the op name). Loops and calls are not counted themselves,
+only the instructions they run, so no event is inside another; XLA:CPU may run independent
+instructions at once, so the sums add time over threads and are not wall time. CPU only: on a
+GPU the trace's events are kernels and their launches, which this matching would miscount.
 """
 
 from __future__ import annotations
 
-import collections
 import gzip
 import json
 import re
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 
 SCOPES = (
-    ("attention op", ("dga_attention", "dense_attention")),
-    ("attention block", ("attention_block",)),
-    ("MLP block", ("mlp_block",)),
+    ("attention op", re.compile(r"(^|/)\w+_attention(/|$)")),
+    ("attention block", re.compile(r"(^|/)attention_block(/|$)")),
+    ("MLP block", re.compile(r"(^|/)mlp_block(/|$)")),
 )
 REST = "rest"
 CONTAINERS = (" while(", " conditional(", " call(")
@@ -47,34 +50,38 @@ def op_names(hlo_text: str) -> dict[str, str]:
 def scope_of(op_name: str) -> tuple[str, str]:
     """(scope, "forward" | "backward") of one instruction."""
     direction = "backward" if "transpose(jvp" in op_name else "forward"
-    for scope, markers in SCOPES:
-        if any(marker in op_name for marker in markers):
+    for scope, pattern in SCOPES:
+        if pattern.search(op_name):
             return scope, direction
     return REST, direction
 
 
-def trace_events(compiled, inputs: list, logdir: Path) -> list[dict]:
+def trace_events(compiled: jax.stages.Compiled, inputs: Sequence[Any]) -> list[dict]:
     """Complete ("X") events of one traced call of `compiled(*inputs)`."""
-    jax.profiler.start_trace(str(logdir), create_perfetto_trace=True)
-    jax.block_until_ready(compiled(*inputs))
-    jax.profiler.stop_trace()
-    (path,) = logdir.glob("plugins/profile/*/*.trace.json.gz")
-    trace = json.loads(gzip.decompress(path.read_bytes()))
+    with tempfile.TemporaryDirectory() as logdir:
+        with jax.profiler.trace(logdir):
+            jax.block_until_ready(compiled(*inputs))
+        (path,) = Path(logdir).glob("plugins/profile/*/*.trace.json.gz")
+        trace = json.loads(gzip.decompress(path.read_bytes()))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     return [e for e in events if e.get("ph") == "X"]
 
 
-def scope_ms(compiled, inputs: list) -> dict[str, dict[str, float]]:
+def scope_ms(compiled: jax.stages.Compiled, inputs: Sequence[Any]) -> dict[str, dict[str, float]]:
     """{scope: {"forward": ms, "backward": ms}} of one call (warm it up first)."""
+    if jax.default_backend() != "cpu":
+        raise ValueError(
+            f"trace_scopes reads XLA:CPU traces; on {jax.default_backend()} open the trace in "
+            "TensorBoard or Perfetto (train.profile_steps writes one)"
+        )
     names = op_names(compiled.as_text())
-    totals = collections.defaultdict(lambda: {"forward": 0.0, "backward": 0.0})
-    with tempfile.TemporaryDirectory() as logdir:
-        for event in trace_events(compiled, inputs, Path(logdir)):
-            if event["name"] in names:
-                scope, direction = scope_of(names[event["name"]])
-                totals[scope][direction] += event["dur"] / 1e3
-    order = [scope for scope, _ in SCOPES] + [REST]
-    return {scope: totals[scope] for scope in order}
+    scopes = [scope for scope, _ in SCOPES] + [REST]
+    totals = {scope: {"forward": 0.0, "backward": 0.0} for scope in scopes}
+    for event in trace_events(compiled, inputs):
+        if event["name"] in names:
+            scope, direction = scope_of(names[event["name"]])
+            totals[scope][direction] += event["dur"] / 1e3
+    return totals
 
 
 def print_scopes(variant: str, length: int, scopes: dict[str, dict[str, float]]) -> None:

@@ -36,15 +36,6 @@ jax.config.update(
     "jax_persistent_cache_min_compile_time_secs",
     float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
 )
-# Tests check behaviour, not speed: their programs are small and mostly compiled for one or two
-# calls, so the compiler backend's (LLVM's) expensive optimizations cost more than they save (a
-# fifth or more of a fake-device test's time). XLA's HLO passes (fusion, sharding, collectives,
-# buffer assignment) still run, so the memory and collective checks see the programs users get.
-# Set for the processes tests start too; `tests/aot` compiles for hardware targets at full
-# optimization. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the suite fully optimized.
-os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
-FEW_OPTIMIZATIONS = os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"].lower() in ("1", "true")
-jax.config.update("jax_disable_most_optimizations", FEW_OPTIMIZATIONS)
 
 
 def pytest_sessionfinish(session):
@@ -65,6 +56,30 @@ ON_GPU = jax.default_backend() == "gpu"
 GPU_INTERPRET = not ON_GPU
 if ON_GPU:
     jax.config.update("jax_default_matmul_precision", "highest")
+_TRUE, _FALSE = ("1", "true", "t", "yes", "y", "on"), ("0", "false", "f", "no", "n", "off")
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    """A boolean environment variable, read as JAX reads its own (unset: `default`)."""
+    value = os.environ.get(name, str(default)).lower()
+    if value not in _TRUE + _FALSE:
+        raise ValueError(f"{name}={os.environ[name]!r}: expected one of {_TRUE + _FALSE}")
+    return value in _TRUE
+
+
+# Tests check behaviour, not speed: their programs are small and mostly compiled for one or two
+# calls, so the compiler backend's (LLVM's) expensive optimizations cost more than they save (a
+# fifth or more of a fake-device test's time). XLA's HLO passes (fusion, sharding, collectives,
+# buffer assignment) still run: the optimized HLO, and so the memory and collective checks, are
+# those users get; only the machine code differs. On CPU only (on a GPU the suite checks the
+# kernels' compiled code), and set for the processes tests start too; `tests/aot` compiles for
+# hardware targets fully optimized. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the whole suite so.
+# (`jax_disable_most_optimizations` is an undocumented JAX flag; it has existed since 2020.)
+FEW_OPTIMIZATIONS = not ON_GPU and _env_flag("JAX_DISABLE_MOST_OPTIMIZATIONS", True)
+if FEW_OPTIMIZATIONS:
+    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+jax.config.update("jax_disable_most_optimizations", FEW_OPTIMIZATIONS)
+
 # The TPU interpreter with its checks on: data races between DMAs and grid steps (reported by
 # printing RACE_REPORT, which `pytest_runtest_makereport` turns into a failure), out-of-bounds
 # reads (raise).

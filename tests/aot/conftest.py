@@ -11,7 +11,7 @@ from tests.conftest import FEW_OPTIMIZATIONS
 
 
 @pytest.fixture(autouse=True)
-def full_optimization():
+def _full_optimization():
     jax.config.update("jax_disable_most_optimizations", False)
     yield
     jax.config.update("jax_disable_most_optimizations", FEW_OPTIMIZATIONS)
