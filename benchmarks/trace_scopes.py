@@ -25,10 +25,10 @@ from typing import Any
 
 import jax
 
-SCOPES = (
-    ("attention op", re.compile(r"(^|/)\w+_attention(/|$)")),
-    ("attention block", re.compile(r"(^|/)attention_block(/|$)")),
-    ("MLP block", re.compile(r"(^|/)mlp_block(/|$)")),
+SCOPES = (  # a scope is a path part, or wrapped by a transform: "jvp(mlp_block)"
+    ("attention op", re.compile(r"(^|[/(])\w+_attention([/)]|$)")),
+    ("attention block", re.compile(r"(^|[/(])attention_block([/)]|$)")),
+    ("MLP block", re.compile(r"(^|[/(])mlp_block([/)]|$)")),
 )
 REST = "rest"
 CONTAINERS = (" while(", " conditional(", " call(")

@@ -51,6 +51,9 @@ def test_scopes_match_in_order_and_transposes_are_backward():
     sinks = "jit(step)/transpose(jvp())/attention_block/streaming_llm_attention/exp"
     assert scope_of(sinks) == ("attention op", "backward")
     assert scope_of("jit(step)/transpose(jvp())/mlp_block/mul") == ("MLP block", "backward")
+    assert scope_of("jit(f)/transpose(jvp(mlp_block))/dot_general") == ("MLP block", "backward")
+    assert scope_of("jit(f)/jvp(attention_block)/dense_attention/tanh")[0] == "attention op"
+    assert scope_of("jit(f)/jvp(attention_blocks)/mul") == ("rest", "forward")
     assert scope_of("jit(step)/jvp(btd,dv->btv)/dot_general") == ("rest", "forward")
     assert scope_of("") == ("rest", "forward")
 
