@@ -56,17 +56,6 @@ ON_GPU = jax.default_backend() == "gpu"
 GPU_INTERPRET = not ON_GPU
 if ON_GPU:
     jax.config.update("jax_default_matmul_precision", "highest")
-_TRUE, _FALSE = ("1", "true", "t", "yes", "y", "on"), ("0", "false", "f", "no", "n", "off")
-
-
-def _env_flag(name: str, default: bool) -> bool:
-    """A boolean environment variable, read as JAX reads its own (unset: `default`)."""
-    value = os.environ.get(name, str(default)).lower()
-    if value not in _TRUE + _FALSE:
-        raise ValueError(f"{name}={os.environ[name]!r}: expected one of {_TRUE + _FALSE}")
-    return value in _TRUE
-
-
 # Tests check behaviour, not speed: their programs are small and mostly compiled for one or two
 # calls, so the compiler backend's (LLVM's) expensive optimizations cost more than they save (a
 # fifth or more of a fake-device test's time). XLA's HLO passes (fusion, sharding, collectives,
@@ -75,7 +64,10 @@ def _env_flag(name: str, default: bool) -> bool:
 # kernels' compiled code), and set for the processes tests start too; `tests/aot` compiles for
 # hardware targets fully optimized. JAX_DISABLE_MOST_OPTIMIZATIONS=0 runs the whole suite so.
 # (`jax_disable_most_optimizations` is an undocumented JAX flag; it has existed since 2020.)
-FEW_OPTIMIZATIONS = not ON_GPU and _env_flag("JAX_DISABLE_MOST_OPTIMIZATIONS", True)
+# `import jax` has already rejected a value that is not a boolean; unset means on here.
+FEW_OPTIMIZATIONS = not ON_GPU and os.environ.get(
+    "JAX_DISABLE_MOST_OPTIMIZATIONS", "1"
+).lower() in ("1", "true", "t", "yes", "y", "on")
 if FEW_OPTIMIZATIONS:
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 jax.config.update("jax_disable_most_optimizations", FEW_OPTIMIZATIONS)
