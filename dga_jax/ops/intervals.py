@@ -37,6 +37,7 @@ from dga_jax.ops.tiles import (
     online_step,
     round_up,
     tile_grads,
+    tn_transposed,
 )
 
 
@@ -205,16 +206,14 @@ def _band_block(spec: _Spec, band: Entries, starts: jax.Array) -> Tile:
 def _scatter_add_band(spec: _Spec, x: jax.Array, starts: jax.Array, delta: jax.Array):
     """x [BH, N, D] += delta [BH, S, W, D] at the band windows (windows may overlap)."""
     idx = _band_index(spec, starts)
-    return jax.vmap(_scatter_add_rows)(x, idx, delta.reshape(*idx.shape, delta.shape[-1]))
-
-
-def _scatter_add_rows(x, idx, delta):
-    return x.at[idx].add(delta)
+    rows = delta.reshape(*idx.shape, delta.shape[-1])
+    return jax.vmap(lambda x, i, d: x.at[i].add(d))(x, idx, rows)
 
 
 def _add_prefix_block(x: jax.Array, offset: jax.Array, delta: jax.Array) -> jax.Array:
-    current = jax.lax.dynamic_slice_in_dim(x, offset, delta.shape[1], axis=1)
-    return jax.lax.dynamic_update_slice_in_dim(x, current + delta, offset, axis=1)
+    """x [BH, D, N] += delta [BH, D, W] at entries [offset, offset + W)."""
+    current = jax.lax.dynamic_slice_in_dim(x, offset, delta.shape[-1], axis=2)
+    return jax.lax.dynamic_update_slice_in_dim(x, current + delta, offset, axis=2)
 
 
 def _positions(spec: _Spec, i: jax.Array) -> jax.Array:
@@ -269,9 +268,11 @@ def _attend(spec, q, qp, prefix, band, n_full, n_edge, band_start):
 
 
 def _grad_step(spec: _Spec, q, do, lse, delta, t, tile: Tile):
-    """Gradients of one tile: dq [..., R, D], dk and dv [..., N, D], all float32."""
+    """Gradients of one tile: dq [..., R, D], and dk, dv transposed [..., D, N] (the fast dot
+    on XLA:CPU, `tiles.tn_transposed`), all float32."""
     ds, p = tile_grads(XLA_DOTS, spec.scale, q, t, do, lse, delta, tile)
-    return XLA_DOTS.nn(ds.astype(tile.k.dtype), tile.k), XLA_DOTS.tn(ds, q), XLA_DOTS.tn(p, do)
+    dq = XLA_DOTS.nn(ds.astype(tile.k.dtype), tile.k)
+    return dq, tn_transposed(ds, q), tn_transposed(p, do)
 
 
 def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, xs):
@@ -308,8 +309,8 @@ def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, x
             _band_block(spec, band, band_start),
         )
         dq = dq + dq_b.reshape(dq.shape)
-        dk_band = _scatter_add_band(spec, dk_band, band_start, dk)
-        dv_band = _scatter_add_band(spec, dv_band, band_start, dv)
+        dk_band = _scatter_add_band(spec, dk_band, band_start, jnp.swapaxes(dk, -1, -2))
+        dv_band = _scatter_add_band(spec, dv_band, band_start, jnp.swapaxes(dv, -1, -2))
     return (dk_prefix, dv_prefix, dk_band, dv_band), (dq, dqp)
 
 
@@ -318,10 +319,12 @@ def _attend_bwd(spec, residuals, d_out):
     # [nq, BH, R, 1]
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
 
-    def zeros(entries):
+    def zeros(entries, transposed):  # the prefix's gradients accumulate as [BH, D, N]
         if entries is None:
             return None, None
-        return jnp.zeros(entries.k.shape, jnp.float32), jnp.zeros(entries.v.shape, jnp.float32)
+        shape = entries.k.shape
+        shape = (shape[0], shape[2], shape[1]) if transposed else shape
+        return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
 
     xs = (
         jnp.arange(q.shape[0], dtype=jnp.int32),
@@ -335,8 +338,11 @@ def _attend_bwd(spec, residuals, d_out):
         band_start,
     )
     (dk_p, dv_p, dk_b, dv_b), (dq, dqp) = jax.lax.scan(
-        functools.partial(_backward_block, spec, prefix, band), (*zeros(prefix), *zeros(band)), xs
+        functools.partial(_backward_block, spec, prefix, band),
+        (*zeros(prefix, transposed=True), *zeros(band, transposed=False)),
+        xs,
     )
+    dk_p, dv_p = (jnp.swapaxes(x, 1, 2) for x in (dk_p, dv_p))  # [BH, D, N] -> [BH, N, D]
     d_prefix = Entries(dk_p.astype(prefix.k.dtype), dv_p.astype(prefix.v.dtype), None)
     d_band = None
     if band is not None:

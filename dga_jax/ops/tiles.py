@@ -70,13 +70,23 @@ def _einsum(spec: str):
     return dot
 
 
-def _einsum_tn(a, b):
+def tn_transposed(a: jax.Array, b: jax.Array) -> jax.Array:
+    """(a.T @ b).T in XLA: a [..., R, N] float32 (cast to b's dtype), b [..., R, D] -> [..., D, N].
+
+    a.T @ b contracts the rows, the major axis of both operands. XLA:CPU runs it about twice as
+    fast when the result is [D, N] (at D=32, N=512: the walk's backward 1.3-1.6x faster), so the
+    XLA walk accumulates dK.T and dV.T; a transpose after the dot is folded back into it.
+    """
     return jnp.einsum(
-        "...rn,...rd->...nd", a.astype(b.dtype), b, preferred_element_type=jnp.float32
+        "...rn,...rd->...dn", a.astype(b.dtype), b, preferred_element_type=jnp.float32
     )
 
 
-XLA_DOTS = Dots(nt=_einsum("...rd,...nd->...rn"), nn=_einsum("...rn,...nd->...rd"), tn=_einsum_tn)
+XLA_DOTS = Dots(
+    nt=_einsum("...rd,...nd->...rn"),
+    nn=_einsum("...rn,...nd->...rd"),
+    tn=lambda a, b: jnp.swapaxes(tn_transposed(a, b), -1, -2),
+)
 
 
 class Tile(NamedTuple):
