@@ -34,7 +34,32 @@ class RMSNorm(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+        return scale_channels(x32.astype(x.dtype), self.weight[...].astype(x.dtype))
+
+
+@jax.custom_vjp
+def scale_channels(x: jax.Array, weight: jax.Array) -> jax.Array:
+    """x [..., D] * weight [D].
+
+    The weight's gradient is written as one contraction over every row (summed in float32).
+    Autodiff's own is a reduce that, inside the model's layer scan, XLA:CPU keeps as
+    [1, T, D] -> [1, D] and runs about 20-50x slower than this (0.17 s of the tiny model's
+    train step at 16K tokens).
+    """
+    return x * weight
+
+
+def _scale_channels_fwd(x, weight):
+    return x * weight, (x, weight)
+
+
+def _scale_channels_bwd(residuals, d_out):
+    x, weight = residuals
+    d_weight = jnp.einsum("...d,...d->d", d_out, x, preferred_element_type=jnp.float32)
+    return d_out * weight, d_weight.astype(weight.dtype)
+
+
+scale_channels.defvjp(_scale_channels_fwd, _scale_channels_bwd)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:

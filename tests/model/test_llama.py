@@ -12,7 +12,7 @@ from flax import nnx
 
 from dga_jax import DEFAULT_RULES, DGAConfig, DGAttention, Llama, LogicalRules, ModelConfig
 from dga_jax.model.config import RopeScaling
-from dga_jax.model.layers import apply_rope, rope_frequencies
+from dga_jax.model.layers import apply_rope, rope_frequencies, scale_channels
 from dga_jax.sharding import make_mesh
 from tests.conftest import run_on_fake_devices
 
@@ -92,6 +92,24 @@ def test_rope_scores_depend_on_relative_position():
 
     assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
     assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_scale_channels_gradients_are_autodiffs(dtype):
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 24, 16)).astype(dtype)
+    w = jax.random.normal(jax.random.PRNGKey(3), (16,)).astype(dtype)
+    ct = jax.random.normal(jax.random.PRNGKey(4), (2, 24, 16)).astype(dtype)
+
+    def grads(scale):
+        out, vjp = jax.vjp(scale, x, w)
+        return out, *vjp(ct)
+
+    ours = grads(scale_channels)
+    theirs = grads(lambda x, w: x * w)
+    assert [a.dtype for a in ours] == [a.dtype for a in theirs]
+    tol = 1e-6 if dtype == jnp.float32 else 5e-2
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
 
 
 def test_linear_rope_scaling_divides_positions():
