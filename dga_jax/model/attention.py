@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dga_jax.model.config import ModelConfig
-from dga_jax.model.layers import apply_rope, param, rope_frequencies
+from dga_jax.model.layers import apply_rope, param, project, rope_frequencies
 from dga_jax.ops.context import ContextSplit
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dense_decode import DenseCache, DenseUpdate
@@ -130,9 +130,9 @@ class DGAttention(nnx.Module):
     def _projections(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K], not rotated."""
         dtype = self.config.compute_dtype
-        q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dtype))  # [B, T, H, K]
-        k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dtype))  # [B, T, Hkv, K]
-        v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dtype))
+        q = project(x, self.q[...].astype(dtype), 1)  # [B, T, H, K]
+        k = project(x, self.k[...].astype(dtype), 1)  # [B, T, Hkv, K]
+        v = project(x, self.v[...].astype(dtype), 1)
         return q, k, v
 
     def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
@@ -142,7 +142,7 @@ class DGAttention(nnx.Module):
 
     def _project(self, out: jax.Array) -> jax.Array:
         """[B, T, H, K] -> [B, T, D]."""
-        return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(self.config.compute_dtype))
+        return project(out, self.o[...].astype(self.config.compute_dtype), 2)
 
     def _sink_attend(self, q, k, v, q_far, k_far) -> jax.Array:
         self._check_whole_sequences()

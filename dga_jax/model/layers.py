@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from dga_jax.model.config import ModelConfig, RopeScaling
 from dga_jax.sharding import LogicalRules
@@ -62,6 +64,43 @@ def _scale_channels_bwd(residuals, d_out):
 scale_channels.defvjp(_scale_channels_fwd, _scale_channels_bwd)
 
 
+PROJECTION = "projection"  # the checkpoint name of every projection's output (llama.REMAT)
+
+
+def project(x: jax.Array, weight: jax.Array, axes: int) -> jax.Array:
+    """x [*rows, *in] times weight [*in, *out] -> [*rows, *out], contracting the `axes` dims of
+    `in` (`jnp.tensordot(x, weight, axes)`): every projection of the model.
+
+    The weight's gradient contracts the rows of x and of the output's gradient in that order
+    (`"btd,btf->df"`). Autodiff's is `"btf,btd->fd"` then a transpose, which XLA:CPU runs as a
+    physical transpose of the wider operand first: the tiny model's MLP backward (2 layers,
+    16K tokens) took 1.3x as long. The output is named `PROJECTION` for remat policies, which
+    do not see the dot inside a `custom_vjp`.
+    """
+    return checkpoint_name(_project(x, weight, axes), PROJECTION)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project(x: jax.Array, weight: jax.Array, axes: int) -> jax.Array:
+    return jnp.tensordot(x, weight, axes)
+
+
+def _project_fwd(x, weight, axes):
+    return _project(x, weight, axes), (x, weight)
+
+
+def _project_bwd(axes, residuals, d_out):
+    x, weight = residuals
+    rows = tuple(range(x.ndim - axes))
+    outs = tuple(range(len(rows), d_out.ndim))
+    d_x = jnp.tensordot(d_out, weight, (outs, tuple(range(axes, weight.ndim))))
+    d_weight = jnp.tensordot(x, d_out, (rows, rows))
+    return d_x.astype(x.dtype), d_weight.astype(weight.dtype)
+
+
+_project.defvjp(_project_fwd, _project_bwd)
+
+
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:
     """Inverse frequencies [head_dim / 2], with HF's linear and llama3 scaling rules."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
@@ -102,6 +141,27 @@ class MLP(nnx.Module):
         self.dtype = config.compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
-        gate = x @ self.gate[...].astype(self.dtype)  # [B, T, F]
-        up = x @ self.up[...].astype(self.dtype)
-        return (jax.nn.silu(gate) * up) @ self.down[...].astype(self.dtype)
+        gate = project(x, self.gate[...].astype(self.dtype), 1)  # [B, T, F]
+        up = project(x, self.up[...].astype(self.dtype), 1)
+        return project(swiglu(gate, up), self.down[...].astype(self.dtype), 1)
+
+
+@jax.custom_vjp
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """silu(gate) * up, keeping only gate and up for the backward (autodiff keeps four more
+    [T, F] intermediates, which the layer scan stacks: 1.17x the MLP backward's time on CPU)."""
+    return jax.nn.silu(gate) * up
+
+
+def _swiglu_fwd(gate, up):
+    return swiglu(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, d_out):
+    gate, up = residuals
+    sigmoid = jax.nn.sigmoid(gate)
+    d_gate = d_out * up * sigmoid * (1 + gate * (1 - sigmoid))
+    return d_gate, d_out * gate * sigmoid
+
+
+swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

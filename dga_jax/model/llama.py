@@ -9,17 +9,21 @@ from flax import nnx
 
 from dga_jax.model.attention import DGAttention
 from dga_jax.model.config import ModelConfig
-from dga_jax.model.layers import MLP, RMSNorm, param
+from dga_jax.model.layers import MLP, PROJECTION, RMSNorm, param
 from dga_jax.ops.context import zigzag_order
 from dga_jax.ops.dense_decode import DenseCache, DenseUpdate
 from dga_jax.ops.dga.decode import DGACache, DGAUpdate, apply_update
 from dga_jax.ops.dga.sharded import shard_count
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
 
+_POLICIES = jax.checkpoint_policies
+_PROJECTIONS = _POLICIES.save_only_these_names(PROJECTION)  # their dots sit in a custom_vjp
 REMAT = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "save_dots": jax.checkpoint_policies.dots_saveable,
-    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": _POLICIES.nothing_saveable,
+    "save_dots": _POLICIES.save_from_both_policies(_POLICIES.dots_saveable, _PROJECTIONS),
+    "save_dots_no_batch": _POLICIES.save_from_both_policies(
+        _POLICIES.dots_with_no_batch_dims_saveable, _PROJECTIONS
+    ),
 }
 
 

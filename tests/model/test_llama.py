@@ -12,7 +12,13 @@ from flax import nnx
 
 from dga_jax import DEFAULT_RULES, DGAConfig, DGAttention, Llama, LogicalRules, ModelConfig
 from dga_jax.model.config import RopeScaling
-from dga_jax.model.layers import apply_rope, rope_frequencies, scale_channels
+from dga_jax.model.layers import (
+    apply_rope,
+    project,
+    rope_frequencies,
+    scale_channels,
+    swiglu,
+)
 from dga_jax.sharding import make_mesh
 from tests.conftest import run_on_fake_devices
 
@@ -81,6 +87,21 @@ def test_remat_keeps_values_and_gradients(no_remat, remat):
         np.testing.assert_allclose(g_r, g, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("remat, saved", [("full", 0), ("save_dots", 2), ("save_dots_no_batch", 2)])
+def test_remat_policies_see_the_projections(capsys, remat, saved):
+    """The dot policies save the MLP's gate and up outputs (its [T, F] projections), though their
+    dots sit in `layers.project`'s custom_vjp."""
+    config = TINY.replace(attention="dense", intermediate_size=72, remat=remat)
+    graphdef, state = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
+    t = tokens(t=16)
+    jax.ad_checkpoint.print_saved_residuals(lambda s: nnx.merge(graphdef, s)(t).sum(), state)
+    lines = capsys.readouterr().out.splitlines()
+    projections = [
+        x for x in lines if f",16,{config.intermediate_size}]" in x and "argument" not in x
+    ]
+    assert len(projections) == saved, lines
+
+
 def test_rope_scores_depend_on_relative_position():
     inv_freq = rope_frequencies(32, 10000.0, RopeScaling())
     q, k = jax.random.normal(jax.random.PRNGKey(1), (2, 1, 1, 1, 32))
@@ -109,6 +130,43 @@ def test_scale_channels_gradients_are_autodiffs(dtype):
     assert [a.dtype for a in ours] == [a.dtype for a in theirs]
     tol = 1e-6 if dtype == jnp.float32 else 5e-2
     for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize(
+    "x_shape, w_shape, axes",
+    [((2, 24, 16), (16, 40), 1), ((2, 24, 16), (16, 4, 8), 1), ((2, 24, 4, 8), (4, 8, 16), 2)],
+)
+def test_project_gradients_are_autodiffs(x_shape, w_shape, axes, dtype):
+    keys = jax.random.split(jax.random.PRNGKey(5), 3)
+    x = jax.random.normal(keys[0], x_shape).astype(dtype)
+    w = jax.random.normal(keys[1], w_shape).astype(dtype)
+    ct = jax.random.normal(keys[2], x_shape[: len(x_shape) - axes] + w_shape[axes:]).astype(dtype)
+
+    def grads(fn):
+        out, vjp = jax.vjp(fn, x, w)
+        return out, *vjp(ct)
+
+    ours = grads(lambda x, w: project(x, w, axes))
+    theirs = grads(lambda x, w: jnp.tensordot(x, w, axes))
+    assert [(a.shape, a.dtype) for a in ours] == [(a.shape, a.dtype) for a in theirs]
+    tol = 1e-5 if dtype == jnp.float32 else 5e-2
+    for a, b in zip(ours, theirs, strict=True):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_swiglu_gradients_are_autodiffs(dtype):
+    gate, up, ct = (
+        jax.random.normal(k, (2, 24, 40)).astype(dtype)
+        for k in jax.random.split(jax.random.PRNGKey(6), 3)
+    )
+    ours = jax.vjp(swiglu, gate * 4, up)
+    theirs = jax.vjp(lambda g, u: jax.nn.silu(g) * u, gate * 4, up)
+    tol = 1e-6 if dtype == jnp.float32 else 5e-2
+    for a, b in zip((ours[0], *ours[1](ct)), (theirs[0], *theirs[1](ct)), strict=True):
+        assert a.dtype == b.dtype
         np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
 
 
