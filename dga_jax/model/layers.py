@@ -1,4 +1,5 @@
-"""Building blocks of the decoder: RMSNorm, rotary embeddings (HF rotate-half), SwiGLU MLP."""
+"""Building blocks of the decoder: RMSNorm, projections, rotary embeddings (HF rotate-half),
+SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -148,8 +149,9 @@ class MLP(nnx.Module):
 
 @jax.custom_vjp
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
-    """silu(gate) * up, keeping only gate and up for the backward (autodiff keeps four more
-    [T, F] intermediates, which the layer scan stacks: 1.17x the MLP backward's time on CPU)."""
+    """silu(gate) * up, keeping only gate and up for the backward. Autodiff keeps three more
+    [T, F] intermediates of silu, which the layer scan stacks: 1.17x the MLP backward's time at
+    16K tokens on CPU."""
     return jax.nn.silu(gate) * up
 
 
