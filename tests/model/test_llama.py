@@ -115,22 +115,23 @@ def test_rope_scores_depend_on_relative_position():
     assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-3)
 
 
+def assert_vjp_matches(ours, theirs, args, d_out, tol):
+    """`ours` and `theirs` agree in output and every input gradient: shape, dtype and values."""
+    out_a, vjp_a = jax.vjp(ours, *args)
+    out_b, vjp_b = jax.vjp(theirs, *args)
+    results_a, results_b = (out_a, *vjp_a(d_out)), (out_b, *vjp_b(d_out))
+    assert [(a.shape, a.dtype) for a in results_a] == [(b.shape, b.dtype) for b in results_b]
+    for a, b in zip(results_a, results_b, strict=True):
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_scale_channels_gradients_are_autodiffs(dtype):
     x = jax.random.normal(jax.random.PRNGKey(2), (2, 24, 16)).astype(dtype)
     w = jax.random.normal(jax.random.PRNGKey(3), (16,)).astype(dtype)
     ct = jax.random.normal(jax.random.PRNGKey(4), (2, 24, 16)).astype(dtype)
-
-    def grads(scale):
-        out, vjp = jax.vjp(scale, x, w)
-        return out, *vjp(ct)
-
-    ours = grads(scale_channels)
-    theirs = grads(lambda x, w: x * w)
-    assert [a.dtype for a in ours] == [a.dtype for a in theirs]
     tol = 1e-6 if dtype == jnp.float32 else 5e-2
-    for a, b in zip(ours, theirs, strict=True):
-        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+    assert_vjp_matches(scale_channels, lambda x, w: x * w, (x, w), ct, tol)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -143,17 +144,10 @@ def test_project_gradients_are_autodiffs(x_shape, w_shape, axes, dtype):
     x = jax.random.normal(keys[0], x_shape).astype(dtype)
     w = jax.random.normal(keys[1], w_shape).astype(dtype)
     ct = jax.random.normal(keys[2], x_shape[: len(x_shape) - axes] + w_shape[axes:]).astype(dtype)
-
-    def grads(fn):
-        out, vjp = jax.vjp(fn, x, w)
-        return out, *vjp(ct)
-
-    ours = grads(lambda x, w: project(x, w, axes))
-    theirs = grads(lambda x, w: jnp.tensordot(x, w, axes))
-    assert [(a.shape, a.dtype) for a in ours] == [(a.shape, a.dtype) for a in theirs]
     tol = 1e-5 if dtype == jnp.float32 else 5e-2
-    for a, b in zip(ours, theirs, strict=True):
-        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+    assert_vjp_matches(
+        lambda x, w: project(x, w, axes), lambda x, w: jnp.tensordot(x, w, axes), (x, w), ct, tol
+    )
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -162,12 +156,8 @@ def test_swiglu_gradients_are_autodiffs(dtype):
         jax.random.normal(k, (2, 24, 40)).astype(dtype)
         for k in jax.random.split(jax.random.PRNGKey(6), 3)
     )
-    ours = jax.vjp(swiglu, gate * 4, up)
-    theirs = jax.vjp(lambda g, u: jax.nn.silu(g) * u, gate * 4, up)
     tol = 1e-6 if dtype == jnp.float32 else 5e-2
-    for a, b in zip((ours[0], *ours[1](ct)), (theirs[0], *theirs[1](ct)), strict=True):
-        assert a.dtype == b.dtype
-        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=tol, atol=tol)
+    assert_vjp_matches(swiglu, lambda g, u: jax.nn.silu(g) * u, (gate * 4, up), ct, tol)
 
 
 def test_linear_rope_scaling_divides_positions():
