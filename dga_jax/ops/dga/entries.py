@@ -21,6 +21,7 @@ from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.layout import DGALayout, dga_layout, fold_members
 from dga_jax.ops.intervals import NEVER, Entries
+from dga_jax.ops.tiles import BlockSizes
 
 
 def gather_entries(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entries, Entries]:
@@ -66,7 +67,7 @@ def compressed_kv(
     config: DGAConfig,
     scale: float,
     *,
-    block: int = 1024,
+    block: int = BlockSizes.block_importance,
     split: ContextSplit = WHOLE,
     lengths: jax.Array | None = None,
     layout: DGALayout | None = None,

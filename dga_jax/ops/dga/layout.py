@@ -43,6 +43,7 @@ from dga_jax.ops.dga.selection import (
     top_r_mask,
 )
 from dga_jax.ops.ranges import NEVER, BlockRanges, block_ranges
+from dga_jax.ops.tiles import BlockSizes
 
 
 @jax.tree_util.register_dataclass
@@ -97,7 +98,7 @@ def dga_layout(
     config: DGAConfig,
     scale: float,
     *,
-    block: int = 1024,
+    block: int = BlockSizes.block_importance,
     split: ContextSplit = WHOLE,
     lengths: jax.Array | None = None,
 ) -> DGALayout:

@@ -20,7 +20,7 @@ import numpy as np
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import LayoutSizes
 from dga_jax.ops.intervals import NEVER
-from dga_jax.ops.tiles import round_up
+from dga_jax.ops.tiles import BlockSizes, round_up
 
 
 def sampled_positions(seq_len: int, group_size: int) -> np.ndarray:
@@ -36,7 +36,7 @@ def global_importance(
     group_size: int,
     scale: float,
     *,
-    block: int = 1024,
+    block: int = BlockSizes.block_importance,
     split: ContextSplit = WHOLE,
     lengths: jax.Array | None = None,
 ) -> jax.Array:
