@@ -36,7 +36,7 @@ class BlockSizes:
     block_q: int = 512
     block_k: int = 512
     block_band: int = 128
-    block_importance: int = 2048
+    block_importance: int = 1024
     block_edge: int = 256
 
     def __post_init__(self):
