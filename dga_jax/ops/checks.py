@@ -52,10 +52,10 @@ def is_int(x) -> bool:
     return isinstance(x, numbers.Integral) and not isinstance(x, bool | np.bool_)
 
 
-def check_block_sizes(block_sizes) -> BlockSizes:
-    """`None` -> the defaults; anything but a `BlockSizes` is an error."""
+def check_block_sizes(block_sizes, default: BlockSizes = BlockSizes()) -> BlockSizes:
+    """`None` -> `default`; anything but a `BlockSizes` is an error."""
     if block_sizes is None:
-        return BlockSizes()
+        return default
     if not isinstance(block_sizes, BlockSizes):
         raise ValueError(
             f"block_sizes must be a dga_jax.BlockSizes or None, got {type(block_sizes).__name__}"

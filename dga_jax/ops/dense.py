@@ -21,6 +21,9 @@ from dga_jax.ops.target import placed_target
 from dga_jax.ops.tiles import BlockSizes
 
 DENSE_IMPLEMENTATIONS = ("xla", "blockwise", "cudnn")
+# "blockwise" tiles: over the whole past, 512 x 512 ran its forward+backward 1-4% faster than
+# DGA's default 1024 x 256 (tiny model's shapes, 16K, CPU; benchmarks/RESULTS.md).
+DENSE_BLOCKS = BlockSizes(block_q=512, block_k=512)
 
 
 def dense_attention(
@@ -38,7 +41,8 @@ def dense_attention(
     `implementation=None` picks "cudnn" for float16/bfloat16 inputs placed on GPUs (all cuDNN
     supports) and "xla" otherwise. Under a `split` (inside `shard_map`, each device holding
     C = L / parts contiguous positions), K and V are all-gathered and the local queries attend
-    blockwise: "blockwise" only, [B, C, ...] in and out.
+    blockwise: "blockwise" only, [B, C, ...] in and out. `block_sizes`: the tiles of "blockwise"
+    (None: `DENSE_BLOCKS`).
     """
     scale = check_qkv(q, k, v, scale)
     platform = placed_target(q, k, v).platform
@@ -64,7 +68,7 @@ def dense_attention(
         v,
         scale=scale,
         implementation=implementation,
-        block_sizes=check_block_sizes(block_sizes),
+        block_sizes=check_block_sizes(block_sizes, DENSE_BLOCKS),
         split=split,
     )
 

@@ -31,10 +31,15 @@ class BlockSizes:
     some queries of a block see block_edge at a time (a divisor of block_k is used), so the walk
     stops closer to the last entry they see. block_importance is the key tile of DGA's
     importance pass (block_importance / m sampled queries per tile).
+
+    The defaults are DGA's XLA walk's: 1024 x 256 tiles ran its forward+backward 5-8% faster
+    than 512 x 512 at D=32 with 2 query heads per KV head, and as fast at D=128 (CPU,
+    benchmarks/RESULTS.md). Dense causal attention, whose prefix is the whole past, keeps
+    512 x 512 (`dga_jax.ops.dense.DENSE_BLOCKS`); the kernels have their own.
     """
 
-    block_q: int = 512
-    block_k: int = 512
+    block_q: int = 1024
+    block_k: int = 256
     block_band: int = 128
     block_importance: int = 1024
     block_edge: int = 256
