@@ -130,10 +130,8 @@ def dga_forward(s: Setup, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
 
 
 def dense_forward(s: Setup, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """The blockwise dense reference."""
-    return dga_jax.dense_attention(
-        q, k, v, scale=s.scale, implementation="blockwise", block_sizes=s.blocks
-    )
+    """The blockwise dense reference, in its own default tiles (`dense.DENSE_BLOCKS`)."""
+    return dga_jax.dense_attention(q, k, v, scale=s.scale, implementation="blockwise")
 
 
 def with_grad(forward: Callable[..., jax.Array]) -> Callable[..., Any]:

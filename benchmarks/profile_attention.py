@@ -22,9 +22,10 @@
 "other" is the whole forward less the forward stages: glue the stages do not cover, negative
 when the stages timed apart cost more than the fused call. "% fwd" is a share of the whole
 forward call, "% fwd+bwd" of the whole forward+backward call; the dense blockwise reference
-(`dga_jax.dense_attention(implementation="blockwise")`, the same walk over all L tokens) gives
-the ratio dense / DGA. Each function is compiled and warmed up once, then all are timed in
-`--repeats` rounds of one call each (the median), so changes in load hit every stage alike.
+(`dga_jax.dense_attention(implementation="blockwise")`, the same walk over all L tokens, in its
+own default tiles `DENSE_BLOCKS`) gives the ratio dense / DGA. Each function is compiled and
+warmed up once, then all are timed in `--repeats` rounds of one call each (the median), so
+changes in load hit every stage alike.
 
 Roofline: this machine's float32 matmul peak, measured on the walk's tile ([B*Hkv, block_q*G, D]
 times [B*Hkv, block_k, D]^T, best of `max(repeats, 10)` calls); the FLOPs the walks do, those of
