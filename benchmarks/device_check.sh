@@ -2,13 +2,16 @@
 # The GPU checks, as one call on a lent GPU machine (the `device` tool runs it from the
 # repository root with its image's python3, which has JAX with CUDA, Triton, Flax and Optax):
 #
-#   bash benchmarks/device_check.sh            # ~8 minutes on an H100
+#   bash benchmarks/device_check.sh            # ~9 minutes on an H200
 #
-# 1. the DGA conformance suite and the kernel tests, the Triton kernels compiled (tests/conftest.py
-#    turns interpret mode off and float32 matmuls to IEEE precision on a GPU);
+# 1. benchmarks/importance.py: global importance by XLA's loops vs the Triton kernels, three
+#    kernel tiles, L = 4K..32K (bfloat16, B=1, H=32, D=128, m=16);
 # 2. benchmarks/attention.py at the Pallas issue's shapes (bfloat16, B=1, H=32, D=128, m=16,
 #    gamma=0.1): DGA pallas_gpu vs cuDNN dense vs DGA xla, forward and forward+backward;
-# 3. benchmarks/decode.py with LLaMA2-7B-shaped random weights in bfloat16.
+# 3. the DGA conformance suite and the kernel tests, the Triton kernels compiled (tests/conftest.py
+#    turns interpret mode off and float32 matmuls to IEEE precision on a GPU);
+# 4. benchmarks/decode.py with LLaMA2-7B-shaped random weights in bfloat16.
+# The measurements come first: the tests compile many small kernels and take most of the time.
 # Tables, JSON and plots go to $OUT (the device tool's output folder) or benchmarks/results; a
 # failing step is reported and the next one still runs.
 set -uo pipefail
@@ -28,10 +31,11 @@ run() {  # run NAME CMD...: tee the output to $out/NAME.log, remember a failure
 }
 
 run device python3 -c "import jax; print(jax.__version__, jax.devices())"
-run tests python3 -m pytest -q -p no:cacheprovider tests/ops/test_dga_conformance.py \
-    tests/ops/test_pallas.py -k "pallas_gpu or gpu_kernels or xla"
+run importance python3 benchmarks/importance.py --tiles 64x64,128x64,128x128 --out "$out"
 run attention python3 benchmarks/attention.py --dtype bfloat16 --heads 32 --kv-heads 32 \
     --lengths 4096,8192,16384,32768 --impls dga_pallas_gpu,dense_cudnn,dga_xla --out "$out"
+run tests python3 -m pytest -q -p no:cacheprovider tests/ops/test_dga_conformance.py \
+    tests/ops/test_pallas.py -k "pallas_gpu or gpu_kernels or xla"
 run decode python3 benchmarks/decode.py --preset llama2_7b --dtype bfloat16 --steps 32 \
     --out "$out"
 exit $status

@@ -99,8 +99,10 @@ def largest_buffers(dump: Path, count: int = 4) -> tuple[str, ...]:
     return tuple(f"{size / 2**20:,.1f} MiB: {shapes}" for size, shapes in largest)
 
 
+# The Pallas kernels' names: the walks' `interval_*`, global importance's `importance_*`.
 _LAUNCH = re.compile(
-    r"\b(interval_\w+) grid: \[[^]]*\] threads: \[[^]]*\]\s+shared_memory: (\d+) bytes"
+    r"\b((?:interval|importance)_\w+) grid: \[[^]]*\] threads: \[[^]]*\]\s+"
+    r"shared_memory: (\d+) bytes"
 )
 _ENTRY = re.compile(r"\.entry (\w+)\(")
 

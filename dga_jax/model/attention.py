@@ -18,6 +18,7 @@ from dga_jax.ops.context import ContextSplit
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dense_decode import DenseCache, DenseUpdate
 from dga_jax.ops.dga.api import dga_attention
+from dga_jax.ops.dga.backends import importance_implementation
 from dga_jax.ops.dga.decode import DGACache, DGAUpdate, prefill
 from dga_jax.ops.dga.layout import dga_layout
 from dga_jax.ops.dga.sharded import per_shard, shard_count
@@ -87,7 +88,10 @@ class DGAttention(nnx.Module):
         layout = None
         if dga is not None:  # selected once, for the prompt's attention and its cache
             with jax.named_scope("dga_selection"):
-                layout = dga_layout(q, k, dga, config.head_dim**-0.5, lengths=lengths)
+                passes = importance_implementation(config.attention_impl)
+                layout = dga_layout(
+                    q, k, dga, config.head_dim**-0.5, lengths=lengths, passes=passes
+                )
         cache = prefill(
             q, k, v, max_len=max_len, config=dga, capacity=capacity, lengths=lengths, layout=layout
         )

@@ -172,6 +172,32 @@ def online_finish(state: State) -> tuple[jax.Array, jax.Array]:
     return acc / safe, jnp.where(seen, m + jnp.log(safe), jnp.inf)
 
 
+def mass_stats_step(scale: float, state, raw: jax.Array, visible: jax.Array | None):
+    """Importance's first pass on one tile: the running max and normaliser [..., R] of
+    exp(scale * raw) over the visible entries of raw [..., R, N] (products q @ k.T; visible None:
+    all). No values: as `online_step`, a whole tile's max reads the products as they are."""
+    mx, total = state
+    logits = raw * scale
+    if visible is None:
+        tile_max = jnp.max(raw, axis=-1) * scale
+    else:
+        logits = jnp.where(visible, logits, -jnp.inf)
+        tile_max = jnp.max(logits, axis=-1)
+    new = jnp.maximum(mx, tile_max)
+    safe = jnp.where(new == -jnp.inf, 0.0, new)
+    p = jnp.exp(logits - safe[..., None])
+    return new, total * jnp.exp(mx - safe) + jnp.sum(p, axis=-1)
+
+
+def probability_mass(scale: float, raw: jax.Array, lse: jax.Array, visible: jax.Array | None):
+    """Importance's second pass on one tile: the softmax probabilities exp(scale * raw - lse)
+    of raw [..., R, N] summed over the visible rows -> [..., N]; lse [..., R]."""
+    p = jnp.exp(raw * scale - lse[..., None])
+    if visible is not None:
+        p = jnp.where(visible, p, 0.0)
+    return jnp.sum(p, axis=-2)
+
+
 def tile_grads(dots: Dots, scale: float, q, t, do, lse, delta, tile: Tile):
     """Float32 (ds [..., R, N] for dQ = ds @ k and dK = ds.T @ q, p [..., R, N] for
     dV = p.T @ do), from the saved log-sum-exp and delta = rowsum(dO * O) [..., R, 1]."""

@@ -22,10 +22,12 @@ import dga_jax
 from dga_jax import BlockSizes
 from dga_jax.ops.context import WHOLE
 from dga_jax.ops.dga import pallas_common as common
+from dga_jax.ops.dga import pallas_gpu_importance
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.entries import gather_entries
 from dga_jax.ops.dga.layout import dga_layout
 from dga_jax.ops.dga.pallas_tpu_backward import step_list
+from dga_jax.ops.dga.selection import global_importance
 from dga_jax.ops.intervals import NEVER
 from tests.conftest import (
     FORWARD_TOL,
@@ -87,6 +89,34 @@ def test_gpu_kernels_pad_the_head_dim():
 
 
 @pytest.mark.parametrize(
+    "seq_len, m, lengths, dtype, tile",
+    [
+        # 150 sampled queries x 2 heads and 300 keys: 5 row tiles and 5 key tiles of 64.
+        (300, 2, None, jnp.float32, (64, 64)),
+        # m = 1 samples every position: right-padded rows end in row tiles of padding only.
+        (200, 1, [200, 70, 1, 130], jnp.float32, (16, 32)),
+        (250, 4, None, jnp.bfloat16, (32, 16)),
+    ],
+)
+def test_gpu_kernels_importance_matches_xla(seq_len, m, lengths, dtype, tile):
+    q, k, _ = random_qkv(5, 1 if lengths is None else len(lengths), seq_len, 4, 2, 24, dtype)
+    lengths = None if lengths is None else jnp.asarray(lengths)
+    importance = functools.partial(global_importance, q, k, m, 0.3, block=32, lengths=lengths)
+    passes = pallas_gpu_importance.passes(
+        GPU_INTERPRET, pallas_gpu_importance.ImportanceTile(*tile)
+    )
+    got = jax.block_until_ready(importance(passes=passes))
+    assert_close(got, importance(), FORWARD_TOL[dtype])
+
+
+@pytest.mark.parametrize("rows, keys", [(48, 64), (64, 8)])
+def test_importance_tiles_are_powers_of_two(rows, keys):
+    field = "rows" if rows == 48 else "keys"
+    with pytest.raises(ValueError, match=f"ImportanceTile.{field} must be a power of two"):
+        pallas_gpu_importance.ImportanceTile(rows, keys)
+
+
+@pytest.mark.parametrize(
     "selection, block_q, dtype",
     # L = 200 is a multiple of neither query block.
     [("global", 16, jnp.float32), ("streaming", 16, jnp.float32), ("global", 32, jnp.bfloat16)],
@@ -143,8 +173,8 @@ def _lowered(implementation: str, platform: str, block_sizes: BlockSizes) -> str
 
 def test_gpu_kernels_lower_to_triton():
     text = _lowered("pallas_gpu", "cuda", BlockSizes(64, 64))
-    # forward, dQ, dK/dV of the prefix and of the band: four Triton calls.
-    assert text.count("custom_call @__gpu$xla.gpu.triton(") == 4
+    # Importance's two passes, forward, dQ, dK/dV of the prefix and of the band: six Triton calls.
+    assert text.count("custom_call @__gpu$xla.gpu.triton(") == 6
 
 
 def test_tpu_kernels_lower_to_mosaic():

@@ -10,7 +10,11 @@ import numpy as np
 
 from dga_jax.ops.checks import check_qkv
 from dga_jax.ops.context import WHOLE, ContextSplit
-from dga_jax.ops.dga.backends import check_implementation, interval_implementation
+from dga_jax.ops.dga.backends import (
+    check_implementation,
+    importance_implementation,
+    interval_implementation,
+)
 from dga_jax.ops.dga.compressed import compressed_attention
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.layout import DGALayout
@@ -165,4 +169,7 @@ def _dga(
     if implementation == "reference":
         return dga_attention_reference(q, k, v, config, scale)
     attend = interval_implementation(implementation, interpret)
-    return compressed_attention(attend, q, k, v, config, scale, block_sizes, split, lengths, layout)
+    passes = importance_implementation(implementation, interpret)
+    return compressed_attention(
+        attend, q, k, v, config, scale, block_sizes, split, lengths, layout, passes
+    )

@@ -16,7 +16,8 @@ import jax
 import numpy as np
 
 from dga_jax.ops.checks import check_block_sizes
-from dga_jax.ops.dga import pallas_gpu, pallas_tpu
+from dga_jax.ops.dga import pallas_gpu, pallas_gpu_importance, pallas_tpu
+from dga_jax.ops.dga.selection import ImportancePasses
 from dga_jax.ops.intervals import interval_attention
 from dga_jax.ops.target import Target, placed_target
 from dga_jax.ops.tiles import BlockSizes
@@ -57,6 +58,16 @@ def interval_implementation(implementation: str, interpret: object = False) -> C
     if implementation == "xla":
         return interval_attention
     return functools.partial(KERNEL_BACKENDS[implementation].attention, interpret=interpret)
+
+
+def importance_implementation(
+    implementation: str | None, interpret: object = False
+) -> ImportancePasses | None:
+    """How global importance runs under an implementation: the Triton kernels for
+    "pallas_gpu", else None (XLA's loops, `selection.XLA_PASSES`)."""
+    if implementation == "pallas_gpu":
+        return pallas_gpu_importance.passes(bool(interpret))
+    return None
 
 
 def check_kernel(

@@ -16,6 +16,7 @@ from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.entries import compressed_kv
 from dga_jax.ops.dga.layout import DGALayout
+from dga_jax.ops.dga.selection import ImportancePasses
 from dga_jax.ops.tiles import BlockSizes
 
 
@@ -30,6 +31,7 @@ def compressed_attention(
     split: ContextSplit = WHOLE,
     lengths: jax.Array | None = None,
     layout: DGALayout | None = None,
+    passes: ImportancePasses | None = None,
 ) -> jax.Array:
     """q [B, C, Hq, D], k/v [B, C, Hkv, D] -> [B, C, Hq, D] in q's dtype (C = L unless split).
 
@@ -37,6 +39,7 @@ def compressed_attention(
     device's rows of the sequence, walked piece by piece with entry intervals relative to the
     piece's first position. `lengths` [B]: the valid positions of each row of a right-padded
     batch (`dga_layout`). `layout`: the sequence's layout if already built (`compressed_kv`).
+    `passes`: how global importance runs (None: XLA's loops; `backends.importance_implementation`).
     """
     pieces, lag = compressed_kv(
         q,
@@ -48,6 +51,7 @@ def compressed_attention(
         split=split,
         lengths=lengths,
         layout=layout,
+        passes=passes,
     )
     out = [
         attend(rows, prefix, band, scale=scale, block_sizes=block_sizes, band_lag=lag)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.layout import DGALayout, dga_layout, fold_members
+from dga_jax.ops.dga.selection import ImportancePasses
 from dga_jax.ops.intervals import NEVER, Entries
 from dga_jax.ops.tiles import BlockSizes
 
@@ -71,6 +72,7 @@ def compressed_kv(
     split: ContextSplit = WHOLE,
     lengths: jax.Array | None = None,
     layout: DGALayout | None = None,
+    passes: ImportancePasses | None = None,
 ) -> tuple[list[tuple[Entries, Entries | None]], int]:
     """([(prefix, band) per piece], band lag): the KV' the queries of q [B, C, Hq, D] attend to.
 
@@ -80,9 +82,12 @@ def compressed_kv(
     number of raw entries that can start before a query and still be visible to it: the members
     of one unfinished group or chunk. `lengths`: see `dga_layout`. `layout`: this sequence's,
     already built (`dga_layout` with the same config, scale and lengths): selection is skipped.
+    `passes`: how global importance runs (`dga_layout`).
     """
     if layout is None:
-        layout = dga_layout(q, k, config, scale, block=block, split=split, lengths=lengths)
+        layout = dga_layout(
+            q, k, config, scale, block=block, split=split, lengths=lengths, passes=passes
+        )
     sizes = layout.sizes
     lag = max(sizes.chunk, sizes.group_size) - 1
     if split.shards > 1:

@@ -37,6 +37,7 @@ import numpy as np
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig, LayoutSizes
 from dga_jax.ops.dga.selection import (
+    ImportancePasses,
     chunk_focal_mask,
     global_importance,
     streaming_score,
@@ -101,6 +102,7 @@ def dga_layout(
     block: int = BlockSizes.block_importance,
     split: ContextSplit = WHOLE,
     lengths: jax.Array | None = None,
+    passes: ImportancePasses | None = None,
 ) -> DGALayout:
     """Builds the layout from q [B, C, Hq, D] and k [B, C, Hkv, D]; carries no gradient.
 
@@ -109,6 +111,8 @@ def dga_layout(
     L = C * split.shards positions; the layout is the whole sequence's, the same on every device:
     only sampled queries and per-position scores cross devices. `lengths` [B] int: the valid
     positions of each row of a right-padded batch (module docstring); not under a split.
+    `passes`: how global importance's two passes run (None: XLA's loops,
+    `selection.XLA_PASSES`; the Triton kernels: `backends.importance_implementation`).
     """
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     sizes = config.sizes(q.shape[1] * split.shards)
@@ -121,7 +125,14 @@ def dga_layout(
         score = jnp.ones(shape, jnp.float32)
     elif config.selection == "global":
         score = global_importance(
-            q, k, sizes.group_size, scale, block=block, split=split, lengths=lengths
+            q,
+            k,
+            sizes.group_size,
+            scale,
+            block=block,
+            split=split,
+            lengths=lengths,
+            passes=passes,
         )
         focal = top_r_mask(score, rows.num_focal[:, None])
     else:

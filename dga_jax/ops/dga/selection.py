@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +22,7 @@ import numpy as np
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import LayoutSizes
 from dga_jax.ops.intervals import NEVER
-from dga_jax.ops.tiles import BlockSizes, round_up
+from dga_jax.ops.tiles import BlockSizes, mass_stats_step, probability_mass, round_up
 
 
 def sampled_positions(seq_len: int, group_size: int) -> np.ndarray:
@@ -28,6 +30,19 @@ def sampled_positions(seq_len: int, group_size: int) -> np.ndarray:
     return np.unique(
         np.minimum(np.arange(group_size - 1, seq_len + group_size - 1, group_size), seq_len - 1)
     )
+
+
+class ImportancePasses(NamedTuple):
+    """How the two passes of global importance run over `ImportanceTiles`: XLA loops
+    (`XLA_PASSES`) or a backend's kernels (`dga_jax.ops.dga.backends`).
+
+    stats(tiles) -> (max, sum of exp) of each sampled row's logits over this device's keys,
+    [B*Hkv, nS*G] float32 each (row s*G + g: sampled query s, query head g of the group);
+    scores(tiles, lse [B*Hkv, nS*G]) -> each key's probability mass [B*Hkv, C] float32.
+    """
+
+    stats: Callable
+    scores: Callable
 
 
 def global_importance(
@@ -39,6 +54,7 @@ def global_importance(
     block: int = BlockSizes.block_importance,
     split: ContextSplit = WHOLE,
     lengths: jax.Array | None = None,
+    passes: ImportancePasses | None = None,
 ) -> jax.Array:
     """s_i = Σ_heads Σ_{j in S, j >= i} softmax_j(q_j k_i * scale), as [B, Hkv, L] float32.
 
@@ -47,10 +63,12 @@ def global_importance(
 
     Two flash-style passes over the lower triangle of (sampled query block, key block) tiles:
     the first finds each sampled query's log-sum-exp (per device over its keys, then combined),
-    the second sums probabilities per local key; the per-key scores are then gathered. Only the
-    tiles on the causal diagonal are masked (`_ImportanceTiles.visit`): 1.25x faster at L=16K,
-    Hq=4, Hkv=2, D=32 on CPU.
+    the second sums probabilities per local key; the per-key scores are then gathered. `passes`
+    runs them (None: `XLA_PASSES`, `block`-key tiles); in XLA only the tiles on the causal
+    diagonal are masked (`ImportanceTiles.visit`): 1.25x faster at L=16K, Hq=4, Hkv=2, D=32 on
+    CPU.
     """
+    passes = XLA_PASSES if passes is None else passes
     b, chunk, hkv = q.shape[0], q.shape[1], k.shape[2]
     pos = sampled_positions(chunk * split.shards, group_size)
     if lengths is None:
@@ -58,17 +76,13 @@ def global_importance(
     else:
         row_pos = _row_sampled(pos, jnp.asarray(lengths, jnp.int32))  # [B, nS]
         qs = jnp.take_along_axis(q, jnp.maximum(row_pos, 0)[:, :, None, None], axis=1)
-    tiles = _ImportanceTiles.build(qs, row_pos, k, group_size, scale, block, split.positions(chunk))
-    mx, total = jax.lax.map(
-        functools.partial(_sampled_stats, tiles), jnp.arange(tiles.row_blocks)
-    )  # [nS/rows, B*Hkv, rows*G] each
+    tiles = ImportanceTiles.build(qs, row_pos, k, group_size, scale, block, split.positions(chunk))
+    mx, total = passes.stats(tiles)  # [B*Hkv, nS*G] each
     top = split.pmax(mx)
     safe = jnp.where(jnp.isfinite(top), top, 0.0)
     total = split.psum(total * jnp.exp(mx - safe))
     lse = jnp.where(total > 0, safe + jnp.log(jnp.where(total > 0, total, 1.0)), jnp.inf)
-    keys = jnp.arange(tiles.ks.shape[1] // block)
-    s = jax.lax.map(functools.partial(_key_importance, tiles, lse), keys)  # [nK, B*Hkv, block]
-    s = s.transpose(1, 0, 2).reshape(b, hkv, -1)[..., :chunk]
+    s = passes.scores(tiles, lse)[:, :chunk].reshape(b, hkv, chunk)
     return split.gather_sequence(s, axis=2)
 
 
@@ -83,7 +97,7 @@ def _row_sampled(pos: np.ndarray, lengths: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class _ImportanceTiles:
+class ImportanceTiles:
     """Sampled queries and this device's keys cut into tiles; padding is never visible."""
 
     qs: jax.Array  # [B*Hkv, nS (padded), G, D] sampled queries
@@ -98,7 +112,7 @@ class _ImportanceTiles:
     @classmethod
     def build(
         cls, qs, pos: jax.Array, k, group_size: int, scale: float, block: int, key_pos
-    ) -> _ImportanceTiles:
+    ) -> ImportanceTiles:
         """qs [B, nS, Hq, D] at sampled positions `pos` ([nS], or [B, nS] per row), k
         [B, C, Hkv, D] at `key_pos` [C]."""
         b, n_sampled, hq, d = qs.shape
@@ -154,35 +168,30 @@ class _ImportanceTiles:
         last_key = self.key_pos[kb * self.block + self.block - 1]
         return jnp.min(self.positions(i)) >= last_key
 
-    def visit(self, i, kb, fn, *args):
-        """fn(products, visible, *args) of tile (i, kb), visible None where every sampled query
-        sees every key: only the tiles on the causal diagonal pay for the mask. fn scales the
-        products itself, so XLA fuses the scaling into the pass that reads them."""
+    def visit(self, i, kb, fn):
+        """fn(products, visible) of tile (i, kb), visible None where every sampled query sees
+        every key: only the tiles on the causal diagonal pay for the mask."""
         products = self.products(i, kb)
         return jax.lax.cond(
             self.whole(i, kb),
-            lambda: fn(products, None, *args),
-            lambda: fn(products, self.visible(i, kb), *args),
+            lambda: fn(products, None),
+            lambda: fn(products, self.visible(i, kb)),
         )
 
 
-def _sampled_stats(tiles: _ImportanceTiles, i: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _xla_stats(tiles: ImportanceTiles) -> tuple[jax.Array, jax.Array]:
+    """`ImportancePasses.stats` by XLA loops: a map over sampled-query tiles."""
+    mx, total = jax.lax.map(functools.partial(_sampled_stats, tiles), jnp.arange(tiles.row_blocks))
+    return tuple(x.transpose(1, 0, 2).reshape(x.shape[1], -1) for x in (mx, total))
+
+
+def _sampled_stats(tiles: ImportanceTiles, i: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Max and sum of exp [B*Hkv, rows*G] of sampled-query tile i over this device's keys."""
 
-    def update(products, visible, mx, total):
-        logits = products * tiles.scale
-        if visible is None:  # the max of the products as they are: one pass fewer
-            tile_max = jnp.max(products, axis=-1) * tiles.scale
-        else:
-            logits = jnp.where(visible, logits, -jnp.inf)
-            tile_max = jnp.max(logits, axis=-1)
-        new = jnp.maximum(mx, tile_max)
-        safe = jnp.where(jnp.isfinite(new), new, 0.0)
-        p = jnp.exp(logits - safe[..., None])
-        return new, total * jnp.exp(mx - safe) + p.sum(-1)
-
     def body(kb, carry):
-        return tiles.visit(i, kb, update, *carry)
+        return tiles.visit(
+            i, kb, lambda raw, visible: mass_stats_step(tiles.scale, carry, raw, visible)
+        )
 
     shape = (tiles.qs.shape[0], tiles.rows * tiles.qs.shape[2])
     init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape))
@@ -190,20 +199,30 @@ def _sampled_stats(tiles: _ImportanceTiles, i: jax.Array) -> tuple[jax.Array, ja
     return jax.lax.fori_loop(0, -(-keys // tiles.block), body, init)
 
 
-def _key_importance(tiles: _ImportanceTiles, lse: jax.Array, kb: jax.Array) -> jax.Array:
-    """Σ over sampled queries of softmax probabilities, for key block kb: [B*Hkv, block]."""
+def _xla_scores(tiles: ImportanceTiles, lse: jax.Array) -> jax.Array:
+    """`ImportancePasses.scores` by XLA loops: a map over key blocks."""
+    keys = jnp.arange(tiles.ks.shape[1] // tiles.block)
+    s = jax.lax.map(functools.partial(_key_importance, tiles, lse), keys)  # [nK, B*Hkv, block]
+    return s.transpose(1, 0, 2).reshape(s.shape[1], -1)
 
-    def add(products, visible, lse_i, acc):
-        p = jnp.exp(products * tiles.scale - lse_i[..., None])
-        return acc + (p if visible is None else jnp.where(visible, p, 0.0)).sum(axis=1)
+
+def _key_importance(tiles: ImportanceTiles, lse: jax.Array, kb: jax.Array) -> jax.Array:
+    """Σ over sampled queries of softmax probabilities, for key block kb: [B*Hkv, block]."""
+    width = tiles.rows * tiles.qs.shape[2]
 
     def body(i, acc):
-        return tiles.visit(i, kb, add, lse[i], acc)
+        lse_i = jax.lax.dynamic_slice_in_dim(lse, i * width, width, axis=1)
+        return acc + tiles.visit(
+            i, kb, lambda raw, visible: probability_mass(tiles.scale, raw, lse_i, visible)
+        )
 
     # Sampled tile i spans positions < (i + 1) * rows * m: earlier tiles end before key block kb.
     first = tiles.key_pos[kb * tiles.block] // (tiles.rows * tiles.group_size)
     init = jnp.zeros((tiles.qs.shape[0], tiles.block))
     return jax.lax.fori_loop(first, tiles.row_blocks, body, init)
+
+
+XLA_PASSES = ImportancePasses(_xla_stats, _xla_scores)
 
 
 def top_r_mask(score: jax.Array, r: int | jax.Array) -> jax.Array:

@@ -1,0 +1,125 @@
+"""Global importance (DGA's selection pass) by XLA's loops against the Triton kernels, side by side.
+
+    python benchmarks/importance.py                                  # on a GPU: L = 4K..32K
+    python benchmarks/importance.py --tiles 64x64,128x64,128x128     # the kernels' tile sweep
+    python benchmarks/importance.py --quick --interpret              # any backend: a logic check
+
+`dga_jax.ops.dga.selection.global_importance` (the spec's s_i: the sampled queries' softmax
+probabilities summed per key, two passes) with `XLA_PASSES` ("xla") and with the Triton kernels
+(`pallas_gpu_importance`, "triton RxK": R sampled rows by K keys a tile). Each variant is
+compiled and warmed up, then all are timed in `--repeats` rounds of one call each (medians).
+Every kernel variant's scores are checked against XLA's (largest difference relative to the
+largest score). TFLOP/s counts both passes' QK products over the visible (sampled query, key)
+pairs. The kernels run compiled on a GPU only; `--interpret` runs them in Pallas' interpreter
+anywhere (slow: small lengths). Defaults: bfloat16, B=1, Hq=Hkv=32, D=128, m=16 (LLaMA2-7B's
+attention). Results: the table on stdout and `benchmarks/results/importance_<backend>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import statistics
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from common import Calls, add_attention_args, environment, length_label, write_results
+
+from dga_jax.ops.dga import pallas_gpu_importance
+from dga_jax.ops.dga.selection import global_importance, sampled_positions
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="L in {1K, 2K}, 2 repeats")
+    p.add_argument("--lengths", help="comma list (default 4096,8192,16384,32768)")
+    p.add_argument("--tiles", default="64x64", help="the kernels' tiles, rows x keys, comma list")
+    p.add_argument("--repeats", type=int, help="timed rounds (default 5; --quick: 2)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    p.add_argument("--interpret", action="store_true", help="kernels in Pallas' interpreter")
+    add_attention_args(p)
+    p.set_defaults(heads=32, kv_heads=32)
+    args = p.parse_args(argv)
+    default = "1024,2048" if args.quick else "4096,8192,16384,32768"
+    args.lengths = [int(x) for x in (args.lengths or default).split(",")]
+    args.tiles = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",")]
+    args.repeats = args.repeats or (2 if args.quick else 5)
+    return args
+
+
+def variants(args) -> dict[str, functools.partial]:
+    """name -> global_importance with those passes."""
+    out = {"xla": functools.partial(global_importance, passes=None)}
+    for rows, keys in args.tiles:
+        tile = pallas_gpu_importance.ImportanceTile(rows, keys)
+        passes = pallas_gpu_importance.passes(args.interpret, tile)
+        out[f"triton {rows}x{keys}"] = functools.partial(global_importance, passes=passes)
+    return out
+
+
+def pass_flops(length: int, args) -> float:
+    """Both passes' QK products over the visible (sampled query, key) pairs, all heads."""
+    pairs = float(np.sum(sampled_positions(length, args.group_size) + 1))
+    return 2 * 2 * pairs * args.head_dim * args.heads * args.batch
+
+
+def measure(length: int, args) -> list[dict]:
+    keys = jax.random.split(jax.random.key(length), 2)
+    dtype = jnp.dtype(args.dtype)
+    q = jax.random.normal(keys[0], (args.batch, length, args.heads, args.head_dim), dtype)
+    k = jax.random.normal(keys[1], (args.batch, length, args.kv_heads, args.head_dim), dtype)
+    scale = args.head_dim**-0.5
+    calls, scores = Calls(), {}
+    for name, fn in variants(args).items():
+        scores[name] = calls.add(
+            name, functools.partial(fn, group_size=args.group_size, scale=scale), q, k
+        )
+    times = calls.time_ms(args.repeats)
+    want = np.asarray(scores["xla"])
+    flops = pass_flops(length, args)
+    records = []
+    for name, ms in times.items():
+        median = statistics.median(ms)
+        error = float(np.max(np.abs(np.asarray(scores[name]) - want)) / np.max(np.abs(want)))
+        records.append(
+            dict(
+                L=length,
+                variant=name,
+                median_ms=median,
+                times_ms=ms,
+                tflops=flops / median / 1e9,
+                relative_error=error,
+            )
+        )
+    return records
+
+
+def report(records: list[dict]) -> None:
+    print(
+        f"{'L':>6}  {'variant':<16}{'median ms':>11}{'TFLOP/s':>9}{'xla / this':>12}"
+        f"{'rel. err':>10}"
+    )
+    xla = {r["L"]: r["median_ms"] for r in records if r["variant"] == "xla"}
+    for r in records:
+        print(
+            f"{length_label(r['L']):>6}  {r['variant']:<16}{r['median_ms']:>11.2f}"
+            f"{r['tflops']:>9.1f}{xla[r['L']] / r['median_ms']:>11.2f}x{r['relative_error']:>10.1e}"
+        )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    env = environment()
+    print(
+        f"global importance on {env['device_kind']} ({env['backend']}), {args.dtype}, "
+        f"B={args.batch}, Hq={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}, "
+        f"m={args.group_size}, median of {args.repeats}"
+    )
+    records = [r for length in args.lengths for r in measure(length, args)]
+    report(records)
+    print(f"wrote {write_results('importance', args, env, records)}")
+
+
+if __name__ == "__main__":
+    main()
