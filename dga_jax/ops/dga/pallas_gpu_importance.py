@@ -31,6 +31,9 @@ from dga_jax.ops.dga.selection import ImportancePasses, ImportanceTiles
 from dga_jax.ops.ranges import NEVER
 from dga_jax.ops.tiles import mass_stats_step, probability_mass, round_up
 
+# Binary searches unrolled: no XLA while loop (on a GPU, a launch or two per step) around the
+# kernels.
+SEARCH = "scan_unrolled"
 _AFTER_ALL = NEVER - 1  # a row tile of padding only, placed after every key (and before NEVER)
 
 
@@ -66,8 +69,8 @@ def stats(
     q, pos, k, key_pos = _operands(tiles, tile)
     lo, hi = _row_tile_bounds(pos, tile)
     first_key, last_key = _key_tile_bounds(key_pos, tile)
-    full = jnp.searchsorted(last_key, lo, side="right").astype(jnp.int32)
-    end = jnp.searchsorted(first_key, hi, side="right").astype(jnp.int32)
+    full = jnp.searchsorted(last_key, lo, side="right", method=SEARCH).astype(jnp.int32)
+    end = jnp.searchsorted(first_key, hi, side="right", method=SEARCH).astype(jnp.int32)
     bh, rows, d = q.shape
     row_tiles = rows // tile.rows
     ranges = pl.BlockSpec((None, row_tiles), lambda b, i: (b, 0))
@@ -212,7 +215,7 @@ def _key_tile_ranges(pos, key_pos, tile: ImportanceTile) -> tuple[jax.Array, ...
     real = jnp.sum(lo >= 0, axis=1, keepdims=True)  # tiles of real rows only
 
     def count_below(bounds, values):  # per batch row: #{bounds < value}, bounds increasing
-        return jax.vmap(lambda b: jnp.searchsorted(b, values, side="left"))(bounds)
+        return jax.vmap(lambda b: jnp.searchsorted(b, values, side="left", method=SEARCH))(bounds)
 
     first = count_below(jnp.where(hi >= 0, hi, _AFTER_ALL), first_key)
     whole_from = count_below(jnp.where(lo >= 0, lo, _AFTER_ALL), last_key)
