@@ -3,7 +3,9 @@
 A tile is a block of KV entries with visibility intervals: a query at position t sees entry e
 iff `start_e <= t < until_e`, with an additive logit bias. The same functions serve the XLA
 walk (`dga_jax.ops.intervals`, tiles with leading batch axes) and both Pallas backends (one
-[bq, D] tile per program); a backend only says how it multiplies (`Dots`).
+[bq, D] tile per program); a backend only says how it multiplies (`Dots`). Global importance's
+two passes (`mass_stats_step`, `probability_mass`) serve its XLA loops and its Triton kernels
+alike.
 
 Shapes: queries q [..., R, D] at positions t [..., R, 1] (or [..., R, N]); a tile's k, v
 [..., N, D], its start, until, bias [..., 1, N]. Softmax statistics are float32 columns
