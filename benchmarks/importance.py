@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import Calls, add_attention_args, environment, length_label, write_results
+from common import Calls, environment, length_label, write_results
 
 from dga_jax.ops.dga import pallas_gpu_importance
 from dga_jax.ops.dga.selection import global_importance, sampled_positions
@@ -38,9 +39,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, help="timed rounds (default 5; --quick: 2)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--interpret", action="store_true", help="kernels in Pallas' interpreter")
-    add_attention_args(p)
-    p.set_defaults(heads=32, kv_heads=32)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=32, help="query heads Hq")
+    p.add_argument("--kv-heads", type=int, default=32, help="key/value heads Hkv")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--group-size", type=int, default=16, help="DGA group size m")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
+    if not args.interpret and jax.default_backend() != "gpu":
+        p.error(f"the Triton kernels run on a GPU, not {jax.default_backend()!r}: add --interpret")
     default = "1024,2048" if args.quick else "4096,8192,16384,32768"
     args.lengths = [int(x) for x in (args.lengths or default).split(",")]
     args.tiles = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",")]
