@@ -4,7 +4,9 @@ Compares `dga_jax.dga_attention` with implementation "pallas_gpu" / "pallas_tpu"
 their own hardware only: interpret mode says nothing about speed) and "xla" ("dga_xla") with
 `dga_jax.dense_attention` "xla" (`jax.nn.dot_product_attention`, materialises L x L logits),
 "blockwise" (flash-style XLA, memory linear in L) and, on GPU only, "cudnn". The speedup column
-is each row's time over the first DGA implementation's (the kernel where there is one).
+is each row's time over the first DGA implementation's (the kernel where there is one). A DGA
+implementation may name its tiles: `dga_pallas_gpu@128x64` runs `BlockSizes(block_q=128,
+block_k=64)` (the rest default), for a sweep side by side.
 Defaults: L in {2K, ..., 32K}, B=1, Hq=Hkv=8, D=128, gamma=0.1, m=16, float32 on CPU and
 bfloat16 on an accelerator. The issue's GPU table: `--heads 32 --kv-heads 32 --lengths
 4096,8192,16384,32768 --impls dga_pallas_gpu,dga_xla,dense_cudnn` (bfloat16 by default).
@@ -34,6 +36,7 @@ import dataclasses
 import functools
 import gc
 import json
+import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +57,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import dga_jax
+from dga_jax import BlockSizes
 from dga_jax.compile_stats import xla_peak_bytes
 
 FULL_LENGTHS = (2048, 4096, 8192, 16384, 32768)
@@ -69,7 +73,7 @@ IMPLS = (
 )
 ONLY_ON = {"dga_pallas_gpu": "gpu", "dga_pallas_tpu": "tpu", "dense_cudnn": "gpu"}
 DASH = "\N{EM DASH}"
-COLUMNS = f"{'L':>6}  {'mode':<8}{'impl':<16}{'median ms':>11}{'min ms':>11}"
+COLUMNS = f"{'L':>6}  {'mode':<8}{'impl':<22}{'median ms':>11}{'min ms':>11}"
 HEADER = f"{COLUMNS}{'speedup':>9}{'XLA peak GiB':>14}  status"
 
 
@@ -117,13 +121,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.repeats = args.repeats or (2 if args.quick else 5)
     if args.impls is None:
         args.impls = [impl for impl in IMPLS if ONLY_ON.get(impl, backend) == backend]
-    for name, choices in (("modes", MODES), ("impls", IMPLS)):
-        unknown = set(getattr(args, name)) - set(choices)
-        if unknown:
-            p.error(f"--{name}: unknown {sorted(unknown)}; choose from {','.join(choices)}")
-        setattr(args, name, [item for item in choices if item in getattr(args, name)])
+    unknown = set(args.modes) - set(MODES)
+    unknown |= {impl for impl in args.impls if impl.partition("@")[0] not in IMPLS}
+    unknown |= {impl for impl in args.impls if "@" in impl and not _tiled(impl)}
+    if unknown:
+        p.error(f"unknown {sorted(unknown)}; choose from {','.join(MODES + IMPLS)}, DGA ones @RxK")
+    args.modes = [mode for mode in MODES if mode in args.modes]
+    args.impls = sorted(dict.fromkeys(args.impls), key=lambda i: IMPLS.index(i.partition("@")[0]))
     args.baseline = next((impl for impl in args.impls if impl.startswith("dga_")), None)
     return args
+
+
+def _tiled(impl: str) -> BlockSizes | None:
+    """ "dga_...@RxK" -> BlockSizes(block_q=R, block_k=K); None for no or a malformed suffix."""
+    name, _, tiles = impl.partition("@")
+    found = re.fullmatch(r"(\d+)x(\d+)", tiles)
+    if not name.startswith("dga_") or found is None:
+        return None
+    return BlockSizes(block_q=int(found[1]), block_k=int(found[2]))
 
 
 def attention(impl: str, args: argparse.Namespace) -> Callable[..., jax.Array]:
@@ -134,7 +149,8 @@ def attention(impl: str, args: argparse.Namespace) -> Callable[..., jax.Array]:
             dga_jax.dga_attention,
             **dga,
             selection=args.selection,
-            implementation=impl.removeprefix("dga_"),
+            implementation=impl.partition("@")[0].removeprefix("dga_"),
+            block_sizes=_tiled(impl),
         )
     return functools.partial(dga_jax.dense_attention, implementation=impl.removeprefix("dense_"))
 
@@ -211,7 +227,7 @@ def format_row(record: Record, dga_ms: float | None, baseline: str | None) -> st
         speedup = f"{record.median_ms / dga_ms:.2f}x"
     peak = DASH if record.xla_peak_bytes is None else f"{record.xla_peak_bytes / GIB:.3f}"
     status = record.status if record.reason is None else f"{record.status}: {record.reason}"
-    cells = f"{record.L:>6}  {record.mode:<8}{record.impl:<16}{fmt_ms(record.median_ms):>11}"
+    cells = f"{record.L:>6}  {record.mode:<8}{record.impl:<22}{fmt_ms(record.median_ms):>11}"
     return f"{cells}{fmt_ms(record.min_ms):>11}{speedup:>9}{peak:>14}  {status}"
 
 

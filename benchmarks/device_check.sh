@@ -2,40 +2,48 @@
 # The GPU checks, as one call on a lent GPU machine (the `device` tool runs it from the
 # repository root with its image's python3, which has JAX with CUDA, Triton, Flax and Optax):
 #
-#   bash benchmarks/device_check.sh            # ~9 minutes on an H200
+#   bash benchmarks/device_check.sh            # ~9.5 minutes on an H200
 #
 # 1. benchmarks/importance.py: global importance by XLA's loops vs the Triton kernels, three
-#    kernel tiles, L = 4K..32K (bfloat16, B=1, H=32, D=128, m=16);
+#    kernel tiles, L = 4K..32K (bfloat16, B=1, H=32, D=128, m=16), scores checked against XLA's;
 # 2. benchmarks/attention.py at the Pallas issue's shapes (bfloat16, B=1, H=32, D=128, m=16,
 #    gamma=0.1): DGA pallas_gpu vs cuDNN dense vs DGA xla, forward and forward+backward;
-# 3. the DGA conformance suite and the kernel tests, the Triton kernels compiled (tests/conftest.py
-#    turns interpret mode off and float32 matmuls to IEEE precision on a GPU);
-# 4. benchmarks/decode.py with LLaMA2-7B-shaped random weights in bfloat16.
+# 3. the Triton walk's tiles side by side at 16K and 32K (64x64 default, 128x64, 32x32: those
+#    that compile without a register spill, benchmarks/RESULTS.md), into $out/tiles;
+# 4. benchmarks/decode.py with LLaMA2-7B-shaped random weights in bfloat16;
+# 5. the DGA conformance suite and the kernel tests, the Triton kernels compiled (tests/conftest.py
+#    turns interpret mode off and float32 matmuls to IEEE precision on a GPU).
 # The measurements come first: the tests compile many small kernels and take most of the time.
-# Tables, JSON and plots go to $OUT (the device tool's output folder) or benchmarks/results; a
-# failing step is reported and the next one still runs.
+# Tables, JSON, plots and each step's log go to benchmarks/results; under the device tool (OUT
+# set) to a scratch folder packed into $OUT/device_check.tgz after every step (the tool brings
+# back at most 8 files, and a run cut by its time limit still returns the steps done). A failing
+# step is reported and the next one still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-out=${OUT:-benchmarks/results}
+if [ -n "${OUT:-}" ]; then out=$(mktemp -d); else out=benchmarks/results; fi
 mkdir -p "$out"
 export PYTHONPATH=$PWD
 status=0
 
-run() {  # run NAME CMD...: tee the output to $out/NAME.log, remember a failure
+run() {  # run NAME CMD...: tee the output to $out/NAME.log, remember a failure, pack
     echo "== $1"
     local name=$1
     shift
     "$@" 2>&1 | tee "$out/$name.log"
     local rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || { echo "== $name failed (exit $rc)"; status=1; }
+    if [ -n "${OUT:-}" ]; then tar czf "$OUT/device_check.tgz" -C "$out" .; fi
 }
 
 run device python3 -c "import jax; print(jax.__version__, jax.devices())"
 run importance python3 benchmarks/importance.py --tiles 64x64,128x64,128x128 --out "$out"
 run attention python3 benchmarks/attention.py --dtype bfloat16 --heads 32 --kv-heads 32 \
     --lengths 4096,8192,16384,32768 --impls dga_pallas_gpu,dense_cudnn,dga_xla --out "$out"
-run tests python3 -m pytest -q -p no:cacheprovider tests/ops/test_dga_conformance.py \
-    tests/ops/test_pallas.py -k "pallas_gpu or gpu_kernels or xla"
+run tiles python3 benchmarks/attention.py --dtype bfloat16 --heads 32 --kv-heads 32 \
+    --lengths 16384,32768 --impls dga_pallas_gpu,dga_pallas_gpu@128x64,dga_pallas_gpu@32x32 \
+    --out "$out/tiles"
 run decode python3 benchmarks/decode.py --preset llama2_7b --dtype bfloat16 --steps 32 \
     --out "$out"
+run tests python3 -m pytest -q -p no:cacheprovider tests/ops/test_dga_conformance.py \
+    tests/ops/test_pallas.py -k "pallas_gpu or gpu_kernels or xla"
 exit $status

@@ -1,0 +1,34 @@
+"""`benchmarks/attention.py` end to end at a small length, with a DGA implementation in named
+tiles beside its default ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "benchmarks/attention.py", "--quick", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def test_named_tiles_run_beside_the_default_ones(tmp_path):
+    impls = "dense_blockwise,dga_xla@64x32,dga_xla"
+    result = _run("--lengths", "256", "--modes", "fwd", "--impls", impls, "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = tmp_path.glob("attention_*.json")
+    records = json.loads(path.read_text())["records"]
+    # DGA first (the speedup's baseline), in the order given, then dense.
+    assert [r["impl"] for r in records] == ["dga_xla@64x32", "dga_xla", "dense_blockwise"]
+    assert all(r["status"] == "ok" and r["median_ms"] > 0 for r in records)
+
+
+def test_malformed_tiles_are_named(tmp_path):
+    result = _run("--impls", "dga_xla@64", "--out", str(tmp_path))
+    assert result.returncode == 2 and "dga_xla@64" in result.stderr
+    result = _run("--impls", "dense_xla@64x64", "--out", str(tmp_path))
+    assert result.returncode == 2 and "dense_xla@64x64" in result.stderr
