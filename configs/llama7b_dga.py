@@ -10,6 +10,8 @@ LongLoRA's full fine-tune recipe (shared/PAPER_NOTES.md): 8K sequences, global b
 (micro-batch 8 x accumulation 8 on 8 devices), lr 2e-5 with 20 warmup steps then constant,
 weight decay 0, bf16 compute with float32 master weights, linear RoPE scaling factor 2, 1000
 steps (~0.52B tokens), FSDP over all devices (set `--config.mesh.seq` to shard long sequences).
+On GPUs add `--config.model.overrides.attention_impl=pallas_gpu` (DGA's Triton kernels; the
+default "xla" runs anywhere), on TPUs `pallas_tpu`.
 Expected (paper): LongBench-E average about 21 vs 21.7 for dense attention.
 """
 

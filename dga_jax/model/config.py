@@ -14,6 +14,9 @@ from typing import Any
 import jax.numpy as jnp
 
 from dga_jax import strict
+from dga_jax.ops.dense import DENSE_IMPLEMENTATIONS
+from dga_jax.ops.dga.api import IMPLEMENTATIONS as DGA_IMPLEMENTATIONS
+from dga_jax.ops.dga.backends import INTERVAL_IMPLEMENTATIONS
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.sharded import CONTEXT_ORDERS, STRATEGIES
 from dga_jax.ops.minference import MInferenceConfig
@@ -23,6 +26,14 @@ from dga_jax.ops.sinks import LMInfiniteConfig, SinkConfig, StreamingLLMConfig
 ATTENTION_KINDS = ("dense", "dga", "streaming_llm", "lm_infinite", "minference")
 SINK_KINDS = ("streaming_llm", "lm_infinite")
 BASELINE_KINDS = (*SINK_KINDS, "minference")
+# What `attention_impl` may name for each kind (MInference runs its own XLA walk only).
+ATTENTION_IMPLS = {
+    "dense": DENSE_IMPLEMENTATIONS,
+    "dga": DGA_IMPLEMENTATIONS,
+    "streaming_llm": INTERVAL_IMPLEMENTATIONS,
+    "lm_infinite": INTERVAL_IMPLEMENTATIONS,
+    "minference": ("xla",),
+}
 ROPE_KINDS = ("none", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -115,13 +126,14 @@ class ModelConfig:
                 raise ValueError(
                     f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
+        allowed = ATTENTION_IMPLS[self.attention]
+        if self.attention_impl is not None and self.attention_impl not in allowed:
+            raise ValueError(
+                f"model.attention_impl={self.attention_impl!r}: attention={self.attention!r} "
+                f"runs one of {allowed}, or None (the library's default)"
+            )
         if self.attention == "minference":
             self.minference.check_fits(self.max_position)
-            if self.attention_impl not in (None, "xla"):
-                raise ValueError(
-                    f"model.attention_impl={self.attention_impl!r}: attention='minference' runs "
-                    "on its own XLA walk only; use None or 'xla'"
-                )
 
     @property
     def sinks(self) -> SinkConfig | None:

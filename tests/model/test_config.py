@@ -88,6 +88,9 @@ def test_ints_are_floats_and_none_is_the_default_impl():
         (dict(dtype="float8"), "dtype"),
         (dict(d_model=0), "d_model"),
         (dict(attention="minference", attention_impl="pallas_gpu"), "attention_impl"),
+        (dict(attention="dga", attention_impl="bogus"), "attention_impl='bogus'"),
+        (dict(attention="dense", attention_impl="pallas_gpu"), "attention='dense'"),
+        (dict(attention="streaming_llm", attention_impl="cudnn"), "attention_impl"),
     ],
 )
 def test_bad_values_are_rejected_by_name(changes, match):
