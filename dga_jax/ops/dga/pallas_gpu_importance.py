@@ -1,8 +1,9 @@
 """Global importance as two Triton kernels: `ImportancePasses` for implementation='pallas_gpu'.
 
 XLA's passes (`selection.XLA_PASSES`) loop over tiles with trip counts read from the data; on a
-GPU every trip is a few small launches and a loop test the host reads back, and importance took
-half of DGA's forward on an H200 (benchmarks/RESULTS.md, "## GPU"). Here each pass is one launch:
+GPU every trip is a few small launches (and, by XLA:GPU's while loop, a loop test read back on
+the host), and importance took half of DGA's forward on an H200 (benchmarks/RESULTS.md, "## GPU").
+Here each pass is one launch:
 
 - stats: grid (B*Hkv, row tile); a program walks the key tiles its sampled rows see, `[0, full)`
   unmasked then `[full, end)` masked, with a float32 running max and sum (`mass_stats_step`);
