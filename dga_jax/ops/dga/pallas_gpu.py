@@ -58,7 +58,7 @@ def check_fits(
     if limit is None:
         return
     block_q = query_block(block_sizes, q_shape[1])
-    tile = max(block_q, block_sizes.block_k) * _next_power_of_2(q_shape[-1]) * dtype.itemsize
+    tile = max(block_q, block_sizes.block_k) * next_power_of_2(q_shape[-1]) * dtype.itemsize
     need = STAGES * 2 * tile
     if need > limit:
         raise ValueError(
@@ -92,17 +92,18 @@ def interval_attention(
         block_k=block_sizes.block_k,
         band_lag=band_lag,
         interpret=interpret,
-        head_multiple=_next_power_of_2(q.shape[-1]),
+        head_multiple=next_power_of_2(q.shape[-1]),
         q_prefix=q_prefix,
     )
 
 
 def query_block(block_sizes: BlockSizes, seq_len: int) -> int:
     """The query block the kernels run: block_q, at most the length's power of two."""
-    return min(block_sizes.block_q, _next_power_of_2(seq_len))
+    return min(block_sizes.block_q, next_power_of_2(seq_len))
 
 
-def _next_power_of_2(x: int) -> int:
+def next_power_of_2(x: int) -> int:
+    """The smallest power of two >= x, at least Triton's smallest tile."""
     return max(1 << (x - 1).bit_length(), MIN_BLOCK)
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from dga_jax.ops.dga.pallas_gpu import MIN_BLOCK, next_power_of_2
 from dga_jax.ops.dga.pallas_gpu_forward import DOTS, compiler_params
 from dga_jax.ops.dga.selection import ImportancePasses, ImportanceTiles
 from dga_jax.ops.ranges import NEVER
@@ -49,9 +50,9 @@ class ImportanceTile:
     def __post_init__(self):
         for name in ("rows", "keys"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 16 or value & (value - 1):
+            if not isinstance(value, int) or value < MIN_BLOCK or value & (value - 1):
                 raise ValueError(
-                    f"ImportanceTile.{name} must be a power of two >= 16, got {value!r}"
+                    f"ImportanceTile.{name} must be a power of two >= {MIN_BLOCK}, got {value!r}"
                 )
 
 
@@ -176,7 +177,7 @@ def _operands(tiles: ImportanceTiles, tile: ImportanceTile):
     positions [C'] (NEVER: padding): rows and keys padded to whole tiles, D to a power of 2."""
     bh, n_sampled, g, d = tiles.qs.shape
     rows, n_keys = round_up(n_sampled * g, tile.rows), round_up(tiles.ks.shape[1], tile.keys)
-    d_pad = max(16, 1 << (d - 1).bit_length()) - d
+    d_pad = next_power_of_2(d) - d
     q = jnp.pad(tiles.qs.reshape(bh, -1, d), ((0, 0), (0, rows - n_sampled * g), (0, d_pad)))
     pos = jnp.repeat(jnp.broadcast_to(tiles.row_pos, (bh, n_sampled)), g, axis=1)
     pos = jnp.pad(pos, ((0, 0), (0, rows - n_sampled * g)), constant_values=-1)
