@@ -17,6 +17,7 @@ from typing import Any
 import jax
 from trace_scopes import print_scopes, scope_ms
 
+from dga_jax import DGAConfig, ModelConfig
 from dga_jax.compile_stats import xla_peak_bytes
 from dga_jax.timing import time_calls
 
@@ -119,15 +120,17 @@ def timed_record(record: dict[str, Any], times: list[float], tokens: int) -> dic
 
 
 def report_variants(records: list[dict]) -> None:
-    """Prints L, variant, median ms, tokens/s, DGA's speedup and XLA peak per record."""
+    """Prints L, variant, median ms, tokens/s, DGA's speedup and XLA peak per record: the
+    speedup is this record's time over the first DGA variant's at the same L."""
     print(
         f"{'L':>6}  {'variant':<16}{'median ms':>11}{'tokens/s':>11}{'DGA speedup':>13}"
         f"{'XLA peak GiB':>14}  status"
     )
-    dga = {r["L"]: r["median_ms"] for r in records if r["variant"] == "dga_xla"}
+    reference = first_dga([r["variant"] for r in records])
+    dga = {r["L"]: r["median_ms"] for r in records if r["variant"] == reference}
     for r in records:
         ms, dga_ms = r["median_ms"], dga.get(r["L"])
-        speedup = "—" if r["variant"] == "dga_xla" or not (ms and dga_ms) else f"{ms / dga_ms:.2f}x"
+        speedup = "—" if r["variant"] == reference or not (ms and dga_ms) else f"{ms / dga_ms:.2f}x"
         ms_text = "—" if ms is None else f"{ms:.1f}"
         tok_text = "—" if ms is None else f"{r['tokens_per_s']:.0f}"
         print(
@@ -166,9 +169,32 @@ def write_results(name: str, args: Any, env: dict[str, Any], records: list[dict]
 # Model-level benchmark variants: name -> (ModelConfig.attention, ModelConfig.attention_impl).
 VARIANTS = {
     "dga_xla": ("dga", "xla"),
+    "dga_pallas_gpu": ("dga", "pallas_gpu"),
+    "dga_pallas_tpu": ("dga", "pallas_tpu"),
     "dense_xla": ("dense", "xla"),
     "dense_blockwise": ("dense", "blockwise"),
+    "dense_cudnn": ("dense", "cudnn"),
 }
+DEFAULT_VARIANTS = "dga_xla,dense_xla,dense_blockwise"  # what runs on any backend (CPU)
+
+
+def variant_config(args: argparse.Namespace, variant: str) -> ModelConfig:
+    """The model of `args.preset` (with `args.layers` layers if given) and `variant` attention."""
+    attention, impl = VARIANTS[variant]
+    config = ModelConfig.preset(
+        args.preset,
+        attention=attention,
+        attention_impl=impl,
+        dga=DGAConfig(args.group_size, args.focal_ratio, args.selection),
+    )
+    if args.layers is not None:
+        config = config.replace(num_layers=args.layers)
+    return config if args.dtype is None else config.replace(dtype=args.dtype)
+
+
+def first_dga(variants: list[str]) -> str | None:
+    """The first DGA variant named (the reference of DGA's speedups)."""
+    return next((v for v in variants if VARIANTS[v][0] == "dga"), None)
 
 
 def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Namespace:
@@ -176,6 +202,15 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--layers", type=int, default=None, help="default: the preset's")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default=None, help="compute; the preset's"
+    )
+    parser.add_argument(
+        "--variants",
+        default=DEFAULT_VARIANTS,
+        help=f"comma list of {','.join(VARIANTS)}; the first DGA one is the speedups' reference",
+    )
     parser.add_argument("--lengths", default=None, help="comma list; default 4096,16384")
     parser.add_argument("--batch", type=int, default=1)
     add_dga_args(parser)
@@ -185,6 +220,12 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
+    args.variants = list(dict.fromkeys(args.variants.split(",")))
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
+    if args.layers is not None and args.layers < 1:
+        parser.error(f"--layers must be >= 1, got {args.layers}")
     default = "1024,2048" if args.quick else "4096,16384"
     args.lengths = [int(x) for x in (args.lengths or default).split(",")]
     args.repeats = args.repeats or (2 if args.quick else 3)
@@ -213,7 +254,7 @@ def variant_records(prepare: Callable[..., tuple], args, length: int) -> list[di
     """Each variant's record at `length`, timed in turns with the others (`run_variants`);
     with `args.breakdown`, then one traced call each (`trace_scopes.scope_ms`)."""
     calls, records = Calls(), {}
-    for variant in VARIANTS:
+    for variant in args.variants:
         compiled, inputs = prepare(args, variant, length)
         records[variant] = {"L": length, "variant": variant, **fit_record(compiled)}
         if records[variant]["status"] == "ok":

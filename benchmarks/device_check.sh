@@ -10,8 +10,11 @@
 #    gamma=0.1): DGA pallas_gpu vs cuDNN dense vs DGA xla, forward and forward+backward;
 # 3. the Triton walk's tiles side by side at 16K and 32K (64x64 default, 128x64, 32x32: those
 #    that compile without a register spill, benchmarks/RESULTS.md), into $out/tiles;
-# 4. benchmarks/decode.py with LLaMA2-7B-shaped random weights in bfloat16;
-# 5. the DGA conformance suite and the kernel tests, the Triton kernels compiled (tests/conftest.py
+# 4. benchmarks/train_step.py: two of LLaMA2-7B's layers (and its embedding and head) at 16K in
+#    bfloat16, DGA pallas_gpu vs DGA xla vs cuDNN dense: what decides the model's attention_impl
+#    on GPUs;
+# 5. benchmarks/decode.py with LLaMA2-7B-shaped random weights in bfloat16;
+# 6. the DGA conformance suite and the kernel tests, the Triton kernels compiled (tests/conftest.py
 #    turns interpret mode off and float32 matmuls to IEEE precision on a GPU).
 # The measurements come first: the tests compile many small kernels and take most of the time.
 # Tables, JSON, plots and each step's log go to benchmarks/results; under the device tool (OUT
@@ -42,6 +45,8 @@ run attention python3 benchmarks/attention.py --dtype bfloat16 --heads 32 --kv-h
 run tiles python3 benchmarks/attention.py --dtype bfloat16 --heads 32 --kv-heads 32 \
     --lengths 16384,32768 --impls dga_pallas_gpu,dga_pallas_gpu@128x64,dga_pallas_gpu@32x32 \
     --out "$out/tiles"
+run train_step python3 benchmarks/train_step.py --preset llama2_7b --layers 2 --dtype bfloat16 \
+    --lengths 16384 --variants dga_pallas_gpu,dga_xla,dense_cudnn --repeats 3 --out "$out"
 run decode python3 benchmarks/decode.py --preset llama2_7b --dtype bfloat16 --steps 32 \
     --out "$out"
 run tests python3 -m pytest -q -p no:cacheprovider tests/ops/test_dga_conformance.py \

@@ -3,6 +3,8 @@
     python benchmarks/model_forward.py            # L in {4K, 16K}, B=1, float32 on CPU
     python benchmarks/model_forward.py --quick    # L in {1K, 2K}: under a minute
     python benchmarks/model_forward.py --lengths 16384 --breakdown   # and time by model scope
+    python benchmarks/model_forward.py --preset llama2_7b --layers 2 --dtype bfloat16 \\
+        --lengths 16384 --variants dga_pallas_gpu,dga_xla,dense_cudnn   # a GPU: 2 of 7B's layers
 
 Times the variants in turns (`common.run_variants`). Prints tokens/s (B * L / median forward
 time), DGA's speedup over each dense variant and XLA's buffer-assignment peak, and writes
@@ -16,21 +18,15 @@ from __future__ import annotations
 import argparse
 
 import jax
-from common import VARIANTS, parse_variant_args, run_variants
+from common import parse_variant_args, run_variants, variant_config
 from flax import nnx
 
-from dga_jax import DGAConfig, Llama, ModelConfig
+from dga_jax import Llama
 
 
 def prepare(args: argparse.Namespace, variant: str, length: int) -> tuple:
     """One forward of the preset with `variant` attention at `length`: (compiled, inputs)."""
-    attention, impl = VARIANTS[variant]
-    config = ModelConfig.preset(
-        args.preset,
-        attention=attention,
-        attention_impl=impl,
-        dga=DGAConfig(args.group_size, args.focal_ratio, args.selection),
-    )
+    config = variant_config(args, variant)
     graphdef, state = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
 
     def forward(state, tokens):

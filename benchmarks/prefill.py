@@ -18,19 +18,25 @@ from __future__ import annotations
 import statistics
 
 import jax
-from common import Calls, environment, length_label, parse_variant_args, write_results
+from common import (
+    Calls,
+    environment,
+    first_dga,
+    length_label,
+    parse_variant_args,
+    variant_config,
+    write_results,
+)
 from flax import nnx
 
-from dga_jax import DGAConfig, Llama, ModelConfig
+from dga_jax import Llama
 
 DECODE_ROOM = 64  # tokens the caches have room for past the prompt
 
 
-def measure(args, length: int) -> dict:
+def measure(args, variant: str, length: int) -> dict:
     """Forward and prefill of one length, compiled, then timed in alternation."""
-    config = ModelConfig.preset(
-        args.preset, attention="dga", dga=DGAConfig(args.group_size, args.focal_ratio)
-    )
+    config = variant_config(args, variant)
     graphdef, state = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
     tokens = jax.random.randint(jax.random.key(0), (args.batch, length), 0, config.vocab_size)
 
@@ -56,11 +62,14 @@ def measure(args, length: int) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = parse_variant_args(__doc__.splitlines()[0], argv)
     env = environment()
-    print(f"{args.preset} DGA prefill vs forward on {env['device_kind']}, B={args.batch}")
+    dga = first_dga(args.variants)
+    if dga is None:
+        raise SystemExit(f"prefill.py measures DGA: --variants {args.variants} names no dga_*")
+    print(f"{args.preset} DGA prefill vs forward on {env['device_kind']}, B={args.batch}, {dga}")
     print(f"{'L':>6}{'forward ms':>12}{'prefill ms':>12}{'prefill/fwd':>13}{'loops f/p':>11}")
     records = []
     for length in args.lengths:
-        r = measure(args, length)
+        r = measure(args, dga, length)
         records.append(r)
         ratio = r["prefill_ms"] / r["forward_ms"]
         loops = f"{r['forward_loops']}/{r['prefill_loops']}"

@@ -3,6 +3,8 @@
     python benchmarks/train_step.py            # L in {4K, 16K}, B=1, float32 on CPU
     python benchmarks/train_step.py --quick    # L in {1K, 2K}: about a minute
     python benchmarks/train_step.py --lengths 16384 --breakdown   # and time by model scope
+    python benchmarks/train_step.py --preset llama2_7b --layers 2 --dtype bfloat16 \\
+        --lengths 16384 --variants dga_pallas_gpu,dga_xla,dense_cudnn   # a GPU: 2 of 7B's layers
 
 Times the jitted step of `train/step.py` (forward, backward, AdamW update) on random tokens, the
 variants in turns (`common.run_variants`), and prints tokens/s, DGA's speedup over each dense
@@ -20,10 +22,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from common import VARIANTS, parse_variant_args, run_variants
+from common import parse_variant_args, run_variants, variant_config
 from flax import nnx
 
-from dga_jax import DGAConfig, Llama, ModelConfig
+from dga_jax import Llama
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # `train/` is the repo's, not the wheel's
 from train.config import OptimConfig  # noqa: E402
@@ -32,13 +34,7 @@ from train.step import TrainState, make_optimizer, train_step, weight_decay_mask
 
 def prepare(args: argparse.Namespace, variant: str, length: int) -> tuple:
     """One optimizer step at `length` tokens per row: (compiled, inputs)."""
-    attention, impl = VARIANTS[variant]
-    config = ModelConfig.preset(
-        args.preset,
-        attention=attention,
-        attention_impl=impl,
-        dga=DGAConfig(args.group_size, args.focal_ratio, args.selection),
-    )
+    config = variant_config(args, variant)
     graphdef, params = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
     tx = make_optimizer(OptimConfig(), 1000, weight_decay_mask(params))
     zero = functools.partial(jnp.zeros, (), jnp.int32)

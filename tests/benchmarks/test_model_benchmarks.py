@@ -1,0 +1,93 @@
+"""The model-level benchmarks (`train_step.py`, `model_forward.py`, `prefill.py`) end to end at
+small shapes: the chosen variants, layer count and dtype reach the compiled model, and bad
+options are clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ("--lengths", "128", "--repeats", "2", "--group-size", "4")
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, f"benchmarks/{script}.py", *args]
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _records(out: Path, name: str) -> list[dict]:
+    (path,) = out.glob(f"{name}_*.json")
+    return json.loads(path.read_text())["records"]
+
+
+@pytest.mark.parametrize("script", ["train_step", "model_forward"])
+def test_the_named_variants_run_in_turns(tmp_path, script):
+    variants = "dense_blockwise,dga_xla"
+    args = ("--variants", variants, "--layers", "1", "--dtype", "bfloat16", "--out", str(tmp_path))
+    result = _run(script, *SMALL, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = _records(tmp_path, script)
+    assert [r["variant"] for r in records] == variants.split(",")
+    for r in records:
+        assert r["status"] == "ok" and len(r["times_ms"]) == 2 and r["median_ms"] > 0
+    # DGA is the speedups' reference though named second: dense's row has the ratio.
+    dense_row = next(line for line in result.stdout.splitlines() if "dense_blockwise" in line)
+    dga_row = next(line for line in result.stdout.splitlines() if " dga_xla" in line)
+    assert "x" in dense_row.split()[4] and dga_row.split()[4] == "—"
+
+
+def _load(name: str):
+    """benchmarks/<name>.py as a module (the scripts import their helpers by bare name)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layers_dtype_and_selection_reach_the_model_config():
+    _load("trace_scopes")
+    common = _load("common")
+    argv = ["--preset", "tiny", "--layers", "3", "--dtype", "bfloat16", "--selection", "streaming"]
+    args = common.parse_variant_args("test", [*argv, "--variants", "dense_cudnn,dga_pallas_gpu"])
+    assert args.variants == ["dense_cudnn", "dga_pallas_gpu"]
+    assert common.first_dga(args.variants) == "dga_pallas_gpu"
+    config = common.variant_config(args, "dga_pallas_gpu")
+    assert (config.num_layers, config.dtype) == (3, "bfloat16")
+    assert (config.attention, config.attention_impl) == ("dga", "pallas_gpu")
+    assert config.dga.selection == "streaming"
+    assert common.variant_config(args, "dense_cudnn").attention_impl == "cudnn"
+    plain = common.variant_config(common.parse_variant_args("test", []), "dga_xla")
+    assert (plain.num_layers, plain.dtype) == (2, "float32")  # the preset's
+
+
+def test_prefill_takes_the_first_dga_variant(tmp_path):
+    args = ("--variants", "dense_xla,dga_xla", "--selection", "streaming", "--out", str(tmp_path))
+    result = _run("prefill", *SMALL, *args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "dga_xla" in result.stdout.splitlines()[0]
+    assert json.loads(next(tmp_path.glob("prefill_*.json")).read_text())["config"]["selection"] == (
+        "streaming"
+    )
+    result = _run("prefill", *SMALL, "--variants", "dense_xla", "--out", str(tmp_path))
+    assert result.returncode != 0 and "names no dga_*" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--variants", "dga_xla,dense_fast"), "--variants: unknown ['dense_fast']"),
+        (("--layers", "0"), "--layers must be >= 1"),
+        (("--dtype", "float16"), "invalid choice: 'float16'"),
+    ],
+)
+def test_bad_options_are_named(args, message):
+    result = _run("train_step", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
