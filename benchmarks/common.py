@@ -108,6 +108,19 @@ def fit_record(compiled: jax.stages.Compiled) -> dict[str, Any]:
     return {**record, "status": "ok"}
 
 
+def failed_record(err: Exception) -> dict[str, Any]:
+    """The record of a variant that failed to build, compile or run: status names the error."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    status = f"failed: {type(err).__name__}: {first}"
+    return {
+        "xla_peak_bytes": None,
+        "median_ms": None,
+        "tokens_per_s": None,
+        "times_ms": [],
+        "status": status,
+    }
+
+
 def timed_record(record: dict[str, Any], times: list[float], tokens: int) -> dict[str, Any]:
     """`record` with the times (ms), their median and tokens/s from the median."""
     median = sorted(times)[len(times) // 2]
@@ -121,21 +134,25 @@ def timed_record(record: dict[str, Any], times: list[float], tokens: int) -> dic
 
 def report_variants(records: list[dict]) -> None:
     """Prints L, variant, median ms, tokens/s, DGA's speedup and XLA peak per record: the
-    speedup is this record's time over the first DGA variant's at the same L."""
+    speedup is this record's time over that of the first DGA variant timed at the same L."""
     print(
         f"{'L':>6}  {'variant':<16}{'median ms':>11}{'tokens/s':>11}{'DGA speedup':>13}"
         f"{'XLA peak GiB':>14}  status"
     )
-    reference = first_dga([r["variant"] for r in records])
-    dga = {r["L"]: r["median_ms"] for r in records if r["variant"] == reference}
+    dga = {}  # L -> (variant, ms) of the first DGA variant timed there
     for r in records:
-        ms, dga_ms = r["median_ms"], dga.get(r["L"])
+        if VARIANTS[r["variant"]][0] == "dga" and r["median_ms"]:
+            dga.setdefault(r["L"], (r["variant"], r["median_ms"]))
+    for r in records:
+        ms, (reference, dga_ms) = r["median_ms"], dga.get(r["L"], (None, None))
         speedup = "—" if r["variant"] == reference or not (ms and dga_ms) else f"{ms / dga_ms:.2f}x"
         ms_text = "—" if ms is None else f"{ms:.1f}"
         tok_text = "—" if ms is None else f"{r['tokens_per_s']:.0f}"
+        peak = r["xla_peak_bytes"]
+        peak_text = "—" if peak is None else f"{peak / GIB:.2f}"
         print(
             f"{length_label(r['L']):>6}  {r['variant']:<16}{ms_text:>11}{tok_text:>11}"
-            f"{speedup:>13}{r['xla_peak_bytes'] / GIB:>14.2f}  {r['status']}"
+            f"{speedup:>13}{peak_text:>14}  {r['status']}"
         )
 
 
@@ -193,7 +210,7 @@ def variant_config(args: argparse.Namespace, variant: str) -> ModelConfig:
 
 
 def first_dga(variants: list[str]) -> str | None:
-    """The first DGA variant named (the reference of DGA's speedups)."""
+    """The first DGA variant named (the model `prefill.py` measures)."""
     return next((v for v in variants if VARIANTS[v][0] == "dga"), None)
 
 
@@ -209,7 +226,7 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
     parser.add_argument(
         "--variants",
         default=DEFAULT_VARIANTS,
-        help=f"comma list of {','.join(VARIANTS)}; the first DGA one is the speedups' reference",
+        help=f"comma list of {','.join(VARIANTS)}; the first DGA one timed is the speedups' base",
     )
     parser.add_argument("--lengths", default=None, help="comma list; default 4096,16384")
     parser.add_argument("--batch", type=int, default=1)
@@ -255,10 +272,13 @@ def variant_records(prepare: Callable[..., tuple], args, length: int) -> list[di
     with `args.breakdown`, then one traced call each (`trace_scopes.scope_ms`)."""
     calls, records = Calls(), {}
     for variant in args.variants:
-        compiled, inputs = prepare(args, variant, length)
-        records[variant] = {"L": length, "variant": variant, **fit_record(compiled)}
-        if records[variant]["status"] == "ok":
-            calls.add_compiled(variant, compiled, *inputs)
+        try:
+            compiled, inputs = prepare(args, variant, length)
+            records[variant] = {"L": length, "variant": variant, **fit_record(compiled)}
+            if records[variant]["status"] == "ok":
+                calls.add_compiled(variant, compiled, *inputs)
+        except Exception as err:  # a variant this backend rejects, or out of memory: go on
+            records[variant] = {"L": length, "variant": variant, **failed_record(err)}
     tokens = args.batch * length
     for variant, times in calls.time_ms(args.repeats).items():
         records[variant] = timed_record(records[variant], times, tokens)

@@ -42,6 +42,19 @@ def test_the_named_variants_run_in_turns(tmp_path, script):
     assert "x" in dense_row.split()[4] and dga_row.split()[4] == "—"
 
 
+def test_a_variant_the_backend_rejects_is_recorded_and_the_rest_run(tmp_path):
+    variants = "dga_pallas_gpu,dense_blockwise,dga_xla"  # no GPU here: the kernels are refused
+    result = _run("train_step", *SMALL, "--variants", variants, "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    failed, dense, dga = _records(tmp_path, "train_step")
+    assert failed["status"].startswith("failed: ValueError: implementation='pallas_gpu'")
+    assert failed["median_ms"] is None and failed["times_ms"] == []
+    assert dense["status"] == dga["status"] == "ok" and dense["median_ms"] and dga["median_ms"]
+    # The speedups' base is the first DGA variant that ran: dga_xla.
+    dense_row = next(line for line in result.stdout.splitlines() if "dense_blockwise" in line)
+    assert dense_row.split()[4] == f"{dense['median_ms'] / dga['median_ms']:.2f}x"
+
+
 def _load(name: str):
     """benchmarks/<name>.py as a module (the scripts import their helpers by bare name)."""
     if name in sys.modules:
