@@ -9,6 +9,7 @@ compiler without the hardware.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,7 +28,7 @@ from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.entries import gather_entries
 from dga_jax.ops.dga.layout import dga_layout
 from dga_jax.ops.dga.pallas_tpu_backward import step_list
-from dga_jax.ops.dga.selection import global_importance
+from dga_jax.ops.dga.selection import XLA_PASSES, ImportanceTiles, global_importance
 from dga_jax.ops.intervals import NEVER
 from tests.conftest import (
     FORWARD_TOL,
@@ -107,6 +108,30 @@ def test_gpu_kernels_importance_matches_xla(seq_len, m, lengths, dtype, tile):
     )
     got = jax.block_until_ready(importance(passes=passes))
     assert_close(got, importance(), FORWARD_TOL[dtype])
+
+
+def test_gpu_kernels_importance_zigzag_keys_and_poisoned_padding():
+    # A device's keys under a zig-zag context split: two pieces of positions, [24, 69) and
+    # [328, 373) of L = 400, so key tiles of 32 straddle the gap, and 6 padding keys end the
+    # last tile. Sampled queries every 4 positions, then 10 padding rows (-1). The padding's
+    # queries and keys hold NaN: neither pass may read them into a visible score.
+    _, k, _ = random_qkv(6, 2, 90, 4, 2, 16)
+    qs = jax.random.normal(jax.random.key(7), (2, 110, 4, 16)).at[:, 100:].set(jnp.nan)
+    key_pos = jnp.concatenate([jnp.arange(24, 69), jnp.arange(328, 373)]).astype(jnp.int32)
+    pos = jnp.concatenate([jnp.arange(0, 400, 4), jnp.full(10, -1)]).astype(jnp.int32)
+    tiles = ImportanceTiles.build(qs, pos, k, 4, 0.3, 32, key_pos)
+    tiles = dataclasses.replace(tiles, ks=tiles.ks.at[:, 90:].set(jnp.nan))  # the padded keys
+    tile = pallas_gpu_importance.ImportanceTile(16, 32)
+    kernels = pallas_gpu_importance.passes(GPU_INTERPRET, tile)
+    want_max, want_total = XLA_PASSES.stats(tiles)
+    got_max, got_total = kernels.stats(tiles)
+    assert bool(jnp.all(jnp.isfinite(want_total))) and float(jnp.max(want_total)) > 0
+    assert_close(got_max, want_max, FORWARD_TOL[jnp.float32])
+    assert_close(got_total, want_total, FORWARD_TOL[jnp.float32])
+    lse = jnp.where(want_total > 0, want_max + jnp.log(want_total), jnp.inf)
+    got, want = kernels.scores(tiles, lse)[:, :90], XLA_PASSES.scores(tiles, lse)[:, :90]
+    assert bool(jnp.all(jnp.isfinite(got))) and float(jnp.min(got)) > 0
+    assert_close(got, want, FORWARD_TOL[jnp.float32])
 
 
 @pytest.mark.parametrize("rows, keys", [(48, 64), (64, 8)])
