@@ -102,7 +102,7 @@ def time_variant(
 def fit_record(compiled: jax.stages.Compiled) -> dict[str, Any]:
     """A record with XLA's peak, status "ok" or "skipped: ..." where it exceeds free memory."""
     peak, free = xla_peak_bytes(compiled), free_bytes()
-    record = {"xla_peak_bytes": peak, "median_ms": None, "tokens_per_s": None, "times_ms": []}
+    record = _untimed(peak)
     if peak is not None and free is not None and peak > free:
         return {**record, "status": f"skipped: needs {peak / GIB:.1f} GiB, {free / GIB:.1f} free"}
     return {**record, "status": "ok"}
@@ -111,14 +111,11 @@ def fit_record(compiled: jax.stages.Compiled) -> dict[str, Any]:
 def failed_record(err: Exception) -> dict[str, Any]:
     """The record of a variant that failed to build, compile or run: status names the error."""
     first = (str(err).strip().splitlines() or [""])[0]
-    status = f"failed: {type(err).__name__}: {first}"
-    return {
-        "xla_peak_bytes": None,
-        "median_ms": None,
-        "tokens_per_s": None,
-        "times_ms": [],
-        "status": status,
-    }
+    return {**_untimed(None), "status": f"failed: {type(err).__name__}: {first}"}
+
+
+def _untimed(peak: int | None) -> dict[str, Any]:
+    return {"xla_peak_bytes": peak, "median_ms": None, "tokens_per_s": None, "times_ms": []}
 
 
 def timed_record(record: dict[str, Any], times: list[float], tokens: int) -> dict[str, Any]:
@@ -198,15 +195,14 @@ DEFAULT_VARIANTS = "dga_xla,dense_xla,dense_blockwise"  # what runs on any backe
 def variant_config(args: argparse.Namespace, variant: str) -> ModelConfig:
     """The model of `args.preset` (with `args.layers` layers if given) and `variant` attention."""
     attention, impl = VARIANTS[variant]
-    config = ModelConfig.preset(
+    given = {"num_layers": args.layers, "dtype": args.dtype}
+    return ModelConfig.preset(
         args.preset,
         attention=attention,
         attention_impl=impl,
         dga=DGAConfig(args.group_size, args.focal_ratio, args.selection),
+        **{name: value for name, value in given.items() if value is not None},
     )
-    if args.layers is not None:
-        config = config.replace(num_layers=args.layers)
-    return config if args.dtype is None else config.replace(dtype=args.dtype)
 
 
 def first_dga(variants: list[str]) -> str | None:
