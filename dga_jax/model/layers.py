@@ -124,8 +124,12 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> jax.A
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotate-half RoPE. x: [B, T, H, D], positions: [B, T] -> [B, T, H, D] in x's dtype."""
     freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
-    angles = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B, T, 1, D]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+
+    def both_halves(f):  # [B, T, D/2] -> [B, T, 1, D]: each angle evaluated once, used twice
+        y = f(freqs).astype(x.dtype)
+        return jnp.concatenate([y, y], axis=-1)[:, :, None, :]
+
+    cos, sin = both_halves(jnp.cos), both_halves(jnp.sin)
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     return x * cos + rotated * sin
