@@ -87,29 +87,34 @@ class Checkpoints:
 
     def run_record(self, step: int) -> dict[str, Any] | None:
         """The `run` item of `step` (None for a checkpoint written before it existed)."""
-        if not (self.directory / str(step) / "run").is_dir():
+        if not self._has_run_record(step):
             return None
         restored = self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))
         return restored.run
 
-    def restore(self, step: int, abstract_state: TrainState) -> tuple[TrainState, dict[str, Any]]:
-        """The state at `step`, placed by `abstract_state`'s shardings, and the data state."""
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
-        )
-        restored = self.manager.restore(step, args=args)
-        return restored.state, restored.data
+    def restore(
+        self, step: int, abstract_state: TrainState
+    ) -> tuple[TrainState, dict[str, Any], dict[str, Any] | None]:
+        """The state at `step`, placed by `abstract_state`'s shardings, the data state and the
+        run record (None for a checkpoint written before it existed)."""
+        items = {"state": ocp.args.StandardRestore(abstract_state), "data": ocp.args.JsonRestore()}
+        has_run = self._has_run_record(step)
+        if has_run:
+            items["run"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored.state, restored.data, restored.run if has_run else None
 
     def restore_newest(
         self, abstract_state: TrainState
-    ) -> tuple[int, TrainState, dict[str, Any]] | None:
-        """The newest checkpoint that restores, as (step, state, data state); None if there is
-        none. Newer ones that fail are moved to `damaged_checkpoints/` once an older one has
-        restored; if none restores, nothing is moved and `NoUsableCheckpointError` names them."""
+    ) -> tuple[int, TrainState, dict[str, Any], dict[str, Any] | None] | None:
+        """The newest checkpoint whose items all restore, as (step, state, data state, run
+        record); None if there is none. Newer ones that fail are moved to
+        `damaged_checkpoints/` once an older one has restored; if none restores, nothing is
+        moved and `NoUsableCheckpointError` names them."""
         failures = []
         for step in reversed(self.steps()):
             try:
-                state, data = self.restore(step, abstract_state)
+                state, data, run = self.restore(step, abstract_state)
                 failed = None
             except Exception as error:  # damage shows as JSON, TensorStore or OS errors
                 failed = f"{type(error).__name__}: {_reason(error)}"
@@ -119,13 +124,16 @@ class Checkpoints:
                 continue
             for damaged, _ in failures:
                 self._move_aside(damaged)
-            return step, state, data
+            return step, state, data, run
         if failures:
             raise NoUsableCheckpointError(
                 f"no checkpoint in {self.directory} restores: "
                 + "; ".join(f"step {step}: {why}" for step, why in failures)
             )
         return None
+
+    def _has_run_record(self, step: int) -> bool:
+        return (self.directory / str(step) / "run").is_dir()
 
     def close(self) -> None:
         """Waits for a pending save; raises `CheckpointSaveError` if it failed."""
@@ -148,6 +156,9 @@ class Checkpoints:
         for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
             shutil.rmtree(partial, ignore_errors=True)  # the space it took, back
         self._pending = None
+        # Orbax forgets the steps over `keep` when a save starts, and deletes them once it ends:
+        # after a failure they are still on disk, and still the ones to resume from.
+        self.manager.reload()
         kept = self.steps()
         newest = f"step {kept[-1]}" if kept else "none"
         return CheckpointSaveError(

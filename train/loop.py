@@ -60,11 +60,10 @@ def _initial_state(
         _check_resumed_config(config, checkpoints)
         restored = checkpoints.restore_newest(setup.abstract_state)
         if restored is not None:
-            step, state, data_state = restored
+            step, state, data_state, record = restored
             logging.info("resuming from step %d in %s", step, checkpoints.directory)
             train_iter.set_state(rows_state(data_state, setup.rows))
-            record = checkpoints.run_record(step) or {}
-            return state, bool(record.get("eval_owed", False))
+            return state, bool((record or {}).get("eval_owed", False))
     params = _initial_params(config, setup)
     opt_state = jax.jit(setup.tx.init, out_shardings=setup.shardings.opt_state)(params)
     counters = [jnp.zeros((), jnp.int32) for _ in range(3)]  # distinct buffers: all donated

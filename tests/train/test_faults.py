@@ -219,7 +219,13 @@ def delete_the_data_position(step_dir: Path) -> None:
     (step_dir / "data" / "metadata").unlink()
 
 
-@pytest.mark.parametrize("damage", [truncate_the_arrays, delete_the_data_position])
+def damage_the_run_record(step_dir: Path) -> None:
+    (step_dir / "run" / "metadata").write_text('{"config": ')
+
+
+@pytest.mark.parametrize(
+    "damage", [truncate_the_arrays, delete_the_data_position, damage_the_run_record]
+)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(whole, tmp_path, damage):
     copy_run(whole, tmp_path, last_step=6)
     damage(tmp_path / "checkpoints" / "6")
@@ -243,11 +249,19 @@ def test_a_deleted_file_in_every_checkpoint_stops_with_a_clear_error(whole, tmp_
     assert complete_steps(tmp_path) == [2, 4]  # nothing moved: the user decides
 
 
-def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(whole, tmp_path):
+@pytest.mark.parametrize("keep", [6, 1])
+def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(whole, tmp_path, keep):
     copy_run(whole, tmp_path, last_step=4)
     # Files stop growing at 256 KiB (bash's ulimit -f counts KiB): metrics and logs fit, the
-    # next checkpoint's arrays do not.
-    limited = ["bash", "-c", 'ulimit -f 256 && exec "$@"', "bash", *command(tmp_path)]
+    # next checkpoint's arrays do not. With keep=1 the failed save has already let go of the
+    # older steps in Orbax's view, not on disk: the error must still name step 4.
+    limited = [
+        "bash",
+        "-c",
+        'ulimit -f 256 && exec "$@"',
+        "bash",
+        *command(tmp_path, **{"train.keep_checkpoints": keep}),
+    ]
     result = subprocess.run(
         limited, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300
     )
