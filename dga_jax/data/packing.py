@@ -17,6 +17,9 @@ Global batch row `r` at step `s` is window `s` of row stream `r`. The state of a
 a small JSON dict: the `Cursor` of its current (or next) record, the tokens of that record it
 has already emitted (`offset`), and its `ReadStats`.
 
+A row that reads through a whole epoch without a usable document checks that it can ever be
+dealt one (`EpochCensus`) and raises an `InputError` if not, rather than read on forever.
+
 `RowStreams` runs several rows on one sequential scan of the shards: every process (and every
 worker) decompresses and splits all shard files, but parses and tokenizes only the records of
 its own rows. Records of a row that is behind the others wait, unparsed, in its queue of at
@@ -28,15 +31,16 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import grain
 import numpy as np
 
+from dga_jax.data.census import EpochCensus
 from dga_jax.data.slimpajama import RawRecord, ReadStats, iter_raw_records, parse_record
 from dga_jax.data.tokenizers import Tokenizer, load_tokenizer
+from dga_jax.errors import ConfigError, MissingInputError
 
 RowState = dict[str, Any]
 # Bytes of raw records a row stream may hold back (see `RowStreams` for the memory bound): about
@@ -85,9 +89,12 @@ def initial_row_state() -> RowState:
 def load_stream_tokenizer(spec: StreamSpec) -> Tokenizer:
     """The tokenizer of `spec`, checked to have the BOS/EOS tokens that `spec` adds."""
     tokenizer = load_tokenizer(spec.tokenizer)
-    for wanted, name in ((spec.add_bos, "bos_id"), (spec.add_eos, "eos_id")):
-        if wanted and getattr(tokenizer, name) is None:
-            raise ValueError(f"tokenizer {spec.tokenizer!r} has no {name[:3].upper()} token")
+    for wanted, name in ((spec.add_bos, "bos"), (spec.add_eos, "eos")):
+        if wanted and getattr(tokenizer, f"{name}_id") is None:
+            raise ConfigError(
+                f"config.data.tokenizer {spec.tokenizer!r} has no {name.upper()} token to add: "
+                f"set config.data.add_{name}=False"
+            )
     return tokenizer
 
 
@@ -114,13 +121,11 @@ def scan(spec: StreamSpec, start: Cursor) -> Iterator[tuple[Cursor, RawRecord]]:
                     yield Cursor(epoch, index, file, file_start), raw
                 index += 1
         if first_file == 0 and index == epoch_start:
-            raise ValueError(f"no records in any of the {len(files)} shards, e.g. {files[0]!r}")
+            raise MissingInputError(
+                f"config.data.{spec.split}: no records in any of the {len(files)} shards, "
+                f"e.g. {files[0]!r}"
+            )
         epoch, first_file = epoch + 1, 0
-
-
-def _records_per_epoch(cursor: Cursor) -> int | None:
-    """`N`, if `cursor` tells: file 0 of epoch `e` starts at record `e * N`."""
-    return cursor.file_start // cursor.epoch if cursor.file == 0 and cursor.epoch else None
 
 
 def _size(raw: RawRecord) -> int:
@@ -176,6 +181,7 @@ class RowStreams:
         self._queue_bytes = queue_bytes
         self._rows = {row: _Row(state) for row, state in states.items()}
         self._tokenizer = load_stream_tokenizer(spec)
+        self._census: EpochCensus | None = None  # taken once a row goes an epoch without a document
         start = min(row.cursor for row in self._rows.values())
         self._records = scan(spec, start)
 
@@ -203,12 +209,11 @@ class RowStreams:
         state = self._rows[row]
         # A restored offset > 0 means its record was read and counted before the restart.
         recounted = state.offset > 0
-        first_epoch, epoch_records = state.cursor.epoch, _records_per_epoch(state.cursor)
+        first_epoch = state.cursor.epoch
         while True:
             cursor, raw = self._next_record(row)
-            epoch_records = epoch_records or _records_per_epoch(cursor)
-            if cursor.epoch > first_epoch + self._cycle_epochs(epoch_records):
-                raise self._unusable_error(row, epoch_records)
+            if cursor.epoch > first_epoch + 1:  # a whole epoch went by without a document
+                self._check_can_be_dealt_a_document(row)
             stats, recounted = (ReadStats() if recounted else state.stats), False
             record = parse_record(raw, stats=stats, set_names=self._spec.set_names)
             tokens = None if record is None else self._tokenize(record["text"])
@@ -217,25 +222,12 @@ class RowStreams:
                 return
             state.cursor, state.offset = cursor.following(), 0
 
-    def _cycle_epochs(self, epoch_records: int | None) -> int:
-        """Epochs after which a row is dealt the same records again, given `N` if known.
-
-        Row `r` gets the records `g = r (mod num_rows)`, which lie at the same places in epochs
-        `e` and `e + c` whenever `c * N` is a multiple of `num_rows`: so a row that finds nothing
-        usable in that many whole epochs never will.
-        """
-        rows = self._spec.num_rows
-        return rows if epoch_records is None else rows // math.gcd(rows, epoch_records)
-
-    def _unusable_error(self, row: int, epoch_records: int | None) -> ValueError:
-        spec = self._spec
-        count = "?" if epoch_records is None else epoch_records
-        return ValueError(
-            f"row {row} of the {spec.num_rows} rows of the {spec.split!r} split "
-            f"({count} records an epoch) found no usable document in the "
-            f"{self._cycle_epochs(epoch_records)} epochs after which its records repeat, so it "
-            f"never will; is set_names {spec.set_names} too strict, or are the records unreadable?"
-        )
+    def _check_can_be_dealt_a_document(self, row: int) -> None:
+        """Raises if `row` will never be dealt a usable document, from a census of one epoch."""
+        if self._census is None:
+            self._census = EpochCensus.take(self._spec, self._tokenize)
+        if not self._census.can_deal(row):
+            raise self._census.unusable_error(self._spec, row)
 
     def _next_record(self, row: int) -> tuple[Cursor, RawRecord]:
         """Pops the next record of `row`: from its queue, else its own scan or the shared one."""

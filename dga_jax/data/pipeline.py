@@ -34,6 +34,7 @@ from dga_jax.data.packing import (
     load_stream_tokenizer,
 )
 from dga_jax.data.slimpajama import ReadStats, list_shards
+from dga_jax.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class DataConfig:
 
     - `train` / `validation`: a directory (searched recursively), a glob, or one shard file of
       `.jsonl.zst` / `.jsonl` / `.parquet`. Both unset (None or "") -> the sample corpus,
-      built once under `sample_corpus_dir` (default `default_corpus_dir()`).
+      built once under `sample_corpus_dir` (default `default_corpus_dir()`); one set without
+      the other is a `ConfigError`.
     - `tokenizer`: "byte" or a path (see `load_tokenizer`); `add_bos` / `add_eos` wrap each
       document in its BOS / EOS ids.
     - `set_names`: keep only these `meta.redpajama_set_name`s (empty: all).
@@ -71,16 +73,24 @@ class DataConfig:
 
     def __post_init__(self):
         if isinstance(self.set_names, str):
-            raise ValueError(f"data.set_names must be a sequence of names, got {self.set_names!r}")
+            raise ConfigError(
+                f"config.data.set_names must be a sequence of names, got {self.set_names!r}"
+            )
         object.__setattr__(self, "set_names", tuple(self.set_names))
         for name in ("train", "validation", "sample_corpus_dir"):
             object.__setattr__(self, name, getattr(self, name) or None)  # ConfigDicts use ""
+        if (self.train is None) != (self.validation is None):
+            given, missing = ("train", "validation") if self.train else ("validation", "train")
+            raise ConfigError(
+                f"config.data.{given} is set but config.data.{missing} is not: set both "
+                "config.data.train and config.data.validation, or neither for the sample corpus"
+            )
         for name in ("seq_len", "global_batch_size", "eval_batches"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"data.{name} must be a positive int, got {value!r}")
+                raise ConfigError(f"config.data.{name} must be a positive int, got {value!r}")
         if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+            raise ConfigError(f"config.data.num_workers must be >= 0, got {self.num_workers}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:
@@ -108,8 +118,9 @@ class DataIterator(grain.DatasetIterator):
         self._windows: grain.DatasetIterator | None = None
         load_stream_tokenizer(spec)  # fail here, not in a worker, on a bad tokenizer
         if num_workers and len(rows) % num_workers:
-            raise ValueError(
-                f"num_workers={num_workers} must divide the {len(rows)} rows of this process"
+            raise ConfigError(
+                f"config.data.num_workers={num_workers} must divide the {len(rows)} rows of "
+                "this process"
             )
         self._spec = spec
         self._rows = rows
@@ -288,8 +299,6 @@ def _shards(config: DataConfig, split: str) -> list[str]:
     pattern = getattr(config, split)
     if pattern is not None:
         return list_shards(pattern)
-    if config.train is not None:
-        raise ValueError(f"data.{split} is not set (data.train is)")
     corpus = build_sample_corpus(config.sample_corpus_dir or default_corpus_dir())
     logger.info(
         "No %s data path configured: using the sample corpus built from the Python standard "

@@ -84,12 +84,16 @@ class TruncatedShardError(IOError):
 
 
 def list_shards(pattern: str) -> list[str]:
-    """Sorted shard paths under a directory (recursively), matching a glob, or one file.
+    """Sorted shard paths under a directory (recursively), of one file, or matching a glob.
 
     Only files ending in `SHARD_SUFFIXES` are kept; hidden files and directories are skipped.
+    A directory's symlinked sub-directories are followed (each real directory once), as a
+    glob's `**` does. An existing file is taken as it is, even if its path looks like a glob.
     """
     if os.path.isdir(pattern):
         paths = list(_walk_visible_files(pattern))
+    elif os.path.isfile(pattern):
+        paths = [pattern]
     else:
         paths = [path for path in glob.glob(pattern, recursive=True) if os.path.isfile(path)]
     shards = sorted(path for path in paths if path.endswith(SHARD_SUFFIXES))
@@ -99,8 +103,16 @@ def list_shards(pattern: str) -> list[str]:
 
 
 def _walk_visible_files(directory: str) -> Iterator[str]:
-    for root, dirs, names in os.walk(directory):
-        dirs[:] = [name for name in dirs if not name.startswith(".")]
+    """Visible files under `directory`, through symlinks; a directory reached twice (a second
+    link to it, or a link loop) is read the first time only, in sorted (so stable) order."""
+    seen = set()
+    for root, dirs, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(name for name in dirs if not name.startswith("."))
         yield from (os.path.join(root, name) for name in names if not name.startswith("."))
 
 
@@ -205,7 +217,7 @@ def _as_object(value: Any) -> dict[str, Any] | None:
         return None
     try:
         decoded = json.loads(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the stack
         return None
     return decoded if isinstance(decoded, dict) else None
 

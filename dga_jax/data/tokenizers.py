@@ -125,6 +125,9 @@ class HFTokenizer:
     ):
         self.path = os.fspath(path)
         self._tok = tokenizers.Tokenizer.from_file(self.path)
+        # Special-token text in a document ("</s>" in code) stays text, as with SentencePiece:
+        # a real BOS/EOS id there would be a false document boundary.
+        self._tok.encode_special_tokens = True
         specials = _special_tokens_from_config(os.path.dirname(self.path))
         self._bos_id = self._find_id(bos_token or specials.get("bos_token"), BOS_CANDIDATES)
         self._eos_id = self._find_id(eos_token or specials.get("eos_token"), EOS_CANDIDATES)
@@ -151,7 +154,8 @@ class HFTokenizer:
         return self._eos_id
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; the file's post-processor (which may add BOS) is not applied."""
+        """Token ids of `text`, never a special token's: the file's post-processor (which may
+        add BOS) is not applied, and special-token text in `text` is encoded as text."""
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -18,6 +18,7 @@ from dga_jax.data.packing import (
 )
 from dga_jax.data.pipeline import DataConfig, make_eval_iterator
 from dga_jax.data.slimpajama import iter_raw_records, list_shards
+from dga_jax.errors import InputError
 from tests.data.conftest import WORDS, record, write_jsonl_zst
 
 BOS, EOS = 1, 2  # of the byte tokenizer, whose id of byte b is 3 + b
@@ -122,9 +123,9 @@ def test_rows_take_the_documents_in_turn_when_they_are_fewer_than_rows(
 def test_a_validation_split_smaller_than_a_batch_evaluates(tmp_path, record_budget):
     rng = random.Random(1)
     docs = [record(" ".join(rng.choices(WORDS, k=rng.randint(1, 6)))) for _ in range(6)]
-    write_jsonl_zst(tmp_path / "validation/val.jsonl.zst", docs)
+    validation = str(write_jsonl_zst(tmp_path / "validation/val.jsonl.zst", docs))
     config = DataConfig(
-        seq_len=16, global_batch_size=8, validation=str(tmp_path / "validation"), eval_batches=5
+        seq_len=16, global_batch_size=8, train=validation, validation=validation, eval_batches=5
     )
     batches = list(make_eval_iterator(config, process_index=0, process_count=1))
     assert len(batches) == 5
@@ -178,8 +179,11 @@ def test_states_resume_exactly_also_on_a_private_scan(skewed, record_budget):
 def test_a_row_that_can_never_get_a_document_is_an_error_not_a_hang(three_documents, record_budget):
     spec = spec_of([three_documents], num_rows=8, split="validation", set_names=("Nothing",))
     streams = RowStreams(spec, {row: initial_row_state() for row in range(8)}, queue_bytes=2)
-    message = r"row 5 of the 8 rows of the 'validation' split \(3 records an epoch\)"
-    with pytest.raises(ValueError, match=message):
+    message = (
+        r"config\.data\.validation: the 'validation' split has no usable document "
+        r"\(its 3 records an epoch are 3 filtered\); is config\.data\.set_names="
+    )
+    with pytest.raises(InputError, match=message):
         streams.next_window(5)
 
 
@@ -191,9 +195,41 @@ def test_only_rows_that_are_dealt_nothing_usable_are_errors(tmp_path, record_bud
     spec = spec_of([four], split="train")
     streams = RowStreams(spec, {0: initial_row_state(), 1: initial_row_state()})
     assert streams.next_window(0).tolist()[:3] == packed("fine")[:3]
-    with pytest.raises(ValueError, match="row 1 of the 2 rows of the 'train' split"):
-        streams.next_window(1)
+    message = r"'train' split can never deal row 1 of its 2 rows a usable document \(its 4 records"
+    for shuffle_files in (False, True):  # shuffling the only shard changes nothing
+        shuffled = dataclasses.replace(spec, shuffle_files=shuffle_files)
+        streams = RowStreams(shuffled, {1: initial_row_state()})
+        with pytest.raises(InputError, match=message):
+            streams.next_window(1)
     five = str(write_jsonl_zst(tmp_path / "five.jsonl.zst", [good, bad, good, bad, good]))
     spec = dataclasses.replace(spec, files=(five,))
     streams = RowStreams(spec, {0: initial_row_state(), 1: initial_row_state()})
     assert streams.next_window(1).tolist() == (packed("fine") * 2)[:9]
+
+
+GOOD, BAD = record("fine"), b"{not json"
+
+
+def test_with_shuffled_files_a_row_may_wait_epochs_for_its_document(tmp_path, record_budget):
+    parts = {"a": [GOOD, BAD], "b": [BAD], "c": [BAD]}
+    files = [str(write_jsonl_zst(tmp_path / f"{n}.jsonl.zst", part)) for n, part in parts.items()]
+    spec = spec_of(files, shuffle_files=True, seed=1)
+    # Row 1 of 2 gets the good record only in the epochs whose file order puts a.jsonl.zst at
+    # place 1: not before epoch 2, so going a whole epoch without a document is no error here.
+    assert [file_order(spec, epoch).index(files[0]) for epoch in range(3)] == [0, 0, 1]
+    streams = RowStreams(spec, {1: initial_row_state()})
+    assert streams.next_window(1).tolist() == (packed("fine") * 2)[:9]
+
+
+def test_with_shuffled_files_only_rows_no_file_order_serves_are_errors(tmp_path, record_budget):
+    one = str(write_jsonl_zst(tmp_path / "one.jsonl.zst", [GOOD]))
+    three = str(write_jsonl_zst(tmp_path / "three.jsonl.zst", [BAD] * 3))
+    spec = spec_of([one, three], num_rows=4, shuffle_files=True)
+    # 4 records an epoch: the good one lies at place 0 or 3, whichever shard comes first; so
+    # rows 0 and 3 get it in some epochs, and rows 1 and 2 never do.
+    streams = RowStreams(spec, {row: initial_row_state() for row in range(4)})
+    for row in (0, 3):
+        assert streams.next_window(row).tolist() == (packed("fine") * 2)[:9]
+    for row in (1, 2):
+        with pytest.raises(InputError, match=f"can never deal row {row} of its 4 rows"):
+            streams.next_window(row)

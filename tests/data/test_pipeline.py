@@ -9,7 +9,8 @@ import pytest
 from dga_jax.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator
 from dga_jax.data.slimpajama import ReadStats, iter_raw_records, list_shards, parse_record
 from dga_jax.data.tokenizers import load_tokenizer
-from tests.data.conftest import train_hf_tokenizer
+from dga_jax.errors import ConfigError, InputError, MissingInputError
+from tests.data.conftest import train_hf_tokenizer, write_jsonl_zst
 
 # 4 rows of 33 tokens: every row stream runs past its first epoch within ~50 steps.
 STEPS_PAST_AN_EPOCH = 60
@@ -162,20 +163,20 @@ def test_eval_iterator_is_finite_deterministic_and_split(config):
 def test_configuration_errors(config, corpus, tmp_path):
     with pytest.raises(ValueError, match="multiple of process_count"):
         make_train_iterator(config, process_index=0, process_count=3)
-    with pytest.raises(ValueError, match="must divide"):
+    with pytest.raises(ConfigError, match=r"config\.data\.num_workers=3 must divide"):
         make_train_iterator(
             dataclasses.replace(config, num_workers=3), process_index=0, process_count=1
         )
-    with pytest.raises(ValueError, match="data.validation is not set"):
-        make_eval_iterator(
-            dataclasses.replace(config, validation=""), process_index=0, process_count=1
-        )
-    with pytest.raises(ValueError, match="seq_len"):
+    with pytest.raises(ConfigError, match=r"config\.data\.seq_len must be a positive int"):
         dataclasses.replace(config, seq_len=0)
+    with pytest.raises(ConfigError, match=r"config\.data\.num_workers must be >= 0"):
+        dataclasses.replace(config, num_workers=-1)
+    with pytest.raises(ConfigError, match=r"config\.data\.set_names must be a sequence"):
+        dataclasses.replace(config, set_names="RedPajamaC4")
     with pytest.raises(ValueError, match="bogus"):
         DataConfig.from_dict({"seq_len": 8, "global_batch_size": 2, "bogus": 1})
     no_specials = train_hf_tokenizer(tmp_path / "tokenizer.json", [])
-    with pytest.raises(ValueError, match="no BOS"):
+    with pytest.raises(ConfigError, match=r"config\.data\.tokenizer .* has no BOS token"):
         make_train_iterator(
             dataclasses.replace(config, tokenizer=str(no_specials)),
             process_index=0,
@@ -186,11 +187,42 @@ def test_configuration_errors(config, corpus, tmp_path):
         it.set_state(make_train_iterator(config, process_index=0, process_count=2).get_state())
 
 
+@pytest.mark.parametrize("given", ["train", "validation"])
+def test_one_split_without_the_other_is_a_config_error(corpus, given):
+    # Only both unset means the sample corpus: one split alone must not read it for the other.
+    paths = {given: str(corpus / "train")}
+    with pytest.raises(ConfigError) as error:
+        DataConfig(seq_len=8, global_batch_size=2, **paths)
+    message = str(error.value)
+    assert f"config.data.{given} is set but" in message
+    assert "config.data.train" in message and "config.data.validation" in message
+
+
 def test_a_filter_that_keeps_nothing_is_an_error_not_a_hang(config):
     strict = dataclasses.replace(config, set_names=("RedPajamaArXiv",))
     it = make_train_iterator(strict, process_index=0, process_count=1)
-    with pytest.raises(ValueError, match="no usable document"):
+    with pytest.raises(InputError, match=r"config\.data\.train: .* no usable document"):
         next(it)
+
+
+def test_data_errors_name_the_split_and_what_was_skipped(tmp_path):
+    for split, count in (("train", 7), ("validation", 50)):
+        write_jsonl_zst(tmp_path / split / "0.jsonl.zst", [{"meta": {}}] * count)
+    config = DataConfig(
+        seq_len=8,
+        global_batch_size=2,
+        train=str(tmp_path / "train"),
+        validation=str(tmp_path / "validation"),
+    )
+    message = (
+        r"'validation' split has no usable document \(its 50 records an epoch are 50 no_text\)"
+    )
+    with pytest.raises(InputError, match=r"config\.data\.validation: the " + message):
+        next(make_eval_iterator(config))
+    write_jsonl_zst(tmp_path / "empty" / "0.jsonl.zst", [b" "])  # a blank line is no record
+    empty = dataclasses.replace(config, train=str(tmp_path / "empty"))
+    with pytest.raises(MissingInputError, match=r"config\.data\.train: no records in any"):
+        next(make_train_iterator(empty))
 
 
 def assert_same(actual, expected) -> None:

@@ -130,3 +130,27 @@ def test_list_shards_directory_glob_and_file(tmp_path):
     assert list_shards(expected[1]) == [expected[1]]
     with pytest.raises(FileNotFoundError, match="nothing"):
         list_shards(str(tmp_path / "nothing" / "*.jsonl.zst"))
+
+
+def test_json_nested_deeper_than_the_stack_is_malformed(tmp_path):
+    deep = b'{"text": "deep", "meta": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    path = write_jsonl_zst(tmp_path / "d.jsonl.zst", [record("one"), deep, record("two")])
+    records, stats = read_all(path)
+    assert [r["text"] for r in records] == ["one", "two"]
+    assert stats == ReadStats(documents=2, malformed=1)
+
+
+def test_list_shards_follows_symlinked_directories_once(tmp_path):
+    for name in ["data/a/0.jsonl", "elsewhere/b/1.jsonl"]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "data/b").symlink_to(tmp_path / "elsewhere/b")
+    (tmp_path / "data/b_again").symlink_to(tmp_path / "elsewhere/b")
+    (tmp_path / "data/a/loop").symlink_to(tmp_path / "data")
+    expected = [str(tmp_path / "data" / n) for n in ["a/0.jsonl", "b/1.jsonl"]]
+    assert list_shards(str(tmp_path / "data")) == expected
+
+
+def test_list_shards_takes_an_existing_file_whose_path_looks_like_a_glob(tmp_path):
+    path = write_jsonl_zst(tmp_path / "slimpajama[6B]" / "train.jsonl.zst", [record("x")])
+    assert list_shards(str(path)) == [str(path)]

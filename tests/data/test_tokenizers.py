@@ -67,6 +67,16 @@ def test_hf_tokenizer_round_trip_and_specials(hf_tokenizer_json):
         assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == text
 
 
+def test_special_token_text_in_a_document_stays_text(hf_tokenizer_json, spm_model):
+    text = 'tokens = ["<s>", "hello", "</s>"]  # a document about tokens'
+    for tok in (load_tokenizer(str(hf_tokenizer_json)), load_tokenizer(str(spm_model))):
+        ids = tok.encode(text)
+        assert tok.bos_id not in ids and tok.eos_id not in ids
+        assert "<s>" in tok.decode(ids) and "</s>" in tok.decode(ids)
+    hf = load_tokenizer(str(hf_tokenizer_json))
+    assert hf.decode(hf.encode(text)) == text
+
+
 def test_hf_tokenizer_specials_from_config_or_arguments(tmp_path):
     path = train_hf_tokenizer(tmp_path / "tokenizer.json", ["<|pad|>", "<|begin|>", "<|end|>"])
     assert (HFTokenizer(path).bos_id, HFTokenizer(path).eos_id) == (None, None)
