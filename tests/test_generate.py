@@ -258,10 +258,28 @@ def test_sampled_generation_depends_on_the_seed():
 
 
 def test_overflow_raises_before_running():
-    with pytest.raises(ValueError, match="max_len=10 tokens but 12 are needed"):
+    # The cache holds the prompt and every new token but the last, which is never fed back.
+    with pytest.raises(ValueError, match="max_len=10 tokens but 11 are needed"):
         dga_jax.generate(model(), [[1, 2, 3, 4], [5, 6]], 8, max_len=10)
+    assert len(dga_jax.generate(model(), [[1, 2, 3, 4], [5, 6]], 7, max_len=10)[0]) == 7
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         dga_jax.generate(model(), [[1, 2], []], 8)
+
+
+@pytest.mark.parametrize("attention", ["dga", "dense"])
+def test_an_empty_prompt_prefill_names_the_problem(attention):
+    with pytest.raises(ValueError, match="sequence length L must be >= 1"):
+        model(attention).prefill(jnp.zeros((1, 0), jnp.int32), 8)
+
+
+@pytest.mark.parametrize("bad", [-1, 512])
+def test_ids_outside_the_vocabulary_are_rejected(bad):
+    llama = model()
+    assert llama.config.vocab_size == 512
+    with pytest.raises(ValueError, match=f"prompt 1 holds token id {bad} at position 2"):
+        dga_jax.generate(llama, [[1, 2], [3, 4, bad]], 4)
+    with pytest.raises(ValueError, match=f"stop token {bad} is outside the model's vocabulary"):
+        dga_jax.generate(llama, [[1, 2]], 4, stop_tokens=[2, bad])
 
 
 @pytest.fixture(scope="module")

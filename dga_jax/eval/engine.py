@@ -157,7 +157,8 @@ class ModelEngine:
         size = -(-self.batch_size // shards) * shards
         for first in range(0, len(order), size):
             rows = order[first : first + size]
-            tokens, lengths = pad_prompts([sequences[i] for i in np.resize(rows, size)])
+            batch = [sequences[i] for i in np.resize(rows, size)]
+            tokens, lengths = pad_prompts(batch, self.model.config.vocab_size)
             width = self.buckets.round_up(tokens.shape[1])
             tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
             logprobs, greedy = _score_rows(graphdef, state, tokens, lengths)

@@ -176,7 +176,7 @@ def stream(
     the bucket, so both follow from the bucket; a prompt that does not leave room for
     `max_new_tokens` is an error, raised before any work.
     """
-    tokens, lengths = pad_prompts(prompts)
+    tokens, lengths = pad_prompts(prompts, model.config.vocab_size)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     sampling = Sampling(temperature, top_k, top_p)
@@ -193,7 +193,7 @@ def _stream_batch(
     """`stream` for right-padded tokens [B, T'] with lengths [B]: checks, prefill, steps."""
     width = buckets.round_up(int(lengths.max()))
     max_len = max_len or width + buckets.round_up(max_new_tokens)
-    check_fits(int(lengths.max()) + max_new_tokens, max_len)
+    check_fits(int(lengths.max()) + max_new_tokens - 1, max_len)  # the last token is not fed
     width = min(width, max_len)
     tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
     capacity = None
@@ -252,7 +252,7 @@ def completions(
     so batches of one bucket share their compiles. `progress`: a progress bar on stderr. Batch
     i samples with key `fold_in(key(seed), i)`; see `stream` for the rest.
     """
-    tokens, lengths = pad_prompts(prompts)
+    tokens, lengths = pad_prompts(prompts, model.config.vocab_size)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
@@ -328,14 +328,22 @@ def generate(
     return list(completions(model, prompts, max_new_tokens, progress=progress, **options))
 
 
-def pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
-    """Token-id lists -> (right-padded tokens [B, T] int32, lengths [B]); empty ones rejected."""
+def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token-id lists -> (right-padded tokens [B, T] int32, lengths [B]); empty prompts and ids
+    outside [0, vocab_size) rejected (the embedding lookup would clamp them silently)."""
     if len(prompts) == 0:
         raise ValueError("no prompts given")
     lengths = np.array([len(p) for p in prompts])
     if lengths.min() == 0:
         raise ValueError(f"prompt {int(np.argmin(lengths))} is empty: give at least one token")
-    tokens = np.zeros((len(prompts), lengths.max()), np.int32)
+    tokens = np.zeros((len(prompts), lengths.max()), np.int64)
     for i, prompt in enumerate(prompts):
         tokens[i, : len(prompt)] = prompt
-    return tokens, lengths
+    outside = np.argwhere((tokens < 0) | (tokens >= vocab_size))  # padding is 0: never outside
+    if len(outside):
+        row, col = outside[0]
+        raise ValueError(
+            f"prompt {row} holds token id {tokens[row, col]} at position {col}, outside the "
+            f"model's vocabulary [0, {vocab_size})"
+        )
+    return tokens.astype(np.int32), lengths

@@ -67,5 +67,11 @@ class Stopping:
             raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}")
 
     def mask(self, vocab_size: int) -> np.ndarray:
-        """[vocab_size] bool: which ids are stop tokens."""
+        """[vocab_size] bool: which ids are stop tokens (each must be one of the vocabulary's)."""
+        outside = [t for t in self.tokens if not 0 <= t < vocab_size]
+        if outside:
+            raise ValueError(
+                f"stop token {outside[0]} is outside the model's vocabulary [0, {vocab_size}): "
+                "it could never be sampled"
+            )
         return np.isin(np.arange(vocab_size), self.tokens)

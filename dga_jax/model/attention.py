@@ -86,7 +86,7 @@ class DGAttention(nnx.Module):
         config = self.config
         dga = config.dga if config.attention == "dga" else None
         layout = None
-        if dga is not None:  # selected once, for the prompt's attention and its cache
+        if dga is not None and q.shape[1]:  # selected once, for the prompt's attention and cache
             with jax.named_scope("dga_selection"):
                 passes = importance_implementation(config.attention_impl)
                 layout = dga_layout(

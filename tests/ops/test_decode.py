@@ -189,6 +189,44 @@ def test_overflow_raises_before_running():
         prefill(q, k, v, max_len=30, config=config, capacity=needed - 1)
 
 
+def test_a_capacity_too_small_for_padded_prompts_raises_or_decodes_nan():
+    q, k, v = random_qkv(6, 1, 40, 2, 1, 16)
+    config, lengths = dga_jax.DGAConfig(4, 0.1), np.array([20])
+    needed = prefix_capacity(config, 40, lengths)
+    with pytest.raises(ValueError, match=f"capacity={needed - 1} prefix slots are too few"):
+        prefill(
+            q[:, :20],
+            k[:, :20],
+            v[:, :20],
+            max_len=40,
+            config=config,
+            capacity=needed - 1,
+            lengths=lengths,
+        )
+
+    @jax.jit  # traced lengths: nothing to check on the host; the overflowing row turns NaN
+    def run(lengths):
+        cache = prefill(
+            q[:, :20],
+            k[:, :20],
+            v[:, :20],
+            max_len=40,
+            config=config,
+            capacity=needed - 1,
+            lengths=lengths,
+        )
+        return jax.lax.scan(
+            lambda c, x: decode_step(*x, c)[::-1],
+            cache,
+            (q[:, 20:].swapaxes(0, 1), k[:, 20:].swapaxes(0, 1), v[:, 20:].swapaxes(0, 1)),
+        )[1]
+
+    out = run(lengths)  # [steps, B, Hq, D]
+    finite = np.asarray(jnp.isfinite(out).all(axis=(1, 2, 3)))
+    overflow = int(np.argmin(finite))  # the first step after the flush that overflows
+    assert not finite[overflow:].any() and finite[:overflow].all() and overflow > 0
+
+
 @pytest.mark.parametrize("config", [None, dga_jax.DGAConfig(4, 0.1)])
 def test_a_step_past_max_len_gives_nan_not_a_dropped_token(config):
     q, k, v = random_qkv(7, 1, 12, 2, 1, 16)

@@ -81,7 +81,10 @@ class DGACache:
             (self.prefix_k, self.prefix_v, prefix_valid, self.prefix_bias),
             (tail_k, tail_v, tail_valid, None),
         ]
-        out = attend_entries(q, parts, self.scale, self.length >= self.max_len)
+        # No room: a full cache, or a prefix that overflowed (a capacity too small for traced
+        # prompt lengths, which prefill cannot check): NaN, not entries silently dropped.
+        overflow = self.prefix_count > self.prefix_k.shape[2]
+        out = attend_entries(q, parts, self.scale, (self.length >= self.max_len) | overflow)
         entries = _flush_entries(q, tail_k, tail_v, self.config, self.scale)
         flush = tail_count == tail_k.shape[2]
         return out, DGAUpdate(k, v, flush, *entries)
@@ -196,8 +199,9 @@ def prefill(
 
     `lengths` [B]: right-padded prompts, row b holding lengths[b] tokens; its cache then equals
     that prompt's prefilled alone. Without `capacity`, room for any length up to P; a given
-    `capacity` must be at least `prefix_capacity(config, max_len, lengths)` (checked on the
-    host by `dga_jax.generate`; traced lengths cannot be).
+    `capacity` must be at least `prefix_capacity(config, max_len, lengths)`: checked here for
+    concrete lengths; a row whose prefix overflows a capacity too small for traced lengths
+    decodes NaN.
 
     `layout`: the prompt's `dga_layout` (same config, scale and lengths) if the caller already
     built it for the prompt's attention (`dga_attention(layout=)`): selection runs once.
@@ -208,18 +212,26 @@ def prefill(
     if config is None:
         length = prompt_len if lengths is None else jnp.asarray(lengths, jnp.int32)
         return dense_prefill(k, v, scale, max_len, length)
-    if lengths is None:
-        needed = prefix_capacity(config, max_len, [prompt_len])
-        if capacity is not None and capacity < needed:
-            raise ValueError(
-                f"capacity={capacity} prefix slots are too few: a prompt of {prompt_len} tokens "
-                f"decoded up to max_len={max_len} needs {needed}"
-            )
-        capacity = needed if capacity is None else capacity
-    elif capacity is None:
-        capacity = prefix_capacity(config, max_len, np.arange(1, max(prompt_len, 1) + 1))
+    if capacity is None:
+        every = [prompt_len] if lengths is None else np.arange(1, max(prompt_len, 1) + 1)
+        capacity = prefix_capacity(config, max_len, every)
+    elif not isinstance(lengths, jax.core.Tracer):
+        _check_capacity(config, max_len, capacity, [prompt_len] if lengths is None else lengths)
     rows = RowCounts.of(config, prompt_len, q.shape[0], lengths)
     return _dga_prefill(q, k, v, config, scale, max_len, capacity, rows, lengths, layout)
+
+
+def _check_capacity(config: DGAConfig, max_len: int, capacity: int, prompt_lengths) -> None:
+    """Raises if `capacity` prefix slots cannot hold rows prefilled at `prompt_lengths` and
+    decoded up to `max_len` tokens (traced lengths cannot be checked: such a row's outputs turn
+    NaN once its prefix overflows, `DGACache.attend`)."""
+    lengths = np.asarray(prompt_lengths)
+    needed = prefix_capacity(config, max_len, lengths)
+    if capacity < needed:
+        raise ValueError(
+            f"capacity={capacity} prefix slots are too few: prompts of up to {lengths.max()} "
+            f"tokens decoded up to max_len={max_len} need {needed}"
+        )
 
 
 def decode_step(
