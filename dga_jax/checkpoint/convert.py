@@ -6,8 +6,9 @@
 
 `hf-to-orbax` reads `HF/config.json` and `HF/model.safetensors.index.json` (or a single
 `HF/model.safetensors`) tensor by tensor; `orbax-to-hf` writes what
-`transformers.LlamaForCausalLM.from_pretrained(HF)` loads. `--dtype` casts the weights
-(default: keep the stored dtype). Neither command leaves a partial output behind on failure.
+`transformers.LlamaForCausalLM.from_pretrained(HF)` loads, the source's bos/eos/pad token ids
+included (in config.json and generation_config.json). `--dtype` casts the weights (default: keep
+the stored dtype). Neither command leaves a partial output behind on failure.
 Load the result with `dga_jax.checkpoint.load_model(CKPT, mesh=...)`.
 """
 
@@ -42,13 +43,14 @@ def orbax_to_hf(
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
 ) -> None:
     """Converts an Orbax checkpoint into a HF LLaMA checkpoint directory `out`."""
+    max_bytes = parse_size(max_shard_size)
     config = load_config(ckpt)
     write_hf(
         out,
         config,
         functools.partial(read_param, ckpt),
         dtype=dtype or config.param_dtype,
-        max_shard_size=parse_size(max_shard_size),
+        max_shard_size=max_bytes,
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from dga_jax.errors import InputError, MissingInputError
 from dga_jax.model.config import ModelConfig
@@ -32,6 +32,8 @@ SINGLE_FILE = "model.safetensors"
 # jnp.bfloat16 is ml_dtypes' numpy bfloat16, which `safe_open(framework="numpy")` needs registered.
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+# What a tensor may be stored as: any float, cast on reading (integers would become weights).
+READABLE_DTYPES = (*SAFETENSORS_DTYPES, "F64")
 # Buffers that older exports saved; RoPE is recomputed from the config.
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 SIZE_UNITS = {
@@ -136,7 +138,7 @@ def parse_size(size: str | int) -> int:
     """Bytes in "5GB" (10^9), "2GiB" (2^30), "40KB" or a plain number."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
     if not match:
-        raise ValueError(f"invalid size {size!r}; expected e.g. 5GB, 500MB, 2GiB or bytes")
+        raise InputError(f"invalid size {size!r}; expected e.g. 5GB, 500MB, 2GiB or bytes")
     return int(float(match[1]) * SIZE_UNITS[match[2] or ""])
 
 
@@ -144,12 +146,16 @@ def parse_size(size: str | int) -> int:
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> ModelConfig:
-    """Our config from `hf_dir/config.json`; an unsupported architecture raises ValueError."""
+    """Our config from `hf_dir/config.json`; an unsupported architecture, or a missing or bad
+    value, raises an `InputError` naming the file and the key."""
     path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise MissingInputError(f"no {CONFIG_FILE} in the HF checkpoint directory: {path}")
-    with open(path) as f:
-        return ModelConfig.from_hf(json.load(f))
+    hf = _read_json(path)
+    try:
+        return ModelConfig.from_hf(hf)
+    except ValueError as error:  # a ConfigError of the mapping, or a rule of ModelConfig
+        raise InputError(f"{path}: {error}") from error
 
 
 def tensor_files(hf_dir: str | os.PathLike) -> tuple[dict[str, str], str]:
@@ -157,13 +163,21 @@ def tensor_files(hf_dir: str | os.PathLike) -> tuple[dict[str, str], str]:
     index = os.path.join(hf_dir, INDEX_FILE)
     single = os.path.join(hf_dir, SINGLE_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _weight_map(index)
         return {name: os.path.join(hf_dir, file) for name, file in weight_map.items()}, index
     if os.path.isfile(single):
-        with safe_open(single, framework="numpy") as f:
+        with _open(single) as f:
             return dict.fromkeys(f.keys(), single), single
     raise MissingInputError(f"no safetensors checkpoint in {hf_dir}: neither {index} nor {single}")
+
+
+def _weight_map(index: str) -> dict[str, str]:
+    """The tensor name -> file name map of a `model.safetensors.index.json`."""
+    content = _read_json(index)
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise InputError(f"{index} has no 'weight_map' of tensor name -> file name")
+    return weight_map
 
 
 def read_hf(
@@ -171,9 +185,10 @@ def read_hf(
 ) -> tuple[ModelConfig, dict[str, Any]]:
     """Reads a HF LLaMA checkpoint into our config and nested parameter dict (numpy arrays).
 
-    Every tensor's presence and shape is checked (from the file headers) before any data is
-    read. `dtype` (float32, bfloat16, float16) casts each tensor as it is read; by default the
-    embedding's stored dtype is kept. The config's `param_dtype` is set to the result's dtype.
+    Every tensor's presence, shape and float dtype are checked (from the file headers) before
+    any data is read. `dtype` (float32, bfloat16, float16) casts each tensor as it is read; by
+    default the embedding's stored dtype is kept. The config's `param_dtype` is set to the
+    result's dtype.
     """
     config = read_hf_config(hf_dir)
     files, listing = tensor_files(hf_dir)
@@ -189,7 +204,7 @@ def read_hf(
     dtype = check_dtype(dtype) if dtype else _stored_dtype(files[_WEIGHTS[0].hf])
     params = {path: np.empty(shape, NUMPY_DTYPES[dtype]) for path, shape in stacked.items()}
     for file, names in by_file.items():
-        with safe_open(file, framework="numpy") as f:
+        with _open(file) as f:
             for name in names:
                 weight, layer = plan[name]
                 target = params[weight.path] if layer is None else params[weight.path][layer]
@@ -245,12 +260,19 @@ def _group_by_file(plan: dict[str, Any], files: dict[str, str]) -> dict[str, lis
 
 
 def _check_tensors(file: str, names: list[str], expected: dict[str, tuple[int, ...]]) -> None:
-    with safe_open(file, framework="numpy") as f:
+    """Each of `names` is in `file`, stored as a float, in the `expected` shape."""
+    with _open(file) as f:
         stored = set(f.keys())
         for name in names:
             if name not in stored:
                 raise CheckpointError(f"tensor {name!r} is missing from {file}")
-            found = tuple(f.get_slice(name).get_shape())
+            tensor = f.get_slice(name)
+            if tensor.get_dtype() not in READABLE_DTYPES:
+                raise CheckpointError(
+                    f"tensor {name!r} in {file} is stored as {tensor.get_dtype()}; "
+                    f"expected a float weight, one of {READABLE_DTYPES}"
+                )
+            found = tuple(tensor.get_shape())
             if found != expected[name]:
                 raise CheckpointError(
                     f"tensor {name!r} in {file} has shape {found}; "
@@ -260,7 +282,7 @@ def _check_tensors(file: str, names: list[str], expected: dict[str, tuple[int, .
 
 def _stored_dtype(file: str) -> str:
     """Our name of the dtype the embedding is stored in."""
-    with safe_open(file, framework="numpy") as f:
+    with _open(file) as f:
         stored = f.get_slice(_WEIGHTS[0].hf).get_dtype()
     if stored not in SAFETENSORS_DTYPES:
         raise CheckpointError(
@@ -268,3 +290,21 @@ def _stored_dtype(file: str) -> str:
             f"(one of {sorted(NUMPY_DTYPES)}) to convert it"
         )
     return SAFETENSORS_DTYPES[stored]
+
+
+def _open(file: str) -> Any:
+    """`safe_open(file)`, a damaged file (truncated, empty, not safetensors) a `CheckpointError`
+    naming it."""
+    try:
+        return safe_open(file, framework="numpy")
+    except SafetensorError as error:
+        raise CheckpointError(f"{file} is not a readable safetensors file: {error}") from error
+
+
+def _read_json(path: str) -> Any:
+    """The JSON value in `path`; invalid JSON is an `InputError` naming the file."""
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except ValueError as error:  # JSONDecodeError, or bytes that are not text
+            raise InputError(f"{path} is not valid JSON: {error}") from error

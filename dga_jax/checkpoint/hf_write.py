@@ -28,7 +28,9 @@ from dga_jax.checkpoint.hf import (
     param_shapes,
     weights,
 )
-from dga_jax.model.config import ModelConfig, config_to_hf
+from dga_jax.model.config import ModelConfig, config_to_hf, hf_token_ids
+
+GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def write_hf(
@@ -39,7 +41,9 @@ def write_hf(
     dtype: str,
     max_shard_size: int,
 ) -> None:
-    """Writes a HF checkpoint: config.json, model-0000i-of-0000n.safetensors and the index.
+    """Writes a HF checkpoint: config.json, model-0000i-of-0000n.safetensors, the index and,
+    when the config has special token ids, generation_config.json with them (the fields of it
+    that transformers derives from a LLaMA config).
 
     `read_param(path)` returns one stacked parameter at a time (numpy, [N, ...] per layer);
     each is sliced, cast to `dtype` and written into shards of at most `max_shard_size` bytes
@@ -60,6 +64,9 @@ def write_hf(
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": writer.files}
         _write_json(os.path.join(tmp, INDEX_FILE), index)
         _write_json(os.path.join(tmp, CONFIG_FILE), config_to_hf(config))
+        token_ids = hf_token_ids(config)
+        if token_ids:
+            _write_json(os.path.join(tmp, GENERATION_CONFIG_FILE), token_ids)
 
 
 def _hf_sizes(config: ModelConfig, itemsize: int) -> dict[str, int]:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -26,13 +28,15 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dga_jax import strict
-from dga_jax.errors import ConfigError, MissingInputError
+from dga_jax.errors import ConfigError, InputError, MissingInputError
 from dga_jax.model.config import BASELINE_KINDS, ModelConfig
 from dga_jax.model.llama import Llama
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules
 
 PARAMS = "params"
 CONFIG = "model_config"
+# Orbax's temporary sibling of a checkpoint being saved: `<dir>.orbax-checkpoint-tmp[-<time>]`.
+ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def save_params(ckpt_dir: str | os.PathLike, config: ModelConfig, params: dict[str, Any]) -> None:
@@ -42,8 +46,14 @@ def save_params(ckpt_dir: str | os.PathLike, config: ModelConfig, params: dict[s
     if os.path.exists(path):
         raise FileExistsError(f"checkpoint directory already exists: {path}")
     items = {PARAMS: ocp.args.PyTreeSave(params), CONFIG: ocp.args.JsonSave(config.to_dict())}
-    with contextlib.closing(_saver()) as checkpointer:
-        checkpointer.save(path, ocp.args.Composite(**items))
+    try:
+        with contextlib.closing(_saver()) as checkpointer:
+            checkpointer.save(path, ocp.args.Composite(**items))
+    except BaseException:
+        # Orbax leaves its temporary directory behind when a save fails.
+        for tmp in glob.glob(glob.escape(path) + ORBAX_TMP_SUFFIX + "*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _saver() -> ocp.Checkpointer:
@@ -67,9 +77,15 @@ def save_model(model: Llama, ckpt_dir: str | os.PathLike) -> None:
 
 
 def load_config(ckpt_dir: str | os.PathLike) -> ModelConfig:
-    """The `ModelConfig` stored in a checkpoint directory."""
-    restored = _restore(ckpt_dir, {CONFIG: ocp.args.JsonRestore()})
-    return ModelConfig.from_dict(restored[CONFIG])
+    """The `ModelConfig` stored in a checkpoint directory; a damaged one (not JSON, not a valid
+    config) is an `InputError` naming its item directory."""
+    try:
+        return ModelConfig.from_dict(_restore(ckpt_dir, {CONFIG: ocp.args.JsonRestore()})[CONFIG])
+    except MissingInputError:
+        raise
+    except (ValueError, FileNotFoundError) as error:
+        item = os.path.join(os.path.abspath(ckpt_dir), CONFIG)
+        raise InputError(f"{item} holds no readable model config: {error}") from error
 
 
 def load_model(

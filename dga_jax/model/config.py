@@ -14,6 +14,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from dga_jax import strict
+from dga_jax.errors import ConfigError
 from dga_jax.ops.dense import DENSE_IMPLEMENTATIONS
 from dga_jax.ops.dga.api import IMPLEMENTATIONS as DGA_IMPLEMENTATIONS
 from dga_jax.ops.dga.backends import INTERVAL_IMPLEMENTATIONS
@@ -94,6 +95,10 @@ class ModelConfig:
     context_parallel: str = "auto"  # how a sequence split over the `seq` mesh axis is attended
     context_order: str = "contiguous"  # or "zigzag": rows of a split sequence in zig-zag order
     remat: str = "none"
+    # Special token ids, carried from a HF config to its export; they fix no parameter's shape.
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] | None = None  # HF's eos_token_id: one id or several
+    pad_token_id: int | None = None
 
     def __post_init__(self):
         for name in (
@@ -178,20 +183,39 @@ class ModelConfig:
 
 
 SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM",)
+_HF_REQUIRED = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "intermediate_size",
+)
+_HF_LLAMA3_ROPE = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
 
 
 def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
-    """Maps the fields of a HF `LlamaConfig` dict; other architectures are rejected."""
+    """Maps the fields of a HF `LlamaConfig` dict; other architectures, and a missing or
+    unsupported field, raise a `ConfigError` naming the key."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"a HF config must be a JSON object, got {type(hf).__name__}")
     archs = hf.get("architectures") or ["LlamaForCausalLM"]
     if hf.get("model_type", "llama") != "llama" or archs[0] not in SUPPORTED_HF_ARCHITECTURES:
-        raise ValueError(
+        raise ConfigError(
             f"unsupported architecture {archs} (model_type "
             f"{hf.get('model_type')!r}); supported: {SUPPORTED_HF_ARCHITECTURES}"
         )
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError("unsupported LLaMA variant: attention_bias / mlp_bias are not supported")
+        raise ConfigError("unsupported LLaMA variant: attention_bias / mlp_bias are not supported")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"unsupported hidden_act {hf['hidden_act']!r}; LLaMA uses 'silu'")
+        raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r}; LLaMA uses 'silu'")
+    _require(hf, _HF_REQUIRED, "")
+    for key in _HF_REQUIRED:
+        strict.check(key, hf[key], int)
     heads = hf["num_attention_heads"]
     # transformers >= 5 nests rope_theta and the scaling in `rope_parameters`.
     rope = hf.get("rope_parameters") or {}
@@ -206,21 +230,33 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
         intermediate_size=hf["intermediate_size"],
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
-        rope_scaling=_hf_rope_scaling(hf.get("rope_scaling") or rope),
+        rope_scaling=_hf_rope_scaling(hf),
         max_position=hf.get("max_position_embeddings", 4096),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        **_hf_token_ids(hf),
     )
 
 
-def _hf_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling:
+def _require(values: dict[str, Any], keys: tuple[str, ...], prefix: str) -> None:
+    """A `ConfigError` naming the `keys` missing from (the `prefix` section of) a HF config."""
+    missing = [prefix + key for key in keys if key not in values]
+    if missing:
+        raise ConfigError(f"HF config key(s) {missing} missing")
+
+
+def _hf_rope_scaling(hf: dict[str, Any]) -> RopeScaling:
+    section = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    scaling = hf.get(section)
     if not scaling:
         return RopeScaling()
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return RopeScaling()
     if kind == "linear":
+        _require(scaling, ("factor",), section + ".")
         return RopeScaling("linear", float(scaling["factor"]))
     if kind == "llama3":
+        _require(scaling, _HF_LLAMA3_ROPE, section + ".")
         return RopeScaling(
             "llama3",
             float(scaling["factor"]),
@@ -228,11 +264,23 @@ def _hf_rope_scaling(scaling: dict[str, Any] | None) -> RopeScaling:
             float(scaling["high_freq_factor"]),
             int(scaling["original_max_position_embeddings"]),
         )
-    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
+    raise ConfigError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
+
+
+def _hf_token_ids(hf: dict[str, Any]) -> dict[str, Any]:
+    """ModelConfig's token id fields from HF's bos/eos/pad_token_id (eos: an id or a list)."""
+    eos = hf.get("eos_token_id")
+    eos = eos if isinstance(eos, list) or eos is None else [eos]
+    return {
+        "bos_token_id": strict.check("bos_token_id", hf.get("bos_token_id"), int | None),
+        "eos_token_ids": strict.check("eos_token_id", eos, tuple[int, ...] | None),
+        "pad_token_id": strict.check("pad_token_id", hf.get("pad_token_id"), int | None),
+    }
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """The HF `config.json` fields of a config (for export)."""
+    """The HF `config.json` fields of a config (for export); unset token ids are left out, so
+    transformers' own defaults apply as they did to a source config without them."""
     scaling = config.rope_scaling
     rope = None
     if scaling.kind == "linear":
@@ -264,7 +312,21 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "attention_bias": False,
         "mlp_bias": False,
         "torch_dtype": config.param_dtype,
+        **hf_token_ids(config),
     }
+
+
+def hf_token_ids(config: ModelConfig) -> dict[str, Any]:
+    """HF's bos/eos/pad_token_id of a config, the unset ones left out (eos: an id or a list)."""
+    eos = config.eos_token_ids
+    if eos is not None:
+        eos = eos[0] if len(eos) == 1 else list(eos)
+    ids = {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": eos,
+        "pad_token_id": config.pad_token_id,
+    }
+    return {key: value for key, value in ids.items() if value is not None}
 
 
 _LLAMA2_7B = ModelConfig()

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.numpy import load_file, save_file
-from transformers import LlamaForCausalLM
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from dga_jax.checkpoint import CheckpointError, load_config, load_model, read_param
+from dga_jax.checkpoint.convert import _run_command
 from dga_jax.checkpoint.hf import (
     INDEX_FILE,
     param_shapes,
@@ -93,6 +94,24 @@ def test_export_casts_to_the_requested_dtype(converted, tmp_path):
     assert exported.config.dtype == torch.bfloat16
     rounded = c.model.model.layers[0].self_attn.q_proj.weight.detach().to(torch.bfloat16)
     assert torch.equal(exported.model.layers[0].self_attn.q_proj.weight, rounded)
+
+
+@pytest.mark.parametrize("eos", [7, [6, 7]])
+def test_special_token_ids_survive_a_round_trip(tmp_path, eos):
+    model = build_hf_model(num_key_value_heads=2, bos_token_id=5, eos_token_id=eos, pad_token_id=0)
+    to_orbax(save_sharded(model, tmp_path / "hf"), tmp_path / "orbax")
+    config = load_config(tmp_path / "orbax")
+    assert (config.bos_token_id, config.eos_token_ids, config.pad_token_id) == (
+        5,
+        tuple(eos) if isinstance(eos, list) else (eos,),
+        0,
+    )
+    to_hf(tmp_path / "orbax", tmp_path / "exported")
+    for exported in (
+        LlamaConfig.from_pretrained(tmp_path / "exported"),
+        GenerationConfig.from_pretrained(tmp_path / "exported"),
+    ):
+        assert (exported.bos_token_id, exported.eos_token_id, exported.pad_token_id) == (5, eos, 0)
 
 
 def test_export_shards_respect_the_size_limit(converted, tmp_path):
@@ -186,6 +205,14 @@ def test_an_unexpected_tensor_is_rejected(hf_copy, tmp_path):
         to_orbax(hf_copy, tmp_path / "orbax")
 
 
+def test_a_non_float_tensor_is_rejected(hf_copy, tmp_path):
+    shard = rewrite_shard(hf_copy, Q_PROJ, np.full((64, 64), 7, np.int8))
+    expected = re.escape(f"'{Q_PROJ}' in {shard} is stored as I8")
+    with pytest.raises(CheckpointError, match=expected):
+        to_orbax(hf_copy, tmp_path / "orbax")
+    assert not (tmp_path / "orbax").exists()
+
+
 def test_an_unsupported_architecture_is_rejected(hf_copy, tmp_path):
     config = json.loads((hf_copy / "config.json").read_text())
     config.update(architectures=["MistralForCausalLM"], model_type="mistral")
@@ -245,3 +272,71 @@ def test_the_command_names_a_missing_directory_in_one_line(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("python -m dga_jax.checkpoint.convert: error: ")
     assert str(missing / "config.json") in last
+
+
+SHARD = "<the shard holding Q_PROJ>"
+LLAMA3_NO_BANDS = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 64}
+# case -> (file, change, a text the error holds besides the file). A change is a dict of
+# top-level JSON keys to set (None deletes one), a byte count to truncate to, or new bytes.
+DAMAGE = {
+    "config_not_json": ("config.json", b"{", "JSON"),
+    "config_no_hidden_size": ("config.json", {"hidden_size": None}, "'hidden_size'"),
+    "llama3_rope_no_low_freq_factor": (
+        "config.json",
+        {"rope_scaling": LLAMA3_NO_BANDS},
+        "rope_scaling.low_freq_factor",
+    ),
+    "heads_not_a_multiple": ("config.json", {"num_key_value_heads": 3}, "num_kv_heads=3"),
+    "yarn_rope": ("config.json", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
+    "attention_bias": ("config.json", {"attention_bias": True}, "attention_bias"),
+    "index_not_json": (INDEX_FILE, b"{ oops", "JSON"),
+    "index_no_weight_map": (INDEX_FILE, {"weight_map": None}, "weight_map"),
+    "truncated_shard": (SHARD, 100, "safetensors"),
+    "empty_shard": (SHARD, 0, "safetensors"),
+    "garbage_shard": (SHARD, b"no tensors here", "safetensors"),
+}
+
+
+def damage(path: pathlib.Path, change: dict | int | bytes) -> None:
+    """Applies one `DAMAGE` change to a file."""
+    if isinstance(change, dict):
+        content = {**json.loads(path.read_text()), **change}
+        path.write_text(json.dumps({k: v for k, v in content.items() if v is not None}))
+    elif isinstance(change, int):
+        path.write_bytes(path.read_bytes()[:change])
+    else:
+        path.write_bytes(change)
+
+
+def run_command(monkeypatch, capsys, *argv: str) -> str:
+    """The convert command's last stderr line, once it has exited with code 2."""
+    monkeypatch.setattr(sys, "argv", ["convert", *argv])
+    with pytest.raises(SystemExit) as exited:
+        _run_command()
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("python -m dga_jax.checkpoint.convert: error: ")
+    return last
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_input_is_one_error_line_naming_the_file(
+    case, hf_copy, tmp_path, monkeypatch, capsys
+):
+    file, change, text = DAMAGE[case]
+    path = pathlib.Path(tensor_files(hf_copy)[0][Q_PROJ]) if file == SHARD else hf_copy / file
+    damage(path, change)
+    out = tmp_path / "orbax"
+    last = run_command(
+        monkeypatch, capsys, "hf-to-orbax", "--hf_dir", str(hf_copy), "--out", str(out)
+    )
+    assert str(path) in last and text in last
+    assert not out.exists()
+
+
+def test_a_bad_shard_size_is_one_error_line(converted, tmp_path, monkeypatch, capsys):
+    ckpt, out = converted("gqa").ckpt_dir, tmp_path / "hf"
+    argv = ["orbax-to-hf", "--ckpt", str(ckpt), "--out", str(out), "--max_shard_size", "5 gigs"]
+    assert "invalid size '5 gigs'" in run_command(monkeypatch, capsys, *argv)
+    assert not out.exists()

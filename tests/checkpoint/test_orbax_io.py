@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +14,7 @@ from flax import nnx
 from dga_jax import Llama
 from dga_jax.checkpoint import abstract_model, load_config, load_model, save_model, save_params
 from dga_jax.checkpoint.orbax_io import attention_changes, parse_settings
-from dga_jax.errors import ConfigError
+from dga_jax.errors import ConfigError, InputError
 from dga_jax.model.config import ModelConfig
 from dga_jax.ops.minference import MInferenceConfig
 from dga_jax.ops.sinks import StreamingLLMConfig
@@ -58,11 +61,37 @@ def test_the_abstract_model_of_7b_allocates_nothing():
     assert all(leaf.sharding.device_set == {jax.devices()[0]} for leaf in leaves)
 
 
-def test_a_failed_save_leaves_no_checkpoint_directory(tmp_path):
+def test_a_failed_save_leaves_nothing_behind(tmp_path):
     params = {"embed": np.zeros(3, np.float32), "broken": object()}
     with pytest.raises(ValueError, match="broken"):
         save_params(tmp_path / "ckpt", ModelConfig.preset("tiny"), params)
-    assert not (tmp_path / "ckpt").exists()
+    assert list(tmp_path.iterdir()) == []  # neither the directory nor Orbax's temporary one
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    """A saved one-layer tiny model and the JSON file of its stored config."""
+    save_model(Llama(ModelConfig.preset("tiny", num_layers=1), rngs=nnx.Rngs(0)), tmp_path / "c")
+    return tmp_path / "c", tmp_path / "c" / "model_config" / "metadata"
+
+
+def test_a_config_saved_before_the_token_ids_loads(tiny_ckpt):
+    ckpt, stored = tiny_ckpt
+    old = json.loads(stored.read_text())
+    for key in ("bos_token_id", "eos_token_ids", "pad_token_id"):
+        del old[key]
+    stored.write_text(json.dumps(old))
+    config = load_config(ckpt)
+    assert (config.bos_token_id, config.eos_token_ids, config.pad_token_id) == (None,) * 3
+    assert config == ModelConfig.preset("tiny", num_layers=1)
+
+
+@pytest.mark.parametrize("text", ['{"vocab_size": 512,', '{"num_kv_heads": 3}', "[]"])
+def test_a_damaged_stored_config_is_an_input_error_naming_it(tiny_ckpt, text):
+    ckpt, stored = tiny_ckpt
+    stored.write_text(text)
+    with pytest.raises(InputError, match=re.escape(str(ckpt / "model_config"))):
+        load_config(ckpt)
 
 
 def test_attention_changes_switch_kind_and_settings_at_load_time(tmp_path):
