@@ -33,6 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.tokenizer = "byte"  # "byte", or a path to tokenizer.model / tokenizer.json
     config.data.seq_len = 256
     config.data.set_names = ()  # filter on meta.redpajama_set_name; () keeps all
+    config.data.add_bos = True  # wrap each document in the tokenizer's BOS / EOS ids
+    config.data.add_eos = True
     config.data.num_workers = 0
     config.data.seed = 0
 
@@ -85,5 +87,5 @@ def unset_fields(kind: type) -> ml_collections.ConfigDict:
             fields[field.name] = unset_fields(hint)
         else:
             types = [t for t in typing.get_args(hint) if t is not type(None)] or [hint]
-            fields[field.name] = config_dict.placeholder(types[0])
+            fields[field.name] = config_dict.placeholder(typing.get_origin(types[0]) or types[0])
     return ml_collections.ConfigDict(fields)

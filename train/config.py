@@ -135,15 +135,31 @@ def parse_profile_steps(text: str, steps: int) -> tuple[int, int] | None:
 
 @dataclasses.dataclass(frozen=True)
 class DataSection:
-    """The `data` section; turned into the pipeline's `DataConfig` by the loop."""
+    """The `data` section; turned into the pipeline's `DataConfig` by the loop.
+
+    `add_bos` / `add_eos`: wrap each document in the tokenizer's BOS / EOS ids (a GPT-2 style
+    tokenizer has no BOS: set `add_bos=False`). `num_workers` must also divide the rows of the
+    global batch each process reads (checked by `train.inputs.check_num_workers`).
+    """
 
     train: str = ""
     validation: str = ""
     tokenizer: str = "byte"
     seq_len: int = 256
     set_names: tuple[str, ...] = ()
+    add_bos: bool = True
+    add_eos: bool = True
     num_workers: int = 0
     seed: int = 0
+
+    def __post_init__(self):
+        if self.seq_len < 1:
+            raise ConfigError(f"config.data.seq_len must be >= 1, got {self.seq_len}")
+        if self.num_workers < 0:
+            raise ConfigError(
+                f"config.data.num_workers must be >= 0 (0: no worker processes), got "
+                f"{self.num_workers}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,10 +237,15 @@ RESUME_FIXED = (
     "data.tokenizer",
     "data.seq_len",
     "data.set_names",
+    "data.add_bos",
+    "data.add_eos",
     "data.seed",
     "train.global_batch_size",
     *(f"model.{name}" for name in ARCHITECTURE_FIELDS),
 )
+
+# Keys added to the config since older checkpoints were written, with the value those runs had.
+ADDED_KEYS = {"data.add_bos": True, "data.add_eos": True}
 
 
 def flat_record(config: TrainConfig) -> dict[str, Any]:
@@ -246,6 +267,7 @@ def resume_changes(stored: dict[str, Any], config: TrainConfig, source: str) -> 
     """`key: old -> new` for each key `config` changes from the `stored` `flat_record` of the
     run it resumes. A change of a `RESUME_FIXED` key raises one `ConfigError` naming them all."""
     current = flat_record(config)
+    stored = {**ADDED_KEYS, **stored}
     changed = sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
     described = {k: f"config.{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in changed}
     fixed = [described[k] for k in changed if k in RESUME_FIXED]

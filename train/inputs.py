@@ -2,7 +2,8 @@
 
 A missing tokenizer, shard directory or initial checkpoint, or a checkpoint of another
 architecture, would otherwise surface minutes into a run (after the mesh, the model and the
-compiles) as a traceback from deep inside a library.
+compiles) as a traceback from deep inside a library. `check_num_workers` checks the one data
+value that depends on the devices, once the mesh is known and before the workdir is made.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dga_jax.checkpoint import load_config
 from dga_jax.data.slimpajama import list_shards
 from dga_jax.data.tokenizers import load_tokenizer
-from dga_jax.errors import InputError
+from dga_jax.errors import ConfigError, InputError
 from dga_jax.model.config import ARCHITECTURE_FIELDS
 from train.config import TrainConfig
 
@@ -51,11 +52,24 @@ def _check_init_checkpoint(config: TrainConfig) -> str | None:
     return None
 
 
+def check_num_workers(config: TrainConfig, rows: int) -> None:
+    """A `ConfigError` unless `config.data.num_workers` divides the `rows` of the global batch
+    this process reads (the mesh decides them: known once the devices are)."""
+    workers = config.data.num_workers
+    if workers and rows % workers:
+        raise ConfigError(
+            f"config.data.num_workers={workers} must divide the {rows} rows of each global batch "
+            f"(config.train.global_batch_size={config.train.global_batch_size}) this process "
+            "reads; 0 reads without worker processes"
+        )
+
+
 def _check_split(config: TrainConfig, split: str) -> str | None:
     pattern = getattr(config.data, split)
     if not pattern:
-        if split == "validation" and config.data.train:
-            return "config.data.validation is not set (config.data.train is): set both or neither"
+        other = "validation" if split == "train" else "train"
+        if getattr(config.data, other):
+            return f"config.data.{split} is not set (config.data.{other} is): set both or neither"
         return None
     try:
         list_shards(pattern)
@@ -69,9 +83,18 @@ def _check_tokenizer(config: TrainConfig) -> str | None:
         tokenizer = load_tokenizer(config.data.tokenizer)
     except InputError as error:
         return f"config.data.tokenizer: {error}"
-    if tokenizer.vocab_size > config.model.vocab_size:
-        return (
-            f"config.data.tokenizer {config.data.tokenizer!r} has {tokenizer.vocab_size} ids, "
-            f"more than the model's vocab_size={config.model.vocab_size}"
+    name = f"config.data.tokenizer {config.data.tokenizer!r}"
+    problems = [
+        f"{name} has no {token} token to add: set --config.data.{key}=False"
+        for key, token, token_id in (
+            ("add_bos", "BOS", tokenizer.bos_id),
+            ("add_eos", "EOS", tokenizer.eos_id),
         )
-    return None
+        if getattr(config.data, key) and token_id is None
+    ]
+    if tokenizer.vocab_size > config.model.vocab_size:
+        problems.append(
+            f"{name} has {tokenizer.vocab_size} ids, more than the model's "
+            f"vocab_size={config.model.vocab_size}"
+        )
+    return "; ".join(problems) or None

@@ -24,7 +24,7 @@ from train import metrics
 from train.checkpointing import Checkpoints
 from train.config import TrainConfig, resume_changes
 from train.hosts import rows_state
-from train.inputs import check_inputs
+from train.inputs import check_inputs, check_num_workers
 from train.setup import Setup, make_setup, new_model
 from train.setup import lower_train_step as lower_train_step  # public API: kept importable here
 from train.step import TrainState
@@ -35,8 +35,9 @@ def run(config: TrainConfig, workdir: str | Path) -> Summary:
     """Trains `config` in `workdir` (created; resumed if it holds a checkpoint)."""
     workdir = Path(workdir)
     check_inputs(config)
-    workdir.mkdir(parents=True, exist_ok=True)
     setup = make_setup(config)
+    check_num_workers(config, len(setup.rows))
+    workdir.mkdir(parents=True, exist_ok=True)
     checkpoints = Checkpoints(
         workdir / "checkpoints",
         every=config.train.checkpoint_every,
@@ -128,6 +129,8 @@ def _data_config(config: TrainConfig) -> pipeline.DataConfig:
         train=data.train or None,
         validation=data.validation or None,
         set_names=data.set_names,
+        add_bos=data.add_bos,
+        add_eos=data.add_eos,
         seed=data.seed,
         num_workers=data.num_workers,
         eval_batches=config.train.eval_batches,
@@ -153,6 +156,8 @@ def _train(
         if eval_owed and not trainer.evaluate(trainer.start, state):
             trainer.stopping = True
         done = trainer.start
+        if done >= config.train.steps:
+            trainer.report_finished()
         while done < config.train.steps and not trainer.stopping:
             done += 1
             state = trainer.step(state, done)

@@ -6,10 +6,17 @@ import hashlib
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import tqdm
+
+from dga_jax.errors import InputError
+
+# The values a run's summary reports, carried over from metrics.jsonl on resume.
+LAST_KEYS = ("loss", "val_loss", "tokens_per_s")
+
 
 # bf16 dense peak per device, for the MFU estimate when the config does not give one.
 PEAK_FLOPS = {
@@ -34,7 +41,8 @@ def peak_flops(device_kind: str, configured: float) -> float | None:
 class MetricsLog:
     """Appends one JSON object per record to `metrics.jsonl`; mirrors scalars to TensorBoard.
 
-    On resume, records after the restored step are dropped, so the file reads as one run.
+    On resume, records after the restored step are dropped, so the file reads as one run, and
+    `last` holds the last logged `LAST_KEYS` (empty on a fresh run or another host).
     """
 
     def __init__(
@@ -49,12 +57,15 @@ class MetricsLog:
         self.path = Path(workdir) / "metrics.jsonl"
         self.enabled = enabled
         self.tensorboard = self.wandb = None
+        self.last: dict[str, float] = {}
         if not enabled:
             return
         if wandb_project:
             self.wandb = _start_wandb(wandb_project, Path(workdir), run_config or {})
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        _replace(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        for record in kept:
+            self.last.update({key: record[key] for key in LAST_KEYS if key in record})
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
@@ -105,9 +116,53 @@ def _start_wandb(project: str, workdir: Path, run_config: dict[str, Any]):
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of `path` (none if it is absent).
+
+    Unreadable lines at the end, what a run killed while appending (or a full disk) leaves, are
+    dropped with a warning; an unreadable line before a readable one is damage, an `InputError`
+    naming the file and the line.
+    """
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records, unreadable = [], []
+    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = _parse_record(line)
+        if record is None:
+            unreadable.append(number)
+        elif unreadable:
+            raise InputError(
+                f"{path} line {unreadable[0]} is not a metrics record, but line {number} after it "
+                f"is: the file is damaged; repair or delete line {unreadable[0]} to go on"
+            )
+        else:
+            records.append(record)
+    if unreadable:
+        logging.warning(
+            "%s: line(s) %s cut short (a run stopped while writing them): dropped",
+            path,
+            ", ".join(map(str, unreadable)),
+        )
+    return records
+
+
+def _parse_record(line: str) -> dict[str, Any] | None:
+    """One line's record, or None if it is not a JSON object with an int `step`."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    if isinstance(record, dict) and isinstance(record.get("step"), int):
+        return record
+    return None
+
+
+def _replace(path: Path, text: str) -> None:
+    """Writes `text` to `path` in one step: a crash leaves the old file or the new one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
 
 
 class Progress:

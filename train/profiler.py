@@ -7,7 +7,7 @@ TensorBoard's profile plugin (`tensorboard --logdir <workdir>/profile`) and Perf
 `.trace.json.gz` beside the `.xplane.pb`) open; every process writes its own host's file. Each
 step is a `StepTraceAnnotation`, so the tools split the timeline by step. Start later than the
 first step to keep compilation out of the trace, as MaxText's `skip_first_n_steps_for_profiler`
-does.
+does. A run resumed inside the range traces the steps it runs; one resumed past it, none.
 """
 
 from __future__ import annotations
@@ -19,14 +19,17 @@ import jax
 
 
 class StepProfiler:
-    """Starts the trace before step `first` and stops it once step `last` has finished."""
+    """Starts the trace before the first step of (first, last) that this process runs and stops
+    it once step `last` has finished; a run resumed after step `start` runs from `start + 1`."""
 
-    def __init__(self, steps: tuple[int, int] | None, workdir: Path):
+    def __init__(self, steps: tuple[int, int] | None, workdir: Path, *, start: int):
         self.steps, self.directory, self.active = steps, workdir / "profile", False
+        if steps is not None and start >= steps[0]:
+            _warn_resumed(steps, start)
 
     def annotate(self, step: int):
         """The context of one step: its trace annotation (inert outside a trace)."""
-        if self.steps is not None and step == self.steps[0]:
+        if self.steps is not None and not self.active and self.steps[0] <= step <= self.steps[1]:
             jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
             self.active = True
         return jax.profiler.StepTraceAnnotation("train", step_num=step)
@@ -43,3 +46,20 @@ class StepProfiler:
             jax.profiler.stop_trace()
             self.active = False
             logging.info("profile written to %s", self.directory)
+
+
+def _warn_resumed(steps: tuple[int, int], start: int) -> None:
+    """Says which of the profiled `steps` a run resumed after step `start` (in or past them)
+    still traces."""
+    first, last = steps
+    if start >= last:
+        traced = "none of them: no profile is written"
+    else:
+        traced = f"steps {start + 1} to {last}, the first with its compilation"
+    logging.warning(
+        "config.train.profile_steps=%d,%d: the run resumes after step %d and traces %s",
+        first,
+        last,
+        start,
+        traced,
+    )

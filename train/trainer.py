@@ -59,7 +59,7 @@ class Trainer:
         )
         self.progress = metrics.Progress(config.train.steps, start, enabled=main_host)
         self.stop, self.stopping, self.eval_owed = StopSignal(), False, False
-        self.profiler = StepProfiler(config.train.profile_range, Path(workdir))
+        self.profiler = StepProfiler(config.train.profile_range, Path(workdir), start=start)
         self.eval_fn = jax.jit(functools.partial(eval_step, setup.graphdef))
         self.schedule = learning_rate_schedule(config.optim, config.train.steps)
         self.peak = metrics.peak_flops(
@@ -67,7 +67,8 @@ class Trainer:
         )
         self.began = self.window_start = time.time()
         self.window_losses: list[jax.Array] = []
-        self.last = {"loss": math.nan, "val_loss": None, "tokens_per_s": 0.0}
+        # The last values logged, from metrics.jsonl on a resumed run until this one logs.
+        self.last = {"loss": math.nan, "val_loss": None, "tokens_per_s": 0.0, **self.log.last}
 
     def step(self, state: TrainState, done: int) -> TrainState:
         """Runs step `done` (1-based); logs, evaluates and checkpoints when due."""
@@ -142,6 +143,18 @@ class Trainer:
         self.last["val_loss"] = val_loss
         self.window_start += time.time() - began  # evaluation is not training throughput
         return True
+
+    def report_finished(self) -> None:
+        """Says that the run had already reached `config.train.steps`: no step is run."""
+        losses = {key: self.log.last[key] for key in ("loss", "val_loss") if key in self.log.last}
+        logging.warning(
+            "the run in %s already finished at step %d (config.train.steps=%d; last logged: %s): "
+            "no step to run; raise config.train.steps to train further",
+            self.log.path.parent,
+            self.start,
+            self.config.train.steps,
+            ", ".join(f"{key} {value:.4f}" for key, value in losses.items()) or "nothing",
+        )
 
     def summary(self, state: TrainState) -> Summary:
         return Summary(

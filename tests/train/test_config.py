@@ -8,7 +8,14 @@ import re
 
 import pytest
 
-from train.config import INPUTS, ConfigError, MeshConfig, from_config_dict
+from train.config import (
+    INPUTS,
+    ConfigError,
+    MeshConfig,
+    flat_record,
+    from_config_dict,
+    resume_changes,
+)
 
 CONFIG_DIR = pathlib.Path(__file__).parents[2] / "configs"
 EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "base"))
@@ -117,8 +124,21 @@ def test_llama7b_follows_the_paper_recipe():
         (("mesh", "context_parallel"), "ring", r"config\.mesh\.context_parallel must be one of"),
         (("mesh", "context_order"), "random", r"config\.mesh\.context_order must be one of"),
         (("model", "overrides", "context_parallel"), "dga", r"set config\.mesh\.context_paral"),
+        (("data", "seq_len"), 0, r"config\.data\.seq_len must be >= 1, got 0"),
+        (("data", "num_workers"), -1, r"config\.data\.num_workers must be >= 0"),
     ],
-    ids=["optim-key", "section", "model-key", "model-value", "preset", "cp", "order", "cp-model"],
+    ids=[
+        "optim-key",
+        "section",
+        "model-key",
+        "model-value",
+        "preset",
+        "cp",
+        "order",
+        "cp-model",
+        "seq-len",
+        "workers",
+    ],
 )
 def test_bad_keys_are_named(path, value, match):
     config = load("tiny_dga").to_dict()
@@ -152,6 +172,31 @@ def test_profile_steps_outside_the_run_are_named(value):
         from_config_dict(config)
     config["train"]["profile_steps"] = "199,200"
     assert from_config_dict(config).train.profile_range == (199, 200)
+
+
+def test_bos_and_eos_can_be_left_out():
+    config = load("tiny_dga").to_dict()
+    data = from_config_dict(config).data
+    assert (data.add_bos, data.add_eos) == (True, True)
+    config["data"].update(add_bos=False, add_eos=False)
+    data = from_config_dict(config).data
+    assert (data.add_bos, data.add_eos) == (False, False)
+
+
+def test_a_resume_may_not_change_bos_or_eos():
+    stored = flat_record(from_config_dict(load("tiny_dga")))
+    config = load("tiny_dga").to_dict()
+    config["data"]["add_bos"] = False
+    with pytest.raises(ConfigError, match=r"config\.data\.add_bos: True -> False"):
+        resume_changes(stored, from_config_dict(config), "the checkpoint")
+
+
+def test_a_checkpoint_from_before_bos_and_eos_were_keys_resumes():
+    # Such runs added both; their records lack the keys.
+    config = from_config_dict(load("tiny_dga"))
+    stored = flat_record(config)
+    del stored["data.add_bos"], stored["data.add_eos"]
+    assert resume_changes(stored, config, "the checkpoint") == []
 
 
 def test_batch_must_split_into_micro_batches():

@@ -16,11 +16,11 @@ from flax import nnx
 from configs import tiny_dga
 from dga_jax import Llama, ModelConfig
 from dga_jax.checkpoint import save_model
-from dga_jax.errors import InputError
+from dga_jax.errors import ConfigError, InputError
 from dga_jax.sharding import make_mesh
 from tests.data.conftest import record, train_hf_tokenizer, write_jsonl_zst
 from train.config import TrainConfig, from_config_dict
-from train.inputs import check_inputs
+from train.inputs import check_inputs, check_num_workers
 
 ROOT = Path(__file__).parents[2]
 CONVERT = "python -m dga_jax.checkpoint.convert hf-to-orbax"
@@ -72,8 +72,9 @@ def test_the_7b_launch_with_missing_files_names_each_path(tmp_path):
         ("--config.model.overrides.attention=sparse", "model.attention must be one of"),
         ("--config.optim.lerning_rate=1", "unknown config key 'lerning_rate'"),
         ("--config.train.steps=abc", "--config.train.steps=abc"),
+        ("--config.data.num_workers=3", "config.data.num_workers=3 must divide the 8 rows"),
     ],
-    ids=["type", "value", "unknown-key", "unparsable"],
+    ids=["type", "value", "unknown-key", "unparsable", "workers"],
 )
 def test_a_bad_config_value_ends_the_launch_naming_the_key(tmp_path, flag, key):
     line = error_line(launch("configs/tiny_dga.py", tmp_path / "w", flag))
@@ -158,6 +159,30 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_named(tokenizer_300):
 def test_training_shards_without_validation_shards_are_named(shards):
     with pytest.raises(InputError, match=r"config\.data\.validation is not set"):
         check_inputs(tiny({"data.train": str(shards / "train")}))
+
+
+def test_validation_shards_without_training_shards_are_named(shards):
+    with pytest.raises(InputError, match=r"config\.data\.train is not set"):
+        check_inputs(tiny({"data.validation": str(shards / "validation")}))
+
+
+def test_a_tokenizer_without_the_tokens_to_add_is_named(tmp_path):
+    gpt2_like = train_hf_tokenizer(tmp_path / "tokenizer.json", ["<|endoftext|>"])  # EOS only
+    with pytest.raises(InputError) as error:
+        check_inputs(tiny({"data.tokenizer": str(gpt2_like)}))
+    assert "has no BOS token to add: set --config.data.add_bos=False" in str(error.value)
+    assert "EOS" not in str(error.value)
+    check_inputs(tiny({"data.tokenizer": str(gpt2_like), "data.add_bos": False}))
+
+
+@pytest.mark.parametrize("workers, rows", [(0, 3), (1, 3), (2, 4), (4, 4)])
+def test_workers_that_divide_the_rows_pass(workers, rows):
+    check_num_workers(tiny({"data.num_workers": workers}), rows)
+
+
+def test_workers_that_do_not_divide_the_rows_are_named():
+    with pytest.raises(ConfigError, match=r"config\.data\.num_workers=3 must divide the 8 rows"):
+        check_num_workers(tiny({"data.num_workers": 3}), 8)
 
 
 def test_a_directory_without_shards_is_named(shards, tmp_path):

@@ -4,6 +4,7 @@ divergence. Kills, signals, damage and resumes are in test_faults.py."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -44,7 +45,7 @@ def read(workdir: Path, key: str) -> dict[int, float]:
     return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
 
 
-def test_validation_loss_falls(tmp_path):
+def test_validation_loss_falls(tmp_path, caplog):
     config = tiny(steps=40, eval_every=20, log_every=10, profile_steps="2,3")
     summary = run(from_config_dict(config), tmp_path)
     # A trace of steps 2-3 for TensorBoard (xplane) and Perfetto.
@@ -77,6 +78,14 @@ def test_validation_loss_falls(tmp_path):
         "skipped_records",
     ):
         assert key in record, key
+
+    # Started again, the finished run runs no step and reports its last logged losses.
+    with caplog.at_level(logging.WARNING):
+        again = run(train_config, tmp_path)
+    assert (again.step, again.train_loss, again.val_loss) == (40, summary.train_loss, val[40])
+    assert f"the run in {tmp_path} already finished at step 40" in caplog.text
+    assert "profile_steps=2,3: the run resumes after step 40" in caplog.text
+    assert read(tmp_path, "val_loss") == val
 
 
 def next_token_loss(model, tokens) -> float:

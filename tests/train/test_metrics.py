@@ -7,6 +7,9 @@ import logging
 import sys
 import types
 
+import pytest
+
+from dga_jax.errors import InputError
 from train import metrics
 
 
@@ -20,6 +23,36 @@ def test_resume_drops_records_after_the_restored_step(tmp_path):
     resumed.close()
     records = metrics.read_metrics(tmp_path / "metrics.jsonl")
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+
+
+def test_a_line_cut_short_at_the_end_is_dropped_with_a_warning(tmp_path, caplog):
+    log = metrics.MetricsLog(tmp_path, resume_step=0)
+    log.write(1, {"loss": 1.0})
+    log.write(1, {"val_loss": 1.5})
+    log.close()
+    path = tmp_path / "metrics.jsonl"
+    with path.open("a") as f:
+        f.write('{"step": 2, "loss": 2.')  # a run killed while appending
+    with caplog.at_level(logging.WARNING):
+        resumed = metrics.MetricsLog(tmp_path, resume_step=2)
+    assert f"{path}: line(s) 3 cut short" in caplog.text
+    assert resumed.last == {"loss": 1.0, "val_loss": 1.5}
+    resumed.write(2, {"loss": 2.0})
+    resumed.close()
+    records = metrics.read_metrics(path)
+    assert records == [
+        {"step": 1, "loss": 1.0},
+        {"step": 1, "val_loss": 1.5},
+        {"step": 2, "loss": 2.0},
+    ]
+
+
+def test_an_unreadable_line_before_readable_ones_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n{"step": 3, "loss": 3.0}\n')
+    with pytest.raises(InputError, match=r"metrics\.jsonl line 2 is not a metrics record"):
+        metrics.MetricsLog(tmp_path, resume_step=3)
+    assert path.read_text().count("\n") == 3  # left as it was, for the user to repair
 
 
 def test_wandb_receives_finite_scalars(tmp_path, monkeypatch):
