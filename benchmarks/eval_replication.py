@@ -4,9 +4,13 @@ and the baselines (StreamingLLM, LM-Infinite, MInference) on the dense-trained m
     python benchmarks/eval_replication.py             # ~30 min on 2 cores
     python benchmarks/eval_replication.py --quick     # minutes: CI's shortened version
 
+A quick run works in `<out>/quick/` (read `<out>` below as that), so it never mixes its corpus,
+models or records with a full run's.
+
 1. writes the retrieval corpus (`dga_jax.eval.synthetic`: the sample corpus's Python sources
    mixed with passkey- and lines-style documents in the evaluation's formats, other fillers and
-   ids) unless it is there;
+   ids) into `<out>/corpus/` unless it holds one written with the same sizes and seed (its
+   `corpus.json`); one written with others is replaced;
 2. trains `configs/tiny_retrieval_dense.py` and `configs/tiny_retrieval_dga.py` (2K context),
    side by side, unless their final model exists;
 3. evaluates each checkpoint under each attention (dense-trained evaluated with DGA and the
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -46,12 +51,14 @@ from dga_jax.eval import (
     with_bos,
 )
 from dga_jax.eval.synthetic import SET_NAME, write_retrieval_corpus
+from dga_jax.eval.task import replace_text
 from dga_jax.generate import Buckets
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("dense", "dga")
 BASELINES = ("streaming_llm", "lm_infinite", "minference")
 EVALUATED = {"dense": (*KINDS, *BASELINES), "dga": KINDS}  # trained -> evaluated with
+CORPUS_SEED = 0
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,6 +101,39 @@ def sizes(quick: bool) -> dict:
         analysis_rows=8,
         sigmas=[0.05, 0.1, 0.2],
     )
+
+
+def workdir(out: Path, quick: bool) -> Path:
+    """Where a run keeps its corpus, models, records and report: `out`, or `out/quick`."""
+    return out / "quick" if quick else out
+
+
+def ensure_corpus(corpus: Path, size: dict) -> None:
+    """Writes the retrieval corpus unless `corpus/corpus.json` says it was written with the
+    same sizes and seed; the splits of one written with others (or unknown ones) are replaced."""
+    params = {
+        "documents_per_split": list(size["documents"]),
+        "max_chars": size["max_chars"],
+        "seed": CORPUS_SEED,
+    }
+    record = corpus / "corpus.json"
+    try:
+        stored = json.loads(record.read_text())
+    except (OSError, ValueError):
+        stored = None
+    if stored == params:
+        return
+    if stored is not None or (corpus / "train").exists():
+        print(f"{corpus} was written with other parameters ({stored}): rewriting it for {params}")
+    for split in ("train", "validation"):
+        shutil.rmtree(corpus / split, ignore_errors=True)
+    write_retrieval_corpus(
+        corpus,
+        documents_per_split=size["documents"],
+        max_chars=size["max_chars"],
+        seed=CORPUS_SEED,
+    )
+    replace_text(record, json.dumps(params) + "\n")
 
 
 def train_all(corpus: Path, out: Path, size: dict) -> dict[str, Path]:
@@ -289,25 +329,23 @@ def report(results: dict, size: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     size = sizes(args.quick)
-    corpus = args.out / "corpus"
-    if not (corpus / "validation").is_dir():
-        write_retrieval_corpus(
-            corpus, documents_per_split=size["documents"], max_chars=size["max_chars"]
-        )
-    checkpoints = train_all(corpus, args.out, size)
+    out = workdir(args.out, args.quick)
+    corpus = out / "corpus"
+    ensure_corpus(corpus, size)
+    checkpoints = train_all(corpus, out, size)
     results = {
         (trained, evaluated): run(
-            checkpoints[trained], evaluated, corpus, args.out / f"{trained}_as_{evaluated}", size
+            checkpoints[trained], evaluated, corpus, out / f"{trained}_as_{evaluated}", size
         )
         for trained, kinds in EVALUATED.items()
         for evaluated in kinds
     }
-    result = analyses(checkpoints, corpus, args.out, size)
+    result = analyses(checkpoints, corpus, out, size)
     text = report(results, size) + "\n\n" + analysis_report(result, size)
-    (args.out / "replication.md").write_text(text + "\n")
+    replace_text(out / "replication.md", text + "\n")
     flat = {f"{t}_as_{e}": s for (t, e), s in results.items()}
     payload = {"environment": environment(), "sizes": size, "runs": flat, "analyses": result}
-    (args.out / "replication.json").write_text(json.dumps(payload, indent=2) + "\n")
+    replace_text(out / "replication.json", json.dumps(payload, indent=2) + "\n")
     print(text)
 
 

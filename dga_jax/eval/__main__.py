@@ -15,8 +15,8 @@ import argparse
 import dataclasses
 import os
 import sys
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn
 
 import jax
 
@@ -30,7 +30,7 @@ from dga_jax.eval.ppl import CONVENTIONS, Perplexity
 from dga_jax.eval.runner import evaluate, one_line
 from dga_jax.eval.task import Task
 from dga_jax.generate import Buckets
-from dga_jax.model.config import ATTENTION_KINDS
+from dga_jax.model.config import ATTENTION_KINDS, ModelConfig
 from dga_jax.ops.dga.config import SELECTIONS
 from dga_jax.sharding import make_mesh, mesh_shape
 
@@ -47,6 +47,21 @@ def _floats(text: str) -> list[float]:
 
 def _names(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _at_least(least: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= `least` (argparse names the flag of a bad value)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return parse
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -71,37 +86,45 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "global_size=10,local_size=4096,limit_distance=4096 (lm_infinite) or "
         "vertical_size=1000,slash_size=6096 (minference); default: stored",
     )
-    m.add_argument("--max_length", type=int, help="tokens per sequence; default max_position")
-    m.add_argument("--batch_size", type=int, default=8)
-    m.add_argument("--bucket", type=int, default=128, help="smallest padded length (pow2 up)")
+    m.add_argument(
+        "--max_length", type=_at_least(2), help="tokens per sequence; default max_position"
+    )
+    m.add_argument("--batch_size", type=_at_least(1), default=8)
+    m.add_argument(
+        "--bucket", type=_at_least(1), default=128, help="smallest padded length (pow2 up)"
+    )
     m.add_argument(
         "--mesh",
         type=_ints,
         default=[1, -1, 1, 1],
         help="data,fsdp,seq,tensor device counts; -1: the rest",
     )
-    m.add_argument("--chunk", type=int, default=32, help="examples per written chunk")
+    m.add_argument("--chunk", type=_at_least(1), default=32, help="examples per written chunk")
     t = p.add_argument_group("tasks")
     t.add_argument(
         "--passkey_lengths",
         type=_ints,
         help="filler characters per point; default LongLoRA's up to --max_length",
     )
-    t.add_argument("--passkey_trials", type=int, default=10)
+    t.add_argument("--passkey_trials", type=_at_least(1), default=10)
     t.add_argument("--passkey_depths", type=_floats, help="e.g. 0,0.25,0.5,0.75,1: a grid")
     t.add_argument("--lines_sizes", type=_ints, default=list(STANDARD_SIZES))
-    t.add_argument("--lines_cases", type=int, default=50)
+    t.add_argument("--lines_cases", type=_at_least(1), default=50)
     t.add_argument("--lines_seed", type=int, default=0)
     t.add_argument("--lines_dir", help="LongChat's lines/testcases directory (else generated)")
     t.add_argument("--longbench_dir", help="directory of LongBench-E {dataset}_e.jsonl files")
     t.add_argument("--longbench_datasets", type=_names, help="default: the 13 of LongBench-E")
-    t.add_argument("--longbench_max_input", type=int, help="prompt tokens kept (middle cut)")
+    t.add_argument(
+        "--longbench_max_input", type=_at_least(2), help="prompt tokens kept (middle cut)"
+    )
     t.add_argument("--model_name", help="pred_e/<model_name>/; default: checkpoint + attention")
     t.add_argument("--ppl_data", help="directory of .txt documents, or SlimPajama shards")
-    t.add_argument("--ppl_window", type=int, help="default: --max_length")
-    t.add_argument("--ppl_stride", type=int)
+    t.add_argument("--ppl_window", type=_at_least(2), help="default: --max_length")
+    t.add_argument(
+        "--ppl_stride", type=_at_least(1), help="default: window // 2, or 256 (longlora)"
+    )
     t.add_argument("--ppl_convention", choices=CONVENTIONS, default="stride")
-    t.add_argument("--ppl_max_docs", type=int)
+    t.add_argument("--ppl_max_docs", type=_at_least(1))
     return p.parse_args(argv)
 
 
@@ -156,6 +179,20 @@ def _longbench(args: argparse.Namespace) -> Task:
     )
 
 
+def run_info(args: argparse.Namespace, config: ModelConfig, max_length: int) -> dict[str, Any]:
+    """What the run's records depend on beyond the tasks' flags (kept beside the records, so
+    a rerun into the same --out with other ones is refused)."""
+    settings = getattr(config, config.attention, None)  # the baselines' and DGA's fields
+    return {
+        "checkpoint": os.path.abspath(args.checkpoint),
+        "attention": config.attention,
+        "dga": dataclasses.asdict(config.dga),
+        "attention_settings": dataclasses.asdict(settings) if settings is not None else None,
+        "max_length": max_length,
+        "tokenizer": args.tokenizer,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Loads the checkpoint on a mesh, runs the tasks, prints the summary line."""
     args = parse_args(argv)
@@ -183,14 +220,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_length=max_length,
             mesh=mesh,
         )
-        info = {
-            "checkpoint": args.checkpoint,
-            "attention": model.config.attention,
-            "dga": dataclasses.asdict(model.config.dga),
-            "max_length": max_length,
-            "tokenizer": args.tokenizer,
-        }
+        info = run_info(args, model.config, max_length)
         summary = evaluate(tasks, engine, args.out, chunk=args.chunk, progress=True, info=info)
     except (InputError, ValueError, OSError) as e:
         fail(str(e))
     print(one_line(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -125,6 +125,14 @@ class Lines(GenerationTask):
         if testcases_dir is not None:
             self._check_files()
 
+    def settings(self) -> dict[str, Any]:
+        return {
+            "num_lines": self.num_lines,
+            "cases": self.cases,
+            "seed": self.seed,
+            "testcases_dir": self.testcases_dir,
+        }
+
     def _check_files(self) -> None:
         for n in self.num_lines:
             path = Path(self.testcases_dir) / f"{n}_lines.jsonl"

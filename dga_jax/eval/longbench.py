@@ -180,6 +180,14 @@ class LongBenchE(GenerationTask):
         self.max_input = max_input
         self.model_name = model_name
 
+    def settings(self) -> dict[str, Any]:
+        return {
+            "data_dir": str(self.data_dir),
+            "datasets": list(self.datasets),
+            "max_input": self.max_input,
+            "model_name": self.model_name,
+        }
+
     def examples(
         self, engine: Engine, problems: Problems, done: Container[str] = frozenset()
     ) -> Iterator[Example]:

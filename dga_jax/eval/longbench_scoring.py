@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from dga_jax.eval import metrics
+from dga_jax.eval.task import replace_text
 
 # eval.py's dataset2metric.
 METRICS: dict[str, Callable[..., float]] = {
@@ -93,11 +94,10 @@ def markdown_table(
 
 def write_predictions(directory: Path, dataset: str, records: Sequence[dict[str, Any]]) -> Path:
     """`directory/<dataset>.jsonl` in pred.py's format, one json.dump(..., ensure_ascii=False)
-    line `{"pred", "answers", "all_classes", "length"}` per record."""
+    line `{"pred", "answers", "all_classes", "length"}` per record; replaced whole."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{dataset}.jsonl"
     keys = ("pred", "answers", "all_classes", "length")
-    with path.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps({key: record[key] for key in keys}, ensure_ascii=False) + "\n")
+    lines = [json.dumps({key: r[key] for key in keys}, ensure_ascii=False) + "\n" for r in records]
+    replace_text(path, "".join(lines))
     return path

@@ -95,6 +95,9 @@ class Passkey(GenerationTask):
             else:
                 problems.skip("prompt longer than the model's window", example.id)
 
+    def settings(self) -> dict[str, Any]:
+        return {"lengths": self.lengths, "trials": self.trials, "depths": self.depths}
+
     def _example(
         self, engine: Engine, example_id: str, chars: int, depth: float | None, trial: int
     ) -> Example:

@@ -1,15 +1,19 @@
 """Sliding-window perplexity of long documents, and how the loss falls with context.
 
 Documents are the `.txt` files under a directory (PG19's layout: one book per file) or the
-records of SlimPajama shards (`.jsonl`, `.jsonl.zst`, `.parquet`), each encoded behind BOS.
-Two conventions, named in every summary:
+records of SlimPajama shards (`.jsonl`, `.jsonl.zst`, `.parquet`), each encoded behind BOS and
+windowed on its own: no window spans two documents (LongLoRA's `eval.py` windows one token
+stream of the whole corpus instead). Two conventions, named in every summary, both with a
+stride between 1 and the window:
 
 - "stride" (default; Hugging Face's perplexity guide): windows of `window` tokens start every
   `stride` tokens; each scores only the tokens new to it (the overlap is context), so every
   token but the first is scored once; ppl = exp(total NLL / scored tokens).
-- "longlora" (LongLoRA's `eval.py`): windows start at 0, stride, ... below n - window (the last
-  start dropped); every token of each window is scored, overlap included; ppl = exp(mean of
-  the per-window mean NLLs). A document shorter than window + 1 tokens has no window.
+- "longlora" (LongLoRA's `eval.py`, `get_as_batch`): windows start at 0, stride, ... below
+  n - window, and the last of those starts is dropped; every token of each window but its first
+  is scored, overlap included; ppl = exp(mean of the per-window mean NLLs). A document of at
+  most window + stride tokens has no window. (LongLoRA's windows of seq_len tokens also score
+  the token after them, seq_len targets each; ours score their own window - 1.)
 
 Each scored token is also counted by its position in its window (its context length), in
 power-of-two buckets [1, 2), [2, 4), ...: PPL per bucket shows how loss falls with context.
@@ -38,7 +42,8 @@ CONVENTIONS = ("stride", "longlora")
 def windows(n: int, window: int, stride: int, convention: str) -> list[tuple[int, int, int]]:
     """(start, end, first scored position in the window) of each window over n tokens."""
     if convention == "longlora":
-        return [(s, s + window, 1) for s in range(0, n - window, stride)]
+        starts = list(range(0, n - window, stride))[:-1]  # LongLoRA pops the last start
+        return [(s, s + window, 1) for s in starts]
     out, prev_end = [], 0
     for begin in range(0, n, stride):
         end = min(begin + window, n)
@@ -74,17 +79,35 @@ class Perplexity:
     ):
         if convention not in CONVENTIONS:
             raise ValueError(f"ppl convention must be one of {CONVENTIONS}, got {convention!r}")
-        self.files = _document_files(data)
+        self.data, self.files = data, _document_files(data)
         self.window, self.stride, self.convention = window, stride, convention
         self.max_documents = max_documents
 
+    def settings(self) -> dict[str, Any]:
+        return {
+            "data": self.data,
+            "window": self.window,
+            "stride": self.stride,
+            "convention": self.convention,
+            "max_documents": self.max_documents,
+        }
+
     def _sizes(self, engine: Engine) -> tuple[int, int]:
-        window = self.window or engine.max_length
-        if window > engine.max_length or window < 2:
+        """The window (default: the engine's max_length) and the stride (default: the
+        convention's), checked: 2 <= window <= max_length, 1 <= stride <= window."""
+        window = engine.max_length if self.window is None else self.window
+        if not 2 <= window <= engine.max_length:
             raise ValueError(
                 f"ppl window {window} must lie in [2, the model's {engine.max_length} tokens]"
             )
-        stride = self.stride or (window // 2 if self.convention == "stride" else 256)
+        stride = self.stride
+        if stride is None:
+            stride = window // 2 if self.convention == "stride" else 256
+        if not 1 <= stride <= window:
+            default = " (the longlora default: give a stride)" if self.stride is None else ""
+            raise ValueError(
+                f"ppl stride {stride}{default} must lie in [1, the window of {window} tokens]"
+            )
         return window, stride
 
     def examples(
@@ -92,14 +115,14 @@ class Perplexity:
     ) -> Iterator[Example]:
         """The first `max_documents` usable documents; a done one (usable when it was scored)
         counts among them untokenized, so a resumed run ends at the same document."""
-        window, _ = self._sizes(engine)
+        window, stride = self._sizes(engine)
         count = 0
         for doc_id, text in _documents(self.files, problems):
             if self.max_documents is not None and count >= self.max_documents:
                 return
             if doc_id not in done:
                 ids = with_bos(engine.tokenizer, text)
-                if len(ids) < 2 or (self.convention == "longlora" and len(ids) <= window):
+                if len(ids) < 2 or not windows(len(ids), window, stride, self.convention):
                     problems.skip(f"document too short for a {window}-token window", doc_id)
                     continue
                 yield Example(doc_id, ids, 0, {"tokens": len(ids)})

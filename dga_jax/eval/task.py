@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import os
 from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -89,6 +90,11 @@ class Task(Protocol):
         """One JSON record per example, in order, each with the example's "id"."""
         ...
 
+    def settings(self) -> dict[str, Any]:
+        """The task's parameters as JSON: records made with other settings are not resumed
+        (an id names an example, not the settings it was evaluated with)."""
+        ...
+
     def summarize(self, records: Sequence[dict[str, Any]], out_dir: Path) -> Summary:
         """Metrics and table over all records; plots and other files are written to out_dir."""
         ...
@@ -159,3 +165,10 @@ def mean_by(
 def fits(engine: Engine, prompt: Sequence[int], max_new_tokens: int) -> bool:
     """Whether a prompt leaves room for `max_new_tokens` within the engine's limit."""
     return len(prompt) + max_new_tokens <= engine.max_length
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Writes `text` to `path` in one step: a crash leaves the old file or the new one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text, encoding="utf-8")
+    os.replace(partial, path)

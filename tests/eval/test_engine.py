@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -62,6 +64,11 @@ def test_cli_writes_records_summary_table_and_plots(checkpoint, tmp_path, capsys
         "| lines | prompt tokens | accuracy % | answer tokens argmax % | cases |"
         in (out / "results.md").read_text()
     )
+    with pytest.raises(SystemExit) as exit_info:  # other settings into the same --out
+        main([*flags, "--passkey_trials", "3"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {out / 'passkey.settings.json'}: " in err and "task.trials 2 -> 3" in err
 
 
 @pytest.mark.parametrize(
@@ -80,3 +87,36 @@ def test_cli_input_errors_name_the_problem(checkpoint, tmp_path, capsys, flags, 
         main(base + flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flag, value, least",
+    [
+        ("--chunk", "0", 1),
+        ("--batch_size", "0", 1),
+        ("--passkey_trials", "-1", 1),
+        ("--lines_cases", "-1", 1),
+        ("--max_length", "-5", 2),
+        ("--ppl_window", "1", 2),
+        ("--ppl_stride", "-3", 1),
+        ("--ppl_max_docs", "0", 1),
+    ],
+)
+def test_cli_counts_out_of_range_name_their_flag(tmp_path, capsys, flag, value, least):
+    base = ["--checkpoint", str(tmp_path), "--tokenizer", "byte", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, flag, value])
+    assert exit_info.value.code == 2
+    assert f"error: argument {flag}: must be at least {least}, got {value}" in (
+        capsys.readouterr().err
+    )
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    """`python -m dga_jax.eval` is the README's command: it must reach `main`, not just import."""
+    command = [sys.executable, "-m", "dga_jax.eval", "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "--checkpoint" in result.stdout, result.stderr[-2000:]
+    command = [sys.executable, "-m", "dga_jax.eval", "--checkpoint", str(tmp_path / "none")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "error: " in result.stderr, result.stderr[-2000:]

@@ -15,7 +15,7 @@ from dga_jax.data.tokenizers import ByteTokenizer
 from dga_jax.errors import InputError, MissingInputError
 from dga_jax.eval import metrics
 from dga_jax.eval.longbench import LongBenchE, longbench_max_input, middle_truncate
-from dga_jax.eval.longbench_scoring import length_bucket
+from dga_jax.eval.longbench_scoring import length_bucket, write_predictions
 from dga_jax.eval.runner import read_records, run_task
 from dga_jax.eval.task import Example, Problems
 from tests.eval.conftest import PromptCounter
@@ -427,3 +427,17 @@ def test_pred_e_files_rescore_to_the_summary(tmp_path):
         "8k+": None,
         "all": 50.0,
     }
+
+
+def test_pred_e_files_are_replaced_whole(tmp_path):
+    rows = [{"pred": "é", "answers": ["a"], "all_classes": None, "length": 10}]
+    path = write_predictions(tmp_path, "qasper", rows)
+    old = tmp_path / "old.jsonl"
+    old.hardlink_to(path)  # a reader holding the old file keeps it whole
+    write_predictions(tmp_path, "qasper", rows * 2)
+    assert (
+        old.read_text("utf-8")
+        == '{"pred": "é", "answers": ["a"], "all_classes": null, "length": 10}\n'
+    )
+    assert len(path.read_text("utf-8").splitlines()) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.jsonl", "qasper.jsonl"]

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
 
-from dga_jax.errors import MissingInputError
+from dga_jax.errors import InputError, MissingInputError
 from dga_jax.eval import Lines, Passkey, Perplexity, evaluate, longlora_lengths, run_task
 from dga_jax.eval.lines import HEADER, last_integer, lines_case, lines_prompt
 from dga_jax.eval.passkey import TASK_LINE, passkey_prompt
@@ -141,9 +142,20 @@ def test_lines_reads_shipped_cases_and_counts_bad_ones(tmp_path):
         Lines([4, 5], testcases_dir=str(tmp_path))
 
 
+def longlora_starts(n: int, seq_length: int, sliding_window: int) -> list[int]:
+    """LongLoRA eval.py's get_as_batch window starts, transcribed."""
+    all_ix = list(range(0, n - seq_length, sliding_window))
+    all_ix.pop()
+    return all_ix
+
+
 def test_ppl_windows_follow_each_convention():
     assert windows(10, 4, 2, "stride") == [(0, 4, 1), (2, 6, 2), (4, 8, 2), (6, 10, 2)]
-    assert windows(10, 4, 2, "longlora") == [(0, 4, 1), (2, 6, 1), (4, 8, 1)]
+    assert windows(10, 4, 2, "longlora") == [(0, 4, 1), (2, 6, 1)]
+    for n, window, stride in [(1000, 512, 256), (12288, 4096, 256), (523, 64, 7), (600, 512, 44)]:
+        starts = [start for start, _, _ in windows(n, window, stride, "longlora")]
+        assert starts == longlora_starts(n, window, stride)
+    assert windows(600, 512, 256, "longlora") == []  # one start below n - window, dropped
     scored = sum(end - start - first for start, end, first in windows(1000, 64, 48, "stride"))
     assert scored == 999  # every token but the first, once
     assert position_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 100]
@@ -163,10 +175,40 @@ def test_ppl_matches_a_hand_computation(tmp_path):
     longlora = run_task(
         Perplexity(str(docs), convention="longlora", stride=3), engine, tmp_path / "l"
     )
-    means = [ids[s + 1 : s + 4].mean() / 100 for s in range(0, len(ids) - 4, 3)]
+    means = [ids[s + 1 : s + 4].mean() / 100 for s in longlora_starts(len(ids), 4, 3)]
+    assert len(means) == 2
     assert longlora[0].metrics["ppl"] == pytest.approx(math.exp(np.mean(means)))
     with pytest.raises(MissingInputError, match="no-such-dir.*expected .txt files"):
         Perplexity(str(tmp_path / "no-such-dir"))
+
+
+def test_longlora_skips_a_document_without_a_window_after_the_last_start_is_dropped(tmp_path):
+    (tmp_path / "short.txt").write_text("abcdef")  # 7 tokens: starts [0], dropped
+    (tmp_path / "long.txt").write_text("abcdefg")  # 8 tokens: starts [0, 3], 0 kept
+    task = Perplexity(str(tmp_path), window=4, stride=3, convention="longlora")
+    summary, problems, _ = run_task(task, OracleEngine(None, max_length=4), tmp_path / "out")
+    assert problems.counts == {"document too short for a 4-token window": 1}
+    assert problems.where["document too short for a 4-token window"] == [
+        str(tmp_path / "short.txt")
+    ]
+    assert summary.metrics["documents"] == 1 and summary.metrics["scored_tokens"] == 3
+
+
+@pytest.mark.parametrize(
+    "stride, convention", [(0, "stride"), (-3, "stride"), (5, "stride"), (5, "longlora")]
+)
+def test_ppl_stride_must_lie_between_1_and_the_window(tmp_path, stride, convention):
+    (tmp_path / "a.txt").write_text("abcdefghijklmnopqrstuvwxyz")
+    task = Perplexity(str(tmp_path), window=4, stride=stride, convention=convention)
+    message = f"ppl stride {stride} must lie in [1, the window of 4 tokens]"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run_task(task, OracleEngine(None, max_length=64), tmp_path / "out")
+    assert not (tmp_path / "out" / "ppl.jsonl").exists()
+    longlora = Perplexity(str(tmp_path), window=4, convention="longlora")  # stride 256
+    with pytest.raises(ValueError, match=r"stride 256 \(the longlora default: give a stride\)"):
+        run_task(longlora, OracleEngine(None, max_length=64), tmp_path / "out")
+    with pytest.raises(ValueError, match=re.escape("ppl window 1 must lie in [2, the model's")):
+        run_task(Perplexity(str(tmp_path), window=1), OracleEngine(None, 64), tmp_path / "out")
 
 
 def passkey_task(tmp_path):
@@ -233,3 +275,68 @@ def test_a_rerun_resumes_and_redoes_a_line_cut_by_a_crash(tmp_path):
     assert len({json.loads(line)["id"] for line in path.read_text().splitlines()[:3]}) == 3
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["tasks"]["passkey"]["metrics"]["accuracy"] == 1.0
+
+
+def test_a_rerun_redoes_a_line_cut_inside_a_multibyte_character(tmp_path):
+    engine = OracleEngine(lambda p: lines_answer(p) + " Voilà, café.")
+    task = Lines([3], cases=3)
+    run_task(task, engine, tmp_path)
+    path = tmp_path / "lines.jsonl"
+    data = path.read_bytes()
+    path.write_bytes(data[: data.rindex("é".encode()) + 1])  # half of the last line's "é"
+    assert len(read_records(path)) == 2
+    summary, _, now = run_task(task, engine, tmp_path)
+    assert now == 1 and summary.metrics["accuracy"] == 1.0 and len(read_records(path)) == 3
+
+
+def stale_docs(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("the quick brown fox jumps over the lazy dog " * 3)
+    return str(docs)
+
+
+def test_a_rerun_with_other_settings_is_refused_and_changes_nothing(tmp_path):
+    docs, engine, out = stale_docs(tmp_path), OracleEngine(None, max_length=64), tmp_path / "out"
+    run_task(Perplexity(docs, window=8, stride=4), engine, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    settings = re.escape(str(out / "ppl.settings.json"))
+    changed = "task.convention 'stride' -> 'longlora'; task.stride 4 -> 8; task.window 8 -> 32"
+    with pytest.raises(InputError, match=f"^{settings}: .*{re.escape(changed)}"):
+        run_task(Perplexity(docs, window=32, stride=8, convention="longlora"), engine, out)
+    with pytest.raises(InputError, match="max_length 64 -> 128"):
+        run_task(Perplexity(docs, window=8, stride=4), OracleEngine(None, 128), out)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert run_task(Perplexity(docs, window=8, stride=4), engine, out)[2] == 0  # same: resumed
+    engine, task = OracleEngine(passkey_answer), Passkey([50], trials=1)
+    evaluate([task], engine, out, info={"attention": "dense"})
+    with pytest.raises(InputError, match="run.attention 'dense' -> 'dga'"):
+        evaluate([task], engine, out, info={"attention": "dga"})
+
+
+def test_records_without_their_settings_are_refused_not_adopted(tmp_path):
+    docs, engine, out = stale_docs(tmp_path), OracleEngine(None, max_length=64), tmp_path / "out"
+    run_task(Perplexity(docs, window=8), engine, out)
+    (out / "ppl.settings.json").unlink()  # as a run from before settings were kept left it
+    with pytest.raises(InputError, match="ppl.jsonl holds records but .*ppl.settings.json is"):
+        run_task(Perplexity(docs, window=8), engine, out)
+    (out / "ppl.jsonl").write_text("")  # no records: nothing to mix with
+    assert run_task(Perplexity(docs, window=32), engine, out)[2] == 1
+
+
+def test_summary_table_and_settings_are_replaced_not_rewritten(tmp_path):
+    task = Passkey([50], trials=1)
+    evaluate([task], OracleEngine(passkey_answer), tmp_path)
+    names = ("summary.json", "results.md", "passkey.settings.json")
+    for name in names:  # a reader holding the old file keeps it whole
+        (tmp_path / f"{name}.old").hardlink_to(tmp_path / name)
+    evaluate([task], OracleEngine(passkey_answer), tmp_path)
+    for name in names:
+        assert not (tmp_path / name).samefile(tmp_path / f"{name}.old"), name
+    old = json.loads((tmp_path / "summary.json.old").read_text())
+    assert old["tasks"]["passkey"]["evaluated_now"] == 1
+    assert json.loads((tmp_path / "summary.json").read_text())["tasks"]["passkey"] == {
+        **old["tasks"]["passkey"],
+        "evaluated_now": 0,
+    }
+    assert not list(tmp_path.glob("*.partial"))
