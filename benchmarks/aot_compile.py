@@ -27,7 +27,7 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; targets are topologies
 
 import jax
-from common import environment
+from common import environment, positive_ints
 
 from dga_jax import aot
 from dga_jax.ops.tiles import BlockSizes
@@ -184,10 +184,6 @@ def _strings(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def _recipes(text: str) -> list[tuple[str, int]]:
     pairs = [item.split(":") for item in text.split(",") if item]
     return [(target, int(chips)) for target, chips in pairs]
@@ -206,7 +202,7 @@ def _blocks(text: str) -> list[BlockSizes]:
 def _parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", default=",".join(aot.TARGETS), type=_strings)
-    p.add_argument("--lengths", default="2048,32768,131072", type=_ints)
+    p.add_argument("--lengths", default="2048,32768,131072", type=positive_ints)
     p.add_argument("--selections", default="global,streaming", type=_strings)
     p.add_argument(
         "--blocks", type=_blocks, help="QxK,QxK,... block sizes (default: each backend's defaults)"
@@ -214,7 +210,7 @@ def _parse_args():
     p.add_argument(
         "--tiny-lengths",
         default="2048,32768",
-        type=_ints,
+        type=positive_ints,
         help="the tiny model's train step at these lengths ('' for none)",
     )
     p.add_argument(

@@ -47,10 +47,13 @@ import jax.numpy as jnp
 from common import (
     GIB,
     add_attention_args,
+    check_attention_args,
     device_peak_bytes,
     environment,
     free_bytes,
     length_label,
+    positive_int,
+    positive_ints,
     time_calls,
 )
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -98,23 +101,19 @@ def comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
-def int_list(text: str) -> list[int]:
-    """Split a comma-separated list of integers."""
-    return [int(item) for item in comma_list(text)]
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line and fill in the defaults that depend on --quick and the backend."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="L in {1K, 2K}, 2 repeats")
-    p.add_argument("--lengths", type=int_list, help="sequence lengths, e.g. 2048,4096")
+    p.add_argument("--lengths", type=positive_ints, help="sequence lengths, e.g. 2048,4096")
     add_attention_args(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="default: float32 on CPU")
     p.add_argument("--modes", type=comma_list, default=list(MODES), help="fwd,fwd+bwd")
     p.add_argument("--impls", type=comma_list, help=f"from {','.join(IMPLS)}")
-    p.add_argument("--repeats", type=int, help="timed calls (default 5; --quick: 2)")
+    p.add_argument("--repeats", type=positive_int, help="timed calls (default 5; --quick: 2)")
     p.add_argument("--max-seconds", type=float, default=180.0, help="skip longer predicted calls")
     args = p.parse_args(argv)
+    check_attention_args(p, args)
     backend = jax.default_backend()
     args.lengths = sorted(set(args.lengths or (QUICK_LENGTHS if args.quick else FULL_LENGTHS)))
     args.dtype = args.dtype or ("float32" if backend == "cpu" else "bfloat16")

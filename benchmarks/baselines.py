@@ -32,7 +32,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from common import environment, length_label, time_variant, write_results
+from common import (
+    environment,
+    length_label,
+    positive_int,
+    positive_ints,
+    time_variant,
+    write_results,
+)
 from decode import decoder
 from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -54,13 +61,12 @@ MIB = 2**20
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="L in {1K, 2K}")
-    p.add_argument("--lengths", help="comma list; default 4096,8192,16384,32768")
-    p.add_argument("--repeats", type=int, help="timed attention calls (default 3; --quick: 2)")
-    p.add_argument("--steps", type=int, help="timed decode steps (default 32; --quick: 8)")
+    p.add_argument("--lengths", type=positive_ints, help="comma list; default 4096,...,32768")
+    p.add_argument("--repeats", type=positive_int, help="timed calls (default 3; --quick: 2)")
+    p.add_argument("--steps", type=positive_int, help="timed decode steps (default 32; quick: 8)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
-    default = "1024,2048" if args.quick else "4096,8192,16384,32768"
-    args.lengths = [int(x) for x in (args.lengths or default).split(",")]
+    args.lengths = args.lengths or ([1024, 2048] if args.quick else [4096, 8192, 16384, 32768])
     args.repeats = args.repeats or (2 if args.quick else 3)
     args.steps = args.steps or (8 if args.quick else 32)
     args.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"

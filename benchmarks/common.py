@@ -19,6 +19,7 @@ from trace_scopes import print_scopes, scope_ms
 
 from dga_jax import DGAConfig, ModelConfig
 from dga_jax.compile_stats import xla_peak_bytes
+from dga_jax.model.config import PRESETS
 from dga_jax.timing import time_calls
 
 GIB = 2**30
@@ -153,12 +154,46 @@ def report_variants(records: list[dict]) -> None:
         )
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an int: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: a comma list of ints >= 1, e.g. "4096,16384"."""
+    items = [item for item in text.split(",") if item.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"no lengths in {text!r}")
+    return [positive_int(item) for item in items]
+
+
+def check_dga_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`parser.error` naming a DGA setting `DGAConfig` refuses (before any variant runs)."""
+    try:
+        DGAConfig(args.group_size, args.focal_ratio, args.selection)
+    except ValueError as error:
+        parser.error(f"--group-size / --focal-ratio: {error}")
+
+
+def check_attention_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`parser.error` for shapes or DGA settings no variant could run (`add_attention_args`)."""
+    if args.heads % args.kv_heads:
+        parser.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+    check_dga_args(parser, args)
+
+
 def add_attention_args(parser: argparse.ArgumentParser) -> None:
     """The options of the attention-level benchmarks: shapes, DGA settings, output folder."""
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--heads", type=int, default=8, help="query heads Hq")
-    parser.add_argument("--kv-heads", type=int, default=8, help="key/value heads Hkv")
-    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--batch", type=positive_int, default=1)
+    parser.add_argument("--heads", type=positive_int, default=8, help="query heads Hq")
+    parser.add_argument("--kv-heads", type=positive_int, default=8, help="key/value heads Hkv")
+    parser.add_argument("--head-dim", type=positive_int, default=128)
     add_dga_args(parser)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
 
@@ -214,8 +249,8 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
     """Arguments of the model-level benchmarks (preset, lengths, batch, DGA settings)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--layers", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--layers", type=positive_int, default=None, help="default: the preset's")
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default=None, help="compute; the preset's"
     )
@@ -224,10 +259,10 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
         default=DEFAULT_VARIANTS,
         help=f"comma list of {','.join(VARIANTS)}; the first DGA one timed is the speedups' base",
     )
-    parser.add_argument("--lengths", default=None, help="comma list; default 4096,16384")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--lengths", type=positive_ints, help="comma list; default 4096,16384")
+    parser.add_argument("--batch", type=positive_int, default=1)
     add_dga_args(parser)
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=positive_int, default=None)
     parser.add_argument(
         "--breakdown", action="store_true", help="also trace one call each: time by model scope"
     )
@@ -237,10 +272,8 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
-    if args.layers is not None and args.layers < 1:
-        parser.error(f"--layers must be >= 1, got {args.layers}")
-    default = "1024,2048" if args.quick else "4096,16384"
-    args.lengths = [int(x) for x in (args.lengths or default).split(",")]
+    check_dga_args(parser, args)
+    args.lengths = args.lengths or ([1024, 2048] if args.quick else [4096, 16384])
     args.repeats = args.repeats or (2 if args.quick else 3)
     return args
 

@@ -41,7 +41,7 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from common import environment  # noqa: E402
+from common import environment, positive_ints  # noqa: E402
 
 from dga_jax import aot  # noqa: E402
 from dga_jax.compile_stats import collectives, xla_peak_bytes  # noqa: E402
@@ -192,15 +192,11 @@ def _plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
-
-
 def _parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--lengths", type=_ints, default=[8192, 32768, 131072])
-    parser.add_argument("--parts", type=_ints, default=[1, 2, 4, 8])
-    parser.add_argument("--steps", type=_ints, default=[8192], help="train-step lengths")
+    parser.add_argument("--lengths", type=positive_ints, default=[8192, 32768, 131072])
+    parser.add_argument("--parts", type=positive_ints, default=[1, 2, 4, 8])
+    parser.add_argument("--steps", type=positive_ints, default=[8192], help="train-step lengths")
     parser.add_argument(
         "--target", default="cpu", help="cpu (fake devices) or a dga_jax.aot target: h100, v5p, ..."
     )

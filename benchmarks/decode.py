@@ -27,12 +27,20 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from common import environment, length_label, write_results
+from common import (
+    check_dga_args,
+    environment,
+    length_label,
+    positive_int,
+    positive_ints,
+    write_results,
+)
 from flax import nnx
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dga_jax import DGAConfig, Llama, ModelConfig
+from dga_jax.model.config import PRESETS
 from dga_jax.ops.dga.decode import cache_bytes
 
 VARIANTS = {"dga": ("dga", None), "dense": ("dense", "blockwise")}
@@ -42,23 +50,20 @@ MIB = 2**20
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="prompts of 1K and 2K tokens")
-    p.add_argument("--lengths", help="comma list of prompt lengths; default 4096,...,32768")
-    p.add_argument("--preset", default="tiny")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--lengths", type=positive_ints, help="prompt lengths; default 4096,...,32768")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--dtype", default="float32", help="compute and parameter dtype")
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--focal-ratio", type=float, default=0.1)
     p.add_argument("--selection", choices=("global", "streaming"), default="global")
     p.add_argument("--warmup", type=int, default=8, help="untimed steps after compiling")
-    p.add_argument("--steps", type=int, default=64, help="timed steps (median reported)")
-    p.add_argument("--rounds", type=int, default=8, help="turns the variants take at the steps")
+    p.add_argument("--steps", type=positive_int, default=64, help="timed steps (median reported)")
+    p.add_argument("--rounds", type=positive_int, default=8, help="turns the variants take")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
-    for name in ("steps", "rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    default = "1024,2048" if args.quick else "4096,8192,16384,32768"
-    args.lengths = [int(x) for x in (args.lengths or default).split(",")]
+    check_dga_args(p, args)
+    args.lengths = args.lengths or ([1024, 2048] if args.quick else [4096, 8192, 16384, 32768])
     return args
 
 

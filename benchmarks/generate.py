@@ -29,7 +29,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from common import environment, write_results
+from common import environment, positive_int, write_results
 from flax import nnx
 
 import dga_jax
@@ -40,7 +40,7 @@ from dga_jax.generate import Buckets, _prefill_rows, compile_count
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="16 prompts of 256 to 2K tokens")
-    p.add_argument("--prompts", type=int, help="how many prompts (default 64; quick: 16)")
+    p.add_argument("--prompts", type=positive_int, help="how many prompts (default 64; quick: 16)")
     p.add_argument("--shortest", type=int, help="default 1024 (quick: 256)")
     p.add_argument("--longest", type=int, help="default 8192 (quick: 2048)")
     p.add_argument("--new-tokens", type=int, default=32)

@@ -25,7 +25,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import Calls, environment, length_label, write_results
+from common import (
+    Calls,
+    environment,
+    length_label,
+    positive_int,
+    positive_ints,
+    write_results,
+)
 
 from dga_jax.ops.dga import pallas_gpu_importance
 from dga_jax.ops.dga.selection import global_importance, sampled_positions
@@ -34,9 +41,9 @@ from dga_jax.ops.dga.selection import global_importance, sampled_positions
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="L in {1K, 2K}, 2 repeats")
-    p.add_argument("--lengths", help="comma list (default 4096,8192,16384,32768)")
+    p.add_argument("--lengths", type=positive_ints, help="comma list (default 4096,...,32768)")
     p.add_argument("--tiles", default="64x64", help="the kernels' tiles, rows x keys, comma list")
-    p.add_argument("--repeats", type=int, help="timed rounds (default 5; --quick: 2)")
+    p.add_argument("--repeats", type=positive_int, help="timed rounds (default 5; --quick: 2)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--interpret", action="store_true", help="kernels in Pallas' interpreter")
     p.add_argument("--batch", type=int, default=1)
@@ -48,8 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.interpret and jax.default_backend() != "gpu":
         p.error(f"the Triton kernels run on a GPU, not {jax.default_backend()!r}: add --interpret")
-    default = "1024,2048" if args.quick else "4096,8192,16384,32768"
-    args.lengths = [int(x) for x in (args.lengths or default).split(",")]
+    args.lengths = args.lengths or ([1024, 2048] if args.quick else [4096, 8192, 16384, 32768])
     args.tiles = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",")]
     args.repeats = args.repeats or (2 if args.quick else 5)
     return args

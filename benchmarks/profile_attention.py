@@ -50,8 +50,11 @@ import jax.numpy as jnp
 from common import (
     Calls,
     add_attention_args,
+    check_attention_args,
     environment,
     length_label,
+    positive_int,
+    positive_ints,
     time_calls,
     write_results,
 )
@@ -82,13 +85,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line; --quick means L=2K and 2 repeats."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="L=2K, 2 repeats")
-    p.add_argument("--lengths", help="comma list of sequence lengths (default 16384)")
-    p.add_argument("--repeats", type=int, help="timed calls per stage (default 3; --quick: 2)")
+    p.add_argument("--lengths", type=positive_ints, help="comma list (default 16384)")
+    p.add_argument(
+        "--repeats", type=positive_int, help="timed calls per stage (default 3; quick 2)"
+    )
     add_attention_args(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     args = p.parse_args(argv)
-    default = "2048" if args.quick else "16384"
-    args.lengths = [int(x) for x in (args.lengths or default).split(",")]
+    check_attention_args(p, args)
+    args.lengths = args.lengths or ([2048] if args.quick else [16384])
     args.repeats = args.repeats or (2 if args.quick else 3)
     return args
 

@@ -307,6 +307,10 @@ def test_cli_streams_the_greedy_continuation(checkpoint):
         (["--tokenizer", "no/such.model"], "--tokenizer 'no/such.model' could not be loaded"),
         (["--prompt", ""], "--prompt is empty"),
         (["--top_p", "2"], "top_p must be a number in"),
+        (  # a setting the model refuses when it is built
+            ["--attention", "minference", "--attention_settings", "slash_size=100000"],
+            "slash_size=100000 exceeds the model's max_position",
+        ),
     ],
 )
 def test_cli_names_the_problem(checkpoint, flags, message):

@@ -48,7 +48,10 @@ def main(argv: list[str]) -> None:
 def _train() -> None:
     from train.config import from_config_dict
 
-    config = from_config_dict(_CONFIG.value)
+    try:
+        config = from_config_dict(_CONFIG.value)
+    except OSError as error:  # a --config file that is missing or fails to load (read lazily)
+        raise InputError(f"--config: {' '.join(str(error).split())}") from error
     import jax
 
     if _DISTRIBUTED.value:

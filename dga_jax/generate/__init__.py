@@ -191,6 +191,7 @@ def _stream_batch(
     model, tokens, lengths, max_new_tokens, sampling, stopping, key, max_len, buckets
 ) -> Iterator[np.ndarray]:
     """`stream` for right-padded tokens [B, T'] with lengths [B]: checks, prefill, steps."""
+    stopping.mask(model.config.vocab_size)  # its ids checked now, not at the first step
     width = buckets.round_up(int(lengths.max()))
     max_len = max_len or width + buckets.round_up(max_new_tokens)
     check_fits(int(lengths.max()) + max_new_tokens - 1, max_len)  # the last token is not fed

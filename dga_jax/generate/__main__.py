@@ -109,15 +109,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         changes = attention_changes(
             args.checkpoint, args.attention, selection=args.selection, settings=settings
         )
+        model = load_model(args.checkpoint, **changes)
     except (ConfigError, ValueError) as e:
         fail(str(e))
-    model = load_model(args.checkpoint, **changes)
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     ids = bos + tokenizer.encode(args.prompt)
     vocab = model.config.vocab_size
     if max(ids) >= vocab:
         fail(f"tokenizer id {max(ids)} is outside the model's vocabulary of {vocab}")
     stops = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
+    if stops and stops[0] >= vocab:
+        fail(f"the tokenizer's EOS id {stops[0]} is outside the model's vocabulary of {vocab}")
     try:
         steps = stream(
             model,

@@ -97,10 +97,36 @@ def test_prefill_takes_the_first_dga_variant(tmp_path):
     "args, message",
     [
         (("--variants", "dga_xla,dense_fast"), "--variants: unknown ['dense_fast']"),
-        (("--layers", "0"), "--layers must be >= 1"),
+        (("--layers", "0"), "argument --layers: must be >= 1, got 0"),
         (("--dtype", "float16"), "invalid choice: 'float16'"),
     ],
 )
 def test_bad_options_are_named(args, message):
     result = _run("train_step", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--preset", "foo"), "argument --preset: invalid choice: 'foo'"),
+        (("--lengths", "4096,abc"), "argument --lengths: not an int: 'abc'"),
+        (("--lengths", ","), "argument --lengths: no lengths in ','"),
+        (("--repeats", "0"), "argument --repeats: must be >= 1, got 0"),
+        (("--group-size", "0"), "--group-size / --focal-ratio: "),
+        (("--focal-ratio", "1.5"), "--group-size / --focal-ratio: "),
+    ],
+)
+def test_bad_values_are_refused_before_any_variant_runs(capsys, args, message):
+    _load("trace_scopes")
+    with pytest.raises(SystemExit) as exit_info:
+        _load("common").parse_variant_args("test", list(args))
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_attention_shapes_no_variant_could_run_are_refused(capsys):
+    _load("trace_scopes")
+    _load("common")
+    with pytest.raises(SystemExit):
+        _load("attention").parse_args(["--heads", "3", "--kv-heads", "2"])
+    assert "--heads 3 must be a multiple of --kv-heads 2" in capsys.readouterr().err

@@ -82,6 +82,12 @@ def test_a_bad_config_value_ends_the_launch_naming_the_key(tmp_path, flag, key):
     assert not (tmp_path / "w").exists()
 
 
+def test_a_missing_config_file_ends_the_launch_naming_it(tmp_path):
+    line = error_line(launch("configs/tiny_dga_typo.py", tmp_path / "w"))
+    assert line.startswith("error: --config:") and "configs/tiny_dga_typo.py" in line
+    assert not (tmp_path / "w").exists()
+
+
 def tiny(changes: dict[str, Any] | None = None) -> TrainConfig:
     """configs/tiny_dga.py with dotted keys changed: {"data.train": "...", ...}."""
     values = tiny_dga.get_config().to_dict()
