@@ -19,6 +19,7 @@ import dataclasses
 import glob
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -50,10 +51,23 @@ def save_params(ckpt_dir: str | os.PathLike, config: ModelConfig, params: dict[s
         with contextlib.closing(_saver()) as checkpointer:
             checkpointer.save(path, ocp.args.Composite(**items))
     except BaseException:
-        # Orbax leaves its temporary directory behind when a save fails.
-        for tmp in glob.glob(glob.escape(path) + ORBAX_TMP_SUFFIX + "*"):
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_partial(path)
         raise
+
+
+def _remove_partial(path: str, quiet: float = 0.5, limit: float = 30.0) -> None:
+    """Deletes the temporary directory a failed save of `path` leaves behind. The writer threads
+    of the items that had not failed may still be adding files to it after the error (and so
+    create it again): it is removed until it stays gone for `quiet` seconds."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        partial = glob.glob(glob.escape(path) + ORBAX_TMP_SUFFIX + "*")
+        for tmp in partial:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if not partial:
+            time.sleep(quiet)
+            if not glob.glob(glob.escape(path) + ORBAX_TMP_SUFFIX + "*"):
+                return
 
 
 def _saver() -> ocp.Checkpointer:
