@@ -95,9 +95,6 @@ class DGAttention(nnx.Module):
         cache = prefill(
             q, k, v, max_len=max_len, config=dga, capacity=capacity, lengths=lengths, layout=layout
         )
-        # The layout holds each row's length: DGA's attention then needs no `lengths`, which
-        # lets a sequence split over the mesh ("dga" context parallelism) take padded rows.
-        lengths = lengths if layout is None else None
         return self._project(self._attend(q, k, v, lengths, layout, zigzag=False)), cache
 
     def decode(
@@ -165,8 +162,11 @@ class DGAttention(nnx.Module):
             )
 
     def _attend(self, q, k, v, lengths=None, layout=None, zigzag: bool | None = None) -> jax.Array:
-        """`layout`: DGA's, built already (prefill); `zigzag`: whether rows are in zig-zag order
-        (None: as `config.context_order` says; prefill's rows are in position order)."""
+        """`lengths` [B]: rows right-padded (prefill), read by MInference only: causal dense
+        attention never lets a valid query see right padding, and DGA's `layout` (built already
+        by prefill) holds each row's length, which lets a sequence split over the mesh take
+        padded rows. `zigzag`: whether rows are in zig-zag order (None: as
+        `config.context_order` says; prefill's rows are in position order)."""
         config = self.config
         if config.attention == "minference":
             self._check_whole_sequences()
@@ -175,9 +175,9 @@ class DGAttention(nnx.Module):
                 return minference_attention(q, k, v, config.minference, lengths)
             if zigzag is None:
                 zigzag = config.context_order == "zigzag"
-            return self._core(q, k, v, lengths, layout, zigzag)
+            return self._core(q, k, v, layout, zigzag)
 
-    def _core(self, q, k, v, lengths, layout, zigzag: bool) -> jax.Array:
+    def _core(self, q, k, v, layout, zigzag: bool) -> jax.Array:
         """Attention per device shard under a mesh: batch and heads split, and the sequence as
         `config.context_parallel` says (`dga_jax.ops.dga.sharded`)."""
         batch, seq, heads, _ = self.rules.spec(("batch", "seq", "act_heads", None))
@@ -191,13 +191,11 @@ class DGAttention(nnx.Module):
             heads=heads,
             strategy=self.config.context_parallel,
             zigzag=zigzag,
-            lengths=lengths,
             layout=layout,
         )
 
-    def _kernel(self, q, k, v, lengths=None, layout=None, *, split: ContextSplit) -> jax.Array:
-        """Causal dense attention never lets a valid query see right padding: it needs no
-        `lengths`; DGA's selection does (or its `layout`, built already)."""
+    def _kernel(self, q, k, v, layout=None, *, split: ContextSplit) -> jax.Array:
+        """Dense attention, or DGA's (with its `layout`, if built already)."""
         config = self.config
         if config.attention == "dense":
             return dense_attention(q, k, v, implementation=config.attention_impl, split=split)
@@ -208,6 +206,5 @@ class DGAttention(nnx.Module):
             config.dga,
             implementation=config.attention_impl,
             split=split,
-            lengths=lengths,
             layout=layout,
         )

@@ -114,6 +114,11 @@ class ModelConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"model.{name} must be a positive int, got {value!r}")
+        if self.head_dim % 2:
+            raise ValueError(
+                f"model.head_dim must be even (RoPE rotates its channels in halves), "
+                f"got {self.head_dim}"
+            )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"model.num_heads={self.num_heads} must be a multiple of "
@@ -131,7 +136,9 @@ class ModelConfig:
                 raise ValueError(
                     f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
-        allowed = ATTENTION_IMPLS[self.attention]
+        # DGA's "reference" (the ops' O(L^2) oracle) selects by itself: it cannot take the
+        # layout prefill builds once for the attention and the cache, nor padded rows.
+        allowed = tuple(impl for impl in ATTENTION_IMPLS[self.attention] if impl != "reference")
         if self.attention_impl is not None and self.attention_impl not in allowed:
             raise ValueError(
                 f"model.attention_impl={self.attention_impl!r}: attention={self.attention!r} "

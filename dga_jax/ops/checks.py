@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -28,9 +29,17 @@ def check_qkv(q, k, v, scale: float | None) -> float:
     for axis, name in ((0, "batch B"), (1, "length L"), (3, "head_dim D")):
         if q.shape[axis] != k.shape[axis]:
             raise ValueError(f"q and k/v must agree on {name} (axis {axis}); got {shapes}")
-    if q.shape[1] < 1:
-        raise ValueError(f"sequence length L must be >= 1; got {shapes}")
-    if k.shape[2] < 1 or q.shape[2] % k.shape[2]:
+    sizes = {
+        "batch B": q.shape[0],
+        "sequence length L": q.shape[1],
+        "query heads Hq": q.shape[2],
+        "KV heads Hkv": k.shape[2],
+        "head_dim D": q.shape[3],
+    }
+    for name, size in sizes.items():
+        if size < 1:
+            raise ValueError(f"{name} must be >= 1; got {shapes}")
+    if q.shape[2] % k.shape[2]:
         raise ValueError(
             f"query heads Hq={q.shape[2]} must be a multiple of KV heads Hkv={k.shape[2]}; "
             f"got {shapes}"
@@ -40,6 +49,29 @@ def check_qkv(q, k, v, scale: float | None) -> float:
     if not is_real(scale) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return float(scale)
+
+
+def check_lengths(lengths, batch: int, seq_len: int) -> jax.Array | None:
+    """Row lengths of a right-padded batch: None, or [batch] integers in [1, seq_len] (the range
+    is checked where concrete: traced lengths are clipped by their users) -> int32 [batch]."""
+    if lengths is None:
+        return None
+    if isinstance(lengths, list | tuple):
+        lengths = np.asarray(lengths)
+    if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer) or jnp.shape(lengths) != (batch,):
+        raise ValueError(
+            f"lengths must be integers of shape ({batch},), one per row; got "
+            f"{jnp.result_type(lengths)} {jnp.shape(lengths)}"
+        )
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        bad = (values < 1) | (values > seq_len)
+        if bad.any():
+            raise ValueError(
+                f"lengths must lie in [1, L] = [1, {seq_len}]; rows {np.flatnonzero(bad).tolist()} "
+                f"have {values[bad].tolist()}"
+            )
+    return jnp.asarray(lengths, jnp.int32)
 
 
 def is_real(x) -> bool:

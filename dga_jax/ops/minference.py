@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.checks import check_qkv, is_int
+from dga_jax.ops.checks import check_lengths, check_qkv, is_int
 from dga_jax.ops.intervals import NEVER
 from dga_jax.ops.tiles import XLA_DOTS, Tile, online_finish, online_init, online_step
 
@@ -73,8 +73,9 @@ def minference_attention(
     lengths: jax.Array | None = None,
 ) -> jax.Array:
     """MInference prefill attention (module docstring): q [B, L, Hq, D] and k, v [B, L, Hkv, D]
-    (RoPE applied) -> [B, L, Hq, D]. `lengths` [B]: row b valid up to lengths[b] (right
-    padding), estimated from its own last queries, so it equals the row alone."""
+    (RoPE applied) -> [B, L, Hq, D]. `lengths` [B] ints in [1, L] (checked where concrete,
+    clipped where traced): row b valid up to lengths[b] (right padding), estimated from its own
+    last queries, so it equals the row alone."""
     scale = check_qkv(q, k, v, None)
     columns, offsets = estimate_pattern(q, k, config, lengths)
     return _no_backward(q, k, v, columns, offsets, scale)
@@ -84,10 +85,14 @@ def estimate_pattern(
     q: jax.Array, k: jax.Array, config: MInferenceConfig, lengths: jax.Array | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """-> (columns [B, Hq, nv] ascending, diagonal offsets [B, Hq, ns] descending), int32,
-    with (nv, ns) = config.counts(L). Ties go to the lower column and the shorter offset."""
+    with (nv, ns) = config.counts(L). Ties go to the lower column and the shorter offset.
+    `lengths`: as `minference_attention`'s."""
+    check_qkv(q, k, k, None)
     b, seq_len = q.shape[:2]
-    length = jnp.full((b,), seq_len, jnp.int32) if lengths is None else jnp.asarray(lengths)
-    return _estimate(q, k, length.astype(jnp.int32), config)
+    length = check_lengths(lengths, b, seq_len)
+    if length is None:
+        length = jnp.full((b,), seq_len, jnp.int32)
+    return _estimate(q, k, jnp.clip(length, 0, seq_len), config)
 
 
 @functools.partial(jax.jit, static_argnames="config")

@@ -158,6 +158,11 @@ def sink_attention(
             f"q_far {q_far.shape} and k_far {k_far.shape} must have the shapes of q {q.shape} "
             f"and k {k.shape}"
         )
+    if not q_far.dtype == k_far.dtype == q.dtype:
+        raise ValueError(
+            f"q_far and k_far must have q's dtype; got q_far {q_far.dtype}, k_far {k_far.dtype}, "
+            f"q {q.dtype}"
+        )
     implementation, block_sizes = check_implementation(
         implementation, block_sizes, interpret, q, k, v
     )

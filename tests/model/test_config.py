@@ -73,6 +73,19 @@ def test_wrong_types_are_rejected_by_name(values, match):
         ModelConfig.from_dict(values)
 
 
+@pytest.mark.parametrize(
+    "values, match",
+    [
+        ({"dga": {"group_size": 0}}, r"^dga\.group_size must be an int >= 1, got 0$"),
+        ({"dga": {"focal_ratio": 2.0}}, r"^dga\.focal_ratio must be a number in \[0, 1\]"),
+        ({"dga": {"selection": "local"}}, r"^dga\.selection must be one of"),
+    ],
+)
+def test_bad_dga_values_name_the_field_path(values, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig.from_dict(values)
+
+
 def test_ints_are_floats_and_none_is_the_default_impl():
     config = ModelConfig.from_dict({"norm_eps": 1, "attention_impl": None})
     assert config.norm_eps == 1.0 and type(config.norm_eps) is float
@@ -91,6 +104,9 @@ def test_ints_are_floats_and_none_is_the_default_impl():
         (dict(attention="dga", attention_impl="bogus"), "attention_impl='bogus'"),
         (dict(attention="dense", attention_impl="pallas_gpu"), "attention='dense'"),
         (dict(attention="streaming_llm", attention_impl="cudnn"), "attention_impl"),
+        (dict(head_dim=7), r"^model\.head_dim must be even .*got 7$"),
+        # the reference selects by itself: prefill's layout and padded rows would be ignored
+        (dict(attention="dga", attention_impl="reference"), r"attention_impl='reference'.*\('xla'"),
     ],
 )
 def test_bad_values_are_rejected_by_name(changes, match):

@@ -230,6 +230,16 @@ SHARDED = textwrap.dedent(
             graphdef, state = nnx.split(model)
             logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+    # Padded prefill with the sequence split: 1 KV head per tensor shard over 4 parts, so
+    # "auto" attends with "dga" context parallelism; valid positions equal one device's.
+    lengths = jnp.array([48, 13])
+    for kind in ("dense", "dga"):
+        one_layer = config.replace(attention=kind, num_layers=1)
+        want, _ = Llama(one_layer, rngs=nnx.Rngs(0)).prefill(tokens[:2], 56, lengths=lengths)
+        with jax.set_mesh(make_mesh((1, 1, 4, 2))):
+            got, _ = Llama(one_layer, rngs=nnx.Rngs(0)).prefill(tokens[:2], 56, lengths=lengths)
+        for b, n in enumerate(lengths.tolist()):
+            np.testing.assert_allclose(got[b, :n], want[b, :n], atol=1e-4, rtol=1e-4)
     print("ok")
     """
 )

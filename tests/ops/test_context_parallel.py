@@ -12,6 +12,7 @@ from __future__ import annotations
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import pytest
 
 from dga_jax.ops.context import zigzag_order
@@ -352,6 +353,24 @@ def test_strategy_choice_and_its_errors():
     q, k, v = random_qkv(1, 1, 8, 2, 1, 4)
     with pytest.raises(ValueError, match="context_parallel must be one of"):
         per_shard(_identity, q, k, v, batch=None, heads=None, strategy="ring")
+
+
+AUTO_RAN_DGA = (
+    r"context_parallel='auto', which resolved to 'dga', splits them over mesh axes 'seq' of 4 "
+    r"devices; use a mesh without a sequence split$"
+)
+
+
+@pytest.mark.parametrize(
+    ("kv_heads", "strategy", "match"),
+    [(2, "auto", AUTO_RAN_DGA), (4, "dga", r"'dga' splits .*; use context_parallel='ulysses'")],
+)
+def test_lengths_under_the_dga_strategy_name_the_strategy_that_ran(kv_heads, strategy, match):
+    q, k, v = random_qkv(1, 1, 8, 4, kv_heads, 4)
+    axes = dict(batch=None, heads=None, seq="seq")
+    abstract = jax.sharding.AbstractMesh((4,), ("seq",))
+    with jax.sharding.use_abstract_mesh(abstract), pytest.raises(ValueError, match=match):
+        per_shard(_identity, q, k, v, strategy=strategy, lengths=jnp.array([5]), **axes)
 
 
 def test_zigzag_order():

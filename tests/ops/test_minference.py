@@ -116,3 +116,34 @@ def test_model_prefill_is_per_row_and_decoding_is_dense():
 def test_bad_settings_are_rejected_naming_the_field(values, message):
     with pytest.raises((ValueError, ConfigError), match=message):
         ModelConfig.from_dict(values)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "message"),
+    [
+        (
+            jnp.array([64]),
+            r"lengths must be integers of shape \(2,\), one per row; got int32 \(1,\)",
+        ),
+        (jnp.array([64.0, 40.9]), r"lengths must be integers of shape \(2,\).*float32"),
+        (jnp.array([64, 65]), r"lengths must lie in \[1, L\] = \[1, 64\]; rows \[1\] have \[65\]"),
+        (jnp.array([0, 64]), r"lengths must lie in \[1, L\] = \[1, 64\]; rows \[0\] have \[0\]"),
+    ],
+    ids=["one-for-two-rows", "float", "above-L", "zero"],
+)
+def test_bad_lengths_are_rejected(lengths, message):
+    q, k, v = random_qkv(0, 2, 64, 4, 2, 8)
+    config = MInferenceConfig(1, 1)
+    with pytest.raises(ValueError, match=message):
+        minference_attention(q, k, v, config, lengths)
+    with pytest.raises(ValueError, match=message):
+        estimate_pattern(q, k, config, lengths)
+
+
+def test_traced_lengths_are_clipped_to_L():
+    q, k, _ = random_qkv(0, 2, 64, 4, 2, 8)
+    config = MInferenceConfig(1, 1)
+    want = estimate_pattern(q, k, config)
+    got = jax.jit(estimate_pattern, static_argnums=2)(q, k, config, jnp.array([64, 100]))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -198,3 +198,14 @@ def test_model_prefill_and_decoding_equal_its_forward(kind, settings):
 def test_bad_settings_are_rejected_naming_the_field(values, message):
     with pytest.raises((ValueError, ConfigError), match=message):
         ModelConfig.from_dict(values)
+
+
+@pytest.mark.parametrize(
+    "far", [(jnp.float16, jnp.float32), (jnp.float32, jnp.int32), (jnp.bool_, jnp.float32)]
+)
+def test_far_inputs_must_have_q_dtype(far):
+    q, k, v, q_far, k_far = inputs(0, seq_len=16)
+    q_far, k_far = (x.astype(dtype) for x, dtype in zip((q_far, k_far), far, strict=True))
+    names = [jnp.dtype(dtype).name for dtype in far]
+    with pytest.raises(ValueError, match=rf"q_far {names[0]}, k_far {names[1]}, q float32"):
+        sink_attention(q, k, v, q_far, k_far, StreamingLLMConfig(2, 4))

@@ -6,16 +6,19 @@ where shapes are the problem), on both `dga_attention` and `dense_attention`.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from fractions import Fraction
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import dga_jax
 from dga_jax import BlockSizes
+from dga_jax.ops.context import ContextSplit
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.layout import dga_layout
 from tests.conftest import FORWARD_TOL, assert_close, random_qkv
@@ -61,6 +64,15 @@ SHAPE_CASES = {
     "empty-sequence": (
         dict(q=(2, 0, 4, 8), k=(2, 0, 2, 8)),
         r"\bL\b.*" + shapes(q=(2, 0, 4, 8), k=(2, 0, 2, 8)),
+    ),
+    "empty-batch": (
+        dict(q=(0, 16, 4, 8), k=(0, 16, 2, 8)),
+        r"\bB\b.*>= 1.*" + shapes(q=(0, 16, 4, 8), k=(0, 16, 2, 8)),
+    ),
+    "no-query-heads": (dict(q=(2, 16, 0, 8)), r"\bHq\b.*>= 1.*" + shapes(q=(2, 16, 0, 8))),
+    "head_dim-0": (
+        dict(q=(2, 16, 4, 0), k=(2, 16, 2, 0)),
+        r"\bD\b.*>= 1.*" + shapes(q=(2, 16, 4, 0), k=(2, 16, 2, 0)),
     ),
 }
 
@@ -136,20 +148,20 @@ def test_a_given_layout_replaces_selection_and_is_checked(lengths):
     config, scale = DGAConfig(group_size=4, focal_ratio=0.25), 8**-0.5
     layout = dga_layout(q, k, config, scale, lengths=lengths)
     own = dga_jax.dga_attention(q, k, v, config, lengths=lengths)
-    given = dga_jax.dga_attention(q, k, v, config, lengths=lengths, layout=layout)
+    given = dga_jax.dga_attention(q, k, v, config, layout=layout)  # it holds the lengths
     assert_close(given, own, FORWARD_TOL[jnp.float32])
-    # the layout decides: another sequence's changes the outputs; the reference selects itself
+    # the layout decides: another sequence's changes the outputs
     q2, k2, _ = random_qkv(1, 2, 48, 4, 2, 8)
     other = dga_jax.dga_attention(
-        q, k, v, config, lengths=lengths, layout=dga_layout(q2, k2, config, scale, lengths=lengths)
+        q, k, v, config, layout=dga_layout(q2, k2, config, scale, lengths=lengths)
     )
     assert float(jnp.abs(other - own).max()) > 1e-3
-    if lengths is None:
-        reference = dga_jax.dga_attention(q, k, v, config, implementation="reference")
-        by_reference = dga_jax.dga_attention(
-            q, k, v, config, implementation="reference", layout=layout
-        )
-        np.testing.assert_array_equal(np.asarray(by_reference), np.asarray(reference))
+    # the reference selects by itself: it would ignore a layout (and the lengths it holds)
+    with pytest.raises(ValueError, match=r"layout= is not supported with .*'reference'"):
+        dga_jax.dga_attention(q, k, v, config, implementation="reference", layout=layout)
+    # lengths and a layout could contradict each other: the layout holds them already
+    with pytest.raises(ValueError, match="either lengths= or layout=, not both"):
+        dga_jax.dga_attention(q, k, v, config, lengths=[48, 48], layout=layout)
     shape = r"layout is for \[B, Hkv, L\] = \[2, 2, 48\].*need \[2, 2, 40\]"
     with pytest.raises(ValueError, match=shape):
         dga_jax.dga_attention(q[:, :40], k[:, :40], v[:, :40], config, layout=layout)
@@ -243,3 +255,55 @@ def test_numpy_scalars_are_accepted():
     expected = dga_jax.dga_attention(q, k, v, group_size=4, focal_ratio=0.25, scale=0.5)
     np.testing.assert_array_equal(out, expected)
     assert DGAConfig(np.int64(4), np.float32(0.5)) == DGAConfig(4, 0.5)
+
+
+@pytest.mark.parametrize("lengths", [[16, 17], [16, 0], [-3, 16]], ids=["above-L", "0", "negative"])
+def test_concrete_lengths_outside_1_to_L_are_refused(lengths):
+    q, k, v = random_qkv(0, 2, 16, 4, 2, 8)
+    bad = [n for n in lengths if not 1 <= n <= 16]
+    with pytest.raises(ValueError, match=re.escape("lengths must lie in [1, L] = [1, 16]; rows")):
+        dga_jax.dga_attention(q, k, v, group_size=4, focal_ratio=0.25, lengths=jnp.array(lengths))
+    with pytest.raises(ValueError, match=re.escape(f"have {bad}")):
+        dga_jax.dga_attention(q, k, v, group_size=4, focal_ratio=0.25, lengths=lengths)
+
+
+def test_traced_lengths_are_clipped_to_L():
+    q, k, v = random_qkv(0, 2, 16, 4, 2, 8)
+    config = DGAConfig(4, 0.25)
+    full = dga_jax.dga_attention(q, k, v, config)
+    traced = jax.jit(functools.partial(dga_jax.dga_attention, q, k, v, config))
+    np.testing.assert_array_equal(np.asarray(traced(lengths=jnp.array([16, 40]))), full)
+
+
+@pytest.mark.parametrize("seq_len", [1000, 10_000])
+def test_a_float32_focal_ratio_counts_as_its_decimal(seq_len):
+    # np.float32(0.1) is 0.10000000149: without normalising, ceil(gamma L) gains a token.
+    config = DGAConfig(16, np.float32(0.1))
+    assert config == DGAConfig(16, 0.1)
+    assert config.sizes(seq_len) == DGAConfig(16, 0.1).sizes(seq_len)
+    assert config.sizes(seq_len).num_focal == seq_len // 10
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(group_size=0), r"^dga\.group_size must be an int >= 1, got 0$"),
+        (dict(focal_ratio=2.0), r"^dga\.focal_ratio must be a number in \[0, 1\], got 2\.0$"),
+        (dict(selection="local"), r"^dga\.selection must be one of .*, got 'local'$"),
+    ],
+)
+def test_dga_config_errors_name_the_field_path(fields, match):
+    with pytest.raises(ValueError, match=match):
+        DGAConfig(**fields)
+
+
+def test_a_split_must_match_its_mesh_axis():
+    q, k, v = random_qkv(0, 1, 16, 2, 1, 8)
+    attention = functools.partial(dga_jax.dga_attention, group_size=4, split=ContextSplit("seq", 2))
+    with pytest.raises(ValueError, match="not bound: call dga_attention inside a jax.shard_map"):
+        attention(q, k, v)
+    mesh = jax.make_mesh((1,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = jax.sharding.PartitionSpec(None, "seq")
+    sharded = jax.shard_map(attention, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    with pytest.raises(ValueError, match=r"says 2 parts, but mesh axes 'seq' hold 1 devices"):
+        jax.jit(sharded)(q, k, v)

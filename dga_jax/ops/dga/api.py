@@ -5,10 +5,8 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
-from dga_jax.ops.checks import check_qkv
+from dga_jax.ops.checks import check_lengths, check_qkv
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.backends import (
     check_implementation,
@@ -67,13 +65,15 @@ def dga_attention(
       lengths: [B] ints in [1, L], the valid positions of each row of a right-padded batch:
         outputs at row b's first lengths[b] positions are those of that prefix alone (its own
         r, sampled queries and groups; padding is never attended), later positions are finite
-        and meaningless. One compile serves every mix of lengths. Not for "reference", nor
+        and meaningless. One compile serves every mix of lengths. Concrete values outside
+        [1, L] are an error (traced ones are clipped to [0, L]). Not for "reference", nor
         under a split.
       layout: the `DGALayout` of this sequence, already built by `dga_layout` from the same q,
         k, config, scale and lengths (whole-sequence shapes [B, Hkv, L] even under a split):
         selection is skipped and the entries are gathered from it. What prefill does, which
         also builds the decoding cache from it. The layout holds each row's length: `lengths`
-        may then be left out, also under a split. "reference" checks it and selects by itself.
+        must then be left out, also under a split. Not for "reference", which selects by
+        itself.
 
     Returns:
       [B, L, Hq, D] in q's dtype ([B, L / parts, Hq, D] under a split).
@@ -85,10 +85,11 @@ def dga_attention(
     implementation, block_sizes = check_implementation(
         implementation, block_sizes, interpret, q, k, v, allowed=IMPLEMENTATIONS
     )
-    if implementation == "reference" and split.shards > 1:
-        raise ValueError("implementation='reference' needs whole sequences, not a ContextSplit")
-    lengths = _check_lengths(lengths, q.shape[0], implementation, split)
-    _check_layout(layout, config, q, k, split)
+    if implementation == "reference":
+        _check_reference(split, lengths, layout)
+    _check_split(split)
+    lengths = _check_lengths(lengths, q, split)
+    _check_layout(layout, lengths, config, q, k, split)
     return _dga(
         q,
         k,
@@ -116,12 +117,60 @@ def _check_config(config: DGAConfig | None, **fields) -> DGAConfig:
     return config
 
 
-def _check_layout(layout, config: DGAConfig, q, k, split: ContextSplit):
+def _check_reference(split: ContextSplit, lengths, layout) -> None:
+    """The reference selects by itself over whole, unpadded sequences: it takes none of these."""
+    given = {
+        "split": split.shards > 1,
+        "lengths": lengths is not None,
+        "layout": layout is not None,
+    }
+    for name, is_given in given.items():
+        if is_given:
+            raise ValueError(
+                f"{name}= is not supported with implementation='reference', which selects by "
+                "itself over whole, unpadded sequences; use implementation='xla'"
+            )
+
+
+def _check_split(split: ContextSplit) -> None:
+    """A split's part count must be its mesh axes' size (inside `jax.shard_map`)."""
+    if split.shards == 1:
+        return
+    try:
+        size = jax.lax.axis_size(split.axis)
+    except NameError as e:
+        raise ValueError(
+            f"split={split} names mesh axes that are not bound: call dga_attention inside a "
+            "jax.shard_map over them"
+        ) from e
+    if size != split.shards:
+        raise ValueError(
+            f"split={split} says {split.shards} parts, but mesh axes {split.axis!r} hold {size} "
+            f"devices: pass ContextSplit({split.axis!r}, {size})"
+        )
+
+
+def _check_lengths(lengths, q, split: ContextSplit):
+    """-> lengths as an int32 array [B] (or None); errors name the problem."""
+    if lengths is not None and split.shards > 1:
+        raise ValueError(
+            "per-row lengths are not supported with a ContextSplit: pass the layout "
+            "(dga_layout(lengths=)) instead, which holds them"
+        )
+    return check_lengths(lengths, q.shape[0], q.shape[1])
+
+
+def _check_layout(layout, lengths, config: DGAConfig, q, k, split: ContextSplit):
     """A given layout must be a `DGALayout` of these rows, heads and settings."""
     if layout is None:
         return
     if not isinstance(layout, DGALayout):
         raise TypeError(f"layout must be a DGALayout (dga_layout), got {type(layout).__name__}")
+    if lengths is not None:
+        raise ValueError(
+            "pass either lengths= or layout=, not both: the layout holds each row's length "
+            "(dga_layout(lengths=))"
+        )
     seq_len = q.shape[1] * split.shards
     want = (q.shape[0], k.shape[2], seq_len)
     if layout.focal.shape != want or layout.sizes != config.sizes(seq_len):
@@ -129,23 +178,6 @@ def _check_layout(layout, config: DGAConfig, q, k, split: ContextSplit):
             f"layout is for [B, Hkv, L] = {list(layout.focal.shape)} with {layout.sizes}; these "
             f"q, k and config need {list(want)} with {config.sizes(seq_len)}"
         )
-
-
-def _check_lengths(lengths, batch: int, implementation: str, split: ContextSplit):
-    """-> lengths as an int32 array [batch] (or None); errors name the problem."""
-    if lengths is None:
-        return None
-    if isinstance(lengths, (list, tuple)):
-        lengths = np.asarray(lengths)
-    if implementation == "reference" or split.shards > 1:
-        where = "a ContextSplit" if split.shards > 1 else "implementation='reference'"
-        raise ValueError(f"per-row lengths are not supported with {where}")
-    if not jnp.issubdtype(jnp.result_type(lengths), jnp.integer) or jnp.shape(lengths) != (batch,):
-        raise ValueError(
-            f"lengths must be integers of shape ({batch},), one per row; got "
-            f"{jnp.result_type(lengths)} {jnp.shape(lengths)}"
-        )
-    return jnp.asarray(lengths, jnp.int32)
 
 
 @functools.partial(

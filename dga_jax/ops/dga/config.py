@@ -32,11 +32,15 @@ class DGAConfig:
     def __post_init__(self):
         m, gamma = self.group_size, self.focal_ratio
         if not is_int(m) or m < 1:
-            raise ValueError(f"group_size must be an int >= 1, got {m!r}")
+            raise ValueError(f"dga.group_size must be an int >= 1, got {m!r}")
         if not is_real(gamma) or not 0.0 <= gamma <= 1.0:
-            raise ValueError(f"focal_ratio must be a number in [0, 1], got {gamma!r}")
+            raise ValueError(f"dga.focal_ratio must be a number in [0, 1], got {gamma!r}")
         if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+            raise ValueError(f"dga.selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if isinstance(gamma, np.floating):
+            # The decimal a NumPy float stands for: float32's 0.1 is 0.10000000149, whose excess
+            # over 0.1 outgrows `ceil_exact`'s slack (one more focal token) from gamma L ~ 100.
+            gamma = np.format_float_positional(gamma, unique=True)
         # Plain Python numbers: the config is a static (hashed) argument of jitted functions.
         object.__setattr__(self, "group_size", int(m))
         object.__setattr__(self, "focal_ratio", float(gamma))

@@ -83,19 +83,17 @@ def per_shard(
     if parts == 1:
         seq, body = None, functools.partial(attention, split=WHOLE)
     else:
-        strategy = choose_strategy(strategy, k.shape[2] // shard_count(heads), q.shape[1], seq)
+        kv_heads = k.shape[2] // shard_count(heads)
+        resolved = choose_strategy(strategy, kv_heads, q.shape[1], seq)
         split = ContextSplit(seq, parts, zigzag)
         split.order(q.shape[1])  # a length zig-zag order cannot cut fails here, naming it
-        if strategy == "ulysses":
+        if resolved == "ulysses":
             body = functools.partial(_ulysses, attention, split)
             attended_heads = axis_names(heads) + axis_names(seq)  # the all-to-all's head split
         elif lengths is None:
             body = functools.partial(attention, split=split)
         else:
-            raise ValueError(
-                "per-row lengths need whole sequences: context_parallel='dga' splits them over "
-                f"mesh axes {seq!r}; use 'ulysses' (or 'auto') or a mesh without a sequence split"
-            )
+            raise _split_lengths_error(strategy, kv_heads, seq)
     spec = PartitionSpec(batch, seq, heads, None)
     q, k, v = (jax.lax.with_sharding_constraint(x, spec) for x in (q, k, v))
     split_as = {"lengths": PartitionSpec(batch), "layout": PartitionSpec(batch, attended_heads)}
@@ -130,6 +128,19 @@ def choose_strategy(strategy: str, kv_heads: int, seq_len: int, seq: MeshAxes) -
             "Use context_parallel='dga' (or 'auto'), which splits the sequence instead"
         )
     return strategy
+
+
+def _split_lengths_error(strategy: str, kv_heads: int, seq: MeshAxes) -> ValueError:
+    """Per-row lengths under the "dga" strategy (given, or what `strategy` resolved to)."""
+    parts = shard_count(seq)
+    how = "'dga'" if strategy == "dga" else f"{strategy!r}, which resolved to 'dga',"
+    fix = "a mesh without a sequence split"
+    if kv_heads % parts == 0:  # the heads allow "ulysses"
+        fix = f"context_parallel='ulysses' or {fix}"
+    return ValueError(
+        f"per-row lengths need whole sequences: context_parallel={how} splits them over mesh "
+        f"axes {seq!r} of {parts} devices; use {fix}"
+    )
 
 
 def _ulysses(attention: SplitAttention, split: ContextSplit, q, k, v, **operands) -> jax.Array:
