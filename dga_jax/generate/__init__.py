@@ -191,7 +191,7 @@ def _stream_batch(
     model, tokens, lengths, max_new_tokens, sampling, stopping, key, max_len, buckets
 ) -> Iterator[np.ndarray]:
     """`stream` for right-padded tokens [B, T'] with lengths [B]: checks, prefill, steps."""
-    stopping.mask(model.config.vocab_size)  # its ids checked now, not at the first step
+    stops = stopping.mask(model.config.vocab_size)  # its ids checked before any work
     width = buckets.round_up(int(lengths.max()))
     max_len = max_len or width + buckets.round_up(max_new_tokens)
     check_fits(int(lengths.max()) + max_new_tokens - 1, max_len)  # the last token is not fed
@@ -201,16 +201,16 @@ def _stream_batch(
     if model.config.attention == "dga":  # room for any prompt length up to the bucket
         capacity = prefix_capacity(model.config.dga, max_len, np.arange(1, width + 1))
     logits, caches = prefill(model, tokens, lengths, max_len, capacity)
-    return _steps(model, logits, caches, max_new_tokens, sampling, stopping, key)
+    return _steps(model, logits, caches, max_new_tokens, sampling, stopping, stops, key)
 
 
-def _steps(model, logits, caches, max_new_tokens, sampling, stopping, key):
-    """The decode loop of `stream`, from the prefill's last logits [B, V] and caches.
+def _steps(model, logits, caches, max_new_tokens, sampling, stopping, stops, key):
+    """The decode loop of `stream`, from the prefill's last logits [B, V] and caches; `stops`
+    [V] bool: `stopping.mask`.
 
     Every row is at the same step, so the ids banned at a step are one [V] mask for all rows:
     data to the compiled step, the stop tokens' mask before `min_new_tokens`, none after."""
     graphdef, state = nnx.split(model)
-    stops = stopping.mask(logits.shape[-1])
     early, late = jnp.asarray(stops), jnp.zeros(stops.shape, bool)
     active = np.ones(logits.shape[0], bool)
     for step in range(max_new_tokens):

@@ -193,33 +193,17 @@ def test_a_capacity_too_small_for_padded_prompts_raises_or_decodes_nan():
     q, k, v = random_qkv(6, 1, 40, 2, 1, 16)
     config, lengths = dga_jax.DGAConfig(4, 0.1), np.array([20])
     needed = prefix_capacity(config, 40, lengths)
+    short = functools.partial(
+        prefill, q[:, :20], k[:, :20], v[:, :20], max_len=40, config=config, capacity=needed - 1
+    )
     with pytest.raises(ValueError, match=f"capacity={needed - 1} prefix slots are too few"):
-        prefill(
-            q[:, :20],
-            k[:, :20],
-            v[:, :20],
-            max_len=40,
-            config=config,
-            capacity=needed - 1,
-            lengths=lengths,
-        )
+        short(lengths=lengths)
 
     @jax.jit  # traced lengths: nothing to check on the host; the overflowing row turns NaN
     def run(lengths):
-        cache = prefill(
-            q[:, :20],
-            k[:, :20],
-            v[:, :20],
-            max_len=40,
-            config=config,
-            capacity=needed - 1,
-            lengths=lengths,
-        )
-        return jax.lax.scan(
-            lambda c, x: decode_step(*x, c)[::-1],
-            cache,
-            (q[:, 20:].swapaxes(0, 1), k[:, 20:].swapaxes(0, 1), v[:, 20:].swapaxes(0, 1)),
-        )[1]
+        steps = (q[:, 20:].swapaxes(0, 1), k[:, 20:].swapaxes(0, 1), v[:, 20:].swapaxes(0, 1))
+        step = lambda cache, x: decode_step(*x, cache)[::-1]  # noqa: E731
+        return jax.lax.scan(step, short(lengths=lengths), steps)[1]
 
     out = run(lengths)  # [steps, B, Hq, D]
     finite = np.asarray(jnp.isfinite(out).all(axis=(1, 2, 3)))
