@@ -6,7 +6,7 @@
         --config.data.validation='SlimPajama-627B/validation' \\
         --config.data.tokenizer=Llama-2-7b-hf/tokenizer.model
 
-LongLoRA's full fine-tune recipe (shared/PAPER_NOTES.md): 8K sequences, global batch 64
+LongLoRA's full fine-tune recipe (docs/PAPER_NOTES.md): 8K sequences, global batch 64
 (micro-batch 8 x accumulation 8 on 8 devices), lr 2e-5 with 20 warmup steps then constant,
 weight decay 0, AdamW with betas (0.9, 0.999) and clipping at 1 (the Hugging Face Trainer's
 defaults, which LongLoRA keeps), bf16 compute with float32 master weights, linear RoPE scaling

@@ -1,5 +1,5 @@
 """The paper's attention analyses on a `Llama`: attention weights, sparsity P_sparse(L, rho) and
-output KL under input noise (`shared/EVAL_NOTES.md`); where DGA's attention mass goes is
+output KL under input noise (`docs/EVAL_NOTES.md`); where DGA's attention mass goes is
 `dga_analysis.py`.
 
 Everything runs the model's own modules layer by layer (`layerwise.walk_layers`): a probe reads

@@ -1,4 +1,4 @@
-"""Where DGA's attention mass goes in a `Llama` (`shared/EVAL_NOTES.md`): DGA's softmax weights
+"""Where DGA's attention mass goes in a `Llama` (`docs/EVAL_NOTES.md`): DGA's softmax weights
 over the compressed KV' of the spec (`dga_entry_weights`), their shares on focal tokens, group
 entries and raw tokens per layer (`dga_mass_shares`), and what a query sees of each key position
 (`token_roles`).
@@ -38,7 +38,7 @@ def dga_entry_weights(
     compressed KV' of `gather_entries` (prefix: focal tokens and groups, with their bias log m;
     raw: non-focal tokens with their [from, until) intervals).
 
-    One softmax per query over every entry it sees (`shared/DGA_SPEC.md`, "What a query sees"),
+    One softmax per query over every entry it sees (`docs/DGA_SPEC.md`, "What a query sees"),
     in float32 with scale 1/sqrt(D): -> prefix weights [B, Hq, C, NP], raw weights
     [B, Hq, C, NR]. Their products with prefix.v and raw.v sum to `dga_attention`'s output.
     """

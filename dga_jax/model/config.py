@@ -70,7 +70,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A LLaMA-style decoder. Defaults are LLaMA2-7B's shapes (`shared/PAPER_NOTES.md`)."""
+    """A LLaMA-style decoder. Defaults are LLaMA2-7B's shapes (`docs/PAPER_NOTES.md`)."""
 
     vocab_size: int = 32000
     d_model: int = 4096

@@ -1,4 +1,4 @@
-"""DGA decoding at the op level: the cache, prefill and one-token steps (`shared/DGA_SPEC.md`)."""
+"""DGA decoding at the op level: the cache, prefill and one-token steps (`docs/DGA_SPEC.md`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The conformance suite every DGA implementation runs (`shared/DGA_SPEC.md`, "Properties").
+"""The conformance suite every DGA implementation runs (`docs/DGA_SPEC.md`, "Properties").
 
 `IMPLEMENTATIONS` lists each implementation with the block sizes it is exercised at; small
 blocks make the blockwise walks cross many block boundaries on small inputs. New backends

@@ -39,7 +39,7 @@ def dga_attention(
     lengths: jax.Array | None = None,
     layout: DGALayout | None = None,
 ) -> jax.Array:
-    """Dynamic Group Attention (`shared/DGA_SPEC.md`), causal.
+    """Dynamic Group Attention (`docs/DGA_SPEC.md`), causal.
 
     Args:
       q: [B, L, Hq, D] queries; k, v: [B, L, Hkv, D], Hq a multiple of Hkv (GQA).

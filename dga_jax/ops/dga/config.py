@@ -1,7 +1,7 @@
 """Static DGA hyper-parameters and the sizes they imply for a sequence length.
 
 Every count here is a Python int known at trace time, so layouts, caches and kernels have
-static shapes. The rules are those of `shared/DGA_SPEC.md`.
+static shapes. The rules are those of `docs/DGA_SPEC.md`.
 """
 
 from __future__ import annotations

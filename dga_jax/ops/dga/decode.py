@@ -1,6 +1,6 @@
 """DGA decoding: a per-layer KV cache of focal entries, group entries and a raw tail.
 
-The rule is `shared/DGA_SPEC.md`, "Streaming selection and decoding". Per batch row and KV head
+The rule is `docs/DGA_SPEC.md`, "Streaming selection and decoding". Per batch row and KV head
 the cache holds
 
 - the *prefix*: focal tokens and group entries (bias log m), all visible to every later token;

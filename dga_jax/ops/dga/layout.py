@@ -4,7 +4,7 @@
 One implementation shared by the XLA path, the kernels, decoding, tests and plots.
 
 Per batch element and KV head, the compressed list `KV' = focal ∪ groups ∪ raw` is kept as two
-position-sorted lists (see `shared/DGA_SPEC.md`, "What a query sees"):
+position-sorted lists (see `docs/DGA_SPEC.md`, "What a query sees"):
 
 - the *prefix* list: focal tokens and group entries sorted by `from` (visible from `from` on, for
   ever), so a query at t sees exactly the first `#{from <= t}` of them;

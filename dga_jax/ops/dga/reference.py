@@ -1,6 +1,6 @@
 """The definition of DGA attention: O(L^2) time and memory, for tests and small inputs.
 
-Written straight from `shared/DGA_SPEC.md` and independent of `layout.py` and `selection.py`,
+Written straight from `docs/DGA_SPEC.md` and independent of `layout.py` and `selection.py`,
 so that they can check each other: every raw token is an entry, every complete group is one
 more entry, and a dense [L, L + groups] visibility mask says who sees what. Everything is
 computed in float32.
