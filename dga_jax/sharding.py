@@ -2,7 +2,7 @@
 
 Parameters and activations are annotated with logical names (`batch`, `seq`, `embed`, ...);
 `LogicalRules.spec` turns a tuple of them into a `PartitionSpec` of mesh axes and rejects a
-mesh axis used twice in one spec.
+logical name the rules do not list and a mesh axis used twice in one spec.
 """
 
 from __future__ import annotations
@@ -23,15 +23,22 @@ MeshAxes = str | tuple[str, ...] | None
 
 @dataclasses.dataclass(frozen=True)
 class LogicalRules:
-    """Logical axis name -> mesh axis, axes, or None (replicated)."""
+    """Logical axis name -> mesh axis, axes, or None (replicated). Every logical name an array
+    carries must be listed (a name that is not, e.g. a typo, is an error, not replicated)."""
 
     rules: tuple[tuple[str, MeshAxes], ...]
 
     def spec(self, logical: tuple[str | None, ...]) -> PartitionSpec:
         """The `PartitionSpec` of an array whose dimensions carry these logical names."""
         mapping, used, out = dict(self.rules), set(), []
+        unknown = [name for name in logical if name is not None and name not in mapping]
+        if unknown:
+            raise ValueError(
+                f"logical axes {logical}: {unknown} not in the rules {sorted(mapping)} "
+                "(map a name to None to replicate it)"
+            )
         for name in logical:
-            axes = mapping.get(name) if name is not None else None
+            axes = mapping[name] if name is not None else None
             flat = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
             if used & set(flat):
                 raise ValueError(f"logical axes {logical} map mesh axis {used & set(flat)} twice")

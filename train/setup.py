@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Sequence
 
 import jax
@@ -16,6 +17,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dga_jax import DEFAULT_RULES, Llama, make_mesh
+from dga_jax.errors import ConfigError
+from dga_jax.ops.dga.sharded import axis_names, choose_strategy, shard_count
 from train.batches import addressed_rows
 from train.config import TrainConfig
 from train.step import TrainState, make_optimizer, train_step, weight_decay_mask
@@ -64,6 +67,7 @@ def make_setup(config: TrainConfig, devices: Sequence[jax.Device] | None = None)
     """`config`'s setup on a mesh of `devices` (default: all of them); nothing is allocated."""
     devices = jax.devices() if devices is None else devices
     mesh = make_mesh(config.mesh.shape(len(devices)), devices=devices)
+    check_mesh_fits(config, mesh)
     with jax.set_mesh(mesh):
         abstract_model = nnx.eval_shape(functools.partial(new_model, config))
         graphdef, abstract_params = nnx.split(abstract_model)
@@ -103,6 +107,51 @@ def make_setup(config: TrainConfig, devices: Sequence[jax.Device] | None = None)
         addressed_rows(batch_sharding, batch_shape),
         row_order,
     )
+
+
+def check_mesh_fits(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    """A `ConfigError` naming the keys unless `mesh` evenly splits what `DEFAULT_RULES` put on
+    it: each micro-batch's rows, the sequence (2 pieces per device in zig-zag order), the
+    model's weights, and the KV heads `config.mesh.context_parallel` needs."""
+    accum, rows = config.train.grad_accum_steps, config.train.global_batch_size
+    zigzag = config.mesh.context_order == "zigzag"
+    sizes = (
+        (
+            f"config.train.global_batch_size / grad_accum_steps = {rows} / {accum}",
+            rows // accum,
+            "batch",
+        ),
+        ("config.data.seq_len", config.data.seq_len, "seq"),
+        *(
+            (f"config.model's {key}", getattr(config.model, key), axis)
+            for key, axis in _WEIGHT_AXES
+        ),
+    )
+    for what, size, logical in sizes:
+        axes = axis_names(DEFAULT_RULES.spec((logical,))[0])
+        parts = math.prod(mesh.shape[axis] for axis in axes)
+        how = " x ".join(f"config.mesh.{axis}={mesh.shape[axis]}" for axis in axes)
+        if logical == "seq" and zigzag and parts > 1:
+            parts, how = 2 * parts, f"2 x {how} (config.mesh.context_order='zigzag')"
+        if size % parts:
+            raise ConfigError(f"{what} = {size} must be a multiple of {how} = {parts}")
+    heads, seq = (DEFAULT_RULES.spec((name,))[0] for name in ("kv_heads", "seq"))
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        kv_heads = config.model.num_kv_heads // shard_count(heads)
+        try:
+            choose_strategy(config.mesh.context_parallel, kv_heads, config.data.seq_len, seq)
+        except ValueError as error:
+            raise ConfigError(f"config.mesh.context_parallel: {error}") from error
+
+
+# Model config fields that size a weight dimension, and that dimension's logical axis.
+_WEIGHT_AXES = (
+    ("vocab_size", "vocab"),
+    ("d_model", "embed"),
+    ("num_heads", "heads"),
+    ("num_kv_heads", "kv_heads"),
+    ("intermediate_size", "mlp"),
+)
 
 
 def new_model(config: TrainConfig) -> Llama:

@@ -93,3 +93,22 @@ def check_block_sizes(block_sizes, default: BlockSizes = BlockSizes()) -> BlockS
             f"block_sizes must be a dga_jax.BlockSizes or None, got {type(block_sizes).__name__}"
         )
     return block_sizes
+
+
+def check_split(split, op: str) -> None:
+    """A `ContextSplit`'s part count must be its mesh axes' size (inside `jax.shard_map`);
+    `op` names the caller in the errors."""
+    if split.shards == 1:
+        return
+    try:
+        size = jax.lax.axis_size(split.axis)
+    except NameError as e:
+        raise ValueError(
+            f"split={split} names mesh axes that are not bound: call {op} inside a "
+            "jax.shard_map over them"
+        ) from e
+    if size != split.shards:
+        raise ValueError(
+            f"split={split} says {split.shards} parts, but mesh axes {split.axis!r} hold {size} "
+            f"devices: pass ContextSplit({split.axis!r}, {size})"
+        )

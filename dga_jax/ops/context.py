@@ -24,7 +24,8 @@ from dga_jax.sharding import MeshAxes
 
 @dataclasses.dataclass(frozen=True)
 class ContextSplit:
-    """The sequence split into `shards` contiguous parts over mesh axis `axis` (in shard_map)."""
+    """The sequence split into `shards` parts over mesh axis `axis` (in shard_map): contiguous,
+    or with `zigzag` two pieces per part (`zigzag_order`)."""
 
     axis: MeshAxes = None
     shards: int = 1

@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.checks import check_block_sizes, check_qkv
+from dga_jax.ops.checks import check_block_sizes, check_qkv, check_split
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.intervals import Entries, interval_attention
 from dga_jax.ops.target import placed_target
@@ -39,14 +39,15 @@ def dense_attention(
     """Causal softmax attention. q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D].
 
     `implementation=None` picks "cudnn" for float16/bfloat16 inputs placed on GPUs (all cuDNN
-    supports) and "xla" otherwise. Under a `split` (inside `shard_map`, each device holding
-    C = L / parts contiguous positions), K and V are all-gathered and the local queries attend
-    blockwise: "blockwise" only, [B, C, ...] in and out. `block_sizes`: the tiles of "blockwise"
-    (None: `DENSE_BLOCKS`).
+    supports) and "xla" otherwise. Under a `split` (inside `shard_map` over its mesh axes, each
+    device holding C = L / parts positions: contiguous, or two zig-zag pieces), K and V are
+    all-gathered and the local queries attend blockwise: "blockwise" only, [B, C, ...] in and
+    out. `block_sizes`: the tiles of "blockwise" (None: `DENSE_BLOCKS`).
     """
     scale = check_qkv(q, k, v, scale)
     platform = placed_target(q, k, v).platform
     if split.shards > 1:
+        check_split(split, "dense_attention")
         if implementation not in (None, "blockwise"):
             raise ValueError(
                 f"dense attention over a split sequence runs 'blockwise', not {implementation!r}"

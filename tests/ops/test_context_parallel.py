@@ -9,13 +9,15 @@ before JAX starts); each prints "ok" last.
 
 from __future__ import annotations
 
+import functools
 import textwrap
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from dga_jax.ops.context import zigzag_order
+import dga_jax
+from dga_jax.ops.context import ContextSplit, zigzag_order
 from dga_jax.ops.dga.sharded import choose_strategy, per_shard
 from tests.conftest import random_qkv, run_on_fake_devices
 
@@ -382,3 +384,19 @@ def test_zigzag_order():
     abstract = jax.sharding.AbstractMesh((4,), ("seq",))
     with jax.sharding.use_abstract_mesh(abstract), pytest.raises(ValueError, match="zig-zag"):
         per_shard(_identity, q, k, v, batch=None, heads=None, seq="seq", zigzag=True)
+
+
+def test_dense_split_must_match_its_mesh_axis():
+    # A ContextSplit whose part count is not its axis size would attend to the wrong positions
+    # (in zig-zag order), so dense attention refuses it, as DGA does.
+    q, k, v = random_qkv(0, 1, 16, 2, 1, 8)
+    attention = functools.partial(dga_jax.dense_attention, split=ContextSplit("seq", 2))
+    with pytest.raises(ValueError, match="not bound: call dense_attention inside a jax.shard_map"):
+        attention(q, k, v)
+    mesh = jax.make_mesh((1,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = jax.sharding.PartitionSpec(None, "seq")
+    sharded = jax.shard_map(
+        attention, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False
+    )
+    with pytest.raises(ValueError, match=r"says 2 parts, but mesh axes 'seq' hold 1 devices"):
+        jax.jit(sharded)(q, k, v)

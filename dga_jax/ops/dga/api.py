@@ -6,7 +6,7 @@ import functools
 
 import jax
 
-from dga_jax.ops.checks import check_lengths, check_qkv
+from dga_jax.ops.checks import check_lengths, check_qkv, check_split
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.backends import (
     check_implementation,
@@ -87,7 +87,7 @@ def dga_attention(
     )
     if implementation == "reference":
         _check_reference(split, lengths, layout)
-    _check_split(split)
+    check_split(split, "dga_attention")
     lengths = _check_lengths(lengths, q, split)
     _check_layout(layout, lengths, config, q, k, split)
     return _dga(
@@ -130,24 +130,6 @@ def _check_reference(split: ContextSplit, lengths, layout) -> None:
                 f"{name}= is not supported with implementation='reference', which selects by "
                 "itself over whole, unpadded sequences; use implementation='xla'"
             )
-
-
-def _check_split(split: ContextSplit) -> None:
-    """A split's part count must be its mesh axes' size (inside `jax.shard_map`)."""
-    if split.shards == 1:
-        return
-    try:
-        size = jax.lax.axis_size(split.axis)
-    except NameError as e:
-        raise ValueError(
-            f"split={split} names mesh axes that are not bound: call dga_attention inside a "
-            "jax.shard_map over them"
-        ) from e
-    if size != split.shards:
-        raise ValueError(
-            f"split={split} says {split.shards} parts, but mesh axes {split.axis!r} hold {size} "
-            f"devices: pass ContextSplit({split.axis!r}, {size})"
-        )
 
 
 def _check_lengths(lengths, q, split: ContextSplit):

@@ -1,0 +1,95 @@
+"""The mesh must evenly split what the rules put on it; a config that it cannot is refused
+before anything is built, naming the config keys (not an IndivisibleError from JAX)."""
+
+from __future__ import annotations
+
+import textwrap
+
+import jax
+import pytest
+
+from configs import tiny_dga
+from dga_jax.sharding import MESH_AXES
+from tests.conftest import run_on_fake_devices
+from train.config import ConfigError, from_config_dict
+from train.setup import check_mesh_fits
+
+
+def config(**sections):
+    """tiny_dga with `sections` ({"train": {"global_batch_size": 6}, ...}) changed."""
+    base = tiny_dga.get_config()
+    for section, values in sections.items():
+        base[section].update(values)
+    return from_config_dict(base)
+
+
+@pytest.mark.parametrize(
+    ("mesh", "changes", "match"),
+    [
+        (
+            (2, 2, 2, 1),
+            dict(train=dict(global_batch_size=6)),
+            r"global_batch_size / grad_accum_steps = 6 / 1 = 6 must be a multiple of "
+            r"config\.mesh\.data=2 x config\.mesh\.fsdp=2 = 4$",
+        ),
+        (
+            (2, 2, 2, 1),
+            dict(train=dict(global_batch_size=8, grad_accum_steps=4)),
+            r"= 8 / 4 = 2 must be a multiple of config\.mesh\.data=2 x config\.mesh\.fsdp=2",
+        ),
+        (
+            (1, 1, 8, 1),
+            dict(data=dict(seq_len=60)),
+            r"config\.data\.seq_len = 60 must be a multiple of config\.mesh\.seq=8 = 8$",
+        ),
+        (
+            (1, 1, 8, 1),
+            dict(data=dict(seq_len=72), mesh=dict(context_order="zigzag")),
+            r"seq_len = 72 .* 2 x config\.mesh\.seq=8 \(config\.mesh\.context_order='zigzag'\)",
+        ),
+        (
+            (2, 1, 1, 4),
+            dict(),
+            r"config\.model's num_kv_heads = 2 must be a multiple of config\.mesh\.tensor=4",
+        ),
+        (
+            (2, 1, 4, 1),
+            dict(data=dict(seq_len=64), mesh=dict(context_parallel="ulysses")),
+            r"^config\.mesh\.context_parallel: context_parallel='ulysses' splits the 2 KV heads",
+        ),
+    ],
+    ids=["batch", "micro_batch", "seq_len", "zigzag_seq_len", "kv_heads", "ulysses_heads"],
+)
+def test_sizes_the_mesh_cannot_split_name_their_keys(mesh, changes, match):
+    abstract = jax.sharding.AbstractMesh(mesh, MESH_AXES)
+    with pytest.raises(ConfigError, match=match):
+        check_mesh_fits(config(**changes), abstract)
+
+
+def test_sizes_the_mesh_splits_pass():
+    changes = dict(data=dict(seq_len=64), mesh=dict(context_order="zigzag"))
+    check_mesh_fits(config(**changes), jax.sharding.AbstractMesh((2, 2, 2, 1), MESH_AXES))
+    ulysses = dict(data=dict(seq_len=64), mesh=dict(context_parallel="ulysses"))
+    check_mesh_fits(config(**ulysses), jax.sharding.AbstractMesh((2, 2, 2, 1), MESH_AXES))
+
+
+MAKE_SETUP = textwrap.dedent(
+    """
+    import pytest
+
+    from configs import tiny_dga
+    from train.config import ConfigError, from_config_dict
+    from train.setup import make_setup
+
+    base = tiny_dga.get_config()
+    base.mesh.update(data=2, fsdp=2, seq=2, tensor=1)
+    base.train.global_batch_size = 6
+    with pytest.raises(ConfigError, match="config.train.global_batch_size"):
+        make_setup(from_config_dict(base))
+    print("ok")
+    """
+)
+
+
+def test_make_setup_checks_the_mesh_first():
+    run_on_fake_devices(MAKE_SETUP)
