@@ -55,11 +55,9 @@ def _train() -> None:
     import jax
 
     if _DISTRIBUTED.value:
-        jax.distributed.initialize(
-            coordinator_address=_COORDINATOR.value,
-            num_processes=_NUM_PROCESSES.value,
-            process_id=_PROCESS_ID.value,
-        )
+        jax.distributed.initialize(**_distributed_args())
+    elif given := _given(_PEER_FLAGS):
+        raise InputError(f"{', '.join(given)} set without --distributed, which they are for")
     from train.loop import run
 
     path = config_flags.get_config_filename(flags.FLAGS["config"])
@@ -73,6 +71,27 @@ def _train() -> None:
             f"{val}, {summary.tokens_per_s:,.0f} tokens/s, {summary.seconds:.0f} s, "
             f"workdir {workdir}" + (" (stopped early)" if summary.stopped_early else "")
         )
+
+
+_PEER_FLAGS = (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
+
+
+def _given(holders) -> list[str]:
+    return [f"--{holder.name}" for holder in holders if holder.value is not None]
+
+
+def _distributed_args() -> dict:
+    """The peer flags for `jax.distributed.initialize`, checked (None: found by JAX)."""
+    address, count, index = (holder.value for holder in _PEER_FLAGS)
+    if address is not None and not address.rpartition(":")[2].isdigit():
+        raise InputError(f"--coordinator_address={address} must be host:port")
+    if count is not None and count < 1:
+        raise InputError(f"--num_processes={count} must be >= 1")
+    if index is not None and index < 0:
+        raise InputError(f"--process_id={index} must be >= 0")
+    if None not in (index, count) and index >= count:
+        raise InputError(f"--process_id={index} must be < --num_processes={count}")
+    return dict(coordinator_address=address, num_processes=count, process_id=index)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -218,3 +218,21 @@ def test_every_problem_is_named_in_one_error(one_layer_checkpoint, tokenizer_300
 def test_a_missing_tokenizer_is_named(tmp_path):
     with pytest.raises(InputError, match=r"config\.data\.tokenizer: .*does not exist"):
         check_inputs(tiny({"data.tokenizer": str(tmp_path / "tokenizer.model")}))
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--num_processes=2", "--process_id=0"], "--num_processes, --process_id set without"),
+        (["--distributed", "--coordinator_address=host0"], "=host0 must be host:port"),
+        (["--distributed", "--num_processes=0"], "--num_processes=0 must be >= 1"),
+        (["--distributed", "--process_id=-1"], "--process_id=-1 must be >= 0"),
+        (["--distributed", "--num_processes=2", "--process_id=2"], "must be < --num_processes=2"),
+    ],
+    ids=["without-distributed", "no-port", "no-processes", "negative-id", "id-past-count"],
+)
+def test_bad_peer_flags_end_the_launch_naming_them(tmp_path, flags, message):
+    # Without --distributed the peer flags were ignored: each host trained alone.
+    line = error_line(launch("configs/tiny_dga.py", tmp_path / "w", *flags))
+    assert message in line
+    assert not (tmp_path / "w").exists()
