@@ -13,6 +13,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dga_jax.ops.checks import check_lengths, is_int
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +59,16 @@ class DenseUpdate:
 
 
 def dense_prefill(k: jax.Array, v: jax.Array, scale: float, max_len: int, length) -> DenseCache:
-    """The cache after a prompt k, v [B, P, Hkv, D], rows valid up to `length` (int or [B]).
+    """The cache after a prompt k, v [B, P, Hkv, D], rows valid up to `length`: the int P, or
+    integers [B] in [1, P] (checked where concrete, clipped where traced).
 
     Slots past a row's length hold padding; decoding overwrites them.
     """
     b, prompt_len = k.shape[:2]
     pad = ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0))
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, P, D]
+    if not is_int(length):
+        length = jnp.clip(check_lengths(length, b, prompt_len), 0, prompt_len)
     length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (b,))
     return DenseCache(jnp.pad(kt, pad), jnp.pad(vt, pad), length, scale)
 

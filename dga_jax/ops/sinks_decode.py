@@ -14,6 +14,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from dga_jax.ops.checks import check_lengths
 from dga_jax.ops.sinks import SinkConfig, band_first_token
 
 
@@ -101,13 +102,16 @@ def sink_prefill(
     lengths: jax.Array | None = None,
 ) -> SinkCache:
     """The cache after a prompt: k, k_far, v [B, P, Hkv, D] (as `sink_attention` takes them),
-    each row valid up to lengths[b] (None: all P)."""
+    each row valid up to lengths[b] (None: all P; integers [B] in [1, P], checked where
+    concrete, clipped where traced)."""
     b, prompt_len = k.shape[:2]
-    length = jnp.full((b,), prompt_len, jnp.int32) if lengths is None else lengths
-    length = jnp.asarray(length, jnp.int32)
+    length = check_lengths(lengths, b, prompt_len)
+    if length is None:
+        length = jnp.full((b,), prompt_len, jnp.int32)
+    length = jnp.clip(length, 0, prompt_len)
     kt, kft, vt = (x.transpose(0, 2, 1, 3) for x in (k, k_far, v))  # [B, H, P, D]
     sinks = jnp.arange(config.sinks)
-    sink_ok = sinks[None, :] < jnp.minimum(length, prompt_len)[:, None]  # [B, S]
+    sink_ok = sinks[None, :] < length[:, None]  # [B, S]
     ring = _ring_positions(length - 1, config.window)  # [B, W] latest position <= length - 1
     ring_ok = ring >= 0
     return SinkCache(

@@ -1,0 +1,52 @@
+"""The baselines' decoding caches (`dga_jax.ops.sinks_decode`, `dga_jax.ops.dense_decode`):
+prompt lengths are checked as every attention entry point checks them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dga_jax.ops.dense_decode import dense_prefill
+from dga_jax.ops.sinks import StreamingLLMConfig
+from dga_jax.ops.sinks_decode import sink_prefill
+from tests.conftest import random_qkv
+
+
+def sink(k, v, lengths):
+    return sink_prefill(k, k, v, StreamingLLMConfig(2, 3), 0.5, lengths)
+
+
+def dense(k, v, lengths):
+    return dense_prefill(k, v, 0.5, 16, lengths)
+
+
+PREFILLS = {"sink": sink, "dense": dense}
+
+
+@pytest.mark.parametrize("prefill", PREFILLS)
+@pytest.mark.parametrize(
+    ("lengths", "message"),
+    [
+        ([9, 8], r"lengths must lie in \[1, L\] = \[1, 8\]; rows \[0\] have \[9\]"),
+        ([0, 8], r"lengths must lie in \[1, L\] = \[1, 8\]; rows \[0\] have \[0\]"),
+        ([8], r"lengths must be integers of shape \(2,\), one per row; got int32 \(1,\)"),
+        (jnp.array([4.0, 8.0]), r"lengths must be integers of shape \(2,\).*float32"),
+    ],
+    ids=["above-P", "zero", "one-for-two-rows", "float"],
+)
+def test_bad_prompt_lengths_are_rejected(prefill, lengths, message):
+    """A length past the prompt would read its padding (or clipped keys) as the row's tokens."""
+    _, k, v = random_qkv(0, 2, 8, 2, 2, 4)
+    with pytest.raises(ValueError, match=message):
+        PREFILLS[prefill](k, v, jnp.asarray(lengths))
+
+
+@pytest.mark.parametrize("prefill", PREFILLS)
+def test_traced_prompt_lengths_are_clipped_to_the_prompt(prefill):
+    _, k, v = random_qkv(0, 2, 8, 2, 2, 4)
+    want = PREFILLS[prefill](k, v, jnp.array([8, 5]))
+    got = jax.jit(PREFILLS[prefill])(k, v, jnp.array([30, 5]))
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(a, b)
