@@ -217,3 +217,10 @@ def test_a_step_past_max_len_gives_nan_not_a_dropped_token(config):
     out, _ = decode(q, k, v, 4, config, max_len=11)
     assert bool(jnp.all(jnp.isfinite(out[:, :-1])))
     assert bool(jnp.all(jnp.isnan(out[:, -1])))
+
+
+def test_dense_prefill_refuses_float_lengths():
+    # config=None is the dense cache: float lengths were truncated to int32 ([4.7, 8] -> [4, 8]).
+    q, k, v = random_qkv(0, 2, 8, 2, 2, 4)
+    with pytest.raises(ValueError, match=r"lengths must be integers of shape \(2,\)"):
+        prefill(q, k, v, max_len=16, lengths=jnp.array([4.7, 8.0]))

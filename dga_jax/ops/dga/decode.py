@@ -210,8 +210,7 @@ def prefill(
     check_fits(prompt_len, max_len)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if config is None:
-        length = prompt_len if lengths is None else jnp.asarray(lengths, jnp.int32)
-        return dense_prefill(k, v, scale, max_len, length)
+        return dense_prefill(k, v, scale, max_len, prompt_len if lengths is None else lengths)
     if capacity is None:
         every = [prompt_len] if lengths is None else np.arange(1, max(prompt_len, 1) + 1)
         capacity = prefix_capacity(config, max_len, every)
