@@ -4,8 +4,8 @@
     python -m dga_jax.checkpoint.convert orbax-to-hf --ckpt CKPT --out HF [--dtype float16] \
         [--max_shard_size 5GB]
 
-`hf-to-orbax` reads `HF/config.json` and `HF/model.safetensors.index.json` (or a single
-`HF/model.safetensors`) tensor by tensor; `orbax-to-hf` writes what
+`hf-to-orbax` reads `HF/config.json` (and the token ids of `HF/generation_config.json`) and
+`HF/model.safetensors.index.json` (or a single `HF/model.safetensors`) tensor by tensor; `orbax-to-hf` writes what
 `transformers.LlamaForCausalLM.from_pretrained(HF)` loads, the source's bos/eos/pad token ids
 included (in config.json and generation_config.json). `--dtype` casts the weights (default: keep
 the stored dtype). Neither command leaves a partial output behind on failure.

@@ -23,10 +23,11 @@ from flax import nnx, traverse_util
 from safetensors import SafetensorError, safe_open
 
 from dga_jax.errors import InputError, MissingInputError
-from dga_jax.model.config import ModelConfig
+from dga_jax.model.config import ModelConfig, with_generation_token_ids
 from dga_jax.model.llama import Llama
 
 CONFIG_FILE = "config.json"
+GENERATION_CONFIG_FILE = "generation_config.json"
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # jnp.bfloat16 is ml_dtypes' numpy bfloat16, which `safe_open(framework="numpy")` needs registered.
@@ -146,15 +147,23 @@ def parse_size(size: str | int) -> int:
 
 
 def read_hf_config(hf_dir: str | os.PathLike) -> ModelConfig:
-    """Our config from `hf_dir/config.json`; an unsupported architecture, or a missing or bad
-    value, raises an `InputError` naming the file and the key."""
+    """Our config from `hf_dir/config.json`, with the special token ids of
+    `hf_dir/generation_config.json` if there is one (`with_generation_token_ids`); an unsupported
+    architecture, or a missing or bad value, raises an `InputError` naming the file and the key."""
     path = os.path.join(hf_dir, CONFIG_FILE)
     if not os.path.isfile(path):
         raise MissingInputError(f"no {CONFIG_FILE} in the HF checkpoint directory: {path}")
     hf = _read_json(path)
     try:
-        return ModelConfig.from_hf(hf)
+        config = ModelConfig.from_hf(hf)
     except ValueError as error:  # a ConfigError of the mapping, or a rule of ModelConfig
+        raise InputError(f"{path}: {error}") from error
+    path = os.path.join(hf_dir, GENERATION_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return config
+    try:
+        return with_generation_token_ids(config, _read_json(path))
+    except ValueError as error:
         raise InputError(f"{path}: {error}") from error
 
 

@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 
 from dga_jax.checkpoint.hf import (
     CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
     INDEX_FILE,
     NUMPY_DTYPES,
     ParamReader,
@@ -29,8 +30,6 @@ from dga_jax.checkpoint.hf import (
     weights,
 )
 from dga_jax.model.config import ModelConfig, config_to_hf, hf_token_ids
-
-GENERATION_CONFIG_FILE = "generation_config.json"
 
 
 def write_hf(

@@ -27,10 +27,12 @@ from dga_jax.ops.sinks import LMInfiniteConfig, SinkConfig, StreamingLLMConfig
 ATTENTION_KINDS = ("dense", "dga", "streaming_llm", "lm_infinite", "minference")
 SINK_KINDS = ("streaming_llm", "lm_infinite")
 BASELINE_KINDS = (*SINK_KINDS, "minference")
-# What `attention_impl` may name for each kind (MInference runs its own XLA walk only).
+# What `attention_impl` may name for each kind (MInference runs its own XLA walk only). DGA's
+# "reference" (the ops' O(L^2) oracle) selects by itself: it cannot take the layout prefill builds
+# once for the attention and the cache, nor padded rows.
 ATTENTION_IMPLS = {
     "dense": DENSE_IMPLEMENTATIONS,
-    "dga": DGA_IMPLEMENTATIONS,
+    "dga": tuple(impl for impl in DGA_IMPLEMENTATIONS if impl != "reference"),
     "streaming_llm": INTERVAL_IMPLEMENTATIONS,
     "lm_infinite": INTERVAL_IMPLEMENTATIONS,
     "minference": ("xla",),
@@ -66,6 +68,28 @@ class RopeScaling:
             raise ValueError(f"rope_scaling.kind must be one of {ROPE_KINDS}, got {self.kind!r}")
         if self.factor <= 0:
             raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if self.kind == "llama3":
+            self._check_llama3_bands()
+
+    def _check_llama3_bands(self) -> None:
+        """llama3's bands divide by low_freq_factor, high - low and original_max_position
+        (transformers requires high > low too)."""
+        if not self.low_freq_factor > 0:
+            raise ValueError(
+                f"rope_scaling.low_freq_factor must be > 0, got {self.low_freq_factor}"
+            )
+        if not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(
+                f"rope_scaling.high_freq_factor={self.high_freq_factor} must be greater than "
+                f"rope_scaling.low_freq_factor={self.low_freq_factor}"
+            )
+        if isinstance(self.original_max_position, bool) or not (
+            isinstance(self.original_max_position, int) and self.original_max_position >= 1
+        ):
+            raise ValueError(
+                "rope_scaling.original_max_position must be a positive int, "
+                f"got {self.original_max_position!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,10 +121,13 @@ class ModelConfig:
     remat: str = "none"
     # Special token ids, carried from a HF config to its export; they fix no parameter's shape.
     bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] | None = None  # HF's eos_token_id: one id or several
+    # HF's eos_token_id: one id or several (a checkpoint's generation_config.json's included)
+    eos_token_ids: tuple[int, ...] | None = None
     pad_token_id: int | None = None
 
     def __post_init__(self):
+        _check_nested_configs(self)
+        _check_numbers(self)
         for name in (
             "vocab_size",
             "d_model",
@@ -136,9 +163,7 @@ class ModelConfig:
                 raise ValueError(
                     f"model.{name} must be one of {allowed}, got {getattr(self, name)!r}"
                 )
-        # DGA's "reference" (the ops' O(L^2) oracle) selects by itself: it cannot take the
-        # layout prefill builds once for the attention and the cache, nor padded rows.
-        allowed = tuple(impl for impl in ATTENTION_IMPLS[self.attention] if impl != "reference")
+        allowed = ATTENTION_IMPLS[self.attention]
         if self.attention_impl is not None and self.attention_impl not in allowed:
             raise ValueError(
                 f"model.attention_impl={self.attention_impl!r}: attention={self.attention!r} "
@@ -179,7 +204,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, config: dict[str, Any] | str | os.PathLike, **changes: Any) -> ModelConfig:
-        """From a Hugging Face LLaMA `config.json` (a dict, the file, or its directory)."""
+        """From a Hugging Face LLaMA `config.json` (a dict, the file, or its directory) alone;
+        `dga_jax.checkpoint.hf.read_hf_config` adds a checkpoint's generation_config.json ids."""
         if not isinstance(config, dict):
             path = os.fspath(config)
             if os.path.isdir(path):
@@ -187,6 +213,54 @@ class ModelConfig:
             with open(path) as f:
                 config = json.load(f)
         return hf_to_config(config).replace(**changes)
+
+
+# The fields holding another config, and its class; `from_dict` builds them from dicts.
+NESTED_CONFIGS = (
+    ("rope_scaling", RopeScaling),
+    ("dga", DGAConfig),
+    ("streaming_llm", StreamingLLMConfig),
+    ("lm_infinite", LMInfiniteConfig),
+    ("minference", MInferenceConfig),
+)
+
+
+def _check_nested_configs(config: ModelConfig) -> None:
+    """A nested config given as anything but its class (a dict through `replace`, `preset` or
+    `load_model`'s changes) is an error naming the field, not a crash in the model."""
+    for name, kind in NESTED_CONFIGS:
+        value = getattr(config, name)
+        if not isinstance(value, kind):
+            raise ValueError(
+                f"model.{name} must be a {kind.__name__}, got {type(value).__name__} {value!r} "
+                "(ModelConfig.from_dict builds one from a dict)"
+            )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_numbers(config: ModelConfig) -> None:
+    """RoPE's base and RMSNorm's epsilon, which would make NaN logits, `tie_embeddings` (a
+    "false" would tie), and the token ids, which must keep the config hashable."""
+    if not isinstance(config.tie_embeddings, bool):
+        raise ValueError(f"model.tie_embeddings must be a bool, got {config.tie_embeddings!r}")
+    if not (_is_number(config.rope_theta) and config.rope_theta > 0):
+        raise ValueError(f"model.rope_theta must be a number > 0, got {config.rope_theta!r}")
+    if not (_is_number(config.norm_eps) and config.norm_eps >= 0):
+        raise ValueError(f"model.norm_eps must be a number >= 0, got {config.norm_eps!r}")
+    for name in ("bos_token_id", "pad_token_id"):
+        value = getattr(config, name)
+        if value is not None and not _is_int(value):
+            raise ValueError(f"model.{name} must be an int or None, got {value!r}")
+    eos = config.eos_token_ids
+    if eos is not None and not (isinstance(eos, tuple) and all(map(_is_int, eos))):
+        raise ValueError(f"model.eos_token_ids must be a tuple of ints or None, got {eos!r}")
 
 
 SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -238,7 +312,7 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         rope_theta=float(theta),
         rope_scaling=_hf_rope_scaling(hf),
-        max_position=hf.get("max_position_embeddings", 4096),
+        max_position=hf.get("max_position_embeddings", 2048),  # transformers' LlamaConfig's
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         **_hf_token_ids(hf),
     )
@@ -283,6 +357,24 @@ def _hf_token_ids(hf: dict[str, Any]) -> dict[str, Any]:
         "eos_token_ids": strict.check("eos_token_id", eos, tuple[int, ...] | None),
         "pad_token_id": strict.check("pad_token_id", hf.get("pad_token_id"), int | None),
     }
+
+
+def with_generation_token_ids(config: ModelConfig, generation: dict[str, Any]) -> ModelConfig:
+    """`config` (from a checkpoint's config.json) with the token ids of its generation_config.json
+    (`generation`), which transformers' `generate` reads instead: the eos ids of both,
+    generation_config.json's first (Llama-3-Instruct's lists [128001, 128009], its config.json
+    one of them), and bos / pad where config.json sets none. A bad id is a `ConfigError`."""
+    if not isinstance(generation, dict):
+        raise ConfigError(f"a HF generation config must be a JSON object, got {generation!r}")
+    ids = _hf_token_ids(generation)
+    eos = config.eos_token_ids
+    if ids["eos_token_ids"] is not None:
+        eos = tuple(dict.fromkeys((*ids["eos_token_ids"], *(eos or ()))))
+    return config.replace(
+        bos_token_id=ids["bos_token_id"] if config.bos_token_id is None else config.bos_token_id,
+        eos_token_ids=eos,
+        pad_token_id=ids["pad_token_id"] if config.pad_token_id is None else config.pad_token_id,
+    )
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:

@@ -88,7 +88,8 @@ class Llama(nnx.Module):
             )
 
     def __call__(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-        """tokens: [B, T] int -> float32 logits [B, T, V].
+        """tokens: [B, T] int, positions: [B, T] or [T] (every row's) int -> float32 logits
+        [B, T, V].
 
         `positions` default to each row's order: 0..T-1, or with config.context_order "zigzag"
         and the sequence split over the mesh's `seq` axes, `row_positions` (the data path
@@ -96,7 +97,8 @@ class Llama(nnx.Module):
         """
         config = self.config
         if positions is None:
-            positions = jnp.broadcast_to(self.row_positions(tokens.shape[1]), tokens.shape)
+            positions = self.row_positions(tokens.shape[1])
+        positions = jnp.broadcast_to(positions, tokens.shape)
         x = self.embed_tokens(tokens)
         graphdef, state = nnx.split(self.layers)
 

@@ -7,7 +7,14 @@ import json
 import pytest
 
 from dga_jax.errors import ConfigError
-from dga_jax.model.config import PRESETS, ModelConfig, RopeScaling, config_to_hf
+from dga_jax.model.config import (
+    ATTENTION_IMPLS,
+    PRESETS,
+    ModelConfig,
+    RopeScaling,
+    config_to_hf,
+    with_generation_token_ids,
+)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -107,11 +114,75 @@ def test_ints_are_floats_and_none_is_the_default_impl():
         (dict(head_dim=7), r"^model\.head_dim must be even .*got 7$"),
         # the reference selects by itself: prefill's layout and padded rows would be ignored
         (dict(attention="dga", attention_impl="reference"), r"attention_impl='reference'.*\('xla'"),
+        # NaN logits otherwise
+        (dict(rope_theta=0.0), r"^model\.rope_theta must be a number > 0, got 0\.0$"),
+        (dict(rope_theta=float("nan")), r"^model\.rope_theta must be a number > 0"),
+        (dict(norm_eps=-1e-5), r"^model\.norm_eps must be a number >= 0"),
+        (dict(tie_embeddings="false"), r"^model\.tie_embeddings must be a bool, got 'false'$"),
+        # a list would make the config unhashable
+        (dict(eos_token_ids=[1, 2]), r"^model\.eos_token_ids must be a tuple of ints"),
+        (dict(bos_token_id="1"), r"^model\.bos_token_id must be an int or None"),
+        # plain dicts crashed inside the model ('dict' object has no attribute 'kind')
+        (dict(rope_scaling={"kind": "linear"}), r"^model\.rope_scaling must be a RopeScaling"),
+        (dict(dga={"group_size": 8}), r"^model\.dga must be a DGAConfig, got dict"),
+        (dict(streaming_llm={"start_size": 4}), r"^model\.streaming_llm must be a Streaming"),
+        (dict(lm_infinite={"local_size": 8}), r"^model\.lm_infinite must be a LMInfinite"),
+        (dict(attention="minference", minference={}), r"^model\.minference must be a MInf"),
     ],
 )
 def test_bad_values_are_rejected_by_name(changes, match):
     with pytest.raises(ValueError, match=match):
         ModelConfig.preset("tiny", **changes)
+
+
+@pytest.mark.parametrize(
+    "bands, match",
+    [
+        ((0.0, 4.0, 64), r"^rope_scaling\.low_freq_factor must be > 0, got 0\.0$"),  # ZeroDivision
+        ((4.0, 1.0, 64), r"^rope_scaling\.high_freq_factor=1\.0 must be greater than"),
+        ((1.0, 4.0, 0), r"^rope_scaling\.original_max_position must be a positive int, got 0$"),
+    ],
+)
+def test_bad_llama3_rope_bands_are_rejected_by_name(bands, match):
+    with pytest.raises(ValueError, match=match):
+        RopeScaling("llama3", 8.0, *bands)
+
+
+def test_attention_impls_lists_what_the_model_runs():
+    for kind, impls in ATTENTION_IMPLS.items():
+        for impl in impls:
+            assert ModelConfig.preset("tiny", attention=kind, attention_impl=impl).attention_impl
+    assert "reference" not in ATTENTION_IMPLS["dga"]
+
+
+def test_absent_hf_fields_take_transformers_defaults():
+    transformers = pytest.importorskip("transformers")
+    hf = config_to_hf(ModelConfig.preset("tiny"))
+    absent = ("max_position_embeddings", "rms_norm_eps", "rope_theta", "num_key_value_heads")
+    hf = {key: value for key, value in hf.items() if key not in (*absent, "head_dim")}
+    theirs = transformers.LlamaConfig.from_dict(hf)
+    ours = ModelConfig.from_hf(hf)
+    assert (ours.max_position, ours.norm_eps, ours.rope_theta, ours.num_kv_heads) == (
+        theirs.max_position_embeddings,
+        theirs.rms_norm_eps,
+        theirs.rope_parameters["rope_theta"],
+        theirs.num_key_value_heads,
+    )
+    assert (ours.head_dim, ours.tie_embeddings) == (theirs.head_dim, theirs.tie_word_embeddings)
+
+
+def test_generation_config_adds_its_token_ids():
+    config = ModelConfig.preset("tiny", bos_token_id=1, eos_token_ids=(9,))
+    merged = with_generation_token_ids(
+        config, {"bos_token_id": 2, "eos_token_id": [7, 9], "pad_token_id": 3}
+    )
+    assert (merged.bos_token_id, merged.eos_token_ids, merged.pad_token_id) == (1, (7, 9), 3)
+    assert with_generation_token_ids(config, {"eos_token_id": 4}).eos_token_ids == (4, 9)
+    assert with_generation_token_ids(config, {"do_sample": True}) == config
+    with pytest.raises(ConfigError, match=r"^eos_token_id must be int, got str 'x'$"):
+        with_generation_token_ids(config, {"eos_token_id": ["x"]})
+    with pytest.raises(ConfigError, match="generation config must be a JSON object"):
+        with_generation_token_ids(config, [7])
 
 
 @pytest.mark.parametrize(

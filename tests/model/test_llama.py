@@ -40,6 +40,14 @@ def test_forward_shape_and_dtype(dense_logits):
     assert bool(jnp.all(jnp.isfinite(dense_logits)))
 
 
+def test_positions_of_one_row_serve_every_row(dense_logits):
+    """[T] positions (an IndexError, 'Too many indices', before) broadcast like [1, T]."""
+    model = Llama(TINY, rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(model(tokens(), jnp.arange(40)), dense_logits, atol=1e-6)
+    with pytest.raises(ValueError, match=r"int32\[2,9\].*int32\[2,40\]"):
+        model(tokens(), jnp.zeros((2, 9), jnp.int32))
+
+
 def test_model_is_causal():
     model = Llama(TINY, rngs=nnx.Rngs(0))
     x = tokens()
