@@ -26,7 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dga_jax.eval.layerwise import QUERY_BLOCK, layer_qkv, logit_scale, walk_layers, with_attention
+from dga_jax.eval.layerwise import (
+    QUERY_BLOCK,
+    check_batch_size,
+    layer_qkv,
+    logit_scale,
+    token_rows,
+    walk_layers,
+    with_attention,
+)
 from dga_jax.eval.plots import figure, save
 from dga_jax.model.llama import DecoderLayer, Llama
 from dga_jax.ops.dga.config import DGAConfig
@@ -65,14 +73,14 @@ def attention_weights(
     weights). Holds B * H * T^2 floats per layer returned (2 GiB per row for 32 heads at 4K):
     for long sequences pick `layers` or use a reducing probe (`max_attention_weights`).
     """
-    tokens = jnp.asarray(tokens)
+    tokens = jnp.asarray(token_rows(tokens))
     _, outs = walk_layers(model, model.embed_tokens(tokens), _weights_probe, layers)
     return [None if out is None else np.asarray(out) for out in outs]
 
 
 def max_attention_weights(model: Llama, tokens: jax.Array) -> np.ndarray:
     """The largest causal weight of each query: tokens [B, T] -> float32 [layers, B, H, T]."""
-    tokens = jnp.asarray(tokens)
+    tokens = jnp.asarray(token_rows(tokens))
     _, outs = walk_layers(model, model.embed_tokens(tokens), _max_weight_probe)
     return np.stack([np.asarray(out) for out in outs])
 
@@ -153,6 +161,7 @@ def p_sparse(
     Returns {L: SparsityEstimate}. `batch_size` rows run at a time.
     """
     _check_sparsity_args(rho, threshold, context_fraction)
+    check_batch_size(batch_size)
     results = {}
     for length, sequences in sorted(sequences_by_length.items()):
         sequences = np.asarray(sequences)
@@ -262,7 +271,7 @@ def noise_kl(
     the same key and tokens see the same noise: the dense-vs-DGA comparison
     (`compare_noise_kl`) is paired. sigma = 0 gives exactly 0.
     """
-    tokens = np.asarray(tokens)
+    tokens = token_rows(tokens, batch_size)
     std = sigma * embedding_rms(model) if relative else sigma
     graphdef, state = nnx.split(model)
     total = 0.0

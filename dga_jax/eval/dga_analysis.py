@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dga_jax.eval.layerwise import QUERY_BLOCK, layer_qkv, logit_scale, walk_layers
+from dga_jax.eval.layerwise import QUERY_BLOCK, layer_qkv, logit_scale, token_rows, walk_layers
 from dga_jax.eval.plots import figure, save
 from dga_jax.model.llama import DecoderLayer, Llama
 from dga_jax.ops.dga.config import DGAConfig
@@ -76,7 +76,7 @@ def dga_mass_shares(
     """
     if model.config.attention != "dga":
         raise ValueError("dga_mass_shares needs a DGA model: see `with_attention`")
-    tokens = np.asarray(tokens)
+    tokens = token_rows(tokens, batch_size)
     totals = np.zeros((model.config.num_layers, len(MASS_KINDS)))
     for start in range(0, len(tokens), batch_size):
         batch = jnp.asarray(tokens[start : start + batch_size])
@@ -143,7 +143,16 @@ def token_roles(
     kept for every later query; "group": folded into its group's weighted entry; "raw": the
     token itself, as a member of the query's own unfinished group or chunk, or a leftover), or
     -1 for a position the query does not see (after it). q [B, L, Hq, D], k [B, L, Hkv, D].
+    `query`, `batch` and `head` count from the end when negative; one out of range is an error
+    (an array index would clamp it: another head's or row's roles, silently).
     """
+    for name, index, size, what in (
+        ("query", query, q.shape[1], "positions"),
+        ("batch", batch, k.shape[0], "rows"),
+        ("head", head, k.shape[2], "KV heads"),
+    ):
+        if not -size <= index < size:
+            raise ValueError(f"{name}={index} is out of range: k has {size} {what} (0..{size - 1})")
     layout = dga_layout(q, k, dga, logit_scale(q))
     seq_len, m = q.shape[1], layout.sizes.group_size
     t = range(seq_len)[query]

@@ -22,6 +22,7 @@ from flax import nnx
 
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.llama import DecoderLayer, Llama
+from dga_jax.ops.checks import is_int
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.sharding import LogicalRules
 
@@ -41,14 +42,16 @@ def walk_layers(
 
     Returns (the last layer's output [B, T, D], which `model.logits` turns into the model's
     logits, and per layer `probe(layer, layer input, positions)` or None). `layers`: the layer
-    indices to probe (default all). Probes are static jit arguments: module-level functions,
-    so that every layer and every call of the same shapes reuses one compile.
+    indices to probe (default all; -1 is the last, as in Python; one outside the model's layers
+    is an error). Probes are static jit arguments: module-level functions, so that every layer
+    and every call of the same shapes reuses one compile.
     """
     positions = _positions(model, *x.shape[:2])
     graphdef, state = nnx.split(model.layers)
-    wanted = range(model.config.num_layers) if layers is None else layers
+    count = model.config.num_layers
+    wanted = range(count) if layers is None else {layer_index(model, i) for i in layers}
     outs = []
-    for i in range(model.config.num_layers):
+    for i in range(count):
         layer_probe = probe if i in wanted else None
         x, out = _layer_step(graphdef, layer_probe, _layer_state(state, i), x, positions)
         outs.append(out)
@@ -56,9 +59,36 @@ def walk_layers(
 
 
 def decoder_layer(model: Llama, index: int) -> DecoderLayer:
-    """Layer `index` of the model's stacked layers as a module of its own (sharing arrays)."""
+    """Layer `index` (-1: the last) of the model's stacked layers as a module of its own (sharing
+    arrays)."""
     graphdef, state = nnx.split(model.layers)
-    return nnx.merge(graphdef, _layer_state(state, index))
+    return nnx.merge(graphdef, _layer_state(state, layer_index(model, index)))
+
+
+def layer_index(model: Llama, index: int) -> int:
+    """`index` as a layer number in 0..num_layers-1 (negative: from the end); one outside the
+    model's layers is an error (an array index would clamp it to the last layer silently)."""
+    count = model.config.num_layers
+    if not -count <= index < count:
+        raise ValueError(f"layer {index} is not one of the model's {count} layers (0..{count - 1})")
+    return index % count
+
+
+def token_rows(tokens: jax.Array | np.ndarray, batch_size: int = 1) -> np.ndarray:
+    """tokens as an array [N >= 1, T >= 1] of whole rows, run `batch_size` at a time: an error
+    naming the problem otherwise (one row given as [T], an empty batch), instead of a
+    broadcasting error deep in a layer or a mean over no token."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or 0 in tokens.shape:
+        raise ValueError(f"tokens must be rows [N >= 1, T >= 1], not of shape {tokens.shape}")
+    check_batch_size(batch_size)
+    return tokens
+
+
+def check_batch_size(batch_size: int) -> None:
+    """Rows per call: an int >= 1 (a range over rows with another step runs nothing or fails)."""
+    if not is_int(batch_size) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
 
 
 def logits_from_embeddings(model: Llama, x: jax.Array) -> jax.Array:
