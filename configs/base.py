@@ -72,6 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.keep_checkpoints = 2
     config.train.peak_flops_per_device = 0.0  # for MFU; 0: guess from the device kind
     config.train.wandb_project = ""  # W&B logging if set and wandb is installed
+    config.train.loss_chunks = 1  # > 1: the LM head on seq_len / loss_chunks tokens at a time
     config.train.profile_steps = ""  # e.g. "10,12": a jax.profiler trace into workdir/profile
     return config
 

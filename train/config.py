@@ -89,6 +89,7 @@ class RunConfig:
     peak_flops_per_device: float = 0.0
     wandb_project: str = ""
     profile_steps: str = ""  # "first,last": a jax.profiler trace of those steps (train.profiler)
+    loss_chunks: int = 1  # the LM head on T / loss_chunks positions at a time (token_losses)
 
     def __post_init__(self):
         for name in (
@@ -100,6 +101,7 @@ class RunConfig:
             "eval_batches",
             "checkpoint_every",
             "keep_checkpoints",
+            "loss_chunks",
         ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config.train.{name} must be >= 1, got {getattr(self, name)}")

@@ -37,6 +37,7 @@ class Setup:
     batch_shape: tuple[int, int, int]
     rows: list[int]  # global batch rows this process's devices hold
     row_order: np.ndarray  # [T] position of each column of a batch (`Llama.row_positions`)
+    loss_chunks: int  # config.train.loss_chunks
 
 
 def lower_train_step(config: TrainConfig, devices: Sequence[jax.Device]) -> jax.stages.Lowered:
@@ -57,7 +58,7 @@ def lower_train_step(config: TrainConfig, devices: Sequence[jax.Device]) -> jax.
 def step_fn(setup: Setup):
     """The jitted train step: the state is donated and keeps its shardings."""
     return jax.jit(
-        functools.partial(train_step, setup.graphdef, setup.tx),
+        functools.partial(train_step, setup.graphdef, setup.tx, loss_chunks=setup.loss_chunks),
         donate_argnums=0,
         out_shardings=(setup.shardings, None),
     )
@@ -106,13 +107,15 @@ def make_setup(config: TrainConfig, devices: Sequence[jax.Device] | None = None)
         batch_shape,
         addressed_rows(batch_sharding, batch_shape),
         row_order,
+        config.train.loss_chunks,
     )
 
 
 def check_mesh_fits(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     """A `ConfigError` naming the keys unless `mesh` evenly splits what `DEFAULT_RULES` put on
     it: each micro-batch's rows, the sequence (2 pieces per device in zig-zag order), the
-    model's weights, and the KV heads `config.mesh.context_parallel` needs."""
+    model's weights, the KV heads `config.mesh.context_parallel` needs, and each device's
+    tokens into `config.train.loss_chunks` slices."""
     accum, rows = config.train.grad_accum_steps, config.train.global_batch_size
     zigzag = config.mesh.context_order == "zigzag"
     sizes = (
@@ -135,6 +138,12 @@ def check_mesh_fits(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
             parts, how = 2 * parts, f"2 x {how} (config.mesh.context_order='zigzag')"
         if size % parts:
             raise ConfigError(f"{what} = {size} must be a multiple of {how} = {parts}")
+        if logical == "seq" and (size // parts) % config.train.loss_chunks:
+            raise ConfigError(
+                f"config.data.seq_len = {size} in {parts} piece(s) ({how}): "
+                f"each piece's {size // parts} tokens must be a multiple of "
+                f"config.train.loss_chunks={config.train.loss_chunks}"
+            )
     heads, seq = (DEFAULT_RULES.spec((name,))[0] for name in ("kv_heads", "seq"))
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         kv_heads = config.model.num_kv_heads // shard_count(heads)

@@ -69,10 +69,17 @@ def _decays(variable: nnx.Variable) -> nnx.Variable:
     return variable.replace("norm" not in variable.get_metadata().get("logical_axes", ()))
 
 
-def loss_fn(params: nnx.State, graphdef: nnx.GraphDef, inputs: jax.Array, targets: jax.Array):
-    """Mean next-token cross-entropy of inputs/targets [B, T]."""
-    logits = nnx.merge(graphdef, params)(inputs)  # [B, T, V] float32
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+def loss_fn(
+    params: nnx.State,
+    graphdef: nnx.GraphDef,
+    inputs: jax.Array,
+    targets: jax.Array,
+    loss_chunks: int = 1,
+):
+    """Mean next-token cross-entropy of inputs/targets [B, T]; the LM head over T / loss_chunks
+    positions at a time (`Llama.token_losses`)."""
+    model = nnx.merge(graphdef, params)
+    return model.token_losses(inputs, targets, chunks=loss_chunks).mean()
 
 
 def train_step(
@@ -80,6 +87,7 @@ def train_step(
     tx: optax.GradientTransformation,
     state: TrainState,
     batch: dict[str, jax.Array],
+    loss_chunks: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over batch["inputs"/"targets"] of shape [accum, B/accum, T].
 
@@ -88,7 +96,7 @@ def train_step(
     """
 
     def micro_step(carry, micro):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, *micro)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, *micro, loss_chunks)
         return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
     zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
@@ -111,8 +119,10 @@ def train_step(
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
-def eval_step(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array]):
+def eval_step(
+    graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Array], loss_chunks: int = 1
+):
     """Mean validation loss of one batch [A, B / A, T] (laid out like a training batch)."""
     tokens = batch["inputs"].shape[-1]
     inputs, targets = (batch[k].reshape(-1, tokens) for k in ("inputs", "targets"))
-    return loss_fn(params, graphdef, inputs, targets)
+    return loss_fn(params, graphdef, inputs, targets, loss_chunks)

@@ -60,7 +60,9 @@ class Trainer:
         self.progress = metrics.Progress(config.train.steps, start, enabled=main_host)
         self.stop, self.stopping, self.eval_owed = StopSignal(), False, False
         self.profiler = StepProfiler(config.train.profile_range, Path(workdir), start=start)
-        self.eval_fn = jax.jit(functools.partial(eval_step, setup.graphdef))
+        self.eval_fn = jax.jit(
+            functools.partial(eval_step, setup.graphdef, loss_chunks=setup.loss_chunks)
+        )
         self.schedule = learning_rate_schedule(config.optim, config.train.steps)
         self.peak = metrics.peak_flops(
             jax.devices()[0].device_kind, config.train.peak_flops_per_device

@@ -95,6 +95,45 @@ class Llama(nnx.Module):
         and the sequence split over the mesh's `seq` axes, `row_positions` (the data path
         permutes every row so).
         """
+        return self.logits(self.hidden(tokens, positions))
+
+    def token_losses(
+        self,
+        tokens: jax.Array,
+        targets: jax.Array,
+        positions: jax.Array | None = None,
+        *,
+        chunks: int = 1,
+    ) -> jax.Array:
+        """Cross-entropy of targets [B, T] under the logits of `self(tokens, positions)`: float32
+        [B, T].
+
+        With `chunks` > 1 the LM head runs on T / chunks positions at a time (every chunks-th
+        one, so each slice spans every device of a split sequence) and again in the backward:
+        the [B, T, V] logits never exist whole (LLaMA2-7B at 16K tokens: 2 GiB in float32, and
+        their gradient as much again), for one more LM-head matmul.
+        """
+        x = self.hidden(tokens, positions)
+        if chunks == 1:
+            return _cross_entropy(self.logits(x), targets)
+        b, t, d = x.shape
+        if not isinstance(chunks, int) or chunks < 1 or t % chunks:
+            raise ValueError(f"chunks={chunks!r} must be a positive int dividing the {t} tokens")
+
+        def strided(a: jax.Array) -> jax.Array:  # [B, T, ...] -> [chunks, B, T / chunks, ...]
+            return jnp.moveaxis(a.reshape(b, t // chunks, chunks, *a.shape[2:]), 2, 0)
+
+        @jax.checkpoint
+        def chunk_losses(carry, inputs):
+            x_chunk, targets_chunk = inputs
+            return carry, _cross_entropy(self.logits(x_chunk), targets_chunk)
+
+        _, losses = jax.lax.scan(chunk_losses, None, (strided(x), strided(targets)))
+        return jnp.moveaxis(losses, 0, 2).reshape(b, t)
+
+    def hidden(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """tokens: [B, T] -> the last layer's output [B, T, D], before the final norm (`logits`
+        turns it into the model's logits); `positions` as in `__call__`."""
         config = self.config
         if positions is None:
             positions = self.row_positions(tokens.shape[1])
@@ -108,7 +147,7 @@ class Llama(nnx.Module):
         if config.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=REMAT[config.remat])
         x, _ = jax.lax.scan(layer_step, x, state)
-        return self.logits(x)
+        return x
 
     def row_positions(self, seq_len: int) -> np.ndarray:
         """[T] position of each row of a training sequence under the current mesh."""
@@ -199,3 +238,9 @@ def _stacked_layers(config: ModelConfig, rules: LogicalRules, rngs: nnx.Rngs) ->
         return DecoderLayer(config, rules, rngs=rngs)
 
     return create(rngs)
+
+
+def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target]: logits [..., V] float32, targets [...] int -> [...]."""
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - picked

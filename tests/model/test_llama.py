@@ -7,6 +7,7 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -46,6 +47,45 @@ def test_positions_of_one_row_serve_every_row(dense_logits):
     np.testing.assert_allclose(model(tokens(), jnp.arange(40)), dense_logits, atol=1e-6)
     with pytest.raises(ValueError, match=r"int32\[2,9\].*int32\[2,40\]"):
         model(tokens(), jnp.zeros((2, 9), jnp.int32))
+
+
+@pytest.mark.parametrize("chunks", [1, 2, 8])
+def test_token_losses_are_the_logits_cross_entropy(chunks):
+    """In slices of the sequence or whole: the loss and its gradients are the logits'."""
+    graphdef, params = nnx.split(Llama(TINY, rngs=nnx.Rngs(0)))
+    inputs, targets = tokens(), tokens(seed=1)
+
+    def chunked(params):
+        return nnx.merge(graphdef, params).token_losses(inputs, targets, chunks=chunks).mean()
+
+    def whole(params):
+        logits = nnx.merge(graphdef, params)(inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    (got, got_grads), (want, want_grads) = (jax.value_and_grad(f)(params) for f in (chunked, whole))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_token_losses_in_chunks_never_hold_the_whole_logits():
+    """Compiled temporaries of the loss's gradient shrink by more than the [B, T, V] logits."""
+    config = TINY.replace(vocab_size=8192)
+    graphdef, params = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
+    inputs = jax.random.randint(jax.random.PRNGKey(0), (2, 256), 0, config.vocab_size)
+
+    def temporaries(chunks):
+        def loss(params):
+            model = nnx.merge(graphdef, params)
+            return model.token_losses(inputs, inputs, chunks=chunks).mean()
+
+        compiled = jax.jit(jax.grad(loss)).lower(params).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    logits_bytes = 2 * 256 * 8192 * 4
+    assert temporaries(8) < temporaries(1) - logits_bytes
+    with pytest.raises(ValueError, match="chunks=3 must be a positive int dividing the 40"):
+        Llama(TINY, rngs=nnx.Rngs(0)).token_losses(tokens(), tokens(), chunks=3)
 
 
 def test_model_is_causal():
@@ -237,7 +277,15 @@ SHARDED = textwrap.dedent(
             assert len(q[...].sharding.device_set) == 8
             graphdef, state = nnx.split(model)
             logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+            # The loss in 4 strided slices of the sequence, split or not over the seq axis.
+            losses = jax.jit(
+                lambda s, t: nnx.merge(graphdef, s).token_losses(t, t[:, ::-1], chunks=4)
+            )(state, tokens)
         np.testing.assert_allclose(logits, expected, atol=1e-4, rtol=1e-4)
+        picked = jnp.take_along_axis(expected, tokens[:, ::-1, None], axis=-1)[..., 0]
+        np.testing.assert_allclose(
+            losses, jax.nn.logsumexp(expected, axis=-1) - picked, atol=1e-4, rtol=1e-4
+        )
     # Padded prefill with the sequence split: 1 KV head per tensor shard over 4 parts, so
     # "auto" attends with "dga" context parallelism; valid positions equal one device's.
     lengths = jnp.array([48, 13])

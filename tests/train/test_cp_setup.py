@@ -57,8 +57,28 @@ def config(**sections):
             dict(data=dict(seq_len=64), mesh=dict(context_parallel="ulysses")),
             r"^config\.mesh\.context_parallel: context_parallel='ulysses' splits the 2 KV heads",
         ),
+        (
+            (1, 1, 8, 1),
+            dict(data=dict(seq_len=64), train=dict(loss_chunks=16)),
+            r"seq_len = 64 in 8 piece\(s\) \(config\.mesh\.seq=8\): each piece's 8 tokens "
+            r"must be a multiple of config\.train\.loss_chunks=16$",
+        ),
+        (
+            (1, 1, 1, 1),
+            dict(data=dict(seq_len=60), train=dict(loss_chunks=8)),
+            r"seq_len = 60 in 1 piece\(s\) \(config\.mesh\.seq=1\): .*\.loss_chunks=8$",
+        ),
     ],
-    ids=["batch", "micro_batch", "seq_len", "zigzag_seq_len", "kv_heads", "ulysses_heads"],
+    ids=[
+        "batch",
+        "micro_batch",
+        "seq_len",
+        "zigzag_seq_len",
+        "kv_heads",
+        "ulysses_heads",
+        "loss_chunks_split",
+        "loss_chunks",
+    ],
 )
 def test_sizes_the_mesh_cannot_split_name_their_keys(mesh, changes, match):
     abstract = jax.sharding.AbstractMesh(mesh, MESH_AXES)
@@ -68,6 +88,7 @@ def test_sizes_the_mesh_cannot_split_name_their_keys(mesh, changes, match):
 
 def test_sizes_the_mesh_splits_pass():
     changes = dict(data=dict(seq_len=64), mesh=dict(context_order="zigzag"))
+    changes["train"] = dict(loss_chunks=8)  # 4 pieces of 16 tokens
     check_mesh_fits(config(**changes), jax.sharding.AbstractMesh((2, 2, 2, 1), MESH_AXES))
     ulysses = dict(data=dict(seq_len=64), mesh=dict(context_parallel="ulysses"))
     check_mesh_fits(config(**ulysses), jax.sharding.AbstractMesh((2, 2, 2, 1), MESH_AXES))
