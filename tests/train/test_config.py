@@ -199,6 +199,14 @@ def test_a_checkpoint_from_before_bos_and_eos_were_keys_resumes():
     assert resume_changes(stored, config, "the checkpoint") == []
 
 
+def test_a_checkpoint_from_before_loss_chunks_resumes_unchanged():
+    # Such runs took the loss over whole rows: loss_chunks 1, no change to report.
+    config = from_config_dict(load("tiny_dga"))
+    stored = flat_record(config)
+    del stored["train.loss_chunks"]
+    assert resume_changes(stored, config, "the checkpoint") == []
+
+
 def test_batch_must_split_into_micro_batches():
     config = load("tiny_dga").to_dict()
     config["train"]["grad_accum_steps"] = 3
