@@ -2,7 +2,8 @@
 
     JAX_PLATFORMS=cpu .venv-aot/bin/python benchmarks/aot_compile.py   # ~25 min on 2 cores
     JAX_PLATFORMS=cpu .venv-aot/bin/python benchmarks/aot_compile.py --targets h100 \\
-        --lengths 2048 --blocks 64x64,128x128 --tiny-lengths '' --recipes '' --expect-failures
+        --lengths 2048 --blocks 64x64,128x128 --tiny-lengths '' --recipes '' --long-recipes '' \\
+        --expect-failures
 
 (`make aot` builds `.venv-aot` with the `aot` extra.) Real compilers run (`dga_jax.aot`):
 Mosaic and XLA:TPU from libtpu for v4, v5e, v5p, v6e topologies; XLA:GPU with Triton and ptxas
@@ -27,7 +28,7 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; targets are topologies
 
 import jax
-from common import environment, positive_ints
+from common import environment, positive_ints, positive_ints_or_none
 
 from dga_jax import aot
 from dga_jax.ops.tiles import BlockSizes
@@ -210,7 +211,7 @@ def _parse_args():
     p.add_argument(
         "--tiny-lengths",
         default="2048,32768",
-        type=positive_ints,
+        type=positive_ints_or_none,
         help="the tiny model's train step at these lengths ('' for none)",
     )
     p.add_argument(

@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,9 +76,11 @@ class Calls:
         return self.add_compiled(name, jax.jit(fn), *inputs)
 
     def add_compiled(self, name: str, compiled: Callable[..., Any], *inputs: Any) -> Any:
-        """`add` for a function already jitted or compiled (`jax.stages.Compiled`)."""
+        """`add` for a function already jitted or compiled (`jax.stages.Compiled`); one that
+        raises is not kept (`time_ms` would run it again)."""
+        output = jax.block_until_ready(compiled(*inputs))
         self.calls[name] = (compiled, list(inputs))
-        return jax.block_until_ready(compiled(*inputs))
+        return output
 
     def time_ms(self, repeats: int) -> dict[str, list[float]]:
         """`repeats` rounds, each timing every call once (load changes hit all alike)."""
@@ -121,7 +124,7 @@ def _untimed(peak: int | None) -> dict[str, Any]:
 
 def timed_record(record: dict[str, Any], times: list[float], tokens: int) -> dict[str, Any]:
     """`record` with the times (ms), their median and tokens/s from the median."""
-    median = sorted(times)[len(times) // 2]
+    median = statistics.median(times)
     return {
         **record,
         "median_ms": median,
@@ -171,6 +174,11 @@ def positive_ints(text: str) -> list[int]:
     if not items:
         raise argparse.ArgumentTypeError(f"no lengths in {text!r}")
     return [positive_int(item) for item in items]
+
+
+def positive_ints_or_none(text: str) -> list[int]:
+    """argparse type: `positive_ints`, or none for an empty value ('')."""
+    return positive_ints(text) if text.strip() else []
 
 
 def check_dga_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -273,6 +281,8 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
     if unknown:
         parser.error(f"--variants: unknown {unknown}; choose from {','.join(VARIANTS)}")
     check_dga_args(parser, args)
+    if args.breakdown and jax.default_backend() != "cpu":  # refused now, not after the timing
+        parser.error(f"--breakdown reads XLA:CPU traces, not {jax.default_backend()}'s")
     args.lengths = args.lengths or ([1024, 2048] if args.quick else [4096, 16384])
     args.repeats = args.repeats or (2 if args.quick else 3)
     return args

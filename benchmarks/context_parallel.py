@@ -41,7 +41,7 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from common import environment, positive_ints  # noqa: E402
+from common import environment, positive_ints, positive_ints_or_none  # noqa: E402
 
 from dga_jax import aot  # noqa: E402
 from dga_jax.compile_stats import collectives, xla_peak_bytes  # noqa: E402
@@ -87,7 +87,7 @@ def main() -> int:
             for parts in args.parts:
                 if strategy == "ulysses" and parts > 2:
                     continue  # the tiny model's 2 KV heads split at most 2 ways
-                rows.append(_train_step(strategy, seq_len, parts))
+                rows.append(_train_step(devices, strategy, seq_len, parts))
                 _write(rows, args.out / name)
     print(_markdown(rows))
     return 0
@@ -107,12 +107,12 @@ def _attention(devices, attention: str, strategy: str, seq_len: int, parts: int)
     return _row(f"attention {attention}", strategy, seq_len, parts, lowered.compile(), kv_bytes)
 
 
-def _train_step(strategy: str, seq_len: int, parts: int) -> Row:
+def _train_step(devices, strategy: str, seq_len: int, parts: int) -> Row:
     config = tiny_dga.get_config()
     config.data.seq_len = seq_len
     config.train.global_batch_size = 1
     config.mesh.update(data=1, fsdp=1, seq=parts, tensor=1, context_parallel=strategy)
-    lowered = lower_train_step(from_config_dict(config), jax.devices()[:parts])
+    lowered = lower_train_step(from_config_dict(config), devices[:parts])
     return _row("train step tiny_dga", strategy, seq_len, parts, lowered.compile(), None)
 
 
@@ -196,7 +196,12 @@ def _parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=positive_ints, default=[8192, 32768, 131072])
     parser.add_argument("--parts", type=positive_ints, default=[1, 2, 4, 8])
-    parser.add_argument("--steps", type=positive_ints, default=[8192], help="train-step lengths")
+    parser.add_argument(
+        "--steps",
+        type=positive_ints_or_none,
+        default=[8192],
+        help="train-step lengths ('' for none)",
+    )
     parser.add_argument(
         "--target", default="cpu", help="cpu (fake devices) or a dga_jax.aot target: h100, v5p, ..."
     )

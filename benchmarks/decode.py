@@ -133,17 +133,16 @@ def measure(
     machine falls on all of them alike; every variant's caches are alive at once (LLaMA2-7B in
     bfloat16 at 32K: 16 GiB dense, 2.6 GiB DGA, beside 13.5 GB of weights).
     """
-    per_round = -(-args.steps // args.rounds)
-    max_len = length + args.warmup + args.rounds * per_round
+    max_len = length + args.warmup + args.steps
     vocab_size = model_config(args, "dga").vocab_size
     prompt = jax.random.randint(jax.random.key(0), (args.batch, length), 0, vocab_size)
     decoders = {v: decoder(g, state, prompt, max_len) for v, g in graphdefs.items()}
     for d in decoders.values():
         d.run(args.warmup)
     times = {v: [] for v in decoders}
-    for _ in range(args.rounds):
+    for i in range(args.rounds):  # `--steps` in all: the first steps % rounds take one more
         for variant, d in decoders.items():
-            times[variant] += d.run(per_round)
+            times[variant] += d.run(args.steps // args.rounds + (i < args.steps % args.rounds))
     return [
         {
             "L": length,

@@ -12,7 +12,8 @@ Every kernel variant's scores are checked against XLA's (largest difference rela
 largest score). TFLOP/s counts both passes' QK products over the visible (sampled query, key)
 pairs. The kernels run compiled on a GPU only; `--interpret` runs them in Pallas' interpreter
 anywhere (slow: small lengths). Defaults: bfloat16, B=1, Hq=Hkv=32, D=128, m=16 (LLaMA2-7B's
-attention). Results: the table on stdout and `benchmarks/results/importance_<backend>.json`.
+attention). Results: the table on stdout and
+`benchmarks/results/importance_<backend>[_quick].json`.
 """
 
 from __future__ import annotations

@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     dga = first_dga(args.variants)
     if dga is None:
         raise SystemExit(f"prefill.py measures DGA: --variants {args.variants} names no dga_*")
+    if args.breakdown:
+        raise SystemExit("prefill.py times whole calls: --breakdown is model_forward.py's option")
     print(f"{args.preset} DGA prefill vs forward on {env['device_kind']}, B={args.batch}, {dga}")
     print(f"{'L':>6}{'forward ms':>12}{'prefill ms':>12}{'prefill/fwd':>13}{'loops f/p':>11}")
     records = []

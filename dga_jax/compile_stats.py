@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -41,12 +42,13 @@ def collectives(compiled: jax.stages.Compiled) -> list[Collective]:
         match = _COLLECTIVE.search(line)
         if not match:
             continue
+        results = match.group(1)
+        if match.group(3) and match.group(2) != "all-reduce":
+            results = _tuple_elements(results)[1]  # an async start's: (operands, results, ...)
         arrays = [
             (math.prod(int(d) for d in dims.split(",") if d), _itemsize(dtype))
-            for dtype, dims in _ARRAY.findall(match.group(1))
+            for dtype, dims in _ARRAY.findall(results)
         ]
-        if match.group(3) and match.group(2) != "all-reduce":
-            arrays = arrays[-1:]  # an async start's result also holds its operand
         found.append(
             Collective(
                 match.group(2),
@@ -56,6 +58,17 @@ def collectives(compiled: jax.stages.Compiled) -> list[Collective]:
             )
         )
     return found
+
+
+def _tuple_elements(shape: str) -> list[str]:
+    """ "(a, (b, c))" -> ["a", "(b, c)"]: the top-level elements of a tuple shape."""
+    elements, depth, start = [], 0, 1
+    for i, char in enumerate(shape[1:-1], start=1):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            elements.append(shape[start:i].strip())
+            start = i + 1
+    return [*elements, shape[start:-1].strip()]
 
 
 def _itemsize(dtype: str) -> int:
@@ -82,21 +95,37 @@ def xla_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
     return m.argument_size_in_bytes + m.output_size_in_bytes + temp - m.alias_size_in_bytes
 
 
-_BUFFER = re.compile(r"^\s*[\d.]+\w+\(\s*\d+%\);\s*([\d.]+)(B|KiB|MiB|GiB);[^;]*;[^;]*;\s*(.+)$")
-_UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
+_ALLOCATION = re.compile(r"^allocation \d+: size \d+, (.*):$")
+_VALUE = re.compile(r"^ value: <[^>]*> \(size=(\d+),offset=(\d+)\): (.+)$")
+_LAYOUT = re.compile(r"\{[^{}]*\}")
 
 
 def largest_buffers(dump: Path, count: int = 4) -> tuple[str, ...]:
-    """The `count` largest temporary buffers of device memory in XLA's memory-usage report
-    (parameters and outputs are in `memory_analysis()`), as "MiB: shapes", largest first."""
+    """The `count` largest temporary buffers of device memory, from XLA's buffer assignment:
+    the slots of its preallocated temporary allocation (parameters and outputs, allocations of
+    their own, are in `memory_analysis()`), each with the shapes that share it, as
+    "MiB: shapes", largest first."""
     found = []
-    for path in dump.glob("*memory-usage-report.txt"):
-        spaces = path.read_text().split("Memory Space:")
-        lines = spaces[1].splitlines() if len(spaces) > 1 else []  # the first: device memory
-        for m in filter(None, map(_BUFFER.match, lines)):
-            found.append((float(m[1]) * _UNITS[m[2]], m[3]))
+    for path in dump.glob("*-buffer-assignment.txt"):
+        for size, shapes in _temporary_slots(path.read_text()).values():
+            counts = Counter(shapes)
+            listed = ", ".join(f"{n}×{shape}" if n > 1 else shape for shape, n in counts.items())
+            found.append((size, listed))
     largest = sorted(found, reverse=True)[:count]
     return tuple(f"{size / 2**20:,.1f} MiB: {shapes}" for size, shapes in largest)
+
+
+def _temporary_slots(text: str) -> dict[int, tuple[int, list[str]]]:
+    """offset -> (bytes, shapes of the values there) in the default memory space's
+    "preallocated-temp" allocation of one buffer-assignment dump."""
+    slots, in_temp = {}, False
+    for line in text.splitlines():
+        if header := _ALLOCATION.match(line):
+            in_temp = header[1] == "preallocated-temp"  # other memory spaces add "color N"
+        elif in_temp and (value := _VALUE.match(line)):
+            size, shapes = slots.get(int(value[2]), (0, []))
+            slots[int(value[2])] = (max(size, int(value[1])), [*shapes, _LAYOUT.sub("", value[3])])
+    return slots
 
 
 # The Pallas kernels' names: the walks' `interval_*`, global importance's `importance_*`.
