@@ -154,6 +154,22 @@ def test_tpu_kernels_many_blocks(selection, block_q, dtype):
     _check_against_xla(kwargs, qkv, dga_kwargs, dtype)
 
 
+def test_tpu_kernels_padded_row_longer_than_the_band_steps():
+    # Padding positions are raw tokens visible from their position on: the last padding query
+    # block sees entries 100..259, three 128-entry blocks, beyond the two band steps a DGA band
+    # needs (block_q + band lag). That broke the static bound: the whole output was NaN.
+    q, k, v = random_qkv(8, 1, 260, 1, 1, 8)
+    lengths = jnp.array([100])
+    dga_kwargs = dict(group_size=4, focal_ratio=0.0, lengths=lengths)
+    kernel = functools.partial(
+        dga_jax.dga_attention, **TPU, block_sizes=BlockSizes(16, 128), **dga_kwargs
+    )
+    xla = functools.partial(dga_jax.dga_attention, implementation="xla", **dga_kwargs)
+    out = jax.block_until_ready(kernel(q, k, v))
+    assert bool(jnp.all(jnp.isfinite(out)))
+    assert_close(out[:, :100], xla(q, k, v)[:, :100], FORWARD_TOL[jnp.float32])
+
+
 def _read_before_the_copy_lands(x_hbm, o_ref, buffer, semaphore):
     copy = pltpu.make_async_copy(x_hbm, buffer, semaphore)
     copy.start()
@@ -202,8 +218,11 @@ def test_gpu_kernels_lower_to_triton():
     assert text.count("custom_call @__gpu$xla.gpu.triton(") == 6
 
 
-def test_tpu_kernels_lower_to_mosaic():
-    text = _lowered("pallas_tpu", "tpu", BlockSizes(128, 128))
+@pytest.mark.parametrize("block_q", [128, 16])
+def test_tpu_kernels_lower_to_mosaic(block_q):
+    # block_q = 16 < L: the backward's [1, block_q] rows of lse and delta must still be blocks
+    # Mosaic takes (whole in their array's last two axes, as block_q is not a multiple of 128).
+    text = _lowered("pallas_tpu", "tpu", BlockSizes(block_q, 128))
     assert text.count("custom_call @tpu_custom_call(") == 4
 
 

@@ -133,6 +133,25 @@ def prepare(
     )
 
 
+def bound_lag(band: Entries, band_lag: int) -> Entries:
+    """The band with each entry's `until` cut to one past the start of the entry `band_lag`
+    places later: then at most band_lag entries that start before a query are visible to it.
+
+    A band that keeps the bound already is unchanged (were until_e > start_{e+lag} + 1, the
+    lag + 1 entries e..e+lag would all start before, and be visible at, start_{e+lag} + 1).
+    DGA's band breaks it only at the padding queries of a right-padded row (padding tokens are
+    visible from their position on, and nothing that matters sees them): cut, those queries
+    still see something finite, and the kernels' static step counts hold.
+    """
+    until = band.until if band.until is not None else jnp.full(band.start.shape, NEVER, jnp.int32)
+    later = band.start[..., band_lag:]
+    cut = jnp.where(later < NEVER, later + 1, NEVER)
+    cut = jnp.pad(
+        cut, ((0, 0), (0, 0), (0, band.start.shape[2] - cut.shape[2])), constant_values=NEVER
+    )
+    return dataclasses.replace(band, until=jnp.minimum(until, cut))
+
+
 def query_args(ops: Operands) -> tuple[jax.Array, ...]:
     """The queries a forward or dQ kernel reads: (q,), or (q, q_prefix)."""
     return (ops.q,) if ops.q_prefix is None else (ops.q, ops.q_prefix)

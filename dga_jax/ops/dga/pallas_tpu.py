@@ -109,7 +109,10 @@ def interval_attention(
 ) -> jax.Array:
     """`dga_jax.ops.intervals.interval_attention` by the Mosaic kernels: q [B, L, Hq, D] ->
     [B, L, Hq, D]. `interpret`: False on a TPU; `pltpu.InterpretParams(...)` (or True) runs
-    them in the TPU interpreter on any backend."""
+    them in the TPU interpreter on any backend. Band entries past the lag bound are dropped
+    (`pallas_common.bound_lag`): the grids' static step counts rest on it."""
+    if band is not None:
+        band = common.bound_lag(band, band_lag)
     return common.kernel_attention(
         KERNELS,
         q,

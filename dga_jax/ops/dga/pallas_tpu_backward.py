@@ -32,8 +32,8 @@ from dga_jax.ops.dga.pallas_tpu_forward import (
     entry_args,
     flat_ranges,
     positions,
+    query_rows,
     query_step,
-    rows,
 )
 from dga_jax.ops.tiles import Tile, tile_grads
 
@@ -78,6 +78,7 @@ def dq(spec, ops, blocks: common.QueryBlocks, do, lse, delta):
         out_specs=[query] * queries,
         scratch_shapes=[pltpu.VMEM((spec.block_q, ops.q.shape[-1]), jnp.float32)] * queries,
     )
+    row_args = (query_rows(lse, spec.block_q), query_rows(delta, spec.block_q))
     grads = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, walk=walk, queries=queries),
         grid_spec=grid_spec,
@@ -85,7 +86,7 @@ def dq(spec, ops, blocks: common.QueryBlocks, do, lse, delta):
         compiler_params=compiler_params(),
         interpret=spec.interpret,
         name="interval_dq",
-    )(*flat_ranges(blocks), ops.q, do, rows(lse), rows(delta), *extra, *entry_args(ops))
+    )(*flat_ranges(blocks), ops.q, do, *row_args, *extra, *entry_args(ops))
     return grads[0], (grads[1] if queries == 2 else None)
 
 
@@ -190,7 +191,7 @@ def _dkv_band_kernel(*refs, spec):
 
 def dkv(spec, ops, blocks: common.KeyBlocks, do, lse, delta):
     """-> (dk, dv) of the prefix entries and of the band entries, in their dtypes."""
-    q_args = (ops.q, do, rows(lse), rows(delta))
+    q_args = (ops.q, do, query_rows(lse, spec.block_q), query_rows(delta, spec.block_q))
     entries = entry_args(ops)
     dpk, dpv = _dkv_prefix_call(spec, blocks, (ops.prefix_queries, *q_args[1:]), entries[:4])
     nq = spec.num_q_blocks(ops.q.shape[2])
@@ -221,7 +222,7 @@ def _dkv_prefix_call(spec, blocks: common.KeyBlocks, q_args, entries):
         return b_, h * g + g_, query_block(b_, h, j, i, first_ref), 0
 
     def row(b_, h, j, i, g_, first_ref, full_ref):
-        return b_, h * g + g_, 0, query_block(b_, h, j, i, first_ref)
+        return b_, h * g + g_, query_block(b_, h, j, i, first_ref), 0, 0
 
     def entry_kv(b_, h, j, i, g_, *_):
         return b_, h, j, 0
@@ -261,7 +262,7 @@ def _dkv_band_call(spec, lists, num_steps: int, q_args, entries):
         return b_, h * g + g_, packed_ref[at(b_, h, s)] >> _FLAG_BITS, 0
 
     def row(b_, h, s, g_, block_ref, packed_ref):
-        return b_, h * g + g_, 0, packed_ref[at(b_, h, s)] >> _FLAG_BITS
+        return b_, h * g + g_, packed_ref[at(b_, h, s)] >> _FLAG_BITS, 0, 0
 
     def entry_kv(b_, h, s, g_, block_ref, packed_ref):
         return b_, h, block_ref[at(b_, h, s)], 0
@@ -292,7 +293,7 @@ def _dkv_in_specs(bq, bk, d, query, row, entry_kv, entry_row):
     """q, do [bq, D]; lse, delta rows [1, bq]; entries' k, v [bk, D] and two rows [1, bk]."""
     query_spec, row_spec = (
         pl.BlockSpec((None, None, bq, d), query),
-        pl.BlockSpec((None, None, 1, bq), row),
+        pl.BlockSpec((None, None, None, 1, bq), row),
     )
     kv_spec, entry_row_spec = (
         pl.BlockSpec((None, None, bk, d), entry_kv),

@@ -79,7 +79,7 @@ class QueryWalk:
             return b, h, i, 0
 
         def query_row(b, h, i, s, *_):
-            return b, h, 0, i
+            return b, h, i, 0, 0
 
         def prefix_kv(b, h, i, s, *refs):
             return b, _kv_head(h, g), self.prefix_block(b, h, i, s, *refs), 0
@@ -97,7 +97,7 @@ class QueryWalk:
         return dict(
             query=pl.BlockSpec((None, None, bq, d), query),
             lanes=pl.BlockSpec((None, None, bq, LANES), query),
-            row=pl.BlockSpec((None, None, 1, bq), query_row),
+            row=pl.BlockSpec((None, None, None, 1, bq), query_row),
             prefix=[
                 pl.BlockSpec((None, None, *entries_kv), prefix_kv),
                 pl.BlockSpec((None, None, *entries_kv), prefix_kv),
@@ -185,8 +185,15 @@ def flat_ranges(blocks: common.QueryBlocks):
 
 
 def rows(x: jax.Array) -> jax.Array:
-    """[B, H, N] per-entry or per-query values -> [B, H, 1, N]: one lane-major row per head."""
+    """[B, H, N] per-entry values -> [B, H, 1, N]: one lane-major row per head."""
     return x[:, :, None, :]
+
+
+def query_rows(x: jax.Array, block_q: int) -> jax.Array:
+    """[B, H, Lp] per-query values -> [B, H, nq, 1, bq]: query block i's row, whole in its last
+    two axes. Mosaic's blocks must span their array's last two axes or tile them by (8, 128):
+    [1, bq] blocks of [B, H, 1, Lp] rows would need bq a multiple of 128."""
+    return x.reshape(*x.shape[:2], -1, 1, block_q)
 
 
 def column(row_ref) -> jax.Array:
