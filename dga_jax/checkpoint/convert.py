@@ -5,11 +5,11 @@
         [--max_shard_size 5GB]
 
 `hf-to-orbax` reads `HF/config.json` (and the token ids of `HF/generation_config.json`) and
-`HF/model.safetensors.index.json` (or a single `HF/model.safetensors`) tensor by tensor; `orbax-to-hf` writes what
-`transformers.LlamaForCausalLM.from_pretrained(HF)` loads, the source's bos/eos/pad token ids
-included (in config.json and generation_config.json). `--dtype` casts the weights (default: keep
-the stored dtype). Neither command leaves a partial output behind on failure.
-Load the result with `dga_jax.checkpoint.load_model(CKPT, mesh=...)`.
+`HF/model.safetensors.index.json` (or a single `HF/model.safetensors`) tensor by tensor;
+`orbax-to-hf` writes what `transformers.LlamaForCausalLM.from_pretrained(HF)` loads, the
+source's bos/eos/pad token ids included (in config.json and generation_config.json). `--dtype`
+casts the weights (default: keep the stored dtype). Neither command leaves a partial output
+behind on failure. Load the result with `dga_jax.checkpoint.load_model(CKPT, mesh=...)`.
 """
 
 from __future__ import annotations
