@@ -4,7 +4,6 @@ the median of an even number of calls, a variant that fails on its first run, ''
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import statistics
 import subprocess
@@ -15,22 +14,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from tests.benchmarks.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load(name: str):
-    """benchmarks/<name>.py as a module (the scripts import their helpers by bare name)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _common():
-    _load("trace_scopes")
-    return _load("common")
+    load_script("trace_scopes")
+    return load_script("common")
 
 
 def test_the_median_of_an_even_number_of_calls_is_the_mean_of_the_middle_two():

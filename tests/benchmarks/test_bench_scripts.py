@@ -3,7 +3,6 @@ train-step rows too, `decode.py --steps` exactly, `prefill.py --breakdown` refus
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,17 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(name: str):
-    """benchmarks/<name>.py as a module (the scripts import their helpers by bare name)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # A target's compile-only devices stood in for by the fake CPU devices in reverse; the lowering
@@ -81,9 +72,9 @@ class _Decoder:
 
 @pytest.mark.parametrize("steps, rounds", [(3, 2), (64, 8), (5, 8)])
 def test_decode_times_exactly_the_steps_asked_for(monkeypatch, steps, rounds):
-    _load("trace_scopes")
-    _load("common")
-    decode = _load("decode")
+    load_script("trace_scopes")
+    load_script("common")
+    decode = load_script("decode")
     monkeypatch.setattr(decode, "decoder", lambda g, s, prompt, n: _Decoder(prompt.shape[1], n))
     monkeypatch.setattr(decode, "cache_bytes", lambda caches: 0)
     argv = ["--lengths", "16", "--steps", str(steps), "--rounds", str(rounds), "--warmup", "2"]
@@ -94,8 +85,8 @@ def test_decode_times_exactly_the_steps_asked_for(monkeypatch, steps, rounds):
 
 
 def test_prefill_refuses_breakdown(tmp_path):
-    _load("trace_scopes")
-    _load("common")
+    load_script("trace_scopes")
+    load_script("common")
     with pytest.raises(SystemExit, match="--breakdown"):
-        _load("prefill").main(["--lengths", "128", "--breakdown", "--out", str(tmp_path)])
+        load_script("prefill").main(["--lengths", "128", "--breakdown", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())

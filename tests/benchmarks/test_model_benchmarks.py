@@ -4,13 +4,14 @@ options are clear errors."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.benchmarks.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ("--lengths", "128", "--repeats", "2", "--group-size", "4")
@@ -55,19 +56,9 @@ def test_a_variant_the_backend_rejects_is_recorded_and_the_rest_run(tmp_path):
     assert dense_row.split()[4] == f"{dense['median_ms'] / dga['median_ms']:.2f}x"
 
 
-def _load(name: str):
-    """benchmarks/<name>.py as a module (the scripts import their helpers by bare name)."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"benchmarks/{name}.py")
-    module = sys.modules[name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_layers_dtype_and_selection_reach_the_model_config():
-    _load("trace_scopes")
-    common = _load("common")
+    load_script("trace_scopes")
+    common = load_script("common")
     argv = ["--preset", "tiny", "--layers", "3", "--dtype", "bfloat16", "--selection", "streaming"]
     args = common.parse_variant_args("test", [*argv, "--variants", "dense_cudnn,dga_pallas_gpu"])
     assert args.variants == ["dense_cudnn", "dga_pallas_gpu"]
@@ -118,15 +109,15 @@ def test_bad_options_are_named(args, message):
     ],
 )
 def test_bad_values_are_refused_before_any_variant_runs(capsys, args, message):
-    _load("trace_scopes")
+    load_script("trace_scopes")
     with pytest.raises(SystemExit) as exit_info:
-        _load("common").parse_variant_args("test", list(args))
+        load_script("common").parse_variant_args("test", list(args))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_attention_shapes_no_variant_could_run_are_refused(capsys):
-    _load("trace_scopes")
-    _load("common")
+    load_script("trace_scopes")
+    load_script("common")
     with pytest.raises(SystemExit):
-        _load("attention").parse_args(["--heads", "3", "--kv-heads", "2"])
+        load_script("attention").parse_args(["--heads", "3", "--kv-heads", "2"])
     assert "--heads 3 must be a multiple of --kv-heads 2" in capsys.readouterr().err
