@@ -29,8 +29,9 @@ def gather_entries(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entri
     """The compressed KV' for k, v [B, L, Hkv, D]: (prefix, raw) entries, differentiable in k, v.
 
     A group entry is the weighted sum of its members (in float32, stored in k's dtype), with bias
-    log m because it stands for m tokens.
+    log m because it stands for m tokens. k and v must be the layout's rows, positions and heads.
     """
+    _check_layout_kv(layout, k, v)
     sizes = layout.sizes
     m, n_groups = sizes.group_size, sizes.num_groups
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, L, D]
@@ -59,6 +60,20 @@ def gather_entries(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entri
     prefix = Entries(pick(kt, fold(raw_k)), pick(vt, fold(raw_v)), layout.prefix_from, None, bias)
     raw = Entries(raw_k, raw_v, layout.raw_pos, layout.raw_until)
     return prefix, raw
+
+
+def _check_layout_kv(layout: DGALayout, k: jax.Array, v: jax.Array) -> None:
+    """k, v [B, L, Hkv, D] of the layout's [B, Hkv, L]: else a gather would silently broadcast
+    (other heads or rows) or read past them."""
+    b, h, seq_len = layout.focal.shape
+    for name, x in (("k", k), ("v", v)):
+        if x.ndim != 4 or (x.shape[0], x.shape[2], x.shape[1]) != (b, h, seq_len):
+            raise ValueError(
+                f"{name} must be [B, L, Hkv, D] with [B, Hkv, L] = {[b, h, seq_len]} (the "
+                f"layout's); got {name} {tuple(x.shape)}"
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {k.shape}, v {v.shape}")
 
 
 def compressed_kv(
@@ -199,6 +214,8 @@ def split_entries(
     n_prefix = layout.prefix_from.shape[-1]
 
     def fold(x):  # [B, H, C, D] -> [B, H, NP, D]: this device's share of every prefix entry
+        if n_prefix == 0:  # no focal token, no group: JAX cannot differentiate an empty scatter
+            return jnp.zeros((*x.shape[:2], 0, x.shape[-1]), x.dtype)
         shares = weight[..., None] * x.astype(jnp.float32)
         add = jax.vmap(jax.vmap(_scatter_add, (0, 0, None)), (0, 0, None))
         # Summed across devices in x's dtype (half the bytes under bfloat16): only an entry

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dga_jax.ops.checks import check_lengths, check_qkv
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig, LayoutSizes
 from dga_jax.ops.dga.selection import (
@@ -97,7 +98,7 @@ def dga_layout(
     q: jax.Array,
     k: jax.Array,
     config: DGAConfig,
-    scale: float,
+    scale: float | None,
     *,
     block: int = BlockSizes.block_importance,
     split: ContextSplit = WHOLE,
@@ -113,11 +114,12 @@ def dga_layout(
     positions of each row of a right-padded batch (module docstring); not under a split.
     `passes`: how global importance's two passes run (None: XLA's loops,
     `selection.XLA_PASSES`; the Triton kernels: `backends.importance_implementation`).
+    `scale` None: 1/sqrt(D), as `dga_attention`'s. Inputs are checked as `dga_attention`'s
+    (shapes, dtypes, lengths): a layout of mismatched q and k would be silently wrong.
     """
+    scale, lengths = _check_inputs(q, k, config, scale, split, lengths)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     sizes = config.sizes(q.shape[1] * split.shards)
-    if lengths is not None and split.shards > 1:
-        raise ValueError("per-row lengths need whole sequences, not a ContextSplit")
     rows = RowCounts.of(config, sizes.seq_len, q.shape[0], lengths)
     if sizes.num_focal == sizes.seq_len:
         shape = (q.shape[0], k.shape[2], sizes.seq_len)
@@ -140,6 +142,16 @@ def dga_layout(
         focal = chunk_focal_mask(score, sizes, rows.num_groups)
     assemble = jax.vmap(jax.vmap(_assemble, (0, 0, None, None)), (0, 0, None, 0))
     return assemble(focal, score, sizes, rows)
+
+
+def _check_inputs(q, k, config, scale, split: ContextSplit, lengths):
+    """-> (scale, lengths as int32 [B] or None); errors name the argument and the shapes."""
+    if not isinstance(config, DGAConfig):
+        raise TypeError(f"config must be a DGAConfig, got {type(config).__name__}")
+    scale = check_qkv(q, k, k, scale)
+    if lengths is not None and split.shards > 1:
+        raise ValueError("per-row lengths need whole sequences, not a ContextSplit")
+    return scale, check_lengths(lengths, q.shape[0], q.shape[1])
 
 
 def _assemble(focal: jax.Array, score: jax.Array, sizes: LayoutSizes, row: RowCounts) -> DGALayout:
