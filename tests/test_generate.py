@@ -207,6 +207,12 @@ def test_sampling_rejects_bad_settings():
         Sampling(top_k=0)
 
 
+def test_a_nan_temperature_is_rejected():
+    # It passed `temperature < 0` and sampled from NaN logits: always token 0.
+    with pytest.raises(ValueError, match="temperature must be a number >= 0, got nan"):
+        Sampling(temperature=float("nan"))
+
+
 def test_stop_tokens_end_their_row_only():
     llama, prompts = model(), [[1, 40, 41, 42], [1, 50, 60]]
     free = dga_jax.generate(llama, prompts, 8)
@@ -264,6 +270,22 @@ def test_overflow_raises_before_running():
     assert len(dga_jax.generate(model(), [[1, 2, 3, 4], [5, 6]], 7, max_len=10)[0]) == 7
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         dga_jax.generate(model(), [[1, 2], []], 8)
+
+
+@pytest.mark.parametrize("attention", ["dga", "dense"])
+def test_reading_past_max_position_raises_before_running(attention):
+    # RoPE has no table to run out of: past max_position the model extrapolated silently.
+    llama = Llama(TINY.replace(attention=attention, dga=DGA, max_position=12), rngs=nnx.Rngs(0))
+    message = "a prompt of 6 tokens and max_new_tokens=8 need 13 positions, past the model's "
+    with pytest.raises(ValueError, match=re.escape(message + "max_position=12")):
+        dga_jax.stream(llama, [[1, 2], [1, 2, 3, 4, 5, 6]], 8)
+    assert len(dga_jax.generate(llama, [[1, 2, 3, 4, 5, 6]], 7)[0]) == 7  # positions 0..11
+
+
+def test_streaming_llm_streams_past_max_position():
+    # Its RoPE distances are bounded by its window: streaming on is what it is for.
+    config = TINY.replace(attention="streaming_llm", max_position=8)
+    assert len(dga_jax.generate(Llama(config, rngs=nnx.Rngs(0)), [[1, 2, 3, 4, 5, 6]], 7)[0]) == 7
 
 
 @pytest.mark.parametrize("attention", ["dga", "dense"])
@@ -355,6 +377,15 @@ def test_text_stream_writes_exactly_what_the_new_ids_add(kind, tmp_path):
         text, _ = _streamed(tokenizer, context, new)
         # What the CLI echoes (a context cut inside a character ends in U+FFFD), then the stream.
         assert tokenizer.decode(context).rstrip("\ufffd") + text == TEXT + "\n", cut
+
+
+def test_text_stream_skips_ids_past_a_sentencepiece_vocabulary(tmp_path):
+    # A model's vocabulary may be larger than its tokenizer's (training allows it): such an id,
+    # sampled, crashed the CLI (SentencePiece's decode raises on it).
+    tokenizer = load_tokenizer(train_sentencepiece(tmp_path))
+    prompt, new = tokenizer.encode("the quick"), tokenizer.encode(" brown fox")
+    text, _ = _streamed(tokenizer, prompt, [new[0], tokenizer.vocab_size, *new[1:]])
+    assert text == " brown fox\n"
 
 
 def test_text_stream_holds_back_a_split_character():

@@ -43,7 +43,8 @@ class Tokenizer(Protocol):
         ...
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; special tokens are dropped."""
+        """Text of `ids`; special tokens and ids outside the vocabulary (a model's may be
+        larger) are dropped."""
         ...
 
 
@@ -105,8 +106,9 @@ class SentencePieceTokenizer:
         return self._sp.encode(text)
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; control pieces (BOS/EOS/PAD) decode to nothing."""
-        return self._sp.decode([int(i) for i in ids])
+        """Text of `ids`; control pieces (BOS/EOS/PAD) and ids outside the vocabulary decode to
+        nothing (SentencePiece itself raises on those)."""
+        return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
 
 class HFTokenizer:

@@ -21,7 +21,7 @@ from flax import nnx
 
 from dga_jax.data.tokenizers import Tokenizer
 from dga_jax.generate import Buckets, completions, pad_prompts
-from dga_jax.model.llama import Llama
+from dga_jax.model.llama import Llama, cross_entropy
 from dga_jax.ops.dga.sharded import shard_count
 
 
@@ -95,6 +95,8 @@ class ModelEngine:
         progress: bool = False,
         mesh: jax.sharding.Mesh | None = None,
     ):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
                 f"the tokenizer's {tokenizer.vocab_size} ids do not fit the model's vocabulary "
@@ -124,9 +126,37 @@ class ModelEngine:
         stop_tokens: Sequence[int] = (),
         min_new_tokens: int = 0,
     ) -> list[list[int]]:
+        self._check_fits([len(p) for p in prompts], max_new_tokens)
         eos = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
         with self._on_mesh():
             return self._generate(prompts, max_new_tokens, [*eos, *stop_tokens], min_new_tokens)
+
+    def _check_fits(self, sizes: Sequence[int], max_new_tokens: int) -> None:
+        """Raises if a sequence of sizes[i] tokens, with `max_new_tokens` more, would not fit
+        `max_length` (the model would read positions it was not given: silently)."""
+        over = [i for i, n in enumerate(sizes) if n + max_new_tokens > self.max_length]
+        if not over:
+            return
+        i = over[0]
+        new = f" and max_new_tokens={max_new_tokens}" if max_new_tokens else ""
+        raise ValueError(
+            f"sequence {i} of {sizes[i]} tokens{new} does not fit the engine's "
+            f"max_length={self.max_length} (default: the model's "
+            f"max_position={self.model.config.max_position}); truncate it"
+        )
+
+    def _check_ids(self, sequences: Sequence[Sequence[int]]) -> None:
+        """Raises naming the first sequence (the caller's index: batches are sorted) with an id
+        outside the vocabulary, before any batch runs."""
+        vocab = self.model.config.vocab_size
+        for i, sequence in enumerate(sequences):
+            ids = np.asarray(sequence)
+            bad = np.flatnonzero((ids < 0) | (ids >= vocab))
+            if len(bad):
+                raise ValueError(
+                    f"sequence {i} holds token id {ids[bad[0]]} at position {bad[0]}, outside "
+                    f"the model's vocabulary [0, {vocab})"
+                )
 
     def _generate(
         self, prompts, max_new_tokens: int, stops: list[int], min_new_tokens: int
@@ -146,6 +176,8 @@ class ModelEngine:
     def score(self, sequences: Sequence[Sequence[int]]) -> list[TokenScores]:
         if any(len(s) < 2 for s in sequences):
             raise ValueError("every scored sequence needs at least 2 tokens")
+        self._check_fits([len(s) for s in sequences], 0)
+        self._check_ids(sequences)
         with self._on_mesh():
             return self._score(sequences)
 
@@ -177,7 +209,4 @@ def _score_rows(graphdef, state, tokens, lengths):
     logits, _ = model.prefill(tokens, tokens.shape[1], lengths=lengths)
     logits = logits[:, :-1]
     targets = tokens[:, 1:]
-    # The target's logit less the normaliser: no second [B, T, V] array for the log-softmax.
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    picked = picked - jax.nn.logsumexp(logits, axis=-1)
-    return picked, jnp.argmax(logits, axis=-1) == targets
+    return -cross_entropy(logits, targets), jnp.argmax(logits, axis=-1) == targets

@@ -37,6 +37,7 @@ from flax import nnx
 
 from dga_jax.generate.sampling import Sampling, Stopping, sample_allowed
 from dga_jax.generate.sampling import sample as sample  # re-exported: dga_jax.generate.sample
+from dga_jax.model.config import ModelConfig
 from dga_jax.model.llama import Llama
 from dga_jax.ops.checks import is_int
 from dga_jax.ops.dense_decode import DenseCache
@@ -174,7 +175,8 @@ def stream(
     to `buckets.round_up(longest)`; the caches hold `max_len` tokens per row (default: that
     bucket + `buckets.round_up(max_new_tokens)`) and the DGA prefix room for any prompt up to
     the bucket, so both follow from the bucket; a prompt that does not leave room for
-    `max_new_tokens` is an error, raised before any work.
+    `max_new_tokens` in them, or within the model's `max_position` (`check_context`), is an
+    error, raised before any work.
     """
     tokens, lengths = pad_prompts(prompts, model.config.vocab_size)
     if not is_int(max_new_tokens) or max_new_tokens < 1:
@@ -192,6 +194,7 @@ def _stream_batch(
 ) -> Iterator[np.ndarray]:
     """`stream` for right-padded tokens [B, T'] with lengths [B]: checks, prefill, steps."""
     stops = stopping.mask(model.config.vocab_size)  # its ids checked before any work
+    check_context(model.config, int(lengths.max()), max_new_tokens)
     width = buckets.round_up(int(lengths.max()))
     max_len = max_len or width + buckets.round_up(max_new_tokens)
     check_fits(int(lengths.max()) + max_new_tokens - 1, max_len)  # the last token is not fed
@@ -202,6 +205,22 @@ def _stream_batch(
         capacity = prefix_capacity(model.config.dga, max_len, np.arange(1, width + 1))
     logits, caches = prefill(model, tokens, lengths, max_len, capacity)
     return _steps(model, logits, caches, max_new_tokens, sampling, stopping, stops, key)
+
+
+def check_context(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
+    """Raises if decoding a prompt of `prompt_len` tokens for `max_new_tokens` would feed the
+    model a position past its `max_position` (it reads positions 0 .. prompt_len +
+    max_new_tokens - 2: the last new token is not fed). RoPE has no table to run out of: past
+    its context a model would extrapolate silently. StreamingLLM and LM-Infinite bound every
+    RoPE distance by their window, which is what lets them stream on: they are not limited."""
+    if config.sinks is not None or prompt_len + max_new_tokens - 1 <= config.max_position:
+        return
+    raise ValueError(
+        f"a prompt of {prompt_len} tokens and max_new_tokens={max_new_tokens} need "
+        f"{prompt_len + max_new_tokens - 1} positions, past the model's "
+        f"max_position={config.max_position}: shorten the prompt, lower max_new_tokens or raise "
+        "max_position (e.g. load_model(..., max_position=N)) to extrapolate knowingly"
+    )
 
 
 def _steps(model, logits, caches, max_new_tokens, sampling, stopping, stops, key):

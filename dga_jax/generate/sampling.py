@@ -22,7 +22,7 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if not is_real(self.temperature) or self.temperature < 0:
+        if not is_real(self.temperature) or not self.temperature >= 0:  # NaN too
             raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")

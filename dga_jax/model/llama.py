@@ -115,7 +115,7 @@ class Llama(nnx.Module):
         """
         x = self.hidden(tokens, positions)
         if chunks == 1:
-            return _cross_entropy(self.logits(x), targets)
+            return cross_entropy(self.logits(x), targets)
         b, t, d = x.shape
         if not isinstance(chunks, int) or chunks < 1 or t % chunks:
             raise ValueError(f"chunks={chunks!r} must be a positive int dividing the {t} tokens")
@@ -126,7 +126,7 @@ class Llama(nnx.Module):
         @jax.checkpoint
         def chunk_losses(carry, inputs):
             x_chunk, targets_chunk = inputs
-            return carry, _cross_entropy(self.logits(x_chunk), targets_chunk)
+            return carry, cross_entropy(self.logits(x_chunk), targets_chunk)
 
         _, losses = jax.lax.scan(chunk_losses, None, (strided(x), strided(targets)))
         return jnp.moveaxis(losses, 0, 2).reshape(b, t)
@@ -240,7 +240,7 @@ def _stacked_layers(config: ModelConfig, rules: LogicalRules, rngs: nnx.Rngs) ->
     return create(rngs)
 
 
-def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     """-log softmax(logits)[target]: logits [..., V] float32, targets [...] int -> [...]."""
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return jax.nn.logsumexp(logits, axis=-1) - picked

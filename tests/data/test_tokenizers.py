@@ -67,6 +67,19 @@ def test_hf_tokenizer_round_trip_and_specials(hf_tokenizer_json):
         assert tok.decode([tok.bos_id, *ids, tok.eos_id]) == text
 
 
+def test_every_tokenizer_drops_ids_past_its_vocabulary(hf_tokenizer_json, spm_model):
+    # A model's vocabulary may be larger than its tokenizer's (the tiny preset: 512 ids over a
+    # 360-piece SentencePiece model): a sampled id past the tokenizer's has no text.
+    for tok in (
+        ByteTokenizer(),
+        load_tokenizer(str(spm_model)),
+        load_tokenizer(str(hf_tokenizer_json)),
+    ):
+        ids = tok.encode("the quick brown fox")
+        beyond = [tok.vocab_size, tok.vocab_size + 7]
+        assert tok.decode([*ids[:2], *beyond, *ids[2:]]) == tok.decode(ids) == "the quick brown fox"
+
+
 def test_special_token_text_in_a_document_stays_text(hf_tokenizer_json, spm_model):
     text = 'tokens = ["<s>", "hello", "</s>"]  # a document about tokens'
     for tok in (load_tokenizer(str(hf_tokenizer_json)), load_tokenizer(str(spm_model))):

@@ -13,6 +13,7 @@ import pytest
 import dga_jax
 from dga_jax.checkpoint.orbax_io import save_model
 from dga_jax.eval.__main__ import main
+from dga_jax.eval.engine import ModelEngine
 
 
 def test_scores_equal_each_sequence_alone_and_generation_is_generate(tiny_engine):
@@ -37,6 +38,32 @@ def test_generation_takes_more_stop_tokens_and_min_new_tokens(tiny_engine):
     assert held[0] and held[0][0] != stop
     options = dict(batch_size=4, buckets=tiny_engine.buckets, min_new_tokens=1)
     assert held == dga_jax.generate(tiny_engine.model, prompts, 4, stop_tokens=[2, stop], **options)
+
+
+def test_sequences_past_max_length_are_refused(tiny_engine):
+    # The engine's contract (prompt and new tokens within max_length, by default max_position),
+    # which the tasks keep; a caller past it got a silently extrapolating model.
+    assert tiny_engine.max_length == tiny_engine.model.config.max_position == 1024
+    prompts = [[1, 2], [1] * 1020]
+    message = r"sequence 1 of 1020 tokens and max_new_tokens=5 does not fit .* max_length=1024"
+    with pytest.raises(ValueError, match=message):
+        tiny_engine.generate(prompts, 5)
+    with pytest.raises(ValueError, match=r"sequence 0 of 1025 tokens does not fit"):
+        tiny_engine.score([[1] * 1025, [1, 2]])
+
+
+def test_scoring_names_the_sequence_with_an_id_outside_the_vocabulary(tiny_engine):
+    # Batches run longest first: the batch-row index named another sequence (here 0).
+    sequences = [[1, 2, 3, 4, 5, 6], [1, 2], [1, 2, 3], [1, 2, 999]]
+    with pytest.raises(ValueError, match=r"^sequence 3 holds token id 999 at position 2"):
+        tiny_engine.score(sequences)
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 1.5, True])
+def test_a_batch_size_that_is_not_a_positive_int_is_refused(tiny_engine, batch_size):
+    # 0 failed at the first score call (range() step 0); 1.5 and True ran.
+    with pytest.raises(ValueError, match=rf"batch_size must be a positive int, got {batch_size}"):
+        ModelEngine(tiny_engine.model, tiny_engine.tokenizer, batch_size=batch_size)
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
-"""The baselines' decoding caches (`dga_jax.ops.sinks_decode`, `dga_jax.ops.dense_decode`):
-prompt lengths are checked as every attention entry point checks them."""
+"""The baselines' decoding caches (`dga_jax.ops.sinks_decode`, `dga_jax.ops.dense_decode`) and
+DGA's prefilled from a layout built already: prompt lengths are checked as every attention entry
+point checks them."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import numpy as np
 import pytest
 
 from dga_jax.ops.dense_decode import dense_prefill
+from dga_jax.ops.dga.config import DGAConfig
+from dga_jax.ops.dga.decode import prefill
+from dga_jax.ops.dga.layout import dga_layout
 from dga_jax.ops.sinks import StreamingLLMConfig
 from dga_jax.ops.sinks_decode import sink_prefill
 from tests.conftest import random_qkv
@@ -22,7 +26,14 @@ def dense(k, v, lengths):
     return dense_prefill(k, v, 0.5, 16, lengths)
 
 
-PREFILLS = {"sink": sink, "dense": dense}
+def dga_from_layout(k, v, lengths):
+    """DGA's cache from a layout built for valid lengths: only `prefill` can check `lengths`."""
+    config = DGAConfig(2, 0.25)
+    layout = dga_layout(k, k, config, 0.5, lengths=jnp.array([8, 5]))
+    return prefill(k, k, v, max_len=16, config=config, scale=0.5, lengths=lengths, layout=layout)
+
+
+PREFILLS = {"sink": sink, "dense": dense, "dga_from_layout": dga_from_layout}
 
 
 @pytest.mark.parametrize("prefill", PREFILLS)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dga_jax.ops.checks import check_lengths
 from dga_jax.ops.dense_decode import (
     DenseCache,
     DenseUpdate,
@@ -197,7 +198,8 @@ def prefill(
     tokens the cache will ever hold; `capacity` overrides the DGA prefix capacity (the batch's
     `prefix_capacity` when rows prefilled at different lengths are concatenated).
 
-    `lengths` [B]: right-padded prompts, row b holding lengths[b] tokens; its cache then equals
+    `lengths` [B]: right-padded prompts, row b holding lengths[b] tokens (integers in [1, P],
+    checked where concrete, with a `layout` too); its cache then equals
     that prompt's prefilled alone. Without `capacity`, room for any length up to P; a given
     `capacity` must be at least `prefix_capacity(config, max_len, lengths)`: checked here for
     concrete lengths; a row whose prefix overflows a capacity too small for traced lengths
@@ -211,6 +213,7 @@ def prefill(
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if config is None:
         return dense_prefill(k, v, scale, max_len, prompt_len if lengths is None else lengths)
+    lengths = check_lengths(lengths, q.shape[0], prompt_len)  # a given layout checked none
     if capacity is None:
         every = [prompt_len] if lengths is None else np.arange(1, max(prompt_len, 1) + 1)
         capacity = prefix_capacity(config, max_len, every)
