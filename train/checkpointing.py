@@ -44,8 +44,13 @@ class Checkpoints:
 
     def __init__(self, directory: Path, *, every: int, keep: int):
         self.directory = Path(directory).absolute()
+        # Orbax's default policy also saves the first step of a run with no checkpoint yet.
+        policies = ocp.checkpoint_managers
+        due = policies.AnySavePolicy(
+            [policies.FixedIntervalPolicy(every), policies.PreemptionCheckpointingPolicy()]
+        )
         options = ocp.CheckpointManagerOptions(
-            save_interval_steps=every,
+            save_decision_policy=due,
             max_to_keep=keep,
             enable_async_checkpointing=True,
             cleanup_tmp_directories=True,

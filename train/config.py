@@ -63,6 +63,9 @@ class OptimConfig:
     max_nonfinite_steps: int = 5
 
     def __post_init__(self):
+        for key, bad, rule in _OPTIM_RANGES:
+            if bad(getattr(self, key)):
+                raise ConfigError(f"config.optim.{key} must be {rule}, got {getattr(self, key)}")
         if self.max_nonfinite_steps < 1:
             raise ConfigError(
                 f"config.optim.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}"
@@ -71,6 +74,32 @@ class OptimConfig:
             raise ConfigError(
                 f"config.optim.schedule must be 'constant' or 'cosine', got {self.schedule!r}"
             )
+
+
+def _not_positive(value: float) -> bool:
+    return not value > 0
+
+
+def _negative(value: float) -> bool:
+    return not value >= 0
+
+
+def _not_a_decay_rate(value: float) -> bool:
+    return not 0 <= value < 1
+
+
+# OptimConfig values outside which a run trains wrongly without failing: clipping to a norm of 0
+# zeroes every gradient, a learning rate <= 0 stands still or ascends, and so on.
+_OPTIM_RANGES = (
+    ("learning_rate", _not_positive, "> 0"),
+    ("warmup_steps", _negative, ">= 0"),
+    ("end_learning_rate_factor", _negative, ">= 0"),
+    ("weight_decay", _negative, ">= 0"),
+    ("b1", _not_a_decay_rate, "in [0, 1)"),
+    ("b2", _not_a_decay_rate, "in [0, 1)"),
+    ("eps", _not_positive, "> 0"),
+    ("grad_clip_norm", _not_positive, "> 0 (a norm of 0 zeroes every gradient)"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,8 +257,18 @@ def from_config_dict(config: Any) -> TrainConfig:
         if isinstance(error, ConfigError):
             raise
         raise ConfigError(f"config.model: {error}") from error
+    if model.attention in UNTRAINABLE_KINDS:
+        raise ConfigError(
+            f"config.model.overrides.attention={model.attention!r} has no gradient (a "
+            "training-free prefill method): train with attention 'dense' or 'dga' and evaluate "
+            "under it"
+        )
     fields = {f.name: getattr(sections, f.name) for f in dataclasses.fields(_Sections)}
     return TrainConfig(**{**fields, "model": model})
+
+
+# Attention kinds that the model runs but cannot train (dga_jax.ops.minference: no backward).
+UNTRAINABLE_KINDS = ("minference",)
 
 
 # What a resumed run must keep: the data order (which tokens each step sees) and the shapes of

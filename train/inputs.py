@@ -8,12 +8,18 @@ value that depends on the devices, once the mesh is known and before the workdir
 
 from __future__ import annotations
 
+import logging
+
 from dga_jax.checkpoint import load_config
 from dga_jax.data.slimpajama import list_shards
 from dga_jax.data.tokenizers import load_tokenizer
 from dga_jax.errors import ConfigError, InputError
 from dga_jax.model.config import ARCHITECTURE_FIELDS
 from train.config import TrainConfig
+
+# Model fields that shape no weight but change what the weights compute: the run takes
+# config.model's, whatever the checkpoint was trained with.
+NUMERIC_FIELDS = ("rope_theta", "norm_eps")
 
 CONVERT = "python -m dga_jax.checkpoint.convert hf-to-orbax --hf_dir <HF model dir> --out {}"
 
@@ -49,7 +55,26 @@ def _check_init_checkpoint(config: TrainConfig) -> str | None:
             f"config.init_checkpoint {path!r} holds another architecture than config.model: "
             + ", ".join(changes)
         )
+    _warn_numeric_changes(path, stored, config)
     return None
+
+
+def _warn_numeric_changes(path: str, stored, config: TrainConfig) -> None:
+    """Says which `NUMERIC_FIELDS` the run changes from the checkpoint's (silently, otherwise: a
+    deliberate change, such as a larger RoPE base, is allowed)."""
+    for name in NUMERIC_FIELDS:
+        ours, theirs = getattr(config.model, name), getattr(stored, name)
+        if ours != theirs:
+            logging.warning(
+                "config.init_checkpoint %r was trained with %s=%s; the run trains with "
+                "config.model's %s (--config.model.overrides.%s=%s keeps the checkpoint's)",
+                path,
+                name,
+                theirs,
+                ours,
+                name,
+                theirs,
+            )
 
 
 def check_num_workers(config: TrainConfig, rows: int) -> None:

@@ -18,8 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dga_jax.checkpoint import load_config
 from dga_jax.checkpoint.orbax_io import save_params
 from dga_jax.data import pipeline
+from dga_jax.model.config import ModelConfig, with_token_ids_of
 from train import metrics
 from train.checkpointing import Checkpoints
 from train.config import TrainConfig, resume_changes
@@ -119,6 +121,14 @@ def _model_changes(config: TrainConfig) -> dict[str, Any]:
     return {key: getattr(config.model, key) for key in keep}
 
 
+def _exported_config(config: TrainConfig) -> ModelConfig:
+    """config.model, with the special token ids of `init_checkpoint` where it sets none (the
+    presets set none): a LLaMA2-7B run exported to HF keeps its bos and eos."""
+    if not config.init_checkpoint:
+        return config.model
+    return with_token_ids_of(config.model, load_config(config.init_checkpoint))
+
+
 def _data_config(config: TrainConfig) -> pipeline.DataConfig:
     """The pipeline's config; no `data.train` means the sample corpus (built on first use)."""
     data = config.data
@@ -178,6 +188,6 @@ def export_model(config: TrainConfig, state: TrainState, workdir: Path) -> Path:
     `dga_jax.checkpoint.load_model` and `python -m dga_jax.generate --checkpoint` read."""
     path = workdir / "model" / str(int(state.step))
     if not path.exists():  # a finished run that is started again has nothing new to export
-        save_params(path, config.model, nnx.to_pure_dict(state.params))
+        save_params(path, _exported_config(config), nnx.to_pure_dict(state.params))
         logging.info("model exported to %s", path)
     return path

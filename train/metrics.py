@@ -31,11 +31,12 @@ PEAK_FLOPS = {
 
 
 def peak_flops(device_kind: str, configured: float) -> float | None:
-    """Configured peak FLOP/s per device, else a guess from the device kind, else None."""
+    """Configured peak FLOP/s per device, else a guess from the device kind (its longest
+    matching `PEAK_FLOPS` name: "TPU v5 lite" is not "TPU v5"), else None."""
     if configured > 0:
         return configured
-    matches = [v for k, v in PEAK_FLOPS.items() if k.lower() in device_kind.lower()]
-    return max(matches) if matches else None
+    matches = [k for k in PEAK_FLOPS if k.lower() in device_kind.lower()]
+    return PEAK_FLOPS[max(matches, key=len)] if matches else None
 
 
 class MetricsLog:

@@ -4,10 +4,12 @@
 
 writes the trace of steps 10 to 12 (1-based, inclusive) under `<workdir>/profile`, which
 TensorBoard's profile plugin (`tensorboard --logdir <workdir>/profile`) and Perfetto (the
-`.trace.json.gz` beside the `.xplane.pb`) open; every process writes its own host's file. Each
-step is a `StepTraceAnnotation`, so the tools split the timeline by step. Start later than the
-first step to keep compilation out of the trace, as MaxText's `skip_first_n_steps_for_profiler`
-does. A run resumed inside the range traces the steps it runs; one resumed past it, none.
+`.trace.json.gz` beside the `.xplane.pb`) open. With several processes each traces into
+`<workdir>/profile/process_<i>`: the tools name a trace by host and second, so processes on one
+host would overwrite each other's in a shared directory. Each step is a `StepTraceAnnotation`,
+so the tools split the timeline by step. Start later than the first step to keep compilation
+out of the trace, as MaxText's `skip_first_n_steps_for_profiler` does. A run resumed inside the
+range traces the steps it runs; one resumed past it, none.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ class StepProfiler:
     it once step `last` has finished; a run resumed after step `start` runs from `start + 1`."""
 
     def __init__(self, steps: tuple[int, int] | None, workdir: Path, *, start: int):
-        self.steps, self.directory, self.active = steps, workdir / "profile", False
+        self.steps, self.directory, self.active = steps, _trace_directory(workdir), False
         if steps is not None and start >= steps[0]:
             _warn_resumed(steps, start)
 
@@ -46,6 +48,14 @@ class StepProfiler:
             jax.profiler.stop_trace()
             self.active = False
             logging.info("profile written to %s", self.directory)
+
+
+def _trace_directory(workdir: Path) -> Path:
+    """`<workdir>/profile`, or this process's directory in it when there are several."""
+    directory = workdir / "profile"
+    if jax.process_count() == 1:
+        return directory
+    return directory / f"process_{jax.process_index()}"
 
 
 def _warn_resumed(steps: tuple[int, int], start: int) -> None:

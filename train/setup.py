@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from dga_jax import DEFAULT_RULES, Llama, make_mesh
 from dga_jax.errors import ConfigError
+from dga_jax.model.config import BASELINE_KINDS
 from dga_jax.ops.dga.sharded import axis_names, choose_strategy, shard_count
 from train.batches import addressed_rows
 from train.config import TrainConfig
@@ -115,7 +116,9 @@ def check_mesh_fits(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     """A `ConfigError` naming the keys unless `mesh` evenly splits what `DEFAULT_RULES` put on
     it: each micro-batch's rows, the sequence (2 pieces per device in zig-zag order), the
     model's weights, the KV heads `config.mesh.context_parallel` needs, and each device's
-    tokens into `config.train.loss_chunks` slices."""
+    tokens into `config.train.loss_chunks` slices. The baselines (`BASELINE_KINDS`) attend whole
+    sequences: they refuse a split one."""
+    _check_whole_sequences(config, mesh)
     accum, rows = config.train.grad_accum_steps, config.train.global_batch_size
     zigzag = config.mesh.context_order == "zigzag"
     sizes = (
@@ -151,6 +154,20 @@ def check_mesh_fits(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
             choose_strategy(config.mesh.context_parallel, kv_heads, config.data.seq_len, seq)
         except ValueError as error:
             raise ConfigError(f"config.mesh.context_parallel: {error}") from error
+
+
+def _check_whole_sequences(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
+    """A `ConfigError` if `config.model.attention` has no context parallelism and the mesh
+    splits the sequence (the model would raise deep inside tracing)."""
+    axes = axis_names(DEFAULT_RULES.spec(("seq",))[0])
+    parts = math.prod(mesh.shape[axis] for axis in axes)
+    if config.model.attention in BASELINE_KINDS and parts > 1:
+        how = ", ".join(f"config.mesh.{axis}={mesh.shape[axis]}" for axis in axes)
+        raise ConfigError(
+            f"config.model.overrides.attention={config.model.attention!r} has no context "
+            f"parallelism: it needs whole sequences, but {how} splits them; set the mesh's seq "
+            "to 1 (or attention 'dense' / 'dga')"
+        )
 
 
 # Model config fields that size a weight dimension, and that dimension's logical axis.

@@ -86,6 +86,8 @@ class Trainer:
         if done % run_cfg.eval_every == 0 or done == run_cfg.steps:
             self.eval_owed = not self.evaluate(done, state)
         self.stopping = self.stop.agreed()
+        if self.stopping and self.window_losses:  # the steps since the last log: logged now
+            self._log_train(done, state, out)
         self.save(state, force=self.stopping)
         self.eval_owed = False
         return state

@@ -359,6 +359,16 @@ def _hf_token_ids(hf: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_ids", "pad_token_id")
+
+
+def with_token_ids_of(config: ModelConfig, other: ModelConfig) -> ModelConfig:
+    """`config` with `other`'s special token ids where it sets none (a run started from a
+    converted checkpoint exports that checkpoint's ids)."""
+    ids = {key: getattr(other, key) for key in TOKEN_ID_FIELDS if getattr(config, key) is None}
+    return config.replace(**ids)
+
+
 def with_generation_token_ids(config: ModelConfig, generation: dict[str, Any]) -> ModelConfig:
     """`config` (from a checkpoint's config.json) with the token ids of its generation_config.json
     (`generation`), which transformers' `generate` reads instead: the eos ids of both,

@@ -126,6 +126,7 @@ def test_llama7b_follows_the_paper_recipe():
         (("model", "overrides", "context_parallel"), "dga", r"set config\.mesh\.context_paral"),
         (("data", "seq_len"), 0, r"config\.data\.seq_len must be >= 1, got 0"),
         (("data", "num_workers"), -1, r"config\.data\.num_workers must be >= 0"),
+        (("model", "overrides", "attention"), "minference", r"'minference' has no gradient"),
     ],
     ids=[
         "optim-key",
@@ -138,6 +139,7 @@ def test_llama7b_follows_the_paper_recipe():
         "cp-model",
         "seq-len",
         "workers",
+        "untrainable",
     ],
 )
 def test_bad_keys_are_named(path, value, match):
@@ -162,6 +164,25 @@ def test_wrong_types_are_named():
     config = load("tiny_dga").to_dict()
     config["optim"]["learning_rate"] = 1  # an int where a float goes is fine
     assert from_config_dict(config).optim.learning_rate == 1.0
+
+
+@pytest.mark.parametrize(
+    "key, value, rule",
+    [
+        ("grad_clip_norm", 0.0, "> 0"),
+        ("learning_rate", -1e-3, "> 0"),
+        ("warmup_steps", -5, ">= 0"),
+        ("weight_decay", -0.1, ">= 0"),
+        ("end_learning_rate_factor", -0.1, ">= 0"),
+        ("b2", 1.0, "in [0, 1)"),
+        ("eps", 0.0, "> 0"),
+    ],
+)
+def test_optimizer_values_that_would_train_wrongly_are_named(key, value, rule):
+    config = load("tiny_dga").to_dict()
+    config["optim"][key] = value
+    with pytest.raises(ConfigError, match=rf"^config\.optim\.{key} must be {re.escape(rule)}"):
+        from_config_dict(config)
 
 
 @pytest.mark.parametrize("value", ["10", "3,2", "0,1", "5,a", "1,2,3", "190,201"])

@@ -3,6 +3,7 @@ before anything is built, naming the config keys (not an IndivisibleError from J
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 import jax
@@ -114,3 +115,12 @@ MAKE_SETUP = textwrap.dedent(
 
 def test_make_setup_checks_the_mesh_first():
     run_on_fake_devices(MAKE_SETUP)
+
+
+@pytest.mark.parametrize("kind", ["streaming_llm", "lm_infinite", "minference"])
+def test_attention_without_context_parallelism_refuses_a_split_sequence(kind):
+    base = config(data=dict(seq_len=128))  # minference is refused for training before this
+    run = dataclasses.replace(base, model=base.model.replace(attention=kind))
+    with pytest.raises(ConfigError, match=rf"attention='{kind}' .* config\.mesh\.seq=2 splits"):
+        check_mesh_fits(run, jax.sharding.AbstractMesh((1, 2, 2, 1), MESH_AXES))
+    check_mesh_fits(run, jax.sharding.AbstractMesh((2, 2, 1, 1), MESH_AXES))

@@ -36,3 +36,16 @@ def test_training_starts_from_the_checkpoint_weights(tmp_path):
     assert model.config.attention == "dga"
     first = jax.tree.leaves(nnx.to_pure_dict(fresh))[0]
     assert not np.array_equal(np.asarray(first), np.asarray(jax.tree.leaves(loaded)[0]))
+
+
+def test_the_exported_model_keeps_the_checkpoint_token_ids(tmp_path):
+    # The presets set no bos / eos / pad: a run from a converted LLaMA2-7B exported none.
+    config = tiny_dga.get_config()
+    stored = from_config_dict(config).model.replace(bos_token_id=1, eos_token_ids=(2,))
+    save_model(Llama(stored, rngs=nnx.Rngs(0)), tmp_path / "ckpt")
+    config.init_checkpoint = str(tmp_path / "ckpt")
+    exported = loop._exported_config(from_config_dict(config))
+    assert (exported.bos_token_id, exported.eos_token_ids, exported.pad_token_id) == (1, (2,), None)
+    config.model.overrides.eos_token_ids = (7, 8)  # the run's own ids win
+    exported = loop._exported_config(from_config_dict(config))
+    assert (exported.bos_token_id, exported.eos_token_ids) == (1, (7, 8))

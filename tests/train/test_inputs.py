@@ -149,6 +149,18 @@ def test_a_checkpoint_of_another_architecture_is_named(one_layer_checkpoint):
     assert "d_model" not in str(error.value)  # only the fields that differ
 
 
+def test_a_checkpoint_trained_with_another_rope_base_is_said(one_layer_checkpoint, caplog):
+    # Same shapes, other numerics: the run trains with the config's, and says so.
+    changes = {"init_checkpoint": str(one_layer_checkpoint), "model.overrides.num_layers": 1}
+    with caplog.at_level("WARNING"):
+        check_inputs(tiny({**changes, "model.overrides.rope_theta": 500.0}))
+    assert "trained with rope_theta=10000.0; the run trains with config.model's 500.0" in (
+        caplog.text
+    )
+    assert "overrides.rope_theta=10000.0 keeps the checkpoint's" in caplog.text
+    assert "norm_eps" not in caplog.text  # only the fields that differ
+
+
 def test_a_directory_that_is_not_a_checkpoint_is_named(tmp_path):
     (tmp_path / "weights").mkdir()
     with pytest.raises(InputError, match="not a model checkpoint") as error:

@@ -3,9 +3,11 @@ divergence. Kills, signals, damage and resumes are in test_faults.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import types
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,7 +22,8 @@ from dga_jax.checkpoint import load_model
 from dga_jax.data.tokenizers import ByteTokenizer
 from train.config import from_config_dict
 from train.loop import run
-from train.trainer import NonFiniteError
+from train.step import TrainState
+from train.trainer import NonFiniteError, Trainer
 
 ROOT = Path(__file__).parents[2]
 
@@ -107,3 +110,69 @@ def test_main_job_command_is_in_the_makefile():
     makefile = (ROOT / "Makefile").read_text()
     assert "-m train --config=configs/tiny_dga.py" in makefile
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
+
+
+class FakeData:
+    """A train iterator that yields nothing the fake step reads; its state is a step count."""
+
+    stats = None
+
+    def __init__(self):
+        self.step = 0
+
+    def __next__(self):
+        self.step += 1
+        return {}
+
+    def get_state(self):
+        return {"step": self.step, "rows": {}}
+
+    def close(self):
+        pass
+
+
+class FakeCheckpoints:
+    def __init__(self):
+        self.saved = []
+
+    def save(self, step, state, data_state, record, *, force):
+        if force:
+            self.saved.append(step)
+
+    def close(self):
+        pass
+
+
+def fake_step(state, batch):
+    """Loss 10 x the step being run: each logged loss tells which steps it averages."""
+    loss = 10.0 * (state.step + 1)
+    return dataclasses.replace(state, step=state.step + 1), {"loss": loss, "grad_norm": loss}
+
+
+def fake_trainer(workdir: Path, **train) -> Trainer:
+    """A Trainer over `tiny(**train)` whose jitted step, batches and checkpoints are stand-ins."""
+    config = from_config_dict(tiny(**train))
+    setup = types.SimpleNamespace(graphdef=None, tx=None, shardings=None, loss_chunks=1)
+    trainer = Trainer(config, setup, FakeData(), FakeCheckpoints(), None, workdir, start=0)
+    trainer.step_fn = fake_step
+    trainer._batch = dict
+    return trainer
+
+
+def zero_state() -> TrainState:
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, {}, {}, zero, zero)
+
+
+def test_a_stop_between_logs_logs_the_steps_since_the_last(tmp_path):
+    trainer = fake_trainer(tmp_path, steps=12, log_every=4)
+    state = zero_state()
+    try:
+        for done in range(1, 7):
+            if done == 6:
+                trainer.stop.received = "SIGTERM"  # as the handler records it
+            state = trainer.step(state, done)
+    finally:
+        trainer.close()
+    assert trainer.stopping and trainer.checkpoints.saved == [6]
+    assert read(tmp_path, "loss") == {4: 25.0, 6: 55.0}  # steps 1-4, then 5-6

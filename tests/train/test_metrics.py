@@ -91,3 +91,9 @@ def test_peak_flops():
     assert metrics.peak_flops("NVIDIA H100 80GB HBM3", 0.0) == 989e12
     assert metrics.peak_flops("cpu", 0.0) is None
     assert metrics.peak_flops("cpu", 1e11) == 1e11
+
+
+def test_peak_flops_takes_the_most_specific_device_kind():
+    assert metrics.peak_flops("TPU v5 lite", 0.0) == 197e12  # not TPU v5(p)'s 459e12
+    assert metrics.peak_flops("TPU v5", 0.0) == 459e12
+    assert metrics.peak_flops("TPU v6 lite", 0.0) == 918e12

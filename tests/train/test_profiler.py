@@ -57,3 +57,30 @@ def test_a_run_resumed_past_the_range_warns_and_traces_nothing(tmp_path, traces,
     assert "no profile is written" in caplog.text
     assert run_steps(step_profiler, 6, 8) == []
     assert traces == []
+
+
+@pytest.mark.parametrize("count, index, expected", [(1, 0, "profile"), (2, 1, "profile/process_1")])
+def test_each_of_several_processes_traces_into_its_own_directory(
+    tmp_path, monkeypatch, count, index, expected
+):
+    # Traces are named by host and second: two processes of a host must not share a directory.
+    directories = []
+
+    def start_trace(directory, **options):
+        directories.append(directory)
+
+    def stop_trace():
+        pass
+
+    def process_count():
+        return count
+
+    def process_index():
+        return index
+
+    monkeypatch.setattr(profiler.jax.profiler, "start_trace", start_trace)
+    monkeypatch.setattr(profiler.jax.profiler, "stop_trace", stop_trace)
+    monkeypatch.setattr(profiler.jax, "process_count", process_count)
+    monkeypatch.setattr(profiler.jax, "process_index", process_index)
+    run_steps(profiler.StepProfiler((1, 1), tmp_path, start=0), 1, 1)
+    assert directories == [str(tmp_path / expected)]

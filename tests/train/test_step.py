@@ -1,0 +1,66 @@
+"""The jitted train and eval steps: micro-batches are the whole batch's mean, one at a time."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dga_jax import Llama, ModelConfig
+from train.config import OptimConfig
+from train.step import TrainState, eval_step, loss_fn, make_optimizer, train_step, weight_decay_mask
+
+CONFIG = ModelConfig.preset("tiny", attention="dga", num_layers=1, vocab_size=64)
+T = 64
+
+
+def batch(rows: int, accum: int) -> dict[str, jax.Array]:
+    tokens = jax.random.randint(jax.random.key(1), (rows, T + 1), 0, CONFIG.vocab_size)
+    shape = (accum, rows // accum, T)
+    return {"inputs": tokens[:, :-1].reshape(shape), "targets": tokens[:, 1:].reshape(shape)}
+
+
+def initial_state(graphdef, params, tx) -> TrainState:
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, tx.init(params), zero, zero)
+
+
+def test_accumulated_micro_batches_step_as_the_whole_batch():
+    graphdef, params = nnx.split(Llama(CONFIG, rngs=nnx.Rngs(0)))
+    tx = make_optimizer(OptimConfig(warmup_steps=0), 10, weight_decay_mask(params))
+    step = jax.jit(functools.partial(train_step, graphdef, tx))
+    whole, whole_metrics = step(initial_state(graphdef, params, tx), batch(4, 1))
+    split, split_metrics = step(initial_state(graphdef, params, tx), batch(4, 4))
+    flat = {k: v.reshape(-1, T) for k, v in batch(4, 1).items()}
+    expected = loss_fn(params, graphdef, flat["inputs"], flat["targets"])
+    np.testing.assert_allclose(split_metrics["loss"], expected, rtol=1e-6)
+    np.testing.assert_allclose(split_metrics["loss"], whole_metrics["loss"], rtol=1e-6)
+    np.testing.assert_allclose(split_metrics["grad_norm"], whole_metrics["grad_norm"], rtol=1e-5)
+    changed = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), whole.params, params)
+    assert min(jax.tree.leaves(changed)) > 0  # the step updated every weight
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+        split.params,
+        whole.params,
+    )
+
+
+def test_evaluation_runs_one_micro_batch_at_a_time():
+    graphdef, params = nnx.split(Llama(CONFIG, rngs=nnx.Rngs(0)))
+    evaluate = jax.jit(functools.partial(eval_step, graphdef))
+    flat = {k: v.reshape(-1, T) for k, v in batch(8, 1).items()}
+    expected = loss_fn(params, graphdef, flat["inputs"], flat["targets"])
+    for accum in (1, 4):
+        np.testing.assert_allclose(evaluate(params, batch(8, accum)), expected, rtol=1e-6)
+    # Its temporaries are those of one micro-batch: the whole batch at once held all of them.
+    temps = {
+        accum: evaluate.lower(params, batch(8, accum))
+        .compile()
+        .memory_analysis()
+        .temp_size_in_bytes
+        for accum in (1, 4)
+    }
+    assert temps[4] < 0.5 * temps[1], temps
