@@ -108,7 +108,7 @@ def attention_record(kind: str, mode: str, length: int, args: argparse.Namespace
 
 def decode_records(length: int, args: argparse.Namespace) -> list[dict]:
     """Every kind's tiny model prefilled with the same prompt, then timed in turns."""
-    max_len = length + 2 * args.steps + 2
+    max_len = length + 2 + args.steps  # 2 untimed steps, then `--steps` timed
     configs = {kind: ModelConfig.preset("tiny", attention=kind) for kind in KINDS}
     configs["dense"] = configs["dense"].replace(attention_impl="blockwise")
     state = nnx.state(Llama(configs["dga"], rngs=nnx.Rngs(0)))
@@ -119,9 +119,9 @@ def decode_records(length: int, args: argparse.Namespace) -> list[dict]:
         decoders[kind] = decoder(graphdef, state, prompt, max_len)
         decoders[kind].run(2)
     times = {kind: [] for kind in KINDS}
-    for _ in range(2):
+    for i in range(2):  # `--steps` in all, in two turns: the first takes one more if odd
         for kind, d in decoders.items():
-            times[kind] += d.run(args.steps)
+            times[kind] += d.run(args.steps // 2 + (i < args.steps % 2))
     return [
         {
             "part": "decode",

@@ -189,10 +189,15 @@ def check_dga_args(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         parser.error(f"--group-size / --focal-ratio: {error}")
 
 
-def check_attention_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """`parser.error` for shapes or DGA settings no variant could run (`add_attention_args`)."""
+def check_heads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`parser.error` unless `args.heads` query heads share `args.kv_heads` key/value heads."""
     if args.heads % args.kv_heads:
         parser.error(f"--heads {args.heads} must be a multiple of --kv-heads {args.kv_heads}")
+
+
+def check_attention_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`parser.error` for shapes or DGA settings no variant could run (`add_attention_args`)."""
+    check_heads(parser, args)
     check_dga_args(parser, args)
 
 

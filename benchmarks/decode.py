@@ -40,7 +40,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from dga_jax import DGAConfig, Llama, ModelConfig
-from dga_jax.model.config import PRESETS
+from dga_jax.model.config import DTYPES, PRESETS
 from dga_jax.ops.dga.decode import cache_bytes
 
 VARIANTS = {"dga": ("dga", None), "dense": ("dense", "blockwise")}
@@ -53,11 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lengths", type=positive_ints, help="prompt lengths; default 4096,...,32768")
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--batch", type=positive_int, default=1)
-    p.add_argument("--dtype", default="float32", help="compute and parameter dtype")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="compute and parameter dtype")
     p.add_argument("--group-size", type=int, default=16)
     p.add_argument("--focal-ratio", type=float, default=0.1)
     p.add_argument("--selection", choices=("global", "streaming"), default="global")
-    p.add_argument("--warmup", type=int, default=8, help="untimed steps after compiling")
+    p.add_argument(
+        "--warmup", type=positive_int, default=8, help="untimed steps (the first compiles the step)"
+    )
     p.add_argument("--steps", type=positive_int, default=64, help="timed steps (median reported)")
     p.add_argument("--rounds", type=positive_int, default=8, help="turns the variants take")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")

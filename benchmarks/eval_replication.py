@@ -65,7 +65,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "replication")
     p.add_argument("--quick", action="store_true", help="few steps, short contexts (CI)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.out = args.out.resolve()  # the trainers run in ROOT: a relative path would move
+    return args
 
 
 def sizes(quick: bool) -> dict:
@@ -139,12 +141,18 @@ def ensure_corpus(corpus: Path, size: dict) -> None:
 def train_all(corpus: Path, out: Path, size: dict) -> dict[str, Path]:
     """Trains the models whose final export is missing, all at once (each a process; on 2
     cores two runs side by side take about as long as the slower one alone would with both
-    cores); returns each kind's final export."""
+    cores); returns each kind's final export. One that fails stops the others."""
     finals = {kind: out / f"train_{kind}" / "model" / str(size["steps"]) for kind in KINDS}
     runs = [train(kind, corpus, out, size) for kind in KINDS if not finals[kind].is_dir()]
-    for run in runs:
-        if run.wait():
-            raise RuntimeError(f"training failed: {' '.join(run.args)}")
+    try:
+        for run in runs:
+            if run.wait():
+                raise RuntimeError(f"training failed: {' '.join(run.args)}")
+    finally:
+        for run in runs:
+            if run.poll() is None:
+                run.terminate()
+                run.wait()
     return finals
 
 

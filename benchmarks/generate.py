@@ -41,11 +41,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="16 prompts of 256 to 2K tokens")
     p.add_argument("--prompts", type=positive_int, help="how many prompts (default 64; quick: 16)")
-    p.add_argument("--shortest", type=int, help="default 1024 (quick: 256)")
-    p.add_argument("--longest", type=int, help="default 8192 (quick: 2048)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--batch", type=int, default=8, help="batch_size of the bucketed run")
-    p.add_argument("--bucket", type=int, help="smallest bucket (default: --shortest)")
+    p.add_argument("--shortest", type=positive_int, help="default 1024 (quick: 256)")
+    p.add_argument("--longest", type=positive_int, help="default 8192 (quick: 2048)")
+    p.add_argument("--new-tokens", type=positive_int, default=32)
+    p.add_argument("--batch", type=positive_int, default=8, help="batch_size of the bucketed run")
+    p.add_argument("--bucket", type=positive_int, help="smallest bucket (default: --shortest)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     quick = args.quick
@@ -53,8 +53,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.shortest = args.shortest or (256 if quick else 1024)
     args.longest = args.longest or (2048 if quick else 8192)
     args.bucket = args.bucket or args.shortest
-    if not 1 <= args.shortest <= args.longest - args.prompts:
-        p.error("need 1 <= --shortest and room for --prompts distinct lengths up to --longest")
+    if args.longest - args.shortest + 1 < args.prompts:
+        p.error(
+            f"--shortest {args.shortest} to --longest {args.longest} holds fewer than "
+            f"--prompts {args.prompts} distinct lengths"
+        )
     return args
 
 

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from common import (
     Calls,
+    check_heads,
     environment,
     length_label,
     positive_int,
@@ -43,23 +44,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="L in {1K, 2K}, 2 repeats")
     p.add_argument("--lengths", type=positive_ints, help="comma list (default 4096,...,32768)")
-    p.add_argument("--tiles", default="64x64", help="the kernels' tiles, rows x keys, comma list")
+    p.add_argument(
+        "--tiles", type=tiles, default="64x64", help="the kernels' tiles, rows x keys, comma list"
+    )
     p.add_argument("--repeats", type=positive_int, help="timed rounds (default 5; --quick: 2)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16")
     p.add_argument("--interpret", action="store_true", help="kernels in Pallas' interpreter")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--heads", type=int, default=32, help="query heads Hq")
-    p.add_argument("--kv-heads", type=int, default=32, help="key/value heads Hkv")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--group-size", type=int, default=16, help="DGA group size m")
+    p.add_argument("--batch", type=positive_int, default=1)
+    p.add_argument("--heads", type=positive_int, default=32, help="query heads Hq")
+    p.add_argument("--kv-heads", type=positive_int, default=32, help="key/value heads Hkv")
+    p.add_argument("--head-dim", type=positive_int, default=128)
+    p.add_argument("--group-size", type=positive_int, default=16, help="DGA group size m")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
+    check_heads(p, args)
     if not args.interpret and jax.default_backend() != "gpu":
         p.error(f"the Triton kernels run on a GPU, not {jax.default_backend()!r}: add --interpret")
     args.lengths = args.lengths or ([1024, 2048] if args.quick else [4096, 8192, 16384, 32768])
-    args.tiles = [tuple(int(n) for n in t.split("x")) for t in args.tiles.split(",")]
     args.repeats = args.repeats or (2 if args.quick else 5)
     return args
+
+
+def tiles(text: str) -> list[tuple[int, int]]:
+    """argparse type: a comma list of "RxK" tiles `ImportanceTile` accepts, e.g. "64x64,128x64"."""
+    out = []
+    for item in text.split(","):
+        rows, x, keys = item.strip().partition("x")
+        if not (x and rows.isdigit() and keys.isdigit()):
+            raise argparse.ArgumentTypeError(f"not rows x keys (e.g. 64x64): {item!r}")
+        try:
+            pallas_gpu_importance.ImportanceTile(int(rows), int(keys))
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{item!r}: {error}") from None
+        out.append((int(rows), int(keys)))
+    return out
 
 
 def variants(args) -> dict[str, functools.partial]:

@@ -16,8 +16,12 @@ _PLATFORMS = {"cuda": "gpu", "rocm": "gpu"}
 
 # Shared memory one block may opt into, by device kind (CUDA programming guide, "technical
 # specifications per compute capability"): sm_90 / sm_100 232,448 B, sm_80 166,912 B,
-# sm_86 / sm_89 101,376 B. A kind not listed gets no pre-check; its compiler decides.
+# sm_86 / sm_89 101,376 B, sm_75 (Turing) 65,536 B. A kind not listed gets no pre-check; its
+# compiler decides. The first family a kind's name contains decides, so Turing's "Quadro RTX
+# 4000" (which contains "RTX 40") and Ampere's "RTX A1000" (which contains "A100") come first.
 _SHARED_MEMORY = (
+    (("Quadro RTX", "TITAN RTX", "GeForce RTX 20", "Tesla T4"), 65_536),
+    (("RTX A",), 101_376),
     (("H100", "H200", "H800", "H20", "GH200", "B200", "B100", "GB200"), 232_448),
     (("A100", "A800", "A30"), 166_912),
     (("L40", "L4", "A10", "A40", "A6000", "RTX 30", "RTX 40"), 101_376),

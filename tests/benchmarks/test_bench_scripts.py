@@ -90,3 +90,51 @@ def test_prefill_refuses_breakdown(tmp_path):
     with pytest.raises(SystemExit, match="--breakdown"):
         load_script("prefill").main(["--lengths", "128", "--breakdown", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("steps", [1, 4, 5])
+def test_baselines_times_exactly_the_decode_steps_asked_for(monkeypatch, steps):
+    load_script("trace_scopes")
+    load_script("common")
+    load_script("decode")
+    baselines = load_script("baselines")
+    monkeypatch.setattr(baselines, "decoder", lambda g, s, prompt, n: _Decoder(prompt.shape[1], n))
+    monkeypatch.setattr(baselines, "cache_bytes", lambda caches: 0)
+    args = baselines.parse_args(["--lengths", "16", "--steps", str(steps)])
+    records = baselines.decode_records(16, args)
+    assert [len(r["times_ms"]) for r in records] == [steps] * len(baselines.KINDS)
+
+
+def _replication():
+    load_script("trace_scopes")
+    load_script("common")
+    return load_script("eval_replication")
+
+
+def test_replication_stops_the_other_training_when_one_fails(monkeypatch, tmp_path):
+    replication, started = _replication(), []
+
+    def train(kind, corpus, out, size):
+        code = "import sys; sys.exit(3)" if kind == "dense" else "import time; time.sleep(60)"
+        started.append(subprocess.Popen([sys.executable, "-c", code]))
+        return started[-1]
+
+    monkeypatch.setattr(replication, "train", train)
+    with pytest.raises(RuntimeError, match="training failed"):
+        replication.train_all(tmp_path / "corpus", tmp_path, {"steps": 2})
+    assert [run.poll() for run in started][0] == 3
+    assert started[1].poll() is not None, "the dga training outlived the failed run"
+
+
+def test_replication_hands_the_trainers_absolute_paths(monkeypatch, tmp_path):
+    """The trainers run in the repository root: a relative --out must not move there."""
+    replication, seen = _replication(), {}
+    monkeypatch.chdir(tmp_path)
+    runs = (tmp_path / "runs").resolve()
+    args = replication.parse_args(["--out", "runs"])
+    assert args.out == runs
+    monkeypatch.setattr(
+        replication.subprocess, "Popen", lambda command, cwd: seen.update(c=command)
+    )
+    replication.train("dga", args.out / "corpus", args.out, replication.sizes(True))
+    assert f"--workdir={runs / 'train_dga'}" in seen["c"]

@@ -64,6 +64,23 @@ def test_on_chip_memory_by_device_kind():
     assert Target("cpu", "cpu").vmem_bytes is None
 
 
+@pytest.mark.parametrize(
+    ("kind", "size"),
+    [
+        ("Quadro RTX 4000", 65_536),  # Turing (sm_75), though its name contains "RTX 40"
+        ("Quadro RTX 3000", 65_536),
+        ("Quadro RTX 8000", 65_536),
+        ("NVIDIA GeForce RTX 2080 Ti", 65_536),
+        ("NVIDIA RTX 4000 Ada Generation", 101_376),  # Ada (sm_89)
+        ("NVIDIA RTX 2000 Ada Generation", None),  # Ada, not listed: not Turing's "RTX 20"
+        ("NVIDIA RTX A1000", 101_376),  # Ampere sm_86, though its name contains "A100"
+        ("NVIDIA RTX A3000 Laptop GPU", 101_376),  # sm_86, though its name contains "A30"
+    ],
+)
+def test_shared_memory_of_cards_whose_names_contain_another_family(kind, size):
+    assert Target("gpu", kind).shared_memory_bytes == size
+
+
 def test_gpu_tiles_that_cannot_fit_shared_memory_are_rejected():
     shape = (1, 4096, 4, 128)
     pallas_gpu.check_fits(pallas_gpu.DEFAULT_BLOCKS, shape, jnp.dtype(jnp.bfloat16), H100)

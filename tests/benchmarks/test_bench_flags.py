@@ -1,0 +1,58 @@
+"""Flags no run could use are argparse errors naming the flag, before any model is built or
+compiled: not a default taken silently in their place, nor a traceback later in the run."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.benchmarks.scripts import load_script
+
+
+def _parse(script: str, argv: list[str]):
+    load_script("trace_scopes")
+    load_script("common")
+    return load_script(script).parse_args(argv)
+
+
+@pytest.mark.parametrize(
+    "script, argv, message",
+    [
+        ("generate", ["--shortest", "0"], "argument --shortest: must be >= 1, got 0"),
+        ("generate", ["--longest", "0"], "argument --longest: must be >= 1, got 0"),
+        ("generate", ["--bucket", "0"], "argument --bucket: must be >= 1, got 0"),
+        ("generate", ["--new-tokens", "0"], "argument --new-tokens: must be >= 1, got 0"),
+        ("generate", ["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+        (
+            "generate",
+            ["--shortest", "8", "--longest", "9", "--prompts", "3"],
+            "--shortest 8 to --longest 9 holds fewer than --prompts 3 distinct lengths",
+        ),
+        ("importance", ["--tiles", "64"], "argument --tiles: not rows x keys (e.g. 64x64): '64'"),
+        (
+            "importance",
+            ["--tiles", "64x64,48x64"],
+            "argument --tiles: '48x64': ImportanceTile.rows",
+        ),
+        ("importance", ["--tiles", "64x8"], "'64x8': ImportanceTile.keys must be a power of two"),
+        ("importance", ["--heads", "0"], "argument --heads: must be >= 1, got 0"),
+        ("importance", ["--group-size", "0"], "argument --group-size: must be >= 1, got 0"),
+        ("importance", ["--heads", "3", "--kv-heads", "2"], "--heads 3 must be a multiple of"),
+        ("decode", ["--warmup", "-1"], "argument --warmup: must be >= 1, got -1"),
+        ("decode", ["--warmup", "0"], "argument --warmup: must be >= 1, got 0"),
+        ("decode", ["--dtype", "foo"], "argument --dtype: invalid choice: 'foo'"),
+    ],
+)
+def test_a_flag_no_run_could_use_is_named(capsys, script, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(script, [*argv, "--interpret"] if script == "importance" else argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_good_flags_are_kept():
+    # As many distinct lengths as prompts: 1..16 holds 16.
+    args = _parse("generate", ["--shortest", "1", "--longest", "16", "--prompts", "16"])
+    assert (args.shortest, args.longest, args.prompts, args.bucket) == (1, 16, 16, 1)
+    args = _parse("importance", ["--interpret", "--tiles", "64x64, 16x32"])
+    assert args.tiles == [(64, 64), (16, 32)]
+    assert _parse("importance", ["--interpret"]).tiles == [(64, 64)]
+    assert _parse("decode", ["--warmup", "1", "--dtype", "bfloat16"]).warmup == 1
