@@ -32,12 +32,14 @@ from dga_jax.ops.tiles import (
     XLA_DOTS,
     BlockSizes,
     Tile,
+    cotangent_like,
     online_finish,
     online_init,
     online_step,
     round_up,
     tile_grads,
     tn_transposed,
+    varying_like,
 )
 
 
@@ -240,7 +242,8 @@ def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
         tile = _prefix_block(spec, prefix, offset, masked)
         return online_step(XLA_DOTS, spec.scale, state, q_prefix, t, tile)
 
-    state = _walk_prefix(spec, n_full, n_edge, visit, online_init(q.shape))
+    state = varying_like(online_init(q.shape), q_prefix, prefix)
+    state = _walk_prefix(spec, n_full, n_edge, visit, state)
     if band is not None:
         split = online_step(
             XLA_DOTS,
@@ -292,7 +295,7 @@ def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, x
             _add_prefix_block(dv_all, offset, dv),
         )
 
-    state = (jnp.zeros(q.shape, jnp.float32), dk_prefix, dv_prefix)
+    state = (varying_like(jnp.zeros(q.shape, jnp.float32), dk_prefix), dk_prefix, dv_prefix)
     dq, dk_prefix, dv_prefix = _walk_prefix(spec, n_full, n_edge, visit, state)
     dqp = None
     if qp is not None:
@@ -337,18 +340,25 @@ def _attend_bwd(spec, residuals, d_out):
         n_edge,
         band_start,
     )
+    carry = (*zeros(prefix, transposed=True), *zeros(band, transposed=False))
     (dk_p, dv_p, dk_b, dv_b), (dq, dqp) = jax.lax.scan(
         functools.partial(_backward_block, spec, prefix, band),
-        (*zeros(prefix, transposed=True), *zeros(band, transposed=False)),
+        varying_like(carry, q, qp, d_out, prefix, band),
         xs,
     )
     dk_p, dv_p = (jnp.swapaxes(x, 1, 2) for x in (dk_p, dv_p))  # [BH, D, N] -> [BH, N, D]
-    d_prefix = Entries(dk_p.astype(prefix.k.dtype), dv_p.astype(prefix.v.dtype), None)
+    d_prefix = Entries(_cotangent(dk_p, prefix.k), _cotangent(dv_p, prefix.v), None)
     d_band = None
     if band is not None:
-        d_band = Entries(dk_b.astype(band.k.dtype), dv_b.astype(band.v.dtype), None)
-    dqp = None if qp is None else dqp.astype(qp.dtype)
-    return dq.astype(q.dtype), dqp, d_prefix, d_band, None, None, None
+        d_band = Entries(_cotangent(dk_b, band.k), _cotangent(dv_b, band.v), None)
+    dqp = None if qp is None else _cotangent(dqp, qp)
+    return _cotangent(dq, q), dqp, d_prefix, d_band, None, None, None
+
+
+def _cotangent(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """A float32 gradient as `primal`'s cotangent: its dtype, summed over the devices that
+    share it (`tiles.cotangent_like`)."""
+    return cotangent_like(ct.astype(primal.dtype), primal)
 
 
 _attend.defvjp(_attend_fwd, _attend_bwd)

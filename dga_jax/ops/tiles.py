@@ -140,6 +140,40 @@ def online_init(q_shape: tuple[int, ...]) -> State:
     )
 
 
+def varying_like(x, *like):
+    """x (a pytree) typed as varying over every manual mesh axis some array of `like` varies
+    over: a loop's initial carry, whose body mixes in `like`. Inside a `jax.shard_map` that
+    checks types (check_vma) a carry must vary as the body's outputs do; the cast is free (it
+    lowers to nothing) and outside `jax.shard_map` x comes back as it is."""
+    axes = frozenset().union(*(_varying_axes(a) for a in jax.tree.leaves(like)))
+
+    def cast(leaf):
+        missing = _ordered(axes - _varying_axes(leaf))
+        return jax.lax.pcast(leaf, missing, to="varying") if missing else leaf
+
+    return jax.tree.map(cast, x)
+
+
+def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
+    """The cotangent of `primal` from this device's share ct, typed as primal's (as a custom
+    VJP's must be): summed over the manual mesh axes ct varies over and primal does not (every
+    device there used the same primal), cast to vary where primal does. Outside a
+    `jax.shard_map` that checks types (check_vma), ct as it is."""
+    extra = _ordered(_varying_axes(ct) - _varying_axes(primal))
+    return varying_like(jax.lax.psum(ct, extra) if extra else ct, primal)
+
+
+def _ordered(axes: frozenset) -> tuple:
+    return tuple(sorted(axes, key=str))
+
+
+def _varying_axes(x: jax.Array) -> frozenset:
+    """The manual mesh axes x varies over (JAX 0.10 renamed ShapedArray.vma)."""
+    aval = jax.typeof(x)
+    axis_type = getattr(aval, "manual_axis_type", None)
+    return aval.vma if axis_type is None else axis_type.varying
+
+
 def online_step(dots: Dots, scale: float, state: State, q, t, tile: Tile) -> State:
     """One online-softmax update of `state` by the tile's entries.
 

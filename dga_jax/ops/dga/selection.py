@@ -22,7 +22,13 @@ import numpy as np
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import LayoutSizes
 from dga_jax.ops.intervals import NEVER
-from dga_jax.ops.tiles import BlockSizes, mass_stats_step, probability_mass, round_up
+from dga_jax.ops.tiles import (
+    BlockSizes,
+    mass_stats_step,
+    probability_mass,
+    round_up,
+    varying_like,
+)
 
 
 def sampled_positions(seq_len: int, group_size: int) -> np.ndarray:
@@ -136,6 +142,11 @@ class ImportanceTiles:
         return cls(qs, ks, row_pos, key_pos, rows, block, group_size, scale)
 
     @property
+    def arrays(self) -> tuple[jax.Array, ...]:
+        """The tiles' arrays, which every pass over them mixes in (`varying_like`)."""
+        return self.qs, self.ks, self.row_pos, self.key_pos
+
+    @property
     def row_blocks(self) -> int:
         return self.qs.shape[1] // self.rows
 
@@ -194,7 +205,7 @@ def _sampled_stats(tiles: ImportanceTiles, i: jax.Array) -> tuple[jax.Array, jax
         )
 
     shape = (tiles.qs.shape[0], tiles.rows * tiles.qs.shape[2])
-    init = (jnp.full(shape, -jnp.inf), jnp.zeros(shape))
+    init = varying_like((jnp.full(shape, -jnp.inf), jnp.zeros(shape)), tiles.arrays)
     keys = jnp.searchsorted(tiles.key_pos, jnp.max(tiles.positions(i)), side="right")
     return jax.lax.fori_loop(0, -(-keys // tiles.block), body, init)
 
@@ -218,7 +229,7 @@ def _key_importance(tiles: ImportanceTiles, lse: jax.Array, kb: jax.Array) -> ja
 
     # Sampled tile i spans positions < (i + 1) * rows * m: earlier tiles end before key block kb.
     first = tiles.key_pos[kb * tiles.block] // (tiles.rows * tiles.group_size)
-    init = jnp.zeros((tiles.qs.shape[0], tiles.block))
+    init = varying_like(jnp.zeros((tiles.qs.shape[0], tiles.block)), tiles.arrays, lse)
     return jax.lax.fori_loop(first, tiles.row_blocks, body, init)
 
 
@@ -243,7 +254,7 @@ def top_r_mask(score: jax.Array, r: int | jax.Array) -> jax.Array:
 
     lo = jnp.zeros(score.shape[:-1], jnp.int32)
     hi = jnp.full(score.shape[:-1], np.int32(0x7F800001))  # above +inf
-    threshold, _ = jax.lax.fori_loop(0, 31, narrow, (lo, hi))
+    threshold, _ = jax.lax.fori_loop(0, 31, narrow, varying_like((lo, hi), bits, r))
     threshold = threshold[..., None]
     above = bits > threshold
     ties = bits == threshold

@@ -103,7 +103,7 @@ def per_shard(
         return body(q, k, v, **dict(zip(names, operands, strict=True)))
 
     specs = (spec,) * 3 + tuple(split_as[name] for name in names)
-    # check_vma=False: the layout's loop carries are not marked as varying over the mesh.
+    # check_vma=False: the Pallas kernels' outputs do not say how they vary over the mesh.
     sharded = jax.shard_map(call, in_specs=specs, out_specs=spec, check_vma=False)
     return sharded(q, k, v, *extra.values())
 

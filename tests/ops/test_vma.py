@@ -1,0 +1,79 @@
+"""Attention inside a user's own `jax.shard_map` that checks types (check_vma=True, the default).
+
+Models that shard_map themselves (batch or head parallel, the attention per shard) call
+`dga_attention` and `dense_attention` on local slices: the XLA walk's and selection's loop
+carries must vary over the mesh as the inputs do, and the custom VJPs' cotangents must have
+their primals' types. Values and gradients equal one device's. The script runs in a subprocess
+on 4 fake CPU devices (the flag must be set before JAX starts) and prints "ok" last.
+"""
+
+from __future__ import annotations
+
+import textwrap
+
+from tests.conftest import run_on_fake_devices
+
+SCRIPT = textwrap.dedent(
+    """
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    import dga_jax
+    from dga_jax.ops.context import ContextSplit
+    from tests.conftest import FORWARD_TOL, GRAD_TOL, assert_close, random_qkv
+
+    F32 = jnp.float32
+    q, k, v = random_qkv(0, 2, 32, 4, 2, 8)
+
+
+    def value_and_grads(fn, q, k, v):
+        def loss(q, k, v):
+            out = fn(q, k, v)
+            return jnp.sum(jnp.sin(out)), out
+        (_, out), grads = jax.jit(
+            jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
+        )(q, k, v)
+        return out, grads
+
+
+    def check(what, whole, local, spec, mesh):
+        # local(q, k, v) under jax.shard_map (check_vma=True) equals whole(q, k, v).
+        want = value_and_grads(whole, q, k, v)
+        sharded = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+        placed = (jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v))
+        got = value_and_grads(sharded, *placed)
+        assert_close(got[0], want[0], FORWARD_TOL[F32])
+        for a, b in zip(got[1], want[1], strict=True):
+            assert_close(a, b, GRAD_TOL[F32])
+        print("equal:", what, flush=True)
+
+
+    # Batch and heads split at once (each device one row and one KV head with its queries).
+    mesh = jax.make_mesh((2, 2), ("batch", "heads"))
+    spec = P("batch", None, "heads")
+    dga = functools.partial(dga_jax.dga_attention, group_size=4, focal_ratio=0.25)
+    for selection in ("global", "streaming"):
+        fn = functools.partial(dga, selection=selection)
+        check(selection, fn, fn, spec, mesh)
+    for implementation in ("xla", "blockwise"):
+        fn = functools.partial(dga_jax.dense_attention, implementation=implementation)
+        check(("dense", implementation), fn, fn, spec, mesh)
+
+    # The sequence split too ("dga" context parallelism by hand): the compressed prefix is
+    # summed over the devices, so its gradient is.
+    mesh = jax.make_mesh((2, 2), ("batch", "seq"))
+    spec = P("batch", "seq")
+    split = ContextSplit("seq", 2)
+    check("split", dga, functools.partial(dga, split=split), spec, mesh)
+    fn = functools.partial(dga_jax.dense_attention, implementation="blockwise")
+    check(("split", "dense"), fn, functools.partial(fn, split=split), spec, mesh)
+    print("ok")
+    """
+)
+
+
+def test_attention_in_a_type_checked_shard_map():
+    run_on_fake_devices(SCRIPT, devices=4)
