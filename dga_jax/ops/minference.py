@@ -25,7 +25,14 @@ import jax.numpy as jnp
 
 from dga_jax.ops.checks import check_lengths, check_qkv, is_int
 from dga_jax.ops.intervals import NEVER
-from dga_jax.ops.tiles import XLA_DOTS, Tile, online_finish, online_init, online_step
+from dga_jax.ops.tiles import (
+    XLA_DOTS,
+    Tile,
+    online_finish,
+    online_init,
+    online_step,
+    varying_like,
+)
 
 LAST_Q = 64  # queries that estimate the pattern
 BLOCK = 64  # rows per pattern block, keys per attended block (the reference's BLOCK_M, _N)
@@ -144,7 +151,7 @@ def slash_blocks(offsets: jax.Array, num_blocks: int) -> tuple[jax.Array, jax.Ar
         range_end = jnp.where(opened, w, jnp.where(extended, range_end + BLOCK, range_end))
         return (started | active, range_end), first
 
-    zeros = jnp.zeros((offsets.shape[0], num_blocks), jnp.int32)
+    zeros = varying_like(jnp.zeros((offsets.shape[0], num_blocks), jnp.int32), offsets)
     _, firsts = jax.lax.scan(step, (zeros.astype(bool), zeros), offsets.T)  # [ns, N, nb]
     firsts = jnp.sort(jnp.moveaxis(firsts, 0, -1), axis=-1)[..., : num_blocks + 1]
     width = -(-firsts.shape[-1] // BLOCKS_PER_TILE) * BLOCKS_PER_TILE
@@ -229,7 +236,8 @@ def _walk_step(scale, keys, values, lanes, cols, xs):
         return online_step(XLA_DOTS, scale, state, q, t, Tile(k, v, start))
 
     n_tiles = -(-jnp.max(counts) // BLOCKS_PER_TILE)
-    state = jax.lax.fori_loop(0, n_tiles, block_step, online_init(q.shape))
+    state = varying_like(online_init(q.shape), q, keys, values, firsts)
+    state = jax.lax.fori_loop(0, n_tiles, block_step, state)
     covered = _covered(firsts, cols[2])  # [N, P, nv']
     seen = jnp.max(jnp.sum(cols[2] <= t[-1, -1, 0], axis=-1))
     state = jax.lax.fori_loop(

@@ -1,10 +1,11 @@
 """Attention inside a user's own `jax.shard_map` that checks types (check_vma=True, the default).
 
 Models that shard_map themselves (batch or head parallel, the attention per shard) call
-`dga_attention` and `dense_attention` on local slices: the XLA walk's and selection's loop
-carries must vary over the mesh as the inputs do, and the custom VJPs' cotangents must have
-their primals' types. Values and gradients equal one device's. The script runs in a subprocess
-on 4 fake CPU devices (the flag must be set before JAX starts) and prints "ok" last.
+`dga_attention` and `dense_attention` on local slices: the loop carries of the XLA walk, of
+selection and of MInference must vary over the mesh as the inputs do, and the custom VJPs'
+cotangents must have their primals' types. Values and gradients equal one device's. The script
+runs in a subprocess on 4 fake CPU devices (the flag must be set before JAX starts) and prints
+"ok" last.
 """
 
 from __future__ import annotations
@@ -61,6 +62,15 @@ SCRIPT = textwrap.dedent(
     for implementation in ("xla", "blockwise"):
         fn = functools.partial(dga_jax.dense_attention, implementation=implementation)
         check(("dense", implementation), fn, fn, spec, mesh)
+
+    # MInference (forward only: it has no backward), at a length its blocks need.
+    from dga_jax.ops.minference import MInferenceConfig, minference_attention
+    fn = functools.partial(minference_attention, config=MInferenceConfig())
+    qm, km, vm = random_qkv(1, 2, 128, 4, 2, 8)
+    sharded = jax.shard_map(fn, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+    placed = (jax.device_put(x, NamedSharding(mesh, spec)) for x in (qm, km, vm))
+    assert_close(jax.jit(sharded)(*placed), fn(qm, km, vm), FORWARD_TOL[F32])
+    print("equal: minference", flush=True)
 
     # The sequence split too ("dga" context parallelism by hand): the compressed prefix is
     # summed over the devices, so its gradient is.
