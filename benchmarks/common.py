@@ -243,7 +243,8 @@ DEFAULT_VARIANTS = "dga_xla,dense_xla,dense_blockwise"  # what runs on any backe
 def variant_config(args: argparse.Namespace, variant: str) -> ModelConfig:
     """The model of `args.preset` (with `args.layers` layers if given) and `variant` attention."""
     attention, impl = VARIANTS[variant]
-    given = {"num_layers": args.layers, "dtype": args.dtype}
+    scan = None if args.scan_layers is None else args.scan_layers == "true"
+    given = {"num_layers": args.layers, "dtype": args.dtype, "scan_layers": scan}
     return ModelConfig.preset(
         args.preset,
         attention=attention,
@@ -266,6 +267,9 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
     parser.add_argument("--layers", type=positive_int, default=None, help="default: the preset's")
     parser.add_argument(
         "--dtype", choices=("float32", "bfloat16"), default=None, help="compute; the preset's"
+    )
+    parser.add_argument(
+        "--scan-layers", choices=("true", "false"), default=None, help="default: the preset's"
     )
     parser.add_argument(
         "--variants",

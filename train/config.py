@@ -286,7 +286,12 @@ RESUME_FIXED = (
 )
 
 # Keys added to the config since older checkpoints were written, with the value those runs had.
-ADDED_KEYS = {"data.add_bos": True, "data.add_eos": True, "train.loss_chunks": 1}
+ADDED_KEYS = {
+    "data.add_bos": True,
+    "data.add_eos": True,
+    "train.loss_chunks": 1,
+    "model.scan_layers": True,
+}
 
 
 def flat_record(config: TrainConfig) -> dict[str, Any]:

@@ -115,6 +115,7 @@ def _model_changes(config: TrainConfig) -> dict[str, Any]:
         "dtype",
         "param_dtype",
         "remat",
+        "scan_layers",
         "rope_scaling",
         "max_position",
     )

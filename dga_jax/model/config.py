@@ -119,6 +119,10 @@ class ModelConfig:
     context_parallel: str = "auto"  # how a sequence split over the `seq` mesh axis is attended
     context_order: str = "contiguous"  # or "zigzag": rows of a split sequence in zig-zag order
     remat: str = "none"
+    # False: the layers unrolled into one program instead of a scan over the stacked weights
+    # (MaxText's scan_layers). Faster for a few layers (no stacked residuals to fill and slice);
+    # compile time and program size grow with num_layers. The weights stay stacked either way.
+    scan_layers: bool = True
     # Special token ids, carried from a HF config to its export; they fix no parameter's shape.
     bos_token_id: int | None = None
     # HF's eos_token_id: one id or several (a checkpoint's generation_config.json's included)
@@ -246,10 +250,11 @@ def _is_int(value: Any) -> bool:
 
 
 def _check_numbers(config: ModelConfig) -> None:
-    """RoPE's base and RMSNorm's epsilon, which would make NaN logits, `tie_embeddings` (a
-    "false" would tie), and the token ids, which must keep the config hashable."""
-    if not isinstance(config.tie_embeddings, bool):
-        raise ValueError(f"model.tie_embeddings must be a bool, got {config.tie_embeddings!r}")
+    """RoPE's base and RMSNorm's epsilon, which would make NaN logits, the bools (a "false"
+    would be true), and the token ids, which must keep the config hashable."""
+    for name in ("tie_embeddings", "scan_layers"):
+        if not isinstance(getattr(config, name), bool):
+            raise ValueError(f"model.{name} must be a bool, got {getattr(config, name)!r}")
     if not (_is_number(config.rope_theta) and config.rope_theta > 0):
         raise ValueError(f"model.rope_theta must be a number > 0, got {config.rope_theta!r}")
     if not (_is_number(config.norm_eps) and config.norm_eps >= 0):
@@ -461,5 +466,6 @@ PRESETS: dict[str, ModelConfig] = {
         head_dim=32,
         intermediate_size=344,
         max_position=32768,
+        scan_layers=False,
     ),
 }

@@ -146,7 +146,7 @@ class Llama(nnx.Module):
 
         if config.remat != "none":
             layer_step = jax.checkpoint(layer_step, policy=REMAT[config.remat])
-        x, _ = jax.lax.scan(layer_step, x, state)
+        x, _ = self._over_layers(layer_step, x, state)
         return x
 
     def row_positions(self, seq_len: int) -> np.ndarray:
@@ -182,7 +182,7 @@ class Llama(nnx.Module):
             x, cache = nnx.merge(graphdef, layer_state).prefill(x, max_len, capacity, lengths)
             return self._constrain(x), cache
 
-        x, caches = jax.lax.scan(layer_step, self.embed_tokens(tokens), state)
+        x, caches = self._over_layers(layer_step, self.embed_tokens(tokens), state)
         if last_only:
             last = tokens.shape[1] - 1 if lengths is None else jnp.asarray(lengths) - 1
             x = jnp.take_along_axis(x, jnp.broadcast_to(last, x.shape[:1])[:, None, None], axis=1)
@@ -199,7 +199,9 @@ class Llama(nnx.Module):
             x, update = nnx.merge(graphdef, layer_state).decode(x, cache)
             return self._constrain(x), update
 
-        x, updates = jax.lax.scan(layer_step, self.embed_tokens(tokens[:, None]), (state, caches))
+        x, updates = self._over_layers(
+            layer_step, self.embed_tokens(tokens[:, None]), (state, caches)
+        )
         # Every layer's cache is read in the scan and written after it: XLA then updates the
         # buffers in place instead of copying each layer's cache every step.
         return self.logits(x)[:, 0], jax.vmap(apply_update)(caches, updates)
@@ -217,6 +219,11 @@ class Llama(nnx.Module):
         return jnp.einsum(
             "btd,dv->btv", x, head.astype(config.compute_dtype), preferred_element_type=jnp.float32
         )
+
+    def _over_layers(self, layer_step, x: jax.Array, per_layer):
+        """`jax.lax.scan` of layer_step over the stacked layers (per_layer: leaves [L, ...]);
+        fully unrolled with config.scan_layers False."""
+        return jax.lax.scan(layer_step, x, per_layer, unroll=not self.config.scan_layers)
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         """Pins activations [B, T, D] to (batch, seq) sharding where a mesh is set."""

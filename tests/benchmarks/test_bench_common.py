@@ -95,3 +95,12 @@ def test_breakdown_off_cpu_is_refused_before_anything_runs(monkeypatch, capsys):
         exit_info.value.code == 2 and "--breakdown reads XLA:CPU traces" in capsys.readouterr().err
     )
     assert common.parse_variant_args("test", []).breakdown is False
+
+
+def test_scan_layers_is_the_presets_unless_given():
+    common = _common()
+    scanned = [
+        common.variant_config(common.parse_variant_args("test", flags), "dga_xla").scan_layers
+        for flags in ([], ["--scan-layers", "true"], ["--scan-layers", "false"])
+    ]
+    assert scanned == [False, True, False]  # the tiny preset unrolls its two layers

@@ -135,6 +135,28 @@ def test_remat_keeps_values_and_gradients(no_remat, remat):
         np.testing.assert_allclose(g_r, g, atol=1e-6, rtol=1e-5)
 
 
+def test_scanned_and_unrolled_layers_are_one_model(no_remat):
+    # The tiny preset unrolls its layers (scan_layers=False); a scan over the same stacked
+    # weights computes the same values, gradients, prefill and decoding.
+    assert not REMAT_BASE.scan_layers
+    scanned = REMAT_BASE.replace(scan_layers=True)
+    value, grads = loss_and_grads(scanned)
+    np.testing.assert_allclose(value, no_remat[0], rtol=1e-6)
+    for g, g_u in zip(jax.tree.leaves(grads), jax.tree.leaves(no_remat[1]), strict=True):
+        np.testing.assert_allclose(g, g_u, atol=1e-6, rtol=1e-5)
+    decoded = []
+    for config in (scanned, REMAT_BASE):
+        model = Llama(config, rngs=nnx.Rngs(0))
+        prompt = tokens(t=12)
+        logits, caches = model.prefill(prompt, 16)
+        step_logits, _ = model.decode_step(prompt[:, -1], caches)
+        decoded.append((logits, step_logits))
+    for a, b in zip(*decoded, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="model.scan_layers must be a bool, got 'no'"):
+        REMAT_BASE.replace(scan_layers="no")
+
+
 @pytest.mark.parametrize("remat, saved", [("full", 0), ("save_dots", 2), ("save_dots_no_batch", 2)])
 def test_remat_policies_see_the_projections(capsys, remat, saved):
     """The dot policies save the MLP's gate and up outputs (its [T, F] projections), though their
