@@ -134,8 +134,7 @@ def check_mesh_fits(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
         ),
     )
     for what, size, logical in sizes:
-        axes = axis_names(DEFAULT_RULES.spec((logical,))[0])
-        parts = math.prod(mesh.shape[axis] for axis in axes)
+        axes, parts = _mesh_parts(mesh, logical)
         how = " x ".join(f"config.mesh.{axis}={mesh.shape[axis]}" for axis in axes)
         if logical == "seq" and zigzag and parts > 1:
             parts, how = 2 * parts, f"2 x {how} (config.mesh.context_order='zigzag')"
@@ -159,8 +158,7 @@ def check_mesh_fits(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
 def _check_whole_sequences(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     """A `ConfigError` if `config.model.attention` has no context parallelism and the mesh
     splits the sequence (the model would raise deep inside tracing)."""
-    axes = axis_names(DEFAULT_RULES.spec(("seq",))[0])
-    parts = math.prod(mesh.shape[axis] for axis in axes)
+    axes, parts = _mesh_parts(mesh, "seq")
     if config.model.attention in BASELINE_KINDS and parts > 1:
         how = ", ".join(f"config.mesh.{axis}={mesh.shape[axis]}" for axis in axes)
         raise ConfigError(
@@ -168,6 +166,12 @@ def _check_whole_sequences(config: TrainConfig, mesh: jax.sharding.Mesh) -> None
             f"parallelism: it needs whole sequences, but {how} splits them; set the mesh's seq "
             "to 1 (or attention 'dense' / 'dga')"
         )
+
+
+def _mesh_parts(mesh: jax.sharding.Mesh, logical: str) -> tuple[tuple[str, ...], int]:
+    """The mesh axes `DEFAULT_RULES` put `logical` on, and into how many parts they split it."""
+    axes = axis_names(DEFAULT_RULES.spec((logical,))[0])
+    return axes, math.prod(mesh.shape[axis] for axis in axes)
 
 
 # Model config fields that size a weight dimension, and that dimension's logical axis.
