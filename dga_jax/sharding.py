@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 from jax.sharding import PartitionSpec
@@ -99,3 +99,47 @@ def mesh_shape(
     if math.prod(sizes) != device_count:
         raise ConfigError(f"{name} {sizes} needs {math.prod(sizes)} devices, have {device_count}")
     return tuple(sizes)  # type: ignore[return-value]
+
+
+def explicit_axes(*trees) -> tuple[str, ...]:
+    """The mesh axes of `AxisType.Explicit` (JAX's sharding in types, `jax.make_mesh`'s default
+    axes) that some array in `trees` is typed as sharded over, sorted."""
+    axes = set()
+    for leaf in jax.tree.leaves(trees):
+        sharding = (
+            getattr(jax.typeof(leaf), "sharding", None) if isinstance(leaf, jax.Array) else None
+        )
+        if sharding is None or not sharding.mesh.axis_names:
+            continue
+        types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True))
+        for entry in sharding.spec:
+            names = entry if isinstance(entry, tuple) else (entry,)
+            axes.update(n for n in names if types.get(n) == jax.sharding.AxisType.Explicit)
+    return tuple(sorted(axes))
+
+
+def with_auto_axes(fn: Callable, *args):
+    """fn(*args), its output shaped and sharded as args[0]: with the Explicit mesh axes the
+    arguments are typed over (`explicit_axes`) turned Auto inside fn, so that its reshapes and
+    loop carries (written for untyped sharding: attention's walks) leave the layout to the
+    compiler; the output is typed as args[0] again. Without such axes, fn(*args) as it is."""
+    axes = explicit_axes(args)
+    if not axes:
+        return fn(*args)
+    out_sharding = jax.typeof(args[0]).sharding
+    return jax.sharding.auto_axes(fn, axes=axes, out_sharding=out_sharding)(*args)
+
+
+def check_auto_mesh(what: str) -> None:
+    """A ValueError naming `what` if the mesh `jax.set_mesh` set has Explicit axes: the model
+    places parameters and activations by logical rules (`LogicalRules`), which need Auto axes."""
+    mesh = jax.sharding.get_abstract_mesh()
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True)) if not mesh.empty else {}
+    explicit = [name for name, kind in types.items() if kind == jax.sharding.AxisType.Explicit]
+    if explicit:
+        raise ValueError(
+            f"{what} shards by logical rules over Auto mesh axes, but the mesh set by "
+            f"jax.set_mesh has Explicit axes {explicit} (jax.make_mesh's default): build it with "
+            "dga_jax.make_mesh, or jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) "
+            "* len(axis_names))"
+        )

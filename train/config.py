@@ -263,8 +263,21 @@ def from_config_dict(config: Any) -> TrainConfig:
             "training-free prefill method): train with attention 'dense' or 'dga' and evaluate "
             "under it"
         )
+    _check_positions(sections.data.seq_len, model)
     fields = {f.name: getattr(sections, f.name) for f in dataclasses.fields(_Sections)}
     return TrainConfig(**{**fields, "model": model})
+
+
+def _check_positions(seq_len: int, model: ModelConfig) -> None:
+    """Training rows past the model's max_position would teach positions its exported config
+    disowns (generation refuses them: `dga_jax.generate.check_context`). StreamingLLM and
+    LM-Infinite cap every RoPE distance by their window: any length is theirs."""
+    if model.sinks is None and seq_len > model.max_position:
+        raise ConfigError(
+            f"config.data.seq_len={seq_len} is past the model's max_position="
+            f"{model.max_position}: set --config.model.overrides.max_position={seq_len} (with "
+            "rope_scaling, if the checkpoint was trained shorter) to train at that length"
+        )
 
 
 # Attention kinds that the model runs but cannot train (dga_jax.ops.minference: no backward).

@@ -72,7 +72,12 @@ class MetricsLog:
         except ImportError:
             logging.info("tensorboardX not installed: metrics go to %s only", self.path)
         else:
-            self.tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"))
+            # On resume TensorBoard hides the old run's events after the restored step, as
+            # metrics.jsonl drops its records (else the two runs' curves overlap there).
+            purge_step = resume_step + 1 if resume_step else None
+            self.tensorboard = SummaryWriter(
+                str(Path(workdir) / "tensorboard"), purge_step=purge_step
+            )
 
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:

@@ -32,8 +32,11 @@ class StepProfiler:
     def annotate(self, step: int):
         """The context of one step: its trace annotation (inert outside a trace)."""
         if self.steps is not None and not self.active and self.steps[0] <= step <= self.steps[1]:
-            jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
-            self.active = True
+            try:
+                jax.profiler.start_trace(str(self.directory), create_perfetto_trace=True)
+                self.active = True
+            except Exception as error:  # the profiler raises bare and runtime errors
+                self._failed("start", error)
         return jax.profiler.StepTraceAnnotation("train", step_num=step)
 
     def finished(self, step: int, outputs) -> None:
@@ -44,10 +47,27 @@ class StepProfiler:
 
     def close(self) -> None:
         """Stops a trace still running (a run stopped before its last profiled step)."""
-        if self.active:
+        if not self.active:
+            return
+        self.active = False
+        try:
             jax.profiler.stop_trace()
-            self.active = False
-            logging.info("profile written to %s", self.directory)
+        except Exception as error:  # the profiler raises bare and runtime errors
+            self._failed("write", error)
+            return
+        logging.info("profile written to %s", self.directory)
+
+    def _failed(self, what: str, error: Exception) -> None:
+        """A trace that cannot start or be written costs the profile, not the run."""
+        self.steps = None
+        logging.warning(
+            "config.train.profile_steps: could not %s the trace in %s (%s: %s); training goes "
+            "on without it",
+            what,
+            self.directory,
+            type(error).__name__,
+            error,
+        )
 
 
 def _trace_directory(workdir: Path) -> Path:

@@ -171,13 +171,25 @@ class Trainer:
         )
 
     def close(self) -> None:
-        """Releases everything; the pending checkpoint save last (its failure raises)."""
-        self.profiler.close()
-        self.progress.close()
-        self.train_iter.close()
-        self.log.close()
-        self.stop.restore()
-        self.checkpoints.close()
+        """Releases everything, the pending checkpoint save last. Each release runs even if one
+        before it fails; the failures are logged and the last raises (a failed save's, if any)."""
+        releases = (
+            self.profiler.close,
+            self.progress.close,
+            self.train_iter.close,
+            self.log.close,
+            self.stop.restore,
+            self.checkpoints.close,
+        )
+        failed = None
+        for release in releases:
+            try:
+                release()
+            except Exception as error:  # any release's; the later ones must still run
+                logging.error("closing the run: %s: %s", type(error).__name__, error)
+                failed = error
+        if failed is not None:
+            raise failed
 
 
 def _check_finite(state: TrainState, config: TrainConfig, step: int) -> None:

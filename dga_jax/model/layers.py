@@ -12,7 +12,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from dga_jax.model.config import ModelConfig, RopeScaling
-from dga_jax.sharding import LogicalRules
+from dga_jax.sharding import LogicalRules, check_auto_mesh
 
 
 def param(rngs: nnx.Rngs, shape, logical, rules: LogicalRules, dtype, init=None) -> nnx.Param:
@@ -20,6 +20,7 @@ def param(rngs: nnx.Rngs, shape, logical, rules: LogicalRules, dtype, init=None)
     they map to, so NNX creates it directly on its devices."""
     init = init or nnx.initializers.lecun_normal()
     metadata = {"logical_axes": logical}
+    check_auto_mesh("the model")
     if not jax.sharding.get_abstract_mesh().empty:
         metadata["out_sharding"] = rules.spec(logical)
     return nnx.Param(init(rngs.params(), shape, dtype), **metadata)

@@ -14,7 +14,7 @@ from dga_jax.ops.context import zigzag_order
 from dga_jax.ops.dense_decode import DenseCache, DenseUpdate
 from dga_jax.ops.dga.decode import DGACache, DGAUpdate, apply_update
 from dga_jax.ops.dga.sharded import shard_count
-from dga_jax.sharding import DEFAULT_RULES, LogicalRules
+from dga_jax.sharding import DEFAULT_RULES, LogicalRules, check_auto_mesh
 
 _POLICIES = jax.checkpoint_policies
 _PROJECTIONS = _POLICIES.save_only_these_names(PROJECTION)  # their dots sit in a custom_vjp
@@ -208,6 +208,7 @@ class Llama(nnx.Module):
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int -> [B, T, D] in the compute dtype."""
+        check_auto_mesh("the model")
         x = self.embed[...].astype(self.config.compute_dtype)[tokens]
         return self._constrain(x)
 

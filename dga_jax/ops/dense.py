@@ -19,6 +19,7 @@ from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.intervals import Entries, interval_attention
 from dga_jax.ops.target import placed_target
 from dga_jax.ops.tiles import BlockSizes
+from dga_jax.sharding import with_auto_axes
 
 DENSE_IMPLEMENTATIONS = ("xla", "blockwise", "cudnn")
 # "blockwise" tiles: over the whole past, 512 x 512 ran its forward+backward 1-4% faster than
@@ -63,15 +64,14 @@ def dense_attention(
         )
     if implementation == "cudnn" and platform != "gpu":
         raise ValueError(f"implementation='cudnn' needs GPU devices; inputs are on {platform!r}")
-    return _dense(
-        q,
-        k,
-        v,
+    run = functools.partial(
+        _dense,
         scale=scale,
         implementation=implementation,
         block_sizes=check_block_sizes(block_sizes, DENSE_BLOCKS),
         split=split,
     )
+    return with_auto_axes(run, q, k, v)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "implementation", "block_sizes", "split"))

@@ -33,6 +33,7 @@ from dga_jax.ops.tiles import (
     online_step,
     varying_like,
 )
+from dga_jax.sharding import with_auto_axes
 
 LAST_Q = 64  # queries that estimate the pattern
 BLOCK = 64  # rows per pattern block, keys per attended block (the reference's BLOCK_M, _N)
@@ -84,7 +85,12 @@ def minference_attention(
     clipped where traced): row b valid up to lengths[b] (right padding), estimated from its own
     last queries, so it equals the row alone."""
     scale = check_qkv(q, k, v, None)
-    columns, offsets = estimate_pattern(q, k, config, lengths)
+    run = functools.partial(_pattern_attention, config, scale)
+    return with_auto_axes(run, q, k, v, _clipped_lengths(lengths, q))
+
+
+def _pattern_attention(config, scale, q, k, v, length):
+    columns, offsets = _estimate(q, k, length, config)
     return _no_backward(q, k, v, columns, offsets, scale)
 
 
@@ -95,11 +101,16 @@ def estimate_pattern(
     with (nv, ns) = config.counts(L). Ties go to the lower column and the shorter offset.
     `lengths`: as `minference_attention`'s."""
     check_qkv(q, k, k, None)
+    return _estimate(q, k, _clipped_lengths(lengths, q), config)
+
+
+def _clipped_lengths(lengths: jax.Array | None, q: jax.Array) -> jax.Array:
+    """lengths checked (`check_lengths`), clipped to [0, L]; None: every row whole. -> [B] int32"""
     b, seq_len = q.shape[:2]
     length = check_lengths(lengths, b, seq_len)
     if length is None:
         length = jnp.full((b,), seq_len, jnp.int32)
-    return _estimate(q, k, jnp.clip(length, 0, seq_len), config)
+    return jnp.clip(length, 0, seq_len)
 
 
 @functools.partial(jax.jit, static_argnames="config")

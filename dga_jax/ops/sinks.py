@@ -38,6 +38,7 @@ from dga_jax.ops.checks import check_qkv, is_int
 from dga_jax.ops.dga.backends import check_implementation, interval_implementation
 from dga_jax.ops.intervals import Entries
 from dga_jax.ops.tiles import BlockSizes
+from dga_jax.sharding import with_auto_axes
 
 
 def _check_sizes(kind: str, **sizes: int) -> None:
@@ -166,18 +167,15 @@ def sink_attention(
     implementation, block_sizes = check_implementation(
         implementation, block_sizes, interpret, q, k, v
     )
-    return _sink_attention(
-        q,
-        k,
-        v,
-        q_far,
-        k_far,
-        config,
+    run = functools.partial(
+        _sink_attention,
+        config=config,
         scale=scale,
         block_sizes=block_sizes,
         implementation=implementation,
         interpret=interpret,
     )
+    return with_auto_axes(run, q, k, v, q_far, k_far)
 
 
 @functools.partial(

@@ -20,7 +20,7 @@ from dga_jax.model.layers import (
     scale_channels,
     swiglu,
 )
-from dga_jax.sharding import make_mesh
+from dga_jax.sharding import MESH_AXES, make_mesh
 from tests.conftest import run_on_fake_devices
 
 TINY = ModelConfig.preset("tiny")
@@ -279,6 +279,20 @@ def test_builds_under_a_one_device_mesh(dense_logits):
         assert isinstance(model.layers.attn.q[...].sharding, jax.sharding.NamedSharding)
         logits = model(tokens())
     np.testing.assert_allclose(logits, dense_logits, atol=1e-6)
+
+
+def test_refuses_a_mesh_with_explicit_axes():
+    """Logical rules place by Auto axes; an Explicit mesh (jax.make_mesh's default) failed deep
+    in the embedding gather. Now a clear error, whether the model is built or called under it."""
+    mesh = jax.make_mesh(
+        (1, 1, 1, 1), MESH_AXES, axis_types=(jax.sharding.AxisType.Explicit,) * len(MESH_AXES)
+    )
+    model = Llama(TINY, rngs=nnx.Rngs(0))
+    with jax.set_mesh(mesh):
+        with pytest.raises(ValueError, match=r"Explicit axes \['data', 'fsdp', 'seq', 'tensor'\]"):
+            Llama(TINY, rngs=nnx.Rngs(0))
+        with pytest.raises(ValueError, match="dga_jax.make_mesh"):
+            model(tokens())
 
 
 SHARDED = textwrap.dedent(

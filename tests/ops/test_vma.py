@@ -1,9 +1,11 @@
-"""Attention inside a user's own `jax.shard_map` that checks types (check_vma=True, the default).
+"""Attention inside a user's own `jax.shard_map` that checks types (check_vma=True, the default),
+and on arrays typed as sharded over Explicit mesh axes (JAX's sharding in types).
 
 Models that shard_map themselves (batch or head parallel, the attention per shard) call
 `dga_attention` and `dense_attention` on local slices: the loop carries of the XLA walk, of
 selection and of MInference must vary over the mesh as the inputs do, and the custom VJPs'
-cotangents must have their primals' types. Values and gradients equal one device's. The script
+cotangents must have their primals' types. Users of Explicit axes call them on sharded arrays
+outside any shard_map. Values and gradients equal one device's. The script
 runs in a subprocess on 4 fake CPU devices (the flag must be set before JAX starts) and prints
 "ok" last.
 """
@@ -20,10 +22,11 @@ SCRIPT = textwrap.dedent(
 
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
     import dga_jax
     from dga_jax.ops.context import ContextSplit
+    from dga_jax.ops.sinks import StreamingLLMConfig, sink_attention
     from tests.conftest import FORWARD_TOL, GRAD_TOL, assert_close, random_qkv
 
     F32 = jnp.float32
@@ -80,10 +83,38 @@ SCRIPT = textwrap.dedent(
     check("split", dga, functools.partial(dga, split=split), spec, mesh)
     fn = functools.partial(dga_jax.dense_attention, implementation="blockwise")
     check(("split", "dense"), fn, functools.partial(fn, split=split), spec, mesh)
+
+    # Explicit mesh axes (JAX's sharding in types, jax.make_mesh's default), no shard_map: the
+    # walks' reshapes and loop carries are not typed for them; the ops run with those axes Auto
+    # and give their output q's type.
+    mesh = jax.make_mesh((2, 2), ("batch", "heads"), axis_types=(AxisType.Explicit,) * 2)
+    spec = P("batch", None, "heads")
+
+    def streaming_llm(q, k, v):
+        return sink_attention(q, k, v, q, k, StreamingLLMConfig(4, 8))
+
+    cases = {
+        "dga": dga,
+        "dga streaming": functools.partial(dga, selection="streaming"),
+        "dense": functools.partial(dga_jax.dense_attention, implementation="blockwise"),
+        "streaming_llm": streaming_llm,
+    }
+    with jax.set_mesh(mesh):
+        placed = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (q, k, v)]
+        for what, fn in cases.items():
+            got, want = value_and_grads(fn, *placed), value_and_grads(fn, q, k, v)
+            assert jax.typeof(got[0]).sharding.spec == P(*spec, None), (what, jax.typeof(got[0]))
+            assert_close(got[0], want[0], FORWARD_TOL[F32])
+            for a, b in zip(got[1], want[1], strict=True):
+                assert_close(a, b, GRAD_TOL[F32])
+            print("equal, explicit axes:", what, flush=True)
+        fn = functools.partial(minference_attention, config=MInferenceConfig())
+        placed = [jax.device_put(x, NamedSharding(mesh, spec)) for x in (qm, km, vm)]
+        assert_close(fn(*placed), fn(qm, km, vm), FORWARD_TOL[F32])
     print("ok")
     """
 )
 
 
-def test_attention_in_a_type_checked_shard_map():
+def test_attention_in_a_type_checked_shard_map_and_on_explicit_axes():
     run_on_fake_devices(SCRIPT, devices=4)

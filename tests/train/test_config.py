@@ -127,6 +127,7 @@ def test_llama7b_follows_the_paper_recipe():
         (("data", "seq_len"), 0, r"config\.data\.seq_len must be >= 1, got 0"),
         (("data", "num_workers"), -1, r"config\.data\.num_workers must be >= 0"),
         (("model", "overrides", "attention"), "minference", r"'minference' has no gradient"),
+        (("data", "seq_len"), 32769, r"seq_len=32769 is past the model's max_position=32768"),
     ],
     ids=[
         "optim-key",
@@ -140,6 +141,7 @@ def test_llama7b_follows_the_paper_recipe():
         "seq-len",
         "workers",
         "untrainable",
+        "past-max-position",
     ],
 )
 def test_bad_keys_are_named(path, value, match):
@@ -150,6 +152,14 @@ def test_bad_keys_are_named(path, value, match):
     section[path[-1]] = value
     with pytest.raises(ConfigError, match=match):
         from_config_dict(config)
+
+
+def test_streaming_kinds_train_past_max_position():
+    # Their windows cap every RoPE distance (generation streams on past max_position too).
+    config = load("tiny_dga").to_dict()
+    config["data"]["seq_len"] = 32769
+    config["model"]["overrides"]["attention"] = "lm_infinite"
+    assert from_config_dict(config).data.seq_len == 32769
 
 
 def test_wrong_types_are_named():

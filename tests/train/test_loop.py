@@ -176,3 +176,29 @@ def test_a_stop_between_logs_logs_the_steps_since_the_last(tmp_path):
         trainer.close()
     assert trainer.stopping and trainer.checkpoints.saved == [6]
     assert read(tmp_path, "loss") == {4: 25.0, 6: 55.0}  # steps 1-4, then 5-6
+
+
+def test_close_releases_everything_even_when_a_release_fails(caplog):
+    # The profiler's or the input pipeline's failure skipped the wait for the checkpoint save.
+    released = []
+
+    def release(name, error=None):
+        def close():
+            released.append(name)
+            if error:
+                raise error
+
+        return types.SimpleNamespace(close=close, restore=close)
+
+    trainer = types.SimpleNamespace(
+        profiler=release("profiler", RuntimeError("stop_trace failed")),
+        progress=release("progress"),
+        train_iter=release("train_iter", OSError("pipeline worker died")),
+        log=release("log"),
+        stop=release("stop"),
+        checkpoints=release("checkpoints"),
+    )
+    with pytest.raises(OSError, match="pipeline worker died"), caplog.at_level(logging.ERROR):
+        Trainer.close(trainer)
+    assert released == ["profiler", "progress", "train_iter", "log", "stop", "checkpoints"]
+    assert "closing the run: RuntimeError: stop_trace failed" in caplog.text

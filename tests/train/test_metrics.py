@@ -25,6 +25,34 @@ def test_resume_drops_records_after_the_restored_step(tmp_path):
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
 
 
+def tensorboard_events(directory) -> list:
+    """Every event of the TensorBoard files in `directory` (TFRecords: length, its CRC, the
+    event, its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    events = []
+    for path in sorted(directory.glob("events.out.tfevents.*")):
+        data, offset = path.read_bytes(), 0
+        while offset < len(data):
+            length = int.from_bytes(data[offset : offset + 8], "little")
+            events.append(Event.FromString(data[offset + 12 : offset + 12 + length]))
+            offset += 12 + length + 4
+    return events
+
+
+def test_resume_purges_tensorboard_events_after_the_restored_step(tmp_path):
+    log = metrics.MetricsLog(tmp_path, resume_step=0)
+    for step in (1, 2, 3):
+        log.write(step, {"loss": 1.0})
+    log.close()
+    log = metrics.MetricsLog(tmp_path, resume_step=1)
+    log.write(2, {"loss": 0.5})
+    log.close()
+    events = tensorboard_events(tmp_path / "tensorboard")
+    # TensorBoard drops the events of steps >= 2 written before this marker.
+    assert [e.step for e in events if e.session_log.status] == [2]
+
+
 def test_a_line_cut_short_at_the_end_is_dropped_with_a_warning(tmp_path, caplog):
     log = metrics.MetricsLog(tmp_path, resume_step=0)
     log.write(1, {"loss": 1.0})

@@ -84,3 +84,22 @@ def test_each_of_several_processes_traces_into_its_own_directory(
     monkeypatch.setattr(profiler.jax, "process_index", process_index)
     run_steps(profiler.StepProfiler((1, 1), tmp_path, start=0), 1, 1)
     assert directories == [str(tmp_path / expected)]
+
+
+@pytest.mark.parametrize("failing, traced", [("start_trace", []), ("stop_trace", [3, 4, 5])])
+def test_a_trace_that_fails_costs_the_profile_not_the_run(
+    tmp_path, traces, monkeypatch, caplog, failing, traced
+):
+    # A full disk, or a trace the user already runs, ended the run at its profiled steps.
+    def fail(*args, **options):
+        raise RuntimeError("no space left on device")
+
+    monkeypatch.setattr(profiler.jax.profiler, failing, fail)
+    step_profiler = profiler.StepProfiler((3, 5), tmp_path, start=0)
+    with caplog.at_level(logging.WARNING):
+        assert run_steps(step_profiler, 1, 8) == traced
+    verb = "start" if failing == "start_trace" else "write"
+    assert f"could not {verb} the trace in {tmp_path / 'profile'}" in caplog.text
+    assert "no space left on device" in caplog.text
+    assert caplog.text.count("could not") == 1  # tried once, not at every later step
+    assert not step_profiler.active

@@ -18,6 +18,7 @@ from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.layout import DGALayout
 from dga_jax.ops.dga.reference import dga_attention_reference
 from dga_jax.ops.tiles import BlockSizes
+from dga_jax.sharding import with_auto_axes
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas_gpu", "pallas_tpu")
 
@@ -90,12 +91,8 @@ def dga_attention(
     check_split(split, "dga_attention")
     lengths = _check_lengths(lengths, q, split)
     _check_layout(layout, lengths, config, q, k, split)
-    return _dga(
-        q,
-        k,
-        v,
-        lengths=lengths,
-        layout=layout,
+    run = functools.partial(
+        _dga,
         config=config,
         scale=scale,
         implementation=implementation,
@@ -103,6 +100,7 @@ def dga_attention(
         interpret=interpret,
         split=split,
     )
+    return with_auto_axes(run, q, k, v, lengths, layout)
 
 
 def _check_config(config: DGAConfig | None, **fields) -> DGAConfig:
