@@ -20,9 +20,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dga_jax.checkpoint.hf import NUMPY_DTYPES, parse_size, read_hf
+from dga_jax.checkpoint.hf import NUMPY_DTYPES, param_shapes, parse_size, read_hf
 from dga_jax.checkpoint.hf_write import write_hf
-from dga_jax.checkpoint.orbax_io import load_config, read_param, save_params
+from dga_jax.checkpoint.orbax_io import check_stored, load_config, read_param, save_params
 from dga_jax.errors import InputError
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -42,9 +42,11 @@ def orbax_to_hf(
     dtype: str | None = None,
     max_shard_size: str | int = DEFAULT_MAX_SHARD_SIZE,
 ) -> None:
-    """Converts an Orbax checkpoint into a HF LLaMA checkpoint directory `out`."""
+    """Converts an Orbax checkpoint into a HF LLaMA checkpoint directory `out`; stored
+    parameters that do not fit its stored config are a `CheckpointError` before any is written."""
     max_bytes = parse_size(max_shard_size)
     config = load_config(ckpt)
+    check_stored(ckpt, param_shapes(config), "its model config")
     write_hf(
         out,
         config,

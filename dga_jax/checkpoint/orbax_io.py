@@ -18,6 +18,7 @@ import contextlib
 import dataclasses
 import glob
 import os
+import pathlib
 import shutil
 import time
 from collections.abc import Mapping
@@ -26,9 +27,10 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
+from flax import nnx, traverse_util
 
 from dga_jax import strict
+from dga_jax.checkpoint.hf import CheckpointError, Path, param_shapes
 from dga_jax.errors import ConfigError, InputError, MissingInputError
 from dga_jax.model.config import BASELINE_KINDS, ModelConfig
 from dga_jax.model.llama import Llama
@@ -42,10 +44,13 @@ ORBAX_TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 def save_params(ckpt_dir: str | os.PathLike, config: ModelConfig, params: dict[str, Any]) -> None:
     """Writes `params` (nested dict of numpy or jax arrays, as `nnx.to_pure_dict` gives) and
-    `config` to a new directory `ckpt_dir`."""
+    `config` to a new directory `ckpt_dir`. Parameters that are not exactly those of
+    `Llama(config)`, in its shapes, are a `CheckpointError`: nothing could load them."""
     path = os.path.abspath(ckpt_dir)
     if os.path.exists(path):
         raise FileExistsError(f"checkpoint directory already exists: {path}")
+    found = {key: np.shape(leaf) for key, leaf in traverse_util.flatten_dict(params).items()}
+    check_shapes(found, param_shapes(config), "the parameters to save", "the model config")
     items = {PARAMS: ocp.args.PyTreeSave(params), CONFIG: ocp.args.JsonSave(config.to_dict())}
     try:
         with contextlib.closing(_saver()) as checkpointer:
@@ -113,11 +118,16 @@ def load_model(
 
     With a `mesh`, every parameter is sharded as `rules` maps its logical axes; without one it
     lands on the default device. `config_changes` replace fields of the stored config, e.g.
-    `attention="dga", dga=DGAConfig(16, 0.1)`; a changed `param_dtype` casts on restore.
+    `attention="dga", dga=DGAConfig(16, 0.1)`; a changed `param_dtype` casts on restore. Stored
+    parameters that the (changed) config does not give, in its shapes, are a `CheckpointError`
+    naming the first that differs.
     """
     config = load_config(ckpt_dir).replace(**config_changes)
     graphdef, params, rest = abstract_model(config, rules, mesh)
     target = nnx.to_pure_dict(params)
+    expected = {key: leaf.shape for key, leaf in traverse_util.flatten_dict(target).items()}
+    changed = f" changed by {sorted(config_changes)}" if config_changes else ""
+    check_stored(ckpt_dir, expected, "the model config" + changed)
     restored = _restore(ckpt_dir, {PARAMS: ocp.args.StandardRestore(target)})
     nnx.replace_by_pure_dict(params, restored[PARAMS])
     return nnx.merge(graphdef, params, rest)
@@ -203,7 +213,10 @@ def _with_sharding(
 
 def read_param(ckpt_dir: str | os.PathLike, path: tuple[str, ...]) -> np.ndarray:
     """One parameter (e.g. `("layers", "attn", "q")`) read into host memory, in its stored dtype;
-    no other parameter is read."""
+    no other parameter is read. One the checkpoint lacks is a `CheckpointError`."""
+    if tuple(path) not in stored_shapes(ckpt_dir):
+        item_dir = os.path.join(os.path.abspath(ckpt_dir), PARAMS)
+        raise CheckpointError(f"{item_dir} holds no parameter {'.'.join(path)!r}")
     item: Any = ocp.RestoreArgs(restore_type=np.ndarray)
     for key in reversed(path):
         item = {key: item}
@@ -214,12 +227,61 @@ def read_param(ckpt_dir: str | os.PathLike, path: tuple[str, ...]) -> np.ndarray
     return restored
 
 
-def _restore(ckpt_dir: str | os.PathLike, items: dict[str, ocp.args.CheckpointArgs]) -> Any:
+def stored_shapes(ckpt_dir: str | os.PathLike) -> dict[Path, tuple[int, ...]]:
+    """Path -> shape of each parameter a checkpoint holds, from its metadata (no array is read)."""
+    item_dir = os.path.join(_checkpoint_path(ckpt_dir, [PARAMS]), PARAMS)
+    with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
+        try:
+            metadata = handler.metadata(pathlib.Path(item_dir))
+        except FileNotFoundError as error:
+            raise CheckpointError(f"{item_dir} holds no readable parameters: {error}") from error
+    flat = traverse_util.flatten_dict(metadata.tree)
+    return {key: tuple(leaf.shape) for key, leaf in flat.items()}
+
+
+def check_stored(
+    ckpt_dir: str | os.PathLike, expected: dict[Path, tuple[int, ...]], source: str
+) -> None:
+    """The checkpoint holds exactly the parameters `expected` (path -> shape, given by
+    `source`), in those shapes; else a `CheckpointError` naming its params item."""
+    item_dir = os.path.join(os.path.abspath(ckpt_dir), PARAMS)
+    check_shapes(stored_shapes(ckpt_dir), expected, item_dir, source)
+
+
+def check_shapes(
+    found: dict[Path, tuple[int, ...]],
+    expected: dict[Path, tuple[int, ...]],
+    where: str,
+    source: str,
+) -> None:
+    """`found` holds the parameters of `expected` (path -> shape, given by `source`), no other,
+    in the same shapes; else a `CheckpointError` naming `where` and what differs."""
+    missing = sorted(".".join(key) for key in expected if key not in found)
+    if missing:
+        raise CheckpointError(f"{where}: missing parameter(s) {missing} of {source}")
+    unexpected = sorted(".".join(key) for key in found if key not in expected)
+    if unexpected:
+        raise CheckpointError(f"{where}: parameter(s) {unexpected} not in {source}")
+    for key, shape in expected.items():
+        if tuple(found[key]) != tuple(shape):
+            raise CheckpointError(
+                f"{where}: parameter {'.'.join(key)!r} has shape {tuple(found[key])}; "
+                f"{source} gives {tuple(shape)}"
+            )
+
+
+def _checkpoint_path(ckpt_dir: str | os.PathLike, items: list[str]) -> str:
+    """The absolute path of a checkpoint directory that has the `items`."""
     path = os.path.abspath(ckpt_dir)
     if not os.path.isdir(path):
         raise MissingInputError(f"no checkpoint directory at {path}")
     missing = [item for item in items if not os.path.isdir(os.path.join(path, item))]
     if missing:
         raise MissingInputError(f"{path} is not a model checkpoint: it has no {missing} item")
+    return path
+
+
+def _restore(ckpt_dir: str | os.PathLike, items: dict[str, ocp.args.CheckpointArgs]) -> Any:
+    path = _checkpoint_path(ckpt_dir, list(items))
     with contextlib.closing(ocp.Checkpointer(ocp.CompositeCheckpointHandler())) as checkpointer:
         return checkpointer.restore(path, ocp.args.Composite(**items))

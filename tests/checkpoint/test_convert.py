@@ -13,10 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from dga_jax.checkpoint import CheckpointError, load_config, load_model, read_param
+from dga_jax import Llama
+from dga_jax.checkpoint import CheckpointError, load_config, load_model, read_param, save_model
 from dga_jax.checkpoint.convert import _run_command
 from dga_jax.checkpoint.hf import (
     INDEX_FILE,
@@ -339,4 +341,27 @@ def test_a_bad_shard_size_is_one_error_line(converted, tmp_path, monkeypatch, ca
     ckpt, out = converted("gqa").ckpt_dir, tmp_path / "hf"
     argv = ["orbax-to-hf", "--ckpt", str(ckpt), "--out", str(out), "--max_shard_size", "5 gigs"]
     assert "invalid size '5 gigs'" in run_command(monkeypatch, capsys, *argv)
+    assert not out.exists()
+
+
+# model_config edits -> what the error names; the stored parameters are a 1-layer, untied tiny's.
+CONFIG_EDITS = {
+    "num_layers": ({"num_layers": 2}, r"'layers\.attn\.k' has shape \(1, .*gives \(2, "),
+    "intermediate_size": (
+        {"intermediate_size": 400},
+        r"'layers\.mlp\.down' has shape \(1, 344, 128\); its model config gives \(1, 400, 128\)",
+    ),
+    "tie_embeddings": ({"tie_embeddings": True}, r"parameter\(s\) \['lm_head'\] not in"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONFIG_EDITS))
+def test_export_of_params_that_do_not_fit_the_stored_config_is_refused(
+    case, tmp_path, monkeypatch, capsys
+):
+    ckpt, out = tmp_path / "ckpt", tmp_path / "hf"
+    save_model(Llama(ModelConfig.preset("tiny", num_layers=1), rngs=nnx.Rngs(0)), ckpt)
+    damage(ckpt / "model_config" / "metadata", CONFIG_EDITS[case][0])
+    last = run_command(monkeypatch, capsys, "orbax-to-hf", "--ckpt", str(ckpt), "--out", str(out))
+    assert re.search(re.escape(str(ckpt / "params")) + ": .*" + CONFIG_EDITS[case][1], last), last
     assert not out.exists()

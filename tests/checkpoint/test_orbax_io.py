@@ -4,15 +4,25 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from flax import nnx, traverse_util
 
 from dga_jax import Llama
-from dga_jax.checkpoint import abstract_model, load_config, load_model, save_model, save_params
+from dga_jax.checkpoint import (
+    CheckpointError,
+    abstract_model,
+    load_config,
+    load_model,
+    read_param,
+    save_model,
+    save_params,
+)
+from dga_jax.checkpoint.hf import param_shapes
 from dga_jax.checkpoint.orbax_io import attention_changes, parse_settings
 from dga_jax.errors import ConfigError, InputError
 from dga_jax.model.config import ModelConfig
@@ -61,11 +71,43 @@ def test_the_abstract_model_of_7b_allocates_nothing():
     assert all(leaf.sharding.device_set == {jax.devices()[0]} for leaf in leaves)
 
 
+def tiny_params(config: ModelConfig) -> dict[str, Any]:
+    """Zero parameters of `Llama(config)`, as `nnx.to_pure_dict` nests them."""
+    return traverse_util.unflatten_dict(
+        {path: np.zeros(shape, np.float32) for path, shape in param_shapes(config).items()}
+    )
+
+
 def test_a_failed_save_leaves_nothing_behind(tmp_path):
-    params = {"embed": np.zeros(3, np.float32), "broken": object()}
-    with pytest.raises(ValueError, match="broken"):
-        save_params(tmp_path / "ckpt", ModelConfig.preset("tiny"), params)
+    config = ModelConfig.preset("tiny", num_layers=1)
+    params = tiny_params(config)
+    params["norm"]["weight"] = np.empty(params["norm"]["weight"].shape, object)  # Orbax fails
+    with pytest.raises(ValueError, match="object"):
+        save_params(tmp_path / "ckpt", config, params)
     assert list(tmp_path.iterdir()) == []  # neither the directory nor Orbax's temporary one
+
+
+# a change to a tiny's parameters -> what the error says after "the parameters to save: "
+PARAM_CHANGES = {
+    "drop lm_head": r"missing parameter\(s\) \['lm_head'\]",
+    "add bias": r"parameter\(s\) \['layers.attn.bias'\] not in",
+    "short q": r"parameter 'layers.attn.q' has shape \(1, 128, 4, 32\).*gives \(2, 128, 4, 32\)",
+}
+
+
+@pytest.mark.parametrize("change", sorted(PARAM_CHANGES))
+def test_params_that_do_not_fit_the_config_are_not_saved(tmp_path, change):
+    config = ModelConfig.preset("tiny")
+    params = tiny_params(config)
+    if change == "drop lm_head":
+        del params["lm_head"]
+    elif change == "add bias":
+        params["layers"]["attn"]["bias"] = np.zeros(4, np.float32)
+    else:
+        params["layers"]["attn"]["q"] = params["layers"]["attn"]["q"][:1]
+    with pytest.raises(CheckpointError, match="the parameters to save: " + PARAM_CHANGES[change]):
+        save_params(tmp_path / "ckpt", config, params)
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.fixture
@@ -84,6 +126,22 @@ def test_a_config_saved_before_the_token_ids_loads(tiny_ckpt):
     config = load_config(ckpt)
     assert (config.bos_token_id, config.eos_token_ids, config.pad_token_id) == (None,) * 3
     assert config == ModelConfig.preset("tiny", num_layers=1)
+
+
+def test_a_shape_changing_config_change_names_the_parameter(tiny_ckpt):
+    ckpt, _ = tiny_ckpt
+    params = re.escape(str(ckpt / "params"))
+    expected = params + r": parameter 'layers.attn.k' has shape \(1, .*changed by \['num_layers'\]"
+    with pytest.raises(CheckpointError, match=expected):
+        load_model(ckpt, num_layers=2)
+    with pytest.raises(CheckpointError, match=params + r".*\['lm_head'\] not in .*tie_embeddings"):
+        load_model(ckpt, tie_embeddings=True)
+
+
+def test_reading_an_absent_parameter_names_it(tiny_ckpt):
+    ckpt, _ = tiny_ckpt
+    with pytest.raises(CheckpointError, match=r"holds no parameter 'layers\.attn\.bias'"):
+        read_param(ckpt, ("layers", "attn", "bias"))
 
 
 @pytest.mark.parametrize("text", ['{"vocab_size": 512,', '{"num_kv_heads": 3}', "[]"])
