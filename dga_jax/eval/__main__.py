@@ -142,28 +142,37 @@ def build_tasks(args: argparse.Namespace, max_length: int) -> list[Task]:
     tasks: list[Task] = []
     for name in args.tasks:
         if name == "passkey":
-            lengths = args.passkey_lengths or longlora_lengths(max_length)
-            tasks.append(Passkey(lengths, args.passkey_trials, args.passkey_depths))
+            tasks.append(_passkey(args, max_length))
         elif name == "lines":
             tasks.append(Lines(args.lines_sizes, args.lines_cases, args.lines_seed, args.lines_dir))
         elif name == "longbench_e":
-            tasks.append(_longbench(args))
+            tasks.append(_longbench(args, max_length))
         else:
-            if not args.ppl_data:
-                raise InputError("--tasks ppl needs --ppl_data (a directory of .txt or shards)")
-            tasks.append(
-                Perplexity(
-                    args.ppl_data,
-                    args.ppl_window,
-                    args.ppl_stride,
-                    args.ppl_convention,
-                    args.ppl_max_docs,
-                )
-            )
+            tasks.append(_perplexity(args, max_length))
     return tasks
 
 
-def _longbench(args: argparse.Namespace) -> Task:
+def _passkey(args: argparse.Namespace, max_length: int) -> Task:
+    lengths = args.passkey_lengths or longlora_lengths(max_length)
+    if not lengths:
+        raise InputError(
+            f"--tasks passkey: LongLoRA's lengths (one point per 1000 tokens) leave none in "
+            f"max_length {max_length}; give --passkey_lengths (filler characters per point)"
+        )
+    return Passkey(lengths, args.passkey_trials, args.passkey_depths)
+
+
+def _perplexity(args: argparse.Namespace, max_length: int) -> Task:
+    if not args.ppl_data:
+        raise InputError("--tasks ppl needs --ppl_data (a directory of .txt or shards)")
+    task = Perplexity(
+        args.ppl_data, args.ppl_window, args.ppl_stride, args.ppl_convention, args.ppl_max_docs
+    )
+    task.sizes(max_length)  # a bad window or stride ends the run now, not after other tasks
+    return task
+
+
+def _longbench(args: argparse.Namespace, max_length: int) -> Task:
     from dga_jax.eval.longbench import LongBenchE
 
     if not args.longbench_dir:
@@ -171,12 +180,14 @@ def _longbench(args: argparse.Namespace) -> Task:
     name = args.model_name or f"{os.path.basename(os.path.normpath(args.checkpoint))}"
     if args.attention:
         name += f"-{args.attention}"
-    return LongBenchE(
+    task = LongBenchE(
         args.longbench_dir,
         datasets=args.longbench_datasets,
         max_input=args.longbench_max_input,
         model_name=name,
     )
+    task.check(max_length)  # a missing file ends the run now, not after the tasks before it
+    return task
 
 
 def run_info(args: argparse.Namespace, config: ModelConfig, max_length: int) -> dict[str, Any]:

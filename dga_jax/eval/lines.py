@@ -166,7 +166,7 @@ class Lines(GenerationTask):
                 yield i, lines_case(n, rng)
             return
         path = Path(self.testcases_dir) / f"{n}_lines.jsonl"
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
                 case = _parse_case(line)
                 if case is None:
@@ -222,11 +222,12 @@ class Lines(GenerationTask):
         return Summary(metrics, table + "\n".join(rows), files, headline=metrics["accuracy"])
 
 
-def _parse_case(line: str) -> dict | None:
-    """A shipped test case with a str prompt and an int expected_number, or None."""
+def _parse_case(line: bytes) -> dict | None:
+    """A shipped test case with a str prompt and an int expected_number, or None (also for a
+    line that is not UTF-8)."""
     try:
-        case = json.loads(line)
-    except json.JSONDecodeError:
+        case = json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
         return None
     if not isinstance(case, dict) or not isinstance(case.get("prompt"), str):
         return None

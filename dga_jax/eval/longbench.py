@@ -195,12 +195,13 @@ class LongBenchE(GenerationTask):
         `{dataset}/{line index}`, so a done line is left out before it is parsed or tokenized.
 
         Raises MissingInputError before the first example when a file is missing."""
-        paths = self._paths()
+        paths = self.data_files()
         for dataset in self.datasets:
             yield from self._dataset_examples(engine, dataset, paths[dataset], problems, done)
 
-    def _paths(self) -> dict[str, Path]:
-        """The data file of each dataset, checked to exist."""
+    def data_files(self) -> dict[str, Path]:
+        """The data file of each dataset, checked to exist (MissingInputError naming the
+        missing ones)."""
         if not self.data_dir.is_dir():
             raise MissingInputError(
                 f"LongBench-E data directory {str(self.data_dir)!r} does not exist: "
@@ -219,7 +220,7 @@ class LongBenchE(GenerationTask):
     ) -> Iterator[Example]:
         """The examples of one file but the `done` ones; what cannot be used is counted in
         `problems`."""
-        max_input = self._max_input(engine, dataset)
+        max_input = self.max_input_for(dataset, engine.max_length)
         with path.open("rb") as f:
             for index, line in enumerate(f):
                 example_id = f"{dataset}/{index}"
@@ -231,18 +232,26 @@ class LongBenchE(GenerationTask):
                 else:
                     yield example
 
-    def _max_input(self, engine: Engine, dataset: str) -> int:
-        """The prompt limit for `dataset`: the given `max_input` or LongBench's rule."""
+    def max_input_for(self, dataset: str, max_length: int) -> int:
+        """The prompt limit for `dataset` in an engine's `max_length`: the given `max_input`
+        or LongBench's rule; InputError when the answer does not fit beside it."""
         budget = MAX_NEW_TOKENS[dataset]
         max_input = self.max_input
         if max_input is None:
-            max_input = longbench_max_input(engine.max_length, budget)
-        if max_input < 2 or max_input + budget > engine.max_length:
+            max_input = longbench_max_input(max_length, budget)
+        if max_input < 2 or max_input + budget > max_length:
             raise InputError(
                 f"max_input {max_input} and {dataset}'s {budget} new tokens do not fit the "
-                f"engine's max_length {engine.max_length}"
+                f"engine's max_length {max_length}"
             )
         return max_input
+
+    def check(self, max_length: int) -> None:
+        """Raises what `examples` would (a missing file, a max_input without room for an
+        answer) before any work: the command line checks every task before the first runs."""
+        self.data_files()
+        for dataset in self.datasets:
+            self.max_input_for(dataset, max_length)
 
     def score(self, example: Example, ids: list[int], text: str) -> dict[str, Any]:
         """{"pred": the completion as generated, "score": LongBench's score of it in [0, 1]}."""

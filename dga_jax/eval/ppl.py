@@ -8,12 +8,13 @@ stride between 1 and the window:
 
 - "stride" (default; Hugging Face's perplexity guide): windows of `window` tokens start every
   `stride` tokens; each scores only the tokens new to it (the overlap is context), so every
-  token but the first is scored once; ppl = exp(total NLL / scored tokens).
+  token but the first is scored once (with stride = window, the disjoint windows' first
+  tokens are not scored either: they have no context); ppl = exp(total NLL / scored tokens).
 - "longlora" (LongLoRA's `eval.py`, `get_as_batch`): windows start at 0, stride, ... below
   n - window, and the last of those starts is dropped; every token of each window but its first
   is scored, overlap included; ppl = exp(mean of the per-window mean NLLs). A document of at
-  most window + stride tokens has no window. (LongLoRA's windows of seq_len tokens also score
-  the token after them, seq_len targets each; ours score their own window - 1.)
+  most window + stride tokens has no window. (LongLoRA passes each window as its own labels,
+  so it too scores window - 1 targets per window.)
 
 Each scored token is also counted by its position in its window (its context length), in
 power-of-two buckets [1, 2), [2, 4), ...: PPL per bucket shows how loss falls with context.
@@ -47,6 +48,8 @@ def windows(n: int, window: int, stride: int, convention: str) -> list[tuple[int
     out, prev_end = [], 0
     for begin in range(0, n, stride):
         end = min(begin + window, n)
+        if end - begin < 2:  # a last window of one token (stride == window) predicts nothing
+            break
         out.append((begin, end, max(1, prev_end - begin)))
         prev_end = end
         if end == n:
@@ -92,13 +95,14 @@ class Perplexity:
             "max_documents": self.max_documents,
         }
 
-    def _sizes(self, engine: Engine) -> tuple[int, int]:
-        """The window (default: the engine's max_length) and the stride (default: the
-        convention's), checked: 2 <= window <= max_length, 1 <= stride <= window."""
-        window = engine.max_length if self.window is None else self.window
-        if not 2 <= window <= engine.max_length:
+    def sizes(self, max_length: int) -> tuple[int, int]:
+        """The window (default: the engine's `max_length`) and the stride (default: the
+        convention's), checked: 2 <= window <= max_length, 1 <= stride <= window (the command
+        line checks them before any task runs)."""
+        window = max_length if self.window is None else self.window
+        if not 2 <= window <= max_length:
             raise ValueError(
-                f"ppl window {window} must lie in [2, the model's {engine.max_length} tokens]"
+                f"ppl window {window} must lie in [2, the model's {max_length} tokens]"
             )
         stride = self.stride
         if stride is None:
@@ -115,7 +119,7 @@ class Perplexity:
     ) -> Iterator[Example]:
         """The first `max_documents` usable documents; a done one (usable when it was scored)
         counts among them untokenized, so a resumed run ends at the same document."""
-        window, stride = self._sizes(engine)
+        window, stride = self.sizes(engine.max_length)
         count = 0
         for doc_id, text in _documents(self.files, problems):
             if self.max_documents is not None and count >= self.max_documents:
@@ -130,7 +134,7 @@ class Perplexity:
 
     def evaluate(self, engine: Engine, examples: Sequence[Example]) -> list[dict[str, Any]]:
         """Scores every window of every document in one batched call."""
-        window, stride = self._sizes(engine)
+        window, stride = self.sizes(engine.max_length)
         spans = [windows(len(e.prompt), window, stride, self.convention) for e in examples]
         sequences = [e.prompt[s:t] for e, ws in zip(examples, spans, strict=True) for s, t, _ in ws]
         scores = iter(engine.score(sequences))

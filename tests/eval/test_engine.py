@@ -12,8 +12,10 @@ import pytest
 
 import dga_jax
 from dga_jax.checkpoint.orbax_io import save_model
-from dga_jax.eval.__main__ import main
+from dga_jax.errors import InputError
+from dga_jax.eval.__main__ import build_tasks, main, parse_args
 from dga_jax.eval.engine import ModelEngine
+from dga_jax.eval.longbench import DATASETS
 
 
 def test_scores_equal_each_sequence_alone_and_generation_is_generate(tiny_engine):
@@ -114,6 +116,43 @@ def test_cli_input_errors_name_the_problem(checkpoint, tmp_path, capsys, flags, 
         main(base + flags)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["longbench_e", "--longbench_dir", "{tmp}/typo"], "data directory '{tmp}/typo' does not"),
+        (
+            ["longbench_e", "--longbench_dir", "{tmp}/data", "--longbench_max_input", "1000"],
+            "max_input 1000 and qasper's 128 new tokens do not fit the engine's max_length 1024",
+        ),
+        (["ppl", "--ppl_data", "{tmp}/data", "--ppl_window", "2048"], "ppl window 2048 must lie"),
+    ],
+)
+def test_cli_checks_every_task_before_any_runs(checkpoint, tmp_path, capsys, flags, message):
+    # A mistyped --longbench_dir or a window over --max_length was found only after the tasks
+    # before it had run in full.
+    (tmp_path / "data").mkdir()
+    for name in DATASETS:
+        (tmp_path / "data" / f"{name}_e.jsonl").write_text("")
+    (tmp_path / "data" / "a.txt").write_text("a document")
+    base = ["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--out", str(tmp_path)]
+    base += ["--passkey_lengths", "40", "--passkey_trials", "1", "--tasks"]
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, f"passkey,{flags[0]}", *flags[1:]])
+    assert exit_info.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+    assert not (tmp_path / "passkey.jsonl").exists()
+
+
+def test_cli_passkey_under_longloras_first_point_asks_for_lengths():
+    # LongLoRA's points are 1000 tokens apart: none fit a 512-token window, and the error was
+    # "passkey lengths must be filler sizes >= 0, got []", naming no flag.
+    args = parse_args(["--checkpoint", "c", "--tokenizer", "byte", "--out", "o"])
+    with pytest.raises(InputError, match="max_length 512; give --passkey_lengths"):
+        build_tasks(args, 512)
+    assert build_tasks(args, 2000)[0].lengths == [3072, 7168]
 
 
 @pytest.mark.parametrize(

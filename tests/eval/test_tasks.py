@@ -142,6 +142,16 @@ def test_lines_reads_shipped_cases_and_counts_bad_ones(tmp_path):
         Lines([4, 5], testcases_dir=str(tmp_path))
 
 
+def test_a_shipped_case_that_is_not_utf8_is_counted_not_fatal(tmp_path):
+    # The file was read as text: one bad byte ended the task with a decode error naming no file.
+    good = json.dumps(lines_case(4, np.random.default_rng(1))).encode()
+    (tmp_path / "4_lines.jsonl").write_bytes(good + b"\n\xff\xfe not utf-8\n" + good + b"\n")
+    task = Lines([4], testcases_dir=str(tmp_path))
+    summary, problems, now = run_task(task, OracleEngine(lines_answer), tmp_path / "out")
+    assert now == 2 and summary.metrics["accuracy"] == 1.0
+    assert problems.where == {"malformed lines test case": [f"{tmp_path}/4_lines.jsonl:2"]}
+
+
 def longlora_starts(n: int, seq_length: int, sliding_window: int) -> list[int]:
     """LongLoRA eval.py's get_as_batch window starts, transcribed."""
     all_ix = list(range(0, n - seq_length, sliding_window))
@@ -159,6 +169,31 @@ def test_ppl_windows_follow_each_convention():
     scored = sum(end - start - first for start, end, first in windows(1000, 64, 48, "stride"))
     assert scored == 999  # every token but the first, once
     assert position_buckets(100) == [1, 2, 4, 8, 16, 32, 64, 100]
+
+
+def test_ppl_disjoint_windows_never_end_in_a_one_token_window(tmp_path):
+    # stride == window on k * window + 1 tokens: a last window [n - 1, n) predicts nothing
+    # (and the model engine refuses sequences under 2 tokens)
+    assert windows(9, 4, 4, "stride") == [(0, 4, 1), (4, 8, 1)]
+    for n, window in [(9, 4), (33, 16), (65, 8), (2, 2)]:
+        assert all(end - start >= 2 for start, end, _ in windows(n, window, window, "stride"))
+    (tmp_path / "a.txt").write_text("abcdefgh")  # BOS + 8 bytes: 9 tokens
+    summary, _, _ = run_task(
+        Perplexity(str(tmp_path), window=4, stride=4), StrictOracle(None, 4), tmp_path / "out"
+    )
+    ids = np.array([1] + [3 + ord(c) for c in "abcdefgh"])
+    assert summary.metrics["scored_tokens"] == 6  # positions 1-3 and 5-7
+    expected = (ids[1:4].sum() + ids[5:8].sum()) / 600
+    assert summary.metrics["ppl"] == pytest.approx(math.exp(expected))
+
+
+class StrictOracle(OracleEngine):
+    """An oracle that refuses what `ModelEngine.score` refuses: a sequence under 2 tokens."""
+
+    def score(self, sequences):
+        if any(len(s) < 2 for s in sequences):
+            raise ValueError("every scored sequence needs at least 2 tokens")
+        return super().score(sequences)
 
 
 def test_ppl_matches_a_hand_computation(tmp_path):
