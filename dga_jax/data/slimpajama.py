@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from dga_jax.errors import MissingInputError
+from dga_jax.data.tokenizers import encodable
+from dga_jax.errors import InputError, MissingInputError
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +105,10 @@ def list_shards(pattern: str) -> list[str]:
 
 def _walk_visible_files(directory: str) -> Iterator[str]:
     """Visible files under `directory`, through symlinks; a directory reached twice (a second
-    link to it, or a link loop) is read the first time only, in sorted (so stable) order."""
+    link to it, or a link loop) is read the first time only, in sorted (so stable) order. A
+    directory that cannot be listed is an `InputError` (`os.walk` would leave it out)."""
     seen = set()
-    for root, dirs, names in os.walk(directory, followlinks=True):
+    for root, dirs, names in os.walk(directory, onerror=_unlistable, followlinks=True):
         real = os.path.realpath(root)
         if real in seen:
             dirs[:] = []
@@ -114,6 +116,12 @@ def _walk_visible_files(directory: str) -> Iterator[str]:
         seen.add(real)
         dirs[:] = sorted(name for name in dirs if not name.startswith("."))
         yield from (os.path.join(root, name) for name in names if not name.startswith("."))
+
+
+def _unlistable(error: OSError) -> None:
+    raise InputError(
+        f"cannot list shard directory {error.filename!r}: {error.strerror or error}"
+    ) from error
 
 
 def iter_raw_records(path: str) -> Iterator[RawRecord]:
@@ -204,15 +212,15 @@ def parse_record(
         stats.filtered += 1
         return None
     stats.documents += 1
-    return {"text": _encodable(text), "meta": meta}
+    return {"text": encodable(text), "meta": meta}
 
 
 def _as_object(value: Any) -> dict[str, Any] | None:
     """A dict as is; JSON bytes or str decoded to a dict; anything else None."""
     if isinstance(value, dict):
         return value
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
+    if isinstance(value, bytes):  # "-sig": a file saved with a byte order mark keeps line 1
+        value = value.decode("utf-8-sig", "replace")
     if not isinstance(value, str):
         return None
     try:
@@ -220,15 +228,6 @@ def _as_object(value: Any) -> dict[str, Any] | None:
     except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the stack
         return None
     return decoded if isinstance(decoded, dict) else None
-
-
-def _encodable(text: str) -> str:
-    """Replaces lone surrogates (JSON can escape them) that tokenizers cannot encode."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-    return text
 
 
 def read_shard(

@@ -102,8 +102,8 @@ class SentencePieceTokenizer:
         return _optional_id(self._sp.eos_id())
 
     def encode(self, text: str) -> list[int]:
-        """Piece ids of `text`, without BOS/EOS."""
-        return self._sp.encode(text)
+        """Piece ids of `text`, without BOS/EOS; lone surrogates are encoded as "?"."""
+        return self._sp.encode(encodable(text))
 
     def decode(self, ids: Sequence[int]) -> str:
         """Text of `ids`; control pieces (BOS/EOS/PAD) and ids outside the vocabulary decode to
@@ -157,12 +157,16 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """Token ids of `text`, never a special token's: the file's post-processor (which may
-        add BOS) is not applied, and special-token text in `text` is encoded as text."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+        add BOS) is not applied, and special-token text in `text` is encoded as text. Lone
+        surrogates are encoded as "?"."""
+        return self._tok.encode(encodable(text), add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`, special tokens skipped."""
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+        """Text of `ids`, special tokens and ids outside the vocabulary (-1 too) skipped."""
+        size = self.vocab_size
+        return self._tok.decode(
+            [int(i) for i in ids if 0 <= int(i) < size], skip_special_tokens=True
+        )
 
 
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
@@ -195,6 +199,16 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
         f"unknown tokenizer file {path!r}: expected 'byte', a SentencePiece *.model "
         "or a Hugging Face tokenizer.json"
     )
+
+
+def encodable(text: str) -> str:
+    """`text` with its lone surrogates (JSON can escape them), which UTF-8 cannot encode and
+    SentencePiece / `tokenizers` refuse, replaced by "?"."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def _optional_id(token_id: int) -> int | None:

@@ -1,6 +1,8 @@
 """Shard readers on SlimPajama-format files with bad lines, bad records and broken shards."""
 
+import errno
 import logging
+import os
 import random
 
 import pytest
@@ -12,6 +14,7 @@ from dga_jax.data.slimpajama import (
     list_shards,
     read_shard,
 )
+from dga_jax.errors import InputError
 from tests.data.conftest import random_text, record, write_jsonl_zst, write_parquet
 
 
@@ -154,3 +157,32 @@ def test_list_shards_follows_symlinked_directories_once(tmp_path):
 def test_list_shards_takes_an_existing_file_whose_path_looks_like_a_glob(tmp_path):
     path = write_jsonl_zst(tmp_path / "slimpajama[6B]" / "train.jsonl.zst", [record("x")])
     assert list_shards(str(path)) == [str(path)]
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_a_byte_order_mark_does_not_cost_the_first_record(tmp_path, compressed):
+    # Windows tools save "UTF-8 with BOM": the mark before line 1 is not part of the JSON.
+    data = b'\xef\xbb\xbf{"text": "first"}\n{"text": "second"}\n'
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(data)
+    if compressed:
+        path = write_jsonl_zst(tmp_path / "bom.jsonl.zst", data.splitlines())
+    records, stats = read_all(path)
+    assert [r["text"] for r in records] == ["first", "second"]
+    assert stats == ReadStats(documents=2)
+
+
+def test_list_shards_refuses_a_directory_it_cannot_list(tmp_path, monkeypatch):
+    # Unreadable for its permissions (simulated: tests may run as root, who reads anything).
+    for chunk in ("chunk1", "chunk2"):
+        write_jsonl_zst(tmp_path / chunk / "0.jsonl.zst", [record("text")])
+    listable = os.scandir
+
+    def scandir(path):
+        if os.path.basename(path) == "chunk2":
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return listable(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(InputError, match=r"cannot list shard directory '.*chunk2'"):
+        list_shards(str(tmp_path))

@@ -116,3 +116,21 @@ def test_load_tokenizer_errors_name_the_path(tmp_path):
     vocab.write_text("a\nb\n")
     with pytest.raises(ValueError, match="vocab.txt"):
         load_tokenizer(str(vocab))
+
+
+def test_every_tokenizer_drops_negative_and_huge_ids(hf_tokenizer_json, spm_model):
+    # `dga_jax.stream` yields -1 for a row that has ended; decoding such rows must not raise.
+    for tok in (
+        ByteTokenizer(),
+        load_tokenizer(str(spm_model)),
+        load_tokenizer(str(hf_tokenizer_json)),
+    ):
+        ids = tok.encode("the quick brown fox")
+        assert tok.decode([-1, *ids[:2], 2**32, *ids[2:], -1]) == "the quick brown fox"
+
+
+def test_every_tokenizer_encodes_lone_surrogates(hf_tokenizer_json, spm_model):
+    # JSON can escape a lone surrogate ("\ud83d" of an emoji cut in half), e.g. in eval data.
+    text = json.loads('"a broken emoji \\ud83d here"')
+    for tok in (load_tokenizer(str(spm_model)), load_tokenizer(str(hf_tokenizer_json))):
+        assert tok.decode(tok.encode(text)) == "a broken emoji ? here"
