@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -20,7 +21,12 @@ from typing import Any, NoReturn
 
 import jax
 
-from dga_jax.checkpoint.orbax_io import attention_changes, load_model, parse_settings
+from dga_jax.checkpoint.orbax_io import (
+    attention_changes,
+    load_config,
+    load_model,
+    parse_settings,
+)
 from dga_jax.data.tokenizers import load_tokenizer
 from dga_jax.errors import InputError
 from dga_jax.eval.engine import ModelEngine
@@ -204,6 +210,20 @@ def run_info(args: argparse.Namespace, config: ModelConfig, max_length: int) -> 
     }
 
 
+def _extrapolation(args: argparse.Namespace, config: ModelConfig) -> dict[str, int]:
+    """A --max_length past the model's max_position asks to run it past its trained positions
+    (length extrapolation): the model is loaded with max_position raised to it, with a warning.
+    StreamingLLM and LM-Infinite cap every RoPE distance: any length is theirs already."""
+    if not args.max_length or args.max_length <= config.max_position or config.sinks is not None:
+        return {}
+    logging.warning(
+        "--max_length %d is past the model's max_position %d: positions beyond it extrapolate",
+        args.max_length,
+        config.max_position,
+    )
+    return {"max_position": args.max_length}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Loads the checkpoint on a mesh, runs the tasks, prints the summary line."""
     args = parse_args(argv)
@@ -220,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             focal_ratio=args.focal_ratio,
             settings=parse_settings(args.attention_settings, "--attention_settings"),
         )
+        changes.update(_extrapolation(args, load_config(args.checkpoint).replace(**changes)))
         model = load_model(args.checkpoint, mesh=mesh, **changes)
         max_length = args.max_length or model.config.max_position
         tasks = build_tasks(args, max_length)

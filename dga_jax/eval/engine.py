@@ -21,6 +21,7 @@ from flax import nnx
 
 from dga_jax.data.tokenizers import Tokenizer
 from dga_jax.generate import Buckets, completions, pad_prompts
+from dga_jax.model.config import ModelConfig
 from dga_jax.model.llama import Llama, cross_entropy
 from dga_jax.ops.dga.sharded import shard_count
 
@@ -81,7 +82,9 @@ class ModelEngine:
     sharded on it (the calls set it); without one, on the mesh set around the calls, if any.
 
     Sequences run `batch_size` at a time, right-padded to `buckets` lengths, so a run over many
-    lengths compiles once per bucket. `max_length` defaults to the model's `max_position`.
+    lengths compiles once per bucket. `max_length` defaults to the model's `max_position`, and
+    may not pass it (but for StreamingLLM and LM-Infinite, whose RoPE distances are capped): the
+    model would extrapolate silently; load it with a larger max_position to do so knowingly.
     """
 
     def __init__(
@@ -104,7 +107,7 @@ class ModelEngine:
             )
         self.model, self._tokenizer = model, tokenizer
         self.batch_size, self.buckets, self.progress = batch_size, buckets, progress
-        self._max_length = max_length or model.config.max_position
+        self._max_length = _checked_max_length(max_length, model.config)
         self.mesh = mesh
 
     def _on_mesh(self):
@@ -210,3 +213,19 @@ def _score_rows(graphdef, state, tokens, lengths):
     logits = logits[:, :-1]
     targets = tokens[:, 1:]
     return -cross_entropy(logits, targets), jnp.argmax(logits, axis=-1) == targets
+
+
+def _checked_max_length(max_length: int | None, config: ModelConfig) -> int:
+    """The engine's max_length: the model's max_position by default; an int >= 2 that does not
+    pass it, unless the model's RoPE distances are capped (StreamingLLM, LM-Infinite)."""
+    if max_length is None:
+        return config.max_position
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    if config.sinks is None and max_length > config.max_position:
+        raise ValueError(
+            f"max_length={max_length} is past the model's max_position={config.max_position}: "
+            "it would extrapolate silently; load it with max_position raised (e.g. "
+            f"load_model(..., max_position={max_length})) to do so knowingly"
+        )
+    return max_length

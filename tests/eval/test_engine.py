@@ -9,8 +9,10 @@ import sys
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import dga_jax
+from dga_jax import ModelConfig
 from dga_jax.checkpoint.orbax_io import save_model
 from dga_jax.errors import InputError
 from dga_jax.eval.__main__ import build_tasks, main, parse_args
@@ -52,6 +54,27 @@ def test_sequences_past_max_length_are_refused(tiny_engine):
         tiny_engine.generate(prompts, 5)
     with pytest.raises(ValueError, match=r"sequence 0 of 1025 tokens does not fit"):
         tiny_engine.score([[1] * 1025, [1, 2]])
+
+
+@pytest.mark.parametrize(
+    "max_length, match",
+    [
+        (1025, r"max_length=1025 is past the model's max_position=1024: it would extrapolate"),
+        (0, r"max_length must be an int >= 2, got 0"),  # fell back to max_position silently
+        (64.0, r"max_length must be an int >= 2, got 64.0"),
+    ],
+)
+def test_a_max_length_past_the_models_positions_is_refused(tiny_engine, max_length, match):
+    # score() ran past max_position silently where generate() refused it.
+    with pytest.raises(ValueError, match=match):
+        ModelEngine(tiny_engine.model, tiny_engine.tokenizer, max_length=max_length)
+
+
+def test_streaming_models_take_any_max_length(tiny_engine):
+    # LM-Infinite caps every RoPE distance, as generate() knows (it streams on).
+    config = ModelConfig.preset("tiny", attention="lm_infinite", max_position=64)
+    model = dga_jax.Llama(config, rngs=nnx.Rngs(0))
+    assert ModelEngine(model, tiny_engine.tokenizer, max_length=4096).max_length == 4096
 
 
 def test_scoring_names_the_sequence_with_an_id_outside_the_vocabulary(tiny_engine):
@@ -144,6 +167,18 @@ def test_cli_checks_every_task_before_any_runs(checkpoint, tmp_path, capsys, fla
     assert exit_info.value.code == 2
     assert message.format(tmp=tmp_path) in capsys.readouterr().err
     assert not (tmp_path / "passkey.jsonl").exists()
+
+
+def test_cli_max_length_past_max_position_extrapolates_knowingly(checkpoint, tmp_path, caplog):
+    # --max_length 2048 on a 1024-position model: generation refused it mid-run, scoring
+    # extrapolated silently; now the model is loaded with max_position 2048, with a warning.
+    out = tmp_path / "out"
+    flags = ["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--out", str(out)]
+    flags += ["--tasks", "passkey", "--passkey_lengths", "40", "--passkey_trials", "1"]
+    flags += ["--attention", "dense", "--max_length", "2048"]
+    main(flags)
+    assert "--max_length 2048 is past the model's max_position 1024" in caplog.text
+    assert json.loads((out / "summary.json").read_text())["info"]["max_length"] == 2048
 
 
 def test_cli_passkey_under_longloras_first_point_asks_for_lengths():
