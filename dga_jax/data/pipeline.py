@@ -17,7 +17,9 @@ With no data path configured, both splits come from the sample corpus (`dga_jax.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,7 +36,7 @@ from dga_jax.data.packing import (
     load_stream_tokenizer,
 )
 from dga_jax.data.slimpajama import ReadStats, list_shards
-from dga_jax.errors import ConfigError
+from dga_jax.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -128,6 +130,7 @@ class DataIterator(grain.DatasetIterator):
         self._num_steps = num_steps
         self._step = 0
         self._row_states = {row: initial_row_state() for row in rows}
+        self._shards = shard_fingerprint(spec.files)
 
     def _build_windows(self) -> grain.DatasetIterator:
         """One window per row in turn, from the current row states."""
@@ -171,12 +174,22 @@ class DataIterator(grain.DatasetIterator):
         )
 
     def get_state(self) -> dict[str, Any]:
-        """`{"step", "rows"}`: JSON-serialisable, a few integers per row."""
+        """`{"step", "rows", "shards"}`: JSON-serialisable, a few integers per row, and the
+        fingerprint of the shard list the rows' positions index (`shard_fingerprint`)."""
         rows = {str(row): state for row, state in self._row_states.items()}
-        return {"step": self._step, "rows": rows}
+        return {"step": self._step, "rows": rows, "shards": self._shards}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Resumes from a `get_state()` of an iterator over the same rows and data."""
+        """Resumes from a `get_state()` of an iterator over the same rows and shard files (a
+        state from before shards were fingerprinted is taken as it is)."""
+        saved = state.get("shards")
+        if saved is not None and saved != self._shards:
+            raise InputError(
+                f"config.data.{self._spec.split}: the shard files changed since this position "
+                f"was saved ({saved['count']} files then, {self._shards['count']} now, or other "
+                "names): it indexes the old list. Resume with the same files, or start a new "
+                "run (--config.init_checkpoint for the weights)"
+            )
         rows = {int(row): row_state for row, row_state in state["rows"].items()}
         if sorted(rows) != list(self._rows):
             raise ValueError(
@@ -307,3 +320,11 @@ def _shards(config: DataConfig, split: str) -> list[str]:
         corpus,
     )
     return list_shards(str(corpus / split))
+
+
+def shard_fingerprint(files: Sequence[str]) -> dict[str, Any]:
+    """{"count", "sha256"} of the shard paths, relative to their common directory (a data set
+    moved whole keeps it): a saved position indexes this list, so a resume must find it again."""
+    root = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
+    names = "\n".join(os.path.relpath(f, root) for f in files)
+    return {"count": len(files), "sha256": hashlib.sha256(names.encode()).hexdigest()}

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -127,6 +128,23 @@ def test_resume_reproduces_the_uninterrupted_run(config, first):
     assert_same(take(resumed, 15), expected)
     assert resumed.get_state() == it.get_state()
     assert resumed.stats == it.stats
+
+
+def test_a_resume_over_other_shard_files_is_refused(config, corpus, tmp_path):
+    # A saved position indexes the shard list: with shards added or removed it resumed from
+    # other records, silently.
+    it = make_train_iterator(config, process_index=0, process_count=1)
+    take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    fewer = dataclasses.replace(config, train=str(corpus / "train" / "chunk1"))
+    with pytest.raises(InputError, match=r"config.data.train: the shard files changed .* \(4 "):
+        make_train_iterator(fewer, process_index=0, process_count=1).set_state(state)
+    moved = shutil.copytree(corpus / "train", tmp_path / "elsewhere")  # the same set, moved
+    resumed = make_train_iterator(dataclasses.replace(config, train=str(moved)))
+    resumed.set_state(state)
+    assert_same(take(resumed, 2), take(it, 2))
+    del state["shards"]  # a state saved before shards were fingerprinted
+    make_train_iterator(fewer, process_index=0, process_count=1).set_state(state)
 
 
 def test_workers_give_the_same_batches_and_states(config):
