@@ -66,7 +66,7 @@ class RopeScaling:
     def __post_init__(self):
         if self.kind not in ROPE_KINDS:
             raise ValueError(f"rope_scaling.kind must be one of {ROPE_KINDS}, got {self.kind!r}")
-        if self.factor <= 0:
+        if not self.factor > 0:  # NaN too: NaN logits otherwise
             raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
         if self.kind == "llama3":
             self._check_llama3_bands()
@@ -210,13 +210,21 @@ class ModelConfig:
     def from_hf(cls, config: dict[str, Any] | str | os.PathLike, **changes: Any) -> ModelConfig:
         """From a Hugging Face LLaMA `config.json` (a dict, the file, or its directory) alone;
         `dga_jax.checkpoint.hf.read_hf_config` adds a checkpoint's generation_config.json ids."""
-        if not isinstance(config, dict):
-            path = os.fspath(config)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            with open(path) as f:
-                config = json.load(f)
-        return hf_to_config(config).replace(**changes)
+        if isinstance(config, dict):
+            return hf_to_config(config).replace(**changes)
+        path = os.fspath(config)
+        if os.path.isdir(path):
+            path = os.path.join(path, "config.json")
+        with open(path) as f:
+            try:
+                hf = json.load(f)
+            except ValueError as error:  # JSONDecodeError, or bytes that are not text
+                raise ConfigError(f"{path} is not valid JSON: {error}") from error
+        try:
+            mapped = hf_to_config(hf)
+        except ValueError as error:  # a ConfigError of the mapping, or a rule of ModelConfig
+            raise ConfigError(f"{path}: {error}") from error
+        return mapped.replace(**changes)
 
 
 # The fields holding another config, and its class; `from_dict` builds them from dicts.
@@ -285,11 +293,13 @@ _HF_LLAMA3_ROPE = (
 
 
 def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
-    """Maps the fields of a HF `LlamaConfig` dict; other architectures, and a missing or
-    unsupported field, raise a `ConfigError` naming the key."""
+    """Maps the fields of a HF `LlamaConfig` dict; other architectures, and a missing,
+    unsupported or mistyped (null, a string for a number or a bool) field, raise a `ConfigError`
+    naming the key."""
     if not isinstance(hf, dict):
         raise ConfigError(f"a HF config must be a JSON object, got {type(hf).__name__}")
-    archs = hf.get("architectures") or ["LlamaForCausalLM"]
+    archs = strict.check("architectures", hf.get("architectures"), tuple[str, ...] | None)
+    archs = archs or ("LlamaForCausalLM",)
     if hf.get("model_type", "llama") != "llama" or archs[0] not in SUPPORTED_HF_ARCHITECTURES:
         raise ConfigError(
             f"unsupported architecture {archs} (model_type "
@@ -303,24 +313,41 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
     for key in _HF_REQUIRED:
         strict.check(key, hf[key], int)
     heads = hf["num_attention_heads"]
-    # transformers >= 5 nests rope_theta and the scaling in `rope_parameters`.
-    rope = hf.get("rope_parameters") or {}
-    theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+    # null num_key_value_heads / head_dim: transformers' defaults, as when absent
+    kv_heads = _hf_value(hf, "num_key_value_heads", int | None)
+    head_dim = _hf_value(hf, "head_dim", int | None)
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
-        num_kv_heads=hf.get("num_key_value_heads") or heads,
-        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        num_kv_heads=heads if kv_heads is None else kv_heads,
+        head_dim=hf["hidden_size"] // heads if head_dim is None else head_dim,
         intermediate_size=hf["intermediate_size"],
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        rope_theta=float(theta),
+        norm_eps=_hf_value(hf, "rms_norm_eps", float, 1e-6),
+        rope_theta=_hf_rope_theta(hf),
         rope_scaling=_hf_rope_scaling(hf),
-        max_position=hf.get("max_position_embeddings", 2048),  # transformers' LlamaConfig's
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        # transformers' LlamaConfig's default
+        max_position=_hf_value(hf, "max_position_embeddings", int, 2048),
+        tie_embeddings=_hf_value(hf, "tie_word_embeddings", bool | None, False) or False,
         **_hf_token_ids(hf),
     )
+
+
+def _hf_value(
+    values: dict[str, Any], key: str, kind: Any, default: Any = None, prefix: str = ""
+) -> Any:
+    """values[key] (`default` where absent) as the type `kind`: a `ConfigError` naming the HF key
+    (under `prefix`) for a wrong one, e.g. null or a string ("false" would be a true bool)."""
+    return strict.check(prefix + key, values.get(key, default), kind)
+
+
+def _hf_rope_theta(hf: dict[str, Any]) -> float:
+    """transformers >= 5 nests rope_theta (and the scaling) in `rope_parameters`."""
+    rope = _hf_value(hf, "rope_parameters", dict[str, Any] | None) or {}
+    if "rope_theta" in rope:
+        return _hf_value(rope, "rope_theta", float, prefix="rope_parameters.")
+    return _hf_value(hf, "rope_theta", float, 10000.0)
 
 
 def _require(values: dict[str, Any], keys: tuple[str, ...], prefix: str) -> None:
@@ -332,23 +359,24 @@ def _require(values: dict[str, Any], keys: tuple[str, ...], prefix: str) -> None
 
 def _hf_rope_scaling(hf: dict[str, Any]) -> RopeScaling:
     section = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    scaling = hf.get(section)
+    scaling = _hf_value(hf, section, dict[str, Any] | None)
     if not scaling:
         return RopeScaling()
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return RopeScaling()
+    prefix = section + "."
     if kind == "linear":
-        _require(scaling, ("factor",), section + ".")
-        return RopeScaling("linear", float(scaling["factor"]))
+        _require(scaling, ("factor",), prefix)
+        return RopeScaling("linear", _hf_value(scaling, "factor", float, prefix=prefix))
     if kind == "llama3":
-        _require(scaling, _HF_LLAMA3_ROPE, section + ".")
+        _require(scaling, _HF_LLAMA3_ROPE, prefix)
         return RopeScaling(
             "llama3",
-            float(scaling["factor"]),
-            float(scaling["low_freq_factor"]),
-            float(scaling["high_freq_factor"]),
-            int(scaling["original_max_position_embeddings"]),
+            _hf_value(scaling, "factor", float, prefix=prefix),
+            _hf_value(scaling, "low_freq_factor", float, prefix=prefix),
+            _hf_value(scaling, "high_freq_factor", float, prefix=prefix),
+            _hf_value(scaling, "original_max_position_embeddings", int, prefix=prefix),
         )
     raise ConfigError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
 

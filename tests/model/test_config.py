@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -222,3 +223,73 @@ def test_transformers5_rope_parameters_are_read():
     config = ModelConfig.from_hf(hf)
     assert config.rope_theta == 500000.0
     assert config.rope_scaling == RopeScaling("llama3", 8.0, 1.0, 4.0, 64)
+
+
+_LLAMA3_HF_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        # bool("false") was True: a silently tied LM head
+        ({"tie_word_embeddings": "false"}, r"^tie_word_embeddings must be bool, got str 'false'$"),
+        # its first letter 'L' was checked: "unsupported architecture LlamaForCausalLM"
+        ({"architectures": "LlamaForCausalLM"}, r"^architectures must be a tuple, got 'Llama"),
+        # named model.max_position / model.norm_eps, which the file does not have
+        ({"max_position_embeddings": None}, r"^max_position_embeddings must be int, got NoneType"),
+        ({"rms_norm_eps": None}, r"^rms_norm_eps must be float, got NoneType None$"),
+        ({"num_key_value_heads": "2"}, r"^num_key_value_heads must be int, got str '2'$"),
+        # TypeError / AttributeError tracebacks, which read_hf_config does not catch
+        ({"rope_theta": None}, r"^rope_theta must be float, got NoneType None$"),
+        ({"rope_parameters": {"rope_theta": None}}, r"^rope_parameters\.rope_theta must be float"),
+        (
+            {"rope_scaling": ["linear", 2.0]},
+            r"^rope_scaling must be a dict, got \['linear', 2\.0\]$",
+        ),
+        (
+            {"rope_scaling": {**_LLAMA3_HF_ROPE, "original_max_position_embeddings": None}},
+            r"^rope_scaling\.original_max_position_embeddings must be int, got NoneType None$",
+        ),
+        (
+            {"rope_scaling": {"type": "linear", "factor": "x"}},
+            r"^rope_scaling\.factor must be float",
+        ),
+    ],
+)
+def test_bad_hf_values_are_rejected_by_their_hf_key(changes, match):
+    hf = config_to_hf(ModelConfig.preset("tiny"))
+    with pytest.raises(ConfigError, match=match):
+        ModelConfig.from_hf({**hf, **changes})
+
+
+def test_null_hf_kv_heads_and_head_dim_take_transformers_defaults():
+    hf = {**config_to_hf(ModelConfig.preset("tiny")), "num_key_value_heads": None, "head_dim": None}
+    config = ModelConfig.from_hf(hf)
+    assert (config.num_kv_heads, config.head_dim) == (config.num_heads, 128 // config.num_heads)
+
+
+def test_nan_rope_factor_is_rejected():
+    """NaN passed `factor <= 0` and made every logit NaN (JSON's NaN parses in Python)."""
+    with pytest.raises(ValueError, match=r"^rope_scaling\.factor must be > 0, got nan$"):
+        RopeScaling("linear", float("nan"))
+    hf = config_to_hf(ModelConfig.preset("tiny"))
+    rope = json.loads('{"rope_type": "linear", "factor": NaN}')
+    with pytest.raises(ValueError, match=r"^rope_scaling\.factor must be > 0, got nan$"):
+        ModelConfig.from_hf({**hf, "rope_scaling": rope})
+
+
+def test_hf_config_file_errors_name_the_file(tmp_path):
+    path = tmp_path / "config.json"
+    named = re.escape(str(path))
+    path.write_text('{"vocab_size": 32000, "hidden_')  # a truncated download
+    with pytest.raises(ConfigError, match=rf"^{named} is not valid JSON: Unterminated string"):
+        ModelConfig.from_hf(tmp_path)
+    path.write_text('{"vocab_size": 32000}')
+    with pytest.raises(ConfigError, match=rf"^{named}: HF config key\(s\) \['hidden_size'"):
+        ModelConfig.from_hf(path)
