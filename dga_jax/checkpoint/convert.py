@@ -31,7 +31,10 @@ DEFAULT_MAX_SHARD_SIZE = "5GB"
 def hf_to_orbax(
     hf_dir: str | os.PathLike, out: str | os.PathLike, dtype: str | None = None
 ) -> None:
-    """Converts a HF LLaMA checkpoint directory into an Orbax checkpoint directory `out`."""
+    """Converts a HF LLaMA checkpoint directory into an Orbax checkpoint directory `out` (which
+    must not exist: checked before the weights are read)."""
+    if os.path.exists(out):
+        raise FileExistsError(f"checkpoint directory already exists: {os.path.abspath(out)}")
     config, params = read_hf(hf_dir, dtype)
     save_params(out, config, params)
 

@@ -18,7 +18,14 @@ from safetensors.numpy import load_file, save_file
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from dga_jax import Llama
-from dga_jax.checkpoint import CheckpointError, load_config, load_model, read_param, save_model
+from dga_jax.checkpoint import (
+    CheckpointError,
+    convert,
+    load_config,
+    load_model,
+    read_param,
+    save_model,
+)
 from dga_jax.checkpoint.convert import _run_command
 from dga_jax.checkpoint.hf import (
     INDEX_FILE,
@@ -236,10 +243,19 @@ def test_missing_files_are_named(hf_copy, tmp_path):
         load_model(missing)
 
 
-def test_an_existing_output_is_not_overwritten(converted, tmp_path):
+def test_an_existing_output_is_not_overwritten(converted, tmp_path, monkeypatch):
     c = converted("gqa")
+    read = []
+
+    def read_hf(*args):
+        read.append(args)
+        raise AssertionError("read the weights before checking --out")
+
+    monkeypatch.setattr(convert, "read_hf", read_hf)
     with pytest.raises(FileExistsError, match=re.escape(str(c.ckpt_dir))):
         to_orbax(c.hf_dir, c.ckpt_dir)
+    assert read == []  # refused before a 7B model's weights are read
+    monkeypatch.undo()
     with pytest.raises(FileExistsError, match=re.escape(str(c.hf_dir))):
         to_hf(c.ckpt_dir, c.hf_dir)
 
