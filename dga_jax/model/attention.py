@@ -49,13 +49,14 @@ class DGAttention(nnx.Module):
         self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), rules, dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        """x: [B, T, D], positions: [B, T] -> [B, T, D].
+        """x: [B, T, D], positions: [B, T] or [T] (every row's) -> [B, T, D].
 
         `positions` only rotate q and k (RoPE); the causal mask and DGA's groups take token t to
         be row t of the sequence, as in packed pretraining, or, with config.context_order
         "zigzag" and the sequence split over the mesh, row i to hold position
         `zigzag_order(T, P)[i]` (`Llama` passes those positions).
         """
+        positions = jnp.broadcast_to(positions, x.shape[:2])
         if self.config.sinks is not None:
             return self._project(self._sink_attend(*self._sink_qkv(x, positions)))
         q, k, v = self._qkv(x, positions)

@@ -250,6 +250,9 @@ def test_dga_attention_module_plugs_into_other_models():
     assert block(x).shape == x.shape
     params = nnx.state(block, nnx.Param)
     assert {"q", "k", "v", "o"} <= set(params["attn"].keys())
+    # Every row's positions as one [T], as Llama takes them (an IndexError before).
+    every_row = jnp.broadcast_to(jnp.arange(50), (2, 50))
+    np.testing.assert_array_equal(block.attn(x, jnp.arange(50)), block.attn(x, every_row))
 
 
 def test_parameters_carry_logical_axes():
