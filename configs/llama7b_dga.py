@@ -7,11 +7,11 @@
         --config.data.tokenizer=Llama-2-7b-hf/tokenizer.model
 
 LongLoRA's full fine-tune recipe (docs/PAPER_NOTES.md): 8K sequences, global batch 64
-(micro-batch 8 x accumulation 8 on 8 devices), lr 2e-5 with 20 warmup steps then constant,
-weight decay 0, AdamW with betas (0.9, 0.999) and clipping at 1 (the Hugging Face Trainer's
-defaults, which LongLoRA keeps), bf16 compute with float32 master weights, linear RoPE scaling
-factor 2, 1000 steps (~0.52B tokens), FSDP over all devices (set `--config.mesh.seq` to shard
-long sequences).
+(micro-batch 1 per device on 8 devices x accumulation 8), lr 2e-5 with 20 warmup steps then
+constant, weight decay 0, AdamW with betas (0.9, 0.999) and clipping at 1 (the Hugging Face
+Trainer's defaults, which LongLoRA keeps), bf16 compute with float32 master weights, linear RoPE
+scaling factor 2, 1000 steps (~0.52B tokens), FSDP over all devices (set `--config.mesh.seq` to
+shard long sequences).
 On GPUs add `--config.model.overrides.attention_impl=pallas_gpu` (DGA's Triton kernels; the
 default "xla" runs anywhere), on TPUs `pallas_tpu`.
 Expected (paper): LongBench-E average about 21 vs 21.7 for dense attention.

@@ -8,7 +8,8 @@ zig-zag ordered to balance causal work; with 4 KV heads, Ulysses needs at most 4
 8 cores the "auto" strategy is "dga" (README, "Long sequences across devices"). Parameters and
 AdamW state are sharded over the same devices. bfloat16 compute, float32 weights, full
 rematerialisation. Trains on the byte-level sample corpus (no download); for SlimPajama set
-`--config.data.train`, `--config.data.tokenizer` and `--config.model.overrides.vocab_size`.
+`--config.data.train`, `--config.data.validation` (both or neither), `--config.data.tokenizer`
+and `--config.model.overrides.vocab_size`.
 The first loss is about ln 512 = 6.2 (uniform over the byte vocabulary).
 """
 

@@ -4,8 +4,9 @@
 
 Runs on a 2-core CPU in a few minutes: builds a SlimPajama-format corpus from the Python
 standard library's sources (byte-level tokenizer), trains 200 steps of 8 x 256 tokens, and
-writes metrics, checkpoints and a loss plot to the workdir. Expected: validation loss falls
-from ~6.2 (uniform over the preset's 512 ids) to below 3.
+writes metrics, checkpoints and a loss plot to the workdir. Expected: the loss starts near
+ln 512 = 6.2 (uniform over the preset's 512 ids); the validation loss, evaluated every 50 steps,
+ends below 3 at step 200.
 """
 
 from __future__ import annotations

@@ -65,6 +65,15 @@ def test_every_config_documents_its_required_inputs():
         assert not missing, f"configs/{name}.py's launch command leaves {missing} unset"
 
 
+def test_a_config_that_tells_to_set_train_data_tells_to_set_validation_data():
+    """`train.inputs` refuses data.train without data.validation ("set both or neither"): a
+    docstring naming one names the other, or its advice ends in that error."""
+    for name in EXPERIMENTS:
+        doc = importlib.import_module(f"configs.{name}").__doc__
+        named = set(re.findall(r"--config\.(data\.(?:train|validation))\b", doc))
+        assert named in (set(), {"data.train", "data.validation"}), (name, named)
+
+
 @pytest.mark.parametrize("name", ["llama7b_dga", "llama7b_dense"])
 def test_a_7b_config_without_its_inputs_names_each_one(name):
     assert unset_inputs(load(name)) == list(INPUTS)
