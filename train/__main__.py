@@ -52,17 +52,19 @@ def _train() -> None:
         config = from_config_dict(_CONFIG.value)
     except OSError as error:  # a --config file that is missing or fails to load (read lazily)
         raise InputError(f"--config: {' '.join(str(error).split())}") from error
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    default = f"runs/{path.split('/')[-1].removesuffix('.py')}"
+    if _WORKDIR.value == "":  # `--workdir=$DIR` with DIR unset: not the default's run
+        raise InputError(f"--workdir is empty: name a directory, or leave it out for {default}")
+    workdir = _WORKDIR.value or default
     import jax
 
     if _DISTRIBUTED.value:
-        jax.distributed.initialize(**_distributed_args())
+        _initialize_distributed()
     elif given := _given(_PEER_FLAGS):
         raise InputError(f"{', '.join(given)} set without --distributed, which they are for")
     from train.loop import run
 
-    path = config_flags.get_config_filename(flags.FLAGS["config"])
-    name = path.split("/")[-1].removesuffix(".py")
-    workdir = _WORKDIR.value or f"runs/{name}"
     summary = run(config, workdir)
     if jax.process_index() == 0:
         val = "n/a" if summary.val_loss is None else f"{summary.val_loss:.4f}"
@@ -78,6 +80,21 @@ _PEER_FLAGS = (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID)
 
 def _given(holders) -> list[str]:
     return [f"--{holder.name}" for holder in holders if holder.value is not None]
+
+
+def _initialize_distributed() -> None:
+    """`jax.distributed.initialize`; peers it cannot find (no flags, no cluster) are an
+    `InputError` naming the flags."""
+    import jax
+
+    peers = _distributed_args()
+    try:
+        jax.distributed.initialize(**peers)
+    except ValueError as error:  # JAX's "coordinator_address should be defined." and the like
+        raise InputError(
+            f"--distributed: {error} JAX found no cluster to take it from: pass "
+            "--coordinator_address=host:port --num_processes=N --process_id=i on every host"
+        ) from error
 
 
 def _distributed_args() -> dict:
@@ -98,13 +115,20 @@ def _parse_flags(argv: list[str]) -> list[str]:
     """absl's parser, with the user's mistakes in flags (an unknown `--config.` key, a value
     that does not parse) reported as input errors rather than tracebacks."""
     try:
-        return flags.FLAGS(argv)
+        argv = flags.FLAGS(argv)
     except (AttributeError, KeyError) as error:  # ml_collections: a key the config lacks
         while isinstance(error, BaseException) and error.args:  # it wraps a KeyError's text
             error = error.args[0]
         _exit(f"unknown config key {error}", 2)
     except Exception as error:  # flags.Error, ml_collections' ValueError / TypeError
         _exit(error, 2)
+    if argv[1:]:  # `--config.data.add_bos False` leaves "False" here, and add_bos True
+        _exit(
+            f"unexpected argument(s) {' '.join(argv[1:])}: every flag is --name=value "
+            "(--config.data.add_bos=False)",
+            2,
+        )
+    return argv
 
 
 def _exit(error: Exception | str, code: int) -> None:

@@ -136,10 +136,12 @@ def check_mesh_fits(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     for what, size, logical in sizes:
         axes, parts = _mesh_parts(mesh, logical)
         how = " x ".join(f"config.mesh.{axis}={mesh.shape[axis]}" for axis in axes)
+        pieces, pieces_how = parts, how
         if logical == "seq" and zigzag and parts > 1:
-            parts, how = 2 * parts, f"2 x {how} (config.mesh.context_order='zigzag')"
-        if size % parts:
-            raise ConfigError(f"{what} = {size} must be a multiple of {how} = {parts}")
+            pieces, pieces_how = 2 * parts, f"2 x {how} (config.mesh.context_order='zigzag')"
+        if size % pieces:
+            raise ConfigError(f"{what} = {size} must be a multiple of {pieces_how} = {pieces}")
+        # The loss slices a device's share of the columns (both zig-zag pieces alike).
         if logical == "seq" and (size // parts) % config.train.loss_chunks:
             raise ConfigError(
                 f"config.data.seq_len = {size} in {parts} piece(s) ({how}): "

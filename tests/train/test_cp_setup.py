@@ -95,6 +95,16 @@ def test_sizes_the_mesh_splits_pass():
     check_mesh_fits(config(**ulysses), jax.sharding.AbstractMesh((2, 2, 2, 1), MESH_AXES))
 
 
+def test_zigzag_loss_chunks_need_only_divide_each_device_share():
+    # seq=2 in zig-zag order: each device holds 32 of the 64 tokens, as 2 pieces of 16; the loss
+    # slices the device's 32 columns, so 32 chunks fit (the step's loss is that of 1 chunk).
+    mesh = jax.sharding.AbstractMesh((1, 4, 2, 1), MESH_AXES)
+    zigzag = dict(data=dict(seq_len=64), mesh=dict(context_order="zigzag"))
+    check_mesh_fits(config(**zigzag, train=dict(loss_chunks=32)), mesh)
+    with pytest.raises(ConfigError, match=r"each piece's 32 tokens .*loss_chunks=64$"):
+        check_mesh_fits(config(**zigzag, train=dict(loss_chunks=64)), mesh)
+
+
 MAKE_SETUP = textwrap.dedent(
     """
     import pytest
