@@ -21,6 +21,7 @@ from flax import nnx
 from dga_jax.checkpoint import load_config
 from dga_jax.checkpoint.orbax_io import save_params
 from dga_jax.data import pipeline
+from dga_jax.errors import InputError
 from dga_jax.model.config import ModelConfig, with_token_ids_of
 from train import metrics
 from train.checkpointing import Checkpoints
@@ -36,10 +37,15 @@ from train.trainer import Summary, Trainer
 def run(config: TrainConfig, workdir: str | Path) -> Summary:
     """Trains `config` in `workdir` (created; resumed if it holds a checkpoint)."""
     workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"the workdir {workdir} is a file: name a directory (made if missing)")
     check_inputs(config)
     setup = make_setup(config)
     check_num_workers(config, len(setup.rows))
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file on its path, no permission
+        raise InputError(f"cannot make the workdir {workdir}: {error}") from error
     checkpoints = Checkpoints(
         workdir / "checkpoints",
         every=config.train.checkpoint_every,

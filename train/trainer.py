@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import optax
 
 from dga_jax.data import pipeline
 from train import metrics
@@ -112,7 +113,7 @@ class Trainer:
         record = {
             "loss": loss,
             "perplexity": math.exp(min(loss, 50.0)),
-            "learning_rate": float(self.schedule(done - 1)),
+            "learning_rate": applied_learning_rate(self.schedule, done, state),
             "grad_norm": float(out["grad_norm"]),
             "tokens_per_s": tokens_per_s,
             "step_time_s": seconds / steps,
@@ -190,6 +191,13 @@ class Trainer:
                 failed = error
         if failed is not None:
             raise failed
+
+
+def applied_learning_rate(schedule: optax.Schedule, done: int, state: TrainState) -> float:
+    """The learning rate of the last update applied by step `done`: the optimizer's schedule
+    counts applied updates, and a non-finite step is skipped whole (optimizer state included)."""
+    applied = done - int(state.nonfinite_total)
+    return float(schedule(max(applied - 1, 0)))
 
 
 def _check_finite(state: TrainState, config: TrainConfig, step: int) -> None:

@@ -20,10 +20,11 @@ from configs import tiny_dga
 from dga_jax import Llama
 from dga_jax.checkpoint import load_model
 from dga_jax.data.tokenizers import ByteTokenizer
+from dga_jax.errors import InputError
 from train.config import from_config_dict
 from train.loop import run
 from train.step import TrainState
-from train.trainer import NonFiniteError, Trainer
+from train.trainer import NonFiniteError, Trainer, applied_learning_rate
 
 ROOT = Path(__file__).parents[2]
 
@@ -202,3 +203,22 @@ def test_close_releases_everything_even_when_a_release_fails(caplog):
         Trainer.close(trainer)
     assert released == ["profiler", "progress", "train_iter", "log", "stop", "checkpoints"]
     assert "closing the run: RuntimeError: stop_trace failed" in caplog.text
+
+
+def test_the_logged_learning_rate_is_the_last_applied_updates():
+    # A skipped (non-finite) step leaves the optimizer's schedule count behind the step count:
+    # the log read schedule(step - 1), k steps ahead after k skips.
+    schedule = optax.linear_schedule(0.0, 1.0, 10)
+    state = types.SimpleNamespace(nonfinite_total=np.int32(2))
+    assert applied_learning_rate(schedule, 6, state) == pytest.approx(0.3)  # 4 updates applied
+    state.nonfinite_total = np.int32(0)
+    assert applied_learning_rate(schedule, 6, state) == pytest.approx(0.5)
+
+
+def test_a_workdir_that_is_a_file_is_an_input_error(tmp_path):
+    # It ended in mkdir's FileExistsError traceback after the setup.
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(InputError, match=r"the workdir .*run is a file"):
+        run(from_config_dict(tiny(steps=1)), tmp_path / "run")
+    with pytest.raises(InputError, match=r"cannot make the workdir .*run/inner"):
+        run(from_config_dict(tiny(steps=1)), tmp_path / "run" / "inner")
