@@ -128,8 +128,8 @@ def load_model(
     expected = {key: leaf.shape for key, leaf in traverse_util.flatten_dict(target).items()}
     changed = f" changed by {sorted(config_changes)}" if config_changes else ""
     check_stored(ckpt_dir, expected, "the model config" + changed)
-    restored = _restore(ckpt_dir, {PARAMS: ocp.args.StandardRestore(target)})
-    nnx.replace_by_pure_dict(params, restored[PARAMS])
+    restored = _restore_params(ckpt_dir, ocp.args.StandardRestore(target))
+    nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest)
 
 
@@ -221,7 +221,7 @@ def read_param(ckpt_dir: str | os.PathLike, path: tuple[str, ...]) -> np.ndarray
     for key in reversed(path):
         item = {key: item}
     args = ocp.args.PyTreeRestore(item=item, restore_args=item, partial_restore=True)
-    restored = _restore(ckpt_dir, {PARAMS: args})[PARAMS]
+    restored = _restore_params(ckpt_dir, args)
     for key in path:
         restored = restored[key]
     return restored
@@ -279,6 +279,21 @@ def _checkpoint_path(ckpt_dir: str | os.PathLike, items: list[str]) -> str:
     if missing:
         raise MissingInputError(f"{path} is not a model checkpoint: it has no {missing} item")
     return path
+
+
+def _restore_params(ckpt_dir: str | os.PathLike, args: ocp.args.CheckpointArgs) -> Any:
+    """The params item as `args` restore it. Array data Orbax cannot read (files truncated or
+    gone) is a `CheckpointError` naming the item, not TensorStore's bare `Exception`."""
+    try:
+        return _restore(ckpt_dir, {PARAMS: args})[PARAMS]
+    except InputError:
+        raise
+    except Exception as error:  # TensorStore raises bare Exceptions, Orbax ValueErrors
+        item_dir = os.path.join(os.path.abspath(ckpt_dir), PARAMS)
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        raise CheckpointError(
+            f"{item_dir} cannot be read ({reason}): the checkpoint is damaged or incomplete"
+        ) from error
 
 
 def _restore(ckpt_dir: str | os.PathLike, items: dict[str, ocp.args.CheckpointArgs]) -> Any:

@@ -138,6 +138,19 @@ def test_a_shape_changing_config_change_names_the_parameter(tiny_ckpt):
         load_model(ckpt, tie_embeddings=True)
 
 
+def test_damaged_array_data_is_a_checkpoint_error_naming_it(tiny_ckpt):
+    # TensorStore's bare Exception (load_model) or ValueError (read_param), with tracebacks.
+    ckpt, _ = tiny_ckpt
+    for data in (ckpt / "params").glob("ocdbt.process_*/d/*"):
+        with data.open("r+b") as f:
+            f.truncate(10)
+    cannot_read = rf"{re.escape(str(ckpt / 'params'))} cannot be read .* damaged or incomplete"
+    with pytest.raises(CheckpointError, match=cannot_read):
+        load_model(ckpt)
+    with pytest.raises(CheckpointError, match=cannot_read):
+        read_param(ckpt, ("embed",))
+
+
 def test_reading_an_absent_parameter_names_it(tiny_ckpt):
     ckpt, _ = tiny_ckpt
     with pytest.raises(CheckpointError, match=r"holds no parameter 'layers\.attn\.bias'"):
