@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dga_jax.ops.checks import is_int
 from dga_jax.sharding import MeshAxes
 
 
@@ -32,7 +33,9 @@ class ContextSplit:
     zigzag: bool = False
 
     def __post_init__(self):
-        if self.shards < 1 or (self.shards > 1) != (self.axis is not None):
+        if not is_int(self.shards) or self.shards < 1:
+            raise ValueError(f"ContextSplit's shards must be an int >= 1, got {self.shards!r}")
+        if (self.shards > 1) != (self.axis is not None):
             raise ValueError(f"ContextSplit needs a mesh axis iff shards > 1, got {self}")
 
     @property
@@ -116,6 +119,8 @@ def zigzag_order(seq_len: int, parts: int) -> np.ndarray:
     Row i of a zig-zag batch holds position `zigzag_order(L, P)[i]`; device p's C = L / P rows
     are pieces p and 2P - 1 - p.
     """
+    if not is_int(parts) or parts < 1:
+        raise ValueError(f"zig-zag order needs parts (devices) as an int >= 1, got {parts!r}")
     if seq_len % (2 * parts):
         raise ValueError(
             f"zig-zag order cuts the sequence ({seq_len} positions) into 2 x {parts} pieces: "

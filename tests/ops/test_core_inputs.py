@@ -3,12 +3,13 @@ built from mismatched arrays would otherwise be silently wrong."""
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import dga_jax
-from dga_jax import DGAConfig
+from dga_jax import ContextSplit, DGAConfig
 from tests.conftest import random_qkv
 
 CONFIG = DGAConfig(4, 0.25)
@@ -50,3 +51,27 @@ def test_gather_entries_rejects_another_layouts_kv(rows):
     shapes = r"must be \[B, L, Hkv, D\] with \[B, Hkv, L\] = \[2, 2, 48\]"
     with pytest.raises(ValueError, match=shapes):
         dga_jax.gather_entries(layout, k[rows], v[rows])
+
+
+def test_dga_layout_checks_its_split_against_the_mesh():
+    # As dga_attention's: a part count other than the axis size failed deep inside the
+    # importance pass ("Incompatible types for broadcasting").
+    q, k, _ = random_qkv(3, 1, 16, 2, 1, 8)
+    mesh = jax.make_mesh((1,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def layout(q, k):
+        return dga_jax.dga_layout(q, k, CONFIG, 0.3, split=ContextSplit("seq", 2)).focal
+
+    spec = jax.sharding.PartitionSpec(None, "seq")
+    sharded = jax.shard_map(layout, mesh=mesh, in_specs=(spec,) * 2, out_specs=spec)
+    with pytest.raises(ValueError, match=r"says 2 parts, but mesh axes 'seq' hold 1 devices"):
+        jax.jit(sharded)(q, k)
+    with pytest.raises(ValueError, match="not bound: call dga_layout inside a jax.shard_map"):
+        layout(q, k)
+
+
+@pytest.mark.parametrize("block", [0, -8, 8.0], ids=["0", "negative", "float"])
+def test_dga_layout_rejects_a_bad_importance_block(block):
+    q, k, _ = random_qkv(4, 1, 16, 2, 1, 8)
+    with pytest.raises(ValueError, match=rf"block .* must be an int >= 1, got {block!r}"):
+        dga_jax.dga_layout(q, k, CONFIG, 0.3, block=block)

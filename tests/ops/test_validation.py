@@ -307,3 +307,16 @@ def test_a_split_must_match_its_mesh_axis():
     sharded = jax.shard_map(attention, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
     with pytest.raises(ValueError, match=r"says 2 parts, but mesh axes 'seq' hold 1 devices"):
         jax.jit(sharded)(q, k, v)
+
+
+@pytest.mark.parametrize("shards", [2.0, None, True], ids=["float", "None", "bool"])
+def test_a_split_needs_an_int_part_count(shards):
+    # A float count passed every check and failed inside the sampled-query gather (IndexError).
+    with pytest.raises(ValueError, match=rf"shards must be an int >= 1, got {shards!r}"):
+        ContextSplit("seq", shards)
+
+
+@pytest.mark.parametrize("parts", [0, -1, 2.0], ids=["0", "negative", "float"])
+def test_zigzag_order_needs_an_int_part_count(parts):
+    with pytest.raises(ValueError, match=rf"parts \(devices\) as an int >= 1, got {parts!r}"):
+        dga_jax.zigzag_order(8, parts)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dga_jax.ops.checks import check_lengths, check_qkv
+from dga_jax.ops.checks import check_lengths, check_qkv, check_split, is_int
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.dga.config import DGAConfig, LayoutSizes
 from dga_jax.ops.dga.selection import (
@@ -115,9 +115,10 @@ def dga_layout(
     `passes`: how global importance's two passes run (None: XLA's loops,
     `selection.XLA_PASSES`; the Triton kernels: `backends.importance_implementation`).
     `scale` None: 1/sqrt(D), as `dga_attention`'s. Inputs are checked as `dga_attention`'s
-    (shapes, dtypes, lengths): a layout of mismatched q and k would be silently wrong.
+    (shapes, dtypes, lengths, the split's part count): a layout of mismatched q and k would be
+    silently wrong.
     """
-    scale, lengths = _check_inputs(q, k, config, scale, split, lengths)
+    scale, lengths = _check_inputs(q, k, config, scale, block, split, lengths)
     q, k = jax.lax.stop_gradient(q), jax.lax.stop_gradient(k)
     sizes = config.sizes(q.shape[1] * split.shards)
     rows = RowCounts.of(config, sizes.seq_len, q.shape[0], lengths)
@@ -144,11 +145,14 @@ def dga_layout(
     return assemble(focal, score, sizes, rows)
 
 
-def _check_inputs(q, k, config, scale, split: ContextSplit, lengths):
+def _check_inputs(q, k, config, scale, block, split: ContextSplit, lengths):
     """-> (scale, lengths as int32 [B] or None); errors name the argument and the shapes."""
     if not isinstance(config, DGAConfig):
         raise TypeError(f"config must be a DGAConfig, got {type(config).__name__}")
     scale = check_qkv(q, k, k, scale)
+    if not is_int(block) or block < 1:
+        raise ValueError(f"block (keys per importance tile) must be an int >= 1, got {block!r}")
+    check_split(split, "dga_layout")
     if lengths is not None and split.shards > 1:
         raise ValueError("per-row lengths need whole sequences, not a ContextSplit")
     return scale, check_lengths(lengths, q.shape[0], q.shape[1])
