@@ -177,6 +177,13 @@ def test_cache_is_about_a_sixth_of_dense_at_the_paper_setting():
     assert prefix_capacity(config, 4096 + 64, [4096]) / (4096 + 64) < 0.16
 
 
+@pytest.mark.parametrize("lengths", [[], [4, -1], [[4, 5]]])
+def test_prefix_capacity_names_bad_prompt_lengths(lengths):
+    # [] failed in NumPy's max of an empty array; a negative length sized a wrong cache.
+    with pytest.raises(ValueError, match=r"prompt_lengths must be one or more lengths >= 0"):
+        prefix_capacity(dga_jax.DGAConfig(4, 0.25), 64, lengths)
+
+
 def test_overflow_raises_before_running():
     q, k, v = random_qkv(6, 1, 20, 2, 1, 16)
     config = dga_jax.DGAConfig(4, 0.1)

@@ -164,6 +164,8 @@ def prefix_capacity(config: DGAConfig, max_len: int, prompt_lengths: Sequence[in
     tokens joins the tail, and every m'-th flushes `entries_per_flush` entries into the prefix.
     """
     lengths = np.asarray(prompt_lengths, np.int64)
+    if lengths.ndim != 1 or not lengths.size or lengths.min() < 0:
+        raise ValueError(f"prompt_lengths must be one or more lengths >= 0, got {prompt_lengths!r}")
     check_fits(int(lengths.max()), max_len)
     focal, fold = flush_shape(config)
     prefix, tail = prefill_counts(config, lengths)
