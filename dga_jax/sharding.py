@@ -109,12 +109,12 @@ def explicit_axes(*trees) -> tuple[str, ...]:
         sharding = (
             getattr(jax.typeof(leaf), "sharding", None) if isinstance(leaf, jax.Array) else None
         )
-        if sharding is None or not sharding.mesh.axis_names:
+        if sharding is None:
             continue
-        types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True))
+        explicit = _explicit(sharding.mesh)
         for entry in sharding.spec:
             names = entry if isinstance(entry, tuple) else (entry,)
-            axes.update(n for n in names if types.get(n) == jax.sharding.AxisType.Explicit)
+            axes.update(name for name in names if name in explicit)
     return tuple(sorted(axes))
 
 
@@ -133,9 +133,7 @@ def with_auto_axes(fn: Callable, *args):
 def check_auto_mesh(what: str) -> None:
     """A ValueError naming `what` if the mesh `jax.set_mesh` set has Explicit axes: the model
     places parameters and activations by logical rules (`LogicalRules`), which need Auto axes."""
-    mesh = jax.sharding.get_abstract_mesh()
-    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True)) if not mesh.empty else {}
-    explicit = [name for name, kind in types.items() if kind == jax.sharding.AxisType.Explicit]
+    explicit = _explicit(jax.sharding.get_abstract_mesh())
     if explicit:
         raise ValueError(
             f"{what} shards by logical rules over Auto mesh axes, but the mesh set by "
@@ -143,3 +141,9 @@ def check_auto_mesh(what: str) -> None:
             "dga_jax.make_mesh, or jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) "
             "* len(axis_names))"
         )
+
+
+def _explicit(mesh) -> list[str]:
+    """The names of a (concrete or abstract) mesh's Explicit axes, in mesh order."""
+    kinds = zip(mesh.axis_names, mesh.axis_types, strict=True)
+    return [name for name, kind in kinds if kind == jax.sharding.AxisType.Explicit]

@@ -272,7 +272,7 @@ def _check_positions(seq_len: int, model: ModelConfig) -> None:
     """Training rows past the model's max_position would teach positions its exported config
     disowns (generation refuses them: `dga_jax.generate.check_context`). StreamingLLM and
     LM-Infinite cap every RoPE distance by their window: any length is theirs."""
-    if model.sinks is None and seq_len > model.max_position:
+    if not model.positions_fit(seq_len):
         raise ConfigError(
             f"config.data.seq_len={seq_len} is past the model's max_position="
             f"{model.max_position}: set --config.model.overrides.max_position={seq_len} (with "

@@ -214,7 +214,7 @@ def _extrapolation(args: argparse.Namespace, config: ModelConfig) -> dict[str, i
     """A --max_length past the model's max_position asks to run it past its trained positions
     (length extrapolation): the model is loaded with max_position raised to it, with a warning.
     StreamingLLM and LM-Infinite cap every RoPE distance: any length is theirs already."""
-    if not args.max_length or args.max_length <= config.max_position or config.sinks is not None:
+    if not args.max_length or config.positions_fit(args.max_length):
         return {}
     logging.warning(
         "--max_length %d is past the model's max_position %d: positions beyond it extrapolate",

@@ -222,7 +222,7 @@ def _checked_max_length(max_length: int | None, config: ModelConfig) -> int:
         return config.max_position
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
-    if config.sinks is None and max_length > config.max_position:
+    if not config.positions_fit(max_length):
         raise ValueError(
             f"max_length={max_length} is past the model's max_position={config.max_position}: "
             "it would extrapolate silently; load it with max_position raised (e.g. "

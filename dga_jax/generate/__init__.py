@@ -213,7 +213,7 @@ def check_context(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> 
     max_new_tokens - 2: the last new token is not fed). RoPE has no table to run out of: past
     its context a model would extrapolate silently. StreamingLLM and LM-Infinite bound every
     RoPE distance by their window, which is what lets them stream on: they are not limited."""
-    if config.sinks is not None or prompt_len + max_new_tokens - 1 <= config.max_position:
+    if config.positions_fit(prompt_len + max_new_tokens - 1):
         return
     raise ValueError(
         f"a prompt of {prompt_len} tokens and max_new_tokens={max_new_tokens} need "

@@ -181,6 +181,12 @@ class ModelConfig:
         """The settings of a first-tokens-and-window kind (StreamingLLM, LM-Infinite), else None."""
         return getattr(self, self.attention) if self.attention in SINK_KINDS else None
 
+    def positions_fit(self, count: int) -> bool:
+        """Whether positions 0 .. count - 1 are the model's: within max_position, or any count
+        for StreamingLLM and LM-Infinite, whose windows cap every RoPE distance. Past it RoPE
+        has no table to run out of: the model would extrapolate silently."""
+        return self.sinks is not None or count <= self.max_position
+
     @property
     def compute_dtype(self) -> jnp.dtype:
         return jnp.dtype(self.dtype)
