@@ -23,7 +23,8 @@ from flax import nnx, traverse_util
 from safetensors import SafetensorError, safe_open
 
 from dga_jax.errors import InputError, MissingInputError
-from dga_jax.model.config import ModelConfig, with_generation_token_ids
+from dga_jax.model.config import ModelConfig
+from dga_jax.model.hf_config import with_generation_token_ids
 from dga_jax.model.llama import Llama
 
 CONFIG_FILE = "config.json"

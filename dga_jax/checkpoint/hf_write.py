@@ -29,7 +29,8 @@ from dga_jax.checkpoint.hf import (
     param_shapes,
     weights,
 )
-from dga_jax.model.config import ModelConfig, config_to_hf, hf_token_ids
+from dga_jax.model.config import ModelConfig
+from dga_jax.model.hf_config import config_to_hf, hf_token_ids
 
 
 def write_hf(
