@@ -51,7 +51,7 @@ from dga_jax.eval import (
     with_bos,
 )
 from dga_jax.eval.synthetic import SET_NAME, write_retrieval_corpus
-from dga_jax.eval.task import replace_text
+from dga_jax.eval.task import json_text, replace_text
 from dga_jax.generate import Buckets
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -353,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
     replace_text(out / "replication.md", text + "\n")
     flat = {f"{t}_as_{e}": s for (t, e), s in results.items()}
     payload = {"environment": environment(), "sizes": size, "runs": flat, "analyses": result}
-    replace_text(out / "replication.json", json.dumps(payload, indent=2) + "\n")
+    replace_text(out / "replication.json", json_text(payload))
     print(text)
 
 

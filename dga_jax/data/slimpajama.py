@@ -89,7 +89,8 @@ def list_shards(pattern: str) -> list[str]:
 
     Only files ending in `SHARD_SUFFIXES` are kept; hidden files and directories are skipped.
     A directory's symlinked sub-directories are followed (each real directory once), as a
-    glob's `**` does. An existing file is taken as it is, even if its path looks like a glob.
+    glob's `**` does; each file is listed once, under its shortest path. An existing file is
+    taken as it is, even if its path looks like a glob.
     """
     if os.path.isdir(pattern):
         paths = list(_walk_visible_files(pattern))
@@ -97,10 +98,20 @@ def list_shards(pattern: str) -> list[str]:
         paths = [pattern]
     else:
         paths = [path for path in glob.glob(pattern, recursive=True) if os.path.isfile(path)]
-    shards = sorted(path for path in paths if path.endswith(SHARD_SUFFIXES))
+    shards = _each_file_once([path for path in paths if path.endswith(SHARD_SUFFIXES)])
     if not shards:
         raise MissingInputError(f"no {'/'.join(SHARD_SUFFIXES)} shards found at {pattern!r}")
     return shards
+
+
+def _each_file_once(paths: list[str]) -> list[str]:
+    """`paths`, sorted, with each file once, under its shortest path (the fewest directories,
+    then the first in order): a `**` glob follows links to directories, loops included, so a
+    linked data set would be read twice."""
+    first: dict[str, str] = {}
+    for path in sorted(paths, key=lambda path: (path.count(os.sep), path)):
+        first.setdefault(os.path.realpath(path), path)
+    return sorted(first.values())
 
 
 def _walk_visible_files(directory: str) -> Iterator[str]:

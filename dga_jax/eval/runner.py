@@ -27,7 +27,7 @@ import tqdm
 
 from dga_jax.errors import InputError
 from dga_jax.eval.engine import Engine
-from dga_jax.eval.task import Example, Problems, Summary, Task, replace_text
+from dga_jax.eval.task import Example, Problems, Summary, Task, json_text, replace_text
 
 
 def read_records(path: Path) -> dict[str, dict[str, Any]]:
@@ -165,7 +165,7 @@ def evaluate(
             "evaluated_now": now,
         }
         sections.append(_section(task.name, result, problems))
-    replace_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    replace_text(out_dir / "summary.json", json_text(summary))
     header = "".join(f"- {k}: {v}\n" for k, v in (info or {}).items())
     replace_text(out_dir / "results.md", header + "\n" + "\n\n".join(sections) + "\n")
     return summary

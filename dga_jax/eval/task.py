@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
+import math
 import os
 from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
@@ -165,6 +167,22 @@ def mean_by(
 def fits(engine: Engine, prompt: Sequence[int], max_new_tokens: int) -> bool:
     """Whether a prompt leaves room for `max_new_tokens` within the engine's limit."""
     return len(prompt) + max_new_tokens <= engine.max_length
+
+
+def json_text(value: Any) -> str:
+    """`value` as strict JSON (indented): NaN and infinities, which `json.dumps` writes as bare
+    `NaN` that other JSON readers refuse (a passkey cell without records), become null."""
+    return json.dumps(_finite(value), indent=2, allow_nan=False) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(item) for item in value]
+    return value
 
 
 def replace_text(path: Path, text: str) -> None:

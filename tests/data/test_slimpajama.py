@@ -152,6 +152,11 @@ def test_list_shards_follows_symlinked_directories_once(tmp_path):
     (tmp_path / "data/a/loop").symlink_to(tmp_path / "data")
     expected = [str(tmp_path / "data" / n) for n in ["a/0.jsonl", "b/1.jsonl"]]
     assert list_shards(str(tmp_path / "data")) == expected
+    # A `**` glob follows the same links (Python's glob walks them too): each file once, under
+    # its shortest path (not through the loop). A second link to a file is the same file.
+    (tmp_path / "data/a/0_again.jsonl").symlink_to(tmp_path / "data/a/0.jsonl")
+    assert list_shards(str(tmp_path / "data/**/*.jsonl")) == expected
+    assert list_shards(str(tmp_path / "data")) == expected
 
 
 def test_list_shards_takes_an_existing_file_whose_path_looks_like_a_glob(tmp_path):

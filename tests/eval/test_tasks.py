@@ -15,6 +15,7 @@ from dga_jax.eval.lines import HEADER, last_integer, lines_case, lines_prompt
 from dga_jax.eval.passkey import TASK_LINE, passkey_prompt
 from dga_jax.eval.ppl import position_buckets, windows
 from dga_jax.eval.runner import read_records
+from dga_jax.eval.task import json_text
 from tests.eval.conftest import OracleEngine, PromptCounter, lines_answer, passkey_answer
 
 UNFIT = "prompt longer than the model's window"
@@ -85,6 +86,25 @@ def test_passkey_scores_exact_token_matches_and_skips_what_does_not_fit(tmp_path
         for line in (tmp_path / "wrong/passkey.jsonl").read_text().splitlines()
     ]
     assert summary.metrics["accuracy"] == np.mean([k % 10 == 0 for k in keys])
+
+
+def test_a_passkey_cell_without_records_is_null_in_strict_json(tmp_path):
+    # A (depth, length) cell whose every trial was skipped is NaN in the grid: summary.json
+    # held a bare NaN, which JSON readers other than Python's refuse.
+    task = Passkey([100, 200], trials=1, depths=[0.0, 1.0])
+    run_task(task, OracleEngine(passkey_answer), tmp_path)
+    records = list(read_records(tmp_path / "passkey.jsonl").values())
+    kept = [r for r in records if (r["depth"], r["garbage_chars"]) != (1.0, 200)]
+    grid = task.summarize(kept, tmp_path).metrics["grid"]
+    assert math.isnan(grid["accuracy"][1][1])
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    text = json_text({"grid": grid, "stderr": float("inf"), "rows": (1.5, float("-inf"))})
+    strict = json.loads(text, parse_constant=refuse)
+    assert strict["grid"]["accuracy"] == [[100.0, 100.0], [100.0, None]]
+    assert (strict["stderr"], strict["rows"]) == (None, [1.5, None])
 
 
 def test_lines_format_and_last_integer_parse():
