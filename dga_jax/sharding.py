@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Callable, Sequence
 
 import jax
@@ -24,9 +25,25 @@ MeshAxes = str | tuple[str, ...] | None
 @dataclasses.dataclass(frozen=True)
 class LogicalRules:
     """Logical axis name -> mesh axis, axes, or None (replicated). Every logical name an array
-    carries must be listed (a name that is not, e.g. a typo, is an error, not replicated)."""
+    carries must be listed (a name that is not, e.g. a typo, is an error, not replicated).
+    A name listed twice is an error too: Flax's rules take the first match, a dict the last."""
 
     rules: tuple[tuple[str, MeshAxes], ...]
+
+    def __post_init__(self):
+        names = []
+        for rule in self.rules:
+            if not (isinstance(rule, tuple | list) and len(rule) == 2 and isinstance(rule[0], str)):
+                raise ValueError(f"a logical rule is a (name, mesh axes) pair, got {rule!r}")
+            axes = _flat(rule[1])
+            if not all(isinstance(a, str) for a in axes) or len(set(axes)) < len(axes):
+                raise ValueError(
+                    f"logical rule {rule!r}: the mesh axes must be None, a name or distinct names"
+                )
+            names.append(rule[0])
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ValueError(f"logical rules name {twice} more than once: keep one rule each")
 
     def spec(self, logical: tuple[str | None, ...]) -> PartitionSpec:
         """The `PartitionSpec` of an array whose dimensions carry these logical names."""
@@ -37,14 +54,25 @@ class LogicalRules:
                 f"logical axes {logical}: {unknown} not in the rules {sorted(mapping)} "
                 "(map a name to None to replicate it)"
             )
+        mesh = jax.sharding.get_abstract_mesh()
         for name in logical:
             axes = mapping[name] if name is not None else None
-            flat = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-            if used & set(flat):
-                raise ValueError(f"logical axes {logical} map mesh axis {used & set(flat)} twice")
-            used |= set(flat)
+            flat = set(_flat(axes))
+            if used & flat:
+                raise ValueError(f"logical axes {logical} map mesh axis {used & flat} twice")
+            if not mesh.empty and not flat <= set(mesh.axis_names):
+                raise ValueError(
+                    f"logical axis {name!r} maps to {axes!r}, but the mesh set by jax.set_mesh "
+                    f"has axes {mesh.axis_names}"
+                )
+            used |= flat
             out.append(axes)
         return PartitionSpec(*out)
+
+
+def _flat(axes: MeshAxes) -> tuple[str, ...]:
+    """A rule's mesh axes as a tuple: None -> (), "x" -> ("x",)."""
+    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
 
 
 # Parameters: FSDP over `fsdp` and `seq` (ZeRO-3 over the whole context-parallel group, whose
@@ -72,12 +100,19 @@ DEFAULT_RULES = LogicalRules(
 )
 
 
-def make_mesh(shape: tuple[int, int, int, int], devices=None) -> jax.sharding.Mesh:
-    """A (data, fsdp, seq, tensor) mesh with explicit-free (auto) axes."""
-    if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape must give {MESH_AXES}, got {shape}")
+def make_mesh(shape: Sequence[int], devices=None) -> jax.sharding.Mesh:
+    """A (data, fsdp, seq, tensor) mesh with explicit-free (auto) axes over the first
+    prod(shape) of `devices` (default `jax.devices()`); one -1 takes all the devices the other
+    sizes leave (`mesh_shape`)."""
+    sizes = tuple(shape)
+    count = len(jax.devices() if devices is None else devices)
+    sizes = (
+        mesh_shape(sizes, count, "mesh shape")
+        if -1 in sizes
+        else _checked_sizes(sizes, "mesh shape")
+    )
     return jax.make_mesh(
-        shape, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+        sizes, MESH_AXES, devices=devices, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES)
     )
 
 
@@ -86,11 +121,7 @@ def mesh_shape(
 ) -> tuple[int, int, int, int]:
     """(data, fsdp, seq, tensor) `sizes` with their one -1 (if any) filled so that they use all
     `device_count` devices; a `ConfigError` naming `name` (the flag or config key) otherwise."""
-    sizes = list(sizes)
-    if len(sizes) != len(MESH_AXES) or sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ConfigError(
-            f"{name}: give {len(MESH_AXES)} sizes {MESH_AXES} >= 1, at most one -1; got {sizes}"
-        )
+    sizes = list(_checked_sizes(sizes, name))
     if -1 in sizes:
         rest = -math.prod(sizes)
         if device_count % rest:
@@ -99,6 +130,25 @@ def mesh_shape(
     if math.prod(sizes) != device_count:
         raise ConfigError(f"{name} {sizes} needs {math.prod(sizes)} devices, have {device_count}")
     return tuple(sizes)  # type: ignore[return-value]
+
+
+def _checked_sizes(sizes: Sequence[int], name: str) -> tuple[int, ...]:
+    """`sizes` if they are one int >= 1 or -1 (at most one) per mesh axis; a `ConfigError`
+    naming `name` otherwise (a float or bool size would fail deep in jax.make_mesh)."""
+    sizes = tuple(sizes)
+    if (
+        len(sizes) != len(MESH_AXES)
+        or sizes.count(-1) > 1
+        or not all(
+            isinstance(s, numbers.Integral) and not isinstance(s, bool) and (s >= 1 or s == -1)
+            for s in sizes
+        )
+    ):
+        raise ConfigError(
+            f"{name}: give {len(MESH_AXES)} sizes {MESH_AXES}, ints >= 1, at most one -1; "
+            f"got {list(sizes)}"
+        )
+    return tuple(int(s) for s in sizes)
 
 
 def explicit_axes(*trees) -> tuple[str, ...]:

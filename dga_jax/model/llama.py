@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,13 +114,23 @@ class Llama(nnx.Module):
         one, so each slice spans every device of a split sequence) and again in the backward:
         the [B, T, V] logits never exist whole (LLaMA2-7B at 16K tokens: 2 GiB in float32, and
         their gradient as much again), for one more LM-head matmul.
+
+        A target outside [0, vocab_size) (HF's ignore index -100 too) is an error where targets
+        are concrete, and a NaN loss under a trace, never the loss of a wrapped-around id.
         """
+        tokens = jnp.asarray(tokens)  # checked by `hidden`
+        targets = check_ids(targets, "targets", 2, self.config.vocab_size)
+        if targets.shape != tokens.shape:
+            raise ValueError(
+                f"targets {list(targets.shape)} must have the shape of tokens {list(tokens.shape)}"
+            )
+        t = targets.shape[1]
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or t % chunks:
+            raise ValueError(f"chunks={chunks!r} must be a positive int dividing the {t} tokens")
         x = self.hidden(tokens, positions)
         if chunks == 1:
             return cross_entropy(self.logits(x), targets)
         b, t, d = x.shape
-        if not isinstance(chunks, int) or chunks < 1 or t % chunks:
-            raise ValueError(f"chunks={chunks!r} must be a positive int dividing the {t} tokens")
 
         def strided(a: jax.Array) -> jax.Array:  # [B, T, ...] -> [chunks, B, T / chunks, ...]
             return jnp.moveaxis(a.reshape(b, t // chunks, chunks, *a.shape[2:]), 2, 0)
@@ -133,11 +145,23 @@ class Llama(nnx.Module):
 
     def hidden(self, tokens: jax.Array, positions: jax.Array | None = None) -> jax.Array:
         """tokens: [B, T] -> the last layer's output [B, T, D], before the final norm (`logits`
-        turns it into the model's logits); `positions` as in `__call__`."""
+        turns it into the model's logits); `positions` as in `__call__`.
+
+        A token id outside [0, vocab_size) is an error where tokens are concrete and NaN logits
+        under a trace (`embed_tokens`). T past config.max_position is an error
+        (`ModelConfig.positions_fit`): raise max_position to extrapolate knowingly.
+        """
         config = self.config
+        tokens = check_ids(tokens, "tokens", 2, config.vocab_size)
+        if not config.positions_fit(tokens.shape[1]):
+            raise ValueError(
+                f"tokens {list(tokens.shape)}: {tokens.shape[1]} positions are past the model's "
+                f"max_position={config.max_position}, where RoPE would extrapolate silently: "
+                "shorten the sequence or build the model with max_position raised"
+            )
         if positions is None:
             positions = self.row_positions(tokens.shape[1])
-        positions = jnp.broadcast_to(positions, tokens.shape)
+        positions = _checked_positions(positions, tokens.shape)
         x = self.embed_tokens(tokens)
         graphdef, state = nnx.split(self.layers)
 
@@ -176,17 +200,30 @@ class Llama(nnx.Module):
         all that generation needs (the LM head over every position is P x V floats: 4 GiB for
         LLaMA2-7B at 32K).
         """
+        x, caches = self.prefill_hidden(tokens, max_len, capacity, lengths=lengths)
+        if last_only:
+            last = tokens.shape[1] - 1 if lengths is None else jnp.asarray(lengths) - 1
+            x = jnp.take_along_axis(x, jnp.broadcast_to(last, x.shape[:1])[:, None, None], axis=1)
+        return self.logits(x), caches
+
+    def prefill_hidden(
+        self,
+        tokens: jax.Array,
+        max_len: int,
+        capacity: int | None = None,
+        *,
+        lengths: jax.Array | None = None,
+    ) -> tuple[jax.Array, DGACache | DenseCache]:
+        """`prefill` up to the last layer's output [B, P, D] (before the final norm, as `hidden`
+        gives it): a caller that needs every position's scores runs the LM head over slices
+        of it (`logits`), not over all P x V at once."""
         graphdef, state = nnx.split(self.layers)
 
         def layer_step(x, layer_state):
             x, cache = nnx.merge(graphdef, layer_state).prefill(x, max_len, capacity, lengths)
             return self._constrain(x), cache
 
-        x, caches = self._over_layers(layer_step, self.embed_tokens(tokens), state)
-        if last_only:
-            last = tokens.shape[1] - 1 if lengths is None else jnp.asarray(lengths) - 1
-            x = jnp.take_along_axis(x, jnp.broadcast_to(last, x.shape[:1])[:, None, None], axis=1)
-        return self.logits(x), caches
+        return self._over_layers(layer_step, self.embed_tokens(tokens), state)
 
     def decode_step(
         self, tokens: jax.Array, caches: DGACache | DenseCache
@@ -207,9 +244,13 @@ class Llama(nnx.Module):
         return self.logits(x)[:, 0], jax.vmap(apply_update)(caches, updates)
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        """[B, T] int -> [B, T, D] in the compute dtype."""
+        """[B, T] int -> [B, T, D] in the compute dtype.
+
+        An id outside [0, vocab_size) embeds as NaN: a gather would clamp it (or wrap a
+        negative one) to another token's row silently, and a traced id cannot raise."""
         check_auto_mesh("the model")
-        x = self.embed[...].astype(self.config.compute_dtype)[tokens]
+        table = self.embed[...].astype(self.config.compute_dtype)
+        x = table.at[tokens].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
         return self._constrain(x)
 
     def logits(self, x: jax.Array) -> jax.Array:
@@ -224,7 +265,24 @@ class Llama(nnx.Module):
     def _over_layers(self, layer_step, x: jax.Array, per_layer):
         """`jax.lax.scan` of layer_step over the stacked layers (per_layer: leaves [L, ...]);
         fully unrolled with config.scan_layers False."""
+        self._check_config()
         return jax.lax.scan(layer_step, x, per_layer, unroll=not self.config.scan_layers)
+
+    def _check_config(self) -> None:
+        """The layers keep the config they were built with: a `config` set on the built model
+        later (another attention kind, say) would reach only part of it, silently."""
+        built = self.layers.attn.config
+        if self.config != built:
+            changed = [
+                f.name
+                for f in dataclasses.fields(built)
+                if getattr(built, f.name) != getattr(self.config, f.name)
+            ]
+            raise ValueError(
+                f"model.config differs in {changed} from the config its layers were built with: "
+                "build Llama(config) and load these weights into it "
+                "(nnx.update(new_model, nnx.state(model, nnx.Param)))"
+            )
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         """Pins activations [B, T, D] to (batch, seq) sharding where a mesh is set."""
@@ -249,6 +307,42 @@ def _stacked_layers(config: ModelConfig, rules: LogicalRules, rngs: nnx.Rngs) ->
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """-log softmax(logits)[target]: logits [..., V] float32, targets [...] int -> [...]."""
+    """-log softmax(logits)[target]: logits [..., V] float32, targets [...] int -> [...]; NaN
+    where a target is outside [0, V) (a gather would wrap -100, HF's ignore index, to V - 100)."""
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - picked
+    inside = (targets >= 0) & (targets < logits.shape[-1])
+    return jnp.where(inside, jax.nn.logsumexp(logits, axis=-1) - picked, jnp.nan)
+
+
+def check_ids(ids, name: str, ndim: int, vocab_size: int) -> jax.Array:
+    """`ids` as an array of `ndim` integer dimensions, none of size 0; a ValueError naming
+    `name` otherwise, or, where the ids are concrete (not traced), if one is outside
+    [0, vocab_size)."""
+    ids = jnp.asarray(ids)
+    if ids.ndim != ndim or not jnp.issubdtype(ids.dtype, jnp.integer) or 0 in ids.shape:
+        raise ValueError(
+            f"{name} must be {ndim}-d integer ids, no dimension of size 0; got "
+            f"{ids.dtype}{list(ids.shape)}"
+        )
+    if isinstance(ids, jax.core.Tracer) or not ids.is_fully_addressable:
+        return ids
+    host = np.asarray(ids)
+    outside = np.argwhere((host < 0) | (host >= vocab_size))
+    if len(outside):
+        at = tuple(int(i) for i in outside[0])
+        raise ValueError(
+            f"{name}{list(at)} = {host[at]} is outside the model's vocabulary [0, {vocab_size})"
+        )
+    return ids
+
+
+def _checked_positions(positions, shape: tuple[int, int]) -> jax.Array:
+    """Integer positions [B, T] or [T] (every row's) broadcast to `shape`; a ValueError naming
+    them otherwise."""
+    positions = jnp.asarray(positions)
+    if positions.ndim > 2 or not jnp.issubdtype(positions.dtype, jnp.integer):
+        raise ValueError(
+            f"positions must be integers [B, T] or [T] for tokens {list(shape)}; got "
+            f"{positions.dtype}{list(positions.shape)}"
+        )
+    return jnp.broadcast_to(positions, shape)

@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from dga_jax import DEFAULT_RULES, DGAConfig, DGAttention, Llama, LogicalRules, ModelConfig
+from dga_jax.errors import ConfigError
 from dga_jax.model.config import RopeScaling
 from dga_jax.model.layers import (
     apply_rope,
@@ -20,7 +21,7 @@ from dga_jax.model.layers import (
     scale_channels,
     swiglu,
 )
-from dga_jax.sharding import MESH_AXES, make_mesh
+from dga_jax.sharding import MESH_AXES, make_mesh, mesh_shape
 from tests.conftest import run_on_fake_devices
 
 TINY = ModelConfig.preset("tiny")
@@ -86,6 +87,62 @@ def test_token_losses_in_chunks_never_hold_the_whole_logits():
     assert temporaries(8) < temporaries(1) - logits_bytes
     with pytest.raises(ValueError, match="chunks=3 must be a positive int dividing the 40"):
         Llama(TINY, rngs=nnx.Rngs(0)).token_losses(tokens(), tokens(), chunks=3)
+
+
+def test_token_ids_outside_the_vocabulary_never_read_another_row():
+    """A gather clamps 512 to row 511 and wraps -1 (and HF's ignore index -100) to a row from
+    the end, silently. Concrete ids are an error naming them; traced ones give NaN."""
+    model = Llama(TINY, rngs=nnx.Rngs(0))
+    x = tokens(t=8)
+    for bad in (TINY.vocab_size, -1):
+        with pytest.raises(ValueError, match=rf"tokens\[1, 3\] = {bad} is outside .* \[0, 512\)"):
+            model(x.at[1, 3].set(bad))
+    with pytest.raises(ValueError, match=r"targets\[0, 2\] = -100 is outside"):
+        model.token_losses(x, x.at[0, 2].set(-100))
+    graphdef, state = nnx.split(model)
+    logits = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))(state, x.at[1, 3].set(-1))
+    assert bool(jnp.all(jnp.isfinite(logits[0]))) and bool(jnp.all(jnp.isnan(logits[1, 3])))
+    losses = jax.jit(lambda s, y: nnx.merge(graphdef, s).token_losses(x, y, chunks=2))(
+        state, x.at[0, 2].set(-100)
+    )
+    np.testing.assert_array_equal(jnp.isnan(losses), np.arange(16).reshape(2, 8) == 2)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda m, x: m(x[0]), r"tokens must be 2-d integer ids.*got int32\[8\]"),
+        (lambda m, x: m(x * 1.0), r"tokens must be 2-d integer ids.*got float32\[2, 8\]"),
+        (lambda m, x: m(x[:, :0]), r"no dimension of size 0; got int32\[2, 0\]"),
+        (lambda m, x: m(x, jnp.arange(8.0)), r"positions must be integers.*got float32\[8\]"),
+        (lambda m, x: m(x, x[None]), r"positions must be integers.*got int32\[1, 2, 8\]"),
+        (lambda m, x: m.token_losses(x, x[:, 1:], chunks=2), r"targets \[2, 7\] must have the"),
+        (lambda m, x: m.token_losses(x, x, chunks=True), "chunks=True must be a positive int"),
+        (
+            lambda m, x: Llama(TINY.replace(max_position=4), rngs=nnx.Rngs(0))(x),
+            "8 positions are past the model's max_position=4",
+        ),
+    ],
+)
+def test_inputs_of_a_wrong_rank_dtype_or_size_are_named(call, match):
+    """Errors naming the argument, not a broadcast, gather or reshape failure deep in JAX (or,
+    for float positions, a True chunk count and T past max_position: none at all)."""
+    with pytest.raises(ValueError, match=match):
+        call(Llama(TINY.replace(num_layers=1), rngs=nnx.Rngs(0)), tokens(t=8))
+
+
+def test_a_config_set_on_a_built_model_is_refused():
+    """Its layers keep the config they were built with: `model.config = ...` with another
+    attention kind ran the old one silently. The weights load into a model built anew."""
+    config = TINY.replace(num_layers=1)
+    model = Llama(config, rngs=nnx.Rngs(0))
+    model.config = config.replace(attention="dga", dga=DGAConfig(4, 1.0))
+    with pytest.raises(ValueError, match=r"model.config differs in \['attention', 'dga'\]"):
+        model(tokens(t=8))
+    rebuilt = Llama(model.config, rngs=nnx.Rngs(1))
+    nnx.update(rebuilt, nnx.state(model, nnx.Param))
+    model.config = config
+    np.testing.assert_allclose(rebuilt(tokens(t=8)), model(tokens(t=8)), atol=1e-5, rtol=1e-5)
 
 
 def test_model_is_causal():
@@ -274,6 +331,31 @@ def test_rules_reject_a_mesh_axis_used_twice():
     assert DEFAULT_RULES.spec(("embed", "heads", "head_dim")) == jax.sharding.PartitionSpec(
         ("fsdp", "seq"), "tensor", None
     )
+
+
+def test_rules_reject_a_name_listed_twice_and_axes_the_mesh_lacks():
+    """A prepended override `(("batch", None),) + DEFAULT_RULES.rules` (Flax's rules: first match
+    wins) was ignored silently (the last won); an axis missing from the mesh failed in JAX."""
+    with pytest.raises(ValueError, match=r"name \['batch'\] more than once"):
+        LogicalRules((("batch", None), *DEFAULT_RULES.rules))
+    with pytest.raises(ValueError, match=r"\('batch', \('data', 'data'\)\).*distinct names"):
+        LogicalRules((("batch", ("data", "data")),))
+    with pytest.raises(ValueError, match="a logical rule is a .name, mesh axes. pair, got 'batch'"):
+        LogicalRules({"batch": "data"})
+    typo = LogicalRules((("batch", "dta"),))
+    assert typo.spec(("batch",)) == jax.sharding.PartitionSpec("dta")  # no mesh: names only
+    lacking = pytest.raises(ValueError, match=r"'batch' maps to 'dta', but the mesh .* has axes")
+    with jax.set_mesh(make_mesh((1, 1, 1, 1))), lacking:
+        typo.spec(("batch",))
+
+
+def test_make_mesh_fills_a_minus_one_and_names_bad_sizes():
+    assert make_mesh((-1, 1, 1, 1)).shape == dict(data=1, fsdp=1, seq=1, tensor=1)
+    for bad in [(0, 1, 1, 1), (1.0, 1, 1, 1), (True, 1, 1, 1), (1, 1, 1)]:
+        with pytest.raises(ConfigError, match=r"mesh shape: give 4 sizes .*, ints >= 1"):
+            make_mesh(bad)
+    with pytest.raises(ConfigError, match=r"mesh: give 4 sizes .*got \['2', 1, 1, 1\]"):
+        mesh_shape(["2", 1, 1, 1], 2)
 
 
 def test_builds_under_a_one_device_mesh(dense_logits):
