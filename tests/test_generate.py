@@ -19,7 +19,16 @@ import dga_jax
 from dga_jax import DGAConfig, Llama, ModelConfig
 from dga_jax.checkpoint.orbax_io import save_model
 from dga_jax.data.tokenizers import ByteTokenizer, load_tokenizer
-from dga_jax.generate import Buckets, Sampling, _decode, _prefill_rows, prefill, sample
+from dga_jax.generate import (
+    Buckets,
+    Sampling,
+    _decode,
+    _prefill_rows,
+    completions,
+    prefill,
+    sample,
+    sample_allowed,
+)
 from dga_jax.generate.__main__ import TextStream, main
 from tests.conftest import FORWARD_TOL, assert_close, cache_row, run_on_fake_devices
 from tests.data.conftest import train_sentencepiece
@@ -304,6 +313,77 @@ def test_ids_outside_the_vocabulary_are_rejected(bad):
         dga_jax.generate(llama, [[1, 2]], 4, stop_tokens=[2, bad])
 
 
+@pytest.mark.parametrize(
+    "prompts, message",
+    [
+        ([1, 2, 3], "prompt 0 must be a sequence of token ids, got 1 (prompts holds one per"),
+        (["hello"], "prompt 0 must be a sequence of token ids, got 'hello'"),
+        ([[1, 2], [3, 4.7]], "prompt 1 holds 4.7 at position 1: ids are ints"),  # was cut to 4
+        (np.array([[1.0, 2.5]]), "prompt 0 holds 1.0 at position 0: ids are ints"),
+        ([[1, 2**70]], f"prompt 0 holds token id {2**70} at position 1, outside the model's"),
+        (None, "prompts must be a sequence of token-id sequences, got None"),
+    ],
+)
+def test_prompts_that_are_not_token_id_lists_are_named(prompts, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dga_jax.generate(model(), prompts, 2)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(seed=None), "seed must be an int in [-2**63, 2**63), got None"),
+        (dict(seed=1.5), "seed must be an int in [-2**63, 2**63), got 1.5"),
+        (dict(seed=2**64), f"seed must be an int in [-2**63, 2**63), got {2**64}"),
+        (dict(max_len=0), "max_len must be an int >= 1 or None, got 0"),  # was the default
+        (dict(max_len=40.0), "max_len must be an int >= 1 or None, got 40.0"),
+        (dict(buckets=16), "buckets must be a Buckets, e.g. Buckets(128), got 16"),
+        (dict(stop_tokens=2), "stop_tokens must be a sequence of token ids, got 2"),
+        (dict(stop_tokens=None), "stop_tokens must be a sequence of token ids, got None"),
+        (dict(stop_tokens="\n"), "stop_tokens must be a sequence of token ids, got '\\n'"),
+        (dict(stop_tokens=[2.5]), "stop_tokens must be int token ids, got 2.5"),  # never matched
+    ],
+)
+def test_bad_generation_options_are_named(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dga_jax.stream(model(), [[1, 2]], 2, **options)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dga_jax.generate(model(), [[1, 2]], 2, **options)
+
+
+def test_stop_tokens_holding_the_whole_vocabulary_cannot_wait_for_min_new_tokens():
+    # Every logit -inf: greedy took id 0, a stop token, as the first token all the same.
+    message = "stop_tokens hold every id of the vocabulary [0, 512): no token can be sampled"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dga_jax.generate(model(), [[1, 2]], 3, stop_tokens=range(512), min_new_tokens=1)
+    assert dga_jax.generate(model(), [[1, 2]], 3, stop_tokens=range(512)) == [[]]
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), 1e39, 1e-40])
+def test_a_temperature_float32_cannot_hold_is_rejected(temperature):
+    # inf in float32 made banned logits NaN (-inf / inf): the stop token was sampled anyway.
+    with pytest.raises(ValueError, match=re.escape(f"got {temperature!r} (a positive one")):
+        Sampling(temperature=temperature)
+
+
+def test_a_tiny_temperature_samples_the_best_allowed_token():
+    # logits / 1e-37 overflowed to inf for every token: the first one won the tie, not the best.
+    logits = jnp.array([[100.0, 500.0, 200.0, 300.0]] * 8)
+    banned = jnp.array([False, True, False, False])
+    drawn = sample_allowed(logits, jax.random.key(0), Sampling(temperature=1e-37), banned)
+    np.testing.assert_array_equal(drawn, [3] * 8)
+
+
+def test_completions_checks_its_arguments_when_called():
+    # It was a generator: nothing was checked until the first `next`, far from the call.
+    llama = Llama(TINY.replace(max_position=12), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="max_new_tokens must be an int >= 1, got 0"):
+        completions(llama, [[1, 2]], 0)
+    with pytest.raises(ValueError, match="need 13 positions, past the model's max_position=12"):
+        completions(llama, [[1, 2], [1, 2, 3, 4, 5, 6]], 8, batch_size=1)
+    assert list(completions(llama, [[1, 2]], 3)) == dga_jax.generate(llama, [[1, 2]], 3)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("generate") / "tiny"
@@ -340,6 +420,55 @@ def test_cli_names_the_problem(checkpoint, flags, message):
     args.update(zip(flags[::2], flags[1::2], strict=True))
     with pytest.raises(SystemExit, match=message):
         main([item for pair in args.items() for item in pair])
+
+
+def test_cli_max_position_bounds_the_prompt_and_the_new_tokens(checkpoint, capsys):
+    # A prompt past max_position was told to call load_model(..., max_position=N): no CLI flag.
+    args = ["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--max_new_tokens", "6"]
+    message = "--prompt (9 tokens) and --max_new_tokens 6 need 14 positions, past the model's "
+    message += "max_position=8: shorten --prompt, lower --max_new_tokens or pass --max_position"
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        main([*args, "--prompt", "abcdefgh", "--max_position", "8"])
+    main([*args, "--prompt", "x", "--max_position", "7"])  # positions 0 .. 6
+    tokenizer = ByteTokenizer()
+    new = dga_jax.generate(
+        model(), [[tokenizer.bos_id, *tokenizer.encode("x")]], 6, stop_tokens=[2]
+    )
+    assert capsys.readouterr().out == "x" + tokenizer.decode(new[0]) + "\n"
+
+
+class _NoBosTokenizer(ByteTokenizer):
+    """Bytes without BOS, whitespace encoded to nothing (as some BPE vocabularies do)."""
+
+    bos_id = None
+
+    def encode(self, text: str) -> list[int]:
+        return super().encode(text.strip())
+
+
+def _no_bos_tokenizer(spec: str) -> _NoBosTokenizer:
+    return _NoBosTokenizer()
+
+
+def test_cli_names_a_prompt_that_encodes_to_no_tokens(checkpoint, monkeypatch):
+    # max() of the empty ids raised a bare ValueError with a traceback.
+    monkeypatch.setattr(sys.modules[main.__module__], "load_tokenizer", _no_bos_tokenizer)
+    args = ["--checkpoint", str(checkpoint), "--tokenizer", "bpe", "--prompt", "  "]
+    with pytest.raises(SystemExit, match=re.escape("--prompt '  ' encodes to no tokens")):
+        main(args)
+
+
+def test_cli_stops_quietly_when_its_reader_leaves(checkpoint):
+    # `... | head -c 1` printed a BrokenPipeError traceback.
+    command = [sys.executable, "-m", "dga_jax.generate", "--checkpoint", str(checkpoint)]
+    command += ["--tokenizer", "byte", "--prompt", "def f", "--max_new_tokens", "32"]
+    pipe = subprocess.PIPE
+    with subprocess.Popen(command, stdout=pipe, stderr=pipe, cwd=ROOT) as process:
+        assert process.stdout.read(1) == b"d"  # the echoed prompt, flushed with the first token
+        process.stdout.close()
+        err = process.stderr.read().decode()
+        assert process.wait(timeout=300) == 1
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err[-3000:]
 
 
 def _streamed(tokenizer, context: list[int], new: list[int]) -> tuple[str, list[str]]:

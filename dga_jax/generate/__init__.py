@@ -25,7 +25,6 @@ in batches of `batch_size`, longest first, returning them in the caller's order
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 
@@ -35,16 +34,20 @@ import numpy as np
 import tqdm
 from flax import nnx
 
+# The checks' names re-exported: `from dga_jax.generate import Buckets, pad_prompts`.
+from dga_jax.generate.inputs import GROWTHS as GROWTHS
+from dga_jax.generate.inputs import Buckets as Buckets
+from dga_jax.generate.inputs import batch_sizes, check_options, stop_ids
+from dga_jax.generate.inputs import check_context as check_context
+from dga_jax.generate.inputs import pad_prompts as pad_prompts
 from dga_jax.generate.sampling import Sampling, Stopping, sample_allowed
 from dga_jax.generate.sampling import sample as sample  # re-exported: dga_jax.generate.sample
-from dga_jax.model.config import ModelConfig
 from dga_jax.model.llama import Llama
 from dga_jax.ops.checks import is_int
 from dga_jax.ops.dense_decode import DenseCache
 from dga_jax.ops.dga.decode import DGACache, check_fits, prefix_capacity
 from dga_jax.ops.dga.sharded import shard_count
 
-GROWTHS = ("pow2", "linear", "exact")
 _COMPILES = [0]
 
 
@@ -60,33 +63,6 @@ def compile_count() -> int:
     """XLA compiles this process has run since `dga_jax.generate` was imported (any function):
     the difference across a run is what it compiled."""
     return _COMPILES[0]
-
-
-@dataclasses.dataclass(frozen=True)
-class Buckets:
-    """The lengths prompts and caches are padded up to: `minimum` and its doublings ("pow2"),
-    the multiples of `minimum` ("linear"), or every length as it is ("exact": one compile per
-    length, as without buckets)."""
-
-    minimum: int = 128
-    growth: str = "pow2"
-
-    def __post_init__(self):
-        if not is_int(self.minimum) or self.minimum < 1:
-            raise ValueError(f"Buckets.minimum must be an int >= 1, got {self.minimum!r}")
-        if self.growth not in GROWTHS:
-            raise ValueError(f"Buckets.growth must be one of {GROWTHS}, got {self.growth!r}")
-
-    def round_up(self, n: int) -> int:
-        """The smallest bucket >= n."""
-        if self.growth == "exact":
-            return int(n)
-        if self.growth == "linear":
-            return max(1, -(-int(n) // self.minimum)) * self.minimum
-        size = self.minimum
-        while size < n:
-            size *= 2
-        return size
 
 
 def prefill(
@@ -179,10 +155,9 @@ def stream(
     error, raised before any work.
     """
     tokens, lengths = pad_prompts(prompts, model.config.vocab_size)
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_options(max_new_tokens, seed, max_len, buckets)
     sampling = Sampling(temperature, top_k, top_p)
-    stopping = Stopping(tuple(stop_tokens), min_new_tokens)
+    stopping = Stopping(stop_ids(stop_tokens), min_new_tokens)
     key = jax.random.key(seed)
     return _stream_batch(
         model, tokens, lengths, max_new_tokens, sampling, stopping, key, max_len, buckets
@@ -194,33 +169,13 @@ def _stream_batch(
 ) -> Iterator[np.ndarray]:
     """`stream` for right-padded tokens [B, T'] with lengths [B]: checks, prefill, steps."""
     stops = stopping.mask(model.config.vocab_size)  # its ids checked before any work
-    check_context(model.config, int(lengths.max()), max_new_tokens)
-    width = buckets.round_up(int(lengths.max()))
-    max_len = max_len or width + buckets.round_up(max_new_tokens)
-    check_fits(int(lengths.max()) + max_new_tokens - 1, max_len)  # the last token is not fed
-    width = min(width, max_len)
+    width, max_len = batch_sizes(model.config, int(lengths.max()), max_new_tokens, max_len, buckets)
     tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
     capacity = None
     if model.config.attention == "dga":  # room for any prompt length up to the bucket
         capacity = prefix_capacity(model.config.dga, max_len, np.arange(1, width + 1))
     logits, caches = prefill(model, tokens, lengths, max_len, capacity)
     return _steps(model, logits, caches, max_new_tokens, sampling, stopping, stops, key)
-
-
-def check_context(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> None:
-    """Raises if decoding a prompt of `prompt_len` tokens for `max_new_tokens` would feed the
-    model a position past its `max_position` (it reads positions 0 .. prompt_len +
-    max_new_tokens - 2: the last new token is not fed). RoPE has no table to run out of: past
-    its context a model would extrapolate silently. StreamingLLM and LM-Infinite bound every
-    RoPE distance by their window, which is what lets them stream on: they are not limited."""
-    if config.positions_fit(prompt_len + max_new_tokens - 1):
-        return
-    raise ValueError(
-        f"a prompt of {prompt_len} tokens and max_new_tokens={max_new_tokens} need "
-        f"{prompt_len + max_new_tokens - 1} positions, past the model's "
-        f"max_position={config.max_position}: shorten the prompt, lower max_new_tokens or raise "
-        "max_position (e.g. load_model(..., max_position=N)) to extrapolate knowingly"
-    )
 
 
 def _steps(model, logits, caches, max_new_tokens, sampling, stopping, stops, key):
@@ -270,35 +225,43 @@ def completions(
     Prompts run `batch_size` at a time (default: all at once), longest first so that a batch
     wastes little padding; every batch has `batch_size` rows (the last one filled with copies),
     so batches of one bucket share their compiles. `progress`: a progress bar on stderr. Batch
-    i samples with key `fold_in(key(seed), i)`; see `stream` for the rest.
+    i samples with key `fold_in(key(seed), i)`; see `stream` for the rest. Bad arguments raise
+    here, not at the first `next`.
     """
     tokens, lengths = pad_prompts(prompts, model.config.vocab_size)
-    if not is_int(max_new_tokens) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    check_options(max_new_tokens, seed, max_len, buckets)
     if batch_size is not None and (not is_int(batch_size) or batch_size < 1):
         raise ValueError(f"batch_size must be an int >= 1 or None, got {batch_size!r}")
     sampling = Sampling(temperature, top_k, top_p)
-    stopping = Stopping(tuple(stop_tokens), min_new_tokens)
-    size = len(prompts) if batch_size is None else batch_size
+    stopping = Stopping(stop_ids(stop_tokens), min_new_tokens)
+    stopping.mask(model.config.vocab_size)
+    batch_sizes(model.config, int(lengths.max()), max_new_tokens, max_len, buckets)
+    size = len(tokens) if batch_size is None else batch_size
+    run = functools.partial(
+        _stream_batch,
+        model,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        stopping=stopping,
+        max_len=max_len,
+        buckets=buckets,
+    )
+    return _completions(run, tokens, lengths, size, stopping, seed, progress)
+
+
+def _completions(run, tokens, lengths, size, stopping, seed, progress) -> Iterator[list[int]]:
+    """`completions` once its arguments are checked; `run(tokens, lengths, key=)`: one batch's
+    `stream`."""
     order = np.argsort(-lengths, kind="stable")
     done: dict[int, list[int]] = {}
     emitted = 0
-    with tqdm.tqdm(total=len(prompts), unit="prompt", disable=not progress) as bar:
+    with tqdm.tqdm(total=len(tokens), unit="prompt", disable=not progress) as bar:
         for number, first in enumerate(range(0, len(order), size)):
             rows = order[first : first + size]
             batch = np.resize(rows, size)  # filled with copies, dropped below
             width = int(lengths[rows].max())
-            steps = _stream_batch(
-                model,
-                tokens[batch, :width],
-                lengths[batch],
-                max_new_tokens,
-                sampling,
-                stopping,
-                jax.random.fold_in(jax.random.key(seed), number),
-                max_len,
-                buckets,
-            )
+            key = jax.random.fold_in(jax.random.key(seed), number)
+            steps = run(tokens[batch, :width], lengths[batch], key=key)
             for row, new in zip(rows, _collect(steps, size, stopping)[: len(rows)], strict=True):
                 done[int(row)] = new
             bar.update(len(rows))
@@ -346,24 +309,3 @@ def generate(
     options.update(min_new_tokens=min_new_tokens, seed=seed, max_len=max_len)
     options.update(batch_size=batch_size, buckets=buckets)
     return list(completions(model, prompts, max_new_tokens, progress=progress, **options))
-
-
-def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Token-id lists -> (right-padded tokens [B, T] int32, lengths [B]); empty prompts and ids
-    outside [0, vocab_size) rejected (the embedding lookup would clamp them silently)."""
-    if len(prompts) == 0:
-        raise ValueError("no prompts given")
-    lengths = np.array([len(p) for p in prompts])
-    if lengths.min() == 0:
-        raise ValueError(f"prompt {int(np.argmin(lengths))} is empty: give at least one token")
-    tokens = np.zeros((len(prompts), lengths.max()), np.int64)
-    for i, prompt in enumerate(prompts):
-        tokens[i, : len(prompt)] = prompt
-    outside = np.argwhere((tokens < 0) | (tokens >= vocab_size))  # padding is 0: never outside
-    if len(outside):
-        row, col = outside[0]
-        raise ValueError(
-            f"prompt {row} holds token id {tokens[row, col]} at position {col}, outside the "
-            f"model's vocabulary [0, {vocab_size})"
-        )
-    return tokens.astype(np.int32), lengths

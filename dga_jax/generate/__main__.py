@@ -4,7 +4,8 @@
 
 The prompt is echoed as the model reads it (its token ids decoded), then the continuation is
 printed token by token; generation stops at the tokenizer's EOS or after --max_new_tokens. BOS is
-prepended when the tokenizer has one (training packs documents behind BOS).
+prepended when the tokenizer has one (training packs documents behind BOS). The prompt and the
+new tokens must fit the checkpoint's max_position; --max_position raises it to extrapolate.
 """
 
 from __future__ import annotations
@@ -33,6 +34,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--max_position",
+        type=int,
+        help="positions the model may read; default: the checkpoint's (past it RoPE extrapolates)",
+    )
     p.add_argument("--attention", choices=ATTENTION_KINDS, help="default: the checkpoint's")
     p.add_argument("--selection", choices=SELECTIONS, help="DGA selection; default: stored")
     p.add_argument(
@@ -74,6 +80,7 @@ class TextStream:
         if text.startswith(self.written):
             self._write(text)
         self.out.write("\n")
+        self.out.flush()
 
     def _restart(self, ids: list[int]) -> None:
         """Keeps the last CONTEXT of `ids`, all written, as the context of what follows."""
@@ -109,11 +116,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         changes = attention_changes(
             args.checkpoint, args.attention, selection=args.selection, settings=settings
         )
+        if args.max_position is not None:
+            changes["max_position"] = args.max_position
         model = load_model(args.checkpoint, **changes)
     except (ConfigError, ValueError) as e:
         fail(str(e))
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     ids = bos + tokenizer.encode(args.prompt)
+    if not ids:  # a tokenizer without BOS may encode some text (whitespace) to nothing
+        fail(f"--prompt {args.prompt!r} encodes to no tokens")
+    positions = len(ids) + args.max_new_tokens - 1  # the last new token is not fed
+    if not model.config.positions_fit(positions):
+        fail(
+            f"--prompt ({len(ids)} tokens) and --max_new_tokens {args.max_new_tokens} need "
+            f"{positions} positions, past the model's max_position={model.config.max_position}: "
+            "shorten --prompt, lower --max_new_tokens or pass --max_position to extrapolate "
+            "knowingly"
+        )
     vocab = model.config.vocab_size
     if max(ids) >= vocab:
         fail(f"tokenizer id {max(ids)} is outside the model's vocabulary of {vocab}")
@@ -133,6 +152,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
     except ValueError as e:
         fail(str(e))
+    try:
+        _write(tokenizer, ids, steps, stops)
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, as `cat` does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        sys.exit(1)
+
+
+def _write(tokenizer: Tokenizer, ids: list[int], steps, stops: list[int]) -> None:
+    """Echoes the prompt `ids`, then the text of the tokens `steps` yields, up to a stop."""
     # The prompt as the model reads it: the continuation is written behind exactly this text
     # (SentencePiece, for one, drops a trailing space the continuation's first piece carries).
     sys.stdout.write(tokenizer.decode(ids))

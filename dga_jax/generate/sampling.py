@@ -11,6 +11,9 @@ import numpy as np
 
 from dga_jax.ops.checks import is_int, is_real
 
+_F32 = np.finfo(np.float32)
+_TEMPERATURES = (float(_F32.tiny), float(_F32.max))  # positive ones: normal float32s
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -22,8 +25,13 @@ class Sampling:
     top_p: float | None = None
 
     def __post_init__(self):
-        if not is_real(self.temperature) or not self.temperature >= 0:  # NaN too
-            raise ValueError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        # float32 logits are divided by it: one that is 0 or inf there sampled banned ids (NaN)
+        t, (low, high) = self.temperature, _TEMPERATURES
+        if not (is_real(t) and (t == 0 or low <= t <= high)):  # NaN fails both
+            raise ValueError(
+                f"temperature must be a number >= 0, got {t!r} (a positive one must be a normal "
+                f"float32, in [{low:.3g}, {high:.3g}])"
+            )
         if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
         if self.top_p is not None and (not is_real(self.top_p) or not 0 < self.top_p <= 1):
@@ -34,7 +42,10 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
     """One token per row from float logits [B, V] -> [B] int32."""
     if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits.astype(jnp.float32) / sampling.temperature
+    # Shifted so the best logit is 0: a tiny temperature sends the others to -inf (greedy), not
+    # every logit to inf (a tie that the first token won).
+    logits = logits.astype(jnp.float32)
+    logits = (logits - jnp.max(logits, axis=-1, keepdims=True)) / sampling.temperature
     rows = jnp.arange(logits.shape[0])[:, None]
     if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
         _, top = jax.lax.top_k(logits, sampling.top_k)
@@ -63,6 +74,9 @@ class Stopping:
     min_new_tokens: int = 0
 
     def __post_init__(self):
+        bad = [t for t in self.tokens if not is_int(t)]
+        if bad:  # 2.5 never matched an id, and the results cut rows at int(2.5)
+            raise ValueError(f"stop_tokens must be int token ids, got {bad[0]!r}")
         if not is_int(self.min_new_tokens) or self.min_new_tokens < 0:
             raise ValueError(f"min_new_tokens must be an int >= 0, got {self.min_new_tokens!r}")
 
@@ -74,4 +88,10 @@ class Stopping:
                 f"stop token {outside[0]} is outside the model's vocabulary [0, {vocab_size}): "
                 "it could never be sampled"
             )
-        return np.isin(np.arange(vocab_size), self.tokens)
+        mask = np.isin(np.arange(vocab_size), self.tokens)
+        if self.min_new_tokens and mask.all():  # every id banned: the first one was sampled
+            raise ValueError(
+                f"stop_tokens hold every id of the vocabulary [0, {vocab_size}): no token can be "
+                f"sampled before min_new_tokens={self.min_new_tokens}"
+            )
+        return mask
