@@ -36,6 +36,7 @@ class DenseCache:
         q: [B, Hq, D], k/v: [B, Hkv, D] of the token at position `length` (RoPE applied) ->
         (output [B, Hq, D] in q's dtype, the update).
         """
+        check_token(q, k, v, self.k.shape[0], self.k.shape[1], self.k.shape[3])
         new = (k[:, :, None], v[:, :, None], jnp.ones((k.shape[0], 1), bool), None)
         valid = jnp.arange(self.max_len) < self.length[:, None]  # [B, max_len]
         parts = [(self.k, self.v, valid, None), new]
@@ -71,6 +72,25 @@ def dense_prefill(k: jax.Array, v: jax.Array, scale: float, max_len: int, length
         length = jnp.clip(check_lengths(length, b, prompt_len), 0, prompt_len)
     length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (b,))
     return DenseCache(jnp.pad(kt, pad), jnp.pad(vt, pad), length, scale)
+
+
+def check_token(q, k, v, batch: int, kv_heads: int, head_dim: int) -> None:
+    """Validates one decoding step's q [B, Hq, D], k/v [B, Hkv, D] against the cache's B, Hkv, D:
+    a mismatched row or head count would broadcast (one token written to every row or head)
+    or fail deep inside a reshape."""
+    want = f"cache of B={batch} rows, Hkv={kv_heads} KV heads, head_dim D={head_dim}"
+    got = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"decode step: {name} must be floating point, got dtype {x.dtype}")
+    if k.shape != (batch, kv_heads, head_dim) or v.shape != k.shape:
+        raise ValueError(f"decode step: k and v must be [B, Hkv, D] of the {want}; got {got}")
+    q_ok = q.ndim == 3 and (q.shape[0], q.shape[2]) == (batch, head_dim) and q.shape[1] >= 1
+    if not q_ok or q.shape[1] % kv_heads:
+        raise ValueError(
+            f"decode step: q must be [B, Hq, D] with Hq a multiple of Hkv, for the {want}; "
+            f"got {got}"
+        )
 
 
 def attend_entries(q: jax.Array, parts, scale: float, full: jax.Array) -> jax.Array:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from dga_jax.ops.checks import check_lengths
+from dga_jax.ops.dense_decode import check_token
 from dga_jax.ops.sinks import SinkConfig, band_first_token
 
 
@@ -39,6 +40,13 @@ class SinkCache:
         q, q_far [B, Hq, D] (rotated at t = length and at `config.far_positions(t)`); k, k_far,
         v [B, Hkv, D] of the new token -> (output [B, Hq, D] in q's dtype, the update).
         """
+        check_token(q, k, v, *self.ring_k.shape[:2], self.ring_k.shape[3])
+        for name, far, near in (("q_far", q_far, q), ("k_far", k_far, k)):
+            if far.shape != near.shape:
+                raise ValueError(
+                    f"decode step: {name} must have the shape of {name[0]} {tuple(near.shape)}, "
+                    f"got {tuple(far.shape)}"
+                )
         config, t = self.config, self.length  # [B]
         b, hq, d = q.shape
         hkv = k.shape[1]
@@ -104,6 +112,11 @@ def sink_prefill(
     """The cache after a prompt: k, k_far, v [B, P, Hkv, D] (as `sink_attention` takes them),
     each row valid up to lengths[b] (None: all P; integers [B] in [1, P], checked where
     concrete, clipped where traced)."""
+    if k.ndim != 4 or not k.shape == k_far.shape == v.shape:
+        raise ValueError(
+            "k, k_far and v must share one shape [B, P, Hkv, D]; got "
+            f"k {tuple(k.shape)}, k_far {tuple(k_far.shape)}, v {tuple(v.shape)}"
+        )
     b, prompt_len = k.shape[:2]
     length = check_lengths(lengths, b, prompt_len)
     if length is None:

@@ -61,3 +61,30 @@ def test_traced_prompt_lengths_are_clipped_to_the_prompt(prefill):
     got = jax.jit(PREFILLS[prefill])(k, v, jnp.array([30, 5]))
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        (lambda q, k, v: (q, k[:, :1], v[:, :1], q, k[:, :1]), "k and v must be"),
+        (lambda q, k, v: (q, k, v[:, :1], q, k), "k and v must be"),
+        (lambda q, k, v: (q[:1], k[:1], v[:1], q[:1], k[:1]), "k and v must be"),
+        (lambda q, k, v: (q, k, v, q[:, :2], k), r"q_far must have the shape of q \(2, 4, 4\)"),
+        (lambda q, k, v: (q, k, v, q, k[:, :1]), r"k_far must have the shape of k \(2, 2, 4\)"),
+    ],
+    ids=["one-kv-head", "v-heads", "one-row", "q_far", "k_far"],
+)
+def test_a_sink_step_that_does_not_fit_the_cache_is_named(token, message):
+    # These failed deep in a concatenate, or (a k_far of one KV head) broadcast silently.
+    q, k, v = random_qkv(0, 2, 9, 4, 2, 4)
+    cache = sink(k[:, :8], v[:, :8], None)
+    with pytest.raises(ValueError, match=f"decode step: {message}"):
+        cache.attend(*token(q[:, 8], k[:, 8], v[:, 8]))
+
+
+def test_sink_prefill_refuses_k_far_or_v_of_another_shape():
+    # A k_far of one head built a cache of one-head sinks that failed at the first step.
+    _, k, v = random_qkv(0, 2, 8, 2, 2, 4)
+    for k_far, v_ in ((k[:, :, :1], v), (k, v[:, :, :1])):
+        with pytest.raises(ValueError, match=r"k, k_far and v must share one shape"):
+            sink_prefill(k, k_far, v_, StreamingLLMConfig(2, 3), 0.5)

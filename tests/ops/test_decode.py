@@ -18,6 +18,7 @@ from dga_jax.ops.dga.decode import (
     prefill_counts,
     prefix_capacity,
 )
+from dga_jax.ops.dga.layout import dga_layout
 from dga_jax.ops.dga.reference import dga_decode_reference
 from tests.conftest import FORWARD_TOL, assert_close, cache_row, random_qkv
 
@@ -177,9 +178,10 @@ def test_cache_is_about_a_sixth_of_dense_at_the_paper_setting():
     assert prefix_capacity(config, 4096 + 64, [4096]) / (4096 + 64) < 0.16
 
 
-@pytest.mark.parametrize("lengths", [[], [4, -1], [[4, 5]]])
+@pytest.mark.parametrize("lengths", [[], [4, -1], [[4, 5]], [4.7], np.array([3.0])])
 def test_prefix_capacity_names_bad_prompt_lengths(lengths):
-    # [] failed in NumPy's max of an empty array; a negative length sized a wrong cache.
+    # [] failed in NumPy's max of an empty array; a negative length sized a wrong cache; float
+    # lengths were cut to integers (4.7 sized the cache of a 4-token prompt).
     with pytest.raises(ValueError, match=r"prompt_lengths must be one or more lengths >= 0"):
         prefix_capacity(dga_jax.DGAConfig(4, 0.25), 64, lengths)
 
@@ -231,3 +233,73 @@ def test_dense_prefill_refuses_float_lengths():
     q, k, v = random_qkv(0, 2, 8, 2, 2, 4)
     with pytest.raises(ValueError, match=r"lengths must be integers of shape \(2,\)"):
         prefill(q, k, v, max_len=16, lengths=jnp.array([4.7, 8.0]))
+
+
+STEP_MISMATCHES = {
+    # (q, k, v) of one token against the cache's B=2 rows, Hkv=2 KV heads, D=16.
+    "one-kv-head": (lambda q, k, v: (q, k[:, :1], v[:, :1]), "k and v must be"),  # broadcast
+    "v-differs": (lambda q, k, v: (q, k, v[:, :1]), "k and v must be"),  # broadcast
+    "one-row": (lambda q, k, v: (q[:1], k[:1], v[:1]), "k and v must be"),
+    "head-dim": (lambda q, k, v: (q[..., :8], k[..., :8], v[..., :8]), "k and v must be"),
+    "rank-4": (lambda q, k, v: (q[:, None], k[:, None], v[:, None]), "k and v must be"),
+    "hq-3": (lambda q, k, v: (q[:, :3], k, v), "q must be .B, Hq, D. with Hq a multiple of Hkv"),
+    "int": (lambda q, k, v: (q.astype(jnp.int32), k, v), "q must be floating point"),
+}
+
+
+@pytest.mark.parametrize("mismatch", STEP_MISMATCHES)
+@pytest.mark.parametrize("config", [None, dga_jax.DGAConfig(4, 0.25)], ids=["dense", "dga"])
+def test_a_step_that_does_not_fit_the_cache_is_named(config, mismatch):
+    # A token with one KV head (or one v head) was broadcast into every head of the cache and
+    # decoded silently; other mismatches failed deep in a reshape or concatenate.
+    q, k, v = random_qkv(8, 2, 9, 4, 2, 16)
+    cache = prefill(q[:, :8], k[:, :8], v[:, :8], max_len=12, config=config)
+    make, message = STEP_MISMATCHES[mismatch]
+    with pytest.raises(ValueError, match=f"decode step: {message}"):
+        decode_step(*make(q[:, 8], k[:, 8], v[:, 8]), cache)
+
+
+PREFILL_MISTAKES = {
+    "hq-3": (dict(q=lambda q: q[:, :, :3]), "Hq=3 must be a multiple of KV heads Hkv=2"),
+    "v-heads": (dict(v=lambda v: v[:, :, :1]), "k and v must have the same shape"),
+    "kv-one-row": (dict(k=lambda k: k[:1], v=lambda v: v[:1]), "must agree on batch B"),
+    "empty-v-heads": (
+        dict(q=lambda q: q[:, :0], k=lambda k: k[:, :0], v=lambda v: v[:, :0, :1]),
+        r"k and v must have the same shape.*an empty prompt",
+    ),
+    "max_len-float": (dict(max_len=20.0), "max_len must be an int"),
+    "capacity-float": (dict(capacity=30.0), r"capacity must be an int >= 0"),
+    "capacity-negative": (dict(capacity=-1), r"capacity must be an int >= 0"),
+    "scale-negative": (dict(scale=-1.0), "scale must be a positive finite number"),
+    "config-str": (dict(config="dga"), "config must be a DGAConfig or None"),
+}
+
+
+@pytest.mark.parametrize("mistake", PREFILL_MISTAKES)
+@pytest.mark.parametrize("config", [None, dga_jax.DGAConfig(4, 0.25)], ids=["dense", "dga"])
+def test_prefill_names_bad_arguments(config, mistake):
+    # The dense cache checked nothing (a v of fewer heads, a negative scale, a batch mismatch
+    # made a cache that failed or broadcast later); DGA took a float max_len as static
+    # metadata, and a float capacity or a config of the wrong type failed deep inside.
+    q, k, v = random_qkv(9, 2, 12, 4, 2, 8)
+    changes, message = PREFILL_MISTAKES[mistake]
+    arrays = dict(q=q, k=k, v=v)
+    args = dict(max_len=20, config=config)
+    for name, change in changes.items():
+        if name in arrays:
+            arrays[name] = change(arrays[name])
+        else:
+            args[name] = change
+    with pytest.raises(ValueError, match=message):
+        prefill(**arrays, **args)
+
+
+@pytest.mark.parametrize(
+    "other", [dga_jax.DGAConfig(4, 0.5), dga_jax.DGAConfig(4, 0.25, "streaming")]
+)
+def test_a_layout_built_for_another_config_is_refused(other):
+    # Its focal tokens and groups were read with the counts of `config`: a silently wrong cache.
+    q, k, v = random_qkv(10, 2, 12, 4, 2, 8)
+    layout = dga_layout(q, k, other, None)
+    with pytest.raises(ValueError, match=r"layout was built for LayoutSizes\(seq_len=12"):
+        prefill(q, k, v, max_len=20, config=dga_jax.DGAConfig(4, 0.25), layout=layout)

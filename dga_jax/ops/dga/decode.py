@@ -28,11 +28,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dga_jax.ops.checks import check_lengths
+from dga_jax.ops.checks import check_lengths, check_qkv, is_int
 from dga_jax.ops.dense_decode import (
     DenseCache,
     DenseUpdate,
     attend_entries,
+    check_token,
     dense_prefill,
     write_slot,
 )
@@ -73,6 +74,7 @@ class DGACache:
         (output [B, Hq, D] in q's dtype, the update: the token, and the entries of the flush
         its tail would make).
         """
+        check_token(q, k, v, *self.tail_k.shape[:2], self.tail_k.shape[3])
         tail_k = write_slot(self.tail_k, self.tail_count, k)  # [B, H, m', D]: small copies
         tail_v = write_slot(self.tail_v, self.tail_count, v)
         tail_count = self.tail_count + 1
@@ -163,9 +165,12 @@ def prefix_capacity(config: DGAConfig, max_len: int, prompt_lengths: Sequence[in
     A row prefilled at P holds `prefill_counts` entries and tokens; each of the next max_len - P
     tokens joins the tail, and every m'-th flushes `entries_per_flush` entries into the prefix.
     """
-    lengths = np.asarray(prompt_lengths, np.int64)
-    if lengths.ndim != 1 or not lengths.size or lengths.min() < 0:
-        raise ValueError(f"prompt_lengths must be one or more lengths >= 0, got {prompt_lengths!r}")
+    lengths = np.asarray(prompt_lengths)
+    integers = np.issubdtype(lengths.dtype, np.integer)  # not floats cut to ints, nor bools
+    if lengths.ndim != 1 or not lengths.size or not integers or lengths.min() < 0:
+        raise ValueError(
+            f"prompt_lengths must be one or more lengths >= 0 (integers), got {prompt_lengths!r}"
+        )
     check_fits(int(lengths.max()), max_len)
     focal, fold = flush_shape(config)
     prefix, tail = prefill_counts(config, lengths)
@@ -175,6 +180,8 @@ def prefix_capacity(config: DGAConfig, max_len: int, prompt_lengths: Sequence[in
 
 def check_fits(num_tokens: int, max_len: int) -> None:
     """Raises if a cache built for `max_len` tokens would have to hold `num_tokens`."""
+    if not is_int(max_len):
+        raise ValueError(f"max_len must be an int (tokens the cache holds), got {max_len!r}")
     if num_tokens > max_len:
         raise ValueError(
             f"the KV cache is built for max_len={max_len} tokens but {num_tokens} are needed; "
@@ -196,9 +203,10 @@ def prefill(
 ) -> DGACache | DenseCache:
     """The cache after the P prompt tokens: DGA's (`config`) or, with `config=None`, dense.
 
-    q: [B, P, Hq, D], k/v: [B, P, Hkv, D] (RoPE applied), P may be 0. `max_len` is the most
-    tokens the cache will ever hold; `capacity` overrides the DGA prefix capacity (the batch's
-    `prefix_capacity` when rows prefilled at different lengths are concatenated).
+    q: [B, P, Hq, D], k/v: [B, P, Hkv, D] (RoPE applied, checked as `dga_attention`'s), P may
+    be 0. `max_len` is the most tokens the cache will ever hold; `capacity` overrides the DGA
+    prefix capacity (the batch's `prefix_capacity` when rows prefilled at different lengths are
+    concatenated). A given `layout` must be of the same config (checked by its sizes).
 
     `lengths` [B]: right-padded prompts, row b holding lengths[b] tokens (integers in [1, P],
     checked where concrete, with a `layout` too); its cache then equals
@@ -210,9 +218,8 @@ def prefill(
     `layout`: the prompt's `dga_layout` (same config, scale and lengths) if the caller already
     built it for the prompt's attention (`dga_attention(layout=)`): selection runs once.
     """
+    scale = _check_prefill(q, k, v, max_len, config, scale, capacity, layout)
     prompt_len = q.shape[1]
-    check_fits(prompt_len, max_len)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if config is None:
         return dense_prefill(k, v, scale, max_len, prompt_len if lengths is None else lengths)
     lengths = check_lengths(lengths, q.shape[0], prompt_len)  # a given layout checked none
@@ -223,6 +230,31 @@ def prefill(
         _check_capacity(config, max_len, capacity, [prompt_len] if lengths is None else lengths)
     rows = RowCounts.of(config, prompt_len, q.shape[0], lengths)
     return _dga_prefill(q, k, v, config, scale, max_len, capacity, rows, lengths, layout)
+
+
+def _check_prefill(q, k, v, max_len, config, scale, capacity, layout) -> float:
+    """Validates `prefill`'s arguments; returns the softmax scale. A zero-length prompt is
+    checked as a one-token one would be (`check_qkv` asks for L >= 1)."""
+    if config is not None and not isinstance(config, DGAConfig):
+        raise ValueError(f"config must be a DGAConfig or None (dense), got {config!r}")
+    if capacity is not None and (not is_int(capacity) or capacity < 0):
+        raise ValueError(f"capacity must be an int >= 0 (prefix slots) or None, got {capacity!r}")
+    if all(x.ndim == 4 and x.shape[1] == 0 for x in (q, k, v)):
+        shapes = (jax.ShapeDtypeStruct((x.shape[0], 1, *x.shape[2:]), x.dtype) for x in (q, k, v))
+        try:
+            scale = check_qkv(*shapes, scale)
+        except ValueError as e:
+            raise ValueError(f"{e} (an empty prompt, checked as a one-token one)") from None
+    else:
+        scale = check_qkv(q, k, v, scale)
+    check_fits(q.shape[1], max_len)
+    if layout is not None and config is not None and layout.sizes != config.sizes(q.shape[1]):
+        raise ValueError(
+            f"layout was built for {layout.sizes}, but config={config} over the prompt's "
+            f"{q.shape[1]} positions gives {config.sizes(q.shape[1])}: build the layout with "
+            "the same config"
+        )
+    return scale
 
 
 def _check_capacity(config: DGAConfig, max_len: int, capacity: int, prompt_lengths) -> None:
@@ -244,7 +276,8 @@ def decode_step(
     """Appends one token per row and attends over the cache: `cache.attend`, then `apply_update`.
 
     q: [B, Hq, D], k/v: [B, Hkv, D] of the token at position `cache.length` (RoPE applied) ->
-    (output [B, Hq, D] in q's dtype, the updated cache). A model calls the two halves apart, to
+    (output [B, Hq, D] in q's dtype, the updated cache); a token of other rows, KV heads or head
+    dim than the cache's is refused (`check_token`). A model calls the two halves apart, to
     read every layer's cache first and write all of them after (in place; XLA copies a buffer
     that one step both reads and updates). A row already holding `max_len` tokens has no room:
     its output is NaN (`prefix_capacity` and `check_fits` catch this on the host before running).
