@@ -37,6 +37,7 @@ from dga_jax.eval.layerwise import (
 )
 from dga_jax.eval.plots import figure, save
 from dga_jax.model.llama import DecoderLayer, Llama
+from dga_jax.ops.checks import is_int, is_real
 from dga_jax.ops.dga.config import DGAConfig
 
 THRESHOLDS = ("context", "length")
@@ -73,14 +74,14 @@ def attention_weights(
     weights). Holds B * H * T^2 floats per layer returned (2 GiB per row for 32 heads at 4K):
     for long sequences pick `layers` or use a reducing probe (`max_attention_weights`).
     """
-    tokens = jnp.asarray(token_rows(tokens))
+    tokens = jnp.asarray(token_rows(tokens, vocab_size=model.config.vocab_size))
     _, outs = walk_layers(model, model.embed_tokens(tokens), _weights_probe, layers)
     return [None if out is None else np.asarray(out) for out in outs]
 
 
 def max_attention_weights(model: Llama, tokens: jax.Array) -> np.ndarray:
     """The largest causal weight of each query: tokens [B, T] -> float32 [layers, B, H, T]."""
-    tokens = jnp.asarray(token_rows(tokens))
+    tokens = jnp.asarray(token_rows(tokens, vocab_size=model.config.vocab_size))
     _, outs = walk_layers(model, model.embed_tokens(tokens), _max_weight_probe)
     return np.stack([np.asarray(out) for out in outs])
 
@@ -162,6 +163,12 @@ def p_sparse(
     """
     _check_sparsity_args(rho, threshold, context_fraction)
     check_batch_size(batch_size)
+    bad = [length for length in sequences_by_length if not is_int(length) or length < 1]
+    if bad or not sequences_by_length:
+        raise ValueError(
+            f"sequences_by_length must map one or more lengths L (ints >= 1) to sequences "
+            f"[N, L], got keys {list(sequences_by_length)}"
+        )
     results = {}
     for length, sequences in sorted(sequences_by_length.items()):
         sequences = np.asarray(sequences)
@@ -184,6 +191,11 @@ def sparsity_estimate(
 ) -> SparsityEstimate:
     """The `p_sparse` estimate from each query's largest weight [layers, N, H, L]."""
     _check_sparsity_args(rho, threshold, context_fraction)
+    max_weights = np.asarray(max_weights)
+    if max_weights.ndim != 4 or 0 in max_weights.shape:
+        raise ValueError(
+            f"max_weights must be [layers, N, H, L], none empty, not of shape {max_weights.shape}"
+        )
     _, n, _, length = max_weights.shape
     context = np.arange(1, length + 1)
     tau = 1.0 / (rho * (context if threshold == "context" else np.full(length, length)))
@@ -220,6 +232,10 @@ def plot_p_sparse(
     result or {label: result} for several models or corpora. Writes a PNG; returns its path."""
     single = all(isinstance(key, numbers.Integral) for key in results)
     series = {"P_sparse": results} if single else results
+    empty = [label for label, estimates in series.items() if not estimates] if results else []
+    if not results or empty:
+        raise ValueError(f"plot_p_sparse needs estimates to plot, got none for {empty or 'any L'}")
+    rhos = {p.rho for estimates in series.values() for p in estimates.values()}
     fig, ax = figure()
     for label, estimates in series.items():
         points = [estimates[length] for length in sorted(estimates)]
@@ -231,9 +247,9 @@ def plot_p_sparse(
             capsize=3,
             label=label,
         )
-    rho = next(iter(next(iter(series.values())).values())).rho
+    rho = f"rho={rhos.pop():g}" if len(rhos) == 1 else "rho"  # several rho: none is the one
     lengths = sorted({length for estimates in series.values() for length in estimates})
-    ax.set(xscale="log", xlabel="sequence length L", ylabel=f"P_sparse(L, rho={rho:g})")
+    ax.set(xscale="log", xlabel="sequence length L", ylabel=f"P_sparse(L, {rho})")
     ax.set_xticks(lengths, [str(length) for length in lengths], minor=False)
     ax.minorticks_off()
     ax.set_ylim(-0.02, 1.02)
@@ -269,9 +285,10 @@ def noise_kl(
     typical embedding entry, comparable across models) or std = sigma (absolute). The noise is
     drawn from `key` folded with each batch's first row, so two models of the same width given
     the same key and tokens see the same noise: the dense-vs-DGA comparison
-    (`compare_noise_kl`) is paired. sigma = 0 gives exactly 0.
+    (`compare_noise_kl`) is paired. sigma (finite, >= 0) = 0 gives exactly 0.
     """
-    tokens = token_rows(tokens, batch_size)
+    tokens = token_rows(tokens, batch_size, vocab_size=model.config.vocab_size)
+    _check_sigmas([sigma])
     std = sigma * embedding_rms(model) if relative else sigma
     graphdef, state = nnx.split(model)
     total = 0.0
@@ -296,6 +313,7 @@ def compare_noise_kl(
 ) -> dict[str, dict[float, float]]:
     """{"dense": {sigma: KL}, "dga": {sigma: KL}}: `noise_kl` of the model's weights with dense
     attention and with DGA (`dga`, default the model's `config.dga`), on the same noise."""
+    _check_sigmas(sigmas)  # before the first model runs, not after the dense half
     variants = {name: with_attention(model, name, dga) for name in ("dense", "dga")}
     return {
         name: {
@@ -304,6 +322,15 @@ def compare_noise_kl(
         }
         for name, variant in variants.items()
     }
+
+
+def _check_sigmas(sigmas: Collection[float]) -> None:
+    """Noise scales are finite reals >= 0: a negative one draws the same noise distribution as
+    its absolute value (a different KL, reported under a sigma that means nothing), a NaN or
+    infinite one gives a NaN KL."""
+    for sigma in sigmas:
+        if not is_real(sigma) or not 0 <= sigma < math.inf:
+            raise ValueError(f"sigma must be a finite noise scale >= 0, got {sigma!r}")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))

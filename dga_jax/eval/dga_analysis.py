@@ -76,7 +76,7 @@ def dga_mass_shares(
     """
     if model.config.attention != "dga":
         raise ValueError("dga_mass_shares needs a DGA model: see `with_attention`")
-    tokens = token_rows(tokens, batch_size)
+    tokens = token_rows(tokens, batch_size, vocab_size=model.config.vocab_size)
     totals = np.zeros((model.config.num_layers, len(MASS_KINDS)))
     for start in range(0, len(tokens), batch_size):
         batch = jnp.asarray(tokens[start : start + batch_size])
@@ -173,6 +173,12 @@ def token_roles(
 
 def plot_token_roles(roles: np.ndarray, path: str | Path) -> Path:
     """`token_roles` as one colored strip per kind over key positions. Writes a PNG."""
+    roles = np.asarray(roles)
+    if roles.ndim != 1 or not (roles >= 0).any():
+        raise ValueError(
+            f"roles must be `token_roles` of one query: [L] with a position it sees (>= 0), "
+            f"got shape {roles.shape} with {int((roles >= 0).sum())} seen"
+        )
     fig, ax = figure((8, 2.6))
     positions = np.arange(len(roles))
     for index, kind in enumerate(MASS_KINDS):

@@ -23,6 +23,7 @@ from dga_jax.data.tokenizers import Tokenizer
 from dga_jax.generate import Buckets, completions, pad_prompts
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.llama import Llama, cross_entropy
+from dga_jax.ops.checks import is_int
 from dga_jax.ops.dga.sharded import shard_count
 
 
@@ -98,7 +99,7 @@ class ModelEngine:
         progress: bool = False,
         mesh: jax.sharding.Mesh | None = None,
     ):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        if not is_int(batch_size) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(
@@ -106,7 +107,7 @@ class ModelEngine:
                 f"of {model.config.vocab_size}"
             )
         self.model, self._tokenizer = model, tokenizer
-        self.batch_size, self.buckets, self.progress = batch_size, buckets, progress
+        self.batch_size, self.buckets, self.progress = int(batch_size), buckets, progress
         self._max_length = _checked_max_length(max_length, model.config)
         self.mesh = mesh
 
@@ -177,8 +178,13 @@ class ModelEngine:
         return list(out)
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[TokenScores]:
-        if any(len(s) < 2 for s in sequences):
-            raise ValueError("every scored sequence needs at least 2 tokens")
+        short = [i for i, s in enumerate(sequences) if len(s) < 2]
+        if short:
+            i = short[0]
+            raise ValueError(
+                f"sequence {i} has {len(sequences[i])} tokens: a scored sequence needs at least 2 "
+                "(the first is only context)"
+            )
         self._check_fits([len(s) for s in sequences], 0)
         self._check_ids(sequences)
         with self._on_mesh():
@@ -204,15 +210,36 @@ class ModelEngine:
         return out
 
 
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _score_rows(graphdef, state, tokens, lengths):
+# Positions per slice of the LM head when scoring: [B, 512, V] float32 logits at a time
+# (LLaMA2-7B, 8 rows: 0.5 GiB), where the whole [B, T, V] would be 33 GiB at 32K tokens.
+SCORE_SLICE = 512
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "positions"))
+def _score_rows(graphdef, state, tokens, lengths, positions=SCORE_SLICE):
     """Right-padded tokens [B, T] with lengths [B] -> (log p of tokens[:, 1:] [B, T-1],
-    whether each is the argmax [B, T-1]); each row is attended at its own length."""
+    whether each is the argmax [B, T-1]); each row is attended at its own length. The LM head
+    runs over `positions` positions at a time."""
     model = nnx.merge(graphdef, state)
-    logits, _ = model.prefill(tokens, tokens.shape[1], lengths=lengths)
-    logits = logits[:, :-1]
-    targets = tokens[:, 1:]
-    return -cross_entropy(logits, targets), jnp.argmax(logits, axis=-1) == targets
+    x, _ = model.prefill_hidden(tokens, tokens.shape[1], lengths=lengths)
+    b, t, d = x.shape
+    size = min(positions, t)
+    padded = -(-t // size) * size
+    x = jnp.pad(x, ((0, 0), (0, padded - t), (0, 0)))
+    targets = jnp.pad(tokens[:, 1:], ((0, 0), (0, padded - t + 1)))
+
+    def score(inputs):
+        x_slice, targets_slice = inputs  # [B, size, D], [B, size]
+        logits = model.logits(x_slice)
+        picked = jnp.argmax(logits, axis=-1) == targets_slice
+        return -cross_entropy(logits, targets_slice), picked
+
+    def slices(a):  # [B, padded, ...] -> [padded / size, B, size, ...]
+        return jnp.moveaxis(a.reshape(b, padded // size, size, *a.shape[2:]), 1, 0)
+
+    logprobs, greedy = jax.lax.map(score, (slices(x), slices(targets)))
+    logprobs, greedy = (jnp.moveaxis(a, 0, 1).reshape(b, padded) for a in (logprobs, greedy))
+    return logprobs[:, : t - 1], greedy[:, : t - 1]
 
 
 def _checked_max_length(max_length: int | None, config: ModelConfig) -> int:
@@ -220,8 +247,9 @@ def _checked_max_length(max_length: int | None, config: ModelConfig) -> int:
     pass it, unless the model's RoPE distances are capped (StreamingLLM, LM-Infinite)."""
     if max_length is None:
         return config.max_position
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+    if not is_int(max_length) or max_length < 2:
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    max_length = int(max_length)  # a NumPy integer too: JSON and the progress text take ints
     if not config.positions_fit(max_length):
         raise ValueError(
             f"max_length={max_length} is past the model's max_position={config.max_position}: "

@@ -23,8 +23,9 @@ Conventions, those of lm_eval's `hf` backend on a LLaMA tokenizer except where n
 
 - loglikelihood: the context is encoded behind BOS (when the tokenizer has one) and the pair
   is encoded whole, then split at the context's length, with the context's trailing whitespace
-  moved to the continuation (`TemplateLM._encode_pair`); an empty context becomes the prefix
-  token (BOS, else EOS). Sequences are left-truncated to `max_length` tokens.
+  moved to the continuation (`TemplateLM._encode_pair`); an empty context (a whitespace-only
+  one too, for a tokenizer without BOS) becomes the prefix token (BOS, else EOS). Sequences
+  are left-truncated to `max_length` tokens.
 - loglikelihood_rolling: the text's tokens, without BOS, conditioned on the prefix token, in
   disjoint windows (`get_rolling_token_windows` + `make_disjoint_window`, context 1): every
   token is predicted once, each window with as much context as fits. `hf` also prepends BOS
@@ -33,14 +34,16 @@ Conventions, those of lm_eval's `hf` backend on a LLaMA tokenizer except where n
   does not feed that one): at the limit there is one token less of context than with `hf`,
   and the model never sees a position at or past `max_length`.
 - generate_until: greedy only (do_sample=True or temperature > 0 is an error; top_k/top_p
-  are ignored); the prompt is left-truncated to `max_length - max_gen_toks`; the text is cut
-  at the first stop string of `until`. Generation itself stops at the EOS id (whose text,
-  dropped by our tokenizers' `decode`, is therefore never matched as a string).
+  are ignored; max_gen_toks must be at least 1); the prompt is left-truncated to `max_length -
+  max_gen_toks` (an empty one is the prefix token); the text is cut at the first stop string
+  of `until`. Generation itself stops at the EOS id (whose text, dropped by our tokenizers'
+  `decode`, is therefore never matched as a string).
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -56,7 +59,9 @@ from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_tex
 
 from dga_jax.checkpoint.orbax_io import attention_changes, load_model, parse_settings
 from dga_jax.data.tokenizers import load_tokenizer
+from dga_jax.errors import ConfigError
 from dga_jax.eval.engine import Engine, ModelEngine, TokenScores, with_bos
+from dga_jax.ops.checks import is_int
 from dga_jax.sharding import make_mesh, mesh_shape
 
 Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
@@ -76,7 +81,9 @@ class DGAJaxLM(TemplateLM):
         if engine.tokenizer.bos_id is None and engine.tokenizer.eos_id is None:
             raise ValueError("the tokenizer has neither BOS nor EOS to condition the text on")
         self.engine, self.tokenizer = engine, engine.tokenizer
-        self._max_gen_toks = int(max_gen_toks)
+        # Checked now: a bad default would otherwise end the run at its first generate_until
+        # request, after every loglikelihood task before it.
+        self._max_gen_toks = parse_max_gen_toks(max_gen_toks, "max_gen_toks")
 
     @classmethod
     def from_checkpoint(
@@ -128,7 +135,10 @@ class DGAJaxLM(TemplateLM):
     def create_from_arg_obj(
         cls, arg_dict: dict[str, Any], additional_config: dict | None = None
     ) -> DGAJaxLM:
-        """`from_checkpoint(**arg_dict)`; lm_eval's own settings fill in what it leaves out."""
+        """`from_checkpoint(**arg_dict)`; lm_eval's own settings fill in what it leaves out.
+        A key `from_checkpoint` does not take, or a missing checkpoint / tokenizer, is a
+        ConfigError naming it."""
+        check_model_args(arg_dict)
         extra = {
             k: v
             for k, v in (additional_config or {}).items()
@@ -215,13 +225,16 @@ class DGAJaxLM(TemplateLM):
         return kwargs["until"], kwargs["max_gen_toks"]
 
     def _generate(self, contexts: list[str], budget: int, bar: tqdm.tqdm) -> list[list[int]]:
-        """Up to `budget` new ids after each context, its prompt left-truncated to fit."""
+        """Up to `budget` new ids after each context, its prompt left-truncated to fit (an
+        empty prompt, from a tokenizer without BOS, is the prefix token)."""
+        parse_max_gen_toks(budget, "a request's max_gen_toks")
         room = self.max_length - budget
         if room < 1:
             raise ValueError(
                 f"max_gen_toks={budget} leaves no room for a prompt in max_length={self.max_length}"
             )
-        prompts = [self.tok_encode(context)[-room:] for context in contexts]
+        prefix = [self.prefix_token_id]
+        prompts = [self.tok_encode(context)[-room:] or prefix for context in contexts]
         generate = functools.partial(self.engine.generate, max_new_tokens=budget)
         return self._run(generate, prompts, bar)
 
@@ -250,13 +263,15 @@ class DGAJaxLM(TemplateLM):
         ]
 
     def _truncated(self, context: list[int], continuation: list[int]) -> list[int]:
-        """The last `max_length` ids of context + continuation, the continuation kept whole."""
+        """The last `max_length` ids of context + continuation, the continuation kept whole. An
+        empty context (a whitespace-only one, from a tokenizer without BOS) is the prefix token:
+        the first continuation token needs something to be predicted from."""
         if not 0 < len(continuation) < self.max_length:
             raise ValueError(
                 f"a continuation of {len(continuation)} tokens cannot be scored in max_length="
                 f"{self.max_length} (it needs 1 to max_length - 1 tokens)"
             )
-        return (context + continuation)[-self.max_length :]
+        return ((context or [self.prefix_token_id]) + continuation)[-self.max_length :]
 
     def _run(
         self, fn: Callable[[list[list[int]]], list[R]], items: Sequence[list[int]], bar: tqdm.tqdm
@@ -286,6 +301,34 @@ def parse_batch_size(batch_size: int | str) -> int:
         raise ValueError(
             f"batch_size must be an integer for the dga_jax backend, got {batch_size!r}"
         ) from None
+
+
+def parse_max_gen_toks(value: Any, name: str) -> int:
+    """A number of new tokens: an int >= 1 (or its string), else a ValueError naming `name`."""
+    try:
+        count = int(value) if isinstance(value, str) or is_int(value) else 0
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return count
+
+
+def check_model_args(args: dict[str, Any]) -> None:
+    """Raises ConfigError for a `--model_args` key `from_checkpoint` does not take, or a missing
+    checkpoint / tokenizer (rather than a TypeError from the call)."""
+    parameters = inspect.signature(DGAJaxLM.from_checkpoint).parameters
+    unknown = sorted(set(args) - set(parameters))
+    if unknown:
+        raise ConfigError(
+            f"--model_args: unknown keys {unknown} for the dga_jax backend; known: "
+            f"{', '.join(parameters)}"
+        )
+    missing = [name for name in ("checkpoint", "tokenizer") if args.get(name) in (None, "")]
+    if missing:
+        raise ConfigError(
+            f"--model_args: give {' and '.join(missing)} (checkpoint=DIR,tokenizer=SPEC)"
+        )
 
 
 def parse_mesh(mesh: str) -> list[int]:

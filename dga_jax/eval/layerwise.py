@@ -74,13 +74,25 @@ def layer_index(model: Llama, index: int) -> int:
     return index % count
 
 
-def token_rows(tokens: jax.Array | np.ndarray, batch_size: int = 1) -> np.ndarray:
-    """tokens as an array [N >= 1, T >= 1] of whole rows, run `batch_size` at a time: an error
-    naming the problem otherwise (one row given as [T], an empty batch), instead of a
-    broadcasting error deep in a layer or a mean over no token."""
+def token_rows(
+    tokens: jax.Array | np.ndarray, batch_size: int = 1, *, vocab_size: int | None = None
+) -> np.ndarray:
+    """tokens as an integer array [N >= 1, T >= 1] of whole rows, run `batch_size` at a time,
+    ids in [0, vocab_size) when it is given: an error naming the problem otherwise (one row
+    given as [T], an empty batch, float ids, an id outside the vocabulary), instead of a
+    broadcasting or indexing error deep in a layer, a mean over no token, or the embedding
+    lookup's silent answer (NaN rows past the table, a negative id wrapped to the end)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or 0 in tokens.shape:
         raise ValueError(f"tokens must be rows [N >= 1, T >= 1], not of shape {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be integer ids, not {tokens.dtype}")
+    if vocab_size is not None and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}) (the model's vocabulary), got "
+            f"{bad.size} outside it, e.g. {bad[0]}"
+        )
     check_batch_size(batch_size)
     return tokens
 

@@ -20,10 +20,19 @@ from typing import Any
 
 import numpy as np
 
-from dga_jax.errors import MissingInputError
+from dga_jax.errors import InputError, MissingInputError
 from dga_jax.eval.engine import Engine, with_bos
 from dga_jax.eval.plots import line_plot
-from dga_jax.eval.task import Example, GenerationTask, Problems, Summary, fits, mean_by
+from dga_jax.eval.task import (
+    Example,
+    GenerationTask,
+    Problems,
+    Summary,
+    distinct_ints,
+    fits,
+    int_at_least,
+    mean_by,
+)
 
 HEADER = (
     "Below is a record of lines I want you to remember. Each line begins with 'line <line "
@@ -118,12 +127,17 @@ class Lines(GenerationTask):
         seed: int = 0,
         testcases_dir: str | None = None,
     ):
-        if not num_lines or min(num_lines) < 1:
-            raise ValueError(f"lines sizes must be >= 1, got {list(num_lines)}")
-        self.num_lines, self.cases, self.seed = list(num_lines), cases, seed
+        self.num_lines = distinct_ints(num_lines, "lines sizes", 1)
+        self.cases = int_at_least(cases, "lines cases", 1)
+        self.seed = int_at_least(seed, "lines seed", 0)  # numpy's seeds are >= 0
         self.testcases_dir = testcases_dir
         if testcases_dir is not None:
             self._check_files()
+        elif max(self.num_lines) > len(ADJECTIVES) * len(NOUNS):
+            raise InputError(
+                f"lines sizes {self.num_lines}: generated cases have at most "
+                f"{len(ADJECTIVES) * len(NOUNS)} distinct line ids"
+            )
 
     def settings(self) -> dict[str, Any]:
         return {

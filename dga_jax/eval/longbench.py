@@ -167,13 +167,16 @@ class LongBenchE(GenerationTask):
         max_input: int | None = None,
         model_name: str = "dga-jax",
     ):
-        datasets = tuple(datasets or DATASETS)
+        if isinstance(datasets, str):
+            datasets = [datasets]
+        # Each once: a dataset named twice would be generated twice (the same ids).
+        datasets = tuple(dict.fromkeys(datasets or DATASETS))
         unknown = sorted(set(datasets) - set(DATASETS))
         if unknown:
             raise InputError(f"unknown LongBench-E datasets {unknown}: expected some of {DATASETS}")
         if max_input is not None and max_input < 2:
             raise InputError(f"max_input must be at least 2 tokens, got {max_input}")
-        if not model_name or Path(model_name).name != model_name:
+        if not model_name or model_name == ".." or Path(model_name).name != model_name:
             raise InputError(f"model_name {model_name!r} must be one path component")
         self.data_dir = Path(data_dir)
         self.datasets = datasets
@@ -337,7 +340,7 @@ def middle_truncate(tokenizer: Tokenizer, prompt: str, max_input: int) -> list[i
 def parse_record(line: bytes, dataset: str) -> dict[str, Any] | str:
     """The record of one line of `{dataset}_e.jsonl`, or why it cannot be used."""
     try:
-        record = json.loads(line.decode("utf-8"))
+        record = json.loads(line.decode("utf-8-sig"))  # a file saved with a BOM: its first line
     except (UnicodeDecodeError, json.JSONDecodeError):
         return "malformed JSON"
     if not isinstance(record, dict):

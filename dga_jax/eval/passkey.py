@@ -17,9 +17,20 @@ from typing import Any
 
 import numpy as np
 
+from dga_jax.errors import InputError
 from dga_jax.eval.engine import Engine, with_bos
 from dga_jax.eval.plots import heatmap, line_plot
-from dga_jax.eval.task import Example, GenerationTask, Problems, Summary, fits, mean_by
+from dga_jax.eval.task import (
+    Example,
+    GenerationTask,
+    Problems,
+    Summary,
+    distinct_ints,
+    fits,
+    int_at_least,
+    mean_by,
+)
+from dga_jax.ops.checks import is_real
 
 TASK_LINE = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize "
@@ -56,10 +67,32 @@ def passkey_text(prefix_chars: int, suffix_chars: int, key: int, garbage: str = 
     return "\n".join([TASK_LINE, filler[:prefix_chars], info, filler[:suffix_chars], QUESTION])
 
 
+def _depths(depths: Sequence[float]) -> list[float]:
+    """`depths` as distinct floats in [0, 1], at least one; depths that share an id (its 6
+    significant digits, `passkey_id`) would overwrite each other's records: an InputError."""
+    depths = list(depths)
+    if not depths or not all(is_real(d) and 0 <= d <= 1 for d in depths):
+        raise InputError(f"passkey depths must be one or more fractions in [0, 1], got {depths}")
+    by_id: dict[str, float] = {}
+    for depth in map(float, depths):
+        where = _depth_name(depth)
+        if where in by_id:
+            raise InputError(
+                f"passkey depths {by_id[where]!r} and {depth!r} share the id {where!r}: give "
+                "distinct depths that differ in their first 6 significant digits"
+            )
+        by_id[where] = depth
+    return list(by_id.values())
+
+
 def passkey_id(chars: int, depth: float | None, trial: int) -> str:
     """The id of a trial: "{filler chars}/{depth, or random}/{trial}"."""
-    where = "random" if depth is None else f"{depth:g}"
+    where = "random" if depth is None else _depth_name(depth)
     return f"{chars}/{where}/{trial}"
+
+
+def _depth_name(depth: float) -> str:
+    return f"{depth:g}"
 
 
 class Passkey(GenerationTask):
@@ -75,11 +108,9 @@ class Passkey(GenerationTask):
         trials: int = 10,
         depths: Sequence[float] | None = None,
     ):
-        if not lengths or min(lengths) < 0:
-            raise ValueError(f"passkey lengths must be filler sizes >= 0, got {list(lengths)}")
-        if depths is not None and not all(0 <= d <= 1 for d in depths):
-            raise ValueError(f"passkey depths must lie in [0, 1], got {list(depths)}")
-        self.lengths, self.trials, self.depths = list(lengths), trials, depths
+        self.lengths = distinct_ints(lengths, "passkey lengths", 0)
+        self.trials = int_at_least(trials, "passkey trials", 1)
+        self.depths = None if depths is None else _depths(depths)
 
     def examples(
         self, engine: Engine, problems: Problems, done: Container[str] = frozenset()

@@ -44,7 +44,13 @@ def heatmap(
     xlabel: str,
     ylabel: str,
 ) -> str:
-    """A [rows, cols] grid of percentages, green for 100, red for 0, values written in."""
+    """A [rows, cols] grid of percentages, green for 100, red for 0, values written in; one
+    y tick per row, one x tick per column (fewer would label the wrong cells)."""
+    if np.shape(grid) != (len(yticks), len(xticks)):
+        raise ValueError(
+            f"heatmap grid of shape {np.shape(grid)} needs [rows, cols] = [{len(yticks)} y "
+            f"ticks, {len(xticks)} x ticks]"
+        )
     fig, ax = figure((1 + 0.7 * len(xticks), 1 + 0.5 * len(yticks)))
     ax.imshow(grid, cmap="RdYlGn", vmin=0, vmax=100, aspect="auto")
     ax.set_xticks(range(len(xticks)), xticks)

@@ -32,10 +32,11 @@ from typing import Any
 import numpy as np
 
 from dga_jax.data.slimpajama import SHARD_SUFFIXES, ReadStats, iter_raw_records, parse_record
-from dga_jax.errors import MissingInputError
+from dga_jax.errors import InputError, MissingInputError
 from dga_jax.eval.engine import Engine, with_bos
 from dga_jax.eval.plots import line_plot
 from dga_jax.eval.task import Example, Problems, Summary
+from dga_jax.ops.checks import is_int
 
 CONVENTIONS = ("stride", "longlora")
 
@@ -82,9 +83,16 @@ class Perplexity:
     ):
         if convention not in CONVENTIONS:
             raise ValueError(f"ppl convention must be one of {CONVENTIONS}, got {convention!r}")
+        for what, value, least in (("window", window, 2), ("stride", stride, 1)):
+            if value is not None and not is_int(value):  # a float fails in range() or a slice
+                raise InputError(f"ppl {what} must be an integer >= {least}, got {value!r}")
+        if max_documents is not None and (not is_int(max_documents) or max_documents < 1):
+            raise InputError(
+                f"ppl max_documents must be None or an integer >= 1, got {max_documents!r}"
+            )
         self.data, self.files = data, _document_files(data)
-        self.window, self.stride, self.convention = window, stride, convention
-        self.max_documents = max_documents
+        self.window, self.stride = _int_or_none(window), _int_or_none(stride)  # JSON: no NumPy
+        self.convention, self.max_documents = convention, _int_or_none(max_documents)
 
     def settings(self) -> dict[str, Any]:
         return {
@@ -202,23 +210,31 @@ class Perplexity:
 
 
 def _document_files(data: str) -> list[str]:
-    """The .txt files under a directory, or the shards at a path / glob; an error names what
-    was expected when there are none."""
+    """The .txt files and shards under a directory, at a path (taken as it is, even if it
+    looks like a glob) or matching a glob; other files are no documents (a glob's README or
+    CSV would be read as a shard of malformed records). An error names what was expected when
+    there are none."""
     if os.path.isdir(data):
         found = sorted(
             str(p)
             for p in Path(data).rglob("*")
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(data).parts)
         )
-        found = [p for p in found if p.endswith((".txt", *SHARD_SUFFIXES))]
+    elif os.path.isfile(data):
+        found = [data]
     else:
         found = sorted(p for p in glob.glob(data, recursive=True) if os.path.isfile(p))
+    found = [p for p in found if p.endswith((".txt", *SHARD_SUFFIXES))]
     if not found:
         raise MissingInputError(
             f"ppl data {data!r} holds no documents: expected .txt files (one document each, as "
             f"PG19) or SlimPajama shards ({', '.join(SHARD_SUFFIXES)})"
         )
     return found
+
+
+def _int_or_none(value: int | None) -> int | None:
+    return None if value is None else int(value)
 
 
 def _documents(files: list[str], problems: Problems) -> Iterator[tuple[str, str]]:

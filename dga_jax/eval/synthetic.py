@@ -21,8 +21,10 @@ import zstandard
 
 from dga_jax.data.corpus import build_sample_corpus, default_corpus_dir
 from dga_jax.data.slimpajama import list_shards, read_shard
+from dga_jax.errors import InputError
 from dga_jax.eval.lines import lines_case
 from dga_jax.eval.passkey import passkey_text
+from dga_jax.eval.task import int_at_least
 
 FILLER = "The river runs to the sea. The hills are far away. The wind is cold tonight. We stay."
 _ADJECTIVES = """amiable bashful cheery dapper earnest fickle giddy hearty jaunty kooky lanky
@@ -68,7 +70,10 @@ def write_retrieval_corpus(
     shards: int = 4,
 ) -> Path:
     """Writes train/ and validation/ shards mixing the sample corpus's records with synthetic
-    documents in a seeded random order; returns out_dir."""
+    documents in a seeded random order; returns out_dir. `documents_per_split`: the synthetic
+    documents of (train, validation). A split's shards from an earlier run replace its
+    `retrieval_*` files whole: none is left over from a run with more shards."""
+    _check_arguments(documents_per_split, seed, shards)
     sample = build_sample_corpus(sample_dir or default_corpus_dir())
     out_dir = Path(out_dir)
     for split, count, offset in zip(
@@ -78,6 +83,20 @@ def write_retrieval_corpus(
         synthetic = list(documents(count, max_chars, seed * 2 + offset))
         _write_shards(out_dir / split, _interleave(natural, synthetic, seed), shards)
     return out_dir
+
+
+def _check_arguments(documents_per_split: Sequence[int], seed: int, shards: int) -> None:
+    """An InputError naming the argument that would otherwise write nothing (shards < 1), fail
+    after the sample corpus is built (a negative seed) or pair splits and counts wrongly."""
+    counts = list(documents_per_split)
+    if len(counts) != 2:
+        raise InputError(
+            f"documents_per_split must be two counts (train, validation), got {counts}"
+        )
+    for split, count in zip(("train", "validation"), counts, strict=True):
+        int_at_least(count, f"documents_per_split's {split} count", 0)
+    int_at_least(seed, "seed", 0)  # numpy's seeds are >= 0
+    int_at_least(shards, "shards", 1)
 
 
 def _interleave(natural: list[str], synthetic: list[str], seed: int) -> list[dict]:
@@ -90,6 +109,8 @@ def _interleave(natural: list[str], synthetic: list[str], seed: int) -> list[dic
 
 def _write_shards(directory: Path, records: list[dict], shards: int) -> None:
     directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("retrieval_*.jsonl.zst"):  # readers take every shard there
+        stale.unlink()
     compressor = zstandard.ZstdCompressor(level=3)
     for shard in range(shards):
         lines = [json.dumps(r) + "\n" for r in records[shard::shards]]
@@ -105,13 +126,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--max_chars", type=int, default=1900)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.documents < 0:
+        p.error(f"argument --documents: must be at least 0, got {args.documents}")
     validation = max(1, args.documents // 20)
-    path = write_retrieval_corpus(
-        args.out,
-        documents_per_split=(args.documents, validation),
-        max_chars=args.max_chars,
-        seed=args.seed,
-    )
+    try:
+        path = write_retrieval_corpus(
+            args.out,
+            documents_per_split=(args.documents, validation),
+            max_chars=args.max_chars,
+            seed=args.seed,
+        )
+    except InputError as e:
+        p.error(str(e))
     print(f"wrote {path}")
 
 

@@ -21,7 +21,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from dga_jax.errors import InputError
 from dga_jax.eval.engine import Engine, stop_token
+from dga_jax.ops.checks import is_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,6 +164,29 @@ def mean_by(
             group = tuple(r[k] for k in key) if isinstance(key, tuple) else r[key]
             groups[group].append(r[field])
     return {k: float(np.mean(v)) for k, v in sorted(groups.items())}
+
+
+def int_at_least(value: int, what: str, least: int) -> int:
+    """`value` as a Python int >= `least`; an InputError naming `what` otherwise (a float or a
+    bool would fail later in a range or a slice, deep in the run)."""
+    if not is_int(value) or value < least:
+        raise InputError(f"{what} must be an integer >= {least}, got {value!r}")
+    return int(value)
+
+
+def distinct_ints(values: Sequence[int], what: str, least: int) -> list[int]:
+    """`values` as a non-empty list of distinct Python ints >= `least` (JSON writes them; NumPy
+    ints it refuses); an InputError naming `what` otherwise: a repeated value would give two
+    examples one id, evaluated twice and kept once."""
+    values = list(values)
+    if not values:
+        raise InputError(f"{what} must hold at least one value, got none")
+    for value in values:
+        int_at_least(value, what, least)
+    repeated = sorted({int(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise InputError(f"{what} must be distinct, got {repeated} more than once")
+    return [int(v) for v in values]
 
 
 def fits(engine: Engine, prompt: Sequence[int], max_new_tokens: int) -> bool:

@@ -70,3 +70,42 @@ def test_token_roles_refuse_indices_out_of_range(where, message):
     q, k, _ = random_qkv(0, 2, 13, 4, 2, 8)  # 4 query heads on 2 KV heads
     with pytest.raises(ValueError, match=message):
         dga_analysis.token_roles(q, k, DGAConfig(4, 0.25), **where)
+
+
+@pytest.mark.parametrize(
+    "tokens, message",
+    [
+        (np.full((2, 8), TINY.vocab_size), r"token ids must lie in \[0, 512\).*e\.g\. 512"),  # NaN
+        (np.full((2, 8), -1), r"token ids must lie in \[0, 512\).*e\.g\. -1"),  # wrapped around
+        (np.zeros((2, 8)) + 0.5, "tokens must be integer ids, not float64"),  # deep JAX error
+    ],
+)
+def test_token_ids_must_be_in_the_vocabulary(dense, tokens, message):
+    with pytest.raises(ValueError, match=message):
+        analysis.noise_kl(dense, tokens, 0.1, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=message):
+        analysis.max_attention_weights(dense, tokens)
+    with pytest.raises(ValueError, match=message):
+        analysis.attention_weights(dense, tokens)
+    with pytest.raises(ValueError, match=message):
+        dga_analysis.dga_mass_shares(layerwise.with_attention(dense, "dga"), tokens)
+
+
+@pytest.mark.parametrize("sigma", [-0.5, float("nan"), float("inf")])
+def test_noise_scales_must_be_finite_and_not_negative(dense, sigma):
+    # -0.5 gave a KL other than 0.5's (the mirrored draw), nan and inf a NaN KL.
+    tokens = np.zeros((2, 8), np.int32)
+    with pytest.raises(ValueError, match=f"sigma must be a finite noise scale >= 0, got {sigma}"):
+        analysis.noise_kl(dense, tokens, sigma, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="sigma must be a finite noise scale"):
+        analysis.compare_noise_kl(dense, tokens, [0.1, sigma], jax.random.PRNGKey(0))
+
+
+def test_p_sparse_inputs_name_their_problem(dense):
+    tokens = np.zeros((2, 8), np.int32)
+    with pytest.raises(ValueError, match=r"one or more lengths L \(ints >= 1\).*got keys \[\]"):
+        analysis.p_sparse(dense, {})  # was {}, then a StopIteration in plot_p_sparse
+    with pytest.raises(ValueError, match=r"got keys \['8'\]"):  # was "[N >= 1, 8], not (2, 8)"
+        analysis.p_sparse(dense, {"8": tokens})
+    with pytest.raises(ValueError, match=r"max_weights must be \[layers, N, H, L\]"):
+        analysis.sparsity_estimate(np.zeros((2, 3, 4)), 0.1)  # was "not enough values"

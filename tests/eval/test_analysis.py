@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -12,7 +13,7 @@ import pytest
 from flax import nnx
 
 from dga_jax import DGAConfig, Llama, ModelConfig, dense_attention, dga_attention
-from dga_jax.eval import analysis, dga_analysis, layerwise
+from dga_jax.eval import analysis, dga_analysis, layerwise, plots
 from dga_jax.ops.dga.entries import gather_entries
 from dga_jax.ops.dga.layout import dga_layout
 from tests.conftest import FORWARD_TOL, assert_close, random_qkv
@@ -223,3 +224,32 @@ def test_plots_write_pngs(tmp_path):
         dga_analysis.plot_token_roles(np.array([0, 1, 1, 2, -1], np.int8), tmp_path / "roles.png"),
     ):
         assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_plots_of_nothing_name_the_problem_and_one_point_or_nan_plots(tmp_path):
+    estimate = analysis.SparsityEstimate(64, 0.01, math.nan, math.nan, 1, 32, np.array([0.4]))
+    assert analysis.plot_p_sparse({64: estimate}, tmp_path / "one.png").exists()
+    for empty in ({}, {"dense": {}, "dga": {64: estimate}}):  # were a bare StopIteration
+        with pytest.raises(ValueError, match="plot_p_sparse needs estimates to plot"):
+            analysis.plot_p_sparse(empty, tmp_path / "none.png")
+    for roles in (np.array([], np.int8), np.array([-1, -1], np.int8)):  # a zero-size max()
+        with pytest.raises(ValueError, match="with a position it sees"):
+            dga_analysis.plot_token_roles(roles, tmp_path / "roles.png")
+    with pytest.raises(ValueError, match=r"needs \[rows, cols\] = \[1 y ticks, 1 x ticks\]"):
+        plots.heatmap(tmp_path / "h.png", np.ones((1, 2)), ["a"], ["b"], "x", "y")  # mislabels
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_p_sparse_of_several_rho_is_not_labelled_with_the_first(tmp_path, monkeypatch):
+    labels = []
+
+    def keep_label(fig, path):
+        labels.append(fig.axes[0].get_ylabel())
+        return str(path)
+
+    monkeypatch.setattr(analysis, "save", keep_label)
+    one = analysis.SparsityEstimate(64, 0.01, 0.5, 0.1, 4, 32, np.array([0.5]))
+    other = dataclasses.replace(one, rho=0.1)
+    analysis.plot_p_sparse({"rho 0.01": {64: one}, "rho 0.1": {64: other}}, tmp_path / "a.png")
+    analysis.plot_p_sparse({64: one}, tmp_path / "b.png")
+    assert labels == ["P_sparse(L, rho)", "P_sparse(L, rho=0.01)"]

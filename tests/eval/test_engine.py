@@ -12,11 +12,11 @@ import pytest
 from flax import nnx
 
 import dga_jax
-from dga_jax import ModelConfig
+from dga_jax import Llama, ModelConfig
 from dga_jax.checkpoint.orbax_io import save_model
 from dga_jax.errors import InputError
 from dga_jax.eval.__main__ import build_tasks, main, parse_args
-from dga_jax.eval.engine import ModelEngine
+from dga_jax.eval.engine import ModelEngine, _score_rows
 from dga_jax.eval.longbench import DATASETS
 
 
@@ -32,6 +32,28 @@ def test_scores_equal_each_sequence_alone_and_generation_is_generate(tiny_engine
     options = dict(stop_tokens=[2], batch_size=4, buckets=tiny_engine.buckets)
     expected = dga_jax.generate(tiny_engine.model, sequences, 4, **options)
     assert tiny_engine.generate(sequences, 4) == expected
+
+
+def test_scoring_runs_the_lm_head_over_slices_of_the_positions():
+    # The whole [B, T, V] logits at once were 33 GiB for LLaMA2-7B at 32K tokens and 8 rows:
+    # slices of positions give the same scores (a last, padded slice too) in less memory.
+    config = ModelConfig.preset("tiny", vocab_size=8192, max_position=512)
+    graphdef, state = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(1)
+    tokens = np.zeros((4, 512), np.int32)
+    lengths = np.array([512, 300, 97, 2])
+    for row, n in enumerate(lengths):
+        tokens[row, :n] = rng.integers(0, config.vocab_size, n)
+    args = (graphdef, state, tokens, lengths)
+    whole, sliced = (_score_rows(*args, positions=p) for p in (512, 96))
+    for row, n in enumerate(lengths):
+        np.testing.assert_allclose(sliced[0][row, : n - 1], whole[0][row, : n - 1], rtol=1e-6)
+        np.testing.assert_array_equal(sliced[1][row, : n - 1], whole[1][row, : n - 1])
+    compiled = {p: _score_rows.lower(*args, positions=p).compile() for p in (512, 96)}
+    temps = {p: c.memory_analysis().temp_size_in_bytes for p, c in compiled.items()}
+    logits_bytes = 4 * 512 * config.vocab_size * 4
+    # (the prefill's own temporaries, which the whole logits partly reuse, are the most of both)
+    assert temps[96] + logits_bytes / 8 < temps[512], (temps, logits_bytes)
 
 
 def test_generation_takes_more_stop_tokens_and_min_new_tokens(tiny_engine):
@@ -89,6 +111,20 @@ def test_a_batch_size_that_is_not_a_positive_int_is_refused(tiny_engine, batch_s
     # 0 failed at the first score call (range() step 0); 1.5 and True ran.
     with pytest.raises(ValueError, match=rf"batch_size must be a positive int, got {batch_size}"):
         ModelEngine(tiny_engine.model, tiny_engine.tokenizer, batch_size=batch_size)
+
+
+def test_numpy_integers_are_taken_as_max_length_and_batch_size(tiny_engine):
+    # Refused as "not an int" where generate() and Buckets take them.
+    engine = ModelEngine(
+        tiny_engine.model, tiny_engine.tokenizer, batch_size=np.int32(2), max_length=np.int64(64)
+    )
+    assert (engine.batch_size, engine.max_length) == (2, 64)
+    assert (type(engine.batch_size), type(engine.max_length)) == (int, int)
+
+
+def test_scoring_names_the_sequence_too_short_to_score(tiny_engine):
+    with pytest.raises(ValueError, match=r"^sequence 1 has 1 tokens: .* at least 2"):
+        tiny_engine.score([[1, 2, 3], [1], []])
 
 
 @pytest.fixture(scope="module")

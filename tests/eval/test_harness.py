@@ -21,7 +21,7 @@ from dga_jax import DGAConfig, Llama, ModelConfig
 from dga_jax.checkpoint.orbax_io import save_model
 from dga_jax.data.tokenizers import ByteTokenizer
 from dga_jax.errors import ConfigError
-from dga_jax.eval.engine import ModelEngine
+from dga_jax.eval.engine import ModelEngine, TokenScores
 from dga_jax.eval.harness import DGAJaxLM
 from dga_jax.ops.sinks import StreamingLLMConfig
 
@@ -196,6 +196,59 @@ def test_generate_until_refuses_sampling(settings):
     lm = DGAJaxLM(CannedEngine("x"))
     with pytest.raises(ValueError, match="greedily only"):
         lm.generate_until([request("generate_until", "hi", {"until": [], **settings})])
+
+
+@pytest.mark.parametrize("max_gen_toks", [0, -3, "abc", 2.5])
+def test_a_default_max_gen_toks_below_one_is_an_error_naming_it(max_gen_toks):
+    with pytest.raises(ValueError, match="max_gen_toks must be an integer >= 1"):
+        DGAJaxLM(CannedEngine("x"), max_gen_toks=max_gen_toks)
+
+
+@pytest.mark.parametrize("max_gen_toks", [0, -3])  # lm_eval itself int()s the request's value
+def test_a_requests_max_gen_toks_below_one_is_an_error_naming_it(max_gen_toks):
+    engine = CannedEngine("x")
+    lm = DGAJaxLM(engine)
+    settings = {"until": [], "max_gen_toks": max_gen_toks}
+    with pytest.raises(ValueError, match="a request's max_gen_toks must be an integer >= 1"):
+        lm.generate_until([request("generate_until", "hi", settings)])
+    assert engine.calls == []
+
+
+class NoBosTokenizer(ByteTokenizer):
+    @property
+    def bos_id(self) -> None:
+        return None
+
+
+class ScoringEngine(CannedEngine):
+    """CannedEngine over a tokenizer without BOS that also scores: log p of token t is -t."""
+
+    tokenizer = NoBosTokenizer()
+
+    def score(self, sequences):
+        self.calls.append(([list(s) for s in sequences], 0))
+        return [TokenScores(-np.arange(1.0, len(s)), np.ones(len(s) - 1, bool)) for s in sequences]
+
+
+def test_without_bos_an_empty_context_is_the_eos_prefix():
+    engine = ScoringEngine("ok")
+    lm = DGAJaxLM(engine)
+    eos, ids = TOK.eos_id, TOK.encode(" ab")
+    # A whitespace-only context moves to the continuation, leaving no context tokens: every
+    # continuation token is scored after EOS, none dropped.
+    [(logprob, _)] = lm.loglikelihood([request("loglikelihood", " ", "ab")])
+    assert (engine.calls[-1][0], logprob) == ([[eos, *ids]], -6.0)
+    assert lm.generate_until([request("generate_until", "", {"until": []})]) == ["ok"]
+    assert engine.calls[-1] == ([[eos]], 256)
+
+
+def test_model_args_name_unknown_and_missing_keys():
+    with pytest.raises(ConfigError, match=r"unknown keys \['pretrained'\].*known: checkpoint"):
+        DGAJaxLM.create_from_arg_string("pretrained=ckpt,tokenizer=byte")
+    with pytest.raises(ConfigError, match="give checkpoint and tokenizer"):
+        DGAJaxLM.create_from_arg_string("batch_size=2")
+    with pytest.raises(ConfigError, match="give checkpoint"):
+        DGAJaxLM.create_from_arg_obj({"checkpoint": "", "tokenizer": "byte"})
 
 
 def test_model_args_load_a_checkpoint_with_dga_switched_on(model, tmp_path):

@@ -171,6 +171,28 @@ def test_unknown_dataset_is_an_error(tmp_path):
         LongBenchE(tmp_path, ["qasper", "qasper_zh"])
 
 
+def test_a_dataset_named_twice_or_as_a_string_runs_once(tmp_path):
+    data = write_data(tmp_path, {"qasper": [record(input="q", answers=["a"])]})
+    for datasets in (["qasper", "qasper"], "qasper"):
+        task = LongBenchE(data, datasets)
+        examples, _ = examples_of(task, FakeEngine())
+        assert (task.datasets, [e.id for e in examples]) == (("qasper",), ["qasper/0"])
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b"])
+def test_model_name_must_be_one_directory_below_pred_e(tmp_path, name):
+    with pytest.raises(InputError, match="must be one path component"):
+        LongBenchE(tmp_path, ["qasper"], model_name=name)
+
+
+def test_a_file_saved_with_a_byte_order_mark_keeps_its_first_record(tmp_path):
+    data = write_data(tmp_path, {"qasper": [record(input="q", answers=["a"])] * 2})
+    path = data / "qasper_e.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    examples, problems = examples_of(LongBenchE(data, ["qasper"]), FakeEngine())
+    assert ([e.id for e in examples], problems.total()) == (["qasper/0", "qasper/1"], 0)
+
+
 def test_malformed_lines_are_counted_not_fatal(tmp_path):
     good = record(input="q", context="c", answers=["a"])
     qasper = [

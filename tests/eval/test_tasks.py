@@ -395,3 +395,108 @@ def test_summary_table_and_settings_are_replaced_not_rewritten(tmp_path):
         "evaluated_now": 0,
     }
     assert not list(tmp_path.glob("*.partial"))
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda: Passkey([]), "passkey lengths must hold at least one value"),
+        (lambda: Passkey([40, 80, 40]), r"passkey lengths must be distinct, got \[40\]"),
+        (lambda: Passkey([40.5]), "passkey lengths must be an integer >= 0, got 40.5"),
+        (lambda: Passkey(["40"]), "passkey lengths must be an integer >= 0, got '40'"),
+        (lambda: Passkey([-1]), "passkey lengths must be an integer >= 0, got -1"),
+        (lambda: Passkey([40], trials=0), "passkey trials must be an integer >= 1, got 0"),
+        (lambda: Passkey([40], trials=2.0), "passkey trials must be an integer >= 1, got 2.0"),
+        (lambda: Passkey([40], depths=[]), r"passkey depths must be one or more fractions"),
+        (lambda: Passkey([40], depths=[0, 0.0]), "passkey depths 0.0 and 0.0 share the id '0'"),
+        (
+            lambda: Passkey([40], depths=[0.1234561, 0.1234562]),
+            "passkey depths 0.1234561 and 0.1234562 share the id '0.123456'",
+        ),
+        (lambda: Lines([4, 4]), r"lines sizes must be distinct, got \[4\]"),
+        (lambda: Lines(["4"]), "lines sizes must be an integer >= 1, got '4'"),
+        (lambda: Lines([4], cases=0), "lines cases must be an integer >= 1, got 0"),
+        (lambda: Lines([4], seed=-1), "lines seed must be an integer >= 0, got -1"),
+        (lambda: Lines([40000]), "generated cases have at most 31313 distinct line ids"),
+    ],
+)
+def test_passkey_and_lines_parameters_are_checked_when_the_task_is_made(make, message):
+    # Before: silently no examples (trials 0, depths []), one id for two examples (evaluated
+    # twice, one record kept), or a TypeError / numpy error deep inside examples(), after the
+    # tasks before it had run.
+    with pytest.raises(InputError, match=message):
+        make()
+
+
+def test_numpy_parameters_are_accepted_and_written_as_json(tmp_path):
+    # An array of lengths raised "truth value of an array is ambiguous"; NumPy ints in the
+    # settings made json.dumps fail before the first example.
+    passkey = Passkey(np.array([40, 80]), trials=np.int64(1), depths=[np.float32(0.5)])
+    lines = Lines(np.array([3]), cases=np.int64(1), seed=np.int64(2))
+    window = Perplexity(str(_one_document(tmp_path)), window=np.int64(4), max_documents=np.int8(1))
+    for task, answer in ((passkey, passkey_answer), (lines, lines_answer), (window, None)):
+        summary, _, now = run_task(task, OracleEngine(answer, 1500), tmp_path / task.name)
+        assert now > 0 and summary.headline is not None
+        settings = json.loads((tmp_path / task.name / f"{task.name}.settings.json").read_text())
+        assert settings["task"] == json.loads(json.dumps(task.settings()))
+    assert passkey.settings() == {"lengths": [40, 80], "trials": 1, "depths": [0.5]}
+
+
+def _one_document(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "a.txt").write_text("abcdefghij")
+    return docs
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (dict(window=4.0), "ppl window must be an integer >= 2, got 4.0"),
+        (dict(stride=2.5), "ppl stride must be an integer >= 1, got 2.5"),
+        (dict(max_documents=0), "ppl max_documents must be None or an integer >= 1, got 0"),
+        (dict(max_documents=-1), "ppl max_documents must be None or an integer >= 1, got -1"),
+    ],
+)
+def test_ppl_sizes_must_be_integers(tmp_path, flags, message):
+    # Before: a float stride failed in range() inside examples(), a float window in a slice
+    # inside evaluate(); max_documents <= 0 scored no document without a word.
+    with pytest.raises(InputError, match=re.escape(message)):
+        Perplexity(str(_one_document(tmp_path)), **flags)
+
+
+def test_ppl_globs_read_only_documents_and_a_path_is_taken_as_it_is(tmp_path):
+    docs = _one_document(tmp_path)
+    (docs / "README.md").write_text("# PG19\nnot a shard\n")  # was read as a shard: 2 skips
+    summary, problems, _ = run_task(
+        Perplexity(str(docs / "*"), window=4), OracleEngine(None, 4), tmp_path / "glob"
+    )
+    assert problems.total() == 0 and summary.metrics["documents"] == 1
+    odd = tmp_path / "[test]"  # a glob's character class: the file itself was not found
+    odd.mkdir()
+    (odd / "book.txt").write_text("abcdefghij")
+    assert Perplexity(str(odd / "book.txt")).files == [str(odd / "book.txt")]
+    with pytest.raises(MissingInputError, match="holds no documents"):
+        Perplexity(str(docs / "README.md"))
+
+
+def test_the_synthetic_corpus_checks_its_arguments_and_drops_stale_shards(tmp_path, capsys):
+    from dga_jax.eval import synthetic
+
+    out = tmp_path / "corpus"
+    for kwargs, message in [
+        (dict(shards=0), "shards must be an integer >= 1, got 0"),  # wrote nothing, silently
+        (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+        (dict(documents_per_split=(4,)), r"two counts \(train, validation\), got \[4\]"),
+        (dict(documents_per_split=(4, -2)), "validation count must be an integer >= 0"),
+    ]:
+        with pytest.raises(InputError, match=message):
+            synthetic.write_retrieval_corpus(out, **kwargs)
+    synthetic.write_retrieval_corpus(out, documents_per_split=(4, 2), shards=4)
+    synthetic.write_retrieval_corpus(out, documents_per_split=(4, 2), shards=2)
+    for split in ("train", "validation"):  # a reader takes every shard: old records mixed in
+        names = sorted(p.name for p in (out / split).iterdir())
+        assert names == ["retrieval_0.jsonl.zst", "retrieval_1.jsonl.zst"]
+    with pytest.raises(SystemExit):
+        synthetic.main(["--out", str(out), "--documents", "-5"])
+    assert "argument --documents: must be at least 0, got -5" in capsys.readouterr().err
