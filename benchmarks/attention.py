@@ -52,6 +52,7 @@ from common import (
     environment,
     free_bytes,
     length_label,
+    positive_float,
     positive_int,
     positive_ints,
     time_calls,
@@ -111,7 +112,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--modes", type=comma_list, default=list(MODES), help="fwd,fwd+bwd")
     p.add_argument("--impls", type=comma_list, help=f"from {','.join(IMPLS)}")
     p.add_argument("--repeats", type=positive_int, help="timed calls (default 5; --quick: 2)")
-    p.add_argument("--max-seconds", type=float, default=180.0, help="skip longer predicted calls")
+    p.add_argument(
+        "--max-seconds", type=positive_float, default=180.0, help="skip longer predicted calls"
+    )
     args = p.parse_args(argv)
     check_attention_args(p, args)
     backend = jax.default_backend()
@@ -120,15 +123,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.repeats = args.repeats or (2 if args.quick else 5)
     if args.impls is None:
         args.impls = [impl for impl in IMPLS if ONLY_ON.get(impl, backend) == backend]
+    _check_tiles(p, args.impls)
     unknown = set(args.modes) - set(MODES)
     unknown |= {impl for impl in args.impls if impl.partition("@")[0] not in IMPLS}
     unknown |= {impl for impl in args.impls if "@" in impl and not _tiled(impl)}
     if unknown:
         p.error(f"unknown {sorted(unknown)}; choose from {','.join(MODES + IMPLS)}, DGA ones @RxK")
+    for flag, chosen in (("--modes", args.modes), ("--impls", args.impls)):
+        if not chosen:  # nothing would run, and the results files would be overwritten empty
+            p.error(f"{flag}: none given")
     args.modes = [mode for mode in MODES if mode in args.modes]
     args.impls = sorted(dict.fromkeys(args.impls), key=lambda i: IMPLS.index(i.partition("@")[0]))
     args.baseline = next((impl for impl in args.impls if impl.startswith("dga_")), None)
     return args
+
+
+def _check_tiles(p: argparse.ArgumentParser, impls: list[str]) -> None:
+    """`p.error` naming a tile suffix `BlockSizes` refuses (`dga_xla@0x64`)."""
+    for impl in impls:
+        try:
+            _tiled(impl)
+        except ValueError as error:
+            p.error(f"--impls {impl}: {error}")
 
 
 def _tiled(impl: str) -> BlockSizes | None:

@@ -34,7 +34,9 @@ import jax
 import jax.numpy as jnp
 from common import (
     environment,
+    failed_record,
     length_label,
+    out_dir,
     positive_int,
     positive_ints,
     time_variant,
@@ -64,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lengths", type=positive_ints, help="comma list; default 4096,...,32768")
     p.add_argument("--repeats", type=positive_int, help="timed calls (default 3; --quick: 2)")
     p.add_argument("--steps", type=positive_int, help="timed decode steps (default 32; quick: 8)")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--out", type=out_dir, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     args.lengths = args.lengths or ([1024, 2048] if args.quick else [4096, 8192, 16384, 32768])
     args.repeats = args.repeats or (2 if args.quick else 3)
@@ -90,6 +92,17 @@ def attention(kind: str):
 
 
 def attention_record(kind: str, mode: str, length: int, args: argparse.Namespace) -> dict:
+    """One kind's timed call; one that fails (out of memory, a length it refuses) is recorded
+    as failed and the other kinds still run."""
+    try:
+        record = timed_attention(kind, mode, length, args)
+    except Exception as err:
+        record = failed_record(err)
+    return {"part": "attention", "kind": kind, "mode": mode, "L": length, **record}
+
+
+def timed_attention(kind: str, mode: str, length: int, args: argparse.Namespace) -> dict:
+    """`time_variant`'s record of one compiled call of `kind` in `mode` at `length`."""
     forward = attention(kind)
     attn = forward
     if mode == "fwd+bwd":
@@ -102,23 +115,27 @@ def attention_record(kind: str, mode: str, length: int, args: argparse.Namespace
     keys = jax.random.split(jax.random.key(0), 3)
     inputs = [jax.random.normal(key, shape, args.dtype) for key in keys]
     compiled = jax.jit(attn).lower(*inputs).compile()
-    record = time_variant(compiled, inputs, length, args.repeats)
-    return {"part": "attention", "kind": kind, "mode": mode, "L": length, **record}
+    return time_variant(compiled, inputs, length, args.repeats)
 
 
 def decode_records(length: int, args: argparse.Namespace) -> list[dict]:
-    """Every kind's tiny model prefilled with the same prompt, then timed in turns."""
+    """Every kind's tiny model prefilled with the same prompt, then timed in turns; a kind that
+    fails to prefill or step is recorded as failed and the others still run."""
     max_len = length + 2 + args.steps  # 2 untimed steps, then `--steps` timed
     configs = {kind: ModelConfig.preset("tiny", attention=kind) for kind in KINDS}
     configs["dense"] = configs["dense"].replace(attention_impl="blockwise")
     state = nnx.state(Llama(configs["dga"], rngs=nnx.Rngs(0)))
     prompt = jax.random.randint(jax.random.key(0), (1, length), 0, configs["dga"].vocab_size)
-    decoders = {}
+    decoders, failed = {}, []
     for kind, config in configs.items():
         graphdef = nnx.graphdef(nnx.eval_shape(lambda c=config: Llama(c, rngs=nnx.Rngs(0))))
-        decoders[kind] = decoder(graphdef, state, prompt, max_len)
-        decoders[kind].run(2)
-    times = {kind: [] for kind in KINDS}
+        try:
+            d = decoder(graphdef, state, prompt, max_len)
+            d.run(2)
+            decoders[kind] = d
+        except Exception as err:
+            failed.append({"part": "decode", "kind": kind, "L": length, **failed_record(err)})
+    times = {kind: [] for kind in decoders}
     for i in range(2):  # `--steps` in all, in two turns: the first takes one more if odd
         for kind, d in decoders.items():
             times[kind] += d.run(args.steps // 2 + (i < args.steps % 2))
@@ -131,9 +148,10 @@ def decode_records(length: int, args: argparse.Namespace) -> list[dict]:
             "times_ms": times[kind],
             "cache_bytes": cache_bytes(d.caches),
             "cache_bytes_per_token": cache_bytes(d.caches) / length,
+            "status": "ok",
         }
         for kind, d in decoders.items()
-    ]
+    ] + failed
 
 
 def report(records: list[dict]) -> None:
@@ -153,6 +171,9 @@ def report(records: list[dict]) -> None:
                 f"{number(dec, 'median_ms', digits=2):>11}"
                 f"{number(dec, 'cache_bytes_per_token', digits=0):>15}"
             )
+    for r in records:
+        if r["status"] != "ok":
+            print(f"{length_label(r['L'])} {r['kind']} {r.get('mode', 'decode')}: {r['status']}")
 
 
 def number(record: dict, key: str, scale: float = 1.0, digits: int = 1) -> str:

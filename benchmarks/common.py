@@ -181,6 +181,28 @@ def positive_ints_or_none(text: str) -> list[int]:
     return positive_ints(text) if text.strip() else []
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (0 < value < float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def out_dir(text: str) -> Path:
+    """argparse type: a folder for the results, made now: a path that cannot be one (a file,
+    no permission) is refused before the run, not after it when its results would be lost."""
+    path = Path(text)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot make folder {text!r}: {error}") from None
+    return path
+
+
 def check_dga_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """`parser.error` naming a DGA setting `DGAConfig` refuses (before any variant runs)."""
     try:
@@ -208,7 +230,7 @@ def add_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=positive_int, default=8, help="key/value heads Hkv")
     parser.add_argument("--head-dim", type=positive_int, default=128)
     add_dga_args(parser)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    parser.add_argument("--out", type=out_dir, default=Path(__file__).resolve().parent / "results")
 
 
 def add_dga_args(parser: argparse.ArgumentParser) -> None:
@@ -283,7 +305,7 @@ def parse_variant_args(description: str, argv: list[str] | None) -> argparse.Nam
     parser.add_argument(
         "--breakdown", action="store_true", help="also trace one call each: time by model scope"
     )
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=out_dir, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     args.variants = list(dict.fromkeys(args.variants.split(",")))
     unknown = [v for v in args.variants if v not in VARIANTS]

@@ -41,7 +41,13 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from common import environment, positive_ints, positive_ints_or_none  # noqa: E402
+from common import (  # noqa: E402
+    environment,
+    length_label,
+    out_dir,
+    positive_ints,
+    positive_ints_or_none,
+)
 
 from dga_jax import aot  # noqa: E402
 from dga_jax.compile_stats import collectives, xla_peak_bytes  # noqa: E402
@@ -54,6 +60,7 @@ from train.setup import lower_train_step  # noqa: E402
 MIB = 2**20
 LLAMA = dict(heads=32, kv_heads=32, head_dim=128, dtype=jnp.bfloat16)
 STRATEGIES = ("ulysses", "dga")
+TARGET_CHIPS = 8  # compile-only devices of a --target
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,13 +74,17 @@ class Row:
     temp_mib: float
     peak_mib: float
     collective_mib: float
-    kv_ratio: float  # collective bytes / full K and V bytes (attention rows)
+    kv_ratio: float | None  # collective bytes / full K and V bytes (attention rows; None else)
     collectives: str  # ops and counts
 
 
 def main() -> int:
     args = _parse_args()
-    devices = jax.devices() if args.target == "cpu" else aot.target_devices(args.target, chips=8)
+    devices = (
+        jax.devices()
+        if args.target == "cpu"
+        else aot.target_devices(args.target, chips=TARGET_CHIPS)
+    )
     name = "context_parallel" + ("" if args.target == "cpu" else f"_{args.target}")
     rows: list[Row] = []
     for seq_len in args.lengths:
@@ -129,7 +140,7 @@ def _row(what, strategy, seq_len, parts, compiled, kv_bytes) -> Row:
         compiled.memory_analysis().temp_size_in_bytes / MIB,
         xla_peak_bytes(compiled) / MIB,
         moved / MIB,
-        moved / kv_bytes if kv_bytes else float("nan"),
+        moved / kv_bytes if kv_bytes else None,  # JSON null: NaN is not JSON
         counts,
     )
     print(row, flush=True)
@@ -145,10 +156,11 @@ def _markdown(rows: list[Row]) -> str:
     ]
     for r in rows:
         one = base.get((r.what, r.strategy, r.seq_len))
-        ratio = f"{r.temp_mib / one.temp_mib:.3f}" if one else ""
+        ratio = f"{r.temp_mib / one.temp_mib:.3f}" if one and one.temp_mib else ""
+        kv_ratio = "" if r.kv_ratio is None else f"{r.kv_ratio:.3f}"
         lines.append(
             f"| {r.what} | {r.strategy} | {r.seq_len:,} | {r.parts} | {r.temp_mib:,.1f} | "
-            f"{ratio} | {r.peak_mib:,.1f} | {r.collective_mib:,.1f} | {r.kv_ratio:.3f} | "
+            f"{ratio} | {r.peak_mib:,.1f} | {r.collective_mib:,.1f} | {kv_ratio} | "
             f"{r.collectives} |"
         )
     return "\n".join(lines)
@@ -176,7 +188,7 @@ def _plot(rows: list[Row], path: Path) -> None:
             (r for r in rows if (r.what, r.strategy, r.seq_len) == (what, strategy, seq_len)),
             key=lambda r: r.parts,
         )
-        label = f"{what}, {strategy}, L={seq_len // 1024}K"
+        label = f"{what}, {strategy}, L={length_label(seq_len)}"
         axes[0].plot([r.parts for r in mine], [r.temp_mib for r in mine], "o-", label=label)
         axes[1].plot([r.parts for r in mine], [r.collective_mib for r in mine], "o-", label=label)
     for ax, title in zip(
@@ -205,8 +217,25 @@ def _parse_args():
     parser.add_argument(
         "--target", default="cpu", help="cpu (fake devices) or a dga_jax.aot target: h100, v5p, ..."
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    return parser.parse_args()
+    parser.add_argument("--out", type=out_dir, default=Path("benchmarks/results"))
+    args = parser.parse_args()
+    _check_args(parser, args)
+    return args
+
+
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`parser.error` for a target, part count or length no compile could take, before any runs
+    (each would end the run with a traceback part-way)."""
+    if args.target != "cpu" and args.target not in aot.TARGETS:
+        parser.error(f"--target {args.target!r}: choose cpu or one of {', '.join(aot.TARGETS)}")
+    devices = len(jax.devices()) if args.target == "cpu" else TARGET_CHIPS
+    if max(args.parts) > devices:
+        parser.error(f"--parts {max(args.parts)}: more than the {devices} devices compiled for")
+    for flag, lengths in (("--lengths", args.lengths), ("--steps", args.steps)):
+        uneven = [(n, p) for n in lengths for p in args.parts if n % p]
+        if uneven:
+            n, p = uneven[0]
+            parser.error(f"{flag} {n}: not a multiple of --parts {p} (each part holds L / P)")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ import numpy as np
 from common import (
     check_dga_args,
     environment,
+    failed_record,
     length_label,
+    out_dir,
     positive_int,
     positive_ints,
     write_results,
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--steps", type=positive_int, default=64, help="timed steps (median reported)")
     p.add_argument("--rounds", type=positive_int, default=8, help="turns the variants take")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--out", type=out_dir, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     check_dga_args(p, args)
     args.lengths = args.lengths or ([1024, 2048] if args.quick else [4096, 8192, 16384, 32768])
@@ -156,9 +158,21 @@ def measure(
             "cache_bytes": cache_bytes(d.caches),
             "max_len": max_len,
             "prefill_s_with_compile": d.prefill_s,
+            "status": "ok",
         }
         for variant, d in decoders.items()
     ]
+
+
+def measured(
+    args: argparse.Namespace, graphdefs: dict[str, nnx.GraphDef], state: nnx.State, length: int
+) -> list[dict]:
+    """`measure`, or where it fails (out of memory at a long prompt) each variant's failed
+    record: the lengths measured before and after are kept."""
+    try:
+        return measure(args, graphdefs, state, length)
+    except Exception as err:
+        return [{"L": length, "variant": v, **failed_record(err)} for v in graphdefs]
 
 
 def report(records: list[dict]) -> None:
@@ -170,6 +184,9 @@ def report(records: list[dict]) -> None:
     by = {(r["L"], r["variant"]): r for r in records}
     for length in sorted({r["L"] for r in records}):
         dga, dense = by[length, "dga"], by[length, "dense"]
+        if dga["median_ms"] is None:  # `measured` failed at this length
+            print(f"{length_label(length):>6}  {dga['status']}")
+            continue
         print(
             f"{length_label(length):>6}{dga['median_ms']:>10.2f}{dense['median_ms']:>10.2f}"
             f"{dense['median_ms'] / dga['median_ms']:>8.2f}x"
@@ -185,10 +202,13 @@ def plot(records: list[dict], args: argparse.Namespace, env: dict, path: Path) -
     panels = (("median_ms", "median inter-token latency (ms)"), ("cache_bytes", "cache (MiB)"))
     for ax, (key, label) in zip(fig.subplots(1, 2), panels, strict=True):
         for variant in VARIANTS:
-            points = sorted((r["L"], r[key]) for r in records if r["variant"] == variant)
-            lengths, values = zip(*points, strict=True)
-            scale = MIB if key == "cache_bytes" else 1
-            ax.plot(lengths, [v / scale for v in values], marker="o", label=variant)
+            points = sorted(
+                (r["L"], r[key]) for r in records if r["variant"] == variant and r["median_ms"]
+            )
+            if points:
+                lengths, values = zip(*points, strict=True)
+                scale = MIB if key == "cache_bytes" else 1
+                ax.plot(lengths, [v / scale for v in values], marker="o", label=variant)
         ax.set_xscale("log", base=2)
         ax.set_xticks(args.lengths, labels=[length_label(n) for n in args.lengths])
         ax.set_xticks([], minor=True)
@@ -215,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     graphdefs = {
         v: nnx.graphdef(nnx.eval_shape(functools.partial(new_model, c))) for v, c in configs.items()
     }
-    records = [r for n in args.lengths for r in measure(args, graphdefs, state, n)]
+    records = [r for n in args.lengths for r in measured(args, graphdefs, state, n)]
     report(records)
     path = write_results("decode", args, env, records)
     plot(records, args, env, path.with_suffix(".png"))

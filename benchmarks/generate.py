@@ -29,12 +29,14 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from common import environment, positive_int, write_results
+from common import environment, out_dir, positive_int, write_results
 from flax import nnx
 
 import dga_jax
 from dga_jax import DGAConfig, Llama, ModelConfig
 from dga_jax.generate import Buckets, _prefill_rows, compile_count
+
+MODEL = ModelConfig.preset("tiny", attention="dga", dga=DGAConfig(16, 0.1))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=positive_int, default=32)
     p.add_argument("--batch", type=positive_int, default=8, help="batch_size of the bucketed run")
     p.add_argument("--bucket", type=positive_int, help="smallest bucket (default: --shortest)")
-    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--out", type=out_dir, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     quick = args.quick
     args.prompts = args.prompts or (16 if quick else 64)
@@ -57,6 +59,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(
             f"--shortest {args.shortest} to --longest {args.longest} holds fewer than "
             f"--prompts {args.prompts} distinct lengths"
+        )
+    if not MODEL.positions_fit(args.longest + args.new_tokens - 1):  # the last token is not fed
+        p.error(
+            f"--longest {args.longest} and --new-tokens {args.new_tokens} need "
+            f"{args.longest + args.new_tokens - 1} positions, past the tiny model's "
+            f"max_position={MODEL.max_position}"
         )
     return args
 
@@ -103,9 +111,8 @@ def report(records: list[dict], args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     env = environment()
-    config = ModelConfig.preset("tiny", attention="dga", dga=DGAConfig(16, 0.1))
-    model = Llama(config, rngs=nnx.Rngs(0))
-    prompts = prompt_set(args, config.vocab_size)
+    model = Llama(MODEL, rngs=nnx.Rngs(0))
+    prompts = prompt_set(args, MODEL.vocab_size)
     buckets = Buckets(args.bucket)
     records = [
         run("per length", model, prompts, args.new_tokens, alone=True, buckets=Buckets(1, "exact")),

@@ -30,7 +30,9 @@ from common import (
     Calls,
     check_heads,
     environment,
+    failed_record,
     length_label,
+    out_dir,
     positive_int,
     positive_ints,
     write_results,
@@ -55,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--kv-heads", type=positive_int, default=32, help="key/value heads Hkv")
     p.add_argument("--head-dim", type=positive_int, default=128)
     p.add_argument("--group-size", type=positive_int, default=16, help="DGA group size m")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--out", type=out_dir, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args(argv)
     check_heads(p, args)
     if not args.interpret and jax.default_backend() != "gpu":
@@ -97,34 +99,42 @@ def pass_flops(length: int, args) -> float:
 
 
 def measure(length: int, args) -> list[dict]:
+    """Every variant at `length`, timed in turns; one that fails to compile or run (a tile the
+    GPU has no room for) is recorded as failed and the others still run."""
     keys = jax.random.split(jax.random.key(length), 2)
     dtype = jnp.dtype(args.dtype)
     q = jax.random.normal(keys[0], (args.batch, length, args.heads, args.head_dim), dtype)
     k = jax.random.normal(keys[1], (args.batch, length, args.kv_heads, args.head_dim), dtype)
     scale = args.head_dim**-0.5
-    calls, scores = Calls(), {}
+    calls, scores, records = Calls(), {}, {}
     for name, fn in variants(args).items():
-        scores[name] = calls.add(
-            name, functools.partial(fn, group_size=args.group_size, scale=scale), q, k
-        )
-    times = calls.time_ms(args.repeats)
-    want = np.asarray(scores["xla"])
-    flops = pass_flops(length, args)
-    records = []
-    for name, ms in times.items():
-        median = statistics.median(ms)
-        error = float(np.max(np.abs(np.asarray(scores[name]) - want)) / np.max(np.abs(want)))
-        records.append(
-            dict(
-                L=length,
-                variant=name,
-                median_ms=median,
-                times_ms=ms,
-                tflops=flops / median / 1e9,
-                relative_error=error,
+        try:
+            scores[name] = calls.add(
+                name, functools.partial(fn, group_size=args.group_size, scale=scale), q, k
             )
+        except Exception as err:
+            records[name] = dict(L=length, variant=name, **failed_record(err))
+    flops = pass_flops(length, args)
+    for name, ms in calls.time_ms(args.repeats).items():
+        median = statistics.median(ms)
+        records[name] = dict(
+            L=length,
+            variant=name,
+            status="ok",
+            median_ms=median,
+            times_ms=ms,
+            tflops=flops / median / 1e9,
+            relative_error=relative_error(scores[name], scores.get("xla")),
         )
-    return records
+    return [records[name] for name in variants(args)]
+
+
+def relative_error(scores: jax.Array, want: jax.Array | None) -> float | None:
+    """The largest difference from XLA's scores over the largest of them (None: XLA failed)."""
+    if want is None:
+        return None
+    want = np.asarray(want)
+    return float(np.max(np.abs(np.asarray(scores) - want)) / np.max(np.abs(want)))
 
 
 def report(records: list[dict]) -> None:
@@ -134,9 +144,15 @@ def report(records: list[dict]) -> None:
     )
     xla = {r["L"]: r["median_ms"] for r in records if r["variant"] == "xla"}
     for r in records:
+        if r["median_ms"] is None:
+            print(f"{length_label(r['L']):>6}  {r['variant']:<16}  {r['status']}")
+            continue
+        base = xla.get(r["L"])
+        ratio = "—" if base is None else f"{base / r['median_ms']:.2f}x"
+        error = "—" if r["relative_error"] is None else f"{r['relative_error']:.1e}"
         print(
             f"{length_label(r['L']):>6}  {r['variant']:<16}{r['median_ms']:>11.2f}"
-            f"{r['tflops']:>9.1f}{xla[r['L']] / r['median_ms']:>11.2f}x{r['relative_error']:>10.1e}"
+            f"{r['tflops']:>9.1f}{ratio:>12}{error:>10}"
         )
 
 

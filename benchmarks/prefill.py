@@ -21,6 +21,7 @@ import jax
 from common import (
     Calls,
     environment,
+    failed_record,
     first_dga,
     length_label,
     parse_variant_args,
@@ -71,8 +72,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'L':>6}{'forward ms':>12}{'prefill ms':>12}{'prefill/fwd':>13}{'loops f/p':>11}")
     records = []
     for length in args.lengths:
-        r = measure(args, dga, length)
+        try:
+            r = {**measure(args, dga, length), "status": "ok"}
+        except Exception as err:  # out of memory at a long prompt: the other lengths still run
+            r = {"L": length, **failed_record(err)}
         records.append(r)
+        if r["status"] != "ok":
+            print(f"{length_label(length):>6}  {r['status']}")
+            continue
         ratio = r["prefill_ms"] / r["forward_ms"]
         loops = f"{r['forward_loops']}/{r['prefill_loops']}"
         print(

@@ -95,6 +95,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_attention_args(p, args)
     args.lengths = args.lengths or ([2048] if args.quick else [16384])
     args.repeats = args.repeats or (2 if args.quick else 3)
+    config = DGAConfig(args.group_size, args.focal_ratio, args.selection)
+    bandless = [n for n in args.lengths if not config.sizes(n).num_raw]
+    if bandless:  # the band walk is a stage of its own: a call without one cannot be cut so
+        p.error(f"--lengths {bandless}: too short for a band walk (no raw entries) to profile")
     return args
 
 

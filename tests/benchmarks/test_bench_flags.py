@@ -9,8 +9,8 @@ from tests.benchmarks.scripts import load_script
 
 
 def _parse(script: str, argv: list[str]):
-    load_script("trace_scopes")
-    load_script("common")
+    for helper in ("trace_scopes", "common", "decode", "dga_stages", "walk_flops"):
+        load_script(helper)  # the scripts import these by bare name
     return load_script(script).parse_args(argv)
 
 
@@ -40,6 +40,25 @@ def _parse(script: str, argv: list[str]):
         ("decode", ["--warmup", "-1"], "argument --warmup: must be >= 1, got -1"),
         ("decode", ["--warmup", "0"], "argument --warmup: must be >= 1, got 0"),
         ("decode", ["--dtype", "foo"], "argument --dtype: invalid choice: 'foo'"),
+        (
+            "attention",
+            ["--impls", "dga_xla@0x64"],
+            "--impls dga_xla@0x64: BlockSizes.block_q must be a positive int, got 0",
+        ),
+        ("attention", ["--impls", ""], "--impls: none given"),
+        ("attention", ["--modes", ","], "--modes: none given"),
+        ("attention", ["--max-seconds", "0"], "argument --max-seconds: must be a finite number"),
+        ("attention", ["--max-seconds", "nan"], "argument --max-seconds: must be a finite number"),
+        (
+            "generate",
+            ["--longest", "32768", "--new-tokens", "2"],
+            "need 32769 positions, past the tiny model's max_position=32768",
+        ),
+        (
+            "profile_attention",
+            ["--lengths", "1,256"],
+            "--lengths [1]: too short for a band walk (no raw entries) to profile",
+        ),
     ],
 )
 def test_a_flag_no_run_could_use_is_named(capsys, script, argv, message):
@@ -56,3 +75,27 @@ def test_good_flags_are_kept():
     assert args.tiles == [(64, 64), (16, 32)]
     assert _parse("importance", ["--interpret"]).tiles == [(64, 64)]
     assert _parse("decode", ["--warmup", "1", "--dtype", "bfloat16"]).warmup == 1
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("attention", []),
+        ("baselines", []),
+        ("decode", []),
+        ("generate", []),
+        ("importance", ["--interpret"]),
+        ("profile_attention", []),
+    ],
+)
+def test_an_out_folder_that_cannot_be_made_is_refused_before_the_run(
+    capsys, tmp_path, script, argv
+):
+    """A file as --out failed when the results were written, after the whole run."""
+    taken = tmp_path / "results"
+    taken.write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        _parse(script, [*argv, "--out", str(taken)])
+    assert exit_info.value.code == 2
+    assert f"argument --out: cannot make folder '{taken}'" in capsys.readouterr().err
+    assert _parse(script, [*argv, "--out", str(tmp_path / "new" / "dir")]).out.is_dir()
