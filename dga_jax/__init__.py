@@ -6,7 +6,8 @@ from dga_jax.ops.context import ContextSplit, zigzag_order
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dense_decode import DenseCache
 from dga_jax.ops.dga import DGAConfig, DGALayout, dga_attention, dga_layout, gather_entries
-from dga_jax.ops.dga.decode import DGACache, decode_step, prefill, prefix_capacity
+from dga_jax.ops.dga.capacity import prefix_capacity
+from dga_jax.ops.dga.decode import DGACache, decode_step, prefill
 from dga_jax.ops.tiles import BlockSizes
 from dga_jax.sharding import DEFAULT_RULES, LogicalRules, make_mesh
 

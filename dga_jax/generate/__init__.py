@@ -45,7 +45,8 @@ from dga_jax.generate.sampling import sample as sample  # re-exported: dga_jax.g
 from dga_jax.model.llama import Llama
 from dga_jax.ops.checks import is_int
 from dga_jax.ops.dense_decode import DenseCache
-from dga_jax.ops.dga.decode import DGACache, check_fits, prefix_capacity
+from dga_jax.ops.dga.capacity import check_fits, prefix_capacity
+from dga_jax.ops.dga.decode import DGACache
 from dga_jax.ops.dga.sharded import shard_count
 
 _COMPILES = [0]

@@ -15,7 +15,7 @@ import numpy as np
 
 from dga_jax.model.config import ModelConfig
 from dga_jax.ops.checks import is_int
-from dga_jax.ops.dga.decode import check_fits
+from dga_jax.ops.dga.capacity import check_fits
 
 GROWTHS = ("pow2", "linear", "exact")
 

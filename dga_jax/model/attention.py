@@ -74,7 +74,7 @@ class DGAttention(nnx.Module):
         The cache (DGA's for config.attention == "dga", the bounded `SinkCache` of the baselines
         that keep first tokens and a window, else dense: MInference decodes densely) holds up
         to `max_len` tokens; `capacity` is the DGA prefix capacity
-        (`dga_jax.ops.dga.decode.prefix_capacity`). `lengths` [B]:
+        (`dga_jax.ops.dga.capacity.prefix_capacity`). `lengths` [B]:
         rows right-padded, row b valid up to lengths[b] (`dga_attention`).
         """
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])

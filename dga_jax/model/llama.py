@@ -195,7 +195,7 @@ class Llama(nnx.Module):
         lengths[b] tokens: its logits there and its cache are those of that prompt alone (DGA
         selects per row at its own length), one compile for every mix of lengths. The caches
         hold up to `max_len` tokens; each leaf has a leading `num_layers` axis. `capacity` is
-        the DGA prefix capacity (`dga_jax.ops.dga.decode.prefix_capacity`; default: for P, or
+        the DGA prefix capacity (`dga_jax.ops.dga.capacity.prefix_capacity`; default: for P, or
         for any length up to P). `last_only`: logits [B, 1, V] of each row's last token only,
         all that generation needs (the LM head over every position is P x V floats: 4 GiB for
         LLaMA2-7B at 32K).

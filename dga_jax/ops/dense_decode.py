@@ -98,7 +98,7 @@ def attend_entries(q: jax.Array, parts, scale: float, full: jax.Array) -> jax.Ar
 
     parts: (k [B, H, N, D], v [B, H, N, D], valid [B, N], bias [B, H, N] f32 or None) each.
     Rows where `full` [B] (their cache already holds max_len tokens: no room) get NaN; the host
-    checks catch this before running (`dga_jax.ops.dga.decode.check_fits`).
+    checks catch this before running (`dga_jax.ops.dga.capacity.check_fits`).
     """
     b, hq, d = q.shape
     hkv = parts[0][0].shape[1]

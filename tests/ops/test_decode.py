@@ -11,13 +11,8 @@ import pytest
 
 import dga_jax
 from dga_jax.ops.dense_decode import DenseCache
-from dga_jax.ops.dga.decode import (
-    DGACache,
-    decode_step,
-    prefill,
-    prefill_counts,
-    prefix_capacity,
-)
+from dga_jax.ops.dga.capacity import prefill_counts, prefix_capacity
+from dga_jax.ops.dga.decode import DGACache, decode_step, prefill
 from dga_jax.ops.dga.layout import dga_layout
 from dga_jax.ops.dga.reference import dga_decode_reference
 from tests.conftest import FORWARD_TOL, assert_close, cache_row, random_qkv
