@@ -33,7 +33,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from common import environment
+from common import environment, out_dir
 
 from dga_jax.checkpoint.orbax_io import attention_changes, load_model
 from dga_jax.data.corpus import default_corpus_dir
@@ -63,7 +63,7 @@ CORPUS_SEED = 0
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--out", type=Path, default=ROOT / "runs" / "replication")
+    p.add_argument("--out", type=out_dir, default=ROOT / "runs" / "replication")
     p.add_argument("--quick", action="store_true", help="few steps, short contexts (CI)")
     args = p.parse_args(argv)
     args.out = args.out.resolve()  # the trainers run in ROOT: a relative path would move

@@ -44,11 +44,23 @@ TASKS = ("passkey", "lines", "longbench_e", "ppl")
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+    return _listed(text, int)
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+    return _listed(text, float)
+
+
+def _listed(text: str, kind: Callable[[str], Any]) -> list[Any]:
+    """An argparse type: a comma list of at least one `kind` (an empty one, e.g. an unset
+    shell variable, is an error: `--passkey_lengths ""` fell back to the defaults)."""
+    try:
+        values = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a comma list of numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"must list at least one number, got {text!r}")
+    return values
 
 
 def _names(text: str) -> list[str]:
@@ -116,7 +128,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     t.add_argument("--passkey_depths", type=_floats, help="e.g. 0,0.25,0.5,0.75,1: a grid")
     t.add_argument("--lines_sizes", type=_ints, default=list(STANDARD_SIZES))
     t.add_argument("--lines_cases", type=_at_least(1), default=50)
-    t.add_argument("--lines_seed", type=int, default=0)
+    t.add_argument("--lines_seed", type=_at_least(0), default=0)
     t.add_argument("--lines_dir", help="LongChat's lines/testcases directory (else generated)")
     t.add_argument("--longbench_dir", help="directory of LongBench-E {dataset}_e.jsonl files")
     t.add_argument("--longbench_datasets", type=_names, help="default: the 13 of LongBench-E")
@@ -183,7 +195,7 @@ def _longbench(args: argparse.Namespace, max_length: int) -> Task:
 
     if not args.longbench_dir:
         raise InputError("--tasks longbench_e needs --longbench_dir (LongBench's data folder)")
-    name = args.model_name or f"{os.path.basename(os.path.normpath(args.checkpoint))}"
+    name = args.model_name or os.path.basename(os.path.abspath(args.checkpoint))  # "." too
     if args.attention:
         name += f"-{args.attention}"
     task = LongBenchE(

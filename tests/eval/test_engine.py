@@ -237,6 +237,7 @@ def test_cli_passkey_under_longloras_first_point_asks_for_lengths():
         ("--ppl_window", "1", 2),
         ("--ppl_stride", "-3", 1),
         ("--ppl_max_docs", "0", 1),
+        ("--lines_seed", "-1", 0),  # failed in NumPy after the tasks before lines had run
     ],
 )
 def test_cli_counts_out_of_range_name_their_flag(tmp_path, capsys, flag, value, least):
@@ -247,6 +248,30 @@ def test_cli_counts_out_of_range_name_their_flag(tmp_path, capsys, flag, value, 
     assert f"error: argument {flag}: must be at least {least}, got {value}" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize("flag", ["--passkey_lengths", "--passkey_depths", "--mesh"])
+def test_cli_lists_must_hold_a_number(tmp_path, capsys, flag):
+    # An empty list (an unset shell variable) fell back to the default passkey lengths.
+    base = ["--checkpoint", str(tmp_path), "--tokenizer", "byte", "--out", str(tmp_path)]
+    problems = {"": "must list at least one number", "1,x": "must be a comma list of numbers"}
+    for value, problem in problems.items():
+        with pytest.raises(SystemExit):
+            main([*base, flag, value])
+        assert f"error: argument {flag}: {problem}" in capsys.readouterr().err
+
+
+def test_longbench_name_of_a_relative_checkpoint_is_its_directory(tmp_path, monkeypatch):
+    (tmp_path / "ckpt_7b").mkdir()
+    monkeypatch.chdir(tmp_path / "ckpt_7b")
+    data = tmp_path / "longbench"
+    data.mkdir()
+    for dataset in DATASETS:
+        (data / f"{dataset}_e.jsonl").write_text("")
+    flags = ["--checkpoint", ".", "--tokenizer", "byte", "--out", str(tmp_path / "out")]
+    flags += ["--tasks", "longbench_e", "--longbench_dir", str(data)]
+    (task,) = build_tasks(parse_args(flags), 4096)
+    assert task.model_name == "ckpt_7b"  # was ".", refused as not one path component
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):

@@ -74,6 +74,14 @@ def test_the_corpus_is_rewritten_when_its_sizes_change_and_quick_runs_apart(tmp_
     assert replication.workdir(tmp_path, quick=False) == tmp_path
 
 
+def test_an_out_that_cannot_be_a_folder_is_refused_before_training(tmp_path, replication, capsys):
+    taken = tmp_path / "replication"
+    taken.write_text("")  # a file: the report was written after hours of training and failed
+    with pytest.raises(SystemExit):
+        replication.parse_args(["--out", str(taken)])
+    assert f"argument --out: cannot make folder '{taken}'" in capsys.readouterr().err
+
+
 def test_the_quick_replication_trains_evaluates_and_reports(tmp_path):
     command = [sys.executable, "benchmarks/eval_replication.py", "--quick", "--out", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
