@@ -7,12 +7,16 @@ Single-process runs take the trivial path; with several processes these gather o
 from __future__ import annotations
 
 import json
+import logging
 import signal
+import threading
 from typing import Any
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+
+from dga_jax.errors import InputError
 
 
 def any_process(flag: bool) -> bool:
@@ -23,10 +27,21 @@ def any_process(flag: bool) -> bool:
 
 
 class StopSignal:
-    """Records SIGTERM / SIGINT so the loop can save and stop; a second signal kills as usual."""
+    """Records SIGTERM / SIGINT so the loop can save and stop; a second signal kills as usual.
+
+    Python takes signal handlers on the main thread only: elsewhere (a run started from a
+    thread) the signals act as usual, with a warning.
+    """
 
     def __init__(self):
         self.received: str | None = None
+        self._previous = {}
+        if threading.current_thread() is not threading.main_thread():
+            logging.warning(
+                "training off the main thread: SIGTERM / SIGINT stop the run without a "
+                "checkpoint (Python handles signals on the main thread only)"
+            )
+            return
         self._previous = {
             s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)
         }
@@ -60,11 +75,17 @@ def all_rows_state(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def rows_state(state: dict[str, Any], rows: list[int]) -> dict[str, Any]:
-    """This process's part of a merged data state."""
-    missing = [r for r in rows if str(r) not in state["rows"]]
+    """This process's part of a merged data state (a checkpoint's): an `InputError` if the
+    state is not one or lacks some of `rows`."""
+    saved = state.get("rows") if isinstance(state, dict) else None
+    if not isinstance(saved, dict):
+        raise InputError(
+            f"the checkpoint's data state is not a data iterator's (no rows): got {state!r:.200}"
+        )
+    missing = [r for r in rows if str(r) not in saved]
     if missing:
-        raise ValueError(
+        raise InputError(
             f"the checkpoint's data state has no rows {missing}: was it written "
             "with another global batch size?"
         )
-    return {**state, "rows": {str(r): state["rows"][str(r)] for r in rows}}
+    return {**state, "rows": {str(r): saved[str(r)] for r in rows}}

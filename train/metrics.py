@@ -61,12 +61,13 @@ class MetricsLog:
         self.last: dict[str, float] = {}
         if not enabled:
             return
-        if wandb_project:
-            self.wandb = _start_wandb(wandb_project, Path(workdir), run_config or {})
+        # The file first: a damaged one stops the run before a W&B run or a writer is opened.
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
         _replace(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         for record in kept:
             self.last.update({key: record[key] for key in LAST_KEYS if key in record})
+        if wandb_project:
+            self.wandb = _start_wandb(wandb_project, Path(workdir), run_config or {})
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
@@ -124,32 +125,35 @@ def _start_wandb(project: str, workdir: Path, run_config: dict[str, Any]):
 def read_metrics(path: Path) -> list[dict[str, Any]]:
     """The records of `path` (none if it is absent).
 
-    Unreadable lines at the end, what a run killed while appending (or a full disk) leaves, are
-    dropped with a warning; an unreadable line before a readable one is damage, an `InputError`
-    naming the file and the line.
+    A last line with no newline that does not read, what a run killed while appending (or a full
+    disk) leaves, is dropped with a warning. Any other unreadable line is damage, or the file is
+    not a run's metrics: an `InputError` naming the file and the line, which leaves the file as it
+    is (resuming rewrites it without the dropped records).
     """
-    if not path.exists():
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
         return []
-    records, unreadable = [], []
-    for number, line in enumerate(path.read_text(errors="replace").splitlines(), start=1):
+    except OSError as error:  # a directory, no permission
+        raise InputError(f"cannot read the metrics file {path}: {error}") from error
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         record = _parse_record(line)
-        if record is None:
-            unreadable.append(number)
-        elif unreadable:
+        if record is not None:
+            records.append(record)
+        elif number < len(lines):  # a whole line (a newline ends it): no run writes that
             raise InputError(
-                f"{path} line {unreadable[0]} is not a metrics record, but line {number} after it "
-                f"is: the file is damaged; repair or delete line {unreadable[0]} to go on"
+                f"{path} line {number} is not a metrics record (a JSON object with an integer "
+                f'"step"): the file is damaged or not a run\'s metrics; repair or delete line '
+                f"{number}, or move the file away, to go on"
             )
         else:
-            records.append(record)
-    if unreadable:
-        logging.warning(
-            "%s: line(s) %s cut short (a run stopped while writing them): dropped",
-            path,
-            ", ".join(map(str, unreadable)),
-        )
+            logging.warning(
+                "%s: line %d cut short (a run stopped while writing it): dropped", path, number
+            )
     return records
 
 

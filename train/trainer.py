@@ -81,9 +81,11 @@ class Trainer:
         self.profiler.finished(done, out)
         self.window_losses.append(out["loss"])
         run_cfg = self.config.train
-        _check_finite(state, self.config, done)
-        if done % run_cfg.log_every == 0 or done == run_cfg.steps:
+        diverged = _diverged(state, self.config)
+        # A divergence's steps are logged before it stops the run: metrics.jsonl shows them.
+        if diverged or done % run_cfg.log_every == 0 or done == run_cfg.steps:
             self._log_train(done, state, out)
+        _check_finite(state, self.config, done)
         if done % run_cfg.eval_every == 0 or done == run_cfg.steps:
             self.eval_owed = not self.evaluate(done, state)
         self.stopping = self.stop.agreed()
@@ -107,7 +109,7 @@ class Trainer:
 
     def _log_train(self, done: int, state: TrainState, out: dict[str, jax.Array]) -> None:
         steps, seconds = len(self.window_losses), time.time() - self.window_start
-        loss = float(np.mean([float(x) for x in self.window_losses]))
+        loss = _finite_mean([float(x) for x in self.window_losses])
         tokens = steps * self.config.train.global_batch_size * self.config.data.seq_len
         tokens_per_s = tokens / seconds
         record = {
@@ -206,12 +208,24 @@ def _check_finite(state: TrainState, config: TrainConfig, step: int) -> None:
         logging.warning(
             "step %d: non-finite loss or gradient, update skipped (%d in a row)", step, streak
         )
-    if streak >= config.optim.max_nonfinite_steps:
+    if _diverged(state, config):
         raise NonFiniteError(
             f"{streak} non-finite steps in a row (config.optim.max_nonfinite_steps="
             f"{config.optim.max_nonfinite_steps}) at step {step}: lower the learning rate or "
             "check the data; the last checkpoint holds the state before the divergence"
         )
+
+
+def _diverged(state: TrainState, config: TrainConfig) -> bool:
+    """Whether the non-finite steps in a row reached config.optim.max_nonfinite_steps."""
+    return int(state.nonfinite_streak) >= config.optim.max_nonfinite_steps
+
+
+def _finite_mean(losses: list[float]) -> float:
+    """The mean of the finite `losses` (NaN if none is): a skipped step's NaN would hide the
+    losses of the window's other steps (their count is `nonfinite_steps`)."""
+    finite = [x for x in losses if math.isfinite(x)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def _skipped_records(train_iter) -> dict[str, int]:

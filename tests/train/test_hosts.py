@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
+import threading
 
 import pytest
 
 from configs import tiny_dga
+from dga_jax.errors import InputError
 from train.config import ConfigError, from_config_dict
 from train.hosts import StopSignal, all_rows_state, rows_state
 
@@ -21,6 +24,19 @@ def test_data_state_round_trip_selects_this_process_rows():
         rows_state(state, [1, 5])
 
 
+@pytest.mark.parametrize(
+    "state, message",
+    [
+        ({"step": 4, "rows": {"0": {}}}, r"has no rows \[1\]"),
+        ({"step": 4}, r"not a data iterator's \(no rows\)"),
+    ],
+)
+def test_a_data_state_without_this_process_rows_is_an_input_error(state, message):
+    # A ValueError (or a KeyError) that left the entry point with a traceback.
+    with pytest.raises(InputError, match=message):
+        rows_state(state, [0, 1])
+
+
 def test_stop_signal_is_recorded_then_default_again():
     stop = StopSignal()
     try:
@@ -30,6 +46,23 @@ def test_stop_signal_is_recorded_then_default_again():
         assert signal.getsignal(signal.SIGTERM) is not stop._handle  # a second one kills
     finally:
         stop.restore()
+
+
+def test_stop_signal_off_the_main_thread_warns_and_leaves_signals_alone(caplog):
+    # signal.signal's ValueError ("only works in main thread") ended a run started in a thread.
+    made, before = [], signal.getsignal(signal.SIGTERM)
+
+    def make():
+        made.append(StopSignal())
+
+    with caplog.at_level(logging.WARNING):
+        thread = threading.Thread(target=make)
+        thread.start()
+        thread.join()
+    assert len(made) == 1 and not made[0].agreed()
+    made[0].restore()
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert "training off the main thread" in caplog.text
 
 
 @pytest.mark.parametrize(

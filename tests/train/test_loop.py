@@ -179,6 +179,53 @@ def test_a_stop_between_logs_logs_the_steps_since_the_last(tmp_path):
     assert read(tmp_path, "loss") == {4: 25.0, 6: 55.0}  # steps 1-4, then 5-6
 
 
+def skipping_step(skipped: set[int]):
+    """`fake_step`, with the steps in `skipped` non-finite (NaN loss, update skipped)."""
+
+    def step(state, batch):
+        state, out = fake_step(state, batch)
+        bad = int(state.step) in skipped
+        streak = state.nonfinite_streak + 1 if bad else jnp.zeros((), jnp.int32)
+        state = dataclasses.replace(
+            state, nonfinite_streak=streak, nonfinite_total=state.nonfinite_total + bad
+        )
+        return state, {**out, "loss": np.nan if bad else out["loss"]}
+
+    return step
+
+
+def test_a_skipped_step_does_not_hide_the_losses_logged_with_it(tmp_path):
+    # The logged loss was NaN for the whole window, and so the run's summary.
+    trainer = fake_trainer(tmp_path, steps=12, log_every=4)
+    trainer.step_fn = skipping_step({2})
+    state = zero_state()
+    try:
+        for done in range(1, 5):
+            state = trainer.step(state, done)
+    finally:
+        trainer.close()
+    assert read(tmp_path, "loss") == {4: pytest.approx((10 + 30 + 40) / 3)}
+    assert read(tmp_path, "nonfinite_steps") == {4: 1}
+    assert trainer.summary(state).train_loss == pytest.approx((10 + 30 + 40) / 3)
+
+
+def test_a_divergence_logs_its_steps_before_it_stops(tmp_path):
+    # The steps since the last log, the divergence among them, were never logged.
+    trainer = fake_trainer(tmp_path, steps=20, log_every=20)
+    limit = trainer.config.optim.max_nonfinite_steps
+    last = 2 + limit  # steps 3 to `last` skipped
+    trainer.step_fn = skipping_step(set(range(3, last + 1)))
+    state = zero_state()
+    try:
+        with pytest.raises(NonFiniteError, match=f"at step {last}"):
+            for done in range(1, 20):
+                state = trainer.step(state, done)
+    finally:
+        trainer.close()
+    assert read(tmp_path, "nonfinite_steps") == {last: limit}
+    assert read(tmp_path, "loss") == {last: pytest.approx(15.0)}  # steps 1 and 2
+
+
 def test_close_releases_everything_even_when_a_release_fails(caplog):
     # The profiler's or the input pipeline's failure skipped the wait for the checkpoint save.
     released = []

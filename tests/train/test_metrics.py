@@ -63,7 +63,7 @@ def test_a_line_cut_short_at_the_end_is_dropped_with_a_warning(tmp_path, caplog)
         f.write('{"step": 2, "loss": 2.')  # a run killed while appending
     with caplog.at_level(logging.WARNING):
         resumed = metrics.MetricsLog(tmp_path, resume_step=2)
-    assert f"{path}: line(s) 3 cut short" in caplog.text
+    assert f"{path}: line 3 cut short" in caplog.text
     assert resumed.last == {"loss": 1.0, "val_loss": 1.5}
     resumed.write(2, {"loss": 2.0})
     resumed.close()
@@ -81,6 +81,38 @@ def test_an_unreadable_line_before_readable_ones_is_named(tmp_path):
     with pytest.raises(InputError, match=r"metrics\.jsonl line 2 is not a metrics record"):
         metrics.MetricsLog(tmp_path, resume_step=3)
     assert path.read_text().count("\n") == 3  # left as it was, for the user to repair
+
+
+def test_a_file_that_is_not_a_runs_metrics_is_named_and_kept(tmp_path):
+    # Every line was taken for one cut short: dropped, and the file rewritten empty.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("epoch,loss\n1,2.5\n")
+    with pytest.raises(InputError, match=r"metrics\.jsonl line 1 is not a metrics record"):
+        metrics.MetricsLog(tmp_path, resume_step=5)
+    assert path.read_text() == "epoch,loss\n1,2.5\n"
+
+
+def test_only_an_unterminated_last_line_counts_as_cut_short(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0}\n{"step": 2, "lo\n')  # a whole line, unreadable
+    with pytest.raises(InputError, match=r"metrics\.jsonl line 2 is not a metrics record"):
+        metrics.read_metrics(path)
+
+
+def test_a_damaged_file_stops_the_run_before_wandb_starts(tmp_path, monkeypatch):
+    # The W&B run was started first, and never finished.
+    started = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=started.append))
+    (tmp_path / "metrics.jsonl").write_text("not a record\n")
+    with pytest.raises(InputError, match="line 1 is not a metrics record"):
+        metrics.MetricsLog(tmp_path, resume_step=1, wandb_project="dga")
+    assert started == []
+
+
+def test_a_metrics_path_that_cannot_be_read_is_an_input_error(tmp_path):
+    (tmp_path / "metrics.jsonl").mkdir()  # was IsADirectoryError's traceback
+    with pytest.raises(InputError, match=r"cannot read the metrics file .*metrics\.jsonl"):
+        metrics.MetricsLog(tmp_path, resume_step=1)
 
 
 def test_wandb_receives_finite_scalars(tmp_path, monkeypatch):
