@@ -47,6 +47,8 @@ def dense_attention(
     """
     scale = check_qkv(q, k, v, scale)
     platform = placed_target(q, k, v).platform
+    if not isinstance(split, ContextSplit):
+        raise ValueError(f"split must be a dga_jax ContextSplit, got {split!r}")
     if split.shards > 1:
         check_split(split, "dense_attention")
         if implementation not in (None, "blockwise"):
@@ -70,16 +72,23 @@ def dense_attention(
         implementation=implementation,
         block_sizes=check_block_sizes(block_sizes, DENSE_BLOCKS),
         split=split,
+        upcast=implementation == "xla" and platform == "cpu" and q.dtype == jnp.float16,
     )
     return with_auto_axes(run, q, k, v)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "implementation", "block_sizes", "split"))
-def _dense(q, k, v, *, scale, implementation, block_sizes, split):
+@functools.partial(
+    jax.jit, static_argnames=("scale", "implementation", "block_sizes", "split", "upcast")
+)
+def _dense(q, k, v, *, scale, implementation, block_sizes, split, upcast):
     if implementation != "blockwise":
-        return jax.nn.dot_product_attention(
-            q, k, v, scale=scale, is_causal=True, implementation=implementation
+        # XLA:CPU has no float16 dot accumulating in float32 (it raises "precision
+        # 'F16_F16_F32' is not supported"): `upcast` runs float16 in float32 there.
+        qkv = [x.astype(jnp.float32) for x in (q, k, v)] if upcast else (q, k, v)
+        out = jax.nn.dot_product_attention(
+            *qkv, scale=scale, is_causal=True, implementation=implementation
         )
+        return out.astype(q.dtype)
     k, v = split.gather_sequence(k, axis=1), split.gather_sequence(v, axis=1)
     b, seq_len, hkv, _ = k.shape
     keys = Entries(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), None)

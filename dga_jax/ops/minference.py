@@ -22,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from dga_jax.ops.checks import check_lengths, check_qkv, is_int
 from dga_jax.ops.intervals import NEVER
@@ -73,6 +74,11 @@ class MInferenceConfig:
         return vertical, min(seq_len, max(self.slash_size, MIN_SLASH))
 
 
+def _check_config(config) -> None:
+    if not isinstance(config, MInferenceConfig):
+        raise ValueError(f"config must be a MInferenceConfig, got {type(config).__name__}")
+
+
 def minference_attention(
     q: jax.Array,
     k: jax.Array,
@@ -85,6 +91,7 @@ def minference_attention(
     clipped where traced): row b valid up to lengths[b] (right padding), estimated from its own
     last queries, so it equals the row alone."""
     scale = check_qkv(q, k, v, None)
+    _check_config(config)
     run = functools.partial(_pattern_attention, config, scale)
     return with_auto_axes(run, q, k, v, _clipped_lengths(lengths, q))
 
@@ -101,6 +108,7 @@ def estimate_pattern(
     with (nv, ns) = config.counts(L). Ties go to the lower column and the shorter offset.
     `lengths`: as `minference_attention`'s."""
     check_qkv(q, k, k, None)
+    _check_config(config)
     return _estimate(q, k, _clipped_lengths(lengths, q), config)
 
 
@@ -174,9 +182,33 @@ def vertical_slash_attention(
     q: jax.Array, k: jax.Array, v: jax.Array, columns: jax.Array, offsets: jax.Array
 ) -> jax.Array:
     """Attention of q [B, L, Hq, D] over k, v [B, L, Hkv, D] with the pattern of
-    `estimate_pattern` (columns [B, Hq, nv], offsets [B, Hq, ns]) -> [B, L, Hq, D]."""
+    `estimate_pattern` (columns [B, Hq, nv], offsets [B, Hq, ns]) -> [B, L, Hq, D]. The walk
+    reads columns ascending and offsets descending, all distinct in [0, L) (checked where
+    concrete): any other order attends to other keys, silently."""
     scale = check_qkv(q, k, v, None)
+    _check_pattern(q, columns=columns, offsets=offsets)
     return _vertical_slash(q, k, v, columns, offsets, scale=scale)
+
+
+def _check_pattern(q: jax.Array, **lines: jax.Array) -> None:
+    """columns / offsets: integers [B, Hq, n >= 1], in [0, L), strictly ascending / descending."""
+    b, seq_len, hq, _ = q.shape
+    for name, x in lines.items():
+        shape, dtype = jnp.shape(x), jnp.result_type(x)
+        if len(shape) != 3 or shape[:2] != (b, hq) or shape[2] < 1:
+            raise ValueError(f"{name} must have shape ({b}, {hq}, n >= 1) [B, Hq, n]; got {shape}")
+        if not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(f"{name} must be integers, got {dtype}")
+        if isinstance(x, jax.core.Tracer):
+            continue
+        x = np.asarray(x)
+        step = np.diff(x, axis=-1) * (1 if name == "columns" else -1)
+        if x.min() < 0 or x.max() >= seq_len or (step <= 0).any():
+            order = "ascending" if name == "columns" else "descending"
+            raise ValueError(
+                f"{name} must be distinct, {order}, in [0, L) = [0, {seq_len}); got values in "
+                f"[{x.min()}, {x.max()}]{'' if (step > 0).all() else ', out of order'}"
+            )
 
 
 @functools.partial(jax.jit, static_argnames="scale")

@@ -124,6 +124,13 @@ class LMInfiniteConfig:
 SinkConfig = StreamingLLMConfig | LMInfiniteConfig
 
 
+def _check_config(config) -> None:
+    if not isinstance(config, SinkConfig):
+        raise ValueError(
+            f"config must be a StreamingLLMConfig or LMInfiniteConfig, got {type(config).__name__}"
+        )
+
+
 def band_first_token(config: SinkConfig) -> int:
     """The first position in the window band: the sinks are there too only when they are seen
     through the prefix after the window (LM-Infinite), never twice."""
@@ -154,6 +161,7 @@ def sink_attention(
     DGA runs on (`dga_jax.ops.dga.backends`), with their `block_sizes` and `interpret`.
     """
     scale = check_qkv(q, k, v, None)
+    _check_config(config)
     if q_far.shape != q.shape or k_far.shape != k.shape:
         raise ValueError(
             f"q_far {q_far.shape} and k_far {k_far.shape} must have the shapes of q {q.shape} "
@@ -224,6 +232,7 @@ def sink_reference(
     config: SinkConfig,
 ) -> jax.Array:
     """The O(L^2) definition of `sink_attention`, written from the mask rules alone."""
+    _check_config(config)
     seq_len, groups = q.shape[1], q.shape[2] // k.shape[2]
     t = jnp.arange(seq_len)[:, None]
     j = jnp.arange(seq_len)[None, :]

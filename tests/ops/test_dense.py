@@ -153,3 +153,24 @@ def test_jit_does_not_recompile():
     second = step(*random_qkv(10, 1, 40, 2, 1, 8))
     assert len(traces) == 1
     assert first.shape == second.shape and not np.allclose(first, second)
+
+
+@pytest.mark.parametrize("implementation", [None, "xla", "blockwise"])
+def test_float16_runs_everywhere(implementation):
+    """float16 is a model dtype: on CPU, XLA has no float16 dot accumulating in float32, so the
+    default ("xla" there) used to raise deep inside JAX."""
+    q, k, v = random_qkv(11, 2, 40, 4, 2, 16, jnp.float16)
+    fn = functools.partial(dga_jax.dense_attention, implementation=implementation)
+    out = fn(q, k, v)
+    assert out.shape == q.shape and out.dtype == jnp.float16
+    # float16 keeps 3 more mantissa bits than bfloat16: bfloat16's tolerance holds.
+    assert_close(out, xla_f32()(q, k, v), FORWARD_TOL[jnp.bfloat16])
+    grad = jax.grad(lambda q: fn(q, k, v).astype(jnp.float32).sum())(q)
+    assert grad.dtype == jnp.float16 and np.isfinite(np.asarray(grad, np.float32)).all()
+
+
+@pytest.mark.parametrize("split", ["seq", ("seq", 2), None], ids=repr)
+def test_a_split_that_is_not_a_context_split_is_rejected(split):
+    q, k, v = random_qkv(12, 1, 8, 2, 1, 8)
+    with pytest.raises(ValueError, match="split must be a dga_jax ContextSplit, got"):
+        dga_jax.dense_attention(q, k, v, split=split)

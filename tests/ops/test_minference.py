@@ -18,6 +18,7 @@ from dga_jax.ops.minference import (
     MInferenceConfig,
     estimate_pattern,
     minference_attention,
+    vertical_slash_attention,
 )
 from dga_jax.ops.minference_reference import (
     minference_reference,
@@ -147,3 +148,31 @@ def test_traced_lengths_are_clipped_to_L():
     got = jax.jit(estimate_pattern, static_argnums=2)(q, k, config, jnp.array([64, 100]))
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("config", [None, {"vertical_size": 40}, (40, 160)], ids=repr)
+def test_a_config_of_another_kind_is_rejected(config):
+    q, k, v = random_qkv(0, 1, 64, 2, 1, 8)
+    with pytest.raises(ValueError, match="config must be a MInferenceConfig, got"):
+        minference_attention(q, k, v, config)
+    with pytest.raises(ValueError, match="config must be a MInferenceConfig, got"):
+        estimate_pattern(q, k, config)
+
+
+def test_vertical_slash_attention_takes_the_estimated_pattern_and_rejects_others():
+    """A pattern of another batch or heads, of floats, out of range or out of order would be
+    read silently as other lanes' lines or other keys."""
+    q, k, v = random_qkv(3, 2, 70, 4, 2, 8)
+    columns, offsets = estimate_pattern(q, k, CONFIGS[0])
+    want = minference_attention(q, k, v, CONFIGS[0])
+    assert_close(vertical_slash_attention(q, k, v, columns, offsets), want, TOL)
+    bad = {
+        "other batch": ((columns[:1], offsets), r"columns must have shape \(2, 4, n >= 1\)"),
+        "no heads axis": ((columns, offsets[:, 0]), r"offsets must have shape \(2, 4, n >= 1\)"),
+        "floats": ((columns.astype(jnp.float32), offsets), "columns must be integers, got float32"),
+        "past L": ((columns + 70, offsets), r"columns must be distinct, ascending, in \[0, L\)"),
+        "ascending offsets": ((columns, offsets[..., ::-1]), "offsets must be .*, out of order"),
+    }
+    for pattern, message in bad.values():
+        with pytest.raises(ValueError, match=message):
+            vertical_slash_attention(q, k, v, *pattern)

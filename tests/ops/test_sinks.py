@@ -209,3 +209,11 @@ def test_far_inputs_must_have_q_dtype(far):
     names = [jnp.dtype(dtype).name for dtype in far]
     with pytest.raises(ValueError, match=rf"q_far {names[0]}, k_far {names[1]}, q float32"):
         sink_attention(q, k, v, q_far, k_far, StreamingLLMConfig(2, 4))
+
+
+@pytest.mark.parametrize("config", [None, {"start_size": 4}, "streaming_llm"], ids=repr)
+def test_a_config_of_another_kind_is_rejected(config):
+    args = inputs(0, seq_len=8)
+    for op in (sink_attention, sink_reference):
+        with pytest.raises(ValueError, match="config must be a StreamingLLMConfig or LMInfinite"):
+            op(*args, config)
