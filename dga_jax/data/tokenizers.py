@@ -133,6 +133,9 @@ class HFTokenizer:
         specials = _special_tokens_from_config(os.path.dirname(self.path))
         self._bos_id = self._find_id(bos_token or specials.get("bos_token"), BOS_CANDIDATES)
         self._eos_id = self._find_id(eos_token or specials.get("eos_token"), EOS_CANDIDATES)
+        # Not `get_vocab_size()`, a count: a file's ids may have holes, and an id past the count
+        # must still fit the model's vocabulary and decode.
+        self._vocab_size = max(self._tok.get_vocab(with_added_tokens=True).values(), default=-1) + 1
 
     def _find_id(self, token: str | None, candidates: Sequence[str]) -> int | None:
         for name in (token,) if token else candidates:
@@ -145,7 +148,8 @@ class HFTokenizer:
 
     @property
     def vocab_size(self) -> int:
-        return self._tok.get_vocab_size(with_added_tokens=True)
+        """One more than the largest id, added tokens included."""
+        return self._vocab_size
 
     @property
     def bos_id(self) -> int | None:
@@ -193,6 +197,8 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
         if path.endswith(suffix):
             try:
                 return kind(path)
+            except InputError:  # names its own file (a tokenizer_config.json)
+                raise
             except Exception as error:  # SentencePiece and tokenizers raise bare errors
                 raise InputError(f"tokenizer file {path!r} cannot be read: {error}") from error
     raise InputError(
@@ -221,8 +227,15 @@ def _special_tokens_from_config(directory: str) -> dict[str, str]:
     path = os.path.join(directory, "tokenizer_config.json")
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as error:  # ValueError: bad JSON or bad UTF-8
+        raise InputError(f"tokenizer config {path!r} cannot be read: {error}") from error
+    if not isinstance(config, dict):
+        raise InputError(
+            f"tokenizer config {path!r} must hold a JSON object, got {type(config).__name__}"
+        )
     specials = {}
     for key in ("bos_token", "eos_token"):
         value = config.get(key)

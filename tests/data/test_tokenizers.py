@@ -12,6 +12,7 @@ from dga_jax.data.tokenizers import (
     Tokenizer,
     load_tokenizer,
 )
+from dga_jax.errors import InputError
 from tests.data.conftest import train_hf_tokenizer
 
 UNICODE = [
@@ -134,3 +135,33 @@ def test_every_tokenizer_encodes_lone_surrogates(hf_tokenizer_json, spm_model):
     text = json.loads('"a broken emoji \\ud83d here"')
     for tok in (load_tokenizer(str(spm_model)), load_tokenizer(str(hf_tokenizer_json))):
         assert tok.decode(tok.encode(text)) == "a broken emoji ? here"
+
+
+def test_hf_vocab_size_covers_every_id_of_a_vocabulary_with_holes(tmp_path, hf_tokenizer_json):
+    # A tokenizer.json's ids need not be contiguous: the model must fit the largest of them,
+    # and decoding must keep it.
+    data = json.loads(hf_tokenizer_json.read_text())
+    vocab = data["model"]["vocab"]
+    piece = max(vocab, key=vocab.get)
+    vocab[piece] = 1000
+    path = tmp_path / "tokenizer.json"
+    path.write_text(json.dumps(data))
+    tok = load_tokenizer(str(path))
+    ids = tok.encode(f"{piece} {piece}")
+    assert 1000 in ids
+    assert tok.vocab_size == 1001
+    assert tok.decode(ids) == f"{piece} {piece}"
+
+
+@pytest.mark.parametrize(
+    ("config", "problem"),
+    [("{not json", "cannot be read"), ("[1, 2]", "must hold a JSON object, got list")],
+)
+def test_a_bad_tokenizer_config_is_named_not_the_tokenizer_json(
+    tmp_path, hf_tokenizer_json, config, problem
+):
+    (tmp_path / "tokenizer.json").write_bytes(hf_tokenizer_json.read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(config)
+    expected = f"tokenizer config {str(tmp_path / 'tokenizer_config.json')!r} {problem}"
+    with pytest.raises(InputError, match=re.escape(expected)):
+        load_tokenizer(str(tmp_path))
