@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from collections.abc import Callable, Sequence
 
 import jax
 from jax.sharding import PartitionSpec
 
 from dga_jax.errors import ConfigError
+from dga_jax.ops.checks import is_int
 
 MESH_AXES = ("data", "fsdp", "seq", "tensor")
 
@@ -139,10 +139,7 @@ def _checked_sizes(sizes: Sequence[int], name: str) -> tuple[int, ...]:
     if (
         len(sizes) != len(MESH_AXES)
         or sizes.count(-1) > 1
-        or not all(
-            isinstance(s, numbers.Integral) and not isinstance(s, bool) and (s >= 1 or s == -1)
-            for s in sizes
-        )
+        or not all(is_int(s) and (s >= 1 or s == -1) for s in sizes)
     ):
         raise ConfigError(
             f"{name}: give {len(MESH_AXES)} sizes {MESH_AXES}, ints >= 1, at most one -1; "

@@ -12,6 +12,7 @@ from flax import nnx
 from dga_jax.model.attention import DGAttention
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.layers import MLP, PROJECTION, RMSNorm, param
+from dga_jax.ops.checks import is_int
 from dga_jax.ops.context import zigzag_order
 from dga_jax.ops.dense_decode import DenseCache, DenseUpdate
 from dga_jax.ops.dga.decode import DGACache, DGAUpdate, apply_update
@@ -125,7 +126,7 @@ class Llama(nnx.Module):
                 f"targets {list(targets.shape)} must have the shape of tokens {list(tokens.shape)}"
             )
         t = targets.shape[1]
-        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or t % chunks:
+        if not is_int(chunks) or chunks < 1 or t % chunks:
             raise ValueError(f"chunks={chunks!r} must be a positive int dividing the {t} tokens")
         x = self.hidden(tokens, positions)
         if chunks == 1:
