@@ -579,3 +579,24 @@ SHARDED = textwrap.dedent(
 
 def test_generation_and_scoring_under_a_mesh_equal_one_device():
     run_on_fake_devices(SHARDED)
+
+
+def test_cli_max_position_must_be_positive(checkpoint, capsys):
+    # --max_position 0 reached ModelConfig, whose error named no flag.
+    args = ["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--prompt", "x"]
+    with pytest.raises(SystemExit):
+        main([*args, "--max_position", "0"])
+    assert "argument --max_position: must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_cli_ctrl_c_ends_the_text_without_a_traceback(checkpoint, monkeypatch, capsys):
+    def interrupted(*args):
+        sys.stdout.write("abc")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.modules[main.__module__], "_write", interrupted)
+    args = ["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--prompt", "x"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().out == "abc\n"

@@ -10,6 +10,7 @@ shardings and jitted step are `train.setup`'s; the work around each step is `tra
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any
@@ -46,18 +47,36 @@ def run(config: TrainConfig, workdir: str | Path) -> Summary:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file on its path, no permission
         raise InputError(f"cannot make the workdir {workdir}: {error}") from error
+    data_config = _data_config(config)
     checkpoints = Checkpoints(
         workdir / "checkpoints",
         every=config.train.checkpoint_every,
         keep=config.train.keep_checkpoints,
     )
-    data_config = _data_config(config)
-    train_iter = pipeline.make_train_iterator(data_config, rows=setup.rows)
+    with _closed_on_error(checkpoints):
+        train_iter = pipeline.make_train_iterator(data_config, rows=setup.rows)
     with jax.set_mesh(setup.mesh):
-        state, eval_owed = _initial_state(config, setup, checkpoints, train_iter)
-        return _train(
-            config, setup, state, train_iter, checkpoints, data_config, workdir, eval_owed
-        )
+        with _closed_on_error(train_iter, checkpoints):  # until the Trainer owns them
+            state, eval_owed = _initial_state(config, setup, checkpoints, train_iter)
+            trainer = Trainer(
+                config, setup, train_iter, checkpoints, data_config, workdir, start=int(state.step)
+            )
+        return _train(config, trainer, state, workdir, eval_owed)
+
+
+@contextlib.contextmanager
+def _closed_on_error(*resources):
+    """Closes `resources` if the block raises: a refused resume or a bad metrics file left Grain's
+    workers and Orbax's manager (its threads) running in a process that goes on (a notebook)."""
+    try:
+        yield
+    except BaseException:
+        for resource in resources:
+            try:
+                resource.close()
+            except Exception as error:  # the block's error is the one to raise
+                logging.error("closing after a failed start: %s: %s", type(error).__name__, error)
+        raise
 
 
 def _initial_state(
@@ -155,18 +174,8 @@ def _data_config(config: TrainConfig) -> pipeline.DataConfig:
 
 
 def _train(
-    config,
-    setup: Setup,
-    state: TrainState,
-    train_iter,
-    checkpoints: Checkpoints,
-    data_config,
-    workdir: Path,
-    eval_owed: bool,
+    config: TrainConfig, trainer: Trainer, state: TrainState, workdir: Path, eval_owed: bool
 ) -> Summary:
-    trainer = Trainer(
-        config, setup, train_iter, checkpoints, data_config, workdir, start=int(state.step)
-    )
     try:
         # A stop signal cut the restored step's evaluation short: it comes first. Cut short
         # again, the checkpoint (already saved) still owes it.

@@ -50,6 +50,15 @@ class Trainer:
         self.config, self.setup, self.train_iter = config, setup, train_iter
         self.checkpoints, self.data_config, self.start = checkpoints, data_config, start
         self.step_fn = step_fn(setup)
+        self.eval_fn = jax.jit(
+            functools.partial(eval_step, setup.graphdef, loss_chunks=setup.loss_chunks)
+        )
+        self.schedule = learning_rate_schedule(config.optim, config.train.steps)
+        self.peak = metrics.peak_flops(
+            jax.devices()[0].device_kind, config.train.peak_flops_per_device
+        )
+        # What `close` releases, made last: the metrics file is what may refuse (InputError),
+        # and the signal handlers must not outlive a constructor that raised.
         main_host = jax.process_index() == 0
         self.log = metrics.MetricsLog(
             workdir,
@@ -59,15 +68,8 @@ class Trainer:
             run_config=dataclasses.asdict(config),
         )
         self.progress = metrics.Progress(config.train.steps, start, enabled=main_host)
-        self.stop, self.stopping, self.eval_owed = StopSignal(), False, False
         self.profiler = StepProfiler(config.train.profile_range, Path(workdir), start=start)
-        self.eval_fn = jax.jit(
-            functools.partial(eval_step, setup.graphdef, loss_chunks=setup.loss_chunks)
-        )
-        self.schedule = learning_rate_schedule(config.optim, config.train.steps)
-        self.peak = metrics.peak_flops(
-            jax.devices()[0].device_kind, config.train.peak_flops_per_device
-        )
+        self.stop, self.stopping, self.eval_owed = StopSignal(), False, False
         self.began = self.window_start = time.time()
         self.window_losses: list[jax.Array] = []
         # The last values logged, from metrics.jsonl on a resumed run until this one logs.

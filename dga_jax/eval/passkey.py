@@ -45,6 +45,8 @@ QUESTION = "What is the pass key? The pass key is"
 def longlora_lengths(max_tokens: int, interval: int = 1000) -> list[int]:
     """The filler lengths (characters) of LongLoRA's test points: point i of
     max_tokens // interval has int(3.75 * (i + 1) * interval // 1024 * 1024)."""
+    interval = int_at_least(interval, "the passkey interval", 1)  # 0 divided by zero
+    max_tokens = int_at_least(max_tokens, "the passkey max_tokens", 0)
     return [int(3.75 * (i + 1) * interval // 1024 * 1024) for i in range(max_tokens // interval)]
 
 

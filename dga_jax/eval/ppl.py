@@ -178,14 +178,14 @@ class Perplexity:
             return Summary({"ppl": None, "convention": self.convention}, "(no documents)")
         if self.convention == "longlora":
             means = [m for r in records for m in r["window_nll"]]
-            ppl = math.exp(float(np.mean(means)))
+            ppl = _exp(float(np.mean(means)))
         else:
-            ppl = math.exp(sum(r["nll"] for r in records) / sum(r["scored"] for r in records))
+            ppl = _exp(sum(r["nll"] for r in records) / sum(r["scored"] for r in records))
         edges = records[0]["bucket_edges"]
         nll = np.sum([r["bucket_nll"] for r in records], axis=0)
         count = np.sum([r["bucket_count"] for r in records], axis=0)
         spans = [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
-        by_position = {k: math.exp(x / c) for k, x, c in zip(spans, nll, count, strict=True) if c}
+        by_position = {k: _exp(x / c) for k, x, c in zip(spans, nll, count, strict=True) if c}
         metrics = {
             "ppl": ppl,
             "convention": self.convention,
@@ -255,3 +255,12 @@ def _documents(files: list[str], problems: Problems) -> Iterator[tuple[str, str]
                 problems.skip(f"shard record skipped ({reason})", f"{path}:{number}")
             else:
                 yield f"{path}:{number}", record["text"]
+
+
+def _exp(nll: float) -> float:
+    """e ** nll, inf past float range: a diverged model's mean NLL above ~709 raised
+    OverflowError at the summary, after every document was scored."""
+    try:
+        return math.exp(nll)
+    except OverflowError:
+        return math.inf

@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--max_position",
-        type=int,
+        type=_positive_int,
         help="positions the model may read; default: the checkpoint's (past it RoPE extrapolates)",
     )
     p.add_argument("--attention", choices=ATTENTION_KINDS, help="default: the checkpoint's")
@@ -47,6 +47,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the baselines' fields, e.g. start_size=4,recent_size=2000; default: stored",
     )
     return p.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    """argparse's type of --max_position: 0 was refused by the model config, naming no flag."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
 
 
 class TextStream:
@@ -157,6 +165,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BrokenPipeError:  # the reader left (`| head`): stop quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C ends the text, as a shell command's: no traceback
+        sys.stdout.write("\n")
+        sys.exit(130)
 
 
 def _write(tokenizer: Tokenizer, ids: list[int], steps, stops: list[int]) -> None:

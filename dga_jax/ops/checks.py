@@ -14,6 +14,9 @@ from dga_jax.ops.tiles import BlockSizes
 
 def check_qkv(q, k, v, scale: float | None) -> float:
     """Validates q [B, L, Hq, D], k/v [B, L, Hkv, D]; returns the softmax scale (1/sqrt(D))."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):  # a list: AttributeError before
+            raise ValueError(f"{name} must be an array [B, L, H, D], got {type(x).__name__}")
     shapes = f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 4:
@@ -46,9 +49,24 @@ def check_qkv(q, k, v, scale: float | None) -> float:
         )
     if scale is None:
         return 1.0 / math.sqrt(q.shape[3])
+    scale = _concrete_scalar(scale)
     if not is_real(scale) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"scale must be a positive finite number or None, got {scale!r}")
     return float(scale)
+
+
+def _concrete_scalar(x):
+    """A concrete 0-d array as its Python number (a scale read from a config array was refused as
+    not a number); a traced one is an error: the scale is static to every kernel."""
+    if isinstance(x, jax.core.Tracer):
+        raise ValueError("scale must be a concrete number (static to the kernels), got a tracer")
+    if (
+        isinstance(x, jax.Array | np.ndarray)
+        and x.shape == ()
+        and not jnp.issubdtype(x.dtype, jnp.bool_)
+    ):
+        return x.item()
+    return x
 
 
 def check_lengths(lengths, batch: int, seq_len: int) -> jax.Array | None:

@@ -11,6 +11,7 @@ import pytest
 
 from dga_jax.errors import InputError, MissingInputError
 from dga_jax.eval import Lines, Passkey, Perplexity, evaluate, longlora_lengths, run_task
+from dga_jax.eval.engine import TokenScores
 from dga_jax.eval.lines import HEADER, last_integer, lines_case, lines_prompt
 from dga_jax.eval.passkey import TASK_LINE, passkey_prompt
 from dga_jax.eval.ppl import position_buckets, windows
@@ -57,6 +58,8 @@ def test_passkey_prompt_is_longloras():
         text, key = passkey_prompt(chars, seed)
         assert (text, str(key)) == longlora_prompt(chars, seed)
     assert longlora_lengths(4096) == [3072, 7168, 10240, 14336]
+    with pytest.raises(InputError, match="the passkey interval must be an integer >= 1, got 0"):
+        longlora_lengths(4096, interval=0)  # ZeroDivisionError before
 
 
 def test_passkey_depth_places_the_key_and_keeps_the_trials_key():
@@ -500,3 +503,15 @@ def test_the_synthetic_corpus_checks_its_arguments_and_drops_stale_shards(tmp_pa
     with pytest.raises(SystemExit):
         synthetic.main(["--out", str(out), "--documents", "-5"])
     assert "argument --documents: must be at least 0, got -5" in capsys.readouterr().err
+
+
+def test_a_diverged_models_ppl_is_inf_not_an_overflow(tmp_path):
+    # A mean NLL above ~709 nats raised OverflowError at the summary, after every document.
+    class Diverged(OracleEngine):
+        def score(self, sequences):
+            return [TokenScores(s.logprobs * 1e4, s.greedy) for s in super().score(sequences)]
+
+    (tmp_path / "a.txt").write_text("abcdefghij")
+    summary, _, _ = run_task(Perplexity(str(tmp_path), stride=2), Diverged(None, 4), tmp_path / "o")
+    assert summary.metrics["ppl"] == math.inf
+    assert set(summary.metrics["by_position"].values()) == {math.inf}

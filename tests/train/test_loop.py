@@ -269,3 +269,33 @@ def test_a_workdir_that_is_a_file_is_an_input_error(tmp_path):
         run(from_config_dict(tiny(steps=1)), tmp_path / "run")
     with pytest.raises(InputError, match=r"cannot make the workdir .*run/inner"):
         run(from_config_dict(tiny(steps=1)), tmp_path / "run" / "inner")
+
+
+def test_a_failed_start_releases_the_pipeline_checkpoints_and_signals(tmp_path, monkeypatch):
+    # A bad metrics file (or a refused resume) raised after Grain's workers and Orbax's
+    # manager had started, and left them running, with the run's signal handlers, in the
+    # process that goes on (a notebook).
+    import signal
+
+    import train.loop as loop
+
+    closed = []
+    make_iterator = loop.pipeline.make_train_iterator
+
+    def recorded(*args, **kwargs):
+        it = make_iterator(*args, **kwargs)
+        close = it.close
+        it.close = lambda: (closed.append("train_iter"), close())[1]
+        return it
+
+    monkeypatch.setattr(loop.pipeline, "make_train_iterator", recorded)
+    close_checkpoints = loop.Checkpoints.close
+    monkeypatch.setattr(
+        loop.Checkpoints, "close", lambda self: (closed.append("ckpt"), close_checkpoints(self))[1]
+    )
+    (tmp_path / "metrics.jsonl").write_text("epoch,loss\n1,2.5\n")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(InputError, match="not a metrics record"):
+        run(from_config_dict(tiny(steps=1)), tmp_path)
+    assert closed == ["train_iter", "ckpt"]
+    assert signal.getsignal(signal.SIGTERM) is before
