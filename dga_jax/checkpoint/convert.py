@@ -33,8 +33,7 @@ def hf_to_orbax(
 ) -> None:
     """Converts a HF LLaMA checkpoint directory into an Orbax checkpoint directory `out` (which
     must not exist: checked before the weights are read)."""
-    if os.path.exists(out):
-        raise FileExistsError(f"checkpoint directory already exists: {os.path.abspath(out)}")
+    check_out(out)
     config, params = read_hf(hf_dir, dtype)
     save_params(out, config, params)
 
@@ -50,6 +49,7 @@ def orbax_to_hf(
     max_bytes = parse_size(max_shard_size)
     config = load_config(ckpt)
     check_stored(ckpt, param_shapes(config), "its model config")
+    check_out(out)
     write_hf(
         out,
         config,
@@ -57,6 +57,21 @@ def orbax_to_hf(
         dtype=dtype or config.param_dtype,
         max_shard_size=max_bytes,
     )
+
+
+def check_out(out: str | os.PathLike) -> None:
+    """`out` can be made: it does not exist, and its nearest existing ancestor is a directory
+    this process may write in (else the conversion would fail after reading every weight)."""
+    path = os.path.abspath(out)
+    if os.path.lexists(path):
+        raise FileExistsError(f"output directory already exists: {path}")
+    parent = os.path.dirname(path)
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise InputError(f"output directory {path} cannot be made: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"output directory {path} cannot be made: {parent} is not writable")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -69,11 +84,11 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run_command() -> None:
-    """`main` as `python -m` runs it: a problem with the input or output directory ends it with
-    one `error:` line and exit code 2 (a traceback means a bug)."""
+    """`main` as `python -m` runs it: a problem with the input or output directory (a full
+    disk included) ends it with one `error:` line and exit code 2 (a traceback means a bug)."""
     try:
         main()
-    except (InputError, FileExistsError) as error:
+    except (InputError, OSError) as error:
         print(f"python -m dga_jax.checkpoint.convert: error: {error}", file=sys.stderr)
         sys.exit(2)
 

@@ -218,8 +218,23 @@ def read_hf(
             for name in names:
                 weight, layer = plan[name]
                 target = params[weight.path] if layer is None else params[weight.path][layer]
-                target[...] = weight.to_ours(f.get_tensor(name), target.shape)
+                tensor = f.get_tensor(name)
+                target[...] = weight.to_ours(tensor, target.shape)
+                check_cast(target, tensor, f"tensor {name!r} in {file}")
     return config.replace(param_dtype=dtype), traverse_util.unflatten_dict(params)
+
+
+def check_cast(cast: np.ndarray, source: np.ndarray, what: str) -> None:
+    """A cast of `source` that turned finite values into infinities (float16's largest is 65504)
+    is a `CheckpointError` naming `what`: the model would compute NaNs from it."""
+    if cast.dtype == source.dtype or np.isfinite(cast).all():
+        return
+    if np.count_nonzero(~np.isfinite(cast)) > np.count_nonzero(~np.isfinite(source)):
+        largest = np.max(np.abs(source), where=np.isfinite(source), initial=0)
+        raise CheckpointError(
+            f"{what} holds {float(largest):g}, beyond the range of {cast.dtype}: the cast "
+            "would make it infinite; convert to float32 or bfloat16 instead"
+        )
 
 
 def check_dtype(dtype: str) -> str:

@@ -25,6 +25,7 @@ from dga_jax.checkpoint.hf import (
     INDEX_FILE,
     NUMPY_DTYPES,
     ParamReader,
+    check_cast,
     check_dtype,
     param_shapes,
     weights,
@@ -48,7 +49,8 @@ def write_hf(
     `read_param(path)` returns one stacked parameter at a time (numpy, [N, ...] per layer);
     each is sliced, cast to `dtype` and written into shards of at most `max_shard_size` bytes
     (a single larger tensor gets a shard of its own). The files are written into a temporary
-    sibling directory renamed to `out_dir` at the end, so a failure leaves no `out_dir`.
+    sibling directory, flushed to disk and renamed to `out_dir` at the end, so a failure or a
+    crash leaves no `out_dir`, and no `out_dir` with files still unwritten.
     """
     config = config.replace(param_dtype=check_dtype(dtype))
     sizes = _hf_sizes(config, np.dtype(NUMPY_DTYPES[dtype]).itemsize)
@@ -60,6 +62,7 @@ def write_hf(
             slices = array if weight.stacked else [array]
             for name, layer in zip(weight.names(config.num_layers), slices, strict=True):
                 tensor = np.ascontiguousarray(weight.to_hf(layer), NUMPY_DTYPES[dtype])
+                check_cast(tensor, layer, f"parameter {'.'.join(weight.path)!r} ({name})")
                 writer.add(name, tensor)
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": writer.files}
         _write_json(os.path.join(tmp, INDEX_FILE), index)
@@ -109,9 +112,9 @@ class _ShardWriter:
     def add(self, name: str, tensor: np.ndarray) -> None:
         self.pending[name] = tensor
         if name in self.last:
-            save_file(
-                self.pending, os.path.join(self.out_dir, self.last[name]), metadata={"format": "pt"}
-            )
+            path = os.path.join(self.out_dir, self.last[name])
+            save_file(self.pending, path, metadata={"format": "pt"})
+            _sync(path)
             self.pending = {}
 
 
@@ -119,11 +122,29 @@ def _write_json(path: str, value: dict) -> None:
     with open(path, "w") as f:
         json.dump(value, f, indent=2, sort_keys=True)
         f.write("\n")
+    _sync(path)
+
+
+def _sync(path: str) -> None:
+    """Flushes a file's data to the disk. Without it a crash soon after the rename can leave
+    an output that looks complete but holds empty or cut files."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_directory(path: str) -> None:
+    """Flushes a directory's entries to the disk where its file system can (not all can)."""
+    with contextlib.suppress(OSError):
+        _sync(path)
 
 
 @contextlib.contextmanager
 def _atomic_directory(path: str | os.PathLike) -> Iterator[str]:
-    """A temporary sibling of `path`, renamed to `path` if the block succeeds, else removed."""
+    """A temporary sibling of `path`, flushed and renamed to `path` if the block succeeds, else
+    removed."""
     path = os.path.abspath(path)
     if os.path.exists(path):
         raise FileExistsError(f"output directory already exists: {path}")
@@ -133,7 +154,9 @@ def _atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would otherwise become the output's mode
     try:
         yield tmp
+        _sync_directory(tmp)
         os.rename(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _sync_directory(parent)  # the rename itself

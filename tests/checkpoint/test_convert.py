@@ -276,6 +276,59 @@ def test_a_failed_export_leaves_nothing_behind(converted, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_every_exported_file_is_on_disk_before_the_rename(converted, tmp_path, monkeypatch):
+    synced, renamed = [], []
+    fsync, rename = os.fsync, os.rename
+
+    def record_fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    def record_rename(src, dst) -> None:
+        renamed.append((len(synced), str(src)))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "rename", record_rename)
+    to_hf(converted("gqa").ckpt_dir, tmp_path / "hf", "--max_shard_size", "40KB")
+    [(before, tmp)] = renamed
+    files = [str(tmp_path / "hf" / name) for name in sorted(os.listdir(tmp_path / "hf"))]
+    assert len(files) > 3  # several shards, the index and config.json
+    assert sorted(synced[: before - 1]) == [f.replace(str(tmp_path / "hf"), tmp) for f in files]
+    assert synced[before - 1] == tmp  # the directory's entries, then the rename
+    assert synced[before:] == [str(tmp_path)]
+
+
+def test_a_cast_that_overflows_is_refused_naming_the_tensor(hf_copy, tmp_path):
+    large = np.full((64, 64), 0.01, np.float32)
+    large[3, 5] = 1e5  # beyond float16's 65504
+    shard = rewrite_shard(hf_copy, Q_PROJ, large)
+    expected = re.escape(f"'{Q_PROJ}' in {shard} holds 100000, beyond the range of float16")
+    with pytest.raises(CheckpointError, match=expected):
+        to_orbax(hf_copy, tmp_path / "orbax16", "--dtype", "float16")
+    assert not (tmp_path / "orbax16").exists()
+    to_orbax(hf_copy, tmp_path / "orbax")
+    with pytest.raises(CheckpointError, match=r"'layers\.attn\.q' \(model\.layers\.1\..*float16"):
+        to_hf(tmp_path / "orbax", tmp_path / "hf16", "--dtype", "float16")
+    assert not (tmp_path / "hf16").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "orbax"]
+
+
+@pytest.mark.parametrize("command", ["hf-to-orbax", "orbax-to-hf"])
+def test_an_output_below_a_file_is_one_error_line(
+    command, converted, tmp_path, monkeypatch, capsys
+):
+    c, blocker = converted("gqa"), tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    source = (
+        ["--hf_dir", str(c.hf_dir)] if command == "hf-to-orbax" else ["--ckpt", str(c.ckpt_dir)]
+    )
+    out = blocker / "out"
+    last = run_command(monkeypatch, capsys, command, *source, "--out", str(out))
+    assert f"output directory {out} cannot be made: {blocker} is not a directory" in last
+    assert sorted(tmp_path.iterdir()) == [blocker]
+
+
 def test_the_command_names_a_missing_directory_in_one_line(tmp_path):
     missing = tmp_path / "nowhere"
     command = ["hf-to-orbax", "--hf_dir", str(missing), "--out", str(tmp_path / "out")]
