@@ -24,6 +24,8 @@ from pathlib import Path
 
 import zstandard
 
+from dga_jax.errors import InputError
+
 logger = logging.getLogger(__name__)
 
 HOLDOUT_EVERY = 8
@@ -75,15 +77,24 @@ def build_sample_corpus(
 
 
 def _reuse(out_dir: Path, params: dict[str, int]) -> bool:
+    """Whether `out_dir` is a finished corpus of `params`; False if it is absent or an empty
+    directory (one made for it: the rename replaces it)."""
     manifest = out_dir / MANIFEST
     if not manifest.is_file():
-        if out_dir.exists():
+        if out_dir.exists() and not (out_dir.is_dir() and not any(out_dir.iterdir())):
             raise FileExistsError(f"{out_dir} exists but is not a sample corpus (no {MANIFEST})")
         return False
-    built = json.loads(manifest.read_text())
-    if built["params"] != params:
-        raise ValueError(
-            f"sample corpus at {out_dir} was built with {built['params']}, not {params}"
+    try:
+        built = json.loads(manifest.read_text())["params"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(
+            f"sample corpus manifest {manifest} is unreadable ({type(error).__name__}: {error}):"
+            f" delete {out_dir} to rebuild it"
+        ) from error
+    if built != params:
+        raise InputError(
+            f"sample corpus at {out_dir} was built with {built}, not {params}: delete it to "
+            "rebuild it, or use another directory"
         )
     return True
 

@@ -40,6 +40,17 @@ from dga_jax.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
+# The `meta.redpajama_set_name`s of SlimPajama (other data sets in its format may use others).
+SLIMPAJAMA_SET_NAMES = (
+    "RedPajamaArXiv",
+    "RedPajamaBook",
+    "RedPajamaC4",
+    "RedPajamaCommonCrawl",
+    "RedPajamaGithub",
+    "RedPajamaStackExchange",
+    "RedPajamaWikipedia",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
@@ -51,7 +62,9 @@ class DataConfig:
       the other is a `ConfigError`.
     - `tokenizer`: "byte" or a path (see `load_tokenizer`); `add_bos` / `add_eos` wrap each
       document in its BOS / EOS ids.
-    - `set_names`: keep only these `meta.redpajama_set_name`s (empty: all).
+    - `set_names`: keep only these `meta.redpajama_set_name`s (empty: all); a name that is not
+      one of `SLIMPAJAMA_SET_NAMES` is warned about (a misspelt filter keeps nothing, which
+      shows only after reading the whole split).
     - `shuffle_shards`: permute the training shard order per epoch with `seed` (validation is
       always read in sorted order).
     - `num_workers`: Grain worker processes for each JAX process (0: none); it must divide the
@@ -79,6 +92,7 @@ class DataConfig:
                 f"config.data.set_names must be a sequence of names, got {self.set_names!r}"
             )
         object.__setattr__(self, "set_names", tuple(self.set_names))
+        _check_set_names(self.set_names)
         for name in ("train", "validation", "sample_corpus_dir"):
             object.__setattr__(self, name, getattr(self, name) or None)  # ConfigDicts use ""
         if (self.train is None) != (self.validation is None):
@@ -87,17 +101,38 @@ class DataConfig:
                 f"config.data.{given} is set but config.data.{missing} is not: set both "
                 "config.data.train and config.data.validation, or neither for the sample corpus"
             )
-        for name in ("seq_len", "global_batch_size", "eval_batches"):
+        for name, least in _INT_FIELDS.items():
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"config.data.{name} must be a positive int, got {value!r}")
-        if self.num_workers < 0:
-            raise ConfigError(f"config.data.num_workers must be >= 0, got {self.num_workers}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                kind = "a positive int" if least == 1 else f"an int >= {least}"
+                raise ConfigError(f"config.data.{name} must be {kind}, got {value!r}")
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> DataConfig:
         """Builds a config from plain values; an unknown key or a wrong type is a `ConfigError`."""
         return strict.build(cls, values, "data.")
+
+
+# The int fields of `DataConfig` and their least values.
+_INT_FIELDS = {"seq_len": 1, "global_batch_size": 1, "eval_batches": 1, "num_workers": 0}
+
+
+def _check_set_names(set_names: tuple[str, ...]) -> None:
+    """Names must be non-empty strings (a number never matches a record's set name); names
+    SlimPajama does not have are warned about (`RedPajamaGitHub` would keep nothing)."""
+    for name in set_names:
+        if not isinstance(name, str) or not name:
+            raise ConfigError(
+                f"config.data.set_names must hold non-empty strings, got {name!r} in {set_names}"
+            )
+    unknown = [name for name in set_names if name not in SLIMPAJAMA_SET_NAMES]
+    if unknown:
+        logger.warning(
+            "config.data.set_names %s: not SlimPajama set names (%s); records of other "
+            "data sets must carry them in meta.redpajama_set_name, or nothing is kept",
+            unknown,
+            ", ".join(SLIMPAJAMA_SET_NAMES),
+        )
 
 
 class DataIterator(grain.DatasetIterator):
@@ -131,6 +166,11 @@ class DataIterator(grain.DatasetIterator):
         self._step = 0
         self._row_states = {row: initial_row_state() for row in rows}
         self._shards = shard_fingerprint(spec.files)
+        # A row's position names a file by its place in the epoch's order, which the seed sets.
+        self._order = {
+            "shuffle": spec.shuffle_files,
+            "seed": spec.seed if spec.shuffle_files else 0,
+        }
 
     def _build_windows(self) -> grain.DatasetIterator:
         """One window per row in turn, from the current row states."""
@@ -174,22 +214,16 @@ class DataIterator(grain.DatasetIterator):
         )
 
     def get_state(self) -> dict[str, Any]:
-        """`{"step", "rows", "shards"}`: JSON-serialisable, a few integers per row, and the
-        fingerprint of the shard list the rows' positions index (`shard_fingerprint`)."""
+        """`{"step", "rows", "shards", "order"}`: JSON-serialisable, a few integers per row, the
+        fingerprint of the shard list the rows' positions index (`shard_fingerprint`) and the
+        file order (shuffled or not, with which seed) they index it in."""
         rows = {str(row): state for row, state in self._row_states.items()}
-        return {"step": self._step, "rows": rows, "shards": self._shards}
+        return {"step": self._step, "rows": rows, "shards": self._shards, "order": self._order}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Resumes from a `get_state()` of an iterator over the same rows and shard files (a
-        state from before shards were fingerprinted is taken as it is)."""
-        saved = state.get("shards")
-        if saved is not None and saved != self._shards:
-            raise InputError(
-                f"config.data.{self._spec.split}: the shard files changed since this position "
-                f"was saved ({saved['count']} files then, {self._shards['count']} now, or other "
-                "names): it indexes the old list. Resume with the same files, or start a new "
-                "run (--config.init_checkpoint for the weights)"
-            )
+        """Resumes from a `get_state()` of an iterator over the same rows and shard files in the
+        same order (a state from before shards or orders were recorded is taken as it is)."""
+        self._check_same_files(state)
         rows = {int(row): row_state for row, row_state in state["rows"].items()}
         if sorted(rows) != list(self._rows):
             raise ValueError(
@@ -199,6 +233,26 @@ class DataIterator(grain.DatasetIterator):
         self._close_windows()
         self._row_states = rows
         self._step = int(state["step"])
+
+    def _check_same_files(self, state: dict[str, Any]) -> None:
+        """An `InputError` unless `state`'s positions index this iterator's files and order."""
+        saved = state.get("shards")
+        if saved is not None and saved != self._shards:
+            raise InputError(
+                f"config.data.{self._spec.split}: the shard files changed since this position "
+                f"was saved ({saved['count']} files then, {self._shards['count']} now, or other "
+                "names): it indexes the old list. Resume with the same files, or start a new "
+                "run (--config.init_checkpoint for the weights)"
+            )
+        order = state.get("order")
+        if order is not None and order != self._order:
+            raise InputError(
+                f"config.data.{self._spec.split}: the position was saved with shuffle_shards="
+                f"{order['shuffle']}, seed={order['seed']}, not shuffle_shards="
+                f"{self._order['shuffle']}, seed={self._order['seed']}: it would resume in "
+                "other files, re-reading some and skipping others. Resume with config.data.seed="
+                f"{order['seed']}, or start a new run (--config.init_checkpoint for the weights)"
+            )
 
     def close(self) -> None:
         """Stops Grain's workers, if any."""
@@ -281,9 +335,11 @@ def _check_rows(config: DataConfig, rows: Sequence[int]) -> tuple[int, ...]:
 
 
 def _process_rows(config: DataConfig, process_index: int, process_count: int) -> range:
+    if isinstance(process_count, bool) or not isinstance(process_count, int) or process_count < 1:
+        raise ValueError(f"process_count must be a positive int, got {process_count!r}")
     if config.global_batch_size % process_count:
-        raise ValueError(
-            f"data.global_batch_size={config.global_batch_size} must be a multiple of "
+        raise ConfigError(
+            f"config.data.global_batch_size={config.global_batch_size} must be a multiple of "
             f"process_count={process_count}"
         )
     if not 0 <= process_index < process_count:

@@ -9,6 +9,7 @@ from dga_jax.data.corpus import build_sample_corpus
 from dga_jax.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator
 from dga_jax.data.slimpajama import ReadStats, list_shards, read_shard
 from dga_jax.data.tokenizers import ByteTokenizer
+from dga_jax.errors import InputError
 
 SMALL = {"train_shards": 3, "val_shards": 2, "max_bytes": 400_000}
 
@@ -47,8 +48,25 @@ def test_deterministic_and_reused(tmp_path):
     with pytest.raises(ValueError, match="built with"):
         build_sample_corpus(first, **{**SMALL, "train_shards": 4})
     (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="not a sample corpus"):
         build_sample_corpus(tmp_path / "other", **SMALL)
+
+
+def test_an_empty_directory_made_for_the_corpus_is_used(tmp_path):
+    # It was refused as "not a sample corpus", as if it held someone's files.
+    (tmp_path / "made").mkdir()
+    root = build_sample_corpus(tmp_path / "made", **SMALL)
+    assert corpus_files(root) == corpus_files(build_sample_corpus(tmp_path / "fresh", **SMALL))
+
+
+@pytest.mark.parametrize("manifest", ["{cut", "{}", "[]"], ids=["cut", "old", "list"])
+def test_an_unreadable_manifest_is_an_input_error_naming_it(tmp_path, manifest):
+    # A cut or old manifest ended in a JSONDecodeError / KeyError traceback.
+    root = build_sample_corpus(tmp_path / "corpus", **SMALL)
+    (root / "manifest.json").write_text(manifest)
+    with pytest.raises(InputError, match=rf"manifest {root / 'manifest.json'} is unreadable"):
+        build_sample_corpus(root, **SMALL)
 
 
 def test_pipeline_reads_the_sample_corpus_when_no_path_is_set(tmp_path, caplog):

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -147,6 +148,22 @@ def test_a_resume_over_other_shard_files_is_refused(config, corpus, tmp_path):
     make_train_iterator(fewer, process_index=0, process_count=1).set_state(state)
 
 
+def test_a_resume_with_another_shard_order_is_refused(config):
+    # A saved position names a file by its place in the epoch's (seeded) order: with another
+    # seed it resumed in other files, silently re-reading some and skipping others.
+    it = make_train_iterator(config)
+    take(it, 3)
+    state = json.loads(json.dumps(it.get_state()))
+    for other in ({"seed": 1}, {"shuffle_shards": False}):
+        with pytest.raises(InputError, match=r"config.data.train: .* saved with shuffle_shards"):
+            make_train_iterator(dataclasses.replace(config, **other)).set_state(state)
+    resumed = make_train_iterator(config)
+    resumed.set_state(state)
+    assert_same(take(resumed, 2), take(it, 2))
+    del state["order"]  # a state saved before orders were recorded
+    make_train_iterator(dataclasses.replace(config, seed=1)).set_state(state)
+
+
 def test_workers_give_the_same_batches_and_states(config):
     steps = STEPS_PAST_AN_EPOCH
     (plain,) = train_iterators(config, 1)
@@ -187,7 +204,7 @@ def test_configuration_errors(config, corpus, tmp_path):
         )
     with pytest.raises(ConfigError, match=r"config\.data\.seq_len must be a positive int"):
         dataclasses.replace(config, seq_len=0)
-    with pytest.raises(ConfigError, match=r"config\.data\.num_workers must be >= 0"):
+    with pytest.raises(ConfigError, match=r"config\.data\.num_workers must be an int >= 0"):
         dataclasses.replace(config, num_workers=-1)
     with pytest.raises(ConfigError, match=r"config\.data\.set_names must be a sequence"):
         dataclasses.replace(config, set_names="RedPajamaC4")
@@ -262,3 +279,42 @@ def test_explicit_rows_are_those_rows_of_the_global_batch(config):
         make_train_iterator(config, rows=[3, 1])
     with pytest.raises(ValueError, match="rows must be sorted"):
         make_train_iterator(config, rows=[0, config.global_batch_size])
+
+
+@pytest.mark.parametrize("process_count", [0, -2, True])
+def test_a_process_count_that_is_not_positive_is_named(config, process_count):
+    # 0 ended in a ZeroDivisionError from the row split.
+    with pytest.raises(
+        ValueError, match=rf"process_count must be a positive int, got {process_count}"
+    ):
+        make_train_iterator(config, process_index=0, process_count=process_count)
+
+
+def test_a_batch_that_processes_cannot_share_is_a_config_error(config):
+    with pytest.raises(ConfigError, match=r"config\.data\.global_batch_size=4 must be a multiple"):
+        make_train_iterator(config, process_index=0, process_count=8)
+
+
+@pytest.mark.parametrize("workers", [1.5, True, "2"])
+def test_num_workers_that_is_not_an_int_is_a_config_error(config, workers):
+    # They were taken as worker counts: 1.5 reached Grain where it divided the rows.
+    with pytest.raises(ConfigError, match=r"config\.data\.num_workers must be an int >= 0"):
+        dataclasses.replace(config, num_workers=workers)
+
+
+@pytest.mark.parametrize("names", [("RedPajamaC4", 1), ("",), (None,)])
+def test_set_names_that_are_not_names_are_a_config_error(config, names):
+    # A number or "" never matches a record's set name: the filter kept nothing.
+    with pytest.raises(ConfigError, match=r"config\.data\.set_names must hold non-empty strings"):
+        dataclasses.replace(config, set_names=names)
+
+
+def test_a_set_name_slimpajama_does_not_have_is_warned_about(config, caplog):
+    # A misspelt filter keeps nothing, which shows only after an epoch of the whole split.
+    with caplog.at_level(logging.WARNING):
+        dataclasses.replace(config, set_names=("RedPajamaC4", "RedPajamaWikipedia"))
+    assert not caplog.records
+    with caplog.at_level(logging.WARNING):
+        dataclasses.replace(config, set_names=("RedPajamaC4", "RedPajamaGitHub"))
+    assert "['RedPajamaGitHub']: not SlimPajama set names" in caplog.text
+    assert "RedPajamaGithub" in caplog.text

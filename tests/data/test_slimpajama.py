@@ -15,7 +15,7 @@ from dga_jax.data.slimpajama import (
     read_shard,
 )
 from dga_jax.errors import InputError
-from tests.data.conftest import random_text, record, write_jsonl_zst, write_parquet
+from tests.data.conftest import line, random_text, record, write_jsonl_zst, write_parquet
 
 
 def read_all(path, **kwargs):
@@ -191,3 +191,15 @@ def test_list_shards_refuses_a_directory_it_cannot_list(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "scandir", scandir)
     with pytest.raises(InputError, match=r"cannot list shard directory '.*chunk2'"):
         list_shards(str(tmp_path))
+
+
+def test_a_line_spanning_many_read_chunks_is_read_whole(tmp_path, monkeypatch):
+    # The pieces of a line are now joined once it ends (re-joining them at every chunk took
+    # quadratic time: a 128 MB line 14.8 s, now 0.9 s; speed is not asserted here).
+    monkeypatch.setattr("dga_jax.data.slimpajama.READ_CHUNK_BYTES", 16)
+    text = "x" * 4096
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(b"".join(line(v) for v in [record(text), "", "  ", record("after\nit")]))
+    records, stats = read_all(path)
+    assert [r["text"] for r in records] == [text, "after\nit"]
+    assert stats == ReadStats(documents=2)
