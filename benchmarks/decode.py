@@ -96,8 +96,11 @@ class Decoder:
 def model_config(args: argparse.Namespace, variant: str) -> ModelConfig:
     """The preset with the variant's attention and the arguments' DGA settings and dtype."""
     attention, impl = VARIANTS[variant]
+    # The longest prompt and its decode steps must fit: tiny's 32K prompt ran past max_position.
+    positions = max(args.lengths) + args.warmup + args.steps
     return ModelConfig.preset(
         args.preset,
+        max_position=max(PRESETS[args.preset].max_position, positions),
         attention=attention,
         attention_impl=impl,
         dga=DGAConfig(args.group_size, args.focal_ratio, args.selection),

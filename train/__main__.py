@@ -117,6 +117,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         argv = flags.FLAGS(argv)
     except (AttributeError, KeyError) as error:  # ml_collections: a key the config lacks
+        if "'get_config'" in str(error):  # ml_collections: a --config file of something else
+            _exit("--config: the file defines no get_config() (a configs/*.py file does)", 2)
         while isinstance(error, BaseException) and error.args:  # it wraps a KeyError's text
             error = error.args[0]
         _exit(f"unknown config key {error}", 2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any
 
 from dga_jax import ModelConfig, strict
@@ -77,11 +78,19 @@ class OptimConfig:
 
 
 def _not_positive(value: float) -> bool:
+    return not 0 < value < math.inf
+
+
+def _not_a_norm(value: float) -> bool:
     return not value > 0
 
 
 def _negative(value: float) -> bool:
-    return not value >= 0
+    return not 0 <= value < math.inf
+
+
+def _not_a_fraction(value: float) -> bool:
+    return not 0 <= value <= 1
 
 
 def _not_a_decay_rate(value: float) -> bool:
@@ -89,16 +98,18 @@ def _not_a_decay_rate(value: float) -> bool:
 
 
 # OptimConfig values outside which a run trains wrongly without failing: clipping to a norm of 0
-# zeroes every gradient, a learning rate <= 0 stands still or ascends, and so on.
+# zeroes every gradient, a learning rate <= 0 stands still or ascends, an infinite eps zeroes
+# every Adam step, an infinite learning rate or weight decay makes every weight inf after one
+# step, an end factor above 1 anneals upwards, and so on. An infinite clipping norm: no clipping.
 _OPTIM_RANGES = (
-    ("learning_rate", _not_positive, "> 0"),
+    ("learning_rate", _not_positive, "> 0 and finite"),
     ("warmup_steps", _negative, ">= 0"),
-    ("end_learning_rate_factor", _negative, ">= 0"),
-    ("weight_decay", _negative, ">= 0"),
+    ("end_learning_rate_factor", _not_a_fraction, "in [0, 1] (a fraction of learning_rate)"),
+    ("weight_decay", _negative, ">= 0 and finite"),
     ("b1", _not_a_decay_rate, "in [0, 1)"),
     ("b2", _not_a_decay_rate, "in [0, 1)"),
-    ("eps", _not_positive, "> 0"),
-    ("grad_clip_norm", _not_positive, "> 0 (a norm of 0 zeroes every gradient)"),
+    ("eps", _not_positive, "> 0 and finite"),
+    ("grad_clip_norm", _not_a_norm, "> 0 (a norm of 0 zeroes every gradient)"),
 )
 
 
@@ -138,6 +149,13 @@ class RunConfig:
             raise ConfigError(
                 f"config.train.global_batch_size={self.global_batch_size} must be a multiple of "
                 f"config.train.grad_accum_steps={self.grad_accum_steps}"
+            )
+        if not -(2**63) <= self.seed < 2**63:  # JAX's key takes an int64; a traceback past it
+            raise ConfigError(f"config.train.seed must fit in int64, got {self.seed}")
+        if not 0 <= self.peak_flops_per_device < math.inf:  # 0: guessed from the device kind
+            raise ConfigError(
+                "config.train.peak_flops_per_device must be >= 0 and finite (0: guess from the "
+                f"device kind), got {self.peak_flops_per_device}"
             )
         parse_profile_steps(self.profile_steps, self.steps)
 

@@ -77,6 +77,15 @@ def test_good_flags_are_kept():
     assert _parse("decode", ["--warmup", "1", "--dtype", "bfloat16"]).warmup == 1
 
 
+def test_decode_models_hold_the_longest_prompt_and_its_steps():
+    # tiny (max_position 32K) decoded its default 32K prompt 72 positions past it.
+    decode = load_script("decode")
+    args = _parse("decode", [])
+    assert decode.model_config(args, "dga").max_position == 32768 + 8 + 64
+    args = _parse("decode", ["--lengths", "1024"])
+    assert decode.model_config(args, "dense").max_position == 32768  # the preset's
+
+
 @pytest.mark.parametrize(
     "script, argv",
     [

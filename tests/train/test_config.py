@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import math
 import pathlib
 import re
 
@@ -192,9 +193,15 @@ def test_wrong_types_are_named():
         ("learning_rate", -1e-3, "> 0"),
         ("warmup_steps", -5, ">= 0"),
         ("weight_decay", -0.1, ">= 0"),
-        ("end_learning_rate_factor", -0.1, ">= 0"),
+        ("end_learning_rate_factor", -0.1, "in [0, 1]"),
         ("b2", 1.0, "in [0, 1)"),
         ("eps", 0.0, "> 0"),
+        # An infinite value passed: every weight inf after one step, or (eps) every step zero.
+        ("learning_rate", math.inf, "> 0 and finite"),
+        ("weight_decay", math.inf, ">= 0 and finite"),
+        ("eps", math.inf, "> 0 and finite"),
+        # A cosine "decay" to 10 x the peak learning rate (0.1 mistyped as 10) passed.
+        ("end_learning_rate_factor", 10.0, "in [0, 1]"),
     ],
 )
 def test_optimizer_values_that_would_train_wrongly_are_named(key, value, rule):
@@ -202,6 +209,31 @@ def test_optimizer_values_that_would_train_wrongly_are_named(key, value, rule):
     config["optim"][key] = value
     with pytest.raises(ConfigError, match=rf"^config\.optim\.{key} must be {re.escape(rule)}"):
         from_config_dict(config)
+
+
+def test_an_infinite_clipping_norm_turns_clipping_off():
+    config = load("tiny_dga").to_dict()
+    config["optim"]["grad_clip_norm"] = math.inf
+    config["optim"]["end_learning_rate_factor"] = 1.0
+    assert from_config_dict(config).optim.grad_clip_norm == math.inf
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        # Past int64 the run ended in JAX's OverflowError traceback when the model was built.
+        ("seed", 2**63, r"config\.train\.seed must fit in int64, got 9223372036854775808"),
+        ("peak_flops_per_device", -1.0, r"config\.train\.peak_flops_per_device must be >= 0"),
+        ("peak_flops_per_device", math.nan, r"config\.train\.peak_flops_per_device must be >= 0"),
+    ],
+)
+def test_run_values_out_of_range_are_named(key, value, match):
+    config = load("tiny_dga").to_dict()
+    config["train"][key] = value
+    with pytest.raises(ConfigError, match=match):
+        from_config_dict(config)
+    config["train"][key] = {"seed": -(2**63), "peak_flops_per_device": 0.0}[key]
+    assert getattr(from_config_dict(config).train, key) == config["train"][key]
 
 
 @pytest.mark.parametrize("value", ["10", "3,2", "0,1", "5,a", "1,2,3", "190,201"])

@@ -13,11 +13,11 @@ import pytest
 ROOT = Path(__file__).parents[2]
 
 
-def error_line(cwd: Path, *flags: str) -> str:
-    """The one line `python -m train --config=configs/tiny_dga.py *flags` ends with, run in
-    `cwd` (where the default workdir, runs/, would go)."""
+def error_line(cwd: Path, *flags: str, config: str = "configs/tiny_dga.py") -> str:
+    """The one line `python -m train --config=<config> *flags` ends with, run in `cwd` (where
+    the default workdir, runs/, would go)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_"))}
-    config = f"--config={ROOT / 'configs/tiny_dga.py'}"
+    config = f"--config={ROOT / config}"
     result = subprocess.run(
         [sys.executable, "-m", "train", config, "--config.train.steps=1", *flags],
         cwd=cwd,
@@ -53,3 +53,9 @@ def test_flag_mistakes_end_the_launch_naming_them(tmp_path, flags, message):
     line = error_line(tmp_path, *flags)
     assert line.startswith(message), line
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_config_file_without_get_config_is_named(tmp_path):
+    # It was "error: unknown config key module 'config_config' has no attribute 'get_config'".
+    line = error_line(tmp_path, config="train/step.py")
+    assert line == "error: --config: the file defines no get_config() (a configs/*.py file does)"
