@@ -26,9 +26,10 @@ from dga_jax.errors import InputError
 from dga_jax.model.config import ModelConfig, with_token_ids_of
 from train import metrics
 from train.checkpointing import Checkpoints
-from train.config import TrainConfig, resume_changes
+from train.config import TrainConfig
 from train.hosts import rows_state
 from train.inputs import check_inputs, check_num_workers
+from train.resume import resume_changes
 from train.setup import Setup, make_setup, new_model
 from train.setup import lower_train_step as lower_train_step  # public API: kept importable here
 from train.step import TrainState

@@ -18,9 +18,10 @@ import optax
 from dga_jax.data import pipeline
 from train import metrics
 from train.batches import global_batch
-from train.config import TrainConfig, flat_record
+from train.config import TrainConfig
 from train.hosts import StopSignal, all_rows_state
 from train.profiler import StepProfiler
+from train.resume import flat_record
 from train.setup import Setup, step_fn
 from train.step import TrainState, eval_step, learning_rate_schedule
 

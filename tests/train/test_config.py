@@ -9,14 +9,8 @@ import re
 
 import pytest
 
-from train.config import (
-    INPUTS,
-    ConfigError,
-    MeshConfig,
-    flat_record,
-    from_config_dict,
-    resume_changes,
-)
+from train.config import INPUTS, ConfigError, MeshConfig, from_config_dict
+from train.resume import flat_record, resume_changes
 
 CONFIG_DIR = pathlib.Path(__file__).parents[2] / "configs"
 EXPERIMENTS = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem not in ("__init__", "base"))
