@@ -33,10 +33,16 @@ class ContextSplit:
     zigzag: bool = False
 
     def __post_init__(self):
+        names = axis_tuple(self.axis, "ContextSplit's axis")
+        if isinstance(self.axis, list):  # hashable, as jit's static arguments must be
+            object.__setattr__(self, "axis", names)
         if not is_int(self.shards) or self.shards < 1:
             raise ValueError(f"ContextSplit's shards must be an int >= 1, got {self.shards!r}")
-        if (self.shards > 1) != (self.axis is not None):
+        if (self.shards > 1) != bool(names):
             raise ValueError(f"ContextSplit needs a mesh axis iff shards > 1, got {self}")
+        # A truthy string ("contiguous") would silently permute every position.
+        if not isinstance(self.zigzag, bool | np.bool_):
+            raise ValueError(f"ContextSplit's zigzag must be a bool, got {self.zigzag!r}")
 
     @property
     def pieces(self) -> int:
@@ -108,6 +114,21 @@ class ContextSplit:
             order[mine] = p * slots + np.arange(len(mine))
         local = jnp.take(x, jnp.asarray(table)[self.index()], axis=1)
         return jnp.take(self.gather(local, axis=1), jnp.asarray(order), axis=1)
+
+
+def axis_tuple(axes, what: str) -> tuple[str, ...]:
+    """Mesh axes (None, a name, or a tuple or list of distinct names) as a tuple of names;
+    anything else is an error naming `what` (the argument)."""
+    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    if not (
+        isinstance(names, tuple | list)
+        and all(isinstance(name, str) for name in names)
+        and len(set(names)) == len(names)
+    ):
+        raise ValueError(
+            f"{what} must be None, a mesh axis name or a tuple of distinct names, got {axes!r}"
+        )
+    return tuple(names)
 
 
 WHOLE = ContextSplit()

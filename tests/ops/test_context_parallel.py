@@ -14,6 +14,7 @@ import textwrap
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import dga_jax
@@ -400,3 +401,69 @@ def test_dense_split_must_match_its_mesh_axis():
     )
     with pytest.raises(ValueError, match=r"says 2 parts, but mesh axes 'seq' hold 1 devices"):
         jax.jit(sharded)(q, k, v)
+
+
+def test_context_split_checks_its_fields():
+    # A list of axes (PartitionSpec takes one) failed as a non-hashable static argument of jit.
+    listed = ContextSplit(["data", "seq"], 4)
+    assert listed.axis == ("data", "seq") and hash(listed) == hash(ContextSplit(("data", "seq"), 4))
+    # A truthy string such as "contiguous" silently ran zig-zag order.
+    with pytest.raises(ValueError, match="zigzag must be a bool, got 'contiguous'"):
+        ContextSplit("seq", 2, "contiguous")
+    for axis in (3, ("seq", "seq"), ("seq", 1)):
+        with pytest.raises(ValueError, match=r"ContextSplit's axis must be None, a mesh axis"):
+            ContextSplit(axis, 2)
+    with pytest.raises(ValueError, match="needs a mesh axis iff shards > 1"):
+        ContextSplit((), 2)
+
+
+@pytest.mark.parametrize(
+    ("axes", "match"),
+    [
+        (dict(batch="seq", seq="seq"), r"batch and seq both name mesh axis 'seq'"),
+        (dict(seq="tensor", heads="tensor"), r"seq and heads both name mesh axis 'tensor'"),
+        (dict(heads=("tensor", "tensor")), r"heads must be .* distinct names, got \('tensor', "),
+        (dict(heads=2), r"per_shard's heads must be None, a mesh axis name .* got 2$"),
+        (dict(seq="sq"), r"mesh axes \{'seq': \['sq'\]\} are not in the mesh"),
+        (dict(zigzag="contiguous"), "zigzag must be a bool, got 'contiguous'"),
+    ],
+)
+def test_per_shard_names_wrong_axes(axes, match):
+    # Axes shared by two dimensions failed in JAX's PartitionSpec check (or, for the batch, as
+    # a count of the wrong devices); a truthy zigzag string silently permuted the positions.
+    q, k, v = random_qkv(1, 4, 16, 4, 4, 4)
+    abstract = jax.sharding.AbstractMesh((4, 2), ("seq", "tensor"))
+    given = {"batch": None, "seq": "seq", "heads": None, "strategy": "dga", **axes}
+    with jax.sharding.use_abstract_mesh(abstract), pytest.raises(ValueError, match=match):
+        per_shard(_identity, q, k, v, **given)
+
+
+@pytest.mark.parametrize(
+    ("shapes", "lengths", "match"),
+    [
+        (
+            ((16, 4, 4), (1, 16, 2, 4)),
+            None,
+            r"q must have rank 4 \[B, L, H, D\], got shape .16, 4, 4.$",
+        ),
+        (((1, 16, 4, 4), (1, 8, 2, 4)), None, r"agree on length L .*q \(1, 16, 4, 4\), k \(1, 8,"),
+        (((1, 16, 4, 4), (1, 16, 2, 4)), [3, 4], r"lengths must be integers of shape \(1,\)"),
+    ],
+)
+def test_per_shard_names_the_whole_shapes(shapes, lengths, match):
+    # Under a mesh these failed in with_sharding_constraint, or inside the attention with the
+    # shapes of one device's slice.
+    q, kv = (jnp.zeros(shape) for shape in shapes)
+    abstract = jax.sharding.AbstractMesh((4,), ("seq",))
+    axes = dict(batch=None, seq="seq", heads=None, strategy="dga")
+    with jax.sharding.use_abstract_mesh(abstract), pytest.raises(ValueError, match=match):
+        per_shard(_identity, q, kv, kv, lengths=lengths, **axes)
+
+
+def test_per_shard_runs_outside_jit():
+    # Arrays on one device, called eagerly under a mesh: with_sharding_constraint refused them.
+    q, k, v = random_qkv(1, 1, 8, 2, 1, 4)
+    mesh = jax.make_mesh((1,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        out = per_shard(dga_jax.dense_attention, q, k, v, batch=None, seq="seq", heads=None)
+    np.testing.assert_array_equal(out, dga_jax.dense_attention(q, k, v))

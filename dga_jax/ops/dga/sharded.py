@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from dga_jax.ops.context import WHOLE, ContextSplit
+from dga_jax.ops.checks import check_lengths, check_qkv
+from dga_jax.ops.context import WHOLE, ContextSplit, axis_tuple
 from dga_jax.ops.dga.layout import DGALayout
 from dga_jax.sharding import MeshAxes
 
@@ -67,10 +68,19 @@ def per_shard(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"context_parallel must be one of {STRATEGIES}, got {strategy!r}")
+    check_qkv(q, k, v, None)  # here, where the errors can name the whole shapes
+    lengths = check_lengths(lengths, q.shape[0], q.shape[1])
+    named = _check_axes(batch=batch, seq=seq, heads=heads)
     extra = {name: x for name, x in (("lengths", lengths), ("layout", layout)) if x is not None}
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return attention(q, k, v, split=WHOLE, **extra)
+    lacking = {name: [a for a in names if a not in mesh.shape] for name, names in named.items()}
+    lacking = {name: names for name, names in lacking.items() if names}
+    if lacking:
+        raise ValueError(
+            f"per_shard's mesh axes {lacking} are not in the mesh (jax.set_mesh) {dict(mesh.shape)}"
+        )
     for name, axes, size in (("batch", batch, q.shape[0]), ("KV heads", heads, k.shape[2])):
         shards = shard_count(axes)
         if size % shards:
@@ -95,7 +105,6 @@ def per_shard(
         else:
             raise _split_lengths_error(strategy, kv_heads, seq)
     spec = PartitionSpec(batch, seq, heads, None)
-    q, k, v = (jax.lax.with_sharding_constraint(x, spec) for x in (q, k, v))
     split_as = {"lengths": PartitionSpec(batch), "layout": PartitionSpec(batch, attended_heads)}
     names = tuple(extra)
 
@@ -105,7 +114,13 @@ def per_shard(
     specs = (spec,) * 3 + tuple(split_as[name] for name in names)
     # check_vma=False: the Pallas kernels' outputs do not say how they vary over the mesh.
     sharded = jax.shard_map(call, in_specs=specs, out_specs=spec, check_vma=False)
-    return sharded(q, k, v, *extra.values())
+
+    def constrained(q, k, v, *operands):
+        q, k, v = (jax.lax.with_sharding_constraint(x, spec) for x in (q, k, v))
+        return sharded(q, k, v, *operands)
+
+    # jit: outside one, with_sharding_constraint refuses arrays on one device.
+    return jax.jit(constrained)(q, k, v, *extra.values())
 
 
 def choose_strategy(strategy: str, kv_heads: int, seq_len: int, seq: MeshAxes) -> str:
@@ -172,4 +187,19 @@ def shard_count(axes: MeshAxes) -> int:
 
 def axis_names(axes: MeshAxes) -> tuple[str, ...]:
     """Mesh axes (None, a name or names) as a tuple of names."""
-    return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return axis_tuple(axes, "mesh axes")
+
+
+def _check_axes(**axes: MeshAxes) -> dict[str, tuple[str, ...]]:
+    """Each argument's mesh axes as names; one mesh axis cannot split two dimensions."""
+    names = {name: axis_tuple(given, f"per_shard's {name}") for name, given in axes.items()}
+    seen: dict[str, str] = {}
+    for name, mine in names.items():
+        for axis in mine:
+            if axis in seen:
+                raise ValueError(
+                    f"per_shard's {seen[axis]} and {name} both name mesh axis {axis!r}: one "
+                    f"mesh axis splits one dimension (got {axes})"
+                )
+            seen[axis] = name
+    return names
