@@ -332,3 +332,27 @@ def test_interpret_params_are_for_the_tpu_kernels():
     q, k, v = random_qkv(0, 1, 16, 2, 1, 8)
     with pytest.raises(ValueError, match="must be a bool"):
         dga_jax.dga_attention(q, k, v, implementation="pallas_gpu", interpret=TPU_INTERPRET)
+
+
+def test_tpu_kernels_run_under_x64():
+    # Under jax_enable_x64 the grid's KV head index divided int32 by an int64 constant: a
+    # TypeError ("lax.div requires arguments to have the same dtypes") deep in pallas_call.
+    q, k, v = random_qkv(9, 2, 20, 2, 1, 8)
+    with jax.enable_x64(True):
+        dga_kwargs = dict(group_size=4, lengths=jnp.array([20, 9]))
+        got = dga_jax.dga_attention(q, k, v, **TPU, block_sizes=BlockSizes(16, 128), **dga_kwargs)
+        want = dga_jax.dga_attention(q, k, v, implementation="xla", **dga_kwargs)
+    assert got.dtype == jnp.float32
+    assert_close(got[:1], want[:1], FORWARD_TOL[jnp.float32])
+    assert_close(got[1, :9], want[1, :9], FORWARD_TOL[jnp.float32])
+
+
+@pytest.mark.parametrize("kernel", [GPU, TPU], ids=["pallas_gpu", "pallas_tpu"])
+def test_kernels_name_float64_inputs(kernel):
+    # float64 (jax_enable_x64) failed deep in tracing: a while_loop carry of float32 vs float64
+    # on GPU, "64-bit types are not supported" in Mosaic.
+    q, k, v = random_qkv(0, 1, 16, 2, 1, 8)
+    with jax.enable_x64(True):
+        q, k, v = (x.astype(jnp.float64) for x in (q, k, v))
+        with pytest.raises(ValueError, match=r"float32, bfloat16, float16, got float64.*'xla'"):
+            dga_jax.dga_attention(q, k, v, **kernel)

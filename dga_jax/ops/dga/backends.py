@@ -23,6 +23,8 @@ from dga_jax.ops.target import Target, placed_target
 from dga_jax.ops.tiles import BlockSizes
 
 INTERVAL_IMPLEMENTATIONS = ("xla", "pallas_gpu", "pallas_tpu")
+# What the kernels' float32 accumulators take in: float64 (jax_enable_x64) broke deep in tracing.
+KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class KernelBackend(NamedTuple):
@@ -92,6 +94,11 @@ def check_kernel(
             "them on a matching mesh, or pass interpret=True to run it in interpret mode"
         )
     backend.check_interpret(interpret)
+    if q.dtype.name not in KERNEL_DTYPES:
+        raise ValueError(
+            f"implementation={implementation!r} takes q, k, v in {', '.join(KERNEL_DTYPES)}, got "
+            f"{q.dtype.name}: cast them, or use implementation='xla'"
+        )
     block_sizes = backend.default_blocks if block_sizes is None else check_block_sizes(block_sizes)
     backend.check_tiles(block_sizes)
     if interpret is False:

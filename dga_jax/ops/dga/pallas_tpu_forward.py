@@ -114,8 +114,11 @@ class QueryWalk:
 
 
 def _kv_head(h, groups: int):
-    """h // groups for grid indices (non-negative), without a signed floor division on TPU."""
-    return jax.lax.div(h, groups)
+    """h // groups for grid indices (non-negative), without a signed floor division on TPU.
+
+    `groups` takes h's dtype: under jax_enable_x64 a Python int would be int64, which lax.div
+    refuses beside the grid's int32 indices."""
+    return jax.lax.div(h, jnp.asarray(groups, h.dtype))
 
 
 def positions(spec: common.KernelSpec, i) -> jax.Array:
