@@ -298,3 +298,18 @@ def test_a_layout_built_for_another_config_is_refused(other):
     layout = dga_layout(q, k, other, None)
     with pytest.raises(ValueError, match=r"layout was built for LayoutSizes\(seq_len=12"):
         prefill(q, k, v, max_len=20, config=dga_jax.DGAConfig(4, 0.25), layout=layout)
+
+
+def test_apply_update_refuses_another_kinds_update():
+    # A dense cache's update written into a DGA cache was an AttributeError inside `apply`.
+    from dga_jax.ops.dga.decode import apply_update
+
+    q, k, v = random_qkv(0, 1, 8, 2, 1, 8)
+    dga = prefill(q, k, v, max_len=12, config=dga_jax.DGAConfig(4, 0.25))
+    dense = prefill(q, k, v, max_len=12)
+    _, dense_update = dense.attend(q[:, 0], k[:, 0], v[:, 0])
+    message = r"into a DGACache only its own kind of update \(DGAUpdate\), got a DenseUpdate"
+    with pytest.raises(ValueError, match=message):
+        apply_update(dga, dense_update)
+    _, dga_update = dga.attend(q[:, 0], k[:, 0], v[:, 0])
+    assert isinstance(apply_update(dga, dga_update), DGACache)

@@ -220,6 +220,12 @@ def apply_update(
     cache: DGACache | DenseCache | SinkCache, update: DGAUpdate | DenseUpdate | SinkUpdate
 ) -> DGACache | DenseCache | SinkCache:
     """Writes one step's `update` into `cache` (vmap it over a leading layers axis)."""
+    kinds = {DGACache: DGAUpdate, DenseCache: DenseUpdate, SinkCache: SinkUpdate}
+    if kinds.get(type(cache)) is not type(update):  # another kind's: an AttributeError inside
+        raise ValueError(
+            f"apply_update writes into a {type(cache).__name__} only its own kind of update "
+            f"({kinds.get(type(cache), object).__name__}), got a {type(update).__name__}"
+        )
     return cache.apply(update)
 
 
