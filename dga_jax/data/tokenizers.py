@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -200,7 +201,10 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
             except InputError:  # names its own file (a tokenizer_config.json)
                 raise
             except Exception as error:  # SentencePiece and tokenizers raise bare errors
-                raise InputError(f"tokenizer file {path!r} cannot be read: {error}") from error
+                hint = " (a tiktoken file, as LLaMA 3's: pass its tokenizer.json)"
+                hint = hint if suffix == ".model" and _is_tiktoken(path) else ""
+                message = f"tokenizer file {path!r} cannot be read{hint}: {error}"
+                raise InputError(message) from error
     raise InputError(
         f"unknown tokenizer file {path!r}: expected 'byte', a SentencePiece *.model "
         "or a Hugging Face tokenizer.json"
@@ -244,3 +248,10 @@ def _special_tokens_from_config(directory: str) -> dict[str, str]:
         if isinstance(value, str):
             specials[key] = value
     return specials
+
+
+def _is_tiktoken(path: str) -> bool:
+    """Whether a file starts as tiktoken's BPE ranks do ("<base64 token> <rank>" lines), which
+    Meta ships as LLaMA 3's tokenizer.model, a name SentencePiece's files use."""
+    with open(path, "rb") as f:
+        return re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n", f.readline(256)) is not None

@@ -165,3 +165,15 @@ def test_a_bad_tokenizer_config_is_named_not_the_tokenizer_json(
     expected = f"tokenizer config {str(tmp_path / 'tokenizer_config.json')!r} {problem}"
     with pytest.raises(InputError, match=re.escape(expected)):
         load_tokenizer(str(tmp_path))
+
+
+def test_a_tiktoken_tokenizer_model_is_named(tmp_path):
+    # LLaMA 3's original/tokenizer.model is tiktoken's rank list, not SentencePiece: the
+    # error was SentencePiece's parse failure alone.
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(b"IQ== 0\nIg== 1\nIw== 2\n")
+    with pytest.raises(InputError, match=r"a tiktoken file, as LLaMA 3's: pass its tokenizer.json"):
+        load_tokenizer(str(path))
+    path.write_bytes(b"\n\x0fnot a model at all")
+    with pytest.raises(InputError, match=r"tokenizer.model' cannot be read: "):
+        load_tokenizer(str(path))
