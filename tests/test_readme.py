@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import pathlib
 import re
+import shlex
 import tomllib
 
 import pytest
@@ -201,3 +203,165 @@ def test_license_is_an_spdx_expression():
     assert project["project"]["license"] == "Apache-2.0"
     build = " ".join(project["build-system"]["requires"])
     assert re.search(r"setuptools>=(\d+)", build) and int(re.search(r">=(\d+)", build)[1]) >= 77
+
+
+DOCS = {path.name: path.read_text() for path in sorted((ROOT / "docs").glob("*.md"))}
+# `name(..., keyword=)` in prose: a keyword argument the README says `name` takes.
+KEYWORD_MENTION = re.compile(r"`([\w.]+)\(\.\.\.,\s*(\w+)=")
+# A repository file the README or docs/ name: dga_jax/ops/dga/{a,b}.py expands to both files.
+# Only sources and documents: `train/...jsonl.zst` in the notes is SlimPajama's layout.
+REPO_PATH = re.compile(
+    r"(?<![\w/.])((?:dga_jax|train|configs|benchmarks|tests|colab|docs)/[\w./{},-]*"
+    r"\.(?:py|md|ipynb|sh))\b"
+)
+
+
+def keyword_mentions(text: str) -> list[tuple[str, str]]:
+    return KEYWORD_MENTION.findall(text)
+
+
+def test_keyword_mentions_take_their_keyword():
+    """`f(..., kw=)`: f resolves (a bare name as `dga_jax.f`, `Llama.x` as `dga_jax.Llama.x`)
+    and has a parameter kw."""
+    found = keyword_mentions(README)
+    assert ("Llama.prefill", "lengths") in found
+    wrong = []
+    for name, keyword in found:
+        qualified = name if name.startswith("dga_jax.") else f"dga_jax.{name}"
+        try:
+            parameters = inspect.signature(resolve(qualified)).parameters
+        except (AttributeError, ImportError):
+            wrong.append(f"{name}: not found as {qualified}")
+            continue
+        if keyword not in parameters:
+            wrong.append(f"{name} has no {keyword}=")
+    assert not wrong, wrong
+
+
+def test_keyword_mentions_span_lines():
+    text = "`dga_jax.dga_attention(...,\nlengths=)` and `Llama.prefill(..., lengths=)`, `f(x=)`"
+    assert keyword_mentions(text) == [
+        ("dga_jax.dga_attention", "lengths"),
+        ("Llama.prefill", "lengths"),
+    ]
+
+
+def repo_paths(text: str) -> set[str]:
+    """The repository paths `text` names, brace lists expanded, trailing punctuation dropped."""
+    paths = set()
+    for found in REPO_PATH.findall(text):
+        found = found.rstrip(".,")
+        head, brace, rest = found.partition("{")
+        if brace:
+            options, _, tail = rest.partition("}")
+            paths.update(f"{head}{option}{tail}" for option in options.split(","))
+        else:
+            paths.add(found)
+    return paths
+
+
+def test_repo_paths_expand():
+    text = "see dga_jax/ops/dga/pallas_gpu_{forward,backward}.py, and `train/resume.py`."
+    expected = {"dga_jax/ops/dga/pallas_gpu_forward.py", "dga_jax/ops/dga/pallas_gpu_backward.py"}
+    assert repo_paths(text) == expected | {"train/resume.py"}
+
+
+@pytest.mark.parametrize("name", ["README.md", *DOCS])
+def test_named_files_exist(name):
+    text = README if name == "README.md" else DOCS[name]
+    assert name != "README.md" or "dga_jax/ops/dga/capacity.py" in repo_paths(text)
+    missing = sorted(path for path in repo_paths(text) if not (ROOT / path).exists())
+    assert not missing, f"{name} names files that do not exist: {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(DOCS))
+def test_docs_dotted_names_resolve(name):
+    missing = []
+    for dotted in sorted(dotted_names(DOCS[name])):
+        try:
+            resolve(dotted)
+        except (AttributeError, ImportError):
+            missing.append(dotted)
+    assert not missing, f"docs/{name} names that do not resolve: {missing}"
+
+
+def test_bucket_growths_are_the_ones_documented():
+    from dga_jax.generate.inputs import GROWTHS
+
+    assert set(re.findall(r'growth="(\w+)"', README)) == set(GROWTHS)
+
+
+def readme_commands(module: str) -> list[list[str]]:
+    """The argument lists of the README's `python -m module` command lines (bash blocks)."""
+    blocks = "".join(re.findall(r"^```bash\n(.*?)^```$", README, re.MULTILINE | re.DOTALL))
+    return [
+        shlex.split(args.replace("\\\n", " "))
+        for found, args in COMMAND.findall(blocks)
+        if found == module
+    ]
+
+
+@pytest.mark.parametrize(
+    "module, parse",
+    [
+        ("dga_jax.generate", "dga_jax.generate.__main__:parse_args"),
+        ("dga_jax.eval", "dga_jax.eval.__main__:parse_args"),
+        ("dga_jax.checkpoint.convert", "dga_jax.checkpoint.convert:_parser"),
+    ],
+)
+def test_readme_command_lines_parse(module, parse):
+    """Each command line is accepted by the module's own parser: its flags, their values and
+    choices, its subcommand (argparse exits with 2 on any of them)."""
+    source, _, function = parse.partition(":")
+    parser = getattr(importlib.import_module(source), function)
+    lines = readme_commands(module)
+    assert lines, f"no python -m {module} in the README's bash blocks"
+    for argv in lines:
+        parser().parse_args(argv) if function == "_parser" else parser(argv)
+
+
+def config_overrides(text: str) -> list[tuple[str, str]]:
+    """Each `--config.KEY=VALUE` in `text` as (KEY, VALUE); VALUE "" where none is given."""
+    return [
+        (key, value.rstrip(","))
+        for key, value in re.findall(r"--config\.([\w.]+)=([^\s`)]*)", text)
+    ]
+
+
+def test_config_overrides_are_found():
+    text = "`--config.mesh.seq=P`, --config.train.profile_steps=10,12, `--config.x=`"
+    expected = [("mesh.seq", "P"), ("train.profile_steps", "10,12"), ("x", "")]
+    assert config_overrides(text) == expected
+
+
+def has_key(config, key: str) -> bool:
+    for part in key.split("."):
+        if part not in config:
+            return False
+        config = config[part]
+    return True
+
+
+def test_readme_config_overrides_load():
+    """Every `--config.KEY=VALUE` of the README is a key of the configs and, where the value is
+    concrete, `python -m train --config=configs/tiny_dga.py` accepts it (flag parsing and the
+    frozen config's checks). Placeholders (`key=value`, `seq=P`, no value) only name the key."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from configs import base
+    from train.config import from_config_dict
+
+    found = config_overrides(README)
+    assert ("model.overrides.dga.focal_ratio", "0.2") in found
+    placeholders = [key for key, value in found if value in {"", "P", "value"}]
+    assert not [key for key in placeholders if key != "key" and not has_key(base.get_config(), key)]
+    config_file = f"--config={ROOT / 'configs' / 'tiny_dga.py'}"
+    for key, value in found:
+        if value in {"", "P", "value"}:
+            continue
+        argv = ["train", config_file, f"--config.{key}={value}"]
+        values = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv)
+        values(argv)
+        from_config_dict(values.config)
