@@ -6,7 +6,8 @@
 
 Writes `<task>.jsonl` (one record per example; a rerun skips those already there),
 `summary.json`, `results.md` and plots to --out, and prints one summary line. Input errors
-(a missing file, a bad flag value) exit with status 2 and a message naming the problem.
+(a missing file, a bad flag value) exit with status 2 and a message naming the problem; Ctrl-C
+exits with status 130, keeping the records written so far (the same command resumes).
 """
 
 from __future__ import annotations
@@ -152,13 +153,24 @@ def fail(message: str) -> NoReturn:
     sys.exit(2)
 
 
-def build_tasks(args: argparse.Namespace, max_length: int) -> list[Task]:
-    """The tasks named by --tasks, configured from their flags."""
+def check_task_flags(args: argparse.Namespace) -> None:
+    """The task names and the data flags they need: checked before the model loads (minutes
+    for a 7B checkpoint), not after it."""
     unknown = [t for t in args.tasks if t not in TASKS]
     if unknown or not args.tasks:
         raise InputError(f"--tasks {','.join(args.tasks)!r}: each must be one of {TASKS}")
+    if "ppl" in args.tasks and not args.ppl_data:
+        raise InputError("--tasks ppl needs --ppl_data (a directory of .txt or shards)")
+    if "longbench_e" in args.tasks and not args.longbench_dir:
+        raise InputError("--tasks longbench_e needs --longbench_dir (LongBench's data folder)")
+
+
+def build_tasks(args: argparse.Namespace, max_length: int) -> list[Task]:
+    """The tasks named by --tasks, configured from their flags; a task named twice runs once
+    (twice, its second run found every record there and reported 0 examples evaluated)."""
+    check_task_flags(args)
     tasks: list[Task] = []
-    for name in args.tasks:
+    for name in dict.fromkeys(args.tasks):
         if name == "passkey":
             tasks.append(_passkey(args, max_length))
         elif name == "lines":
@@ -181,8 +193,6 @@ def _passkey(args: argparse.Namespace, max_length: int) -> Task:
 
 
 def _perplexity(args: argparse.Namespace, max_length: int) -> Task:
-    if not args.ppl_data:
-        raise InputError("--tasks ppl needs --ppl_data (a directory of .txt or shards)")
     task = Perplexity(
         args.ppl_data, args.ppl_window, args.ppl_stride, args.ppl_convention, args.ppl_max_docs
     )
@@ -193,8 +203,6 @@ def _perplexity(args: argparse.Namespace, max_length: int) -> Task:
 def _longbench(args: argparse.Namespace, max_length: int) -> Task:
     from dga_jax.eval.longbench import LongBenchE
 
-    if not args.longbench_dir:
-        raise InputError("--tasks longbench_e needs --longbench_dir (LongBench's data folder)")
     name = args.model_name or os.path.basename(os.path.abspath(args.checkpoint))  # "." too
     if args.attention:
         name += f"-{args.attention}"
@@ -236,12 +244,27 @@ def _extrapolation(args: argparse.Namespace, config: ModelConfig) -> dict[str, i
     return {"max_position": args.max_length}
 
 
+def make_out_dir(out: str) -> None:
+    """Makes --out now, before the model loads: a path that cannot be the output directory (a
+    file, no permission) ended the run only when its first records were to be written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out!r} is a file, not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out!r} cannot be the output directory: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out!r} cannot be the output directory: it is not writable")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Loads the checkpoint on a mesh, runs the tasks, prints the summary line."""
     args = parse_args(argv)
     if not os.path.isdir(args.checkpoint):
         fail(f"--checkpoint {args.checkpoint!r} is not a directory")
     try:
+        make_out_dir(args.out)
+        check_task_flags(args)
         tokenizer = load_tokenizer(args.tokenizer)
         mesh = make_mesh(mesh_shape(args.mesh, len(jax.devices()), "--mesh"))
         changes = attention_changes(
@@ -268,6 +291,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary = evaluate(tasks, engine, args.out, chunk=args.chunk, progress=True, info=info)
     except (InputError, ValueError, OSError) as e:
         fail(str(e))
+    except KeyboardInterrupt:  # Ctrl-C: the records written so far stay, a rerun resumes
+        sys.stderr.write(
+            f"python -m dga_jax.eval: interrupted; the records written so far are in "
+            f"{args.out}: rerun the same command to resume\n"
+        )
+        sys.exit(130)
     print(one_line(summary))
 
 

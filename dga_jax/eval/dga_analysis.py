@@ -112,6 +112,8 @@ def dga_mass(
 
 def plot_mass_shares(shares: list[dict[str, float]], path: str | Path) -> Path:
     """Stacked bars per layer of the focal, group and raw shares (`dga_mass_shares`)."""
+    if not shares:
+        raise ValueError("plot_mass_shares needs the shares of one layer or more, got none")
     fig, ax = figure()
     layers = np.arange(len(shares))
     bottom = np.zeros(len(shares))

@@ -38,7 +38,8 @@ def walk_layers(
     probe: Probe | None = None,
     layers: Collection[int] | None = None,
 ) -> tuple[jax.Array, list[Any]]:
-    """Runs the decoder layers in order on embeddings x [B, T, D] at positions 0..T-1.
+    """Runs the decoder layers in order on embeddings x [B, T, D] at positions 0..T-1 (T past
+    the model's max_position is an error, as in the model's forward).
 
     Returns (the last layer's output [B, T, D], which `model.logits` turns into the model's
     logits, and per layer `probe(layer, layer input, positions)` or None). `layers`: the layer
@@ -139,7 +140,14 @@ def _build(config: ModelConfig, rules: LogicalRules) -> Llama:
 
 
 def _positions(model: Llama, batch: int, seq_len: int) -> jax.Array:
-    """[B, T] positions 0..T-1: the analyses need rows in sequence order."""
+    """[B, T] positions 0..T-1: the analyses need rows in sequence order, within the model's
+    positions (the model's forward refuses more, where RoPE would extrapolate silently)."""
+    if not model.config.positions_fit(seq_len):
+        raise ValueError(
+            f"{seq_len} positions are past the model's max_position="
+            f"{model.config.max_position}: shorten the rows or raise max_position to "
+            "extrapolate knowingly"
+        )
     if not np.array_equal(model.row_positions(seq_len), np.arange(seq_len)):
         raise ValueError("the analyses need whole sequences in order, not a zig-zag split")
     return jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len))

@@ -253,3 +253,19 @@ def test_p_sparse_of_several_rho_is_not_labelled_with_the_first(tmp_path, monkey
     analysis.plot_p_sparse({"rho 0.01": {64: one}, "rho 0.1": {64: other}}, tmp_path / "a.png")
     analysis.plot_p_sparse({64: one}, tmp_path / "b.png")
     assert labels == ["P_sparse(L, rho)", "P_sparse(L, rho=0.01)"]
+
+
+def test_the_analyses_refuse_rows_past_max_position():
+    # The model's forward refuses them; the layer walk ran them, RoPE extrapolating silently.
+    short = Llama(TINY.replace(attention="dga", max_position=16), rngs=nnx.Rngs(0))
+    message = "32 positions are past the model's max_position=16"
+    with pytest.raises(ValueError, match=message):
+        dga_analysis.dga_mass_shares(short, tokens(1, 32))
+    with pytest.raises(ValueError, match=message):
+        layerwise.walk_layers(short, short.embed_tokens(jnp.asarray(tokens(1, 32))))
+
+
+def test_mass_shares_of_no_layer_are_refused_not_an_empty_plot(tmp_path):
+    with pytest.raises(ValueError, match="plot_mass_shares needs the shares of one layer or more"):
+        dga_analysis.plot_mass_shares([], tmp_path / "mass.png")
+    assert not (tmp_path / "mass.png").exists()

@@ -11,6 +11,7 @@ import pytest
 
 from dga_jax.errors import InputError, MissingInputError
 from dga_jax.eval import Lines, Passkey, Perplexity, evaluate, longlora_lengths, run_task
+from dga_jax.eval import __main__ as cli
 from dga_jax.eval.engine import TokenScores
 from dga_jax.eval.lines import HEADER, last_integer, lines_case, lines_prompt
 from dga_jax.eval.passkey import TASK_LINE, passkey_prompt
@@ -515,3 +516,81 @@ def test_a_diverged_models_ppl_is_inf_not_an_overflow(tmp_path):
     summary, _, _ = run_task(Perplexity(str(tmp_path), stride=2), Diverged(None, 4), tmp_path / "o")
     assert summary.metrics["ppl"] == math.inf
     assert set(summary.metrics["by_position"].values()) == {math.inf}
+
+
+def not_loaded(spec):
+    raise AssertionError("the tokenizer and model were loaded before --out was checked")
+
+
+def test_cli_refuses_an_out_that_is_not_a_directory_before_loading(tmp_path, capsys, monkeypatch):
+    # Was "[Errno 17] File exists: ...", naming no flag, after the model had loaded.
+    monkeypatch.setattr(cli, "load_tokenizer", not_loaded)
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    base = ["--checkpoint", str(tmp_path), "--tokenizer", "byte", "--out"]
+    for out, problem in ((taken, "is a file, not a directory"), (taken / "sub", "Not a directory")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([*base, str(out)])
+        assert exit_info.value.code == 2
+        assert f"error: --out '{out}' " in (err := capsys.readouterr().err) and problem in err
+
+
+def test_cli_ctrl_c_exits_without_a_traceback_and_says_how_to_resume(tmp_path, capsys, monkeypatch):
+    def interrupted(spec):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "load_tokenizer", interrupted)
+    flags = ["--checkpoint", str(tmp_path), "--tokenizer", "byte", "--out", str(tmp_path / "o")]
+    try:
+        cli.main(flags)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main with a traceback")
+    except SystemExit as exit_info:
+        assert exit_info.code == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; the records written so far are in {tmp_path / 'o'}" in err
+
+
+def test_records_written_before_an_interruption_are_kept_and_resumed(tmp_path):
+    task, engine = Passkey([50], trials=6), OracleEngine(passkey_answer)
+    evaluate_all, calls = task.evaluate, []
+
+    def interrupted_second_chunk(engine, examples):
+        calls.append(len(examples))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate_all(engine, examples)
+
+    task.evaluate = interrupted_second_chunk
+    with pytest.raises(KeyboardInterrupt):
+        run_task(task, engine, tmp_path, chunk=2)
+    assert len(read_records(tmp_path / "passkey.jsonl")) == 2
+    task.evaluate = evaluate_all
+    summary, _, now = run_task(task, engine, tmp_path, chunk=2)
+    assert now == 4 and summary.metrics["accuracy"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tasks", "passkey,nope"], "--tasks 'passkey,nope': each must be one of"),
+        (["--tasks", "passkey,ppl"], "--tasks ppl needs --ppl_data"),
+        (["--tasks", "longbench_e"], "--tasks longbench_e needs --longbench_dir"),
+    ],
+)
+def test_cli_task_flags_are_checked_before_the_model_loads(
+    tmp_path, capsys, monkeypatch, flags, message
+):
+    # A mistyped task name ended the run after the checkpoint had loaded (minutes for 7B).
+    monkeypatch.setattr(cli, "load_tokenizer", not_loaded)
+    base = ["--checkpoint", str(tmp_path), "--tokenizer", "byte", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*base, *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_task_named_twice_runs_once(tmp_path):
+    # Twice, its second run reported "evaluated_now": 0 for the examples the first evaluated.
+    flags = ["--checkpoint", "c", "--tokenizer", "byte", "--out", "o", "--passkey_lengths", "40"]
+    tasks = cli.build_tasks(cli.parse_args([*flags, "--tasks", "passkey,lines,passkey"]), 2000)
+    assert [task.name for task in tasks] == ["passkey", "lines"]
