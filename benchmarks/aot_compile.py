@@ -28,9 +28,12 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; targets are topologies
 
 import jax
-from common import environment, positive_ints, positive_ints_or_none
+from common import environment, out_dir, positive_int, positive_ints, positive_ints_or_none
 
 from dga_jax import aot
+from dga_jax.model.config import REMAT_POLICIES
+from dga_jax.ops.dga.config import SELECTIONS
+from dga_jax.ops.dga.sharded import STRATEGIES
 from dga_jax.ops.tiles import BlockSizes
 
 sys.path.insert(0, str(Path(__file__).parents[1]))  # `train/` and `configs/` are the repo's
@@ -48,7 +51,7 @@ def main() -> int:
 
     def keep(new: list[aot.CompileReport]) -> None:  # written as they come: nothing is lost
         reports.extend(new)
-        _write(reports, Path(args.out))
+        _write(reports, args.out)
 
     for target in args.targets:
         keep(_kernels(target, args))
@@ -155,8 +158,19 @@ def _write(reports: list[aot.CompileReport], out: Path) -> None:
         "environment": {**environment(), "backend": "cpu host, compile-only target devices"},
         "reports": [dataclasses.asdict(r) for r in reports],
     }
-    (out / "aot_compile.json").write_text(json.dumps(payload, indent=1) + "\n")
-    (out / "aot_compile.md").write_text(_markdown(reports))
+    _replace(out / "aot_compile.json", json.dumps(payload, indent=1) + "\n")
+    _replace(out / "aot_compile.md", _markdown(reports))
+
+
+def _replace(path: Path, text: str) -> None:
+    """Writes `path` whole or not at all: an interrupted run (Ctrl-C in a half-hour matrix, a
+    full disk) leaves the previous results, never a truncated file."""
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        partial.write_text(text)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def _markdown(reports: list[aot.CompileReport]) -> str:
@@ -185,26 +199,58 @@ def _strings(text: str) -> list[str]:
     return [x for x in text.split(",") if x]
 
 
+def _selections(text: str) -> list[str]:
+    """argparse type: a comma list of DGA selection rules."""
+    unknown = [x for x in _strings(text) if x not in SELECTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown selections {unknown}; choose from {SELECTIONS}")
+    return _strings(text)
+
+
+def _fields(item: str, form: str, counts: tuple[int, ...]) -> list[str]:
+    """`item` split at ':' into one of `counts` fields, else an argparse error showing `form`."""
+    fields = item.split(":")
+    if len(fields) not in counts:
+        raise argparse.ArgumentTypeError(f"{item!r} is not {form}")
+    return fields
+
+
 def _recipes(text: str) -> list[tuple[str, int]]:
-    pairs = [item.split(":") for item in text.split(",") if item]
-    return [(target, int(chips)) for target, chips in pairs]
+    """argparse type: TARGET:CHIPS,..."""
+    pairs = [_fields(item, "TARGET:CHIPS", (2,)) for item in _strings(text)]
+    return [(target, positive_int(chips)) for target, chips in pairs]
 
 
 def _long_recipes(text: str) -> list[tuple[str, int, str, str | None]]:
-    fields = [item.split(":") + [""] for item in text.split(",") if item]
-    return [(f[0], int(f[1]), f[2], f[3] or None) for f in fields]
+    """argparse type: TARGET:CHIPS:STRATEGY[:REMAT],..."""
+    form = "TARGET:CHIPS:STRATEGY[:REMAT]"
+    recipes = []
+    for item in _strings(text):
+        target, chips, strategy, remat = [*_fields(item, form, (3, 4)), None][:4]
+        if strategy not in STRATEGIES:
+            raise argparse.ArgumentTypeError(f"{item!r}: strategy must be one of {STRATEGIES}")
+        if remat and remat not in REMAT_POLICIES:
+            raise argparse.ArgumentTypeError(f"{item!r}: remat must be one of {REMAT_POLICIES}")
+        recipes.append((target, positive_int(chips), strategy, remat or None))
+    return recipes
 
 
 def _blocks(text: str) -> list[BlockSizes]:
-    pairs = [item.split("x") for item in text.split(",") if item]
-    return [BlockSizes(block_q=int(q), block_k=int(k)) for q, k in pairs]
+    """argparse type: QxK,QxK,..."""
+    blocks = []
+    for item in _strings(text):
+        sizes = item.split("x")
+        if len(sizes) != 2:
+            raise argparse.ArgumentTypeError(f"{item!r} is not QxK (e.g. 64x64)")
+        blocks.append(BlockSizes(block_q=positive_int(sizes[0]), block_k=positive_int(sizes[1])))
+    return blocks
 
 
 def _parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--targets", default=",".join(aot.TARGETS), type=_strings)
     p.add_argument("--lengths", default="2048,32768,131072", type=positive_ints)
-    p.add_argument("--selections", default="global,streaming", type=_strings)
+    p.add_argument("--selections", default=",".join(SELECTIONS), type=_selections)
     p.add_argument(
         "--blocks", type=_blocks, help="QxK,QxK,... block sizes (default: each backend's defaults)"
     )
@@ -227,18 +273,23 @@ def _parse_args():
         help="TARGET:CHIPS:STRATEGY[:REMAT],... for the 7B step at --long-length, sequence over"
         " CHIPS",
     )
-    p.add_argument("--long-length", default=131072, type=int)
+    p.add_argument("--long-length", default=131072, type=positive_int)
     p.add_argument(
         "--expect-failures",
         action="store_true",
         help="exit 0 even if a compile fails (exploring block sizes)",
     )
-    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--out", type=out_dir, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
     named = set(args.targets) | {t for t, _ in args.recipes} | {t for t, *_ in args.long_recipes}
     unknown = sorted(named - set(aot.TARGETS))
     if unknown:
         p.error(f"unknown targets {unknown}; choose from {sorted(aot.TARGETS)}")
+    for target, chips, *_ in args.recipes + args.long_recipes:
+        try:
+            aot.check_target(target, chips)
+        except ValueError as error:
+            p.error(f"--recipes / --long-recipes: {error}")
     if jax.default_backend() != "cpu":
         p.error("run with JAX_PLATFORMS=cpu: the host compiles, the targets are topologies")
     return args

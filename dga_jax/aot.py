@@ -32,7 +32,14 @@ import jax.numpy as jnp
 from jax.experimental.topologies import get_topology_desc
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dga_jax.compile_stats import KernelStats, kernel_stats, largest_buffers, xla_peak_bytes
+from dga_jax.compile_stats import (
+    MEMORY_FIELDS,
+    KernelStats,
+    kernel_stats,
+    largest_buffers,
+    memory_sizes,
+    xla_peak_bytes,
+)
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dga.api import dga_attention
 from dga_jax.ops.dga.sharded import per_shard
@@ -83,13 +90,11 @@ device_description_str: "%s"
 
 def target_devices(target: str, chips: int = 4) -> list[jax.Device]:
     """`chips` compile-only devices of `target` (a key of `TARGETS`), one per chip."""
-    spec = _spec(target)
+    spec = check_target(target, chips)
     if spec.platform == "gpu":
         config = _HOPPER_SPEC % (spec.device_memory_bytes, spec.device_kind)
         desc = get_topology_desc(platform="cuda", target_config=config, topology=f"1x1x{chips}")
         return list(desc.devices)
-    if chips not in spec.topologies:
-        raise ValueError(f"{target}: chips must be one of {sorted(spec.topologies)}, got {chips}")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no metadata server: a topology only
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # no chip to lock: processes share
     desc = get_topology_desc(
@@ -250,10 +255,9 @@ def compile_report(label: str, lowered: jax.stages.Lowered, target: str) -> Comp
         seconds = time.perf_counter() - start
         kernels = kernel_stats(Path(dump), spec.arch) if spec.platform == "gpu" else ()
         largest = largest_buffers(Path(dump))
-    memory, peak = compiled.memory_analysis(), xla_peak_bytes(compiled)
-    error = None
-    if peak > spec.device_memory_bytes:
-        error = f"needs {peak:,} bytes per device; {target} has {spec.device_memory_bytes:,}"
+    memory = memory_sizes(compiled) or dict.fromkeys(MEMORY_FIELDS)  # None: the backend has none
+    peak = xla_peak_bytes(compiled)
+    error = _memory_error(peak, target, spec)
     spilled = [k.name for k in kernels if k.spill_bytes]
     if spilled:
         error = (error + "; " if error else "") + f"register spills in {', '.join(spilled)}"
@@ -263,15 +267,40 @@ def compile_report(label: str, lowered: jax.stages.Lowered, target: str) -> Comp
         ok=error is None,
         seconds=seconds,
         error=error,
-        argument_bytes=memory.argument_size_in_bytes,
-        output_bytes=memory.output_size_in_bytes,
-        temp_bytes=memory.temp_size_in_bytes,
-        alias_bytes=memory.alias_size_in_bytes,
+        argument_bytes=memory["argument_size_in_bytes"],
+        output_bytes=memory["output_size_in_bytes"],
+        temp_bytes=memory["temp_size_in_bytes"],
+        alias_bytes=memory["alias_size_in_bytes"],
         peak_bytes=peak,
         device_memory_bytes=spec.device_memory_bytes,
         kernels=kernels,
         largest=largest,
     )
+
+
+def _memory_error(peak: int | None, target: str, spec: TargetSpec) -> str | None:
+    """Why the compile cannot run on `target` for lack of device memory, if it cannot. XLA:TPU
+    refuses such a compile itself; a deviceless GPU compile does not check, so a GPU target
+    without a memory analysis is unchecked, and says so."""
+    if peak is None and spec.platform == "gpu":
+        return f"no memory analysis from the compiler: {target}'s device memory unchecked"
+    if peak is None or peak <= spec.device_memory_bytes:
+        return None
+    return (
+        f"needs {peak:,} bytes ({peak / GIB:,.2f} GiB) per device; {target} has "
+        f"{spec.device_memory_bytes:,} ({spec.device_memory_bytes / GIB:,.2f} GiB)"
+    )
+
+
+def check_target(target: str, chips: int) -> TargetSpec:
+    """`target`'s spec; a ValueError naming the target and the chip counts it has otherwise
+    (before any compile: XLA's own errors for a bad count do not name it)."""
+    spec = _spec(target)
+    if spec.platform == "gpu" and not (isinstance(chips, int) and chips >= 1):
+        raise ValueError(f"{target}: chips must be an int >= 1, got {chips!r}")
+    if spec.platform == "tpu" and chips not in spec.topologies:
+        raise ValueError(f"{target}: chips must be one of {sorted(spec.topologies)}, got {chips}")
+    return spec
 
 
 def _spec(target: str) -> TargetSpec:

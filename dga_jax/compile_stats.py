@@ -32,7 +32,8 @@ _COLLECTIVE = re.compile(
     r"=\s*(\(.*?\)|\S+)\s+(all-gather|all-reduce|all-to-all|reduce-scatter|"
     r"collective-permute)(-start)?\("
 )
-_ARRAY = re.compile(r"\b(pred|[a-z]+\d+)\[([\d,]*)\]")
+# An array shape: dtype (f32, bf16, and FP8/FP4 types such as f8e4m3fn) and dimensions.
+_ARRAY = re.compile(r"\b(pred|[a-z]+\d+(?:e\d+m\d+[a-z\d]*)?)\[([\d,]*)\]")
 
 
 def collectives(compiled: jax.stages.Compiled) -> list[Collective]:
@@ -72,7 +73,8 @@ def _tuple_elements(shape: str) -> list[str]:
 
 
 def _itemsize(dtype: str) -> int:
-    return 1 if dtype == "pred" else max(1, int(re.sub(r"\D", "", dtype)) // 8)
+    """Bytes per element: the bits after the type letters (f8e4m3fn: 8), sub-byte types as 1."""
+    return 1 if dtype == "pred" else max(1, int(re.match(r"[a-z]+(\d+)", dtype)[1]) // 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,13 +88,30 @@ class KernelStats:
     warnings: tuple[str, ...] = ()
 
 
+MEMORY_FIELDS = (
+    "argument_size_in_bytes",
+    "output_size_in_bytes",
+    "temp_size_in_bytes",
+    "alias_size_in_bytes",
+)
+
+
+def memory_sizes(compiled: jax.stages.Compiled) -> dict[str, int] | None:
+    """`MEMORY_FIELDS` of `compiled.memory_analysis()`, per device; None where the backend gives
+    no analysis (JAX returns None) or one without all of them (its structure is not fixed)."""
+    analysis = compiled.memory_analysis()
+    sizes = {name: getattr(analysis, name, None) for name in MEMORY_FIELDS}
+    return None if any(size is None for size in sizes.values()) else sizes
+
+
 def xla_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
-    """XLA's buffer-assignment peak per device: arguments + outputs + temporaries - aliased."""
-    m = compiled.memory_analysis()
+    """XLA's buffer-assignment peak per device: arguments + outputs + temporaries - aliased;
+    None where `memory_sizes` is."""
+    m = memory_sizes(compiled)
     if m is None:
         return None
-    temp = m.temp_size_in_bytes
-    return m.argument_size_in_bytes + m.output_size_in_bytes + temp - m.alias_size_in_bytes
+    used = m["argument_size_in_bytes"] + m["output_size_in_bytes"] + m["temp_size_in_bytes"]
+    return used - m["alias_size_in_bytes"]
 
 
 _ALLOCATION = re.compile(r"^allocation \d+: size \d+, (.*):$")

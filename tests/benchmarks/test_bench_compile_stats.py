@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dga_jax.compile_stats import collectives, largest_buffers
+from dga_jax.compile_stats import MEMORY_FIELDS, collectives, largest_buffers, xla_peak_bytes
 
 # From the optimized HLO of an H100 compile: combined async starts, (operands, results).
 _GPU_HLO = """\
@@ -54,6 +54,44 @@ def test_an_async_start_counts_all_of_its_results_and_none_of_its_operands():
         256 * 512,
         81920,
     ]
+
+
+def test_fp8_and_complex_collectives_count_their_bytes():
+    """FP8 weights gathered (as MaxText's FP8 training does): one byte an element, not a crash."""
+    hlo = """\
+  %all-gather = f8e4m3fn[64,128]{1,0} all-gather(%p), replica_groups={{0,1}}, dimensions={0}
+  %all-gather-start = (f8e5m2[32,128]{1,0}, f8e5m2[64,128]{1,0}) all-gather-start(%q)
+  %all-reduce = c64[8]{0} all-reduce(%r), to_apply=%add
+"""
+    found = collectives(_Compiled(hlo))
+    assert [(c.op, c.elements, c.bytes) for c in found] == [
+        ("all-gather", 64 * 128, 64 * 128),
+        ("all-gather", 64 * 128, 64 * 128),
+        ("all-reduce", 8, 8 * 8),
+    ]
+
+
+class _Analyzed:
+    def __init__(self, analysis):
+        self.analysis = analysis
+
+    def memory_analysis(self):
+        return self.analysis
+
+
+class _Sizes:
+    def __init__(self, **sizes):
+        self.__dict__.update(sizes)
+
+
+def test_peak_bytes_is_none_without_a_whole_memory_analysis():
+    """JAX's memory_analysis() is None where a backend has none, and its structure is not fixed:
+    a missing size is unknown, not 0 (which would understate the peak)."""
+    sizes = dict(zip(MEMORY_FIELDS, (100, 20, 300, 20), strict=True))
+    assert xla_peak_bytes(_Analyzed(_Sizes(**sizes))) == 100 + 20 + 300 - 20
+    assert xla_peak_bytes(_Analyzed(None)) is None
+    partial = {name: size for name, size in sizes.items() if name != "alias_size_in_bytes"}
+    assert xla_peak_bytes(_Analyzed(_Sizes(**partial))) is None
 
 
 def _sorted_product(x, w):
