@@ -11,6 +11,7 @@ from flax import nnx
 
 from dga_jax.model.attention import DGAttention
 from dga_jax.model.config import ModelConfig
+from dga_jax.model.inputs import check_ids, checked_positions, checked_tokens
 from dga_jax.model.layers import MLP, PROJECTION, RMSNorm, param
 from dga_jax.ops.checks import is_int
 from dga_jax.ops.context import zigzag_order
@@ -153,16 +154,10 @@ class Llama(nnx.Module):
         (`ModelConfig.positions_fit`): raise max_position to extrapolate knowingly.
         """
         config = self.config
-        tokens = check_ids(tokens, "tokens", 2, config.vocab_size)
-        if not config.positions_fit(tokens.shape[1]):
-            raise ValueError(
-                f"tokens {list(tokens.shape)}: {tokens.shape[1]} positions are past the model's "
-                f"max_position={config.max_position}, where RoPE would extrapolate silently: "
-                "shorten the sequence or build the model with max_position raised"
-            )
+        tokens = checked_tokens(tokens, self.config)
         if positions is None:
             positions = self.row_positions(tokens.shape[1])
-        positions = _checked_positions(positions, tokens.shape)
+        positions = checked_positions(positions, tokens.shape, config)
         x = self.embed_tokens(tokens)
         graphdef, state = nnx.split(self.layers)
 
@@ -201,6 +196,7 @@ class Llama(nnx.Module):
         all that generation needs (the LM head over every position is P x V floats: 4 GiB for
         LLaMA2-7B at 32K).
         """
+        tokens = jnp.asarray(tokens)  # checked by `prefill_hidden`
         x, caches = self.prefill_hidden(tokens, max_len, capacity, lengths=lengths)
         if last_only:
             last = tokens.shape[1] - 1 if lengths is None else jnp.asarray(lengths) - 1
@@ -217,7 +213,16 @@ class Llama(nnx.Module):
     ) -> tuple[jax.Array, DGACache | DenseCache]:
         """`prefill` up to the last layer's output [B, P, D] (before the final norm, as `hidden`
         gives it): a caller that needs every position's scores runs the LM head over slices
-        of it (`logits`), not over all P x V at once."""
+        of it (`logits`), not over all P x V at once.
+
+        Tokens are checked as `hidden` checks them; with `lengths`, P may pass max_position (a
+        bucket's padding): the caller checks the rows' own lengths."""
+        tokens = jnp.asarray(tokens)
+        if tokens.size:  # an empty prompt is named by the cache's prefill
+            if lengths is None:
+                tokens = checked_tokens(tokens, self.config)
+            else:
+                tokens = check_ids(tokens, "tokens", 2, self.config.vocab_size)
         graphdef, state = nnx.split(self.layers)
 
         def layer_step(x, layer_state):
@@ -229,7 +234,17 @@ class Llama(nnx.Module):
     def decode_step(
         self, tokens: jax.Array, caches: DGACache | DenseCache
     ) -> tuple[jax.Array, DGACache | DenseCache]:
-        """tokens: [B] int, the next token of each row -> (logits [B, V] float32, caches)."""
+        """tokens: [B] int, the next token of each row -> (logits [B, V] float32, caches).
+
+        Ids are checked as `hidden` checks them (NaN logits where traced ids are outside the
+        vocabulary), and B against the caches' rows."""
+        tokens = check_ids(tokens, "tokens", 1, self.config.vocab_size)
+        rows = caches.length.shape[-1]  # length: [num_layers, B]
+        if tokens.shape[0] != rows:
+            raise ValueError(
+                f"tokens {list(tokens.shape)}: decode_step takes one token for each of the "
+                f"caches' {rows} rows"
+            )
         graphdef, state = nnx.split(self.layers)
 
         def layer_step(x, inputs):
@@ -313,37 +328,3 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     inside = (targets >= 0) & (targets < logits.shape[-1])
     return jnp.where(inside, jax.nn.logsumexp(logits, axis=-1) - picked, jnp.nan)
-
-
-def check_ids(ids, name: str, ndim: int, vocab_size: int) -> jax.Array:
-    """`ids` as an array of `ndim` integer dimensions, none of size 0; a ValueError naming
-    `name` otherwise, or, where the ids are concrete (not traced), if one is outside
-    [0, vocab_size)."""
-    ids = jnp.asarray(ids)
-    if ids.ndim != ndim or not jnp.issubdtype(ids.dtype, jnp.integer) or 0 in ids.shape:
-        raise ValueError(
-            f"{name} must be {ndim}-d integer ids, no dimension of size 0; got "
-            f"{ids.dtype}{list(ids.shape)}"
-        )
-    if isinstance(ids, jax.core.Tracer) or not ids.is_fully_addressable:
-        return ids
-    host = np.asarray(ids)
-    outside = np.argwhere((host < 0) | (host >= vocab_size))
-    if len(outside):
-        at = tuple(int(i) for i in outside[0])
-        raise ValueError(
-            f"{name}{list(at)} = {host[at]} is outside the model's vocabulary [0, {vocab_size})"
-        )
-    return ids
-
-
-def _checked_positions(positions, shape: tuple[int, int]) -> jax.Array:
-    """Integer positions [B, T] or [T] (every row's) broadcast to `shape`; a ValueError naming
-    them otherwise."""
-    positions = jnp.asarray(positions)
-    if positions.ndim > 2 or not jnp.issubdtype(positions.dtype, jnp.integer):
-        raise ValueError(
-            f"positions must be integers [B, T] or [T] for tokens {list(shape)}; got "
-            f"{positions.dtype}{list(positions.shape)}"
-        )
-    return jnp.broadcast_to(positions, shape)

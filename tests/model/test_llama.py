@@ -116,6 +116,10 @@ def test_token_ids_outside_the_vocabulary_never_read_another_row():
         (lambda m, x: m(x[:, :0]), r"no dimension of size 0; got int32\[2, 0\]"),
         (lambda m, x: m(x, jnp.arange(8.0)), r"positions must be integers.*got float32\[8\]"),
         (lambda m, x: m(x, x[None]), r"positions must be integers.*got int32\[1, 2, 8\]"),
+        (
+            lambda m, x: m(x, jnp.arange(8) + TINY.max_position - 4),
+            "positions reach 32771, past the model's max_position=32768",
+        ),
         (lambda m, x: m.token_losses(x, x[:, 1:], chunks=2), r"targets \[2, 7\] must have the"),
         (lambda m, x: m.token_losses(x, x, chunks=True), "chunks=True must be a positive int"),
         (
@@ -126,7 +130,8 @@ def test_token_ids_outside_the_vocabulary_never_read_another_row():
 )
 def test_inputs_of_a_wrong_rank_dtype_or_size_are_named(call, match):
     """Errors naming the argument, not a broadcast, gather or reshape failure deep in JAX (or,
-    for float positions, a True chunk count and T past max_position: none at all)."""
+    for float positions, a True chunk count, T or given positions past max_position: none at
+    all)."""
     with pytest.raises(ValueError, match=match):
         call(Llama(TINY.replace(num_layers=1), rngs=nnx.Rngs(0)), tokens(t=8))
 
@@ -424,3 +429,28 @@ SHARDED = textwrap.dedent(
 
 def test_builds_sharded_on_eight_fake_devices():
     run_on_fake_devices(SHARDED)
+
+
+def test_prefill_and_decode_step_check_tokens_as_the_forward_does():
+    """prefill embedded an id outside the vocabulary as NaN logits (the forward names it), ran
+    past max_position silently and failed deep in JAX on float or 1-d tokens; decode_step took
+    ids outside the vocabulary and a batch unlike the caches' (a broadcast TypeError)."""
+    config = TINY.replace(num_layers=1, max_position=16)
+    model = Llama(config, rngs=nnx.Rngs(0))
+    x = tokens(t=8)
+    for bad, match in [
+        (x.at[1, 3].set(-1), r"tokens\[1, 3\] = -1 is outside .* \[0, 512\)"),
+        (x * 1.0, r"tokens must be 2-d integer ids.*got float32\[2, 8\]"),
+        (x[0], r"tokens must be 2-d integer ids.*got int32\[8\]"),
+        (tokens(t=20), "20 positions are past the model's max_position=16"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model.prefill(bad, 24)
+    # Right-padded rows may pad past max_position: their own lengths are the caller's to check.
+    padded, _ = model.prefill(tokens(t=20), 24, lengths=jnp.array([16, 5]), last_only=True)
+    assert padded.shape == (2, 1, config.vocab_size)
+    _, caches = model.prefill(x, 16)
+    with pytest.raises(ValueError, match=r"tokens\[0\] = 512 is outside"):
+        model.decode_step(jnp.array([512, 3]), caches)
+    with pytest.raises(ValueError, match=r"tokens \[3\]: decode_step takes one token .* 2 rows"):
+        model.decode_step(jnp.array([1, 2, 3]), caches)
