@@ -63,9 +63,11 @@ def _train() -> None:
         _initialize_distributed()
     elif given := _given(_PEER_FLAGS):
         raise InputError(f"{', '.join(given)} set without --distributed, which they are for")
+    from train.hosts import fail_together
     from train.loop import run
 
-    summary = run(config, workdir)
+    with fail_together():  # one process's error ends them all, not a hang in a collective
+        summary = run(config, workdir)
     if jax.process_index() == 0:
         val = "n/a" if summary.val_loss is None else f"{summary.val_loss:.4f}"
         print(

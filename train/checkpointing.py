@@ -7,7 +7,8 @@ evaluation is still owed). What survives what:
 - a crash or SIGKILL mid-save: Orbax writes into `<step>.orbax-checkpoint-tmp` and renames it
   when complete, so a partial save never looks like a checkpoint (and is deleted on restart);
 - a damaged newest checkpoint (a file truncated or deleted): `restore_newest` warns, moves it to
-  `<workdir>/damaged_checkpoints/` and restores the one before it;
+  `<workdir>/damaged_checkpoints/` and restores the one before it; with several processes, a
+  checkpoint that fails on any one of them is passed over by all;
 - a failed save (disk full, file size limit): `CheckpointSaveError` names the step and the cause;
   the checkpoints before it are untouched.
 """
@@ -29,10 +30,16 @@ from train.hosts import any_process
 from train.step import TrainState
 
 ITEMS = ("state", "data", "run")
+# Orbax's barriers' names start with it; `_restore_items` names one of them.
+BARRIER_PREFIX = "dga_jax"
 
 
 class CheckpointSaveError(RuntimeError):
     """A checkpoint could not be written; the earlier ones are intact."""
+
+
+class PeerRestoreError(RuntimeError):
+    """A checkpoint restored on this process but not on another one."""
 
 
 class NoUsableCheckpointError(RuntimeError):
@@ -54,6 +61,9 @@ class Checkpoints:
             max_to_keep=keep,
             enable_async_checkpointing=True,
             cleanup_tmp_directories=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=BARRIER_PREFIX
+            ),
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
         self._pending: int | None = None  # the step of a save that may still be running
@@ -94,8 +104,7 @@ class Checkpoints:
         """The `run` item of `step` (None for a checkpoint written before it existed)."""
         if not self._has_run_record(step):
             return None
-        restored = self.manager.restore(step, args=ocp.args.Composite(run=ocp.args.JsonRestore()))
-        return restored.run
+        return self._restore_items(step, run=ocp.args.JsonRestore()).run
 
     def restore(
         self, step: int, abstract_state: TrainState
@@ -106,7 +115,7 @@ class Checkpoints:
         has_run = self._has_run_record(step)
         if has_run:
             items["run"] = ocp.args.JsonRestore()
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._restore_items(step, **items)
         return restored.state, restored.data, restored.run if has_run else None
 
     def restore_newest(
@@ -118,14 +127,13 @@ class Checkpoints:
         moved and `NoUsableCheckpointError` names them."""
         failures = []
         for step in reversed(self.steps()):
-            try:
+            try:  # raises on every process if it fails on any
                 state, data, run = self.restore(step, abstract_state)
-                failed = None
             except Exception as error:  # damage shows as JSON, TensorStore or OS errors
-                failed = f"{type(error).__name__}: {_reason(error)}"
-            if any_process(failed is not None):
-                failures.append((step, failed or "failed on another process"))
-                logging.warning("checkpoint %s is damaged (%s)", self.directory / str(step), failed)
+                failures.append((step, f"{type(error).__name__}: {_reason(error)}"))
+                logging.warning(
+                    "checkpoint %s is damaged (%s)", self.directory / str(step), failures[-1][1]
+                )
                 continue
             for damaged, _ in failures:
                 self._move_aside(damaged)
@@ -136,6 +144,30 @@ class Checkpoints:
                 + "; ".join(f"step {step}: {why}" for step, why in failures)
             )
         return None
+
+    def _restore_items(self, step: int, **items: Any) -> Any:
+        """Orbax's restore of `items` of `step`; raises on every process if it fails on any
+        (`PeerRestoreError` where it restored), so that all go on to the same next step.
+
+        A restore that raises on this process only skips the barrier that ends it on the others:
+        this process meets it, else its next gather met their barrier (`sync_global_devices name
+        mismatch`, a good checkpoint taken for damaged, then a hang)."""
+        try:
+            restored, failed = self.manager.restore(step, args=ocp.args.Composite(**items)), None
+        except Exception as error:
+            restored, failed = None, error
+            if jax.process_count() > 1:
+                key = ocp.multihost.unique_barrier_key(
+                    "Checkpointer:restore", prefix=BARRIER_PREFIX
+                )
+                ocp.multihost.sync_global_processes(key)
+        if any_process(failed is not None):
+            if failed is not None:
+                raise failed
+            raise PeerRestoreError(
+                f"checkpoint {self.directory / str(step)} failed to restore on another process"
+            )
+        return restored
 
     def _has_run_record(self, step: int) -> bool:
         return (self.directory / str(step) / "run").is_dir()

@@ -279,3 +279,101 @@ def test_two_processes_resume_exactly(runs, tmp_path):
     )
     resumed = train(Run("dga", MULTI_HOST_MESH, 2), tmp_path, workdir)
     assert_same_curve(resumed, expected, "dga, 2 processes, resumed after step 2")
+
+
+def run_script(script: str, tmp_path: Path, *args: object) -> tuple[list[int], list[str], float]:
+    """Runs `script` as 2 processes of 1 CPU device (argv: port, process id, `args`); their exit
+    codes, outputs and seconds taken. Killed after 60 s: a hang fails the test, not the session."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    port, logs = free_port(), [tmp_path / f"process{i}.log" for i in range(2)]
+    processes = []
+    for i, log in enumerate(logs):
+        with log.open("w") as out:
+            command = [sys.executable, "-c", script, str(port), str(i), *map(str, args)]
+            processes.append(
+                subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+            )
+    began = time.monotonic()
+    try:
+        codes = [process.wait(timeout=60) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    return codes, [log.read_text() for log in logs], time.monotonic() - began
+
+
+# Two processes that gather once, then `failing` raises where the other gathers again.
+FAIL_ONE_PROCESS = """
+import sys
+import jax
+from train.hosts import any_process, fail_together
+port, process_id, failing = map(int, sys.argv[1:])  # failing: -1 for none
+jax.distributed.initialize(f"localhost:{port}", 2, process_id)
+with fail_together():
+    any_process(True)
+    if process_id == failing:
+        raise RuntimeError(f"unreadable shard on process {process_id}")
+    any_process(False)
+"""
+
+
+@pytest.mark.parametrize("failing", [0, 1, None])
+def test_a_failure_on_one_process_ends_every_process(tmp_path, failing):
+    """The other process was stuck in its gather forever, and the failed one in JAX's shutdown
+    barrier (~100 s for the coordinator, process 0): now both end within seconds, the other
+    one saying which process failed and why."""
+    codes, logs, seconds = run_script(
+        FAIL_ONE_PROCESS, tmp_path, -1 if failing is None else failing
+    )
+    if failing is None:  # the watcher ends no run that does not fail
+        assert codes == [0, 0], logs
+        return
+    assert codes == [1, 1] and seconds < 30, (codes, seconds, logs)
+    assert f"unreadable shard on process {failing}" in logs[failing]
+    assert f"error: process {failing} failed: RuntimeError: unreadable shard" in logs[1 - failing]
+
+
+# Checkpoints of steps 1 and 2, then a restart where process 1 cannot read step 2's data state.
+RESTORE_UNREADABLE_ON_ONE = """
+import sys
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from train.checkpointing import Checkpoints
+from train.step import TrainState
+port, process_id, directory = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", 2, process_id)
+sharding = jax.sharding.NamedSharding(jax.make_mesh((2,), ("data",)), jax.P())
+def replicated(value):
+    return jax.make_array_from_callback(np.shape(value), sharding, lambda index: value[index])
+zero = replicated(np.int32(0))
+state = TrainState(zero, {"w": replicated(np.ones(2, np.float32))}, {}, zero, zero)
+checkpoints = Checkpoints(directory, every=1, keep=5)
+for step in (1, 2):
+    checkpoints.save(step, state, {"rows": {}}, {})
+checkpoints.close()
+read_json = ocp.JsonCheckpointHandler.restore
+def unreadable_on_process_1(self, path, *args, **kwargs):
+    if process_id == 1 and "/2/" in f"{path}/":
+        raise OSError("Input/output error")
+    return read_json(self, path, *args, **kwargs)
+checkpoints = Checkpoints(directory, every=1, keep=5)
+ocp.JsonCheckpointHandler.restore = unreadable_on_process_1
+abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+print("restored step", checkpoints.restore_newest(abstract)[0], "of", checkpoints.steps())
+checkpoints.close()
+"""
+
+
+def test_a_checkpoint_unreadable_on_one_process_is_skipped_by_all(tmp_path):
+    """Process 1's failed read skipped the barrier ending Orbax's restore: process 0's barrier
+    met process 1's gather (`sync_global_devices name mismatch`), step 1 was also called
+    damaged on process 1, and process 0 hung. Now both restore step 1 and move step 2 aside."""
+    codes, logs, _ = run_script(RESTORE_UNREADABLE_ON_ONE, tmp_path, tmp_path / "checkpoints")
+    assert codes == [0, 0], logs
+    for log in logs:
+        assert "restored step 1 of [1]" in log, logs
+    assert "Input/output error" in logs[1]
+    assert "failed to restore on another process" in logs[0]
+    assert (tmp_path / "damaged_checkpoints" / "2").is_dir()
