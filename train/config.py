@@ -8,6 +8,7 @@ Experiments mark their required inputs (`INPUTS`) with `config_dict.placeholder(
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -280,6 +281,15 @@ def from_config_dict(config: Any) -> TrainConfig:
             "under it"
         )
     _check_positions(sections.data.seq_len, model)
+    optim, steps = sections.optim, sections.train.steps
+    if optim.warmup_steps >= steps:  # a warning: short test and smoke runs keep the defaults
+        logging.warning(
+            "config.optim.warmup_steps=%d >= config.train.steps=%d: the learning rate never "
+            "reaches config.optim.learning_rate=%g, nor decays",
+            optim.warmup_steps,
+            steps,
+            optim.learning_rate,
+        )
     fields = {f.name: getattr(sections, f.name) for f in dataclasses.fields(_Sections)}
     return TrainConfig(**{**fields, "model": model})
 

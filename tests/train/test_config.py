@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import pathlib
 import re
@@ -323,3 +324,17 @@ def test_every_model_field_can_be_set_on_the_command_line(name):
     assert model.dga.focal_ratio == 0.25 and model.rope_scaling.original_max_position == 4096
     assert model.d_model == preset.d_model and model.dga.group_size == preset.dga.group_size
     assert model.rope_scaling.kind == preset.rope_scaling.kind
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(caplog):
+    # Accepted silently: the run never reached its learning rate, nor decayed.
+    config = load("tiny_dga")
+    config.train.steps, config.optim.warmup_steps = 10, 10
+    with caplog.at_level(logging.WARNING):
+        from_config_dict(config)
+    assert "config.optim.warmup_steps=10 >= config.train.steps=10" in caplog.text
+    caplog.clear()
+    config.optim.warmup_steps = 9
+    with caplog.at_level(logging.WARNING):
+        from_config_dict(config)
+    assert "warmup_steps" not in caplog.text
