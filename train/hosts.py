@@ -8,8 +8,10 @@ A process that fails cannot take part in the next gather, so `fail_together` end
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
 import signal
 import sys
@@ -32,62 +34,88 @@ def any_process(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
-FAILED_KEY = "dga_jax/train/failed"  # the coordination service's key of a process's failure
+FAILED_KEY = "dga_jax/train/failed"  # + the block's number: the coordination service's key
 PEER_FAILED_EXIT_CODE = 1
+GRACE_S = 2.0  # a process that fails too within it reports its own error, not its peer's
+SHUTDOWN_S = 60.0  # the most a peer waits to meet the failed process in the shutdown barrier
+POLL_MS = 5000  # a watcher's wait for the key per call (the join at the end waits this at most)
+_blocks = itertools.count()  # every process enters its blocks in the same order
 
 
 @contextlib.contextmanager
 def fail_together() -> Iterator[None]:
-    """An exception that leaves the block on one process ends every other process at once.
+    """An exception that leaves the block on one process ends every other process.
 
     Without it the others wait for the failed one in their next collective (a gather, the
     train step, an Orbax barrier): forever on GPU and CPU, and the failed process waits for them
-    in `jax.distributed`'s shutdown barrier. The failure is published on the coordination
-    service; a thread of each other process waits for it, prints `error: process i failed: ...`
-    to stderr and exits with code 1 (its main thread may be stuck in a collective).
+    in `jax.distributed`'s shutdown barrier. The first failure is published on the coordination
+    service under this block's own key (a later block does not see it); a thread of each other
+    process waits for it and, unless its own main thread fails within `GRACE_S`, prints
+    `error: process i failed: ...` to stderr, stops its worker processes, meets the failed
+    process in `jax.distributed.shutdown` and exits with code 1 (its main thread may be stuck in
+    a collective, so `os._exit`).
     """
     # Orbax's public accessor of `jax.distributed`'s client (JAX has none; Orbax follows it).
     if jax.process_count() == 1 or not ocp.multihost.is_jax_distributed_client_initialized():
         yield
         return
     client = ocp.multihost.get_jax_distributed_client()
-    finished = threading.Event()
+    key, finished = f"{FAILED_KEY}/{next(_blocks)}", threading.Event()
     watcher = threading.Thread(
-        target=_end_on_peer_failure, args=(client, finished), name="fail_together", daemon=True
+        target=_end_on_peer_failure, args=(client, key, finished), name="fail_together", daemon=True
     )
     watcher.start()
     try:
         yield
     except BaseException as error:
         finished.set()  # this process reports its own error, as usual
-        message = f"process {jax.process_index()} failed: {type(error).__name__}: {error}"
-        try:
-            client.key_value_set(FAILED_KEY, message[:2000], allow_overwrite=True)
-        except Exception as unpublished:  # the service is gone: `error` is still the one to see
-            logging.error("could not tell the other processes: %s", unpublished)
+        _publish(
+            client, key, f"process {jax.process_index()} failed: {type(error).__name__}: {error}"
+        )
         raise
     finally:
         finished.set()
         watcher.join()  # out of the client before `jax.distributed` shuts it down at exit
 
 
-def _end_on_peer_failure(client, finished: threading.Event) -> None:
+def _publish(client, key: str, message: str) -> None:
+    """Sets `key` unless a peer's failure holds it already: the first failure is the cause (a
+    later one is usually a collective broken by it)."""
+    try:
+        client.key_value_set(key, message[:2000])
+    except Exception as unpublished:  # taken, or the service is gone: `error` is raised anyway
+        logging.info("this failure is not published to the other processes: %s", unpublished)
+
+
+def _end_on_peer_failure(client, key: str, finished: threading.Event) -> None:
     """Waits for a peer's failure (polling, so that it notices `finished`), then exits."""
     while not finished.is_set():
         try:
-            message = client.blocking_key_value_get(FAILED_KEY, 1000)
+            message = client.blocking_key_value_get(key, POLL_MS)
         except Exception:  # the wait timed out (or the service is going away): ask again
             finished.wait(0.1)
             continue
-        if finished.is_set():
+        if finished.wait(GRACE_S):  # done, or failed itself: its own error is the one to see
             return
         print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
         logging.error("ending this process: %s", message)
-        with contextlib.suppress(Exception):
-            # Meets the failed process in `jax.distributed`'s shutdown barrier, which it waits
-            # in as it exits: else it would wait there until the heartbeat timeout (100 s).
-            client.shutdown()
-        os._exit(PEER_FAILED_EXIT_CODE)  # the main thread may be inside a collective
+        _exit_now(PEER_FAILED_EXIT_CODE)
+
+
+def _exit_now(code: int) -> None:
+    """Exits a process whose main thread may be stuck in a collective. `os._exit` skips the
+    clean-ups that matter here, so they run first: worker processes (Grain's would outlive
+    it), and `jax.distributed.shutdown`, which meets the failed process in its shutdown barrier
+    and, on process 0, stops the coordination service only after the others have left it
+    (exiting first made the failed process abort there). Bounded: a peer that never arrives
+    costs `SHUTDOWN_S`, not the barrier's minutes."""
+    for child in multiprocessing.active_children():
+        child.terminate()
+    shutdown = threading.Thread(target=jax.distributed.shutdown, daemon=True)
+    shutdown.start()
+    shutdown.join(SHUTDOWN_S)
+    logging.shutdown()
+    os._exit(code)
 
 
 class StopSignal:

@@ -303,14 +303,26 @@ def run_script(script: str, tmp_path: Path, *args: object) -> tuple[list[int], l
     return codes, [log.read_text() for log in logs], time.monotonic() - began
 
 
-# Two processes that gather once, then `failing` raises where the other gathers again.
+# Two processes that gather once, then `failing` raises where the other gathers again. With
+# none failing, both first fail in a block of their own and handle it: the next block must
+# not take that failure for its own (one key for all blocks ended both at once).
 FAIL_ONE_PROCESS = """
 import sys
+import time
 import jax
 from train.hosts import any_process, fail_together
 port, process_id, failing = map(int, sys.argv[1:])  # failing: -1 for none
 jax.distributed.initialize(f"localhost:{port}", 2, process_id)
+if failing == -1:
+    try:
+        with fail_together():
+            any_process(True)
+            raise ValueError("handled")
+    except ValueError:
+        any_process(True)
 with fail_together():
+    if failing == -1:
+        time.sleep(3)  # longer than a watcher's grace before it ends its process
     any_process(True)
     if process_id == failing:
         raise RuntimeError(f"unreadable shard on process {process_id}")
@@ -326,7 +338,7 @@ def test_a_failure_on_one_process_ends_every_process(tmp_path, failing):
     codes, logs, seconds = run_script(
         FAIL_ONE_PROCESS, tmp_path, -1 if failing is None else failing
     )
-    if failing is None:  # the watcher ends no run that does not fail
+    if failing is None:  # the watcher ends no run that does not fail, nor after a handled one
         assert codes == [0, 0], logs
         return
     assert codes == [1, 1] and seconds < 30, (codes, seconds, logs)
