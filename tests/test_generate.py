@@ -600,3 +600,11 @@ def test_cli_ctrl_c_ends_the_text_without_a_traceback(checkpoint, monkeypatch, c
         main(args)
     assert exit_info.value.code == 130
     assert capsys.readouterr().out == "abc\n"
+
+
+def test_cli_max_position_that_is_no_number_names_the_flag(checkpoint, capsys):
+    args = ["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--prompt", "x"]
+    with pytest.raises(SystemExit):
+        main([*args, "--max_position", "abc"])
+    err = capsys.readouterr().err
+    assert "argument --max_position: must be a positive integer, got 'abc'" in err

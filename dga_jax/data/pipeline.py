@@ -155,8 +155,9 @@ class DataIterator(grain.DatasetIterator):
                 f"config.data.{self._spec.split}: the position was saved with shuffle_shards="
                 f"{order['shuffle']}, seed={order['seed']}, not shuffle_shards="
                 f"{self._order['shuffle']}, seed={self._order['seed']}: it would resume in "
-                "other files, re-reading some and skipping others. Resume with config.data.seed="
-                f"{order['seed']}, or start a new run (--config.init_checkpoint for the weights)"
+                "other files, re-reading some and skipping others. Resume with the saved "
+                "order (DataConfig's seed and shuffle_shards; config.data.seed in training), or "
+                "start a new run (--config.init_checkpoint for the weights)"
             )
 
     def close(self) -> None:

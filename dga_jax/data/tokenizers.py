@@ -190,6 +190,8 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
         ]
         if not found:
             raise MissingInputError(f"no tokenizer.model or tokenizer.json in directory {path!r}")
+        if len(found) > 1 and _is_tiktoken(found[0]):  # LLaMA 3's: its tokenizer.json serves
+            found = found[1:]
         path = found[0]
     if not os.path.isfile(path):
         raise MissingInputError(f"tokenizer file {path!r} does not exist (spec {spec!r})")
@@ -253,5 +255,8 @@ def _special_tokens_from_config(directory: str) -> dict[str, str]:
 def _is_tiktoken(path: str) -> bool:
     """Whether a file starts as tiktoken's BPE ranks do ("<base64 token> <rank>" lines), which
     Meta ships as LLaMA 3's tokenizer.model, a name SentencePiece's files use."""
-    with open(path, "rb") as f:
-        return re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n", f.readline(256)) is not None
+    try:
+        with open(path, "rb") as f:
+            return re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n", f.readline(256)) is not None
+    except OSError:  # unreadable: the caller's error names the file
+        return False

@@ -263,8 +263,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not os.path.isdir(args.checkpoint):
         fail(f"--checkpoint {args.checkpoint!r} is not a directory")
     try:
+        check_task_flags(args)  # first: a mistyped task leaves no empty --out behind
         make_out_dir(args.out)
-        check_task_flags(args)
         tokenizer = load_tokenizer(args.tokenizer)
         mesh = make_mesh(mesh_shape(args.mesh, len(jax.devices()), "--mesh"))
         changes = attention_changes(

@@ -51,7 +51,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _positive_int(text: str) -> int:
     """argparse's type of --max_position: 0 was refused by the model config, naming no flag."""
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value

@@ -177,3 +177,10 @@ def test_a_tiktoken_tokenizer_model_is_named(tmp_path):
     path.write_bytes(b"\n\x0fnot a model at all")
     with pytest.raises(InputError, match=r"tokenizer.model' cannot be read: "):
         load_tokenizer(str(path))
+
+
+def test_a_directory_with_a_tiktoken_model_uses_its_tokenizer_json(tmp_path):
+    # Meta's LLaMA 3 folders hold both: the tiktoken file was picked, and refused.
+    (tmp_path / "tokenizer.model").write_bytes(b"IQ== 0\nIg== 1\n")
+    train_hf_tokenizer(tmp_path / "tokenizer.json", ["<s>", "</s>"])
+    assert isinstance(load_tokenizer(str(tmp_path)), HFTokenizer)

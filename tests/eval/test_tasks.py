@@ -583,10 +583,12 @@ def test_cli_task_flags_are_checked_before_the_model_loads(
 ):
     # A mistyped task name ended the run after the checkpoint had loaded (minutes for 7B).
     monkeypatch.setattr(cli, "load_tokenizer", not_loaded)
-    base = ["--checkpoint", str(tmp_path), "--tokenizer", "byte", "--out", str(tmp_path)]
+    out = tmp_path / "out"
+    base = ["--checkpoint", str(tmp_path), "--tokenizer", "byte", "--out", str(out)]
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*base, *flags])
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not out.exists()  # no empty output folder left behind
 
 
 def test_a_task_named_twice_runs_once(tmp_path):
