@@ -263,12 +263,16 @@ DEFAULT_VARIANTS = "dga_xla,dense_xla,dense_blockwise"  # what runs on any backe
 
 
 def variant_config(args: argparse.Namespace, variant: str) -> ModelConfig:
-    """The model of `args.preset` (with `args.layers` layers if given) and `variant` attention."""
+    """The model of `args.preset` (with `args.layers` layers if given) and `variant` attention,
+    its max_position raised to the longest of `args.lengths`."""
     attention, impl = VARIANTS[variant]
     scan = None if args.scan_layers is None else args.scan_layers == "true"
     given = {"num_layers": args.layers, "dtype": args.dtype, "scan_layers": scan}
+    # 7B's 4K max_position would refuse the 16K rows the benchmarks time (the model checks).
+    positions = max(PRESETS[args.preset].max_position, *args.lengths)
     return ModelConfig.preset(
         args.preset,
+        max_position=positions,
         attention=attention,
         attention_impl=impl,
         dga=DGAConfig(args.group_size, args.focal_ratio, args.selection),

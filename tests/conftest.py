@@ -21,21 +21,22 @@ from dga_jax.ops.dense_decode import DenseCache
 # The test process is the entry point: absl's flags keep their defaults (Grain's workers read one).
 flags.FLAGS.mark_as_parsed()
 
-# One persistent compilation cache per test run, shared by the pytest workers and every process
-# they start: the trainers, converters and fake-device scripts of many tests compile the same
-# programs, each in a new process. A cached executable is the compiled program itself (keyed by
-# its HLO, the XLA flags and the devices), so results are the same; the run that made the
-# directory deletes it at the end. A JAX_COMPILATION_CACHE_DIR of the caller's is used and kept.
+# One persistent compilation cache per test run, shared by the processes the tests start: the
+# trainers, converters and fake-device scripts of many tests compile the same programs, each in a
+# new process (they read JAX_COMPILATION_CACHE_DIR when JAX starts). A cached executable is the
+# compiled program itself (keyed by its HLO, the XLA flags and the devices), so results are the
+# same; the run that made the directory deletes it at the end. A JAX_COMPILATION_CACHE_DIR of the
+# caller's is used and kept. The pytest workers themselves do not use it (`jax.config` is read
+# before the variable is set): after a few hundred modules' programs were compiled and freed
+# (`_fresh_compile_caches`), XLA:CPU crashed a worker with a segfault in the unwinder
+# (libgcc_s) while serializing an executable for the cache (`put_executable_and_time`), in every
+# full run from stop 45 on; a worker's programs are its own tests', rarely another process's.
 _OWN_CACHE = "DGA_JAX_TEST_COMPILE_CACHE"
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dga-jax-tests-jit-")
     os.environ[_OWN_CACHE] = os.environ["JAX_COMPILATION_CACHE_DIR"]
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
-jax.config.update(
-    "jax_persistent_cache_min_compile_time_secs",
-    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
-)
+jax.config.update("jax_compilation_cache_dir", None)
 
 
 def pytest_sessionfinish(session):
