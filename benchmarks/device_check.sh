@@ -2,14 +2,15 @@
 # The GPU checks, as one call on a lent GPU machine (the `device` tool runs it from the
 # repository root with its image's python3, which has JAX with CUDA, Triton, Flax and Optax):
 #
-#   bash benchmarks/device_check.sh            # ~9.5 minutes on an H200
+#   bash benchmarks/device_check.sh            # ~6.6 minutes on an H100 (stop 46)
 #
 # 1. benchmarks/importance.py: global importance by XLA's loops vs the Triton kernels, three
 #    kernel tiles, L = 4K..32K (bfloat16, B=1, H=32, D=128, m=16), scores checked against XLA's;
 # 2. benchmarks/attention.py at the Pallas issue's shapes (bfloat16, B=1, H=32, D=128, m=16,
 #    gamma=0.1): DGA pallas_gpu vs cuDNN dense vs DGA xla, forward and forward+backward;
-# 3. the Triton walk's tiles side by side at 16K and 32K (64x64 default, 128x64, 32x32: those
-#    that compile without a register spill, benchmarks/RESULTS.md), into $out/tiles;
+# 3. the Triton walk's tiles side by side at 16K and 32K (128x64, the 16-bit default since the
+#    H100 run of stop 46; 64x64, 32x32: those that compile without a register spill,
+#    benchmarks/RESULTS.md), into $out/tiles;
 # 4. benchmarks/train_step.py: two of LLaMA2-7B's layers (and its embedding and head) at 16K in
 #    bfloat16, DGA pallas_gpu vs DGA xla vs cuDNN dense: what decides the model's attention_impl
 #    on GPUs;
@@ -61,7 +62,7 @@ run importance python3 benchmarks/importance.py --tiles 64x64,128x64,128x128 --o
 run attention python3 benchmarks/attention.py --dtype bfloat16 --heads 32 --kv-heads 32 \
     --lengths 4096,8192,16384,32768 --impls dga_pallas_gpu,dense_cudnn,dga_xla --out "$out"
 run tiles python3 benchmarks/attention.py --dtype bfloat16 --heads 32 --kv-heads 32 \
-    --lengths 16384,32768 --impls dga_pallas_gpu,dga_pallas_gpu@128x64,dga_pallas_gpu@32x32 \
+    --lengths 16384,32768 --impls dga_pallas_gpu,dga_pallas_gpu@64x64,dga_pallas_gpu@32x32 \
     --out "$out/tiles"
 run train_step python3 benchmarks/train_step.py --preset llama2_7b --layers 2 --dtype bfloat16 \
     --lengths 16384 --variants dga_pallas_gpu,dga_xla,dense_cudnn --repeats 3 --out "$out"

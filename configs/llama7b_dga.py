@@ -12,8 +12,9 @@ constant, weight decay 0, AdamW with betas (0.9, 0.999) and clipping at 1 (the H
 Trainer's defaults, which LongLoRA keeps), bf16 compute with float32 master weights, linear RoPE
 scaling factor 2, 1000 steps (~0.52B tokens), FSDP over all devices (set `--config.mesh.seq` to
 shard long sequences).
-On GPUs add `--config.model.overrides.attention_impl=pallas_gpu` (DGA's Triton kernels; the
-default "xla" runs anywhere), on TPUs `pallas_tpu`.
+On GPUs the default attention runs DGA's Triton kernels (bf16 inputs placed on GPUs pick
+"pallas_gpu"); elsewhere "xla", and on TPUs `--config.model.overrides.attention_impl=pallas_tpu`
+runs the Mosaic kernels (not yet run on a TPU).
 Expected (paper): LongBench-E average about 21 vs 21.7 for dense attention.
 """
 

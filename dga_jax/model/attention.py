@@ -18,7 +18,7 @@ from dga_jax.ops.context import ContextSplit
 from dga_jax.ops.dense import dense_attention
 from dga_jax.ops.dense_decode import DenseCache, DenseUpdate
 from dga_jax.ops.dga.api import dga_attention
-from dga_jax.ops.dga.backends import importance_implementation
+from dga_jax.ops.dga.backends import default_for, importance_implementation
 from dga_jax.ops.dga.decode import DGACache, DGAUpdate, prefill
 from dga_jax.ops.dga.layout import dga_layout
 from dga_jax.ops.dga.sharded import per_shard, shard_count
@@ -89,7 +89,7 @@ class DGAttention(nnx.Module):
         layout = None
         if dga is not None and q.shape[1]:  # selected once, for the prompt's attention and cache
             with jax.named_scope("dga_selection"):
-                passes = importance_implementation(config.attention_impl)
+                passes = importance_implementation(config.attention_impl or default_for(q, k, v))
                 layout = dga_layout(
                     q, k, dga, config.head_dim**-0.5, lengths=lengths, passes=passes
                 )

@@ -157,8 +157,9 @@ def sink_attention(
     -> [B, L, Hq, D]. Memory linear in L; each query block visits the first tokens and the
     window only.
 
-    `implementation`: "xla" (the default), "pallas_gpu" or "pallas_tpu", the interval attention
-    DGA runs on (`dga_jax.ops.dga.backends`), with their `block_sizes` and `interpret`.
+    `implementation`: "xla", "pallas_gpu" or "pallas_tpu", the interval attention DGA runs on
+    (`dga_jax.ops.dga.backends`), with their `block_sizes` and `interpret`; None picks as
+    `dga_attention` does (`backends.default_for`).
     """
     scale = check_qkv(q, k, v, None)
     _check_config(config)

@@ -113,6 +113,26 @@ def test_target_is_read_from_the_mesh_or_the_inputs():
     assert seen == [target_module.Target("tpu", "TPU v5 lite")] * 2
 
 
+@pytest.mark.parametrize(
+    ("target", "dtype", "triton"),
+    [("h100", "bfloat16", True), ("h100", "float32", False), ("v5e", "bfloat16", False)],
+)
+def test_the_default_implementation_is_the_triton_kernels_for_16_bit_inputs_on_gpus(
+    target, dtype, triton
+):
+    """implementation=None: "pallas_gpu" (at its 128x64 default tiles, no spill) for bfloat16
+    on an H100, "xla" for float32 there and on a TPU (no Mosaic kernel either)."""
+    lowered = aot.lower_attention(
+        aot.target_devices(target, chips=4), seq_len=2048, implementation=None, dtype=dtype
+    )
+    assert "tpu_custom_call" not in lowered.as_text()
+    report = aot.compile_report("default attention", lowered, target)
+    assert report.ok, str(report)
+    names = {k.name for k in report.kernels}
+    assert names == ({"interval_forward"} | IMPORTANCE_KERNELS if triton else set()), str(report)
+    assert all(k.spill_bytes == 0 for k in report.kernels), str(report)
+
+
 def test_kernels_refuse_the_other_platform():
     with pytest.raises(ValueError, match=r"compiles for GPU but the inputs are placed on 'tpu'"):
         aot.lower_attention(aot.target_devices("v5e"), seq_len=256, implementation="pallas_gpu")

@@ -454,3 +454,24 @@ def test_prefill_and_decode_step_check_tokens_as_the_forward_does():
         model.decode_step(jnp.array([512, 3]), caches)
     with pytest.raises(ValueError, match=r"tokens \[3\]: decode_step takes one token .* 2 rows"):
         model.decode_step(jnp.array([1, 2, 3]), caches)
+
+
+def test_prefill_selects_with_the_importance_passes_of_the_default_implementation(monkeypatch):
+    """attention_impl=None: prefill's selection asks for the passes of what the attention runs
+    (the Triton kernels' for 16-bit inputs on a GPU), not XLA's loops for every None."""
+    from dga_jax.model import attention as attention_module
+
+    asked = []
+
+    def passes(implementation, interpret=False):
+        asked.append(implementation)
+        return None  # XLA's loops: runs anywhere
+
+    monkeypatch.setattr(attention_module, "default_for", lambda q, k, v: "pallas_gpu")
+    monkeypatch.setattr(attention_module, "importance_implementation", passes)
+    config = TINY.replace(num_layers=1, attention="dga", attention_impl=None)
+    Llama(config, rngs=nnx.Rngs(0)).prefill(tokens(t=8), 16)
+    assert asked == ["pallas_gpu"]
+    asked.clear()
+    Llama(config.replace(attention_impl="xla"), rngs=nnx.Rngs(0)).prefill(tokens(t=8), 16)
+    assert asked == ["xla"]

@@ -26,8 +26,8 @@ from jax.experimental.pallas import tpu as pltpu
 import dga_jax
 from dga_jax import BlockSizes
 from dga_jax.ops.context import WHOLE
+from dga_jax.ops.dga import backends, pallas_gpu_importance
 from dga_jax.ops.dga import pallas_common as common
-from dga_jax.ops.dga import pallas_gpu_importance
 from dga_jax.ops.dga.config import DGAConfig
 from dga_jax.ops.dga.entries import gather_entries
 from dga_jax.ops.dga.layout import dga_layout
@@ -84,6 +84,16 @@ def test_gpu_kernels_many_blocks(selection, block_q, block_k):
     qkv = random_qkv(3, 2, 120, 4, 2, 16)
     kwargs = dict(GPU, block_sizes=BlockSizes(block_q, block_k, 16, 32))
     _check_against_xla(kwargs, qkv, dict(group_size=2, focal_ratio=0.5, selection=selection))
+
+
+def test_gpu_kernels_at_their_default_tiles():
+    # bfloat16, D = 128: the 128 x 64 default (compiled on a GPU, whose register budget it nears);
+    # L = 200 is no multiple of 128, m = 2 and gamma = 0.5 give entries over several key tiles.
+    qkv = random_qkv(6, 1, 200, 2, 1, 128, jnp.bfloat16)
+    dga_kwargs = dict(group_size=2, focal_ratio=0.5)
+    default = backends.check_kernel("pallas_gpu", None, GPU_INTERPRET, *qkv)
+    assert (default.block_q, default.block_k) == (128, 64)
+    _check_against_xla(GPU, qkv, dga_kwargs, jnp.bfloat16)
 
 
 def test_gpu_kernels_pad_the_head_dim():

@@ -96,6 +96,48 @@ def test_gpu_tiles_that_cannot_fit_shared_memory_are_rejected():
     pallas_gpu.check_fits(BlockSizes(1024, 1024), shape, jnp.dtype(jnp.bfloat16), unknown)
 
 
+@pytest.mark.parametrize(
+    ("target", "dtype", "head_dim", "blocks"),
+    [
+        (H100, jnp.bfloat16, 128, (128, 64)),  # measured fastest on an H100
+        (H100, jnp.float16, 64, (128, 64)),
+        (H100, jnp.float32, 128, (64, 64)),  # 128 rows overflow shared memory in float32
+        (H100, jnp.bfloat16, 256, (64, 64)),  # and for D above 128
+        (Target("gpu", "NVIDIA H200"), jnp.bfloat16, 128, (128, 64)),
+        # Less shared memory than 128 x 64's kernels took on an H100 (181,248 B), or unknown.
+        (Target("gpu", "NVIDIA A100-SXM4-80GB"), jnp.bfloat16, 128, (64, 64)),
+        (Target("gpu", "NVIDIA L4"), jnp.bfloat16, 128, (64, 64)),
+        (Target("gpu", "Some Future GPU"), jnp.bfloat16, 128, (64, 64)),
+        (Target("cpu", "cpu"), jnp.bfloat16, 128, (128, 64)),  # interpret mode: the H100's
+    ],
+)
+def test_gpu_default_tiles_follow_dtype_head_dim_and_shared_memory(target, dtype, head_dim, blocks):
+    shape, dtype = (1, 4096, 4, head_dim), jnp.dtype(dtype)
+    chosen = pallas_gpu.default_blocks(shape, dtype, target)
+    assert (chosen.block_q, chosen.block_k) == blocks
+    pallas_gpu.check_fits(chosen, shape, dtype, target)  # the default always fits
+
+
+@pytest.mark.parametrize(
+    ("platform", "dtype", "picked"),
+    [("gpu", "bfloat16", "pallas_gpu"), ("gpu", "float16", "pallas_gpu")]
+    + [("gpu", "float32", "xla"), ("tpu", "bfloat16", "xla"), ("cpu", "bfloat16", "xla")],
+)
+def test_implementation_none_picks_the_triton_kernels_for_16_bit_inputs_on_gpus(
+    monkeypatch, platform, dtype, picked
+):
+    from dga_jax.ops.dga import backends
+
+    target = {"gpu": H100, "tpu": V5E, "cpu": Target("cpu", "cpu")}[platform]
+    monkeypatch.setattr(backends, "placed_target", lambda *arrays: target)
+    q = jnp.zeros((1, 32, 2, 16), dtype)
+    assert backends.default_for(q, q, q) == picked
+    implementation, blocks = backends.check_implementation(None, None, False, q, q, q)
+    assert implementation == picked
+    if picked == "pallas_gpu":
+        assert blocks == pallas_gpu.default_blocks(q.shape, q.dtype, H100)
+
+
 def test_tpu_tiles_that_cannot_fit_vmem_are_rejected():
     shape, bf16 = (1, 8192, 4, 128), jnp.dtype(jnp.bfloat16)
     pallas_tpu.check_fits(pallas_tpu.DEFAULT_BLOCKS, shape, bf16, V5E)

@@ -51,8 +51,8 @@ def dga_attention(
         causal).
       scale: logit scale, 1/sqrt(D) by default.
       implementation: "reference" (O(L^2), for tests), "xla" (any backend), "pallas_gpu"
-        (Triton kernels), "pallas_tpu" (Mosaic kernels). None picks "xla": the kernels are
-        opt-in until they have been measured on the hardware (benchmarks/RESULTS.md).
+        (Triton kernels), "pallas_tpu" (Mosaic kernels). None picks "pallas_gpu" for
+        bfloat16/float16 inputs placed on GPUs (measured faster on an H100), else "xla".
       block_sizes: query/key block sizes of the blockwise implementations (the kernels have
         their own defaults and tile rules: powers of two >= 16 on GPU; block_q a multiple of 16
         and block_k of 128 on TPU).

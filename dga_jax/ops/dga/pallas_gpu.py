@@ -20,9 +20,26 @@ from dga_jax.ops.target import Target
 from dga_jax.ops.tiles import BlockSizes
 
 MIN_BLOCK = 16  # tl.dot's smallest tile
-# No register spill in any kernel on H100/H200 (benchmarks/RESULTS.md, "Compiled without
-# hardware"): 128x64 is at the edge (252-254 of 255 registers), 64x128 and 128x128 spill.
-DEFAULT_BLOCKS = BlockSizes(block_q=64, block_k=64)
+# No register spill in any kernel on H100/H200 at D=128 (benchmarks/RESULTS.md, "Compiled
+# without hardware"): 128x64 in 16-bit dtypes is at the edge (252-254 of 255 registers) and was
+# the fastest tile on an H100 (0.61-0.89x 64x64's time, 4K-64K, "GPU"); 64x128 and 128x128
+# spill. In float32, or for D above 128, 128-row tiles overflow shared memory (`check_fits`).
+DEFAULT_BLOCKS = BlockSizes(block_q=128, block_k=64)
+SMALL_BLOCKS = BlockSizes(block_q=64, block_k=64)
+# What DEFAULT_BLOCKS' largest kernels (dK'/dV') took on an H100, bfloat16, D = 128.
+DEFAULT_BLOCKS_SHARED_BYTES = 181_248
+
+
+def default_blocks(q_shape: tuple[int, ...], dtype: np.dtype, target: Target) -> BlockSizes:
+    """The kernels' tiles when none are given: `DEFAULT_BLOCKS` for 16-bit inputs with D <= 128
+    (what was compiled and measured) on GPUs with the shared memory its kernels took on an H100
+    (Hopper's 227 KiB; not an A100's 163) and in interpret mode elsewhere; else `SMALL_BLOCKS`."""
+    if np.dtype(dtype).itemsize != 2 or q_shape[-1] > 128:
+        return SMALL_BLOCKS
+    limit = target.shared_memory_bytes
+    if target.platform != "gpu" or (limit or 0) >= DEFAULT_BLOCKS_SHARED_BYTES:
+        return DEFAULT_BLOCKS
+    return SMALL_BLOCKS
 
 
 def check_block_sizes(block_sizes: BlockSizes) -> None:
@@ -64,8 +81,8 @@ def check_fits(
         raise ValueError(
             f"implementation='pallas_gpu' with {block_sizes} (D={q_shape[-1]}, {dtype.name}) "
             f"needs at least {need:,} bytes of shared memory per block; {target.device_kind} "
-            f"has {limit:,}: use smaller blocks (the defaults are "
-            f"{DEFAULT_BLOCKS.block_q}/{DEFAULT_BLOCKS.block_k})"
+            f"has {limit:,}: use smaller blocks (the default here is "
+            f"{default_blocks(q_shape, dtype, target)})"
         )
 
 

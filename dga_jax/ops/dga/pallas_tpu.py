@@ -25,6 +25,12 @@ SUBLANES = 16  # bfloat16 packs two rows per 8-row sublane tile
 DEFAULT_BLOCKS = BlockSizes(block_q=512, block_k=512)
 
 
+def default_blocks(q_shape: tuple[int, ...], dtype: np.dtype, target: Target) -> BlockSizes:
+    """The kernels' tiles when none are given: `DEFAULT_BLOCKS` for every shape, dtype, chip."""
+    del q_shape, dtype, target
+    return DEFAULT_BLOCKS
+
+
 def check_block_sizes(block_sizes: BlockSizes) -> None:
     """Mosaic tiles: query blocks in whole sublanes, entry blocks in whole lanes."""
     if block_sizes.block_q % SUBLANES:
