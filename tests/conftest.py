@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import pathlib
 import shutil
@@ -21,22 +22,21 @@ from dga_jax.ops.dense_decode import DenseCache
 # The test process is the entry point: absl's flags keep their defaults (Grain's workers read one).
 flags.FLAGS.mark_as_parsed()
 
-# One persistent compilation cache per test run, shared by the processes the tests start: the
-# trainers, converters and fake-device scripts of many tests compile the same programs, each in a
-# new process (they read JAX_COMPILATION_CACHE_DIR when JAX starts). A cached executable is the
-# compiled program itself (keyed by its HLO, the XLA flags and the devices), so results are the
-# same; the run that made the directory deletes it at the end. A JAX_COMPILATION_CACHE_DIR of the
-# caller's is used and kept. The pytest workers themselves do not use it (`jax.config` is read
-# before the variable is set): after a few hundred modules' programs were compiled and freed
-# (`_fresh_compile_caches`), XLA:CPU crashed a worker with a segfault in the unwinder
-# (libgcc_s) while serializing an executable for the cache (`put_executable_and_time`), in every
-# full run from stop 45 on; a worker's programs are its own tests', rarely another process's.
+# One persistent compilation cache per test run, shared by the pytest workers and every process
+# they start: the trainers, converters and fake-device scripts of many tests compile the same
+# programs, each in a new process. A cached executable is the compiled program itself (keyed by
+# its HLO, the XLA flags and the devices), so results are the same; the run that made the
+# directory deletes it at the end. A JAX_COMPILATION_CACHE_DIR of the caller's is used and kept.
 _OWN_CACHE = "DGA_JAX_TEST_COMPILE_CACHE"
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dga-jax-tests-jit-")
     os.environ[_OWN_CACHE] = os.environ["JAX_COMPILATION_CACHE_DIR"]
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-jax.config.update("jax_compilation_cache_dir", None)
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update(
+    "jax_persistent_cache_min_compile_time_secs",
+    float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]),
+)
 
 
 def pytest_sessionfinish(session):
@@ -100,6 +100,30 @@ def _fresh_compile_caches():
     """Each test module starts with JAX's caches empty: a pytest worker runs hundreds of
     modules' programs, and keeping every executable alive only grows its memory."""
     jax.clear_caches()
+
+
+def _memory_mappings() -> tuple[int, int] | tuple[None, None]:
+    """The process's memory mappings, and Linux's limit on them (None, None off Linux)."""
+    try:
+        with open("/proc/self/maps", "rb") as maps, open("/proc/sys/vm/max_map_count") as limit:
+            return sum(1 for _ in maps), int(limit.read())
+    except OSError:
+        return None, None
+
+
+@pytest.fixture(autouse=True)
+def _bounded_memory_mappings():
+    """JAX's caches are emptied after a test that leaves the process past half its limit on
+    memory mappings. XLA:CPU maps three regions per JIT-compiled module, and a program running a
+    Pallas kernel in interpret mode has hundreds of modules: a conformance test's compiles took
+    ~500 mappings, kept until the module ended, and a worker running most of that module reached
+    Linux's vm.max_map_count (65,530): XLA's next mmap failed, and the C++ exception reporting it
+    crashed the worker in the unwinder (frames of freed executables still registered)."""
+    yield
+    count, limit = _memory_mappings()
+    if count is not None and count > limit // 2:
+        jax.clear_caches()
+        gc.collect()
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
