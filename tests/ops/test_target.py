@@ -100,7 +100,9 @@ def test_gpu_tiles_that_cannot_fit_shared_memory_are_rejected():
     ("target", "dtype", "head_dim", "blocks"),
     [
         (H100, jnp.bfloat16, 128, (128, 64)),  # measured fastest on an H100
-        (H100, jnp.float16, 64, (128, 64)),
+        (H100, jnp.float16, 96, (128, 64)),  # padded to 128
+        (H100, jnp.bfloat16, 64, (64, 64)),  # 4 warps: 128 x 64 spills in dK'/dV'
+        (H100, jnp.bfloat16, 32, (64, 64)),
         (H100, jnp.float32, 128, (64, 64)),  # 128 rows overflow shared memory in float32
         (H100, jnp.bfloat16, 256, (64, 64)),  # and for D above 128
         (Target("gpu", "NVIDIA H200"), jnp.bfloat16, 128, (128, 64)),
@@ -119,18 +121,21 @@ def test_gpu_default_tiles_follow_dtype_head_dim_and_shared_memory(target, dtype
 
 
 @pytest.mark.parametrize(
-    ("platform", "dtype", "picked"),
-    [("gpu", "bfloat16", "pallas_gpu"), ("gpu", "float16", "pallas_gpu")]
-    + [("gpu", "float32", "xla"), ("tpu", "bfloat16", "xla"), ("cpu", "bfloat16", "xla")],
+    ("platform", "dtype", "head_dim", "picked"),
+    [("gpu", "bfloat16", 128, "pallas_gpu"), ("gpu", "float16", 256, "pallas_gpu")]
+    + [("gpu", "float32", 128, "xla"), ("tpu", "bfloat16", 128, "xla")]
+    + [("cpu", "bfloat16", 128, "xla")]
+    # D = 512: even 64 x 64 tiles overflow an H100's shared memory, so "xla", never an error.
+    + [("gpu", "bfloat16", 512, "xla")],
 )
 def test_implementation_none_picks_the_triton_kernels_for_16_bit_inputs_on_gpus(
-    monkeypatch, platform, dtype, picked
+    monkeypatch, platform, dtype, head_dim, picked
 ):
     from dga_jax.ops.dga import backends
 
     target = {"gpu": H100, "tpu": V5E, "cpu": Target("cpu", "cpu")}[platform]
     monkeypatch.setattr(backends, "placed_target", lambda *arrays: target)
-    q = jnp.zeros((1, 32, 2, 16), dtype)
+    q = jnp.zeros((1, 256, 2, head_dim), dtype)
     assert backends.default_for(q, q, q) == picked
     implementation, blocks = backends.check_implementation(None, None, False, q, q, q)
     assert implementation == picked

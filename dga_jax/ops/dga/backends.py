@@ -113,10 +113,18 @@ def default_for(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
     """What `implementation=None` runs: "pallas_gpu" for bfloat16/float16 inputs placed on GPUs
     (on an H100 the Triton kernels ran 2.3-6.2x faster than "xla", forward and forward+backward
     at 4K-32K, and two 7B layers' train step at 16K 1.5x; benchmarks/RESULTS.md, "GPU"), else
-    "xla" (the TPU kernels have not run on a TPU; float32 was not timed on a GPU)."""
-    if placed_target(q, k, v).platform == "gpu" and q.dtype.name in ("bfloat16", "float16"):
-        return "pallas_gpu"
-    return "xla"
+    "xla" (the TPU kernels have not run on a TPU; float32 was not timed on a GPU), also where
+    no default tile fits the card's shared memory (D = 512), so None never fails where "xla"
+    runs."""
+    target = placed_target(q, k, v)
+    if target.platform != "gpu" or q.dtype.name not in ("bfloat16", "float16"):
+        return "xla"
+    try:
+        blocks = pallas_gpu.default_blocks(q.shape, q.dtype, target)
+        pallas_gpu.check_fits(blocks, q.shape, q.dtype, target)
+    except ValueError:
+        return "xla"
+    return "pallas_gpu"
 
 
 def check_implementation(

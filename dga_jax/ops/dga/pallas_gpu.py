@@ -23,7 +23,8 @@ MIN_BLOCK = 16  # tl.dot's smallest tile
 # No register spill in any kernel on H100/H200 at D=128 (benchmarks/RESULTS.md, "Compiled
 # without hardware"): 128x64 in 16-bit dtypes is at the edge (252-254 of 255 registers) and was
 # the fastest tile on an H100 (0.61-0.89x 64x64's time, 4K-64K, "GPU"); 64x128 and 128x128
-# spill. In float32, or for D above 128, 128-row tiles overflow shared memory (`check_fits`).
+# spill, and so does 128x64 at D <= 64 (4 warps; the tiny model's D = 32). In float32, or for
+# D above 128, 128-row tiles overflow shared memory (`check_fits`).
 DEFAULT_BLOCKS = BlockSizes(block_q=128, block_k=64)
 SMALL_BLOCKS = BlockSizes(block_q=64, block_k=64)
 # What DEFAULT_BLOCKS' largest kernels (dK'/dV') took on an H100, bfloat16, D = 128.
@@ -31,11 +32,12 @@ DEFAULT_BLOCKS_SHARED_BYTES = 181_248
 
 
 def default_blocks(q_shape: tuple[int, ...], dtype: np.dtype, target: Target) -> BlockSizes:
-    """The kernels' tiles when none are given: `DEFAULT_BLOCKS` for 16-bit inputs with D <= 128
-    (what was compiled and measured) on GPUs with the shared memory its kernels took on an H100
-    (Hopper's 227 KiB; not an A100's 163) and in interpret mode elsewhere; else `SMALL_BLOCKS`."""
-    if np.dtype(dtype).itemsize != 2 or q_shape[-1] > 128:
-        return SMALL_BLOCKS
+    """The kernels' tiles when none are given: `DEFAULT_BLOCKS` for 16-bit inputs with D' = 128
+    (64 < D <= 128: what was compiled and measured) on GPUs with the shared memory its kernels
+    took on an H100 (Hopper's 227 KiB; not an A100's 163) and in interpret mode elsewhere; else
+    `SMALL_BLOCKS`."""
+    if np.dtype(dtype).itemsize != 2 or next_power_of_2(q_shape[-1]) != 128:
+        return SMALL_BLOCKS  # at D <= 64 (4 warps) the dK'/dV' kernel spills at 128 x 64
     limit = target.shared_memory_bytes
     if target.platform != "gpu" or (limit or 0) >= DEFAULT_BLOCKS_SHARED_BYTES:
         return DEFAULT_BLOCKS
