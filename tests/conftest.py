@@ -102,13 +102,16 @@ def _fresh_compile_caches():
     jax.clear_caches()
 
 
-def _memory_mappings() -> tuple[int, int] | tuple[None, None]:
-    """The process's memory mappings, and Linux's limit on them (None, None off Linux)."""
+def _map_limit() -> int | None:
+    """Linux's limit on a process's memory mappings (None off Linux)."""
     try:
-        with open("/proc/self/maps", "rb") as maps, open("/proc/sys/vm/max_map_count") as limit:
-            return sum(1 for _ in maps), int(limit.read())
+        with open("/proc/sys/vm/max_map_count") as limit:
+            return int(limit.read())
     except OSError:
-        return None, None
+        return None
+
+
+MAP_LIMIT = _map_limit()
 
 
 @pytest.fixture(autouse=True)
@@ -120,10 +123,12 @@ def _bounded_memory_mappings():
     Linux's vm.max_map_count (65,530): XLA's next mmap failed, and the C++ exception reporting it
     crashed the worker in the unwinder (frames of freed executables still registered)."""
     yield
-    count, limit = _memory_mappings()
-    if count is not None and count > limit // 2:
-        jax.clear_caches()
-        gc.collect()
+    if MAP_LIMIT is None:
+        return
+    with open("/proc/self/maps", "rb") as maps:
+        if sum(1 for _ in maps) > MAP_LIMIT // 2:
+            jax.clear_caches()
+            gc.collect()
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
