@@ -15,8 +15,9 @@ import math
 import numpy as np
 from dga_stages import Setup
 
+from dga_jax.ops.band import band_rows
 from dga_jax.ops.dga.selection import sampled_positions
-from dga_jax.ops.intervals import Entries, band_rows
+from dga_jax.ops.intervals import Entries
 from dga_jax.ops.ranges import block_ranges
 from dga_jax.ops.tiles import round_up
 

@@ -27,7 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.ranges import NEVER, band_ranges, prefix_ranges
+from dga_jax.ops.band import add_windows, band_rows, split_rows, take_windows
+from dga_jax.ops.ranges import NEVER, Entries, band_ranges, prefix_ranges
 from dga_jax.ops.tiles import (
     XLA_DOTS,
     BlockSizes,
@@ -41,18 +42,6 @@ from dga_jax.ops.tiles import (
     tn_transposed,
     varying_like,
 )
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class Entries:
-    """KV entries with visibility `[start, until)` and an additive logit bias."""
-
-    k: jax.Array  # [B, H, N, D]
-    v: jax.Array  # [B, H, N, D]
-    start: jax.Array  # [B, H, N] int32
-    until: jax.Array | None = None  # [B, H, N] int32; None: visible for ever
-    bias: jax.Array | None = None  # [B, H, N] float32, >= 0 (tiles.online_step); None: zero
 
 
 def interval_attention(
@@ -104,13 +93,6 @@ def interval_attention(
     out = _attend(spec, qb, qpb, prefix, band, n_full, n_edge, band_start)
     out = out.reshape(nq, b, hkv, bq, hq // hkv, d).transpose(1, 0, 3, 2, 4, 5)
     return out.reshape(b, nq * bq, hq, d)[:, :seq_len]
-
-
-def band_rows(block_q: int, block_band: int, band_lag: int) -> int:
-    """Queries per band sub-block: a divisor of block_q, at most block_band, else the power of
-    two at or above band_lag + 1 (at least 8)."""
-    wanted = max(8, 1 << max(band_lag, 0).bit_length())
-    return math.gcd(block_q, min(block_band, wanted))
 
 
 def _query_blocks(q: jax.Array, hkv: int, bq: int) -> jax.Array:
@@ -184,34 +166,6 @@ def _prefix_block(spec: _Spec, prefix: Entries, offset: jax.Array, masked: bool)
     return Tile(take(prefix.k), take(prefix.v), start, None, row(prefix.bias))
 
 
-def _band_index(spec: _Spec, starts: jax.Array) -> jax.Array:
-    """[BH, S] window starts -> [BH, S * W] entry indices."""
-    idx = starts[..., None] + jnp.arange(spec.band_width, dtype=jnp.int32)
-    return idx.reshape(starts.shape[0], -1)
-
-
-def _band_block(spec: _Spec, band: Entries, starts: jax.Array) -> Tile:
-    """The band window of each query sub-block: k, v [BH, S, W, D]; rows [BH, S, 1, W]."""
-    idx = _band_index(spec, starts)
-    windows = (*starts.shape, spec.band_width)
-
-    def take(x):
-        out = jnp.take_along_axis(x, idx.reshape(*idx.shape, *[1] * (x.ndim - 2)), axis=1)
-        return out.reshape(*windows, *x.shape[2:])
-
-    def row(x):
-        return None if x is None else take(x)[..., None, :]
-
-    return Tile(take(band.k), take(band.v), row(band.start), row(band.until), row(band.bias))
-
-
-def _scatter_add_band(spec: _Spec, x: jax.Array, starts: jax.Array, delta: jax.Array):
-    """x [BH, N, D] += delta [BH, S, W, D] at the band windows (windows may overlap)."""
-    idx = _band_index(spec, starts)
-    rows = delta.reshape(*idx.shape, delta.shape[-1])
-    return jax.vmap(lambda x, i, d: x.at[i].add(d))(x, idx, rows)
-
-
 def _add_prefix_block(x: jax.Array, offset: jax.Array, delta: jax.Array) -> jax.Array:
     """x [BH, D, N] += delta [BH, D, W] at entries [offset, offset + W)."""
     current = jax.lax.dynamic_slice_in_dim(x, offset, delta.shape[-1], axis=2)
@@ -225,7 +179,7 @@ def _positions(spec: _Spec, i: jax.Array) -> jax.Array:
 
 def _split_band(spec: _Spec, x: jax.Array) -> jax.Array:
     """[BH, R, ...] rows of a query block -> [BH, S, R/S, ...] band sub-blocks."""
-    return x.reshape(x.shape[0], spec.block_q // spec.band_q, -1, *x.shape[2:])
+    return split_rows(x, spec.block_q // spec.band_q)
 
 
 def _band_positions(spec: _Spec, t: jax.Array) -> jax.Array:
@@ -251,7 +205,7 @@ def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
             tuple(_split_band(spec, x) for x in state),
             _split_band(spec, q),
             _band_positions(spec, t),
-            _band_block(spec, band, band_start),
+            take_windows(band, band_start, spec.band_width),
         )
         state = tuple(x.reshape(y.shape) for x, y in zip(split, state, strict=True))
     out, lse = online_finish(state)
@@ -309,11 +263,11 @@ def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, x
             split(lse),
             split(delta),
             _band_positions(spec, t),
-            _band_block(spec, band, band_start),
+            take_windows(band, band_start, spec.band_width),
         )
         dq = dq + dq_b.reshape(dq.shape)
-        dk_band = _scatter_add_band(spec, dk_band, band_start, jnp.swapaxes(dk, -1, -2))
-        dv_band = _scatter_add_band(spec, dv_band, band_start, jnp.swapaxes(dv, -1, -2))
+        dk_band = add_windows(dk_band, band_start, jnp.swapaxes(dk, -1, -2))
+        dv_band = add_windows(dv_band, band_start, jnp.swapaxes(dv, -1, -2))
     return (dk_prefix, dv_prefix, dk_band, dv_band), (dq, dqp)
 
 

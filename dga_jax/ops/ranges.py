@@ -1,7 +1,7 @@
-"""Which entries each block of queries visits: prefix and band ranges, by binary search.
+"""KV entries with visibility intervals, and which of them each block of queries visits.
 
-Entries come as in `dga_jax.ops.intervals`: a prefix sorted by `start` (visible for ever) and a
-band sorted by `start` with non-decreasing `until`. For query block i (positions
+`Entries` come in two lists (`dga_jax.ops.intervals`): a prefix sorted by `start` (visible for
+ever) and a band sorted by `start` with non-decreasing `until`. For query block i (positions
 `[i*bq, (i+1)*bq)`) a count of `start <= position` gives the prefix seen by all its queries and
 by some; a count of `until <= first position` the first band entry still visible. All on device
 (`searchsorted`), shared by the XLA walk, the kernels and the layout.
@@ -16,6 +16,18 @@ import jax.numpy as jnp
 import numpy as np
 
 NEVER = np.iinfo(np.int32).max  # `until` of entries visible for ever; `start` of padding
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Entries:
+    """KV entries with visibility `[start, until)` and an additive logit bias."""
+
+    k: jax.Array  # [B, H, N, D]
+    v: jax.Array  # [B, H, N, D]
+    start: jax.Array  # [B, H, N] int32
+    until: jax.Array | None = None  # [B, H, N] int32; None: visible for ever
+    bias: jax.Array | None = None  # [B, H, N] float32, >= 0 (tiles.online_step); None: zero
 
 
 @jax.tree_util.register_dataclass

@@ -29,7 +29,7 @@ class BlockSizes:
     """Tile sizes of the blockwise walks (XLA and kernels), clamped to the problem size.
 
     block_q queries walk the prefix block_k entries at a time; the XLA walk visits the band by
-    sub-blocks of at most block_band queries (`intervals.band_rows`), and the prefix entries only
+    sub-blocks of at most block_band queries (`band.band_rows`), and the prefix entries only
     some queries of a block see block_edge at a time (a divisor of block_k is used), so the walk
     stops closer to the last entry they see. block_importance is the key tile of DGA's
     importance pass (block_importance / m sampled queries per tile).

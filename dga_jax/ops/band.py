@@ -1,0 +1,61 @@
+"""The band's windows: the contiguous run of band entries each query sub-block reads.
+
+Band entries (`ranges.Entries`) are sorted by `start` with non-decreasing `until`, and at most
+`band_lag` entries that start before a position t are still visible at t. A sub-block of S
+consecutive queries then sees only entries inside one window of fewer than S + band_lag entries,
+from the first one still visible to its first query (`ranges.band_ranges`). The XLA walk
+(`dga_jax.ops.intervals`) reads each window with one gather and adds its gradients back the
+same way.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from dga_jax.ops.ranges import Entries
+from dga_jax.ops.tiles import Tile
+
+
+def band_rows(block_q: int, block_band: int, band_lag: int) -> int:
+    """Queries per band sub-block: a divisor of block_q, at most block_band, else the power of
+    two at or above band_lag + 1 (at least 8)."""
+    wanted = max(8, 1 << max(band_lag, 0).bit_length())
+    return math.gcd(block_q, min(block_band, wanted))
+
+
+def split_rows(x: jax.Array, sub_blocks: int) -> jax.Array:
+    """[BH, R, ...] rows of a query block -> [BH, S, R/S, ...], its S band sub-blocks."""
+    return x.reshape(x.shape[0], sub_blocks, -1, *x.shape[2:])
+
+
+def take_windows(band: Entries, starts: jax.Array, width: int) -> Tile:
+    """The windows of `width` entries from `starts` [BH, S] of flat band entries [BH, N, ...]:
+    k, v [BH, S, W, D]; start, until, bias as rows [BH, S, 1, W]."""
+    idx = _window_index(starts, width)
+    windows = (*starts.shape, width)
+
+    def take(x):
+        out = jnp.take_along_axis(x, idx.reshape(*idx.shape, *[1] * (x.ndim - 2)), axis=1)
+        return out.reshape(*windows, *x.shape[2:])
+
+    def row(x):
+        return None if x is None else take(x)[..., None, :]
+
+    return Tile(take(band.k), take(band.v), row(band.start), row(band.until), row(band.bias))
+
+
+def add_windows(x: jax.Array, starts: jax.Array, delta: jax.Array) -> jax.Array:
+    """x [BH, N, D] += delta [BH, S, W, D] at the windows from `starts` [BH, S] (they may
+    overlap)."""
+    idx = _window_index(starts, delta.shape[-2])
+    rows = delta.reshape(*idx.shape, delta.shape[-1])
+    return jax.vmap(lambda x, i, d: x.at[i].add(d))(x, idx, rows)
+
+
+def _window_index(starts: jax.Array, width: int) -> jax.Array:
+    """[BH, S] window starts -> [BH, S * W] entry indices."""
+    idx = starts[..., None] + jnp.arange(width, dtype=jnp.int32)
+    return idx.reshape(starts.shape[0], -1)
