@@ -28,6 +28,7 @@ from pathlib import Path
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; targets are topologies
 
 import jax
+from block_args import blocks_label, parse_blocks
 from common import environment, out_dir, positive_int, positive_ints, positive_ints_or_none
 
 from dga_jax import aot
@@ -75,7 +76,7 @@ def _kernels(target: str, args) -> list[aot.CompileReport]:
             for selection in args.selections:
                 for gradient in (False, True):
                     name = "grad" if gradient else "fwd"
-                    tiles = "default" if blocks is None else f"{blocks.block_q}x{blocks.block_k}"
+                    tiles = blocks_label(blocks)
                     label = f"kernels {name} {selection} L={seq_len} blocks={tiles}"
                     try:
                         lowered = aot.lower_attention(
@@ -236,13 +237,18 @@ def _long_recipes(text: str) -> list[tuple[str, int, str, str | None]]:
 
 
 def _blocks(text: str) -> list[BlockSizes]:
-    """argparse type: QxK,QxK,..."""
+    """argparse type: QxK[wW][sS],... (`block_args`)"""
     blocks = []
     for item in _strings(text):
-        sizes = item.split("x")
-        if len(sizes) != 2:
-            raise argparse.ArgumentTypeError(f"{item!r} is not QxK (e.g. 64x64)")
-        blocks.append(BlockSizes(block_q=positive_int(sizes[0]), block_k=positive_int(sizes[1])))
+        try:
+            parsed = parse_blocks(item)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"{item!r}: {error}") from None
+        if parsed is None:
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is not QxK[wW][sS] (e.g. 64x64, 128x64w4s3)"
+            )
+        blocks.append(parsed)
     return blocks
 
 
@@ -252,7 +258,9 @@ def _parse_args():
     p.add_argument("--lengths", default="2048,32768,131072", type=positive_ints)
     p.add_argument("--selections", default=",".join(SELECTIONS), type=_selections)
     p.add_argument(
-        "--blocks", type=_blocks, help="QxK,QxK,... block sizes (default: each backend's defaults)"
+        "--blocks",
+        type=_blocks,
+        help="QxK[wW][sS],... block sizes and Triton launch (default: each backend's defaults)",
     )
     p.add_argument(
         "--tiny-lengths",

@@ -6,7 +6,8 @@ their own hardware only: interpret mode says nothing about speed) and "xla" ("dg
 "blockwise" (flash-style XLA, memory linear in L) and, on GPU only, "cudnn". The speedup column
 is each row's time over the first DGA implementation's (the kernel where there is one). A DGA
 implementation may name its tiles: `dga_pallas_gpu@128x64` runs `BlockSizes(block_q=128,
-block_k=64)` (the rest default), for a sweep side by side.
+block_k=64)` (the rest default), `dga_pallas_gpu@128x64w4s3` also Triton's launch (4 warps, 3
+stages; `block_args.py`), for a sweep side by side.
 Defaults: L in {2K, ..., 32K}, B=1, Hq=Hkv=8, D=128, gamma=0.1, m=16, float32 on CPU and
 bfloat16 on an accelerator. The issue's GPU table: `--heads 32 --kv-heads 32 --lengths
 4096,8192,16384,32768 --impls dga_pallas_gpu,dga_xla,dense_cudnn` (bfloat16 by default).
@@ -36,7 +37,6 @@ import dataclasses
 import functools
 import gc
 import json
-import re
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +44,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from block_args import parse_blocks
 from common import (
     GIB,
     add_attention_args,
@@ -128,7 +129,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown |= {impl for impl in args.impls if impl.partition("@")[0] not in IMPLS}
     unknown |= {impl for impl in args.impls if "@" in impl and not _tiled(impl)}
     if unknown:
-        p.error(f"unknown {sorted(unknown)}; choose from {','.join(MODES + IMPLS)}, DGA ones @RxK")
+        p.error(
+            f"unknown {sorted(unknown)}; choose from {','.join(MODES + IMPLS)}, "
+            "DGA ones @RxK[wW][sS]"
+        )
     for flag, chosen in (("--modes", args.modes), ("--impls", args.impls)):
         if not chosen:  # nothing would run, and the results files would be overwritten empty
             p.error(f"{flag}: none given")
@@ -139,21 +143,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _check_tiles(p: argparse.ArgumentParser, impls: list[str]) -> None:
-    """`p.error` naming a tile suffix `BlockSizes` refuses (`dga_xla@0x64`)."""
+    """`p.error` naming a tile suffix `BlockSizes` refuses (`dga_xla@0x64`), or a launch
+    (`w4s3`) on another implementation than "pallas_gpu"."""
     for impl in impls:
         try:
-            _tiled(impl)
+            tiles = _tiled(impl)
         except ValueError as error:
             p.error(f"--impls {impl}: {error}")
+        if tiles is not None and tiles.launch and not impl.startswith("dga_pallas_gpu@"):
+            p.error(f"--impls {impl}: Triton's warps and stages apply to dga_pallas_gpu only")
 
 
 def _tiled(impl: str) -> BlockSizes | None:
-    """ "dga_...@RxK" -> BlockSizes(block_q=R, block_k=K); None for no or a malformed suffix."""
+    """ "dga_...@RxK[wW][sS]" -> its BlockSizes (`block_args`); None for no or a malformed
+    suffix."""
     name, _, tiles = impl.partition("@")
-    found = re.fullmatch(r"(\d+)x(\d+)", tiles)
-    if not name.startswith("dga_") or found is None:
-        return None
-    return BlockSizes(block_q=int(found[1]), block_k=int(found[2]))
+    return parse_blocks(tiles) if name.startswith("dga_") else None
 
 
 def attention(impl: str, args: argparse.Namespace) -> Callable[..., jax.Array]:

@@ -230,7 +230,8 @@ class CompileReport:
         line += "".join(f"\n     buffer {buffer}" for buffer in self.largest)
         for k in self.kernels:
             line += (
-                f"\n     {k.name}: smem {k.shared_memory_bytes:,} B, registers {k.registers}, "
+                f"\n     {k.name}: {k.threads} threads, smem {k.shared_memory_bytes:,} B, "
+                f"registers {k.registers}, "
                 f"spills {k.spill_bytes} B" + "".join(f"\n       {w}" for w in k.warnings)
             )
         return line + (f"\n  {self.error}" if self.error else "")

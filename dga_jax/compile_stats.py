@@ -79,9 +79,11 @@ def _itemsize(dtype: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class KernelStats:
-    """One GPU kernel as compiled: launch shared memory, and what ptxas reports."""
+    """One GPU kernel as compiled: its launch (threads per block: 32 per warp, shared memory),
+    and what ptxas reports."""
 
     name: str
+    threads: int
     shared_memory_bytes: int
     registers: int
     spill_bytes: int  # spill stores + loads
@@ -149,18 +151,20 @@ def _temporary_slots(text: str) -> dict[int, tuple[int, list[str]]]:
 
 # The Pallas kernels' names: the walks' `interval_*`, global importance's `importance_*`.
 _LAUNCH = re.compile(
-    r"\b((?:interval|importance)_\w+) grid: \[[^]]*\] threads: \[[^]]*\]\s+"
+    r"\b((?:interval|importance)_\w+) grid: \[[^]]*\] threads: \[([^]]*)\]\s+"
     r"shared_memory: (\d+) bytes"
 )
 _ENTRY = re.compile(r"\.entry (\w+)\(")
 
 
 def kernel_stats(dump: Path, arch: str) -> tuple[KernelStats, ...]:
-    """The Pallas kernels of one compile: shared memory from XLA's thunk sequence, registers and
-    spills from `ptxas -v` on the PTX XLA dumped (as XLA compiled it: same PTX, same arch)."""
+    """The Pallas kernels of one compile: threads and shared memory from XLA's thunk sequence,
+    registers and spills from `ptxas -v` on the PTX XLA dumped (as XLA compiled it: same PTX,
+    same arch)."""
     shared = {}
     for path in dump.glob("*thunk_sequence.txt"):
-        shared.update((m[1], int(m[2])) for m in _LAUNCH.finditer(path.read_text()))
+        for m in _LAUNCH.finditer(path.read_text()):
+            shared[m[1]] = (math.prod(int(n) for n in m[2].split(",")), int(m[3]))
     ptx = {}
     for path in dump.glob("*.ptx"):
         for name in _ENTRY.findall(path.read_text()):
@@ -170,8 +174,8 @@ def kernel_stats(dump: Path, arch: str) -> tuple[KernelStats, ...]:
     if missing:
         raise RuntimeError(f"no PTX dumped for kernels {missing}")
     return tuple(
-        KernelStats(name, size, *_ptxas(ptx[name], arch, name))
-        for name, size in sorted(shared.items())
+        KernelStats(name, *launch, *_ptxas(ptx[name], arch, name))
+        for name, launch in sorted(shared.items())
     )
 
 

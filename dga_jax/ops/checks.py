@@ -113,6 +113,17 @@ def check_block_sizes(block_sizes, default: BlockSizes = BlockSizes()) -> BlockS
     return block_sizes
 
 
+def check_launch(block_sizes: BlockSizes, implementation: str) -> BlockSizes:
+    """Triton launch settings (num_warps, num_stages) apply to "pallas_gpu" only."""
+    if block_sizes.launch and implementation != "pallas_gpu":
+        raise ValueError(
+            f"BlockSizes {', '.join(block_sizes.launch)} set the Triton kernels' launch "
+            f"(implementation='pallas_gpu'); implementation={implementation!r} takes none: "
+            "leave them None"
+        )
+    return block_sizes
+
+
 def check_split(split, op: str) -> None:
     """A `ContextSplit`'s part count must be its mesh axes' size (inside `jax.shard_map`);
     `op` names the caller in the errors."""

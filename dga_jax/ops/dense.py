@@ -14,7 +14,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.checks import check_block_sizes, check_qkv, check_split
+from dga_jax.ops.checks import check_block_sizes, check_launch, check_qkv, check_split
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.intervals import Entries, interval_attention
 from dga_jax.ops.target import placed_target
@@ -70,7 +70,7 @@ def dense_attention(
         _dense,
         scale=scale,
         implementation=implementation,
-        block_sizes=check_block_sizes(block_sizes, DENSE_BLOCKS),
+        block_sizes=check_launch(check_block_sizes(block_sizes, DENSE_BLOCKS), implementation),
         split=split,
         upcast=implementation == "xla" and platform == "cpu" and q.dtype == jnp.float16,
     )

@@ -38,6 +38,10 @@ class BlockSizes:
     than 512 x 512 at D=32 with 2 query heads per KV head, and as fast at D=128 (CPU,
     benchmarks/RESULTS.md). Dense causal attention, whose prefix is the whole past, keeps
     512 x 512 (`dga_jax.ops.dense.DENSE_BLOCKS`); the kernels have their own.
+
+    num_warps and num_stages are the Triton kernels' launch (implementation="pallas_gpu"; None:
+    the backend's, 8 warps at D > 64 else 4, and 2 pipeline stages); the other implementations
+    refuse them (`checks.check_launch`).
     """
 
     block_q: int = 1024
@@ -45,14 +49,28 @@ class BlockSizes:
     block_band: int = 128
     block_importance: int = 1024
     block_edge: int = 256
+    num_warps: int | None = None
+    num_stages: int | None = None
 
     def __post_init__(self):
         names = ("block_q", "block_k", "block_band", "block_importance", "block_edge")
-        for name in names:
+        for name in (*names, *LAUNCH):
             value = getattr(self, name)
+            if value is None and name in LAUNCH:
+                continue
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
             object.__setattr__(self, name, int(value))
+        if self.num_warps is not None and self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"BlockSizes.num_warps must be a power of two, got {self.num_warps}")
+
+    @property
+    def launch(self) -> dict[str, int]:
+        """The launch settings given (not None), by name."""
+        return {name: getattr(self, name) for name in LAUNCH if getattr(self, name) is not None}
+
+
+LAUNCH = ("num_warps", "num_stages")  # BlockSizes' Triton launch settings
 
 
 def round_up(x: int, multiple: int) -> int:

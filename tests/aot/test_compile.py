@@ -54,6 +54,7 @@ def test_kernels_compile_at_default_blocks(target, selection, gradient):
         for kernel in report.kernels:
             assert kernel.spill_bytes == 0 and 0 < kernel.registers <= 255, str(report)
             assert 0 < kernel.shared_memory_bytes <= H100.shared_memory_bytes, str(report)
+            assert kernel.threads == 8 * 32, str(report)  # D = 128: 8 warps
 
 
 @pytest.mark.parametrize("gradient", [False, True], ids=["fwd", "grad"])
@@ -131,6 +132,24 @@ def test_the_default_implementation_is_the_triton_kernels_for_16_bit_inputs_on_g
     names = {k.name for k in report.kernels}
     assert names == ({"interval_forward"} | IMPORTANCE_KERNELS if triton else set()), str(report)
     assert all(k.spill_bytes == 0 for k in report.kernels), str(report)
+
+
+def test_a_launch_reaches_the_compiled_kernels():
+    """BlockSizes' num_warps and num_stages: 4 warps are 128 threads per block, and a third
+    pipeline stage takes more shared memory than two."""
+    devices, kernels = aot.target_devices("h100"), {}
+    for stages in (2, 3):
+        blocks = BlockSizes(64, 64, num_warps=4, num_stages=stages)
+        lowered = aot.lower_attention(
+            devices, seq_len=1024, implementation="pallas_gpu", block_sizes=blocks
+        )
+        report = aot.compile_report(f"{stages} stages", lowered, "h100")
+        assert report.ok, str(report)
+        kernels[stages] = {k.name: k for k in report.kernels}
+    walk = [kernels[stages]["interval_forward"] for stages in (2, 3)]
+    assert [k.threads for k in walk] == [4 * 32, 4 * 32]
+    assert walk[0].shared_memory_bytes < walk[1].shared_memory_bytes
+    assert kernels[2]["importance_stats"].threads == 8 * 32  # importance keeps its launch
 
 
 def test_kernels_refuse_the_other_platform():

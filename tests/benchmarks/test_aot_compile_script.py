@@ -16,7 +16,7 @@ from dga_jax import aot
 from dga_jax.compile_stats import MEMORY_FIELDS
 from tests.benchmarks.scripts import load_script
 
-for helper in ("trace_scopes", "common"):
+for helper in ("trace_scopes", "common", "block_args"):
     load_script(helper)  # the scripts import these by bare name
 aot_compile = load_script("aot_compile")
 NOTHING = ["--targets", "", "--tiny-lengths", "", "--recipes", "", "--long-recipes", ""]
@@ -39,6 +39,7 @@ def _parse(monkeypatch, *flags: str):
         (["--long-recipes", "v5e:2:dga"], r"v5e: chips must be one of \[4, 8\], got 2"),
         (["--selections", "globl"], r"unknown selections \['globl'\]"),
         (["--blocks", "64"], r"'64' is not QxK"),
+        (["--blocks", "64x64w3"], r"'64x64w3': BlockSizes.num_warps must be a power of two, got 3"),
         (["--long-length", "0"], r"--long-length: must be >= 1, got 0"),
     ],
 )
@@ -61,11 +62,14 @@ def test_good_flags_parse(monkeypatch, tmp_path):
     args = _parse(
         monkeypatch,
         *("--recipes", "v5p:4,h100:3", "--long-recipes", "v5p:8:dga:full,h100:2:ulysses:"),
-        *("--blocks", "64x32", "--selections", "streaming", "--out", str(tmp_path / "new")),
+        *("--blocks", "64x32,128x64w4s3", "--selections", "streaming"),
+        *("--out", str(tmp_path / "new")),
     )
     assert args.recipes == [("v5p", 4), ("h100", 3)]
     assert args.long_recipes == [("v5p", 8, "dga", "full"), ("h100", 2, "ulysses", None)]
     assert (args.blocks[0].block_q, args.blocks[0].block_k) == (64, 32)
+    assert args.blocks[0].launch == {} and args.blocks[1].launch == dict(num_warps=4, num_stages=3)
+    assert [aot_compile.blocks_label(b) for b in args.blocks] == ["64x32", "128x64w4s3"]
     assert args.selections == ["streaming"] and args.out.is_dir()
 
 

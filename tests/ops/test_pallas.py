@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -230,6 +231,21 @@ def test_gpu_kernels_lower_to_triton():
     text = _lowered("pallas_gpu", "cuda", BlockSizes(64, 64))
     # Importance's two passes, forward, dQ, dK/dV of the prefix and of the band: six Triton calls.
     assert text.count("custom_call @__gpu$xla.gpu.triton(") == 6
+
+
+def _launches(text: str) -> dict[str, tuple[int, int]]:
+    """Each Triton call's (num_warps, num_stages) in lowered text, by kernel name."""
+    found = re.findall(r'name = "(\w+)", num_stages = (\d+) : i32, num_warps = (\d+) : i32', text)
+    return {name: (int(warps), int(stages)) for name, stages, warps in found}
+
+
+def test_gpu_kernels_launch_as_their_block_sizes_say():
+    walks = {"interval_forward", "interval_dq", "interval_dkv_prefix", "interval_dkv_band"}
+    importance = {"importance_stats", "importance_scores"}  # their own launch, never the walks'
+    default = _launches(_lowered("pallas_gpu", "cuda", BlockSizes(64, 64)))
+    assert default == dict.fromkeys(walks | importance, (8, 2))  # D = 128
+    given = _launches(_lowered("pallas_gpu", "cuda", BlockSizes(64, 64, num_warps=2, num_stages=3)))
+    assert given == {**dict.fromkeys(walks, (2, 3)), **dict.fromkeys(importance, (8, 2))}
 
 
 @pytest.mark.parametrize("block_q", [128, 16])

@@ -187,6 +187,37 @@ def test_bad_block_sizes(block_q, block_k, name):
         BlockSizes(block_q, block_k)
 
 
+@pytest.mark.parametrize(
+    "launch, message",
+    [
+        (dict(num_warps=3), "num_warps must be a power of two, got 3"),
+        (dict(num_warps=True), "num_warps must be a positive int, got True"),
+        (dict(num_stages=0), "num_stages must be a positive int, got 0"),
+    ],
+)
+def test_bad_launch(launch, message):
+    with pytest.raises(ValueError, match=f"BlockSizes.{message}"):
+        BlockSizes(**launch)
+
+
+def test_a_launch_is_for_the_triton_kernels_only():
+    q, k, v = random_qkv(0, 1, 16, 2, 2, 8)
+    blocks = BlockSizes(16, 16, num_warps=2, num_stages=3)
+    gpu = dict(implementation="pallas_gpu", interpret=True)
+    # In interpret mode the launch changes nothing: the same numbers.
+    got = dga_jax.dga_attention(q, k, v, **gpu, block_sizes=blocks)
+    want = dga_jax.dga_attention(q, k, v, **gpu, block_sizes=BlockSizes(16, 16))
+    np.testing.assert_array_equal(got, want)
+    refused = [
+        functools.partial(dga_jax.dga_attention, implementation="xla"),
+        functools.partial(dga_jax.dga_attention, implementation="pallas_tpu", interpret=True),
+        functools.partial(dga_jax.dense_attention, implementation="blockwise"),
+    ]
+    for attention in refused:
+        with pytest.raises(ValueError, match=r"num_warps, num_stages .*implementation='\w+' takes"):
+            attention(q, k, v, block_sizes=blocks)
+
+
 # The spec's sizes, in exact arithmetic: float noise (0.1 * 30 = 3.0000000000000004) adds no token.
 
 

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from dga_jax.ops.checks import check_block_sizes
+from dga_jax.ops.checks import check_block_sizes, check_launch
 from dga_jax.ops.dga import pallas_gpu, pallas_gpu_importance, pallas_tpu
 from dga_jax.ops.dga.selection import ImportancePasses
 from dga_jax.ops.intervals import interval_attention
@@ -103,6 +103,7 @@ def check_kernel(
         block_sizes = backend.default_blocks(q.shape, q.dtype, target)
     else:
         block_sizes = check_block_sizes(block_sizes)
+    check_launch(block_sizes, implementation)
     backend.check_tiles(block_sizes)
     if interpret is False:
         backend.check_fits(block_sizes, q.shape, q.dtype, target)
@@ -145,4 +146,4 @@ def check_implementation(
         return implementation, check_kernel(implementation, block_sizes, interpret, q, k, v)
     if interpret is not False:
         raise ValueError(f"interpret applies to the Pallas implementations, not {implementation!r}")
-    return implementation, check_block_sizes(block_sizes)
+    return implementation, check_launch(check_block_sizes(block_sizes), implementation)

@@ -41,6 +41,7 @@ class KernelSpec:
     seq_len: int  # L before padding
     interpret: object  # False, True (GPU interpreter) or pltpu.InterpretParams
     band_lag: int  # at most this many band entries starting before a query are visible to it
+    launch: tuple[tuple[str, int], ...] = ()  # Triton's num_warps / num_stages if set
 
     def num_q_blocks(self, padded_len: int) -> int:
         return padded_len // self.block_q
@@ -219,12 +220,14 @@ def kernel_attention(
     interpret: object,
     head_multiple: int = 1,
     q_prefix: jax.Array | None = None,
+    launch: dict[str, int] | None = None,
 ) -> jax.Array:
     """`interval_attention` computed by `kernels`: q [B, L, Hq, D] -> [B, L, Hq, D].
 
     `block_q`: the backend's (clamped) query block; `q_prefix` [B, L, Hq, D]: the queries the
-    prefix entries are scored with (None: q), as in `interval_attention`. Gradients reach q,
-    q_prefix and the entries' k and v (then, through `compressed_kv`, the tokens).
+    prefix entries are scored with (None: q), as in `interval_attention`; `launch`: the
+    kernels' launch settings (`BlockSizes.launch`). Gradients reach q, q_prefix and the
+    entries' k and v (then, through `compressed_kv`, the tokens).
     """
     b, seq_len, hq, d = q.shape
     spec = KernelSpec(
@@ -235,6 +238,7 @@ def kernel_attention(
         seq_len=seq_len,
         interpret=interpret,
         band_lag=band_lag,
+        launch=tuple(sorted((launch or {}).items())),
     )
     ops = prepare(q, prefix, band, spec, head_multiple, q_prefix)
     out = _attend(kernels, spec, ops)  # [B, Hq, Lp, Dp]

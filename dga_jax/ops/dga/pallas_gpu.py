@@ -68,17 +68,18 @@ def check_fits(
 ) -> None:
     """Rejects tiles whose pipelined buffers alone overflow the target's shared memory.
 
-    The walks stream `STAGES`-deep buffers of two [block, D'] tiles (k and v, [block_k, D'], in
-    the forward and dQ kernels; q and dO, [block_q, D'], in dK'/dV'), D' = D rounded up to a
-    power of two: a floor on what Triton allocates (it adds the resident tiles and masks; the
-    compiler checks the rest). The same tiles serve the backward, so the larger block counts.
+    The walks stream num_stages-deep (default `STAGES`) buffers of two [block, D'] tiles (k and
+    v, [block_k, D'], in the forward and dQ kernels; q and dO, [block_q, D'], in dK'/dV'),
+    D' = D rounded up to a power of two: a floor on what Triton allocates (it adds the resident
+    tiles and masks; the compiler checks the rest). The same tiles serve the backward, so the
+    larger block counts.
     """
     limit = target.shared_memory_bytes
     if limit is None:
         return
     block_q = query_block(block_sizes, q_shape[1])
     tile = max(block_q, block_sizes.block_k) * next_power_of_2(q_shape[-1]) * dtype.itemsize
-    need = STAGES * 2 * tile
+    need = (block_sizes.num_stages or STAGES) * 2 * tile
     if need > limit:
         raise ValueError(
             f"implementation='pallas_gpu' with {block_sizes} (D={q_shape[-1]}, {dtype.name}) "
@@ -113,6 +114,7 @@ def interval_attention(
         interpret=interpret,
         head_multiple=next_power_of_2(q.shape[-1]),
         q_prefix=q_prefix,
+        launch=block_sizes.launch,
     )
 
 

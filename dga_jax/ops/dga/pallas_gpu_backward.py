@@ -116,7 +116,7 @@ def dq(spec, ops, blocks: common.QueryBlocks, do, lse, delta):
         ],
         out_specs=[query_block] * queries,
         out_shape=[jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype)] * queries,
-        compiler_params=compiler_params(ops.q.shape[-1]),
+        compiler_params=compiler_params(ops.q.shape[-1], spec.launch),
         interpret=spec.interpret,
         name="interval_dq",
     )(*block_args(blocks), ops.q, do, lse, delta, *extra, *entry_args(ops))
@@ -165,7 +165,7 @@ def _dkv_call(spec, heads, ranges, entries, band: bool):
         in_specs=[range_spec, range_spec, *[whole(x) for x in heads], *[block(x) for x in entries]],
         out_specs=[out_spec, out_spec],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
-        compiler_params=compiler_params(d),
+        compiler_params=compiler_params(d, spec.launch),
         interpret=spec.interpret,
         name="interval_dkv_band" if band else "interval_dkv_prefix",
     )(*ranges, *heads, *entries)

@@ -138,8 +138,11 @@ def query_grid(spec: common.KernelSpec, ops: common.Operands):
     return (spec.num_q_blocks(lp), b, hq)
 
 
-def compiler_params(d: int):
-    return pltriton.CompilerParams(num_warps=4 if d <= 64 else 8, num_stages=STAGES)
+def compiler_params(d: int, launch: tuple[tuple[str, int], ...] = ()):
+    """Triton's launch for head size d: 8 warps above 64 else 4, `STAGES` stages, or what
+    `launch` (`KernelSpec.launch`) sets."""
+    params = {"num_warps": 4 if d <= 64 else 8, "num_stages": STAGES, **dict(launch)}
+    return pltriton.CompilerParams(**params)
 
 
 def forward(spec: common.KernelSpec, ops: common.Operands, blocks: common.QueryBlocks):
@@ -156,7 +159,7 @@ def forward(spec: common.KernelSpec, ops: common.Operands, blocks: common.QueryB
             jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype),
             jax.ShapeDtypeStruct((b, hq, lp), jnp.float32),
         ],
-        compiler_params=compiler_params(d),
+        compiler_params=compiler_params(d, spec.launch),
         interpret=spec.interpret,
         name="interval_forward",
     )(*block_args(blocks), *queries, *entry_args(ops))
