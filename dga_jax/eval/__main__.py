@@ -28,7 +28,7 @@ from dga_jax.checkpoint.orbax_io import (
     load_model,
     parse_settings,
 )
-from dga_jax.data.tokenizers import load_tokenizer
+from dga_jax.data.tokenizers import BYTE_SPEC, load_tokenizer
 from dga_jax.errors import InputError
 from dga_jax.eval.engine import ModelEngine
 from dga_jax.eval.lines import STANDARD_SIZES, Lines
@@ -226,8 +226,14 @@ def run_info(args: argparse.Namespace, config: ModelConfig, max_length: int) -> 
         "dga": dataclasses.asdict(config.dga),
         "attention_settings": dataclasses.asdict(settings) if settings is not None else None,
         "max_length": max_length,
-        "tokenizer": args.tokenizer,
+        "tokenizer": _tokenizer_path(args.tokenizer),
     }
+
+
+def _tokenizer_path(spec: str) -> str:
+    """--tokenizer as a rerun compares it: a path made absolute (as typed, the same file
+    typed another way was refused, and the same name in another directory resumed)."""
+    return spec if spec == BYTE_SPEC else os.path.abspath(spec)
 
 
 def _extrapolation(args: argparse.Namespace, config: ModelConfig) -> dict[str, int]:
@@ -275,10 +281,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             focal_ratio=args.focal_ratio,
             settings=parse_settings(args.attention_settings, "--attention_settings"),
         )
-        changes.update(_extrapolation(args, load_config(args.checkpoint).replace(**changes)))
+        config = load_config(args.checkpoint).replace(**changes)
+        changes.update(_extrapolation(args, config))
+        max_length = args.max_length or config.max_position
+        tasks = build_tasks(args, max_length)  # before the model loads: minutes for a 7B
         model = load_model(args.checkpoint, mesh=mesh, **changes)
-        max_length = args.max_length or model.config.max_position
-        tasks = build_tasks(args, max_length)
         engine = ModelEngine(
             model,
             tokenizer,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 import re
 from collections.abc import Container, Iterator, Sequence
 from pathlib import Path
@@ -130,7 +131,8 @@ class Lines(GenerationTask):
         self.num_lines = distinct_ints(num_lines, "lines sizes", 1)
         self.cases = int_at_least(cases, "lines cases", 1)
         self.seed = int_at_least(seed, "lines seed", 0)  # numpy's seeds are >= 0
-        self.testcases_dir = testcases_dir
+        # Absolute: the settings a rerun must match name the same files from any directory.
+        self.testcases_dir = None if testcases_dir is None else os.path.abspath(testcases_dir)
         if testcases_dir is not None:
             self._check_files()
         elif max(self.num_lines) > len(ADJECTIVES) * len(NOUNS):

@@ -90,7 +90,10 @@ class Perplexity:
             raise InputError(
                 f"ppl max_documents must be None or an integer >= 1, got {max_documents!r}"
             )
-        self.data, self.files = data, _document_files(data)
+        # Absolute: the settings a rerun must match and the documents' ids name the same files
+        # from any working directory, however the path was typed.
+        self.data = os.path.abspath(data)
+        self.files = _document_files(self.data)
         self.window, self.stride = _int_or_none(window), _int_or_none(stride)  # JSON: no NumPy
         self.convention, self.max_documents = convention, _int_or_none(max_documents)
 

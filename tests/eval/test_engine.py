@@ -15,7 +15,8 @@ import dga_jax
 from dga_jax import Llama, ModelConfig
 from dga_jax.checkpoint.orbax_io import save_model
 from dga_jax.errors import InputError
-from dga_jax.eval.__main__ import build_tasks, main, parse_args
+from dga_jax.eval import __main__ as cli
+from dga_jax.eval.__main__ import build_tasks, main, parse_args, run_info
 from dga_jax.eval.engine import ModelEngine, _score_rows
 from dga_jax.eval.longbench import DATASETS
 
@@ -205,6 +206,38 @@ def test_cli_checks_every_task_before_any_runs(checkpoint, tmp_path, capsys, fla
     assert not (tmp_path / "passkey.jsonl").exists()
 
 
+def model_loaded(*args, **kwargs):
+    raise AssertionError("the model loaded before the task flags were checked")
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--passkey_depths", "0,2"], "passkey depths must be one or more fractions in [0, 1]"),
+        (["--lines_sizes", "4,4"], "lines sizes must be distinct, got [4] more than once"),
+        (["--longbench_dir", "{tmp}", "--longbench_datasets", "nope"], "datasets ['nope']"),
+        (["--longbench_dir", "{tmp}/typo"], "data directory '{tmp}/typo' does not exist"),
+        (["--ppl_data", "{tmp}", "--ppl_window", "2048"], "ppl window 2048 must lie in [2, the"),
+    ],
+)
+def test_cli_checks_the_task_flags_before_the_model_loads(
+    checkpoint, tmp_path, capsys, monkeypatch, flags, message
+):
+    # The tasks were made from their flags only after the model had loaded (minutes for 7B).
+    monkeypatch.setattr(cli, "load_model", model_loaded)
+    (tmp_path / "a.txt").write_text("a document")
+    for name in DATASETS:
+        (tmp_path / f"{name}_e.jsonl").write_text("")
+    base = ["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--out", str(tmp_path)]
+    base += ["--tasks", "passkey,lines,longbench_e,ppl"]
+    base += ["--longbench_dir", str(tmp_path), "--ppl_data", str(tmp_path)]  # flags: the last
+    flags = [flag.format(tmp=tmp_path) for flag in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, *flags])
+    assert exit_info.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
 def test_cli_max_length_past_max_position_extrapolates_knowingly(checkpoint, tmp_path, caplog):
     # --max_length 2048 on a 1024-position model: generation refused it mid-run, scoring
     # extrapolated silently; now the model is loaded with max_position 2048, with a warning.
@@ -272,6 +305,20 @@ def test_longbench_name_of_a_relative_checkpoint_is_its_directory(tmp_path, monk
     flags += ["--tasks", "longbench_e", "--longbench_dir", str(data)]
     (task,) = build_tasks(parse_args(flags), 4096)
     assert task.model_name == "ckpt_7b"  # was ".", refused as not one path component
+
+
+def test_run_info_names_the_tokenizer_by_its_absolute_path(tmp_path, monkeypatch):
+    # --tokenizer was kept as typed: `tok.model`, then the same file as /abs/tok.model, was
+    # refused as another run's records, and `tok.model` in another directory resumed them.
+    config = ModelConfig.preset("tiny")
+    base = ["--checkpoint", str(tmp_path), "--out", "out", "--tokenizer"]
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path)
+    typed = run_info(parse_args([*base, "tok.model"]), config, 64)
+    assert typed == run_info(parse_args([*base, str(tmp_path / "tok.model")]), config, 64)
+    assert run_info(parse_args([*base, "byte"]), config, 64)["tokenizer"] == "byte"
+    monkeypatch.chdir(tmp_path / "b")
+    assert run_info(parse_args([*base, "tok.model"]), config, 64) != typed
 
 
 def test_python_dash_m_runs_the_cli(tmp_path):

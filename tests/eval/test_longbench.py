@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -463,3 +464,36 @@ def test_pred_e_files_are_replaced_whole(tmp_path):
     )
     assert len(path.read_text("utf-8").splitlines()) == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.jsonl", "qasper.jsonl"]
+
+
+@pytest.mark.parametrize("field", ["answers", "all_classes"])
+def test_a_record_with_a_lone_surrogate_is_counted_not_fatal(tmp_path, field):
+    # Valid JSON ("\ud800" escaped) that UTF-8 cannot write: writing its record raised
+    # UnicodeEncodeError and ended the run. (In a prompt the tokenizers replace it.)
+    fields = {"input": "q\ud800", "context": "c", "answers": ["a"], "length": 5}
+    fields = {**fields, "all_classes": None, field: ["b", "x\ud800"]}
+    good = record(input="q", context="c", answers=["a"])
+    data = write_data(tmp_path / "data", {"qasper": [good, json.dumps(fields), good]})
+    summary, problems, now = run_task(LongBenchE(data, ["qasper"]), FakeEngine(), tmp_path / "o")
+    assert (now, summary.metrics["records"]) == (2, {"qasper": 2})
+    assert problems.report() == {
+        f"field {field!r} is not UTF-8 text (a lone surrogate)": {
+            "count": 1,
+            "first": ["qasper_e.jsonl:2"],
+        }
+    }
+
+
+def test_a_rerun_compares_the_absolute_data_dir_not_the_typed_one(tmp_path, monkeypatch):
+    # data_dir was stored and compared as typed: `data`, then the same directory as /abs/data,
+    # was refused as other settings, and `data` typed in another directory resumed.
+    for where in ("a", "b"):
+        write_data(tmp_path / where / "data", {"qasper": [record(input=where, answers=["x"])]})
+    engine, out = FakeEngine(), tmp_path / "out"
+    monkeypatch.chdir(tmp_path / "a")
+    assert run_task(LongBenchE("data", ["qasper"]), engine, out)[2] == 1
+    assert run_task(LongBenchE(tmp_path / "a" / "data", ["qasper"]), engine, out)[2] == 0
+    monkeypatch.chdir(tmp_path / "b")
+    moved = re.escape(f"'{tmp_path}/a/data' -> '{tmp_path}/b/data'")
+    with pytest.raises(InputError, match=moved):
+        run_task(LongBenchE("data", ["qasper"]), engine, out)

@@ -383,6 +383,38 @@ def test_records_without_their_settings_are_refused_not_adopted(tmp_path):
     assert run_task(Perplexity(docs, window=32), engine, out)[2] == 1
 
 
+def write_inputs(directory, seed: int) -> None:
+    """A shipped lines case and a document, differing with `seed`."""
+    directory.mkdir(parents=True)
+    case = lines_case(4, np.random.default_rng(seed))
+    (directory / "4_lines.jsonl").write_text(json.dumps(case) + "\n")
+    (directory / "a.txt").write_text(f"document {seed} " * 4)
+
+
+def lines_at(path: str) -> Lines:
+    return Lines([4], testcases_dir=path)
+
+
+def ppl_at(path: str) -> Perplexity:
+    return Perplexity(path, window=8)
+
+
+@pytest.mark.parametrize("make, answer", [(lines_at, lines_answer), (ppl_at, None)])
+def test_a_rerun_compares_absolute_paths_not_typed_ones(tmp_path, monkeypatch, make, answer):
+    # Paths were stored and compared as typed: `data`, then the same directory as /abs/data,
+    # was refused as other settings, and `data` typed in another directory (other inputs)
+    # resumed the first run's records.
+    engine, out = OracleEngine(answer), tmp_path / "out"
+    write_inputs(tmp_path / "a" / "data", 1)
+    write_inputs(tmp_path / "b" / "data", 2)
+    monkeypatch.chdir(tmp_path / "a")
+    assert run_task(make("data"), engine, out)[2] == 1
+    assert run_task(make(str(tmp_path / "a" / "data")), engine, out)[2] == 0  # resumed
+    monkeypatch.chdir(tmp_path / "b")
+    with pytest.raises(InputError, match=re.escape(f"'{tmp_path}/a/data' -> '{tmp_path}/b/data'")):
+        run_task(make("data"), engine, out)
+
+
 def test_summary_table_and_settings_are_replaced_not_rewritten(tmp_path):
     task = Passkey([50], trials=1)
     evaluate([task], OracleEngine(passkey_answer), tmp_path)
