@@ -1,9 +1,10 @@
-"""One DGA attention call ("xla") cut at its stage boundaries, for `profile_attention.py`.
+"""One DGA attention call cut at its stage boundaries, for `profile_attention.py`.
 
 Each stage is a function of the static `Setup` and the previous stages' outputs, so each can be
 jitted and timed on its own: importance, selection, layout, gather, the prefix walk and the band
-walk (`interval_attention` over each list alone), and their gradients; `dga_forward` and
-`dense_forward` are the whole calls they are compared with.
+walk (the implementation's interval attention over each list alone), and their gradients;
+`dga_forward` and `dense_forward` are the whole calls they are compared with. Under "pallas_gpu"
+importance runs the Triton kernels and the walks the Triton walks, as in the whole call.
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import jax.numpy as jnp
 
 import dga_jax
 from dga_jax import BlockSizes, DGAConfig, DGALayout
+from dga_jax.ops.dga import backends
 from dga_jax.ops.dga import layout as dga_layout_ops
 from dga_jax.ops.dga import selection as dga_selection
 from dga_jax.ops.dga.config import LayoutSizes
 from dga_jax.ops.dga.entries import compressed_kv
-from dga_jax.ops.intervals import Entries, interval_attention
+from dga_jax.ops.intervals import Entries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +35,9 @@ class Setup:
     blocks: BlockSizes
     seq_len: int
     batch: int
+    implementation: str = "xla"  # one of `backends.INTERVAL_IMPLEMENTATIONS`
+    interpret: bool = False  # the kernels in Pallas' interpreter
+    dense: str = "blockwise"  # the dense reference's implementation
 
     @property
     def sizes(self) -> LayoutSizes:
@@ -53,8 +58,9 @@ def importance(s: Setup, q: jax.Array, k: jax.Array) -> jax.Array:
     streaming's per-chunk softmax of each chunk's last query."""
     if s.config.selection == "streaming":
         return dga_selection.streaming_score(q, k, s.sizes, s.scale)
+    passes = backends.importance_implementation(s.implementation, s.interpret)
     return dga_selection.global_importance(
-        q, k, s.config.group_size, s.scale, block=s.blocks.block_importance
+        q, k, s.config.group_size, s.scale, block=s.blocks.block_importance, passes=passes
     )
 
 
@@ -82,8 +88,9 @@ def gather(
 
 
 def walk(s: Setup, q: jax.Array, prefix: Entries, band: Entries | None) -> jax.Array:
-    """`interval_attention` of q [B, L, Hq, D] over the prefix and the band (None: none)."""
-    return interval_attention(q, prefix, band, scale=s.scale, block_sizes=s.blocks, band_lag=s.lag)
+    """Interval attention of q [B, L, Hq, D] over the prefix and the band (None: none)."""
+    attend = backends.interval_implementation(s.implementation, s.interpret)
+    return attend(q, prefix, band, scale=s.scale, block_sizes=s.blocks, band_lag=s.lag)
 
 
 def band_walk(s: Setup, q: jax.Array, band: Entries) -> jax.Array:
@@ -124,14 +131,16 @@ def dga_forward(s: Setup, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array
         focal_ratio=s.config.focal_ratio,
         selection=s.config.selection,
         scale=s.scale,
-        implementation="xla",
+        implementation=s.implementation,
         block_sizes=s.blocks,
+        interpret=s.interpret,
     )
 
 
 def dense_forward(s: Setup, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """The blockwise dense reference, in its own default tiles (`dense.DENSE_BLOCKS`)."""
-    return dga_jax.dense_attention(q, k, v, scale=s.scale, implementation="blockwise")
+    """The dense reference (`s.dense`; "blockwise" in its own default tiles,
+    `dense.DENSE_BLOCKS`)."""
+    return dga_jax.dense_attention(q, k, v, scale=s.scale, implementation=s.dense)
 
 
 def with_grad(forward: Callable[..., jax.Array]) -> Callable[..., Any]:

@@ -1,19 +1,22 @@
-"""Where one DGA attention call ("xla") spends its time: each stage timed on its own, side by side.
+"""Where one DGA attention call spends its time: each stage timed on its own, side by side.
 
     python benchmarks/profile_attention.py                              # L=16K: minutes on CPU
     python benchmarks/profile_attention.py --quick                      # L=2K, 2 repeats
     python benchmarks/profile_attention.py --lengths 4096,8192 --repeats 3
+    python benchmarks/profile_attention.py --implementation pallas_gpu --dense cudnn \
+        --dtype bfloat16 --heads 32 --kv-heads 32                       # the Triton kernels
 
-`dga_jax.dga_attention(..., implementation="xla")` is cut at its stage boundaries
-(`dga_stages.py`); each stage is jitted on its own and timed on the previous stage's outputs
-(computed once, so every stage sees the same inputs as inside the whole call):
+`dga_jax.dga_attention(..., implementation=...)` ("xla" by default) is cut at its stage
+boundaries (`dga_stages.py`); each stage is jitted on its own and timed on the previous stage's
+outputs (computed once, so every stage sees the same inputs as inside the whole call):
 
 - importance: `global_importance`, two flash-style passes over the sampled queries' triangle;
 - selection: `top_r_mask`, the radix select of the r focal tokens;
 - layout: the two sorted entry lists (`layout._assemble` per batch and head, as `dga_layout`);
 - gather: the compressed KV' (`compressed_kv`: raw tokens, folded groups, focal tokens);
-- prefix walk / band walk: `interval_attention` over the prefix only, and over the band only
-  (an empty prefix);
+- prefix walk / band walk: the implementation's interval attention over the prefix only, and
+  over the band only (an empty prefix); under "pallas_gpu" importance and the walks are the
+  Triton kernels (`--blocks RxK[wW][sS]`: their tiles and launch, default the backend's);
 - backward, prefix walk / band walk: `jax.grad` of each walk (in q and the entries' k, v) less
   its forward;
 - backward, rest: the whole call's forward+backward less its forward and the walks' backwards
@@ -21,32 +24,37 @@
 
 "other" is the whole forward less the forward stages: glue the stages do not cover, negative
 when the stages timed apart cost more than the fused call. "% fwd" is a share of the whole
-forward call, "% fwd+bwd" of the whole forward+backward call; the dense blockwise reference
-(`dga_jax.dense_attention(implementation="blockwise")`, the same walk over all L tokens, in its
-own default tiles `DENSE_BLOCKS`) gives the ratio dense / DGA. Each function is compiled and
-warmed up once, then all are timed in `--repeats` rounds of one call each (the median), so
-changes in load hit every stage alike.
+forward call, "% fwd+bwd" of the whole forward+backward call; the dense reference (`--dense`:
+by default `dga_jax.dense_attention(implementation="blockwise")`, the same walk over all L
+tokens, in its own default tiles `DENSE_BLOCKS`; "cudnn" on a GPU) gives the ratio dense / DGA.
+Each function is compiled and warmed up once, then all are timed in `--repeats` rounds of one
+call each (the median), so changes in load hit every stage alike.
 
-Roofline: this machine's float32 matmul peak, measured on the walk's tile ([B*Hkv, block_q*G, D]
-times [B*Hkv, block_k, D]^T, best of `max(repeats, 10)` calls); the FLOPs the walks do, those of
-the spec's arithmetic bound and of the selection (global: two QK passes over the sampled
-queries; streaming: one score per key), all counted in `walk_flops.py`; the walks' achieved
-FLOP/s; the bounds on dense / DGA that follow, forward and forward+backward, and how much of
-each bound this run's ratio reached. `--selection streaming` profiles the causal rule, whose
-importance stage is the per-chunk scoring and whose focal tokens are spread evenly.
-Defaults: B=1, Hq=Hkv=8, D=128, m=16, gamma=0.1, global selection, float32, `BlockSizes()`.
-Results: the tables on stdout and `benchmarks/results/profile_attention_<backend>[_quick].json`.
+Roofline: this machine's matmul peak, measured on the walk's tile ([B*Hkv, block_q*G, D] times
+[B*Hkv, block_k, D]^T, best of `max(repeats, 10)` calls); the FLOPs the walks do, those of the
+spec's arithmetic bound and of the selection (global: two QK passes over the sampled queries;
+streaming: one score per key), all counted in `walk_flops.py`; the walks' achieved FLOP/s; the
+dense reference's (exact FLOPs / time); the bounds on dense / DGA that follow, forward and
+forward+backward, and how much of each bound this run's ratio reached. The kernels' own FLOPs
+are not counted: their rates are exact FLOPs / time, and the peak is that of a [B*Hkv, 4096, D]
+x [B*Hkv, 4096, D]^T matmul. `--selection streaming` profiles the causal rule, whose importance
+stage is the per-chunk scoring and whose focal tokens are spread evenly.
+Defaults: B=1, Hq=Hkv=8, D=128, m=16, gamma=0.1, global selection, float32, "xla",
+`BlockSizes()`. Results: the tables on stdout and
+`benchmarks/results/profile_attention[_<kernels>]_<backend>[_quick].json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import math
 import statistics
 
 import jax
 import jax.numpy as jnp
+from block_args import parse_blocks
 from common import (
     Calls,
     add_attention_args,
@@ -74,6 +82,7 @@ from dga_stages import (
 from walk_flops import Intervals, bounds, exact_flops, importance_flops, walk_flops, walk_tile
 
 from dga_jax import BlockSizes, DGAConfig
+from dga_jax.ops.dga import backends
 from dga_jax.ops.intervals import Entries
 
 FORWARD_STAGES = ("importance", "selection", "layout", "gather", "prefix walk", "band walk")
@@ -91,8 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     add_attention_args(p)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--implementation", choices=backends.INTERVAL_IMPLEMENTATIONS, default="xla")
+    p.add_argument("--interpret", action="store_true", help="the kernels in Pallas' interpreter")
+    p.add_argument("--blocks", help="RxK[wW][sS]: the tiles (and Triton launch) of DGA's call")
+    p.add_argument("--dense", choices=("blockwise", "cudnn", "xla"), default="blockwise")
     args = p.parse_args(argv)
     check_attention_args(p, args)
+    check_kernel_args(p, args)
     args.lengths = args.lengths or ([2048] if args.quick else [16384])
     args.repeats = args.repeats or (2 if args.quick else 3)
     config = DGAConfig(args.group_size, args.focal_ratio, args.selection)
@@ -100,6 +114,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bandless:  # the band walk is a stage of its own: a call without one cannot be cut so
         p.error(f"--lengths {bandless}: too short for a band walk (no raw entries) to profile")
     return args
+
+
+def check_kernel_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--blocks must parse into BlockSizes (`profile` parses it again); --interpret only with
+    a kernel."""
+    if args.interpret and args.implementation == "xla":
+        p.error("--interpret runs the Pallas kernels: pass --implementation pallas_gpu/pallas_tpu")
+    try:
+        blocks = None if args.blocks is None else parse_blocks(args.blocks)
+    except ValueError as error:
+        p.error(f"--blocks {args.blocks}: {error}")
+    if args.blocks is not None and blocks is None:
+        p.error(f"--blocks {args.blocks!r} is not RxK[wW][sS] (e.g. 128x64, 128x64w4s3)")
+    if blocks is not None and blocks.launch and args.implementation != "pallas_gpu":
+        p.error(f"--blocks {args.blocks}: Triton's warps and stages apply to pallas_gpu only")
 
 
 def make_inputs(args: argparse.Namespace, length: int) -> dict[str, jax.Array]:
@@ -168,9 +197,16 @@ def stage_rows(median: dict[str, float], best: dict[str, float]) -> list[dict]:
 # Roofline: the machine's matmul peak, the walks' FLOPs and the spec's bound.
 
 
+def peak_shape(args: argparse.Namespace, tile: dict[str, int]) -> tuple[int, int]:
+    """(R, N) of the peak's matmul: the XLA walk's tile; for the kernels, whose tile is no XLA
+    matmul, 4096 x 4096."""
+    return (tile["rows"], tile["block_k"]) if args.implementation == "xla" else (4096, 4096)
+
+
 def matmul_peak(args: argparse.Namespace, tile: dict[str, int], repeats: int) -> float:
-    """FLOP/s of a jitted [BH, R, D] x [BH, N, D]^T matmul, the walk's tile (best call)."""
-    bh, rows, cols, d = args.batch * args.kv_heads, tile["rows"], tile["block_k"], args.head_dim
+    """FLOP/s of a jitted [BH, R, D] x [BH, N, D]^T matmul (`peak_shape`; best call)."""
+    bh, d = args.batch * args.kv_heads, args.head_dim
+    rows, cols = peak_shape(args, tile)
     keys = jax.random.split(jax.random.key(1), 2)
     a = jax.random.normal(keys[0], (bh, rows, d), args.dtype)
     b = jax.random.normal(keys[1], (bh, cols, d), args.dtype)
@@ -185,7 +221,8 @@ def matmul_peak(args: argparse.Namespace, tile: dict[str, int], repeats: int) ->
 def roofline(s: Setup, entries: Intervals, t: dict, args: argparse.Namespace) -> dict:
     """Peak, walk and exact FLOPs, the walks' achieved FLOP/s, and the arithmetic bounds."""
     tile = walk_tile(s, entries, args)
-    done, exact = walk_flops(entries, tile, args), exact_flops(entries, s.seq_len, args)
+    exact = exact_flops(entries, s.seq_len, args)
+    done = walk_flops(entries, tile, args) if s.implementation == "xla" else dict(exact)
     done["walk"], exact["walk"] = done["prefix"] + done["band"], exact["prefix"] + exact["band"]
     ms = {"prefix": t["prefix walk"], "band": t["band walk"], "walk": t["walk"]}
     causal = args.batch * args.heads * s.seq_len * (s.seq_len + 1) // 2
@@ -199,6 +236,11 @@ def roofline(s: Setup, entries: Intervals, t: dict, args: argparse.Namespace) ->
         "importance_flops": importance,
         "achieved_flops": {name: done[name] / (ms[name] / 1e3) for name in ms},
         "dense_causal_flops": dense,
+        "dense_achieved_flops": {
+            mode: factor * dense / (t[f"dense {mode}"] / 1e3)
+            for mode, factor in (("forward", 1.0), ("fwd+bwd", 3.5))
+        },
+        "walk_flops_counted": s.implementation == "xla",
         "bound": bound,
         "share_of_bound": {
             "forward": t["dense forward"] / t["forward"] / bound["forward"],
@@ -210,7 +252,7 @@ def roofline(s: Setup, entries: Intervals, t: dict, args: argparse.Namespace) ->
 # Output.
 
 
-def print_stages(record: dict) -> None:
+def print_stages(record: dict, args: argparse.Namespace) -> None:
     """The stage table, the whole calls and the dense reference."""
     t, best = record["median_ms"], record["min_ms"]
     print(f"\n{'stage':<24}{'median ms':>11}{'min ms':>9}{'% fwd':>8}{'% fwd+bwd':>11}")
@@ -226,17 +268,18 @@ def print_stages(record: dict) -> None:
     print(f"(prefix and band walk in one call: {t['walk']:.1f} ms; apart: {walks:.1f} ms)")
     for mode in ("forward", "fwd+bwd"):
         dense = t[f"dense {mode}"]
-        print(f"dense blockwise {mode}: {dense:.1f} ms = {dense / t[mode]:.2f}x DGA's")
+        print(f"dense {args.dense} {mode}: {dense:.1f} ms = {dense / t[mode]:.2f}x DGA's")
 
 
 def print_roofline(roof: dict, args: argparse.Namespace) -> None:
     """Peak, FLOPs done vs needed, achieved FLOP/s per walk."""
     tile, peak = roof["tile"], roof["matmul_peak_flops"]
     bh = args.batch * args.kv_heads
-    shape = (
-        f"[{bh}, {tile['rows']}, {args.head_dim}] x [{bh}, {tile['block_k']}, {args.head_dim}]^T"
-    )
+    rows, cols = peak_shape(args, tile)
+    shape = f"[{bh}, {rows}, {args.head_dim}] x [{bh}, {cols}, {args.head_dim}]^T"
     print(f"\nmatmul peak ({shape}, {args.dtype}): {peak / GFLOP:.1f} GFLOP/s")
+    if not roof["walk_flops_counted"]:
+        print("(the kernels' own FLOPs are not counted: GFLOP/s below are exact FLOPs / time)")
     print(f"{'walk':<8}{'GFLOP done':>12}{'GFLOP exact':>13}{'done/exact':>12}", end="")
     print(f"{'GFLOP/s':>10}{'% peak':>8}")
     for name in ("prefix", "band", "walk"):
@@ -248,6 +291,11 @@ def print_roofline(roof: dict, args: argparse.Namespace) -> None:
             f"{achieved / GFLOP:>10.1f}{100 * achieved / peak:>8.1f}"
         )
     dense, importance = roof["dense_causal_flops"], roof["importance_flops"]
+    rates = roof["dense_achieved_flops"]
+    print(
+        f"dense {args.dense}: {rates['forward'] / GFLOP:.1f} GFLOP/s forward, "
+        f"{rates['fwd+bwd'] / GFLOP:.1f} forward+backward (exact FLOPs / time)"
+    )
     print(
         f"dense causal (exact): {dense / GFLOP:.2f} GFLOP = "
         f"{dense / roof['exact_flops']['walk']:.2f}x the walks' exact FLOPs; "
@@ -260,20 +308,30 @@ def print_roofline(roof: dict, args: argparse.Namespace) -> None:
 
 def profile(args: argparse.Namespace, length: int) -> dict:
     """Times every stage at `length`, with the roofline numbers."""
+    inputs = make_inputs(args, length)
+    given = None if args.blocks is None else parse_blocks(args.blocks)  # checked by parse_args
+    blocks = given or BlockSizes()
+    if args.implementation != "xla":  # the kernel's default tiles, and its checks
+        qkv = (inputs["q"], inputs["k"], inputs["v"])
+        blocks = backends.check_kernel(args.implementation, given, args.interpret, *qkv)
     s = Setup(
         DGAConfig(args.group_size, args.focal_ratio, args.selection),
         1.0 / math.sqrt(args.head_dim),
-        BlockSizes(),
+        blocks,
         length,
         args.batch,
+        args.implementation,
+        args.interpret,
+        args.dense,
     )
-    calls, (prefix, band) = stage_calls(s, make_inputs(args, length))
+    calls, (prefix, band) = stage_calls(s, inputs)
     entries = Intervals.of(prefix, band)
     times = calls.time_ms(args.repeats)
     median = {name: statistics.median(ms) for name, ms in times.items()}
     best = {name: min(ms) for name, ms in times.items()}
     return {
         "L": length,
+        "blocks": dataclasses.asdict(blocks),
         "times_ms": times,
         "median_ms": median,
         "min_ms": best,
@@ -288,17 +346,17 @@ def main(argv: list[str] | None = None) -> None:
     env = environment()
     shape = f"B={args.batch}, Hq={args.heads}, Hkv={args.kv_heads}, D={args.head_dim}"
     dga = f"m={args.group_size}, gamma={args.focal_ratio:g}, {args.selection} selection"
-    print(
-        f"DGA xla stages on {env['device_kind']} ({env['backend']}), {args.dtype}, {shape}, {dga}"
-    )
+    device = f"{env['device_kind']} ({env['backend']})"
+    print(f"DGA {args.implementation} stages on {device}, {args.dtype}, {shape}, {dga}")
     records = []
     for length in args.lengths:
         record = profile(args, length)
         print(f"\nL={length_label(length)}, median of {args.repeats}")
-        print_stages(record)
+        print_stages(record, args)
         print_roofline(record["roofline"], args)
         records.append(record)
-    print(f"\nwrote {write_results('profile_attention', args, env, records)}")
+    name = "profile_attention" + ("" if args.implementation == "xla" else f"_{args.implementation}")
+    print(f"\nwrote {write_results(name, args, env, records)}")
 
 
 if __name__ == "__main__":

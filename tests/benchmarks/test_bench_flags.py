@@ -9,7 +9,7 @@ from tests.benchmarks.scripts import load_script
 
 
 def _parse(script: str, argv: list[str]):
-    for helper in ("trace_scopes", "common", "decode", "dga_stages", "walk_flops"):
+    for helper in ("trace_scopes", "common", "block_args", "decode", "dga_stages", "walk_flops"):
         load_script(helper)  # the scripts import these by bare name
     return load_script(script).parse_args(argv)
 
@@ -58,6 +58,18 @@ def _parse(script: str, argv: list[str]):
             "profile_attention",
             ["--lengths", "1,256"],
             "--lengths [1]: too short for a band walk (no raw entries) to profile",
+        ),
+        ("profile_attention", ["--interpret"], "--interpret runs the Pallas kernels"),
+        ("profile_attention", ["--blocks", "64"], "--blocks '64' is not RxK[wW][sS]"),
+        (
+            "profile_attention",
+            ["--blocks", "64x64w4"],
+            "--blocks 64x64w4: Triton's warps and stages apply to pallas_gpu only",
+        ),
+        (
+            "profile_attention",
+            ["--implementation", "pallas_gpu", "--blocks", "64x64s0"],
+            "--blocks 64x64s0: BlockSizes.num_stages must be a positive int, got 0",
         ),
     ],
 )

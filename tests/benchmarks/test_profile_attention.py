@@ -61,3 +61,24 @@ def test_the_profile_times_every_stage_and_they_add_up_to_the_call(tmp_path, sel
         assert abs(share - ratio[mode] / roof["bound"][mode]) < 1e-9 * share
     assert f"{selection} selection" in result.stdout
     assert "arithmetic bound, forward" in result.stdout
+
+
+def test_the_triton_kernels_are_profiled_stage_by_stage(tmp_path):
+    """--implementation pallas_gpu (interpreted here): importance and the walks are the
+    kernels, in the tiles and launch --blocks names; their rates are exact FLOPs / time."""
+    command = [sys.executable, "benchmarks/profile_attention.py", "--lengths", "256"]
+    command += ["--repeats", "2", "--heads", "2", "--kv-heads", "1", "--head-dim", "32"]
+    command += ["--implementation", "pallas_gpu", "--interpret", "--blocks", "64x32w4s3"]
+    result = subprocess.run(
+        [*command, "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "DGA pallas_gpu stages" in result.stdout and "exact FLOPs / time" in result.stdout
+    (path,) = tmp_path.glob("profile_attention_pallas_gpu_*.json")
+    (record,) = json.loads(path.read_text())["records"]
+    assert [row["stage"] for row in record["stages"]] == [*FORWARD, "other", *BACKWARD]
+    given = dict(block_q=64, block_k=32, num_warps=4, num_stages=3)
+    assert {name: record["blocks"][name] for name in given} == given
+    roof = record["roofline"]
+    assert not roof["walk_flops_counted"] and roof["walk_flops"] == roof["exact_flops"]
+    assert all(rate > 0 for rate in roof["dense_achieved_flops"].values())
