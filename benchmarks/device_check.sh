@@ -2,20 +2,26 @@
 # The GPU checks, as one call on a lent GPU machine (the `device` tool runs it from the
 # repository root with its image's python3, which has JAX with CUDA, Triton, Flax and Optax):
 #
-#   bash benchmarks/device_check.sh            # ~6.6 minutes on an H100 (stop 46)
+#   bash benchmarks/device_check.sh            # ~9 minutes on an H100 (the deadline cuts the tests)
 #
-# 1. benchmarks/importance.py: global importance by XLA's loops vs the Triton kernels, three
-#    kernel tiles, L = 4K..32K (bfloat16, B=1, H=32, D=128, m=16), scores checked against XLA's;
-# 2. benchmarks/attention.py at the Pallas issue's shapes (bfloat16, B=1, H=32, D=128, m=16,
+# 1. benchmarks/profile_attention.py with the Triton kernels at 16K (bfloat16, B=1, H=32, D=128,
+#    m=16, gamma=0.1, global selection): importance, selection, layout, gather, prefix walk, band
+#    walk and the backwards timed apart, beside cuDNN's dense attention, with each walk's rate
+#    (exact FLOPs / time) against cuDNN's: where the kernels' time goes (stop 46 measured them at
+#    a quarter of cuDNN's rate over the whole call);
+# 2. the Triton walk's tiles and launch side by side at 16K, forward and forward+backward: the
+#    128x64 default (8 warps, 2 stages) against the variants that compiled for an H100 without a
+#    spill (`aot_compile.py --blocks`, benchmarks/RESULTS.md "Triton's launch"; 128x64s3 and
+#    128x128w8s1 only forward: their backward does not fit), into $out/launch;
+# 3. benchmarks/attention.py at the Pallas issue's shapes (bfloat16, B=1, H=32, D=128, m=16,
 #    gamma=0.1): DGA pallas_gpu vs cuDNN dense vs DGA xla, forward and forward+backward;
-# 3. the Triton walk's tiles side by side at 16K and 32K (128x64, the 16-bit default since the
-#    H100 run of stop 46; 64x64, 32x32: those that compile without a register spill,
-#    benchmarks/RESULTS.md), into $out/tiles;
 # 4. benchmarks/train_step.py: two of LLaMA2-7B's layers (and its embedding and head) at 16K in
 #    bfloat16, DGA pallas_gpu vs DGA xla vs cuDNN dense: what decides the model's attention_impl
 #    on GPUs;
 # 5. benchmarks/decode.py with LLaMA2-7B-shaped random weights in bfloat16, at 16K and 32K;
-# 6. the kernel tests and the DGA conformance suite's pallas_gpu cases, the Triton kernels
+# 6. benchmarks/importance.py: global importance by XLA's loops vs the Triton kernels, three
+#    kernel tiles, L = 4K..32K, scores checked against XLA's;
+# 7. the kernel tests and the DGA conformance suite's pallas_gpu cases, the Triton kernels
 #    compiled (tests/conftest.py turns interpret mode off and float32 matmuls to IEEE precision on
 #    a GPU); the "xla" cases passed on the H200 at stop 37 and run on every CPU CI.
 # The measurements come first: the tests compile many small kernels and take most of the time.
@@ -58,16 +64,19 @@ run() {  # run NAME CMD...: tee the output to $out/NAME.log within the deadline,
 
 run device python3 -c "import jax, flax, optax; print(jax.__version__, flax.__version__, \
 optax.__version__, jax.devices())"
-run importance python3 benchmarks/importance.py --tiles 64x64,128x64,128x128 --out "$out"
+run profile python3 benchmarks/profile_attention.py --implementation pallas_gpu --dense cudnn \
+    --dtype bfloat16 --heads 32 --kv-heads 32 --lengths 16384 --repeats 5 --out "$out"
+run launch python3 benchmarks/attention.py --dtype bfloat16 --heads 32 --kv-heads 32 \
+    --lengths 16384 --impls dga_pallas_gpu,dga_pallas_gpu@128x64s3,dga_pallas_gpu@128x32,\
+dga_pallas_gpu@128x32s3,dga_pallas_gpu@64x64s3,dga_pallas_gpu@64x64s4,\
+dga_pallas_gpu@128x128w8s1 --out "$out/launch"
 run attention python3 benchmarks/attention.py --dtype bfloat16 --heads 32 --kv-heads 32 \
     --lengths 4096,8192,16384,32768 --impls dga_pallas_gpu,dense_cudnn,dga_xla --out "$out"
-run tiles python3 benchmarks/attention.py --dtype bfloat16 --heads 32 --kv-heads 32 \
-    --lengths 16384,32768 --impls dga_pallas_gpu,dga_pallas_gpu@64x64,dga_pallas_gpu@32x32 \
-    --out "$out/tiles"
 run train_step python3 benchmarks/train_step.py --preset llama2_7b --layers 2 --dtype bfloat16 \
     --lengths 16384 --variants dga_pallas_gpu,dga_xla,dense_cudnn --repeats 3 --out "$out"
 run decode python3 benchmarks/decode.py --preset llama2_7b --dtype bfloat16 --steps 32 \
     --lengths 16384,32768 --out "$out"
+run importance python3 benchmarks/importance.py --tiles 64x64,128x64,128x128 --out "$out"
 run tests python3 -m pytest -q -p no:cacheprovider tests/ops/test_dga_conformance.py \
     tests/ops/test_pallas.py -k "pallas_gpu or gpu_kernels"
 exit $status
