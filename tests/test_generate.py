@@ -599,7 +599,21 @@ def test_cli_ctrl_c_ends_the_text_without_a_traceback(checkpoint, monkeypatch, c
     with pytest.raises(SystemExit) as exit_info:
         main(args)
     assert exit_info.value.code == 130
-    assert capsys.readouterr().out == "abc\n"
+    assert capsys.readouterr() == ("abc\n", "python -m dga_jax.generate: interrupted\n")
+
+
+def test_cli_ctrl_c_while_loading_ends_without_a_traceback(checkpoint, monkeypatch, capsys):
+    # Loading and compiling a 7B model takes minutes, the likeliest time for Ctrl-C: that was a
+    # KeyboardInterrupt traceback.
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys.modules[main.__module__], "load_model", interrupted)
+    args = ["--checkpoint", str(checkpoint), "--tokenizer", "byte", "--prompt", "x"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 130
+    assert capsys.readouterr() == ("", "python -m dga_jax.generate: interrupted\n")
 
 
 def test_cli_max_position_that_is_no_number_names_the_flag(checkpoint, capsys):

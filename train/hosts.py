@@ -38,7 +38,9 @@ FAILED_KEY = "dga_jax/train/failed"  # + the block's number: the coordination se
 PEER_FAILED_EXIT_CODE = 1
 GRACE_S = 2.0  # a process that fails too within it reports its own error, not its peer's
 SHUTDOWN_S = 60.0  # the most a peer waits to meet the failed process in the shutdown barrier
-POLL_MS = 5000  # a watcher's wait for the key per call (the join at the end waits this at most)
+# A watcher's wait for the key per call. A published failure ends the wait at once; the end of
+# a block joins the watcher, so waits for the call under way (at 5 s, every clean run's end did).
+POLL_MS = 1000
 _blocks = itertools.count()  # every process enters its blocks in the same order
 
 

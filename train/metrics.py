@@ -1,4 +1,11 @@
-"""What the user sees: a progress bar, metrics in JSONL and TensorBoard, a loss plot, a summary."""
+"""What the user sees: a progress bar, metrics in JSONL and TensorBoard, a loss plot, a summary.
+
+`metrics.jsonl` is strict JSON, one object per line. A non-finite value (a diverged loss, an
+infinite gradient norm) is written as `null`, and the record's `nonfinite` object keeps what it
+was, as Python spells it: `{"step": 7, "loss": null, "nonfinite": {"loss": "nan"}}` (jq:
+`.nonfinite.loss`; pandas: `pd.json_normalize` gives a `nonfinite.loss` column). `read_metrics`
+turns them back into floats.
+"""
 
 from __future__ import annotations
 
@@ -63,7 +70,7 @@ class MetricsLog:
             return
         # The file first: a damaged one stops the run before a W&B run or a writer is opened.
         kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        _replace(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        _replace(self.path, "".join(_encode(r) + "\n" for r in kept))
         for record in kept:
             self.last.update({key: record[key] for key in LAST_KEYS if key in record})
         if wandb_project:
@@ -85,7 +92,7 @@ class MetricsLog:
             return
         record = {"step": step, **values}
         with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(_encode(record) + "\n")
         scalars = {
             k: v for k, v in values.items() if isinstance(v, int | float) and math.isfinite(v)
         }
@@ -164,8 +171,27 @@ def _parse_record(line: str) -> dict[str, Any] | None:
     except json.JSONDecodeError:
         return None
     if isinstance(record, dict) and isinstance(record.get("step"), int):
-        return record
+        return _decode(record)
     return None
+
+
+def _encode(record: dict[str, Any]) -> str:
+    """`record` as strict JSON: its non-finite floats null, and named in `nonfinite`."""
+    nonfinite = {
+        k: str(v) for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)
+    }
+    if nonfinite:
+        record = {**record, **dict.fromkeys(nonfinite), "nonfinite": nonfinite}
+    return json.dumps(record, allow_nan=False)
+
+
+def _decode(record: dict[str, Any]) -> dict[str, Any]:
+    """The record `_encode` wrote: the values named in `nonfinite` as floats again. (Files
+    written before carry NaN and Infinity literals, which `json.loads` reads as they are.)"""
+    nonfinite = record.pop("nonfinite", None)
+    if isinstance(nonfinite, dict):
+        record.update({k: float(v) for k, v in nonfinite.items()})
+    return record
 
 
 def _replace(path: Path, text: str) -> None:

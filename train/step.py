@@ -91,19 +91,10 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step over batch["inputs"/"targets"] of shape [accum, B/accum, T].
 
-    Gradients are averaged over the micro-batches; a non-finite loss or gradient norm skips the
-    update (parameters and optimizer state unchanged) and is counted.
+    Gradients are averaged over the micro-batches (`mean_gradients`); a non-finite loss or
+    gradient norm skips the update (parameters and optimizer state unchanged) and is counted.
     """
-
-    def micro_step(carry, micro):
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, graphdef, *micro, loss_chunks)
-        return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-    zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-    micro_batches = (batch["inputs"], batch["targets"])
-    (loss, grads), _ = jax.lax.scan(micro_step, zeros, micro_batches)
-    accum = batch["inputs"].shape[0]
-    loss, grads = loss / accum, jax.tree.map(functools.partial(jnp.multiply, 1.0 / accum), grads)
+    loss, grads = mean_gradients(state.params, graphdef, batch, loss_chunks)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -117,6 +108,41 @@ def train_step(
         nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
     )
     return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+
+
+def mean_gradients(
+    params: nnx.State, graphdef: nnx.GraphDef, batch: dict[str, jax.Array], loss_chunks: int = 1
+) -> tuple[jax.Array, nnx.State]:
+    """The mean loss and gradients over the micro-batches of batch["inputs"/"targets"]
+    [accum, B/accum, T], one micro-batch at a time; the gradients in the parameters' dtypes.
+
+    The sum is float32 whatever the parameters' dtype (with bfloat16 parameters it holds twice
+    their bytes): a bfloat16 running sum (8 significant bits) drifted from the whole batch's
+    gradient by percents after a few dozen micro-batches.
+    """
+
+    def micro_step(carry, micro):
+        loss, grads = jax.value_and_grad(loss_fn)(params, graphdef, *micro, loss_chunks)
+        return jax.tree.map(_add_float32, carry, (loss, grads)), None
+
+    zeros = jax.tree.map(_float32_zeros, (jnp.zeros((), jnp.float32), params))
+    (loss, grads), _ = jax.lax.scan(micro_step, zeros, (batch["inputs"], batch["targets"]))
+    accum = batch["inputs"].shape[0]
+    grads = jax.tree.map(functools.partial(_mean_as, accum=accum), grads, params)
+    return loss / accum, grads
+
+
+def _float32_zeros(x: jax.Array) -> jax.Array:
+    return jnp.zeros_like(x, dtype=jnp.float32)  # its sharding too: the scan's carry keeps it
+
+
+def _add_float32(total: jax.Array, x: jax.Array) -> jax.Array:
+    return total + x.astype(jnp.float32)
+
+
+def _mean_as(total: jax.Array, like: jax.Array, *, accum: int) -> jax.Array:
+    """`total / accum` in the dtype of `like` (the parameter: what the optimizer expects)."""
+    return (total / accum).astype(like.dtype)
 
 
 def eval_step(

@@ -3,16 +3,20 @@
 The shards are planned from the shapes alone (`dga_jax.checkpoint.hf.weights`), then each
 stacked parameter is read once and its per-layer slices are emitted into them; a shard is
 written as soon as it is complete, so at most one parameter and one shard are in memory. The
-files go to a temporary sibling directory renamed into place at the end.
+files go to a temporary sibling directory renamed into place at the end: `.<name>.tmp-<host>-
+<pid>-<random>`, removed on an error, and by the next export to `<name>` if a kill left it (its
+process, on this host, has ended).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 
@@ -150,7 +154,9 @@ def _atomic_directory(path: str | os.PathLike) -> Iterator[str]:
         raise FileExistsError(f"output directory already exists: {path}")
     parent, name = os.path.split(path)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    prefix = f".{name}.tmp-"
+    _remove_stale(parent, prefix)
+    tmp = tempfile.mkdtemp(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-", dir=parent)
     os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would otherwise become the output's mode
     try:
         yield tmp
@@ -160,3 +166,27 @@ def _atomic_directory(path: str | os.PathLike) -> Iterator[str]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _sync_directory(parent)  # the rename itself
+
+
+def _remove_stale(parent: str, prefix: str) -> None:
+    """Removes the directories `prefix`<host>-<pid>-<random> in `parent` whose process, on this
+    host, has ended: what exports killed midway left. Another host's are left (its processes
+    cannot be seen from here), as is a live export's."""
+    for entry in os.listdir(parent):
+        if entry.startswith(prefix) and _owner_ended(entry[len(prefix) :]):
+            logging.warning("removing %s, left by an export that was killed", entry)
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _owner_ended(tag: str) -> bool:
+    """Whether the process that `tag` (<host>-<pid>-<random>) names is known to have ended."""
+    parts = tag.rsplit("-", 2)
+    if len(parts) != 3 or parts[0] != socket.gethostname() or not parts[1].isdigit():
+        return False
+    try:
+        os.kill(int(parts[1]), 0)  # signal 0 is not sent: it asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # another user's process, alive
+        return False
+    return False

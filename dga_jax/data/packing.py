@@ -134,7 +134,7 @@ def _size(raw: RawRecord) -> int:
         return len(raw)
     if isinstance(raw, dict):
         return len(str(raw.get("text", "")))
-    return 0  # a CorruptShard marker
+    return 0  # a CorruptShard or LongLine marker
 
 
 class _Row:

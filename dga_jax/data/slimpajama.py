@@ -6,7 +6,8 @@ or a JSON string, and extra columns such as `__index_level_0__` are ignored.
 
 Reading is two steps so that a caller can skip records cheaply: `iter_raw_records` yields each
 record unparsed (a JSON line as bytes, a parquet row as a dict) and `parse_record` validates
-one. Bad data is never fatal: a malformed line, a record without a string `text`, and a shard
+one. Bad data is never fatal: a malformed line, a line longer than `MAX_LINE_BYTES` (dropped as
+it is read: a file without newlines is one line), a record without a string `text`, and a shard
 that breaks off (truncated or corrupt zstd/parquet) are skipped and counted in `ReadStats`.
 """
 
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 SHARD_SUFFIXES = (".jsonl.zst", ".jsonl", ".parquet")
 SET_NAME_KEY = "redpajama_set_name"
 READ_CHUNK_BYTES = 1 << 20
+# Longer lines are skipped as `malformed`, never held whole (64 MiB: ~16M tokens of text).
+MAX_LINE_BYTES = 64 << 20
 PARQUET_BATCH_ROWS = 256
 READ_ERRORS = (OSError, zstandard.ZstdError, pa.ArrowException)
 
@@ -77,7 +80,16 @@ class CorruptShard:
     error: str
 
 
-RawRecord = bytes | dict[str, Any] | CorruptShard
+@dataclasses.dataclass(frozen=True)
+class LongLine:
+    """Stands for a line longer than `MAX_LINE_BYTES` in a stream of raw records (its bytes were
+    dropped as they were read)."""
+
+    path: str
+    size: int  # bytes, the newline not counted
+
+
+RawRecord = bytes | dict[str, Any] | CorruptShard | LongLine
 
 
 class TruncatedShardError(IOError):
@@ -158,7 +170,7 @@ def _records(path: str) -> Iterator[RawRecord]:
         yield from _parquet_rows(path)
         return
     with open(path, "rb") as f:
-        yield from _lines(_zstd_chunks(f) if path.endswith(".zst") else _file_chunks(f))
+        yield from _lines(_zstd_chunks(f) if path.endswith(".zst") else _file_chunks(f), path)
 
 
 def _file_chunks(f: BinaryIO) -> Iterator[bytes]:
@@ -181,21 +193,36 @@ def _zstd_chunks(f: BinaryIO) -> Iterator[bytes]:
         raise TruncatedShardError("zstd stream ends inside a frame")
 
 
-def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+def _lines(chunks: Iterable[bytes], path: str) -> Iterator[bytes | LongLine]:
+    """The non-blank lines of the byte stream `chunks` (of the file `path`); a line longer than
+    `MAX_LINE_BYTES` is one `LongLine`, its bytes dropped as they arrive."""
     # The pieces of a line that spans chunks are joined once it ends: re-joining the unfinished
     # line at every chunk took quadratic time (minutes for a 1 GB line, a file without newlines).
-    partial: list[bytes] = []
+    partial: list[bytes] | None = []  # None once the line is too long: the rest is dropped
+    size = 0  # bytes of the line so far
     for chunk in chunks:
-        if b"\n" not in chunk:
-            partial.append(chunk)
-            continue
-        head, *lines, tail = chunk.split(b"\n")
-        lines.insert(0, b"".join([*partial, head]))
-        yield from (line for line in lines if line and not line.isspace())
-        partial = [tail]
-    tail = b"".join(partial)
-    if tail and not tail.isspace():
-        yield tail
+        *ends, tail = chunk.split(b"\n")
+        for end in ends:
+            yield from _finished_line(partial, end, size + len(end), path)
+            partial, size = [], 0
+        size += len(tail)
+        if partial is not None and size <= MAX_LINE_BYTES:
+            partial.append(tail)
+        else:
+            partial = None
+    yield from _finished_line(partial, b"", size, path)
+
+
+def _finished_line(
+    partial: list[bytes] | None, end: bytes, size: int, path: str
+) -> Iterator[bytes | LongLine]:
+    """The line of the pieces `partial` and `end` (`size` bytes) unless it is blank."""
+    if size > MAX_LINE_BYTES:
+        yield LongLine(path, size)
+        return
+    line = b"".join([*partial, end])
+    if line and not line.isspace():
+        yield line
 
 
 def _parquet_rows(path: str) -> Iterator[dict[str, Any]]:
@@ -216,6 +243,16 @@ def parse_record(
     if isinstance(raw, CorruptShard):
         stats.corrupt_shards += 1
         logger.warning("Skipping the rest of shard %s: %s", raw.path, raw.error)
+        return None
+    if isinstance(raw, LongLine):
+        stats.malformed += 1
+        logger.warning(
+            "Skipping a line of %d bytes in %s: longer than the %d a record may have (a file "
+            "without newlines?)",
+            raw.size,
+            raw.path,
+            MAX_LINE_BYTES,
+        )
         return None
     record = _as_object(raw)
     meta = _as_object(record.get("meta") or {}) if record is not None else None

@@ -114,6 +114,15 @@ def fail(message: str) -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> None:
     """Loads the checkpoint and tokenizer, then streams the continuation of --prompt."""
     args = parse_args(argv)
+    try:
+        _generate(args)
+    except KeyboardInterrupt:  # Ctrl-C, loading or writing, ends as a shell command's: no traceback
+        sys.stderr.write("python -m dga_jax.generate: interrupted\n")
+        sys.exit(130)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    """`main`'s work, on the parsed arguments."""
     if not os.path.isdir(args.checkpoint):
         fail(f"--checkpoint {args.checkpoint!r} is not a directory")
     if not args.prompt:
@@ -168,9 +177,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except BrokenPipeError:  # the reader left (`| head`): stop quietly, as `cat` does
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         sys.exit(1)
-    except KeyboardInterrupt:  # Ctrl-C ends the text, as a shell command's: no traceback
-        sys.stdout.write("\n")
-        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")  # ends the text cut short, before `main` says why
+        raise
 
 
 def _write(tokenizer: Tokenizer, ids: list[int], steps, stops: list[int]) -> None:

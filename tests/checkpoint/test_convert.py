@@ -6,6 +6,7 @@ import json
 import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 
@@ -434,3 +435,21 @@ def test_export_of_params_that_do_not_fit_the_stored_config_is_refused(
     last = run_command(monkeypatch, capsys, "orbax-to-hf", "--ckpt", str(ckpt), "--out", str(out))
     assert re.search(re.escape(str(ckpt / "params")) + ": .*" + CONFIG_EDITS[case][1], last), last
     assert not out.exists()
+
+
+def test_an_export_removes_what_killed_exports_left(converted, tmp_path):
+    # A killed export's temporary directory (a 7B model's worth of shards) stayed forever.
+    ended = subprocess.Popen([sys.executable, "-c", ""])
+    ended.wait()
+    host = socket.gethostname()
+    killed = tmp_path / f".hf.tmp-{host}-{ended.pid}-abc_1234"
+    live = tmp_path / f".hf.tmp-{host}-{os.getpid()}-abc_1234"  # an export under way
+    remote = tmp_path / f".hf.tmp-elsewhere-{ended.pid}-abc_1234"  # its pid means nothing here
+    other = tmp_path / f".hf2.tmp-{host}-{ended.pid}-abc_1234"  # another destination's
+    for directory in (killed, live, remote, other):
+        directory.mkdir()
+        (directory / "model-00001-of-00002.safetensors").write_bytes(b"cut short")
+    to_hf(converted("gqa").ckpt_dir, tmp_path / "hf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["hf", live.name, remote.name, other.name]
+    )

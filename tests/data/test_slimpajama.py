@@ -4,8 +4,10 @@ import errno
 import logging
 import os
 import random
+import tracemalloc
 
 import pytest
+import zstandard
 
 from dga_jax.data.slimpajama import (
     CorruptShard,
@@ -203,3 +205,29 @@ def test_a_line_spanning_many_read_chunks_is_read_whole(tmp_path, monkeypatch):
     records, stats = read_all(path)
     assert [r["text"] for r in records] == [text, "after\nit"]
     assert stats == ReadStats(documents=2)
+
+
+def test_a_line_past_the_limit_is_skipped_without_being_held(tmp_path, monkeypatch, caplog):
+    # A file without newlines is one line: it was read whole into memory, then parsed.
+    monkeypatch.setattr("dga_jax.data.slimpajama.READ_CHUNK_BYTES", 64 << 10)
+    monkeypatch.setattr("dga_jax.data.slimpajama.MAX_LINE_BYTES", 256 << 10)
+    path = tmp_path / "long.jsonl"
+    long = b'{"text": "' + b"x" * (8 << 20) + b'"}'  # 8 MiB: well-formed, but too long
+    path.write_bytes(line(record("before")) + line(long) + line(record("after")))
+    tracemalloc.start()
+    try:
+        with caplog.at_level(logging.WARNING):
+            records, stats = read_all(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r["text"] for r in records] == ["before", "after"]
+    assert stats == ReadStats(documents=2, malformed=1)
+    assert f"Skipping a line of {len(long)} bytes in {path}" in caplog.text
+    assert peak < 2 << 20, peak  # the limit and a few chunks, not the 8 MiB line
+
+    no_newline = tmp_path / "one.jsonl.zst"
+    no_newline.write_bytes(zstandard.ZstdCompressor().compress(b"y" * (300 << 10)))
+    assert read_all(no_newline) == ([], ReadStats(malformed=1))
+    records, stats = read_all(write_jsonl_zst(tmp_path / "ok.jsonl.zst", [record("z" * 1000)]))
+    assert stats == ReadStats(documents=1)  # a line under the limit is read as ever

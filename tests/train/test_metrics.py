@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import types
 
@@ -157,3 +158,38 @@ def test_peak_flops_takes_the_most_specific_device_kind():
     assert metrics.peak_flops("TPU v5 lite", 0.0) == 197e12  # not TPU v5(p)'s 459e12
     assert metrics.peak_flops("TPU v5", 0.0) == 459e12
     assert metrics.peak_flops("TPU v6 lite", 0.0) == 918e12
+
+
+def strict_json(line: str) -> dict:
+    """`line` read as strict JSON: NaN and Infinity, which jq and JavaScript reject, raise."""
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_non_finite_values_are_written_as_strict_json_and_read_back(tmp_path):
+    # NaN and Infinity were written as such: not JSON to jq, JavaScript or a strict parser.
+    log = metrics.MetricsLog(tmp_path, resume_step=0)
+    log.write(1, {"loss": float("nan"), "grad_norm": float("inf"), "tokens_per_s": 5.0})
+    log.write(2, {"val_loss": float("-inf")})
+    log.close()
+    path = tmp_path / "metrics.jsonl"
+    assert [strict_json(line) for line in path.read_text().splitlines()] == [
+        {
+            "step": 1,
+            "loss": None,
+            "grad_norm": None,
+            "tokens_per_s": 5.0,
+            "nonfinite": {"loss": "nan", "grad_norm": "inf"},
+        },
+        {"step": 2, "val_loss": None, "nonfinite": {"val_loss": "-inf"}},
+    ]
+    first, second = metrics.read_metrics(path)
+    assert math.isnan(first["loss"]) and first["grad_norm"] == math.inf
+    assert second == {"step": 2, "val_loss": -math.inf}
+    resumed = metrics.MetricsLog(tmp_path, resume_step=2)  # rewrites the file: strict again
+    resumed.close()
+    assert math.isnan(resumed.last["loss"]) and resumed.last["val_loss"] == -math.inf
+    assert [strict_json(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
