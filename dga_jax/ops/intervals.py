@@ -27,7 +27,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.band import add_windows, band_rows, split_rows, take_windows
+from dga_jax.ops.band import add_windows, band_rows, split_rows, take_windows, window_width
 from dga_jax.ops.ranges import NEVER, Entries, band_ranges, prefix_ranges
 from dga_jax.ops.tiles import (
     XLA_DOTS,
@@ -70,9 +70,7 @@ def interval_attention(
     bk = min(block_sizes.block_k, round_up(n_prefix, 8))
     sub = band_rows(bq, block_sizes.block_band, band_lag)
     nq = -(-seq_len // bq)
-    width = round_up(sub + band_lag, 8)
-    if band is not None:  # a window wider than the band would only read padding
-        width = min(width, round_up(max(band.k.shape[2], 1), 8))
+    width = window_width(sub, band_lag, None if band is None else band.k.shape[2])
     edge = math.gcd(bk, block_sizes.block_edge)
     spec = _Spec(scale, bq, bk, edge, band_q=sub, band_width=width, groups=hq // hkv)
 
