@@ -6,7 +6,7 @@
     python benchmarks/model_forward.py --preset llama2_7b --layers 2 --dtype bfloat16 \\
         --lengths 16384 --variants dga_pallas_gpu,dga_xla,dense_cudnn   # a GPU: 2 of 7B's layers
 
-Times the variants in turns (`common.run_variants`). Prints tokens/s (B * L / median forward
+Times the variants in turns (`variants.run_variants`). Prints tokens/s (B * L / median forward
 time), DGA's speedup over each dense variant and XLA's buffer-assignment peak, and writes
 `benchmarks/results/model_forward_<backend>[_quick].json`.
 Expected on CPU: DGA ahead of both dense variants at 16K, with the materialising "xla" dense
@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 
 import jax
-from common import parse_variant_args, run_variants, variant_config
 from flax import nnx
+from variants import parse_variant_args, run_variants, variant_config
 
 from dga_jax import Llama
 

@@ -18,17 +18,9 @@ from __future__ import annotations
 import statistics
 
 import jax
-from common import (
-    Calls,
-    environment,
-    failed_record,
-    first_dga,
-    length_label,
-    parse_variant_args,
-    variant_config,
-    write_results,
-)
+from common import Calls, environment, failed_record, length_label, write_results
 from flax import nnx
+from variants import first_dga, parse_variant_args, variant_config
 
 from dga_jax import Llama
 

@@ -7,7 +7,7 @@
         --lengths 16384 --variants dga_pallas_gpu,dga_xla,dense_cudnn   # a GPU: 2 of 7B's layers
 
 Times the jitted step of `train/step.py` (forward, backward, AdamW update) on random tokens, the
-variants in turns (`common.run_variants`), and prints tokens/s, DGA's speedup over each dense
+variants in turns (`variants.run_variants`), and prints tokens/s, DGA's speedup over each dense
 variant and XLA's buffer-assignment peak; writes
 `benchmarks/results/train_step_<backend>[_quick].json`. Goal on CPU: DGA at 16K at least 1.5x
 the dense tokens/s.
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from common import parse_variant_args, run_variants, variant_config
 from flax import nnx
+from variants import parse_variant_args, run_variants, variant_config
 
 from dga_jax import Llama
 

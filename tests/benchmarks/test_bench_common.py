@@ -24,6 +24,11 @@ def _common():
     return load_script("common")
 
 
+def _variants():
+    _common()
+    return load_script("variants")
+
+
 def test_the_median_of_an_even_number_of_calls_is_the_mean_of_the_middle_two():
     times = [10.0, 40.0, 20.0, 30.0]
     record = _common().timed_record({"status": "ok"}, times, tokens=1000)
@@ -50,7 +55,7 @@ def test_a_variant_that_fails_when_run_is_recorded_and_the_others_are_timed():
 
     args = argparse.Namespace(variants=["dga_xla", "dense_xla"], batch=2, repeats=2)
     args.breakdown = False
-    dga, dense = _common().variant_records(prepare, args, 8)
+    dga, dense = _variants().variant_records(prepare, args, 8)
     assert dense["status"] == "failed: RuntimeError: RESOURCE_EXHAUSTED: out of memory"
     assert dense["median_ms"] is None and dense["times_ms"] == []
     assert dga["status"] == "ok" and len(dga["times_ms"]) == 2 and dga["median_ms"] > 0
@@ -87,20 +92,20 @@ def test_an_empty_length_list_means_none_where_the_help_says_so():
 
 def test_breakdown_off_cpu_is_refused_before_anything_runs(monkeypatch, capsys):
     """trace_scopes reads XLA:CPU traces only: on a GPU the run would end after the timing."""
-    common = _common()
+    variants = _variants()
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     with pytest.raises(SystemExit) as exit_info:
-        common.parse_variant_args("test", ["--breakdown"])
+        variants.parse_variant_args("test", ["--breakdown"])
     assert (
         exit_info.value.code == 2 and "--breakdown reads XLA:CPU traces" in capsys.readouterr().err
     )
-    assert common.parse_variant_args("test", []).breakdown is False
+    assert variants.parse_variant_args("test", []).breakdown is False
 
 
 def test_scan_layers_is_the_presets_unless_given():
-    common = _common()
+    variants = _variants()
     scanned = [
-        common.variant_config(common.parse_variant_args("test", flags), "dga_xla").scan_layers
+        variants.variant_config(variants.parse_variant_args("test", flags), "dga_xla").scan_layers
         for flags in ([], ["--scan-layers", "true"], ["--scan-layers", "false"])
     ]
     assert scanned == [False, True, False]  # the tiny preset unrolls its two layers

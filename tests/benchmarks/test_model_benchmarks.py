@@ -58,17 +58,18 @@ def test_a_variant_the_backend_rejects_is_recorded_and_the_rest_run(tmp_path):
 
 def test_layers_dtype_and_selection_reach_the_model_config():
     load_script("trace_scopes")
-    common = load_script("common")
+    load_script("common")
+    variants = load_script("variants")
     argv = ["--preset", "tiny", "--layers", "3", "--dtype", "bfloat16", "--selection", "streaming"]
-    args = common.parse_variant_args("test", [*argv, "--variants", "dense_cudnn,dga_pallas_gpu"])
+    args = variants.parse_variant_args("test", [*argv, "--variants", "dense_cudnn,dga_pallas_gpu"])
     assert args.variants == ["dense_cudnn", "dga_pallas_gpu"]
-    assert common.first_dga(args.variants) == "dga_pallas_gpu"
-    config = common.variant_config(args, "dga_pallas_gpu")
+    assert variants.first_dga(args.variants) == "dga_pallas_gpu"
+    config = variants.variant_config(args, "dga_pallas_gpu")
     assert (config.num_layers, config.dtype) == (3, "bfloat16")
     assert (config.attention, config.attention_impl) == ("dga", "pallas_gpu")
     assert config.dga.selection == "streaming"
-    assert common.variant_config(args, "dense_cudnn").attention_impl == "cudnn"
-    plain = common.variant_config(common.parse_variant_args("test", []), "dga_xla")
+    assert variants.variant_config(args, "dense_cudnn").attention_impl == "cudnn"
+    plain = variants.variant_config(variants.parse_variant_args("test", []), "dga_xla")
     assert (plain.num_layers, plain.dtype) == (2, "float32")  # the preset's
 
 
@@ -111,7 +112,8 @@ def test_bad_options_are_named(args, message):
 def test_bad_values_are_refused_before_any_variant_runs(capsys, args, message):
     load_script("trace_scopes")
     with pytest.raises(SystemExit) as exit_info:
-        load_script("common").parse_variant_args("test", list(args))
+        load_script("common")
+        load_script("variants").parse_variant_args("test", list(args))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
