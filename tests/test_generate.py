@@ -209,6 +209,23 @@ def test_top_k_and_top_p_sample_only_the_allowed_tokens(sampling, allowed):
     assert drawn == allowed
 
 
+def test_top_p_1_is_plain_sampling(monkeypatch):
+    # float32's cumulative sum reaches 1.0 before the last token (p ~ 1e-11): top_p=1.0 cut it.
+    drawn_from = []
+    categorical = jax.random.categorical
+
+    def spy(key, logits, axis=-1):
+        drawn_from.append(logits)
+        return categorical(key, logits, axis=axis)
+
+    monkeypatch.setattr(jax.random, "categorical", spy)
+    logits = jnp.array([[0.0, -20.0, 5.0]])
+    for sampling in (Sampling(temperature=1.0), Sampling(temperature=1.0, top_p=1.0)):
+        sample(logits, jax.random.key(0), sampling)
+    np.testing.assert_array_equal(drawn_from[1], drawn_from[0])
+    assert np.isfinite(drawn_from[1]).all()
+
+
 def test_sampling_rejects_bad_settings():
     with pytest.raises(ValueError, match="top_p"):
         Sampling(temperature=1.0, top_p=1.5)
@@ -319,6 +336,7 @@ def test_ids_outside_the_vocabulary_are_rejected(bad):
         ([1, 2, 3], "prompt 0 must be a sequence of token ids, got 1 (prompts holds one per"),
         (["hello"], "prompt 0 must be a sequence of token ids, got 'hello'"),
         ([[1, 2], [3, 4.7]], "prompt 1 holds 4.7 at position 1: ids are ints"),  # was cut to 4
+        ([[3, True]], "prompt 0 holds True at position 1: ids are ints"),  # was read as id 1
         (np.array([[1.0, 2.5]]), "prompt 0 holds 1.0 at position 0: ids are ints"),
         ([[1, 2**70]], f"prompt 0 holds token id {2**70} at position 1, outside the model's"),
         (None, "prompts must be a sequence of token-id sequences, got None"),

@@ -77,10 +77,11 @@ class ByteTokenizer:
         return (data.astype(np.int32) + self.num_special).tolist()
 
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of the byte ids in `ids` (other ids dropped, invalid UTF-8 replaced)."""
-        data = np.asarray(ids, np.int64) - self.num_special
-        data = data[(data >= 0) & (data < 256)]
-        return bytes(data.astype(np.uint8)).decode("utf-8", "replace")
+        """Text of the byte ids in `ids` (other ids dropped, invalid UTF-8 replaced); compared
+        as Python ints, as the other tokenizers do: an id past int64 (2**64) is dropped too."""
+        first, end = self.num_special, self.vocab_size
+        data = bytes(int(i) - first for i in ids if first <= int(i) < end)
+        return data.decode("utf-8", "replace")
 
 
 class SentencePieceTokenizer:
@@ -203,8 +204,7 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
             except InputError:  # names its own file (a tokenizer_config.json)
                 raise
             except Exception as error:  # SentencePiece and tokenizers raise bare errors
-                hint = " (a tiktoken file, as LLaMA 3's: pass its tokenizer.json)"
-                hint = hint if suffix == ".model" and _is_tiktoken(path) else ""
+                hint = _tiktoken_hint(path) if suffix == ".model" and _is_tiktoken(path) else ""
                 message = f"tokenizer file {path!r} cannot be read{hint}: {error}"
                 raise InputError(message) from error
     raise InputError(
@@ -260,3 +260,15 @@ def _is_tiktoken(path: str) -> bool:
             return re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\r?\n", f.readline(256)) is not None
     except OSError:  # unreadable: the caller's error names the file
         return False
+
+
+def _tiktoken_hint(path: str) -> str:
+    """What to pass instead of a tiktoken `tokenizer.model`: the checkpoint's tokenizer.json,
+    named where it lies beside the file or one folder up (Meta's `original/tokenizer.model`)."""
+    hint = " (a tiktoken file, as LLaMA 3's: pass its tokenizer.json"
+    folder = os.path.dirname(os.path.abspath(path))
+    for candidate in (folder, os.path.dirname(folder)):
+        json_path = os.path.join(candidate, "tokenizer.json")
+        if os.path.isfile(json_path):
+            return f"{hint}, {json_path!r})"
+    return f"{hint})"

@@ -120,10 +120,9 @@ def _prompt_ids(i: int, prompt: Sequence[int], vocab_size: int) -> np.ndarray:
         )
     if not len(ids):
         raise ValueError(f"prompt {i} is empty: give at least one token")
-    if ids.dtype.kind not in "iu":  # [3, 4.7] is a float array: name 4.7, not 3.0
-        for j, token in enumerate(prompt if isinstance(prompt, list | tuple) else ids.tolist()):
-            if not is_int(token):
-                raise ValueError(f"prompt {i} holds {token!r} at position {j}: ids are ints")
+    bad = _first_non_id(prompt, ids)
+    if bad is not None:
+        raise ValueError(f"prompt {i} holds {bad[1]!r} at position {bad[0]}: ids are ints")
     outside = np.flatnonzero((ids < 0) | (ids >= vocab_size))
     if len(outside):
         raise ValueError(
@@ -131,3 +130,25 @@ def _prompt_ids(i: int, prompt: Sequence[int], vocab_size: int) -> np.ndarray:
             f"model's vocabulary [0, {vocab_size})"
         )
     return ids
+
+
+def _first_non_id(prompt: Sequence[int], ids: np.ndarray) -> tuple[int, object] | None:
+    """(position, value) of the first entry of `prompt` (as `ids`) that is no int id, or None.
+
+    An array's dtype says it; a list's entries are checked one by one: np.asarray([True, 3]) is
+    an int array (True was read as id 1), [3, 4.7] a float one (name 4.7, not 3.0).
+    """
+    if isinstance(prompt, list | tuple):
+        values = prompt
+    elif ids.dtype.kind in "iu":
+        return None
+    else:
+        values = ids.tolist()
+    return next(((j, t) for j, t in enumerate(values) if not _is_id(t)), None)
+
+
+def _is_id(token) -> bool:
+    """An int (Python or NumPy scalar) or a 0-d integer array, not a bool."""
+    if is_int(token):
+        return True
+    return np.shape(token) == () and np.asarray(token).dtype.kind in "iu"

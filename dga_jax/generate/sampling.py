@@ -18,7 +18,8 @@ _TEMPERATURES = (float(_F32.tiny), float(_F32.max))  # positive ones: normal flo
 @dataclasses.dataclass(frozen=True)
 class Sampling:
     """Greedy when temperature == 0; otherwise softmax(logits / temperature) restricted to the
-    top_k most likely tokens, then to the smallest set whose probability reaches top_p."""
+    top_k most likely tokens, then to the smallest set whose probability reaches top_p (top_p
+    1.0 restricts nothing: plain sampling)."""
 
     temperature: float = 0.0
     top_k: int | None = None
@@ -51,7 +52,8 @@ def sample(logits: jax.Array, key: jax.Array, sampling: Sampling) -> jax.Array:
         _, top = jax.lax.top_k(logits, sampling.top_k)
         keep = jnp.zeros(logits.shape, bool).at[rows, top].set(True)
         logits = jnp.where(keep, logits, -jnp.inf)
-    if sampling.top_p is not None:
+    # At 1.0 the float32 cumulative sum reaches 1 before the tail: skipped, not cut.
+    if sampling.top_p is not None and sampling.top_p < 1:
         order = jnp.argsort(-logits, axis=-1)
         probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
         before = jnp.cumsum(probs, axis=-1) - probs  # mass of the more likely tokens

@@ -130,6 +130,17 @@ def test_every_tokenizer_drops_negative_and_huge_ids(hf_tokenizer_json, spm_mode
         assert tok.decode([-1, *ids[:2], 2**32, *ids[2:], -1]) == "the quick brown fox"
 
 
+def test_every_tokenizer_drops_ids_past_int64(hf_tokenizer_json, spm_model):
+    # The byte tokenizer read ids as int64: decode([2**64]) raised OverflowError.
+    for tok in (
+        ByteTokenizer(),
+        load_tokenizer(str(spm_model)),
+        load_tokenizer(str(hf_tokenizer_json)),
+    ):
+        ids = tok.encode("the quick brown fox")
+        assert tok.decode([2**64, *ids, -(2**64)]) == "the quick brown fox"
+
+
 def test_every_tokenizer_encodes_lone_surrogates(hf_tokenizer_json, spm_model):
     # JSON can escape a lone surrogate ("\ud83d" of an emoji cut in half), e.g. in eval data.
     text = json.loads('"a broken emoji \\ud83d here"')
@@ -176,6 +187,17 @@ def test_a_tiktoken_tokenizer_model_is_named(tmp_path):
         load_tokenizer(str(path))
     path.write_bytes(b"\n\x0fnot a model at all")
     with pytest.raises(InputError, match=r"tokenizer.model' cannot be read: "):
+        load_tokenizer(str(path))
+
+
+def test_metas_original_tiktoken_model_names_the_checkpoints_tokenizer_json(tmp_path):
+    # Meta's LLaMA 3 checkpoints hold original/tokenizer.model and tokenizer.json above it.
+    (tmp_path / "original").mkdir()
+    path = tmp_path / "original" / "tokenizer.model"
+    path.write_bytes(b"IQ== 0\nIg== 1\n")
+    train_hf_tokenizer(tmp_path / "tokenizer.json", ["<s>", "</s>"])
+    message = f"pass its tokenizer.json, {str(tmp_path / 'tokenizer.json')!r}"
+    with pytest.raises(InputError, match=re.escape(message)):
         load_tokenizer(str(path))
 
 
