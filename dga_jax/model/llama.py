@@ -237,7 +237,8 @@ class Llama(nnx.Module):
         """tokens: [B] int, the next token of each row -> (logits [B, V] float32, caches).
 
         Ids are checked as `hidden` checks them (NaN logits where traced ids are outside the
-        vocabulary), and B against the caches' rows."""
+        vocabulary), B against the caches' rows, and, where the caches' lengths are concrete
+        (not under `jax.jit`), the position written against max_position."""
         tokens = check_ids(tokens, "tokens", 1, self.config.vocab_size)
         rows = caches.length.shape[-1]  # length: [num_layers, B]
         if tokens.shape[0] != rows:
@@ -245,6 +246,7 @@ class Llama(nnx.Module):
                 f"tokens {list(tokens.shape)}: decode_step takes one token for each of the "
                 f"caches' {rows} rows"
             )
+        self._check_next_position(caches.length)
         graphdef, state = nnx.split(self.layers)
 
         def layer_step(x, inputs):
@@ -258,6 +260,20 @@ class Llama(nnx.Module):
         # Every layer's cache is read in the scan and written after it: XLA then updates the
         # buffers in place instead of copying each layer's cache every step.
         return self.logits(x)[:, 0], jax.vmap(apply_update)(caches, updates)
+
+    def _check_next_position(self, length: jax.Array) -> None:
+        """A concrete cache length past max_position is an error, as `hidden` makes it for
+        T (RoPE would extrapolate silently); traced lengths are the caller's (`generate`'s
+        `check_context`)."""
+        if isinstance(length, jax.core.Tracer) or not length.is_fully_addressable:
+            return
+        position = int(length.max())
+        if not self.config.positions_fit(position + 1):
+            raise ValueError(
+                f"decode_step would write position {position}, past the model's "
+                f"max_position={self.config.max_position}, where RoPE would extrapolate "
+                "silently: build the model with max_position raised to extrapolate knowingly"
+            )
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int -> [B, T, D] in the compute dtype.

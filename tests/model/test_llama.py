@@ -454,6 +454,11 @@ def test_prefill_and_decode_step_check_tokens_as_the_forward_does():
         model.decode_step(jnp.array([512, 3]), caches)
     with pytest.raises(ValueError, match=r"tokens \[3\]: decode_step takes one token .* 2 rows"):
         model.decode_step(jnp.array([1, 2, 3]), caches)
+    # A full model's cache: position 15 is the last max_position=16 holds.
+    _, caches = model.prefill(tokens(t=15), 20)
+    _, caches = model.decode_step(jnp.array([1, 2]), caches)
+    with pytest.raises(ValueError, match="write position 16, past the model's max_position=16"):
+        model.decode_step(jnp.array([1, 2]), caches)
 
 
 def test_prefill_selects_with_the_importance_passes_of_the_default_implementation(monkeypatch):
