@@ -2,7 +2,7 @@
 # The GPU checks, as one call on a lent GPU machine (the `device` tool runs it from the
 # repository root with its image's python3, which has JAX with CUDA, Triton, Flax and Optax):
 #
-#   bash benchmarks/device_check.sh            # ~9 minutes on an H100 (the deadline cuts the tests)
+#   bash benchmarks/device_check.sh   # 6.6 min on an H100 before the profile and launch steps (stop 46)
 #
 # 1. benchmarks/profile_attention.py with the Triton kernels at 16K (bfloat16, B=1, H=32, D=128,
 #    m=16, gamma=0.1, global selection): importance, selection, layout, gather, prefix walk, band
