@@ -37,8 +37,13 @@ def prepare(args: argparse.Namespace, variant: str, length: int) -> tuple:
     return compiled, [state, tokens]
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The variants' flags (`variants.parse_variant_args`)."""
+    return parse_variant_args(__doc__.splitlines()[0], argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_variant_args(__doc__.splitlines()[0], argv)
+    args = parse_args(argv)
     run_variants("model_forward", "forward", prepare, args)
 
 
