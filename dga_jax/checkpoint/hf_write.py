@@ -4,13 +4,15 @@ The shards are planned from the shapes alone (`dga_jax.checkpoint.hf.weights`), 
 stacked parameter is read once and its per-layer slices are emitted into them; a shard is
 written as soon as it is complete, so at most one parameter and one shard are in memory. The
 files go to a temporary sibling directory renamed into place at the end: `.<name>.tmp-<host>-
-<pid>-<random>`, removed on an error, and by the next export to `<name>` if a kill left it (its
-process, on this host, has ended).
+<pid>-<random>`, removed on an error, and by the next export to `<name>` if a kill left it: its
+process, on this host, has ended, and nothing holds the lock on `<it>.lock` that an export holds
+while it writes (a pid seen from another PID namespace, a container's, can look ended).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import math
@@ -158,14 +160,31 @@ def _atomic_directory(path: str | os.PathLike) -> Iterator[str]:
     _remove_stale(parent, prefix)
     tmp = tempfile.mkdtemp(prefix=f"{prefix}{socket.gethostname()}-{os.getpid()}-", dir=parent)
     os.chmod(tmp, 0o755)  # mkdtemp's 0o700 would otherwise become the output's mode
-    try:
-        yield tmp
-        _sync_directory(tmp)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _held(tmp + LOCK_SUFFIX):
+        try:
+            yield tmp
+            _sync_directory(tmp)
+            os.rename(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     _sync_directory(parent)  # the rename itself
+
+
+LOCK_SUFFIX = ".lock"  # beside a temporary directory: held while its export writes
+
+
+@contextlib.contextmanager
+def _held(lock_path: str) -> Iterator[None]:
+    """An exclusive `flock` on `lock_path` for the block; the file is removed after it."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock_path)
+        os.close(fd)  # the lock goes with it
 
 
 def _remove_stale(parent: str, prefix: str) -> None:
@@ -173,9 +192,29 @@ def _remove_stale(parent: str, prefix: str) -> None:
     host, has ended: what exports killed midway left. Another host's are left (its processes
     cannot be seen from here), as is a live export's."""
     for entry in os.listdir(parent):
-        if entry.startswith(prefix) and _owner_ended(entry[len(prefix) :]):
+        stale = os.path.join(parent, entry)
+        if not entry.startswith(prefix) or entry.endswith(LOCK_SUFFIX):
+            continue
+        if _owner_ended(entry[len(prefix) :]) and _lock_free(stale + LOCK_SUFFIX):
             logging.warning("removing %s, left by an export that was killed", entry)
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            shutil.rmtree(stale, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.unlink(stale + LOCK_SUFFIX)
+
+
+def _lock_free(lock_path: str) -> bool:
+    """Whether no process holds `lock_path`'s flock (or there is no such file)."""
+    try:
+        fd = os.open(lock_path, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _owner_ended(tag: str) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import pathlib
@@ -446,10 +447,17 @@ def test_an_export_removes_what_killed_exports_left(converted, tmp_path):
     live = tmp_path / f".hf.tmp-{host}-{os.getpid()}-abc_1234"  # an export under way
     remote = tmp_path / f".hf.tmp-elsewhere-{ended.pid}-abc_1234"  # its pid means nothing here
     other = tmp_path / f".hf2.tmp-{host}-{ended.pid}-abc_1234"  # another destination's
-    for directory in (killed, live, remote, other):
+    # An ended pid whose lock is held: an export in another PID namespace (a container's).
+    locked = tmp_path / f".hf.tmp-{host}-{ended.pid}-def_5678"
+    for directory in (killed, live, remote, other, locked):
         directory.mkdir()
         (directory / "model-00001-of-00002.safetensors").write_bytes(b"cut short")
-    to_hf(converted("gqa").ckpt_dir, tmp_path / "hf")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["hf", live.name, remote.name, other.name]
-    )
+    (tmp_path / f"{killed.name}.lock").write_text("")  # its export's lock, released
+    lock = os.open(tmp_path / f"{locked.name}.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+        to_hf(converted("gqa").ckpt_dir, tmp_path / "hf")
+    finally:
+        os.close(lock)
+    kept = ["hf", live.name, remote.name, other.name, locked.name, f"{locked.name}.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept)
