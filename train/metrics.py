@@ -185,13 +185,20 @@ def _encode(record: dict[str, Any]) -> str:
     return json.dumps(record, allow_nan=False)
 
 
-def _decode(record: dict[str, Any]) -> dict[str, Any]:
-    """The record `_encode` wrote: the values named in `nonfinite` as floats again. (Files
-    written before carry NaN and Infinity literals, which `json.loads` reads as they are.)"""
-    nonfinite = record.pop("nonfinite", None)
-    if isinstance(nonfinite, dict):
-        record.update({k: float(v) for k, v in nonfinite.items()})
-    return record
+def _decode(record: dict[str, Any]) -> dict[str, Any] | None:
+    """The record `_encode` wrote: the values named in `nonfinite` as floats again; None if
+    `nonfinite` is not what `_encode` writes (a damaged line). (Files written before carry NaN
+    and Infinity literals, which `json.loads` reads as they are.)"""
+    nonfinite = record.pop("nonfinite", {})
+    if not isinstance(nonfinite, dict):
+        return None
+    try:
+        values = {k: float(v) for k, v in nonfinite.items() if isinstance(v, str)}
+    except ValueError:  # not "nan", "inf" or "-inf"
+        return None
+    if len(values) != len(nonfinite) or any(math.isfinite(v) for v in values.values()):
+        return None
+    return {**record, **values}
 
 
 def _replace(path: Path, text: str) -> None:

@@ -193,3 +193,14 @@ def test_non_finite_values_are_written_as_strict_json_and_read_back(tmp_path):
     resumed.close()
     assert math.isnan(resumed.last["loss"]) and resumed.last["val_loss"] == -math.inf
     assert [strict_json(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "nonfinite", ['{"loss": "oops"}', '{"loss": "1.5"}', '["loss"]', '{"loss": 7}']
+)
+def test_a_damaged_nonfinite_is_a_damaged_line(tmp_path, nonfinite):
+    # float("oops") raised a bare ValueError on resume, past the message naming the line.
+    path = tmp_path / "metrics.jsonl"
+    path.write_text(f'{{"step": 1, "loss": null, "nonfinite": {nonfinite}}}\n{{"step": 2}}\n')
+    with pytest.raises(InputError, match=r"metrics\.jsonl line 1 is not a metrics record"):
+        metrics.read_metrics(path)
