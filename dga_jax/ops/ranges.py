@@ -1,10 +1,10 @@
 """KV entries with visibility intervals, and which of them each block of queries visits.
 
-`Entries` come in two lists (`dga_jax.ops.intervals`): a prefix sorted by `start` (visible for
-ever) and a band sorted by `start` with non-decreasing `until`. For query block i (positions
-`[i*bq, (i+1)*bq)`) a count of `start <= position` gives the prefix seen by all its queries and
-by some; a count of `until <= first position` the first band entry still visible. All on device
-(`searchsorted`), shared by the XLA walk, the kernels and the layout.
+`Entries` come in two lists (what each means: `dga_jax.ops.intervals`): a prefix sorted by
+`start` (visible for ever) and a band sorted by `start` with non-decreasing `until`. For query
+block i (positions `[i*bq, (i+1)*bq)`) a count of `start <= position` gives the prefix seen by
+all its queries and by some; a count of `until <= first position` the first band entry still
+visible. All on device (`searchsorted`), shared by the XLA walk, the kernels and the layout.
 """
 
 from __future__ import annotations

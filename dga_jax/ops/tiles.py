@@ -39,9 +39,11 @@ class BlockSizes:
     benchmarks/RESULTS.md). Dense causal attention, whose prefix is the whole past, keeps
     512 x 512 (`dga_jax.ops.dense.DENSE_BLOCKS`); the kernels have their own.
 
-    num_warps and num_stages are the Triton kernels' launch (implementation="pallas_gpu"; None:
-    the backend's, 8 warps at D > 64 else 4, and 2 pipeline stages); the other implementations
-    refuse them (`checks.check_launch`).
+    num_warps and num_stages are the Triton walks' launch (implementation="pallas_gpu": the
+    forward, dQ and dK'/dV' kernels; global importance keeps its own; None: 8 warps at D > 64
+    else 4, and 2 pipeline stages); the other implementations refuse them
+    (`checks.check_launch`). Set alone, they come with these defaults' tiles (1024 x 256), not
+    the kernels' default ones: name the tiles too (`BlockSizes(128, 64, num_warps=4)`).
     """
 
     block_q: int = 1024
@@ -61,8 +63,12 @@ class BlockSizes:
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
             object.__setattr__(self, name, int(value))
-        if self.num_warps is not None and self.num_warps & (self.num_warps - 1):
-            raise ValueError(f"BlockSizes.num_warps must be a power of two, got {self.num_warps}")
+        warps = self.num_warps
+        if warps is not None and (warps & (warps - 1) or warps > MAX_WARPS):
+            raise ValueError(
+                f"BlockSizes.num_warps must be a power of two <= {MAX_WARPS} (a GPU block's "
+                f"1,024 threads), got {warps}"
+            )
 
     @property
     def launch(self) -> dict[str, int]:
@@ -71,6 +77,7 @@ class BlockSizes:
 
 
 LAUNCH = ("num_warps", "num_stages")  # BlockSizes' Triton launch settings
+MAX_WARPS = 32
 
 
 def round_up(x: int, multiple: int) -> int:

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = ["device", "profile", "launch", "attention", "train_step", "decode", "importance", "tests"]
+STEPS = ["device", "profile", "launch", "tests", "attention", "train_step", "decode", "importance"]
 
 
 def test_every_step_of_the_device_check_parses(tmp_path):

@@ -190,7 +190,8 @@ def test_bad_block_sizes(block_q, block_k, name):
 @pytest.mark.parametrize(
     "launch, message",
     [
-        (dict(num_warps=3), "num_warps must be a power of two, got 3"),
+        (dict(num_warps=3), r"num_warps must be a power of two <= 32 \(a GPU block's .*got 3"),
+        (dict(num_warps=64), r"num_warps must be a power of two <= 32 .*got 64"),
         (dict(num_warps=True), "num_warps must be a positive int, got True"),
         (dict(num_stages=0), "num_stages must be a positive int, got 0"),
     ],
