@@ -27,10 +27,12 @@ flags.FLAGS.mark_as_parsed()
 # programs, each in a new process. A cached executable is the compiled program itself (keyed by
 # its HLO, the XLA flags and the devices), so results are the same; the run that made the
 # directory deletes it at the end. A JAX_COMPILATION_CACHE_DIR of the caller's is used and kept.
-_OWN_CACHE = "DGA_JAX_TEST_COMPILE_CACHE"
+# The maker is known in this process only (not from the environment, which the workers and any
+# pytest a test starts inherit: such a pytest removed the cache mid-run).
+_MADE_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="dga-jax-tests-jit-")
-    os.environ[_OWN_CACHE] = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    _MADE_CACHE = tempfile.mkdtemp(prefix="dga-jax-tests-jit-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _MADE_CACHE
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update(
@@ -40,10 +42,10 @@ jax.config.update(
 
 
 def pytest_sessionfinish(session):
-    """The process that made this run's compilation cache (not a pytest-xdist worker) removes it."""
-    made = os.environ.get(_OWN_CACHE)
-    if made and not hasattr(session.config, "workerinput"):
-        shutil.rmtree(made, ignore_errors=True)
+    """The process that made this run's compilation cache removes it (a pytest-xdist worker,
+    or a pytest a test starts, found it made)."""
+    if _MADE_CACHE is not None:
+        shutil.rmtree(_MADE_CACHE, ignore_errors=True)
 
 
 # Fixed per dtype; never loosened to make a test pass.

@@ -40,3 +40,5 @@ def test_every_step_of_the_device_check_parses(tmp_path):
     selected = re.search(r"(\d+)/\d+ tests collected", result.stdout)
     assert selected and int(selected[1]) > 0, result.stdout[-2000:]
     assert (tmp_path / "out" / "device_check.tgz").is_file()  # what the device tool brings back
+    # The pytest it started (the tests step, collected) left this run's compilation cache be.
+    assert os.path.isdir(os.environ["JAX_COMPILATION_CACHE_DIR"])
