@@ -16,8 +16,6 @@ from dga_jax import aot
 from dga_jax.compile_stats import MEMORY_FIELDS
 from tests.benchmarks.scripts import load_script
 
-for helper in ("trace_scopes", "common", "block_args"):
-    load_script(helper)  # the scripts import these by bare name
 aot_compile = load_script("aot_compile")
 NOTHING = ["--targets", "", "--tiny-lengths", "", "--recipes", "", "--long-recipes", ""]
 

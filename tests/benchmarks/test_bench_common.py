@@ -20,12 +20,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _common():
-    load_script("trace_scopes")
     return load_script("common")
 
 
 def _variants():
-    _common()
     return load_script("variants")
 
 

@@ -9,8 +9,6 @@ from tests.benchmarks.scripts import load_script
 
 
 def _parse(script: str, argv: list[str]):
-    for helper in ("trace_scopes", "common", "block_args", "decode", "dga_stages", "walk_flops"):
-        load_script(helper)  # the scripts import these by bare name
     return load_script(script).parse_args(argv)
 
 

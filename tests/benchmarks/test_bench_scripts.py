@@ -72,8 +72,6 @@ class _Decoder:
 
 @pytest.mark.parametrize("steps, rounds", [(3, 2), (64, 8), (5, 8)])
 def test_decode_times_exactly_the_steps_asked_for(monkeypatch, steps, rounds):
-    load_script("trace_scopes")
-    load_script("common")
     decode = load_script("decode")
     monkeypatch.setattr(decode, "decoder", lambda g, s, prompt, n: _Decoder(prompt.shape[1], n))
     monkeypatch.setattr(decode, "cache_bytes", lambda caches: 0)
@@ -85,8 +83,6 @@ def test_decode_times_exactly_the_steps_asked_for(monkeypatch, steps, rounds):
 
 
 def test_prefill_refuses_breakdown(tmp_path):
-    load_script("trace_scopes")
-    load_script("common")
     with pytest.raises(SystemExit, match="--breakdown"):
         load_script("prefill").main(["--lengths", "128", "--breakdown", "--out", str(tmp_path)])
     assert not list(tmp_path.iterdir())
@@ -94,9 +90,6 @@ def test_prefill_refuses_breakdown(tmp_path):
 
 @pytest.mark.parametrize("steps", [1, 4, 5])
 def test_baselines_times_exactly_the_decode_steps_asked_for(monkeypatch, steps):
-    load_script("trace_scopes")
-    load_script("common")
-    load_script("decode")
     baselines = load_script("baselines")
     monkeypatch.setattr(baselines, "decoder", lambda g, s, prompt, n: _Decoder(prompt.shape[1], n))
     monkeypatch.setattr(baselines, "cache_bytes", lambda caches: 0)
@@ -106,8 +99,6 @@ def test_baselines_times_exactly_the_decode_steps_asked_for(monkeypatch, steps):
 
 
 def _replication():
-    load_script("trace_scopes")
-    load_script("common")
     return load_script("eval_replication")
 
 
@@ -198,9 +189,6 @@ def _identity(q, k, v):
 
 
 def test_baselines_records_a_failing_attention_kind_and_runs_the_others(monkeypatch):
-    load_script("trace_scopes")
-    load_script("common")
-    load_script("decode")
     baselines = load_script("baselines")
     monkeypatch.setattr(
         baselines, "attention", lambda kind: _failing if kind == "dga" else _identity
@@ -214,9 +202,6 @@ def test_baselines_records_a_failing_attention_kind_and_runs_the_others(monkeypa
 
 
 def test_baselines_records_a_kind_that_fails_to_decode_and_times_the_others(monkeypatch):
-    load_script("trace_scopes")
-    load_script("common")
-    load_script("decode")
     baselines = load_script("baselines")
     built = []
 
@@ -249,8 +234,6 @@ def _fake_measure(lengths_that_fail):
 
 
 def test_decode_records_a_length_that_fails_and_keeps_the_others(monkeypatch, tmp_path, capsys):
-    load_script("trace_scopes")
-    load_script("common")
     decode = load_script("decode")
     monkeypatch.setattr(decode, "measure", _fake_measure({32}))
     decode.main(["--lengths", "16,32", "--out", str(tmp_path)])
@@ -267,8 +250,6 @@ def test_decode_records_a_length_that_fails_and_keeps_the_others(monkeypatch, tm
 
 
 def test_prefill_records_a_length_that_fails_and_keeps_the_others(monkeypatch, tmp_path):
-    load_script("trace_scopes")
-    load_script("common")
     prefill = load_script("prefill")
 
     def measure(args, variant, length):
@@ -285,8 +266,6 @@ def test_prefill_records_a_length_that_fails_and_keeps_the_others(monkeypatch, t
 
 
 def test_importance_records_a_variant_that_fails_and_times_the_others(monkeypatch):
-    load_script("trace_scopes")
-    load_script("common")
     importance = load_script("importance")
     args = importance.parse_args(
         ["--interpret", "--repeats", "1", "--heads", "2", "--kv-heads", "2", "--head-dim", "16"]

@@ -57,8 +57,6 @@ def test_a_variant_the_backend_rejects_is_recorded_and_the_rest_run(tmp_path):
 
 
 def test_layers_dtype_and_selection_reach_the_model_config():
-    load_script("trace_scopes")
-    load_script("common")
     variants = load_script("variants")
     argv = ["--preset", "tiny", "--layers", "3", "--dtype", "bfloat16", "--selection", "streaming"]
     args = variants.parse_variant_args("test", [*argv, "--variants", "dense_cudnn,dga_pallas_gpu"])
@@ -110,16 +108,12 @@ def test_bad_options_are_named(args, message):
     ],
 )
 def test_bad_values_are_refused_before_any_variant_runs(capsys, args, message):
-    load_script("trace_scopes")
     with pytest.raises(SystemExit) as exit_info:
-        load_script("common")
         load_script("variants").parse_variant_args("test", list(args))
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_attention_shapes_no_variant_could_run_are_refused(capsys):
-    load_script("trace_scopes")
-    load_script("common")
     with pytest.raises(SystemExit):
         load_script("attention").parse_args(["--heads", "3", "--kv-heads", "2"])
     assert "--heads 3 must be a multiple of --kv-heads 2" in capsys.readouterr().err
