@@ -55,7 +55,13 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "platform": platform.platform(),
         "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        # How the host allocates memory: XLA:CPU's per-call temporaries fault in fresh pages
+        # under glibc's defaults, a share of a CPU run's time (benchmarks/RESULTS.md)
+        "host_malloc": {name: os.environ.get(name) for name in HOST_MALLOC_SETTINGS},
     }
+
+
+HOST_MALLOC_SETTINGS = ("GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def length_label(length: int) -> str:

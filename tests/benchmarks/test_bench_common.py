@@ -107,3 +107,14 @@ def test_scan_layers_is_the_presets_unless_given():
         for flags in ([], ["--scan-layers", "true"], ["--scan-layers", "false"])
     ]
     assert scanned == [False, True, False]  # the tiny preset unrolls its two layers
+
+
+def test_the_environment_records_how_the_host_allocates_memory(monkeypatch):
+    """The malloc settings change a CPU run's times by a fifth (benchmarks/RESULTS.md): the
+    results must say which ones a run had."""
+    tunables = "glibc.malloc.mmap_max=0"
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    env = _common().environment()
+    assert env["host_malloc"] == {"GLIBC_TUNABLES": tunables, "LD_PRELOAD": None}
+    json.dumps(env)  # written into the results JSON as it is
