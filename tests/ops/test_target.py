@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -152,3 +157,50 @@ def test_tpu_tiles_that_cannot_fit_vmem_are_rejected():
     # Every buffer and the score tile grow with the blocks: the floor is monotone in them.
     floors = [pallas_tpu.vmem_floor(b, b, 128, 2) for b in (128, 256, 512, 1024, 2048)]
     assert floors == sorted(floors) and floors[0] > 0
+
+
+def test_without_pallas_triton_the_default_is_xla_and_the_gpu_kernels_are_refused(monkeypatch):
+    """JAX deprecated Pallas' Triton backend in 0.11 and will remove it: a JAX without it
+    leaves "pallas_gpu" to be refused by name, and implementation=None on a GPU runs "xla"."""
+    from dga_jax.ops.dga import backends, pallas_gpu_forward
+
+    monkeypatch.setattr(pallas_gpu_forward, "pltriton", None)
+    monkeypatch.setattr(backends, "placed_target", lambda *arrays: H100)
+    q = jnp.zeros((1, 256, 2, 128), jnp.bfloat16)
+    assert backends.default_for(q, q, q) == "xla"
+    for call in (
+        lambda: backends.check_implementation("pallas_gpu", None, False, q, q, q),
+        lambda: backends.importance_implementation("pallas_gpu"),
+    ):
+        with pytest.raises(ValueError, match=r"Triton backend .*use implementation='xla'"):
+            call()
+
+
+NO_TRITON_SCRIPT = """
+import sys
+sys.modules["jax.experimental.pallas.triton"] = None  # as a JAX that has removed it
+import jax, jax.numpy as jnp
+import dga_jax
+q = jnp.ones((1, 64, 2, 16), jnp.bfloat16)
+out = dga_jax.dga_attention(q, q, q, group_size=4, focal_ratio=0.25)
+assert out.shape == q.shape
+try:
+    dga_jax.dga_attention(q, q, q, group_size=4, implementation="pallas_gpu", interpret=True)
+except ValueError as error:
+    assert "Triton backend" in str(error), error
+else:
+    raise AssertionError("pallas_gpu ran without Pallas' Triton backend")
+print("no triton ok")
+"""
+
+
+def test_dga_jax_imports_and_runs_without_pallas_triton():
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TRITON_SCRIPT],
+        cwd=Path(__file__).parents[2],
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0 and "no triton ok" in result.stdout, result.stderr[-3000:]

@@ -28,10 +28,11 @@ KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
 class KernelBackend(NamedTuple):
-    """A kernel backend: its platform, default tiles, tile rules, on-chip memory check, the
-    interpreter settings it accepts, and its interval attention."""
+    """A kernel backend: its platform, whether this JAX has it, default tiles, tile rules,
+    on-chip memory check, the interpreter settings it accepts, and its interval attention."""
 
     platform: str
+    check_available: Callable[[], None]
     default_blocks: Callable[[tuple, np.dtype, Target], BlockSizes]
     check_tiles: Callable[[BlockSizes], None]
     check_fits: Callable[[BlockSizes, tuple, np.dtype, Target], None]
@@ -42,6 +43,7 @@ class KernelBackend(NamedTuple):
 KERNEL_BACKENDS = {
     name: KernelBackend(
         platform,
+        module.check_available,
         module.default_blocks,
         module.check_block_sizes,
         module.check_fits,
@@ -68,6 +70,7 @@ def importance_implementation(
     """How global importance runs under an implementation: the Triton kernels for
     "pallas_gpu", else None (XLA's loops, `selection.XLA_PASSES`)."""
     if implementation == "pallas_gpu":
+        pallas_gpu.check_available()
         return pallas_gpu_importance.passes(bool(interpret))
     return None
 
@@ -86,6 +89,7 @@ def check_kernel(
     compiles for compile-only TPU/GPU devices of a topology on a CPU host.
     """
     backend = KERNEL_BACKENDS[implementation]
+    backend.check_available()
     target = placed_target(q, k, v)
     if interpret is False and target.platform != backend.platform:
         raise ValueError(
@@ -116,11 +120,12 @@ def default_for(q: jax.Array, k: jax.Array, v: jax.Array) -> str:
     at 4K-32K, and two 7B layers' train step at 16K 1.5x; benchmarks/RESULTS.md, "GPU"), else
     "xla" (the TPU kernels have not run on a TPU; float32 was not timed on a GPU), also where
     no default tile fits the card's shared memory (D = 512), so None never fails where "xla"
-    runs."""
+    runs, and where this JAX has no Pallas Triton backend (`pallas_gpu.check_available`)."""
     target = placed_target(q, k, v)
     if target.platform != "gpu" or q.dtype.name not in ("bfloat16", "float16"):
         return "xla"
     try:
+        pallas_gpu.check_available()
         blocks = pallas_gpu.default_blocks(q.shape, q.dtype, target)
         pallas_gpu.check_fits(blocks, q.shape, q.dtype, target)
     except ValueError:

@@ -55,6 +55,18 @@ def check_block_sizes(block_sizes: BlockSizes) -> None:
             )
 
 
+def check_available() -> None:
+    """The kernels need Pallas' Triton backend (`jax.experimental.pallas.triton`), which JAX
+    deprecated in 0.11 and will remove: without it they are refused, and implementation=None
+    runs "xla" (`backends.default_for`)."""
+    if pallas_gpu_forward.pltriton is None:
+        raise ValueError(
+            "implementation='pallas_gpu' needs Pallas' Triton backend "
+            f"(jax.experimental.pallas.triton), which JAX {jax.__version__} does not have: use "
+            "implementation='xla'"
+        )
+
+
 def check_interpret(interpret: object) -> None:
     """Triton kernels run on a GPU or, with interpret=True, in Pallas' interpreter."""
     if not isinstance(interpret, bool):

@@ -13,7 +13,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pltriton
+
+try:  # Pallas' Triton backend: deprecated in JAX 0.11, "removed in a future version"
+    from jax.experimental.pallas import triton as pltriton
+except ImportError:  # a JAX without it: `pallas_gpu.check_available` refuses the kernels
+    pltriton = None
 
 from dga_jax.ops.dga import pallas_common as common
 from dga_jax.ops.dga.pallas_common import split_refs

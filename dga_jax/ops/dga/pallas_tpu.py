@@ -45,6 +45,10 @@ def check_block_sizes(block_sizes: BlockSizes) -> None:
         )
 
 
+def check_available() -> None:
+    """Mosaic TPU ships with every JAX: nothing to check (`pallas_gpu.check_available`)."""
+
+
 def check_interpret(interpret: object) -> None:
     """Mosaic kernels run on a TPU or in the TPU interpreter (True, or its settings)."""
     if not isinstance(interpret, bool | pltpu.InterpretParams):
