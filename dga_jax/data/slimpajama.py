@@ -35,6 +35,10 @@ SET_NAME_KEY = "redpajama_set_name"
 READ_CHUNK_BYTES = 1 << 20
 # Longer lines are skipped as `malformed`, never held whole (64 MiB: ~16M tokens of text).
 MAX_LINE_BYTES = 64 << 20
+# Compressed bytes per decompression call: zstd's densest block (RLE, ~32,768:1) lets 1 KiB
+# expand to at most 32 MiB, where a whole read chunk of zeros came out as 32 GiB at once.
+# No slower on text (50 MiB of JSON lines: 65 ms against 62 in 1 MiB calls).
+ZSTD_FEED_BYTES = 1 << 10
 PARQUET_BATCH_ROWS = 256
 READ_ERRORS = (OSError, zstandard.ZstdError, pa.ArrowException)
 
@@ -184,11 +188,13 @@ def _zstd_chunks(f: BinaryIO) -> Iterator[bytes]:
     frame = context.decompressobj()
     in_frame = False
     for chunk in _file_chunks(f):
-        while chunk:
-            yield frame.decompress(chunk)
-            in_frame, chunk = not frame.eof, (frame.unused_data if frame.eof else b"")
-            if not in_frame:
-                frame = context.decompressobj()
+        for start in range(0, len(chunk), ZSTD_FEED_BYTES):
+            piece = chunk[start : start + ZSTD_FEED_BYTES]
+            while piece:
+                yield frame.decompress(piece)
+                in_frame, piece = not frame.eof, (frame.unused_data if frame.eof else b"")
+                if not in_frame:
+                    frame = context.decompressobj()
     if in_frame:
         raise TruncatedShardError("zstd stream ends inside a frame")
 

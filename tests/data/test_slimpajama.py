@@ -231,3 +231,20 @@ def test_a_line_past_the_limit_is_skipped_without_being_held(tmp_path, monkeypat
     assert read_all(no_newline) == ([], ReadStats(malformed=1))
     records, stats = read_all(write_jsonl_zst(tmp_path / "ok.jsonl.zst", [record("z" * 1000)]))
     assert stats == ReadStats(documents=1)  # a line under the limit is read as ever
+
+
+def test_a_highly_compressible_shard_is_decompressed_a_little_at_a_time(tmp_path, monkeypatch):
+    # 256 MiB of zeros compress to 8 KiB: one read chunk came out whole in one call.
+    monkeypatch.setattr("dga_jax.data.slimpajama.MAX_LINE_BYTES", 1 << 20)
+    path = tmp_path / "zeros.jsonl.zst"
+    frames = zstandard.ZstdCompressor().compress(b"\0" * (256 << 20) + b"\n")
+    path.write_bytes(frames + zstandard.ZstdCompressor().compress(line(record("after"))))
+    tracemalloc.start()
+    try:
+        records, stats = read_all(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [r["text"] for r in records] == ["after"]
+    assert stats == ReadStats(documents=1, malformed=1)  # the zeros: one line past the limit
+    assert peak < 100 << 20, peak  # a call's output (at most 32 MiB) and the limit, not 256 MiB
