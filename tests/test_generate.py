@@ -420,6 +420,19 @@ def test_cli_streams_the_greedy_continuation(checkpoint):
     assert result.stdout == "def f" + tokenizer.decode(new) + "\n"
 
 
+def test_cli_stops_at_the_checkpoints_eos_ids(tmp_path, capsys):
+    # It stopped at the tokenizer's EOS only: Llama-3-Instruct's <|eot_id|> comes with the
+    # checkpoint (generation_config.json), not with its tokenizer.
+    tokenizer = ByteTokenizer()
+    ids = [tokenizer.bos_id, *tokenizer.encode("def f")]
+    new = dga_jax.generate(model(), [ids], 6, stop_tokens=[tokenizer.eos_id])[0]
+    cut = next(j for j in range(1, len(new)) if new[j] not in new[:j])
+    config = TINY.replace(attention="dga", dga=DGA, eos_token_ids=(new[cut],))
+    save_model(Llama(config, rngs=nnx.Rngs(0)), tmp_path / "tiny")  # model()'s weights
+    main(["--checkpoint", str(tmp_path / "tiny"), "--tokenizer", "byte", "--prompt", "def f"])
+    assert capsys.readouterr().out == "def f" + tokenizer.decode(new[:cut]) + "\n"
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

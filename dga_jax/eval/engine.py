@@ -21,6 +21,7 @@ from flax import nnx
 
 from dga_jax.data.tokenizers import Tokenizer
 from dga_jax.generate import Buckets, completions, pad_prompts
+from dga_jax.generate.inputs import end_ids
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.llama import Llama, cross_entropy
 from dga_jax.ops.checks import is_int
@@ -131,9 +132,9 @@ class ModelEngine:
         min_new_tokens: int = 0,
     ) -> list[list[int]]:
         self._check_fits([len(p) for p in prompts], max_new_tokens)
-        eos = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+        ends = end_ids(self.model.config, self.tokenizer.eos_id)
         with self._on_mesh():
-            return self._generate(prompts, max_new_tokens, [*eos, *stop_tokens], min_new_tokens)
+            return self._generate(prompts, max_new_tokens, [*ends, *stop_tokens], min_new_tokens)
 
     def _check_fits(self, sizes: Sequence[int], max_new_tokens: int) -> None:
         """Raises if a sequence of sizes[i] tokens, with `max_new_tokens` more, would not fit

@@ -20,6 +20,7 @@ from dga_jax.checkpoint.orbax_io import attention_changes, load_model, parse_set
 from dga_jax.data.tokenizers import Tokenizer, load_tokenizer
 from dga_jax.errors import ConfigError
 from dga_jax.generate import stream
+from dga_jax.generate.inputs import end_ids
 from dga_jax.model.config import ATTENTION_KINDS
 from dga_jax.ops.dga.config import SELECTIONS
 
@@ -156,9 +157,10 @@ def _generate(args: argparse.Namespace) -> None:
     vocab = model.config.vocab_size
     if max(ids) >= vocab:
         fail(f"tokenizer id {max(ids)} is outside the model's vocabulary of {vocab}")
-    stops = [] if tokenizer.eos_id is None else [tokenizer.eos_id]
-    if stops and stops[0] >= vocab:
-        fail(f"the tokenizer's EOS id {stops[0]} is outside the model's vocabulary of {vocab}")
+    stops = list(end_ids(model.config, tokenizer.eos_id))
+    eos = tokenizer.eos_id
+    if eos is not None and eos >= vocab:
+        fail(f"the tokenizer's EOS id {eos} is outside the model's vocabulary of {vocab}")
     try:
         steps = stream(
             model,

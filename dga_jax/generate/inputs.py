@@ -67,6 +67,15 @@ def stop_ids(stop_tokens: Sequence[int]) -> tuple[int, ...]:
     return tuple(stop_tokens)
 
 
+def end_ids(config: ModelConfig, eos_id: int | None) -> tuple[int, ...]:
+    """The ids a completion ends at unless told otherwise, as Hugging Face's `generate` stops:
+    the tokenizer's EOS (`eos_id`, None: none) and the checkpoint's `eos_token_ids`, which take
+    in generation_config.json's (Llama-3-Instruct ends a turn with <|eot_id|>, not its
+    tokenizer's <|end_of_text|>)."""
+    ids = ([] if eos_id is None else [eos_id]) + list(config.eos_token_ids or ())
+    return tuple(dict.fromkeys(ids))
+
+
 def batch_sizes(config, longest, max_new_tokens, max_len, buckets) -> tuple[int, int]:
     """(prompt width, max_len) of a batch whose longest prompt has `longest` tokens, both
     checked (`check_context`, `check_fits`): see `stream`."""

@@ -329,3 +329,15 @@ def test_python_dash_m_runs_the_cli(tmp_path):
     command = [sys.executable, "-m", "dga_jax.eval", "--checkpoint", str(tmp_path / "none")]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "error: " in result.stderr, result.stderr[-2000:]
+
+
+def test_generation_stops_at_the_checkpoints_eos_ids_too(tiny_engine):
+    # Llama-3-Instruct ends a turn with <|eot_id|>, an eos id of its generation_config.json and
+    # not its tokenizer's EOS: the engine stopped only at the tokenizer's, as HF's generate
+    # does not.
+    prompts = [[1, *range(40, 90)]]
+    stop = tiny_engine.generate(prompts, 4)[0][0]  # the greedy first token
+    config = tiny_engine.model.config.replace(eos_token_ids=(stop,))
+    model = Llama(config, rngs=nnx.Rngs(0))  # the same weights as the fixture's
+    engine = ModelEngine(model, tiny_engine.tokenizer, batch_size=4, buckets=tiny_engine.buckets)
+    assert engine.generate(prompts, 4) == [[]]
