@@ -3,7 +3,7 @@
     python benchmarks/profile_attention.py                              # L=16K: minutes on CPU
     python benchmarks/profile_attention.py --quick                      # L=2K, 2 repeats
     python benchmarks/profile_attention.py --lengths 4096,8192 --repeats 3
-    python benchmarks/profile_attention.py --implementation pallas_gpu --dense cudnn \
+    python benchmarks/profile_attention.py --implementation pallas_gpu --dense cudnn \\
         --dtype bfloat16 --heads 32 --kv-heads 32                       # the Triton kernels
 
 `dga_jax.dga_attention(..., implementation=...)` ("xla" by default) is cut at its stage

@@ -1,7 +1,7 @@
 """Convert LLaMA checkpoints between Hugging Face safetensors and our Orbax layout.
 
     python -m dga_jax.checkpoint.convert hf-to-orbax --hf_dir HF --out CKPT [--dtype bfloat16]
-    python -m dga_jax.checkpoint.convert orbax-to-hf --ckpt CKPT --out HF [--dtype float16] \
+    python -m dga_jax.checkpoint.convert orbax-to-hf --ckpt CKPT --out HF [--dtype float16] \\
         [--max_shard_size 5GB]
 
 `hf-to-orbax` reads `HF/config.json` (and the token ids of `HF/generation_config.json`) and

@@ -1,6 +1,6 @@
 """Evaluate a checkpoint: `python -m dga_jax.eval --checkpoint DIR --tokenizer PATH --tasks ...`.
 
-    python -m dga_jax.eval --checkpoint ckpt/7b --tokenizer tokenizer.model --out eval/7b_dga \
+    python -m dga_jax.eval --checkpoint ckpt/7b --tokenizer tokenizer.model --out eval/7b_dga \\
         --tasks passkey,lines,longbench_e,ppl --longbench_dir LongBench/data --ppl_data pg19/test
     python -m dga_jax.eval ... --attention dense   # the same weights under dense attention
 

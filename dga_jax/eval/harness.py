@@ -4,8 +4,8 @@ lm_eval finds models only in its own registry (0.4.13 scans no plugin entry poin
 `--include_path` adds tasks, not models), so its CLI runs through this module, which registers
 `dga_jax` before handing the arguments over:
 
-    python -m dga_jax.eval.harness --model dga_jax \
-        --model_args checkpoint=ckpt/tiny,tokenizer=byte,attention=dga,selection=streaming \
+    python -m dga_jax.eval.harness --model dga_jax \\
+        --model_args checkpoint=ckpt/tiny,tokenizer=byte,attention=dga,selection=streaming \\
         --tasks lambada_openai,hellaswag --batch_size 16
 
 `--model_args` keys: checkpoint, tokenizer (as `load_tokenizer` takes them), attention,

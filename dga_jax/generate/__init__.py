@@ -12,15 +12,15 @@ The model is an NNX `Llama`, which holds its parameters, so `generate(model, pro
 takes no separate `params` (`nnx.update(model, params)` loads other ones). DGA models decode
 with `dga_jax.ops.dga.decode.DGACache`, dense ones with `dga_jax.ops.dense_decode.DenseCache`.
 
-A batch of prompts is right-padded to a bucket length (`Buckets`: powers of two or multiples
-of a step) and prefilled in one call that knows each row's length: DGA selects per row at its
-own length (its r, sampled queries and groups), padding is never attended, so each row's logits
-and cache equal its prefill alone. The cache sizes (`max_len`, the DGA prefix capacity) follow
-from the bucket, so any mix of lengths compiles once per bucket for prefill and once per cache
-size for decoding. From then on every row carries its own counts and position, and rows
-of different lengths decode in one batch. `generate` takes any number of prompts and runs them
-in batches of `batch_size`, longest first, returning them in the caller's order
-(`completions` yields each as soon as it and those before it are done).
+A batch of prompts is right-padded to a bucket length (`Buckets`: powers of two, multiples
+of a step, or the exact length) and prefilled in one call that knows each row's length: DGA
+selects per row at its own length (its r, sampled queries and groups), padding is never
+attended, so each row's logits and cache equal its prefill alone. The cache sizes (`max_len`,
+the DGA prefix capacity) follow from the bucket, so any mix of lengths compiles once per bucket
+for prefill and once per cache size for decoding. From then on every row carries its own
+counts and position, and rows of different lengths decode in one batch. `generate` takes any
+number of prompts and runs them in batches of `batch_size`, longest first, returning them in
+the caller's order (`completions` yields each as soon as it and those before it are done).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Child process of `test_sharded_load`: loads a checkpoint onto a (1, 2, 2, 2) mesh.
 
-    XLA_FLAGS=--xla_force_host_platform_device_count=8 \
+    XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
         python -m tests.checkpoint._sharded_load CKPT TOKENS.npy OUT_DIR
 
 The flag must be set before JAX starts, hence a process of its own. Writes OUT_DIR/logits.npy
