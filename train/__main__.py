@@ -34,6 +34,9 @@ def main(argv: list[str]) -> None:
     del argv
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax's per-save INFO chatter
+    # JAX's INFO line at backend start ("Unable to initialize backend 'tpu'" on every CPU or GPU
+    # host) came before a run's first line, and before the one `error: ...` of a bad input.
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     from train.checkpointing import CheckpointSaveError, NoUsableCheckpointError
     from train.trainer import NonFiniteError
 

@@ -59,3 +59,21 @@ def test_a_config_file_without_get_config_is_named(tmp_path):
     # It was "error: unknown config key module 'config_config' has no attribute 'get_config'".
     line = error_line(tmp_path, config="train/step.py")
     assert line == "error: --config: the file defines no get_config() (a configs/*.py file does)"
+
+
+def test_a_bad_input_found_after_jax_starts_is_the_only_line(tmp_path):
+    # JAX's INFO line at backend start ("Unable to initialize backend 'tpu'", where JAX looks
+    # for every platform) came first: the input check runs after the devices are listed.
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    result = subprocess.run(
+        [sys.executable, "-m", "train", f"--config={ROOT / 'configs/tiny_dga.py'}"]
+        + ["--config.data.tokenizer=/nonexistent/tok.model", f"--workdir={tmp_path / 'w'}"],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: config.data.tokenizer"), lines
