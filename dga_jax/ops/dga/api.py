@@ -42,6 +42,12 @@ def dga_attention(
 ) -> jax.Array:
     """Dynamic Group Attention (`docs/DGA_SPEC.md`), causal.
 
+    Differentiable in reverse mode (`jax.grad`, `jax.vjp`: a custom VJP) and forward over
+    reverse (Hessian-vector products, `jax.hessian`); not in forward mode (`jax.jvp`,
+    `jax.jacfwd`, `jax.linearize`: JAX's "can't apply forward-mode autodiff (jvp) to a
+    custom_vjp function") nor reverse over reverse (`jax.grad` of `jax.grad`: the backward's
+    loops have dynamic bounds), except "reference".
+
     Args:
       q: [B, L, Hq, D] queries; k, v: [B, L, Hkv, D], Hq a multiple of Hkv (GQA).
       config: the DGA hyper-parameters as one `DGAConfig`; or give them one by one:
@@ -68,8 +74,9 @@ def dga_attention(
         outputs at row b's first lengths[b] positions are those of that prefix alone (its own
         r, sampled queries and groups; padding is never attended), later positions are finite
         and meaningless. One compile serves every mix of lengths. Concrete values outside
-        [1, L] are an error (traced ones are clipped to [0, L]). Not for "reference", nor
-        under a split.
+        [1, L] are an error (traced ones are clipped to [0, L]). Padding values must still be
+        finite: a NaN or inf there reaches the row's outputs and gradients (0 * inf in the
+        weighted sums). Not for "reference", nor under a split.
       layout: the `DGALayout` of this sequence, already built by `dga_layout` from the same q,
         k, config, scale and lengths (whole-sequence shapes [B, Hkv, L] even under a split):
         selection is skipped and the entries are gathered from it. What prefill does, which

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
 import numpy as np
 
 from dga_jax.ops.checks import is_int, is_real
@@ -30,7 +31,8 @@ class DGAConfig:
     selection: str = "global"
 
     def __post_init__(self):
-        m, gamma = self.group_size, self.focal_ratio
+        m = _concrete("group_size", self.group_size)
+        gamma = _concrete("focal_ratio", self.focal_ratio)
         if not is_int(m) or m < 1:
             raise ValueError(f"dga.group_size must be an int >= 1, got {m!r}")
         if not is_real(gamma) or not 0.0 <= gamma <= 1.0:
@@ -78,6 +80,19 @@ class DGAConfig:
             return r, (n - r) // self.group_size
         chunks = n // self.chunk_size
         return chunks * self.chunk_focal, chunks
+
+
+def _concrete(name: str, x):
+    """A concrete 0-d array as its NumPy scalar (a float32 then counts as its decimal, below); a
+    traced one is an error: the hyper-parameters fix static shapes."""
+    if isinstance(x, jax.core.Tracer):
+        raise ValueError(
+            f"dga.{name} must be a concrete number, got a tracer: it fixes static shapes, so pass "
+            "it as a static argument (jax.jit(..., static_argnames=...)) or close over it"
+        )
+    if isinstance(x, jax.Array | np.ndarray) and x.shape == ():
+        return np.asarray(x)[()]
+    return x
 
 
 @dataclasses.dataclass(frozen=True)
