@@ -67,6 +67,11 @@ def dense_attention(
         )
     if implementation == "cudnn" and platform != "gpu":
         raise ValueError(f"implementation='cudnn' needs GPU devices; inputs are on {platform!r}")
+    if block_sizes is not None and implementation != "blockwise":
+        raise ValueError(
+            f"block_sizes are the tiles of implementation='blockwise'; {implementation!r} has "
+            "none (it was ignored)"
+        )
     run = functools.partial(
         _dense,
         scale=scale,

@@ -107,8 +107,9 @@ def test_blockwise_is_causal(blocks):
 def test_custom_scale(implementation):
     q, k, v = random_qkv(6, 2, 40, 4, 2, 16)
     scale = 0.7
+    blocks = BlockSizes(8, 8) if implementation == "blockwise" else None
     fn = functools.partial(
-        dga_jax.dense_attention, implementation=implementation, block_sizes=BlockSizes(8, 8)
+        dga_jax.dense_attention, implementation=implementation, block_sizes=blocks
     )
     out = fn(q, k, v, scale=scale)
     assert_close(out, xla_f32(scale=scale)(q, k, v), FORWARD_TOL[jnp.float32])
@@ -174,3 +175,11 @@ def test_a_split_that_is_not_a_context_split_is_rejected(split):
     q, k, v = random_qkv(12, 1, 8, 2, 1, 8)
     with pytest.raises(ValueError, match="split must be a dga_jax ContextSplit, got"):
         dga_jax.dense_attention(q, k, v, split=split)
+
+
+@pytest.mark.parametrize("implementation", ["xla", None])
+def test_block_sizes_for_an_implementation_without_tiles_are_refused(implementation):
+    # They were ignored: a caller tuning dense's tiles under "xla" measured nothing.
+    q, k, v = random_qkv(8, 1, 16, 2, 2, 8)
+    with pytest.raises(ValueError, match="block_sizes are the tiles of implementation='blockwise'"):
+        dga_jax.dense_attention(q, k, v, implementation=implementation, block_sizes=BlockSizes())
