@@ -252,8 +252,12 @@ def mass_stats_step(scale: float, state, raw: jax.Array, visible: jax.Array | No
 
 def probability_mass(scale: float, raw: jax.Array, lse: jax.Array, visible: jax.Array | None):
     """Importance's second pass on one tile: the softmax probabilities exp(scale * raw - lse)
-    of raw [..., R, N] summed over the visible rows -> [..., N]; lse [..., R]."""
-    p = jnp.exp(raw * scale - lse[..., None])
+    of raw [..., R, N] summed over the visible rows -> [..., N]; lse [..., R].
+
+    A probability is at most 1: the exponent is capped at 0. At logits past ~1e8 (an absurd
+    scale) the pass's products differ from the first pass's by more than float32's exp takes,
+    and the scores overflowed to inf, every output then NaN."""
+    p = jnp.exp(jnp.minimum(raw * scale - lse[..., None], 0.0))
     if visible is not None:
         p = jnp.where(visible, p, 0.0)
     return jnp.sum(p, axis=-2)

@@ -79,3 +79,14 @@ def test_traced_hyper_parameters_say_they_must_be_static(field):
     run = jax.jit(lambda x: dga_jax.dga_attention(q, k, v, **{field: x}))
     with pytest.raises(ValueError, match=f"dga.{field} must be a concrete number.*static"):
         run(value)
+
+
+def test_an_absurd_scale_keeps_global_importance_finite():
+    # At logits past ~1e8 importance's second pass overflowed (its products differ from the
+    # first pass's by more than exp takes): inf scores, and every output NaN. Dense and the
+    # reference stay finite there.
+    q, k, v = random_qkv(2, 1, 40, 2, 1, 16)
+    for scale in (1e10, 1e20):
+        layout = dga_jax.dga_layout(q, k, CONFIG, scale)
+        assert bool(jnp.isfinite(layout.score).all()), scale
+        assert bool(jnp.isfinite(attention(q, k, v, scale=scale)).all()), scale
