@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dga_jax.model.config import ModelConfig
+from dga_jax.model.inputs import checked_positions
 from dga_jax.model.layers import apply_rope, param, project, rope_frequencies
 from dga_jax.ops.context import ContextSplit
 from dga_jax.ops.dense import dense_attention
@@ -54,9 +55,11 @@ class DGAttention(nnx.Module):
         `positions` only rotate q and k (RoPE); the causal mask and DGA's groups take token t to
         be row t of the sequence, as in packed pretraining, or, with config.context_order
         "zigzag" and the sequence split over the mesh, row i to hold position
-        `zigzag_order(T, P)[i]` (`Llama` passes those positions).
+        `zigzag_order(T, P)[i]` (`Llama` passes those positions). Computed in config.dtype
+        whatever x's float dtype, as Flax's `dtype` says (`nnx.Linear`'s).
         """
-        positions = jnp.broadcast_to(positions, x.shape[:2])
+        self._check_x(x)
+        positions = checked_positions(positions, x.shape[:2], self.config)
         if self.config.sinks is not None:
             return self._project(self._sink_attend(*self._sink_qkv(x, positions)))
         q, k, v = self._qkv(x, positions)
@@ -77,6 +80,7 @@ class DGAttention(nnx.Module):
         (`dga_jax.ops.dga.capacity.prefix_capacity`). `lengths` [B]:
         rows right-padded, row b valid up to lengths[b] (`dga_attention`).
         """
+        self._check_x(x)
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         if self.config.sinks is not None:
             q, k, v, q_far, k_far = self._sink_qkv(x, positions)
@@ -106,6 +110,13 @@ class DGAttention(nnx.Module):
         Reads `cache` only (`cache.attend`); `dga_jax.ops.dga.decode.apply_update` writes the
         returned update.
         """
+        self._check_x(x)
+        rows = cache.length.shape[0]
+        if x.shape[:2] != (rows, 1):  # a longer x would decode its first token only, silently
+            raise ValueError(
+                f"decode takes x [B, 1, D], one token for each of the cache's {rows} rows; "
+                f"got x {list(x.shape)}"
+            )
         positions = cache.length[:, None]
         if self.config.sinks is not None:
             qkv = self._sink_qkv(x, positions)  # the SinkCache also reads q_far and k_far
@@ -113,6 +124,13 @@ class DGAttention(nnx.Module):
             qkv = self._qkv(x, positions)
         out, update = cache.attend(*(y[:, 0] for y in qkv))
         return self._project(out[:, None]), update
+
+    def _check_x(self, x: jax.Array) -> None:
+        """x must be floats [B, T, d_model]: an error naming it, not a broadcast in RoPE or a
+        dot_general deep in a projection (nor an int array projected silently)."""
+        d, shape, dtype = self.config.d_model, jnp.shape(x), jnp.result_type(x)
+        if len(shape) != 3 or shape[-1] != d or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(f"x must be floats [B, T, d_model={d}]; got {dtype}{list(shape)}")
 
     def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K], q and k rotated."""
@@ -132,6 +150,7 @@ class DGAttention(nnx.Module):
     def _projections(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K], not rotated."""
         dtype = self.config.compute_dtype
+        x = x.astype(dtype)  # a float32 x would promote bfloat16 weights: float32 compute
         q = project(x, self.q[...].astype(dtype), 1)  # [B, T, H, K]
         k = project(x, self.k[...].astype(dtype), 1)  # [B, T, Hkv, K]
         v = project(x, self.v[...].astype(dtype), 1)

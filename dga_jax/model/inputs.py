@@ -1,4 +1,5 @@
-"""The model's input checks: token ids inside the vocabulary, positions inside max_position.
+"""The model's input checks: token ids inside the vocabulary, positions inside max_position,
+a decoded token inside its caches.
 
 Concrete inputs are checked on the host and named in the error; traced ones cannot be, and the
 model computes NaN for out-of-vocabulary ids instead of a plausible wrong number.
@@ -58,10 +59,35 @@ def checked_positions(positions, shape: tuple[int, int], config: ModelConfig) ->
             f"{positions.dtype}{list(positions.shape)}"
         )
     concrete = not isinstance(positions, jax.core.Tracer) and positions.is_fully_addressable
-    if concrete and positions.size and not config.positions_fit(int(positions.max()) + 1):
+    # On the host: under a trace (a layer scan's) a jnp reduction of concrete positions is traced
+    last = int(np.max(np.asarray(positions))) if concrete and positions.size else -1
+    if not config.positions_fit(last + 1):
         raise ValueError(
-            f"positions reach {int(positions.max())}, past the model's "
+            f"positions reach {last}, past the model's "
             f"max_position={config.max_position}, where RoPE would extrapolate silently: "
             "build the model with max_position raised to extrapolate knowingly"
         )
     return jnp.broadcast_to(positions, shape)
+
+
+def check_next_position(caches, config: ModelConfig) -> None:
+    """Caches [num_layers, ...] whose concrete length reaches their max_len (no room: NaN
+    logits) or the model's max_position (RoPE would extrapolate silently, as `checked_tokens`
+    refuses for T) are an error; traced lengths are the caller's (`generate`'s
+    `check_context`)."""
+    length = caches.length
+    if isinstance(length, jax.core.Tracer) or not length.is_fully_addressable:
+        return
+    position = int(np.max(np.asarray(length)))
+    max_len = getattr(caches, "max_len", None)  # none for a SinkCache: a window, never full
+    if max_len is not None and position >= max_len:
+        raise ValueError(
+            f"decode_step would write position {position} into caches that hold "
+            f"max_len={max_len} tokens (NaN logits): prefill with a larger max_len"
+        )
+    if not config.positions_fit(position + 1):
+        raise ValueError(
+            f"decode_step would write position {position}, past the model's "
+            f"max_position={config.max_position}, where RoPE would extrapolate "
+            "silently: build the model with max_position raised to extrapolate knowingly"
+        )

@@ -149,6 +149,7 @@ class MLP(nnx.Module):
         self.dtype = config.compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+        x = x.astype(self.dtype)  # in the compute dtype whatever x's, as `DGAttention`
         gate = project(x, self.gate[...].astype(self.dtype), 1)  # [B, T, F]
         up = project(x, self.up[...].astype(self.dtype), 1)
         return project(swiglu(gate, up), self.down[...].astype(self.dtype), 1)

@@ -11,7 +11,12 @@ from flax import nnx
 
 from dga_jax.model.attention import DGAttention
 from dga_jax.model.config import ModelConfig
-from dga_jax.model.inputs import check_ids, checked_positions, checked_tokens
+from dga_jax.model.inputs import (
+    check_ids,
+    check_next_position,
+    checked_positions,
+    checked_tokens,
+)
 from dga_jax.model.layers import MLP, PROJECTION, RMSNorm, param
 from dga_jax.ops.checks import is_int
 from dga_jax.ops.context import zigzag_order
@@ -34,7 +39,7 @@ REMAT = {
 class DecoderLayer(nnx.Module):
     """Pre-norm residual block: attention, then SwiGLU MLP."""
 
-    def __init__(self, config: ModelConfig, rules: LogicalRules, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, rules: LogicalRules = DEFAULT_RULES, *, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(config, rules, rngs=rngs)
         self.attn = DGAttention(config, rules, rngs=rngs)
         self.mlp_norm = RMSNorm(config, rules, rngs=rngs)
@@ -246,7 +251,7 @@ class Llama(nnx.Module):
                 f"tokens {list(tokens.shape)}: decode_step takes one token for each of the "
                 f"caches' {rows} rows"
             )
-        self._check_next_position(caches.length)
+        check_next_position(caches, self.config)
         graphdef, state = nnx.split(self.layers)
 
         def layer_step(x, inputs):
@@ -260,20 +265,6 @@ class Llama(nnx.Module):
         # Every layer's cache is read in the scan and written after it: XLA then updates the
         # buffers in place instead of copying each layer's cache every step.
         return self.logits(x)[:, 0], jax.vmap(apply_update)(caches, updates)
-
-    def _check_next_position(self, length: jax.Array) -> None:
-        """A concrete cache length past max_position is an error, as `hidden` makes it for
-        T (RoPE would extrapolate silently); traced lengths are the caller's (`generate`'s
-        `check_context`)."""
-        if isinstance(length, jax.core.Tracer) or not length.is_fully_addressable:
-            return
-        position = int(length.max())
-        if not self.config.positions_fit(position + 1):
-            raise ValueError(
-                f"decode_step would write position {position}, past the model's "
-                f"max_position={self.config.max_position}, where RoPE would extrapolate "
-                "silently: build the model with max_position raised to extrapolate knowingly"
-            )
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         """[B, T] int -> [B, T, D] in the compute dtype.

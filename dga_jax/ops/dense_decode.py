@@ -28,7 +28,9 @@ class DenseCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        """Slots per row: k's next-to-last axis, also on a model's caches stacked over layers
+        ([num_layers, B, H, max_len, D])."""
+        return self.k.shape[-2]
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, DenseUpdate]:
         """The new token's output over the cache and itself, and what it writes; reads only.
