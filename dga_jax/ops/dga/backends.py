@@ -95,7 +95,8 @@ def check_kernel(
         raise ValueError(
             f"implementation={implementation!r} compiles for {backend.platform.upper()} but the "
             f"inputs are placed on {target.platform!r} devices ({target.device_kind}): place "
-            "them on a matching mesh, or pass interpret=True to run it in interpret mode"
+            "them on a matching mesh, or pass the op interpret=True to run it in interpret mode "
+            "(a model on these devices: attention_impl=None or 'xla')"
         )
     backend.check_interpret(interpret)
     if q.dtype.name not in KERNEL_DTYPES:
