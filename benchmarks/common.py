@@ -45,6 +45,9 @@ def device_peak_bytes() -> int | None:
     return (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
 
 
+HOST_MALLOC_SETTINGS = ("GLIBC_TUNABLES", "LD_PRELOAD")  # recorded by `environment`
+
+
 def environment() -> dict[str, Any]:
     """Versions, device and machine the benchmark ran on."""
     return {
@@ -59,9 +62,6 @@ def environment() -> dict[str, Any]:
         # under glibc's defaults, a share of a CPU run's time (benchmarks/RESULTS.md)
         "host_malloc": {name: os.environ.get(name) for name in HOST_MALLOC_SETTINGS},
     }
-
-
-HOST_MALLOC_SETTINGS = ("GLIBC_TUNABLES", "LD_PRELOAD")
 
 
 def length_label(length: int) -> str:

@@ -30,6 +30,7 @@ from dga_jax.generate import (
     sample_allowed,
 )
 from dga_jax.generate.__main__ import TextStream, main
+from dga_jax.generate.inputs import end_ids
 from tests.conftest import FORWARD_TOL, assert_close, cache_row, run_on_fake_devices
 from tests.data.conftest import train_sentencepiece
 
@@ -653,3 +654,11 @@ def test_cli_max_position_that_is_no_number_names_the_flag(checkpoint, capsys):
         main([*args, "--max_position", "abc"])
     err = capsys.readouterr().err
     assert "argument --max_position: must be a positive integer, got 'abc'" in err
+
+
+def test_end_ids_are_the_tokenizers_eos_then_the_given_stops_or_the_checkpoints():
+    config = TINY.replace(eos_token_ids=(7, 2, TINY.vocab_size, -1))  # two never chosen
+    assert end_ids(config, 2) == (2, 7)  # deduplicated, the tokenizer's first
+    assert end_ids(config, None) == (7, 2)
+    assert end_ids(config, 2, stop_tokens=[9, 2]) == (2, 9)  # given stops replace the config's
+    assert end_ids(TINY.replace(eos_token_ids=None), None) == ()

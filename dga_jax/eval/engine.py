@@ -54,9 +54,10 @@ class Engine(Protocol):
         stop_tokens: Sequence[int] = (),
         min_new_tokens: int = 0,
     ) -> list[list[int]]:
-        """Greedy continuations of token-id prompts, each ending before EOS or one of
-        `stop_tokens` or after `max_new_tokens` tokens (the stop excluded), in the prompts'
-        order. Neither EOS nor a stop token is chosen among the first `min_new_tokens`."""
+        """Greedy continuations of token-id prompts, each ending before the tokenizer's EOS or
+        one of `stop_tokens` (none given: the checkpoint's eos ids, `generate.inputs.end_ids`)
+        or after `max_new_tokens` tokens (the stop excluded), in the prompts' order. Neither
+        EOS nor a stop token is chosen among the first `min_new_tokens`."""
         ...
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[TokenScores]:
@@ -132,9 +133,9 @@ class ModelEngine:
         min_new_tokens: int = 0,
     ) -> list[list[int]]:
         self._check_fits([len(p) for p in prompts], max_new_tokens)
-        ends = end_ids(self.model.config, self.tokenizer.eos_id)
+        ends = end_ids(self.model.config, self.tokenizer.eos_id, stop_tokens)
         with self._on_mesh():
-            return self._generate(prompts, max_new_tokens, [*ends, *stop_tokens], min_new_tokens)
+            return self._generate(prompts, max_new_tokens, list(ends), min_new_tokens)
 
     def _check_fits(self, sizes: Sequence[int], max_new_tokens: int) -> None:
         """Raises if a sequence of sizes[i] tokens, with `max_new_tokens` more, would not fit

@@ -67,12 +67,17 @@ def stop_ids(stop_tokens: Sequence[int]) -> tuple[int, ...]:
     return tuple(stop_tokens)
 
 
-def end_ids(config: ModelConfig, eos_id: int | None) -> tuple[int, ...]:
-    """The ids a completion ends at unless told otherwise, as Hugging Face's `generate` stops:
-    the tokenizer's EOS (`eos_id`, None: none) and the checkpoint's `eos_token_ids`, which take
-    in generation_config.json's (Llama-3-Instruct ends a turn with <|eot_id|>, not its
-    tokenizer's <|end_of_text|>)."""
-    ids = ([] if eos_id is None else [eos_id]) + list(config.eos_token_ids or ())
+def end_ids(
+    config: ModelConfig, eos_id: int | None, stop_tokens: Sequence[int] = ()
+) -> tuple[int, ...]:
+    """The ids a completion ends at, as Hugging Face's `generate` stops: the tokenizer's EOS
+    (`eos_id`, None: none), then `stop_tokens` where any are given, else the checkpoint's
+    `eos_token_ids` inside the vocabulary (others can never be chosen), which take in
+    generation_config.json's: Llama-3-Instruct ends a turn with <|eot_id|>, not its tokenizer's
+    <|end_of_text|>. A list of stops given to `generate` replaces generation_config's, as
+    LongBench's pred.py's [EOS, newline] does."""
+    own = [i for i in config.eos_token_ids or () if 0 <= i < config.vocab_size]
+    ids = ([] if eos_id is None else [eos_id]) + (list(stop_tokens) or own)
     return tuple(dict.fromkeys(ids))
 
 

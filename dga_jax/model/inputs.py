@@ -78,12 +78,14 @@ def check_next_position(caches, config: ModelConfig) -> None:
     length = caches.length
     if isinstance(length, jax.core.Tracer) or not length.is_fully_addressable:
         return
-    position = int(np.max(np.asarray(length)))
+    lengths = np.asarray(length).reshape(-1, length.shape[-1]).max(axis=0)  # [B], any layer's
+    row, position = int(np.argmax(lengths)), int(lengths.max())
     max_len = getattr(caches, "max_len", None)  # none for a SinkCache: a window, never full
     if max_len is not None and position >= max_len:
         raise ValueError(
-            f"decode_step would write position {position} into caches that hold "
-            f"max_len={max_len} tokens (NaN logits): prefill with a larger max_len"
+            f"decode_step would write row {row}'s position {position} into caches that hold "
+            f"max_len={max_len} tokens (NaN logits; every row waits for it): prefill with a "
+            "larger max_len"
         )
     if not config.positions_fit(position + 1):
         raise ValueError(

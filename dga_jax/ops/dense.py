@@ -43,8 +43,9 @@ def dense_attention(
     supports) and "xla" otherwise. Under a `split` (inside `shard_map` over its mesh axes, each
     device holding C = L / parts positions: contiguous, or two zig-zag pieces), K and V are
     all-gathered and the local queries attend blockwise: "blockwise" only, [B, C, ...] in and
-    out. `block_sizes`: the tiles of "blockwise" (None: `DENSE_BLOCKS`). "blockwise" is
-    differentiable as `dga_attention` is (reverse mode and forward over reverse, a custom VJP).
+    out. `block_sizes`: the tiles of "blockwise" (None: `DENSE_BLOCKS`), refused for the others
+    (under a split None is "blockwise"). "blockwise" is differentiable in reverse mode, as
+    `dga_attention` under "xla" is (a custom VJP; forward mode is not).
     """
     scale = check_qkv(q, k, v, scale)
     platform = placed_target(q, k, v).platform

@@ -256,7 +256,8 @@ def probability_mass(scale: float, raw: jax.Array, lse: jax.Array, visible: jax.
 
     A probability is at most 1: the exponent is capped at 0. At logits past ~1e8 (an absurd
     scale) the pass's products differ from the first pass's by more than float32's exp takes,
-    and the scores overflowed to inf, every output then NaN."""
+    and the scores overflowed to inf, every output then NaN; there they stay finite, though
+    not meaningful (the passes disagree by more than the logits' spread)."""
     p = jnp.exp(jnp.minimum(raw * scale - lse[..., None], 0.0))
     if visible is not None:
         p = jnp.where(visible, p, 0.0)

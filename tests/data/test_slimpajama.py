@@ -237,8 +237,12 @@ def test_a_highly_compressible_shard_is_decompressed_a_little_at_a_time(tmp_path
     # 256 MiB of zeros compress to 8 KiB: one read chunk came out whole in one call.
     monkeypatch.setattr("dga_jax.data.slimpajama.MAX_LINE_BYTES", 1 << 20)
     path = tmp_path / "zeros.jsonl.zst"
-    frames = zstandard.ZstdCompressor().compress(b"\0" * (256 << 20) + b"\n")
-    path.write_bytes(frames + zstandard.ZstdCompressor().compress(line(record("after"))))
+    with open(path, "wb") as f:
+        with zstandard.ZstdCompressor().stream_writer(f, closefd=False) as zeros:
+            for _ in range(16):  # never the 256 MiB at once in this process
+                zeros.write(bytes(16 << 20))
+            zeros.write(b"\n")
+        f.write(zstandard.ZstdCompressor().compress(line(record("after"))))
     tracemalloc.start()
     try:
         records, stats = read_all(path)

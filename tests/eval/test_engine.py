@@ -341,3 +341,5 @@ def test_generation_stops_at_the_checkpoints_eos_ids_too(tiny_engine):
     model = Llama(config, rngs=nnx.Rngs(0))  # the same weights as the fixture's
     engine = ModelEngine(model, tiny_engine.tokenizer, batch_size=4, buckets=tiny_engine.buckets)
     assert engine.generate(prompts, 4) == [[]]
+    # A task's own stops replace them, as LongBench's pred.py's eos_token_id list does HF's.
+    assert engine.generate(prompts, 4, stop_tokens=[2]) == tiny_engine.generate(prompts, 4)

@@ -115,5 +115,7 @@ def test_decode_step_into_full_caches_is_named(config):
     _, caches = model.prefill(jnp.ones((2, 6), jnp.int32), max_len=7)
     logits, caches = model.decode_step(jnp.array([1, 2]), caches)
     assert bool(jnp.all(jnp.isfinite(logits)))
-    with pytest.raises(ValueError, match="write position 7 into caches that hold max_len=7"):
+    with pytest.raises(
+        ValueError, match="write row 0's position 7 into caches that hold max_len=7"
+    ):
         model.decode_step(jnp.array([1, 2]), caches)

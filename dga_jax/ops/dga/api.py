@@ -42,11 +42,11 @@ def dga_attention(
 ) -> jax.Array:
     """Dynamic Group Attention (`docs/DGA_SPEC.md`), causal.
 
-    Differentiable in reverse mode (`jax.grad`, `jax.vjp`: a custom VJP) and forward over
-    reverse (Hessian-vector products, `jax.hessian`); not in forward mode (`jax.jvp`,
-    `jax.jacfwd`, `jax.linearize`: JAX's "can't apply forward-mode autodiff (jvp) to a
-    custom_vjp function") nor reverse over reverse (`jax.grad` of `jax.grad`: the backward's
-    loops have dynamic bounds), except "reference".
+    Differentiable in reverse mode (`jax.grad`, `jax.vjp`: a custom VJP); under "xla" also
+    forward over reverse (Hessian-vector products, `jax.hessian`; tested, the kernels' not);
+    not in forward mode (`jax.jvp`, `jax.jacfwd`, `jax.linearize`: JAX's "can't apply
+    forward-mode autodiff (jvp) to a custom_vjp function") nor reverse over reverse (`jax.grad`
+    of `jax.grad`: the backward's loops have dynamic bounds), except "reference".
 
     Args:
       q: [B, L, Hq, D] queries; k, v: [B, L, Hkv, D], Hq a multiple of Hkv (GQA).

@@ -70,7 +70,6 @@ def importance_implementation(
     """How global importance runs under an implementation: the Triton kernels for
     "pallas_gpu", else None (XLA's loops, `selection.XLA_PASSES`)."""
     if implementation == "pallas_gpu":
-        pallas_gpu.check_available()
         return pallas_gpu_importance.passes(bool(interpret))
     return None
 

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from dga_jax.ops.dga.pallas_gpu import MIN_BLOCK, next_power_of_2
+from dga_jax.ops.dga.pallas_gpu import MIN_BLOCK, check_available, next_power_of_2
 from dga_jax.ops.dga.pallas_gpu_forward import DOTS, compiler_params
 from dga_jax.ops.dga.selection import ImportancePasses, ImportanceTiles
 from dga_jax.ops.ranges import NEVER
@@ -57,7 +57,9 @@ class ImportanceTile:
 
 
 def passes(interpret: bool, tile: ImportanceTile = ImportanceTile()) -> ImportancePasses:
-    """The Triton passes (`interpret=True`: in Pallas' interpreter, on any backend)."""
+    """The Triton passes (`interpret=True`: in Pallas' interpreter, on any backend); refused
+    where this JAX has no Pallas Triton backend (`pallas_gpu.check_available`)."""
+    check_available()
     return ImportancePasses(
         functools.partial(stats, tile=tile, interpret=interpret),
         functools.partial(scores, tile=tile, interpret=interpret),
