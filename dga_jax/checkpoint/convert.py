@@ -20,8 +20,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dga_jax.checkpoint.hf import NUMPY_DTYPES, param_shapes, parse_size, read_hf
-from dga_jax.checkpoint.hf_write import write_hf
+from dga_jax.checkpoint.hf import NUMPY_DTYPES, param_shapes, read_hf
+from dga_jax.checkpoint.hf_write import parse_size, write_hf
 from dga_jax.checkpoint.orbax_io import check_stored, load_config, read_param, save_params
 from dga_jax.errors import InputError
 

@@ -38,18 +38,6 @@ SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 READABLE_DTYPES = (*SAFETENSORS_DTYPES, "F64")
 # Buffers that older exports saved; RoPE is recomputed from the config.
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-SIZE_UNITS = {
-    "": 1,
-    "B": 1,
-    "KB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "KIB": 2**10,
-    "MIB": 2**20,
-    "GIB": 2**30,
-    "TIB": 2**40,
-}
 
 Path = tuple[str, ...]
 ParamReader = Callable[[Path], np.ndarray]
@@ -136,14 +124,6 @@ def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
     return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(params).items()}
 
 
-def parse_size(size: str | int) -> int:
-    """Bytes in "5GB" (10^9), "2GiB" (2^30), "40KB" or a plain number."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
-    if not match:
-        raise InputError(f"invalid size {size!r}; expected e.g. 5GB, 500MB, 2GiB or bytes")
-    return int(float(match[1]) * SIZE_UNITS[match[2] or ""])
-
-
 # Reading ------------------------------------------------------------------------------------
 
 
@@ -162,8 +142,9 @@ def read_hf_config(hf_dir: str | os.PathLike) -> ModelConfig:
     path = os.path.join(hf_dir, GENERATION_CONFIG_FILE)
     if not os.path.isfile(path):
         return config
+    generation = _read_json(path)
     try:
-        return with_generation_token_ids(config, _read_json(path))
+        return with_generation_token_ids(config, generation)
     except ValueError as error:
         raise InputError(f"{path}: {error}") from error
 
@@ -211,6 +192,7 @@ def read_hf(
     }
     for file, names in by_file.items():
         _check_tensors(file, names, expected)
+    _check_tied_head(config, files)
     dtype = check_dtype(dtype) if dtype else _stored_dtype(files[_WEIGHTS[0].hf])
     params = {path: np.empty(shape, NUMPY_DTYPES[dtype]) for path, shape in stacked.items()}
     for file, names in by_file.items():
@@ -303,6 +285,29 @@ def _check_tensors(file: str, names: list[str], expected: dict[str, tuple[int, .
                     f"tensor {name!r} in {file} has shape {found}; "
                     f"expected {expected[name]} from the config"
                 )
+
+
+def _check_tied_head(config: ModelConfig, files: dict[str, str]) -> None:
+    """A tied model's checkpoint may also hold an lm_head.weight: the embedding again is the tie;
+    another tensor is a `CheckpointError`, as transformers >= 5 would use it (untied) where 4.x
+    used the embedding, two different models."""
+    if not config.tie_embeddings or _LM_HEAD.hf not in files:
+        return
+    embed, head = (_read_tensor(files[weight.hf], weight.hf) for weight in (_WEIGHTS[0], _LM_HEAD))
+    if embed.shape != head.shape or not np.array_equal(embed, head):
+        raise CheckpointError(
+            f"{CONFIG_FILE} ties lm_head to the embedding (tie_word_embeddings=true), but "
+            f"{files[_LM_HEAD.hf]} holds an {_LM_HEAD.hf} that differs from {_WEIGHTS[0].hf}; "
+            "set tie_word_embeddings to false to use it, or remove it to tie"
+        )
+
+
+def _read_tensor(file: str, name: str) -> np.ndarray:
+    """One tensor of a safetensors file; a name the file lacks is a `CheckpointError`."""
+    with _open(file) as f:
+        if name not in set(f.keys()):
+            raise CheckpointError(f"tensor {name!r} is missing from {file}")
+        return f.get_tensor(name)
 
 
 def _stored_dtype(file: str) -> str:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -36,8 +37,30 @@ from dga_jax.checkpoint.hf import (
     param_shapes,
     weights,
 )
+from dga_jax.errors import InputError
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.hf_config import config_to_hf, hf_token_ids
+
+SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
+
+
+def parse_size(size: str | int) -> int:
+    """Bytes in "5GB" (10^9), "2GiB" (2^30), "40KB" or a plain number."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B|B)?\s*", str(size).upper())
+    if not match:
+        raise InputError(f"invalid size {size!r}; expected e.g. 5GB, 500MB, 2GiB or bytes")
+    return int(float(match[1]) * SIZE_UNITS[match[2] or ""])
 
 
 def write_hf(

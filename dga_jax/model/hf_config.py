@@ -41,10 +41,7 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
             f"unsupported architecture {archs} (model_type "
             f"{hf.get('model_type')!r}); supported: {SUPPORTED_HF_ARCHITECTURES}"
         )
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ConfigError("unsupported LLaMA variant: attention_bias / mlp_bias are not supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r}; LLaMA uses 'silu'")
+    _check_llama_variant(hf)
     _require(hf, _HF_REQUIRED, "")
     for key in _HF_REQUIRED:
         strict.check(key, hf[key], int)
@@ -70,6 +67,23 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
     )
 
 
+def _check_llama_variant(hf: dict[str, Any]) -> None:
+    """A `ConfigError` naming the key of a LLaMA variant our model does not compute: biases,
+    another activation, quantized weights (whose tensors are not the float weights we read)."""
+    for key in ("attention_bias", "mlp_bias"):
+        if hf.get(key):
+            raise ConfigError(f"unsupported LLaMA variant: {key}={hf[key]!r} (no biases here)")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r}; LLaMA uses 'silu'")
+    quantization = hf.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+        raise ConfigError(
+            f"unsupported quantization_config (quant_method {method!r}): quantized checkpoints "
+            "are not read; convert one stored in float32, bfloat16 or float16"
+        )
+
+
 def _hf_value(
     values: dict[str, Any], key: str, kind: Any, default: Any = None, prefix: str = ""
 ) -> Any:
@@ -78,11 +92,18 @@ def _hf_value(
     return strict.check(prefix + key, values.get(key, default), kind)
 
 
+def _hf_rope_section(hf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The RoPE section transformers reads, and its name: a non-empty `rope_scaling` (4.x's
+    name), else `rope_parameters` (>= 5, which nests rope_theta there too)."""
+    section = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    return section, _hf_value(hf, section, dict[str, Any] | None) or {}
+
+
 def _hf_rope_theta(hf: dict[str, Any]) -> float:
-    """transformers >= 5 nests rope_theta (and the scaling) in `rope_parameters`."""
-    rope = _hf_value(hf, "rope_parameters", dict[str, Any] | None) or {}
+    """The RoPE section's rope_theta, else the top-level one, else 10000 (transformers' order)."""
+    section, rope = _hf_rope_section(hf)
     if "rope_theta" in rope:
-        return _hf_value(rope, "rope_theta", float, prefix="rope_parameters.")
+        return _hf_value(rope, "rope_theta", float, prefix=section + ".")
     return _hf_value(hf, "rope_theta", float, 10000.0)
 
 
@@ -94,11 +115,9 @@ def _require(values: dict[str, Any], keys: tuple[str, ...], prefix: str) -> None
 
 
 def _hf_rope_scaling(hf: dict[str, Any]) -> RopeScaling:
-    section = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    scaling = _hf_value(hf, section, dict[str, Any] | None)
-    if not scaling:
-        return RopeScaling()
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    section, scaling = _hf_rope_section(hf)
+    type_key = "rope_type" if "rope_type" in scaling else "type"
+    kind = scaling.get(type_key, "default")
     if kind == "default":
         return RopeScaling()
     prefix = section + "."
@@ -114,7 +133,9 @@ def _hf_rope_scaling(hf: dict[str, Any]) -> RopeScaling:
             _hf_value(scaling, "high_freq_factor", float, prefix=prefix),
             _hf_value(scaling, "original_max_position_embeddings", int, prefix=prefix),
         )
-    raise ConfigError(f"unsupported rope_scaling type {kind!r}; supported: linear, llama3")
+    raise ConfigError(
+        f"unsupported {prefix}{type_key} {kind!r}; supported: default, linear, llama3"
+    )
 
 
 def _hf_token_ids(hf: dict[str, Any]) -> dict[str, Any]:

@@ -32,11 +32,10 @@ from dga_jax.checkpoint.convert import _run_command
 from dga_jax.checkpoint.hf import (
     INDEX_FILE,
     param_shapes,
-    parse_size,
     tensor_files,
     weights,
 )
-from dga_jax.checkpoint.hf_write import write_hf
+from dga_jax.checkpoint.hf_write import parse_size, write_hf
 from dga_jax.model.config import ModelConfig
 from tests.checkpoint.conftest import (
     assert_same_params,

@@ -60,7 +60,7 @@ def test_unsupported_hf_architecture_is_rejected():
         ModelConfig.from_hf(
             {**hf, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
         )
-    with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
+    with pytest.raises(ValueError, match=r"^unsupported rope_scaling\.rope_type 'yarn'"):
         ModelConfig.from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
 
 

@@ -1,0 +1,165 @@
+"""Real-world LLaMA-family configs and checkpoints: each loads with transformers' logits, or is
+refused by an error naming what is unsupported; none loads silently wrong."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+from dga_jax.checkpoint import CheckpointError, load_model, read_hf
+from dga_jax.checkpoint.hf import read_hf_config
+from dga_jax.errors import ConfigError, InputError
+from dga_jax.model.config import ModelConfig
+from tests.checkpoint.conftest import (
+    _DEFAULTS,
+    LOGIT_ATOL,
+    build_hf_model,
+    hf_logits,
+    random_tokens,
+    save_sharded,
+    to_orbax,
+)
+
+LLAMA_VARIANTS = {
+    "head_dim_32": dict(num_key_value_heads=2, head_dim=32),
+    "mqa_eps_1e-2": dict(num_key_value_heads=1, rms_norm_eps=1e-2, rope_theta=500000.0),
+    "pretraining_tp_2": dict(num_key_value_heads=2, pretraining_tp=2),
+}
+
+
+def _logits(ckpt_dir, tokens: np.ndarray) -> np.ndarray:
+    """float32 logits [B, T, V] of a converted checkpoint, loaded in float32."""
+    model = load_model(ckpt_dir, param_dtype="float32")
+    return np.asarray(model(tokens))
+
+
+@pytest.mark.parametrize("variant", sorted(LLAMA_VARIANTS))
+def test_llama_variants_give_transformers_logits(variant, tmp_path):
+    model = build_hf_model(**LLAMA_VARIANTS[variant])
+    to_orbax(save_sharded(model, tmp_path / "hf"), tmp_path / "orbax")
+    tokens = random_tokens(seq_len=16)
+    diff = np.max(np.abs(_logits(tmp_path / "orbax", tokens) - hf_logits(model, tokens)))
+    assert diff <= LOGIT_ATOL
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_weights_give_transformers_logits(dtype, tmp_path):
+    build_hf_model(num_key_value_heads=2).to(dtype).save_pretrained(tmp_path / "hf")
+    # transformers' own float32 load: a .to(dtype) model's RoPE buffer is rounded too
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32)
+    to_orbax(tmp_path / "hf", tmp_path / "orbax")
+    tokens = random_tokens(seq_len=16)
+    diff = np.max(np.abs(_logits(tmp_path / "orbax", tokens) - hf_logits(reference, tokens)))
+    assert diff <= LOGIT_ATOL
+
+
+def _hf_config(config_class: str, **overrides) -> dict:
+    """The config.json dict transformers saves for a tiny `config_class` config."""
+    return getattr(transformers, config_class)(**{**_DEFAULTS, **overrides}).to_dict()
+
+
+@pytest.mark.parametrize(
+    "config_class, overrides",
+    [
+        ("MistralConfig", dict(sliding_window=32)),
+        ("Qwen2Config", {}),
+        ("GemmaConfig", dict(head_dim=16)),
+        ("Phi3Config", dict(pad_token_id=0)),
+    ],
+)
+def test_llama_lookalikes_are_refused_by_architecture(config_class, overrides):
+    hf = _hf_config(config_class, **overrides)
+    with pytest.raises(ConfigError, match=rf"unsupported architecture .*{hf['model_type']!r}"):
+        ModelConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+    ],
+)
+def test_unsupported_rope_types_are_refused_naming_their_key(rope):
+    """transformers >= 5 saves the scaling under rope_parameters, not rope_scaling."""
+    hf = _hf_config("LlamaConfig", rope_scaling={**rope, "original_max_position_embeddings": 64})
+    name = re.escape(f"rope_parameters.rope_type {rope['rope_type']!r}")
+    with pytest.raises(ConfigError, match=rf"^unsupported {name}"):
+        ModelConfig.from_hf(hf)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        # transformers uses the theta in the section it reads: rope_scaling, where it is non-empty
+        {"rope_scaling": {"rope_type": "linear", "factor": 2.0, "rope_theta": 5e5}},
+        {
+            "rope_theta": 2e4,
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+            "rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+        },
+    ],
+)
+def test_rope_theta_is_read_where_transformers_reads_it(changes):
+    hf = {**_hf_config("LlamaConfig"), "rope_parameters": None, **changes}
+    expected = transformers.LlamaConfig.from_dict(copy.deepcopy(hf)).rope_parameters
+    config = ModelConfig.from_hf(hf)
+    assert (config.rope_theta, config.rope_scaling.kind) == (expected["rope_theta"], "linear")
+
+
+@pytest.mark.parametrize("key", ["attention_bias", "mlp_bias"])
+def test_biases_are_refused_naming_the_key(key):
+    with pytest.raises(ConfigError, match=rf"^unsupported LLaMA variant: {key}=True"):
+        ModelConfig.from_hf(_hf_config("LlamaConfig", **{key: True}))
+
+
+def test_a_quantized_checkpoint_is_refused_naming_quantization_config():
+    hf = {**_hf_config("LlamaConfig"), "quantization_config": {"quant_method": "fp8"}}
+    with pytest.raises(ConfigError, match=r"^unsupported quantization_config \(quant_method 'fp8'"):
+        ModelConfig.from_hf(hf)
+
+
+def _edit_single_file(hf_dir, edit) -> None:
+    """Rewrites `hf_dir/model.safetensors` with `edit(tensors)` applied."""
+    tensors = load_file(hf_dir / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, hf_dir / "model.safetensors", metadata={"format": "pt"})
+
+
+def _add_head(tensors: dict, head: np.ndarray) -> None:
+    tensors["lm_head.weight"] = head
+
+
+def test_a_tied_checkpoint_may_hold_its_embedding_as_lm_head(tmp_path):
+    build_hf_model(tie_word_embeddings=True).save_pretrained(tmp_path)
+    _edit_single_file(tmp_path, lambda t: _add_head(t, t["model.embed_tokens.weight"].copy()))
+    config, params = read_hf(tmp_path)
+    assert config.tie_embeddings and "lm_head" not in params
+
+
+@pytest.mark.parametrize("tied_in_transformers", [True, False])
+def test_a_tied_config_with_another_lm_head_is_refused(tied_in_transformers, tmp_path):
+    """transformers >= 5 uses the stored head, untied; 4.x tied it to the embedding."""
+    build_hf_model(tie_word_embeddings=tied_in_transformers).save_pretrained(tmp_path)
+    if tied_in_transformers:
+        _edit_single_file(tmp_path, lambda t: _add_head(t, -t["model.embed_tokens.weight"]))
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match=r"tie_word_embeddings=true.*lm_head\.weight"):
+        read_hf(tmp_path)
+
+
+def test_invalid_generation_config_json_names_the_file_once(tmp_path):
+    build_hf_model().save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text("{not json")
+    path = re.escape(str(tmp_path / "generation_config.json"))
+    with pytest.raises(InputError, match=rf"^{path} is not valid JSON"):
+        read_hf_config(tmp_path)
