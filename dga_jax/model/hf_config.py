@@ -27,6 +27,8 @@ _HF_LLAMA3_ROPE = (
     "original_max_position_embeddings",
 )
 
+SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN computes "swish" as SiLU too
+
 
 def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
     """Maps the fields of a HF `LlamaConfig` dict; other architectures, and a missing,
@@ -73,7 +75,7 @@ def _check_llama_variant(hf: dict[str, Any]) -> None:
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ConfigError(f"unsupported LLaMA variant: {key}={hf[key]!r} (no biases here)")
-    if hf.get("hidden_act", "silu") != "silu":
+    if hf.get("hidden_act", "silu") not in SILU_NAMES:
         raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r}; LLaMA uses 'silu'")
     quantization = hf.get("quantization_config")
     if quantization:

@@ -31,6 +31,7 @@ LLAMA_VARIANTS = {
     "head_dim_32": dict(num_key_value_heads=2, head_dim=32),
     "mqa_eps_1e-2": dict(num_key_value_heads=1, rms_norm_eps=1e-2, rope_theta=500000.0),
     "pretraining_tp_2": dict(num_key_value_heads=2, pretraining_tp=2),
+    "swish": dict(hidden_act="swish"),  # SiLU under its other name: it was refused
 }
 
 
