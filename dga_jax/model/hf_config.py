@@ -12,7 +12,10 @@ from dga_jax import strict
 from dga_jax.errors import ConfigError
 from dga_jax.model.config import ModelConfig, RopeScaling
 
-SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM",)
+SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+# Each architecture's model_type. A Mistral without a sliding window (7B v0.2 and later) is
+# LLaMA: the same weights, computed the same way (`_check_mistral`).
+_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 _HF_REQUIRED = (
     "vocab_size",
     "hidden_size",
@@ -31,18 +34,23 @@ SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN computes "swish" as SiLU 
 
 
 def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
-    """Maps the fields of a HF `LlamaConfig` dict; other architectures, and a missing,
+    """Maps the fields of a HF `LlamaConfig` dict (or a `MistralConfig` without a sliding
+    window: `_check_mistral`); other architectures, and a missing,
     unsupported or mistyped (null, a string for a number or a bool) field, raise a `ConfigError`
     naming the key."""
     if not isinstance(hf, dict):
         raise ConfigError(f"a HF config must be a JSON object, got {type(hf).__name__}")
     archs = strict.check("architectures", hf.get("architectures"), tuple[str, ...] | None)
-    archs = archs or ("LlamaForCausalLM",)
-    if hf.get("model_type", "llama") != "llama" or archs[0] not in SUPPORTED_HF_ARCHITECTURES:
+    model_type = hf.get("model_type", "llama")
+    by_type = {kind: arch for arch, kind in _MODEL_TYPES.items()}
+    archs = archs or (by_type.get(model_type, "LlamaForCausalLM"),)  # absent: model_type's
+    if archs[0] not in SUPPORTED_HF_ARCHITECTURES or _MODEL_TYPES[archs[0]] != model_type:
         raise ConfigError(
             f"unsupported architecture {archs} (model_type "
             f"{hf.get('model_type')!r}); supported: {SUPPORTED_HF_ARCHITECTURES}"
         )
+    if model_type == "mistral":
+        _check_mistral(hf)
     _check_llama_variant(hf)
     _require(hf, _HF_REQUIRED, "")
     for key in _HF_REQUIRED:
@@ -67,6 +75,18 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
         tie_embeddings=_hf_value(hf, "tie_word_embeddings", bool | None, False) or False,
         **_hf_token_ids(hf),
     )
+
+
+def _check_mistral(hf: dict[str, Any]) -> None:
+    """A Mistral config computes as LLaMA only without a sliding window (its default is 4096:
+    the key must be there, null), and with its own max_position_embeddings (the defaults
+    differ, so the key must be there too)."""
+    if hf.get("sliding_window", 4096) is not None:
+        raise ConfigError(
+            f"unsupported sliding_window {hf.get('sliding_window', '(absent: 4096)')!r}: a "
+            "Mistral model is read only without one (sliding_window null, as 7B v0.2 and later)"
+        )
+    _require(hf, ("max_position_embeddings",), "")
 
 
 def _check_llama_variant(hf: dict[str, Any]) -> None:

@@ -225,9 +225,9 @@ def test_a_non_float_tensor_is_rejected(hf_copy, tmp_path):
 
 def test_an_unsupported_architecture_is_rejected(hf_copy, tmp_path):
     config = json.loads((hf_copy / "config.json").read_text())
-    config.update(architectures=["MistralForCausalLM"], model_type="mistral")
+    config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
     (hf_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unsupported architecture.*MistralForCausalLM"):
+    with pytest.raises(ValueError, match="unsupported architecture.*Qwen2ForCausalLM"):
         to_orbax(hf_copy, tmp_path / "orbax")
 
 

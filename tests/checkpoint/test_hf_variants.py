@@ -69,7 +69,6 @@ def _hf_config(config_class: str, **overrides) -> dict:
 @pytest.mark.parametrize(
     "config_class, overrides",
     [
-        ("MistralConfig", dict(sliding_window=32)),
         ("Qwen2Config", {}),
         ("GemmaConfig", dict(head_dim=16)),
         ("Phi3Config", dict(pad_token_id=0)),
@@ -164,3 +163,22 @@ def test_invalid_generation_config_json_names_the_file_once(tmp_path):
     path = re.escape(str(tmp_path / "generation_config.json"))
     with pytest.raises(InputError, match=rf"^{path} is not valid JSON"):
         read_hf_config(tmp_path)
+
+
+def test_a_mistral_without_a_sliding_window_gives_transformers_logits(tmp_path):
+    # Mistral 7B v0.2 and later: LLaMA's weights and computation (it was refused).
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(**_DEFAULTS, num_key_value_heads=2, sliding_window=None)
+    model = transformers.MistralForCausalLM(config).eval()
+    to_orbax(save_sharded(model, tmp_path / "hf"), tmp_path / "orbax")
+    tokens = random_tokens(seq_len=16)
+    diff = np.max(np.abs(_logits(tmp_path / "orbax", tokens) - hf_logits(model, tokens)))
+    assert diff <= LOGIT_ATOL
+
+
+@pytest.mark.parametrize("window", [{"sliding_window": 32}, {}], ids=["32", "absent"])
+def test_a_mistral_with_a_sliding_window_is_refused_naming_it(window):
+    hf = _hf_config("MistralConfig", sliding_window=None)
+    hf.pop("sliding_window")
+    with pytest.raises(ConfigError, match="unsupported sliding_window"):
+        ModelConfig.from_hf({**hf, **window})

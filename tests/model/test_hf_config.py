@@ -57,9 +57,9 @@ def test_hf_config_round_trip(tmp_path, rope):
 def test_unsupported_hf_architecture_is_rejected():
     hf = config_to_hf(ModelConfig.preset("tiny"))
     with pytest.raises(ValueError, match="unsupported architecture"):
-        ModelConfig.from_hf(
-            {**hf, "architectures": ["MistralForCausalLM"], "model_type": "mistral"}
-        )
+        ModelConfig.from_hf({**hf, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"})
+    with pytest.raises(ValueError, match="unsupported architecture"):  # the pair must agree
+        ModelConfig.from_hf({**hf, "model_type": "mistral"})
     with pytest.raises(ValueError, match=r"^unsupported rope_scaling\.rope_type 'yarn'"):
         ModelConfig.from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
 
