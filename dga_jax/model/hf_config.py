@@ -16,6 +16,7 @@ SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 # Each architecture's model_type. A Mistral without a sliding window (7B v0.2 and later) is
 # LLaMA: the same weights, computed the same way (`_check_mistral`).
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+_ARCHITECTURES = {kind: arch for arch, kind in _MODEL_TYPES.items()}  # absent architectures
 _HF_REQUIRED = (
     "vocab_size",
     "hidden_size",
@@ -42,8 +43,7 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
         raise ConfigError(f"a HF config must be a JSON object, got {type(hf).__name__}")
     archs = strict.check("architectures", hf.get("architectures"), tuple[str, ...] | None)
     model_type = hf.get("model_type", "llama")
-    by_type = {kind: arch for arch, kind in _MODEL_TYPES.items()}
-    archs = archs or (by_type.get(model_type, "LlamaForCausalLM"),)  # absent: model_type's
+    archs = archs or (_ARCHITECTURES.get(model_type, "LlamaForCausalLM"),)
     if archs[0] not in SUPPORTED_HF_ARCHITECTURES or _MODEL_TYPES[archs[0]] != model_type:
         raise ConfigError(
             f"unsupported architecture {archs} (model_type "
