@@ -116,7 +116,8 @@ def check_mesh_fits(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     """A `ConfigError` naming the keys unless `mesh` evenly splits what `DEFAULT_RULES` put on
     it: each micro-batch's rows, the sequence (2 pieces per device in zig-zag order), the
     model's weights, the KV heads `config.mesh.context_parallel` needs, and each device's
-    tokens into `config.train.loss_chunks` slices. The baselines (`BASELINE_KINDS`) attend whole
+    tokens into `config.train.loss_chunks` slices; dense attention over a sequence the "dga"
+    strategy splits must run "blockwise". The baselines (`BASELINE_KINDS`) attend whole
     sequences: they refuse a split one."""
     _check_whole_sequences(config, mesh)
     accum, rows = config.train.grad_accum_steps, config.train.global_batch_size
@@ -152,9 +153,30 @@ def check_mesh_fits(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
         kv_heads = config.model.num_kv_heads // shard_count(heads)
         try:
-            choose_strategy(config.mesh.context_parallel, kv_heads, config.data.seq_len, seq)
+            strategy = choose_strategy(
+                config.mesh.context_parallel, kv_heads, config.data.seq_len, seq
+            )
         except ValueError as error:
             raise ConfigError(f"config.mesh.context_parallel: {error}") from error
+        parts = shard_count(seq)
+    if parts > 1 and strategy == "dga":
+        _check_split_dense(config, ulysses_fits=kv_heads % parts == 0)
+
+
+def _check_split_dense(config: TrainConfig, ulysses_fits: bool) -> None:
+    """Dense attention over a sequence the "dga" strategy splits runs "blockwise" only
+    (`dense_attention`): another attention_impl would fail inside tracing."""
+    impl, strategy = config.model.attention_impl, config.mesh.context_parallel
+    if config.model.attention != "dense" or impl in (None, "blockwise"):
+        return
+    how = f"config.mesh.context_parallel={strategy!r}"
+    how += "" if strategy == "dga" else " (which resolved to 'dga')"
+    fix = "config.model.overrides.attention_impl='blockwise' (or None)"
+    fix += ", or config.mesh.context_parallel='ulysses'" if ulysses_fits else ""
+    raise ConfigError(
+        f"config.model.overrides.attention_impl={impl!r}: dense attention over a sequence split "
+        f"by {how} runs 'blockwise' only; set {fix}"
+    )
 
 
 def _check_whole_sequences(config: TrainConfig, mesh: jax.sharding.Mesh) -> None:

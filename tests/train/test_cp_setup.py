@@ -105,6 +105,45 @@ def test_zigzag_loss_chunks_need_only_divide_each_device_share():
         check_mesh_fits(config(**zigzag, train=dict(loss_chunks=64)), mesh)
 
 
+@pytest.mark.parametrize(
+    ("mesh", "strategy", "match"),
+    [
+        (
+            (1, 1, 2, 1),
+            "dga",
+            r"split by config\.mesh\.context_parallel='dga' runs 'blockwise' only.*"
+            r"or config\.mesh\.context_parallel='ulysses'$",
+        ),
+        (
+            (1, 1, 4, 1),
+            "auto",
+            r"split by config\.mesh\.context_parallel='auto' \(which resolved to 'dga'\) "
+            r"runs 'blockwise' only; set "
+            r"config\.model\.overrides\.attention_impl='blockwise' \(or None\)$",
+        ),
+    ],
+)
+def test_dense_over_a_dga_split_must_run_blockwise(mesh, strategy, match):
+    # Dense attention under the "dga" strategy all-gathers K and V and runs "blockwise": with
+    # attention_impl "xla" the train step failed while tracing, naming no config key.
+    base = config(data=dict(seq_len=64), mesh=dict(context_parallel=strategy))
+    dense = base.model.replace(attention="dense", attention_impl="xla")
+    abstract = jax.sharding.AbstractMesh(mesh, MESH_AXES)
+    head = r"^config\.model\.overrides\.attention_impl='xla': dense attention over a sequence "
+    with pytest.raises(ConfigError, match=head + match):
+        check_mesh_fits(dataclasses.replace(base, model=dense), abstract)
+    # Blockwise (or the library's choice) splits; so does "ulysses", which keeps sequences whole.
+    for impl in ("blockwise", None):
+        check_mesh_fits(
+            dataclasses.replace(base, model=dense.replace(attention_impl=impl)), abstract
+        )
+    ulysses = dataclasses.replace(base.mesh, context_parallel="ulysses")
+    check_mesh_fits(
+        dataclasses.replace(base, model=dense, mesh=ulysses),
+        jax.sharding.AbstractMesh((1, 1, 2, 1), MESH_AXES),
+    )
+
+
 MAKE_SETUP = textwrap.dedent(
     """
     import pytest
