@@ -35,6 +35,11 @@ ADDED_KEYS = {
     "data.add_eos": True,
     "train.loss_chunks": 1,
     "model.scan_layers": True,
+    "model.qkv_bias": False,
+    "model.o_bias": False,
+    "model.rope_scaling.beta_fast": 32.0,
+    "model.rope_scaling.beta_slow": 1.0,
+    "model.rope_scaling.truncate": True,
 }
 
 

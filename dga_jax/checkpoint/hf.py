@@ -53,12 +53,14 @@ class Weight:
 
     A Linear weight (`in_dims` > 0) is [out, in] in HF and [*in, *out] here, its first `in_dims`
     axes being the input ones: q [d, H, hd] <- q_proj [H*hd, d] (in_dims=1) and
-    o [H, hd, d] <- o_proj [d, H*hd] (in_dims=2). Other weights are stored as they are.
+    o [H, hd, d] <- o_proj [d, H*hd] (in_dims=2). A `flat` one (a bias) is one axis in HF:
+    q_bias [H, hd] <- q_proj.bias [H*hd]. Other weights are stored as they are.
     """
 
     hf: str
     path: Path
     in_dims: int = 0
+    flat: bool = False
 
     @property
     def stacked(self) -> bool:
@@ -77,6 +79,8 @@ class Weight:
 
     def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """HF's shape for one of our (per-layer) shapes."""
+        if self.flat:
+            return (math.prod(shape),)
         if not self.in_dims:
             return tuple(shape)
         return (math.prod(shape[self.in_dims :]), math.prod(shape[: self.in_dims]))
@@ -86,7 +90,9 @@ class Weight:
         return tensor.T.reshape(shape) if self.in_dims else tensor.reshape(shape)
 
     def to_hf(self, array: np.ndarray) -> np.ndarray:
-        """Ours [*in, *out] -> HF [out, in]."""
+        """Ours [*in, *out] -> HF [out, in] (flat: one axis)."""
+        if self.flat:
+            return array.reshape(-1)
         if not self.in_dims:
             return array
         return array.reshape(math.prod(array.shape[: self.in_dims]), -1).T
@@ -106,12 +112,19 @@ _WEIGHTS = (
     Weight(_LAYER + "mlp.down_proj.weight", ("layers", "mlp", "down"), 1),
     Weight("model.norm.weight", ("norm", "weight")),
 )
+_QKV_BIASES = tuple(
+    Weight(_LAYER + f"self_attn.{name}_proj.bias", ("layers", "attn", f"{name}_bias"), flat=True)
+    for name in "qkv"
+)
+_O_BIAS = Weight(_LAYER + "self_attn.o_proj.bias", ("layers", "attn", "o_bias"))
 _LM_HEAD = Weight("lm_head.weight", ("lm_head",), 1)
 
 
 def weights(config: ModelConfig) -> tuple[Weight, ...]:
-    """Every weight of a model with this config; `lm_head` only when it is not tied."""
-    return _WEIGHTS if config.tie_embeddings else (*_WEIGHTS, _LM_HEAD)
+    """Every weight of a model with this config: the attention biases it has (`qkv_bias`,
+    `o_bias`), `lm_head` only when it is not tied."""
+    biases = _QKV_BIASES * config.qkv_bias + (_O_BIAS,) * config.o_bias
+    return (*_WEIGHTS, *biases) + ((_LM_HEAD,) if not config.tie_embeddings else ())
 
 
 def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:

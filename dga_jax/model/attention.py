@@ -48,6 +48,13 @@ class DGAttention(nnx.Module):
         self.k = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), rules, dtype)
         self.v = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), rules, dtype)
         self.o = param(rngs, (h, hd, d), ("heads", "head_dim", "embed"), rules, dtype)
+        zeros = nnx.initializers.zeros
+        if config.qkv_bias:
+            self.q_bias = param(rngs, (h, hd), ("heads", "head_dim"), rules, dtype, zeros)
+            self.k_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), rules, dtype, zeros)
+            self.v_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), rules, dtype, zeros)
+        if config.o_bias:
+            self.o_bias = param(rngs, (d,), ("norm",), rules, dtype, zeros)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """x: [B, T, D], positions: [B, T] or [T] (every row's) -> [B, T, D].
@@ -154,16 +161,23 @@ class DGAttention(nnx.Module):
         q = project(x, self.q[...].astype(dtype), 1)  # [B, T, H, K]
         k = project(x, self.k[...].astype(dtype), 1)  # [B, T, Hkv, K]
         v = project(x, self.v[...].astype(dtype), 1)
+        if self.config.qkv_bias:
+            q, k, v = (
+                y + b[...].astype(dtype)
+                for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias))
+            )
         return q, k, v
 
     def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
-        config = self.config
-        inv_freq = rope_frequencies(config.head_dim, config.rope_theta, config.rope_scaling)
-        return apply_rope(x, positions, inv_freq)
+        config, scaling = self.config, self.config.rope_scaling
+        inv_freq = rope_frequencies(config.head_dim, config.rope_theta, scaling)
+        return apply_rope(x, positions, inv_freq, scaling.attention_scaling)
 
     def _project(self, out: jax.Array) -> jax.Array:
         """[B, T, H, K] -> [B, T, D]."""
-        return project(out, self.o[...].astype(self.config.compute_dtype), 2)
+        dtype = self.config.compute_dtype
+        out = project(out, self.o[...].astype(dtype), 2)
+        return out + self.o_bias[...].astype(dtype) if self.config.o_bias else out
 
     def _sink_attend(self, q, k, v, q_far, k_far) -> jax.Array:
         self._check_whole_sequences()

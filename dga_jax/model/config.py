@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from dga_jax import strict
 from dga_jax.errors import ConfigError
+from dga_jax.model.rope_scaling import RopeScaling
 from dga_jax.ops.dense import DENSE_IMPLEMENTATIONS
 from dga_jax.ops.dga.api import IMPLEMENTATIONS as DGA_IMPLEMENTATIONS
 from dga_jax.ops.dga.backends import INTERVAL_IMPLEMENTATIONS
@@ -37,7 +38,6 @@ ATTENTION_IMPLS = {
     "lm_infinite": INTERVAL_IMPLEMENTATIONS,
     "minference": ("xla",),
 }
-ROPE_KINDS = ("none", "linear", "llama3")
 REMAT_POLICIES = ("none", "full", "save_dots", "save_dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
 # The fields that fix the parameters' shapes: checkpoints of a model agree on all of them.
@@ -50,46 +50,9 @@ ARCHITECTURE_FIELDS = (
     "head_dim",
     "intermediate_size",
     "tie_embeddings",
+    "qkv_bias",
+    "o_bias",
 )
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """RoPE frequency scaling: none, linear (positions / factor) or llama3 (per-band)."""
-
-    kind: str = "none"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position: int = 8192
-
-    def __post_init__(self):
-        if self.kind not in ROPE_KINDS:
-            raise ValueError(f"rope_scaling.kind must be one of {ROPE_KINDS}, got {self.kind!r}")
-        if not self.factor > 0:  # NaN too: NaN logits otherwise
-            raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
-        if self.kind == "llama3":
-            self._check_llama3_bands()
-
-    def _check_llama3_bands(self) -> None:
-        """llama3's bands divide by low_freq_factor, high - low and original_max_position
-        (transformers requires high > low too)."""
-        if not self.low_freq_factor > 0:
-            raise ValueError(
-                f"rope_scaling.low_freq_factor must be > 0, got {self.low_freq_factor}"
-            )
-        if not self.high_freq_factor > self.low_freq_factor:
-            raise ValueError(
-                f"rope_scaling.high_freq_factor={self.high_freq_factor} must be greater than "
-                f"rope_scaling.low_freq_factor={self.low_freq_factor}"
-            )
-        if isinstance(self.original_max_position, bool) or not (
-            isinstance(self.original_max_position, int) and self.original_max_position >= 1
-        ):
-            raise ValueError(
-                "rope_scaling.original_max_position must be a positive int, "
-                f"got {self.original_max_position!r}"
-            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +71,10 @@ class ModelConfig:
     rope_scaling: RopeScaling = RopeScaling()
     max_position: int = 4096
     tie_embeddings: bool = False
+    # Biases on the q, k, v projections (Qwen2's) and on the output one (with them: LLaMA's
+    # attention_bias); LLaMA itself has none.
+    qkv_bias: bool = False
+    o_bias: bool = False
     dtype: str = "float32"  # compute
     param_dtype: str = "float32"
     attention: str = "dense"
@@ -268,7 +235,7 @@ def _is_int(value: Any) -> bool:
 def _check_numbers(config: ModelConfig) -> None:
     """RoPE's base and RMSNorm's epsilon, which would make NaN logits, the bools (a "false"
     would be true), and the token ids, which must keep the config hashable."""
-    for name in ("tie_embeddings", "scan_layers"):
+    for name in ("tie_embeddings", "qkv_bias", "o_bias", "scan_layers"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"model.{name} must be a bool, got {getattr(config, name)!r}")
     if not (_is_number(config.rope_theta) and config.rope_theta > 0):

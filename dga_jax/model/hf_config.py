@@ -10,12 +10,25 @@ from typing import Any
 
 from dga_jax import strict
 from dga_jax.errors import ConfigError
-from dga_jax.model.config import ModelConfig, RopeScaling
+from dga_jax.model.config import ModelConfig
+from dga_jax.model.hf_rope import (
+    hf_max_position,
+    hf_rope_scaling,
+    hf_rope_theta,
+    hf_value,
+    require,
+    rope_to_hf,
+)
 
-SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # Each architecture's model_type. A Mistral without a sliding window (7B v0.2 and later) is
-# LLaMA: the same weights, computed the same way (`_check_mistral`).
-_MODEL_TYPES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+# LLaMA: the same weights, computed the same way (`_check_mistral`); a Qwen2 without one is
+# LLaMA with biases on q, k and v (`_check_qwen2`).
+_MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
 _ARCHITECTURES = {kind: arch for arch, kind in _MODEL_TYPES.items()}  # absent architectures
 _HF_REQUIRED = (
     "vocab_size",
@@ -24,19 +37,13 @@ _HF_REQUIRED = (
     "num_attention_heads",
     "intermediate_size",
 )
-_HF_LLAMA3_ROPE = (
-    "factor",
-    "low_freq_factor",
-    "high_freq_factor",
-    "original_max_position_embeddings",
-)
 
 SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN computes "swish" as SiLU too
 
 
 def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
-    """Maps the fields of a HF `LlamaConfig` dict (or a `MistralConfig` without a sliding
-    window: `_check_mistral`); other architectures, and a missing,
+    """Maps the fields of a HF `LlamaConfig` dict (or a `MistralConfig` or `Qwen2Config`
+    without a sliding window: `_check_mistral`, `_check_qwen2`); other architectures, and a missing,
     unsupported or mistyped (null, a string for a number or a bool) field, raise a `ConfigError`
     naming the key."""
     if not isinstance(hf, dict):
@@ -52,13 +59,15 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
     if model_type == "mistral":
         _check_mistral(hf)
     _check_llama_variant(hf)
-    _require(hf, _HF_REQUIRED, "")
+    require(hf, _HF_REQUIRED, "")
     for key in _HF_REQUIRED:
         strict.check(key, hf[key], int)
+    if model_type == "qwen2":
+        _check_qwen2(hf)
     heads = hf["num_attention_heads"]
     # null num_key_value_heads / head_dim: transformers' defaults, as when absent
-    kv_heads = _hf_value(hf, "num_key_value_heads", int | None)
-    head_dim = _hf_value(hf, "head_dim", int | None)
+    kv_heads = hf_value(hf, "num_key_value_heads", int | None)
+    head_dim = hf_value(hf, "head_dim", int | None)
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
@@ -67,12 +76,12 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
         num_kv_heads=heads if kv_heads is None else kv_heads,
         head_dim=hf["hidden_size"] // heads if head_dim is None else head_dim,
         intermediate_size=hf["intermediate_size"],
-        norm_eps=_hf_value(hf, "rms_norm_eps", float, 1e-6),
-        rope_theta=_hf_rope_theta(hf),
-        rope_scaling=_hf_rope_scaling(hf),
-        # transformers' LlamaConfig's default
-        max_position=_hf_value(hf, "max_position_embeddings", int, 2048),
-        tie_embeddings=_hf_value(hf, "tie_word_embeddings", bool | None, False) or False,
+        norm_eps=hf_value(hf, "rms_norm_eps", float, 1e-6),
+        rope_theta=hf_rope_theta(hf),
+        rope_scaling=hf_rope_scaling(hf),
+        max_position=hf_max_position(hf),
+        tie_embeddings=hf_value(hf, "tie_word_embeddings", bool | None, False) or False,
+        **_hf_biases(hf, model_type),
         **_hf_token_ids(hf),
     )
 
@@ -86,15 +95,53 @@ def _check_mistral(hf: dict[str, Any]) -> None:
             f"unsupported sliding_window {hf.get('sliding_window', '(absent: 4096)')!r}: a "
             "Mistral model is read only without one (sliding_window null, as 7B v0.2 and later)"
         )
-    _require(hf, ("max_position_embeddings",), "")
+    require(hf, ("max_position_embeddings",), "")
+
+
+def _check_qwen2(hf: dict[str, Any]) -> None:
+    """A Qwen2 config computes as LLaMA (with q, k, v biases) only where no layer slides a
+    window: transformers' `layer_types`, or, where absent, layers from max_window_layers on if
+    use_sliding_window and sliding_window are set. Its defaults of num_key_value_heads and
+    max_position_embeddings differ from LLaMA's: the keys must be there."""
+    require(hf, ("num_key_value_heads", "max_position_embeddings"), "")
+    layer_types = strict.check("layer_types", hf.get("layer_types"), tuple[str, ...] | None)
+    if layer_types is None:
+        sliding = hf_value(hf, "use_sliding_window", bool | None, False) and (
+            hf.get("sliding_window", 4096) is not None
+            and hf_value(hf, "max_window_layers", int, 28) < hf["num_hidden_layers"]
+        )
+        source = (
+            f"use_sliding_window=true, sliding_window={hf.get('sliding_window', 4096)}, in "
+            f"layers from max_window_layers={hf.get('max_window_layers', 28)}"
+        )
+    else:
+        sliding = any(kind != "full_attention" for kind in layer_types)
+        source = f"layer_types={list(layer_types)}"
+    if sliding:
+        raise ConfigError(
+            f"unsupported sliding-window layers ({source}): a Qwen2 model is read only "
+            "with full attention in every layer (use_sliding_window false, as Qwen2 and "
+            "Qwen2.5 ship)"
+        )
+
+
+def _hf_biases(hf: dict[str, Any], model_type: str) -> dict[str, bool]:
+    """ModelConfig's qkv_bias and o_bias: Qwen2's q, k, v always have biases; LLaMA's
+    attention_bias puts one on all four projections; Mistral has none."""
+    if model_type == "qwen2":
+        return {"qkv_bias": True, "o_bias": False}
+    bias = model_type == "llama" and bool(hf_value(hf, "attention_bias", bool | None, False))
+    return {"qkv_bias": bias, "o_bias": bias}
 
 
 def _check_llama_variant(hf: dict[str, Any]) -> None:
-    """A `ConfigError` naming the key of a LLaMA variant our model does not compute: biases,
-    another activation, quantized weights (whose tensors are not the float weights we read)."""
-    for key in ("attention_bias", "mlp_bias"):
-        if hf.get(key):
-            raise ConfigError(f"unsupported LLaMA variant: {key}={hf[key]!r} (no biases here)")
+    """A `ConfigError` naming the key of a LLaMA variant our model does not compute: MLP
+    biases, another activation, quantized weights (whose tensors are not the float weights we
+    read)."""
+    if hf.get("mlp_bias"):
+        raise ConfigError(
+            f"unsupported LLaMA variant: mlp_bias={hf['mlp_bias']!r} (no MLP biases here)"
+        )
     if hf.get("hidden_act", "silu") not in SILU_NAMES:
         raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r}; LLaMA uses 'silu'")
     quantization = hf.get("quantization_config")
@@ -104,60 +151,6 @@ def _check_llama_variant(hf: dict[str, Any]) -> None:
             f"unsupported quantization_config (quant_method {method!r}): quantized checkpoints "
             "are not read; convert one stored in float32, bfloat16 or float16"
         )
-
-
-def _hf_value(
-    values: dict[str, Any], key: str, kind: Any, default: Any = None, prefix: str = ""
-) -> Any:
-    """values[key] (`default` where absent) as the type `kind`: a `ConfigError` naming the HF key
-    (under `prefix`) for a wrong one, e.g. null or a string ("false" would be a true bool)."""
-    return strict.check(prefix + key, values.get(key, default), kind)
-
-
-def _hf_rope_section(hf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """The RoPE section transformers reads, and its name: a non-empty `rope_scaling` (4.x's
-    name), else `rope_parameters` (>= 5, which nests rope_theta there too)."""
-    section = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
-    return section, _hf_value(hf, section, dict[str, Any] | None) or {}
-
-
-def _hf_rope_theta(hf: dict[str, Any]) -> float:
-    """The RoPE section's rope_theta, else the top-level one, else 10000 (transformers' order)."""
-    section, rope = _hf_rope_section(hf)
-    if "rope_theta" in rope:
-        return _hf_value(rope, "rope_theta", float, prefix=section + ".")
-    return _hf_value(hf, "rope_theta", float, 10000.0)
-
-
-def _require(values: dict[str, Any], keys: tuple[str, ...], prefix: str) -> None:
-    """A `ConfigError` naming the `keys` missing from (the `prefix` section of) a HF config."""
-    missing = [prefix + key for key in keys if key not in values]
-    if missing:
-        raise ConfigError(f"HF config key(s) {missing} missing")
-
-
-def _hf_rope_scaling(hf: dict[str, Any]) -> RopeScaling:
-    section, scaling = _hf_rope_section(hf)
-    type_key = "rope_type" if "rope_type" in scaling else "type"
-    kind = scaling.get(type_key, "default")
-    if kind == "default":
-        return RopeScaling()
-    prefix = section + "."
-    if kind == "linear":
-        _require(scaling, ("factor",), prefix)
-        return RopeScaling("linear", _hf_value(scaling, "factor", float, prefix=prefix))
-    if kind == "llama3":
-        _require(scaling, _HF_LLAMA3_ROPE, prefix)
-        return RopeScaling(
-            "llama3",
-            _hf_value(scaling, "factor", float, prefix=prefix),
-            _hf_value(scaling, "low_freq_factor", float, prefix=prefix),
-            _hf_value(scaling, "high_freq_factor", float, prefix=prefix),
-            _hf_value(scaling, "original_max_position_embeddings", int, prefix=prefix),
-        )
-    raise ConfigError(
-        f"unsupported {prefix}{type_key} {kind!r}; supported: default, linear, llama3"
-    )
 
 
 def _hf_token_ids(hf: dict[str, Any]) -> dict[str, Any]:
@@ -192,21 +185,8 @@ def with_generation_token_ids(config: ModelConfig, generation: dict[str, Any]) -
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     """The HF `config.json` fields of a config (for export); unset token ids are left out, so
     transformers' own defaults apply as they did to a source config without them."""
-    scaling = config.rope_scaling
-    rope = None
-    if scaling.kind == "linear":
-        rope = {"rope_type": "linear", "factor": scaling.factor}
-    elif scaling.kind == "llama3":
-        rope = {
-            "rope_type": "llama3",
-            "factor": scaling.factor,
-            "low_freq_factor": scaling.low_freq_factor,
-            "high_freq_factor": scaling.high_freq_factor,
-            "original_max_position_embeddings": scaling.original_max_position,
-        }
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        **_architecture_to_hf(config),
         "vocab_size": config.vocab_size,
         "hidden_size": config.d_model,
         "num_hidden_layers": config.num_layers,
@@ -216,15 +196,28 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "intermediate_size": config.intermediate_size,
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
-        "rope_scaling": rope,
+        "rope_scaling": rope_to_hf(config.rope_scaling),
         "max_position_embeddings": config.max_position,
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
         "torch_dtype": config.param_dtype,
         **hf_token_ids(config),
     }
+
+
+def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """A config with biases on q, k, v alone is a Qwen2 (without sliding windows), one without
+    or with all four LLaMA (attention_bias); an output bias alone has no HF architecture."""
+    if config.qkv_bias and not config.o_bias:
+        qwen2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
+        return {**qwen2, "use_sliding_window": False}
+    if config.o_bias and not config.qkv_bias:
+        raise ConfigError(
+            "model.o_bias without model.qkv_bias has no Hugging Face architecture to export to "
+            "(LLaMA's attention_bias sets both, Qwen2 has q, k, v biases only)"
+        )
+    llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    return {**llama, "attention_bias": config.qkv_bias, "mlp_bias": False}
 
 
 def hf_token_ids(config: ModelConfig) -> dict[str, Any]:

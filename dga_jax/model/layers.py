@@ -106,30 +106,72 @@ _project.defvjp(_project_fwd, _project_bwd)
 
 
 def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:
-    """Inverse frequencies [head_dim / 2], with HF's linear and llama3 scaling rules."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    """Inverse frequencies [head_dim / 2], with transformers' linear, llama3 and yarn rules
+    (yarn also scales cos and sin: `RopeScaling.attention_scaling`, which `apply_rope` takes)."""
+    powers = theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    inv_freq = 1.0 / powers
     if scaling.kind == "linear":
         return inv_freq / scaling.factor
     if scaling.kind == "llama3":
-        low_wavelen = scaling.original_max_position / scaling.low_freq_factor
-        high_wavelen = scaling.original_max_position / scaling.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
-        smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
-            scaling.high_freq_factor - scaling.low_freq_factor
-        )
-        smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
-        return jnp.where(medium, smoothed, scaled)
+        return _llama3_frequencies(inv_freq, scaling)
+    if scaling.kind == "yarn":
+        return _yarn_frequencies(powers, head_dim, theta, scaling)
     return inv_freq
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half RoPE. x: [B, T, H, D], positions: [B, T] -> [B, T, H, D] in x's dtype."""
+def _llama3_frequencies(inv_freq: jax.Array, scaling: RopeScaling) -> jax.Array:
+    """Long wavelengths divided by factor, short ones kept, the band between smoothed."""
+    low_wavelen = scaling.original_max_position / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def _yarn_frequencies(
+    powers: jax.Array, head_dim: int, theta: float, scaling: RopeScaling
+) -> jax.Array:
+    """YaRN's frequencies from theta ** (2i / head_dim) [head_dim / 2] (transformers'
+    `_compute_yarn_parameters`): dims below the band kept (extrapolated), dims above it divided
+    by factor (interpolated), a linear ramp between."""
+    low, high = _yarn_band(head_dim, theta, scaling)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    ramp = jnp.clip((jnp.arange(head_dim // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+    extrapolated = 1 - ramp  # the share of each dim's frequency kept as it was
+    interpolation, extrapolation = 1.0 / (scaling.factor * powers), 1.0 / powers
+    return interpolation * (1 - extrapolated) + extrapolation * extrapolated
+
+
+def _yarn_band(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[float, float]:
+    """The dims at which a frequency turns beta_fast and beta_slow times over
+    original_max_position: the ramp's ends, rounded out to whole dims if `truncate`, clipped to
+    [0, head_dim - 1] as transformers clips them."""
+
+    def dim_of(rotations: float) -> float:
+        wavelength = scaling.original_max_position / (rotations * 2 * math.pi)
+        return head_dim * math.log(wavelength) / (2 * math.log(theta))
+
+    low, high = dim_of(scaling.beta_fast), dim_of(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    return max(low, 0), min(high, head_dim - 1)
+
+
+def apply_rope(
+    x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0
+) -> jax.Array:
+    """Rotate-half RoPE, cos and sin times `scale` (`RopeScaling.attention_scaling`).
+    x: [B, T, H, D], positions: [B, T] -> [B, T, H, D] in x's dtype."""
     freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
 
     def both_halves(f):  # [B, T, D/2] -> [B, T, 1, D]: each angle evaluated once, used twice
-        y = f(freqs).astype(x.dtype)
+        y = (f(freqs) * scale).astype(x.dtype)
         return jnp.concatenate([y, y], axis=-1)[:, :, None, :]
 
     cos, sin = both_halves(jnp.cos), both_halves(jnp.sin)

@@ -24,11 +24,28 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
+# YaRN as Yarn-Llama-2 sets it (factor = max_position_embeddings / original); the test length is
+# past original_max_position_embeddings, so the ramp and the attention factor both matter.
+YARN_ROPE = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32}
 CASES = {
     "mha": dict(num_key_value_heads=4),
     "gqa": dict(num_key_value_heads=2),
     "linear_rope": dict(num_key_value_heads=2, rope_scaling={"rope_type": "linear", "factor": 2.0}),
     "llama3_rope": dict(num_key_value_heads=2, rope_scaling=LLAMA3_ROPE, rope_theta=50000.0),
+    "yarn_rope": dict(num_key_value_heads=2, rope_scaling=YARN_ROPE),
+    "yarn_rope_attention_factor": dict(
+        num_key_value_heads=2,
+        rope_scaling={**YARN_ROPE, "factor": 4.0, "attention_factor": 0.8, "beta_fast": 16.0},
+    ),
+    # DeepSeek's form: the attention factor is the ratio of the two mscales' YaRN scales
+    "yarn_rope_mscale": dict(
+        num_key_value_heads=2,
+        rope_scaling={**YARN_ROPE, "mscale": 1.0, "mscale_all_dim": 0.5},
+        rope_theta=50000.0,
+    ),
+    "yarn_rope_no_truncate": dict(
+        num_key_value_heads=4, rope_scaling={**YARN_ROPE, "truncate": False}
+    ),
     "tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
     "untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
 }

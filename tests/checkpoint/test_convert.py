@@ -225,9 +225,9 @@ def test_a_non_float_tensor_is_rejected(hf_copy, tmp_path):
 
 def test_an_unsupported_architecture_is_rejected(hf_copy, tmp_path):
     config = json.loads((hf_copy / "config.json").read_text())
-    config.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    config.update(architectures=["GemmaForCausalLM"], model_type="gemma")
     (hf_copy / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="unsupported architecture.*Qwen2ForCausalLM"):
+    with pytest.raises(ValueError, match="unsupported architecture.*GemmaForCausalLM"):
         to_orbax(hf_copy, tmp_path / "orbax")
 
 
@@ -359,8 +359,11 @@ DAMAGE = {
         "rope_scaling.low_freq_factor",
     ),
     "heads_not_a_multiple": ("config.json", {"num_key_value_heads": 3}, "num_kv_heads=3"),
-    "yarn_rope": ("config.json", {"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn"),
-    "attention_bias": ("config.json", {"attention_bias": True}, "attention_bias"),
+    "dynamic_rope": (
+        "config.json",
+        {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
+        "dynamic",
+    ),
     "index_not_json": (INDEX_FILE, b"{ oops", "JSON"),
     "index_no_weight_map": (INDEX_FILE, {"weight_map": None}, "weight_map"),
     "truncated_shard": (SHARD, 100, "safetensors"),

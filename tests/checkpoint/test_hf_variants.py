@@ -69,7 +69,6 @@ def _hf_config(config_class: str, **overrides) -> dict:
 @pytest.mark.parametrize(
     "config_class, overrides",
     [
-        ("Qwen2Config", {}),
         ("GemmaConfig", dict(head_dim=16)),
         ("Phi3Config", dict(pad_token_id=0)),
     ],
@@ -84,7 +83,6 @@ def test_llama_lookalikes_are_refused_by_architecture(config_class, overrides):
     "rope",
     [
         {"rope_type": "dynamic", "factor": 2.0},
-        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
         {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
     ],
 )
@@ -115,10 +113,9 @@ def test_rope_theta_is_read_where_transformers_reads_it(changes):
     assert (config.rope_theta, config.rope_scaling.kind) == (expected["rope_theta"], "linear")
 
 
-@pytest.mark.parametrize("key", ["attention_bias", "mlp_bias"])
-def test_biases_are_refused_naming_the_key(key):
-    with pytest.raises(ConfigError, match=rf"^unsupported LLaMA variant: {key}=True"):
-        ModelConfig.from_hf(_hf_config("LlamaConfig", **{key: True}))
+def test_mlp_biases_are_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"^unsupported LLaMA variant: mlp_bias=True"):
+        ModelConfig.from_hf(_hf_config("LlamaConfig", mlp_bias=True))
 
 
 def test_a_quantized_checkpoint_is_refused_naming_quantization_config():

@@ -44,8 +44,22 @@ def test_generation_config_adds_its_token_ids():
 
 @pytest.mark.parametrize(
     "rope",
-    [RopeScaling(), RopeScaling("linear", 2.0), RopeScaling("llama3", 8.0, 1.0, 4.0, 8192)],
-    ids=["none", "linear", "llama3"],
+    [
+        RopeScaling(),
+        RopeScaling("linear", 2.0),
+        RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
+        RopeScaling("yarn", 16.0, original_max_position=4096),
+        RopeScaling(
+            "yarn",
+            4.0,
+            original_max_position=64,
+            beta_fast=8.0,
+            beta_slow=0.5,
+            attention_factor=0.9,
+            truncate=False,
+        ),
+    ],
+    ids=["none", "linear", "llama3", "yarn", "yarn_all_fields"],
 )
 def test_hf_config_round_trip(tmp_path, rope):
     config = ModelConfig.preset("tiny", rope_scaling=rope, tie_embeddings=True)
@@ -57,11 +71,11 @@ def test_hf_config_round_trip(tmp_path, rope):
 def test_unsupported_hf_architecture_is_rejected():
     hf = config_to_hf(ModelConfig.preset("tiny"))
     with pytest.raises(ValueError, match="unsupported architecture"):
-        ModelConfig.from_hf({**hf, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"})
+        ModelConfig.from_hf({**hf, "architectures": ["GemmaForCausalLM"], "model_type": "gemma"})
     with pytest.raises(ValueError, match="unsupported architecture"):  # the pair must agree
         ModelConfig.from_hf({**hf, "model_type": "mistral"})
-    with pytest.raises(ValueError, match=r"^unsupported rope_scaling\.rope_type 'yarn'"):
-        ModelConfig.from_hf({**hf, "rope_scaling": {"rope_type": "yarn", "factor": 2.0}})
+    with pytest.raises(ValueError, match=r"^unsupported rope_scaling\.rope_type 'dynamic'"):
+        ModelConfig.from_hf({**hf, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
 
 
 def test_transformers5_rope_parameters_are_read():

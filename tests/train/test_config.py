@@ -274,6 +274,15 @@ def test_a_checkpoint_from_before_loss_chunks_resumes_unchanged():
     assert resume_changes(stored, config, "the checkpoint") == []
 
 
+def test_a_checkpoint_from_before_attention_biases_and_yarn_resumes_unchanged():
+    # Such runs had no biases and no YaRN settings: the defaults, no change to report.
+    config = from_config_dict(load("tiny_dga"))
+    stored = flat_record(config)
+    for key in ("qkv_bias", "o_bias", "beta_fast", "beta_slow", "truncate"):
+        del stored[f"model.{key}" if "bias" in key else f"model.rope_scaling.{key}"]
+    assert resume_changes(stored, config, "the checkpoint") == []
+
+
 def test_batch_must_split_into_micro_batches():
     config = load("tiny_dga").to_dict()
     config["train"]["grad_accum_steps"] = 3

@@ -1,0 +1,172 @@
+"""Attention biases: Qwen2 checkpoints (q, k, v biases) and LLaMA's attention_bias (all four
+projections) load with transformers' logits, decode as they run whole, and export back."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from dga_jax import DGAConfig
+from dga_jax.checkpoint import load_config, load_model
+from dga_jax.errors import ConfigError
+from dga_jax.model.config import ModelConfig
+from dga_jax.model.hf_config import config_to_hf
+from tests.checkpoint.conftest import (
+    _DEFAULTS,
+    LOGIT_ATOL,
+    YARN_ROPE,
+    build_hf_model,
+    hf_logits,
+    random_tokens,
+    save_sharded,
+    to_hf,
+    to_orbax,
+)
+
+
+def _with_random_biases(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers initialises biases to zero: random ones make them matter."""
+    with torch.no_grad():
+        for name, weight in model.named_parameters():
+            if name.endswith("bias"):
+                weight.uniform_(-0.5, 0.5)
+    return model
+
+
+def _qwen2(**overrides) -> transformers.Qwen2ForCausalLM:
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(**{**_DEFAULTS, "num_key_value_heads": 2, **overrides})
+    return _with_random_biases(transformers.Qwen2ForCausalLM(config).eval())
+
+
+MODELS = {
+    "qwen2": lambda: _qwen2(),
+    # Qwen2.5's long-context form: YaRN, tied embeddings (its small sizes)
+    "qwen2_yarn_tied": lambda: _qwen2(rope_scaling=YARN_ROPE, tie_word_embeddings=True),
+    "llama_attention_bias": lambda: _with_random_biases(
+        build_hf_model(num_key_value_heads=2, attention_bias=True)
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """name -> (transformers model, Orbax checkpoint dir), built once per module."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            model = MODELS[name]()
+            to_orbax(save_sharded(model, root / "hf"), root / "orbax")
+            cache[name] = model, root / "orbax"
+        return cache[name]
+
+    return get
+
+
+def _logits(ckpt_dir, tokens: np.ndarray) -> np.ndarray:
+    return np.asarray(load_model(ckpt_dir, param_dtype="float32")(tokens))
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_biased_checkpoints_give_transformers_logits(converted, name):
+    model, ckpt = converted(name)
+    tokens = random_tokens()
+    diff = np.max(np.abs(_logits(ckpt, tokens) - hf_logits(model, tokens)))
+    assert diff <= LOGIT_ATOL
+
+
+def test_the_biases_matter_at_this_tolerance():
+    tokens, biased, zeroed = random_tokens(), _qwen2(), _qwen2()
+    with torch.no_grad():
+        for name, weight in zeroed.named_parameters():
+            if name.endswith(("k_proj.bias", "v_proj.bias")):
+                weight.zero_()
+    assert np.max(np.abs(hf_logits(zeroed, tokens) - hf_logits(biased, tokens))) > 100 * LOGIT_ATOL
+
+
+@pytest.mark.parametrize(
+    "name, architecture",
+    [("qwen2", "Qwen2ForCausalLM"), ("llama_attention_bias", "LlamaForCausalLM")],
+)
+def test_export_loads_in_transformers_as_its_architecture(converted, name, architecture, tmp_path):
+    model, ckpt = converted(name)
+    to_hf(ckpt, tmp_path / "hf")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(exported).__name__ == architecture
+    tokens = random_tokens()
+    np.testing.assert_array_equal(hf_logits(exported, tokens), hf_logits(model, tokens))
+
+
+def test_a_biased_model_decodes_as_it_runs_whole(converted):
+    _, ckpt = converted("qwen2")
+    # streaming selection: token-by-token decoding computes the same function
+    streaming = DGAConfig(4, 0.25, "streaming")
+    llama = load_model(ckpt, param_dtype="float32", attention="dga", dga=streaming)
+    tokens = jnp.asarray(random_tokens(seq_len=24))
+    whole = llama(tokens)
+    logits, caches = llama.prefill(tokens[:, :16], 24)
+    steps = [logits[:, -1]]
+    for t in range(16, 24):
+        step, caches = llama.decode_step(tokens[:, t], caches)
+        steps.append(step)
+    np.testing.assert_allclose(jnp.stack(steps, 1), whole[:, 15:], atol=LOGIT_ATOL)
+
+
+def _qwen2_config(**overrides) -> dict:
+    return transformers.Qwen2Config(
+        **{**_DEFAULTS, "num_key_value_heads": 2, **overrides}
+    ).to_dict()
+
+
+def test_qwen2_reads_as_llama_with_qkv_biases():
+    config = ModelConfig.from_hf(_qwen2_config())
+    assert (config.qkv_bias, config.o_bias) == (True, False)
+    assert config_to_hf(config)["model_type"] == "qwen2"
+
+
+@pytest.mark.parametrize(
+    "changes, match",
+    [
+        (
+            dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
+            "use_sliding_window",
+        ),
+        (dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+    ],
+)
+def test_a_qwen2_with_sliding_window_layers_is_refused_naming_them(changes, match):
+    hf = _qwen2_config()
+    hf.pop("layer_types")  # as configs written before transformers 4.53 have it
+    with pytest.raises(ConfigError, match=rf"unsupported sliding-window layers \({match}"):
+        ModelConfig.from_hf({**hf, **changes})
+
+
+def test_a_qwen2_whose_window_starts_past_its_layers_loads():
+    hf = {**_qwen2_config(), "use_sliding_window": True, "sliding_window": 16}
+    hf.pop("layer_types")
+    hf["max_window_layers"] = hf["num_hidden_layers"]
+    assert ModelConfig.from_hf(hf).qkv_bias
+
+
+@pytest.mark.parametrize("key", ["num_key_value_heads", "max_position_embeddings"])
+def test_qwen2_keys_whose_defaults_differ_from_llama_must_be_there(key):
+    hf = _qwen2_config()
+    hf.pop(key)
+    with pytest.raises(ConfigError, match=key):
+        ModelConfig.from_hf(hf)
+
+
+def test_an_output_bias_alone_has_no_architecture_to_export_to():
+    with pytest.raises(ConfigError, match="o_bias without model.qkv_bias"):
+        config_to_hf(ModelConfig.preset("tiny", o_bias=True))
+
+
+def test_a_checkpoint_stores_its_biases_flag(converted):
+    assert load_config(converted("llama_attention_bias")[1]).o_bias is True
+    assert jax.tree.leaves(load_model(converted("qwen2")[1]).layers.attn.q_bias)
