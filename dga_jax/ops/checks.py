@@ -125,9 +125,10 @@ def check_launch(block_sizes: BlockSizes, implementation: str) -> BlockSizes:
 
 
 def check_split(split, op: str) -> None:
-    """A `ContextSplit`'s part count must be its mesh axes' size (inside `jax.shard_map`);
-    `op` names the caller in the errors."""
-    if split.shards == 1:
+    """A `ContextSplit`'s part count must be its mesh axes' size (inside `jax.shard_map`; one
+    part naming an axis too: a split sequence taken as whole would be attended wrongly); `op`
+    names the caller in the errors."""
+    if not split.axis:
         return
     try:
         size = jax.lax.axis_size(split.axis)

@@ -38,8 +38,10 @@ class ContextSplit:
             object.__setattr__(self, "axis", names)
         if not is_int(self.shards) or self.shards < 1:
             raise ValueError(f"ContextSplit's shards must be an int >= 1, got {self.shards!r}")
-        if (self.shards > 1) != bool(names):
-            raise ValueError(f"ContextSplit needs a mesh axis iff shards > 1, got {self}")
+        # One part may name its axis (ContextSplit(axis, mesh.shape[axis]) on a size-1 axis):
+        # the sequence is whole, and the ops check the axis holds one device (`check_split`).
+        if self.shards > 1 and not names:
+            raise ValueError(f"ContextSplit over shards > 1 parts needs a mesh axis, got {self}")
         # A truthy string ("contiguous") would silently permute every position.
         if not isinstance(self.zigzag, bool | np.bool_):
             raise ValueError(f"ContextSplit's zigzag must be a bool, got {self.zigzag!r}")

@@ -51,8 +51,8 @@ def dense_attention(
     platform = placed_target(q, k, v).platform
     if not isinstance(split, ContextSplit):
         raise ValueError(f"split must be a dga_jax ContextSplit, got {split!r}")
+    check_split(split, "dense_attention")
     if split.shards > 1:
-        check_split(split, "dense_attention")
         if implementation not in (None, "blockwise"):
             raise ValueError(
                 f"dense attention over a split sequence runs 'blockwise', not {implementation!r}"

@@ -102,6 +102,17 @@ GRID = PRELUDE + textwrap.dedent(
 EQUALITY = PRELUDE + textwrap.dedent(
     """
     q, k, v = random_qkv(0, 2, 64, 4, 2, 8)
+    # One part naming an axis that splits the sequence would attend to each piece alone.
+    two = jax.make_mesh((2,), ("seq",), devices=jax.devices()[:2],
+                        axis_types=(jax.sharding.AxisType.Auto,))
+    whole = functools.partial(dga_jax.dga_attention, split=ContextSplit("seq", 1))
+    sharded = jax.shard_map(whole, mesh=two, in_specs=(P(None, "seq"),) * 3,
+                            out_specs=P(None, "seq"), check_vma=False)
+    try:
+        jax.jit(sharded)(q, k, v)
+        raise AssertionError("ContextSplit('seq', 1) over 2 devices ran")
+    except ValueError as error:
+        assert "says 1 parts, but mesh axes 'seq' hold 2 devices" in str(error), error
     # Other meshes: batch, sequence and heads split at once.
     for mesh in ((1, 1, 4, 2), (2, 1, 2, 2)):
         for selection in ("global", "streaming"):
@@ -413,21 +424,29 @@ def test_context_split_checks_its_fields():
     for axis in (3, ("seq", "seq"), ("seq", 1)):
         with pytest.raises(ValueError, match=r"ContextSplit's axis must be None, a mesh axis"):
             ContextSplit(axis, 2)
-    with pytest.raises(ValueError, match="needs a mesh axis iff shards > 1"):
+    with pytest.raises(ValueError, match="shards > 1 parts needs a mesh axis"):
         ContextSplit((), 2)
 
 
 @pytest.mark.parametrize(
-    ("axes", "match"),
-    [
-        (dict(batch="seq", seq="seq"), r"batch and seq both name mesh axis 'seq'"),
-        (dict(seq="tensor", heads="tensor"), r"seq and heads both name mesh axis 'tensor'"),
-        (dict(heads=("tensor", "tensor")), r"heads must be .* distinct names, got \('tensor', "),
-        (dict(heads=2), r"per_shard's heads must be None, a mesh axis name .* got 2$"),
-        (dict(seq="sq"), r"mesh axes \{'seq': \['sq'\]\} are not in the mesh"),
-        (dict(zigzag="contiguous"), "zigzag must be a bool, got 'contiguous'"),
-    ],
+    "op, kwargs",
+    [("dense_attention", dict(implementation="blockwise")), ("dga_attention", {})],
 )
+def test_one_part_may_name_its_mesh_axis(op, kwargs):
+    # ContextSplit(axis, mesh.shape[axis]) on a size-1 axis: the whole sequence (it was refused).
+    q, k, v = random_qkv(0, 1, 16, 2, 1, 8)
+    plain = functools.partial(getattr(dga_jax, op), **kwargs)
+    attention = functools.partial(plain, split=ContextSplit("seq", 1))
+    with pytest.raises(ValueError, match=f"not bound: call {op} inside a jax.shard_map"):
+        attention(q, k, v)
+    mesh = jax.make_mesh((1,), ("seq",), axis_types=(jax.sharding.AxisType.Auto,))
+    spec = jax.sharding.PartitionSpec(None, "seq")
+    sharded = jax.shard_map(
+        attention, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False
+    )
+    np.testing.assert_array_equal(jax.jit(sharded)(q, k, v), jax.jit(plain)(q, k, v))
+
+
 def test_per_shard_names_wrong_axes(axes, match):
     # Axes shared by two dimensions failed in JAX's PartitionSpec check (or, for the batch, as
     # a count of the wrong devices); a truthy zigzag string silently permuted the positions.
