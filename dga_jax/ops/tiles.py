@@ -179,6 +179,20 @@ def varying_like(x, *like):
     return jax.tree.map(cast, x)
 
 
+def varying_struct(shape: tuple[int, ...], dtype, *like) -> jax.ShapeDtypeStruct:
+    """A kernel's output shape, typed as varying over every manual mesh axis some array of
+    `like` varies over: inside a `jax.shard_map` that checks types (check_vma, its default) a
+    `pallas_call` must be told (JAX 0.10 names it `manual_axis_type`, earlier JAX `vma`)."""
+    axes = frozenset().union(*(_varying_axes(a) for a in like))
+    if not axes:
+        return jax.ShapeDtypeStruct(shape, dtype)
+    aval = jax.typeof(varying_like(like[0], *like))
+    axis_type = getattr(aval, "manual_axis_type", None)
+    if axis_type is None:
+        return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=axis_type)
+
+
 def cotangent_like(ct: jax.Array, primal: jax.Array) -> jax.Array:
     """The cotangent of `primal` from this device's share ct, typed as primal's (as a custom
     VJP's must be): summed over the manual mesh axes ct varies over and primal does not (every

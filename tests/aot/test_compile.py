@@ -11,7 +11,7 @@ import jax
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from dga_jax import aot
+from dga_jax import aot, dga_attention
 from dga_jax.ops import target as target_module
 from dga_jax.ops.sinks import StreamingLLMConfig
 from dga_jax.ops.tiles import BlockSizes
@@ -171,4 +171,30 @@ def test_tiny_train_step_compiles_on_four_devices(target):
     assert 0 < report.peak_bytes < report.device_memory_bytes
     if target == "h100":
         # tiny_dga selects globally: importance's two kernels run too.
+        assert {k.name for k in report.kernels} == GPU_KERNELS | IMPORTANCE_KERNELS, str(report)
+
+
+@pytest.mark.parametrize("target", ["v5e", "h100"])
+def test_kernels_compile_in_a_shard_map_that_checks_types(target):
+    # jax.shard_map checks how values vary over its axes by default (check_vma): the kernels'
+    # outputs must say it, else tracing failed ("manual_axis_type must not be None").
+    mesh = jax.sharding.Mesh(aot.target_devices(target, chips=4)[:2], ("batch",))
+    q = jax.ShapeDtypeStruct(
+        (2, 1024, 4, 128), jax.numpy.bfloat16, sharding=NamedSharding(mesh, PartitionSpec("batch"))
+    )
+    attention = jax.shard_map(
+        lambda q, k, v: dga_attention(q, k, v, implementation=IMPLEMENTATION[target]),
+        mesh=mesh,
+        in_specs=(PartitionSpec("batch"),) * 3,
+        out_specs=PartitionSpec("batch"),
+    )
+
+    def loss(q, k, v):
+        return attention(q, k, v).astype(jax.numpy.float32).sum()
+
+    with jax.set_mesh(mesh):
+        lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, q, q).lower()
+    report = aot.compile_report("kernels in shard_map", lowered, target)
+    assert report.ok, str(report)
+    if target == "h100":  # global selection: importance's kernels as well as the walks'
         assert {k.name for k in report.kernels} == GPU_KERNELS | IMPORTANCE_KERNELS, str(report)

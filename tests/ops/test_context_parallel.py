@@ -184,6 +184,25 @@ KERNELS = PRELUDE + textwrap.dedent(
         )
         check(attention, q, k, v, (1, 1, 4, 2), "dga", implementation)
         check(attention, q, k, v, (1, 1, 2, 2), "dga", implementation, zigzag=True)
+    # In a user's jax.shard_map that checks types (check_vma, its default): the kernels' outputs
+    # must say how they vary ("manual_axis_type must not be None" otherwise). The batch and the
+    # sequence split; pallas_gpu's interpreter (JAX's HLO one) cannot run there, its compile
+    # for an H100 is tests/aot's.
+    two = jax.make_mesh((2, 2), ("batch", "seq"), devices=jax.devices()[:4],
+                        axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    tpu = functools.partial(
+        dga_jax.dga_attention, group_size=4, focal_ratio=0.2, implementation="pallas_tpu",
+        interpret=True, block_sizes=blocks["pallas_tpu"],
+    )
+    q, k, v = random_qkv(3, 2, 64, 4, 2, 16)
+    checked = jax.shard_map(
+        functools.partial(tpu, split=ContextSplit("seq", 2)), mesh=two,
+        in_specs=(P("batch", "seq"),) * 3, out_specs=P("batch", "seq"),
+    )
+    got, expected = value_and_grads(checked, q, k, v), value_and_grads(tpu, q, k, v)
+    assert_close(got[0], expected[0], FORWARD_TOL[F32])
+    for a, b in zip(got[1], expected[1], strict=True):
+        assert_close(a, b, GRAD_TOL[F32])
     print("ok")
     """
 )
@@ -447,6 +466,17 @@ def test_one_part_may_name_its_mesh_axis(op, kwargs):
     np.testing.assert_array_equal(jax.jit(sharded)(q, k, v), jax.jit(plain)(q, k, v))
 
 
+@pytest.mark.parametrize(
+    ("axes", "match"),
+    [
+        (dict(batch="seq", seq="seq"), r"batch and seq both name mesh axis 'seq'"),
+        (dict(seq="tensor", heads="tensor"), r"seq and heads both name mesh axis 'tensor'"),
+        (dict(heads=("tensor", "tensor")), r"heads must be .* distinct names, got \('tensor', "),
+        (dict(heads=2), r"per_shard's heads must be None, a mesh axis name .* got 2$"),
+        (dict(seq="sq"), r"mesh axes \{'seq': \['sq'\]\} are not in the mesh"),
+        (dict(zigzag="contiguous"), "zigzag must be a bool, got 'contiguous'"),
+    ],
+)
 def test_per_shard_names_wrong_axes(axes, match):
     # Axes shared by two dimensions failed in JAX's PartitionSpec check (or, for the batch, as
     # a count of the wrong devices); a truthy zigzag string silently permuted the positions.

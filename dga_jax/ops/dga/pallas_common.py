@@ -27,7 +27,7 @@ import numpy as np
 
 from dga_jax.ops.intervals import NEVER, Entries
 from dga_jax.ops.ranges import block_ranges
-from dga_jax.ops.tiles import round_up
+from dga_jax.ops.tiles import round_up, varying_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +120,7 @@ def prepare(
     n_band = max(round_up(band.k.shape[2], spec.block_k), spec.block_k)
     bias = prefix.bias if prefix.bias is not None else jnp.zeros(prefix.start.shape, jnp.float32)
     until = band.until if band.until is not None else jnp.full(band.start.shape, NEVER, jnp.int32)
-    return Operands(
+    operands = Operands(
         heads_major(q),
         _pad_entries(prefix.k, n_prefix, 0, d_pad),
         _pad_entries(prefix.v, n_prefix, 0, d_pad),
@@ -132,6 +132,8 @@ def prepare(
         _pad_entries(until, n_band, NEVER),
         None if q_prefix is None else heads_major(q_prefix),
     )
+    # One manual-axis type for all (inside `jax.shard_map`): the kernels' outputs take q's.
+    return varying_like(operands, *jax.tree.leaves(operands))
 
 
 def bound_lag(band: Entries, band_lag: int) -> Entries:

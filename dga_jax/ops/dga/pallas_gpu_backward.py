@@ -26,7 +26,7 @@ from dga_jax.ops.dga.pallas_gpu_forward import (
     query_specs,
     walk,
 )
-from dga_jax.ops.tiles import Tile, tile_grads
+from dga_jax.ops.tiles import Tile, tile_grads, varying_struct
 
 
 def _dq_kernel(*refs, spec: common.KernelSpec, queries: int):
@@ -115,7 +115,7 @@ def dq(spec, ops, blocks: common.QueryBlocks, do, lse, delta):
             *band,
         ],
         out_specs=[query_block] * queries,
-        out_shape=[jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype)] * queries,
+        out_shape=[varying_struct(ops.q.shape, ops.q.dtype, ops.q)] * queries,
         compiler_params=compiler_params(ops.q.shape[-1], spec.launch),
         interpret=spec.interpret,
         name="interval_dq",
@@ -164,7 +164,7 @@ def _dkv_call(spec, heads, ranges, entries, band: bool):
         grid=(nkb, b, hkv),
         in_specs=[range_spec, range_spec, *[whole(x) for x in heads], *[block(x) for x in entries]],
         out_specs=[out_spec, out_spec],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+        out_shape=[varying_struct(k.shape, k.dtype, k)] * 2,
         compiler_params=compiler_params(d, spec.launch),
         interpret=spec.interpret,
         name="interval_dkv_band" if band else "interval_dkv_prefix",

@@ -21,7 +21,14 @@ except ImportError:  # a JAX without it: `pallas_gpu.check_available` refuses th
 
 from dga_jax.ops.dga import pallas_common as common
 from dga_jax.ops.dga.pallas_common import split_refs
-from dga_jax.ops.tiles import Dots, Tile, online_finish, online_init, online_step
+from dga_jax.ops.tiles import (
+    Dots,
+    Tile,
+    online_finish,
+    online_init,
+    online_step,
+    varying_struct,
+)
 
 STAGES = 2  # Triton's software pipeline depth (`compiler_params`)
 
@@ -160,8 +167,8 @@ def forward(spec: common.KernelSpec, ops: common.Operands, blocks: common.QueryB
         in_specs=[*ranges, *[query_block] * len(queries), *prefix, *band],
         out_specs=[query_block, query_row],
         out_shape=[
-            jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype),
-            jax.ShapeDtypeStruct((b, hq, lp), jnp.float32),
+            varying_struct(ops.q.shape, ops.q.dtype, ops.q),
+            varying_struct((b, hq, lp), jnp.float32, ops.q),
         ],
         compiler_params=compiler_params(d, spec.launch),
         interpret=spec.interpret,

@@ -31,7 +31,7 @@ from dga_jax.ops.dga.pallas_gpu import MIN_BLOCK, check_available, next_power_of
 from dga_jax.ops.dga.pallas_gpu_forward import DOTS, compiler_params
 from dga_jax.ops.dga.selection import ImportancePasses, ImportanceTiles
 from dga_jax.ops.ranges import NEVER
-from dga_jax.ops.tiles import mass_stats_step, probability_mass, round_up
+from dga_jax.ops.tiles import mass_stats_step, probability_mass, round_up, varying_struct
 
 # Binary searches unrolled: no XLA while loop (on a GPU, a launch or two per step) around the
 # kernels.
@@ -79,7 +79,7 @@ def stats(
     row_tiles = rows // tile.rows
     ranges = pl.BlockSpec((None, row_tiles), lambda b, i: (b, 0))
     row_block = pl.BlockSpec((None, tile.rows), lambda b, i: (b, i))
-    out = jax.ShapeDtypeStruct((bh, rows), jnp.float32)
+    out = varying_struct((bh, rows), jnp.float32, q, k)
     mx, total = pl.pallas_call(
         functools.partial(_stats_kernel, tile=tile, scale=tiles.scale),
         grid=(bh, row_tiles),
@@ -125,7 +125,7 @@ def scores(
             whole_rows,
         ],
         out_specs=key_block,
-        out_shape=jax.ShapeDtypeStruct((bh, key_pos.shape[0]), jnp.float32),
+        out_shape=varying_struct((bh, key_pos.shape[0]), jnp.float32, q, k),
         compiler_params=compiler_params(d),
         interpret=interpret,
         name="importance_scores",

@@ -35,7 +35,7 @@ from dga_jax.ops.dga.pallas_tpu_forward import (
     query_rows,
     query_step,
 )
-from dga_jax.ops.tiles import Tile, tile_grads
+from dga_jax.ops.tiles import Tile, tile_grads, varying_struct
 
 
 def _dq_kernel(*refs, spec, walk, queries: int):
@@ -82,7 +82,7 @@ def dq(spec, ops, blocks: common.QueryBlocks, do, lse, delta):
     grads = pl.pallas_call(
         functools.partial(_dq_kernel, spec=spec, walk=walk, queries=queries),
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype)] * queries,
+        out_shape=[varying_struct(ops.q.shape, ops.q.dtype, ops.q)] * queries,
         compiler_params=compiler_params(),
         interpret=spec.interpret,
         name="interval_dq",
@@ -241,7 +241,7 @@ def _dkv_prefix_call(spec, blocks: common.KeyBlocks, q_args, entries):
     return pl.pallas_call(
         functools.partial(_dkv_prefix_kernel, spec=spec),
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+        out_shape=[varying_struct(k.shape, k.dtype, k)] * 2,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "parallel", "arbitrary", "arbitrary")
         ),
@@ -280,7 +280,7 @@ def _dkv_band_call(spec, lists, num_steps: int, q_args, entries):
     return pl.pallas_call(
         functools.partial(_dkv_band_kernel, spec=spec),
         grid_spec=grid_spec,
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype)] * 2,
+        out_shape=[varying_struct(k.shape, k.dtype, k)] * 2,
         compiler_params=pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary", "arbitrary")
         ),

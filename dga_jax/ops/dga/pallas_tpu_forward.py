@@ -18,7 +18,14 @@ from jax.experimental.pallas import tpu as pltpu
 
 from dga_jax.ops.dga import pallas_common as common
 from dga_jax.ops.dga.pallas_common import split_refs
-from dga_jax.ops.tiles import Dots, Tile, online_finish, online_init, online_step
+from dga_jax.ops.tiles import (
+    Dots,
+    Tile,
+    online_finish,
+    online_init,
+    online_step,
+    varying_struct,
+)
 
 LANES = 128  # Mosaic's lane width
 _NT = (((1,), (1,)), ((), ()))
@@ -247,8 +254,8 @@ def forward(spec: common.KernelSpec, ops: common.Operands, blocks: common.QueryB
         functools.partial(_forward_kernel, spec=spec, walk=walk, queries=len(queries)),
         grid_spec=grid_spec,
         out_shape=[
-            jax.ShapeDtypeStruct(ops.q.shape, ops.q.dtype),
-            jax.ShapeDtypeStruct((b, hq, lp, LANES), jnp.float32),
+            varying_struct(ops.q.shape, ops.q.dtype, ops.q),
+            varying_struct((b, hq, lp, LANES), jnp.float32, ops.q),
         ],
         compiler_params=compiler_params(),
         interpret=spec.interpret,
