@@ -8,6 +8,7 @@ value that depends on the devices, once the mesh is known and before the workdir
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from dga_jax.checkpoint import load_config
@@ -19,7 +20,7 @@ from train.config import TrainConfig
 
 # Model fields that shape no weight but change what the weights compute: the run takes
 # config.model's, whatever the checkpoint was trained with.
-NUMERIC_FIELDS = ("rope_theta", "norm_eps")
+NUMERIC_FIELDS = ("rope_theta", "rope_scaling", "max_position", "norm_eps")
 
 CONVERT = "python -m dga_jax.checkpoint.convert hf-to-orbax --hf_dir <HF model dir> --out {}"
 
@@ -46,7 +47,8 @@ def _check_init_checkpoint(config: TrainConfig) -> str | None:
     except InputError as error:
         return f"config.init_checkpoint: {error}; make one with {CONVERT.format(path)}"
     changes = [
-        f"{name}={getattr(stored, name)} (config: {getattr(config.model, name)})"
+        f"{name}={getattr(stored, name)} (config: {getattr(config.model, name)}; "
+        f"{_override_flags(name, getattr(stored, name), getattr(config.model, name))})"
         for name in ARCHITECTURE_FIELDS
         if getattr(stored, name) != getattr(config.model, name)
     ]
@@ -67,14 +69,25 @@ def _warn_numeric_changes(path: str, stored, config: TrainConfig) -> None:
         if ours != theirs:
             logging.warning(
                 "config.init_checkpoint %r was trained with %s=%s; the run trains with "
-                "config.model's %s (--config.model.overrides.%s=%s keeps the checkpoint's)",
+                "config.model's %s (%s keeps the checkpoint's)",
                 path,
                 name,
                 theirs,
                 ours,
-                name,
-                theirs,
+                _override_flags(name, theirs, ours),
             )
+
+
+def _override_flags(name: str, theirs, ours) -> str:
+    """The command-line flags that set config.model's `name` to the checkpoint's value: one
+    per differing field of a nested config (rope_scaling)."""
+    if not dataclasses.is_dataclass(theirs):
+        return f"--config.model.overrides.{name}={theirs}"
+    return " ".join(
+        f"--config.model.overrides.{name}.{field.name}={getattr(theirs, field.name)}"
+        for field in dataclasses.fields(theirs)
+        if getattr(theirs, field.name) != getattr(ours, field.name)
+    )
 
 
 def check_num_workers(config: TrainConfig, rows: int) -> None:

@@ -1,4 +1,5 @@
-"""Convert LLaMA checkpoints between Hugging Face safetensors and our Orbax layout.
+"""Convert LLaMA (and Mistral, Qwen2) checkpoints between Hugging Face safetensors and our Orbax
+layout.
 
     python -m dga_jax.checkpoint.convert hf-to-orbax --hf_dir HF --out CKPT [--dtype bfloat16]
     python -m dga_jax.checkpoint.convert orbax-to-hf --ckpt CKPT --out HF [--dtype float16] \\
@@ -6,7 +7,8 @@
 
 `hf-to-orbax` reads `HF/config.json` (and the token ids of `HF/generation_config.json`) and
 `HF/model.safetensors.index.json` (or a single `HF/model.safetensors`) tensor by tensor;
-`orbax-to-hf` writes what `transformers.LlamaForCausalLM.from_pretrained(HF)` loads, the
+`orbax-to-hf` writes what `transformers.AutoModelForCausalLM.from_pretrained(HF)` loads (a
+`LlamaForCausalLM`, or a `Qwen2ForCausalLM` for q, k, v biases alone), the
 source's bos/eos/pad token ids included (in config.json and generation_config.json). `--dtype`
 casts the weights (default: keep the stored dtype). Neither command leaves a partial output
 behind on failure. Load the result with `dga_jax.checkpoint.load_model(CKPT, mesh=...)`.
@@ -20,7 +22,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from dga_jax.checkpoint.hf import NUMPY_DTYPES, param_shapes, read_hf
+from dga_jax.checkpoint.hf import NUMPY_DTYPES, read_hf
+from dga_jax.checkpoint.hf_weights import param_shapes
 from dga_jax.checkpoint.hf_write import parse_size, write_hf
 from dga_jax.checkpoint.orbax_io import check_stored, load_config, read_param, save_params
 from dga_jax.errors import InputError

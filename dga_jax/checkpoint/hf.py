@@ -1,31 +1,29 @@
-"""Hugging Face LLaMA safetensors checkpoints <-> our parameter tree, one tensor at a time.
+"""Hugging Face safetensors checkpoints (LLaMA, Mistral, Qwen2) <-> our parameters, one tensor at
+a time.
 
 Our parameters are a nested dict of numpy arrays keyed like `nnx.state(model, nnx.Param)`, the
-per-layer ones stacked on a leading `num_layers` axis. This file holds the name and layout table
-(`weights`) and reading, which preallocates each stacked array once and fills it layer by layer
-from `safe_open`; `dga_jax.checkpoint.hf_write` writes. Neither direction holds two copies of
-the weights.
+per-layer ones stacked on a leading `num_layers` axis. `dga_jax.checkpoint.hf_weights` holds
+the name and layout table (`weights`); this file reads, preallocating each stacked array once
+and filling it layer by layer from `safe_open`; `dga_jax.checkpoint.hf_write` writes. Neither
+direction holds two copies of the weights.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import re
-from collections.abc import Callable
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx, traverse_util
+from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 
+from dga_jax.checkpoint.hf_weights import EMBED, LM_HEAD, Weight, param_shapes, weights
 from dga_jax.errors import InputError, MissingInputError
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.hf_config import with_generation_token_ids
-from dga_jax.model.llama import Llama
 
 CONFIG_FILE = "config.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
@@ -39,102 +37,9 @@ READABLE_DTYPES = (*SAFETENSORS_DTYPES, "F64")
 # Buffers that older exports saved; RoPE is recomputed from the config.
 IGNORED = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
-Path = tuple[str, ...]
-ParamReader = Callable[[Path], np.ndarray]
-
 
 class CheckpointError(InputError):
     """Checkpoint contents that do not fit the model: missing, unexpected or misshapen tensors."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Weight:
-    """One HF tensor (one per layer where `hf` holds `{i}`) and the parameter it maps to.
-
-    A Linear weight (`in_dims` > 0) is [out, in] in HF and [*in, *out] here, its first `in_dims`
-    axes being the input ones: q [d, H, hd] <- q_proj [H*hd, d] (in_dims=1) and
-    o [H, hd, d] <- o_proj [d, H*hd] (in_dims=2). A `flat` one (a bias) is one axis in HF:
-    q_bias [H, hd] <- q_proj.bias [H*hd]. Other weights are stored as they are.
-    """
-
-    hf: str
-    path: Path
-    in_dims: int = 0
-    flat: bool = False
-
-    @property
-    def stacked(self) -> bool:
-        """Whether this is a per-layer weight, stacked on a leading `num_layers` axis here."""
-        return "{i}" in self.hf
-
-    def names(self, num_layers: int) -> list[str]:
-        """The HF names, layer by layer for a stacked weight."""
-        if not self.stacked:
-            return [self.hf]
-        return [self.hf.format(i=i) for i in range(num_layers)]
-
-    def layer_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape of one layer's slice of our parameter of this `shape`."""
-        return tuple(shape[1:]) if self.stacked else tuple(shape)
-
-    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """HF's shape for one of our (per-layer) shapes."""
-        if self.flat:
-            return (math.prod(shape),)
-        if not self.in_dims:
-            return tuple(shape)
-        return (math.prod(shape[self.in_dims :]), math.prod(shape[: self.in_dims]))
-
-    def to_ours(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """HF tensor [out, in] -> ours [*in, *out] (a view where no transpose is needed)."""
-        return tensor.T.reshape(shape) if self.in_dims else tensor.reshape(shape)
-
-    def to_hf(self, array: np.ndarray) -> np.ndarray:
-        """Ours [*in, *out] -> HF [out, in] (flat: one axis)."""
-        if self.flat:
-            return array.reshape(-1)
-        if not self.in_dims:
-            return array
-        return array.reshape(math.prod(array.shape[: self.in_dims]), -1).T
-
-
-_LAYER = "model.layers.{i}."
-_WEIGHTS = (
-    Weight("model.embed_tokens.weight", ("embed",)),
-    Weight(_LAYER + "input_layernorm.weight", ("layers", "attn_norm", "weight")),
-    Weight(_LAYER + "self_attn.q_proj.weight", ("layers", "attn", "q"), 1),
-    Weight(_LAYER + "self_attn.k_proj.weight", ("layers", "attn", "k"), 1),
-    Weight(_LAYER + "self_attn.v_proj.weight", ("layers", "attn", "v"), 1),
-    Weight(_LAYER + "self_attn.o_proj.weight", ("layers", "attn", "o"), 2),
-    Weight(_LAYER + "post_attention_layernorm.weight", ("layers", "mlp_norm", "weight")),
-    Weight(_LAYER + "mlp.gate_proj.weight", ("layers", "mlp", "gate"), 1),
-    Weight(_LAYER + "mlp.up_proj.weight", ("layers", "mlp", "up"), 1),
-    Weight(_LAYER + "mlp.down_proj.weight", ("layers", "mlp", "down"), 1),
-    Weight("model.norm.weight", ("norm", "weight")),
-)
-_QKV_BIASES = tuple(
-    Weight(_LAYER + f"self_attn.{name}_proj.bias", ("layers", "attn", f"{name}_bias"), flat=True)
-    for name in "qkv"
-)
-_O_BIAS = Weight(_LAYER + "self_attn.o_proj.bias", ("layers", "attn", "o_bias"))
-_LM_HEAD = Weight("lm_head.weight", ("lm_head",), 1)
-
-
-def weights(config: ModelConfig) -> tuple[Weight, ...]:
-    """Every weight of a model with this config: the attention biases it has (`qkv_bias`,
-    `o_bias`), `lm_head` only when it is not tied."""
-    biases = _QKV_BIASES * config.qkv_bias + (_O_BIAS,) * config.o_bias
-    return (*_WEIGHTS, *biases) + ((_LM_HEAD,) if not config.tie_embeddings else ())
-
-
-def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
-    """Path -> shape of each parameter of `Llama(config)` ([N, ...] for per-layer ones)."""
-
-    def build() -> Llama:
-        return Llama(config, rngs=nnx.Rngs(0))
-
-    params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(build), nnx.Param))
-    return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(params).items()}
 
 
 # Reading ------------------------------------------------------------------------------------
@@ -206,7 +111,7 @@ def read_hf(
     for file, names in by_file.items():
         _check_tensors(file, names, expected)
     _check_tied_head(config, files)
-    dtype = check_dtype(dtype) if dtype else _stored_dtype(files[_WEIGHTS[0].hf])
+    dtype = check_dtype(dtype) if dtype else _stored_dtype(files[EMBED.hf])
     params = {path: np.empty(shape, NUMPY_DTYPES[dtype]) for path, shape in stacked.items()}
     for file, names in by_file.items():
         with _open(file) as f:
@@ -254,14 +159,14 @@ def _read_plan(
             f"tensor {missing[0]!r} is missing from {listing}"
             f" ({len(missing)} missing: {missing[:8]})"
         )
-    tied_head = {_LM_HEAD.hf} if config.tie_embeddings else set()
+    tied_head = {LM_HEAD.hf} if config.tie_embeddings else set()
     unexpected = sorted(
         n for n in files if n not in plan and n not in tied_head and not IGNORED.fullmatch(n)
     )
     if unexpected:
         raise CheckpointError(
             f"unexpected tensor(s) {unexpected[:8]} in {listing}: not part of "
-            f"a LlamaForCausalLM with {config.num_layers} layers"
+            f"the model of config.json, {config.num_layers} layers"
         )
     return plan
 
@@ -304,13 +209,13 @@ def _check_tied_head(config: ModelConfig, files: dict[str, str]) -> None:
     """A tied model's checkpoint may also hold an lm_head.weight: the embedding again is the tie;
     another tensor is a `CheckpointError`, as transformers >= 5 would use it (untied) where 4.x
     used the embedding, two different models."""
-    if not config.tie_embeddings or _LM_HEAD.hf not in files:
+    if not config.tie_embeddings or LM_HEAD.hf not in files:
         return
-    embed, head = (_read_tensor(files[weight.hf], weight.hf) for weight in (_WEIGHTS[0], _LM_HEAD))
+    embed, head = (_read_tensor(files[weight.hf], weight.hf) for weight in (EMBED, LM_HEAD))
     if embed.shape != head.shape or not np.array_equal(embed, head):
         raise CheckpointError(
             f"{CONFIG_FILE} ties lm_head to the embedding (tie_word_embeddings=true), but "
-            f"{files[_LM_HEAD.hf]} holds an {_LM_HEAD.hf} that differs from {_WEIGHTS[0].hf}; "
+            f"{files[LM_HEAD.hf]} holds an {LM_HEAD.hf} that differs from {EMBED.hf}; "
             "set tie_word_embeddings to false to use it, or remove it to tie"
         )
 
@@ -326,10 +231,10 @@ def _read_tensor(file: str, name: str) -> np.ndarray:
 def _stored_dtype(file: str) -> str:
     """Our name of the dtype the embedding is stored in."""
     with _open(file) as f:
-        stored = f.get_slice(_WEIGHTS[0].hf).get_dtype()
+        stored = f.get_slice(EMBED.hf).get_dtype()
     if stored not in SAFETENSORS_DTYPES:
         raise CheckpointError(
-            f"{_WEIGHTS[0].hf} in {file} is {stored}; pass a dtype "
+            f"{EMBED.hf} in {file} is {stored}; pass a dtype "
             f"(one of {sorted(NUMPY_DTYPES)}) to convert it"
         )
     return SAFETENSORS_DTYPES[stored]

@@ -1,4 +1,5 @@
-"""Writing a Hugging Face LLaMA safetensors checkpoint from our parameter tree.
+"""Writing a Hugging Face safetensors checkpoint (LLaMA, or Qwen2 with q, k, v biases) from our
+parameter tree.
 
 The shards are planned from the shapes alone (`dga_jax.checkpoint.hf.weights`), then each
 stacked parameter is read once and its per-layer slices are emitted into them; a shard is
@@ -31,12 +32,10 @@ from dga_jax.checkpoint.hf import (
     GENERATION_CONFIG_FILE,
     INDEX_FILE,
     NUMPY_DTYPES,
-    ParamReader,
     check_cast,
     check_dtype,
-    param_shapes,
-    weights,
 )
+from dga_jax.checkpoint.hf_weights import ParamReader, param_shapes, weights
 from dga_jax.errors import InputError
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.hf_config import config_to_hf, hf_token_ids
@@ -82,6 +81,7 @@ def write_hf(
     crash leaves no `out_dir`, and no `out_dir` with files still unwritten.
     """
     config = config.replace(param_dtype=check_dtype(dtype))
+    hf_config = config_to_hf(config)  # a config no HF architecture holds fails before writing
     sizes = _hf_sizes(config, np.dtype(NUMPY_DTYPES[dtype]).itemsize)
     shards = _plan_shards(sizes, max_shard_size)
     with _atomic_directory(out_dir) as tmp:
@@ -95,7 +95,7 @@ def write_hf(
                 writer.add(name, tensor)
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": writer.files}
         _write_json(os.path.join(tmp, INDEX_FILE), index)
-        _write_json(os.path.join(tmp, CONFIG_FILE), config_to_hf(config))
+        _write_json(os.path.join(tmp, CONFIG_FILE), hf_config)
         token_ids = hf_token_ids(config)
         if token_ids:
             _write_json(os.path.join(tmp, GENERATION_CONFIG_FILE), token_ids)

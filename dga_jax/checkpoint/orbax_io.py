@@ -30,7 +30,8 @@ import orbax.checkpoint as ocp
 from flax import nnx, traverse_util
 
 from dga_jax import strict
-from dga_jax.checkpoint.hf import CheckpointError, Path, param_shapes
+from dga_jax.checkpoint.hf import CheckpointError
+from dga_jax.checkpoint.hf_weights import Path, param_shapes
 from dga_jax.errors import ConfigError, InputError, MissingInputError
 from dga_jax.model.config import BASELINE_KINDS, ModelConfig
 from dga_jax.model.llama import Llama

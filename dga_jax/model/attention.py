@@ -151,7 +151,8 @@ class DGAttention(nnx.Module):
         q, k, v = self._projections(x)
         k_rotated = self._rope(k, positions)
         q_far = self._rope(q, sinks.far_positions(positions))
-        k_far = k_rotated if sinks.far_rope_keys else k
+        # An un-rotated key is one rotated at position 0: cos and sin carry YaRN's scale there too.
+        k_far = k_rotated if sinks.far_rope_keys else k * self.config.rope_scaling.attention_scaling
         return self._rope(q, positions), k_rotated, v, q_far, k_far
 
     def _projections(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:

@@ -19,6 +19,7 @@ from dga_jax.model.hf_rope import (
     require,
     rope_to_hf,
 )
+from dga_jax.model.rope_scaling import RopeScaling
 
 SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # Each architecture's model_type. A Mistral without a sliding window (7B v0.2 and later) is
@@ -58,13 +59,13 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
         )
     if model_type == "mistral":
         _check_mistral(hf)
-    _check_llama_variant(hf)
+    _check_llama_variant(hf, model_type)
     require(hf, _HF_REQUIRED, "")
     for key in _HF_REQUIRED:
         strict.check(key, hf[key], int)
     if model_type == "qwen2":
         _check_qwen2(hf)
-    heads = hf["num_attention_heads"]
+    heads, scaling = hf["num_attention_heads"], hf_rope_scaling(hf)
     # null num_key_value_heads / head_dim: transformers' defaults, as when absent
     kv_heads = hf_value(hf, "num_key_value_heads", int | None)
     head_dim = hf_value(hf, "head_dim", int | None)
@@ -78,12 +79,21 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
         intermediate_size=hf["intermediate_size"],
         norm_eps=hf_value(hf, "rms_norm_eps", float, 1e-6),
         rope_theta=hf_rope_theta(hf),
-        rope_scaling=hf_rope_scaling(hf),
-        max_position=hf_max_position(hf),
+        rope_scaling=scaling,
+        max_position=_max_position(hf, scaling),
         tie_embeddings=hf_value(hf, "tie_word_embeddings", bool | None, False) or False,
         **_hf_biases(hf, model_type),
         **_hf_token_ids(hf),
     )
+
+
+def _max_position(hf: dict[str, Any], scaling: RopeScaling) -> int:
+    """max_position_embeddings, or YaRN's context where longer: Qwen2.5 ships its pretraining
+    32K there and documents rope_scaling yarn, factor 4, for 128K (transformers checks neither)."""
+    longest = hf_max_position(hf)
+    if scaling.kind == "yarn":
+        return max(longest, round(scaling.factor * scaling.original_max_position))
+    return longest
 
 
 def _check_mistral(hf: dict[str, Any]) -> None:
@@ -134,11 +144,11 @@ def _hf_biases(hf: dict[str, Any], model_type: str) -> dict[str, bool]:
     return {"qkv_bias": bias, "o_bias": bias}
 
 
-def _check_llama_variant(hf: dict[str, Any]) -> None:
+def _check_llama_variant(hf: dict[str, Any], model_type: str) -> None:
     """A `ConfigError` naming the key of a LLaMA variant our model does not compute: MLP
     biases, another activation, quantized weights (whose tensors are not the float weights we
     read)."""
-    if hf.get("mlp_bias"):
+    if model_type == "llama" and hf.get("mlp_bias"):  # Qwen2's and Mistral's MLPs have none
         raise ConfigError(
             f"unsupported LLaMA variant: mlp_bias={hf['mlp_bias']!r} (no MLP biases here)"
         )

@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dga_jax.checkpoint import load_config, read_param
 from dga_jax.checkpoint.convert import main
-from dga_jax.checkpoint.hf import weights
+from dga_jax.checkpoint.hf_weights import weights
 
 SEQ_LEN = 80  # past the llama3 case's original_max_position_embeddings (64)
 LOGIT_ATOL = 1e-4  # float32 logits, ours vs transformers; fixed, never loosened

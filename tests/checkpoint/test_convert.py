@@ -29,12 +29,8 @@ from dga_jax.checkpoint import (
     save_model,
 )
 from dga_jax.checkpoint.convert import _run_command
-from dga_jax.checkpoint.hf import (
-    INDEX_FILE,
-    param_shapes,
-    tensor_files,
-    weights,
-)
+from dga_jax.checkpoint.hf import INDEX_FILE, tensor_files
+from dga_jax.checkpoint.hf_weights import param_shapes, weights
 from dga_jax.checkpoint.hf_write import parse_size, write_hf
 from dga_jax.model.config import ModelConfig
 from tests.checkpoint.conftest import (

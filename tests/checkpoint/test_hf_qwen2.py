@@ -12,6 +12,7 @@ import transformers
 
 from dga_jax import DGAConfig
 from dga_jax.checkpoint import load_config, load_model
+from dga_jax.checkpoint.hf_write import write_hf
 from dga_jax.errors import ConfigError
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.hf_config import config_to_hf
@@ -43,13 +44,19 @@ def _qwen2(**overrides) -> transformers.Qwen2ForCausalLM:
     return _with_random_biases(transformers.Qwen2ForCausalLM(config).eval())
 
 
+def _qwen2_yarn_tied() -> transformers.Qwen2ForCausalLM:
+    """Qwen2.5's long-context form: YaRN, tied embeddings (its small sizes)."""
+    return _qwen2(rope_scaling=YARN_ROPE, tie_word_embeddings=True)
+
+
+def _llama_attention_bias() -> transformers.LlamaForCausalLM:
+    return _with_random_biases(build_hf_model(num_key_value_heads=2, attention_bias=True))
+
+
 MODELS = {
-    "qwen2": lambda: _qwen2(),
-    # Qwen2.5's long-context form: YaRN, tied embeddings (its small sizes)
-    "qwen2_yarn_tied": lambda: _qwen2(rope_scaling=YARN_ROPE, tie_word_embeddings=True),
-    "llama_attention_bias": lambda: _with_random_biases(
-        build_hf_model(num_key_value_heads=2, attention_bias=True)
-    ),
+    "qwen2": _qwen2,
+    "qwen2_yarn_tied": _qwen2_yarn_tied,
+    "llama_attention_bias": _llama_attention_bias,
 }
 
 
@@ -130,6 +137,24 @@ def test_qwen2_reads_as_llama_with_qkv_biases():
     assert config_to_hf(config)["model_type"] == "qwen2"
 
 
+def test_qwen2_as_it_ships_loads():
+    # Qwen2.5's config.json: no layer_types, a window set but switched off, max_window_layers
+    # below the layer count; its MLP has no biases whatever mlp_bias says.
+    hf = {**_qwen2_config(), "use_sliding_window": False, "sliding_window": 32768}
+    hf.pop("layer_types")
+    hf.update(max_window_layers=1, mlp_bias=True)
+    assert ModelConfig.from_hf(hf).qkv_bias
+
+
+def test_yarn_extends_max_position_to_its_context():
+    # Qwen2.5 ships max_position_embeddings 32768 and documents YaRN factor 4 for 128K.
+    yarn = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+    hf = {**_qwen2_config(), "max_position_embeddings": 32768, "rope_scaling": yarn}
+    config = ModelConfig.from_hf(hf)
+    assert config.max_position == 131072 and config.positions_fit(131072)
+    assert ModelConfig.from_hf(_qwen2_config()).max_position == _DEFAULTS["max_position_embeddings"]
+
+
 @pytest.mark.parametrize(
     "changes, match",
     [
@@ -162,9 +187,15 @@ def test_qwen2_keys_whose_defaults_differ_from_llama_must_be_there(key):
         ModelConfig.from_hf(hf)
 
 
-def test_an_output_bias_alone_has_no_architecture_to_export_to():
+def test_an_output_bias_alone_has_no_architecture_to_export_to(tmp_path):
+    config = ModelConfig.preset("tiny", o_bias=True)
+
+    def read_param(path):
+        raise AssertionError(f"read {path} before refusing")
+
     with pytest.raises(ConfigError, match="o_bias without model.qkv_bias"):
-        config_to_hf(ModelConfig.preset("tiny", o_bias=True))
+        write_hf(tmp_path / "hf", config, read_param, dtype="float32", max_shard_size=2**20)
+    assert not (tmp_path / "hf").exists()
 
 
 def test_a_checkpoint_stores_its_biases_flag(converted):

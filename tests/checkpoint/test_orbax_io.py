@@ -22,7 +22,7 @@ from dga_jax.checkpoint import (
     save_model,
     save_params,
 )
-from dga_jax.checkpoint.hf import param_shapes
+from dga_jax.checkpoint.hf_weights import param_shapes
 from dga_jax.checkpoint.orbax_io import attention_changes, parse_settings
 from dga_jax.errors import ConfigError, InputError
 from dga_jax.model.config import ModelConfig

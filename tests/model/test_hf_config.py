@@ -48,7 +48,8 @@ def test_generation_config_adds_its_token_ids():
         RopeScaling(),
         RopeScaling("linear", 2.0),
         RopeScaling("llama3", 8.0, 1.0, 4.0, 8192),
-        RopeScaling("yarn", 16.0, original_max_position=4096),
+        # within max_position (a longer YaRN context extends it on reading: test_hf_qwen2)
+        RopeScaling("yarn", 16.0, original_max_position=1024),
         RopeScaling(
             "yarn",
             4.0,

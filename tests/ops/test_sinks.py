@@ -186,6 +186,20 @@ def test_model_prefill_and_decoding_equal_its_forward(kind, settings):
 
 
 @pytest.mark.parametrize(
+    "rope", [RopeScaling(), RopeScaling("yarn", 8.0, original_max_position=4)], ids=lambda r: r.kind
+)
+def test_lm_infinite_that_sees_what_dense_does_equals_it(rope):
+    # One global token at its true distance and a window over the rest: dense attention. Its
+    # un-rotated global keys must carry YaRN's cos/sin scale as rotated ones do (they lacked it).
+    t = 16
+    config = ModelConfig.preset("tiny", rope_scaling=rope, max_position=64)
+    lm_infinite = config.replace(attention="lm_infinite", lm_infinite=LMInfiniteConfig(1, t - 1, t))
+    tokens = jnp.asarray(np.random.RandomState(1).randint(3, 500, size=(2, t)))
+    dense = Llama(config.replace(attention="dense"), rngs=nnx.Rngs(0))(tokens)
+    assert_close(Llama(lm_infinite, rngs=nnx.Rngs(0))(tokens), dense, TOL)
+
+
+@pytest.mark.parametrize(
     ("values", "message"),
     [
         ({"attention": "streaming_llm", "streaming_llm": {"start_size": 0}}, "start_size"),

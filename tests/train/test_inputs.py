@@ -145,7 +145,7 @@ def test_a_checkpoint_of_another_architecture_is_named(one_layer_checkpoint):
     with pytest.raises(InputError, match="another architecture") as error:
         check_inputs(tiny({"init_checkpoint": str(one_layer_checkpoint)}))
     assert str(one_layer_checkpoint) in str(error.value)
-    assert "num_layers=1 (config: 2)" in str(error.value)
+    assert "num_layers=1 (config: 2; --config.model.overrides.num_layers=1)" in str(error.value)
     assert "d_model" not in str(error.value)  # only the fields that differ
 
 
@@ -159,6 +159,18 @@ def test_a_checkpoint_trained_with_another_rope_base_is_said(one_layer_checkpoin
     )
     assert "overrides.rope_theta=10000.0 keeps the checkpoint's" in caplog.text
     assert "norm_eps" not in caplog.text  # only the fields that differ
+
+
+def test_a_checkpoint_trained_with_another_rope_scaling_is_said(one_layer_checkpoint, caplog):
+    # A converted YaRN checkpoint under a config without it: said, with the flags that keep it.
+    changes = {"init_checkpoint": str(one_layer_checkpoint), "model.overrides.num_layers": 1}
+    yarn = {"kind": "yarn", "factor": 4.0, "original_max_position": 1024}
+    with caplog.at_level("WARNING"):
+        check_inputs(tiny({**changes, "model.overrides.rope_scaling": yarn}))
+    assert "trained with rope_scaling=RopeScaling(kind='none'" in caplog.text
+    flags = "--config.model.overrides.rope_scaling.kind=none --config.model.overrides."
+    assert flags + "rope_scaling.factor=1.0 " in caplog.text
+    assert "rope_scaling.original_max_position=8192 keeps the checkpoint's" in caplog.text
 
 
 def test_a_directory_that_is_not_a_checkpoint_is_named(tmp_path):
@@ -220,7 +232,8 @@ def test_every_problem_is_named_in_one_error(one_layer_checkpoint, tokenizer_300
     with pytest.raises(InputError) as error:
         check_inputs(tiny(config))
     message = str(error.value)
-    assert "vocab_size=512 (config: 260), num_layers=1 (config: 2)" in message
+    assert "vocab_size=512 (config: 260; --config.model.overrides.vocab_size=512), " in message
+    assert "num_layers=1 (config: 2; --config.model.overrides.num_layers=1)" in message
     assert f"config.data.train: no .jsonl.zst/.jsonl/.parquet shards found at '{tmp_path}" in (
         message
     )

@@ -1,0 +1,111 @@
+"""The table of a Hugging Face checkpoint's tensors and our parameters: each HF name (per layer
+where it holds `{i}`), the parameter path it maps to, and how its layout differs (`Weight`);
+`weights(config)` lists those a config has (attention biases, an untied head).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+from flax import nnx, traverse_util
+
+from dga_jax.model.config import ModelConfig
+from dga_jax.model.llama import Llama
+
+Path = tuple[str, ...]
+ParamReader = Callable[[Path], np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class Weight:
+    """One HF tensor (one per layer where `hf` holds `{i}`) and the parameter it maps to.
+
+    A Linear weight (`in_dims` > 0) is [out, in] in HF and [*in, *out] here, its first `in_dims`
+    axes being the input ones: q [d, H, hd] <- q_proj [H*hd, d] (in_dims=1) and
+    o [H, hd, d] <- o_proj [d, H*hd] (in_dims=2). A `flat` one (a bias) is one axis in HF:
+    q_bias [H, hd] <- q_proj.bias [H*hd]. Other weights are stored as they are.
+    """
+
+    hf: str
+    path: Path
+    in_dims: int = 0
+    flat: bool = False
+
+    @property
+    def stacked(self) -> bool:
+        """Whether this is a per-layer weight, stacked on a leading `num_layers` axis here."""
+        return "{i}" in self.hf
+
+    def names(self, num_layers: int) -> list[str]:
+        """The HF names, layer by layer for a stacked weight."""
+        if not self.stacked:
+            return [self.hf]
+        return [self.hf.format(i=i) for i in range(num_layers)]
+
+    def layer_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one layer's slice of our parameter of this `shape`."""
+        return tuple(shape[1:]) if self.stacked else tuple(shape)
+
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """HF's shape for one of our (per-layer) shapes."""
+        if self.flat:
+            return (math.prod(shape),)
+        if not self.in_dims:
+            return tuple(shape)
+        return (math.prod(shape[self.in_dims :]), math.prod(shape[: self.in_dims]))
+
+    def to_ours(self, tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """HF tensor [out, in] -> ours [*in, *out] (a view where no transpose is needed)."""
+        return tensor.T.reshape(shape) if self.in_dims else tensor.reshape(shape)
+
+    def to_hf(self, array: np.ndarray) -> np.ndarray:
+        """Ours [*in, *out] -> HF [out, in] (flat: one axis)."""
+        if self.flat:
+            return array.reshape(-1)
+        if not self.in_dims:
+            return array
+        return array.reshape(math.prod(array.shape[: self.in_dims]), -1).T
+
+
+_LAYER = "model.layers.{i}."
+EMBED = Weight("model.embed_tokens.weight", ("embed",))
+_WEIGHTS = (
+    EMBED,
+    Weight(_LAYER + "input_layernorm.weight", ("layers", "attn_norm", "weight")),
+    Weight(_LAYER + "self_attn.q_proj.weight", ("layers", "attn", "q"), 1),
+    Weight(_LAYER + "self_attn.k_proj.weight", ("layers", "attn", "k"), 1),
+    Weight(_LAYER + "self_attn.v_proj.weight", ("layers", "attn", "v"), 1),
+    Weight(_LAYER + "self_attn.o_proj.weight", ("layers", "attn", "o"), 2),
+    Weight(_LAYER + "post_attention_layernorm.weight", ("layers", "mlp_norm", "weight")),
+    Weight(_LAYER + "mlp.gate_proj.weight", ("layers", "mlp", "gate"), 1),
+    Weight(_LAYER + "mlp.up_proj.weight", ("layers", "mlp", "up"), 1),
+    Weight(_LAYER + "mlp.down_proj.weight", ("layers", "mlp", "down"), 1),
+    Weight("model.norm.weight", ("norm", "weight")),
+)
+_QKV_BIASES = tuple(
+    Weight(_LAYER + f"self_attn.{name}_proj.bias", ("layers", "attn", f"{name}_bias"), flat=True)
+    for name in "qkv"
+)
+_O_BIAS = Weight(_LAYER + "self_attn.o_proj.bias", ("layers", "attn", "o_bias"))
+LM_HEAD = Weight("lm_head.weight", ("lm_head",), 1)
+
+
+def weights(config: ModelConfig) -> tuple[Weight, ...]:
+    """Every weight of a model with this config: the attention biases it has (`qkv_bias`,
+    `o_bias`), `lm_head` only when it is not tied."""
+    optional = ((_QKV_BIASES, config.qkv_bias), ((_O_BIAS,), config.o_bias))
+    optional += (((LM_HEAD,), not config.tie_embeddings),)
+    return _WEIGHTS + sum((group for group, present in optional if present), ())
+
+
+def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:
+    """Path -> shape of each parameter of `Llama(config)` ([N, ...] for per-layer ones)."""
+
+    def build() -> Llama:
+        return Llama(config, rngs=nnx.Rngs(0))
+
+    params = nnx.to_pure_dict(nnx.state(nnx.eval_shape(build), nnx.Param))
+    return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(params).items()}
