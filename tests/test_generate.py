@@ -595,6 +595,14 @@ SHARDED = textwrap.dedent(
         with jax.set_mesh(make_mesh(shape)):
             got = dga_jax.generate(Llama(ordered, rngs=nnx.Rngs(0)), long, 6)
         assert got == expected, (order, shape, got, expected)
+    # a dense model on that split runs blockwise only: the model's key is named
+    dense_xla = config.replace(attention="dense", attention_impl="xla")
+    with jax.set_mesh(make_mesh((2, 1, 4, 1))):
+        try:
+            dga_jax.generate(Llama(dense_xla, rngs=nnx.Rngs(0)), long, 2)
+            raise AssertionError("a dense 'xla' model ran on a split sequence")
+        except ValueError as error:
+            assert str(error).startswith("model.attention_impl='xla': dense attention"), error
     # the lm-eval backend from its CLI arguments: loaded sharded on the mesh it names
     ckpt = tempfile.mkdtemp() + "/ckpt"
     save_model(Llama(config, rngs=nnx.Rngs(0)), ckpt)

@@ -187,6 +187,19 @@ class DGAttention(nnx.Module):
                 q, k, v, q_far, k_far, self.config.sinks, implementation=self.config.attention_impl
             )
 
+    def _check_split_dense(self, split: ContextSplit) -> None:
+        """Dense attention over a sequence the "dga" strategy splits (K and V gathered) runs
+        "blockwise" only: the model's key named, not the op's argument (training refuses it
+        up front: `train.setup.check_mesh_fits`; generation and evaluation reach it here)."""
+        impl = self.config.attention_impl
+        if split.shards > 1 and impl not in (None, "blockwise"):
+            raise ValueError(
+                f"model.attention_impl={impl!r}: dense attention over a sequence split over the "
+                f"mesh by context_parallel={self.config.context_parallel!r} (the 'dga' "
+                "strategy) runs 'blockwise' only: set attention_impl='blockwise' or None, or "
+                "context_parallel='ulysses' where the KV heads split over the devices"
+            )
+
     def _check_whole_sequences(self) -> None:
         """The baselines run on whole sequences: batch and heads split by the compiler under a
         mesh; a sequence split over `seq` is refused (no context parallelism)."""
@@ -233,6 +246,7 @@ class DGAttention(nnx.Module):
         """Dense attention, or DGA's (with its `layout`, if built already)."""
         config = self.config
         if config.attention == "dense":
+            self._check_split_dense(split)
             return dense_attention(q, k, v, implementation=config.attention_impl, split=split)
         return dga_attention(
             q,
