@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from dga_jax import DEFAULT_RULES, Llama, make_mesh
 from dga_jax.errors import ConfigError
 from dga_jax.model.config import BASELINE_KINDS
+from dga_jax.ops.dense import SPLIT_IMPLEMENTATIONS
 from dga_jax.ops.dga.sharded import axis_names, choose_strategy, shard_count
 from train.batches import addressed_rows
 from train.config import TrainConfig
@@ -167,7 +168,7 @@ def _check_split_dense(config: TrainConfig, ulysses_fits: bool) -> None:
     """Dense attention over a sequence the "dga" strategy splits runs "blockwise" only
     (`dense_attention`): another attention_impl would fail inside tracing."""
     impl, strategy = config.model.attention_impl, config.mesh.context_parallel
-    if config.model.attention != "dense" or impl in (None, "blockwise"):
+    if config.model.attention != "dense" or impl in SPLIT_IMPLEMENTATIONS:
         return
     how = f"config.mesh.context_parallel={strategy!r}"
     how += "" if strategy == "dga" else " (which resolved to 'dga')"

@@ -96,9 +96,8 @@ LM_HEAD = Weight("lm_head.weight", ("lm_head",), 1)
 def weights(config: ModelConfig) -> tuple[Weight, ...]:
     """Every weight of a model with this config: the attention biases it has (`qkv_bias`,
     `o_bias`), `lm_head` only when it is not tied."""
-    optional = ((_QKV_BIASES, config.qkv_bias), ((_O_BIAS,), config.o_bias))
-    optional += (((LM_HEAD,), not config.tie_embeddings),)
-    return _WEIGHTS + sum((group for group, present in optional if present), ())
+    biases = (_QKV_BIASES if config.qkv_bias else ()) + ((_O_BIAS,) if config.o_bias else ())
+    return _WEIGHTS + biases + (() if config.tie_embeddings else (LM_HEAD,))
 
 
 def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:

@@ -16,7 +16,7 @@ from dga_jax.model.config import ModelConfig
 from dga_jax.model.inputs import checked_positions
 from dga_jax.model.layers import apply_rope, param, project, rope_frequencies
 from dga_jax.ops.context import ContextSplit
-from dga_jax.ops.dense import dense_attention
+from dga_jax.ops.dense import SPLIT_IMPLEMENTATIONS, dense_attention
 from dga_jax.ops.dense_decode import DenseCache, DenseUpdate
 from dga_jax.ops.dga.api import dga_attention
 from dga_jax.ops.dga.backends import default_for, importance_implementation
@@ -192,7 +192,7 @@ class DGAttention(nnx.Module):
         "blockwise" only: the model's key named, not the op's argument (training refuses it
         up front: `train.setup.check_mesh_fits`; generation and evaluation reach it here)."""
         impl = self.config.attention_impl
-        if split.shards > 1 and impl not in (None, "blockwise"):
+        if split.shards > 1 and impl not in SPLIT_IMPLEMENTATIONS:
             raise ValueError(
                 f"model.attention_impl={impl!r}: dense attention over a sequence split over the "
                 f"mesh by context_parallel={self.config.context_parallel!r} (the 'dga' "

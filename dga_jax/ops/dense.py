@@ -22,6 +22,8 @@ from dga_jax.ops.tiles import BlockSizes
 from dga_jax.sharding import with_auto_axes
 
 DENSE_IMPLEMENTATIONS = ("xla", "blockwise", "cudnn")
+# What runs over a sequence split by a ContextSplit (K and V gathered): None there is "blockwise".
+SPLIT_IMPLEMENTATIONS = (None, "blockwise")
 # "blockwise" tiles: over the whole past, 512 x 512 ran its forward+backward 1-4% faster than
 # DGA's default 1024 x 256 (tiny model's shapes, 16K, CPU; benchmarks/RESULTS.md).
 DENSE_BLOCKS = BlockSizes(block_q=512, block_k=512)
@@ -53,7 +55,7 @@ def dense_attention(
         raise ValueError(f"split must be a dga_jax ContextSplit, got {split!r}")
     check_split(split, "dense_attention")
     if split.shards > 1:
-        if implementation not in (None, "blockwise"):
+        if implementation not in SPLIT_IMPLEMENTATIONS:
             raise ValueError(
                 f"dense attention over a split sequence runs 'blockwise', not {implementation!r}"
                 " (or use context_parallel='ulysses', which keeps sequences whole)"
