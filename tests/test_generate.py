@@ -106,6 +106,17 @@ def test_dense_decoding_equals_the_dense_forward():
     assert_close(prefill_then_decode(llama, x, 12), jax.jit(llama.__call__)(x), TOL)
 
 
+def test_sliding_window_decoding_equals_its_forward():
+    # Mistral's window: each token sees the 5 last keys, its own included, prefilled or decoded.
+    llama = Llama(TINY.replace(attention="dense", sliding_window=5), rngs=nnx.Rngs(0))
+    x = tokens(t=30)
+    forward = jax.jit(llama.__call__)(x)
+    assert_close(prefill_then_decode(llama, x, 12), forward, TOL)
+    causal = jax.jit(model("dense").__call__)(x)
+    assert_close(forward[:, :5], causal[:, :5], TOL)  # their whole past fits in the window
+    assert float(jnp.abs(forward[:, 5:] - causal[:, 5:]).max()) > 1e-2
+
+
 def test_rows_of_different_lengths_equal_their_runs_alone():
     # Global selection depends on the prompt length: each row must see only its own tokens.
     # Rows of one length are prefilled together: grouped, the rows come out as 0, 3, 1, 2, an
@@ -307,6 +318,16 @@ def test_reading_past_max_position_raises_before_running(attention):
     with pytest.raises(ValueError, match=re.escape(message + "max_position=12")):
         dga_jax.stream(llama, [[1, 2], [1, 2, 3, 4, 5, 6]], 8)
     assert len(dga_jax.generate(llama, [[1, 2, 3, 4, 5, 6]], 7)[0]) == 7  # positions 0..11
+
+
+def test_a_sliding_window_within_max_position_streams_past_it():
+    # Every RoPE distance stays below the window, as StreamingLLM's stay below its own.
+    config = TINY.replace(attention="dense", max_position=8)
+    windowed = Llama(config.replace(sliding_window=8), rngs=nnx.Rngs(0))
+    assert len(dga_jax.generate(windowed, [[1, 2, 3, 4, 5, 6]], 7)[0]) == 7
+    wide = Llama(config.replace(sliding_window=9), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="past the model's max_position=8"):
+        dga_jax.generate(wide, [[1, 2, 3, 4, 5, 6]], 7)
 
 
 def test_streaming_llm_streams_past_max_position():

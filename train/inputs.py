@@ -20,7 +20,7 @@ from train.config import TrainConfig
 
 # Model fields that shape no weight but change what the weights compute: the run takes
 # config.model's, whatever the checkpoint was trained with.
-NUMERIC_FIELDS = ("rope_theta", "rope_scaling", "max_position", "norm_eps")
+NUMERIC_FIELDS = ("rope_theta", "rope_scaling", "max_position", "norm_eps", "sliding_window")
 
 CONVERT = "python -m dga_jax.checkpoint.convert hf-to-orbax --hf_dir <HF model dir> --out {}"
 
@@ -66,6 +66,8 @@ def _warn_numeric_changes(path: str, stored, config: TrainConfig) -> None:
     deliberate change, such as a larger RoPE base, is allowed)."""
     for name in NUMERIC_FIELDS:
         ours, theirs = getattr(config.model, name), getattr(stored, name)
+        if name == "sliding_window" and config.model.attention != "dense":
+            continue  # DGA and the baselines replace dense attention, window and all
         if ours != theirs:
             logging.warning(
                 "config.init_checkpoint %r was trained with %s=%s; the run trains with "
@@ -81,6 +83,8 @@ def _warn_numeric_changes(path: str, stored, config: TrainConfig) -> None:
 def _override_flags(name: str, theirs, ours) -> str:
     """The command-line flags that set config.model's `name` to the checkpoint's value: one
     per differing field of a nested config (rope_scaling)."""
+    if theirs is None:  # no flag takes None: the presets leave these fields unset
+        return f"no --config.model.overrides.{name} flag"
     if not dataclasses.is_dataclass(theirs):
         return f"--config.model.overrides.{name}={theirs}"
     return " ".join(

@@ -105,7 +105,15 @@ class DGAttention(nnx.Module):
                     q, k, dga, config.head_dim**-0.5, lengths=lengths, passes=passes
                 )
         cache = prefill(
-            q, k, v, max_len=max_len, config=dga, capacity=capacity, lengths=lengths, layout=layout
+            q,
+            k,
+            v,
+            max_len=max_len,
+            config=dga,
+            capacity=capacity,
+            lengths=lengths,
+            layout=layout,
+            window=config.sliding_window,
         )
         return self._project(self._attend(q, k, v, lengths, layout, zigzag=False)), cache
 
@@ -247,7 +255,14 @@ class DGAttention(nnx.Module):
         config = self.config
         if config.attention == "dense":
             self._check_split_dense(split)
-            return dense_attention(q, k, v, implementation=config.attention_impl, split=split)
+            return dense_attention(
+                q,
+                k,
+                v,
+                implementation=config.attention_impl,
+                split=split,
+                window=config.sliding_window,
+            )
         return dga_attention(
             q,
             k,

@@ -78,6 +78,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute
     param_dtype: str = "float32"
     attention: str = "dense"
+    # Dense attention's sliding window (Mistral's sliding_window): keys per query, its own
+    # included; None: the whole past. The other kinds replace dense attention, window and all.
+    sliding_window: int | None = None
     dga: DGAConfig = DGAConfig()
     streaming_llm: StreamingLLMConfig = StreamingLLMConfig()
     lm_infinite: LMInfiniteConfig = LMInfiniteConfig()
@@ -142,6 +145,7 @@ class ModelConfig:
             )
         if self.attention == "minference":
             self.minference.check_fits(self.max_position)
+        _check_sliding_window(self)
 
     @property
     def sinks(self) -> SinkConfig | None:
@@ -150,9 +154,12 @@ class ModelConfig:
 
     def positions_fit(self, count: int) -> bool:
         """Whether positions 0 .. count - 1 are the model's: within max_position, or any count
-        for StreamingLLM and LM-Infinite, whose windows cap every RoPE distance. Past it RoPE
-        has no table to run out of: the model would extrapolate silently."""
-        return self.sinks is not None or count <= self.max_position
+        for StreamingLLM, LM-Infinite and a sliding window within max_position, which cap every
+        RoPE distance. Past it RoPE has no table to run out of: the model would extrapolate
+        silently."""
+        window = self.sliding_window
+        capped = self.sinks is not None or (window is not None and window <= self.max_position)
+        return capped or count <= self.max_position
 
     @property
     def compute_dtype(self) -> jnp.dtype:
@@ -249,6 +256,21 @@ def _check_numbers(config: ModelConfig) -> None:
     eos = config.eos_token_ids
     if eos is not None and not (isinstance(eos, tuple) and all(map(_is_int, eos))):
         raise ValueError(f"model.eos_token_ids must be a tuple of ints or None, got {eos!r}")
+
+
+def _check_sliding_window(config: ModelConfig) -> None:
+    """sliding_window: keys >= 1, on dense attention only (DGA and the baselines replace it)."""
+    window = config.sliding_window
+    if window is None:
+        return
+    if not _is_int(window) or window < 1:
+        raise ValueError(f"model.sliding_window must be an int >= 1 or None, got {window!r}")
+    if config.attention != "dense":
+        raise ValueError(
+            f"model.sliding_window={window} is dense attention's (Mistral's); "
+            f"attention={config.attention!r} replaces it, window and all: set "
+            "model.sliding_window=None to run this attention instead"
+        )
 
 
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_ids", "pad_token_id")

@@ -4,17 +4,20 @@
 - "blockwise": flash-style in XLA with causal block skipping, memory linear in L: the fair dense
   reference for long L on CPU (the same code DGA's XLA path runs, over all L tokens);
 - "cudnn": `jax.nn.dot_product_attention(implementation="cudnn")`, on NVIDIA GPUs.
+
+Each takes a sliding `window` (Mistral's `sliding_window`): query t sees keys t - window + 1 .. t.
+"blockwise" then walks each query block's window only (the keys as a band of intervals
+[j, j + window)), so its work is O(L window), not O(L^2).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.checks import check_block_sizes, check_launch, check_qkv, check_split
+from dga_jax.ops.checks import check_block_sizes, check_launch, check_qkv, check_split, is_int
 from dga_jax.ops.context import WHOLE, ContextSplit
 from dga_jax.ops.intervals import Entries, interval_attention
 from dga_jax.ops.target import placed_target
@@ -38,8 +41,12 @@ def dense_attention(
     implementation: str | None = None,
     block_sizes: BlockSizes | None = None,
     split: ContextSplit = WHOLE,
+    window: int | None = None,
 ) -> jax.Array:
     """Causal softmax attention. q [B, L, Hq, D], k/v [B, L, Hkv, D] -> [B, L, Hq, D].
+
+    `window`: a sliding window of that many keys, the query's own included (key j is seen by
+    queries j .. j + window - 1, as transformers' Mistral `sliding_window`); None: all the past.
 
     `implementation=None` picks "cudnn" for float16/bfloat16 inputs placed on GPUs (all cuDNN
     supports) and "xla" otherwise. Under a `split` (inside `shard_map` over its mesh axes, each
@@ -54,6 +61,7 @@ def dense_attention(
     if not isinstance(split, ContextSplit):
         raise ValueError(f"split must be a dga_jax ContextSplit, got {split!r}")
     check_split(split, "dense_attention")
+    check_window(window)
     if split.shards > 1:
         if implementation not in SPLIT_IMPLEMENTATIONS:
             raise ValueError(
@@ -81,29 +89,51 @@ def dense_attention(
         implementation=implementation,
         block_sizes=check_launch(check_block_sizes(block_sizes, DENSE_BLOCKS), implementation),
         split=split,
+        window=window,
         upcast=implementation == "xla" and platform == "cpu" and q.dtype == jnp.float16,
     )
     return with_auto_axes(run, q, k, v)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("scale", "implementation", "block_sizes", "split", "upcast")
+    jax.jit,
+    static_argnames=("scale", "implementation", "block_sizes", "split", "window", "upcast"),
 )
-def _dense(q, k, v, *, scale, implementation, block_sizes, split, upcast):
+def _dense(q, k, v, *, scale, implementation, block_sizes, split, window, upcast):
+    if window is not None and window >= k.shape[1] * split.shards:
+        window = None  # every query sees its whole past anyway
     if implementation != "blockwise":
         # XLA:CPU has no float16 dot accumulating in float32 (it raises "precision
         # 'F16_F16_F32' is not supported"): `upcast` runs float16 in float32 there.
         qkv = [x.astype(jnp.float32) for x in (q, k, v)] if upcast else (q, k, v)
         out = jax.nn.dot_product_attention(
-            *qkv, scale=scale, is_causal=True, implementation=implementation
+            *qkv,
+            scale=scale,
+            is_causal=True,
+            local_window_size=None if window is None else (window - 1, 0),
+            implementation=implementation,
         )
         return out.astype(q.dtype)
     k, v = split.gather_sequence(k, axis=1), split.gather_sequence(v, axis=1)
     b, seq_len, hkv, _ = k.shape
-    keys = Entries(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), None)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     out = []
     for rows, first in zip(split.piece_rows(q), split.firsts(q.shape[1]), strict=True):
         positions = jnp.arange(seq_len, dtype=jnp.int32) - first  # query row r: position first + r
-        tokens = dataclasses.replace(keys, start=jnp.broadcast_to(positions, (b, hkv, seq_len)))
-        out.append(interval_attention(rows, tokens, scale=scale, block_sizes=block_sizes))
+        start = jnp.broadcast_to(positions, (b, hkv, seq_len))
+        if window is None:  # every key a prefix entry: visible for ever
+            attend = functools.partial(interval_attention, rows, Entries(kt, vt, start))
+        else:  # every key in the band, visible for `window` positions; no prefix
+            empty = Entries(kt[:, :, :0], vt[:, :, :0], start[:, :, :0])
+            band = Entries(kt, vt, start, start + window)
+            attend = functools.partial(interval_attention, rows, empty, band, band_lag=window - 1)
+        out.append(attend(scale=scale, block_sizes=block_sizes))
     return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
+
+
+def check_window(window) -> None:
+    """A sliding window is a number of keys >= 1, or None (none)."""
+    if window is not None and (not is_int(window) or window < 1):
+        raise ValueError(
+            f"window must be an int >= 1 (keys, the query's own included) or None, got {window!r}"
+        )

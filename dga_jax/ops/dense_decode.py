@@ -14,17 +14,23 @@ import jax
 import jax.numpy as jnp
 
 from dga_jax.ops.checks import check_lengths, is_int
+from dga_jax.ops.dense import check_window
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DenseCache:
-    """One layer's dense KV cache: every token, in position order."""
+    """One layer's dense KV cache: every token, in position order.
+
+    With a sliding `window` (`dense_attention`'s) a token attends to the last `window` keys,
+    its own included; the cache still keeps every token (slot = position).
+    """
 
     k: jax.Array  # [B, H, max_len, D]
     v: jax.Array  # [B, H, max_len, D]
     length: jax.Array  # [B] int32: tokens seen, i.e. the position (and slot) of the next token
     scale: float = dataclasses.field(metadata=dict(static=True))
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
     def max_len(self) -> int:
@@ -40,7 +46,10 @@ class DenseCache:
         """
         check_token(q, k, v, self.k.shape[0], self.k.shape[1], self.k.shape[3])
         new = (k[:, :, None], v[:, :, None], jnp.ones((k.shape[0], 1), bool), None)
-        valid = jnp.arange(self.max_len) < self.length[:, None]  # [B, max_len]
+        slots = jnp.arange(self.max_len)
+        valid = slots < self.length[:, None]  # [B, max_len]
+        if self.window is not None:  # the new token is the window's last key
+            valid &= slots > self.length[:, None] - self.window
         parts = [(self.k, self.v, valid, None), new]
         out = attend_entries(q, parts, self.scale, self.length >= self.max_len)
         return out, DenseUpdate(k, v)
@@ -49,7 +58,7 @@ class DenseCache:
         """Writes the new token at slot `length`."""
         k = write_slot(self.k, self.length, update.k)
         v = write_slot(self.v, self.length, update.v)
-        return DenseCache(k, v, self.length + 1, self.scale)
+        return dataclasses.replace(self, k=k, v=v, length=self.length + 1)
 
 
 @jax.tree_util.register_dataclass
@@ -61,19 +70,23 @@ class DenseUpdate:
     v: jax.Array  # [B, H, D]
 
 
-def dense_prefill(k: jax.Array, v: jax.Array, scale: float, max_len: int, length) -> DenseCache:
+def dense_prefill(
+    k: jax.Array, v: jax.Array, scale: float, max_len: int, length, window: int | None = None
+) -> DenseCache:
     """The cache after a prompt k, v [B, P, Hkv, D], rows valid up to `length`: the int P, or
-    integers [B] in [1, P] (checked where concrete, clipped where traced).
+    integers [B] in [1, P] (checked where concrete, clipped where traced); `window`: the
+    sliding window decoding attends over (None: every token).
 
     Slots past a row's length hold padding; decoding overwrites them.
     """
+    check_window(window)
     b, prompt_len = k.shape[:2]
     pad = ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0))
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, P, D]
     if not is_int(length):
         length = jnp.clip(check_lengths(length, b, prompt_len), 0, prompt_len)
     length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (b,))
-    return DenseCache(jnp.pad(kt, pad), jnp.pad(vt, pad), length, scale)
+    return DenseCache(jnp.pad(kt, pad), jnp.pad(vt, pad), length, scale, window)
 
 
 def check_token(q, k, v, batch: int, kv_heads: int, head_dim: int) -> None:

@@ -124,6 +124,11 @@ def test_ints_are_floats_and_none_is_the_default_impl():
         (dict(streaming_llm={"start_size": 4}), r"^model\.streaming_llm must be a Streaming"),
         (dict(lm_infinite={"local_size": 8}), r"^model\.lm_infinite must be a LMInfinite"),
         (dict(attention="minference", minference={}), r"^model\.minference must be a MInf"),
+        (dict(sliding_window=0), r"^model\.sliding_window must be an int >= 1 or None, got 0$"),
+        (dict(sliding_window=4.0), r"^model\.sliding_window must be an int >= 1"),
+        # DGA and the baselines replace dense attention: a window there would be ignored
+        (dict(attention="dga", sliding_window=8), r"sliding_window=8 is dense attention's"),
+        (dict(attention="lm_infinite", sliding_window=8), r"attention='lm_infinite' replaces"),
     ],
 )
 def test_bad_values_are_rejected_by_name(changes, match):

@@ -166,6 +166,11 @@ EQUALITY = PRELUDE + textwrap.dedent(
     check(attention, q8, k8, v8, (2, 1, 2, 2), "ulysses", "streaming", zigzag=True)
     check(blockwise, q, k, v, (1, 1, 8, 1), "dga", "dense", zigzag=True)
     check(dense, q8, k8, v8, (1, 1, 8, 1), "ulysses", "dense", zigzag=True)
+    # A sliding window (Mistral's) over the gathered keys: wider than a device's 8 (or 4 + 4
+    # zig-zag) positions, so each device's queries reach into other devices' keys.
+    windowed = functools.partial(blockwise, window=11)
+    check(windowed, q, k, v, (1, 1, 8, 1), "dga", "dense window", zigzag=True)
+    check(windowed, q, k, v, (1, 1, 4, 2), "dga", "dense window")
     print("ok")
     """
 )

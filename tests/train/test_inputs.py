@@ -173,6 +173,31 @@ def test_a_checkpoint_trained_with_another_rope_scaling_is_said(one_layer_checkp
     assert "rope_scaling.original_max_position=8192 keeps the checkpoint's" in caplog.text
 
 
+def test_a_checkpoint_trained_with_another_sliding_window_is_said(
+    one_layer_checkpoint, tmp_path, caplog
+):
+    # Dense attention's window changes what the weights compute: said, as rope_theta is.
+    changes = {"model.overrides.num_layers": 1, "model.overrides.attention": "dense"}
+    with caplog.at_level("WARNING"):
+        check_inputs(tiny({**changes, "init_checkpoint": str(one_layer_checkpoint),
+                           "model.overrides.sliding_window": 64}))  # fmt: skip
+    assert "trained with sliding_window=None; the run trains with config.model's 64" in (
+        caplog.text
+    )
+    assert "(no --config.model.overrides.sliding_window flag keeps the checkpoint's)" in (
+        caplog.text
+    )
+    # DGA replaces dense attention, window and all: nothing to say of a windowed checkpoint.
+    with jax.set_mesh(make_mesh((1, 1, 1, 1))):
+        windowed = ModelConfig.preset("tiny", num_layers=1, sliding_window=64)
+        save_model(Llama(windowed, rngs=nnx.Rngs(0)), tmp_path / "windowed")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        check_inputs(tiny({"model.overrides.num_layers": 1,
+                           "init_checkpoint": str(tmp_path / "windowed")}))  # fmt: skip
+    assert "sliding_window" not in caplog.text
+
+
 def test_a_directory_that_is_not_a_checkpoint_is_named(tmp_path):
     (tmp_path / "weights").mkdir()
     with pytest.raises(InputError, match="not a model checkpoint") as error:

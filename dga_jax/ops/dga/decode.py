@@ -143,8 +143,10 @@ def prefill(
     capacity: int | None = None,
     lengths: jax.Array | None = None,
     layout: DGALayout | None = None,
+    window: int | None = None,
 ) -> DGACache | DenseCache:
-    """The cache after the P prompt tokens: DGA's (`config`) or, with `config=None`, dense.
+    """The cache after the P prompt tokens: DGA's (`config`) or, with `config=None`, dense
+    (with a sliding `window`, `dense_attention`'s, if given).
 
     q: [B, P, Hq, D], k/v: [B, P, Hkv, D] (RoPE applied, checked as `dga_attention`'s), P may
     be 0. `max_len` is the most tokens the cache will ever hold; `capacity` overrides the DGA
@@ -164,7 +166,10 @@ def prefill(
     scale = _check_prefill(q, k, v, max_len, config, scale, capacity, layout)
     prompt_len = q.shape[1]
     if config is None:
-        return dense_prefill(k, v, scale, max_len, prompt_len if lengths is None else lengths)
+        length = prompt_len if lengths is None else lengths
+        return dense_prefill(k, v, scale, max_len, length, window)
+    if window is not None:
+        raise ValueError(f"window={window!r} is dense attention's sliding window; DGA has none")
     lengths = check_lengths(lengths, q.shape[0], prompt_len)  # a given layout checked none
     if capacity is None:
         every = [prompt_len] if lengths is None else np.arange(1, max(prompt_len, 1) + 1)
