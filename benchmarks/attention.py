@@ -7,7 +7,9 @@ their own hardware only: interpret mode says nothing about speed) and "xla" ("dg
 is each row's time over the first DGA implementation's (the kernel where there is one). A DGA
 implementation may name its tiles: `dga_pallas_gpu@128x64` runs `BlockSizes(block_q=128,
 block_k=64)` (the rest default), `dga_pallas_gpu@128x64w4s3` also Triton's launch (4 warps, 3
-stages; `block_args.py`), for a sweep side by side.
+stages; `block_args.py`), for a sweep side by side. `--window W` gives the dense
+implementations a sliding window of W keys (Mistral's `sliding_window`): DGA against a
+windowed dense model.
 Defaults: L in {2K, ..., 32K}, B=1, Hq=Hkv=8, D=128, gamma=0.1, m=16, float32 on CPU and
 bfloat16 on an accelerator. The issue's GPU table: `--heads 32 --kv-heads 32 --lengths
 4096,8192,16384,32768 --impls dga_pallas_gpu,dga_xla,dense_cudnn` (bfloat16 by default).
@@ -23,7 +25,7 @@ skipped, not run, when that peak exceeds free host memory (MemAvailable less 2 G
 device memory, when its per-call time extrapolated quadratically from the previous length
 exceeds `--max-seconds`, or when it raises (e.g. RESOURCE_EXHAUSTED). On GPU the JSON also holds
 the device's `peak_bytes_in_use`, a process-wide high-water mark. Results go to
-`benchmarks/results/attention_<backend>[_quick].{json,png}`.
+`benchmarks/results/attention_<backend>[_quick][_w<W>].{json,png}`.
 
 Expected (the issue's goal): on CPU at L=16K, DGA's forward is at least 3x faster than dense xla
 and faster than dense blockwise, its forward+backward at least 2x faster; at L=32K DGA still
@@ -116,6 +118,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-seconds", type=positive_float, default=180.0, help="skip longer predicted calls"
     )
+    p.add_argument(
+        "--window",
+        type=positive_int,
+        help="dense implementations: a sliding window of this many keys (Mistral's); DGA as is",
+    )
     args = p.parse_args(argv)
     check_attention_args(p, args)
     backend = jax.default_backend()
@@ -172,7 +179,9 @@ def attention(impl: str, args: argparse.Namespace) -> Callable[..., jax.Array]:
             implementation=impl.partition("@")[0].removeprefix("dga_"),
             block_sizes=_tiled(impl),
         )
-    return functools.partial(dga_jax.dense_attention, implementation=impl.removeprefix("dense_"))
+    return functools.partial(
+        dga_jax.dense_attention, implementation=impl.removeprefix("dense_"), window=args.window
+    )
 
 
 def step(impl: str, mode: str, args: argparse.Namespace) -> Callable[..., Any]:
@@ -312,7 +321,8 @@ def main(argv: list[str] | None = None) -> None:
     for record in records:
         print(format_row(record, dga.get((record.L, record.mode)), args.baseline))
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"attention_{env['backend']}{'_quick' if args.quick else ''}"
+    window = f"_w{args.window}" if args.window else ""
+    stem = args.out / f"attention_{env['backend']}{'_quick' if args.quick else ''}{window}"
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     rows = [dataclasses.asdict(r) for r in records]
     result = {"config": config, "environment": env, "records": rows}

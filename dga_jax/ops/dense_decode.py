@@ -20,22 +20,24 @@ from dga_jax.ops.dense import check_window
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DenseCache:
-    """One layer's dense KV cache: every token, in position order.
+    """One layer's dense KV cache: every token, in position order (slot = position).
 
-    With a sliding `window` (`dense_attention`'s) a token attends to the last `window` keys,
-    its own included; the cache still keeps every token (slot = position).
+    With a sliding `window` (`dense_attention`'s: a token attends to the last `window` keys, its
+    own included) the cache is a ring of `window` slots, position p in slot p % window: the new
+    token overwrites the one that leaves its window, so memory and each step's work stay
+    O(window) however long decoding runs.
     """
 
-    k: jax.Array  # [B, H, max_len, D]
-    v: jax.Array  # [B, H, max_len, D]
-    length: jax.Array  # [B] int32: tokens seen, i.e. the position (and slot) of the next token
+    k: jax.Array  # [B, H, slots, D]
+    v: jax.Array  # [B, H, slots, D]
+    length: jax.Array  # [B] int32: tokens seen, i.e. the position of the next token
     scale: float = dataclasses.field(metadata=dict(static=True))
     window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
     @property
-    def max_len(self) -> int:
-        """Slots per row: k's next-to-last axis, also on a model's caches stacked over layers
-        ([num_layers, B, H, max_len, D])."""
+    def slots(self) -> int:
+        """Slots per row (max_len, or the window's ring): k's next-to-last axis, also on a
+        model's caches stacked over layers ([num_layers, B, H, slots, D])."""
         return self.k.shape[-2]
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, DenseUpdate]:
@@ -46,19 +48,22 @@ class DenseCache:
         """
         check_token(q, k, v, self.k.shape[0], self.k.shape[1], self.k.shape[3])
         new = (k[:, :, None], v[:, :, None], jnp.ones((k.shape[0], 1), bool), None)
-        slots = jnp.arange(self.max_len)
-        valid = slots < self.length[:, None]  # [B, max_len]
-        if self.window is not None:  # the new token is the window's last key
-            valid &= slots > self.length[:, None] - self.window
-        parts = [(self.k, self.v, valid, None), new]
-        out = attend_entries(q, parts, self.scale, self.length >= self.max_len)
+        slots = jnp.arange(self.slots)
+        # Written slots, less the one the new token takes: in a ring, the token leaving the window.
+        valid = (slots < self.length[:, None]) & (slots != self._slot()[:, None])
+        full = self.length >= self.slots if self.window is None else jnp.zeros_like(valid[:, 0])
+        out = attend_entries(q, [(self.k, self.v, valid, None), new], self.scale, full)
         return out, DenseUpdate(k, v)
 
     def apply(self, update: DenseUpdate) -> DenseCache:
-        """Writes the new token at slot `length`."""
-        k = write_slot(self.k, self.length, update.k)
-        v = write_slot(self.v, self.length, update.v)
+        """Writes the new token at its slot."""
+        k = write_slot(self.k, self._slot(), update.k)
+        v = write_slot(self.v, self._slot(), update.v)
         return dataclasses.replace(self, k=k, v=v, length=self.length + 1)
+
+    def _slot(self) -> jax.Array:
+        """[B] the new token's slot: its position, or in a ring that modulo the window."""
+        return self.length if self.window is None else self.length % self.window
 
 
 @jax.tree_util.register_dataclass
@@ -75,18 +80,34 @@ def dense_prefill(
 ) -> DenseCache:
     """The cache after a prompt k, v [B, P, Hkv, D], rows valid up to `length`: the int P, or
     integers [B] in [1, P] (checked where concrete, clipped where traced); `window`: the
-    sliding window decoding attends over (None: every token).
+    sliding window decoding attends over (None: every token; one of max_len or more never
+    binds, and is dropped).
 
     Slots past a row's length hold padding; decoding overwrites them.
     """
     check_window(window)
     b, prompt_len = k.shape[:2]
-    pad = ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0))
-    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, P, D]
     if not is_int(length):
         length = jnp.clip(check_lengths(length, b, prompt_len), 0, prompt_len)
     length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (b,))
-    return DenseCache(jnp.pad(kt, pad), jnp.pad(vt, pad), length, scale, window)
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, P, D]
+    if window is None or window >= max_len:
+        pad = ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0))
+        return DenseCache(jnp.pad(kt, pad), jnp.pad(vt, pad), length, scale)
+    if not prompt_len:  # nothing to place (a gather from no positions would read fill values)
+        ring = [jnp.zeros((b, x.shape[1], window, x.shape[3]), x.dtype) for x in (kt, vt)]
+    else:
+        positions = _ring_positions(length, window, prompt_len)[:, None, :, None]
+        ring = [jnp.take_along_axis(x, positions, axis=2) for x in (kt, vt)]
+    return DenseCache(*ring, length, scale, window)
+
+
+def _ring_positions(length: jax.Array, window: int, prompt_len: int) -> jax.Array:
+    """[B, window] the prompt position each ring slot s holds after `length` [B] tokens: the
+    last p < length with p % window == s (0 where none: such slots are never read)."""
+    s = jnp.arange(window, dtype=jnp.int32)
+    last = s + window * ((length[:, None] - 1 - s) // window)
+    return jnp.clip(last, 0, prompt_len - 1)
 
 
 def check_token(q, k, v, batch: int, kv_heads: int, head_dim: int) -> None:

@@ -37,3 +37,14 @@ def test_malformed_tiles_are_named(tmp_path):
     assert "dga_xla@64x64w4: Triton's warps and stages apply to dga_pallas_gpu" in result.stderr
     result = _run("--impls", "dga_pallas_gpu@64x64w6", "--out", str(tmp_path))
     assert result.returncode == 2 and "num_warps must be a power of two <= 32" in result.stderr
+
+
+def test_a_window_reaches_the_dense_implementations_and_the_file_name(tmp_path):
+    impls = "dga_xla,dense_blockwise,dense_xla"
+    args = ("--lengths", "256", "--modes", "fwd", "--impls", impls, "--window", "32")
+    result = _run(*args, "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "attention_cpu_quick_w32.json").read_text())
+    assert results["config"]["window"] == 32
+    assert all(r["status"] == "ok" for r in results["records"])
+    assert _run("--window", "0", "--out", str(tmp_path)).returncode == 2
