@@ -147,11 +147,14 @@ def attention_changes(
     kind, the DGA fields given (None keeps the stored value), and `settings`, fields of the
     kind's own config for the baselines (`{"recent_size": 1000}` for "streaming_llm"). A
     changed kind also resets `attention_impl` to its default, since an implementation names one
-    kind's backend (a dense checkpoint trained with "blockwise" is evaluated with DGA's)."""
+    kind's backend (a dense checkpoint trained with "blockwise" is evaluated with DGA's), and
+    drops a dense model's sliding window, which DGA and the baselines replace."""
     stored = load_config(ckpt_dir)
     changes: dict[str, Any] = {}
     if attention is not None and attention != stored.attention:
         changes.update(attention=attention, attention_impl=None)
+        if attention != "dense" and stored.sliding_window is not None:
+            changes["sliding_window"] = None  # dense attention's: the new kind replaces it
     given = dict(selection=selection, group_size=group_size, focal_ratio=focal_ratio)
     dga = {name: value for name, value in given.items() if value is not None}
     if dga:

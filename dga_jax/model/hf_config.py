@@ -1,4 +1,5 @@
-"""A Hugging Face LLaMA `config.json` as a `ModelConfig`, and back (for export).
+"""A Hugging Face LLaMA, Mistral or Qwen2 `config.json` as a `ModelConfig`, and back (for
+export); a sliding window (Mistral's, Qwen2's where every layer slides) is `sliding_window`.
 
 Every HF key is read by its type and named in errors by its HF name (`ConfigError`);
 `ModelConfig.from_hf` reads a file through `hf_to_config`.
@@ -22,15 +23,20 @@ from dga_jax.model.hf_rope import (
 from dga_jax.model.rope_scaling import RopeScaling
 
 SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
-# Each architecture's model_type. A Mistral without a sliding window (7B v0.2 and later) is
-# LLaMA: the same weights, computed the same way (`_check_mistral`); a Qwen2 without one is
-# LLaMA with biases on q, k and v (`_check_qwen2`).
+# Each architecture's model_type. A Mistral is LLaMA with a sliding window over every layer
+# (none: sliding_window null, as 7B v0.2 and later); a Qwen2 is LLaMA with biases on q, k and v,
+# read where every layer attends alike (`_qwen2_window`).
 _MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
 }
 _ARCHITECTURES = {kind: arch for arch, kind in _MODEL_TYPES.items()}  # absent architectures
+# The keys whose defaults in transformers differ from LlamaConfig's: they must be there.
+_DIFFERING_DEFAULTS = {
+    "mistral": ("max_position_embeddings",),
+    "qwen2": ("num_key_value_heads", "max_position_embeddings"),
+}
 _HF_REQUIRED = (
     "vocab_size",
     "hidden_size",
@@ -40,13 +46,14 @@ _HF_REQUIRED = (
 )
 
 SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN computes "swish" as SiLU too
+_QWEN2_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
 def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
-    """Maps the fields of a HF `LlamaConfig` dict (or a `MistralConfig` or `Qwen2Config`
-    without a sliding window: `_check_mistral`, `_check_qwen2`); other architectures, and a missing,
-    unsupported or mistyped (null, a string for a number or a bool) field, raise a `ConfigError`
-    naming the key."""
+    """Maps the fields of a HF `LlamaConfig`, `MistralConfig` or `Qwen2Config` dict (a Qwen2
+    whose layers attend alike: `_qwen2_window`); other architectures, and a missing, unsupported
+    or mistyped (null, a string for a number or a bool) field, raise a `ConfigError` naming the
+    key."""
     if not isinstance(hf, dict):
         raise ConfigError(f"a HF config must be a JSON object, got {type(hf).__name__}")
     archs = strict.check("architectures", hf.get("architectures"), tuple[str, ...] | None)
@@ -57,14 +64,10 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
             f"unsupported architecture {archs} (model_type "
             f"{hf.get('model_type')!r}); supported: {SUPPORTED_HF_ARCHITECTURES}"
         )
-    if model_type == "mistral":
-        _check_mistral(hf)
     _check_llama_variant(hf, model_type)
-    require(hf, _HF_REQUIRED, "")
+    require(hf, (*_HF_REQUIRED, *_DIFFERING_DEFAULTS.get(model_type, ())), "")
     for key in _HF_REQUIRED:
         strict.check(key, hf[key], int)
-    if model_type == "qwen2":
-        _check_qwen2(hf)
     heads, scaling = hf["num_attention_heads"], hf_rope_scaling(hf)
     # null num_key_value_heads / head_dim: transformers' defaults, as when absent
     kv_heads = hf_value(hf, "num_key_value_heads", int | None)
@@ -82,6 +85,7 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         max_position=_max_position(hf, scaling),
         tie_embeddings=hf_value(hf, "tie_word_embeddings", bool | None, False) or False,
+        sliding_window=_hf_sliding_window(hf, model_type),
         **_hf_biases(hf, model_type),
         **_hf_token_ids(hf),
     )
@@ -96,43 +100,62 @@ def _max_position(hf: dict[str, Any], scaling: RopeScaling) -> int:
     return longest
 
 
-def _check_mistral(hf: dict[str, Any]) -> None:
-    """A Mistral config computes as LLaMA only without a sliding window (its default is 4096:
-    the key must be there, null), and with its own max_position_embeddings (the defaults
-    differ, so the key must be there too)."""
-    if hf.get("sliding_window", 4096) is not None:
+def _hf_sliding_window(hf: dict[str, Any], model_type: str) -> int | None:
+    """ModelConfig's sliding_window: Mistral's slides in every layer (transformers reads no
+    layer_types for it), Qwen2's where every layer slides (`_qwen2_window`); LLaMA has none."""
+    if model_type == "mistral":
+        return _hf_window(hf)
+    if model_type == "qwen2":
+        return _qwen2_window(hf)
+    return None
+
+
+def _hf_window(hf: dict[str, Any]) -> int | None:
+    """sliding_window as transformers' masks read it (keys t - window + 1 .. t per query t):
+    4096, its default, where absent; null: the whole past. Below 1 a query would see no key."""
+    window = hf_value(hf, "sliding_window", int | None, 4096)
+    if window is not None and window < 1:
+        raise ConfigError(f"sliding_window must be an int >= 1 or null, got {window!r}")
+    return window
+
+
+def _qwen2_window(hf: dict[str, Any]) -> int | None:
+    """A Qwen2's one window: transformers' Qwen2Config keeps sliding_window only with
+    use_sliding_window, and slides it in the layers `_qwen2_sliding_layers` names. Every layer
+    sliding: the window; none (or no window: then a sliding layer has no band): None. A mix of
+    sliding and full layers is refused: the model has one attention for all its layers."""
+    window = _hf_window(hf) if hf_value(hf, "use_sliding_window", bool | None, False) else None
+    sliding, source = _qwen2_sliding_layers(hf, window)
+    if all(sliding):
+        return window
+    if any(sliding):
         raise ConfigError(
-            f"unsupported sliding_window {hf.get('sliding_window', '(absent: 4096)')!r}: a "
-            "Mistral model is read only without one (sliding_window null, as 7B v0.2 and later)"
+            f"unsupported sliding-window layers ({source}): a Qwen2 model is read only with one "
+            "attention in every layer, full (use_sliding_window false, as Qwen2 and Qwen2.5 "
+            "ship) or one sliding window (max_window_layers 0)"
         )
-    require(hf, ("max_position_embeddings",), "")
+    return None
 
 
-def _check_qwen2(hf: dict[str, Any]) -> None:
-    """A Qwen2 config computes as LLaMA (with q, k, v biases) only where no layer slides a
-    window: transformers' `layer_types`, or, where absent, layers from max_window_layers on if
-    use_sliding_window and sliding_window are set. Its defaults of num_key_value_heads and
-    max_position_embeddings differ from LLaMA's: the keys must be there."""
-    require(hf, ("num_key_value_heads", "max_position_embeddings"), "")
+def _qwen2_sliding_layers(hf: dict[str, Any], window: int | None) -> tuple[list[bool], str]:
+    """Which layers slide `window`: those transformers' `layer_types` names sliding_attention,
+    or, where absent, those from max_window_layers on; and the keys that say so, for errors."""
+    layers = hf["num_hidden_layers"]
     layer_types = strict.check("layer_types", hf.get("layer_types"), tuple[str, ...] | None)
     if layer_types is None:
-        sliding = hf_value(hf, "use_sliding_window", bool | None, False) and (
-            hf.get("sliding_window", 4096) is not None
-            and hf_value(hf, "max_window_layers", int, 28) < hf["num_hidden_layers"]
-        )
+        first = hf_value(hf, "max_window_layers", int, 28)
         source = (
-            f"use_sliding_window=true, sliding_window={hf.get('sliding_window', 4096)}, in "
-            f"layers from max_window_layers={hf.get('max_window_layers', 28)}"
+            f"use_sliding_window=true, sliding_window={window}, in layers from "
+            f"max_window_layers={first}"
         )
-    else:
-        sliding = any(kind != "full_attention" for kind in layer_types)
-        source = f"layer_types={list(layer_types)}"
-    if sliding:
+        return [window is not None and i >= first for i in range(layers)], source
+    if len(layer_types) != layers or not set(layer_types) <= set(_QWEN2_LAYER_TYPES):
         raise ConfigError(
-            f"unsupported sliding-window layers ({source}): a Qwen2 model is read only "
-            "with full attention in every layer (use_sliding_window false, as Qwen2 and "
-            "Qwen2.5 ship)"
+            f"unsupported layer_types {list(layer_types)}: a Qwen2 model has one of "
+            f"{_QWEN2_LAYER_TYPES} for each of its num_hidden_layers={layers}"
         )
+    sliding = [window is not None and kind == "sliding_attention" for kind in layer_types]
+    return sliding, f"layer_types={list(layer_types)}"
 
 
 def _hf_biases(hf: dict[str, Any], model_type: str) -> dict[str, bool]:
@@ -216,16 +239,35 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """A config with biases on q, k, v alone is a Qwen2 (without sliding windows), one without
-    or with all four LLaMA (attention_bias); an output bias alone has no HF architecture."""
+    """A config with biases on q, k, v alone is a Qwen2 (its window in every layer), one without
+    biases a Mistral with a sliding window, else LLaMA, without biases or with all four
+    (attention_bias); an output bias alone, or all four with a window, has no HF architecture."""
+    window = config.sliding_window
     if config.qkv_bias and not config.o_bias:
         qwen2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
-        return {**qwen2, "use_sliding_window": False}
+        if window is None:
+            return {**qwen2, "use_sliding_window": False}
+        # max_window_layers 0: transformers' layer_types slide the window from the first layer on
+        return {
+            **qwen2,
+            "use_sliding_window": True,
+            "sliding_window": window,
+            "max_window_layers": 0,
+        }
     if config.o_bias and not config.qkv_bias:
         raise ConfigError(
             "model.o_bias without model.qkv_bias has no Hugging Face architecture to export to "
             "(LLaMA's attention_bias sets both, Qwen2 has q, k, v biases only)"
         )
+    if window is not None:
+        if config.qkv_bias:
+            raise ConfigError(
+                f"model.sliding_window={window} with model.qkv_bias and model.o_bias has no "
+                "Hugging Face architecture to export to (Mistral has no biases, Qwen2 q, k, v "
+                "biases only, LLaMA's attention_bias no sliding window)"
+            )
+        mistral = {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}
+        return {**mistral, "sliding_window": window}
     llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     return {**llama, "attention_bias": config.qkv_bias, "mlp_bias": False}
 

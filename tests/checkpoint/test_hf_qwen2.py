@@ -1,5 +1,6 @@
-"""Attention biases: Qwen2 checkpoints (q, k, v biases) and LLaMA's attention_bias (all four
-projections) load with transformers' logits, decode as they run whole, and export back."""
+"""Attention biases: Qwen2 checkpoints (q, k, v biases; a sliding window in every layer or
+none) and LLaMA's attention_bias (all four projections) load with transformers' logits, decode
+as they run whole, and export back."""
 
 from __future__ import annotations
 
@@ -49,6 +50,11 @@ def _qwen2_yarn_tied() -> transformers.Qwen2ForCausalLM:
     return _qwen2(rope_scaling=YARN_ROPE, tie_word_embeddings=True)
 
 
+def _qwen2_sliding() -> transformers.Qwen2ForCausalLM:
+    """Every layer slides a 5-key window (max_window_layers 0), shorter than the test sequence."""
+    return _qwen2(use_sliding_window=True, sliding_window=5, max_window_layers=0)
+
+
 def _llama_attention_bias() -> transformers.LlamaForCausalLM:
     return _with_random_biases(build_hf_model(num_key_value_heads=2, attention_bias=True))
 
@@ -56,6 +62,7 @@ def _llama_attention_bias() -> transformers.LlamaForCausalLM:
 MODELS = {
     "qwen2": _qwen2,
     "qwen2_yarn_tied": _qwen2_yarn_tied,
+    "qwen2_sliding": _qwen2_sliding,
     "llama_attention_bias": _llama_attention_bias,
 }
 
@@ -99,13 +106,19 @@ def test_the_biases_matter_at_this_tolerance():
 
 @pytest.mark.parametrize(
     "name, architecture",
-    [("qwen2", "Qwen2ForCausalLM"), ("llama_attention_bias", "LlamaForCausalLM")],
+    [
+        ("qwen2", "Qwen2ForCausalLM"),
+        ("qwen2_sliding", "Qwen2ForCausalLM"),
+        ("llama_attention_bias", "LlamaForCausalLM"),
+    ],
 )
 def test_export_loads_in_transformers_as_its_architecture(converted, name, architecture, tmp_path):
     model, ckpt = converted(name)
     to_hf(ckpt, tmp_path / "hf")
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert type(exported).__name__ == architecture
+    window = getattr(model.config, "sliding_window", None)  # LLaMA has none
+    assert getattr(exported.config, "sliding_window", None) == window
     tokens = random_tokens()
     np.testing.assert_array_equal(hf_logits(exported, tokens), hf_logits(model, tokens))
 
@@ -162,21 +175,39 @@ def test_yarn_extends_max_position_to_its_context():
             dict(use_sliding_window=True, sliding_window=16, max_window_layers=1),
             "use_sliding_window",
         ),
-        (dict(layer_types=["full_attention", "sliding_attention"]), "layer_types"),
+        (
+            dict(
+                use_sliding_window=True,
+                sliding_window=16,
+                layer_types=["full_attention", "sliding_attention"],
+            ),
+            "layer_types",
+        ),
     ],
 )
-def test_a_qwen2_with_sliding_window_layers_is_refused_naming_them(changes, match):
+def test_a_qwen2_mixing_sliding_and_full_layers_is_refused_naming_them(changes, match):
     hf = _qwen2_config()
     hf.pop("layer_types")  # as configs written before transformers 4.53 have it
-    with pytest.raises(ConfigError, match=rf"unsupported sliding-window layers \({match}"):
+    refusal = rf"unsupported sliding-window layers \({match}.*one sliding window"
+    with pytest.raises(ConfigError, match=refusal):
         ModelConfig.from_hf({**hf, **changes})
+
+
+@pytest.mark.parametrize(
+    "layer_types", [["sliding_attention"], ["full_attention", "chunked_attention"]]
+)
+def test_qwen2_layer_types_must_be_one_full_or_sliding_per_layer(layer_types):
+    hf = {**_qwen2_config(), "layer_types": layer_types}
+    with pytest.raises(ConfigError, match=r"^unsupported layer_types"):
+        ModelConfig.from_hf(hf)
 
 
 def test_a_qwen2_whose_window_starts_past_its_layers_loads():
     hf = {**_qwen2_config(), "use_sliding_window": True, "sliding_window": 16}
     hf.pop("layer_types")
     hf["max_window_layers"] = hf["num_hidden_layers"]
-    assert ModelConfig.from_hf(hf).qkv_bias
+    config = ModelConfig.from_hf(hf)
+    assert config.qkv_bias and config.sliding_window is None
 
 
 @pytest.mark.parametrize("key", ["num_key_value_heads", "max_position_embeddings"])
@@ -187,15 +218,26 @@ def test_qwen2_keys_whose_defaults_differ_from_llama_must_be_there(key):
         ModelConfig.from_hf(hf)
 
 
-def test_an_output_bias_alone_has_no_architecture_to_export_to(tmp_path):
-    config = ModelConfig.preset("tiny", o_bias=True)
+def _refuses_before_writing(out, config: ModelConfig, match: str) -> None:
+    """`write_hf` of `config` raises a ConfigError matching `match` before reading a tensor."""
 
     def read_param(path):
         raise AssertionError(f"read {path} before refusing")
 
-    with pytest.raises(ConfigError, match="o_bias without model.qkv_bias"):
-        write_hf(tmp_path / "hf", config, read_param, dtype="float32", max_shard_size=2**20)
-    assert not (tmp_path / "hf").exists()
+    with pytest.raises(ConfigError, match=match):
+        write_hf(out, config, read_param, dtype="float32", max_shard_size=2**20)
+    assert not out.exists()
+
+
+def test_an_output_bias_alone_has_no_architecture_to_export_to(tmp_path):
+    config = ModelConfig.preset("tiny", o_bias=True)
+    _refuses_before_writing(tmp_path / "hf", config, "o_bias without model.qkv_bias")
+
+
+def test_attention_bias_with_a_window_has_no_architecture_to_export_to(tmp_path):
+    config = ModelConfig.preset("tiny", qkv_bias=True, o_bias=True, sliding_window=8)
+    match = r"sliding_window=8 with model\.qkv_bias and model\.o_bias has no Hugging Face"
+    _refuses_before_writing(tmp_path / "hf", config, match)
 
 
 def test_a_checkpoint_stores_its_biases_flag(converted):

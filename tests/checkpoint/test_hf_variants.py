@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from dga_jax.checkpoint import CheckpointError, load_model, read_hf
+from dga_jax.checkpoint import CheckpointError, load_config, load_model, read_hf
 from dga_jax.checkpoint.hf import read_hf_config
 from dga_jax.errors import ConfigError, InputError
 from dga_jax.model.config import ModelConfig
@@ -24,6 +24,7 @@ from tests.checkpoint.conftest import (
     hf_logits,
     random_tokens,
     save_sharded,
+    to_hf,
     to_orbax,
 )
 
@@ -173,9 +174,56 @@ def test_a_mistral_without_a_sliding_window_gives_transformers_logits(tmp_path):
     assert diff <= LOGIT_ATOL
 
 
-@pytest.mark.parametrize("window", [{"sliding_window": 32}, {}], ids=["32", "absent"])
-def test_a_mistral_with_a_sliding_window_is_refused_naming_it(window):
-    hf = _hf_config("MistralConfig", sliding_window=None)
+WINDOW = 5  # keys per query: shorter than the test sequences, so the window matters
+
+
+@pytest.fixture(scope="module")
+def windowed_mistral(tmp_path_factory):
+    """A transformers Mistral sliding a WINDOW-key window, and its Orbax conversion."""
+    torch.manual_seed(0)
+    config = transformers.MistralConfig(**_DEFAULTS, num_key_value_heads=2, sliding_window=WINDOW)
+    model = transformers.MistralForCausalLM(config).eval()
+    root = tmp_path_factory.mktemp("mistral_window")
+    to_orbax(save_sharded(model, root / "hf"), root / "orbax")
+    return model, root / "orbax"
+
+
+def test_a_mistral_with_a_sliding_window_gives_transformers_logits(windowed_mistral):
+    model, ckpt = windowed_mistral
+    assert load_config(ckpt).sliding_window == WINDOW
+    tokens = random_tokens(seq_len=4 * WINDOW)
+    diff = np.max(np.abs(_logits(ckpt, tokens) - hf_logits(model, tokens)))
+    assert diff <= LOGIT_ATOL
+
+
+def test_the_window_matters_at_this_tolerance(windowed_mistral):
+    model, _ = windowed_mistral
+    config = transformers.MistralConfig(**{**model.config.to_dict(), "sliding_window": None})
+    whole = transformers.MistralForCausalLM(config).eval()
+    whole.load_state_dict(model.state_dict())
+    tokens = random_tokens(seq_len=4 * WINDOW)
+    assert np.max(np.abs(hf_logits(whole, tokens) - hf_logits(model, tokens))) > 100 * LOGIT_ATOL
+
+
+def test_a_windowed_mistral_exports_as_mistral(windowed_mistral, tmp_path):
+    model, ckpt = windowed_mistral
+    to_hf(ckpt, tmp_path / "hf")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(exported).__name__ == "MistralForCausalLM"
+    assert exported.config.sliding_window == WINDOW
+    tokens = random_tokens(seq_len=4 * WINDOW)
+    np.testing.assert_array_equal(hf_logits(exported, tokens), hf_logits(model, tokens))
+
+
+def test_an_absent_mistral_sliding_window_is_transformers_default():
+    hf = _hf_config("MistralConfig", num_key_value_heads=2)
     hf.pop("sliding_window")
-    with pytest.raises(ConfigError, match="unsupported sliding_window"):
-        ModelConfig.from_hf({**hf, **window})
+    default = transformers.MistralConfig.from_dict(copy.deepcopy(hf)).sliding_window
+    assert ModelConfig.from_hf(hf).sliding_window == default == 4096
+
+
+@pytest.mark.parametrize("window", [0, "4", True])
+def test_a_bad_mistral_sliding_window_is_refused_naming_it(window):
+    hf = _hf_config("MistralConfig", num_key_value_heads=2)
+    with pytest.raises(ConfigError, match=r"^sliding_window must be"):
+        ModelConfig.from_hf({**hf, "sliding_window": window})

@@ -165,6 +165,17 @@ def test_a_damaged_stored_config_is_an_input_error_naming_it(tiny_ckpt, text):
         load_config(ckpt)
 
 
+def test_attention_changes_drop_a_dense_window_for_another_kind(tmp_path):
+    # A converted Mistral 7B v0.1 (window 4096) evaluated under DGA: the window is dense
+    # attention's, which DGA replaces (ModelConfig refuses the two together).
+    windowed = ModelConfig.preset("tiny", attention="dense", sliding_window=8)
+    save_model(Llama(windowed, rngs=nnx.Rngs(0)), tmp_path / "ckpt")
+    changes = attention_changes(tmp_path / "ckpt", "dga")
+    assert changes == {"attention": "dga", "attention_impl": None, "sliding_window": None}
+    assert load_model(tmp_path / "ckpt", **changes).config.sliding_window is None
+    assert attention_changes(tmp_path / "ckpt", "dense") == {}  # dense keeps its window
+
+
 def test_attention_changes_switch_kind_and_settings_at_load_time(tmp_path):
     tiny = ModelConfig.preset("tiny", attention="dense", attention_impl="blockwise")
     save_model(Llama(tiny, rngs=nnx.Rngs(0)), tmp_path / "ckpt")

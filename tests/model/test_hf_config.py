@@ -69,6 +69,19 @@ def test_hf_config_round_trip(tmp_path, rope):
     assert ModelConfig.from_hf(tmp_path, scan_layers=config.scan_layers) == config
 
 
+@pytest.mark.parametrize("qkv_bias, model_type", [(False, "mistral"), (True, "qwen2")])
+def test_hf_config_round_trip_keeps_the_sliding_window(qkv_bias, model_type):
+    transformers = pytest.importorskip("transformers")
+    config = ModelConfig.preset("tiny", qkv_bias=qkv_bias, sliding_window=64)
+    hf = config_to_hf(config)
+    assert hf["model_type"] == model_type
+    assert ModelConfig.from_hf(hf, scan_layers=config.scan_layers) == config
+    theirs = transformers.AutoConfig.for_model(**hf)  # every layer slides in transformers too
+    assert theirs.sliding_window == 64
+    if model_type == "qwen2":
+        assert theirs.layer_types == ["sliding_attention"] * config.num_layers
+
+
 def test_unsupported_hf_architecture_is_rejected():
     hf = config_to_hf(ModelConfig.preset("tiny"))
     with pytest.raises(ValueError, match="unsupported architecture"):
