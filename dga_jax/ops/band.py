@@ -39,6 +39,16 @@ def window_width(rows: int, band_lag: int, n_band: int | None) -> int:
     return width if n_band is None else min(width, round_up(max(n_band, 1), 8))
 
 
+def window_chunk(width: int, block_k: int) -> tuple[int, int]:
+    """(chunk, width): a window wider than two prefix tiles is read `block_k` entries at a time
+    (its width rounded up to whole chunks, the softmax carried across them), so a wide band (a
+    sliding window of thousands of keys) runs in tiles the size of the prefix walk's, not in one
+    [rows, width] tile per sub-block; a narrower one is one chunk."""
+    if width <= 2 * block_k:
+        return width, width
+    return block_k, round_up(width, block_k)
+
+
 def split_rows(x: jax.Array, sub_blocks: int) -> jax.Array:
     """[BH, R, ...] rows of a query block -> [BH, S, R/S, ...], its S band sub-blocks."""
     return x.reshape(x.shape[0], sub_blocks, -1, *x.shape[2:])

@@ -12,7 +12,7 @@ Entries come in two lists, the shape of both DGA's compressed KV' and of dense c
   contiguous window of fewer than `S + band_lag` entries: one slice each. S (`band_rows`) is
   the power of two just above band_lag, at most `block_band`: a narrow band (DGA's one group)
   is not read in windows much wider than what a query sees, a wide one (a sliding window) in
-  few large matmuls.
+  few large matmuls, `block_k` window entries at a time (`band.window_chunk`).
 
 Softmax statistics are float32; the backward pass (a `jax.custom_vjp`) recomputes the
 probabilities block by block from the saved log-sum-exp, so memory is linear in L.
@@ -27,7 +27,14 @@ import math
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.band import add_windows, band_rows, split_rows, take_windows, window_width
+from dga_jax.ops.band import (
+    add_windows,
+    band_rows,
+    split_rows,
+    take_windows,
+    window_chunk,
+    window_width,
+)
 from dga_jax.ops.ranges import NEVER, Entries, band_ranges, prefix_ranges
 from dga_jax.ops.tiles import (
     XLA_DOTS,
@@ -71,8 +78,9 @@ def interval_attention(
     sub = band_rows(bq, block_sizes.block_band, band_lag)
     nq = -(-seq_len // bq)
     width = window_width(sub, band_lag, None if band is None else band.k.shape[2])
+    chunk, width = window_chunk(width, block_sizes.block_k)
     edge = math.gcd(bk, block_sizes.block_edge)
-    spec = _Spec(scale, bq, bk, edge, band_q=sub, band_width=width, groups=hq // hkv)
+    spec = _Spec(scale, bq, bk, edge, sub, width, chunk, groups=hq // hkv)
 
     prefix_full, prefix_end = prefix_ranges(prefix.start, bq, nq)
     # Trip counts are shared by all heads: whole blocks every head sees, edge blocks after them.
@@ -113,6 +121,7 @@ class _Spec:
     block_edge: int
     band_q: int
     band_width: int
+    band_chunk: int  # window entries per band tile: band_width, or a divisor of it
     groups: int
 
 
@@ -197,13 +206,14 @@ def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
     state = varying_like(online_init(q.shape), q_prefix, prefix)
     state = _walk_prefix(spec, n_full, n_edge, visit, state)
     if band is not None:
-        split = online_step(
-            XLA_DOTS,
-            spec.scale,
+        split = _band_chunks(
+            spec,
             tuple(_split_band(spec, x) for x in state),
-            _split_band(spec, q),
-            _band_positions(spec, t),
-            take_windows(band, band_start, spec.band_width),
+            band_start,
+            lambda state, tile: online_step(
+                XLA_DOTS, spec.scale, state, _split_band(spec, q), _band_positions(spec, t), tile
+            ),
+            band,
         )
         state = tuple(x.reshape(y.shape) for x, y in zip(split, state, strict=True))
     out, lse = online_finish(state)
@@ -254,19 +264,35 @@ def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, x
         dq, dqp = jnp.zeros(q.shape, jnp.float32), dq
     if band is not None:
         split = functools.partial(_split_band, spec)
-        dq_b, dk, dv = _grad_step(
-            spec,
-            split(q),
-            split(do),
-            split(lse),
-            split(delta),
-            _band_positions(spec, t),
-            take_windows(band, band_start, spec.band_width),
-        )
-        dq = dq + dq_b.reshape(dq.shape)
-        dk_band = add_windows(dk_band, band_start, jnp.swapaxes(dk, -1, -2))
-        dv_band = add_windows(dv_band, band_start, jnp.swapaxes(dv, -1, -2))
+
+        def grads(state, tile, starts):
+            dq_b, dk_band, dv_band = state
+            dq_c, dk, dv = _grad_step(
+                spec, split(q), split(do), split(lse), split(delta), _band_positions(spec, t), tile
+            )
+            return (
+                dq_b + dq_c,
+                add_windows(dk_band, starts, jnp.swapaxes(dk, -1, -2)),
+                add_windows(dv_band, starts, jnp.swapaxes(dv, -1, -2)),
+            )
+
+        state = (split(dq), dk_band, dv_band)
+        dq_b, dk_band, dv_band = _band_chunks(spec, state, band_start, grads, band, starts=True)
+        dq = dq_b.reshape(dq.shape)
     return (dk_prefix, dv_prefix, dk_band, dv_band), (dq, dqp)
+
+
+def _band_chunks(spec: _Spec, state, band_start, visit, band: Entries, starts: bool = False):
+    """state = visit(state, tile[, starts]) for each chunk of every sub-block's band window
+    (`band.window_chunk`): one tile, or a loop over `band_width / band_chunk` of them."""
+
+    def chunk(c, state):
+        first = band_start + c * spec.band_chunk
+        tile = take_windows(band, first, spec.band_chunk)
+        return visit(state, tile, first) if starts else visit(state, tile)
+
+    count = spec.band_width // spec.band_chunk
+    return chunk(0, state) if count == 1 else jax.lax.fori_loop(0, count, chunk, state)
 
 
 def _attend_bwd(spec, residuals, d_out):

@@ -13,6 +13,7 @@ import pytest
 
 import dga_jax
 from dga_jax import BlockSizes
+from dga_jax.ops.band import window_chunk
 from dga_jax.ops.dga.decode import decode_step, prefill
 from tests.conftest import FORWARD_TOL, GRAD_TOL, assert_close, random_qkv
 
@@ -36,6 +37,8 @@ CASES = {
     "gqa-L45-w1": ((2, 45, 4, 2, 16), 1, BlockSizes(16, 8)),
     "gqa-L45-w5": ((2, 45, 4, 2, 16), 5, BlockSizes(16, 8)),
     "mha-L37-w20": ((1, 37, 2, 2, 8), 20, BlockSizes(16, 16, block_band=8)),
+    # windows of 40 entries per 16-query sub-block, read 8 at a time (`band.window_chunk`)
+    "gqa-L45-w20-chunked": ((2, 45, 4, 2, 16), 20, BlockSizes(16, 8)),
     "gqa-L45-w44-default-tiles": ((2, 45, 4, 2, 16), 44, None),
     "gqa-L45-w100": ((2, 45, 4, 2, 16), 100, BlockSizes(8, 8)),
 }
@@ -62,6 +65,7 @@ def test_a_window_changes_what_a_query_sees():
     assert float(jnp.abs(windowed[:, 5:] - causal[:, 5:]).max(axis=(0, 2, 3)).min()) > 1e-3
 
 
+# (20, 8 x 8): windows of 32 entries per 8-query sub-block, in chunks of 8
 @pytest.mark.parametrize("window, blocks", [(5, BlockSizes(16, 8)), (20, BlockSizes(8, 8))])
 @pytest.mark.parametrize("dtype", [F32, jnp.bfloat16])
 def test_blockwise_window_gradients_match_the_mask(window, blocks, dtype):
@@ -75,6 +79,13 @@ def test_blockwise_window_gradients_match_the_mask(window, blocks, dtype):
     for name, grad, want in zip("qkv", vjp(cotangent), vjp_ref(cotangent.astype(F32)), strict=True):
         assert grad.dtype == dtype, name
         assert_close(grad, want, GRAD_TOL[dtype])
+
+
+def test_wide_windows_are_read_in_chunks_of_the_prefix_tile():
+    assert window_chunk(56, 256) == (56, 56)  # DGA's band: one tile
+    assert window_chunk(512, 256) == (512, 512)
+    assert window_chunk(4224, 512) == (512, 4608)  # a 4K sliding window in 128-query blocks
+    assert window_chunk(40, 8) == (8, 40)
 
 
 @pytest.mark.parametrize("window", [0, -3, 2.5, True, "4"])
