@@ -15,7 +15,7 @@ import math
 import numpy as np
 from dga_stages import Setup
 
-from dga_jax.ops.band import band_rows, window_width
+from dga_jax.ops.band import band_rows, window_chunk, window_width
 from dga_jax.ops.dga.selection import sampled_positions
 from dga_jax.ops.intervals import Entries
 from dga_jax.ops.ranges import block_ranges
@@ -50,7 +50,7 @@ def walk_tile(s: Setup, entries: Intervals, args: argparse.Namespace) -> dict[st
     block_q = min(s.blocks.block_q, round_up(s.seq_len, 8))
     block_k = min(s.blocks.block_k, round_up(max(n_prefix, 1), 8))
     band_q = band_rows(block_q, s.blocks.block_band, s.lag)
-    width = window_width(band_q, s.lag, n_band)
+    _, width = window_chunk(window_width(band_q, s.lag, n_band), s.blocks.block_k)
     return {
         "block_q": block_q,
         "block_k": block_k,

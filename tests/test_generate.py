@@ -320,6 +320,21 @@ def test_reading_past_max_position_raises_before_running(attention):
     assert len(dga_jax.generate(llama, [[1, 2, 3, 4, 5, 6]], 7)[0]) == 7  # positions 0..11
 
 
+def test_decode_step_past_max_len_is_refused_and_a_ring_decodes_on():
+    # A full dense cache gave NaN logits silently once DenseCache lost its max_len; a ring of
+    # window slots is never full.
+    x = tokens(t=8)
+    dense = model("dense")
+    _, caches = dense.prefill(x[:, :4], 4)
+    with pytest.raises(ValueError, match="caches that hold max_len=4 tokens"):
+        dense.decode_step(x[:, 4], caches)
+    windowed = Llama(TINY.replace(attention="dense", sliding_window=3), rngs=nnx.Rngs(0))
+    _, caches = windowed.prefill(x[:, :4], 4)
+    for t in range(4, 8):
+        logits, caches = windowed.decode_step(x[:, t], caches)
+    assert_close(logits, jax.jit(windowed.__call__)(x)[:, -1], TOL)
+
+
 def test_a_sliding_window_within_max_position_streams_past_it():
     # Every RoPE distance stays below the window, as StreamingLLM's stay below its own.
     config = TINY.replace(attention="dense", max_position=8)

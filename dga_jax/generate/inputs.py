@@ -96,8 +96,9 @@ def check_context(config: ModelConfig, prompt_len: int, max_new_tokens: int) -> 
     """Raises if decoding a prompt of `prompt_len` tokens for `max_new_tokens` would feed the
     model a position past its `max_position` (it reads positions 0 .. prompt_len +
     max_new_tokens - 2: the last new token is not fed). RoPE has no table to run out of: past
-    its context a model would extrapolate silently. StreamingLLM and LM-Infinite bound every
-    RoPE distance by their window, which is what lets them stream on: they are not limited."""
+    its context a model would extrapolate silently. StreamingLLM, LM-Infinite and a sliding
+    window within max_position bound every RoPE distance by their window, which is what lets
+    them stream on: they are not limited (`ModelConfig.positions_fit`)."""
     if config.positions_fit(prompt_len + max_new_tokens - 1):
         return
     raise ValueError(

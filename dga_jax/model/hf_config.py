@@ -34,7 +34,7 @@ _MODEL_TYPES = {
 _ARCHITECTURES = {kind: arch for arch, kind in _MODEL_TYPES.items()}  # absent architectures
 # The keys whose defaults in transformers differ from LlamaConfig's: they must be there.
 _DIFFERING_DEFAULTS = {
-    "mistral": ("max_position_embeddings",),
+    "mistral": ("num_key_value_heads", "max_position_embeddings"),
     "qwen2": ("num_key_value_heads", "max_position_embeddings"),
 }
 _HF_REQUIRED = (
@@ -122,8 +122,8 @@ def _hf_window(hf: dict[str, Any]) -> int | None:
 def _qwen2_window(hf: dict[str, Any]) -> int | None:
     """A Qwen2's one window: transformers' Qwen2Config keeps sliding_window only with
     use_sliding_window, and slides it in the layers `_qwen2_sliding_layers` names. Every layer
-    sliding: the window; none (or no window: then a sliding layer has no band): None. A mix of
-    sliding and full layers is refused: the model has one attention for all its layers."""
+    sliding: the window; none: None. A mix of sliding and full layers is refused: the model has
+    one attention for all its layers."""
     window = _hf_window(hf) if hf_value(hf, "use_sliding_window", bool | None, False) else None
     sliding, source = _qwen2_sliding_layers(hf, window)
     if all(sliding):
@@ -154,8 +154,12 @@ def _qwen2_sliding_layers(hf: dict[str, Any], window: int | None) -> tuple[list[
             f"unsupported layer_types {list(layer_types)}: a Qwen2 model has one of "
             f"{_QWEN2_LAYER_TYPES} for each of its num_hidden_layers={layers}"
         )
-    sliding = [window is not None and kind == "sliding_attention" for kind in layer_types]
-    return sliding, f"layer_types={list(layer_types)}"
+    if window is None and "sliding_attention" in layer_types:  # transformers fails there too
+        raise ConfigError(
+            f"layer_types {list(layer_types)} name sliding_attention layers, but the config "
+            "sets no window (use_sliding_window false or sliding_window null)"
+        )
+    return [kind == "sliding_attention" for kind in layer_types], f"layer_types={list(layer_types)}"
 
 
 def _hf_biases(hf: dict[str, Any], model_type: str) -> dict[str, bool]:

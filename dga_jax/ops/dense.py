@@ -61,7 +61,7 @@ def dense_attention(
     if not isinstance(split, ContextSplit):
         raise ValueError(f"split must be a dga_jax ContextSplit, got {split!r}")
     check_split(split, "dense_attention")
-    check_window(window)
+    window = check_window(window)
     if split.shards > 1:
         if implementation not in SPLIT_IMPLEMENTATIONS:
             raise ValueError(
@@ -131,9 +131,10 @@ def _dense(q, k, v, *, scale, implementation, block_sizes, split, window, upcast
     return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]
 
 
-def check_window(window) -> None:
-    """A sliding window is a number of keys >= 1, or None (none)."""
+def check_window(window) -> int | None:
+    """A sliding window: a number of keys >= 1 (a Python int: NumPy's too), or None (none)."""
     if window is not None and (not is_int(window) or window < 1):
         raise ValueError(
             f"window must be an int >= 1 (keys, the query's own included) or None, got {window!r}"
         )
+    return None if window is None else int(window)

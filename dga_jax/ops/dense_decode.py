@@ -1,4 +1,5 @@
-"""Dense decoding: a per-layer KV cache of every token, in position order.
+"""Dense decoding: a per-layer KV cache of every token in position order, or, under a sliding
+window, a ring of the window's last tokens.
 
 `dga_jax.ops.dga.decode.prefill` builds it when given no DGA config (dense models, and
 MInference, which decodes densely); `decode_step` and `apply_update` there drive it as they do
@@ -25,7 +26,8 @@ class DenseCache:
     With a sliding `window` (`dense_attention`'s: a token attends to the last `window` keys, its
     own included) the cache is a ring of `window` slots, position p in slot p % window: the new
     token overwrites the one that leaves its window, so memory and each step's work stay
-    O(window) however long decoding runs.
+    O(window) however long decoding runs. A window of max_len or more never binds: prefill
+    builds the plain cache then (window None).
     """
 
     k: jax.Array  # [B, H, slots, D]
@@ -33,6 +35,12 @@ class DenseCache:
     length: jax.Array  # [B] int32: tokens seen, i.e. the position of the next token
     scale: float = dataclasses.field(metadata=dict(static=True))
     window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+
+    @property
+    def max_len(self) -> int | None:
+        """Tokens the cache can hold (`check_next_position` refuses a step past it); None for
+        a ring, which is never full."""
+        return None if self.window is not None else self.slots
 
     @property
     def slots(self) -> int:
@@ -85,7 +93,7 @@ def dense_prefill(
 
     Slots past a row's length hold padding; decoding overwrites them.
     """
-    check_window(window)
+    window = check_window(window)
     b, prompt_len = k.shape[:2]
     if not is_int(length):
         length = jnp.clip(check_lengths(length, b, prompt_len), 0, prompt_len)

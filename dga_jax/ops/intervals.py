@@ -206,15 +206,13 @@ def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
     state = varying_like(online_init(q.shape), q_prefix, prefix)
     state = _walk_prefix(spec, n_full, n_edge, visit, state)
     if band is not None:
-        split = _band_chunks(
-            spec,
-            tuple(_split_band(spec, x) for x in state),
-            band_start,
-            lambda state, tile: online_step(
-                XLA_DOTS, spec.scale, state, _split_band(spec, q), _band_positions(spec, t), tile
-            ),
-            band,
-        )
+
+        def band_step(state, tile, first):
+            q_band, t_band = _split_band(spec, q), _band_positions(spec, t)
+            return online_step(XLA_DOTS, spec.scale, state, q_band, t_band, tile)
+
+        split = tuple(_split_band(spec, x) for x in state)
+        split = _band_chunks(spec, band, band_start, band_step, split)
         state = tuple(x.reshape(y.shape) for x, y in zip(split, state, strict=True))
     out, lse = online_finish(state)
     return out.astype(q.dtype), lse
@@ -265,31 +263,30 @@ def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, x
     if band is not None:
         split = functools.partial(_split_band, spec)
 
-        def grads(state, tile, starts):
+        def grads(state, tile, first):
             dq_b, dk_band, dv_band = state
             dq_c, dk, dv = _grad_step(
                 spec, split(q), split(do), split(lse), split(delta), _band_positions(spec, t), tile
             )
             return (
                 dq_b + dq_c,
-                add_windows(dk_band, starts, jnp.swapaxes(dk, -1, -2)),
-                add_windows(dv_band, starts, jnp.swapaxes(dv, -1, -2)),
+                add_windows(dk_band, first, jnp.swapaxes(dk, -1, -2)),
+                add_windows(dv_band, first, jnp.swapaxes(dv, -1, -2)),
             )
 
         state = (split(dq), dk_band, dv_band)
-        dq_b, dk_band, dv_band = _band_chunks(spec, state, band_start, grads, band, starts=True)
+        dq_b, dk_band, dv_band = _band_chunks(spec, band, band_start, grads, state)
         dq = dq_b.reshape(dq.shape)
     return (dk_prefix, dv_prefix, dk_band, dv_band), (dq, dqp)
 
 
-def _band_chunks(spec: _Spec, state, band_start, visit, band: Entries, starts: bool = False):
-    """state = visit(state, tile[, starts]) for each chunk of every sub-block's band window
-    (`band.window_chunk`): one tile, or a loop over `band_width / band_chunk` of them."""
+def _band_chunks(spec: _Spec, band: Entries, band_start, visit, state):
+    """state = visit(state, tile, first) for each chunk of every sub-block's band window, its
+    entries from `first` [BH, S] on (`band.window_chunk`): one tile, or a loop over them."""
 
     def chunk(c, state):
         first = band_start + c * spec.band_chunk
-        tile = take_windows(band, first, spec.band_chunk)
-        return visit(state, tile, first) if starts else visit(state, tile)
+        return visit(state, take_windows(band, first, spec.band_chunk), first)
 
     count = spec.band_width // spec.band_chunk
     return chunk(0, state) if count == 1 else jax.lax.fori_loop(0, count, chunk, state)

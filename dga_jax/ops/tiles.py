@@ -38,9 +38,10 @@ class BlockSizes:
     than 512 x 512 at D=32 with 2 query heads per KV head, and as fast at D=128 (CPU,
     benchmarks/RESULTS.md). Dense causal attention, whose prefix is the whole past, keeps
     512 x 512 (`dga_jax.ops.dense.DENSE_BLOCKS`); the kernels have their own. DGA's band lag
-    sets its sub-blocks (32 queries at m=16) below block_band; a sliding window of thousands of
-    keys gets whole query blocks (fewer, wider windows: a 4K window at 16K ran 1.6x faster
-    forward+backward than in 128-query sub-blocks, `dense_attention(window=)`).
+    sets its sub-blocks below block_band (32 queries at m=16; at a lag of 128 or more, m or
+    m' >= 129, 256 or more, where block_band was 128 until stop 50); a sliding window of
+    thousands of keys gets whole query blocks (fewer, wider windows: a 4K window at 16K ran
+    1.6x faster forward+backward than in 128-query sub-blocks, `dense_attention(window=)`).
 
     num_warps and num_stages are the Triton walks' launch (implementation="pallas_gpu": the
     forward, dQ and dK'/dV' kernels; global importance keeps its own; None: 8 warps at D > 64

@@ -202,6 +202,15 @@ def test_qwen2_layer_types_must_be_one_full_or_sliding_per_layer(layer_types):
         ModelConfig.from_hf(hf)
 
 
+def test_qwen2_sliding_layers_without_a_window_are_refused():
+    # transformers keeps such layer_types and fails in the forward (a None window): not full
+    # attention, silently.
+    layers = _qwen2_config()["num_hidden_layers"]
+    hf = {**_qwen2_config(), "layer_types": ["sliding_attention"] * layers}
+    with pytest.raises(ConfigError, match="name sliding_attention layers, but the config sets no"):
+        ModelConfig.from_hf(hf)
+
+
 def test_a_qwen2_whose_window_starts_past_its_layers_loads():
     hf = {**_qwen2_config(), "use_sliding_window": True, "sliding_window": 16}
     hf.pop("layer_types")

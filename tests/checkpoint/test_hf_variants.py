@@ -222,6 +222,16 @@ def test_an_absent_mistral_sliding_window_is_transformers_default():
     assert ModelConfig.from_hf(hf).sliding_window == default == 4096
 
 
+@pytest.mark.parametrize("key", ["num_key_value_heads", "max_position_embeddings"])
+def test_mistral_keys_whose_defaults_differ_from_llama_must_be_there(key):
+    # MistralConfig's absent num_key_value_heads is 8, LLaMA's the query heads: it was read as
+    # 16 here and failed on the first k_proj tensor's shape.
+    hf = _hf_config("MistralConfig", num_key_value_heads=2)
+    hf.pop(key)
+    with pytest.raises(ConfigError, match=key):
+        ModelConfig.from_hf(hf)
+
+
 @pytest.mark.parametrize("window", [0, "4", True])
 def test_a_bad_mistral_sliding_window_is_refused_naming_it(window):
     hf = _hf_config("MistralConfig", num_key_value_heads=2)

@@ -57,6 +57,13 @@ def test_window_matches_its_mask(case, implementation):
     assert_close(out, window_reference(q, k, v, window), FORWARD_TOL[F32])
 
 
+def test_a_numpy_window_is_its_int():
+    # it passed the check, then failed deep in the band's tiling ('bit_length')
+    q, k, v = random_qkv(8, 1, 24, 2, 2, 8)
+    run = functools.partial(dga_jax.dense_attention, implementation="blockwise")
+    np.testing.assert_array_equal(run(q, k, v, window=np.int64(5)), run(q, k, v, window=5))
+
+
 def test_a_window_changes_what_a_query_sees():
     q, k, v = random_qkv(1, 2, 45, 4, 2, 16)
     causal = dga_jax.dense_attention(q, k, v, implementation="blockwise")
