@@ -59,7 +59,7 @@ class DenseCache:
         slots = jnp.arange(self.slots)
         # Written slots, less the one the new token takes: in a ring, the token leaving the window.
         valid = (slots < self.length[:, None]) & (slots != self._slot()[:, None])
-        full = self.length >= self.slots if self.window is None else jnp.zeros_like(valid[:, 0])
+        full = jnp.zeros_like(valid[:, 0]) if self.max_len is None else self.length >= self.max_len
         out = attend_entries(q, [(self.k, self.v, valid, None), new], self.scale, full)
         return out, DenseUpdate(k, v)
 

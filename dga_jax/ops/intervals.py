@@ -206,9 +206,9 @@ def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
     state = varying_like(online_init(q.shape), q_prefix, prefix)
     state = _walk_prefix(spec, n_full, n_edge, visit, state)
     if band is not None:
+        q_band, t_band = _split_band(spec, q), _band_positions(spec, t)
 
         def band_step(state, tile, first):
-            q_band, t_band = _split_band(spec, q), _band_positions(spec, t)
             return online_step(XLA_DOTS, spec.scale, state, q_band, t_band, tile)
 
         split = tuple(_split_band(spec, x) for x in state)
@@ -262,12 +262,11 @@ def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, x
         dq, dqp = jnp.zeros(q.shape, jnp.float32), dq
     if band is not None:
         split = functools.partial(_split_band, spec)
+        rows = (split(q), split(do), split(lse), split(delta), _band_positions(spec, t))
 
         def grads(state, tile, first):
             dq_b, dk_band, dv_band = state
-            dq_c, dk, dv = _grad_step(
-                spec, split(q), split(do), split(lse), split(delta), _band_positions(spec, t), tile
-            )
+            dq_c, dk, dv = _grad_step(spec, *rows, tile)
             return (
                 dq_b + dq_c,
                 add_windows(dk_band, first, jnp.swapaxes(dk, -1, -2)),
