@@ -22,8 +22,9 @@ from flax import nnx
 from dga_jax.checkpoint import load_config
 from dga_jax.checkpoint.orbax_io import save_params
 from dga_jax.data import pipeline
-from dga_jax.errors import InputError
+from dga_jax.errors import ConfigError, InputError
 from dga_jax.model.config import ModelConfig, with_token_ids_of
+from dga_jax.model.hf_config import config_to_hf
 from train import metrics
 from train.checkpointing import Checkpoints
 from train.config import TrainConfig
@@ -150,10 +151,28 @@ def _model_changes(config: TrainConfig) -> dict[str, Any]:
 
 def _exported_config(config: TrainConfig) -> ModelConfig:
     """config.model, with the special token ids of `init_checkpoint` where it sets none (the
-    presets set none): a LLaMA2-7B run exported to HF keeps its bos and eos."""
+    presets set none): a LLaMA2-7B run exported to HF keeps its bos and eos; and its HF layout
+    (`hf_model_type`), `_with_layout_of`."""
     if not config.init_checkpoint:
         return config.model
-    return with_token_ids_of(config.model, load_config(config.init_checkpoint))
+    source = load_config(config.init_checkpoint)
+    return _with_layout_of(with_token_ids_of(config.model, source), source)
+
+
+def _with_layout_of(model: ModelConfig, source: ModelConfig) -> ModelConfig:
+    """`model` with `source`'s `hf_model_type` where it sets none and can be exported in it (a
+    run from a converted Phi-3 converts back to Phi-3's fused tensors); where it cannot (a RoPE
+    kind Phi-3 has not), as it is, said in the log: it converts to LLaMA or Mistral tensors,
+    which transformers runs alike."""
+    if model.hf_model_type is not None or source.hf_model_type is None:
+        return model
+    layout = model.replace(hf_model_type=source.hf_model_type)
+    try:
+        config_to_hf(layout)
+    except ConfigError as error:
+        logging.warning("the exported model keeps no %s layout: %s", source.hf_model_type, error)
+        return model
+    return layout
 
 
 def _data_config(config: TrainConfig) -> pipeline.DataConfig:

@@ -37,9 +37,12 @@ ADDED_KEYS = {
     "model.scan_layers": True,
     "model.qkv_bias": False,
     "model.o_bias": False,
+    "model.hf_model_type": None,
     "model.rope_scaling.beta_fast": 32.0,
     "model.rope_scaling.beta_slow": 1.0,
     "model.rope_scaling.truncate": True,
+    "model.rope_scaling.short_factor": [],
+    "model.rope_scaling.long_factor": [],
 }
 
 

@@ -1,11 +1,12 @@
-"""Hugging Face safetensors checkpoints (LLaMA, Mistral, Qwen2) <-> our parameters, one tensor at
-a time.
+"""Hugging Face safetensors checkpoints (LLaMA, Mistral, Qwen2, Phi-3) <-> our parameters, one
+tensor at a time.
 
 Our parameters are a nested dict of numpy arrays keyed like `nnx.state(model, nnx.Param)`, the
 per-layer ones stacked on a leading `num_layers` axis. `dga_jax.checkpoint.hf_weights` holds
-the name and layout table (`weights`); this file reads, preallocating each stacked array once
-and filling it layer by layer from `safe_open`; `dga_jax.checkpoint.hf_write` writes. Neither
-direction holds two copies of the weights.
+the name and layout table (`weights`, `hf_tensors`); this file reads, preallocating each
+stacked array once and filling it layer by layer from `safe_open` (a fused tensor's rows into
+each of its parameters); `dga_jax.checkpoint.hf_write` writes. Neither direction holds two
+copies of the weights.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ import numpy as np
 from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 
-from dga_jax.checkpoint.hf_weights import EMBED, LM_HEAD, Weight, param_shapes, weights
+from dga_jax.checkpoint.hf_weights import (
+    EMBED,
+    LM_HEAD,
+    Path,
+    Weight,
+    hf_tensor_shape,
+    hf_tensors,
+    param_shapes,
+    split_rows,
+)
 from dga_jax.errors import InputError, MissingInputError
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.hf_config import with_generation_token_ids
@@ -103,24 +113,21 @@ def read_hf(
     files, listing = tensor_files(hf_dir)
     plan = _read_plan(config, files, listing)
     by_file = _group_by_file(plan, files)
-    stacked = param_shapes(config)
-    expected = {
-        name: weight.hf_shape(weight.layer_shape(stacked[weight.path]))
-        for name, (weight, _) in plan.items()
-    }
+    shapes = param_shapes(config)
     for file, names in by_file.items():
-        _check_tensors(file, names, expected)
+        _check_tensors(file, names, plan, shapes)
     _check_tied_head(config, files)
     dtype = check_dtype(dtype) if dtype else _stored_dtype(files[EMBED.hf])
-    params = {path: np.empty(shape, NUMPY_DTYPES[dtype]) for path, shape in stacked.items()}
+    params = {path: np.empty(shape, NUMPY_DTYPES[dtype]) for path, shape in shapes.items()}
     for file, names in by_file.items():
         with _open(file) as f:
             for name in names:
-                weight, layer = plan[name]
-                target = params[weight.path] if layer is None else params[weight.path][layer]
+                parts, layer = plan[name]
                 tensor = f.get_tensor(name)
-                target[...] = weight.to_ours(tensor, target.shape)
-                check_cast(target, tensor, f"tensor {name!r} in {file}")
+                for weight, rows in zip(parts, split_rows(tensor, parts, shapes), strict=True):
+                    target = params[weight.path] if layer is None else params[weight.path][layer]
+                    target[...] = weight.to_ours(rows, target.shape)
+                    check_cast(target, rows, f"tensor {name!r} in {file}")
     return config.replace(param_dtype=dtype), traverse_util.unflatten_dict(params)
 
 
@@ -146,13 +153,13 @@ def check_dtype(dtype: str) -> str:
 
 def _read_plan(
     config: ModelConfig, files: dict[str, str], listing: str
-) -> dict[str, tuple[Weight, int | None]]:
-    """HF name -> (weight, layer or None), once every name is known to be listed and no
-    unknown tensor is."""
+) -> dict[str, tuple[tuple[Weight, ...], int | None]]:
+    """HF name -> (the weights it holds, layer or None), once every name is known to be listed
+    and no unknown tensor is."""
     plan = {}
-    for weight in weights(config):
-        for i, name in enumerate(weight.names(config.num_layers)):
-            plan[name] = (weight, i if weight.stacked else None)
+    for parts in hf_tensors(config).values():
+        for i, name in enumerate(parts[0].names(config.num_layers)):
+            plan[name] = (parts, i if parts[0].stacked else None)
     missing = [name for name in plan if name not in files]
     if missing:
         raise CheckpointError(
@@ -184,8 +191,14 @@ def _group_by_file(plan: dict[str, Any], files: dict[str, str]) -> dict[str, lis
     return grouped
 
 
-def _check_tensors(file: str, names: list[str], expected: dict[str, tuple[int, ...]]) -> None:
-    """Each of `names` is in `file`, stored as a float, in the `expected` shape."""
+def _check_tensors(
+    file: str,
+    names: list[str],
+    plan: dict[str, tuple[tuple[Weight, ...], int | None]],
+    shapes: dict[Path, tuple[int, ...]],
+) -> None:
+    """Each of `names` is in `file`, stored as a float, in the shape the `plan`'s weights of it
+    have in our `param_shapes`."""
     with _open(file) as f:
         stored = set(f.keys())
         for name in names:
@@ -197,12 +210,23 @@ def _check_tensors(file: str, names: list[str], expected: dict[str, tuple[int, .
                     f"tensor {name!r} in {file} is stored as {tensor.get_dtype()}; "
                     f"expected a float weight, one of {READABLE_DTYPES}"
                 )
-            found = tuple(tensor.get_shape())
-            if found != expected[name]:
+            found, parts = tuple(tensor.get_shape()), plan[name][0]
+            expected = hf_tensor_shape(parts, shapes)
+            if found != expected:
                 raise CheckpointError(
                     f"tensor {name!r} in {file} has shape {found}; "
-                    f"expected {expected[name]} from the config"
+                    f"expected {expected} from the config{_rows_note(parts, shapes)}"
                 )
+
+
+def _rows_note(parts: tuple[Weight, ...], shapes: dict[Path, tuple[int, ...]]) -> str:
+    """For a fused tensor, which parameters its rows hold and how many each, e.g.
+    " (the rows of q, k, v: 64 + 32 + 32)"; "" for a tensor of one parameter."""
+    if len(parts) == 1:
+        return ""
+    rows = [hf_tensor_shape((weight,), shapes)[0] for weight in parts]
+    names = ", ".join(weight.path[-1] for weight in parts)
+    return f" (the rows of {names}: {' + '.join(map(str, rows))})"
 
 
 def _check_tied_head(config: ModelConfig, files: dict[str, str]) -> None:

@@ -1,6 +1,8 @@
 """The table of a Hugging Face checkpoint's tensors and our parameters: each HF name (per layer
 where it holds `{i}`), the parameter path it maps to, and how its layout differs (`Weight`);
-`weights(config)` lists those a config has (attention biases, an untied head).
+`weights(config)` lists those a config has (attention biases, an untied head, Phi-3's fused
+tensors), `hf_tensors(config)` the HF tensors that hold them: one weight each, or several
+stacked by rows in a fused one (Phi-3's qkv_proj and gate_up_proj).
 """
 
 from __future__ import annotations
@@ -85,6 +87,18 @@ _WEIGHTS = (
     Weight(_LAYER + "mlp.down_proj.weight", ("layers", "mlp", "down"), 1),
     Weight("model.norm.weight", ("norm", "weight")),
 )
+# Phi-3 fuses q, k and v into one tensor's rows, and gate and up into another's, in the order of
+# `_WEIGHTS` (`hf_tensors` keeps it): qkv_proj [H*hd + 2*Hkv*hd, d], gate_up_proj [2*F, d].
+_PHI3_FUSED = {
+    ("layers", "attn", "q"): _LAYER + "self_attn.qkv_proj.weight",
+    ("layers", "attn", "k"): _LAYER + "self_attn.qkv_proj.weight",
+    ("layers", "attn", "v"): _LAYER + "self_attn.qkv_proj.weight",
+    ("layers", "mlp", "gate"): _LAYER + "mlp.gate_up_proj.weight",
+    ("layers", "mlp", "up"): _LAYER + "mlp.gate_up_proj.weight",
+}
+_PHI3_WEIGHTS = tuple(
+    dataclasses.replace(weight, hf=_PHI3_FUSED.get(weight.path, weight.hf)) for weight in _WEIGHTS
+)
 _QKV_BIASES = tuple(
     Weight(_LAYER + f"self_attn.{name}_proj.bias", ("layers", "attn", f"{name}_bias"), flat=True)
     for name in "qkv"
@@ -94,10 +108,43 @@ LM_HEAD = Weight("lm_head.weight", ("lm_head",), 1)
 
 
 def weights(config: ModelConfig) -> tuple[Weight, ...]:
-    """Every weight of a model with this config: the attention biases it has (`qkv_bias`,
-    `o_bias`), `lm_head` only when it is not tied."""
+    """Every weight of a model with this config, under the HF names of its `hf_model_type`
+    (Phi-3's fused ones): the attention biases it has (`qkv_bias`, `o_bias`), `lm_head` only
+    when it is not tied."""
+    layout = _PHI3_WEIGHTS if config.hf_model_type == "phi3" else _WEIGHTS
     biases = (_QKV_BIASES if config.qkv_bias else ()) + ((_O_BIAS,) if config.o_bias else ())
-    return _WEIGHTS + biases + (() if config.tie_embeddings else (LM_HEAD,))
+    return layout + biases + (() if config.tie_embeddings else (LM_HEAD,))
+
+
+def hf_tensors(config: ModelConfig) -> dict[str, tuple[Weight, ...]]:
+    """Each HF tensor of a model with this config (its name, per layer where it holds `{i}`) ->
+    the weights it holds, in the order of its rows: one, or those a fused tensor stacks."""
+    tensors: dict[str, tuple[Weight, ...]] = {}
+    for weight in weights(config):
+        tensors[weight.hf] = (*tensors.get(weight.hf, ()), weight)
+    return tensors
+
+
+def hf_tensor_shape(
+    parts: tuple[Weight, ...], shapes: dict[Path, tuple[int, ...]]
+) -> tuple[int, ...]:
+    """The shape of one (per-layer) HF tensor holding `parts`, from our `param_shapes`: the
+    parts' rows stacked, e.g. qkv_proj [H*hd + 2*Hkv*hd, d]."""
+    each = [_part_shape(weight, shapes) for weight in parts]
+    return (sum(shape[0] for shape in each), *each[0][1:])
+
+
+def split_rows(
+    tensor: np.ndarray, parts: tuple[Weight, ...], shapes: dict[Path, tuple[int, ...]]
+) -> list[np.ndarray]:
+    """One (per-layer) HF tensor as the HF tensors of its `parts` (views of its rows)."""
+    ends = np.cumsum([_part_shape(weight, shapes)[0] for weight in parts])
+    return np.split(tensor, ends[:-1])
+
+
+def _part_shape(weight: Weight, shapes: dict[Path, tuple[int, ...]]) -> tuple[int, ...]:
+    """HF's per-layer shape of one weight alone (its rows of a fused tensor)."""
+    return weight.hf_shape(weight.layer_shape(shapes[weight.path]))
 
 
 def param_shapes(config: ModelConfig) -> dict[Path, tuple[int, ...]]:

@@ -1,9 +1,10 @@
-"""Writing a Hugging Face safetensors checkpoint (LLaMA, or Qwen2 with q, k, v biases) from our
-parameter tree.
+"""Writing a Hugging Face safetensors checkpoint (LLaMA, Mistral, Qwen2 or Phi-3, as
+`config_to_hf` says) from our parameter tree.
 
-The shards are planned from the shapes alone (`dga_jax.checkpoint.hf.weights`), then each
-stacked parameter is read once and its per-layer slices are emitted into them; a shard is
-written as soon as it is complete, so at most one parameter and one shard are in memory. The
+The shards are planned from the shapes alone (`dga_jax.checkpoint.hf_weights.hf_tensors`), then
+each stacked parameter is read once and its per-layer slices are emitted into them; a shard is
+written as soon as it is complete, so at most one HF tensor's parameters (one, or Phi-3's q, k,
+v and gate, up fused) and one shard are in memory. The
 files go to a temporary sibling directory renamed into place at the end: `.<name>.tmp-<host>-
 <pid>-<random>`, removed on an error, and by the next export to `<name>` if a kill left it: its
 process, on this host, has ended, and nothing holds the lock on `<it>.lock` that an export holds
@@ -35,7 +36,13 @@ from dga_jax.checkpoint.hf import (
     check_cast,
     check_dtype,
 )
-from dga_jax.checkpoint.hf_weights import ParamReader, param_shapes, weights
+from dga_jax.checkpoint.hf_weights import (
+    ParamReader,
+    Weight,
+    hf_tensor_shape,
+    hf_tensors,
+    param_shapes,
+)
 from dga_jax.errors import InputError
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.hf_config import config_to_hf, hf_token_ids
@@ -75,8 +82,9 @@ def write_hf(
     that transformers derives from a LLaMA config).
 
     `read_param(path)` returns one stacked parameter at a time (numpy, [N, ...] per layer);
-    each is sliced, cast to `dtype` and written into shards of at most `max_shard_size` bytes
-    (a single larger tensor gets a shard of its own). The files are written into a temporary
+    each is sliced, cast to `dtype` (the rows of a fused tensor's parameters stacked) and written
+    into shards of at most `max_shard_size` bytes (a single larger tensor gets a shard of its
+    own). The files are written into a temporary
     sibling directory, flushed to disk and renamed to `out_dir` at the end, so a failure or a
     crash leaves no `out_dir`, and no `out_dir` with files still unwritten.
     """
@@ -86,13 +94,11 @@ def write_hf(
     shards = _plan_shards(sizes, max_shard_size)
     with _atomic_directory(out_dir) as tmp:
         writer = _ShardWriter(tmp, shards)
-        for weight in weights(config):
-            array = read_param(weight.path)
-            slices = array if weight.stacked else [array]
-            for name, layer in zip(weight.names(config.num_layers), slices, strict=True):
-                tensor = np.ascontiguousarray(weight.to_hf(layer), NUMPY_DTYPES[dtype])
-                check_cast(tensor, layer, f"parameter {'.'.join(weight.path)!r} ({name})")
-                writer.add(name, tensor)
+        for parts in hf_tensors(config).values():
+            arrays = [read_param(weight.path) for weight in parts]
+            layers = zip(*(array if parts[0].stacked else [array] for array in arrays), strict=True)
+            for name, layer in zip(parts[0].names(config.num_layers), layers, strict=True):
+                writer.add(name, _hf_tensor(name, parts, layer, NUMPY_DTYPES[dtype]))
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": writer.files}
         _write_json(os.path.join(tmp, INDEX_FILE), index)
         _write_json(os.path.join(tmp, CONFIG_FILE), hf_config)
@@ -101,14 +107,25 @@ def write_hf(
             _write_json(os.path.join(tmp, GENERATION_CONFIG_FILE), token_ids)
 
 
+def _hf_tensor(
+    name: str, parts: tuple[Weight, ...], arrays: tuple[np.ndarray, ...], dtype: np.dtype
+) -> np.ndarray:
+    """The HF tensor `name` of one layer's `arrays` of its `parts`, cast to `dtype`: one
+    parameter's, or the rows of several stacked (Phi-3's fused qkv_proj, gate_up_proj)."""
+    rows = []
+    for weight, array in zip(parts, arrays, strict=True):
+        rows.append(np.ascontiguousarray(weight.to_hf(array), dtype))
+        check_cast(rows[-1], array, f"parameter {'.'.join(weight.path)!r} ({name})")
+    return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+
 def _hf_sizes(config: ModelConfig, itemsize: int) -> dict[str, int]:
     """HF name -> bytes, in the order `write_hf` emits the tensors."""
     shapes = param_shapes(config)
     sizes = {}
-    for weight in weights(config):
-        shape = weight.layer_shape(shapes[weight.path])
-        for name in weight.names(config.num_layers):
-            sizes[name] = math.prod(shape) * itemsize
+    for parts in hf_tensors(config).values():
+        size = math.prod(hf_tensor_shape(parts, shapes)) * itemsize
+        sizes.update(dict.fromkeys(parts[0].names(config.num_layers), size))
     return sizes
 
 

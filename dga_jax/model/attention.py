@@ -90,11 +90,11 @@ class DGAttention(nnx.Module):
         self._check_x(x)
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         if self.config.sinks is not None:
-            q, k, v, q_far, k_far = self._sink_qkv(x, positions)
+            q, k, v, q_far, k_far = self._sink_qkv(x, positions, lengths)
             scale = self.config.head_dim**-0.5
             cache = sink_prefill(k, k_far, v, self.config.sinks, scale, lengths)
             return self._project(self._sink_attend(q, k, v, q_far, k_far)), cache
-        q, k, v = self._qkv(x, positions)
+        q, k, v = self._qkv(x, positions, lengths)
         config = self.config
         dga = config.dga if config.attention == "dga" else None
         layout = None
@@ -147,21 +147,28 @@ class DGAttention(nnx.Module):
         if len(shape) != 3 or shape[-1] != d or not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(f"x must be floats [B, T, d_model={d}]; got {dtype}{list(shape)}")
 
-    def _qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x: [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K], q and k rotated."""
+    def _qkv(
+        self, x: jax.Array, positions: jax.Array, lengths: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x: [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K], q and k rotated (`_frequencies`
+        for `lengths`)."""
         q, k, v = self._projections(x)
-        return self._rope(q, positions), self._rope(k, positions), v
+        inv_freq = self._frequencies(positions, lengths)
+        return self._rope(q, positions, inv_freq), self._rope(k, positions, inv_freq), v
 
-    def _sink_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, ...]:
+    def _sink_qkv(
+        self, x: jax.Array, positions: jax.Array, lengths: jax.Array | None = None
+    ) -> tuple[jax.Array, ...]:
         """x: [B, T, D] -> q, k, v as `_qkv`, and the first tokens' q_far (rotated at the
         kind's far positions) and k_far (k, or un-rotated): `dga_jax.ops.sinks`."""
         sinks = self.config.sinks
         q, k, v = self._projections(x)
-        k_rotated = self._rope(k, positions)
-        q_far = self._rope(q, sinks.far_positions(positions))
+        inv_freq = self._frequencies(positions, lengths)
+        k_rotated = self._rope(k, positions, inv_freq)
+        q_far = self._rope(q, sinks.far_positions(positions), inv_freq)
         # An un-rotated key is one rotated at position 0: cos and sin carry YaRN's scale there too.
         k_far = k_rotated if sinks.far_rope_keys else k * self.config.rope_scaling.attention_scaling
-        return self._rope(q, positions), k_rotated, v, q_far, k_far
+        return self._rope(q, positions, inv_freq), k_rotated, v, q_far, k_far
 
     def _projections(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x: [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K], not rotated."""
@@ -177,10 +184,18 @@ class DGAttention(nnx.Module):
             )
         return q, k, v
 
-    def _rope(self, x: jax.Array, positions: jax.Array) -> jax.Array:
+    def _frequencies(self, positions: jax.Array, lengths: jax.Array | None) -> jax.Array:
+        """RoPE's inverse frequencies: [K / 2], or [B, K / 2] where they follow each row's length
+        (dynamic NTK, LongRoPE: `RopeScaling.length_dependent`), the row's last position + 1, or
+        `lengths` [B] for right-padded rows (a row as if alone, its padding not counted)."""
         config, scaling = self.config, self.config.rope_scaling
-        inv_freq = rope_frequencies(config.head_dim, config.rope_theta, scaling)
-        return apply_rope(x, positions, inv_freq, scaling.attention_scaling)
+        if scaling.length_dependent and lengths is None:
+            lengths = jnp.max(positions, axis=-1, initial=-1) + 1  # T = 0: 0
+        length = lengths if scaling.length_dependent else None
+        return rope_frequencies(config.head_dim, config.rope_theta, scaling, length)
+
+    def _rope(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+        return apply_rope(x, positions, inv_freq, self.config.rope_scaling.attention_scaling)
 
     def _project(self, out: jax.Array) -> jax.Array:
         """[B, T, H, K] -> [B, T, D]."""

@@ -98,6 +98,9 @@ class ModelConfig:
     # HF's eos_token_id: one id or several (a checkpoint's generation_config.json's included)
     eos_token_ids: tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    # The HF model type to export as where the fields cannot tell it (`HF_MODEL_TYPES`): Phi-3
+    # is LLaMA in fused tensors. None: LLaMA, Mistral or Qwen2, as the biases and window say.
+    hf_model_type: str | None = None
 
     def __post_init__(self):
         _check_nested_configs(self)
@@ -146,6 +149,8 @@ class ModelConfig:
         if self.attention == "minference":
             self.minference.check_fits(self.max_position)
         _check_sliding_window(self)
+        _check_longrope_factors(self)
+        _check_hf_model_type(self)
 
     @property
     def sinks(self) -> SinkConfig | None:
@@ -229,6 +234,30 @@ def _check_nested_configs(config: ModelConfig) -> None:
                 f"model.{name} must be a {kind.__name__}, got {type(value).__name__} {value!r} "
                 "(ModelConfig.from_dict builds one from a dict)"
             )
+
+
+def _check_longrope_factors(config: ModelConfig) -> None:
+    """longrope divides each of the head_dim / 2 frequencies by its own factor."""
+    scaling, half = config.rope_scaling, config.head_dim // 2
+    if scaling.kind == "longrope" and len(scaling.short_factor) != half:
+        raise ValueError(
+            f"model.rope_scaling.short_factor and long_factor hold {len(scaling.short_factor)} "
+            f"factors each; longrope needs head_dim / 2 = {half}"
+        )
+
+
+# The HF model types `hf_model_type` may name: those whose export layout differs from what the
+# biases and the window of a LLaMA-style model imply.
+HF_MODEL_TYPES = ("phi3",)
+
+
+def _check_hf_model_type(config: ModelConfig) -> None:
+    """hf_model_type: None, or a type whose export layout it names (`HF_MODEL_TYPES`)."""
+    if config.hf_model_type is not None and config.hf_model_type not in HF_MODEL_TYPES:
+        raise ValueError(
+            f"model.hf_model_type must be None or one of {HF_MODEL_TYPES}, "
+            f"got {config.hf_model_type!r}"
+        )
 
 
 def _is_number(value: Any) -> bool:

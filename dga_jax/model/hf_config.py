@@ -1,5 +1,6 @@
-"""A Hugging Face LLaMA, Mistral or Qwen2 `config.json` as a `ModelConfig`, and back (for
-export); a sliding window (Mistral's, Qwen2's where every layer slides) is `sliding_window`.
+"""A Hugging Face LLaMA, Mistral, Qwen2 or Phi-3 `config.json` as a `ModelConfig`, and back (for
+export); a sliding window (Mistral's, Phi-3's, Qwen2's where every layer slides) is
+`sliding_window`, Phi-3's fused tensors `hf_model_type` "phi3".
 
 Every HF key is read by its type and named in errors by its HF name (`ConfigError`);
 `ModelConfig.from_hf` reads a file through `hf_to_config`.
@@ -20,22 +21,37 @@ from dga_jax.model.hf_rope import (
     require,
     rope_to_hf,
 )
+from dga_jax.model.hf_variants import (
+    PHI3_ROPE_KINDS,
+    check_llama_variant,
+    check_phi3_rope,
+    hf_biases,
+    hf_sliding_window,
+)
 from dga_jax.model.rope_scaling import RopeScaling
 
-SUPPORTED_HF_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_HF_ARCHITECTURES = (
+    "LlamaForCausalLM",
+    "MistralForCausalLM",
+    "Qwen2ForCausalLM",
+    "Phi3ForCausalLM",
+)
 # Each architecture's model_type. A Mistral is LLaMA with a sliding window over every layer
 # (none: sliding_window null, as 7B v0.2 and later); a Qwen2 is LLaMA with biases on q, k and v,
-# read where every layer attends alike (`_qwen2_window`).
+# read where every layer attends alike (`_qwen2_window`); a Phi-3 is LLaMA in fused tensors
+# (q, k, v in qkv_proj; gate, up in gate_up_proj), its window (or none) in every layer.
 _MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Phi3ForCausalLM": "phi3",
 }
 _ARCHITECTURES = {kind: arch for arch, kind in _MODEL_TYPES.items()}  # absent architectures
 # The keys whose defaults in transformers differ from LlamaConfig's: they must be there.
 _DIFFERING_DEFAULTS = {
     "mistral": ("num_key_value_heads", "max_position_embeddings"),
     "qwen2": ("num_key_value_heads", "max_position_embeddings"),
+    "phi3": ("max_position_embeddings", "rms_norm_eps"),
 }
 _HF_REQUIRED = (
     "vocab_size",
@@ -45,15 +61,12 @@ _HF_REQUIRED = (
     "intermediate_size",
 )
 
-SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN computes "swish" as SiLU too
-_QWEN2_LAYER_TYPES = ("full_attention", "sliding_attention")
-
 
 def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
-    """Maps the fields of a HF `LlamaConfig`, `MistralConfig` or `Qwen2Config` dict (a Qwen2
-    whose layers attend alike: `_qwen2_window`); other architectures, and a missing, unsupported
-    or mistyped (null, a string for a number or a bool) field, raise a `ConfigError` naming the
-    key."""
+    """Maps the fields of a HF `LlamaConfig`, `MistralConfig`, `Qwen2Config` (a Qwen2 whose
+    layers attend alike: `_qwen2_window`) or `Phi3Config` dict; other architectures, and a
+    missing, unsupported or mistyped (null, a string for a number or a bool) field, raise a
+    `ConfigError` naming the key."""
     if not isinstance(hf, dict):
         raise ConfigError(f"a HF config must be a JSON object, got {type(hf).__name__}")
     archs = strict.check("architectures", hf.get("architectures"), tuple[str, ...] | None)
@@ -64,11 +77,13 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
             f"unsupported architecture {archs} (model_type "
             f"{hf.get('model_type')!r}); supported: {SUPPORTED_HF_ARCHITECTURES}"
         )
-    _check_llama_variant(hf, model_type)
+    check_llama_variant(hf, model_type)
     require(hf, (*_HF_REQUIRED, *_DIFFERING_DEFAULTS.get(model_type, ())), "")
     for key in _HF_REQUIRED:
         strict.check(key, hf[key], int)
     heads, scaling = hf["num_attention_heads"], hf_rope_scaling(hf)
+    if model_type == "phi3":
+        check_phi3_rope(hf, scaling)
     # null num_key_value_heads / head_dim: transformers' defaults, as when absent
     kv_heads = hf_value(hf, "num_key_value_heads", int | None)
     head_dim = hf_value(hf, "head_dim", int | None)
@@ -85,109 +100,21 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
         rope_scaling=scaling,
         max_position=_max_position(hf, scaling),
         tie_embeddings=hf_value(hf, "tie_word_embeddings", bool | None, False) or False,
-        sliding_window=_hf_sliding_window(hf, model_type),
-        **_hf_biases(hf, model_type),
+        sliding_window=hf_sliding_window(hf, model_type),
+        **hf_biases(hf, model_type),
         **_hf_token_ids(hf),
+        hf_model_type="phi3" if model_type == "phi3" else None,
     )
 
 
 def _max_position(hf: dict[str, Any], scaling: RopeScaling) -> int:
     """max_position_embeddings, or YaRN's context where longer: Qwen2.5 ships its pretraining
-    32K there and documents rope_scaling yarn, factor 4, for 128K (transformers checks neither)."""
+    32K there and documents rope_scaling yarn, factor 4, for 128K (transformers checks neither);
+    dynamic NTK's factor times max_position_embeddings, the context it scales for."""
     longest = hf_max_position(hf)
-    if scaling.kind == "yarn":
+    if scaling.kind in ("yarn", "dynamic"):
         return max(longest, round(scaling.factor * scaling.original_max_position))
     return longest
-
-
-def _hf_sliding_window(hf: dict[str, Any], model_type: str) -> int | None:
-    """ModelConfig's sliding_window: Mistral's slides in every layer (transformers reads no
-    layer_types for it), Qwen2's where every layer slides (`_qwen2_window`); LLaMA has none."""
-    if model_type == "mistral":
-        return _hf_window(hf)
-    if model_type == "qwen2":
-        return _qwen2_window(hf)
-    return None
-
-
-def _hf_window(hf: dict[str, Any]) -> int | None:
-    """sliding_window as transformers' masks read it (keys t - window + 1 .. t per query t):
-    4096, its default, where absent; null: the whole past. Below 1 a query would see no key."""
-    window = hf_value(hf, "sliding_window", int | None, 4096)
-    if window is not None and window < 1:
-        raise ConfigError(f"sliding_window must be an int >= 1 or null, got {window!r}")
-    return window
-
-
-def _qwen2_window(hf: dict[str, Any]) -> int | None:
-    """A Qwen2's one window: transformers' Qwen2Config keeps sliding_window only with
-    use_sliding_window, and slides it in the layers `_qwen2_sliding_layers` names. Every layer
-    sliding: the window; none: None. A mix of sliding and full layers is refused: the model has
-    one attention for all its layers."""
-    window = _hf_window(hf) if hf_value(hf, "use_sliding_window", bool | None, False) else None
-    sliding, source = _qwen2_sliding_layers(hf, window)
-    if all(sliding):
-        return window
-    if any(sliding):
-        raise ConfigError(
-            f"unsupported sliding-window layers ({source}): a Qwen2 model is read only with one "
-            "attention in every layer, full (use_sliding_window false, as Qwen2 and Qwen2.5 "
-            "ship) or one sliding window (max_window_layers 0)"
-        )
-    return None
-
-
-def _qwen2_sliding_layers(hf: dict[str, Any], window: int | None) -> tuple[list[bool], str]:
-    """Which layers slide `window`: those transformers' `layer_types` names sliding_attention,
-    or, where absent, those from max_window_layers on; and the keys that say so, for errors."""
-    layers = hf["num_hidden_layers"]
-    layer_types = strict.check("layer_types", hf.get("layer_types"), tuple[str, ...] | None)
-    if layer_types is None:
-        first = hf_value(hf, "max_window_layers", int, 28)
-        source = (
-            f"use_sliding_window=true, sliding_window={window}, in layers from "
-            f"max_window_layers={first}"
-        )
-        return [window is not None and i >= first for i in range(layers)], source
-    if len(layer_types) != layers or not set(layer_types) <= set(_QWEN2_LAYER_TYPES):
-        raise ConfigError(
-            f"unsupported layer_types {list(layer_types)}: a Qwen2 model has one of "
-            f"{_QWEN2_LAYER_TYPES} for each of its num_hidden_layers={layers}"
-        )
-    if window is None and "sliding_attention" in layer_types:  # transformers fails there too
-        raise ConfigError(
-            f"layer_types {list(layer_types)} name sliding_attention layers, but the config "
-            "sets no window (use_sliding_window false or sliding_window null)"
-        )
-    return [kind == "sliding_attention" for kind in layer_types], f"layer_types={list(layer_types)}"
-
-
-def _hf_biases(hf: dict[str, Any], model_type: str) -> dict[str, bool]:
-    """ModelConfig's qkv_bias and o_bias: Qwen2's q, k, v always have biases; LLaMA's
-    attention_bias puts one on all four projections; Mistral has none."""
-    if model_type == "qwen2":
-        return {"qkv_bias": True, "o_bias": False}
-    bias = model_type == "llama" and bool(hf_value(hf, "attention_bias", bool | None, False))
-    return {"qkv_bias": bias, "o_bias": bias}
-
-
-def _check_llama_variant(hf: dict[str, Any], model_type: str) -> None:
-    """A `ConfigError` naming the key of a LLaMA variant our model does not compute: MLP
-    biases, another activation, quantized weights (whose tensors are not the float weights we
-    read)."""
-    if model_type == "llama" and hf.get("mlp_bias"):  # Qwen2's and Mistral's MLPs have none
-        raise ConfigError(
-            f"unsupported LLaMA variant: mlp_bias={hf['mlp_bias']!r} (no MLP biases here)"
-        )
-    if hf.get("hidden_act", "silu") not in SILU_NAMES:
-        raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r}; LLaMA uses 'silu'")
-    quantization = hf.get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method") if isinstance(quantization, dict) else None
-        raise ConfigError(
-            f"unsupported quantization_config (quant_method {method!r}): quantized checkpoints "
-            "are not read; convert one stored in float32, bfloat16 or float16"
-        )
 
 
 def _hf_token_ids(hf: dict[str, Any]) -> dict[str, Any]:
@@ -234,7 +161,10 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "rms_norm_eps": config.norm_eps,
         "rope_theta": config.rope_theta,
         "rope_scaling": rope_to_hf(config.rope_scaling),
-        "max_position_embeddings": config.max_position,
+        # dynamic NTK scales past HF's max_position_embeddings: its original context
+        "max_position_embeddings": config.rope_scaling.original_max_position
+        if config.rope_scaling.kind == "dynamic"
+        else config.max_position,
         "tie_word_embeddings": config.tie_embeddings,
         "hidden_act": "silu",
         "torch_dtype": config.param_dtype,
@@ -243,9 +173,12 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """A config with biases on q, k, v alone is a Qwen2 (its window in every layer), one without
-    biases a Mistral with a sliding window, else LLaMA, without biases or with all four
-    (attention_bias); an output bias alone, or all four with a window, has no HF architecture."""
+    """A config of `hf_model_type` "phi3" is a Phi-3 (`_phi3_to_hf`). Else one with biases on
+    q, k, v alone is a Qwen2 (its window in every layer), one without biases a Mistral with a
+    sliding window, else LLaMA, without biases or with all four (attention_bias); an output bias
+    alone, or all four with a window, has no HF architecture."""
+    if config.hf_model_type == "phi3":
+        return _phi3_to_hf(config)
     window = config.sliding_window
     if config.qkv_bias and not config.o_bias:
         qwen2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
@@ -274,6 +207,32 @@ def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
         return {**mistral, "sliding_window": window}
     llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     return {**llama, "attention_bias": config.qkv_bias, "mlp_bias": False}
+
+
+def _phi3_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """Phi-3's fields: its window (null: none) in every layer, and longrope's
+    original_max_position_embeddings at the top level, which Phi3Config reads before the RoPE
+    section's. Attention biases, and RoPE kinds other than default and longrope, Phi-3 has not."""
+    if config.qkv_bias or config.o_bias:
+        raise ConfigError(
+            f"model.hf_model_type='phi3' with model.qkv_bias={config.qkv_bias} and "
+            f"model.o_bias={config.o_bias}: Phi-3 has no attention biases (set "
+            "model.hf_model_type=None to export by the biases: LLaMA or Qwen2)"
+        )
+    kind = config.rope_scaling.kind
+    if kind not in PHI3_ROPE_KINDS:
+        raise ConfigError(
+            f"model.hf_model_type='phi3' with model.rope_scaling.kind={kind!r}: Phi-3 takes "
+            f"{PHI3_ROPE_KINDS} only"
+        )
+    phi3 = {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "sliding_window": config.sliding_window,
+    }
+    if kind == "longrope":
+        phi3["original_max_position_embeddings"] = config.rope_scaling.original_max_position
+    return phi3
 
 
 def hf_token_ids(config: ModelConfig) -> dict[str, Any]:

@@ -13,6 +13,8 @@ from dga_jax.model.rope_scaling import RopeScaling, yarn_mscale
 
 # original_max_position_embeddings may be absent: `_original_max_position`
 _HF_LLAMA3_ROPE = ("factor", "low_freq_factor", "high_freq_factor")
+# Phi-3's legacy names of longrope (transformers' Phi3Config maps them)
+_PHI3_LONGROPE = ("su", "yarn")
 
 
 def hf_value(
@@ -49,6 +51,8 @@ def hf_rope_scaling(hf: dict[str, Any]) -> RopeScaling:
     section, scaling = _rope_section(hf)
     type_key = "rope_type" if "rope_type" in scaling else "type"
     kind = scaling.get(type_key, "default")
+    if hf.get("model_type") == "phi3" and kind in _PHI3_LONGROPE:
+        kind = "longrope"
     if kind == "default":
         return RopeScaling()
     prefix = section + "."
@@ -66,8 +70,16 @@ def hf_rope_scaling(hf: dict[str, Any]) -> RopeScaling:
         )
     if kind == "yarn":
         return _yarn_rope(hf, scaling, prefix)
+    if kind == "dynamic":
+        require(scaling, ("factor",), prefix)
+        # transformers' dynamic NTK scales past max_position_embeddings itself
+        factor = hf_value(scaling, "factor", float, prefix=prefix)
+        return RopeScaling("dynamic", factor, original_max_position=hf_max_position(hf))
+    if kind == "longrope":
+        return _longrope(hf, scaling, prefix)
     raise ConfigError(
-        f"unsupported {prefix}{type_key} {kind!r}; supported: default, linear, llama3, yarn"
+        f"unsupported {prefix}{type_key} {kind!r}; supported: default, linear, llama3, yarn, "
+        "dynamic, longrope"
     )
 
 
@@ -105,6 +117,23 @@ def _yarn_rope(hf: dict[str, Any], scaling: dict[str, Any], prefix: str) -> Rope
     )
 
 
+def _longrope(hf: dict[str, Any], scaling: dict[str, Any], prefix: str) -> RopeScaling:
+    """transformers' `_compute_longrope_parameters`: a null or absent factor is
+    max_position_embeddings / original_max_position_embeddings (Phi-3's), a null attention
+    factor LongRoPE's default from it."""
+    require(scaling, ("short_factor", "long_factor"), prefix)
+    original = _original_max_position(hf, scaling, prefix)
+    factor = hf_value(scaling, "factor", float | None, prefix=prefix)
+    return RopeScaling(
+        "longrope",
+        hf_max_position(hf) / original if factor is None else factor,
+        original_max_position=original,
+        attention_factor=hf_value(scaling, "attention_factor", float | None, prefix=prefix),
+        short_factor=hf_value(scaling, "short_factor", tuple[float, ...], prefix=prefix),
+        long_factor=hf_value(scaling, "long_factor", tuple[float, ...], prefix=prefix),
+    )
+
+
 def _yarn_attention_factor(scaling: dict[str, Any], prefix: str, factor: float) -> float | None:
     """attention_factor where set; else, where mscale and mscale_all_dim are both set and not
     zero, the ratio of their YaRN scales (DeepSeek's); else None: YaRN's default from factor."""
@@ -131,11 +160,14 @@ def rope_to_hf(scaling: RopeScaling) -> dict[str, Any] | None:
     if scaling.kind == "llama3":
         rope["low_freq_factor"] = scaling.low_freq_factor
         rope["high_freq_factor"] = scaling.high_freq_factor
-    if scaling.kind in ("llama3", "yarn"):
+    if scaling.kind in ("llama3", "yarn", "longrope"):
         rope["original_max_position_embeddings"] = scaling.original_max_position
     if scaling.kind == "yarn":
         rope.update(beta_fast=scaling.beta_fast, beta_slow=scaling.beta_slow)
         rope["truncate"] = scaling.truncate
-        if scaling.attention_factor is not None:
-            rope["attention_factor"] = scaling.attention_factor
+    if scaling.kind == "longrope":
+        rope["short_factor"] = list(scaling.short_factor)
+        rope["long_factor"] = list(scaling.long_factor)
+    if scaling.kind in ("yarn", "longrope") and scaling.attention_factor is not None:
+        rope["attention_factor"] = scaling.attention_factor
     return rope

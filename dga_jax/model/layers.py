@@ -105,9 +105,16 @@ def _project_bwd(axes, residuals, d_out):
 _project.defvjp(_project_fwd, _project_bwd)
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> jax.Array:
-    """Inverse frequencies [head_dim / 2], with transformers' linear, llama3 and yarn rules
-    (yarn also scales cos and sin: `RopeScaling.attention_scaling`, which `apply_rope` takes)."""
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling, length: jax.Array | None = None
+) -> jax.Array:
+    """Inverse frequencies [*length.shape, head_dim / 2] ([head_dim / 2] without a length), with
+    transformers' linear, llama3, yarn, dynamic and longrope rules (yarn and longrope also scale
+    cos and sin: `RopeScaling.attention_scaling`, which `apply_rope` takes).
+
+    `length`: int [...], the length of each sequence rotated (its last position + 1), which
+    dynamic and longrope read (`RopeScaling.length_dependent`; None: the original context, as
+    transformers' frequencies before any call) and the other kinds ignore."""
     powers = theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
     inv_freq = 1.0 / powers
     if scaling.kind == "linear":
@@ -116,7 +123,31 @@ def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling) -> jax.A
         return _llama3_frequencies(inv_freq, scaling)
     if scaling.kind == "yarn":
         return _yarn_frequencies(powers, head_dim, theta, scaling)
+    if not scaling.length_dependent or length is None:
+        return _short_frequencies(inv_freq, scaling)
+    longer = (jnp.asarray(length) > scaling.original_max_position)[..., None]
+    if scaling.kind == "dynamic":
+        return jnp.where(longer, _dynamic_frequencies(head_dim, theta, scaling, length), inv_freq)
+    long = inv_freq / jnp.asarray(scaling.long_factor, jnp.float32)
+    return jnp.where(longer, long, _short_frequencies(inv_freq, scaling))
+
+
+def _short_frequencies(inv_freq: jax.Array, scaling: RopeScaling) -> jax.Array:
+    """The frequencies up to the original context: longrope's short factors, else as they are."""
+    if scaling.kind == "longrope":
+        return inv_freq / jnp.asarray(scaling.short_factor, jnp.float32)
     return inv_freq
+
+
+def _dynamic_frequencies(
+    head_dim: int, theta: float, scaling: RopeScaling, length: jax.Array
+) -> jax.Array:
+    """Dynamic NTK past the original context: theta grown by (factor * L / original - factor +
+    1) ** (D / (D - 2)) for each length L, in float32 as transformers computes it in a call."""
+    ratio = scaling.factor * jnp.asarray(length, jnp.float32) / scaling.original_max_position
+    base = theta * (ratio - (scaling.factor - 1)) ** (head_dim / (head_dim - 2))
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    return 1.0 / base[..., None] ** exponents
 
 
 def _llama3_frequencies(inv_freq: jax.Array, scaling: RopeScaling) -> jax.Array:
@@ -167,7 +198,10 @@ def apply_rope(
     x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0
 ) -> jax.Array:
     """Rotate-half RoPE, cos and sin times `scale` (`RopeScaling.attention_scaling`).
-    x: [B, T, H, D], positions: [B, T] -> [B, T, H, D] in x's dtype."""
+    x: [B, T, H, D], positions: [B, T], inv_freq: [D/2] or each row's [B, D/2]
+    -> [B, T, H, D] in x's dtype."""
+    if inv_freq.ndim == 2:
+        inv_freq = inv_freq[:, None, :]
     freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
 
     def both_halves(f):  # [B, T, D/2] -> [B, T, 1, D]: each angle evaluated once, used twice

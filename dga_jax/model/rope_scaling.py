@@ -9,14 +9,27 @@ from __future__ import annotations
 import dataclasses
 import math
 
-ROPE_KINDS = ("none", "linear", "llama3", "yarn")
-_ORIGINAL_KINDS = ("llama3", "yarn")  # the kinds that read original_max_position
+ROPE_KINDS = ("none", "linear", "llama3", "yarn", "dynamic", "longrope")
+# the kinds that read original_max_position
+_ORIGINAL_KINDS = ("llama3", "yarn", "dynamic", "longrope")
+# the kinds whose frequencies depend on the length of the sequence they rotate (`length_dependent`)
+LENGTH_KINDS = ("dynamic", "longrope")
 
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling: none, linear (positions / factor), llama3 (per band) or yarn
-    (per band, and cos and sin scaled by an attention factor: `attention_scaling`)."""
+    """RoPE frequency scaling: none, linear (positions / factor), llama3 (per band), yarn
+    (per band, and cos and sin scaled by an attention factor: `attention_scaling`), or one of
+    the two whose frequencies follow the length L of the sequence being rotated (each row's:
+    its last position + 1; `length_dependent`), as transformers' `dynamic_rope_update`:
+
+    - dynamic (dynamic NTK): past original_max_position, theta grows to
+      theta * (factor * L / original_max_position - factor + 1) ** (D / (D - 2));
+    - longrope (LongRoPE, Phi-3): each frequency divided by short_factor[i] while L is at most
+      original_max_position, by long_factor[i] past it (D / 2 factors each), and cos and sin
+      scaled by attention_factor (default sqrt(1 + ln(factor) / ln(original_max_position)),
+      factor being the context's growth, max_position / original_max_position).
+    """
 
     kind: str = "none"
     factor: float = 1.0
@@ -29,10 +42,14 @@ class RopeScaling:
     beta_slow: float = 1.0
     attention_factor: float | None = None  # yarn: on cos and sin; None: 0.1 ln(factor) + 1
     truncate: bool = True  # yarn: the band's ends rounded out to whole dims
+    short_factor: tuple[float, ...] = ()  # longrope: head_dim / 2 divisors up to the original
+    long_factor: tuple[float, ...] = ()  # longrope: head_dim / 2 divisors past it
 
     def __post_init__(self):
         if self.kind not in ROPE_KINDS:
             raise ValueError(f"rope_scaling.kind must be one of {ROPE_KINDS}, got {self.kind!r}")
+        for name in ("short_factor", "long_factor"):  # lists (from JSON) as hashable tuples
+            object.__setattr__(self, name, _factors(name, getattr(self, name)))
         if not self.factor > 0:  # NaN too: NaN logits otherwise
             raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor}")
         if self.kind in _ORIGINAL_KINDS:
@@ -41,16 +58,33 @@ class RopeScaling:
             self._check_llama3_bands()
         if self.kind == "yarn":
             self._check_yarn()
+        if self.kind == "longrope":
+            self._check_longrope()
+        elif self.short_factor or self.long_factor:
+            raise ValueError(
+                f"rope_scaling.short_factor and long_factor are longrope's; kind is {self.kind!r}"
+            )
+
+    @property
+    def length_dependent(self) -> bool:
+        """Whether the frequencies depend on the length of the sequence rotated
+        (`dga_jax.model.layers.rope_frequencies` then takes it)."""
+        return self.kind in LENGTH_KINDS
 
     @property
     def attention_scaling(self) -> float:
         """The factor on RoPE's cos and sin (transformers' `attention_scaling`): 1 but for
-        yarn, whose default is YaRN's 0.1 ln(factor) + 1."""
-        if self.kind != "yarn":
+        yarn, whose default is YaRN's 0.1 ln(factor) + 1, and longrope, whose default is
+        sqrt(1 + ln(factor) / ln(original_max_position)) (1 for factor <= 1)."""
+        if self.kind not in ("yarn", "longrope"):
             return 1.0
         if self.attention_factor is not None:
             return self.attention_factor
-        return yarn_mscale(self.factor)
+        if self.kind == "yarn":
+            return yarn_mscale(self.factor)
+        if self.factor <= 1:
+            return 1.0
+        return math.sqrt(1 + math.log(self.factor) / math.log(self.original_max_position))
 
     def _check_original_max_position(self) -> None:
         if isinstance(self.original_max_position, bool) or not (
@@ -92,6 +126,37 @@ class RopeScaling:
             )
         if not isinstance(self.truncate, bool):  # a "false" would truncate
             raise ValueError(f"rope_scaling.truncate must be a bool, got {self.truncate!r}")
+
+    def _check_longrope(self) -> None:
+        """Both factor lists, of one length (the model checks it against head_dim / 2); an
+        attention factor > 0 where given."""
+        if not self.short_factor or len(self.short_factor) != len(self.long_factor):
+            raise ValueError(
+                "rope_scaling kind 'longrope' needs short_factor and long_factor of one length "
+                f"(head_dim / 2), got {len(self.short_factor)} and {len(self.long_factor)}"
+            )
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ValueError(
+                "rope_scaling.attention_factor must be > 0 or None (LongRoPE's default), "
+                f"got {self.attention_factor}"
+            )
+        if self.attention_factor is None and self.factor > 1 and self.original_max_position < 2:
+            raise ValueError(  # the default divides by ln(original_max_position)
+                "rope_scaling kind 'longrope' without an attention_factor needs "
+                f"original_max_position >= 2, got {self.original_max_position}"
+            )
+
+
+def _factors(name: str, values) -> tuple[float, ...]:
+    """A longrope factor list as a tuple of floats, each > 0 (a frequency is divided by it)."""
+    try:
+        factors = tuple(float(x) for x in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"rope_scaling.{name} must be a list of numbers, got {values!r}") from None
+    bad = [x for x in factors if not x > 0]
+    if bad or any(isinstance(x, bool) for x in values):
+        raise ValueError(f"rope_scaling.{name} must hold numbers > 0, got {bad or values}")
+    return factors
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:

@@ -27,6 +27,17 @@ LLAMA3_ROPE = {
 # YaRN as Yarn-Llama-2 sets it (factor = max_position_embeddings / original); the test length is
 # past original_max_position_embeddings, so the ramp and the attention factor both matter.
 YARN_ROPE = {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 32}
+# LongRoPE on LLaMA (Phi-3's scaling): one divisor per frequency (head_dim 16: 8), below the
+# original context and past it; the test length is past it, so the long factors and the
+# attention factor (from max_position_embeddings / 64) both matter.
+LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0, 1.05, 1.1, 1.2, 1.4, 1.7, 2.0, 2.5],
+    "long_factor": [1.0, 1.3, 1.9, 2.8, 4.0, 6.5, 9.0, 12.0],
+    "original_max_position_embeddings": 64,
+}
+# dynamic NTK past max_position_embeddings (64 here, below the test length)
+DYNAMIC_ROPE = {"rope_type": "dynamic", "factor": 4.0}
 CASES = {
     "mha": dict(num_key_value_heads=4),
     "gqa": dict(num_key_value_heads=2),
@@ -46,6 +57,10 @@ CASES = {
     "yarn_rope_no_truncate": dict(
         num_key_value_heads=4, rope_scaling={**YARN_ROPE, "truncate": False}
     ),
+    "dynamic_rope": dict(
+        num_key_value_heads=2, rope_scaling=DYNAMIC_ROPE, max_position_embeddings=64
+    ),
+    "longrope": dict(num_key_value_heads=2, rope_scaling=LONGROPE),
     "tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
     "untied": dict(num_key_value_heads=4, tie_word_embeddings=False),
 }

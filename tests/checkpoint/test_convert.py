@@ -355,10 +355,10 @@ DAMAGE = {
         "rope_scaling.low_freq_factor",
     ),
     "heads_not_a_multiple": ("config.json", {"num_key_value_heads": 3}, "num_kv_heads=3"),
-    "dynamic_rope": (
+    "dynamic_rope_no_factor": (
         "config.json",
-        {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}},
-        "dynamic",
+        {"rope_scaling": {"rope_type": "dynamic"}},
+        "rope_scaling.factor",
     ),
     "index_not_json": (INDEX_FILE, b"{ oops", "JSON"),
     "index_no_weight_map": (INDEX_FILE, {"weight_map": None}, "weight_map"),

@@ -44,7 +44,9 @@ def test_logits_match_transformers(converted, case):
     assert diff <= LOGIT_ATOL
 
 
-@pytest.mark.parametrize("case", ["linear_rope", "llama3_rope", "yarn_rope"])
+@pytest.mark.parametrize(
+    "case", ["linear_rope", "llama3_rope", "yarn_rope", "dynamic_rope", "longrope"]
+)
 def test_rope_scaling_matters_at_the_test_length(converted, case):
     c = converted(case)
     unscaled = logits_of(c.ckpt_dir, c.tokens, rope_scaling=RopeScaling())

@@ -88,8 +88,8 @@ def test_unsupported_hf_architecture_is_rejected():
         ModelConfig.from_hf({**hf, "architectures": ["GemmaForCausalLM"], "model_type": "gemma"})
     with pytest.raises(ValueError, match="unsupported architecture"):  # the pair must agree
         ModelConfig.from_hf({**hf, "model_type": "mistral"})
-    with pytest.raises(ValueError, match=r"^unsupported rope_scaling\.rope_type 'dynamic'"):
-        ModelConfig.from_hf({**hf, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}})
+    with pytest.raises(ValueError, match=r"^unsupported rope_scaling\.rope_type 'proportional'"):
+        ModelConfig.from_hf({**hf, "rope_scaling": {"rope_type": "proportional", "factor": 2.0}})
 
 
 def test_transformers5_rope_parameters_are_read():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import numpy as np
 from flax import nnx
@@ -49,3 +51,18 @@ def test_the_exported_model_keeps_the_checkpoint_token_ids(tmp_path):
     config.model.overrides.eos_token_ids = (7, 8)  # the run's own ids win
     exported = loop._exported_config(from_config_dict(config))
     assert (exported.bos_token_id, exported.eos_token_ids) == (1, (7, 8))
+
+
+def test_a_run_from_a_phi3_exports_its_layout_where_phi3_can_hold_it(tmp_path, caplog):
+    """Phi-3's fused tensors (`hf_model_type`) carry over to the exported model; a RoPE kind
+    Phi-3 has not (linear) leaves the LLaMA layout, logged, rather than an export that fails."""
+    config = tiny_dga.get_config()
+    stored = from_config_dict(config).model.replace(hf_model_type="phi3")
+    save_model(Llama(stored, rngs=nnx.Rngs(0)), tmp_path / "ckpt")
+    config.init_checkpoint = str(tmp_path / "ckpt")
+    assert loop._exported_config(from_config_dict(config)).hf_model_type == "phi3"
+    config.model.overrides.rope_scaling = {"kind": "linear", "factor": 2.0}
+    with caplog.at_level(logging.WARNING):
+        exported = loop._exported_config(from_config_dict(config))
+    assert exported.hf_model_type is None
+    assert "keeps no phi3 layout" in caplog.text and "linear" in caplog.text
