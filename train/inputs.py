@@ -20,7 +20,14 @@ from train.config import TrainConfig
 
 # Model fields that shape no weight but change what the weights compute: the run takes
 # config.model's, whatever the checkpoint was trained with.
-NUMERIC_FIELDS = ("rope_theta", "rope_scaling", "max_position", "norm_eps", "sliding_window")
+NUMERIC_FIELDS = (
+    "rope_theta",
+    "rope_scaling",
+    "rotary_dim",
+    "max_position",
+    "norm_eps",
+    "sliding_window",
+)
 
 CONVERT = "python -m dga_jax.checkpoint.convert hf-to-orbax --hf_dir <HF model dir> --out {}"
 

@@ -38,6 +38,7 @@ ADDED_KEYS = {
     "model.qkv_bias": False,
     "model.o_bias": False,
     "model.hf_model_type": None,
+    "model.rotary_dim": None,
     "model.rope_scaling.beta_fast": 32.0,
     "model.rope_scaling.beta_slow": 1.0,
     "model.rope_scaling.truncate": True,

@@ -166,8 +166,8 @@ class DGAttention(nnx.Module):
         inv_freq = self._frequencies(positions, lengths)
         k_rotated = self._rope(k, positions, inv_freq)
         q_far = self._rope(q, sinks.far_positions(positions), inv_freq)
-        # An un-rotated key is one rotated at position 0: cos and sin carry YaRN's scale there too.
-        k_far = k_rotated if sinks.far_rope_keys else k * self.config.rope_scaling.attention_scaling
+        # An un-rotated key is one rotated at position 0: its rotated channels carry YaRN's scale
+        k_far = k_rotated if sinks.far_rope_keys else self._rope(k, 0 * positions, inv_freq)
         return self._rope(q, positions, inv_freq), k_rotated, v, q_far, k_far
 
     def _projections(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -192,7 +192,7 @@ class DGAttention(nnx.Module):
         if scaling.length_dependent and lengths is None:
             lengths = jnp.max(positions, axis=-1, initial=-1) + 1  # T = 0: 0
         length = lengths if scaling.length_dependent else None
-        return rope_frequencies(config.head_dim, config.rope_theta, scaling, length)
+        return rope_frequencies(config.rope_dim, config.rope_theta, scaling, length)
 
     def _rope(self, x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
         return apply_rope(x, positions, inv_freq, self.config.rope_scaling.attention_scaling)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from dga_jax import strict
 from dga_jax.errors import ConfigError
-from dga_jax.model.rope_scaling import RopeScaling
+from dga_jax.model.rope_scaling import RopeScaling, check_rope_dims
 from dga_jax.ops.dense import DENSE_IMPLEMENTATIONS
 from dga_jax.ops.dga.api import IMPLEMENTATIONS as DGA_IMPLEMENTATIONS
 from dga_jax.ops.dga.backends import INTERVAL_IMPLEMENTATIONS
@@ -81,6 +81,9 @@ class ModelConfig:
     # Dense attention's sliding window (Mistral's sliding_window): keys per query, its own
     # included; None: the whole past. The other kinds replace dense attention, window and all.
     sliding_window: int | None = None
+    # The channels of each head RoPE rotates, the first ones (Phi-4-mini's partial_rotary_factor
+    # 0.75: 96 of 128); the rest pass unrotated. None: all of them (`rope_dim`).
+    rotary_dim: int | None = None
     dga: DGAConfig = DGAConfig()
     streaming_llm: StreamingLLMConfig = StreamingLLMConfig()
     lm_infinite: LMInfiniteConfig = LMInfiniteConfig()
@@ -149,8 +152,13 @@ class ModelConfig:
         if self.attention == "minference":
             self.minference.check_fits(self.max_position)
         _check_sliding_window(self)
-        _check_longrope_factors(self)
+        check_rope_dims(self.head_dim, self.rotary_dim, self.rope_scaling)
         _check_hf_model_type(self)
+
+    @property
+    def rope_dim(self) -> int:
+        """The channels of each head RoPE rotates: rotary_dim, else head_dim."""
+        return self.head_dim if self.rotary_dim is None else self.rotary_dim
 
     @property
     def sinks(self) -> SinkConfig | None:
@@ -234,16 +242,6 @@ def _check_nested_configs(config: ModelConfig) -> None:
                 f"model.{name} must be a {kind.__name__}, got {type(value).__name__} {value!r} "
                 "(ModelConfig.from_dict builds one from a dict)"
             )
-
-
-def _check_longrope_factors(config: ModelConfig) -> None:
-    """longrope divides each of the head_dim / 2 frequencies by its own factor."""
-    scaling, half = config.rope_scaling, config.head_dim // 2
-    if scaling.kind == "longrope" and len(scaling.short_factor) != half:
-        raise ValueError(
-            f"model.rope_scaling.short_factor and long_factor hold {len(scaling.short_factor)} "
-            f"factors each; longrope needs head_dim / 2 = {half}"
-        )
 
 
 # The HF model types `hf_model_type` may name: those whose export layout differs from what the

@@ -26,6 +26,7 @@ from dga_jax.model.hf_variants import (
     check_llama_variant,
     check_phi3_rope,
     hf_biases,
+    hf_rotary_dim,
     hf_sliding_window,
 )
 from dga_jax.model.rope_scaling import RopeScaling
@@ -87,13 +88,15 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
     # null num_key_value_heads / head_dim: transformers' defaults, as when absent
     kv_heads = hf_value(hf, "num_key_value_heads", int | None)
     head_dim = hf_value(hf, "head_dim", int | None)
+    head_dim = hf["hidden_size"] // heads if head_dim is None else head_dim
     return ModelConfig(
         vocab_size=hf["vocab_size"],
         d_model=hf["hidden_size"],
         num_layers=hf["num_hidden_layers"],
         num_heads=heads,
         num_kv_heads=heads if kv_heads is None else kv_heads,
-        head_dim=hf["hidden_size"] // heads if head_dim is None else head_dim,
+        head_dim=head_dim,
+        rotary_dim=hf_rotary_dim(hf, model_type, head_dim),
         intermediate_size=hf["intermediate_size"],
         norm_eps=hf_value(hf, "rms_norm_eps", float, 1e-6),
         rope_theta=hf_rope_theta(hf),
@@ -179,6 +182,11 @@ def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
     alone, or all four with a window, has no HF architecture."""
     if config.hf_model_type == "phi3":
         return _phi3_to_hf(config)
+    if config.rotary_dim is not None:
+        raise ConfigError(
+            f"model.rotary_dim={config.rotary_dim} (RoPE on part of each head) has no Hugging "
+            "Face architecture to export to but Phi-3's (model.hf_model_type='phi3')"
+        )
     window = config.sliding_window
     if config.qkv_bias and not config.o_bias:
         qwen2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
@@ -232,7 +240,20 @@ def _phi3_to_hf(config: ModelConfig) -> dict[str, Any]:
     }
     if kind == "longrope":
         phi3["original_max_position_embeddings"] = config.rope_scaling.original_max_position
+    if config.rotary_dim is not None:
+        phi3["partial_rotary_factor"] = _partial_rotary_factor(config)
     return phi3
+
+
+def _partial_rotary_factor(config: ModelConfig) -> float:
+    """rotary_dim / head_dim, which transformers turns back into int(head_dim * factor)."""
+    factor = config.rotary_dim / config.head_dim
+    if int(config.head_dim * factor) != config.rotary_dim:
+        raise ConfigError(
+            f"model.rotary_dim={config.rotary_dim} of head_dim={config.head_dim} has no "
+            "partial_rotary_factor that transformers reads back as it"
+        )
+    return factor
 
 
 def hf_token_ids(config: ModelConfig) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """What each Hugging Face architecture adds to LLaMA, read from its `config.json`: the sliding
 window (Mistral's and Phi-3's in every layer, Qwen2's where every layer slides), the attention
 biases (LLaMA's `attention_bias`, Qwen2's q, k, v), and the variants refused by name (another
-activation, MLP biases, partial RoPE, quantized weights, a Phi-3's RoPE other than longrope).
+activation, MLP biases, quantized weights, a Phi-3's RoPE other than longrope), and the RoPE
+channels (Phi-4-mini rotates 0.75 of each head).
 `hf_config.py` maps the rest and calls these.
 """
 
@@ -100,15 +101,14 @@ def hf_biases(hf: dict[str, Any], model_type: str) -> dict[str, bool]:
 
 def check_llama_variant(hf: dict[str, Any], model_type: str) -> None:
     """A `ConfigError` naming the key of a LLaMA variant our model does not compute: MLP
-    biases, another activation, RoPE on part of each head (`_check_partial_rotary`), quantized
-    weights (whose tensors are not the float weights we read)."""
+    biases, another activation, quantized weights (whose tensors are not the float weights we
+    read). RoPE on part of each head: `hf_rotary_dim`."""
     if model_type == "llama" and hf.get("mlp_bias"):  # Qwen2's and Mistral's MLPs have none
         raise ConfigError(
             f"unsupported LLaMA variant: mlp_bias={hf['mlp_bias']!r} (no MLP biases here)"
         )
     if hf.get("hidden_act", "silu") not in SILU_NAMES:
         raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r}; LLaMA uses 'silu'")
-    _check_partial_rotary(hf)
     quantization = hf.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method") if isinstance(quantization, dict) else None
@@ -118,24 +118,35 @@ def check_llama_variant(hf: dict[str, Any], model_type: str) -> None:
         )
 
 
-def _check_partial_rotary(hf: dict[str, Any]) -> None:
-    """partial_rotary_factor, where transformers reads it (the top level, the RoPE section),
-    must be 1 (or null): RoPE here rotates all of each head's channels. Phi-4-mini rotates 0.75
-    of them."""
-    sections = {
-        "": hf,
-        "rope_scaling.": hf.get("rope_scaling"),
-        "rope_parameters.": hf.get("rope_parameters"),
-    }
-    for prefix, values in sections.items():
-        if not isinstance(values, dict):  # hf_rope_scaling names a section that is no dict
-            continue
-        factor = hf_value(values, "partial_rotary_factor", float | None, prefix=prefix)
-        if factor not in (None, 1.0):
-            raise ConfigError(
-                f"unsupported {prefix}partial_rotary_factor {factor!r}: RoPE here rotates all "
-                "of each head's channels (1.0)"
-            )
+def hf_rotary_dim(hf: dict[str, Any], model_type: str, head_dim: int) -> int | None:
+    """ModelConfig's rotary_dim: int(head_dim * partial_rotary_factor) for a Phi-3 (Phi-4-mini's
+    0.75), from the RoPE section, else the top level (transformers' Phi3Config order); None where
+    it is 1 or absent. Other architectures rotate every channel: another factor is refused."""
+    factors = {}
+    for prefix, values in (
+        ("rope_parameters.", hf.get("rope_parameters")),
+        ("rope_scaling.", hf.get("rope_scaling")),
+        ("", hf),
+    ):
+        if isinstance(values, dict):  # hf_rope_scaling names a section that is no dict
+            factor = hf_value(values, "partial_rotary_factor", float | None, prefix=prefix)
+            if factor is not None:
+                factors[prefix + "partial_rotary_factor"] = factor
+    key, factor = next(iter(factors.items()), (None, 1.0))
+    if factor == 1.0:
+        return None
+    if model_type != "phi3":
+        raise ConfigError(
+            f"unsupported {key} {factor!r} for model_type {model_type!r}: RoPE on part of each "
+            "head is read for Phi-3 only (transformers' LLaMA, Mistral and Qwen2 rotate it whole)"
+        )
+    rotary = int(head_dim * factor)
+    if rotary % 2 or not 2 <= rotary <= head_dim:
+        raise ConfigError(
+            f"{key} {factor!r} rotates {rotary} of head_dim={head_dim} channels; RoPE needs an "
+            "even count from 2 to head_dim"
+        )
+    return rotary
 
 
 def check_phi3_rope(hf: dict[str, Any], scaling: RopeScaling) -> None:

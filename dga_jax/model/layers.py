@@ -197,12 +197,17 @@ def _yarn_band(head_dim: int, theta: float, scaling: RopeScaling) -> tuple[float
 def apply_rope(
     x: jax.Array, positions: jax.Array, inv_freq: jax.Array, scale: float = 1.0
 ) -> jax.Array:
-    """Rotate-half RoPE, cos and sin times `scale` (`RopeScaling.attention_scaling`).
-    x: [B, T, H, D], positions: [B, T], inv_freq: [D/2] or each row's [B, D/2]
-    -> [B, T, H, D] in x's dtype."""
+    """Rotate-half RoPE, cos and sin times `scale` (`RopeScaling.attention_scaling`), on the
+    first R = 2 * inv_freq.shape[-1] channels of each head; the others pass as they are
+    (`ModelConfig.rotary_dim`). x: [B, T, H, D], positions: [B, T], inv_freq: [R/2] or each
+    row's [B, R/2] -> [B, T, H, D] in x's dtype."""
+    rotary = 2 * inv_freq.shape[-1]
+    if rotary < x.shape[-1]:
+        rotated = apply_rope(x[..., :rotary], positions, inv_freq, scale)
+        return jnp.concatenate([rotated, x[..., rotary:]], axis=-1)
     if inv_freq.ndim == 2:
         inv_freq = inv_freq[:, None, :]
-    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, R/2]
 
     def both_halves(f):  # [B, T, D/2] -> [B, T, 1, D]: each angle evaluated once, used twice
         y = (f(freqs) * scale).astype(x.dtype)

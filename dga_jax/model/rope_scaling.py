@@ -147,6 +147,27 @@ class RopeScaling:
             )
 
 
+def check_rope_dims(head_dim: int, rotary_dim: int | None, scaling: RopeScaling) -> None:
+    """A ModelConfig's RoPE channels: rotary_dim (None: head_dim) even, in 2 .. head_dim (RoPE
+    rotates channels in halves); longrope's factors, one per frequency, rotary_dim / 2 each."""
+    if rotary_dim is not None and (
+        isinstance(rotary_dim, bool)
+        or not isinstance(rotary_dim, int)
+        or rotary_dim % 2
+        or not 2 <= rotary_dim <= head_dim
+    ):
+        raise ValueError(
+            f"model.rotary_dim must be an even int in 2 .. head_dim={head_dim}, or None (all "
+            f"channels), got {rotary_dim!r}"
+        )
+    half = (head_dim if rotary_dim is None else rotary_dim) // 2
+    if scaling.kind == "longrope" and len(scaling.short_factor) != half:
+        raise ValueError(
+            f"model.rope_scaling.short_factor and long_factor hold {len(scaling.short_factor)} "
+            f"factors each; longrope needs one per frequency, rotary_dim / 2 = {half}"
+        )
+
+
 def _factors(name: str, values) -> tuple[float, ...]:
     """A longrope factor list as a tuple of floats, each > 0 (a frequency is divided by it)."""
     try:

@@ -47,6 +47,8 @@ MODELS = {
     "mha": dict(num_key_value_heads=4),
     "tied": dict(num_key_value_heads=2, tie_word_embeddings=True),
     "sliding": dict(num_key_value_heads=2, sliding_window=WINDOW),
+    # RoPE on the first half of each head's 16 channels (Phi-4-mini rotates 0.75 of 128)
+    "partial": dict(num_key_value_heads=2, partial_rotary_factor=0.5),
 }
 
 
@@ -191,10 +193,13 @@ def test_a_phi3_config_round_trips(window):
 @pytest.mark.parametrize(
     "changes, match",
     [
-        ({"partial_rotary_factor": 0.75}, r"^unsupported partial_rotary_factor 0\.75"),
         (
-            {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.75}},
-            r"^unsupported rope_parameters\.partial_rotary_factor 0\.75",
+            {"partial_rotary_factor": 0.1, "rope_parameters": {"rope_type": "default"}},
+            r"^partial_rotary_factor 0\.1 rotates 1 of head_dim=16 channels; RoPE needs an even",
+        ),
+        (
+            {"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 1.5}},
+            r"^rope_parameters\.partial_rotary_factor 1\.5 rotates 24 of head_dim=16",
         ),
         ({"hidden_act": "gelu"}, r"^unsupported hidden_act 'gelu'"),
         (
@@ -275,3 +280,53 @@ def test_what_phi3_cannot_hold_is_refused_at_export(tmp_path, changes, match):
 def test_hf_model_type_names_a_known_layout():
     with pytest.raises(ValueError, match=r"^model\.hf_model_type must be None or one of"):
         ModelConfig.preset("tiny", hf_model_type="llama")
+
+
+def test_partial_rope_reads_as_transformers_reads_it():
+    """partial_rotary_factor: the RoPE section's before the top level's (Phi3Config's order),
+    int(head_dim * factor) channels; exported back as the factor."""
+    hf = _phi3_config(partial_rotary_factor=0.75)
+    assert hf["rope_parameters"]["partial_rotary_factor"] == 0.75
+    config = ModelConfig.from_hf(hf)
+    assert (config.rotary_dim, config.rope_dim) == (12, 12)
+    assert ModelConfig.from_hf({**hf, "partial_rotary_factor": 0.25}).rotary_dim == 12
+    del hf["rope_parameters"]["partial_rotary_factor"]
+    assert ModelConfig.from_hf({**hf, "partial_rotary_factor": 0.25}).rotary_dim == 4
+    assert config_to_hf(config)["partial_rotary_factor"] == 0.75
+    assert ModelConfig.from_hf(config_to_hf(config)) == config
+
+
+def test_partial_rope_matters_at_this_tolerance(converted):
+    _, _, ckpt = converted("partial")
+    tokens = random_tokens()
+    whole = np.asarray(load_model(ckpt, param_dtype="float32", rotary_dim=None)(tokens))
+    assert np.max(np.abs(whole - _logits(ckpt, tokens))) > 100 * LOGIT_ATOL
+
+
+def test_longrope_on_part_of_each_head_gives_transformers_logits(tmp_path):
+    """Phi-4-mini's form: longrope's divisors, one per rotated frequency (8 channels: 4)."""
+    rope = {"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.5, 2.0]}
+    rope["long_factor"] = [1.0, 2.0, 4.0, 8.0]
+    model = _phi3(
+        num_key_value_heads=2,
+        rope_scaling=rope,
+        original_max_position_embeddings=64,
+        partial_rotary_factor=0.5,
+    )
+    to_orbax(save_sharded(model, tmp_path / "hf"), tmp_path / "orbax")
+    assert load_config(tmp_path / "orbax").rotary_dim == 8
+    tokens = random_tokens()
+    diff = np.max(np.abs(_logits(tmp_path / "orbax", tokens) - hf_logits(model, tokens)))
+    assert diff <= LOGIT_ATOL
+
+
+def test_llama_rotates_every_channel():
+    """transformers' LLaMA, Mistral and Qwen2 rotate whole heads: a factor there is refused, and
+    a rotary_dim exports as a Phi-3 only."""
+    hf = {**_phi3_config(), "architectures": ["LlamaForCausalLM"], "model_type": "llama"}
+    with pytest.raises(ConfigError, match=r"partial_rotary_factor 0\.5 for model_type 'llama'"):
+        ModelConfig.from_hf(
+            {**hf, "rope_parameters": {**hf["rope_parameters"], "partial_rotary_factor": 0.5}}
+        )
+    with pytest.raises(ConfigError, match=r"model\.rotary_dim=16 .* but Phi-3's"):
+        config_to_hf(ModelConfig.preset("tiny", rotary_dim=16))

@@ -154,3 +154,16 @@ def test_attention_impls_lists_what_the_model_runs():
         for impl in impls:
             assert ModelConfig.preset("tiny", attention=kind, attention_impl=impl).attention_impl
     assert "reference" not in ATTENTION_IMPLS["dga"]
+
+
+@pytest.mark.parametrize("rotary_dim", [0, 3, 40, True, 8.0])
+def test_rotary_dim_must_be_an_even_count_of_a_heads_channels(rotary_dim):
+    with pytest.raises(
+        ValueError, match=r"^model\.rotary_dim must be an even int in 2 \.\. head_d"
+    ):
+        ModelConfig.preset("tiny", rotary_dim=rotary_dim)
+
+
+def test_rope_dim_is_rotary_dim_else_head_dim():
+    assert ModelConfig.preset("tiny").rope_dim == 32
+    assert ModelConfig.preset("tiny", rotary_dim=8).rope_dim == 8

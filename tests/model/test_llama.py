@@ -292,6 +292,35 @@ def test_swiglu_gradients_are_autodiffs(dtype):
     assert_vjp_matches(swiglu, lambda g, u: jax.nn.silu(g) * u, (gate * 4, up), ct, tol)
 
 
+def test_partial_rope_rotates_the_first_channels_only():
+    """rotary_dim R: the first R channels rotate as a head of R channels would, the rest pass
+    unrotated and unscaled (transformers' Phi-3), cos and sin scaled on the rotated ones."""
+    x = jax.random.normal(jax.random.PRNGKey(7), (2, 5, 3, 32))
+    positions = jnp.broadcast_to(jnp.arange(5), (2, 5))
+    inv_freq = rope_frequencies(8, 10000.0, RopeScaling())
+    out = apply_rope(x, positions, inv_freq, 1.3)
+    np.testing.assert_array_equal(out[..., 8:], x[..., 8:])
+    np.testing.assert_array_equal(out[..., :8], apply_rope(x[..., :8], positions, inv_freq, 1.3))
+    assert float(jnp.max(jnp.abs(out[..., :8] - x[..., :8] * 1.3))) > 0.1
+
+
+def test_lm_infinite_unrotated_keys_scale_only_the_rotated_channels():
+    """LM-Infinite scores its first tokens with un-rotated keys, keys at position 0: with YaRN's
+    cos and sin scale and partial RoPE, the rotated channels carry the scale, the rest none."""
+    yarn = RopeScaling("yarn", 8.0, original_max_position=32)
+    config = ModelConfig.preset("tiny", attention="lm_infinite", rope_scaling=yarn, rotary_dim=8)
+    attn = DGAttention(config, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(8), (1, 6, config.d_model))
+    positions = jnp.broadcast_to(jnp.arange(6), (1, 6))
+    _, k, _, _, k_far = attn._sink_qkv(x, positions)
+    _, k_plain, _ = attn._projections(x)
+    scale = yarn.attention_scaling
+    assert scale > 1.2
+    np.testing.assert_allclose(k_far[..., :8], k_plain[..., :8] * scale, rtol=1e-6)
+    np.testing.assert_array_equal(k_far[..., 8:], k_plain[..., 8:])
+    np.testing.assert_array_equal(k[..., 8:], k_plain[..., 8:])
+
+
 def test_linear_rope_scaling_divides_positions():
     scaled = rope_frequencies(32, 10000.0, RopeScaling("linear", 2.0))
     np.testing.assert_allclose(scaled * 2, rope_frequencies(32, 10000.0, RopeScaling()))

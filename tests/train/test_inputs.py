@@ -161,6 +161,14 @@ def test_a_checkpoint_trained_with_another_rope_base_is_said(one_layer_checkpoin
     assert "norm_eps" not in caplog.text  # only the fields that differ
 
 
+def test_a_checkpoint_trained_with_partial_rope_is_said(one_layer_checkpoint, caplog):
+    # RoPE on part of each head (a converted Phi-4-mini) changes what the weights compute.
+    changes = {"init_checkpoint": str(one_layer_checkpoint), "model.overrides.num_layers": 1}
+    with caplog.at_level("WARNING"):
+        check_inputs(tiny({**changes, "model.overrides.rotary_dim": 8}))
+    assert "trained with rotary_dim=None; the run trains with config.model's 8" in caplog.text
+
+
 def test_a_checkpoint_trained_with_another_rope_scaling_is_said(one_layer_checkpoint, caplog):
     # A converted YaRN checkpoint under a config without it: said, with the flags that keep it.
     changes = {"init_checkpoint": str(one_layer_checkpoint), "model.overrides.num_layers": 1}
