@@ -36,6 +36,7 @@ ADDED_KEYS = {
     "train.loss_chunks": 1,
     "model.scan_layers": True,
     "model.qkv_bias": False,
+    "model.qk_norm": False,
     "model.o_bias": False,
     "model.hf_model_type": None,
     "model.rotary_dim": None,

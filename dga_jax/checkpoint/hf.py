@@ -1,5 +1,5 @@
-"""Hugging Face safetensors checkpoints (LLaMA, Mistral, Qwen2, Phi-3) <-> our parameters, one
-tensor at a time.
+"""Hugging Face safetensors checkpoints (LLaMA, Mistral, Qwen2, Qwen3, Phi-3) <-> our
+parameters, one tensor at a time.
 
 Our parameters are a nested dict of numpy arrays keyed like `nnx.state(model, nnx.Param)`, the
 per-layer ones stacked on a leading `num_layers` axis. `dga_jax.checkpoint.hf_weights` holds

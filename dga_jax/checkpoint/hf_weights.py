@@ -104,16 +104,21 @@ _QKV_BIASES = tuple(
     for name in "qkv"
 )
 _O_BIAS = Weight(_LAYER + "self_attn.o_proj.bias", ("layers", "attn", "o_bias"))
+_QK_NORMS = tuple(
+    Weight(_LAYER + f"self_attn.{name}_norm.weight", ("layers", "attn", f"{name}_norm", "weight"))
+    for name in "qk"
+)
 LM_HEAD = Weight("lm_head.weight", ("lm_head",), 1)
 
 
 def weights(config: ModelConfig) -> tuple[Weight, ...]:
     """Every weight of a model with this config, under the HF names of its `hf_model_type`
-    (Phi-3's fused ones): the attention biases it has (`qkv_bias`, `o_bias`), `lm_head` only
-    when it is not tied."""
+    (Phi-3's fused ones): the attention biases it has (`qkv_bias`, `o_bias`), Qwen3's q and k
+    norms (`qk_norm`), `lm_head` only when it is not tied."""
     layout = _PHI3_WEIGHTS if config.hf_model_type == "phi3" else _WEIGHTS
     biases = (_QKV_BIASES if config.qkv_bias else ()) + ((_O_BIAS,) if config.o_bias else ())
-    return layout + biases + (() if config.tie_embeddings else (LM_HEAD,))
+    norms = _QK_NORMS if config.qk_norm else ()
+    return layout + biases + norms + (() if config.tie_embeddings else (LM_HEAD,))
 
 
 def hf_tensors(config: ModelConfig) -> dict[str, tuple[Weight, ...]]:

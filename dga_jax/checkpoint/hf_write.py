@@ -1,4 +1,4 @@
-"""Writing a Hugging Face safetensors checkpoint (LLaMA, Mistral, Qwen2 or Phi-3, as
+"""Writing a Hugging Face safetensors checkpoint (LLaMA, Mistral, Qwen2, Qwen3 or Phi-3, as
 `config_to_hf` says) from our parameter tree.
 
 The shards are planned from the shapes alone (`dga_jax.checkpoint.hf_weights.hf_tensors`), then

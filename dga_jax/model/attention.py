@@ -14,7 +14,7 @@ from flax import nnx
 
 from dga_jax.model.config import ModelConfig
 from dga_jax.model.inputs import checked_positions
-from dga_jax.model.layers import apply_rope, param, project, rope_frequencies
+from dga_jax.model.layers import RMSNorm, apply_rope, param, project, rope_frequencies
 from dga_jax.ops.context import ContextSplit
 from dga_jax.ops.dense import SPLIT_IMPLEMENTATIONS, dense_attention
 from dga_jax.ops.dense_decode import DenseCache, DenseUpdate
@@ -55,6 +55,9 @@ class DGAttention(nnx.Module):
             self.v_bias = param(rngs, (kv, hd), ("kv_heads", "head_dim"), rules, dtype, zeros)
         if config.o_bias:
             self.o_bias = param(rngs, (d,), ("norm",), rules, dtype, zeros)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config, rules, rngs=rngs, axis="head_dim")
+            self.k_norm = RMSNorm(config, rules, rngs=rngs, axis="head_dim")
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """x: [B, T, D], positions: [B, T] or [T] (every row's) -> [B, T, D].
@@ -171,7 +174,8 @@ class DGAttention(nnx.Module):
         return self._rope(q, positions, inv_freq), k_rotated, v, q_far, k_far
 
     def _projections(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x: [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K], not rotated."""
+        """x: [B, T, D] -> q [B, T, H, K], k/v [B, T, Hkv, K], not rotated (q and k normed per
+        head with config.qk_norm)."""
         dtype = self.config.compute_dtype
         x = x.astype(dtype)  # a float32 x would promote bfloat16 weights: float32 compute
         q = project(x, self.q[...].astype(dtype), 1)  # [B, T, H, K]
@@ -182,6 +186,8 @@ class DGAttention(nnx.Module):
                 y + b[...].astype(dtype)
                 for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias))
             )
+        if self.config.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         return q, k, v
 
     def _frequencies(self, positions: jax.Array, lengths: jax.Array | None) -> jax.Array:

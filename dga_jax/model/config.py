@@ -52,6 +52,7 @@ ARCHITECTURE_FIELDS = (
     "tie_embeddings",
     "qkv_bias",
     "o_bias",
+    "qk_norm",
 )
 
 
@@ -75,6 +76,9 @@ class ModelConfig:
     # attention_bias); LLaMA itself has none.
     qkv_bias: bool = False
     o_bias: bool = False
+    # RMSNorm on each head of q and k after their projections, before RoPE (Qwen3's q_norm and
+    # k_norm: a weight [head_dim] each per layer).
+    qk_norm: bool = False
     dtype: str = "float32"  # compute
     param_dtype: str = "float32"
     attention: str = "dense"
@@ -102,7 +106,7 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] | None = None
     pad_token_id: int | None = None
     # The HF model type to export as where the fields cannot tell it (`HF_MODEL_TYPES`): Phi-3
-    # is LLaMA in fused tensors. None: LLaMA, Mistral or Qwen2, as the biases and window say.
+    # is LLaMA in fused tensors. None: LLaMA, Mistral, Qwen2 or Qwen3, as the fields say.
     hf_model_type: str | None = None
 
     def __post_init__(self):
@@ -269,7 +273,7 @@ def _is_int(value: Any) -> bool:
 def _check_numbers(config: ModelConfig) -> None:
     """RoPE's base and RMSNorm's epsilon, which would make NaN logits, the bools (a "false"
     would be true), and the token ids, which must keep the config hashable."""
-    for name in ("tie_embeddings", "qkv_bias", "o_bias", "scan_layers"):
+    for name in ("tie_embeddings", "qkv_bias", "o_bias", "qk_norm", "scan_layers"):
         if not isinstance(getattr(config, name), bool):
             raise ValueError(f"model.{name} must be a bool, got {getattr(config, name)!r}")
     if not (_is_number(config.rope_theta) and config.rope_theta > 0):

@@ -1,6 +1,7 @@
-"""A Hugging Face LLaMA, Mistral, Qwen2 or Phi-3 `config.json` as a `ModelConfig`, and back (for
-export); a sliding window (Mistral's, Phi-3's, Qwen2's where every layer slides) is
-`sliding_window`, Phi-3's fused tensors `hf_model_type` "phi3".
+"""A Hugging Face LLaMA, Mistral, Qwen2, Qwen3 or Phi-3 `config.json` as a `ModelConfig`, and
+back (for export); a sliding window (Mistral's, Phi-3's, Qwen2's and Qwen3's where every layer
+slides) is `sliding_window`, Qwen3's q and k norms `qk_norm`, Phi-3's fused tensors
+`hf_model_type` "phi3"; `hf_variants.py` reads what each architecture adds to LLaMA.
 
 Every HF key is read by its type and named in errors by its HF name (`ConfigError`);
 `ModelConfig.from_hf` reads a file through `hf_to_config`.
@@ -35,16 +36,19 @@ SUPPORTED_HF_ARCHITECTURES = (
     "LlamaForCausalLM",
     "MistralForCausalLM",
     "Qwen2ForCausalLM",
+    "Qwen3ForCausalLM",
     "Phi3ForCausalLM",
 )
 # Each architecture's model_type. A Mistral is LLaMA with a sliding window over every layer
 # (none: sliding_window null, as 7B v0.2 and later); a Qwen2 is LLaMA with biases on q, k and v,
-# read where every layer attends alike (`_qwen2_window`); a Phi-3 is LLaMA in fused tensors
+# read where every layer attends alike (`_qwen2_window`); a Qwen3 is LLaMA with an RMSNorm on
+# each head of q and k (`qk_norm`), windows read as Qwen2's; a Phi-3 is LLaMA in fused tensors
 # (q, k, v in qkv_proj; gate, up in gate_up_proj), its window (or none) in every layer.
 _MODEL_TYPES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
 }
 _ARCHITECTURES = {kind: arch for arch, kind in _MODEL_TYPES.items()}  # absent architectures
@@ -52,6 +56,7 @@ _ARCHITECTURES = {kind: arch for arch, kind in _MODEL_TYPES.items()}  # absent a
 _DIFFERING_DEFAULTS = {
     "mistral": ("num_key_value_heads", "max_position_embeddings"),
     "qwen2": ("num_key_value_heads", "max_position_embeddings"),
+    "qwen3": ("num_key_value_heads", "max_position_embeddings", "head_dim"),
     "phi3": ("max_position_embeddings", "rms_norm_eps"),
 }
 _HF_REQUIRED = (
@@ -64,10 +69,10 @@ _HF_REQUIRED = (
 
 
 def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
-    """Maps the fields of a HF `LlamaConfig`, `MistralConfig`, `Qwen2Config` (a Qwen2 whose
-    layers attend alike: `_qwen2_window`) or `Phi3Config` dict; other architectures, and a
-    missing, unsupported or mistyped (null, a string for a number or a bool) field, raise a
-    `ConfigError` naming the key."""
+    """Maps the fields of a HF `LlamaConfig`, `MistralConfig`, `Qwen2Config` / `Qwen3Config`
+    (one whose layers attend alike: `_qwen2_window`) or `Phi3Config` dict; other
+    architectures, and a missing, unsupported or mistyped (null, a string for a number or a
+    bool) field, raise a `ConfigError` naming the key."""
     if not isinstance(hf, dict):
         raise ConfigError(f"a HF config must be a JSON object, got {type(hf).__name__}")
     archs = strict.check("architectures", hf.get("architectures"), tuple[str, ...] | None)
@@ -106,6 +111,7 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
         sliding_window=hf_sliding_window(hf, model_type),
         **hf_biases(hf, model_type),
         **_hf_token_ids(hf),
+        qk_norm=model_type == "qwen3",
         hf_model_type="phi3" if model_type == "phi3" else None,
     )
 
@@ -176,10 +182,11 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """A config of `hf_model_type` "phi3" is a Phi-3 (`_phi3_to_hf`). Else one with biases on
-    q, k, v alone is a Qwen2 (its window in every layer), one without biases a Mistral with a
-    sliding window, else LLaMA, without biases or with all four (attention_bias); an output bias
-    alone, or all four with a window, has no HF architecture."""
+    """A config of `hf_model_type` "phi3" is a Phi-3 (`_phi3_to_hf`), one with q and k norms a
+    Qwen3 (`_qwen3_to_hf`). Else one with biases on q, k, v alone is a Qwen2 (its window in every
+    layer), one without biases a Mistral with a sliding window, else LLaMA, without biases or
+    with all four (attention_bias); an output bias alone, or all four with a window, has no HF
+    architecture."""
     if config.hf_model_type == "phi3":
         return _phi3_to_hf(config)
     if config.rotary_dim is not None:
@@ -187,18 +194,12 @@ def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
             f"model.rotary_dim={config.rotary_dim} (RoPE on part of each head) has no Hugging "
             "Face architecture to export to but Phi-3's (model.hf_model_type='phi3')"
         )
+    if config.qk_norm:
+        return _qwen3_to_hf(config)
     window = config.sliding_window
     if config.qkv_bias and not config.o_bias:
         qwen2 = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"}
-        if window is None:
-            return {**qwen2, "use_sliding_window": False}
-        # max_window_layers 0: transformers' layer_types slide the window from the first layer on
-        return {
-            **qwen2,
-            "use_sliding_window": True,
-            "sliding_window": window,
-            "max_window_layers": 0,
-        }
+        return {**qwen2, **_qwen_window(window)}
     if config.o_bias and not config.qkv_bias:
         raise ConfigError(
             "model.o_bias without model.qkv_bias has no Hugging Face architecture to export to "
@@ -217,6 +218,27 @@ def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
     return {**llama, "attention_bias": config.qkv_bias, "mlp_bias": False}
 
 
+def _qwen_window(window: int | None) -> dict[str, Any]:
+    """Qwen2's and Qwen3's window fields: none, or one window in every layer (max_window_layers
+    0: transformers' layer_types slide it from the first layer on)."""
+    if window is None:
+        return {"use_sliding_window": False}
+    return {"use_sliding_window": True, "sliding_window": window, "max_window_layers": 0}
+
+
+def _qwen3_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """A config with q and k norms is a Qwen3: its window as Qwen2's, attention_bias on all four
+    projections or none."""
+    if config.qkv_bias != config.o_bias:
+        raise ConfigError(
+            f"model.qk_norm with model.qkv_bias={config.qkv_bias} and model.o_bias="
+            f"{config.o_bias} has no Hugging Face architecture to export to (Qwen3's "
+            "attention_bias sets both)"
+        )
+    qwen3 = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3"}
+    return {**qwen3, "attention_bias": config.qkv_bias, **_qwen_window(config.sliding_window)}
+
+
 def _phi3_to_hf(config: ModelConfig) -> dict[str, Any]:
     """Phi-3's fields: its window (null: none) in every layer, and longrope's
     original_max_position_embeddings at the top level, which Phi3Config reads before the RoPE
@@ -226,6 +248,11 @@ def _phi3_to_hf(config: ModelConfig) -> dict[str, Any]:
             f"model.hf_model_type='phi3' with model.qkv_bias={config.qkv_bias} and "
             f"model.o_bias={config.o_bias}: Phi-3 has no attention biases (set "
             "model.hf_model_type=None to export by the biases: LLaMA or Qwen2)"
+        )
+    if config.qk_norm:
+        raise ConfigError(
+            "model.hf_model_type='phi3' with model.qk_norm: Phi-3 has no q and k norms (set "
+            "model.hf_model_type=None to export as a Qwen3)"
         )
     kind = config.rope_scaling.kind
     if kind not in PHI3_ROPE_KINDS:

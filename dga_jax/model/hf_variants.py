@@ -25,12 +25,12 @@ PHI3_ROPE_KINDS = ("none", "longrope")
 def hf_sliding_window(hf: dict[str, Any], model_type: str) -> int | None:
     """ModelConfig's sliding_window: Mistral's and Phi-3's slide in every layer (transformers
     reads no layer_types for them; absent, Mistral's is 4096, Phi-3's none), Qwen2's where every
-    layer slides (`_qwen2_window`); LLaMA has none."""
+    layer slides (`_qwen2_window`, Qwen3's alike); LLaMA has none."""
     if model_type == "mistral":
         return _hf_window(hf, 4096)
     if model_type == "phi3":
         return _hf_window(hf, None)
-    if model_type == "qwen2":
+    if model_type in ("qwen2", "qwen3"):
         return _qwen2_window(hf)
     return None
 
@@ -46,7 +46,7 @@ def _hf_window(hf: dict[str, Any], default: int | None) -> int | None:
 
 
 def _qwen2_window(hf: dict[str, Any]) -> int | None:
-    """A Qwen2's one window: transformers' Qwen2Config keeps sliding_window only with
+    """A Qwen2's (or Qwen3's) one window: transformers' Qwen2Config keeps sliding_window only with
     use_sliding_window, and slides it in the layers `_qwen2_sliding_layers` names. Every layer
     sliding: the window; none: None. A mix of sliding and full layers is refused: the model has
     one attention for all its layers."""
@@ -57,9 +57,9 @@ def _qwen2_window(hf: dict[str, Any]) -> int | None:
         return window
     if any(sliding):
         raise ConfigError(
-            f"unsupported sliding-window layers ({source}): a Qwen2 model is read only with one "
-            "attention in every layer, full (use_sliding_window false, as Qwen2 and Qwen2.5 "
-            "ship) or one sliding window (max_window_layers 0)"
+            f"unsupported sliding-window layers ({source}): a Qwen2 or Qwen3 model is read only "
+            "with one attention in every layer, full (use_sliding_window false, as Qwen2, Qwen2.5 "
+            "and Qwen3 ship) or one sliding window (max_window_layers 0)"
         )
     return None
 
@@ -78,7 +78,7 @@ def _qwen2_sliding_layers(hf: dict[str, Any], window: int | None) -> tuple[list[
         return [window is not None and i >= first for i in range(layers)], source
     if len(layer_types) != layers or not set(layer_types) <= set(_QWEN2_LAYER_TYPES):
         raise ConfigError(
-            f"unsupported layer_types {list(layer_types)}: a Qwen2 model has one of "
+            f"unsupported layer_types {list(layer_types)}: a Qwen2 or Qwen3 model has one of "
             f"{_QWEN2_LAYER_TYPES} for each of its num_hidden_layers={layers}"
         )
     if window is None and "sliding_attention" in layer_types:  # transformers fails there too
@@ -90,12 +90,13 @@ def _qwen2_sliding_layers(hf: dict[str, Any], window: int | None) -> tuple[list[
 
 
 def hf_biases(hf: dict[str, Any], model_type: str) -> dict[str, bool]:
-    """ModelConfig's qkv_bias and o_bias: Qwen2's q, k, v always have biases; LLaMA's
-    attention_bias puts one on all four projections; Mistral and Phi-3 have none (transformers'
-    Phi-3 reads no attention_bias)."""
+    """ModelConfig's qkv_bias and o_bias: Qwen2's q, k, v always have biases; LLaMA's and
+    Qwen3's attention_bias puts one on all four projections; Mistral and Phi-3 have none
+    (transformers' Phi-3 reads no attention_bias)."""
     if model_type == "qwen2":
         return {"qkv_bias": True, "o_bias": False}
-    bias = model_type == "llama" and bool(hf_value(hf, "attention_bias", bool | None, False))
+    reads_bias = model_type in ("llama", "qwen3")
+    bias = reads_bias and bool(hf_value(hf, "attention_bias", bool | None, False))
     return {"qkv_bias": bias, "o_bias": bias}
 
 

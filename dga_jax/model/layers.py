@@ -27,15 +27,24 @@ def param(rngs: nnx.Rngs, shape, logical, rules: LogicalRules, dtype, init=None)
 
 
 class RMSNorm(nnx.Module):
-    """x / rms(x) * weight, computed in float32 as in `transformers`."""
+    """x / rms(x) * weight over the last axis, computed in float32 as in `transformers`: of
+    d_model channels, or of each head's `head_dim` (Qwen3's q_norm, k_norm)."""
 
-    def __init__(self, config: ModelConfig, rules: LogicalRules, *, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        config: ModelConfig,
+        rules: LogicalRules,
+        *,
+        rngs: nnx.Rngs,
+        axis: str = "norm",
+    ):
         self.eps = config.norm_eps
+        size = config.head_dim if axis == "head_dim" else config.d_model
         self.weight = param(
-            rngs, (config.d_model,), ("norm",), rules, config.weight_dtype, nnx.initializers.ones
+            rngs, (size,), (axis,), rules, config.weight_dtype, nnx.initializers.ones
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, D]
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., D]
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return scale_channels(x32.astype(x.dtype), self.weight[...].astype(x.dtype))
