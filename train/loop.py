@@ -29,7 +29,7 @@ from train import metrics
 from train.checkpointing import Checkpoints
 from train.config import TrainConfig
 from train.hosts import rows_state
-from train.inputs import check_inputs, check_num_workers
+from train.inputs import NUMERIC_FIELDS, check_inputs, check_num_workers
 from train.resume import resume_changes
 from train.setup import Setup, make_setup, new_model
 from train.setup import lower_train_step as lower_train_step  # public API: kept importable here
@@ -132,7 +132,9 @@ def _initial_params(config: TrainConfig, setup: Setup) -> nnx.State:
 
 
 def _model_changes(config: TrainConfig) -> dict[str, Any]:
-    """What the experiment changes in a checkpoint's model: attention, dtypes, remat, ..."""
+    """What the experiment changes in a checkpoint's model: attention, dtypes, remat, and every
+    field that shapes no weight (`NUMERIC_FIELDS`: RoPE, the window), which the run takes from
+    config.model whatever the checkpoint's (`check_inputs` says where they differ)."""
     keep = (
         "attention",
         "dga",
@@ -143,8 +145,7 @@ def _model_changes(config: TrainConfig) -> dict[str, Any]:
         "param_dtype",
         "remat",
         "scan_layers",
-        "rope_scaling",
-        "max_position",
+        *NUMERIC_FIELDS,
     )
     return {key: getattr(config.model, key) for key in keep}
 
@@ -162,8 +163,8 @@ def _exported_config(config: TrainConfig) -> ModelConfig:
 def _with_layout_of(model: ModelConfig, source: ModelConfig) -> ModelConfig:
     """`model` with `source`'s `hf_model_type` where it sets none and can be exported in it (a
     run from a converted Phi-3 converts back to Phi-3's fused tensors); where it cannot (a RoPE
-    kind Phi-3 has not), as it is, said in the log: it converts to LLaMA or Mistral tensors,
-    which transformers runs alike."""
+    kind Phi-3 has not), as it is, said in the log: `orbax-to-hf` then writes the architecture
+    its fields name (LLaMA or Mistral tensors), or names what none can hold."""
     if model.hf_model_type is not None or source.hf_model_type is None:
         return model
     layout = model.replace(hf_model_type=source.hf_model_type)

@@ -119,7 +119,8 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
 def _max_position(hf: dict[str, Any], scaling: RopeScaling) -> int:
     """max_position_embeddings, or YaRN's context where longer: Qwen2.5 ships its pretraining
     32K there and documents rope_scaling yarn, factor 4, for 128K (transformers checks neither);
-    dynamic NTK's factor times max_position_embeddings, the context it scales for."""
+    dynamic NTK's factor times max_position_embeddings, the context it scales for (its export
+    writes max_position_embeddings back, the original: another max_position is not kept)."""
     longest = hf_max_position(hf)
     if scaling.kind in ("yarn", "dynamic"):
         return max(longest, round(scaling.factor * scaling.original_max_position))
@@ -189,7 +190,7 @@ def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
     architecture."""
     if config.hf_model_type == "phi3":
         return _phi3_to_hf(config)
-    if config.rotary_dim is not None:
+    if config.rotary_dim not in (None, config.head_dim):
         raise ConfigError(
             f"model.rotary_dim={config.rotary_dim} (RoPE on part of each head) has no Hugging "
             "Face architecture to export to but Phi-3's (model.hf_model_type='phi3')"
@@ -267,7 +268,7 @@ def _phi3_to_hf(config: ModelConfig) -> dict[str, Any]:
     }
     if kind == "longrope":
         phi3["original_max_position_embeddings"] = config.rope_scaling.original_max_position
-    if config.rotary_dim is not None:
+    if config.rotary_dim not in (None, config.head_dim):
         phi3["partial_rotary_factor"] = _partial_rotary_factor(config)
     return phi3
 

@@ -25,7 +25,7 @@ def hf_value(
     return strict.check(prefix + key, values.get(key, default), kind)
 
 
-def _rope_section(hf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+def rope_section(hf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     """The RoPE section transformers reads, and its name: a non-empty `rope_scaling` (4.x's
     name), else `rope_parameters` (>= 5, which nests rope_theta there too)."""
     section = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
@@ -34,7 +34,7 @@ def _rope_section(hf: dict[str, Any]) -> tuple[str, dict[str, Any]]:
 
 def hf_rope_theta(hf: dict[str, Any]) -> float:
     """The RoPE section's rope_theta, else the top-level one, else 10000 (transformers' order)."""
-    section, rope = _rope_section(hf)
+    section, rope = rope_section(hf)
     if "rope_theta" in rope:
         return hf_value(rope, "rope_theta", float, prefix=section + ".")
     return hf_value(hf, "rope_theta", float, 10000.0)
@@ -48,7 +48,7 @@ def require(values: dict[str, Any], keys: tuple[str, ...], prefix: str) -> None:
 
 
 def hf_rope_scaling(hf: dict[str, Any]) -> RopeScaling:
-    section, scaling = _rope_section(hf)
+    section, scaling = rope_section(hf)
     type_key = "rope_type" if "rope_type" in scaling else "type"
     kind = scaling.get(type_key, "default")
     if hf.get("model_type") == "phi3" and kind in _PHI3_LONGROPE:
@@ -74,7 +74,8 @@ def hf_rope_scaling(hf: dict[str, Any]) -> RopeScaling:
         require(scaling, ("factor",), prefix)
         # transformers' dynamic NTK scales past max_position_embeddings itself
         factor = hf_value(scaling, "factor", float, prefix=prefix)
-        return RopeScaling("dynamic", factor, original_max_position=hf_max_position(hf))
+        original = _positive(hf_max_position(hf), "max_position_embeddings")
+        return RopeScaling("dynamic", factor, original_max_position=original)
     if kind == "longrope":
         return _longrope(hf, scaling, prefix)
     raise ConfigError(
@@ -84,13 +85,20 @@ def hf_rope_scaling(hf: dict[str, Any]) -> RopeScaling:
 
 
 def _original_max_position(hf: dict[str, Any], scaling: dict[str, Any], prefix: str) -> int:
-    """llama3's and yarn's original_max_position_embeddings where transformers'
+    """llama3's, yarn's and longrope's original_max_position_embeddings where transformers'
     `standardize_rope_params` takes it: a top-level one (Phi-3's place) first, then the RoPE
     section's, else max_position_embeddings."""
     key = "original_max_position_embeddings"
     if key in hf:
-        return hf_value(hf, key, int)
-    return hf_value(scaling, key, int, hf_max_position(hf), prefix)
+        return _positive(hf_value(hf, key, int), key)
+    return _positive(hf_value(scaling, key, int, hf_max_position(hf), prefix), prefix + key)
+
+
+def _positive(value: int, key: str) -> int:
+    """A context length, which the scalings divide by: >= 1, else a `ConfigError` naming it."""
+    if value < 1:
+        raise ConfigError(f"{key} must be >= 1 (a context length), got {value}")
+    return value
 
 
 def hf_max_position(hf: dict[str, Any]) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 from dga_jax import strict
 from dga_jax.errors import ConfigError
-from dga_jax.model.hf_rope import hf_value, require
+from dga_jax.model.hf_rope import hf_value, require, rope_section
 from dga_jax.model.rope_scaling import RopeScaling
 
 SILU_NAMES = ("silu", "swish")  # transformers' ACT2FN computes "swish" as SiLU too
@@ -121,25 +121,20 @@ def check_llama_variant(hf: dict[str, Any], model_type: str) -> None:
 
 def hf_rotary_dim(hf: dict[str, Any], model_type: str, head_dim: int) -> int | None:
     """ModelConfig's rotary_dim: int(head_dim * partial_rotary_factor) for a Phi-3 (Phi-4-mini's
-    0.75), from the RoPE section, else the top level (transformers' Phi3Config order); None where
-    it is 1 or absent. Other architectures rotate every channel: another factor is refused."""
-    factors = {}
-    for prefix, values in (
-        ("rope_parameters.", hf.get("rope_parameters")),
-        ("rope_scaling.", hf.get("rope_scaling")),
-        ("", hf),
-    ):
-        if isinstance(values, dict):  # hf_rope_scaling names a section that is no dict
-            factor = hf_value(values, "partial_rotary_factor", float | None, prefix=prefix)
-            if factor is not None:
-                factors[prefix + "partial_rotary_factor"] = factor
-    key, factor = next(iter(factors.items()), (None, 1.0))
-    if factor == 1.0:
+    0.75), the factor of the RoPE section transformers reads (`rope_section`), else the top
+    level's (Phi3Config's order); None where it is the whole head. Other architectures rotate
+    every channel: another factor is refused."""
+    section, rope = rope_section(hf)
+    key = section + ".partial_rotary_factor"
+    factor = hf_value(rope, "partial_rotary_factor", float | None, prefix=section + ".")
+    if factor is None:
+        key, factor = "partial_rotary_factor", hf_value(hf, "partial_rotary_factor", float | None)
+    if factor is None or factor == 1.0:
         return None
     if model_type != "phi3":
         raise ConfigError(
             f"unsupported {key} {factor!r} for model_type {model_type!r}: RoPE on part of each "
-            "head is read for Phi-3 only (transformers' LLaMA, Mistral and Qwen2 rotate it whole)"
+            "head is read for Phi-3 only (transformers' LLaMA, Mistral and Qwen rotate it whole)"
         )
     rotary = int(head_dim * factor)
     if rotary % 2 or not 2 <= rotary <= head_dim:
@@ -147,7 +142,7 @@ def hf_rotary_dim(hf: dict[str, Any], model_type: str, head_dim: int) -> int | N
             f"{key} {factor!r} rotates {rotary} of head_dim={head_dim} channels; RoPE needs an "
             "even count from 2 to head_dim"
         )
-    return rotary
+    return None if rotary == head_dim else rotary
 
 
 def check_phi3_rope(hf: dict[str, Any], scaling: RopeScaling) -> None:

@@ -115,28 +115,29 @@ _project.defvjp(_project_fwd, _project_bwd)
 
 
 def rope_frequencies(
-    head_dim: int, theta: float, scaling: RopeScaling, length: jax.Array | None = None
+    dim: int, theta: float, scaling: RopeScaling, length: jax.Array | None = None
 ) -> jax.Array:
-    """Inverse frequencies [*length.shape, head_dim / 2] ([head_dim / 2] without a length), with
+    """Inverse frequencies [*length.shape, dim / 2] ([dim / 2] without a length) of the `dim`
+    channels of each head RoPE rotates (`ModelConfig.rope_dim`), with
     transformers' linear, llama3, yarn, dynamic and longrope rules (yarn and longrope also scale
     cos and sin: `RopeScaling.attention_scaling`, which `apply_rope` takes).
 
     `length`: int [...], the length of each sequence rotated (its last position + 1), which
     dynamic and longrope read (`RopeScaling.length_dependent`; None: the original context, as
     transformers' frequencies before any call) and the other kinds ignore."""
-    powers = theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    powers = theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
     inv_freq = 1.0 / powers
     if scaling.kind == "linear":
         return inv_freq / scaling.factor
     if scaling.kind == "llama3":
         return _llama3_frequencies(inv_freq, scaling)
     if scaling.kind == "yarn":
-        return _yarn_frequencies(powers, head_dim, theta, scaling)
+        return _yarn_frequencies(powers, dim, theta, scaling)
     if not scaling.length_dependent or length is None:
         return _short_frequencies(inv_freq, scaling)
     longer = (jnp.asarray(length) > scaling.original_max_position)[..., None]
     if scaling.kind == "dynamic":
-        return jnp.where(longer, _dynamic_frequencies(head_dim, theta, scaling, length), inv_freq)
+        return jnp.where(longer, _dynamic_frequencies(dim, theta, scaling, length), inv_freq)
     long = inv_freq / jnp.asarray(scaling.long_factor, jnp.float32)
     return jnp.where(longer, long, _short_frequencies(inv_freq, scaling))
 

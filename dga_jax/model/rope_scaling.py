@@ -35,15 +35,19 @@ class RopeScaling:
     factor: float = 1.0
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
-    original_max_position: int = 8192  # llama3, yarn: the context the model was trained at
+    # llama3, yarn, longrope: the context the model was trained at; dynamic: the one it scales
+    # past (transformers' max_position_embeddings)
+    original_max_position: int = 8192
     # yarn: the band of dims ramped from interpolated to extrapolated, in rotations over
     # original_max_position (the fast end keeps its frequencies, the slow end divides by factor)
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    attention_factor: float | None = None  # yarn: on cos and sin; None: 0.1 ln(factor) + 1
+    # yarn, longrope: on cos and sin; None: their defaults from factor (`attention_scaling`)
+    attention_factor: float | None = None
     truncate: bool = True  # yarn: the band's ends rounded out to whole dims
-    short_factor: tuple[float, ...] = ()  # longrope: head_dim / 2 divisors up to the original
-    long_factor: tuple[float, ...] = ()  # longrope: head_dim / 2 divisors past it
+    # longrope: one divisor per frequency (rotated channels / 2), up to the original and past it
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.kind not in ROPE_KINDS:
@@ -128,12 +132,12 @@ class RopeScaling:
             raise ValueError(f"rope_scaling.truncate must be a bool, got {self.truncate!r}")
 
     def _check_longrope(self) -> None:
-        """Both factor lists, of one length (the model checks it against head_dim / 2); an
-        attention factor > 0 where given."""
+        """Both factor lists, of one length (the model checks it against its rotated channels /
+        2: `check_rope_dims`); an attention factor > 0 where given."""
         if not self.short_factor or len(self.short_factor) != len(self.long_factor):
             raise ValueError(
                 "rope_scaling kind 'longrope' needs short_factor and long_factor of one length "
-                f"(head_dim / 2), got {len(self.short_factor)} and {len(self.long_factor)}"
+                f"(one per frequency), got {len(self.short_factor)} and {len(self.long_factor)}"
             )
         if self.attention_factor is not None and not self.attention_factor > 0:
             raise ValueError(
@@ -149,7 +153,8 @@ class RopeScaling:
 
 def check_rope_dims(head_dim: int, rotary_dim: int | None, scaling: RopeScaling) -> None:
     """A ModelConfig's RoPE channels: rotary_dim (None: head_dim) even, in 2 .. head_dim (RoPE
-    rotates channels in halves); longrope's factors, one per frequency, rotary_dim / 2 each."""
+    rotates channels in halves), more than 2 for dynamic NTK (its base grows by a power
+    D / (D - 2)); longrope's factors, one per frequency, the rotated channels / 2 each."""
     if rotary_dim is not None and (
         isinstance(rotary_dim, bool)
         or not isinstance(rotary_dim, int)
@@ -160,11 +165,17 @@ def check_rope_dims(head_dim: int, rotary_dim: int | None, scaling: RopeScaling)
             f"model.rotary_dim must be an even int in 2 .. head_dim={head_dim}, or None (all "
             f"channels), got {rotary_dim!r}"
         )
-    half = (head_dim if rotary_dim is None else rotary_dim) // 2
-    if scaling.kind == "longrope" and len(scaling.short_factor) != half:
+    rotated = head_dim if rotary_dim is None else rotary_dim
+    if scaling.kind == "dynamic" and rotated <= 2:
+        raise ValueError(
+            f"rope_scaling kind 'dynamic' rotates {rotated} channels of each head: dynamic NTK "
+            "needs more than 2 (its base grows by a power D / (D - 2))"
+        )
+    if scaling.kind == "longrope" and len(scaling.short_factor) != rotated // 2:
         raise ValueError(
             f"model.rope_scaling.short_factor and long_factor hold {len(scaling.short_factor)} "
-            f"factors each; longrope needs one per frequency, rotary_dim / 2 = {half}"
+            f"factors each; longrope needs one per frequency: {rotated // 2} for the {rotated} "
+            "channels of each head RoPE rotates"
         )
 
 

@@ -330,3 +330,17 @@ def test_llama_rotates_every_channel():
         )
     with pytest.raises(ConfigError, match=r"model\.rotary_dim=16 .* but Phi-3's"):
         config_to_hf(ModelConfig.preset("tiny", rotary_dim=16))
+
+
+def test_partial_rope_comes_from_the_section_transformers_reads():
+    """A non-empty rope_scaling is the section Phi3Config reads, rope_parameters then ignored;
+    a factor giving the whole head is no partial RoPE."""
+    hf = _phi3_config(partial_rotary_factor=0.5)
+    hf["rope_scaling"] = {"rope_type": "default", "partial_rotary_factor": 1.0}
+    theirs = transformers.Phi3Config.from_dict(hf)
+    assert theirs.rope_parameters["partial_rotary_factor"] == 1.0
+    assert ModelConfig.from_hf(hf).rotary_dim is None
+    del hf["rope_scaling"]
+    assert ModelConfig.from_hf(hf).rotary_dim == 8
+    config = ModelConfig.preset("tiny", rotary_dim=32)  # head_dim 32: the whole head
+    assert config_to_hf(config)["model_type"] == "llama"

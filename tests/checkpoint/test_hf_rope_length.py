@@ -6,6 +6,7 @@ of both run over `CASES` ("dynamic_rope", "longrope") in `test_hf_parity.py`."""
 from __future__ import annotations
 
 import copy
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -206,3 +207,29 @@ def test_longrope_is_set_from_a_dict_as_a_training_override_is():
     hash(config)  # a static argument of jit
     with pytest.raises(ConfigError, match=r"^model\.rope_scaling\.long_factor must be a tuple"):
         ModelConfig.from_dict({"head_dim": 16, "rope_scaling": {**rope, "long_factor": 2.0}})
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"rope_scaling": LONGROPE, "original_max_position_embeddings": 0}, ""),
+        ({"rope_scaling": {**LONGROPE, "original_max_position_embeddings": 0}}, "rope_scaling."),
+        (
+            {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}, "max_position_embeddings": 0},
+            "",
+        ),
+    ],
+    ids=["longrope_top_level", "longrope_section", "dynamic"],
+)
+def test_a_context_of_zero_is_refused_naming_its_key(changes, key):
+    """The scalings divide by it: a named error, not a ZeroDivisionError without the file."""
+    name = "max_position_embeddings" if "factor" in changes["rope_scaling"] else "original_max"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}{name}\w* must be >= 1"):
+        ModelConfig.from_hf(_hf(changes))
+
+
+def test_dynamic_ntk_needs_more_than_two_rotated_channels():
+    dynamic = RopeScaling("dynamic", 2.0, original_max_position=64)
+    with pytest.raises(ValueError, match=r"'dynamic' rotates 2 channels of each head"):
+        ModelConfig.preset("tiny", rope_scaling=dynamic, rotary_dim=2)
+    ModelConfig.preset("tiny", rope_scaling=dynamic, rotary_dim=4)

@@ -66,3 +66,21 @@ def test_a_run_from_a_phi3_exports_its_layout_where_phi3_can_hold_it(tmp_path, c
         exported = loop._exported_config(from_config_dict(config))
     assert exported.hf_model_type is None
     assert "keeps no phi3 layout" in caplog.text and "linear" in caplog.text
+
+
+def test_a_run_takes_the_configs_window_and_rope_over_the_checkpoints(tmp_path):
+    """A DGA run from a windowed dense checkpoint (Mistral v0.1, Phi-3-mini-4k): the run's own
+    fields that shape no weight (`NUMERIC_FIELDS`) replace the checkpoint's; the window kept
+    would be refused under DGA, after the input checks had passed."""
+    config = tiny_dga.get_config()
+    windowed = from_config_dict(config).model.replace(attention="dense", sliding_window=32)
+    save_model(Llama(windowed, rngs=nnx.Rngs(0)), tmp_path / "ckpt")
+    config.init_checkpoint = str(tmp_path / "ckpt")
+    config.model.overrides.rotary_dim = 16
+    train_config = from_config_dict(config)
+    setup = make_setup(train_config)
+    with jax.set_mesh(setup.mesh):
+        params = loop._initial_params(train_config, setup)
+    model = nnx.merge(setup.graphdef, params)
+    assert (model.config.attention, model.config.sliding_window) == ("dga", None)
+    assert model.config.rotary_dim == 16
