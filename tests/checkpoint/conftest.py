@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -120,6 +121,19 @@ def hf_logits(model: LlamaForCausalLM, tokens: np.ndarray) -> np.ndarray:
     """float32 logits [B, T, V] of a `transformers` model."""
     with torch.no_grad():
         return model(torch.from_numpy(tokens).long()).logits.float().numpy()
+
+
+def assert_decodes_as_it_runs_whole(model) -> None:
+    """A converted model's prefill of 16 tokens and 8 decode steps give the logits of its run
+    over all 24 (dense attention, or DGA whose selection is causal: streaming)."""
+    tokens = jnp.asarray(random_tokens(seq_len=24))
+    whole = model(tokens)
+    logits, caches = model.prefill(tokens[:, :16], 24)
+    steps = [logits[:, -1]]
+    for t in range(16, 24):
+        step, caches = model.decode_step(tokens[:, t], caches)
+        steps.append(step)
+    np.testing.assert_allclose(jnp.stack(steps, 1), whole[:, 15:], atol=LOGIT_ATOL)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import re
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -24,6 +23,7 @@ from dga_jax.model.rope_scaling import RopeScaling
 from tests.checkpoint.conftest import (
     _DEFAULTS,
     LOGIT_ATOL,
+    assert_decodes_as_it_runs_whole,
     hf_logits,
     random_tokens,
     save_sharded,
@@ -142,15 +142,7 @@ def test_export_loads_in_transformers_as_phi3_in_fused_tensors(converted, name, 
 
 @pytest.mark.parametrize("name", ["gqa", "sliding"])
 def test_a_phi3_decodes_as_it_runs_whole(converted, name):
-    llama = load_model(converted(name)[2], param_dtype="float32")
-    tokens = jnp.asarray(random_tokens(seq_len=24))
-    whole = llama(tokens)
-    logits, caches = llama.prefill(tokens[:, :16], 24)
-    steps = [logits[:, -1]]
-    for t in range(16, 24):
-        step, caches = llama.decode_step(tokens[:, t], caches)
-        steps.append(step)
-    np.testing.assert_allclose(jnp.stack(steps, 1), whole[:, 15:], atol=LOGIT_ATOL)
+    assert_decodes_as_it_runs_whole(load_model(converted(name)[2], param_dtype="float32"))
 
 
 def test_longrope_phi3_gives_transformers_logits_past_the_original_context(tmp_path):

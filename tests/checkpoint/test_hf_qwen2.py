@@ -5,7 +5,6 @@ as they run whole, and export back."""
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -21,6 +20,7 @@ from tests.checkpoint.conftest import (
     _DEFAULTS,
     LOGIT_ATOL,
     YARN_ROPE,
+    assert_decodes_as_it_runs_whole,
     build_hf_model,
     hf_logits,
     random_tokens,
@@ -128,14 +128,7 @@ def test_a_biased_model_decodes_as_it_runs_whole(converted):
     # streaming selection: token-by-token decoding computes the same function
     streaming = DGAConfig(4, 0.25, "streaming")
     llama = load_model(ckpt, param_dtype="float32", attention="dga", dga=streaming)
-    tokens = jnp.asarray(random_tokens(seq_len=24))
-    whole = llama(tokens)
-    logits, caches = llama.prefill(tokens[:, :16], 24)
-    steps = [logits[:, -1]]
-    for t in range(16, 24):
-        step, caches = llama.decode_step(tokens[:, t], caches)
-        steps.append(step)
-    np.testing.assert_allclose(jnp.stack(steps, 1), whole[:, 15:], atol=LOGIT_ATOL)
+    assert_decodes_as_it_runs_whole(llama)
 
 
 def _qwen2_config(**overrides) -> dict:

@@ -4,7 +4,6 @@ window as Qwen2's) load with transformers' logits, decode as they run whole, and
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -19,6 +18,7 @@ from tests.checkpoint.conftest import (
     _DEFAULTS,
     LOGIT_ATOL,
     YARN_ROPE,
+    assert_decodes_as_it_runs_whole,
     hf_logits,
     random_tokens,
     save_sharded,
@@ -107,14 +107,7 @@ def test_a_qwen3_decodes_as_it_runs_whole(converted):
     _, ckpt = converted("qwen3_attention_bias")
     streaming = DGAConfig(4, 0.25, "streaming")  # token by token, the same function
     llama = load_model(ckpt, param_dtype="float32", attention="dga", dga=streaming)
-    tokens = jnp.asarray(random_tokens(seq_len=24))
-    whole = llama(tokens)
-    logits, caches = llama.prefill(tokens[:, :16], 24)
-    steps = [logits[:, -1]]
-    for t in range(16, 24):
-        step, caches = llama.decode_step(tokens[:, t], caches)
-        steps.append(step)
-    np.testing.assert_allclose(jnp.stack(steps, 1), whole[:, 15:], atol=LOGIT_ATOL)
+    assert_decodes_as_it_runs_whole(llama)
 
 
 def test_a_checkpoint_stores_its_q_and_k_norms(converted):
