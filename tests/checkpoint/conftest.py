@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
@@ -121,6 +122,22 @@ def hf_logits(model: LlamaForCausalLM, tokens: np.ndarray) -> np.ndarray:
     """float32 logits [B, T, V] of a `transformers` model."""
     with torch.no_grad():
         return model(torch.from_numpy(tokens).long()).logits.float().numpy()
+
+
+def conversions(tmp_path_factory, build: Callable[[str], torch.nn.Module]):
+    """name -> (transformers model `build(name)`, its Orbax conversion dir; the sharded HF
+    checkpoint beside it, "hf"), each built on first use: a module's `converted` fixture."""
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            root = tmp_path_factory.mktemp(name)
+            model = build(name)
+            to_orbax(save_sharded(model, root / "hf"), root / "orbax")
+            cache[name] = model, root / "orbax"
+        return cache[name]
+
+    return get
 
 
 def assert_decodes_as_it_runs_whole(model) -> None:

@@ -24,6 +24,7 @@ from tests.checkpoint.conftest import (
     _DEFAULTS,
     LOGIT_ATOL,
     assert_decodes_as_it_runs_whole,
+    conversions,
     hf_logits,
     random_tokens,
     save_sharded,
@@ -71,19 +72,8 @@ def _phi3_config(**overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """name -> (transformers model, its HF dir, its Orbax conversion), built once per module."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            root = tmp_path_factory.mktemp(name)
-            model = _phi3(**MODELS[name])
-            hf_dir = save_sharded(model, root / "hf")
-            to_orbax(hf_dir, root / "orbax")
-            cache[name] = model, hf_dir, root / "orbax"
-        return cache[name]
-
-    return get
+    """name -> (transformers model, its Orbax conversion), built once per module."""
+    return conversions(tmp_path_factory, lambda name: _phi3(**MODELS[name]))
 
 
 def _logits(ckpt_dir, tokens: np.ndarray) -> np.ndarray:
@@ -92,7 +82,7 @@ def _logits(ckpt_dir, tokens: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_phi3_checkpoints_give_transformers_logits(converted, name):
-    model, _, ckpt = converted(name)
+    model, ckpt = converted(name)
     tokens = random_tokens()
     diff = np.max(np.abs(_logits(ckpt, tokens) - hf_logits(model, tokens)))
     assert diff <= LOGIT_ATOL
@@ -128,7 +118,8 @@ def _weight_map(hf_dir) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", ["gqa", "tied", "sliding"])
 def test_export_loads_in_transformers_as_phi3_in_fused_tensors(converted, name, tmp_path):
-    model, source, ckpt = converted(name)
+    model, ckpt = converted(name)
+    source = ckpt.parent / "hf"
     assert load_config(ckpt).hf_model_type == "phi3"
     to_hf(ckpt, tmp_path / "hf")
     assert set(_weight_map(tmp_path / "hf")) == set(_weight_map(source))
@@ -142,7 +133,7 @@ def test_export_loads_in_transformers_as_phi3_in_fused_tensors(converted, name, 
 
 @pytest.mark.parametrize("name", ["gqa", "sliding"])
 def test_a_phi3_decodes_as_it_runs_whole(converted, name):
-    assert_decodes_as_it_runs_whole(load_model(converted(name)[2], param_dtype="float32"))
+    assert_decodes_as_it_runs_whole(load_model(converted(name)[1], param_dtype="float32"))
 
 
 def test_longrope_phi3_gives_transformers_logits_past_the_original_context(tmp_path):
@@ -231,7 +222,7 @@ def test_an_absent_phi3_window_is_none():
 
 def test_a_fused_tensor_of_the_wrong_shape_names_it_and_its_rows(converted, tmp_path):
     # config.json claims 4 k/v heads; the checkpoint's qkv_proj holds 2.
-    model, _, _ = converted("gqa")
+    model, _ = converted("gqa")
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 4}))
@@ -289,7 +280,7 @@ def test_partial_rope_reads_as_transformers_reads_it():
 
 
 def test_partial_rope_matters_at_this_tolerance(converted):
-    _, _, ckpt = converted("partial")
+    _, ckpt = converted("partial")
     tokens = random_tokens()
     whole = np.asarray(load_model(ckpt, param_dtype="float32", rotary_dim=None)(tokens))
     assert np.max(np.abs(whole - _logits(ckpt, tokens))) > 100 * LOGIT_ATOL

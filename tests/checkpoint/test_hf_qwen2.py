@@ -22,11 +22,10 @@ from tests.checkpoint.conftest import (
     YARN_ROPE,
     assert_decodes_as_it_runs_whole,
     build_hf_model,
+    conversions,
     hf_logits,
     random_tokens,
-    save_sharded,
     to_hf,
-    to_orbax,
 )
 
 
@@ -69,18 +68,8 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """name -> (transformers model, Orbax checkpoint dir), built once per module."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            root = tmp_path_factory.mktemp(name)
-            model = MODELS[name]()
-            to_orbax(save_sharded(model, root / "hf"), root / "orbax")
-            cache[name] = model, root / "orbax"
-        return cache[name]
-
-    return get
+    """name -> (transformers model, its Orbax conversion), built once per module."""
+    return conversions(tmp_path_factory, lambda name: MODELS[name]())
 
 
 def _logits(ckpt_dir, tokens: np.ndarray) -> np.ndarray:

@@ -19,11 +19,10 @@ from tests.checkpoint.conftest import (
     LOGIT_ATOL,
     YARN_ROPE,
     assert_decodes_as_it_runs_whole,
+    conversions,
     hf_logits,
     random_tokens,
-    save_sharded,
     to_hf,
-    to_orbax,
 )
 
 # head_dim 24, not 64 / 4: Qwen3 sets it apart (its 0.6B: 16 heads of 128 over 1024 channels)
@@ -54,18 +53,8 @@ MODELS = {
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    """name -> (transformers model, Orbax checkpoint dir), built once per module."""
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            root = tmp_path_factory.mktemp(name)
-            model = _qwen3(**MODELS[name])
-            to_orbax(save_sharded(model, root / "hf"), root / "orbax")
-            cache[name] = model, root / "orbax"
-        return cache[name]
-
-    return get
+    """name -> (transformers model, its Orbax conversion), built once per module."""
+    return conversions(tmp_path_factory, lambda name: _qwen3(**MODELS[name]))
 
 
 def _logits(ckpt_dir, tokens: np.ndarray, **changes) -> np.ndarray:
