@@ -57,16 +57,20 @@ def make_optimizer(
 
 
 def weight_decay_mask(params: nnx.State) -> nnx.State:
-    """True for weight matrices, False for norm scales (by their logical axes)."""
-    return jax.tree.map(_decays, params, is_leaf=_is_variable)
+    """True for weight matrices, False for norm scales and biases, as transformers' Trainer
+    spares them: by name, a parameter under a module whose name ends in "norm" (the layers'
+    and the final RMSNorm, Qwen3's per-head q_norm and k_norm) or one named "*bias"."""
+    return jax.tree_util.tree_map_with_path(_decays, params, is_leaf=_is_variable)
 
 
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _decays(variable: nnx.Variable) -> nnx.Variable:
-    return variable.replace("norm" not in variable.get_metadata().get("logical_axes", ()))
+def _decays(path, variable: nnx.Variable) -> nnx.Variable:
+    names = [str(getattr(key, "key", getattr(key, "name", key))) for key in path]
+    spared = any(name.endswith("norm") for name in names) or names[-1].endswith("bias")
+    return variable.replace(not spared)
 
 
 def loss_fn(

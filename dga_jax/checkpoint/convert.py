@@ -1,5 +1,5 @@
-"""Convert LLaMA (and Mistral, Qwen2, Phi-3) checkpoints between Hugging Face safetensors and our
-Orbax layout.
+"""Convert LLaMA (and Mistral, Qwen2, Qwen3, Phi-3) checkpoints between Hugging Face safetensors
+and our Orbax layout.
 
     python -m dga_jax.checkpoint.convert hf-to-orbax --hf_dir HF --out CKPT [--dtype bfloat16]
     python -m dga_jax.checkpoint.convert orbax-to-hf --ckpt CKPT --out HF [--dtype float16] \\
@@ -9,7 +9,8 @@ Orbax layout.
 `HF/model.safetensors.index.json` (or a single `HF/model.safetensors`) tensor by tensor;
 `orbax-to-hf` writes what `transformers.AutoModelForCausalLM.from_pretrained(HF)` loads (a
 `LlamaForCausalLM`, a `MistralForCausalLM` for a sliding window, a `Qwen2ForCausalLM` for q, k,
-v biases alone, a `Phi3ForCausalLM` for a model read from one), the
+v biases alone, a `Qwen3ForCausalLM` for q and k norms, a `Phi3ForCausalLM` for a model read
+from one), the
 source's bos/eos/pad token ids included (in config.json and generation_config.json). `--dtype`
 casts the weights (default: keep the stored dtype). Neither command leaves a partial output
 behind on failure. Load the result with `dga_jax.checkpoint.load_model(CKPT, mesh=...)`.

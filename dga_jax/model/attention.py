@@ -56,8 +56,8 @@ class DGAttention(nnx.Module):
         if config.o_bias:
             self.o_bias = param(rngs, (d,), ("norm",), rules, dtype, zeros)
         if config.qk_norm:
-            self.q_norm = RMSNorm(config, rules, rngs=rngs, axis="head_dim")
-            self.k_norm = RMSNorm(config, rules, rngs=rngs, axis="head_dim")
+            self.q_norm = RMSNorm(config, rules, rngs=rngs, per_head=True)
+            self.k_norm = RMSNorm(config, rules, rngs=rngs, per_head=True)
 
     def __call__(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """x: [B, T, D], positions: [B, T] or [T] (every row's) -> [B, T, D].

@@ -28,7 +28,7 @@ def param(rngs: nnx.Rngs, shape, logical, rules: LogicalRules, dtype, init=None)
 
 class RMSNorm(nnx.Module):
     """x / rms(x) * weight over the last axis, computed in float32 as in `transformers`: of
-    d_model channels, or of each head's `head_dim` (Qwen3's q_norm, k_norm)."""
+    d_model channels, or with `per_head` of each head's head_dim (Qwen3's q_norm, k_norm)."""
 
     def __init__(
         self,
@@ -36,10 +36,10 @@ class RMSNorm(nnx.Module):
         rules: LogicalRules,
         *,
         rngs: nnx.Rngs,
-        axis: str = "norm",
+        per_head: bool = False,
     ):
         self.eps = config.norm_eps
-        size = config.head_dim if axis == "head_dim" else config.d_model
+        size, axis = (config.head_dim, "head_dim") if per_head else (config.d_model, "norm")
         self.weight = param(
             rngs, (size,), (axis,), rules, config.weight_dtype, nnx.initializers.ones
         )

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from flax.traverse_util import flatten_dict
 
 from dga_jax import Llama, ModelConfig
 from train.config import OptimConfig
@@ -105,3 +106,18 @@ def test_evaluation_runs_one_micro_batch_at_a_time():
         for accum in (1, 4)
     }
     assert temps[4] < 0.5 * temps[1], temps
+
+
+def test_norm_scales_and_biases_are_spared_weight_decay():
+    """Every RMSNorm scale (Qwen3's per-head q and k norms too, whose logical axis is head_dim)
+    and every bias is spared, as transformers' Trainer spares them; the weight matrices decay."""
+    config = ModelConfig.preset("tiny", qk_norm=True, qkv_bias=True, o_bias=True)
+    params = nnx.state(Llama(config, rngs=nnx.Rngs(0)), nnx.Param)
+    mask = nnx.to_pure_dict(weight_decay_mask(params))
+    spared = {("layers", "attn", name) for name in ("q_bias", "k_bias", "v_bias", "o_bias")}
+    spared |= {("layers", "attn", "q_norm", "weight"), ("layers", "attn", "k_norm", "weight")}
+    spared |= {("layers", "attn_norm", "weight"), ("layers", "mlp_norm", "weight")}
+    spared |= {("norm", "weight")}
+    flat = {path: bool(value) for path, value in flatten_dict(mask).items()}
+    assert {path for path, decays in flat.items() if not decays} == spared
+    assert flat[("layers", "attn", "q")] and flat[("layers", "mlp", "gate")] and flat[("embed",)]
