@@ -92,7 +92,8 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
         check_phi3_rope(hf, scaling)
     # null num_key_value_heads / head_dim: transformers' defaults, as when absent
     kv_heads = hf_value(hf, "num_key_value_heads", int | None)
-    head_dim = hf_value(hf, "head_dim", int | None)
+    # Qwen3's head_dim is apart from hidden_size / heads: null there is refused, as transformers
+    head_dim = hf_value(hf, "head_dim", int if model_type == "qwen3" else int | None)
     head_dim = hf["hidden_size"] // heads if head_dim is None else head_dim
     return ModelConfig(
         vocab_size=hf["vocab_size"],

@@ -150,13 +150,14 @@ def _short_frequencies(inv_freq: jax.Array, scaling: RopeScaling) -> jax.Array:
 
 
 def _dynamic_frequencies(
-    head_dim: int, theta: float, scaling: RopeScaling, length: jax.Array
+    dim: int, theta: float, scaling: RopeScaling, length: jax.Array
 ) -> jax.Array:
     """Dynamic NTK past the original context: theta grown by (factor * L / original - factor +
-    1) ** (D / (D - 2)) for each length L, in float32 as transformers computes it in a call."""
+    1) ** (D / (D - 2)) for each length L (D = `dim`, the rotated channels), in float32 as
+    transformers computes it in a call."""
     ratio = scaling.factor * jnp.asarray(length, jnp.float32) / scaling.original_max_position
-    base = theta * (ratio - (scaling.factor - 1)) ** (head_dim / (head_dim - 2))
-    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    base = theta * (ratio - (scaling.factor - 1)) ** (dim / (dim - 2))
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
     return 1.0 / base[..., None] ** exponents
 
 

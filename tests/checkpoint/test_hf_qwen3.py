@@ -131,3 +131,12 @@ def test_q_and_k_norms_with_biases_on_q_k_v_alone_have_no_architecture():
         config_to_hf(config)
     with pytest.raises(ConfigError, match=r"hf_model_type='phi3' with model\.qk_norm"):
         config_to_hf(ModelConfig.preset("tiny", qk_norm=True, hf_model_type="phi3"))
+
+
+def test_a_null_qwen3_head_dim_is_refused_as_transformers_refuses_it():
+    """Qwen3's head_dim is its own (128 at any width): null is no hidden_size / heads there."""
+    hf = {**transformers.Qwen3Config(**_QWEN3).to_dict(), "head_dim": None}
+    with pytest.raises(Exception):  # noqa: B017 (transformers' own validation error)
+        transformers.Qwen3Config.from_dict(hf)
+    with pytest.raises(ConfigError, match=r"^head_dim must be int, got NoneType None$"):
+        ModelConfig.from_hf(hf)
