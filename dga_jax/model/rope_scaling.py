@@ -123,11 +123,7 @@ class RopeScaling:
                 f"rope_scaling.beta_fast={self.beta_fast} must be >= "
                 f"rope_scaling.beta_slow={self.beta_slow}"
             )
-        if self.attention_factor is not None and not self.attention_factor > 0:
-            raise ValueError(
-                "rope_scaling.attention_factor must be > 0 or None (YaRN's default), "
-                f"got {self.attention_factor}"
-            )
+        self._check_attention_factor("YaRN")
         if not isinstance(self.truncate, bool):  # a "false" would truncate
             raise ValueError(f"rope_scaling.truncate must be a bool, got {self.truncate!r}")
 
@@ -139,15 +135,19 @@ class RopeScaling:
                 "rope_scaling kind 'longrope' needs short_factor and long_factor of one length "
                 f"(one per frequency), got {len(self.short_factor)} and {len(self.long_factor)}"
             )
-        if self.attention_factor is not None and not self.attention_factor > 0:
-            raise ValueError(
-                "rope_scaling.attention_factor must be > 0 or None (LongRoPE's default), "
-                f"got {self.attention_factor}"
-            )
+        self._check_attention_factor("LongRoPE")
         if self.attention_factor is None and self.factor > 1 and self.original_max_position < 2:
             raise ValueError(  # the default divides by ln(original_max_position)
                 "rope_scaling kind 'longrope' without an attention_factor needs "
                 f"original_max_position >= 2, got {self.original_max_position}"
+            )
+
+    def _check_attention_factor(self, method: str) -> None:
+        """yarn's and longrope's factor on cos and sin: > 0, or None (the method's default)."""
+        if self.attention_factor is not None and not self.attention_factor > 0:
+            raise ValueError(
+                f"rope_scaling.attention_factor must be > 0 or None ({method}'s default), "
+                f"got {self.attention_factor}"
             )
 
 

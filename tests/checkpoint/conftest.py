@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from dga_jax.checkpoint import load_config, read_param
+from dga_jax.checkpoint import load_config, load_model, read_param
 from dga_jax.checkpoint.convert import main
 from dga_jax.checkpoint.hf_weights import weights
 
@@ -138,6 +138,11 @@ def conversions(tmp_path_factory, build: Callable[[str], torch.nn.Module]):
         return cache[name]
 
     return get
+
+
+def converted_logits(ckpt_dir, tokens: np.ndarray, **changes) -> np.ndarray:
+    """float32 logits [B, T, V] of an Orbax conversion, loaded in float32 with `changes`."""
+    return np.asarray(load_model(ckpt_dir, param_dtype="float32", **changes)(tokens))
 
 
 def assert_decodes_as_it_runs_whole(model) -> None:

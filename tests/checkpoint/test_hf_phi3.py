@@ -31,6 +31,9 @@ from tests.checkpoint.conftest import (
     to_hf,
     to_orbax,
 )
+from tests.checkpoint.conftest import (
+    converted_logits as _logits,
+)
 
 WINDOW = 5  # keys per query: shorter than the test sequences, so the window matters
 # Phi3Config's token ids (pad and eos 32000) lie past the tiny vocabulary: nn.Embedding refuses
@@ -74,10 +77,6 @@ def _phi3_config(**overrides) -> dict:
 def converted(tmp_path_factory):
     """name -> (transformers model, its Orbax conversion), built once per module."""
     return conversions(tmp_path_factory, lambda name: _phi3(**MODELS[name]))
-
-
-def _logits(ckpt_dir, tokens: np.ndarray) -> np.ndarray:
-    return np.asarray(load_model(ckpt_dir, param_dtype="float32")(tokens))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -27,6 +27,9 @@ from tests.checkpoint.conftest import (
     random_tokens,
     to_hf,
 )
+from tests.checkpoint.conftest import (
+    converted_logits as _logits,
+)
 
 
 def _with_random_biases(model: torch.nn.Module) -> torch.nn.Module:
@@ -70,10 +73,6 @@ MODELS = {
 def converted(tmp_path_factory):
     """name -> (transformers model, its Orbax conversion), built once per module."""
     return conversions(tmp_path_factory, lambda name: MODELS[name]())
-
-
-def _logits(ckpt_dir, tokens: np.ndarray) -> np.ndarray:
-    return np.asarray(load_model(ckpt_dir, param_dtype="float32")(tokens))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

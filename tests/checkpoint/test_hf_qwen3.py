@@ -24,6 +24,9 @@ from tests.checkpoint.conftest import (
     random_tokens,
     to_hf,
 )
+from tests.checkpoint.conftest import (
+    converted_logits as _logits,
+)
 
 # head_dim 24, not 64 / 4: Qwen3 sets it apart (its 0.6B: 16 heads of 128 over 1024 channels)
 _QWEN3 = {**_DEFAULTS, "num_key_value_heads": 2, "head_dim": 24}
@@ -55,10 +58,6 @@ MODELS = {
 def converted(tmp_path_factory):
     """name -> (transformers model, its Orbax conversion), built once per module."""
     return conversions(tmp_path_factory, lambda name: _qwen3(**MODELS[name]))
-
-
-def _logits(ckpt_dir, tokens: np.ndarray, **changes) -> np.ndarray:
-    return np.asarray(load_model(ckpt_dir, param_dtype="float32", **changes)(tokens))
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 
-from dga_jax.checkpoint import CheckpointError, load_config, load_model, read_hf
+from dga_jax.checkpoint import CheckpointError, load_config, read_hf
 from dga_jax.checkpoint.hf import read_hf_config
 from dga_jax.errors import ConfigError, InputError
 from dga_jax.model.config import ModelConfig
@@ -27,6 +27,9 @@ from tests.checkpoint.conftest import (
     to_hf,
     to_orbax,
 )
+from tests.checkpoint.conftest import (
+    converted_logits as _logits,
+)
 
 LLAMA_VARIANTS = {
     "head_dim_32": dict(num_key_value_heads=2, head_dim=32),
@@ -34,12 +37,6 @@ LLAMA_VARIANTS = {
     "pretraining_tp_2": dict(num_key_value_heads=2, pretraining_tp=2),
     "swish": dict(hidden_act="swish"),  # SiLU under its other name: it was refused
 }
-
-
-def _logits(ckpt_dir, tokens: np.ndarray) -> np.ndarray:
-    """float32 logits [B, T, V] of a converted checkpoint, loaded in float32."""
-    model = load_model(ckpt_dir, param_dtype="float32")
-    return np.asarray(model(tokens))
 
 
 @pytest.mark.parametrize("variant", sorted(LLAMA_VARIANTS))
