@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 import dga_jax
-from dga_jax import DGAConfig, Llama, ModelConfig
+from dga_jax import DGAConfig, Llama, ModelConfig, RopeScaling
 from dga_jax.checkpoint.orbax_io import save_model
 from dga_jax.data.tokenizers import ByteTokenizer, load_tokenizer
 from dga_jax.generate import (
@@ -706,3 +706,53 @@ def test_end_ids_are_the_tokenizers_eos_then_the_given_stops_or_the_checkpoints(
     assert end_ids(config, None) == (7, 2)
     assert end_ids(config, 2, stop_tokens=[9, 2]) == (2, 9)  # given stops replace the config's
     assert end_ids(TINY.replace(eos_token_ids=None), None) == ()
+
+
+# LongRoPE with an original context of 24: 16 divisors each for the tiny preset's 32 channels
+LONG_ROPE = RopeScaling(
+    "longrope",
+    original_max_position=24,
+    short_factor=tuple(1.0 + 0.1 * i for i in range(16)),
+    long_factor=tuple(1.0 + 2.0 * i for i in range(16)),
+)
+
+
+EXACT = Buckets(growth="exact")
+
+
+def _long_rope_model(dga: DGAConfig) -> Llama:
+    config = TINY.replace(attention="dga", dga=dga, rope_scaling=LONG_ROPE, max_position=96)
+    return Llama(config, rngs=nnx.Rngs(0))
+
+
+def _argmax_whole(llama: Llama, sequence: list[int], original: int) -> list[int]:
+    """The greedy token after each prefix of `sequence` by a forward over that prefix alone:
+    causal, so one forward over the first `original` tokens (short factors) and one over all
+    (long factors, what every prefix longer than `original` rotates with) give them all."""
+    short = llama(jnp.asarray([sequence[:original]]))[0]
+    long = llama(jnp.asarray([sequence]))[0]
+    return [int(jnp.argmax(short[t] if t < original else long[t])) for t in range(len(sequence))]
+
+
+def test_longrope_generation_switches_each_row_to_the_long_factors():
+    """Rows of 10 and 20 tokens cross the original context (24) at different steps, one of 30
+    starts past it: with LongRoPE's switch (`generate.long_rope`) each greedy token is the one
+    a forward over the row's whole sequence so far gives (causal DGA: streaming selection)."""
+    llama = _long_rope_model(DGAConfig(4, 0.25, selection="streaming"))
+    prompts = [np.asarray(tokens(1, n, seed=n)[0]).tolist() for n in (10, 20, 30)]
+    for prompt, new in zip(
+        prompts, dga_jax.generate(llama, prompts, 20, buckets=EXACT), strict=True
+    ):
+        expected = _argmax_whole(llama, prompt + new, LONG_ROPE.original_max_position)
+        assert new == expected[len(prompt) - 1 : -1]
+
+
+def test_longrope_generation_with_global_selection_has_the_prefix_room_to_switch():
+    """Global selection re-prefills a row at the original context's 25 tokens, which here
+    needs one prefix slot more than any prompt up to the bucket (2) decoded to max_len (42):
+    sized for it, the batch's rows generate as each alone."""
+    llama = _long_rope_model(DGAConfig(4, 0.25))
+    prompts = [np.asarray(tokens(1, n, seed=n)[0]).tolist() for n in (1, 2)]
+    together = dga_jax.generate(llama, prompts, 40, buckets=EXACT)
+    alone = [dga_jax.generate(llama, [p], 40, buckets=EXACT)[0] for p in prompts]
+    assert together == alone

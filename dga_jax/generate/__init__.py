@@ -21,6 +21,8 @@ for prefill and once per cache size for decoding. From then on every row carries
 counts and position, and rows of different lengths decode in one batch. `generate` takes any
 number of prompts and runs them in batches of `batch_size`, longest first, returning them in
 the caller's order (`completions` yields each as soon as it and those before it are done).
+A LongRoPE row is prefilled again, whole, at the token that takes it past the original context,
+as transformers' Phi-3 `generate` does (`long_rope`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from dga_jax.generate.inputs import Buckets as Buckets
 from dga_jax.generate.inputs import batch_sizes, check_options, stop_ids
 from dga_jax.generate.inputs import check_context as check_context
 from dga_jax.generate.inputs import pad_prompts as pad_prompts
+from dga_jax.generate.long_rope import Switch, set_rows, switch_position
 from dga_jax.generate.sampling import Sampling, Stopping, sample_allowed
 from dga_jax.generate.sampling import sample as sample  # re-exported: dga_jax.generate.sample
 from dga_jax.model.llama import Llama
@@ -130,6 +133,11 @@ def _decode(graphdef, state, caches, tokens, key, sampling, banned):
     return sample_allowed(logits, key, sampling, banned), caches
 
 
+@functools.partial(jax.jit, static_argnames="graphdef", donate_argnames="caches")
+def _decode_logits(graphdef, state, caches, tokens):
+    return nnx.merge(graphdef, state).decode_step(tokens, caches)
+
+
 def stream(
     model: Llama,
     prompts: Sequence[Sequence[int]],
@@ -172,16 +180,23 @@ def _stream_batch(
     stops = stopping.mask(model.config.vocab_size)  # its ids checked before any work
     width, max_len = batch_sizes(model.config, int(lengths.max()), max_new_tokens, max_len, buckets)
     tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
+    position = switch_position(model.config, max_len)
     capacity = None
-    if model.config.attention == "dga":  # room for any prompt length up to the bucket
-        capacity = prefix_capacity(model.config.dga, max_len, np.arange(1, width + 1))
+    if model.config.attention == "dga":  # room for any prompt up to the bucket (or the switch)
+        longest = width if position is None else max(width, position + 1)
+        capacity = prefix_capacity(model.config.dga, max_len, np.arange(1, longest + 1))
     logits, caches = prefill(model, tokens, lengths, max_len, capacity)
-    return _steps(model, logits, caches, max_new_tokens, sampling, stopping, stops, key)
+    switch = None if position is None else Switch(position, tokens, lengths, max_len)
+    refill = functools.partial(prefill, model, max_len=max_len, capacity=capacity)
+    return _steps(
+        model, logits, caches, max_new_tokens, sampling, stopping, stops, key, switch, refill
+    )
 
 
-def _steps(model, logits, caches, max_new_tokens, sampling, stopping, stops, key):
+def _steps(model, logits, caches, max_new_tokens, sampling, stopping, stops, key, switch, refill):
     """The decode loop of `stream`, from the prefill's last logits [B, V] and caches; `stops`
-    [V] bool: `stopping.mask`.
+    [V] bool: `stopping.mask`; `switch`: LongRoPE's (`long_rope.Switch`) or None; `refill`:
+    `prefill` with the batch's cache sizes.
 
     Every row is at the same step, so the ids banned at a step are one [V] mask for all rows:
     data to the compiled step, the stop tokens' mask before `min_new_tokens`, none after."""
@@ -193,15 +208,29 @@ def _steps(model, logits, caches, max_new_tokens, sampling, stopping, stops, key
         banned = early if step < stopping.min_new_tokens else late
         if step == 0:
             next_tokens = _sample(logits, sub, sampling, banned)
+        elif switch and len(rows := switch.rows(step, active)):
+            logits, caches = _switch(graphdef, state, caches, next_tokens, switch, rows, refill)
+            next_tokens = _sample(logits, sub, sampling, banned)
         else:
             next_tokens, caches = _decode(
                 graphdef, state, caches, next_tokens, sub, sampling, banned
             )
         out = np.asarray(next_tokens)
+        if switch:
+            switch.record(step, out)
         yield np.where(active, out, -1)
         active &= ~stops[out]
         if not active.any():
             return
+
+
+def _switch(graphdef, state, caches, tokens, switch, rows, refill):
+    """One decoding step in which `rows` re-prefill (LongRoPE's switch, `long_rope`): the
+    logits [B, V] of the next tokens, and the caches."""
+    logits, caches = _decode_logits(graphdef, state, caches, tokens)
+    prompts = switch.prompts(rows)
+    new_logits, new_caches = refill(prompts, [prompts.shape[1]] * len(rows))
+    return set_rows(logits, caches, jnp.asarray(rows), new_logits, new_caches)
 
 
 def completions(

@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import re
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 
+import dga_jax
 from dga_jax.checkpoint import CheckpointError, load_config, load_model, read_hf
 from dga_jax.checkpoint.hf import INDEX_FILE
 from dga_jax.checkpoint.hf_write import write_hf
@@ -326,3 +328,36 @@ def test_partial_rope_comes_from_the_section_transformers_reads():
     assert ModelConfig.from_hf(hf).rotary_dim == 8
     config = ModelConfig.preset("tiny", rotary_dim=32)  # head_dim 32: the whole head
     assert config_to_hf(config)["model_type"] == "llama"
+
+
+def _greedy_without_switch(model, prompt: np.ndarray, new: int) -> list[int]:
+    """Greedy decoding by prefill and decode_step alone: keys cached before the original
+    context keep their short factors (what `generate` did before it switched)."""
+    logits, caches = model.prefill(jnp.asarray(prompt[None]), len(prompt) + new, last_only=True)
+    out = [int(np.argmax(logits[0, -1]))]
+    for _ in range(new - 1):
+        logits, caches = model.decode_step(jnp.asarray(out[-1:]), caches)
+        out.append(int(np.argmax(logits[0])))
+    return out
+
+
+def test_longrope_phi3_generates_as_transformers_across_the_original_context(tmp_path):
+    """transformers' Phi-3 `generate` runs the whole sequence again at the token that first
+    passes the original context (64), with the long factors. Prompts of 50 and 60 tokens (they
+    switch at different steps) generating 24 greedy tokens in one batch give transformers'
+    tokens, each row as if alone; without the switch they would not."""
+    model = _phi3(num_key_value_heads=2, rope_scaling=LONGROPE, original_max_position_embeddings=64)
+    model.generation_config.eos_token_id = None  # 24 tokens whatever they are
+    to_orbax(save_sharded(model, tmp_path / "hf"), tmp_path / "orbax")
+    ours = load_model(tmp_path / "orbax", param_dtype="float32")
+    prompts = [random_tokens(seed=1, batch=1, seq_len=n)[0] for n in (50, 60)]
+    got = dga_jax.generate(ours, [p.tolist() for p in prompts], 24)
+    unswitched = []
+    for prompt, tokens in zip(prompts, got, strict=True):
+        with torch.no_grad():
+            theirs = model.generate(
+                torch.from_numpy(prompt[None]).long(), max_new_tokens=24, do_sample=False
+            )
+        assert tokens == theirs[0, len(prompt) :].tolist()
+        unswitched.append(_greedy_without_switch(ours, prompt, 24) != tokens)
+    assert any(unswitched)
