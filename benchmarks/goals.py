@@ -92,11 +92,11 @@ def ratio(records: list[dict], mode: str | None) -> float | None:
     return medians[DENSE] / medians[DGA]
 
 
-def run_once(goal: Goal, args: argparse.Namespace, env: dict[str, str]) -> float | None:
+def run_once(goal: Goal, args: argparse.Namespace) -> float | None:
     """One run of `goal` in its own process: its ratio, None if it failed (said on stderr)."""
     with tempfile.TemporaryDirectory() as out:
         done = subprocess.run(
-            goal.command(args, Path(out)), env=env, capture_output=True, text=True, cwd=HERE.parent
+            goal.command(args, Path(out)), capture_output=True, text=True, cwd=HERE.parent
         )
         results = list(Path(out).glob("*.json"))
         if done.returncode or len(results) != 1:
@@ -158,11 +158,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     goals = [BY_KEY[key] for key in args.goals.split(",")]
-    env = {**os.environ, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", TUNABLES)}
+    os.environ.setdefault("GLIBC_TUNABLES", TUNABLES)  # the runs', and `environment()` says so
     ratios: dict[str, list[float | None]] = {goal.key: [] for goal in goals}
     for number in range(args.runs):
         for goal in goals:
-            ratios[goal.key].append(run_once(goal, args, env))
+            ratios[goal.key].append(run_once(goal, args))
             done = ratios[goal.key][-1]
             said = "failed" if done is None else f"{done:.2f}x"
             print(f"run {number + 1}/{args.runs}, {goal.name}: {said}", flush=True)
@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     info = environment()
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"goals_{info['backend']}{'_quick' if args.quick else ''}.json"
-    config = {**{k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    config["GLIBC_TUNABLES"] = env["GLIBC_TUNABLES"]
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     path.write_text(
         json.dumps(dict(config=config, environment=info, goals=records), indent=2) + "\n"
     )
