@@ -236,12 +236,16 @@ def measure(record: Record, args: argparse.Namespace, predicted_s: float | None)
     record.device_peak_bytes = device_peak_bytes()
 
 
-def predict_seconds(previous: tuple[int, float] | None, length: int) -> float | None:
-    """Per-call seconds at `length`, quadratic in L from (previous length, its median ms)."""
+def predict_seconds(
+    previous: tuple[int, float] | None, length: int, window: int | None = None
+) -> float | None:
+    """Per-call seconds at `length` from (previous length, its median ms): quadratic in L, or
+    linear for a sliding window both lengths exceed (O(L W) work)."""
     if previous is None:
         return None
     prev_length, prev_ms = previous
-    return prev_ms / 1e3 * (length / prev_length) ** 2
+    linear = window is not None and min(prev_length, length) >= window
+    return prev_ms / 1e3 * (length / prev_length) ** (1 if linear else 2)
 
 
 def fmt_ms(value: float | None) -> str:
@@ -271,7 +275,9 @@ def run(args: argparse.Namespace) -> list[Record]:
             for impl in args.impls:
                 record = Record(length, mode, impl)
                 try:
-                    measure(record, args, predict_seconds(last.get((impl, mode)), length))
+                    window = args.window if impl.startswith("dense") else None
+                    predicted = predict_seconds(last.get((impl, mode)), length, window)
+                    measure(record, args, predicted)
                 except Exception as err:  # e.g. RESOURCE_EXHAUSTED: record it and go on
                     lines = str(err).strip().splitlines() or [""]
                     record.status, record.reason = "skipped", f"{type(err).__name__}: {lines[0]}"

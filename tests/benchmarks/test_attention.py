@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.benchmarks.scripts import load_script
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -48,3 +50,12 @@ def test_a_window_reaches_the_dense_implementations_and_the_file_name(tmp_path):
     assert results["config"]["window"] == 32
     assert all(r["status"] == "ok" for r in results["records"])
     assert _run("--window", "0", "--out", str(tmp_path)).returncode == 2
+
+
+def test_a_windowed_call_is_predicted_linear_in_the_length():
+    attention = load_script("attention")
+    assert attention.predict_seconds((1024, 500.0), 4096) == 8.0  # quadratic
+    assert attention.predict_seconds((1024, 500.0), 4096, window=1024) == 2.0  # O(L W)
+    # below the window the call is still causal attention over its whole length
+    assert attention.predict_seconds((512, 500.0), 1024, window=1024) == 2.0
+    assert attention.predict_seconds(None, 4096, window=1024) is None
