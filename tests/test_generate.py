@@ -621,6 +621,15 @@ SHARDED = textwrap.dedent(
         assert got == expected, (shape, got, expected)
         for a, b in zip(sharded, scores):
             np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-5, atol=1e-5)
+    # LongRoPE's switch under a batch split: rows of 20 and 11 tokens re-prefilled (at different
+    # steps) at the original context's 25th token, the caches' rows set on their devices
+    factors = dict(short_factor=(1.0,) * 16, long_factor=tuple(1.0 + 2 * i for i in range(16)))
+    scaling = dga_jax.RopeScaling("longrope", original_max_position=24, **factors)
+    long_rope = config.replace(rope_scaling=scaling)
+    expected = dga_jax.generate(Llama(long_rope, rngs=nnx.Rngs(0)), prompts, 16)
+    with jax.set_mesh(make_mesh((8, 1, 1, 1))):
+        got = dga_jax.generate(Llama(long_rope, rngs=nnx.Rngs(0)), prompts, 16)
+    assert got == expected, ("longrope", got, expected)
     # the sequence split too: DGA's own split (padded rows: the prefill's layout holds their
     # lengths) and Ulysses for a model trained in zig-zag order (prompts are in position order)
     # (one device ignores context_order: one expected generation serves both)
