@@ -28,7 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import environment, length_label, out_dir, positive_int
+from common import environment, length_label, out_dir, positive_float, positive_int
 
 HERE = Path(__file__).resolve().parent
 TUNABLES = (
@@ -92,20 +92,40 @@ def ratio(records: list[dict], mode: str | None) -> float | None:
     return medians[DENSE] / medians[DGA]
 
 
-def run_once(goal: Goal, args: argparse.Namespace) -> float | None:
-    """One run of `goal` in its own process: its ratio, None if it failed (said on stderr)."""
+def run_once(goal: Goal, args: argparse.Namespace, env: dict[str, str]) -> float | None:
+    """One run of `goal` in its own process: its ratio, None if it failed (why: on stderr)."""
     with tempfile.TemporaryDirectory() as out:
-        done = subprocess.run(
-            goal.command(args, Path(out)), capture_output=True, text=True, cwd=HERE.parent
-        )
+        try:
+            done = subprocess.run(
+                goal.command(args, Path(out)),
+                capture_output=True,
+                text=True,
+                cwd=HERE.parent,
+                env=env,
+                timeout=args.timeout,
+            )
+        except subprocess.TimeoutExpired:
+            return _failed(goal, f"no result within --timeout {args.timeout:g} s")
         results = list(Path(out).glob("*.json"))
         if done.returncode or len(results) != 1:
-            print(
-                f"{goal.key}: run failed ({done.returncode}):\n{done.stderr[-2000:]}",
-                file=sys.stderr,
-            )
-            return None
-        return ratio(json.loads(results[0].read_text())["records"], goal.mode)
+            return _failed(goal, f"exit code {done.returncode}\n{done.stderr[-2000:]}")
+        records = json.loads(results[0].read_text())["records"]
+        found = ratio(records, goal.mode)
+        if found is None:
+            reasons = [_why(record) for record in records if record.get("status") != "ok"]
+            return _failed(goal, "; ".join(reasons) or "no DGA or dense record")
+        return found
+
+
+def _why(record: dict) -> str:
+    """A record that did not run, and why: attention.py's status and reason, or a model
+    script's status ("failed: <error>")."""
+    said = f"{record.get('impl', record.get('variant'))}: {record.get('status')}"
+    return said if record.get("reason") is None else f"{said} {record['reason']}"
+
+
+def _failed(goal: Goal, why: str) -> None:
+    print(f"{goal.key}: run failed: {why}", file=sys.stderr, flush=True)
 
 
 def summary(goal: Goal, ratios: list[float | None], quick: bool) -> dict:
@@ -121,7 +141,8 @@ def summary(goal: Goal, ratios: list[float | None], quick: bool) -> dict:
         ratios=ratios,
         median=median,
         runs_met=met,
-        met=median is not None and median >= goal.target,
+        # on the median of a majority of runs: one run that succeeded is not a verdict
+        met=2 * len(done) > len(ratios) and median >= goal.target,
     )
 
 
@@ -146,11 +167,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--goals", default=",".join(BY_KEY), help="comma list of " + ",".join(BY_KEY)
     )
     parser.add_argument("--selection", choices=("streaming", "global"), default="streaming")
+    parser.add_argument("--timeout", type=positive_float, default=3600.0, help="seconds per run")
     parser.add_argument("--out", type=out_dir, default=HERE / "results")
     args = parser.parse_args(argv)
-    unknown = [key for key in args.goals.split(",") if key not in BY_KEY]
-    if unknown:
-        parser.error(f"--goals: unknown {unknown}; choose from {list(BY_KEY)}")
+    keys = args.goals.split(",")
+    unknown = [key for key in keys if key not in BY_KEY]
+    if unknown or len(set(keys)) < len(keys):
+        parser.error(f"--goals {args.goals}: name each of {list(BY_KEY)} at most once")
     args.runs = args.runs or (1 if args.quick else 5)
     return args
 
@@ -158,17 +181,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     goals = [BY_KEY[key] for key in args.goals.split(",")]
-    os.environ.setdefault("GLIBC_TUNABLES", TUNABLES)  # the runs', and `environment()` says so
+    env = {**os.environ, "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES", TUNABLES)}
     ratios: dict[str, list[float | None]] = {goal.key: [] for goal in goals}
     for number in range(args.runs):
         for goal in goals:
-            ratios[goal.key].append(run_once(goal, args))
+            ratios[goal.key].append(run_once(goal, args, env))
             done = ratios[goal.key][-1]
             said = "failed" if done is None else f"{done:.2f}x"
             print(f"run {number + 1}/{args.runs}, {goal.name}: {said}", flush=True)
     records = [summary(goal, ratios[goal.key], args.quick) for goal in goals]
     print(f"\n{args.selection} selection, median over {args.runs} run(s) of each\n{table(records)}")
     info = environment()
+    info["host_malloc"]["GLIBC_TUNABLES"] = env["GLIBC_TUNABLES"]  # the runs'
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"goals_{info['backend']}{'_quick' if args.quick else ''}.json"
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}

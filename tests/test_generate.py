@@ -31,6 +31,7 @@ from dga_jax.generate import (
 )
 from dga_jax.generate.__main__ import TextStream, main
 from dga_jax.generate.inputs import end_ids
+from dga_jax.generate.long_rope import switch_position
 from tests.conftest import FORWARD_TOL, assert_close, cache_row, run_on_fake_devices
 from tests.data.conftest import train_sentencepiece
 
@@ -603,6 +604,7 @@ SHARDED = textwrap.dedent(
     from dga_jax.checkpoint import save_model
     from dga_jax.eval import ModelEngine
     from dga_jax.eval.harness import DGAJaxLM
+    from dga_jax.generate import Buckets
 
     rng = np.random.RandomState(0)
     prompts = [rng.randint(3, 500, size=n).tolist() for n in (20, 11, 20)]
@@ -630,6 +632,13 @@ SHARDED = textwrap.dedent(
     with jax.set_mesh(make_mesh((8, 1, 1, 1))):
         got = dga_jax.generate(Llama(long_rope, rngs=nnx.Rngs(0)), prompts, 16)
     assert got == expected, ("longrope", got, expected)
+    # and under a sequence split: prompts in a bucket of 24, the re-prefill's 25 tokens padded
+    # to the next bucket (32), which the split divides as it divides the batch's
+    eights = Buckets(8, "linear")
+    expected = dga_jax.generate(Llama(long_rope, rngs=nnx.Rngs(0)), prompts, 16, buckets=eights)
+    with jax.set_mesh(make_mesh((2, 1, 4, 1))):
+        got = dga_jax.generate(Llama(long_rope, rngs=nnx.Rngs(0)), prompts, 16, buckets=eights)
+    assert got == expected, ("longrope, sequence split", got, expected)
     # the sequence split too: DGA's own split (padded rows: the prefill's layout holds their
     # lengths) and Ulysses for a model trained in zig-zag order (prompts are in position order)
     # (one device ignores context_order: one expected generation serves both)
@@ -765,3 +774,17 @@ def test_longrope_generation_with_global_selection_has_the_prefix_room_to_switch
     together = dga_jax.generate(llama, prompts, 40, buckets=EXACT)
     alone = [dga_jax.generate(llama, [p], 40, buckets=EXACT)[0] for p in prompts]
     assert together == alone
+
+
+def test_the_switch_is_set_up_only_where_a_row_feeds_the_original_context():
+    config = TINY.replace(rope_scaling=LONG_ROPE)  # original context 24
+
+    def position(lengths, new, config=config):
+        return switch_position(config, np.asarray(lengths), new)
+
+    assert position([10], 16) == 24  # feeds positions 10 .. 24
+    assert position([10], 15) is None  # up to 23: never past the original context
+    assert position([24], 2) == 24  # its first fed token sits there
+    assert position([25, 30], 40) is None  # prefilled past it: long factors from the start
+    assert position([30, 10], 16) == 24  # one row of the batch is enough
+    assert position([10], 16, TINY) is None  # no LongRoPE

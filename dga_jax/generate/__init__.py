@@ -180,14 +180,17 @@ def _stream_batch(
     stops = stopping.mask(model.config.vocab_size)  # its ids checked before any work
     width, max_len = batch_sizes(model.config, int(lengths.max()), max_new_tokens, max_len, buckets)
     tokens = np.pad(tokens, ((0, 0), (0, width - tokens.shape[1])))
-    position = switch_position(model.config, max_len)
+    position = switch_position(model.config, lengths, max_new_tokens)
     capacity = None
     if model.config.attention == "dga":  # room for any prompt up to the bucket (or the switch)
         longest = width if position is None else max(width, position + 1)
         capacity = prefix_capacity(model.config.dga, max_len, np.arange(1, longest + 1))
     logits, caches = prefill(model, tokens, lengths, max_len, capacity)
     switch = None if position is None else Switch(position, tokens, lengths, max_len)
-    refill = functools.partial(prefill, model, max_len=max_len, capacity=capacity)
+    refill = None
+    if switch:  # the batch's width, or the switch's bucketed: widths the sequence split divides
+        wide = width if width > position else min(buckets.round_up(position + 1), max_len)
+        refill = functools.partial(_refill, model, switch, wide, max_len, capacity)
     return _steps(
         model, logits, caches, max_new_tokens, sampling, stopping, stops, key, switch, refill
     )
@@ -196,7 +199,7 @@ def _stream_batch(
 def _steps(model, logits, caches, max_new_tokens, sampling, stopping, stops, key, switch, refill):
     """The decode loop of `stream`, from the prefill's last logits [B, V] and caches; `stops`
     [V] bool: `stopping.mask`; `switch`: LongRoPE's (`long_rope.Switch`) or None; `refill`:
-    `prefill` with the batch's cache sizes.
+    rows -> their prefill again at the switch (`_refill`).
 
     Every row is at the same step, so the ids banned at a step are one [V] mask for all rows:
     data to the compiled step, the stop tokens' mask before `min_new_tokens`, none after."""
@@ -228,9 +231,14 @@ def _switch(graphdef, state, caches, tokens, switch, rows, refill):
     """One decoding step in which `rows` re-prefill (LongRoPE's switch, `long_rope`): the
     logits [B, V] of the next tokens, and the caches."""
     logits, caches = _decode_logits(graphdef, state, caches, tokens)
-    prompts = switch.prompts(rows)
-    new_logits, new_caches = refill(prompts, [prompts.shape[1]] * len(rows))
+    new_logits, new_caches = refill(rows)
     return set_rows(logits, caches, jnp.asarray(rows), new_logits, new_caches)
+
+
+def _refill(model, switch, width, max_len, capacity, rows):
+    """`rows` prefilled again up to the switch position, right-padded to `width`."""
+    lengths = [switch.position + 1] * len(rows)
+    return prefill(model, switch.prompts(rows, width), lengths, max_len, capacity)
 
 
 def completions(

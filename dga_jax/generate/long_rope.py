@@ -22,13 +22,15 @@ import numpy as np
 from dga_jax.model.config import ModelConfig
 
 
-def switch_position(config: ModelConfig, max_len: int) -> int | None:
+def switch_position(config: ModelConfig, lengths: np.ndarray, max_new_tokens: int) -> int | None:
     """The position whose token makes decoding re-prefill its row (LongRoPE's original context),
-    or None where nothing switches (another RoPE, or caches too short to reach it)."""
-    scaling = config.rope_scaling
-    if scaling.kind != "longrope" or scaling.original_max_position >= max_len:
+    or None where no row of prompt `lengths` [B] feeds it within `max_new_tokens` (decoding
+    feeds positions lengths .. lengths + max_new_tokens - 2), or the RoPE is another."""
+    if config.rope_scaling.kind != "longrope":
         return None
-    return scaling.original_max_position
+    position = config.rope_scaling.original_max_position
+    reached = (lengths <= position) & (position <= lengths + max_new_tokens - 2)
+    return position if reached.any() else None
 
 
 class Switch:
@@ -53,9 +55,12 @@ class Switch:
         prefilled longer than it rotated with the long factors from the start."""
         return np.flatnonzero((self.lengths + step - 1 == self.position) & active)
 
-    def prompts(self, rows: np.ndarray) -> np.ndarray:
-        """[len(rows), position + 1]: those rows' tokens up to the switch position's, included."""
-        return self.history[rows, : self.position + 1]
+    def prompts(self, rows: np.ndarray, width: int) -> np.ndarray:
+        """[len(rows), width]: those rows' tokens up to the switch position's, included, then
+        padding (width > position: a width the sequence split divides, as the batch's)."""
+        prompts = np.zeros((len(rows), width), np.int32)
+        prompts[:, : self.position + 1] = self.history[rows, : self.position + 1]
+        return prompts
 
 
 @functools.partial(jax.jit, donate_argnames="caches")

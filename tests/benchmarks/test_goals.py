@@ -4,6 +4,8 @@ judged against the target, and a quick run end to end (one process per run)."""
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import pytest
 
@@ -41,13 +43,39 @@ def test_a_goal_is_judged_on_the_median_of_its_runs():
     assert record["median"] == pytest.approx(3.5)
     assert (record["runs_met"], record["met"], record["length"]) == (2, True, 16384)
     assert not goals.summary(goal, [3.2, 3.6, 3.4], quick=False)["met"]
+    assert not goals.summary(goal, [None, None, 3.9], quick=False)["met"]  # 1 run of 3 is not
     assert "failed" in goals.table([record])
 
 
-def test_unknown_goals_are_refused(capsys):
+@pytest.mark.parametrize("given", ["attn16_fwd,train64", "train16,train16"])
+def test_unknown_or_repeated_goals_are_refused(given, capsys):
     with pytest.raises(SystemExit):
-        goals.parse_args(["--goals", "attn16_fwd,train64"])
-    assert "train64" in capsys.readouterr().err
+        goals.parse_args(["--goals", given])
+    assert given in capsys.readouterr().err
+
+
+_SKIPPED = """
+import json, pathlib, sys
+records = [{"impl": "dga_xla", "mode": "fwd", "status": "skipped", "reason": "needs 9 GiB"},
+           {"impl": "dense_blockwise", "mode": "fwd", "status": "ok", "median_ms": 1.0}]
+pathlib.Path(sys.argv[1], "attention_cpu.json").write_text(json.dumps({"records": records}))
+"""
+
+
+@pytest.mark.parametrize(
+    "script, timeout, why",
+    [
+        (_SKIPPED, 60.0, "dga_xla: skipped needs 9 GiB"),
+        ("import time; time.sleep(30)", 0.5, "no result within --timeout 0.5 s"),
+    ],
+)
+def test_a_failed_run_says_why(script, timeout, why, monkeypatch, capsys):
+    monkeypatch.setattr(
+        goals.Goal, "command", lambda self, args, out: [sys.executable, "-c", script, str(out)]
+    )
+    args = goals.parse_args(["--quick", "--timeout", str(timeout)])
+    assert goals.run_once(goals.BY_KEY["attn16_fwd"], args, dict(os.environ)) is None
+    assert f"attn16_fwd: run failed: {why}" in capsys.readouterr().err
 
 
 def test_a_quick_run_measures_each_goal_in_a_process_of_its_own(tmp_path, monkeypatch):
