@@ -358,6 +358,28 @@ def test_an_empty_prompt_prefill_names_the_problem(attention):
         model(attention).prefill(jnp.zeros((1, 0), jnp.int32), 8)
 
 
+@pytest.mark.parametrize(
+    "prompt, lengths, message",
+    [
+        ([[1, 2, 3, 4, 5]], [4.7], "lengths must be integers of shape"),  # was cut to 4
+        ([[1, 2, 3, 4, 5]], [True], "lengths must be integers of shape"),  # was read as 1
+        ([[1, 2, 3, 4, 5]], [], r"lengths must be integers of shape \(1,\)"),  # NumPy's min
+        ([[1, 2, 3]], [4], r"lengths must lie in \[1, L\] = \[1, 3\]"),
+        ([1, 2, 3], [3], r"tokens must be \[B, T\] right-padded prompts; got shape \(3,\)"),
+    ],
+)
+def test_prefill_names_bad_lengths_and_tokens(prompt, lengths, message):
+    # A list of prompts was an AttributeError on .shape; float and bool lengths were accepted.
+    with pytest.raises(ValueError, match=message):
+        prefill(model(), prompt, lengths, 8)
+
+
+def test_prefill_takes_prompts_as_a_list():
+    logits, _ = prefill(model(), [[1, 2, 3, 4], [5, 6, 0, 0]], [4, 2], 8)
+    want, _ = prefill(model(), np.array([[1, 2, 3, 4], [5, 6, 0, 0]]), np.array([4, 2]), 8)
+    np.testing.assert_array_equal(logits, want)
+
+
 @pytest.mark.parametrize("bad", [-1, 512])
 def test_ids_outside_the_vocabulary_are_rejected(bad):
     llama = model()

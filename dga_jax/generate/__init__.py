@@ -46,7 +46,7 @@ from dga_jax.generate.long_rope import Switch, set_rows, switch_position
 from dga_jax.generate.sampling import Sampling, Stopping, sample_allowed
 from dga_jax.generate.sampling import sample as sample  # re-exported: dga_jax.generate.sample
 from dga_jax.model.llama import Llama
-from dga_jax.ops.checks import is_int
+from dga_jax.ops.checks import check_lengths, is_int
 from dga_jax.ops.dense_decode import DenseCache
 from dga_jax.ops.dga.capacity import check_fits, prefix_capacity
 from dga_jax.ops.dga.decode import DGACache
@@ -85,12 +85,10 @@ def prefill(
     `capacity`: the DGA prefix capacity, by default `prefix_capacity(config.dga, max_len,
     lengths)`; a larger one (a bucket) lets batches of other lengths share the compile.
     """
-    lengths = np.asarray(lengths, np.int32)
-    if lengths.shape != (len(tokens),) or lengths.min() < 1 or lengths.max() > tokens.shape[1]:
-        raise ValueError(
-            f"lengths must give each of the {len(tokens)} rows of tokens {tokens.shape} a length "
-            f"in [1, {tokens.shape[1]}]; got {lengths.tolist()}"
-        )
+    tokens = tokens if hasattr(tokens, "shape") else np.asarray(tokens)
+    if len(tokens.shape) != 2:
+        raise ValueError(f"tokens must be [B, T] right-padded prompts; got shape {tokens.shape}")
+    lengths = np.asarray(check_lengths(lengths, *tokens.shape))
     config = model.config
     if config.attention == "dga":
         needed = prefix_capacity(config.dga, max_len, lengths)

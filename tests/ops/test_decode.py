@@ -300,6 +300,36 @@ def test_a_layout_built_for_another_config_is_refused(other):
         prefill(q, k, v, max_len=20, config=dga_jax.DGAConfig(4, 0.25), layout=layout)
 
 
+def test_a_layout_carries_its_rows_lengths_into_the_cache():
+    # `dga_attention(layout=)` refuses lengths= beside a layout (it holds them), so a caller
+    # passes the same layout to prefill alone: every row was counted P long, prefix slots the
+    # layout left empty read as entries, and the next token's output was wrong (by 0.8 here).
+    config = dga_jax.DGAConfig(4, 0.25)
+    q, k, v = random_qkv(11, 2, 21, 4, 2, 8)
+    lengths = jnp.array([20, 7])
+    layout = dga_layout(q[:, :20], k[:, :20], config, None, lengths=lengths)
+    prompt = (q[:, :20], k[:, :20], v[:, :20])
+    given = prefill(*prompt, max_len=24, config=config, lengths=lengths)
+    from_layout = prefill(*prompt, max_len=24, config=config, layout=layout)
+    assert from_layout.length.tolist() == [20, 7]
+    np.testing.assert_array_equal(from_layout.prefix_count, given.prefix_count)
+    np.testing.assert_array_equal(from_layout.tail_count, given.tail_count)
+    out, _ = decode_step(q[:, 20], k[:, 20], v[:, 20], from_layout)
+    want, _ = decode_step(q[:, 20], k[:, 20], v[:, 20], given)
+    np.testing.assert_allclose(out, want, atol=1e-6)
+
+
+def test_lengths_other_than_the_layouts_are_refused():
+    config = dga_jax.DGAConfig(4, 0.25)
+    q, k, v = random_qkv(12, 2, 20, 4, 2, 8)
+    whole = dga_layout(q, k, config, None)
+    with pytest.raises(ValueError, match="the layout was built without them"):
+        prefill(q, k, v, max_len=24, config=config, lengths=jnp.array([20, 7]), layout=whole)
+    padded = dga_layout(q, k, config, None, lengths=jnp.array([20, 7]))
+    with pytest.raises(ValueError, match=r"lengths=\[20, 8\], but the layout was built with"):
+        prefill(q, k, v, max_len=24, config=config, lengths=jnp.array([20, 8]), layout=padded)
+
+
 def test_apply_update_refuses_another_kinds_update():
     # A dense cache's update written into a DGA cache was an AttributeError inside `apply`.
     from dga_jax.ops.dga.decode import apply_update

@@ -154,11 +154,12 @@ def prefill(
     concatenated). A given `layout` must be of the same config (checked by its sizes).
 
     `lengths` [B]: right-padded prompts, row b holding lengths[b] tokens (integers in [1, P],
-    checked where concrete, with a `layout` too); its cache then equals
-    that prompt's prefilled alone. Without `capacity`, room for any length up to P; a given
-    `capacity` must be at least `prefix_capacity(config, max_len, lengths)`: checked here for
-    concrete lengths; a row whose prefix overflows a capacity too small for traced lengths
-    decodes NaN.
+    checked where concrete); its cache then equals that prompt's prefilled alone. With a
+    `layout`, the lengths it was built with (`dga_layout(lengths=)`) when left out; given, they
+    must be the layout's (compared where concrete). Without `capacity`, room for any length up
+    to P; a given `capacity` must be at least `prefix_capacity(config, max_len, lengths)`:
+    checked here for concrete lengths; a row whose prefix overflows a capacity too small for
+    traced lengths decodes NaN.
 
     `layout`: the prompt's `dga_layout` (same config, scale and lengths) if the caller already
     built it for the prompt's attention (`dga_attention(layout=)`): selection runs once.
@@ -170,7 +171,7 @@ def prefill(
         return dense_prefill(k, v, scale, max_len, length, window)
     if window is not None:
         raise ValueError(f"window={window!r} is dense attention's sliding window; DGA has none")
-    lengths = check_lengths(lengths, q.shape[0], prompt_len)  # a given layout checked none
+    lengths = _layout_lengths(layout, check_lengths(lengths, q.shape[0], prompt_len))
     if capacity is None:
         every = [prompt_len] if lengths is None else np.arange(1, max(prompt_len, 1) + 1)
         capacity = prefix_capacity(config, max_len, every)
@@ -178,6 +179,28 @@ def prefill(
         check_capacity(config, max_len, capacity, [prompt_len] if lengths is None else lengths)
     rows = RowCounts.of(config, prompt_len, q.shape[0], lengths)
     return _dga_prefill(q, k, v, config, scale, max_len, capacity, rows, lengths, layout)
+
+
+def _layout_lengths(layout: DGALayout | None, lengths: jax.Array | None) -> jax.Array | None:
+    """The rows' lengths: a given layout's own where `lengths` is None; given both, they must
+    agree (a cache counted for other lengths than its layout's entries is silently wrong)."""
+    if layout is None:
+        return lengths
+    built = None if layout.length is None else layout.length[:, 0]
+    if lengths is None:
+        return built
+    if built is None:
+        raise ValueError(
+            "lengths= given, but the layout was built without them: build it with "
+            "dga_layout(lengths=) for right-padded rows, or leave lengths out"
+        )
+    concrete = not any(isinstance(x, jax.core.Tracer) for x in (lengths, built))
+    if concrete and not np.array_equal(lengths, built):
+        raise ValueError(
+            f"lengths={np.asarray(lengths).tolist()}, but the layout was built with "
+            f"lengths={np.asarray(built).tolist()}: pass the layout's lengths (or none)"
+        )
+    return lengths
 
 
 def _check_prefill(q, k, v, max_len, config, scale, capacity, layout) -> float:

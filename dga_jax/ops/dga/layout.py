@@ -66,6 +66,9 @@ class DGALayout:
     raw_until: jax.Array  # [B, H, NR] int32, non-decreasing; NEVER for leftovers
     group_weight: jax.Array  # [B, H, NG, m] f32, rows sum to 1
     sizes: LayoutSizes = dataclasses.field(metadata=dict(static=True))
+    # [B, H] int32: each row's valid positions, the `lengths` it was built with (the same for
+    # every head); None: built without (every row L long). `prefill(layout=)` reads it.
+    length: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -142,7 +145,11 @@ def dga_layout(
         score = streaming_score(q, k, sizes, scale, split)
         focal = chunk_focal_mask(score, sizes, rows.num_groups)
     assemble = jax.vmap(jax.vmap(_assemble, (0, 0, None, None)), (0, 0, None, 0))
-    return assemble(focal, score, sizes, rows)
+    layout = assemble(focal, score, sizes, rows)
+    if lengths is None:
+        return layout
+    length = jnp.broadcast_to(rows.length[:, None], focal.shape[:2])
+    return dataclasses.replace(layout, length=length)
 
 
 def _check_inputs(q, k, config, scale, block, split: ContextSplit, lengths):
