@@ -149,10 +149,11 @@ def test_rows_of_different_lengths_equal_their_runs_alone():
 def test_a_bucketed_prefill_gives_each_row_its_prefill_alone(attention, selection):
     # One call over rows right-padded to a bucket of 32: lengths below m = 4, multiples of
     # neither m nor m' = 5; logits and every layer's cache equal each prompt's exact prefill.
-    llama = model(attention, DGAConfig(4, 0.1, selection))
+    config = DGAConfig(4, 0.1, selection)
+    llama = model(attention, config)
     lengths, width, max_len = [31, 3, 9, 14, 22], 32, 48
     x = np.asarray(tokens(len(lengths), width, seed=3))
-    capacity = dga_jax.prefix_capacity(DGA, max_len, range(1, width + 1))
+    capacity = dga_jax.prefix_capacity(config, max_len, range(1, width + 1))
     capacity = capacity if attention == "dga" else None
     logits, caches = prefill(llama, x, lengths, max_len, capacity)
     for i, n in enumerate(lengths):

@@ -34,6 +34,13 @@ def any_process(flag: bool) -> bool:
     return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
 
 
+def process_sum(value: int) -> int:
+    """The sum of every process's `value`, on every process."""
+    if jax.process_count() == 1:
+        return value
+    return int(np.sum(multihost_utils.process_allgather(np.int64(value))))
+
+
 FAILED_KEY = "dga_jax/train/failed"  # + the block's number: the coordination service's key
 PEER_FAILED_EXIT_CODE = 1
 GRACE_S = 2.0  # a process that fails too within it reports its own error, not its peer's
@@ -106,13 +113,13 @@ def _end_on_peer_failure(client, key: str, finished: threading.Event) -> None:
 
 def _exit_now(code: int) -> None:
     """Exits a process whose main thread may be stuck in a collective. `os._exit` skips the
-    clean-ups that matter here, so they run first: worker processes (Grain's would outlive
-    it), and `jax.distributed.shutdown`, which meets the failed process in its shutdown barrier
-    and, on process 0, stops the coordination service only after the others have left it
-    (exiting first made the failed process abort there). Bounded: a peer that never arrives
-    costs `SHUTDOWN_S`, not the barrier's minutes."""
+    clean-ups that matter here, so they run first: worker processes (Grain's would outlive it;
+    they ignore SIGTERM, hence SIGKILL), and `jax.distributed.shutdown`, which meets the failed
+    process in its shutdown barrier and, on process 0, stops the coordination service only
+    after the others have left it (exiting first made the failed process abort there).
+    Bounded: a peer that never arrives costs `SHUTDOWN_S`, not the barrier's minutes."""
     for child in multiprocessing.active_children():
-        child.terminate()
+        child.kill()
     shutdown = threading.Thread(target=jax.distributed.shutdown, daemon=True)
     shutdown.start()
     shutdown.join(SHUTDOWN_S)

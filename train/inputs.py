@@ -1,9 +1,10 @@
 """Preflight: every file a run reads is checked before any work, all problems in one error.
 
-A missing tokenizer, shard directory or initial checkpoint, or a checkpoint of another
-architecture, would otherwise surface minutes into a run (after the mesh, the model and the
-compiles) as a traceback from deep inside a library. `check_num_workers` checks the one data
-value that depends on the devices, once the mesh is known and before the workdir is made.
+A missing tokenizer, shard directory or initial checkpoint, a checkpoint of another
+architecture, or a split without a usable document would otherwise surface minutes into a run
+(after the mesh, the model and the compiles) as a traceback from deep inside a library.
+`check_num_workers` checks the one data value that depends on the devices, once the mesh is
+known and before the workdir is made.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import dataclasses
 import logging
 
 from dga_jax.checkpoint import load_config
+from dga_jax.data.config import DataConfig
+from dga_jax.data.pipeline import check_split
 from dga_jax.data.slimpajama import list_shards
 from dga_jax.data.tokenizers import load_tokenizer
 from dga_jax.errors import ConfigError, InputError
@@ -33,16 +36,35 @@ CONVERT = "python -m dga_jax.checkpoint.convert hf-to-orbax --hf_dir <HF model d
 
 
 def check_inputs(config: TrainConfig) -> None:
-    """Raises one `InputError` listing every input of `config` that is missing or unusable."""
+    """Raises one `InputError` listing every input of `config` that is missing or unusable;
+    once every file is there, each configured split must hold a usable document."""
     problems = [
         _check_init_checkpoint(config),
         _check_split(config, "train"),
         _check_split(config, "validation"),
         _check_tokenizer(config),
     ]
-    problems = [problem for problem in problems if problem]
+    problems = [problem for problem in problems if problem] or _check_documents(config)
     if problems:
         raise InputError("; ".join(problems))
+
+
+def pipeline_config(config: TrainConfig) -> DataConfig:
+    """The pipeline's config; no `data.train` means the sample corpus (built on first use)."""
+    data = config.data
+    return DataConfig(
+        seq_len=data.seq_len,
+        global_batch_size=config.train.global_batch_size,
+        tokenizer=data.tokenizer,
+        train=data.train or None,
+        validation=data.validation or None,
+        set_names=data.set_names,
+        add_bos=data.add_bos,
+        add_eos=data.add_eos,
+        seed=data.seed,
+        num_workers=data.num_workers,
+        eval_batches=config.train.eval_batches,
+    )
 
 
 def _check_init_checkpoint(config: TrainConfig) -> str | None:
@@ -125,6 +147,20 @@ def _check_split(config: TrainConfig, split: str) -> str | None:
     except InputError as error:
         return f"config.data.{split}: {error}"
     return None
+
+
+def _check_documents(config: TrainConfig) -> list[str]:
+    """Per configured split without a usable document, its problem: a validation split without
+    one failed only at the first evaluation, after the steps before it, unsaved. Reads each
+    split up to its first usable document."""
+    data, problems = pipeline_config(config), []
+    for split in ("train", "validation"):
+        if getattr(config.data, split):
+            try:
+                check_split(data, split)
+            except InputError as error:  # it names config.data.<split>
+                problems.append(str(error))
+    return problems
 
 
 def _check_tokenizer(config: TrainConfig) -> str | None:

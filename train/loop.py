@@ -29,7 +29,7 @@ from train import metrics
 from train.checkpointing import Checkpoints
 from train.config import TrainConfig
 from train.hosts import rows_state
-from train.inputs import NUMERIC_FIELDS, check_inputs, check_num_workers
+from train.inputs import NUMERIC_FIELDS, check_inputs, check_num_workers, pipeline_config
 from train.resume import resume_changes
 from train.setup import Setup, make_setup, new_model
 from train.setup import lower_train_step as lower_train_step  # public API: kept importable here
@@ -49,7 +49,7 @@ def run(config: TrainConfig, workdir: str | Path) -> Summary:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file on its path, no permission
         raise InputError(f"cannot make the workdir {workdir}: {error}") from error
-    data_config = _data_config(config)
+    data_config = pipeline_config(config)
     checkpoints = Checkpoints(
         workdir / "checkpoints",
         every=config.train.checkpoint_every,
@@ -61,7 +61,14 @@ def run(config: TrainConfig, workdir: str | Path) -> Summary:
         with _closed_on_error(train_iter, checkpoints):  # until the Trainer owns them
             state, eval_owed = _initial_state(config, setup, checkpoints, train_iter)
             trainer = Trainer(
-                config, setup, train_iter, checkpoints, data_config, workdir, start=int(state.step)
+                config,
+                setup,
+                train_iter,
+                checkpoints,
+                data_config,
+                workdir,
+                start=int(state.step),
+                eval_owed=eval_owed,
             )
         return _train(config, trainer, state, workdir, eval_owed)
 
@@ -174,24 +181,6 @@ def _with_layout_of(model: ModelConfig, source: ModelConfig) -> ModelConfig:
         logging.warning("the exported model keeps no %s layout: %s", source.hf_model_type, error)
         return model
     return layout
-
-
-def _data_config(config: TrainConfig) -> pipeline.DataConfig:
-    """The pipeline's config; no `data.train` means the sample corpus (built on first use)."""
-    data = config.data
-    return pipeline.DataConfig(
-        seq_len=data.seq_len,
-        global_batch_size=config.train.global_batch_size,
-        tokenizer=data.tokenizer,
-        train=data.train or None,
-        validation=data.validation or None,
-        set_names=data.set_names,
-        add_bos=data.add_bos,
-        add_eos=data.add_eos,
-        seed=data.seed,
-        num_workers=data.num_workers,
-        eval_batches=config.train.eval_batches,
-    )
 
 
 def _train(

@@ -23,6 +23,8 @@ from dga_jax.errors import InputError
 
 # The values a run's summary reports, carried over from metrics.jsonl on resume.
 LAST_KEYS = ("loss", "val_loss", "tokens_per_s")
+# What an evaluation logs.
+VALIDATION_KEYS = ("val_loss", "val_perplexity")
 
 
 # bf16 dense peak per device, for the MFU estimate when the config does not give one.
@@ -49,8 +51,9 @@ def peak_flops(device_kind: str, configured: float) -> float | None:
 class MetricsLog:
     """Appends one JSON object per record to `metrics.jsonl`; mirrors scalars to TensorBoard.
 
-    On resume, records after the restored step are dropped, so the file reads as one run, and
-    `last` holds the last logged `LAST_KEYS` (empty on a fresh run or another host).
+    On resume, records after the restored step are dropped, so the file reads as one run (with
+    `eval_owed`, the restored step's evaluation, which the run logs again, too), and `last`
+    holds the last logged `LAST_KEYS` (empty on a fresh run or another host).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class MetricsLog:
         workdir: Path,
         *,
         resume_step: int,
+        eval_owed: bool = False,
         enabled: bool = True,
         wandb_project: str = "",
         run_config: dict[str, Any] | None = None,
@@ -69,7 +73,7 @@ class MetricsLog:
         if not enabled:
             return
         # The file first: a damaged one stops the run before a W&B run or a writer is opened.
-        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+        kept = _kept_records(read_metrics(self.path), resume_step, eval_owed)
         _replace(self.path, "".join(_encode(r) + "\n" for r in kept))
         for record in kept:
             self.last.update({key: record[key] for key in LAST_KEYS if key in record})
@@ -80,11 +84,11 @@ class MetricsLog:
         except ImportError:
             logging.info("tensorboardX not installed: metrics go to %s only", self.path)
         else:
-            # On resume TensorBoard hides the old run's events after the restored step, as
-            # metrics.jsonl drops its records (else the two runs' curves overlap there).
-            purge_step = resume_step + 1 if resume_step else None
+            # TensorBoard hides the earlier runs' events after the restored step, as
+            # metrics.jsonl drops their records (else the curves overlap there); on a fresh
+            # start (step 0: the loop logs steps from 1), all of them, a crashed first run's.
             self.tensorboard = SummaryWriter(
-                str(Path(workdir) / "tensorboard"), purge_step=purge_step
+                str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1
             )
 
     def write(self, step: int, values: dict[str, Any]) -> None:
@@ -107,6 +111,20 @@ class MetricsLog:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _kept_records(
+    records: list[dict[str, Any]], resume_step: int, eval_owed: bool
+) -> list[dict[str, Any]]:
+    """The `records` up to `resume_step`; with `eval_owed`, less the `VALIDATION_KEYS` at it (an
+    earlier rerun may have logged the evaluation, then died before its next checkpoint)."""
+    kept = []
+    for record in records:
+        if eval_owed and record["step"] == resume_step:
+            record = {k: v for k, v in record.items() if k not in VALIDATION_KEYS}
+        if record["step"] <= resume_step and len(record) > 1:  # more than its step
+            kept.append(record)
+    return kept
 
 
 def _start_wandb(project: str, workdir: Path, run_config: dict[str, Any]):

@@ -19,7 +19,7 @@ from dga_jax.data import pipeline
 from train import metrics
 from train.batches import global_batch
 from train.config import TrainConfig
-from train.hosts import StopSignal, all_rows_state
+from train.hosts import StopSignal, all_rows_state, process_sum
 from train.profiler import StepProfiler
 from train.resume import flat_record
 from train.setup import Setup, step_fn
@@ -43,10 +43,23 @@ class Summary:
 
 
 class Trainer:
-    """The per-step work around the jitted step: logging, evaluation, checkpoints."""
+    """The per-step work around the jitted step: logging, evaluation, checkpoints.
+
+    `start` is the step the run resumes from (0: a fresh run); `eval_owed`, whether its
+    checkpoint owes the evaluation of that step (the loop runs it first).
+    """
 
     def __init__(
-        self, config, setup: Setup, train_iter, checkpoints, data_config, workdir, *, start: int
+        self,
+        config,
+        setup: Setup,
+        train_iter,
+        checkpoints,
+        data_config,
+        workdir,
+        *,
+        start: int,
+        eval_owed: bool = False,
     ):
         self.config, self.setup, self.train_iter = config, setup, train_iter
         self.checkpoints, self.data_config, self.start = checkpoints, data_config, start
@@ -64,6 +77,7 @@ class Trainer:
         self.log = metrics.MetricsLog(
             workdir,
             resume_step=start,
+            eval_owed=eval_owed,
             enabled=main_host,
             wandb_project=config.train.wandb_project,
             run_config=dataclasses.asdict(config),
@@ -90,13 +104,25 @@ class Trainer:
             self._log_train(done, state, out)
         _check_finite(state, self.config, done)
         if done % run_cfg.eval_every == 0 or done == run_cfg.steps:
-            self.eval_owed = not self.evaluate(done, state)
+            self.eval_owed = not self._evaluate_due(done, state)
         self.stopping = self.stop.agreed()
         if self.stopping and self.window_losses:  # the steps since the last log: logged now
             self._log_train(done, state, out)
         self.save(state, force=self.stopping)
         self.eval_owed = False
         return state
+
+    def _evaluate_due(self, done: int, state: TrainState) -> bool:
+        """`evaluate`; if it raises, the checkpoint due at step `done` is saved first, owing the
+        evaluation (else the steps since the last one are lost). With several processes the others
+        may be inside the evaluation's collectives: the error alone ends them all."""
+        try:
+            return self.evaluate(done, state)
+        except Exception:
+            if jax.process_count() == 1:
+                self.eval_owed = True
+                self.save(state, force=False)
+            raise
 
     def save(self, state: TrainState, *, force: bool) -> None:
         """A checkpoint when due (or forced); every process takes part."""
@@ -232,8 +258,10 @@ def _finite_mean(losses: list[float]) -> float:
 
 
 def _skipped_records(train_iter) -> dict[str, int]:
+    """The records every process's rows skipped so far: a gather, which every process calls at
+    the same steps (`_log_train`'s, which depend on nothing local)."""
     stats = getattr(train_iter, "stats", None)
-    return {} if stats is None else {"skipped_records": int(stats.skipped)}
+    return {} if stats is None else {"skipped_records": process_sum(int(stats.skipped))}
 
 
 def _flops_per_token(config: TrainConfig) -> float:

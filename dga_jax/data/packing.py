@@ -128,6 +128,27 @@ def scan(spec: StreamSpec, start: Cursor) -> Iterator[tuple[Cursor, RawRecord]]:
         epoch, first_file = epoch + 1, 0
 
 
+def check_usable(spec: StreamSpec) -> None:
+    """Raises the error a row stream of `spec` would (`MissingInputError` with no records, else
+    `EpochCensus.unusable_error`) unless some record is a usable document. Reads up to the first
+    usable one: the whole split only when none is."""
+    tokenizer, stats = load_stream_tokenizer(spec), ReadStats()
+    for cursor, raw in scan(spec, Cursor()):
+        if cursor.epoch:
+            no_document = EpochCensus(records=cursor.record, stats=stats, period=1, reachable=0)
+            raise no_document.unusable_error(spec, row=0)
+        record = parse_record(raw, stats=stats, set_names=spec.set_names)
+        if record is not None and len(document_tokens(tokenizer, spec, record["text"])):
+            return
+
+
+def document_tokens(tokenizer: Tokenizer, spec: StreamSpec, text: str) -> np.ndarray:
+    """A document as its row stream holds it: `[BOS] + ids + [EOS]` as `spec` adds them."""
+    bos = [tokenizer.bos_id] if spec.add_bos else []
+    eos = [tokenizer.eos_id] if spec.add_eos else []
+    return np.asarray(bos + tokenizer.encode(text) + eos, np.int32)
+
+
 def _size(raw: RawRecord) -> int:
     """Bytes a raw record holds (its text, for a parquet row)."""
     if isinstance(raw, bytes):
@@ -259,9 +280,7 @@ class RowStreams:
         return (item for item in scan(self._spec, start) if item[0].record % rows == row)
 
     def _tokenize(self, text: str) -> np.ndarray:
-        bos = [self._tokenizer.bos_id] if self._spec.add_bos else []
-        eos = [self._tokenizer.eos_id] if self._spec.add_eos else []
-        return np.asarray(bos + self._tokenizer.encode(text) + eos, np.int32)
+        return document_tokens(self._tokenizer, self._spec, text)
 
 
 class PackedRowsDataset(grain.IterDataset):

@@ -16,10 +16,13 @@ With no data path configured, both splits come from the sample corpus (`dga_jax.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Sequence
+import signal
+from collections.abc import Iterator, Sequence
+from multiprocessing import resource_tracker
 from typing import Any
 
 import grain
@@ -31,6 +34,7 @@ from dga_jax.data.corpus import build_sample_corpus, default_corpus_dir
 from dga_jax.data.packing import (
     PackedRowsDataset,
     StreamSpec,
+    check_usable,
     initial_row_state,
     load_stream_tokenizer,
 )
@@ -39,6 +43,12 @@ from dga_jax.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
+# What a terminal's Ctrl-C, SLURM's scancel or `timeout` send to the whole process group: the
+# main process stops the run (a checkpoint first); Grain's workers must not die of them, even
+# while starting (an evaluation starts its own), so they start with them blocked. Closing the
+# iterator ends the workers without a signal (SIGKILL if one hangs).
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
 
 class DataIterator(grain.DatasetIterator):
     """Batches of this process's rows of the global batch; checkpointable.
@@ -46,6 +56,7 @@ class DataIterator(grain.DatasetIterator):
     `get_state()` is `{"step": int, "rows": {str(row): row state}}`: a few integers per row,
     the same whatever `num_workers` is. `set_state` restarts the row streams from it (and
     Grain's workers, if any). With `num_steps`, the iterator stops after that many batches.
+    The workers never see `STOP_SIGNALS`: stopping is the main process's.
     """
 
     def __init__(
@@ -100,6 +111,14 @@ class DataIterator(grain.DatasetIterator):
             raise StopIteration
         if self._windows is None:
             self._windows = self._build_windows()
+            # Grain starts its workers in this first call, from threads made in it: they
+            # inherit the blocked signals, and keep them blocked for life.
+            if self._num_workers:
+                with _stop_signals_blocked():
+                    return self._next_batch()
+        return self._next_batch()
+
+    def _next_batch(self) -> dict[str, np.ndarray]:
         windows = []
         for row in self._rows:
             element = next(self._windows)
@@ -171,6 +190,20 @@ class DataIterator(grain.DatasetIterator):
             self._windows = None
 
 
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """Blocks `STOP_SIGNALS` in this thread (and the threads and processes it starts) for the
+    block, as CPython starts its resource tracker. A signal for this process meanwhile goes to
+    another thread, or waits for the block's end: none is lost."""
+    # The tracker's start (at a process's first spawn) unblocks them in the spawning thread.
+    resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _check_absl_flags_parsed() -> None:
     """Grain 0.2.18's `mp_prefetch` reads an absl flag (google/grain#1355), which fails unless
     absl has parsed the command line; the library leaves global flags to the entry points."""
@@ -224,6 +257,13 @@ def make_eval_iterator(
         else _process_rows(config, process_index, process_count)
     )
     return DataIterator(spec, rows, num_workers=config.num_workers, num_steps=config.eval_batches)
+
+
+def check_split(config: DataConfig, split: str) -> None:
+    """An `InputError` naming `config.data.<split>` unless that split ("train" or "validation")
+    holds a usable document: what its iterators would raise at their first batch, found before
+    a run compiles and trains. Reads up to the first usable document."""
+    check_usable(_stream_spec(config, split, shuffle=False))
 
 
 def _check_rows(config: DataConfig, rows: Sequence[int]) -> tuple[int, ...]:

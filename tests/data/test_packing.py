@@ -210,6 +210,25 @@ def test_only_rows_that_are_dealt_nothing_usable_are_errors(tmp_path, record_bud
 GOOD, BAD = record("fine"), b"{not json"
 
 
+def test_check_usable_reads_up_to_the_first_usable_document(tmp_path, monkeypatch):
+    # Preflight's check: a split without one fails before a run trains; a good split costs
+    # the records before its first document, not a read of the whole split.
+    bad = str(write_jsonl_zst(tmp_path / "a.jsonl.zst", [BAD, BAD]))
+    good = str(write_jsonl_zst(tmp_path / "b.jsonl.zst", [BAD, GOOD, *[GOOD] * 100]))
+    with pytest.raises(InputError, match=r"no usable document \(its 2 records an epoch are 2 mal"):
+        packing.check_usable(spec_of([bad], split="validation"))
+    read, records = [], packing.iter_raw_records
+
+    def counted(path):
+        for raw in records(path):
+            read.append(raw)
+            yield raw
+
+    monkeypatch.setattr(packing, "iter_raw_records", counted)
+    packing.check_usable(spec_of([bad, good], split="validation"))
+    assert len(read) == 4
+
+
 def test_with_shuffled_files_a_row_may_wait_epochs_for_its_document(tmp_path, record_budget):
     parts = {"a": [GOOD, BAD], "b": [BAD], "c": [BAD]}
     files = [str(write_jsonl_zst(tmp_path / f"{n}.jsonl.zst", part)) for n, part in parts.items()]

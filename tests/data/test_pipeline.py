@@ -3,7 +3,10 @@
 import dataclasses
 import json
 import logging
+import multiprocessing
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -180,6 +183,34 @@ def test_workers_give_the_same_batches_and_states(config):
         assert_same(take(pooled, 5), take(replay, 5))
     finally:
         pooled.close()
+
+
+def test_workers_outlive_stop_signals_sent_to_the_process_group(config, monkeypatch):
+    # Ctrl-C, scancel and `timeout` signal the whole process group: Grain's workers died of
+    # it (while starting, or running) and the run crashed instead of saving a checkpoint.
+    started, start = [], multiprocessing.context.SpawnProcess.start
+
+    def start_and_signal(process):
+        start(process)
+        started.append(process.pid)
+        send_stop_signals(process.pid)  # the worker is still starting
+
+    monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", start_and_signal)
+    (plain,) = train_iterators(config, 1)
+    (pooled,) = train_iterators(dataclasses.replace(config, num_workers=2), 1)
+    try:
+        assert_same(take(pooled, 1), take(plain, 1))
+        assert len(started) == 2
+        for pid in started:
+            send_stop_signals(pid)  # the worker is running
+        assert_same(take(pooled, 10), take(plain, 10))
+    finally:
+        pooled.close()
+
+
+def send_stop_signals(pid: int) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        os.kill(pid, sig)
 
 
 def test_eval_iterator_is_finite_deterministic_and_split(config):

@@ -17,6 +17,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -27,7 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dga_jax.data.pipeline import DataConfig, make_train_iterator
 from tests.conftest import FORWARD_TOL, GRAD_TOL
+from tests.data.conftest import record, write_jsonl_zst
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = {"dense": "configs/tiny_dense.py", "dga": "configs/tiny_dga.py"}
@@ -389,3 +392,36 @@ def test_a_checkpoint_unreadable_on_one_process_is_skipped_by_all(tmp_path):
     assert "Input/output error" in logs[1]
     assert "failed to restore on another process" in logs[0]
     assert (tmp_path / "damaged_checkpoints" / "2").is_dir()
+
+
+# Three batches of process `process_id`'s rows of a shard with broken lines, and what the
+# trainer logs as `skipped_records` then.
+SKIPPED_RECORDS = """
+import sys
+import jax
+from dga_jax.data.pipeline import DataConfig, make_train_iterator
+from train.trainer import _skipped_records
+port, process_id, shard = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+jax.distributed.initialize(f"localhost:{port}", 2, process_id)
+config = DataConfig(seq_len=32, global_batch_size=4, train=shard, validation=shard)
+it = make_train_iterator(config, process_index=process_id, process_count=2)
+for _ in range(3):
+    next(it)
+print("own", it.stats.skipped, "logged", _skipped_records(it)["skipped_records"])
+"""
+
+
+def test_skipped_records_are_counted_over_every_process(tmp_path):
+    """metrics.jsonl's `skipped_records` counted process 0's rows only."""
+    lines = [b"{broken" if i % 3 == 0 else record(f"document {i} " * 8) for i in range(60)]
+    shard = write_jsonl_zst(tmp_path / "train.jsonl.zst", lines)
+    config = DataConfig(seq_len=32, global_batch_size=4, train=str(shard), validation=str(shard))
+    whole = make_train_iterator(config)
+    for _ in range(3):
+        next(whole)
+    codes, logs, _ = run_script(SKIPPED_RECORDS, tmp_path, shard)
+    assert codes == [0, 0], logs
+    own = [int(re.search(r"own (\d+)", log).group(1)) for log in logs]
+    assert 0 < own[0] < whole.stats.skipped and sum(own) == whole.stats.skipped, (own, logs)
+    for log in logs:
+        assert f"logged {whole.stats.skipped}" in log, logs

@@ -254,6 +254,18 @@ def test_a_directory_without_shards_is_named(shards, tmp_path):
         check_inputs(config)
 
 
+def test_a_split_without_a_usable_document_is_named(shards, tmp_path):
+    # It passed, and the run failed at its first evaluation, the steps before it unsaved.
+    write_jsonl_zst(tmp_path / "validation.jsonl.zst", [b"{not json"])
+    config = tiny({"data.train": str(shards / "train"), "data.validation": str(tmp_path)})
+    message = (
+        r"config\.data\.validation: the 'validation' split has no usable document \(its 1 "
+        r"records an epoch are 1 malformed\)"
+    )
+    with pytest.raises(InputError, match=message):
+        check_inputs(config)
+
+
 def test_every_problem_is_named_in_one_error(one_layer_checkpoint, tokenizer_300, tmp_path):
     config = {
         "init_checkpoint": str(one_layer_checkpoint),

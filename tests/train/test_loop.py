@@ -133,12 +133,15 @@ class FakeData:
 
 
 class FakeCheckpoints:
-    def __init__(self):
-        self.saved = []
+    """Records the steps saved (every `every` steps, or forced) and their run records."""
+
+    def __init__(self, every: int):
+        self.every, self.saved, self.records = every, [], {}
 
     def save(self, step, state, data_state, record, *, force):
-        if force:
+        if force or step % self.every == 0:
             self.saved.append(step)
+            self.records[step] = record
 
     def close(self):
         pass
@@ -154,7 +157,8 @@ def fake_trainer(workdir: Path, **train) -> Trainer:
     """A Trainer over `tiny(**train)` whose jitted step, batches and checkpoints are stand-ins."""
     config = from_config_dict(tiny(**train))
     setup = types.SimpleNamespace(graphdef=None, tx=None, shardings=None, loss_chunks=1)
-    trainer = Trainer(config, setup, FakeData(), FakeCheckpoints(), None, workdir, start=0)
+    checkpoints = FakeCheckpoints(config.train.checkpoint_every)
+    trainer = Trainer(config, setup, FakeData(), checkpoints, None, workdir, start=0)
     trainer.step_fn = fake_step
     trainer._batch = dict
     return trainer
@@ -177,6 +181,25 @@ def test_a_stop_between_logs_logs_the_steps_since_the_last(tmp_path):
         trainer.close()
     assert trainer.stopping and trainer.checkpoints.saved == [6]
     assert read(tmp_path, "loss") == {4: 25.0, 6: 55.0}  # steps 1-4, then 5-6
+
+
+def test_a_failed_evaluation_still_saves_the_checkpoint_due_owing_it(tmp_path):
+    # The run died in the evaluation before the checkpoint due at its step: those steps lost.
+    trainer = fake_trainer(tmp_path, steps=12, eval_every=4, checkpoint_every=4)
+
+    def unreadable_validation(done, state):
+        raise InputError("config.data.validation: unreadable")
+
+    trainer.evaluate = unreadable_validation
+    state = zero_state()
+    try:
+        with pytest.raises(InputError, match="unreadable"):
+            for done in range(1, 5):
+                state = trainer.step(state, done)
+    finally:
+        trainer.close()
+    assert trainer.checkpoints.saved == [4]
+    assert trainer.checkpoints.records[4]["eval_owed"] is True
 
 
 def skipping_step(skipped: set[int]):

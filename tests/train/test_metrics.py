@@ -26,6 +26,27 @@ def test_resume_drops_records_after_the_restored_step(tmp_path):
     assert [(r["step"], r["loss"]) for r in records] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
 
 
+def test_an_owed_evaluation_run_by_two_reruns_is_logged_once(tmp_path):
+    # Stopped in step 2's evaluation (checkpoint 2 owes it); a rerun logged it and died before
+    # checkpoint 4; the next rerun logged it again: two val_loss records of step 2.
+    log = metrics.MetricsLog(tmp_path, resume_step=0)
+    for step in (1, 2):
+        log.write(step, {"loss": float(step)})
+    log.close()
+    for val_loss in (0.5, 0.25):
+        log = metrics.MetricsLog(tmp_path, resume_step=2, eval_owed=True)
+        log.write(2, {"val_loss": val_loss, "val_perplexity": math.exp(val_loss)})
+        log.write(3, {"loss": 3.0})
+        log.close()
+    records = metrics.read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], r["val_loss"]) for r in records if "val_loss" in r] == [(2, 0.25)]
+    assert [(r["step"], r["loss"]) for r in records if "loss" in r] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+    ]
+
+
 def tensorboard_events(directory) -> list:
     """Every event of the TensorBoard files in `directory` (TFRecords: length, its CRC, the
     event, its CRC)."""
@@ -52,6 +73,32 @@ def test_resume_purges_tensorboard_events_after_the_restored_step(tmp_path):
     events = tensorboard_events(tmp_path / "tensorboard")
     # TensorBoard drops the events of steps >= 2 written before this marker.
     assert [e.step for e in events if e.session_log.status] == [2]
+
+
+def test_a_fresh_start_hides_every_earlier_tensorboard_event(tmp_path):
+    # A run killed before its first checkpoint, rerun: metrics.jsonl started over, and
+    # TensorBoard still showed the old run's curve.
+    log = metrics.MetricsLog(tmp_path, resume_step=0)
+    log.write(1, {"loss": 5.0})
+    log.close()
+    (old,) = (tmp_path / "tensorboard").glob("events.out.tfevents.*")
+    old.rename(old.with_name("events.out.tfevents.0000000001.earlier"))  # an older run's file
+    log = metrics.MetricsLog(tmp_path, resume_step=0)
+    log.write(1, {"loss": 4.0})
+    log.close()
+    assert shown_scalars(tensorboard_events(tmp_path / "tensorboard")) == [(1, 4.0)]
+
+
+def shown_scalars(events) -> list[tuple[int, float]]:
+    """(step, value) of the scalar events TensorBoard shows: a session start at step T hides the
+    events before it of steps >= T."""
+    shown = []
+    for event in events:
+        if event.session_log.status:
+            shown = [(step, value) for step, value in shown if step < event.step]
+        elif event.summary.value:
+            shown.append((event.step, event.summary.value[0].simple_value))
+    return shown
 
 
 def test_a_line_cut_short_at_the_end_is_dropped_with_a_warning(tmp_path, caplog):
