@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -41,6 +42,9 @@ from dga_jax.data.census import EpochCensus
 from dga_jax.data.slimpajama import RawRecord, ReadStats, iter_raw_records, parse_record
 from dga_jax.data.tokenizers import Tokenizer, load_tokenizer
 from dga_jax.errors import ConfigError, MissingInputError
+
+logger = logging.getLogger(__name__)
+PREFLIGHT_REPORT = 10_000  # records `check_usable` reads before it first says it found none
 
 RowState = dict[str, Any]
 # Bytes of raw records a row stream may hold back (see `RowStreams` for the memory bound): about
@@ -131,12 +135,21 @@ def scan(spec: StreamSpec, start: Cursor) -> Iterator[tuple[Cursor, RawRecord]]:
 def check_usable(spec: StreamSpec) -> None:
     """Raises the error a row stream of `spec` would (`MissingInputError` with no records, else
     `EpochCensus.unusable_error`) unless some record is a usable document. Reads up to the first
-    usable one: the whole split only when none is."""
-    tokenizer, stats = load_stream_tokenizer(spec), ReadStats()
+    usable one: the whole split only when none is, saying so at 10K, 20K, 40K... records read
+    (records of another schema, or a `set_names` no record has, read a large split whole)."""
+    tokenizer, stats, report = load_stream_tokenizer(spec), ReadStats(), PREFLIGHT_REPORT
     for cursor, raw in scan(spec, Cursor()):
         if cursor.epoch:
             no_document = EpochCensus(records=cursor.record, stats=stats, period=1, reachable=0)
             raise no_document.unusable_error(spec, row=0)
+        if cursor.record == report:
+            logger.warning(
+                "config.data.%s: no usable document in its first %d records yet (%s); reading on",
+                spec.split,
+                report,
+                ", ".join(f"{n} {name}" for name, n in stats.as_dict().items() if n),
+            )
+            report *= 2
         record = parse_record(raw, stats=stats, set_names=spec.set_names)
         if record is not None and len(document_tokens(tokenizer, spec, record["text"])):
             return

@@ -229,6 +229,20 @@ def test_check_usable_reads_up_to_the_first_usable_document(tmp_path, monkeypatc
     assert len(read) == 4
 
 
+def test_check_usable_says_it_is_still_reading(tmp_path, monkeypatch, caplog):
+    # Records of another schema read a large split whole before its error: no silent hang.
+    monkeypatch.setattr(packing, "PREFLIGHT_REPORT", 3)
+    path = str(write_jsonl_zst(tmp_path / "a.jsonl.zst", [BAD] * 7 + [GOOD]))
+    packing.check_usable(spec_of([path], split="train"))
+    said = [r.getMessage() for r in caplog.records if "no usable document" in r.getMessage()]
+    assert said == [
+        "config.data.train: no usable document in its first 3 records yet (3 malformed); "
+        "reading on",
+        "config.data.train: no usable document in its first 6 records yet (6 malformed); "
+        "reading on",
+    ]
+
+
 def test_with_shuffled_files_a_row_may_wait_epochs_for_its_document(tmp_path, record_budget):
     parts = {"a": [GOOD, BAD], "b": [BAD], "c": [BAD]}
     files = [str(write_jsonl_zst(tmp_path / f"{n}.jsonl.zst", part)) for n, part in parts.items()]

@@ -22,7 +22,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import tiny_dga
-from dga_jax.errors import ConfigError
+from dga_jax.data.corpus import build_sample_corpus, default_corpus_dir
+from dga_jax.errors import ConfigError, InputError
 from tests.data.conftest import train_hf_tokenizer
 from train.config import from_config_dict
 from train.loop import run
@@ -324,6 +325,21 @@ def test_resuming_with_harmless_changes_is_accepted_and_logged(saved, tmp_path, 
         "config.train.eval_every: 4 -> 3",
     ):
         assert line in logged
+
+
+def test_a_data_set_moved_whole_resumes_where_it_was(whole, saved, tmp_path):
+    # The data path was a fixed key: a copy of the same shards on another disk was refused. The
+    # saved position's shard fingerprint decides: the same files resume, others are refused.
+    corpus = tmp_path / "moved"
+    shutil.copytree(build_sample_corpus(default_corpus_dir()), corpus)
+    paths = {"data.train": f"{corpus}/train", "data.validation": f"{corpus}/validation"}
+    workdir = copy_run(saved, tmp_path / "run", last_step=6)
+    result = train(workdir, **paths)
+    assert f"config.data.train: '' -> '{corpus}/train'" in result.stderr
+    assert_same_run(workdir, whole)
+    sorted(p for p in (corpus / "train").rglob("*") if p.is_file())[-1].unlink()
+    with pytest.raises(InputError, match=r"config.data.train: the shard files changed"):
+        run(from_config_dict(config(**paths)), copy_run(saved, tmp_path / "fewer", last_step=6))
 
 
 def assert_close_run(workdir: Path, expected: Path, rtol: float) -> None:
