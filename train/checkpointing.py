@@ -84,8 +84,7 @@ class Checkpoints:
         """Starts an async save when `step` is due (or `force`); returns whether it did.
         Raises `CheckpointSaveError` naming the step if this save, or the previous one (which a
         new save waits for, as Orbax does), cannot be written."""
-        due = force or self.manager.should_save(step)
-        if not due or step in self.manager.all_steps():
+        if not self.due(step, force=force):
             return False
         self._finish_pending()
         args = ocp.args.Composite(
@@ -99,6 +98,11 @@ class Checkpoints:
             raise self._save_failed(step, error) from error
         self._pending = step
         return True
+
+    def due(self, step: int, *, force: bool = False) -> bool:
+        """Whether `save` writes `step`: due by the cadence (or forced) and not saved yet. The
+        same on every process."""
+        return (force or self.manager.should_save(step)) and step not in self.manager.all_steps()
 
     def run_record(self, step: int) -> dict[str, Any] | None:
         """The `run` item of `step` (None for a checkpoint written before it existed)."""

@@ -125,7 +125,10 @@ class Trainer:
             raise
 
     def save(self, state: TrainState, *, force: bool) -> None:
-        """A checkpoint when due (or forced); every process takes part."""
+        """A checkpoint when due (or forced); every process takes part. The data state is
+        gathered over processes only then: not a round trip between hosts at every step."""
+        if not self.checkpoints.due(int(state.step), force=force):
+            return
         data_state = all_rows_state(self.train_iter.get_state())
         record = {"config": flat_record(self.config), "eval_owed": self.eval_owed}
         self.checkpoints.save(int(state.step), state, data_state, record, force=force)

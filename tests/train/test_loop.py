@@ -138,8 +138,11 @@ class FakeCheckpoints:
     def __init__(self, every: int):
         self.every, self.saved, self.records = every, [], {}
 
+    def due(self, step, *, force=False):
+        return (force or step % self.every == 0) and step not in self.saved
+
     def save(self, step, state, data_state, record, *, force):
-        if force or step % self.every == 0:
+        if self.due(step, force=force):
             self.saved.append(step)
             self.records[step] = record
 
@@ -181,6 +184,21 @@ def test_a_stop_between_logs_logs_the_steps_since_the_last(tmp_path):
         trainer.close()
     assert trainer.stopping and trainer.checkpoints.saved == [6]
     assert read(tmp_path, "loss") == {4: 25.0, 6: 55.0}  # steps 1-4, then 5-6
+
+
+def test_the_data_state_is_read_only_for_a_checkpoint(tmp_path):
+    # It was gathered from every process at every step (two allgathers and a JSON round trip
+    # between hosts per step), then dropped unless a checkpoint was due.
+    trainer = fake_trainer(tmp_path, steps=12, checkpoint_every=3, eval_every=100)
+    reads, get_state = [], trainer.train_iter.get_state
+    trainer.train_iter.get_state = lambda: reads.append(trainer.train_iter.step) or get_state()
+    state = zero_state()
+    try:
+        for done in range(1, 8):
+            state = trainer.step(state, done)
+    finally:
+        trainer.close()
+    assert trainer.checkpoints.saved == [3, 6] and reads == [3, 6]
 
 
 def test_a_failed_evaluation_still_saves_the_checkpoint_due_owing_it(tmp_path):
