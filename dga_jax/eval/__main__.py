@@ -65,7 +65,12 @@ def _listed(text: str, kind: Callable[[str], Any]) -> list[Any]:
 
 
 def _names(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
+    """An argparse type: a comma list of at least one name (an empty one is an error, as in
+    `_listed`: `--longbench_datasets ""` ran all 13 datasets)."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"must list at least one name, got {text!r}")
+    return names
 
 
 def _at_least(least: int) -> Callable[[str], int]:

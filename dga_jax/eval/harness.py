@@ -68,6 +68,9 @@ Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 R = TypeVar("R")
 # Settings lm_eval passes to every model that mean nothing here.
 IGNORED_SETTINGS = ("device", "max_batch_size")
+# Strings that lm_eval's arg parser may have turned into numbers: `checkpoint=200` (an Orbax
+# step folder) arrives as the int 200.
+TEXT_ARGS = ("checkpoint", "tokenizer", "mesh")
 
 
 @register_model("dga_jax")
@@ -137,14 +140,15 @@ class DGAJaxLM(TemplateLM):
     ) -> DGAJaxLM:
         """`from_checkpoint(**arg_dict)`; lm_eval's own settings fill in what it leaves out.
         A key `from_checkpoint` does not take, or a missing checkpoint / tokenizer, is a
-        ConfigError naming it."""
+        ConfigError naming it; checkpoint, tokenizer and mesh are taken as strings."""
         check_model_args(arg_dict)
         extra = {
             k: v
             for k, v in (additional_config or {}).items()
             if v is not None and k not in IGNORED_SETTINGS
         }
-        return cls.from_checkpoint(**{**extra, **arg_dict})
+        text = {k: str(arg_dict[k]) for k in TEXT_ARGS if k in arg_dict}
+        return cls.from_checkpoint(**{**extra, **arg_dict, **text})
 
     @property
     def eot_token_id(self) -> int | None:

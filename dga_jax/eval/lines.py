@@ -184,6 +184,8 @@ class Lines(GenerationTask):
         path = Path(self.testcases_dir) / f"{n}_lines.jsonl"
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
+                if not line.strip():  # a blank line is no test case (as LongBench reads)
+                    continue
                 case = _parse_case(line)
                 if case is None:
                     problems.skip("malformed lines test case", f"{path}:{number}")

@@ -58,7 +58,7 @@ DATA_HINT = "the {name}_e.jsonl files of LongBench's data.zip (THUDM/LongBench o
 
 
 class LongBenchE(GenerationTask):
-    """LongBench-E over `{dataset}_e.jsonl` files in `data_dir` (`datasets`: default all 13).
+    """LongBench-E over `{dataset}_e.jsonl` files in `data_dir` (`datasets`: None for all 13).
 
     Prompts longer than `max_input` tokens (BOS included) are cut in the middle as pred.py
     does (`middle_truncate`). `max_input=None` takes LongBench's rule for the engine's window
@@ -79,8 +79,12 @@ class LongBenchE(GenerationTask):
     ):
         if isinstance(datasets, str):
             datasets = [datasets]
+        if datasets is None:
+            datasets = DATASETS
+        if not datasets:
+            raise InputError("LongBench-E datasets is empty: name at least one, or None for all 13")
         # Each once: a dataset named twice would be generated twice (the same ids).
-        datasets = tuple(dict.fromkeys(datasets or DATASETS))
+        datasets = tuple(dict.fromkeys(datasets))
         unknown = sorted(set(datasets) - set(DATASETS))
         if unknown:
             raise InputError(f"unknown LongBench-E datasets {unknown}: expected some of {DATASETS}")

@@ -132,13 +132,13 @@ class Perplexity:
         counts among them untokenized, so a resumed run ends at the same document."""
         window, stride = self.sizes(engine.max_length)
         count = 0
-        for doc_id, text in _documents(self.files, problems):
+        for doc_id, where, text in _documents(self.files, problems):
             if self.max_documents is not None and count >= self.max_documents:
                 return
             if doc_id not in done:
                 ids = with_bos(engine.tokenizer, text)
                 if len(ids) < 2 or not windows(len(ids), window, stride, self.convention):
-                    problems.skip(f"document too short for a {window}-token window", doc_id)
+                    problems.skip(f"document too short for a {window}-token window", where)
                     continue
                 yield Example(doc_id, ids, 0, {"tokens": len(ids)})
             count += 1
@@ -240,24 +240,27 @@ def _int_or_none(value: int | None) -> int | None:
     return None if value is None else int(value)
 
 
-def _documents(files: list[str], problems: Problems) -> Iterator[tuple[str, str]]:
-    """(id, text) of every document: a .txt file whole, or each good shard record."""
+def _documents(files: list[str], problems: Problems) -> Iterator[tuple[str, str, str]]:
+    """(id, where, text) of every document: a .txt file whole (id and where: its path), or each
+    good shard record (id `path:N`, where `path record N`). N counts records, not lines: the
+    reader skips blank lines, and .zst and .parquet shards have no lines to point at."""
     for path in files:
         if path.endswith(".txt"):
             text = Path(path).read_text(encoding="utf-8", errors="replace")
             if text:
-                yield path, text
+                yield path, path, text
             else:
                 problems.skip("empty document", path)
             continue
         for number, raw in enumerate(iter_raw_records(path), 1):
             stats = ReadStats()
             record = parse_record(raw, stats=stats)
+            where = f"{path} record {number}"
             if record is None:
                 reason = next(k for k, v in stats.as_dict().items() if v)
-                problems.skip(f"shard record skipped ({reason})", f"{path}:{number}")
+                problems.skip(f"shard record skipped ({reason})", where)
             else:
-                yield f"{path}:{number}", record["text"]
+                yield f"{path}:{number}", where, record["text"]
 
 
 def _exp(nll: float) -> float:

@@ -294,6 +294,16 @@ def test_cli_lists_must_hold_a_number(tmp_path, capsys, flag):
         assert f"error: argument {flag}: {problem}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag", ["--longbench_datasets", "--tasks"])
+def test_cli_name_lists_must_hold_a_name(tmp_path, capsys, flag):
+    # `--longbench_datasets ""` (an unset shell variable) ran all 13 datasets.
+    base = ["--checkpoint", str(tmp_path), "--tokenizer", "byte", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*base, flag, " , "])
+    assert exit_info.value.code == 2
+    assert f"error: argument {flag}: must list at least one name" in capsys.readouterr().err
+
+
 def test_longbench_name_of_a_relative_checkpoint_is_its_directory(tmp_path, monkeypatch):
     (tmp_path / "ckpt_7b").mkdir()
     monkeypatch.chdir(tmp_path / "ckpt_7b")

@@ -20,7 +20,7 @@ from lm_eval.tasks import TaskManager
 from dga_jax import DGAConfig, Llama, ModelConfig
 from dga_jax.checkpoint.orbax_io import save_model
 from dga_jax.data.tokenizers import ByteTokenizer
-from dga_jax.errors import ConfigError
+from dga_jax.errors import ConfigError, MissingInputError
 from dga_jax.eval.engine import ModelEngine, TokenScores
 from dga_jax.eval.harness import DGAJaxLM
 from dga_jax.ops.sinks import StreamingLLMConfig
@@ -249,6 +249,13 @@ def test_model_args_name_unknown_and_missing_keys():
         DGAJaxLM.create_from_arg_string("batch_size=2")
     with pytest.raises(ConfigError, match="give checkpoint"):
         DGAJaxLM.create_from_arg_obj({"checkpoint": "", "tokenizer": "byte"})
+
+
+def test_a_numeric_checkpoint_is_a_path(tmp_path, monkeypatch):
+    # lm_eval parses `checkpoint=200` (an Orbax step folder) as the int 200: a bare TypeError.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(MissingInputError, match="no checkpoint directory at .*/200$"):
+        DGAJaxLM.create_from_arg_string("checkpoint=200,tokenizer=byte")
 
 
 def test_model_args_load_a_checkpoint_with_dga_switched_on(model, tmp_path):

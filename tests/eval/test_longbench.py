@@ -172,6 +172,12 @@ def test_unknown_dataset_is_an_error(tmp_path):
         LongBenchE(tmp_path, ["qasper", "qasper_zh"])
 
 
+def test_an_empty_dataset_list_is_an_error_not_all_13(tmp_path):
+    with pytest.raises(InputError, match="datasets is empty: name at least one, or None"):
+        LongBenchE(tmp_path, [])
+    assert len(LongBenchE(tmp_path).datasets) == 13
+
+
 def test_a_dataset_named_twice_or_as_a_string_runs_once(tmp_path):
     data = write_data(tmp_path, {"qasper": [record(input="q", answers=["a"])]})
     for datasets in (["qasper", "qasper"], "qasper"):

@@ -176,6 +176,16 @@ def test_a_shipped_case_that_is_not_utf8_is_counted_not_fatal(tmp_path):
     assert problems.where == {"malformed lines test case": [f"{tmp_path}/4_lines.jsonl:2"]}
 
 
+def test_blank_lines_between_shipped_cases_are_no_cases(tmp_path):
+    # Each blank line was counted as a malformed test case.
+    good = json.dumps(lines_case(4, np.random.default_rng(1)))
+    (tmp_path / "4_lines.jsonl").write_text(f"{good}\n\n{good}\n \r\n{{not json\n\n")
+    task = Lines([4], testcases_dir=str(tmp_path))
+    summary, problems, now = run_task(task, OracleEngine(lines_answer), tmp_path / "out")
+    assert now == 2 and summary.metrics["accuracy"] == 1.0
+    assert problems.where == {"malformed lines test case": [f"{tmp_path}/4_lines.jsonl:5"]}
+
+
 def longlora_starts(n: int, seq_length: int, sliding_window: int) -> list[int]:
     """LongLoRA eval.py's get_as_batch window starts, transcribed."""
     all_ix = list(range(0, n - seq_length, sliding_window))
@@ -251,6 +261,21 @@ def test_longlora_skips_a_document_without_a_window_after_the_last_start_is_drop
         str(tmp_path / "short.txt")
     ]
     assert summary.metrics["documents"] == 1 and summary.metrics["scored_tokens"] == 3
+
+
+def test_ppl_names_a_shard_record_by_its_number_not_as_a_line(tmp_path):
+    # Blank lines are not records: record 3 was reported as `s.jsonl:3`, a blank line.
+    good = json.dumps({"text": "hello world " * 4, "meta": {}})
+    short = json.dumps({"text": "a", "meta": {}})
+    shard = tmp_path / "s.jsonl"
+    shard.write_text(f"{good}\n\n\n{good}\n{{broken\n{short}\n")
+    task = Perplexity(str(shard), window=4, stride=1, convention="longlora")
+    _, problems, _ = run_task(task, OracleEngine(None, max_length=4), tmp_path / "out")
+    assert problems.where == {
+        "shard record skipped (malformed)": [f"{shard} record 3"],
+        "document too short for a 4-token window": [f"{shard} record 4"],
+    }
+    assert set(read_records(tmp_path / "out" / "ppl.jsonl")) == {f"{shard}:1", f"{shard}:2"}
 
 
 @pytest.mark.parametrize(
