@@ -366,6 +366,7 @@ def test_an_empty_prompt_prefill_names_the_problem(attention):
         ([[1, 2, 3, 4, 5]], [True], "lengths must be integers of shape"),  # was read as 1
         ([[1, 2, 3, 4, 5]], [], r"lengths must be integers of shape \(1,\)"),  # NumPy's min
         ([[1, 2, 3]], [4], r"lengths must lie in \[1, L\] = \[1, 3\]"),
+        ([[1, 2, 3]], None, "lengths must give each of the 1 rows its prompt length"),
         ([1, 2, 3], [3], r"tokens must be \[B, T\] right-padded prompts; got shape \(3,\)"),
     ],
 )

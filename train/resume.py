@@ -17,9 +17,10 @@ from train.config import TrainConfig
 
 # What a resumed run must keep: the data order (which tokens each step sees) and the shapes of
 # the parameters. Anything else (steps, learning rate, cadence, mesh, attention) may change.
-# The data path may too: the saved position names the shard files it indexes (by fingerprint,
-# relative to their directory), which the data iterator checks, so a data set moved whole (a
-# copy on a faster disk, another cluster's mount) resumes, and other files are refused.
+# The data path may too: the saved position names the shard files it indexes (a fingerprint of
+# their names relative to their directory, and of their sizes), which the data iterator checks,
+# so a data set moved whole (a copy on a faster disk, another cluster's mount) resumes, and
+# other files are refused.
 RESUME_FIXED = (
     "data.tokenizer",
     "data.seq_len",

@@ -17,10 +17,13 @@ With no data path configured, both splits come from the sample corpus (`dga_jax.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
 import signal
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from multiprocessing import resource_tracker
 from typing import Any
@@ -48,6 +51,7 @@ logger = logging.getLogger(__name__)
 # while starting (an evaluation starts its own), so they start with them blocked. Closing the
 # iterator ends the workers without a signal (SIGKILL if one hangs).
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+PARENT_POLL_S = 1.0  # how often a worker checks that its parent still lives
 
 
 class DataIterator(grain.DatasetIterator):
@@ -100,7 +104,9 @@ class DataIterator(grain.DatasetIterator):
                 num_workers=self._num_workers,
                 per_worker_buffer_size=2 * len(self._rows) // self._num_workers,
             )
-            dataset = dataset.mp_prefetch(options)
+            dataset = dataset.mp_prefetch(
+                options, worker_init_fn=functools.partial(_exit_with_parent, os.getpid())
+            )
         return iter(dataset)
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -160,13 +166,13 @@ class DataIterator(grain.DatasetIterator):
 
     def _check_same_files(self, state: dict[str, Any]) -> None:
         """An `InputError` unless `state`'s positions index this iterator's files and order."""
-        saved = state.get("shards")
-        if saved is not None and saved != self._shards:
+        saved = state.get("shards")  # its keys only: older states hold no sizes
+        if saved is not None and any(self._shards.get(k) != v for k, v in saved.items()):
             raise InputError(
                 f"config.data.{self._spec.split}: the shard files changed since this position "
                 f"was saved ({saved['count']} files then, {self._shards['count']} now, or other "
-                "names): it indexes the old list. Resume with the same files, or start a new "
-                "run (--config.init_checkpoint for the weights)"
+                "names or sizes): it indexes the old list. Resume with the same files, or start "
+                "a new run (--config.init_checkpoint for the weights)"
             )
         order = state.get("order")
         if order is not None and order != self._order:
@@ -188,6 +194,19 @@ class DataIterator(grain.DatasetIterator):
         if self._windows is not None:
             self._windows.close()
             self._windows = None
+
+
+def _exit_with_parent(parent: int, worker: int, workers: int) -> None:
+    """A Grain worker's init: it never sees `STOP_SIGNALS`, so it ends itself once `parent` is
+    gone (killed without closing the iterator: the OOM killer, SIGKILL, an abort), checked each
+    second, instead of living on as an orphan that only SIGKILL stops."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -325,8 +344,15 @@ def _shards(config: DataConfig, split: str) -> list[str]:
 
 
 def shard_fingerprint(files: Sequence[str]) -> dict[str, Any]:
-    """{"count", "sha256"} of the shard paths, relative to their common directory (a data set
-    moved whole keeps it): a saved position indexes this list, so a resume must find it again."""
+    """{"count", "sha256", "sizes_sha256"} of the shard paths, relative to their common
+    directory, and of their sizes in bytes: a data set moved or copied whole keeps it, another
+    one with the same file names does not. A saved position indexes this list, so a resume must
+    find it again."""
     root = os.path.commonpath([os.path.dirname(f) for f in files]) if files else ""
     names = "\n".join(os.path.relpath(f, root) for f in files)
-    return {"count": len(files), "sha256": hashlib.sha256(names.encode()).hexdigest()}
+    sizes = ",".join(str(os.path.getsize(f)) for f in files)
+    return {"count": len(files), "sha256": _sha256(names), "sizes_sha256": _sha256(sizes)}
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -130,9 +130,10 @@ class DGAJaxLM(TemplateLM):
     def create_from_arg_string(
         cls, arg_string: str, additional_config: dict | None = None
     ) -> DGAJaxLM:
-        """`--model_args checkpoint=...,tokenizer=...` (see the module docstring)."""
+        """`--model_args checkpoint=...,tokenizer=...` (see the module docstring). lm_eval's
+        parser reads `checkpoint=000200` as the int 200: the `TEXT_ARGS` keep their text."""
         args = utils.simple_parse_args_string(arg_string)
-        return cls.create_from_arg_obj(args, additional_config)
+        return cls.create_from_arg_obj({**args, **_text_args(arg_string)}, additional_config)
 
     @classmethod
     def create_from_arg_obj(
@@ -347,3 +348,16 @@ def parse_mesh(mesh: str) -> list[int]:
 
 if __name__ == "__main__":
     cli_evaluate()
+
+
+def _text_args(arg_string: str) -> dict[str, str]:
+    """The `TEXT_ARGS` of a `key=value,...` string as written (split as lm_eval splits it;
+    surrounding quotes dropped as it drops them)."""
+    pieces = (piece.split("=", 1) for piece in arg_string.split(",") if "=" in piece)
+    values = {key.strip(): value.strip() for key, value in pieces}
+    return {k: _unquoted(values[k]) for k in TEXT_ARGS if k in values}
+
+
+def _unquoted(text: str) -> str:
+    quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+    return text[1:-1] if quoted else text

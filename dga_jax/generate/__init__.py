@@ -88,6 +88,8 @@ def prefill(
     tokens = tokens if hasattr(tokens, "shape") else np.asarray(tokens)
     if len(tokens.shape) != 2:
         raise ValueError(f"tokens must be [B, T] right-padded prompts; got shape {tokens.shape}")
+    if lengths is None:
+        raise ValueError(f"lengths must give each of the {len(tokens)} rows its prompt length")
     lengths = np.asarray(check_lengths(lengths, *tokens.shape))
     config = model.config
     if config.attention == "dga":

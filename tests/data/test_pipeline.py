@@ -7,16 +7,26 @@ import multiprocessing
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dga_jax.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator
+from dga_jax.data.pipeline import (
+    PARENT_POLL_S,
+    DataConfig,
+    make_eval_iterator,
+    make_train_iterator,
+)
 from dga_jax.data.slimpajama import ReadStats, iter_raw_records, list_shards, parse_record
 from dga_jax.data.tokenizers import load_tokenizer
 from dga_jax.errors import ConfigError, InputError, MissingInputError
 from tests.data.conftest import train_hf_tokenizer, write_jsonl_zst
 
+ROOT = Path(__file__).parents[2]
 # 4 rows of 33 tokens: every row stream runs past its first epoch within ~50 steps.
 STEPS_PAST_AN_EPOCH = 60
 
@@ -147,6 +157,12 @@ def test_a_resume_over_other_shard_files_is_refused(config, corpus, tmp_path):
     resumed = make_train_iterator(dataclasses.replace(config, train=str(moved)))
     resumed.set_state(state)
     assert_same(take(resumed, 2), take(it, 2))
+    other = shutil.copytree(corpus / "train", tmp_path / "other")  # the same names, not data
+    (other / "chunk1" / "example_train_0.jsonl.zst").write_bytes(b"")
+    with pytest.raises(InputError, match=r"the shard files changed .* or other names or sizes"):
+        make_train_iterator(dataclasses.replace(config, train=str(other))).set_state(state)
+    del state["shards"]["sizes_sha256"]  # a state saved before sizes were fingerprinted
+    make_train_iterator(dataclasses.replace(config, train=str(moved))).set_state(state)
     del state["shards"]  # a state saved before shards were fingerprinted
     make_train_iterator(fewer, process_index=0, process_count=1).set_state(state)
 
@@ -206,6 +222,51 @@ def test_workers_outlive_stop_signals_sent_to_the_process_group(config, monkeypa
         assert_same(take(pooled, 10), take(plain, 10))
     finally:
         pooled.close()
+
+
+ORPHAN = """
+import multiprocessing, os, signal, sys
+from absl import flags
+from dga_jax.data.pipeline import DataConfig, make_train_iterator
+
+if __name__ == "__main__":  # Grain's workers are spawned: they import this file
+    flags.FLAGS.mark_as_parsed()
+    config = DataConfig(32, 4, train=sys.argv[1], validation=sys.argv[1], num_workers=1)
+    batches = make_train_iterator(config)  # held: a dropped iterator closes its workers
+    next(batches)
+    print(*(child.pid for child in multiprocessing.active_children()), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer: the iterator is never closed
+"""
+
+
+def test_a_worker_whose_parent_died_ends_itself(corpus, tmp_path):
+    # A worker never sees the stop signals: orphaned, it lived on, holding its memory, until
+    # SIGKILL. It now checks its parent each second.
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    ran = subprocess.run(
+        [sys.executable, str(script), str(corpus / "train")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert ran.returncode == -signal.SIGKILL, ran.stderr[-2000:]
+    workers = [int(pid) for pid in ran.stdout.split()]
+    assert len(workers) == 1, ran.stdout
+    deadline = time.monotonic() + 10 * PARENT_POLL_S
+    while alive(workers[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(workers[0])
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (an exited process its new parent has not reaped yet does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def send_stop_signals(pid: int) -> None:

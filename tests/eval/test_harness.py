@@ -256,6 +256,10 @@ def test_a_numeric_checkpoint_is_a_path(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(MissingInputError, match="no checkpoint directory at .*/200$"):
         DGAJaxLM.create_from_arg_string("checkpoint=200,tokenizer=byte")
+    # ... and `000200` as 200, `1e3` as 1000.0, `none` as None: the path as written is taken.
+    for written, path in (("000200", "000200"), ("1e3", "1e3"), ("none", "none"), ("'2.0'", "2.0")):
+        with pytest.raises(MissingInputError, match=f"no checkpoint directory at .*/{path}$"):
+            DGAJaxLM.create_from_arg_string(f"checkpoint={written},tokenizer=byte")
 
 
 def test_model_args_load_a_checkpoint_with_dga_switched_on(model, tmp_path):
