@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -76,20 +77,23 @@ class Checkpoints:
         self,
         step: int,
         state: TrainState,
-        data_state: dict[str, Any],
+        data_state: Callable[[], dict[str, Any]],
         run_record: dict[str, Any],
         *,
         force: bool = False,
     ) -> bool:
-        """Starts an async save when `step` is due (or `force`); returns whether it did.
-        Raises `CheckpointSaveError` naming the step if this save, or the previous one (which a
-        new save waits for, as Orbax does), cannot be written."""
-        if not self.due(step, force=force):
+        """Starts an async save when `step` is due by the cadence (or `force`) and not saved yet;
+        returns whether it did. `data_state` is called only then (with several processes it
+        gathers every process's rows: not a round trip between hosts at every step). Raises
+        `CheckpointSaveError` naming the step if this save, or the previous one (which a new
+        save waits for, as Orbax does), cannot be written."""
+        due = force or self.manager.should_save(step)
+        if not due or step in self.manager.all_steps():
             return False
         self._finish_pending()
         args = ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
+            data=ocp.args.JsonSave(data_state()),
             run=ocp.args.JsonSave(run_record),
         )
         try:
@@ -98,11 +102,6 @@ class Checkpoints:
             raise self._save_failed(step, error) from error
         self._pending = step
         return True
-
-    def due(self, step: int, *, force: bool = False) -> bool:
-        """Whether `save` writes `step`: due by the cadence (or forced) and not saved yet. The
-        same on every process."""
-        return (force or self.manager.should_save(step)) and step not in self.manager.all_steps()
 
     def run_record(self, step: int) -> dict[str, Any] | None:
         """The `run` item of `step` (None for a checkpoint written before it existed)."""

@@ -62,6 +62,7 @@ class Trainer:
         eval_owed: bool = False,
     ):
         self.config, self.setup, self.train_iter = config, setup, train_iter
+        self.config_record = flat_record(config)  # what each checkpoint stores of the config
         self.checkpoints, self.data_config, self.start = checkpoints, data_config, start
         self.step_fn = step_fn(setup)
         self.eval_fn = jax.jit(
@@ -125,12 +126,13 @@ class Trainer:
             raise
 
     def save(self, state: TrainState, *, force: bool) -> None:
-        """A checkpoint when due (or forced); every process takes part. The data state is
-        gathered over processes only then: not a round trip between hosts at every step."""
-        if not self.checkpoints.due(int(state.step), force=force):
-            return
-        data_state = all_rows_state(self.train_iter.get_state())
-        record = {"config": flat_record(self.config), "eval_owed": self.eval_owed}
+        """A checkpoint when due (or forced); every process takes part, in the data state's
+        gather too (only for a save)."""
+
+        def data_state():
+            return all_rows_state(self.train_iter.get_state())
+
+        record = {"config": self.config_record, "eval_owed": self.eval_owed}
         self.checkpoints.save(int(state.step), state, data_state, record, force=force)
 
     def _batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:

@@ -85,7 +85,6 @@ class DataIterator(grain.DatasetIterator):
         self._num_steps = num_steps
         self._step = 0
         self._row_states = {row: initial_row_state() for row in rows}
-        self._shards = shard_fingerprint(spec.files)
         # A row's position names a file by its place in the epoch's order, which the seed sets.
         self._order = {
             "shuffle": spec.shuffle_files,
@@ -142,6 +141,12 @@ class DataIterator(grain.DatasetIterator):
         return sum(
             (ReadStats.from_dict(s["stats"]) for s in self._row_states.values()), ReadStats()
         )
+
+    @functools.cached_property
+    def _shards(self) -> dict[str, Any]:
+        """The files' `shard_fingerprint`, taken at the first save or resume (it reads every
+        shard's size: not at start-up, nor for an evaluation's iterator, which saves none)."""
+        return shard_fingerprint(self._spec.files)
 
     def get_state(self) -> dict[str, Any]:
         """`{"step", "rows", "shards", "order"}`: JSON-serialisable, a few integers per row, the

@@ -366,7 +366,7 @@ zero = replicated(np.int32(0))
 state = TrainState(zero, {"w": replicated(np.ones(2, np.float32))}, {}, zero, zero)
 checkpoints = Checkpoints(directory, every=1, keep=5)
 for step in (1, 2):
-    checkpoints.save(step, state, {"rows": {}}, {})
+    checkpoints.save(step, state, lambda: {"rows": {}}, {})
 checkpoints.close()
 read_json = ocp.JsonCheckpointHandler.restore
 def unreadable_on_process_1(self, path, *args, **kwargs):
