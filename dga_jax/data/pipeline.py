@@ -16,22 +16,17 @@ With no data path configured, both splits come from the sample corpus (`dga_jax.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import logging
 import os
-import signal
-import threading
-import time
-from collections.abc import Iterator, Sequence
-from multiprocessing import resource_tracker
+from collections.abc import Sequence
 from typing import Any
 
 import grain
 import numpy as np
-from absl import flags
 
+from dga_jax.data import workers
 from dga_jax.data.config import DataConfig
 from dga_jax.data.corpus import build_sample_corpus, default_corpus_dir
 from dga_jax.data.packing import (
@@ -46,13 +41,6 @@ from dga_jax.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
-# What a terminal's Ctrl-C, SLURM's scancel or `timeout` send to the whole process group: the
-# main process stops the run (a checkpoint first); Grain's workers must not die of them, even
-# while starting (an evaluation starts its own), so they start with them blocked. Closing the
-# iterator ends the workers without a signal (SIGKILL if one hangs).
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
-PARENT_POLL_S = 1.0  # how often a worker checks that its parent still lives
-
 
 class DataIterator(grain.DatasetIterator):
     """Batches of this process's rows of the global batch; checkpointable.
@@ -60,7 +48,7 @@ class DataIterator(grain.DatasetIterator):
     `get_state()` is `{"step": int, "rows": {str(row): row state}}`: a few integers per row,
     the same whatever `num_workers` is. `set_state` restarts the row streams from it (and
     Grain's workers, if any). With `num_steps`, the iterator stops after that many batches.
-    The workers never see `STOP_SIGNALS`: stopping is the main process's.
+    The workers never see `workers.STOP_SIGNALS`: stopping is the main process's.
     """
 
     def __init__(
@@ -98,14 +86,8 @@ class DataIterator(grain.DatasetIterator):
             rows.to_iter_dataset(grain.ReadOptions(num_threads=0)), self._spec, self._row_states
         )
         if self._num_workers:
-            _check_absl_flags_parsed()
-            options = grain.MultiprocessingOptions(
-                num_workers=self._num_workers,
-                per_worker_buffer_size=2 * len(self._rows) // self._num_workers,
-            )
-            dataset = dataset.mp_prefetch(
-                options, worker_init_fn=functools.partial(_exit_with_parent, os.getpid())
-            )
+            buffer = 2 * len(self._rows) // self._num_workers
+            dataset = workers.prefetch(dataset, self._num_workers, buffer)
         return iter(dataset)
 
     def __next__(self) -> dict[str, np.ndarray]:
@@ -119,7 +101,7 @@ class DataIterator(grain.DatasetIterator):
             # Grain starts its workers in this first call, from threads made in it: they
             # inherit the blocked signals, and keep them blocked for life.
             if self._num_workers:
-                with _stop_signals_blocked():
+                with workers.stop_signals_blocked():
                     return self._next_batch()
         return self._next_batch()
 
@@ -199,43 +181,6 @@ class DataIterator(grain.DatasetIterator):
         if self._windows is not None:
             self._windows.close()
             self._windows = None
-
-
-def _exit_with_parent(parent: int, worker: int, workers: int) -> None:
-    """A Grain worker's init: it never sees `STOP_SIGNALS`, so it ends itself once `parent` is
-    gone (killed without closing the iterator: the OOM killer, SIGKILL, an abort), checked each
-    second, instead of living on as an orphan that only SIGKILL stops."""
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(PARENT_POLL_S)
-        os._exit(0)
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-@contextlib.contextmanager
-def _stop_signals_blocked() -> Iterator[None]:
-    """Blocks `STOP_SIGNALS` in this thread (and the threads and processes it starts) for the
-    block, as CPython starts its resource tracker. A signal for this process meanwhile goes to
-    another thread, or waits for the block's end: none is lost."""
-    # The tracker's start (at a process's first spawn) unblocks them in the spawning thread.
-    resource_tracker.ensure_running()
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def _check_absl_flags_parsed() -> None:
-    """Grain 0.2.18's `mp_prefetch` reads an absl flag (google/grain#1355), which fails unless
-    absl has parsed the command line; the library leaves global flags to the entry points."""
-    if not flags.FLAGS.is_parsed():
-        raise RuntimeError(
-            "data.num_workers > 0 needs absl flags parsed (Grain reads one): run under "
-            "absl.app.run, or call absl.flags.FLAGS.mark_as_parsed() at your entry point"
-        )
 
 
 def make_train_iterator(

@@ -61,16 +61,19 @@ from dga_jax.checkpoint.orbax_io import attention_changes, load_model, parse_set
 from dga_jax.data.tokenizers import load_tokenizer
 from dga_jax.errors import ConfigError
 from dga_jax.eval.engine import Engine, ModelEngine, TokenScores, with_bos
-from dga_jax.ops.checks import is_int
+from dga_jax.eval.model_args import (
+    TEXT_ARGS,
+    parse_batch_size,
+    parse_max_gen_toks,
+    parse_mesh,
+    text_args,
+)
 from dga_jax.sharding import make_mesh, mesh_shape
 
 Pair = tuple[list[int], list[int]]  # (context ids, continuation ids)
 R = TypeVar("R")
 # Settings lm_eval passes to every model that mean nothing here.
 IGNORED_SETTINGS = ("device", "max_batch_size")
-# Strings that lm_eval's arg parser may have turned into numbers: `checkpoint=200` (an Orbax
-# step folder) arrives as the int 200.
-TEXT_ARGS = ("checkpoint", "tokenizer", "mesh")
 
 
 @register_model("dga_jax")
@@ -133,7 +136,7 @@ class DGAJaxLM(TemplateLM):
         """`--model_args checkpoint=...,tokenizer=...` (see the module docstring). lm_eval's
         parser reads `checkpoint=000200` as the int 200: the `TEXT_ARGS` keep their text."""
         args = utils.simple_parse_args_string(arg_string)
-        return cls.create_from_arg_obj({**args, **_text_args(arg_string)}, additional_config)
+        return cls.create_from_arg_obj({**args, **text_args(arg_string)}, additional_config)
 
     @classmethod
     def create_from_arg_obj(
@@ -298,27 +301,6 @@ def continuation_score(scores: TokenScores, n: int) -> tuple[float, bool]:
     return float(scores.logprobs[-n:].sum()), bool(scores.greedy[-n:].all())
 
 
-def parse_batch_size(batch_size: int | str) -> int:
-    """lm_eval's batch size (an int, or its CLI's string) as an int; "auto" is not supported."""
-    try:
-        return int(batch_size)
-    except ValueError:
-        raise ValueError(
-            f"batch_size must be an integer for the dga_jax backend, got {batch_size!r}"
-        ) from None
-
-
-def parse_max_gen_toks(value: Any, name: str) -> int:
-    """A number of new tokens: an int >= 1 (or its string), else a ValueError naming `name`."""
-    try:
-        count = int(value) if isinstance(value, str) or is_int(value) else 0
-    except ValueError:
-        count = 0
-    if count < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return count
-
-
 def check_model_args(args: dict[str, Any]) -> None:
     """Raises ConfigError for a `--model_args` key `from_checkpoint` does not take, or a missing
     checkpoint / tokenizer (rather than a TypeError from the call)."""
@@ -336,28 +318,5 @@ def check_model_args(args: dict[str, Any]) -> None:
         )
 
 
-def parse_mesh(mesh: str) -> list[int]:
-    """The `mesh` model_arg, "1x-1x1x1", as its four device counts."""
-    try:
-        return [int(n) for n in str(mesh).split("x")]
-    except ValueError:
-        raise ValueError(
-            f"mesh must be data x fsdp x seq x tensor device counts like 1x-1x1x1, got {mesh!r}"
-        ) from None
-
-
 if __name__ == "__main__":
     cli_evaluate()
-
-
-def _text_args(arg_string: str) -> dict[str, str]:
-    """The `TEXT_ARGS` of a `key=value,...` string as written (split as lm_eval splits it;
-    surrounding quotes dropped as it drops them)."""
-    pieces = (piece.split("=", 1) for piece in arg_string.split(",") if "=" in piece)
-    values = {key.strip(): value.strip() for key, value in pieces}
-    return {k: _unquoted(values[k]) for k in TEXT_ARGS if k in values}
-
-
-def _unquoted(text: str) -> str:
-    quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
-    return text[1:-1] if quoted else text

@@ -15,14 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dga_jax.data.pipeline import (
-    PARENT_POLL_S,
-    DataConfig,
-    make_eval_iterator,
-    make_train_iterator,
-)
+from dga_jax.data.pipeline import DataConfig, make_eval_iterator, make_train_iterator
 from dga_jax.data.slimpajama import ReadStats, iter_raw_records, list_shards, parse_record
 from dga_jax.data.tokenizers import load_tokenizer
+from dga_jax.data.workers import PARENT_POLL_S
 from dga_jax.errors import ConfigError, InputError, MissingInputError
 from tests.data.conftest import train_hf_tokenizer, write_jsonl_zst
 
