@@ -26,8 +26,9 @@ class DenseCache:
     With a sliding `window` (`dense_attention`'s: a token attends to the last `window` keys, its
     own included) the cache is a ring of `window` slots, position p in slot p % window: the new
     token overwrites the one that leaves its window, so memory and each step's work stay
-    O(window) however long decoding runs. A window of max_len or more never binds: prefill
-    builds the plain cache then (window None).
+    O(window) however long decoding runs, also past max_len (a window of max_len included).
+    A window over max_len never binds within max_len tokens: prefill builds the plain cache of
+    max_len slots then (window None), which refuses a step past it.
     """
 
     k: jax.Array  # [B, H, slots, D]
@@ -88,8 +89,8 @@ def dense_prefill(
 ) -> DenseCache:
     """The cache after a prompt k, v [B, P, Hkv, D], rows valid up to `length`: the int P, or
     integers [B] in [1, P] (checked where concrete, clipped where traced); `window`: the
-    sliding window decoding attends over (None: every token; one of max_len or more never
-    binds, and is dropped).
+    sliding window decoding attends over (None: every token; one over max_len never binds
+    within max_len tokens, and is dropped).
 
     Slots past a row's length hold padding; decoding overwrites them.
     """
@@ -99,7 +100,7 @@ def dense_prefill(
         length = jnp.clip(check_lengths(length, b, prompt_len), 0, prompt_len)
     length = jnp.broadcast_to(jnp.asarray(length, jnp.int32), (b,))
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, H, P, D]
-    if window is None or window >= max_len:
+    if window is None or window > max_len:
         pad = ((0, 0), (0, 0), (0, max_len - prompt_len), (0, 0))
         return DenseCache(jnp.pad(kt, pad), jnp.pad(vt, pad), length, scale)
     if not prompt_len:  # nothing to place (a gather from no positions would read fill values)

@@ -104,18 +104,33 @@ def test_a_bad_window_is_named(window):
         prefill(q, k, v, max_len=8, window=window)
 
 
-@pytest.mark.parametrize("prompt_len, window", [(0, 4), (9, 4), (3, 7), (9, 12), (9, 40)])
+@pytest.mark.parametrize(
+    "prompt_len, window", [(0, 4), (9, 4), (3, 7), (9, 12), (9, 32), (9, 33), (9, 40)]
+)
 def test_windowed_decoding_equals_windowed_attention(prompt_len, window):
     q, k, v = random_qkv(5, 2, 30, 4, 2, 16)
     cache = prefill(q[:, :prompt_len], k[:, :prompt_len], v[:, :prompt_len], max_len=32,
                     window=window)  # fmt: skip
-    ring = window < 32  # a window of max_len or more never binds: a plain cache of 32 slots
+    ring = window <= 32  # a window over max_len never binds: a plain cache of 32 slots
     assert cache.slots == min(window, 32) and cache.window == (window if ring else None)
     outs = []
     for t in range(prompt_len, 30):
         out, cache = jax.jit(decode_step)(q[:, t], k[:, t], v[:, t], cache)
         outs.append(out)
     want = window_reference(q, k, v, window)[:, prompt_len:]
+    assert_close(jnp.stack(outs, axis=1), want, FORWARD_TOL[F32])
+
+
+@pytest.mark.parametrize("window", [8, 7])
+def test_a_window_up_to_max_len_decodes_past_it(window):
+    # A ring decodes on past max_len whether its window is max_len itself or less.
+    q, k, v = random_qkv(8, 1, 14, 2, 1, 8)
+    cache = prefill(q[:, :5], k[:, :5], v[:, :5], max_len=8, window=window)
+    outs = []
+    for t in range(5, 14):
+        out, cache = decode_step(q[:, t], k[:, t], v[:, t], cache)
+        outs.append(out)
+    want = window_reference(q, k, v, window)[:, 5:]
     assert_close(jnp.stack(outs, axis=1), want, FORWARD_TOL[F32])
 
 
