@@ -237,8 +237,8 @@ def stored_shapes(ckpt_dir: str | os.PathLike) -> dict[Path, tuple[int, ...]]:
     with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
         try:
             metadata = handler.metadata(pathlib.Path(item_dir))
-        except FileNotFoundError as error:
-            raise CheckpointError(f"{item_dir} holds no readable parameters: {error}") from error
+        except Exception as error:  # files gone, damaged JSON (_METADATA), TensorStore's errors
+            raise _unreadable(item_dir, error) from error
     flat = traverse_util.flatten_dict(metadata.tree)
     return {key: tuple(leaf.shape) for key, leaf in flat.items()}
 
@@ -293,11 +293,16 @@ def _restore_params(ckpt_dir: str | os.PathLike, args: ocp.args.CheckpointArgs) 
     except InputError:
         raise
     except Exception as error:  # TensorStore raises bare Exceptions, Orbax ValueErrors
-        item_dir = os.path.join(os.path.abspath(ckpt_dir), PARAMS)
-        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-        raise CheckpointError(
-            f"{item_dir} cannot be read ({reason}): the checkpoint is damaged or incomplete"
-        ) from error
+        raise _unreadable(os.path.join(os.path.abspath(ckpt_dir), PARAMS), error) from error
+
+
+def _unreadable(item_dir: str, error: Exception) -> CheckpointError:
+    """The error for a params item whose files are gone or damaged, with `error`'s first line."""
+    lines = str(error).splitlines() or [""]
+    reason = f"{type(error).__name__}: {lines[0][:300]}"
+    return CheckpointError(
+        f"{item_dir} cannot be read ({reason}): the checkpoint is damaged or incomplete"
+    )
 
 
 def _restore(ckpt_dir: str | os.PathLike, items: dict[str, ocp.args.CheckpointArgs]) -> Any:

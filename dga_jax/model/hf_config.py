@@ -76,7 +76,7 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
     if not isinstance(hf, dict):
         raise ConfigError(f"a HF config must be a JSON object, got {type(hf).__name__}")
     archs = strict.check("architectures", hf.get("architectures"), tuple[str, ...] | None)
-    model_type = hf.get("model_type", "llama")
+    model_type = strict.check("model_type", hf.get("model_type", "llama"), str)
     archs = archs or (_ARCHITECTURES.get(model_type, "LlamaForCausalLM"),)
     if archs[0] not in SUPPORTED_HF_ARCHITECTURES or _MODEL_TYPES[archs[0]] != model_type:
         raise ConfigError(
@@ -86,7 +86,8 @@ def hf_to_config(hf: dict[str, Any]) -> ModelConfig:
     check_llama_variant(hf, model_type)
     require(hf, (*_HF_REQUIRED, *_DIFFERING_DEFAULTS.get(model_type, ())), "")
     for key in _HF_REQUIRED:
-        strict.check(key, hf[key], int)
+        if strict.check(key, hf[key], int) < 1:
+            raise ConfigError(f"{key} must be at least 1, got {hf[key]}")
     heads, scaling = hf["num_attention_heads"], hf_rope_scaling(hf)
     if model_type == "phi3":
         check_phi3_rope(hf, scaling)
@@ -188,7 +189,8 @@ def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
     Qwen3 (`_qwen3_to_hf`). Else one with biases on q, k, v alone is a Qwen2 (its window in every
     layer), one without biases a Mistral with a sliding window, else LLaMA, without biases or
     with all four (attention_bias); an output bias alone, or all four with a window, has no HF
-    architecture."""
+    architecture. A model whose d_model is not num_heads x head_dim exports as a Mistral with
+    no window (transformers 5's LLaMA refuses it)."""
     if config.hf_model_type == "phi3":
         return _phi3_to_hf(config)
     if config.rotary_dim not in (None, config.head_dim):
@@ -207,17 +209,24 @@ def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
             "model.o_bias without model.qkv_bias has no Hugging Face architecture to export to "
             "(LLaMA's attention_bias sets both, Qwen2 has q, k, v biases only)"
         )
-    if window is not None:
+    # transformers 5's LlamaConfig refuses a hidden_size that is not heads x head_dim; Mistral's
+    # (the same model with no window) takes it, as earlier transformers take both.
+    if window is not None or config.d_model % config.num_heads:
         if config.qkv_bias:
+            shape = f"model.sliding_window={window}" if window else _unsplit_width(config)
             raise ConfigError(
-                f"model.sliding_window={window} with model.qkv_bias and model.o_bias has no "
-                "Hugging Face architecture to export to (Mistral has no biases, Qwen2 q, k, v "
-                "biases only, LLaMA's attention_bias no sliding window)"
+                f"{shape} with model.qkv_bias and model.o_bias has no Hugging Face architecture "
+                "to export to (Mistral has no biases, Qwen2 q, k, v biases only, LLaMA's "
+                "attention_bias no sliding window and hidden_size = heads x head_dim)"
             )
         mistral = {"architectures": ["MistralForCausalLM"], "model_type": "mistral"}
         return {**mistral, "sliding_window": window}
     llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     return {**llama, "attention_bias": config.qkv_bias, "mlp_bias": False}
+
+
+def _unsplit_width(config: ModelConfig) -> str:
+    return f"model.d_model={config.d_model} not divisible by model.num_heads={config.num_heads}"
 
 
 def _qwen_window(window: int | None) -> dict[str, Any]:
@@ -267,6 +276,12 @@ def _phi3_to_hf(config: ModelConfig) -> dict[str, Any]:
         "model_type": "phi3",
         "sliding_window": config.sliding_window,
     }
+    if kind == "longrope" and config.d_model // config.num_heads != config.head_dim:
+        raise ConfigError(
+            f"model.hf_model_type='phi3' with longrope and model.head_dim={config.head_dim}: "
+            f"Phi3Config sizes longrope's factors by hidden_size / heads = "
+            f"{config.d_model // config.num_heads}, not head_dim, and refuses these"
+        )
     if kind == "longrope":
         phi3["original_max_position_embeddings"] = config.rope_scaling.original_max_position
     if config.rotary_dim not in (None, config.head_dim):

@@ -244,6 +244,14 @@ def _refuses_before_writing(out, config: ModelConfig, match: str) -> None:
     assert not out.exists()
 
 
+LONG_ROPE_32 = RopeScaling(
+    "longrope",
+    original_max_position=64,
+    short_factor=(1.0,) * 16,
+    long_factor=(2.0,) * 16,
+)
+
+
 @pytest.mark.parametrize(
     "changes, match",
     [
@@ -253,8 +261,12 @@ def _refuses_before_writing(out, config: ModelConfig, match: str) -> None:
             r"model\.qkv_bias=True and model\.o_bias=True: Phi-3 has no",
         ),
         ({"rope_scaling": RopeScaling("linear", 2.0)}, r"rope_scaling\.kind='linear'"),
+        (  # Phi3Config counts longrope's factors by hidden_size / heads (16), not head_dim
+            {"num_heads": 8, "num_kv_heads": 2, "rope_scaling": LONG_ROPE_32},
+            r"longrope and model\.head_dim=32: Phi3Config sizes .* hidden_size / heads = 16",
+        ),
     ],
-    ids=["qkv_bias", "attention_bias", "linear_rope"],
+    ids=["qkv_bias", "attention_bias", "linear_rope", "longrope_head_dim"],
 )
 def test_what_phi3_cannot_hold_is_refused_at_export(tmp_path, changes, match):
     config = ModelConfig.preset("tiny", hf_model_type="phi3", **changes)

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from dga_jax.checkpoint import CheckpointError, load_config, read_hf
+from dga_jax import Llama
+from dga_jax.checkpoint import CheckpointError, load_config, read_hf, save_model
 from dga_jax.checkpoint.hf import read_hf_config
 from dga_jax.errors import ConfigError, InputError
 from dga_jax.model.config import ModelConfig
+from dga_jax.model.hf_config import config_to_hf
 from tests.checkpoint.conftest import (
     _DEFAULTS,
     LOGIT_ATOL,
@@ -203,6 +206,23 @@ def test_a_windowed_mistral_exports_as_mistral(windowed_mistral, tmp_path):
     assert exported.config.sliding_window == WINDOW
     tokens = random_tokens(seq_len=4 * WINDOW)
     np.testing.assert_array_equal(hf_logits(exported, tokens), hf_logits(model, tokens))
+
+
+def test_a_width_apart_from_heads_times_head_dim_exports_as_a_windowless_mistral(tmp_path):
+    # 3 heads of 32 channels in a width of 128: exported as LLaMA, whose config transformers 5
+    # refuses (hidden_size must be a multiple of the heads); a Mistral takes it.
+    config = ModelConfig.preset("tiny", num_heads=3, num_kv_heads=1, num_layers=1)
+    save_model(Llama(config, rngs=nnx.Rngs(0)), tmp_path / "ckpt")
+    to_hf(tmp_path / "ckpt", tmp_path / "hf")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert type(exported).__name__ == "MistralForCausalLM"
+    assert exported.config.sliding_window is None
+    tokens = random_tokens(seq_len=16)
+    diff = np.max(np.abs(_logits(tmp_path / "ckpt", tokens) - hf_logits(exported, tokens)))
+    assert diff <= LOGIT_ATOL
+    biased = config.replace(qkv_bias=True, o_bias=True)
+    with pytest.raises(ConfigError, match=r"d_model=128 not divisible by model\.num_heads=3"):
+        config_to_hf(biased)
 
 
 def test_an_absent_mistral_sliding_window_is_transformers_default():

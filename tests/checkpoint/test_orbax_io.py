@@ -138,12 +138,27 @@ def test_a_shape_changing_config_change_names_the_parameter(tiny_ckpt):
         load_model(ckpt, tie_embeddings=True)
 
 
-def test_damaged_array_data_is_a_checkpoint_error_naming_it(tiny_ckpt):
-    # TensorStore's bare Exception (load_model) or ValueError (read_param), with tracebacks.
+def _truncate(path, size=10):
+    with path.open("r+b") as f:
+        f.truncate(size)
+
+
+DAMAGES = {
+    "array data truncated": lambda p: [_truncate(f) for f in p.glob("ocdbt.process_*/d/*")],
+    "metadata truncated": lambda p: _truncate(p / "_METADATA"),
+    "metadata emptied": lambda p: _truncate(p / "_METADATA", 0),
+    "manifest removed": lambda p: (p / "manifest.ocdbt").unlink(),
+    "manifest truncated": lambda p: _truncate(p / "manifest.ocdbt"),
+    "btree truncated": lambda p: [_truncate(f) for f in p.glob("d/*")],
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_params_item_is_a_checkpoint_error_naming_it(tiny_ckpt, damage):
+    # TensorStore's bare Exception (load_model) or ValueError (read_param), a JSONDecodeError
+    # for damaged metadata: each was a traceback.
     ckpt, _ = tiny_ckpt
-    for data in (ckpt / "params").glob("ocdbt.process_*/d/*"):
-        with data.open("r+b") as f:
-            f.truncate(10)
+    DAMAGES[damage](ckpt / "params")
     cannot_read = rf"{re.escape(str(ckpt / 'params'))} cannot be read .* damaged or incomplete"
     with pytest.raises(CheckpointError, match=cannot_read):
         load_model(ckpt)

@@ -129,6 +129,12 @@ _LLAMA3_HF_ROPE = {
         ({"max_position_embeddings": None}, r"^max_position_embeddings must be int, got NoneType"),
         ({"rms_norm_eps": None}, r"^rms_norm_eps must be float, got NoneType None$"),
         ({"num_key_value_heads": "2"}, r"^num_key_value_heads must be int, got str '2'$"),
+        # TypeError (unhashable) and ZeroDivisionError tracebacks
+        ({"architectures": None, "model_type": ["llama"]}, r"^model_type must be str, got list"),
+        (
+            {"num_attention_heads": 0, "head_dim": None},
+            r"^num_attention_heads must be at least 1, got 0$",
+        ),
         # TypeError / AttributeError tracebacks, which read_hf_config does not catch
         ({"rope_theta": None}, r"^rope_theta must be float, got NoneType None$"),
         ({"rope_parameters": {"rope_theta": None}}, r"^rope_parameters\.rope_theta must be float"),
