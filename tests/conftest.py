@@ -75,6 +75,18 @@ if FEW_OPTIMIZATIONS:
     os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 jax.config.update("jax_disable_most_optimizations", FEW_OPTIMIZATIONS)
 
+
+@pytest.fixture
+def optimized():
+    """A test's programs compiled as users get them, LLVM's optimizations on (fused
+    multiply-adds among them), where the suite turns them off; restored after the test. Jit
+    inside the test: a function compiled before may be reused as it was compiled."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    yield
+    jax.config.update("jax_disable_most_optimizations", before)
+
+
 # The TPU interpreter with its checks on: data races between DMAs and grid steps (reported by
 # printing RACE_REPORT, which `pytest_runtest_makereport` turns into a failure), out-of-bounds
 # reads (raise).

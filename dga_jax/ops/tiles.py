@@ -254,29 +254,38 @@ def online_finish(state: State) -> tuple[jax.Array, jax.Array]:
 def mass_stats_step(scale: float, state, raw: jax.Array, visible: jax.Array | None):
     """Importance's first pass on one tile: the running max and normaliser [..., R] of
     exp(scale * raw) over the visible entries of raw [..., R, N] (products q @ k.T; visible None:
-    all). No values: as `online_step`, a whole tile's max reads the products as they are."""
+    all). No values.
+
+    The max is of the products, unscaled, and each exponent (raw - max) * scale: a query's
+    largest product gives exp(0) = 1 exactly. Taken as scale * raw - max, XLA fuses a
+    multiply-subtract that skips raw * scale's rounding, so one-hot queries scored their key
+    1 - 1e-6 at logits ~40 and near-ties fell by the fusion (`selection_max`)."""
     mx, total = state
-    logits = raw * scale
-    if visible is None:
-        tile_max = jnp.max(raw, axis=-1) * scale
-    else:
-        logits = jnp.where(visible, logits, -jnp.inf)
-        tile_max = jnp.max(logits, axis=-1)
-    new = jnp.maximum(mx, tile_max)
+    if visible is not None:
+        raw = jnp.where(visible, raw, -jnp.inf)
+    new = jnp.maximum(mx, jnp.max(raw, axis=-1))
     safe = jnp.where(new == -jnp.inf, 0.0, new)
-    p = jnp.exp(logits - safe[..., None])
-    return new, total * jnp.exp(mx - safe) + jnp.sum(p, axis=-1)
+    p = jnp.exp((raw - safe[..., None]) * scale)
+    return new, total * jnp.exp((mx - safe) * scale) + jnp.sum(p, axis=-1)
+
+
+def selection_max(mx: jax.Array, total: jax.Array, scale: float) -> jax.Array:
+    """The log-sum-exp of `mass_stats_step`'s (max, normaliser), in its unscaled units: max +
+    log(total) / scale (inf where nothing was visible), which `probability_mass` takes."""
+    seen = total > 0
+    return jnp.where(seen, mx + jnp.log(jnp.where(seen, total, 1.0)) / scale, jnp.inf)
 
 
 def probability_mass(scale: float, raw: jax.Array, lse: jax.Array, visible: jax.Array | None):
-    """Importance's second pass on one tile: the softmax probabilities exp(scale * raw - lse)
-    of raw [..., R, N] summed over the visible rows -> [..., N]; lse [..., R].
+    """Importance's second pass on one tile: the softmax probabilities exp((raw - lse) * scale)
+    of raw [..., R, N] summed over the visible rows -> [..., N]; lse [..., R] in raw's units
+    (`selection_max`).
 
     A probability is at most 1: the exponent is capped at 0. At logits past ~1e8 (an absurd
     scale) the pass's products differ from the first pass's by more than float32's exp takes,
     and the scores overflowed to inf, every output then NaN; there they stay finite, though
     not meaningful (the passes disagree by more than the logits' spread)."""
-    p = jnp.exp(jnp.minimum(raw * scale - lse[..., None], 0.0))
+    p = jnp.exp(jnp.minimum((raw - lse[..., None]) * scale, 0.0))
     if visible is not None:
         p = jnp.where(visible, p, 0.0)
     return jnp.sum(p, axis=-2)

@@ -24,6 +24,7 @@ from tests.conftest import (
     assert_close,
     random_qkv,
 )
+from tests.ops.spec_oracle import spec_attention
 
 IMPLEMENTATIONS = {
     "xla": dict(implementation="xla"),
@@ -116,6 +117,45 @@ def test_importance_ties(impl, selection):
     assert_close(
         attention(impl, **kwargs)(q, k, v), reference(**kwargs)(q, k, v), FORWARD_TOL[jnp.float32]
     )
+
+
+def one_hot_queries():
+    """Sampled queries 3 and 7 (m = 4) each attend all but exactly to one key, 2 and 6, at
+    logits ~38: both keys score 1 in float32 (a tie, to the lower position), key 2 above key 6
+    in exact arithmetic. Scaled products minus their max, fused by XLA into one multiply-subtract,
+    scored key 2 at 1 - 1.4e-6 and picked key 6."""
+    q, k = np.zeros((2, 1, 8, 1, 3), np.float32)
+    k[0, 2, 0, 0], k[0, 6, 0, 1], q[0, 3, 0, 0], q[0, 7, 0, 1] = 8.37, 8.0, 8.0, 8.0
+    v = jax.random.normal(jax.random.key(0), (1, 8, 1, 3))
+    return jnp.asarray(q), jnp.asarray(k), v
+
+
+@pytest.mark.parametrize("impl", WITH_REFERENCE)
+def test_one_hot_queries_tie_as_in_exact_arithmetic(impl, optimized):
+    q, k, v = one_hot_queries()
+    want = spec_attention(q, k, v, 4, 0.125)  # float64: key 2 focal
+    assert_close(
+        attention(impl, group_size=4, focal_ratio=0.125)(q, k, v), want, FORWARD_TOL[jnp.float32]
+    )
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_one_hot_heads_score_a_streaming_chunk_as_the_reference(impl, optimized):
+    # Two query heads, each near one-hot on another key of a chunk at logits ~ N(0, 25^2): the
+    # chunk's tail scores tie at 1; scores from fused multiply-subtracts (optimized code) broke
+    # the tie otherwise.
+    q, k, v = one_hot_heads()
+    kwargs = dict(group_size=4, focal_ratio=0.2, selection="streaming")
+    assert_close(
+        attention(impl, **kwargs)(q, k, v), reference(**kwargs)(q, k, v), FORWARD_TOL[jnp.float32]
+    )
+
+
+def one_hot_heads():
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (1, 30, 2, 8)) * 5.0
+    k = jax.random.normal(keys[1], (1, 30, 1, 8)) * 5.0
+    return q, k, jax.random.normal(keys[2], (1, 30, 1, 8))
 
 
 @pytest.mark.parametrize("impl", WITH_REFERENCE)

@@ -39,8 +39,9 @@ def dga_attention_reference(
 def _attend_one_head(q, k, v, config: DGAConfig, sizes: LayoutSizes, scale: float):
     """q: [L, G, D], k/v: [L, D] -> [L, G, D]."""
     seq_len, m = sizes.seq_len, sizes.group_size
-    logits = jnp.einsum("tgd,sd->gts", q, k) * scale  # [G, L, L]
-    focal, score = _select(jax.lax.stop_gradient(logits), config, sizes)
+    products = jnp.einsum("tgd,sd->gts", q, k)  # [G, L, L]
+    logits = products * scale
+    focal, score = _select(jax.lax.stop_gradient(products), scale, config, sizes)
 
     # Non-focal tokens, in position order, are cut into groups of m; the rest stay raw.
     nonfocal = ~focal
@@ -73,20 +74,28 @@ def _attend_one_head(q, k, v, config: DGAConfig, sizes: LayoutSizes, scale: floa
     return out.transpose(1, 0, 2)
 
 
-def _select(logits, config: DGAConfig, sizes: LayoutSizes):
-    """Focal mask [L] and the per-token scores [L] that weight group members."""
+def _select(products, scale: float, config: DGAConfig, sizes: LayoutSizes):
+    """Focal mask [L] and the per-token scores [L] that weight group members, from the
+    products q . k [G, L, L] (logits before `scale`)."""
     seq_len = sizes.seq_len
     if sizes.num_focal == seq_len:
         return jnp.ones(seq_len, bool), jnp.ones(seq_len, jnp.float32)
     if config.selection == "global":
-        return _select_global(logits, sizes)
-    return _select_streaming(logits, sizes)
+        return _select_global(products, scale, sizes)
+    return _select_streaming(products, scale, sizes)
 
 
-def _select_global(logits, sizes: LayoutSizes):
+def _softmax(products, scale: float):
+    """softmax(products * scale) over the last axis as exp((x - max) * scale) / sum: the
+    largest product's numerator is exactly 1 under any fusion (ties stay ties)."""
+    e = jnp.exp((products - jnp.max(products, axis=-1, keepdims=True)) * scale)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _select_global(products, scale: float, sizes: LayoutSizes):
     seq_len, m = sizes.seq_len, sizes.group_size
     causal = jnp.tril(jnp.ones((seq_len, seq_len), bool))
-    probs = jax.nn.softmax(jnp.where(causal, logits, -jnp.inf), axis=-1)  # [G, L, L]
+    probs = _softmax(jnp.where(causal, products, -jnp.inf), scale)  # [G, L, L]
     sampled = np.unique(np.minimum(np.arange(m - 1, seq_len + m - 1, m), seq_len - 1))
     importance = probs[:, sampled, :].sum(axis=(0, 1))  # [L]; causal mask gives j >= i
     order = jnp.argsort(-importance, stable=True)  # ties: lower position first
@@ -94,14 +103,14 @@ def _select_global(logits, sizes: LayoutSizes):
     return focal, importance
 
 
-def _select_streaming(logits, sizes: LayoutSizes):
+def _select_streaming(products, scale: float, sizes: LayoutSizes):
     seq_len, chunk = sizes.seq_len, sizes.chunk
     per_chunk = sizes.num_focal // max(sizes.num_groups, 1)
     focal = jnp.zeros(seq_len, bool)
     score = jnp.zeros(seq_len, jnp.float32)
     for c in range(sizes.num_groups):
         start, last = c * chunk, (c + 1) * chunk - 1
-        chunk_score = jax.nn.softmax(logits[:, last, start : last + 1], axis=-1).sum(axis=0)
+        chunk_score = _softmax(products[:, last, start : last + 1], scale).sum(axis=0)
         order = jnp.argsort(-chunk_score, stable=True)
         focal = focal.at[start + order[:per_chunk]].set(True)
         score = score.at[start : last + 1].set(chunk_score)

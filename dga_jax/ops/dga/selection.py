@@ -27,6 +27,7 @@ from dga_jax.ops.tiles import (
     mass_stats_step,
     probability_mass,
     round_up,
+    selection_max,
     varying_like,
 )
 
@@ -83,12 +84,11 @@ def global_importance(
         row_pos = _row_sampled(pos, jnp.asarray(lengths, jnp.int32))  # [B, nS]
         qs = jnp.take_along_axis(q, jnp.maximum(row_pos, 0)[:, :, None, None], axis=1)
     tiles = ImportanceTiles.build(qs, row_pos, k, group_size, scale, block, split.positions(chunk))
-    mx, total = passes.stats(tiles)  # [B*Hkv, nS*G] each
+    mx, total = passes.stats(tiles)  # [B*Hkv, nS*G] each, mx of the unscaled products
     top = split.pmax(mx)
     safe = jnp.where(jnp.isfinite(top), top, 0.0)
-    total = split.psum(total * jnp.exp(mx - safe))
-    lse = jnp.where(total > 0, safe + jnp.log(jnp.where(total > 0, total, 1.0)), jnp.inf)
-    s = passes.scores(tiles, lse)[:, :chunk].reshape(b, hkv, chunk)
+    total = split.psum(total * jnp.exp((mx - safe) * scale))
+    s = passes.scores(tiles, selection_max(safe, total, scale))[:, :chunk].reshape(b, hkv, chunk)
     return split.gather_sequence(s, axis=2)
 
 
@@ -281,13 +281,21 @@ def streaming_score(
     ids = jnp.where(c < n, c, n)  # n: no chunk (the segment ops drop it)
     q_key = jnp.take(last, jnp.minimum(c, n - 1), axis=1)  # [B, C, Hq, D]
     q_key = q_key.reshape(b, chunk, hkv, hq // hkv, d)
-    logits = jnp.einsum("bchgd,bchd->cbhg", q_key, k, preferred_element_type=jnp.float32)
-    logits = logits * scale  # [C, B, Hkv, G]
-    top = split.pmax(jax.ops.segment_max(logits, ids, n))  # [n, B, Hkv, G]
-    p = jnp.where((c < n)[:, None, None, None], jnp.exp(logits - top[jnp.minimum(c, n - 1)]), 0.0)
+    raw = jnp.einsum("bchgd,bchd->cbhg", q_key, k, preferred_element_type=jnp.float32)
+    top = split.pmax(jax.ops.segment_max(raw, ids, n))  # [n, B, Hkv, G], of the raw products
+    p = scaled_exp(raw, top[jnp.minimum(c, n - 1)], scale)  # [C, B, Hkv, G]
+    p = jnp.where((c < n)[:, None, None, None], p, 0.0)
     total = split.psum(jax.ops.segment_sum(p, ids, n))
     score = (p / total[jnp.minimum(c, n - 1)]).sum(-1)  # [C, B, Hkv]
     return split.gather_sequence(score.transpose(1, 2, 0), axis=2)
+
+
+def scaled_exp(raw: jax.Array, top: jax.Array, scale: float) -> jax.Array:
+    """exp((raw - top) * scale): a softmax's numerators over products q . k, `top` their max.
+    Subtracting before scaling gives the largest product exp(0) = 1 exactly, however XLA fuses
+    it (scale * raw - top became a multiply-subtract without raw * scale's rounding): streaming
+    prefill and decoding score one-hot tails alike, and break such ties alike."""
+    return jnp.exp((raw - top) * scale)
 
 
 def chunk_focal_mask(score: jax.Array, sizes: LayoutSizes, chunks: jax.Array) -> jax.Array:
