@@ -122,23 +122,3 @@ def check_launch(block_sizes: BlockSizes, implementation: str) -> BlockSizes:
             "leave them None"
         )
     return block_sizes
-
-
-def check_split(split, op: str) -> None:
-    """A `ContextSplit`'s part count must be its mesh axes' size (inside `jax.shard_map`; one
-    part naming an axis too: a split sequence taken as whole would be attended wrongly); `op`
-    names the caller in the errors."""
-    if not split.axis:
-        return
-    try:
-        size = jax.lax.axis_size(split.axis)
-    except NameError as e:
-        raise ValueError(
-            f"split={split} names mesh axes that are not bound: call {op} inside a "
-            "jax.shard_map over them"
-        ) from e
-    if size != split.shards:
-        raise ValueError(
-            f"split={split} says {split.shards} parts, but mesh axes {split.axis!r} hold {size} "
-            f"devices: pass ContextSplit({split.axis!r}, {size})"
-        )

@@ -151,3 +151,25 @@ def zigzag_order(seq_len: int, parts: int) -> np.ndarray:
         )
     pieces = np.arange(seq_len).reshape(2 * parts, -1)
     return np.concatenate([pieces[i] for p in range(parts) for i in (p, 2 * parts - 1 - p)])
+
+
+def check_split(split, op: str) -> None:
+    """A `ContextSplit`'s part count must be its mesh axes' size (inside `jax.shard_map`; one
+    part naming an axis too: a split sequence taken as whole would be attended wrongly); `op`
+    names the caller in the errors. Anything else than a `ContextSplit` is refused."""
+    if not isinstance(split, ContextSplit):
+        raise ValueError(f"split must be a dga_jax ContextSplit, got {split!r}")
+    if not split.axis:
+        return
+    try:
+        size = jax.lax.axis_size(split.axis)
+    except NameError as e:
+        raise ValueError(
+            f"split={split} names mesh axes that are not bound: call {op} inside a "
+            "jax.shard_map over them"
+        ) from e
+    if size != split.shards:
+        raise ValueError(
+            f"split={split} says {split.shards} parts, but mesh axes {split.axis!r} hold {size} "
+            f"devices: pass ContextSplit({split.axis!r}, {size})"
+        )

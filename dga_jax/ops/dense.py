@@ -17,8 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.checks import check_block_sizes, check_launch, check_qkv, check_split, is_int
-from dga_jax.ops.context import WHOLE, ContextSplit
+from dga_jax.ops.checks import check_block_sizes, check_launch, check_qkv, is_int
+from dga_jax.ops.context import WHOLE, ContextSplit, check_split
 from dga_jax.ops.intervals import Entries, interval_attention
 from dga_jax.ops.target import placed_target
 from dga_jax.ops.tiles import BlockSizes
@@ -58,8 +58,6 @@ def dense_attention(
     """
     scale = check_qkv(q, k, v, scale)
     platform = placed_target(q, k, v).platform
-    if not isinstance(split, ContextSplit):
-        raise ValueError(f"split must be a dga_jax ContextSplit, got {split!r}")
     check_split(split, "dense_attention")
     window = check_window(window)
     if split.shards > 1:

@@ -68,6 +68,28 @@ def test_streaming_prefill_equals_step_by_step_decoding(prompt_len, group_size, 
     assert_close(out, attention(q, k, v, config)[:, prompt_len:], TOL)
 
 
+@pytest.mark.parametrize("prompt_len", [0, 12])
+def test_one_hot_heads_decode_as_they_prefill(prompt_len, optimized):
+    # Two query heads near one-hot on two keys of one chunk (logits ~ N(0, 25^2)): their tail
+    # scores tie at 1 in float32. Prefill and decoding computed them by differently fused
+    # expressions (scaled products minus their max, one multiply-subtract in optimized code)
+    # and promoted different keys: off by 1.1.
+    keys = jax.random.split(jax.random.key(2), 3)
+    q = jax.random.normal(keys[0], (1, 30, 2, 8)) * 5.0
+    k = jax.random.normal(keys[1], (1, 30, 1, 8)) * 5.0
+    v = jax.random.normal(keys[2], (1, 30, 1, 8))
+    config = dga_jax.DGAConfig(4, 0.2, "streaming")
+    p = prompt_len
+    cache = dga_jax.prefill(q[:, :p], k[:, :p], v[:, :p], max_len=30, config=config)
+    outs = []
+    one_step = jax.jit(decode_step)  # compiled here, optimized
+    for t in range(p, 30):  # a step at a time, as generation calls it
+        out, cache = one_step(q[:, t], k[:, t], v[:, t], cache)
+        outs.append(out)
+    want = dga_jax.dga_attention(q, k, v, config)[:, p:]
+    assert_close(jnp.stack(outs, axis=1), want, TOL)
+
+
 @pytest.mark.parametrize("selection", ["global", "streaming"])
 @pytest.mark.parametrize("focal_ratio", [0.0, 0.1, 0.5, 1.0])
 def test_decoding_after_prefill_matches_the_spec_rule(selection, focal_ratio):
@@ -267,6 +289,7 @@ PREFILL_MISTAKES = {
     "capacity-negative": (dict(capacity=-1), r"capacity must be an int >= 0"),
     "scale-negative": (dict(scale=-1.0), "scale must be a positive finite number"),
     "config-str": (dict(config="dga"), "config must be a DGAConfig or None"),
+    "layout-str": (dict(layout="x"), r"layout must be a DGALayout .* got 'x'"),
 }
 
 
@@ -287,6 +310,19 @@ def test_prefill_names_bad_arguments(config, mistake):
             args[name] = change
     with pytest.raises(ValueError, match=message):
         prefill(**arrays, **args)
+
+
+def test_a_layout_without_a_config_and_a_cache_of_no_kind_are_refused():
+    # The layout was ignored (a dense cache); a None or other cache: an AttributeError.
+    q, k, v = random_qkv(10, 2, 12, 4, 2, 8)
+    layout = dga_layout(q, k, dga_jax.DGAConfig(4, 0.25), None)
+    with pytest.raises(ValueError, match=r"layout= is DGA's selection, but config=None"):
+        prefill(q, k, v, max_len=20, layout=layout)
+    for cache in (None, layout):
+        with pytest.raises(ValueError, match=r"cache must be a cache from prefill"):
+            decode_step(q[:, 0], k[:, 0], v[:, 0], cache)
+    with pytest.raises(ValueError, match=r"layout must be a DGALayout .* got 'x'"):
+        dga_jax.gather_entries("x", k, v)
 
 
 @pytest.mark.parametrize(

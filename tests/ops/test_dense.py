@@ -172,9 +172,19 @@ def test_float16_runs_everywhere(implementation):
 
 @pytest.mark.parametrize("split", ["seq", ("seq", 2), None], ids=repr)
 def test_a_split_that_is_not_a_context_split_is_rejected(split):
+    # dga_attention's and dga_layout's were AttributeErrors (the reference's too).
     q, k, v = random_qkv(12, 1, 8, 2, 1, 8)
-    with pytest.raises(ValueError, match="split must be a dga_jax ContextSplit, got"):
-        dga_jax.dense_attention(q, k, v, split=split)
+    ops = [
+        dga_jax.dense_attention,
+        dga_jax.dga_attention,
+        functools.partial(dga_jax.dga_attention, implementation="reference"),
+        lambda q, k, v, split: dga_jax.dga_layout(
+            q, k, dga_jax.DGAConfig(4, 0.25), None, split=split
+        ),
+    ]
+    for op in ops:
+        with pytest.raises(ValueError, match="split must be a dga_jax ContextSplit, got"):
+            op(q, k, v, split=split)
 
 
 @pytest.mark.parametrize("implementation", ["xla", None])

@@ -322,6 +322,10 @@ def test_a_float32_focal_ratio_counts_as_its_decimal(seq_len):
         (dict(group_size=0), r"^dga\.group_size must be an int >= 1, got 0$"),
         (dict(focal_ratio=2.0), r"^dga\.focal_ratio must be a number in \[0, 1\], got 2\.0$"),
         (dict(selection="local"), r"^dga\.selection must be one of .*, got 'local'$"),
+        # chunks of m' = 1.6e11 tokens: an OverflowError deep in a jitted call, or a decode tail
+        # of 40 TB
+        (dict(focal_ratio=1 - 1e-10), r"^dga\.group_size=16 with .* chunks of 159999986762 "),
+        (dict(group_size=2**31, focal_ratio=1.0), r"groups or chunks of 2147483648 tokens"),
     ],
 )
 def test_dga_config_errors_name_the_field_path(fields, match):

@@ -6,8 +6,8 @@ import functools
 
 import jax
 
-from dga_jax.ops.checks import check_lengths, check_qkv, check_split
-from dga_jax.ops.context import WHOLE, ContextSplit
+from dga_jax.ops.checks import check_lengths, check_qkv
+from dga_jax.ops.context import WHOLE, ContextSplit, check_split
 from dga_jax.ops.dga.backends import (
     check_implementation,
     importance_implementation,
@@ -94,9 +94,9 @@ def dga_attention(
     implementation, block_sizes = check_implementation(
         implementation, block_sizes, interpret, q, k, v, allowed=IMPLEMENTATIONS
     )
+    check_split(split, "dga_attention")
     if implementation == "reference":
         _check_reference(split, lengths, layout)
-    check_split(split, "dga_attention")
     lengths = _check_lengths(lengths, q, split)
     _check_layout(layout, lengths, config, q, k, split)
     run = functools.partial(

@@ -15,6 +15,7 @@ import numpy as np
 from dga_jax.ops.checks import is_int, is_real
 
 SELECTIONS = ("global", "streaming")
+INT32_MAX = 2**31 - 1
 
 
 def ceil_exact(x: float) -> int:
@@ -46,6 +47,12 @@ class DGAConfig:
         # Plain Python numbers: the config is a static (hashed) argument of jitted functions.
         object.__setattr__(self, "group_size", int(m))
         object.__setattr__(self, "focal_ratio", float(gamma))
+        width = self.group_size if self.focal_ratio >= 1.0 else self.chunk_size
+        if width > INT32_MAX:  # positions, counts and shapes are int32
+            raise ValueError(
+                f"dga.group_size={m} with focal_ratio={gamma} makes groups or chunks of {width} "
+                f"tokens, past int32 (focal_ratio=1 keeps every token, with no chunks)"
+            )
 
     @property
     def chunk_focal(self) -> int:

@@ -46,7 +46,7 @@ from dga_jax.ops.dga.layout import (
     fold_members,
     group_weights,
 )
-from dga_jax.ops.dga.selection import pairwise_top_mask
+from dga_jax.ops.dga.selection import pairwise_top_mask, scaled_exp
 from dga_jax.ops.sinks_decode import SinkCache, SinkUpdate
 
 
@@ -208,6 +208,10 @@ def _check_prefill(q, k, v, max_len, config, scale, capacity, layout) -> float:
     checked as a one-token one would be (`check_qkv` asks for L >= 1)."""
     if config is not None and not isinstance(config, DGAConfig):
         raise ValueError(f"config must be a DGAConfig or None (dense), got {config!r}")
+    if layout is not None and not isinstance(layout, DGALayout):
+        raise ValueError(f"layout must be a DGALayout (dga_layout's) or None, got {layout!r}")
+    if layout is not None and config is None:
+        raise ValueError("layout= is DGA's selection, but config=None builds a dense cache")
     if capacity is not None and (not is_int(capacity) or capacity < 0):
         raise ValueError(f"capacity must be an int >= 0 (prefix slots) or None, got {capacity!r}")
     if all(x.ndim == 4 and x.shape[1] == 0 for x in (q, k, v)):
@@ -240,6 +244,8 @@ def decode_step(
     that one step both reads and updates). A row already holding `max_len` tokens has no room:
     its output is NaN (`prefix_capacity` and `check_fits` catch this on the host before running).
     """
+    if not isinstance(cache, DGACache | DenseCache | SinkCache):
+        raise ValueError(f"cache must be a cache from prefill or sink_prefill, got {cache!r}")
     out, update = cache.attend(q, k, v)
     return out, apply_update(cache, update)
 
@@ -317,8 +323,9 @@ def _flush_entries(q, tail_k, tail_v, config: DGAConfig, scale: float):
     b, hq, d = q.shape
     hkv = tail_k.shape[1]
     qg = jax.lax.stop_gradient(q).reshape(b, hkv, hq // hkv, d)
-    logits = jnp.einsum("bhgd,bhnd->bhgn", qg, tail_k, preferred_element_type=jnp.float32)
-    score = jax.nn.softmax(logits * scale, axis=-1).sum(axis=2)  # [B, H, m']
+    raw = jnp.einsum("bhgd,bhnd->bhgn", qg, tail_k, preferred_element_type=jnp.float32)
+    p = scaled_exp(raw, jnp.max(raw, axis=-1, keepdims=True), scale)
+    score = (p / jnp.sum(p, axis=-1, keepdims=True)).sum(axis=2)  # [B, H, m']
     is_focal = pairwise_top_mask(score, focal)
     # Stable sorts put focal (resp. non-focal) positions first, each in position order.
     focal_idx = jnp.argsort(~is_focal, axis=-1, stable=True)[..., :focal]

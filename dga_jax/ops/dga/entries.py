@@ -65,6 +65,8 @@ def gather_entries(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entri
 def _check_layout_kv(layout: DGALayout, k: jax.Array, v: jax.Array) -> None:
     """k, v [B, L, Hkv, D] of the layout's [B, Hkv, L]: else a gather would silently broadcast
     (other heads or rows) or read past them."""
+    if not isinstance(layout, DGALayout):
+        raise ValueError(f"layout must be a DGALayout (dga_layout's), got {layout!r}")
     b, h, seq_len = layout.focal.shape
     for name, x in (("k", k), ("v", v)):
         if x.ndim != 4 or (x.shape[0], x.shape[2], x.shape[1]) != (b, h, seq_len):

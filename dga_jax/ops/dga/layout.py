@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dga_jax.ops.checks import check_lengths, check_qkv, check_split, is_int
-from dga_jax.ops.context import WHOLE, ContextSplit
+from dga_jax.ops.checks import check_lengths, check_qkv, is_int
+from dga_jax.ops.context import WHOLE, ContextSplit, check_split
 from dga_jax.ops.dga.config import DGAConfig, LayoutSizes
 from dga_jax.ops.dga.selection import (
     ImportancePasses,
