@@ -3,7 +3,7 @@
 A terminal's Ctrl-C, SLURM's scancel or `timeout` send SIGINT / SIGTERM to the whole process
 group: the main process stops the run (a checkpoint first); Grain's workers must not die of
 them, even while starting (an evaluation starts its own), so they start with them blocked
-(`stop_signals_blocked`) and end themselves once their parent is gone (`exit_with_parent`).
+(`stop_signals_blocked`) and end themselves once their parent is gone (`prefetch`).
 Closing the iterator ends the workers without a signal (SIGKILL if one hangs).
 """
 

@@ -213,7 +213,12 @@ def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
     # (the same model with no window) takes it, as earlier transformers take both.
     if window is not None or config.d_model % config.num_heads:
         if config.qkv_bias:
-            shape = f"model.sliding_window={window}" if window else _unsplit_width(config)
+            shape = (
+                f"model.sliding_window={window}"
+                if window
+                else f"model.d_model={config.d_model} not divisible by model.num_heads="
+                f"{config.num_heads}"
+            )
             raise ConfigError(
                 f"{shape} with model.qkv_bias and model.o_bias has no Hugging Face architecture "
                 "to export to (Mistral has no biases, Qwen2 q, k, v biases only, LLaMA's "
@@ -223,10 +228,6 @@ def _architecture_to_hf(config: ModelConfig) -> dict[str, Any]:
         return {**mistral, "sliding_window": window}
     llama = {"architectures": ["LlamaForCausalLM"], "model_type": "llama"}
     return {**llama, "attention_bias": config.qkv_bias, "mlp_bias": False}
-
-
-def _unsplit_width(config: ModelConfig) -> str:
-    return f"model.d_model={config.d_model} not divisible by model.num_heads={config.num_heads}"
 
 
 def _qwen_window(window: int | None) -> dict[str, Any]:

@@ -259,7 +259,7 @@ def mass_stats_step(scale: float, state, raw: jax.Array, visible: jax.Array | No
     The max is of the products, unscaled, and each exponent (raw - max) * scale: a query's
     largest product gives exp(0) = 1 exactly. Taken as scale * raw - max, XLA fuses a
     multiply-subtract that skips raw * scale's rounding, so one-hot queries scored their key
-    1 - 1e-6 at logits ~40 and near-ties fell by the fusion (`selection_max`)."""
+    1 - 1e-6 at logits ~40 and near-ties fell by the fusion (the log-sum-exp: `raw_log_sum_exp`)."""
     mx, total = state
     if visible is not None:
         raw = jnp.where(visible, raw, -jnp.inf)
@@ -269,7 +269,7 @@ def mass_stats_step(scale: float, state, raw: jax.Array, visible: jax.Array | No
     return new, total * jnp.exp((mx - safe) * scale) + jnp.sum(p, axis=-1)
 
 
-def selection_max(mx: jax.Array, total: jax.Array, scale: float) -> jax.Array:
+def raw_log_sum_exp(mx: jax.Array, total: jax.Array, scale: float) -> jax.Array:
     """The log-sum-exp of `mass_stats_step`'s (max, normaliser), in its unscaled units: max +
     log(total) / scale (inf where nothing was visible), which `probability_mass` takes."""
     seen = total > 0
@@ -279,7 +279,7 @@ def selection_max(mx: jax.Array, total: jax.Array, scale: float) -> jax.Array:
 def probability_mass(scale: float, raw: jax.Array, lse: jax.Array, visible: jax.Array | None):
     """Importance's second pass on one tile: the softmax probabilities exp((raw - lse) * scale)
     of raw [..., R, N] summed over the visible rows -> [..., N]; lse [..., R] in raw's units
-    (`selection_max`).
+    (`raw_log_sum_exp`).
 
     A probability is at most 1: the exponent is capped at 0. At logits past ~1e8 (an absurd
     scale) the pass's products differ from the first pass's by more than float32's exp takes,

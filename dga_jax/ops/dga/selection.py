@@ -26,8 +26,8 @@ from dga_jax.ops.tiles import (
     BlockSizes,
     mass_stats_step,
     probability_mass,
+    raw_log_sum_exp,
     round_up,
-    selection_max,
     varying_like,
 )
 
@@ -88,7 +88,7 @@ def global_importance(
     top = split.pmax(mx)
     safe = jnp.where(jnp.isfinite(top), top, 0.0)
     total = split.psum(total * jnp.exp((mx - safe) * scale))
-    s = passes.scores(tiles, selection_max(safe, total, scale))[:, :chunk].reshape(b, hkv, chunk)
+    s = passes.scores(tiles, raw_log_sum_exp(safe, total, scale))[:, :chunk].reshape(b, hkv, chunk)
     return split.gather_sequence(s, axis=2)
 
 
