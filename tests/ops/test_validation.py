@@ -271,6 +271,13 @@ def test_block_sizes_must_be_block_sizes():
         dga_jax.dense_attention(q, k, v, implementation="blockwise", block_sizes=(8, 8))
 
 
+def test_block_sizes_for_the_reference_are_refused():
+    # They were ignored: the reference has no tiles, so a caller's tiles changed nothing.
+    q, k, v = random_qkv(0, 1, 16, 2, 2, 8)
+    with pytest.raises(ValueError, match="implementation='reference' has none"):
+        dga_jax.dga_attention(q, k, v, implementation="reference", block_sizes=BlockSizes(8, 8))
+
+
 def test_bools_are_not_numbers():
     q, k, v = random_qkv(0, 1, 16, 2, 2, 8)
     with pytest.raises(ValueError, match="scale"):

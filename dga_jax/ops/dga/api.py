@@ -59,10 +59,10 @@ def dga_attention(
       implementation: "reference" (O(L^2), for tests), "xla" (any backend), "pallas_gpu"
         (Triton kernels), "pallas_tpu" (Mosaic kernels). None picks "pallas_gpu" for
         bfloat16/float16 inputs placed on GPUs (measured faster on an H100), else "xla".
-      block_sizes: query/key block sizes of the blockwise implementations (the kernels have
-        their own defaults and tile rules: powers of two >= 16 on GPU; block_q a multiple of 16
-        and block_k of 128 on TPU); for "pallas_gpu" also the Triton walks' num_warps and
-        num_stages.
+      block_sizes: query/key block sizes of the blockwise implementations, refused for
+        "reference" (the kernels have their own defaults and tile rules: powers of two >= 16 on
+        GPU; block_q a multiple of 16 and block_k of 128 on TPU); for "pallas_gpu" also the
+        Triton walks' num_warps and num_stages.
       interpret: run a Pallas implementation in interpret mode (any backend, for tests): True,
         or for "pallas_tpu" a `pltpu.InterpretParams` (race and out-of-bounds detection).
 

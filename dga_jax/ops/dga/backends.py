@@ -151,4 +151,9 @@ def check_implementation(
         return implementation, check_kernel(implementation, block_sizes, interpret, q, k, v)
     if interpret is not False:
         raise ValueError(f"interpret applies to the Pallas implementations, not {implementation!r}")
+    if implementation == "reference" and block_sizes is not None:  # they were ignored
+        raise ValueError(
+            "block_sizes are the tiles of the blockwise implementations ('xla' and the Pallas "
+            "ones); implementation='reference' has none"
+        )
     return implementation, check_launch(check_block_sizes(block_sizes), implementation)
