@@ -18,11 +18,12 @@ import jax.numpy as jnp
 
 import dga_jax
 from dga_jax import BlockSizes, DGAConfig, DGALayout
+from dga_jax.ops.band import BandBounds
 from dga_jax.ops.dga import backends
 from dga_jax.ops.dga import layout as dga_layout_ops
 from dga_jax.ops.dga import selection as dga_selection
 from dga_jax.ops.dga.config import LayoutSizes
-from dga_jax.ops.dga.entries import compressed_kv
+from dga_jax.ops.dga.entries import band_bounds, compressed_kv
 from dga_jax.ops.intervals import Entries
 
 
@@ -45,9 +46,9 @@ class Setup:
         return self.config.sizes(self.seq_len)
 
     @property
-    def lag(self) -> int:
-        """Raw entries visible before a query: one unfinished group (as `compressed_kv`)."""
-        return max(self.sizes.chunk, self.sizes.group_size) - 1
+    def bounds(self) -> BandBounds:
+        """What the band bounds (`entries.band_bounds`, as `compressed_kv`)."""
+        return band_bounds(self.sizes)
 
 
 # The stages, each a function of the previous stages' outputs.
@@ -90,7 +91,10 @@ def gather(
 def walk(s: Setup, q: jax.Array, prefix: Entries, band: Entries | None) -> jax.Array:
     """Interval attention of q [B, L, Hq, D] over the prefix and the band (None: none)."""
     attend = backends.interval_implementation(s.implementation, s.interpret)
-    return attend(q, prefix, band, scale=s.scale, block_sizes=s.blocks, band_lag=s.lag)
+    lag, period = s.bounds
+    return attend(
+        q, prefix, band, scale=s.scale, block_sizes=s.blocks, band_lag=lag, band_period=period
+    )
 
 
 def band_walk(s: Setup, q: jax.Array, band: Entries) -> jax.Array:

@@ -17,7 +17,7 @@ from dga_stages import Setup
 
 from dga_jax.ops.band import band_rows, window_chunk, window_width
 from dga_jax.ops.dga.selection import sampled_positions
-from dga_jax.ops.intervals import Entries
+from dga_jax.ops.intervals import Entries, query_block_size
 from dga_jax.ops.ranges import block_ranges
 from dga_jax.ops.tiles import round_up
 
@@ -47,10 +47,15 @@ def walk_tile(s: Setup, entries: Intervals, args: argparse.Namespace) -> dict[st
     """The walk's tiling, as `interval_attention` clamps it to the problem size."""
     groups = args.heads // args.kv_heads
     n_prefix, n_band = entries.prefix_start.shape[-1], entries.band_start.shape[-1]
-    block_q = min(s.blocks.block_q, round_up(s.seq_len, 8))
+    lag, period = s.bounds
+    period = period if n_band else 0
+    block_q = query_block_size(s.blocks.block_q, s.seq_len, period)
     block_k = min(s.blocks.block_k, round_up(max(n_prefix, 1), 8))
-    band_q = band_rows(block_q, s.blocks.block_band, s.lag)
-    _, width = window_chunk(window_width(band_q, s.lag, n_band), s.blocks.block_k)
+    if period:  # a chunk's queries read its entries
+        band_q = width = period
+    else:
+        band_q = band_rows(block_q, s.blocks.block_band, lag)
+        _, width = window_chunk(window_width(band_q, lag, n_band), s.blocks.block_k)
     return {
         "block_q": block_q,
         "block_k": block_k,

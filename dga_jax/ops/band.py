@@ -5,12 +5,15 @@ Band entries (`ranges.Entries`) are sorted by `start` with non-decreasing `until
 consecutive queries then sees only entries inside one window of fewer than S + band_lag entries,
 from the first one still visible to its first query (`ranges.band_ranges`). The XLA walk
 (`dga_jax.ops.intervals`) reads each window with one gather and adds its gradients back the
-same way.
+same way. A periodic band (`BandBounds.period`: one entry per position, each visible to the rest
+of its own period of P positions only) is read by period instead: a query block of whole
+periods takes its own entries, a slice, P per query (`take_periods`, `add_periods`).
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -78,7 +81,39 @@ def add_windows(x: jax.Array, starts: jax.Array, delta: jax.Array) -> jax.Array:
     return jax.vmap(lambda x, i, d: x.at[i].add(d))(x, idx, rows)
 
 
+def take_periods(band: Entries, offset: jax.Array, rows: int, period: int) -> Tile:
+    """The band entries [offset, offset + rows) of flat band entries [BH, N, ...] as rows / period
+    windows of `period` entries (`interval_attention`'s band_period): k, v [BH, S, P, D]; start
+    and bias as rows [BH, S, 1, P]. A slice, no gather. `until` is left out: a periodic entry is
+    visible to the rest of its period, so only `start` masks."""
+
+    def take(x):
+        out = jax.lax.dynamic_slice_in_dim(x, offset, rows, axis=1)
+        return out.reshape(x.shape[0], rows // period, period, *x.shape[2:])
+
+    def row(x):
+        return None if x is None else take(x)[..., None, :]
+
+    return Tile(take(band.k), take(band.v), row(band.start), None, row(band.bias))
+
+
+def add_periods(x: jax.Array, offset: jax.Array, delta: jax.Array) -> jax.Array:
+    """x [BH, N, D] += delta [BH, S, P, D] at entries [offset, offset + S * P)."""
+    delta = delta.reshape(x.shape[0], -1, x.shape[-1])
+    current = jax.lax.dynamic_slice_in_dim(x, offset, delta.shape[1], axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(x, current + delta, offset, axis=1)
+
+
 def _window_index(starts: jax.Array, width: int) -> jax.Array:
     """[BH, S] window starts -> [BH, S * W] entry indices."""
     idx = starts[..., None] + jnp.arange(width, dtype=jnp.int32)
     return idx.reshape(starts.shape[0], -1)
+
+
+class BandBounds(NamedTuple):
+    """What a walk may assume of a band (`interval_attention`'s arguments): at most `lag` entries
+    that start before a query are visible to it; `period` > 0: one entry per position, each
+    visible only inside its own period of that many positions (0: no such structure)."""
+
+    lag: int
+    period: int = 0

@@ -32,7 +32,9 @@ class BlockSizes:
     sub-blocks of at most block_band queries (`band.band_rows`), and the prefix entries only
     some queries of a block see block_edge at a time (a divisor of block_k is used), so the walk
     stops closer to the last entry they see. block_importance is the key tile of DGA's
-    importance pass (block_importance / m sampled queries per tile).
+    importance pass (block_importance / m sampled queries per tile). Under streaming selection
+    the XLA walk rounds block_q up to whole chunks of m' (`interval_attention`'s band_period:
+    1026 = 57 x 18 queries at m = 16, gamma = 0.1).
 
     The defaults are DGA's XLA walk's: 1024 x 256 tiles ran its forward+backward 5-8% faster
     than 512 x 512 at D=32 with 2 query heads per KV head, and as fast at D=128 (CPU,

@@ -182,9 +182,11 @@ def test_a_padded_row_has_the_layout_of_its_own_length(config):
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if c.selection == "streaming"], ids=str)
 @pytest.mark.parametrize("lengths", [None, PADDED_LENGTHS], ids=["whole", "padded"])
-def test_chunk_entries_attend_as_the_gathered_lists(config, lengths):
+@pytest.mark.parametrize("periodic", [False, True], ids=["windows", "periods"])
+def test_chunk_entries_attend_as_the_gathered_lists(config, lengths, periodic):
     # The same visible set in another arrangement: equal outputs and gradients at every valid
-    # position, through walks of several blocks (whole, edge and band tiles).
+    # position, through walks of several blocks (whole, edge and band tiles); the chunk band
+    # read in windows (band_lag) or a chunk at a time (band_period, query blocks of whole chunks).
     q, k, v = random_qkv(5, len(PADDED_LENGTHS), 75, 4, 2, 8)
     rows = jnp.asarray(lengths or [75] * len(PADDED_LENGTHS))
     valid = (jnp.arange(75)[None, :] < rows[:, None])[..., None, None]
@@ -193,16 +195,35 @@ def test_chunk_entries_attend_as_the_gathered_lists(config, lengths):
     lag = max(config.chunk_size, config.group_size) - 1
     cotangent = jnp.cos(jnp.arange(q.size, dtype=jnp.float32)).reshape(q.shape) * valid
 
-    def run(entries):
+    def run(entries, period=0):
         def loss(q, k, v):
             prefix, band = entries(layout, k, v)
-            out = interval_attention(q, prefix, band, scale=0.3, block_sizes=blocks, band_lag=lag)
+            out = interval_attention(
+                q, prefix, band, scale=0.3, block_sizes=blocks, band_lag=lag, band_period=period
+            )
             return jnp.sum(out * cotangent), out
 
         return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
 
-    (_, got), got_grads = run(chunk_entries)
+    (_, got), got_grads = run(chunk_entries, config.chunk_size if periodic else 0)
     (_, want), want_grads = run(gather_entries)
     assert_close(got * valid, want * valid, FORWARD_TOL[jnp.float32])
     for a, b in zip(got_grads, want_grads, strict=True):
         assert_close(a * valid, b * valid, GRAD_TOL[jnp.float32])
+
+
+def test_a_band_period_needs_one_band_entry_per_position():
+    config = DGAConfig(4, 0.2, "streaming")
+    q, k, v = random_qkv(5, 1, 40, 4, 2, 8)
+    prefix, band = chunk_entries(dga_layout(q, k, config, 0.3), k, v)
+    attend = functools.partial(interval_attention, scale=0.3, band_lag=4)
+    short = jax.tree.map(lambda x: x[:, :, :-1], band)
+    with pytest.raises(ValueError, match="one entry per position: got 39 entries for 40"):
+        attend(q, prefix, short, band_period=5)
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ValueError, match="band_period must be an int >= 0"):
+            attend(q, prefix, band, band_period=bad)
+    # Without a band the period has nothing to say: the prefix alone, as with none.
+    assert_close(
+        attend(q, prefix, None, band_period=5), attend(q, prefix, None), FORWARD_TOL[jnp.float32]
+    )

@@ -1,7 +1,7 @@
 """The implementations of interval attention, and the checks a kernel backend makes.
 
 Every implementation is a function with `interval_attention`'s signature,
-`(q, prefix, band, *, scale, block_sizes, band_lag, q_prefix) -> out`: "xla" is
+`(q, prefix, band, *, scale, block_sizes, band_lag, q_prefix, band_period) -> out`: "xla" is
 `dga_jax.ops.intervals.interval_attention`, "pallas_gpu" and "pallas_tpu" the Pallas kernels.
 DGA (`compressed_attention`) and the sink baselines (`dga_jax.ops.sinks`) run on any of them.
 """

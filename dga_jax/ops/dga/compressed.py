@@ -1,8 +1,8 @@
 """DGA attention by any interval-attention implementation: the layout, then the walk over KV'.
 
-`compressed_kv` builds the compressed KV' (focal + group prefix, raw band, band lag); `attend`
-(`dga_jax.ops.dga.backends`: XLA or a Pallas kernel) walks it. Memory is linear in L: query
-block i walks only the prefix visible to its last query and one band of raw entries.
+`compressed_kv` builds the compressed KV' (focal + group prefix, raw band, and what bounds the
+band); `attend` (`dga_jax.ops.dga.backends`: XLA or a Pallas kernel) walks it. Memory is linear
+in L: query block i walks only the prefix visible to its last query and one band of raw entries.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def compressed_attention(
     batch (`dga_layout`). `layout`: the sequence's layout if already built (`compressed_kv`).
     `passes`: how global importance runs (None: XLA's loops; `backends.importance_implementation`).
     """
-    pieces, lag = compressed_kv(
+    pieces, bounds = compressed_kv(
         q,
         k,
         v,
@@ -54,7 +54,15 @@ def compressed_attention(
         passes=passes,
     )
     out = [
-        attend(rows, prefix, band, scale=scale, block_sizes=block_sizes, band_lag=lag)
+        attend(
+            rows,
+            prefix,
+            band,
+            scale=scale,
+            block_sizes=block_sizes,
+            band_lag=bounds.lag,
+            band_period=bounds.period,
+        )
         for rows, (prefix, band) in zip(split.piece_rows(q), pieces, strict=True)
     ]
     return jnp.concatenate(out, axis=1) if len(out) > 1 else out[0]

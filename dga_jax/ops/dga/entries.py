@@ -17,8 +17,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from dga_jax.ops.band import BandBounds
 from dga_jax.ops.context import WHOLE, ContextSplit
-from dga_jax.ops.dga.config import DGAConfig
+from dga_jax.ops.dga.config import DGAConfig, LayoutSizes
 from dga_jax.ops.dga.layout import DGALayout, dga_layout, fold_members
 from dga_jax.ops.dga.selection import ImportancePasses
 from dga_jax.ops.intervals import NEVER, Entries
@@ -90,29 +91,38 @@ def compressed_kv(
     lengths: jax.Array | None = None,
     layout: DGALayout | None = None,
     passes: ImportancePasses | None = None,
-) -> tuple[list[tuple[Entries, Entries | None]], int]:
-    """([(prefix, band) per piece], band lag): the KV' the queries of q [B, C, Hq, D] attend to.
+) -> tuple[list[tuple[Entries, Entries | None]], BandBounds]:
+    """([(prefix, band) per piece], `band_bounds`): the KV' the queries of q [B, C, Hq, D] see.
 
     One piece (the device's rows) unless `split` is in zig-zag order (two). A piece's entry
     intervals are relative to its first position, so its query row r sees entry e iff
-    `start_e <= r < until_e`, as `interval_attention` and the kernels assume. The band lag is the
-    number of raw entries that can start before a query and still be visible to it: the members
-    of one unfinished group or chunk. `lengths`: see `dga_layout`. `layout`: this sequence's,
-    already built (`dga_layout` with the same config, scale and lengths): selection is skipped.
-    `passes`: how global importance runs (`dga_layout`).
+    `start_e <= r < until_e`, as `interval_attention` and the kernels assume. `lengths`: see
+    `dga_layout`. `layout`: this sequence's, already built (`dga_layout` with the same config,
+    scale and lengths): selection is skipped. `passes`: how global importance runs
+    (`dga_layout`).
     """
     if layout is None:
         layout = dga_layout(
             q, k, config, scale, block=block, split=split, lengths=lengths, passes=passes
         )
     sizes = layout.sizes
-    lag = max(sizes.chunk, sizes.group_size) - 1
+    bounds = band_bounds(sizes, split)
     if split.shards > 1:
-        return split_entries(layout, k, v, split, lag), lag
-    if sizes.chunk and sizes.num_groups:
-        return [chunk_entries(layout, k, v)], lag
+        return split_entries(layout, k, v, split, bounds.lag), bounds
+    if bounds.period:
+        return [chunk_entries(layout, k, v)], bounds
     prefix, raw = gather_entries(layout, k, v)
-    return [(prefix, raw if sizes.num_raw else None)], lag
+    return [(prefix, raw if sizes.num_raw else None)], bounds
+
+
+def band_bounds(sizes: LayoutSizes, split: ContextSplit = WHOLE) -> BandBounds:
+    """What a walk may assume of the band of a layout of `sizes`: its lag, the raw entries that
+    can start before a query and still be visible to it (the members of one unfinished group or
+    chunk), and for streaming selection over a whole sequence its period m' (`chunk_entries`:
+    every token in position order, visible to the rest of its own chunk only)."""
+    lag = max(sizes.chunk, sizes.group_size) - 1
+    periodic = bool(sizes.chunk and sizes.num_groups) and split.shards == 1
+    return BandBounds(lag, sizes.chunk if periodic else 0)
 
 
 def chunk_entries(layout: DGALayout, k: jax.Array, v: jax.Array) -> tuple[Entries, Entries]:

@@ -110,10 +110,12 @@ def interval_attention(
     block_sizes: BlockSizes,
     band_lag: int = 0,
     q_prefix: jax.Array | None = None,
+    band_period: int = 0,
     interpret: bool = False,
 ) -> jax.Array:
     """`dga_jax.ops.intervals.interval_attention` by the Triton kernels: q [B, L, Hq, D] ->
-    [B, L, Hq, D]. `interpret=True` runs them in Pallas' interpreter (any backend)."""
+    [B, L, Hq, D]. `interpret=True` runs them in Pallas' interpreter (any backend). The band's
+    `band_period` is not used: the kernels' band tiles rest on `band_lag`, which stays valid."""
     return common.kernel_attention(
         KERNELS,
         q,

@@ -115,12 +115,14 @@ def interval_attention(
     block_sizes: BlockSizes,
     band_lag: int = 0,
     q_prefix: jax.Array | None = None,
+    band_period: int = 0,
     interpret: object = False,
 ) -> jax.Array:
     """`dga_jax.ops.intervals.interval_attention` by the Mosaic kernels: q [B, L, Hq, D] ->
     [B, L, Hq, D]. `interpret`: False on a TPU; `pltpu.InterpretParams(...)` (or True) runs
     them in the TPU interpreter on any backend. Band entries past the lag bound are dropped
-    (`pallas_common.bound_lag`): the grids' static step counts rest on it."""
+    (`pallas_common.bound_lag`): the grids' static step counts rest on it. The band's
+    `band_period` is not used (`band_lag` stays valid with it)."""
     if band is not None:
         band = common.bound_lag(band, band_lag)
     return common.kernel_attention(
