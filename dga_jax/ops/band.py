@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dga_jax.ops.ranges import Entries
-from dga_jax.ops.tiles import Tile, round_up
+from dga_jax.ops.tiles import Tile, add_slice, round_up
 
 # Windows are a multiple of 8 entries wide. 16 (64 instead of 56 at DGA's band lag of 17 in
 # 32-query sub-blocks) ran the band walk's small matmuls 1.2-1.3x faster alone on XLA:CPU, but
@@ -99,9 +99,7 @@ def take_periods(band: Entries, offset: jax.Array, rows: int, period: int) -> Ti
 
 def add_periods(x: jax.Array, offset: jax.Array, delta: jax.Array) -> jax.Array:
     """x [BH, N, D] += delta [BH, S, P, D] at entries [offset, offset + S * P)."""
-    delta = delta.reshape(x.shape[0], -1, x.shape[-1])
-    current = jax.lax.dynamic_slice_in_dim(x, offset, delta.shape[1], axis=1)
-    return jax.lax.dynamic_update_slice_in_dim(x, current + delta, offset, axis=1)
+    return add_slice(x, offset, delta.reshape(x.shape[0], -1, x.shape[-1]), axis=1)
 
 
 def _window_index(starts: jax.Array, width: int) -> jax.Array:

@@ -46,6 +46,7 @@ from dga_jax.ops.tiles import (
     XLA_DOTS,
     BlockSizes,
     Tile,
+    add_slice,
     cotangent_like,
     online_finish,
     online_init,
@@ -219,12 +220,6 @@ def _prefix_block(spec: _Spec, prefix: Entries, offset: jax.Array, masked: bool)
     return Tile(take(prefix.k), take(prefix.v), start, None, row(prefix.bias))
 
 
-def _add_prefix_block(x: jax.Array, offset: jax.Array, delta: jax.Array) -> jax.Array:
-    """x [BH, D, N] += delta [BH, D, W] at entries [offset, offset + W)."""
-    current = jax.lax.dynamic_slice_in_dim(x, offset, delta.shape[-1], axis=2)
-    return jax.lax.dynamic_update_slice_in_dim(x, current + delta, offset, axis=2)
-
-
 def _positions(spec: _Spec, i: jax.Array) -> jax.Array:
     rows = spec.block_q * spec.groups
     return i * spec.block_q + (jnp.arange(rows, dtype=jnp.int32) // spec.groups)[:, None]  # [R, 1]
@@ -297,8 +292,8 @@ def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, x
         dq_j, dk, dv = _grad_step(spec, q_prefix, do, lse, delta, t, block)
         return (
             dq + dq_j,
-            _add_prefix_block(dk_all, offset, dk),
-            _add_prefix_block(dv_all, offset, dv),
+            add_slice(dk_all, offset, dk, axis=2),  # [BH, D, N] += [BH, D, W]
+            add_slice(dv_all, offset, dv, axis=2),
         )
 
     state = (varying_like(jnp.zeros(q.shape, jnp.float32), dk_prefix), dk_prefix, dv_prefix)

@@ -91,6 +91,13 @@ def round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+def add_slice(x: jax.Array, offset: jax.Array, delta: jax.Array, axis: int) -> jax.Array:
+    """x += delta at [offset, offset + delta.shape[axis]) along `axis` (a walk's gradients of
+    the entries it read as one slice)."""
+    current = jax.lax.dynamic_slice_in_dim(x, offset, delta.shape[axis], axis=axis)
+    return jax.lax.dynamic_update_slice_in_dim(x, current + delta, offset, axis=axis)
+
+
 @dataclasses.dataclass(frozen=True)
 class Dots:
     """A backend's matmuls with float32 results over the last two axes: a @ b.T, a @ b, and
