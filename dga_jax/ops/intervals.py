@@ -17,13 +17,13 @@ Entries come in two lists, the shape of both DGA's compressed KV' and of dense c
   streaming DGA's chunks of m'), is read a period at a time instead, in query blocks of whole
   periods: P entries per query, sliced, where windows would read S + band_lag gathered ones.
 
-Softmax statistics are float32; the backward pass (a `jax.custom_vjp`) recomputes the
-probabilities block by block from the saved log-sum-exp, so memory is linear in L.
+Softmax statistics are float32; the backward pass (a `jax.custom_vjp`,
+`dga_jax.ops.intervals_backward`) recomputes the probabilities block by block from the saved
+log-sum-exp, so memory is linear in L. Both visit the same tiles (`dga_jax.ops.walk`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import numbers
@@ -31,30 +31,26 @@ import numbers
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.band import (
-    add_periods,
-    add_windows,
-    band_rows,
-    split_rows,
-    take_periods,
-    take_windows,
-    window_chunk,
-    window_width,
-)
+from dga_jax.ops.band import band_rows, window_chunk, window_width
+from dga_jax.ops.intervals_backward import attend_bwd
 from dga_jax.ops.ranges import NEVER, Entries, band_ranges, prefix_ranges
 from dga_jax.ops.tiles import (
     XLA_DOTS,
     BlockSizes,
-    Tile,
-    add_slice,
-    cotangent_like,
     online_finish,
     online_init,
     online_step,
     round_up,
-    tile_grads,
-    tn_transposed,
     varying_like,
+)
+from dga_jax.ops.walk import (
+    WalkSpec,
+    band_chunks,
+    band_positions,
+    positions,
+    prefix_block,
+    split_band,
+    walk_prefix,
 )
 
 
@@ -100,7 +96,7 @@ def interval_attention(
         width = window_width(sub, band_lag, None if band is None else band.k.shape[2])
         chunk, width = window_chunk(width, block_sizes.block_k)
     edge = math.gcd(bk, block_sizes.block_edge)
-    spec = _Spec(scale, bq, bk, edge, sub, width, chunk, groups=hq // hkv, band_period=period)
+    spec = WalkSpec(scale, bq, bk, edge, sub, width, chunk, groups=hq // hkv, band_period=period)
 
     prefix_full, prefix_end = prefix_ranges(prefix.start, bq, nq)
     # Trip counts are shared by all heads: whole blocks every head sees, edge blocks after them.
@@ -159,19 +155,6 @@ def _query_blocks(q: jax.Array, hkv: int, bq: int) -> jax.Array:
     return qb.reshape(nq, b * hkv, bq * g, d)
 
 
-@dataclasses.dataclass(frozen=True)
-class _Spec:
-    scale: float
-    block_q: int
-    block_k: int
-    block_edge: int
-    band_q: int
-    band_width: int
-    band_chunk: int  # window entries per band tile: band_width, or a divisor of it
-    groups: int
-    band_period: int = 0  # > 0: each block's band is its own entries, a slice (`take_periods`)
-
-
 def _flatten(entries: Entries, size: int) -> Entries:
     """[B, H, N, ...] -> [B*H, size, ...], padded with entries that are never visible."""
 
@@ -191,69 +174,25 @@ def _flatten(entries: Entries, size: int) -> Entries:
     )
 
 
-def _walk_prefix(spec: _Spec, n_full: jax.Array, n_edge: jax.Array, visit, state):
-    """state = visit(offset, masked, state) for each prefix block a query block walks: n_full
-    whole blocks unmasked, then n_edge edge blocks masked."""
-
-    def whole(j, state):
-        return visit(j * spec.block_k, False, state)
-
-    def edge(j, state):
-        return visit(n_full * spec.block_k + j * spec.block_edge, True, state)
-
-    state = jax.lax.fori_loop(0, n_full, whole, state)
-    return jax.lax.fori_loop(0, n_edge, edge, state)
-
-
-def _prefix_block(spec: _Spec, prefix: Entries, offset: jax.Array, masked: bool) -> Tile:
-    """The prefix block at `offset`: k, v [BH, W, D]; start (if masked) and bias [BH, 1, W]
-    (W: block_edge if masked, else block_k)."""
-    width = spec.block_edge if masked else spec.block_k
-
-    def take(x):
-        return jax.lax.dynamic_slice_in_dim(x, offset, width, axis=1)
-
-    def row(x):
-        return None if x is None else take(x)[:, None, :]
-
-    start = row(prefix.start) if masked else None
-    return Tile(take(prefix.k), take(prefix.v), start, None, row(prefix.bias))
-
-
-def _positions(spec: _Spec, i: jax.Array) -> jax.Array:
-    rows = spec.block_q * spec.groups
-    return i * spec.block_q + (jnp.arange(rows, dtype=jnp.int32) // spec.groups)[:, None]  # [R, 1]
-
-
-def _split_band(spec: _Spec, x: jax.Array) -> jax.Array:
-    """[BH, R, ...] rows of a query block -> [BH, S, R/S, ...] band sub-blocks."""
-    return split_rows(x, spec.block_q // spec.band_q)
-
-
-def _band_positions(spec: _Spec, t: jax.Array) -> jax.Array:
-    """[R, 1] positions -> [S, R/S, 1], the band sub-blocks'."""
-    return _split_band(spec, t[None])[0]
-
-
-def _forward_block(spec: _Spec, prefix: Entries, band: Entries | None, xs):
+def _forward_block(spec: WalkSpec, prefix: Entries, band: Entries | None, xs):
     i, q, qp, n_full, n_edge, band_start = xs
-    t = _positions(spec, i)
+    t = positions(spec, i)
     q_prefix = q if qp is None else qp
 
     def visit(offset, masked, state):
-        tile = _prefix_block(spec, prefix, offset, masked)
+        tile = prefix_block(spec, prefix, offset, masked)
         return online_step(XLA_DOTS, spec.scale, state, q_prefix, t, tile)
 
     state = varying_like(online_init(q.shape), q_prefix, prefix)
-    state = _walk_prefix(spec, n_full, n_edge, visit, state)
+    state = walk_prefix(spec, n_full, n_edge, visit, state)
     if band is not None:
-        q_band, t_band = _split_band(spec, q), _band_positions(spec, t)
+        q_band, t_band = split_band(spec, q), band_positions(spec, t)
 
         def band_step(state, tile, first):
             return online_step(XLA_DOTS, spec.scale, state, q_band, t_band, tile)
 
-        split = tuple(_split_band(spec, x) for x in state)
-        split = _band_chunks(spec, band, band_start, band_step, split)
+        split = tuple(split_band(spec, x) for x in state)
+        split = band_chunks(spec, band, band_start, band_step, split)
         state = tuple(x.reshape(y.shape) for x, y in zip(split, state, strict=True))
     out, lse = online_finish(state)
     return out.astype(q.dtype), lse
@@ -271,115 +210,4 @@ def _attend(spec, q, qp, prefix, band, n_full, n_edge, band_start):
     return _attend_fwd(spec, q, qp, prefix, band, n_full, n_edge, band_start)[0]
 
 
-def _grad_step(spec: _Spec, q, do, lse, delta, t, tile: Tile):
-    """Gradients of one tile: dq [..., R, D], and dk, dv transposed [..., D, N] (the fast dot
-    on XLA:CPU, `tiles.tn_transposed`), all float32."""
-    ds, p = tile_grads(XLA_DOTS, spec.scale, q, t, do, lse, delta, tile)
-    dq = XLA_DOTS.nn(ds.astype(tile.k.dtype), tile.k)
-    return dq, tn_transposed(ds, q), tn_transposed(p, do)
-
-
-def _backward_block(spec: _Spec, prefix: Entries, band: Entries | None, carry, xs):
-    """One query block's dq (and dqp: the prefix queries', or None) and its dk, dv added in."""
-    i, q, qp, do, lse, delta, n_full, n_edge, band_start = xs
-    t = _positions(spec, i)
-    dk_prefix, dv_prefix, dk_band, dv_band = carry
-    q_prefix = q if qp is None else qp
-
-    def visit(offset, masked, state):
-        dq, dk_all, dv_all = state
-        block = _prefix_block(spec, prefix, offset, masked)
-        dq_j, dk, dv = _grad_step(spec, q_prefix, do, lse, delta, t, block)
-        return (
-            dq + dq_j,
-            add_slice(dk_all, offset, dk, axis=2),  # [BH, D, N] += [BH, D, W]
-            add_slice(dv_all, offset, dv, axis=2),
-        )
-
-    state = (varying_like(jnp.zeros(q.shape, jnp.float32), dk_prefix), dk_prefix, dv_prefix)
-    dq, dk_prefix, dv_prefix = _walk_prefix(spec, n_full, n_edge, visit, state)
-    dqp = None
-    if qp is not None:
-        dq, dqp = jnp.zeros(q.shape, jnp.float32), dq
-    if band is not None:
-        split = functools.partial(_split_band, spec)
-        rows = (split(q), split(do), split(lse), split(delta), _band_positions(spec, t))
-
-        def grads(state, tile, first):
-            dq_b, dk_band, dv_band = state
-            dq_c, dk, dv = _grad_step(spec, *rows, tile)
-            add = add_periods if spec.band_period else add_windows
-            return (
-                dq_b + dq_c,
-                add(dk_band, first, jnp.swapaxes(dk, -1, -2)),
-                add(dv_band, first, jnp.swapaxes(dv, -1, -2)),
-            )
-
-        state = (split(dq), dk_band, dv_band)
-        dq_b, dk_band, dv_band = _band_chunks(spec, band, band_start, grads, state)
-        dq = dq_b.reshape(dq.shape)
-    return (dk_prefix, dv_prefix, dk_band, dv_band), (dq, dqp)
-
-
-def _band_chunks(spec: _Spec, band: Entries, band_start, visit, state):
-    """state = visit(state, tile, first) for each chunk of every sub-block's band window, its
-    entries from `first` [BH, S] on (`band.window_chunk`): one tile, or a loop over them. With
-    a band period, the block's own entries from `band_start` (a scalar) on, one tile."""
-    if spec.band_period:
-        return visit(
-            state, take_periods(band, band_start, spec.block_q, spec.band_period), band_start
-        )
-
-    def chunk(c, state):
-        first = band_start + c * spec.band_chunk
-        return visit(state, take_windows(band, first, spec.band_chunk), first)
-
-    count = spec.band_width // spec.band_chunk
-    return chunk(0, state) if count == 1 else jax.lax.fori_loop(0, count, chunk, state)
-
-
-def _attend_bwd(spec, residuals, d_out):
-    q, qp, prefix, band, n_full, n_edge, band_start, out, lse = residuals
-    # [nq, BH, R, 1]
-    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-
-    def zeros(entries, transposed):  # the prefix's gradients accumulate as [BH, D, N]
-        if entries is None:
-            return None, None
-        shape = entries.k.shape
-        shape = (shape[0], shape[2], shape[1]) if transposed else shape
-        return jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)
-
-    xs = (
-        jnp.arange(q.shape[0], dtype=jnp.int32),
-        q,
-        qp,
-        d_out,
-        lse,
-        delta,
-        n_full,
-        n_edge,
-        band_start,
-    )
-    carry = (*zeros(prefix, transposed=True), *zeros(band, transposed=False))
-    (dk_p, dv_p, dk_b, dv_b), (dq, dqp) = jax.lax.scan(
-        functools.partial(_backward_block, spec, prefix, band),
-        varying_like(carry, q, qp, d_out, prefix, band),
-        xs,
-    )
-    dk_p, dv_p = (jnp.swapaxes(x, 1, 2) for x in (dk_p, dv_p))  # [BH, D, N] -> [BH, N, D]
-    d_prefix = Entries(_cotangent(dk_p, prefix.k), _cotangent(dv_p, prefix.v), None)
-    d_band = None
-    if band is not None:
-        d_band = Entries(_cotangent(dk_b, band.k), _cotangent(dv_b, band.v), None)
-    dqp = None if qp is None else _cotangent(dqp, qp)
-    return _cotangent(dq, q), dqp, d_prefix, d_band, None, None, None
-
-
-def _cotangent(ct: jax.Array, primal: jax.Array) -> jax.Array:
-    """A float32 gradient as `primal`'s cotangent: its dtype, summed over the devices that
-    share it (`tiles.cotangent_like`)."""
-    return cotangent_like(ct.astype(primal.dtype), primal)
-
-
-_attend.defvjp(_attend_fwd, _attend_bwd)
+_attend.defvjp(_attend_fwd, attend_bwd)
