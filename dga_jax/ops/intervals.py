@@ -188,7 +188,7 @@ def _forward_block(spec: WalkSpec, prefix: Entries, band: Entries | None, xs):
     if band is not None:
         q_band, t_band = split_band(spec, q), band_positions(spec, t)
 
-        def band_step(state, tile, first):
+        def band_step(state, tile, add):
             return online_step(XLA_DOTS, spec.scale, state, q_band, t_band, tile)
 
         split = tuple(split_band(spec, x) for x in state)

@@ -12,7 +12,6 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.band import add_periods, add_windows
 from dga_jax.ops.ranges import Entries
 from dga_jax.ops.tiles import (
     XLA_DOTS,
@@ -114,14 +113,13 @@ def _backward_block(spec: WalkSpec, prefix: Entries, band: Entries | None, carry
         split = functools.partial(split_band, spec)
         rows = (split(q), split(do), split(lse), split(delta), band_positions(spec, t))
 
-        def grads(state, tile, first):
+        def grads(state, tile, add):
             dq_b, dk_band, dv_band = state
             dq_c, dk, dv = _grad_step(spec, *rows, tile)
-            add = add_periods if spec.band_period else add_windows
             return (
                 dq_b + dq_c,
-                add(dk_band, first, jnp.swapaxes(dk, -1, -2)),
-                add(dv_band, first, jnp.swapaxes(dv, -1, -2)),
+                add(dk_band, jnp.swapaxes(dk, -1, -2)),
+                add(dv_band, jnp.swapaxes(dv, -1, -2)),
             )
 
         state = (split(dq), dk_band, dv_band)

@@ -13,7 +13,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from dga_jax.ops.band import split_rows, take_periods, take_windows
+from dga_jax.ops.band import add_periods, add_windows, split_rows, take_periods, take_windows
 from dga_jax.ops.ranges import Entries
 from dga_jax.ops.tiles import Tile
 
@@ -79,17 +79,26 @@ def band_positions(spec: WalkSpec, t: jax.Array) -> jax.Array:
 
 
 def band_chunks(spec: WalkSpec, band: Entries, band_start, visit, state):
-    """state = visit(state, tile, first) for each chunk of every sub-block's band window, its
+    """state = visit(state, tile, add) for each chunk of every sub-block's band window, its
     entries from `first` [BH, S] on (`band.window_chunk`): one tile, or a loop over them. With
-    a band period, the block's own entries from `band_start` (a scalar) on, one tile."""
+    a band period, the block's own entries from `band_start` (a scalar) on, one tile. `add(x,
+    delta)` adds delta, shaped as the tile's k, into flat entries x [BH, N, D] where the tile
+    was read (the backward's dK, dV)."""
     if spec.band_period:
-        return visit(
-            state, take_periods(band, band_start, spec.block_q, spec.band_period), band_start
-        )
+
+        def add_own(x, delta):
+            return add_periods(x, band_start, delta)
+
+        tile = take_periods(band, band_start, spec.block_q, spec.band_period)
+        return visit(state, tile, add_own)
 
     def chunk(c, state):
         first = band_start + c * spec.band_chunk
-        return visit(state, take_windows(band, first, spec.band_chunk), first)
+
+        def add_window(x, delta):
+            return add_windows(x, first, delta)
+
+        return visit(state, take_windows(band, first, spec.band_chunk), add_window)
 
     count = spec.band_width // spec.band_chunk
     return chunk(0, state) if count == 1 else jax.lax.fori_loop(0, count, chunk, state)
