@@ -80,29 +80,33 @@ scale_channels.defvjp(_scale_channels_fwd, _scale_channels_bwd)
 PROJECTION = "projection"  # the checkpoint name of every projection's output (llama.REMAT)
 
 
-def project(x: jax.Array, weight: jax.Array, axes: int) -> jax.Array:
+def project(
+    x: jax.Array, weight: jax.Array, axes: int, out_dtype: jnp.dtype | None = None
+) -> jax.Array:
     """x [*rows, *in] times weight [*in, *out] -> [*rows, *out], contracting the `axes` dims of
-    `in` (`jnp.tensordot(x, weight, axes)`): every projection of the model.
+    `in` (`jnp.tensordot(x, weight, axes)`): every projection of the model, the LM head too.
+    `out_dtype`: the products' sums and result dtype (`preferred_element_type`; None: x's).
 
     The weight's gradient contracts the rows of x and of the output's gradient in that order
     (`"btd,btf->df"`). Autodiff's is `"btf,btd->fd"` then a transpose, which XLA:CPU runs as a
     physical transpose of the wider operand first: the tiny model's MLP backward (2 layers,
-    16K tokens) took 1.3x as long. The output is named `PROJECTION` for remat policies, which
-    do not see the dot inside a `custom_vjp`.
+    16K tokens) took 1.3x as long, and its train step 1.035x with the LM head's einsum (the
+    [T, V] logits' gradient transposed). The output is named `PROJECTION` for remat policies,
+    which do not see the dot inside a `custom_vjp`.
     """
-    return checkpoint_name(_project(x, weight, axes), PROJECTION)
+    return checkpoint_name(_project(x, weight, axes, out_dtype), PROJECTION)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _project(x: jax.Array, weight: jax.Array, axes: int) -> jax.Array:
-    return jnp.tensordot(x, weight, axes)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _project(x: jax.Array, weight: jax.Array, axes: int, out_dtype) -> jax.Array:
+    return jnp.tensordot(x, weight, axes, preferred_element_type=out_dtype)
 
 
-def _project_fwd(x, weight, axes):
-    return _project(x, weight, axes), (x, weight)
+def _project_fwd(x, weight, axes, out_dtype):
+    return _project(x, weight, axes, out_dtype), (x, weight)
 
 
-def _project_bwd(axes, residuals, d_out):
+def _project_bwd(axes, _, residuals, d_out):
     x, weight = residuals
     rows = tuple(range(x.ndim - axes))
     outs = tuple(range(len(rows), d_out.ndim))

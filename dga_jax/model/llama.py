@@ -17,7 +17,7 @@ from dga_jax.model.inputs import (
     checked_positions,
     checked_tokens,
 )
-from dga_jax.model.layers import MLP, PROJECTION, RMSNorm, param
+from dga_jax.model.layers import MLP, PROJECTION, RMSNorm, param, project
 from dga_jax.ops.checks import is_int
 from dga_jax.ops.context import zigzag_order
 from dga_jax.ops.dense_decode import DenseCache, DenseUpdate
@@ -281,9 +281,7 @@ class Llama(nnx.Module):
         config = self.config
         x = self.norm(x)
         head = self.embed[...].T if config.tie_embeddings else self.lm_head[...]
-        return jnp.einsum(
-            "btd,dv->btv", x, head.astype(config.compute_dtype), preferred_element_type=jnp.float32
-        )
+        return project(x, head.astype(config.compute_dtype), 1, jnp.float32)
 
     def _over_layers(self, layer_step, x: jax.Array, per_layer):
         """`jax.lax.scan` of layer_step over the stacked layers (per_layer: leaves [L, ...]);

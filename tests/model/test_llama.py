@@ -266,19 +266,25 @@ def test_scale_channels_gradients_are_autodiffs(dtype):
     assert_vjp_matches(scale_channels, lambda x, w: x * w, (x, w), ct, tol)
 
 
+@pytest.mark.parametrize("out_dtype", [None, jnp.float32])  # float32: the LM head's logits
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize(
     "x_shape, w_shape, axes",
     [((2, 24, 16), (16, 40), 1), ((2, 24, 16), (16, 4, 8), 1), ((2, 24, 4, 8), (4, 8, 16), 2)],
 )
-def test_project_gradients_are_autodiffs(x_shape, w_shape, axes, dtype):
+def test_project_gradients_are_autodiffs(x_shape, w_shape, axes, dtype, out_dtype):
     keys = jax.random.split(jax.random.PRNGKey(5), 3)
     x = jax.random.normal(keys[0], x_shape).astype(dtype)
     w = jax.random.normal(keys[1], w_shape).astype(dtype)
-    ct = jax.random.normal(keys[2], x_shape[: len(x_shape) - axes] + w_shape[axes:]).astype(dtype)
+    ct = jax.random.normal(keys[2], x_shape[: len(x_shape) - axes] + w_shape[axes:])
+    ct = ct.astype(out_dtype or dtype)
     tol = 1e-5 if dtype == jnp.float32 else 5e-2
     assert_vjp_matches(
-        lambda x, w: project(x, w, axes), lambda x, w: jnp.tensordot(x, w, axes), (x, w), ct, tol
+        lambda x, w: project(x, w, axes, out_dtype),
+        lambda x, w: jnp.tensordot(x, w, axes, preferred_element_type=out_dtype),
+        (x, w),
+        ct,
+        tol,
     )
 
 
