@@ -180,12 +180,13 @@ class Perplexity:
         if not records:
             return Summary({"ppl": None, "convention": self.convention}, "(no documents)")
         if self.convention == "longlora":
-            means = [m for r in records for m in r["window_nll"]]
+            means = _floats([m for r in records for m in r["window_nll"]])
             ppl = _exp(float(np.mean(means)))
         else:
-            ppl = _exp(sum(r["nll"] for r in records) / sum(r["scored"] for r in records))
+            total = _floats([r["nll"] for r in records]).sum()
+            ppl = _exp(float(total) / sum(r["scored"] for r in records))
         edges = records[0]["bucket_edges"]
-        nll = np.sum([r["bucket_nll"] for r in records], axis=0)
+        nll = np.sum(_floats([r["bucket_nll"] for r in records]), axis=0)
         count = np.sum([r["bucket_count"] for r in records], axis=0)
         spans = [f"{a}-{b}" for a, b in zip(edges[:-1], edges[1:], strict=True)]
         by_position = {k: _exp(x / c) for k, x, c in zip(spans, nll, count, strict=True) if c}
@@ -261,6 +262,11 @@ def _documents(files: list[str], problems: Problems) -> Iterator[tuple[str, str,
                 problems.skip(f"shard record skipped ({reason})", where)
             else:
                 yield f"{path}:{number}", where, record["text"]
+
+
+def _floats(values: list) -> np.ndarray:
+    """NLLs as read back from the records: null (a non-finite NLL, `task.json_line`) is NaN."""
+    return np.array(values, dtype=float)
 
 
 def _exp(nll: float) -> float:

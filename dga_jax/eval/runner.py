@@ -27,7 +27,15 @@ import tqdm
 
 from dga_jax.errors import InputError
 from dga_jax.eval.engine import Engine
-from dga_jax.eval.task import Example, Problems, Summary, Task, json_text, replace_text
+from dga_jax.eval.task import (
+    Example,
+    Problems,
+    Summary,
+    Task,
+    json_line,
+    json_text,
+    replace_text,
+)
 
 
 def read_records(path: Path) -> dict[str, dict[str, Any]]:
@@ -80,7 +88,7 @@ def run_task(
     ):
         for first in range(0, len(pending), chunk):
             for record in task.evaluate(engine, pending[first : first + chunk]):
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.write(json_line(record))
             f.flush()
             bar.update(min(chunk, len(pending) - first))
     records = list(read_records(path).values())

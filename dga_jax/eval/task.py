@@ -200,6 +200,13 @@ def json_text(value: Any) -> str:
     return json.dumps(_finite(value), indent=2, allow_nan=False) + "\n"
 
 
+def json_line(record: dict[str, Any]) -> str:
+    """One record as a line of strict JSON (non-finite floats as null, as `json_text`): a
+    diverged model's NLL of inf or NaN was written as a bare `Infinity` that strict readers
+    (jq, JavaScript, Go) refuse. Readers take null where a number may be non-finite."""
+    return json.dumps(_finite(record), ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None

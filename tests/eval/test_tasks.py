@@ -575,6 +575,30 @@ def test_a_diverged_models_ppl_is_inf_not_an_overflow(tmp_path):
     assert set(summary.metrics["by_position"].values()) == {math.inf}
 
 
+@pytest.mark.parametrize("convention", ["stride", "longlora"])
+def test_a_non_finite_nll_is_written_as_strict_json(tmp_path, convention):
+    # A log-probability of -inf reached ppl.jsonl as a bare Infinity, which strict JSON
+    # readers (jq, JavaScript, Go) refuse.
+    class Broken(OracleEngine):
+        def score(self, sequences):
+            scores = super().score(sequences)
+            logprobs = np.array(scores[0].logprobs)
+            logprobs[-1] = -np.inf
+            return [TokenScores(logprobs, scores[0].greedy), *scores[1:]]
+
+    (tmp_path / "a.txt").write_text("abcdefghij")
+    task = Perplexity(str(tmp_path), stride=2, convention=convention)
+    summary, _, _ = run_task(task, Broken(None, 4), tmp_path / "o")
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    lines = (tmp_path / "o" / "ppl.jsonl").read_text().splitlines()
+    (record,) = [json.loads(line, parse_constant=refuse) for line in lines]
+    assert record["nll"] is None and None in record["window_nll"]
+    assert math.isnan(summary.metrics["ppl"])  # unknown, not the finite windows' alone
+
+
 def not_loaded(spec):
     raise AssertionError("the tokenizer and model were loaded before --out was checked")
 
